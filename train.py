@@ -72,6 +72,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -102,10 +103,10 @@ class TrainConfig:
     dtype: str = "auto"  # float32, bfloat16, float16 (CUDA, with a gradient scaler); auto: bfloat16 where supported, else float32
     compile: bool = False  # torch.compile the model (faster on GPUs; slow to start)
     # --- optimisation
-    max_iters: int = 600  # optimizer steps in the whole run
+    max_iters: int = 1000  # optimizer steps in the whole run
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step (tokens/step = batch_size * grad_accum * block_size)
-    learning_rate: float = 1e-3  # peak learning rate
+    learning_rate: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak (Chinchilla decays to 10%)
     schedule: str = "cosine"  # cosine or wsd (warmup-stable-decay)
     warmup_iters: int = 50  # steps of linear warm-up from 0
@@ -115,7 +116,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW second-moment decay (0.95 as GPT-3, steadier than 0.999 at large batch)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
     # --- evaluation, logging, checkpoints
-    eval_interval: int = 200  # evaluate on the validation split every this many steps (and at the end)
+    eval_interval: int = 250  # evaluate on the validation split every this many steps (and at the end)
     eval_iters: int = 20  # validation batches per evaluation
     log_interval: int = 1  # print a training line every this many steps
     checkpoint_interval: int = 0  # write a checkpoint every this many steps (0: at each evaluation) and at the end
@@ -129,8 +130,9 @@ class TrainConfig:
 
 # Presets are plain overrides. "model" names a model size from model.MODEL_PRESETS.
 PRESETS = {
-    # the default: trains on a 2-core laptop CPU in a few minutes and beats gzip -9 on held-out code
-    "laptop": dict(model="laptop", batch_size=16, max_iters=1000, learning_rate=2e-3, warmup_iters=50, eval_interval=250),
+    # the default (TrainConfig's own defaults are this preset's): trains on a 2-core laptop CPU in
+    # about 6 minutes and beats gzip -9 on held-out standard-library text
+    "laptop": dict(model="laptop"),
     # a quick smoke test: seconds, for checking that everything runs
     "tiny": dict(model="laptop", n_layer=2, n_embd=64, n_head=2, block_size=64, vocab_size=512, max_data_bytes=300_000,
                  batch_size=8, max_iters=20, eval_interval=10, eval_iters=4, warmup_iters=5, sample_tokens=50),
@@ -173,7 +175,8 @@ def add_field_flags(parser, cls, names=None, default_none=False):
         extra = dict(nargs="?", const=True) if f.type == "bool" else {}  # `--compile` alone means true
         default = None if default_none else f.default
         shown = "preset's" if default_none else repr(f.default)
-        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f"{comments.get(f.name, '')} (default: {shown})", **extra)
+        help_text = f"{comments.get(f.name, '')} (default: {shown})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(f"--{f.name}", type=kind, default=default, help=help_text, **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,8 +213,6 @@ def check_config(cfg: TrainConfig):
     for name in ("max_iters", "batch_size", "grad_accum", "eval_iters", "eval_interval", "log_interval"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.warmup_iters >= cfg.max_iters and cfg.max_iters > 1:
-        raise ValueError(f"--warmup_iters {cfg.warmup_iters} must be smaller than --max_iters {cfg.max_iters}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,7 +347,9 @@ def load_checkpoint(path: str) -> dict:
         raise ValueError(f"no checkpoint at {path}: train first, or point --out_dir at a run's directory")
     try:
         # weights_only=True: only tensors and plain containers unpickle, so a checkpoint cannot run code
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the refusal is reported below, in one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a zip, a pickle with code in it, ...
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {path} is corrupt or unsafe ({first_line[:120]}): delete it or use another --out_dir") from None
@@ -446,9 +449,9 @@ def write_json_atomic(obj, path: str):
 # Training
 
 
-def prepare_data(cfg: TrainConfig) -> tuple[dict, object]:
+def prepare_data(cfg: TrainConfig, verbose: bool = True) -> tuple[dict, object]:
     manifest = data.prepare(data=cfg.data, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, out_dir=cfg.data_dir,
-                            max_bytes=cfg.max_data_bytes or None, seed=0)
+                            max_bytes=cfg.max_data_bytes or None, seed=0, verbose=verbose)
     _, enc = data.load_prepared(manifest["dir"])
     return manifest, enc
 
@@ -595,7 +598,7 @@ def sample_text(model: GPT, enc, manifest: dict, cfg: TrainConfig, device) -> st
 def sample_from_checkpoint(cfg: TrainConfig) -> str:
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
     saved = TrainConfig(**{**ckpt["train_config"], "out_dir": cfg.out_dir})
-    manifest, enc = prepare_data(saved)
+    manifest, enc = prepare_data(saved, verbose=False)  # stdout carries only the sample
     device = pick_device(cfg.device)
     model = GPT(GPTConfig(**ckpt["model_config"])).to(device)
     model.load_state_dict(ckpt["model"])
