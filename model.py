@@ -254,6 +254,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.backend = config.attention
+        if self.backend == "triton":
+            # import now, not at the first forward: without a GPU, kernels.py switches Triton to its
+            # CPU interpreter, which only works if it runs before anything else imports Triton
+            # (creating a torch optimizer does)
+            import kernels  # noqa: F401
         self.rope = config.rope
         if config.rope:
             cos, sin = rope_cache(config.block_size, self.hs, config.rope_theta)
@@ -271,7 +276,9 @@ class CausalSelfAttention(nn.Module):
         if self.rope:
             q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
         y = attend(self.backend, q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side: (B, T, C)
+        # re-assemble heads side by side: (B, T, C). -1, not C: under tensor parallelism (parallel.py) a rank
+        # holds only nh/tp of the heads, so its y is (B, T, C/tp)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_dropout(self.c_proj(y))
 
 

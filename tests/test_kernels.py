@@ -1,0 +1,280 @@
+"""Tests for kernels.py: FlashAttention and the fused linear + cross-entropy against float64 references.
+
+Without a GPU everything runs in Triton's interpreter (kernels.py turns it on), the same kernel
+source that compiles for a GPU, one program at a time; shapes are kept small so this file stays
+well inside the suite's time budget, but every T below is ragged against the interpreter's tiles
+(32 query rows x 16 keys forward and for dQ, 16 x 32 for dK/dV) except where it is smaller.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tolerances on ||ours - ref|| / ||ref||, the reference in float64 on the same (rounded) inputs.
+# float32: the kernels' float32 sums in another order agree to ~1e-7 relative; 1e-3 is the issue's
+# bound and leaves a wide margin. bf16/fp16: the output is rounded to 8 (bf16) or 11 (fp16)
+# mantissa bits, 2^-8 = 4e-3 relative at worst per element; 1e-2 is the issue's bound.
+TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def rel_err(ours, ref) -> float:
+    """||ours - ref|| / ||ref||; NaN or inf anywhere in ours fails outright."""
+    assert torch.isfinite(ours).all(), "non-finite values in the kernel's output"
+    diff = (ours.double() - ref).norm()
+    return (diff / ref.norm()).item() if ref.norm() > 0 else diff.item()  # an exactly-zero ref: absolute error
+
+
+def random_qkv(B, H, H_kv, T, D, dtype, seed=None):
+    """Fresh inputs each run (seeded from torch's global RNG unless given), rounded to dtype."""
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ())))
+    shapes = [(B, H, T, D), (B, H_kv, T, D), (B, H_kv, T, D), (B, H, T, D)]
+    return [torch.randn(*s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]  # q, k, v, dO
+
+
+def check_against_reference(B, H, H_kv, T, D, causal, dtype):
+    q, k, v, do = random_qkv(B, H, H_kv, T, D, dtype)
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = kernels.flash_attention(*ours, causal=causal)
+    out.backward(do)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]  # the same rounded values, in float64
+    ref = kernels.reference_attention(*ref_in, causal=causal)
+    ref.backward(do.double())
+    assert out.dtype == dtype and out.shape == (B, H, T, D)
+    for name, a, b in [("O", out, ref), ("dQ", ours[0].grad, ref_in[0].grad), ("dK", ours[1].grad, ref_in[1].grad),
+                       ("dV", ours[2].grad, ref_in[2].grad)]:
+        err = rel_err(a, b.detach())
+        assert err < TOL[dtype], f"{name}: relative error {err:.2e} for {dtype}, T={T}, D={D}, causal={causal}"
+
+
+# (B, H, H_kv, T, D, causal, dtype). All four T for the smallest head, fewer for the larger ones
+# (the interpreter's cost grows with T^2 * D); every dtype sees causal and non-causal.
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+CASES = (
+    [(1, 2, 2, T, 16, causal, F32) for T in (1, 7, 77, 130) for causal in (True, False)]
+    + [(1, 2, 2, T, 32, causal, F32) for T in (7, 130) for causal in (True, False)]
+    + [(1, 1, 1, 77, 64, True, F32), (1, 1, 1, 77, 64, False, F32), (2, 1, 1, 130, 64, True, F32)]
+    + [(1, 1, 1, 77, 48, True, F32), (1, 1, 1, 33, 80, False, F32)]  # D not a power of two: padded, masked
+    + [(1, 2, 2, 77, 32, True, BF16), (1, 2, 2, 130, 16, False, BF16), (1, 2, 2, 1, 16, True, BF16)]
+    + [(1, 1, 1, 77, 64, False, F16), (1, 2, 2, 7, 16, True, F16)]
+)
+
+
+@pytest.mark.parametrize("B,H,H_kv,T,D,causal,dtype", CASES)
+def test_flash_attention_and_its_gradients_match_float64_reference(B, H, H_kv, T, D, causal, dtype):
+    check_against_reference(B, H, H_kv, T, D, causal, dtype)
+
+
+@pytest.mark.parametrize("B,H,H_kv,T,D,causal,dtype", [
+    (1, 4, 2, 77, 32, True, F32),  # grouped-query: 2 query heads per K/V head
+    (1, 4, 1, 130, 16, False, F32),  # multi-query: one K/V head for all
+    (1, 4, 2, 77, 16, True, BF16),
+])
+def test_grouped_query_attention_forward_and_backward_match_reference(B, H, H_kv, T, D, causal, dtype):
+    # the reference repeats K/V heads, so autograd sums dK, dV over each group, as the kernel must
+    check_against_reference(B, H, H_kv, T, D, causal, dtype)
+
+
+def test_forward_saves_the_log_sum_exp_of_each_row():
+    q, k, v, _ = random_qkv(1, 2, 2, 77, 16, torch.float32)
+    _, lse = kernels._flash_forward(q, k, v, causal=True, sm_scale=0.25)
+    s = (q.double() @ k.double().transpose(-2, -1)) * 0.25  # (1, 2, 77, 77)
+    s = s.masked_fill(torch.ones(77, 77, dtype=torch.bool).triu(1), float("-inf"))
+    assert rel_err(lse, torch.logsumexp(s, dim=-1)) < 1e-6  # float32 sums of 77 terms: ~1e-7
+
+
+def test_strided_inputs_and_custom_scale_match_reference():
+    # model.py hands over (B, T, H, D) -> (B, H, T, D) transposes of a fused qkv projection
+    B, T, H, D = 2, 50, 2, 16
+    qkv = torch.randn(B, T, 3 * H * D, dtype=torch.float64)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.float().split(H * D, dim=2))
+    assert not q.is_contiguous()
+    out = kernels.flash_attention(q, k, v, causal=True, sm_scale=0.3)
+    ref_q, ref_k, ref_v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    assert rel_err(out, kernels.reference_attention(ref_q, ref_k, ref_v, causal=True, sm_scale=0.3)) < TOL[F32]
+
+
+def test_causal_output_ignores_future_keys():
+    # an independent property, not a comparison: changing keys and values after position t
+    # must leave outputs 0..t bit-for-bit unchanged
+    q, k, v, _ = random_qkv(1, 1, 1, 40, 16, torch.float32)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 21:] += 1.0
+    v2[:, :, 21:] -= 1.0
+    a = kernels.flash_attention(q, k, v, causal=True)
+    b = kernels.flash_attention(q, k2, v2, causal=True)
+    assert torch.equal(a[:, :, :21], b[:, :, :21]) and not torch.equal(a[:, :, 21:], b[:, :, 21:])
+
+
+@pytest.mark.parametrize("shapes,words", [
+    (((1, 2, 8, 16), (1, 2, 9, 16), (1, 2, 9, 16)), "like q"),
+    (((1, 3, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), "groups"),
+    (((1, 2, 8, 160), (1, 2, 8, 160), (1, 2, 8, 160)), "head size"),
+    (((2, 8, 16), (2, 8, 16), (2, 8, 16)), "(B, H, T, D)"),
+])
+def test_bad_attention_inputs_are_one_line_value_errors(shapes, words):
+    with pytest.raises(ValueError) as e:
+        kernels.flash_attention(*(torch.zeros(s) for s in shapes))
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# model.py's seam and its fallback
+
+
+def test_backend_with_dropout_falls_back_to_sdpa_and_says_so_once(capsys):
+    kernels._warned.clear()
+    q, k, v, _ = random_qkv(1, 4, 2, 20, 16, torch.float32)
+    torch.manual_seed(7)
+    got = kernels.triton_attention_backend(q, k, v, dropout_p=0.5)
+    torch.manual_seed(7)  # the same dropout mask from SDPA itself, called directly
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), dropout_p=0.5,
+                                          is_causal=True)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    kernels.triton_attention_backend(q, k, v, dropout_p=0.5)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "falls back to torch SDPA" in err[0] and "dropout" in err[0]
+
+
+def test_backend_without_dropout_uses_the_kernel_and_matches_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "_sdpa", lambda *a: calls.append(a))  # must not be reached
+    q, k, v, _ = random_qkv(2, 4, 2, 20, 16, torch.float32)
+    got = kernels.triton_attention_backend(q, k, v, 0.0)
+    assert not calls and rel_err(got, kernels.reference_attention(q.double(), k.double(), v.double())) < TOL[F32]
+
+
+LATE_IMPORT = """
+import torch
+torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())  # imports Triton before kernels.py can set it up
+import kernels
+q, k, v = torch.randn(3, 1, 2, 9, 16).unbind(0)
+for _ in range(2):
+    out = kernels.triton_attention_backend(q, k, v, 0.0)
+print((out - kernels.reference_attention(q, k, v)).abs().max().item())
+"""
+
+
+def test_backend_says_why_when_triton_cannot_run_and_still_computes_attention():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a fresh CPU user has it
+    r = subprocess.run([sys.executable, "-c", LATE_IMPORT], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "falls back" in line]
+    assert len(lines) == 1 and "TRITON_INTERPRET=1" in lines[0]  # once, with the fix in it
+    assert float(r.stdout) < 1e-5  # SDPA's float32 result, ~1e-7 from the reference
+
+
+def train_losses(data_dir, out_dir, attention) -> list[float]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernels.py must switch it on itself
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--preset", "tiny", "--max_iters", "3",
+                        "--batch_size", "4", "--eval_iters", "1", "--sample_tokens", "0", "--dtype", "float32", "--device", "cpu",
+                        "--attention", attention, "--data_dir", str(data_dir), "--out_dir", str(out_dir)],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [row["loss"] for row in rows if "loss" in row] + [row["val_loss"] for row in rows if "val_loss" in row]
+
+
+def test_training_with_triton_attention_matches_sdpa(tmp_path):
+    # the whole chain: train.py's CLI -> model.attend -> kernels, forward and backward, 3 AdamW steps
+    sdpa = train_losses(tmp_path / "data", tmp_path / "sdpa", "sdpa")
+    triton = train_losses(tmp_path / "data", tmp_path / "triton", "triton")
+    assert len(sdpa) == len(triton) == 4  # 3 training losses and the final validation loss
+    assert max(abs(a - b) for a, b in zip(sdpa, triton)) < 1e-4  # the issue's bound; float32 reorderings give ~1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused linear + cross-entropy
+
+
+def random_ce(N, C, V, dtype, ignore_every=5):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    x = torch.randn(N, C, generator=g).to(dtype)
+    w = (0.5 * torch.randn(V, C, generator=g)).to(dtype)  # logits of order 1, as in a trained model
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::ignore_every] = -1  # some positions have no target
+    return x, w, t
+
+
+@pytest.mark.parametrize("N,C,V,chunk,dtype", [
+    (37, 16, 300, 8, F32),  # 5 chunks, the last ragged; V ragged against the interpreter's 256-wide tiles
+    (64, 32, 513, None, F32),  # the default chunk size
+    (37, 16, 300, 16, BF16),
+    (20, 16, 100, 7, F16),  # V smaller than one tile
+])
+def test_fused_linear_cross_entropy_and_gradients_match_float64_reference(N, C, V, chunk, dtype):
+    x, w, t = random_ce(N, C, V, dtype)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    scale = float(torch.rand(())) + 0.5  # an upstream gradient != 1: the stored grads must be scaled by it
+    loss = kernels.fused_linear_cross_entropy(xs, ws, t, ignore_index=-1, chunk_size=chunk)
+    (loss * scale).backward()
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.cross_entropy(x64 @ w64.t(), t, ignore_index=-1)
+    (ref * scale).backward()
+    assert rel_err(loss, ref.detach()) < TOL[dtype] / 10  # the loss is summed in float32: tighter
+    assert rel_err(xs.grad, x64.grad) < TOL[dtype] and rel_err(ws.grad, w64.grad) < TOL[dtype]
+    assert xs.grad.dtype == dtype and ws.grad.dtype == dtype
+
+
+def test_fused_cross_entropy_only_ever_holds_chunk_rows_of_logits(monkeypatch):
+    seen = []
+    real = kernels._ce_rows_kernel
+
+    class Spy:  # records the logits each kernel launch receives, then launches the real kernel
+        def __getitem__(self, grid):
+            def launch(logits, *args, **kwargs):
+                seen.append(tuple(logits.shape))
+                return real[grid](logits, *args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernels, "_ce_rows_kernel", Spy())
+    x, w, t = random_ce(30, 16, 200, F32)
+    loss = kernels.fused_linear_cross_entropy(x, w, t, chunk_size=8)
+    assert seen == [(8, 200), (8, 200), (8, 200), (6, 200)]  # never (30, 200)
+    assert rel_err(loss, F.cross_entropy(x.double() @ w.double().t(), t, ignore_index=-1)) < 1e-5
+
+
+def test_fused_cross_entropy_with_every_target_ignored_is_nan_like_torch():
+    x, w, t = random_ce(6, 16, 50, F32)
+    t[:] = -1
+    assert torch.isnan(kernels.fused_linear_cross_entropy(x, w, t))
+    assert torch.isnan(F.cross_entropy(x @ w.t(), t, ignore_index=-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and benchmark
+
+
+def test_bench_code_runs_in_the_interpreter_on_tiny_shapes(capsys):
+    assert kernels.main(["--bench", "--cpu-smoke"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ours", "sdpa-flash", "naive", "fused:", "torch:"):
+        assert name in out
+    assert "ours/sdpa-flash" in out and "n/a" in out  # cuDNN has no CPU kernel: reported, not crashed
+
+
+def test_bench_without_gpu_is_one_line_and_exit_2(capsys):
+    assert kernels.main(["--bench"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "CUDA" in err and "\n" not in err
+
+
+def test_flops_follow_the_issue_formula():
+    assert kernels.attention_flops(16, 12, 1024, 64, backward=False) == 4 * 16 * 12 * 1024**2 * 64 / 2
+    assert kernels.attention_flops(1, 1, 8, 16, backward=True) == 3.5 * 4 * 64 * 16 / 2
+
+
+def test_help_runs():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "kernels.py"), "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "--bench" in r.stdout and "--cpu-smoke" in r.stdout
