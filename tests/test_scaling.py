@@ -1,0 +1,351 @@
+"""Tests for scaling.py: counts against the real model and torch's counters, memory against the
+bytes torch really holds, laws against the papers' published numbers, fits against known laws,
+and the sweep end to end through train.py."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import scaling
+from model import GPT, GPTConfig, swiglu_hidden
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_config(rng: random.Random, **fixed) -> GPTConfig:
+    """A random small GPTConfig; every option can come up."""
+    n_head = fixed.get("n_head", rng.choice([1, 2, 4, 6]))
+    kw = dict(vocab_size=rng.randint(50, 700), block_size=rng.choice([16, 32, 48]), n_layer=rng.randint(1, 3),
+              n_head=n_head, n_embd=n_head * rng.choice([8, 16]), bias=rng.random() < 0.5,
+              n_kv_head=rng.choice([d for d in range(1, n_head + 1) if n_head % d == 0]), rope=rng.random() < 0.5,
+              norm=rng.choice(["layernorm", "rmsnorm"]), mlp=rng.choice(["gelu", "swiglu"]),
+              tie_embeddings=rng.random() < 0.5, attention="naive")
+    return GPTConfig(**{**kw, **fixed})
+
+
+def fresh_rng() -> tuple[random.Random, int]:
+    seed = int.from_bytes(os.urandom(4), "little")
+    return random.Random(seed), seed
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
+def test_param_count_equals_model_for_random_configs_with_every_option():
+    rng, seed = fresh_rng()
+    # 24 random configs, plus one per option value so that every option is certainly exercised
+    configs = [random_config(rng) for _ in range(24)]
+    configs += [random_config(rng, **{k: v}) for k, v in [("rope", True), ("rope", False), ("norm", "rmsnorm"),
+                ("norm", "layernorm"), ("mlp", "swiglu"), ("mlp", "gelu"), ("bias", True), ("bias", False),
+                ("tie_embeddings", True), ("tie_embeddings", False)]]
+    configs.append(random_config(rng, n_head=4, n_embd=64, n_kv_head=2))  # grouped-query attention
+    configs.append(random_config(rng, n_embd=96, n_head=6, mlp="swiglu"))  # SwiGLU hidden 8*96/3 = 256, a multiple of 64
+    configs.append(random_config(rng, n_embd=80, n_head=5, mlp="swiglu"))  # 8*80/3 = 213.3 rounds up to 256
+    for config in configs:
+        with torch.device("meta"):  # shapes only: counting needs no memory
+            model = GPT(config)
+        counts = scaling.count_params(config)
+        msg = f"seed {seed}: {config}"
+        assert counts["total"] == sum(p.numel() for p in model.parameters()) == model.num_params(), msg
+        assert counts["non_embedding"] == model.num_params(exclude_embeddings=True), msg
+        assert counts["tensors"] == len(list(model.parameters())), msg
+        assert dict(scaling.param_tensors(config)) == {n: p.numel() for n, p in model.named_parameters()}, msg
+
+
+def test_gpt2_small_has_its_published_parameter_count():
+    # GPT-2 small with its real 50257-token vocabulary: 124,439,808 parameters (the Hugging Face
+    # checkpoint's count; nanoGPT's README quotes "124M")
+    assert scaling.count_params(scaling.make_config("gpt2-124m", vocab_size=50257))["total"] == 124_439_808
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def flop_counter_train_flops_per_token(config: GPTConfig, T: int, B: int = 2) -> float:
+    """torch.utils.flop_counter.FlopCounterMode on real CPU tensors, forward + backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = GPT(config)
+    idx = torch.randint(0, config.vocab_size, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, idx)
+        loss.backward()
+    return counter.get_total_flops() / (B * T)
+
+
+def test_exact_flops_match_torch_flop_counter_on_the_real_model():
+    rng, seed = fresh_rng()
+    configs = [random_config(rng, block_size=32) for _ in range(3)]
+    configs += [random_config(rng, block_size=32, mlp="swiglu", n_head=4, n_embd=64, n_kv_head=1, tie_embeddings=False)]
+    for config in configs:
+        T = rng.choice([8, 17, 32])
+        measured = flop_counter_train_flops_per_token(config, T)
+        exact = scaling.flops_per_token_exact(config, T)["train"]
+        # the issue's bound is 2%; the matmul count is in fact exact (FlopCounterMode counts 2mnk per
+        # matmul and nothing else, and so do we), so any difference at all would be a bug
+        assert abs(exact / measured - 1) < 0.02, f"seed {seed}: {config}, T={T}: {exact} vs {measured}"
+        assert exact == pytest.approx(measured, rel=1e-12), f"seed {seed}: {config}"
+
+
+def test_meta_device_count_equals_the_cpu_count():
+    rng, seed = fresh_rng()
+    config = random_config(rng, block_size=32)
+    assert scaling.measure_flops_per_token(config, 32, batch=2) == flop_counter_train_flops_per_token(config, 32), seed
+
+
+def test_6n_error_grows_with_sequence_length_and_attention_term_closes_it():
+    config = scaling.make_config("gpt2-124m")
+    rows = scaling.flops_table(config, [256, 1024, 4096])
+    errors = [-r["6N_error"] for r in rows]
+    assert errors[0] < errors[1] < errors[2]  # 6N ignores attention's T-dependent matmuls
+    for r in rows:
+        # what 6N_matmul + 12LCT still misses: the norms' and biases' parameters, counted in N but
+        # not multiplied (about 0.1% of GPT-2 small's N)
+        assert abs(r["6N_matmul+12LCT_error"]) < 0.005
+
+
+def test_causal_count_matches_the_number_of_unmasked_scores():
+    config = GPTConfig(vocab_size=100, block_size=64, n_layer=2, n_head=4, n_embd=32)
+    T = 37
+    full, causal = scaling.flops_per_token_exact(config, T), scaling.flops_per_token_exact(config, T, causal=True)
+    unmasked = torch.ones(T, T).tril().sum().item()  # query i sees keys 0..i
+    assert causal["attention_logits"] / full["attention_logits"] == pytest.approx(unmasked / (T * T))
+    assert causal["mlp"] == full["mlp"]
+
+
+def test_chinchilla_convention_adds_embedding_and_softmax():
+    config = GPTConfig(vocab_size=1000, block_size=64, n_layer=3, n_head=4, n_embd=64)
+    T = 64
+    matmul, chin = (scaling.flops_per_token_exact(config, T, convention=c) for c in ("matmul", "chinchilla"))
+    # Hoffmann et al. 2022, appendix F, per sequence: embeddings 2 T V C, softmax 3 nh T^2 per layer
+    assert (chin["forward"] - matmul["forward"]) * T == 2 * T * 1000 * 64 + 3 * 3 * 4 * T * T
+
+
+# ---------------------------------------------------------------------------------------------
+# Peaks and MFU
+
+
+def test_peak_lookup_by_device_name_and_dtype():
+    assert scaling.peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4e12
+    assert scaling.peak_flops("NVIDIA H100 PCIe", torch.float16) == 756e12
+    assert scaling.peak_flops("NVIDIA A100-SXM4-40GB", "tf32") == 156e12
+    assert scaling.peak_flops("AMD Instinct MI300X", torch.bfloat16) == 1307.4e12
+    # unknown devices, and devices with other clocks than the table's, get None: never a guess
+    for name in ("NVIDIA GeForce RTX 4090", "NVIDIA GH200 480GB", "NVIDIA GB200", "Tesla V100-SXM2-16GB"):
+        assert scaling.peak_flops(name, torch.bfloat16) is None, name
+    assert scaling.device_peak_flops(torch.device("cpu"), torch.float32) is None
+    # float32 matmuls run on TF32 tensor cores only when torch allows it (pitfall: torchtitan #668)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert scaling.peak_flops("NVIDIA H100 80GB HBM3", torch.float32) == 67e12
+        torch.set_float32_matmul_precision("high")
+        assert scaling.peak_flops("NVIDIA H100 80GB HBM3", torch.float32) == 494.7e12
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for row in scaling.PEAK_FLOPS.values():
+        assert row["source"] and row["bfloat16"] >= row["tf32"] >= row["float32"]
+
+
+def test_mfu_is_achieved_over_peak_and_unknown_without_peak():
+    assert scaling.mfu(1000.0, 6e9, 1.5e13) == pytest.approx(0.4)
+    assert scaling.mfu(1000.0, 6e9, None) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def test_model_state_estimate_equals_bytes_held_by_adamw_after_one_step():
+    rng, seed = fresh_rng()
+    for _ in range(2):
+        config = random_config(rng)
+        model = GPT(config)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        idx = torch.randint(0, config.vocab_size, (2, config.block_size))
+        model(idx, idx)[1].backward()
+        opt.step()
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
+        held += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+        held += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+        counts = scaling.count_params(config)
+        est = scaling.model_state_bytes(counts["total"], "fp32", n_tensors=counts["tensors"])
+        assert est["total"] == held, f"seed {seed}: {config}"
+
+
+def test_zero_stages_reproduce_the_papers_figure_1():
+    # Rajbhandari et al. 2019, Figure 1: Psi = 7.5B, N_d = 64, K = 12 -> 120, 31.4, 16.6, 1.9 GB
+    got = [scaling.model_state_bytes(7.5e9, "mixed", zero=z, dp=64)["total"] / 1e9 for z in (0, 1, 2, 3)]
+    assert got == pytest.approx([120, 31.4, 16.6, 1.9], abs=0.06)  # the figure rounds to 0.1 GB
+
+
+def test_activation_formula_reduces_to_korthikanti_equations():
+    s, b, h, a, t = 2048, 4, 4096, 32, 8
+    f = scaling.activation_bytes_per_layer
+    # Korthikanti et al. 2022: eq. 1, eq. 2 (tensor parallel), eq. 4 (+ sequence parallel),
+    # selective recomputation with sequence parallelism (34 s b h / t) and full recomputation (2 s b h)
+    assert f(s, b, h, a) == s * b * h * (34 + 5 * a * s / h)
+    assert f(s, b, h, a, tp=t) == s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+    assert f(s, b, h, a, tp=t, sp=True) == s * b * h / t * (34 + 5 * a * s / h)
+    assert f(s, b, h, a, tp=t, sp=True, recompute="selective") == s * b * h * 34 / t
+    assert f(s, b, h, a, recompute="full") == 2 * s * b * h
+
+
+@pytest.mark.parametrize("mlp,dropout", [("gelu", 0.0), ("gelu", 0.1), ("swiglu", 0.0)])
+def test_activation_estimate_matches_tensors_saved_for_backward_on_cpu(mlp, dropout):
+    rng, seed = fresh_rng()
+    n_head = rng.choice([2, 4])
+    config = GPTConfig(vocab_size=rng.randint(200, 600), block_size=64, n_layer=2, n_head=n_head, n_embd=32 * n_head,
+                       mlp=mlp, dropout=dropout, attention="naive")
+    B, T = rng.randint(2, 4), rng.choice([32, 64])
+    model = GPT(config).train()
+    measured = scaling.measure_saved_activation_bytes(model, torch.randint(0, config.vocab_size, (B, T)))
+    # fp32 activations (e = 4); torch's CPU dropout keeps its mask as a float32 tensor (4 bytes)
+    est = scaling.activation_bytes(config, T, B, bytes_per_value=4, mask_bytes=4)["total"]
+    # the formula leaves out what is O(s b) rather than O(s b h): each norm's mean and 1/std (8 bytes
+    # per token), the T x T bool causal mask per layer and the int64 token ids; at h >= 64 these are
+    # under 1% of the total (measured ~0.3-0.4%), and the formula never overestimates
+    assert 0 <= measured - est < 0.01 * measured, f"seed {seed}: measured {measured}, estimate {est}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling laws
+
+
+def test_approach1_reproduces_chinchilla_table_3():
+    for n, c, d in scaling.CHINCHILLA_TABLE3:
+        opt = scaling.approach1_optimal(c)
+        # a = 0.50 is published to two decimals: +-0.005 over the ln(5.76e23 / 1.92e19) = 10.3 between the
+        # anchor and the farthest row moves N by up to exp(0.005 x 10.3) = 5%; the paper rounds D to
+        # 2-4 digits (1.5T is 1.43T rounded), hence 6% on D
+        assert opt["N"] == pytest.approx(n, rel=0.05), (n, opt)
+        assert opt["D"] == pytest.approx(d, rel=0.06), (d, opt)
+
+
+@pytest.mark.parametrize("law", [scaling.CHINCHILLA, scaling.EPOCH])
+def test_parametric_optimum_is_the_minimum_along_the_compute_line(law):
+    rng, seed = fresh_rng()
+    C = 10 ** rng.uniform(18, 26)
+    opt = scaling.parametric_optimal(C, law)
+    # brute force in float64: the loss along 6 N D = C on a fine grid of N
+    N = np.logspace(math.log10(opt["N"]) - 2, math.log10(opt["N"]) + 2, 200_001)
+    losses = law["E"] + law["A"] / N ** law["alpha"] + law["B"] / (C / (6 * N)) ** law["beta"]
+    assert N[np.argmin(losses)] == pytest.approx(opt["N"], rel=1e-4), seed
+    assert opt["D"] * opt["N"] * 6 == pytest.approx(C)
+
+
+def test_kaplan_joint_law_reduces_to_the_single_variable_laws():
+    # eq. 1.5 tends to eq. 1.1 as D -> infinity and to eq. 1.2 as N -> infinity
+    assert scaling.kaplan_loss(1e9, 1e30) == pytest.approx(scaling.kaplan_loss(N=1e9), rel=1e-6)
+    assert scaling.kaplan_loss(1e40, 1e10) == pytest.approx(scaling.kaplan_loss(D=1e10), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting
+
+
+def synthetic_points(law, rng, n=40, noise=0.0):
+    """Losses generated by a known law at random (N, D), log-uniform over Chinchilla-like ranges."""
+    pts = []
+    for _ in range(n):
+        N, D = 10 ** rng.uniform(7, 10), 10 ** rng.uniform(9, 12)
+        pts.append({"N": N, "D": D, "C": 6 * N * D, "loss": scaling.parametric_loss(N, D, law) * math.exp(rng.gauss(0, noise))})
+    return pts
+
+
+def test_parametric_fit_recovers_a_known_law():
+    rng, seed = fresh_rng()
+    law = {"E": rng.uniform(1.5, 2.0), "A": rng.uniform(200, 800), "B": rng.uniform(400, 2500),
+           "alpha": rng.uniform(0.28, 0.4), "beta": rng.uniform(0.28, 0.4)}
+    pts = synthetic_points(law, rng)
+    fit = scaling.fit_parametric([p["N"] for p in pts], [p["D"] for p in pts], [p["loss"] for p in pts])
+    for k in ("alpha", "beta", "E"):  # noise-free data: only the optimiser's tolerance remains
+        assert fit[k] == pytest.approx(law[k], rel=0.01), f"seed {seed}: {k} {fit[k]} vs {law[k]}"
+
+
+def test_isoflop_fit_recovers_the_compute_optimal_exponent():
+    rng, seed = fresh_rng()
+    law = dict(scaling.EPOCH)
+    pts = []
+    for C in (1e18, 1e19, 1e20, 1e21):
+        n_opt = scaling.parametric_optimal(C, law)["N"]
+        for N in n_opt * np.logspace(-0.6, 0.6, 7) * math.exp(rng.uniform(-0.1, 0.1)):
+            pts.append({"C": C, "N": N, "D": C / (6 * N), "loss": scaling.parametric_loss(N, C / (6 * N), law)})
+    fit = scaling.fit_isoflop(pts)
+    # the closed form says a = beta / (alpha + beta); a parabola in log N is only the loss curve's
+    # second-order expansion, which shifts each vertex by a near-constant factor: a within 0.01
+    assert fit["a"] == pytest.approx(law["beta"] / (law["alpha"] + law["beta"]), abs=0.01), seed
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan and command line
+
+
+def test_plan_reproduces_llama_65b_wall_clock():
+    # Touvron et al. 2023 (LLaMA), sec. 2.4: 65.2B parameters, 1.4T tokens, 2048 A100-80GB at ~380
+    # tokens/s/GPU: "approximately 21 days". MFU from that throughput with 6N FLOPs per token:
+    mfu = 380 * 6 * 65.2e9 / 312e12
+    out = scaling.plan(65.2e9, 1.4e12, 2048, "A100", mfu)
+    assert out["days"] == pytest.approx(21, rel=0.05)
+    layouts = {r["name"]: r for r in out["layouts"]}
+    assert layouts["dp"]["fits"] == "no" and layouts["tp8+pp4+zero1"]["fits"] in ("yes", "with recompute")
+    # ZeRO-3 moves 1.5x the bytes of plain data parallelism (Rajbhandari et al. 2019, sec. 7)
+    assert layouts["zero3"]["comm"]["data_parallel"] == pytest.approx(1.5 * layouts["dp"]["comm"]["data_parallel"])
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scaling.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def test_cli_json_is_one_object_and_bad_input_is_one_line(capsys):
+    r = run_cli("chinchilla", "--compute", "5.76e23", "--json")  # the real program, once
+    out = json.loads(r.stdout)
+    assert r.returncode == 0 and out["approach1"]["N"] == pytest.approx(67e9)
+    for args, needle in ((("count", "--preset", "gpt2-9000"), "unknown preset"),
+                         (("chinchilla", "--compute", "-1"), "--compute"),
+                         (("chinchilla", "--compute", "lots"), "--compute"),
+                         (("plan", "--params", "7e9", "--tokens", "1e12", "--gpu", "Z80"), "unknown GPU")):
+        with pytest.raises(SystemExit) as e:
+            scaling.main(list(args))
+        captured = capsys.readouterr()
+        assert e.value.code == 2 and captured.out == "", args
+        assert len(captured.err.strip().splitlines()) == 1 and needle in captured.err, captured.err
+
+
+def test_every_subcommand_has_help_and_json(capsys):
+    parser = scaling.build_parser()
+    for name in ("count", "flops", "memory", "chinchilla", "kaplan", "plan", "sweep"):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([name, "--help"])
+        assert e.value.code == 0 and "--json" in capsys.readouterr().out, name
+    scaling.main(["count", "--preset", "gpt2-124m", "--json"])
+    assert json.loads(capsys.readouterr().out)["total"] == scaling.count_params(scaling.make_config("gpt2-124m"))["total"]
+    scaling.main(["memory", "--params", "7e9", "--zero", "3", "--dp", "64", "--json"])
+    states = json.loads(capsys.readouterr().out)["states"]
+    assert states["total"] == pytest.approx(16 * 7e9 / 64)  # (2 + 2 + 12) Psi / N_d
+
+
+def test_mini_sweep_trains_through_train_py_and_fits(tmp_path):
+    r = run_cli("sweep", "--budgets", "2e8,6e8", "--sizes", "1x16,2x16", "--block_size", "32", "--batch_size", "4",
+                "--tokenizer", "bytes", "--max_data_bytes", "100000", "--eval_iters", "2", "--bootstrap", "5",
+                "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "sweep"), "--json", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert len(out["points"]) == 4 and len(r.stderr.strip().splitlines()) >= 4  # a progress line per point
+    for p in out["points"]:
+        config = GPTConfig(vocab_size=64, block_size=32, n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], bias=False)
+        assert p["N"] == scaling.count_params(config)["non_embedding"]
+        assert p["D"] == p["steps"] * 4 * 32 and abs(6 * p["N"] * p["D"] / p["C"] - 1) < 0.5 / p["steps"] + 1e-9
+        assert p["loss"] == scaling.final_val_loss(p["out_dir"]) and math.isfinite(p["loss"])
+    assert math.isfinite(out["fits"]["parametric"]["alpha"])
+    assert json.load(open(tmp_path / "sweep" / "sweep.json"))["points"] == out["points"]
