@@ -1,0 +1,1736 @@
+"""
+Parallelism: one training step spread over many devices, built from four collectives.
+
+The problem
+-----------
+One optimizer step of a GPT with N parameters on a batch of B sequences of T tokens costs about
+6 N B T FLOPs and, in float32 with AdamW, 16 N bytes of state (4 for the weights, 4 for their
+gradients, 8 for Adam's two moments), plus the activations kept for backward. Past a point neither
+fits one device, in time or in memory. Every scheme below splits some of that work or state across
+P processes (ranks) and pays for it in communication; each is shown to give the same losses and the
+same updated weights as one process on the same global batch (tests/test_parallel.py).
+
+The four collectives (on a group of n ranks, a tensor of S bytes; a ring moves (n-1)/n of it per phase)
+---------------------------------------------------------------------------------------------------
+    all-reduce      every rank ends with the sum            sends 2 (n-1)/n S per rank (reduce-scatter + all-gather)
+    reduce-scatter  rank r ends with the sum of slice r     sends   (n-1)/n S per rank
+    all-gather      every rank ends with every slice        sends   (n-1)/n S per rank (S = the full size)
+    send / recv     point to point                          sends S
+These are the byte counts the wrappers below add to BYTES_SENT, so a test can hold every formula in
+this docstring against what the code really did.
+
+The strategies (N parameters, d data-parallel ranks, bytes per rank in float32)
+------------------------------------------------------------------------------
+Data parallel (DDP; Li et al. 2020, arXiv:2006.15704). Every rank holds the whole model and takes
+1/d of the batch; after backward the gradients are averaged with an all-reduce, so every replica
+takes the same step. Memory 4N params + 4N grads + 4N buckets + 8N Adam = 20N. Communication per
+step 2 (d-1)/d 4N. The all-reduce is cut into buckets launched from backward hooks, so the
+gradients of the last layers travel while the first layers are still in backward; gradient
+accumulation micro-steps communicate nothing (no_sync).
+
+ZeRO (Rajbhandari et al. 2020, arXiv:1910.02054), parameters flattened into one vector of N' = N
+rounded up to a multiple of d, rank r owning slice r:
+    stage 1  optimizer state sharded:  4N + 4N + 8N'/d;  all-reduce grads, update own slice,
+             all-gather params: 3 (d-1)/d 4N' sent (DeepSpeed reduce-scatters here too, 2 (d-1)/d 4N';
+             we all-reduce so that each stage adds exactly one idea)
+    stage 2  + gradients reduce-scattered: 4N + 4N'/d + 8N'/d;  2 (d-1)/d 4N' sent, as DDP
+    stage 3  + parameters sharded: 4N'/d + 4N'/d + 8N'/d, plus one block (and the root: embeddings,
+             final norm) gathered at a time; each block's flat shard is all-gathered before its
+             forward, freed after, all-gathered again in backward (the block is recomputed, as
+             activation checkpointing does) and its gradient reduce-scattered:
+             (d-1)/d 4 (3 N_blocks + 2 N_root) sent per micro-step, the paper's 3x.
+    Real FSDP keeps the block's activations instead of recomputing, and frees parameter storage
+    by resizing it; we recompute because it makes "gather, use, free" three visible lines.
+
+Tensor parallel (Megatron-LM; Shoeybi et al. 2019, arXiv:1909.08053), t ranks. The MLP's first
+matrix is split by columns (each rank computes C -> 4C/t), the second by rows (4C/t -> C, partial
+sums added by one all-reduce). Attention is split by heads the same way (c_attn by heads: columns;
+c_proj: rows). Two conjugate functions carry the communication:
+    f: identity forward, all-reduce backward   (before a column-parallel layer)
+    g: all-reduce forward, identity backward   (after a row-parallel layer)
+so each block costs 2 all-reduces of B T C forward and 2 backward: 4 x 2 (t-1)/t 4 B T C bytes.
+The embedding is split by vocabulary rows (each rank looks up its ids, zeros elsewhere, one
+all-reduce) and so is the output layer; the cross-entropy is then computed without ever gathering
+the V logits: a max, a sum of exponentials and the target's logit, each all-reduced over B T
+numbers. Memory 16N/t for the split matrices (norm gains and row-parallel biases are replicated).
+
+Pipeline parallel (GPipe, Huang et al. 2018, arXiv:1811.06965; 1F1B, Narayanan et al. 2019,
+PipeDream, arXiv:1806.03377 and 2021, arXiv:2104.04473), p stages of L/p blocks; the batch is cut
+into m micro-batches that flow through the stages with point-to-point sends. Time runs left to
+right; F3 is micro-batch 3's forward, B3 its backward; p = 4, m = 4:
+
+    GPipe (all forwards, then all backwards)          1F1B (one forward, one backward, in steady state)
+    s0: F0 F1 F2 F3 .  .  .  .  .  .  B0 B1 B2 B3      s0: F0 F1 F2 F3 .  .  B0 .  B1 .  B2 .  B3
+    s1: .  F0 F1 F2 F3 .  .  .  .  B0 B1 B2 B3 .       s1: .  F0 F1 F2 .  B0 F3 B1 .  B2 .  B3
+    s2: .  .  F0 F1 F2 F3 .  .  B0 B1 B2 B3 .  .       s2: .  .  F0 F1 B0 F2 B1 F3 B2 .  B3
+    s3: .  .  .  F0 F1 F2 F3 B0 B1 B2 B3 .  .  .       s3: .  .  .  F0 B0 F1 B1 F2 B2 F3 B3
+
+Both idle for the same (p-1) slots at each end: bubble = (p-1)/(m+p-1) of the step. 1F1B's gain is
+memory: a stage holds the activations of at most p - s micro-batches in flight, not all m.
+Communication per stage boundary: m activations forward and m gradients backward, each B/m T C x 4.
+A tied embedding lives on the first stage (lookup) and the last (output layer); its two gradients
+are summed by an all-reduce between those two stages, as Megatron does.
+
+Context parallel (ring attention; Liu et al. 2023, arXiv:2310.01889), c ranks each holding T/c
+positions of every sequence. Everything but attention is per position; attention needs every
+earlier key, so the key/value blocks travel round a ring: at each of c steps a rank attends its
+queries to the block it holds while sending it on. The partial results merge exactly with the
+online-softmax rule (Milakov & Gimelshein 2018; FlashAttention, Dao et al. 2022):
+    m' = max(m, m_b),  l' = l e^(m - m') + l_b e^(m_b - m'),  o' = o e^(m - m') + o_b e^(m_b - m')
+Causality per block: a block entirely in the future is skipped, the diagonal block is masked.
+Load balancing (option) gives rank r the chunks r and 2c-1-r of 2c, so every rank has as much
+unmasked work. Sent per rank: forward (c-1) K,V blocks; backward (c-1) K,V blocks and c dK,dV blocks.
+
+DiLoCo (Douillard et al. 2023, arXiv:2311.08455): d workers each take H local AdamW steps without
+talking; then the pseudo-gradient theta_global - theta_local is averaged (one all-reduce of 4N) and
+an outer Nesterov SGD (lr 0.7, momentum 0.9, the paper's) moves theta_global. Communication is
+2 (d-1)/d 4N every H steps instead of every step.
+
+The mesh
+--------
+With P = pp x dp x cp x tp ranks, rank coordinates on a DeviceMesh with dims (pp, dp, cp, tp): tp
+innermost, so that tensor parallelism's per-layer all-reduces stay on the fastest links (inside a
+node), pp outermost because it sends least. Gradients are averaged over dp x cp (the "data" group:
+context-parallel ranks hold copies of the weights too).
+
+Map of this file
+----------------
+process groups (Layout, init_distributed) -> counted collectives -> data parallel (bucketed DDP)
+-> ZeRO 1/2/3 (FlatShard, ShardedAdamW, GatherParams) -> tensor parallel (f, g, column/row layers,
+vocabulary-parallel embedding and cross-entropy) -> pipeline (stages, GPipe, 1F1B) -> context
+parallel (ring attention) -> DiLoCo -> torch's native versions -> Parallelized (composes them for
+train.py: forward-backward, gradient sync, clipping, step, memory count, full checkpoints) -> the
+command line (`preflight`: every collective once, with the usual fixes when one fails; `plan`: the
+formulas above for a model preset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import math
+import os
+import sys
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn import functional as F
+
+from model import ATTENTION_BACKENDS, GPT, repeat_kv
+
+MESH_DIMS = ("pp", "dp", "cp", "tp")  # outermost to innermost (see "The mesh")
+
+# ----------------------------------------------------------------------------------------------
+# Process groups
+
+
+@dataclass
+class Layout:
+    """Where this rank sits in the (pp, dp, cp, tp) mesh, and the groups it communicates in.
+
+    groups: one per mesh dim, plus "data" (dp x cp: the ranks that average gradients) and
+    "embedding" (first and last pipeline stage). A missing group means a group of one.
+    """
+
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    tp: int = 1
+    mesh: object = None  # torch.distributed.device_mesh.DeviceMesh, or None for one process
+    coords: dict = field(default_factory=dict)  # this rank's index along each mesh dim
+    groups: dict = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.cp * self.tp
+
+    def rank(self, dim: str) -> int:
+        if dim == "data":  # dp-major, cp-minor, as the mesh orders them
+            return self.rank("dp") * self.cp + self.rank("cp")
+        return self.coords.get(dim, 0)
+
+    def size(self, dim: str) -> int:
+        return self.dp * self.cp if dim == "data" else getattr(self, dim)
+
+    def group(self, dim: str):
+        return self.groups.get(dim)
+
+    @property
+    def is_rank0(self) -> bool:
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_degrees(dp: int, tp: int, pp: int, cp: int, world_size: int):
+    """The one-line refusal for a layout that does not fill the processes torchrun started."""
+    for name, n in (("dp", dp), ("tp", tp), ("pp", pp), ("cp", cp)):
+        if n < 1:
+            raise ValueError(f"--{name} must be at least 1, got {n}")
+    if dp * tp * pp * cp != world_size:
+        raise ValueError(f"--dp {dp} x --tp {tp} x --pp {pp} x --cp {cp} = {dp * tp * pp * cp} processes, but "
+                         f"{world_size} were started: make the product equal torchrun's --nnodes x --nproc_per_node")
+
+
+def init_distributed(dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, device: torch.device | None = None,
+                     timeout_s: float = 300) -> Layout:
+    """Join the job torchrun started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
+    environment) and build the (pp, dp, cp, tp) mesh. NCCL on GPUs, gloo on CPUs. The timeout turns
+    a collective that one rank never reaches (a hang) into an error after timeout_s seconds."""
+    device = device or torch.device("cpu")
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    check_degrees(dp, tp, pp, cp, world)
+    if world == 1:
+        return Layout(device=device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return build_layout(dp, tp, pp, cp, device)
+
+
+def build_layout(dp: int, tp: int, pp: int, cp: int, device: torch.device) -> Layout:
+    """The DeviceMesh and its groups, on an initialised default process group (every rank calls this)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    check_degrees(dp, tp, pp, cp, dist.get_world_size())
+    mesh = init_device_mesh(device.type, (pp, dp, cp, tp), mesh_dim_names=MESH_DIMS)
+    layout = Layout(pp=pp, dp=dp, cp=cp, tp=tp, mesh=mesh, device=device)
+    layout.coords = {d: mesh.get_local_rank(d) for d in MESH_DIMS}
+    layout.groups = {d: mesh.get_group(d) for d in MESH_DIMS}
+    ranks = mesh.mesh  # (pp, dp, cp, tp) grid of global ranks
+    # the data group spans dp and cp: the ranks that hold the same weights and different tokens
+    layout.groups["data"] = subgroup(ranks.permute(0, 3, 1, 2).reshape(pp * tp, dp * cp))
+    if pp > 1:  # first and last stage of each pipeline: they share the tied embedding
+        layout.groups["embedding"] = subgroup(ranks[[0, pp - 1]].permute(1, 2, 3, 0).reshape(-1, 2))
+    return layout
+
+
+def subgroup(rows: torch.Tensor):
+    """One process group per row of global ranks; returns the one holding this rank. Every rank
+    creates every group (torch requires it), in the same order."""
+    mine = None
+    for row in rows.tolist():
+        group = dist.new_group(row)
+        if dist.get_rank() in row:
+            mine = group
+    return mine
+
+
+def log0(*args, **kwargs):
+    """print on global rank 0 only: one log per job, not one per process."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def shutdown():
+    """Leave the job cleanly (a process that exits without this can leave the others waiting)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Counted collectives: every byte this file sends goes through here
+
+
+BYTES_SENT = Counter()  # bytes this rank sent, by purpose ("grads", "params", "tp", "pp", "cp", ...)
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_reduce(tensor, group, tag: str, op=dist.ReduceOp.SUM, async_op: bool = False):
+    """In-place sum (or max) over the group. Ring cost: 2 (n-1)/n of the tensor sent per rank."""
+    n = group_size(group)
+    if n == 1:
+        return None
+    BYTES_SENT[tag] += 2 * (n - 1) / n * tensor.numel() * tensor.element_size()
+    return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+
+def reduce_scatter(output, input, group, tag: str, async_op: bool = False):
+    """output (S) = slice r of the sum of input (n S) over the group. Sends (n-1) S per rank."""
+    n = group_size(group)
+    if n == 1:
+        output.copy_(input)
+        return None
+    BYTES_SENT[tag] += (n - 1) * output.numel() * output.element_size()
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.10
+    return scatter(output, input, group=group, async_op=async_op)
+
+
+def all_gather(output, input, group, tag: str, async_op: bool = False):
+    """output (n S) = every rank's input (S), in rank order. Sends (n-1) S per rank. input may be
+    this rank's own slice of output (in place: NCCL and gloo both allow it)."""
+    n = group_size(group)
+    if n == 1:
+        if output.data_ptr() != input.data_ptr():
+            output.copy_(input)
+        return None
+    BYTES_SENT[tag] += (n - 1) * input.numel() * input.element_size()
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.10
+    return gather(output, input, group=group, async_op=async_op)
+
+
+def broadcast(tensor, group, tag: str):
+    """Everyone gets group rank 0's tensor. The root sends it once (a pipelined tree)."""
+    if group_size(group) == 1:
+        return
+    if dist.get_rank(group) == 0:
+        BYTES_SENT[tag] += tensor.numel() * tensor.element_size()
+    dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
+
+
+def exchange(group, tag: str, sends=(), recvs=(), wait: bool = True):
+    """Point to point: sends and recvs are (tensor, peer's rank in group) pairs, posted together
+    and waited for together. Posting a pair at once is what keeps neighbours that both send and
+    both receive from waiting on each other (NCCL would deadlock on two blocking sends).
+    wait=False returns the requests instead, to overlap the transfer with computation."""
+    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, peer), group) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, peer), group) for t, peer in recvs]
+    BYTES_SENT[tag] += sum(t.numel() * t.element_size() for t, _ in sends)
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if not wait:
+        return works
+    for work in works:
+        work.wait()
+    return []
+
+
+# ----------------------------------------------------------------------------------------------
+# Data parallel from scratch: bucketed all-reduce launched from backward hooks
+
+
+@dataclass
+class Bucket:
+    params: list  # in the order backward produces their gradients (last layer first)
+    offsets: list  # where each gradient goes in the flat buffer
+    buffer: torch.Tensor  # flat gradients, all-reduced as one message
+    ready: int = 0  # gradients copied in so far this step
+    work: object = None  # the in-flight all-reduce
+
+
+class BucketedDataParallel:
+    """DDP from scratch (the idea of Li et al. 2020, PyTorch DDP).
+
+    1. Broadcast rank 0's parameters, so every replica starts equal (then equal gradients keep them so).
+    2. Group parameters into buckets of about bucket_mb, in reverse order: backward computes the
+       last layer's gradients first. One big message per bucket costs one latency, not one per tensor.
+    3. A hook on each parameter fires when its gradient is final (post-accumulate); when a bucket's
+       last gradient arrives its all-reduce starts asynchronously and backward continues meanwhile.
+    4. finish_gradient_sync() waits, divides by d (mean over ranks) and writes the gradients back.
+    Inside no_sync() the hooks do nothing: accumulation micro-steps send no bytes.
+    """
+
+    def __init__(self, module: nn.Module, group, bucket_mb: float = 25.0):  # 25 MB: torch DDP's bucket_cap_mb
+        self.module, self.group, self.require_sync = module, group, True
+        params = [p for p in module.parameters() if p.requires_grad]
+        for p in params:
+            broadcast(p.data, group, "init")
+        self.buckets, self.slot = [], {}
+        current, size = [], 0
+        for p in reversed(params):
+            current.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_mb * 2**20 or p is params[0]:
+                self._close_bucket(current)
+                current, size = [], 0
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._grad_ready)
+
+    def _close_bucket(self, params):
+        offsets = [0]
+        for p in params[:-1]:
+            offsets.append(offsets[-1] + p.numel())
+        buffer = torch.zeros(offsets[-1] + params[-1].numel(), dtype=params[0].dtype, device=params[0].device)
+        bucket = Bucket(params, offsets, buffer)
+        self.buckets.append(bucket)
+        for p, offset in zip(params, offsets):
+            self.slot[p] = (bucket, offset)
+
+    def _grad_ready(self, p):
+        if not self.require_sync:
+            return
+        bucket, offset = self.slot[p]
+        bucket.buffer[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+        bucket.ready += 1
+        if bucket.ready == len(bucket.params):  # the bucket is full: send it while backward goes on
+            bucket.work = all_reduce(bucket.buffer, self.group, "grads", async_op=True)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        before, self.require_sync = self.require_sync, False
+        try:
+            yield
+        finally:
+            self.require_sync = before
+
+    def finish_gradient_sync(self):
+        n = group_size(self.group)
+        for bucket in self.buckets:
+            if bucket.ready < len(bucket.params):  # a parameter that got no gradient: send zeros for it
+                for p, offset in zip(bucket.params, bucket.offsets):
+                    grad = p.grad.reshape(-1) if p.grad is not None else 0.0
+                    bucket.buffer[offset:offset + p.numel()] = grad
+                bucket.work = all_reduce(bucket.buffer, self.group, "grads", async_op=True)
+            if bucket.work is not None:
+                bucket.work.wait()
+            bucket.buffer /= n  # sum -> mean: the gradient of the mean loss over the global batch
+            for p, offset in zip(bucket.params, bucket.offsets):
+                mean = bucket.buffer[offset:offset + p.numel()].view_as(p)
+                if p.grad is None:
+                    p.grad = mean.clone()
+                else:
+                    p.grad.copy_(mean)
+            bucket.ready, bucket.work = 0, None
+
+
+# ----------------------------------------------------------------------------------------------
+# ZeRO from scratch: flat parameter shards and an AdamW that updates only its shard
+
+
+class FlatShard:
+    """A list of parameters laid end to end in one flat float32 vector, padded to a multiple of the
+    group size n; this rank owns slice [r S, (r+1) S) with S = ceil(numel / n).
+
+    keep_full=True (ZeRO 1, 2): the parameters become views into the full vector, and `shard` is a
+    view of this rank's slice: updating the shard in place and all-gathering refreshes the model.
+    keep_full=False (ZeRO 3): only the shard is kept; the parameters are emptied, and the full
+    vector exists only between gather() and the end of its use.
+    """
+
+    def __init__(self, named_params: list, group, weight_decay: float, keep_full: bool, counted_in_norm):
+        self.group, self.names = group, [name for name, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.shapes = [p.shape for p in self.params]
+        self.offsets, total = [], 0
+        for p in self.params:
+            self.offsets.append(total)
+            total += p.numel()
+        n, r = group_size(group), (dist.get_rank(group) if group_size(group) > 1 else 0)
+        self.numel, self.shard_numel = total, math.ceil(total / n)
+        full = torch.zeros(self.shard_numel * n, dtype=self.params[0].dtype, device=self.params[0].device)
+        # per element: weight decay on matrices only (train.make_optimizer's rule), and whether the
+        # element counts in the global gradient norm (replicated copies count once)
+        decay, counted = torch.zeros_like(full), torch.zeros_like(full)
+        for p, offset in zip(self.params, self.offsets):
+            full[offset:offset + p.numel()] = p.detach().reshape(-1)
+            decay[offset:offset + p.numel()] = weight_decay if p.dim() >= 2 else 0.0
+            counted[offset:offset + p.numel()] = float(counted_in_norm(p))
+        lo, hi = r * self.shard_numel, (r + 1) * self.shard_numel
+        self.weight_decay, self.norm_mask = decay[lo:hi].clone(), counted[lo:hi].clone()
+        if keep_full:
+            self.full = full
+            for p, (view) in zip(self.params, self.views(full).values()):
+                p.data = view  # the model now reads its weights out of the flat vector
+            self.shard = nn.Parameter(full[lo:hi])  # shares storage with full
+        else:
+            self.full = None
+            self.shard = nn.Parameter(full[lo:hi].clone())
+            for p in self.params:  # free the full parameters: from now on they exist only while gathered
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+                p.requires_grad_(False)
+
+    def views(self, full: torch.Tensor) -> dict:
+        """name -> the parameter's view into a full flat vector."""
+        return {name: full[o:o + s.numel()].view(s) for name, o, s in zip(self.names, self.offsets, self.shapes)}
+
+    def flatten(self, tensors: dict) -> torch.Tensor:
+        """The inverse of views(): named full-size tensors -> this rank's slice of the flat vector."""
+        full = torch.zeros(self.shard_numel * group_size(self.group), dtype=self.shard.dtype, device=self.shard.device)
+        for name, o, s in zip(self.names, self.offsets, self.shapes):
+            full[o:o + s.numel()] = tensors[name].reshape(-1).to(full)
+        r = dist.get_rank(self.group) if group_size(self.group) > 1 else 0
+        return full[r * self.shard_numel:(r + 1) * self.shard_numel].clone()
+
+    def gather(self, tensor: torch.Tensor, tag: str) -> torch.Tensor:
+        """All-gather a shard-shaped tensor (the parameters, or an optimizer moment) to full size."""
+        full = torch.empty(self.shard_numel * group_size(self.group), dtype=tensor.dtype, device=tensor.device)
+        all_gather(full, tensor.detach(), self.group, tag)
+        return full
+
+
+class GatherParams(torch.autograd.Function):
+    """ZeRO-3's two collectives as one differentiable step (Rajbhandari et al. 2020, sec. 5.3):
+    forward all-gathers the flat shard into the full vector, backward reduce-scatters the full
+    vector's gradient into this rank's slice and divides by n (the mean over data-parallel ranks)."""
+
+    @staticmethod
+    def forward(ctx, shard, group):
+        ctx.group = group
+        full = torch.empty(shard.numel() * group_size(group), dtype=shard.dtype, device=shard.device)
+        all_gather(full, shard, group, "params")
+        return full
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        n = group_size(ctx.group)
+        grad_shard = torch.empty(grad_full.numel() // n, dtype=grad_full.dtype, device=grad_full.device)
+        reduce_scatter(grad_shard, grad_full.contiguous(), ctx.group, "grads")
+        return grad_shard / n, None
+
+
+class ZeRO3Block(nn.Module):
+    """A transformer block whose parameters exist only as a flat shard. Forward: gather, run, free.
+    Backward: torch.utils.checkpoint re-runs the forward, which gathers again, and GatherParams'
+    backward reduce-scatters the gradient: gather, recompute, reduce-scatter, free."""
+
+    def __init__(self, block: nn.Module, unit: FlatShard):
+        super().__init__()
+        self.block, self.flat_shard, self.unit = block, unit.shard, unit
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self._gathered_forward, x, self.flat_shard, use_reentrant=False)
+
+    def _gathered_forward(self, x, shard):
+        full = GatherParams.apply(shard, self.unit.group)  # (S) -> (n S): this block's weights, for now
+        return torch.func.functional_call(self.block, self.unit.views(full), (x,))
+
+
+class ZeRO3Model(nn.Module):
+    """The root of a ZeRO-3 model: embeddings, final norm and (tied) output layer are gathered once
+    per forward and kept until backward has passed them (FSDP keeps its root unsharded the same
+    way); the blocks inside are ZeRO3Blocks."""
+
+    def __init__(self, model: nn.Module, root: FlatShard):
+        super().__init__()
+        self.model, self.flat_shard, self.root = model, root.shard, root
+
+    def forward(self, idx, targets=None):
+        full = GatherParams.apply(self.flat_shard, self.root.group)
+        return torch.func.functional_call(self.model, self.root.views(full), (idx, targets))
+
+
+class ShardedAdamW(torch.optim.Optimizer):
+    """AdamW on flat shards, with weight decay given per element (matrices decay, vectors do not),
+    so one flat vector can hold both kinds. The update is torch.optim.AdamW's, line for line
+    (Loshchilov & Hutter 2017, arXiv:1711.05101, algorithm 2):
+        theta *= 1 - lr wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+        theta -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+
+    def __init__(self, units: list, lr: float, betas: tuple, eps: float = 1e-8):  # eps 1e-8: torch's default
+        super().__init__([u.shard for u in units], dict(lr=lr, betas=betas, eps=eps))
+        self.decay = {u.shard: u.weight_decay for u in units}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                t = state["step"].item()
+                p.mul_(1 - lr * self.decay[p])
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor parallel from scratch (Megatron-LM)
+
+
+class CopyToTensorParallelRegion(torch.autograd.Function):
+    """Megatron's f (Shoeybi et al. 2019, arXiv:1909.08053, sec. 3, fig. 3a): identity forward,
+    all-reduce backward. Placed before a column-parallel layer: every rank uses the same input, so
+    the input's gradient is the sum of the ranks' partial gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        all_reduce(grad, ctx.group, "tp")
+        return grad, None
+
+
+class ReduceFromTensorParallelRegion(torch.autograd.Function):
+    """Megatron's g (same paper, fig. 3b): all-reduce forward, identity backward. Placed after a
+    row-parallel layer, whose ranks each hold a partial sum of the output."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        all_reduce(x, group, "tp")
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_r = x A_r: this rank's rows of nn.Linear's weight (out, in), i.e. the columns of A = W^T.
+    `rows` lists which output features this rank computes, in the order it holds them."""
+
+    def __init__(self, linear: nn.Linear, rows: torch.Tensor, group):
+        super().__init__()
+        self.group = group
+        self.weight = nn.Parameter(linear.weight.detach()[rows].clone())  # (out/t, in)
+        self.bias = nn.Parameter(linear.bias.detach()[rows].clone()) if linear.bias is not None else None
+
+    def forward(self, x):
+        return F.linear(CopyToTensorParallelRegion.apply(x, self.group), self.weight, self.bias)  # (.., in) -> (.., out/t)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_r x_r B_r: this rank's input features `cols`; the bias is added once, after the sum."""
+
+    def __init__(self, linear: nn.Linear, cols: torch.Tensor, group):
+        super().__init__()
+        self.group = group
+        self.weight = nn.Parameter(linear.weight.detach()[:, cols].clone())  # (out, in/t)
+        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+
+    def forward(self, x):
+        y = ReduceFromTensorParallelRegion.apply(F.linear(x, self.weight), self.group)  # (.., in/t) -> (.., out)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [lo, hi) of the (V, C) embedding: look up the ids in range, zeros for the others, and
+    all-reduce: every id is found on exactly one rank (Megatron-LM, sec. 3)."""
+
+    def __init__(self, embedding: nn.Embedding, lo: int, hi: int, group):
+        super().__init__()
+        self.lo, self.hi, self.group = lo, hi, group
+        self.weight = nn.Parameter(embedding.weight.detach()[lo:hi].clone())  # (V/t, C)
+
+    def forward(self, idx):
+        outside = (idx < self.lo) | (idx >= self.hi)
+        local = (idx - self.lo).masked_fill(outside, 0)
+        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, C), zeros elsewhere
+        return ReduceFromTensorParallelRegion.apply(x, self.group)
+
+
+def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
+    """Mean cross-entropy when rank r holds logits for vocabulary ids [vocab_start, vocab_start + V/t).
+
+    loss = log sum_v exp(l_v) - l_target, computed from three all-reduces over (B, T) numbers,
+    never the (B, T, V) logits: the max (for a stable exp), the sum of exp, and the target's logit
+    (found on one rank, zero on the others). Megatron-LM's vocab-parallel cross-entropy.
+    """
+    logits = local_logits.to(torch.promote_types(local_logits.dtype, torch.float32))  # (B, T, V/t), float32 at least
+    max_logit = logits.detach().amax(dim=-1)  # (B, T); no gradient: it only keeps exp() in range
+    all_reduce(max_logit, group, "tp", op=dist.ReduceOp.MAX)
+    shifted = logits - max_logit.unsqueeze(-1)
+    sum_exp = ReduceFromTensorParallelRegion.apply(shifted.exp().sum(dim=-1), group)  # (B, T)
+    local_target = targets - vocab_start
+    mine = (local_target >= 0) & (local_target < logits.size(-1))
+    picked = shifted.gather(-1, local_target.clamp(0, logits.size(-1) - 1).unsqueeze(-1)).squeeze(-1)
+    target_logit = ReduceFromTensorParallelRegion.apply(picked * mine, group)  # (B, T), from its one owner
+    valid = targets != -1  # -1: ignored positions, as in the model's F.cross_entropy
+    loss = (torch.log(sum_exp) - target_logit) * valid
+    return loss.sum() / valid.sum()
+
+
+def tensor_parallel_layouts(config, tp: int) -> dict:
+    """For each kind of split layer, the output (or input) features rank r holds, r = 0..tp-1.
+
+    c_attn's rows are [q (nh hs) | k (n_kv hs) | v (n_kv hs)]: rank r takes query heads
+    [r nh/t, (r+1) nh/t) and the key/value heads they read, [r n_kv/t, (r+1) n_kv/t) (with GQA,
+    query head h reads key head h // (nh/n_kv), so these line up). SwiGLU's c_fc is [gate | up]:
+    rank r takes its slice of each, so chunk(2) still splits gate from up.
+    """
+    nh, nkv, hs, C = config.n_head, config.n_kv_head, config.head_size, config.n_embd
+    hidden = mlp_hidden(config)
+
+    def per_rank(n, r):  # slice r of tp equal parts of range(n)
+        return torch.arange(r * n // tp, (r + 1) * n // tp)
+
+    attn = [torch.cat([per_rank(nh * hs, r), nh * hs + per_rank(nkv * hs, r), (nh + nkv) * hs + per_rank(nkv * hs, r)])
+            for r in range(tp)]
+    if config.mlp == "swiglu":
+        fc = [torch.cat([per_rank(hidden, r), hidden + per_rank(hidden, r)]) for r in range(tp)]
+    else:
+        fc = [per_rank(hidden, r) for r in range(tp)]
+    return dict(c_attn=attn, attn_proj=[per_rank(C, r) for r in range(tp)], c_fc=fc,
+                mlp_proj=[per_rank(hidden, r) for r in range(tp)], vocab=[per_rank(config.vocab_size, r) for r in range(tp)])
+
+
+def mlp_hidden(config) -> int:
+    from model import swiglu_hidden
+
+    return swiglu_hidden(config.n_embd) if config.mlp == "swiglu" else 4 * config.n_embd
+
+
+def check_tensor_parallel(config, tp: int):
+    """Refuse, in one line, a split that does not divide evenly (pitfall: torchtitan #1136)."""
+    for name, n in (("n_head", config.n_head), ("n_kv_head", config.n_kv_head), ("vocab_size", config.vocab_size),
+                    ("MLP hidden size", mlp_hidden(config))):
+        if n % tp:
+            raise ValueError(f"--tp {tp} must divide {name}={n}: each rank takes an equal share")
+
+
+def apply_tensor_parallel(model: GPT, group) -> dict:
+    """Swap the GPT's layers for their tensor-parallel versions, in place. Returns, per parameter
+    name, (dim, [indices held by rank 0, rank 1, ...]): what a full checkpoint needs to reassemble it."""
+    tp, r = group_size(group), dist.get_rank(group)
+    check_tensor_parallel(model.config, tp)
+    layouts, specs = tensor_parallel_layouts(model.config, tp), {}
+    for i, block in enumerate(model.transformer.h):
+        attn, mlp, prefix = block.attn, block.mlp, f"transformer.h.{i}."
+        for module, name, kind, split in ((attn, "c_attn", "c_attn", "column"), (attn, "c_proj", "attn_proj", "row"),
+                                          (mlp, "c_fc", "c_fc", "column"), (mlp, "c_proj", "mlp_proj", "row")):
+            full_name = f"{prefix}{'attn' if module is attn else 'mlp'}.{name}"
+            index = layouts[kind]
+            if split == "column":
+                setattr(module, name, ColumnParallelLinear(getattr(module, name), index[r], group))
+                specs[f"{full_name}.weight"] = (0, index)
+                if getattr(module, name).bias is not None:
+                    specs[f"{full_name}.bias"] = (0, index)
+            else:
+                setattr(module, name, RowParallelLinear(getattr(module, name), index[r], group))
+                specs[f"{full_name}.weight"] = (1, index)
+        attn.n_head, attn.n_kv_head = attn.n_head // tp, attn.n_kv_head // tp  # this rank's heads
+    vocab = layouts["vocab"]
+    lo, hi = int(vocab[r][0]), int(vocab[r][-1]) + 1
+    wte = VocabParallelEmbedding(model.transformer.wte, lo, hi, group)
+    head = ColumnParallelLinear(model.lm_head, vocab[r], group)  # logits for ids [lo, hi) only
+    model.transformer.wte, model.lm_head = wte, head
+    if model.config.tie_embeddings:
+        head.weight = wte.weight
+    specs["transformer.wte.weight"] = specs["lm_head.weight"] = (0, vocab)
+    for name, p in model.named_parameters():
+        p.sharded_over = {"tp"} if name in specs else set()
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline parallel from scratch: stages, GPipe and 1F1B
+
+
+class PipelineStage(nn.Module):
+    """Blocks [lo, hi) of a GPT, plus the embeddings on the first stage and the final norm, output
+    layer and loss on the last. Modules keep the GPT's names (transformer.h.3...), so a stage's
+    state_dict keys are the full model's. forward() is GPT.forward cut at the stage boundaries."""
+
+    def __init__(self, model: GPT, stage: int, n_stages: int):
+        super().__init__()
+        L = model.config.n_layer
+        if L < n_stages:
+            raise ValueError(f"--pp {n_stages} needs at least as many layers, not n_layer={L}")
+        bounds = [round(s * L / n_stages) for s in range(n_stages + 1)]  # as even as L allows
+        self.lo, self.hi = bounds[stage], bounds[stage + 1]
+        self.is_first, self.is_last, self.config = stage == 0, stage == n_stages - 1, model.config
+        parts = {"h": nn.ModuleDict({str(i): model.transformer.h[i] for i in range(self.lo, self.hi)})}
+        if self.is_first:
+            parts.update(wte=model.transformer.wte, wpe=model.transformer.wpe, drop=model.transformer.drop)
+        if self.is_last:
+            parts["ln_f"] = model.transformer.ln_f
+            self.lm_head = model.lm_head  # tied: the same Parameter as wte on the first stage, a copy here
+        self.transformer = nn.ModuleDict(parts)
+
+    def forward(self, x, targets=None):
+        if self.is_first:  # x: token ids (B, T) -> (B, T, C)
+            T = x.size(1)
+            x = self.transformer.wte(x)
+            if self.transformer.wpe is not None:
+                x = x + self.transformer.wpe(torch.arange(T, device=x.device))
+            x = self.transformer.drop(x)
+        for block in self.transformer.h.values():
+            x = block(x)
+        if not self.is_last:
+            return x  # (B, T, C): sent to the next stage
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
+class Pipeline:
+    """Runs micro-batches through this rank's stage, talking to the neighbouring stages."""
+
+    def __init__(self, stage: PipelineStage, layout: Layout, schedule: str, amp):
+        self.stage, self.group, self.amp = stage, layout.group("pp"), amp
+        self.rank, self.n = layout.rank("pp"), layout.pp
+        self.schedule = schedule
+
+    # --- point to point with the neighbours (activations forward, their gradients backward)
+    def recv_forward(self, shape):
+        if self.stage.is_first:
+            return None
+        x = torch.empty(shape, device=self.device)
+        exchange(self.group, "pp", recvs=[(x, self.rank - 1)])
+        return x.requires_grad_()
+
+    def send_forward(self, y):
+        if not self.stage.is_last:
+            exchange(self.group, "pp", sends=[(y.detach(), self.rank + 1)])
+
+    def recv_backward(self, shape):
+        if self.stage.is_last:
+            return None
+        g = torch.empty(shape, device=self.device)
+        exchange(self.group, "pp", recvs=[(g, self.rank + 1)])
+        return g
+
+    def send_backward(self, g):
+        if not self.stage.is_first:
+            exchange(self.group, "pp", sends=[(g, self.rank - 1)])
+
+    def send_forward_recv_backward(self, y, shape):
+        if self.stage.is_last:
+            return None
+        g = torch.empty(shape, device=self.device)
+        exchange(self.group, "pp", sends=[(y.detach(), self.rank + 1)], recvs=[(g, self.rank + 1)])
+        return g
+
+    def send_backward_recv_forward(self, g, shape):
+        if self.stage.is_first:
+            return None
+        x = torch.empty(shape, device=self.device)
+        exchange(self.group, "pp", sends=[(g, self.rank - 1)], recvs=[(x, self.rank - 1)])
+        return x.requires_grad_()
+
+    # --- one micro-batch through this stage
+    def forward_step(self, i, received):
+        inp = self.xs[i] if self.stage.is_first else received
+        with self.amp:
+            out = self.stage(inp, self.ys[i] if self.stage.is_last else None)
+        if self.stage.is_last:
+            self.loss_sum += out.detach()
+        return inp, out
+
+    def backward_step(self, i, inp, out, grad_out):
+        if i == len(self.xs) - 1:
+            self.before_last_backward()  # data parallel: the accumulated gradients are final after this one
+        if self.stage.is_last:
+            (out / self.divisor).backward()
+        else:
+            out.backward(grad_out)
+        return None if self.stage.is_first else inp.grad
+
+    def run(self, x, y, microbatches: int, divisor: int, before_last_backward=lambda: None) -> torch.Tensor:
+        """Forward and backward of the batch (x, y) cut into micro-batches. Returns the mean loss on
+        the last stage (0 elsewhere). divisor: loss = mean over micro-batches / grad_accum."""
+        if x.size(0) % microbatches:
+            raise ValueError(f"--microbatches {microbatches} must divide the per-rank batch of {x.size(0)} sequences")
+        self.xs, self.ys = x.chunk(microbatches), y.chunk(microbatches)
+        self.divisor, self.before_last_backward = divisor * microbatches, before_last_backward
+        self.device = x.device
+        self.loss_sum = torch.zeros((), device=x.device)
+        shape = (x.size(0) // microbatches, x.size(1), self.stage.config.n_embd)  # (B/m, T, C) float32
+        (self.gpipe if self.schedule == "gpipe" else self.one_f_one_b)(microbatches, shape)
+        return self.loss_sum / microbatches
+
+    def gpipe(self, m, shape):
+        """All forwards, then all backwards (Huang et al. 2018): holds m micro-batches' activations."""
+        saved = []
+        for i in range(m):
+            inp, out = self.forward_step(i, self.recv_forward(shape))
+            self.send_forward(out)
+            saved.append((inp, out))
+        for i in range(m):
+            self.send_backward(self.backward_step(i, *saved[i], self.recv_backward(shape)))
+
+    def one_f_one_b(self, m, shape):
+        """1F1B (Narayanan et al. 2019, 2021): warm-up forwards to fill the pipe, then alternate one
+        forward and one backward, then cool down with the remaining backwards. Stage s holds at most
+        p - s micro-batches' activations."""
+        warmup = min(self.n - self.rank - 1, m)
+        steady = m - warmup
+        in_flight = deque()
+        for i in range(warmup):  # warm-up
+            inp, out = self.forward_step(i, self.recv_forward(shape))
+            self.send_forward(out)
+            in_flight.append((i, inp, out))
+        received = self.recv_forward(shape) if steady > 0 else None
+        for j in range(steady):  # steady state: F(warmup + j), then B(j)
+            inp, out = self.forward_step(warmup + j, received)
+            in_flight.append((warmup + j, inp, out))
+            grad_out = self.send_forward_recv_backward(out, shape)
+            grad_in = self.backward_step(*in_flight.popleft(), grad_out)
+            if j == steady - 1:
+                self.send_backward(grad_in)
+            else:
+                received = self.send_backward_recv_forward(grad_in, shape)
+        for _ in range(warmup):  # cool-down
+            grad_in = self.backward_step(*in_flight.popleft(), self.recv_backward(shape))
+            self.send_backward(grad_in)
+
+    @torch.no_grad()
+    def forward_only(self, x, y) -> torch.Tensor:
+        """Evaluation: one pass through the stages, no backward."""
+        shape = (*x.shape, self.stage.config.n_embd)
+        self.device = x.device
+        received = self.recv_forward(shape)
+        with self.amp:
+            out = self.stage(x if self.stage.is_first else received, y if self.stage.is_last else None)
+        self.send_forward(out)
+        return out if self.stage.is_last else torch.zeros((), device=x.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Context parallel from scratch: ring attention
+
+
+def context_positions(T_local: int, rank: int, n: int, load_balance: bool) -> torch.Tensor:
+    """The global positions of the T_local tokens rank holds. Plain: one contiguous chunk. Balanced:
+    of 2n chunks, rank r takes chunk r and chunk 2n-1-r, so early (cheap under the causal mask) and
+    late (expensive) positions are shared evenly."""
+    if not load_balance:
+        return torch.arange(rank * T_local, (rank + 1) * T_local)
+    c = T_local // 2
+    return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange((2 * n - 1 - rank) * c, (2 * n - rank) * c)])
+
+
+def _attend_block(q, k, qpos, kpos, scale):
+    """Scores of queries (positions qpos) against one key block (kpos), future keys masked: (B, nh, Tq, Tk)."""
+    s = (q @ k.transpose(-2, -1)) * scale  # (B, nh, Tq, hs) x (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
+    return s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+
+
+class RingAttention(torch.autograd.Function):
+    """Causal attention over a sequence split across the ranks of `group` (Liu et al. 2023).
+
+    forward: c steps; at each, attend to the K/V block held and pass it on round the ring,
+    merging with the online softmax (running max m, running sum l, unnormalised output o).
+    backward: the same ring again, with each block's dK, dV accumulator travelling beside it and
+    one more hop to bring it home; per block the FlashAttention backward, from the saved
+    log-sum-exp: P = exp(S - lse), dV += P^T dO, dS = P (dO V^T - rowsum(dO o)), dQ += dS K, dK += dS^T Q.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, positions):
+        n, r = group_size(group), dist.get_rank(group)
+        dtype, q, k, v = q.dtype, q.float(), k.float(), v.float()  # accumulate in float32
+        B, nh, T, hs = q.shape
+        scale = 1.0 / math.sqrt(hs)
+        qpos = positions(r).to(q.device)
+        m = torch.full((B, nh, T), float("-inf"), device=q.device)  # running max of the scores
+        l = torch.zeros(B, nh, T, device=q.device)  # running sum of exp(score - m)
+        o = torch.zeros_like(q)  # running sum of exp(score - m) v
+        kv = torch.stack([k, v])  # (2, B, nh, T, hs): one message per hop
+        for step in range(n):
+            src = (r - step) % n  # whose block this is
+            nxt, works = (torch.empty_like(kv), None) if step < n - 1 else (None, [])
+            if nxt is not None:  # pass this block on while computing with it
+                works = exchange(group, "cp", [(kv, (r + 1) % n)], [(nxt, (r - 1) % n)], wait=False)
+            kpos = positions(src).to(q.device)
+            if kpos.min() <= qpos.max():  # a block wholly in the future adds nothing: skip it
+                s = _attend_block(q, kv[0], qpos, kpos, scale)
+                m_new = torch.maximum(m, s.amax(dim=-1))
+                m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)  # rows with no key yet: avoid inf - inf
+                correction = torch.exp(m - m_safe)  # rescale what was summed under the old max
+                p = torch.exp(s - m_safe.unsqueeze(-1))
+                l = l * correction + p.sum(dim=-1)
+                o = o * correction.unsqueeze(-1) + p @ kv[1]  # (B, nh, T, Tk) x (B, nh, Tk, hs)
+                m = m_new
+            for work in works:
+                work.wait()
+            if nxt is not None:
+                kv = nxt
+        out = o / l.unsqueeze(-1)
+        lse = m + torch.log(l)  # log sum_j exp(s_ij): all the backward needs to rebuild P
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.positions, ctx.dtype = group, positions, dtype
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, positions = ctx.group, ctx.positions
+        n, r = group_size(group), dist.get_rank(group)
+        scale = 1.0 / math.sqrt(q.size(-1))
+        do = grad_out.float()
+        D = (do * out).sum(dim=-1, keepdim=True)  # (B, nh, T, 1): rowsum(dO o), from the softmax's Jacobian
+        qpos = positions(r).to(q.device)
+        dq = torch.zeros_like(q)
+        kv, dkv = torch.stack([k, v]), torch.zeros(2, *k.shape, device=k.device)
+        for step in range(n):
+            src = (r - step) % n
+            kpos = positions(src).to(q.device)
+            if kpos.min() <= qpos.max():
+                p = torch.exp(_attend_block(q, kv[0], qpos, kpos, scale) - lse.unsqueeze(-1))  # (B, nh, T, Tk)
+                dkv[1] += p.transpose(-2, -1) @ do  # dV
+                ds = p * (do @ kv[1].transpose(-2, -1) - D)
+                dq += ds @ kv[0] * scale
+                dkv[0] += ds.transpose(-2, -1) @ q * scale  # dK
+            # pass the block and its gradient on, as one message; after the last step only the
+            # gradient travels, one hop, back to the rank that owns the block
+            if n == 1:
+                break
+            bundle = torch.cat([kv, dkv]) if step < n - 1 else dkv  # (4 or 2, B, nh, T, hs)
+            received = torch.empty_like(bundle)
+            exchange(group, "cp", [(bundle, (r + 1) % n)], [(received, (r - 1) % n)])
+            kv, dkv = (received[:2], received[2:]) if step < n - 1 else (kv, received)
+        return dq.to(ctx.dtype), dkv[0].to(ctx.dtype), dkv[1].to(ctx.dtype), None, None
+
+
+def ring_attention(q, k, v, dropout_p: float = 0.0, *, group, load_balance: bool):
+    """The attention backend registered as "ring": q (B, nh, T/c, hs), k, v (B, n_kv, T/c, hs)."""
+    if dropout_p > 0:
+        raise ValueError("context parallelism does not implement attention dropout: use --dropout 0")
+    n_rep = q.size(1) // k.size(1)
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # GQA: share key heads before the ring (autograd sums back)
+    T_local, n = q.size(2), group_size(group)
+    return RingAttention.apply(q, k, v, group, lambda rank: context_positions(T_local, rank, n, load_balance))
+
+
+def apply_context_parallel(model: GPT, group, load_balance: bool):
+    """Make the GPT attend across the ranks of group, each holding T/c positions, without touching
+    its code: attention goes to the ring backend, and position embeddings (learned or RoPE) read
+    the global positions of this rank's tokens instead of 0..T/c-1."""
+    n, r = group_size(group), dist.get_rank(group)
+    if model.config.dropout > 0:
+        raise ValueError("context parallelism does not implement attention dropout: use --dropout 0")
+    ATTENTION_BACKENDS["ring"] = functools.partial(ring_attention, group=group, load_balance=load_balance)
+    if model.transformer.wpe is not None:  # wpe(arange(T/c)) -> wpe(this rank's positions)
+        model.transformer.wpe.register_forward_pre_hook(
+            lambda module, args: (context_positions(args[0].numel(), r, n, load_balance).to(args[0].device),))
+    for block in model.transformer.h:
+        block.attn.backend = "ring"
+        if block.attn.rope:  # apply_rope reads cos[:T]: give it the rows of this rank's positions
+            full = (block.attn.rope_cos.clone(), block.attn.rope_sin.clone())
+
+            def select_positions(attn, args, full=full):
+                pos = context_positions(args[0].size(1), r, n, load_balance).to(args[0].device)
+                attn.rope_cos, attn.rope_sin = full[0][pos], full[1][pos]
+
+            block.attn.register_forward_pre_hook(select_positions)
+
+
+def context_slice(t: torch.Tensor, layout: Layout, load_balance: bool) -> torch.Tensor:
+    """This rank's positions of a (B, T) batch."""
+    n = layout.cp
+    if t.size(1) % (2 * n if load_balance else n):
+        raise ValueError(f"--cp {n} must divide the sequence length {t.size(1)} (twice over with load balancing)")
+    pos = context_positions(t.size(1) // n, layout.rank("cp"), n, load_balance).to(t.device)
+    return t.index_select(1, pos)
+
+
+# ----------------------------------------------------------------------------------------------
+# DiLoCo
+
+
+class DiLoCo:
+    """Outer step of DiLoCo (Douillard et al. 2023, algorithm 1), every H inner steps:
+        delta = mean over workers of (theta_global - theta_local)    (one all-reduce)
+        theta_global = NesterovSGD(theta_global, delta; lr 0.7, momentum 0.9)
+        theta_local = theta_global
+    The inner AdamW keeps its state across outer steps, as in the paper."""
+
+    def __init__(self, params: list, group, inner_steps: int, lr: float = 0.7, momentum: float = 0.9):  # paper, sec. 3
+        self.params, self.group, self.inner_steps = params, group, inner_steps
+        self.global_params = [p.detach().clone() for p in params]
+        self.outer = torch.optim.SGD(self.global_params, lr=lr, momentum=momentum, nesterov=True)
+        self.steps = 0
+
+    @torch.no_grad()
+    def after_inner_step(self):
+        self.steps += 1
+        if self.steps % self.inner_steps:
+            return
+        flat = torch.cat([(g - p).reshape(-1) for g, p in zip(self.global_params, self.params)])  # pseudo-gradient
+        all_reduce(flat, self.group, "diloco")
+        flat /= group_size(self.group)
+        offset = 0
+        for g in self.global_params:
+            g.grad = flat[offset:offset + g.numel()].view_as(g)
+            offset += g.numel()
+        self.outer.step()
+        for g, p in zip(self.global_params, self.params):
+            p.copy_(g)
+
+    def state_dict(self) -> dict:
+        return {"global_params": [g.detach().cpu() for g in self.global_params], "outer": self.outer.state_dict(),
+                "steps": self.steps}
+
+    def load_state_dict(self, state: dict):
+        for g, saved in zip(self.global_params, state["global_params"]):
+            g.copy_(saved)
+        self.outer.load_state_dict(state["outer"])
+        self.steps = state["steps"]
+
+
+# ----------------------------------------------------------------------------------------------
+# torch's native versions of the same ideas (impl "native")
+
+
+def apply_tensor_parallel_native(model: GPT, layout: Layout) -> dict:
+    """Megatron's split with DTensor's parallelize_module: ColwiseParallel is column-parallel (f
+    before it), RowwiseParallel row-parallel (g after it), RowwiseParallel on the embedding is the
+    vocabulary split. DTensor shards contiguous equal slices, so c_attn's fused [q|k|v] rows (and
+    SwiGLU's [gate|up]) are first reordered so that slice r is rank r's heads; the returned specs
+    undo that order when a full checkpoint is written."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tp, mesh = layout.tp, layout.mesh["tp"]
+    check_tensor_parallel(model.config, tp)
+    layouts, specs = tensor_parallel_layouts(model.config, tp), {}
+    for i, block in enumerate(model.transformer.h):
+        for linear, kind, name in ((block.attn.c_attn, "c_attn", "attn.c_attn"), (block.mlp.c_fc, "c_fc", "mlp.c_fc")):
+            order = torch.cat(layouts[kind])
+            for pname in ("weight", "bias"):
+                if getattr(linear, pname) is not None:
+                    getattr(linear, pname).data = getattr(linear, pname).data[order]
+                    specs[f"transformer.h.{i}.{name}.{pname}"] = (0, layouts[kind])
+        parallelize_module(block, mesh, {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
+                                         "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()})
+        block.attn.n_head, block.attn.n_kv_head = block.attn.n_head // tp, block.attn.n_kv_head // tp
+    # the output layer gathers the full logits (Replicate), so the model's own cross-entropy applies
+    parallelize_module(model, mesh, {"transformer.wte": RowwiseParallel(input_layouts=Replicate()),
+                                     "lm_head": ColwiseParallel(output_layouts=Replicate())})
+    if model.config.tie_embeddings:  # parallelize_module made two parameters of the tied one: tie again
+        model.lm_head.weight = model.transformer.wte.weight
+    return specs
+
+
+def apply_fsdp_native(model: GPT, layout: Layout, reshard_after_forward: bool):
+    """FSDP2: each block, then the root, becomes a unit whose parameters are DTensors sharded over
+    dp; forward all-gathers a unit's shard, backward reduce-scatters its gradient.
+    reshard_after_forward=True frees the gathered parameters after forward (ZeRO-3);
+    False keeps them until backward (ZeRO-2 traffic: no second all-gather)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = layout.mesh["dp"]
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+
+
+def is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's values: the local shard of a DTensor, the tensor itself otherwise."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def make_adamw(module: nn.Module, lr: float, betas: tuple, weight_decay: float, device: torch.device):
+    """train.make_optimizer's AdamW, on whatever parameters this rank holds: matrices decay, vectors do not."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parallelized: the strategies composed, and the calls train.py's loop makes
+
+
+STRATEGY_HELP = "--impl scratch supports every strategy; native covers --dp, --zero 1-3 and --tp (with --zero 2/3 for dp x tp)"
+
+
+def check_strategy(layout: Layout, zero: int, impl: str, pp_schedule: str, diloco_steps: int):
+    """Refuse, in one line each, the combinations this file does not implement."""
+    if impl not in ("scratch", "native"):
+        raise ValueError(f"unknown --impl '{impl}': use scratch or native")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"--zero must be 0, 1, 2 or 3, not {zero}")
+    if pp_schedule not in ("gpipe", "1f1b"):
+        raise ValueError(f"unknown --pp_schedule '{pp_schedule}': use gpipe or 1f1b")
+    if diloco_steps and (zero or layout.tp > 1 or layout.pp > 1 or layout.cp > 1):
+        raise ValueError("--diloco_steps works on plain data parallelism: use it with --dp only")
+    if layout.pp > 1 and (layout.tp > 1 or layout.cp > 1 or zero):
+        raise ValueError("--pp combines with --dp only here: drop --tp, --cp and --zero")
+    if layout.cp > 1 and (layout.tp > 1 or zero):
+        raise ValueError("--cp combines with --dp only here: drop --tp and --zero")
+    if impl == "native" and (layout.pp > 1 or layout.cp > 1 or diloco_steps):
+        raise ValueError(f"pipeline, context parallelism and DiLoCo exist only from scratch: use --impl scratch ({STRATEGY_HELP})")
+    if impl == "native" and layout.tp > 1 and layout.dp > 1 and zero in (0, 1):
+        raise ValueError("--impl native combines --dp with --tp through FSDP2: add --zero 2 or --zero 3")
+
+
+class Parallelized:
+    """A GPT with a Layout's strategies applied, and what a training loop needs from it:
+
+        loss = par.forward_backward(x, y, divisor, sync)   # per micro-step; sync=False: no gradient traffic
+        par.finish_gradient_sync(); par.clip_grad_norm_(1.0); par.optimizer_step(); par.zero_grad()
+        par.reduce_loss(loss)       # the global batch's mean loss, for the log
+        par.full_state_dict(), par.full_optimizer_state_dict(), par.load_full_state(...)   # checkpoints
+
+    x, y are this data-parallel rank's (B, T) batch. Strategies are applied in this order: tensor
+    parallel (swap layers), context parallel (swap attention), pipeline (cut into a stage), then
+    the data-parallel flavour over the data group: DDP, ZeRO 1/2/3 or DiLoCo.
+    """
+
+    def __init__(self, model: GPT, layout: Layout, *, zero: int = 0, impl: str = "scratch", microbatches: int = 1,
+                 pp_schedule: str = "1f1b", bucket_mb: float = 25.0, diloco_steps: int = 0, diloco_outer: tuple = (0.7, 0.9),
+                 cp_load_balance: bool = False,
+                 lr: float = 1e-3, betas: tuple = (0.9, 0.95), weight_decay: float = 0.1, amp=None, scaler=None,
+                 compile: bool = False):
+        check_strategy(layout, zero, impl, pp_schedule, diloco_steps)
+        if compile and (layout.tp > 1 or layout.pp > 1 or layout.cp > 1 or zero):
+            raise ValueError("--compile works with --dp alone here: drop --compile or the other strategies")
+        self.layout, self.zero, self.impl, self.microbatches = layout, zero, impl, microbatches
+        self.cp_load_balance, self.amp, self.scaler = cp_load_balance, amp or contextlib.nullcontext(), scaler
+        self.config, self.weight_decay, self.lr, self.betas = model.config, weight_decay, lr, betas
+        self.tied = model.config.tie_embeddings
+        named = list(model.named_parameters())  # the single-process optimizer's order: decay group, then no-decay
+        self.optimizer_order = [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
+        self.n_matrices = sum(1 for _, p in named if p.dim() >= 2)
+        self.state_keys = list(model.state_dict().keys())
+        self.ddp = self.ddp_native = self.fsdp = self.units = self.diloco = self.pipeline = None
+        self.full_grad, self.tp_specs, self.vocab_start = None, {}, None
+        data_group, device = layout.group("data"), next(model.parameters()).device
+        for _, p in named:
+            p.sharded_over = set()
+        # 1. reshape the model
+        if layout.tp > 1 and impl == "scratch":
+            self.tp_specs = apply_tensor_parallel(model, layout.group("tp"))
+            self.vocab_start = model.transformer.wte.lo  # the loss is computed vocabulary-parallel
+        elif layout.tp > 1:
+            self.tp_specs = apply_tensor_parallel_native(model, layout)
+        if layout.cp > 1:
+            apply_context_parallel(model, layout.group("cp"), cp_load_balance)
+        module = model
+        if layout.pp > 1:
+            module = PipelineStage(model, layout.rank("pp"), layout.pp)
+            self.pipeline = Pipeline(module, layout, pp_schedule, self.amp)
+            for name, p in module.named_parameters():  # a stage's weights are its own; a tied copy is not
+                p.sharded_over = {"pp"} if not (self.tied and name == "lm_head.weight" and not module.is_first) else set()
+        self.module = module  # this rank's parameters, under the GPT's names
+        self.forward_module = module
+        # 2. the data-parallel flavour
+        if diloco_steps:
+            self.optimizer = make_adamw(module, lr, betas, weight_decay, device)
+            params = [p for p in module.parameters()]
+            for p in params:
+                broadcast(p.data, data_group, "init")
+            self.diloco = DiLoCo(params, data_group, diloco_steps, *diloco_outer)
+        elif impl == "scratch" and zero == 0:
+            if layout.size("data") > 1:
+                self.ddp = BucketedDataParallel(module, data_group, bucket_mb)
+            self.optimizer = make_adamw(module, lr, betas, weight_decay, device)
+        elif impl == "scratch":
+            self._shard_for_zero(model, data_group, zero)
+            self.optimizer = ShardedAdamW(self.units, lr, betas)
+        else:
+            self._apply_native(model, layout, zero, bucket_mb, device)
+        if compile:
+            self.forward_module = torch.compile(self.forward_module)
+
+    # --- setup helpers
+    def _counted_in_norm(self, p, also_sharded_over=()) -> bool:
+        """Does this rank's copy of p count in the global gradient norm? A tensor replicated over
+        some mesh dims counts only on the rank with coordinate 0 along each of them."""
+        if is_dtensor(p):
+            # not is_shard(): FSDP2 on top of tensor parallelism uses _StridedShard, which is not a Shard
+            sharded = {p.device_mesh.mesh_dim_names[i] for i, pl in enumerate(p.placements) if not pl.is_replicate()}
+        else:
+            sharded = getattr(p, "sharded_over", set())
+        sharded = sharded | set(also_sharded_over)
+        return all(self.layout.rank(d) == 0 for d in MESH_DIMS if self.layout.size(d) > 1 and d not in sharded)
+
+    def _shard_for_zero(self, model: GPT, group, zero: int):
+        counted = functools.partial(self._counted_in_norm, also_sharded_over=("dp", "cp"))
+        if zero in (1, 2):  # one flat vector for the whole model, kept whole; its optimizer state sharded
+            self.units = [FlatShard(list(model.named_parameters()), group, self.weight_decay, True, counted)]
+            self.units[0].prefix = ""
+            return
+        # ZeRO-3: one unit per block, one for the rest (the root); the blocks are swapped for ZeRO3Blocks
+        block_ids = {id(p) for p in model.transformer.h.parameters()}
+        root = FlatShard([(n, p) for n, p in model.named_parameters() if id(p) not in block_ids], group,
+                         self.weight_decay, False, counted)
+        root.prefix, self.units = "", [root]
+        for i, block in enumerate(model.transformer.h):
+            unit = FlatShard(list(block.named_parameters()), group, self.weight_decay, False, counted)
+            unit.prefix = f"transformer.h.{i}."
+            self.units.append(unit)
+            model.transformer.h[i] = ZeRO3Block(block, unit)
+        self.forward_module = ZeRO3Model(model, root)
+
+    def _apply_native(self, model: GPT, layout: Layout, zero: int, bucket_mb: float, device):
+        from torch.nn.parallel import DistributedDataParallel
+
+        if zero in (2, 3):
+            apply_fsdp_native(model, layout, reshard_after_forward=zero == 3)
+            self.fsdp = model
+            self.optimizer = make_adamw(model, self.lr, self.betas, self.weight_decay, device)
+            return
+        if layout.size("data") > 1:
+            self.ddp_native = DistributedDataParallel(model, process_group=layout.group("data"), bucket_cap_mb=bucket_mb,
+                                                      broadcast_buffers=False)  # no persistent buffers to keep equal
+            self.forward_module = self.ddp_native
+        if zero == 0:
+            self.optimizer = make_adamw(model, self.lr, self.betas, self.weight_decay, device)
+            return
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # ZeRO-1: AdamW state split across dp
+
+        groups = make_adamw(model, self.lr, self.betas, self.weight_decay, torch.device("cpu")).param_groups
+        self.optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+                                                 process_group=layout.group("data"), lr=self.lr, betas=self.betas,
+                                                 weight_decay=self.weight_decay)
+        self.optimizer.add_param_group({"params": groups[1]["params"], "weight_decay": 0.0})
+
+    # --- one step
+    def _local_loss(self, x, y):
+        if self.layout.cp > 1:  # this rank's positions of every sequence
+            x, y = context_slice(x, self.layout, self.cp_load_balance), context_slice(y, self.layout, self.cp_load_balance)
+        if self.vocab_start is not None:  # tensor parallel: logits are this rank's vocabulary slice
+            logits, _ = self.forward_module(x)
+            return vocab_parallel_cross_entropy(logits, y, self.vocab_start, self.layout.group("tp"))
+        return self.forward_module(x, y)[1]
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, sync: bool):
+        """No gradient traffic on accumulation micro-steps (sync=False)."""
+        if sync:
+            yield
+        elif self.ddp is not None:
+            with self.ddp.no_sync():
+                yield
+        elif self.ddp_native is not None:
+            with self.ddp_native.no_sync():
+                yield
+        elif self.fsdp is not None:
+            self.fsdp.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.fsdp.set_requires_gradient_sync(True)
+        else:
+            yield
+
+    def forward_backward(self, x, y, divisor: int = 1, sync: bool = True) -> torch.Tensor:
+        """Loss of this rank's batch, and its gradient (of loss / divisor) accumulated into .grad."""
+        if self.pipeline is not None:
+            return self._pipeline_forward_backward(x, y, divisor, sync)
+        with self._gradient_sync(sync):
+            with self.amp:
+                loss = self._local_loss(x, y)
+            scaled = loss / divisor
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss.detach()
+
+    def _pipeline_forward_backward(self, x, y, divisor, sync):
+        if self.ddp is not None:  # only the last micro-batch's backward may start the all-reduce
+            self.ddp.require_sync = False
+
+        def before_last_backward():
+            if self.ddp is not None:
+                self.ddp.require_sync = sync
+
+        loss = self.pipeline.run(x, y, self.microbatches, divisor, before_last_backward)
+        if self.ddp is not None:
+            self.ddp.require_sync = True
+        return loss
+
+    def finish_gradient_sync(self):
+        """After the last micro-step: complete the gradient averaging (and the tied embedding's sum)."""
+        if self.ddp is not None:
+            self.ddp.finish_gradient_sync()
+        if self.units is not None and self.zero in (1, 2):
+            self._reduce_flat_grads()
+        if self.pipeline is not None and self.tied and (self.module.is_first or self.module.is_last):
+            p = self.module.transformer.wte.weight if self.module.is_first else self.module.lm_head.weight
+            all_reduce(p.grad, self.layout.group("embedding"), "pp")  # first stage's part + last stage's part
+
+    def _reduce_flat_grads(self):
+        """ZeRO 1: all-reduce the flat gradient, keep it all. ZeRO 2: reduce-scatter it, keep the shard."""
+        unit, n = self.units[0], group_size(self.units[0].group)
+        flat = torch.zeros(unit.shard_numel * n, dtype=unit.shard.dtype, device=unit.shard.device)
+        for p, offset in zip(unit.params, unit.offsets):
+            if p.grad is not None:
+                flat[offset:offset + p.numel()] = p.grad.reshape(-1)
+                p.grad = None  # the flat copy is the gradient from here on
+        r = dist.get_rank(unit.group) if n > 1 else 0
+        if self.zero == 1:
+            all_reduce(flat, unit.group, "grads")
+            self.full_grad = flat.div_(n)
+            unit.shard.grad = self.full_grad[r * unit.shard_numel:(r + 1) * unit.shard_numel]
+        else:
+            shard_grad = torch.empty(unit.shard_numel, dtype=flat.dtype, device=flat.device)
+            reduce_scatter(shard_grad, flat, unit.group, "grads")
+            unit.shard.grad = shard_grad.div_(n)
+
+    def _local_grads(self) -> list:
+        """(this rank's gradient tensor, 1.0 / 0.0 or a per-element mask: does it count in the norm)."""
+        if self.units is not None:
+            return [(u.shard.grad, u.norm_mask) for u in self.units if u.shard.grad is not None]
+        if self.diloco is not None:  # a DiLoCo worker's gradient is its own: all of it counts, locally
+            return [(p.grad, 1.0) for p in self.module.parameters() if p.grad is not None]
+        return [(local_part(p.grad), float(self._counted_in_norm(p))) for p in self.module.parameters() if p.grad is not None]
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip the global gradient norm, sqrt(sum over all distinct gradient elements of g^2), as
+        torch.nn.utils.clip_grad_norm_ does on one process: each rank sums the squares of the
+        elements it is responsible for, one all-reduce adds them up."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        if self.layout.world_size == 1 and self.units is None:
+            return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        grads = self._local_grads()
+        sum_sq = torch.zeros((), device=grads[0][0].device if grads else self.layout.device)
+        for g, counted in grads:
+            sum_sq += (g.float() * counted).pow(2).sum()
+        if self.diloco is None and dist.is_initialized():  # DiLoCo workers clip alone
+            all_reduce(sum_sq, dist.group.WORLD, "clip")
+        total = sum_sq.sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's formula, 1e-6 included
+        for g, _ in grads:  # every copy is scaled, counted or not, so replicas stay equal
+            g.mul_(coef)
+        return float(total)
+
+    def optimizer_step(self):
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.units is not None and self.zero in (1, 2):  # everyone's updated shard -> everyone's model
+            for unit in self.units:
+                all_gather(unit.full, unit.shard.detach(), unit.group, "params")
+        if self.diloco is not None:
+            self.diloco.after_inner_step()
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.module.parameters():
+            p.grad = None
+        self.full_grad = None
+
+    def reduce_loss(self, loss: torch.Tensor) -> float:
+        """The global batch's mean loss: from the last pipeline stage, averaged over the data group.
+        DiLoCo workers do not talk between outer steps, so each reports its own."""
+        t = loss.detach().float().reshape(()).clone()
+        if self.layout.pp > 1:
+            all_reduce(t, self.layout.group("pp"), "loss")  # only the last stage's is non-zero
+        if self.diloco is None and self.layout.size("data") > 1:
+            all_reduce(t, self.layout.group("data"), "loss")
+            t /= self.layout.size("data")
+        return t.item()
+
+    @torch.no_grad()
+    def eval_loss(self, x, y) -> torch.Tensor:
+        """Forward only, on every rank (a collective left to rank 0 alone would hang: nanoGPT PR #356)."""
+        self.module.eval()
+        try:
+            if self.pipeline is not None:
+                return self.pipeline.forward_only(x, y)
+            with self.amp:
+                return self._local_loss(x, y)
+        finally:
+            self.module.train()
+
+    # --- memory, as counted tensor bytes
+    def memory_bytes(self) -> dict:
+        """Bytes this rank holds in parameters, gradients, optimizer state (step counters excluded)
+        and communication buffers, counting each storage once."""
+        seen, out = set(), Counter()
+
+        def add(kind, t):
+            if t is None:
+                return
+            storage = local_part(t).untyped_storage()
+            if storage.data_ptr() not in seen and storage.nbytes() > 0:
+                seen.add(storage.data_ptr())
+                out[kind] += storage.nbytes()
+
+        for p in self.module.parameters():
+            add("params", p)
+        for unit in self.units or []:
+            add("params", unit.shard)
+        for p in self.module.parameters():
+            add("grads", p.grad)
+        for unit in self.units or []:
+            add("grads", unit.shard.grad)
+        add("grads", self.full_grad)
+        for state in self.optimizer.state.values():
+            for t in state.values():
+                if torch.is_tensor(t) and t.dim() > 0:
+                    add("optimizer", t)
+        for bucket in self.ddp.buckets if self.ddp is not None else []:
+            add("buffers", bucket.buffer)
+        return dict(out)
+
+    # --- full, unsharded checkpoints
+    def _local_named_tensors(self) -> dict:
+        """name -> this stage's weights under the GPT's state_dict names, whole except for the
+        tensor-parallel split (ZeRO-3 shards are gathered)."""
+        if self.units is not None and self.zero == 3:
+            out = {}
+            for unit in self.units:
+                out.update({unit.prefix + k: v.clone() for k, v in unit.views(unit.gather(unit.shard, "checkpoint")).items()})
+            if self.tied:
+                out["lm_head.weight"] = out["transformer.wte.weight"]
+            return out
+        return {k: (v.full_tensor() if is_dtensor(v) else v).detach().clone() for k, v in self.module.state_dict().items()}
+
+    def _undo_tensor_parallel(self, tensors: dict) -> dict:
+        """Tensor-parallel pieces -> full tensors in the GPT's layout (all tp ranks take part)."""
+        out = {}
+        for name, t in tensors.items():
+            if name not in self.tp_specs:
+                out[name] = t
+                continue
+            dim, index = self.tp_specs[name]
+            if self.impl == "scratch":
+                parts = [torch.empty_like(t) for _ in range(self.layout.tp)]
+                dist.all_gather(parts, t.contiguous(), group=self.layout.group("tp"))
+                t = torch.cat(parts, dim)
+            out[name] = torch.empty_like(t).index_copy_(dim, torch.cat(index).to(t.device), t)
+        return out
+
+    def _gather_stages(self, tensors: dict):
+        """Every stage's dict -> one dict on pipeline rank 0 (None elsewhere). The first stage's copy
+        of a tied weight wins."""
+        if self.layout.pp == 1:
+            return tensors
+        group = self.layout.group("pp")
+        received = [None] * self.layout.pp if self.layout.rank("pp") == 0 else None
+        on_cpu = {k: ({n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v.cpu()) for k, v in tensors.items()}
+        dist.gather_object(on_cpu, received, dst=dist.get_global_rank(group, 0), group=group)
+        if received is None:
+            return None
+        merged = {}
+        for part in received:
+            for k, v in part.items():
+                merged.setdefault(k, v)
+        return merged
+
+    def full_state_dict(self) -> dict | None:
+        """The single-process GPT's state_dict, on global rank 0 (None on the others). Collective."""
+        full = self._gather_stages(self._undo_tensor_parallel(self._local_named_tensors()))
+        if full is None or not self.layout.is_rank0:
+            return None
+        if self.tied and "lm_head.weight" in self.state_keys:
+            full["lm_head.weight"] = full["transformer.wte.weight"]
+        return {k: full[k].cpu() for k in self.state_keys}
+
+    def _param_names(self) -> dict:
+        """id(parameter) -> its GPT name (a tied copy maps to the embedding's name)."""
+        names = {}
+        for name, p in self.module.named_parameters():
+            names.setdefault(id(p), "transformer.wte.weight" if self.tied and name == "lm_head.weight" else name)
+        return names
+
+    def _local_optimizer_state(self) -> dict:
+        """name -> {"step", "exp_avg", "exp_avg_sq"} for this stage, tensor-parallel pieces still split."""
+        out = {}
+        if self.units is not None:
+            for unit in self.units:
+                state = self.optimizer.state.get(unit.shard)
+                if not state:
+                    continue
+                moments = {k: unit.views(unit.gather(state[k], "checkpoint")) for k in ("exp_avg", "exp_avg_sq")}
+                for name in unit.names:
+                    out[unit.prefix + name] = {"step": state["step"].clone(), "exp_avg": moments["exp_avg"][name].clone(),
+                                               "exp_avg_sq": moments["exp_avg_sq"][name].clone()}
+            return out
+        names = self._param_names()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p)
+                if state:
+                    out[names[id(p)]] = {k: (v.full_tensor() if is_dtensor(v) else v).clone() for k, v in state.items()}
+        return out
+
+    def full_optimizer_state_dict(self) -> dict | None:
+        """torch.optim.AdamW's state_dict for the single-process GPT (train.make_optimizer's groups),
+        on global rank 0 (None elsewhere), so a run with any other layout can resume from it. Collective."""
+        if self.ddp_native is not None and self.zero == 1:  # torch's ZeRO-1 has its own consolidation
+            self.optimizer.consolidate_state_dict(to=0)
+            return self.optimizer.state_dict() if self.layout.is_rank0 else None
+        local = self._local_optimizer_state()
+        for key in ("exp_avg", "exp_avg_sq"):
+            split = self._undo_tensor_parallel({name: s[key] for name, s in local.items()})
+            for name in local:
+                local[name][key] = split[name]
+        full = self._gather_stages(local)
+        if full is None or not self.layout.is_rank0:
+            return None
+        return self._as_torch_adamw_state(full)
+
+    def _as_torch_adamw_state(self, named: dict) -> dict:
+        template = torch.optim.AdamW([{"params": [torch.zeros(1)], "weight_decay": self.weight_decay},
+                                      {"params": [torch.zeros(1)], "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+        groups = template.state_dict()["param_groups"]
+        n_decay = self.n_matrices
+        groups[0]["params"], groups[1]["params"] = list(range(n_decay)), list(range(n_decay, len(self.optimizer_order)))
+        state = {i: {k: v.cpu() for k, v in named[name].items()} for i, name in enumerate(self.optimizer_order) if name in named}
+        return {"state": state, "param_groups": groups}
+
+    def _local_piece(self, name: str, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The part of a full tensor this rank holds in place of `like` (its parameter or state)."""
+        full = full.to(local_part(like).device)
+        if name in self.tp_specs:
+            dim, index = self.tp_specs[name]
+            rows = index[self.layout.rank("tp")] if self.impl == "scratch" else torch.cat(index)
+            full = full.index_select(dim, rows.to(full.device))
+        if is_dtensor(like):
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+        return full.clone()  # never alias the caller's checkpoint: the optimizer updates its state in place
+
+    @torch.no_grad()
+    def load_full_state(self, model_state: dict, optimizer_state: dict | None = None):
+        """Load a single-process checkpoint (as full_state_dict wrote it) into any layout: each rank
+        keeps its part. Every rank reads the same full tensors."""
+        if self.units is not None:
+            for unit in self.units:
+                named = {n: self._local_piece(unit.prefix + n, model_state[unit.prefix + n], model_state[unit.prefix + n]) for n in unit.names}
+                if unit.full is not None:
+                    for p, (name) in zip(unit.params, unit.names):
+                        p.copy_(named[name].view_as(p))
+                else:
+                    unit.shard.copy_(unit.flatten(named))
+        else:
+            for name, p in self.module.state_dict(keep_vars=True).items():
+                local_part(p).copy_(self._local_piece(name, model_state[name], p))
+        if optimizer_state is not None:
+            self._load_optimizer_state(optimizer_state)
+
+    def _load_optimizer_state(self, saved: dict):
+        if self.ddp_native is not None and self.zero == 1:
+            self.optimizer.load_state_dict(saved)
+            return
+        named = {self.optimizer_order[i]: s for i, s in saved["state"].items()}
+        if not named:
+            return
+        if self.units is not None:
+            for unit in self.units:
+                names = [unit.prefix + n for n in unit.names]
+                state = {"step": named[names[0]]["step"].clone().float()}
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = unit.flatten({n: self._local_piece(unit.prefix + n, named[unit.prefix + n][key], named[unit.prefix + n][key])
+                                               for n in unit.names})
+                self.optimizer.state[unit.shard] = state
+            return
+        names, local = self._param_names(), {"state": {}, "param_groups": self.optimizer.state_dict()["param_groups"]}
+        index = 0
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = named[names[id(p)]]
+                local["state"][index] = {"step": state["step"].clone()}
+                for key in ("exp_avg", "exp_avg_sq"):
+                    piece = self._local_piece(names[id(p)], state[key], p)
+                    if is_dtensor(p):
+                        from torch.distributed.tensor import DTensor
+
+                        piece = DTensor.from_local(piece, p.device_mesh, p.placements, run_check=False)
+                    local["state"][index][key] = piece
+                index += 1
+        self.optimizer.load_state_dict(local)
+
+    def extra_state(self) -> dict:
+        """What else a resume needs: DiLoCo's global weights and outer momentum."""
+        return {"diloco": self.diloco.state_dict()} if self.diloco is not None else {}
+
+    def load_extra_state(self, state: dict):
+        if self.diloco is not None and "diloco" in state:
+            self.diloco.load_state_dict(state["diloco"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: a preflight of the collectives, and the formulas for a model
+
+
+PREFLIGHT_FIXES = """usual fixes for a first multi-node run (nanoGPT PR #55):
+  - every node must reach --rdzv_endpoint HOST:PORT (and MASTER_ADDR): open the port, use an address, not localhost
+  - NCCL picks the wrong network interface: NCCL_SOCKET_IFNAME=eth0 (or ib0, ...); gloo: GLOO_SOCKET_IFNAME
+  - no InfiniBand, or a broken one: NCCL_IB_DISABLE=1
+  - GPUs that cannot talk peer to peer (some PCIe boxes, VMs): NCCL_P2P_DISABLE=1
+  - see what NCCL does: NCCL_DEBUG=INFO; a hang becomes an error after --timeout seconds"""
+
+
+def preflight(timeout_s: float, megabytes: float = 16.0):
+    """Run each collective once on every rank and report its bus bandwidth; on failure, the fixes above."""
+    import time
+
+    layout = init_distributed(dp=int(os.environ.get("WORLD_SIZE", "1")), device=torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu"), timeout_s=timeout_s)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = int(megabytes * 2**20 // 4)
+    x = torch.ones(n, device=layout.device)
+    checks = {
+        "all-reduce": lambda: all_reduce(x, dist.group.WORLD, "preflight"),
+        "all-gather": lambda: all_gather(torch.empty(n * world, device=x.device), x, dist.group.WORLD, "preflight"),
+        "reduce-scatter": lambda: reduce_scatter(torch.empty(n // world, device=x.device), x[: n // world * world],
+                                                 dist.group.WORLD, "preflight"),
+        "send/recv ring": lambda: exchange(dist.group.WORLD, "preflight", [(x, (rank + 1) % world)],
+                                           [(torch.empty_like(x), (rank - 1) % world)]),
+    }
+    for name, run in checks.items():
+        BYTES_SENT.clear()
+        run()  # warm-up: the first call sets up connections
+        if layout.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        if layout.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        log0(f"{name:15s} {megabytes:.0f} MB on {world} ranks: {1000 * seconds:8.2f} ms, "
+             f"{BYTES_SENT['preflight'] / 2 / seconds / 1e9:6.2f} GB/s sent per rank")
+    log0("preflight passed: every rank reached every collective")
+
+
+def plan(config, dp: int, tp: int, zero: int, batch_tokens: int) -> dict:
+    """The docstring's per-rank formulas (float32 bytes) for a model: memory and bytes sent per step."""
+    model = GPT(config)
+    N = model.num_params()
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    root = N - config.n_layer * block
+    d, ring = dp, (dp - 1) / dp
+    Np = math.ceil(N / d) * d
+    memory = {0: (4 * N, 4 * N, 8 * N), 1: (4 * Np, 4 * Np, 8 * Np / d), 2: (4 * Np, 4 * Np / d, 8 * Np / d),
+              3: (4 * Np / d, 4 * Np / d, 8 * Np / d)}[zero]
+    sent = {0: 2 * ring * 4 * N, 1: 3 * ring * 4 * Np, 2: 2 * ring * 4 * Np,
+            3: ring * 4 * (3 * config.n_layer * block + 2 * root)}[zero]
+    tp_sent = 2 * (tp - 1) / tp * 4 * ((4 * config.n_layer + 2) * batch_tokens * config.n_embd + 3 * batch_tokens)
+    return dict(params=memory[0] / tp, grads=memory[1] / tp, optimizer=memory[2] / tp, data_parallel_bytes=sent / tp,
+                tensor_parallel_bytes=tp_sent if tp > 1 else 0.0)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Parallelism from collectives. train.py applies it (--dp, --tp, "
+                                     "--pp, --cp, --zero); this command checks a cluster and prints the formulas.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("preflight", help="run every collective once on every rank: torchrun --nproc_per_node N parallel.py preflight")
+    pre.add_argument("--timeout", type=float, default=60, help="seconds before a hang becomes an error")
+    pre.add_argument("--megabytes", type=float, default=16, help="message size")
+    pl = sub.add_parser("plan", help="per-rank memory and bytes per step for a model preset, from the docstring's formulas")
+    pl.add_argument("--preset", default="gpt2-124m", help="a model.MODEL_PRESETS name")
+    pl.add_argument("--dp", type=int, default=8)
+    pl.add_argument("--tp", type=int, default=1)
+    pl.add_argument("--zero", type=int, default=0)
+    pl.add_argument("--batch_tokens", type=int, default=16 * 1024, help="tokens per rank per step (B x T)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "preflight":
+            try:
+                preflight(args.timeout, args.megabytes)
+            except (RuntimeError, dist.DistBackendError if hasattr(dist, "DistBackendError") else RuntimeError) as e:
+                print(f"error: preflight failed on this rank: {str(e).splitlines()[0][:200]}\n{PREFLIGHT_FIXES}", file=sys.stderr)
+                sys.exit(1)
+            finally:
+                shutdown()
+            return
+        from model import MODEL_PRESETS, GPTConfig
+
+        if args.preset not in MODEL_PRESETS:
+            raise ValueError(f"unknown preset '{args.preset}': choose one of {', '.join(MODEL_PRESETS)}")
+        if args.zero not in (0, 1, 2, 3) or args.dp < 1 or args.tp < 1:
+            raise ValueError("--zero must be 0-3, --dp and --tp at least 1")
+        config = GPTConfig(**{**MODEL_PRESETS[args.preset], "vocab_size": 50304})
+        check_tensor_parallel(config, args.tp)
+        for key, value in plan(config, args.dp, args.tp, args.zero, args.batch_tokens).items():
+            print(f"{key:22s} {value / 2**30:9.3f} GiB" + ("  per step" if key.endswith("bytes") else "  per rank"))
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,516 @@
+"""Tests for parallel.py: every strategy against one process on the same global batch.
+
+Four CPU processes (gloo, 127.0.0.1) are started once for the whole file; they run every check in
+turn, each on its own (pp, dp, cp, tp) mesh over the same four ranks, and send back what they
+measured: losses and updated weights beside a single-process run on the same global batch (the
+independent reference), bytes sent per step (counted by parallel.py's collective wrappers) beside
+the docstring formulas, and tensor bytes held per rank beside the memory formulas. The test
+functions below then judge one measurement each.
+
+Tolerance: float32, three AdamW steps, 1e-5 relative (the issue's bar) for the losses and, per
+tensor, for the weights as ||a - b|| / ||b|| (2-norms). Why a norm and not the worst element:
+summation order differs between one process and several (bucketed all-reduce, sharded norms,
+vocabulary-parallel log-sum-exp), and AdamW's step, lr g / (|g| + eps), amplifies rounding on the
+few elements whose gradient nearly cancels: one measured element had g = -8.29e-8 in one order and
+-8.32e-8 in another, and moved 1e-6 apart. One process alone, splitting the same batch into 4
+micro-batches instead of 1, already moves its worst element 6e-5 relative (4 layers) and 2.6e-4
+(grouped-query attention), so an element-wise bar of 1e-5 would judge the problem, not the code.
+A real defect (a wrong shard, a missing all-reduce) moves elements by O(lr) = 3e-3, which this
+norm sees as 1e-2 or more. One slice is left out: the bias of the keys. Its exact gradient is zero
+(q . (k + b) shifts every score of a query by the same q . b, which softmax ignores), so backward
+computes rounding noise there (6.7e-12 measured) and AdamW turns it into steps of up to +-lr.
+"""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import parallel  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+WORLD = 4
+REL_TOL = 1e-5  # the issue's bar for float32; observed differences are ~1e-7 (see module docstring)
+STEPS, GLOBAL_BATCH, T = 3, 8, 16
+# lr 1e-3: three steps of training already amplify rounding; with it, one process micro-batching the
+# same batch differently stays within 6.4e-6 on every config here (3.1e-5 at lr 3e-3)
+OPTIM = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+CLIP = 0.5  # low enough that clipping is active, so the global norm must be right
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    base = dict(vocab_size=64, block_size=T, n_layer=2, n_head=4, n_embd=32, bias=True, attention="naive")
+    return GPTConfig(**{**base, **overrides})
+
+
+def global_batches(steps=STEPS, batch=GLOBAL_BATCH, vocab=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, vocab, (batch, T), generator=g), torch.randint(0, vocab, (batch, T), generator=g))
+            for _ in range(steps)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: one process, plain torch
+
+
+def reference_run(config, batches, grad_accum=1):
+    torch.manual_seed(0)
+    model = GPT(config)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=OPTIM["lr"], betas=OPTIM["betas"])
+    losses, norms = [], []
+    for x, y in batches:
+        total = 0.0
+        for xm, ym in zip(x.chunk(grad_accum), y.chunk(grad_accum)):
+            _, loss = model(xm, ym)
+            (loss / grad_accum).backward()
+            total += loss.item() / grad_accum
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    reference_run.norms = norms  # the gradient norms before clipping, for diagnosis
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, model, opt
+
+
+def max_rel_diff(a: dict, b: dict, config: GPTConfig) -> float:
+    """max over tensors of ||a - b|| / ||b||, without the key bias (see the module docstring)."""
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    worst = 0.0
+    for k in a:
+        x, y = a[k], b[k]
+        if k.endswith("attn.c_attn.bias"):  # [q | k | v]: drop the k part
+            q, kv = config.n_head * config.head_size, config.n_kv_head * config.head_size
+            x, y = torch.cat([x[:q], x[q + kv:]]), torch.cat([y[:q], y[q + kv:]])
+        rel = ((x - y).norm() / y.norm().clamp(min=1e-12)).item()
+        if os.environ.get("SHOW_DIFFS") and rel > REL_TOL:
+            print(f"  {k}: {rel:.2e}")
+        worst = max(worst, rel)
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# The parallel run, inside each of the four processes
+
+
+def parallel_run(config, layout, batches, grad_accum=1, **strategy):
+    """Train on this rank's part of each global batch; returns losses, the gathered state dict (rank
+    0), bytes sent per step and per first micro-step, memory held, and the Parallelized object."""
+    torch.manual_seed(0)
+    par = parallel.Parallelized(GPT(config), layout, **OPTIM, **strategy)
+    data_rank, data_size = layout.rank("dp"), layout.dp  # cp ranks share sequences; tp and pp ranks share batches
+    losses, sent, first_micro, norms = [], [], [], []
+    for x, y in batches:
+        parallel.BYTES_SENT.clear()
+        loss_sum = 0.0
+        for k, (xm, ym) in enumerate(zip(x.chunk(grad_accum), y.chunk(grad_accum))):
+            xr, yr = xm.chunk(data_size)[data_rank], ym.chunk(data_size)[data_rank]
+            loss_sum = loss_sum + par.forward_backward(xr, yr, grad_accum, sync=k == grad_accum - 1)
+            if k == 0:
+                first_micro.append(dict(parallel.BYTES_SENT))
+        par.finish_gradient_sync()
+        norms.append(par.clip_grad_norm_(CLIP))
+        par.optimizer_step()
+        memory = par.memory_bytes()
+        par.zero_grad()
+        sent.append({k: v for k, v in parallel.BYTES_SENT.items() if k not in ("loss", "clip")})
+        losses.append(par.reduce_loss(loss_sum / grad_accum))
+    return dict(losses=losses, state=par.full_state_dict(), sent=sent, first_micro=first_micro, memory=memory, par=par,
+                norms=norms)
+
+
+def compare_with_reference(name, config, layout_dims, grad_accum=1, **strategy):
+    """One check: the same training on the mesh and on one process. Returns a dict of measurements."""
+    layout = parallel.build_layout(device=torch.device("cpu"), **layout_dims)
+    batches = global_batches(vocab=config.vocab_size)
+    run = parallel_run(config, layout, batches, grad_accum, **strategy)
+    out = dict(sent=run["sent"], first_micro=run["first_micro"], memory=run["memory"])
+    if dist.get_rank() == 0:
+        ref_losses, ref_state, _, _ = reference_run(config, batches, grad_accum)
+        out["loss_rel"] = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], ref_losses))
+        out["param_rel"] = max_rel_diff(run["state"], ref_state, config)
+        out["norm_rel"] = max(abs(a - b) / b for a, b in zip(run["norms"], reference_run.norms))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks; each returns a dict of measurements (rank 0's, plus per-rank lists where noted)
+
+
+def n_params(config):
+    return GPT(config).num_params()
+
+
+def padded_units(config, d):
+    """ZeRO-3's flat units (root, then one per block), each rounded up to a multiple of d: computed
+    here from the GPT's own module tree, independently of parallel.FlatShard."""
+    model = GPT(config)
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    root = model.num_params() - config.n_layer * block
+    return [math.ceil(root / d) * d] + [math.ceil(block / d) * d] * config.n_layer
+
+
+def check_resume_across_layouts(source=dict(dp=4, tp=1, pp=1, cp=1), **strategy):
+    """A parallel run's full checkpoint resumes under tp=2 x dp=2 and in one plain process."""
+    config = tiny_config()
+    batches = global_batches(steps=3)
+    layout = parallel.build_layout(device=torch.device("cpu"), **source)
+    first = parallel_run(config, layout, batches[:2], **strategy)
+    state, optim = first["state"], first["par"].full_optimizer_state_dict()
+    shared = [state, optim]
+    dist.broadcast_object_list(shared, src=0)
+    state, optim = shared
+    # resume under another layout: tp=2 x dp=2, zero 0
+    layout2 = parallel.build_layout(dp=2, tp=2, pp=1, cp=1, device=torch.device("cpu"))
+    torch.manual_seed(123)  # a different initialisation, overwritten by the checkpoint
+    par = parallel.Parallelized(GPT(config), layout2, **OPTIM)
+    par.load_full_state(state, optim)
+    x, y = batches[2]
+    xr, yr = x.chunk(2)[layout2.rank("dp")], y.chunk(2)[layout2.rank("dp")]
+    loss = par.forward_backward(xr, yr)
+    par.finish_gradient_sync()
+    par.clip_grad_norm_(CLIP)
+    par.optimizer_step()
+    third_loss = par.reduce_loss(loss)
+    resumed = par.full_state_dict()
+    out = {}
+    if dist.get_rank() == 0:
+        ref_losses, ref_state, _, _ = reference_run(config, batches)
+        out["tp_dp_param_rel"] = max_rel_diff(resumed, ref_state, config)
+        out["tp_dp_loss_rel"] = abs(third_loss - ref_losses[2]) / ref_losses[2]
+        # and in one process, with the trainer's own optimizer
+        model = GPT(config)
+        model.load_state_dict(state)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM["weight_decay"]},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=OPTIM["lr"], betas=OPTIM["betas"])
+        opt.load_state_dict(optim)
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        out["single_param_rel"] = max_rel_diff({k: v.detach() for k, v in model.state_dict().items()}, ref_state, config)
+    return out
+
+
+def check_diloco():
+    """DiLoCo on 4 workers against the same algorithm simulated in one process, worker by worker."""
+    config, H, steps = tiny_config(), 2, 4
+    batches = global_batches(steps=steps)
+    layout = parallel.build_layout(dp=4, tp=1, pp=1, cp=1, device=torch.device("cpu"))
+    run = parallel_run(config, layout, batches, diloco_steps=H)
+    out = dict(sent=run["sent"])
+    if dist.get_rank() == 0:
+        out["param_rel"] = max_rel_diff(run["state"], simulate_diloco(config, batches, H, workers=4), config)
+    return out
+
+
+def simulate_diloco(config, batches, H, workers):
+    """Douillard et al. 2023, algorithm 1, written out for one process: inner AdamW per worker,
+    outer Nesterov SGD (lr 0.7, momentum 0.9) on the mean of theta_global - theta_local."""
+    replicas = []
+    for _ in range(workers):
+        torch.manual_seed(0)
+        model = GPT(config)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM["weight_decay"]},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=OPTIM["lr"], betas=OPTIM["betas"])
+        replicas.append((model, opt))
+    global_params = [p.detach().clone() for p in replicas[0][0].parameters()]
+    outer = torch.optim.SGD(global_params, lr=0.7, momentum=0.9, nesterov=True)
+    for step, (x, y) in enumerate(batches, start=1):
+        for w, (model, opt) in enumerate(replicas):
+            _, loss = model(x.chunk(workers)[w], y.chunk(workers)[w])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)  # each worker clips its own gradient
+            opt.step()
+            opt.zero_grad()
+        if step % H == 0:
+            with torch.no_grad():
+                for i, g in enumerate(global_params):
+                    g.grad = sum(g - list(m.parameters())[i] for m, _ in replicas) / workers
+                outer.step()
+                for model, _ in replicas:
+                    for p, g in zip(model.parameters(), global_params):
+                        p.copy_(g)
+    return {k: v.detach().clone() for k, v in replicas[0][0].state_dict().items()}
+
+
+CHECKS = {
+    # data parallel, with gradient accumulation (2 micro-steps) to check no_sync
+    "ddp_scratch": lambda: compare_with_reference("ddp", tiny_config(), dict(dp=4, tp=1, pp=1, cp=1), grad_accum=2,
+                                                  bucket_mb=0.01),
+    "ddp_native": lambda: compare_with_reference("ddp", tiny_config(), dict(dp=4, tp=1, pp=1, cp=1), grad_accum=2, impl="native"),
+    "zero1_scratch": lambda: compare_with_reference("z1", tiny_config(), dict(dp=4, tp=1, pp=1, cp=1), zero=1),
+    "zero2_scratch": lambda: compare_with_reference("z2", tiny_config(), dict(dp=4, tp=1, pp=1, cp=1), zero=2),
+    "zero3_scratch": lambda: compare_with_reference("z3", tiny_config(), dict(dp=4, tp=1, pp=1, cp=1), zero=3),
+    "zero1_native": lambda: compare_with_reference("z1n", tiny_config(), dict(dp=4, tp=1, pp=1, cp=1), zero=1, impl="native"),
+    "zero2_native": lambda: compare_with_reference("z2n", tiny_config(), dict(dp=4, tp=1, pp=1, cp=1), zero=2, impl="native"),
+    "zero3_native": lambda: compare_with_reference("z3n", tiny_config(), dict(dp=4, tp=1, pp=1, cp=1), zero=3, impl="native",
+                                                   grad_accum=2),
+    "tp_scratch": lambda: compare_with_reference("tp", tiny_config(), dict(dp=1, tp=4, pp=1, cp=1)),
+    "tp_native": lambda: compare_with_reference("tpn", tiny_config(), dict(dp=1, tp=4, pp=1, cp=1), impl="native"),
+    # the modern architecture under dp x tp: GQA (4 query heads, 2 key heads), SwiGLU, RoPE, RMSNorm, untied
+    "dp_tp_scratch": lambda: compare_with_reference("dptp", tiny_config(n_kv_head=2, mlp="swiglu", rope=True, norm="rmsnorm",
+                                                                        tie_embeddings=False, bias=False),
+                                                    dict(dp=2, tp=2, pp=1, cp=1)),
+    # (GQA with GELU and biases is the one config here that amplifies rounding past 1e-5 in three steps,
+    # on both implementations alike: 2.6e-5, and 1e-7 in float64; SwiGLU with GQA and biases does not)
+    "zero3_tp_scratch": lambda: compare_with_reference("z3tp", tiny_config(n_kv_head=2, mlp="swiglu"), dict(dp=2, tp=2, pp=1, cp=1),
+                                                       zero=3),
+    "fsdp_tp_native": lambda: compare_with_reference("fsdptp", tiny_config(n_kv_head=2, mlp="swiglu"), dict(dp=2, tp=2, pp=1, cp=1),
+                                                     zero=3, impl="native"),
+    "pp_1f1b": lambda: compare_with_reference("pp", tiny_config(n_layer=4), dict(dp=1, tp=1, pp=4, cp=1), microbatches=4),
+    "pp_gpipe": lambda: compare_with_reference("pp", tiny_config(n_layer=4), dict(dp=1, tp=1, pp=4, cp=1), microbatches=4,
+                                               pp_schedule="gpipe"),
+    "dp_pp": lambda: compare_with_reference("dppp", tiny_config(), dict(dp=2, tp=1, pp=2, cp=1), microbatches=2, grad_accum=2),
+    "cp_ring": lambda: compare_with_reference("cp", tiny_config(), dict(dp=1, tp=1, pp=1, cp=4)),
+    "cp_ring_balanced_rope_gqa": lambda: compare_with_reference("cpb", tiny_config(rope=True, n_kv_head=2),
+                                                                dict(dp=1, tp=1, pp=1, cp=4), cp_load_balance=True),
+    "dp_cp": lambda: compare_with_reference("dpcp", tiny_config(), dict(dp=2, tp=1, pp=1, cp=2)),
+    "diloco": check_diloco,
+    "resume_from_zero3": lambda: check_resume_across_layouts(dict(dp=4, tp=1, pp=1, cp=1), zero=3),
+    "resume_from_pipeline": lambda: check_resume_across_layouts(dict(dp=2, tp=1, pp=2, cp=1), microbatches=2),
+    "resume_from_fsdp_tp": lambda: check_resume_across_layouts(dict(dp=2, tp=2, pp=1, cp=1), zero=3, impl="native"),
+}
+
+
+def worker(rank, port, names, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # four processes share two cores
+    if os.environ.get("FLOAT64"):  # by hand: tell rounding from defects
+        torch.set_default_dtype(torch.float64)
+    import datetime
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    for name in names:
+        try:
+            out = CHECKS[name]()
+        except Exception:
+            out = {"error": traceback.format_exc()}
+        out.pop("par", None)
+        gathered = [None] * WORLD
+        dist.all_gather_object(gathered, out)
+        if rank == 0:
+            results[name] = gathered
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_checks(names):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(free_port(), list(names), results), nprocs=WORLD, join=True)
+        return dict(results)
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_checks(CHECKS)
+
+
+def get(results, name):
+    per_rank = results[name]
+    for r in per_rank:
+        assert "error" not in r, r["error"]
+    return per_rank
+
+
+# ---------------------------------------------------------------------------------------------
+# Equality with one process
+
+
+EQUALITY = [n for n in CHECKS if n != "diloco" and not n.startswith("resume")]
+
+
+@pytest.mark.parametrize("name", EQUALITY)
+def test_strategy_matches_one_process_on_the_same_global_batch(results, name):
+    rank0 = get(results, name)[0]
+    print(f"{name}: loss rel {rank0['loss_rel']:.2e}, params rel {rank0['param_rel']:.2e}")
+    assert rank0["loss_rel"] < REL_TOL and rank0["param_rel"] < REL_TOL
+
+
+@pytest.mark.parametrize("name", ["resume_from_zero3", "resume_from_pipeline", "resume_from_fsdp_tp"])
+def test_full_checkpoint_resumes_under_another_layout_and_in_one_process(results, name):
+    rank0 = get(results, name)[0]
+    assert rank0["tp_dp_param_rel"] < REL_TOL and rank0["tp_dp_loss_rel"] < REL_TOL
+    assert rank0["single_param_rel"] < REL_TOL
+
+
+def test_diloco_matches_its_algorithm_and_communicates_every_h_steps(results):
+    per_rank = get(results, "diloco")
+    assert per_rank[0]["param_rel"] < REL_TOL
+    N, d = n_params(tiny_config()), WORLD
+    for sent in (r["sent"] for r in per_rank):
+        assert [s.get("diloco", 0) for s in sent] == [0, 2 * (d - 1) / d * 4 * N, 0, 2 * (d - 1) / d * 4 * N]
+        assert all(set(s) <= {"diloco"} for s in sent)  # nothing else crossed the wire
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes sent per step against the docstring formulas
+
+
+def test_ddp_sends_2_d_minus_1_over_d_of_the_gradients_and_nothing_on_micro_steps(results):
+    N, d = n_params(tiny_config()), WORLD
+    for r in get(results, "ddp_scratch"):
+        assert all(m == {} for m in r["first_micro"])  # accumulation micro-step: no bytes at all
+        assert all(s == {"grads": 2 * (d - 1) / d * 4 * N} for s in r["sent"])
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_1_and_2_communication_volume(results, stage):
+    N, d = n_params(tiny_config()), WORLD
+    Np = math.ceil(N / d) * d  # padded to a multiple of d
+    grads = 2 * (d - 1) / d * 4 * Np if stage == 1 else (d - 1) / d * 4 * Np  # all-reduce vs reduce-scatter
+    for r in get(results, f"zero{stage}_scratch"):
+        assert all(s == {"grads": grads, "params": (d - 1) / d * 4 * Np} for s in r["sent"])
+
+
+def test_zero_3_gathers_each_block_twice_and_reduce_scatters_once(results):
+    d = WORLD
+    root, *blocks = padded_units(tiny_config(), d)
+    expected = {"params": (d - 1) / d * 4 * (root + 2 * sum(blocks)), "grads": (d - 1) / d * 4 * (root + sum(blocks))}
+    for r in get(results, "zero3_scratch"):
+        assert all(s == expected for s in r["sent"])
+
+
+def test_tensor_parallel_sends_four_activation_all_reduces_per_block(results):
+    c, t = tiny_config(), WORLD
+    B = GLOBAL_BATCH
+    # per block: g after attention and after the MLP (forward), f before both (backward); plus the
+    # embedding's g and the output layer's f, and the vocabulary-parallel loss's 3 all-reduces of (B, T)
+    numbers = (4 * c.n_layer + 2) * B * T * c.n_embd + 3 * B * T
+    for r in get(results, "tp_scratch"):
+        assert all(s == {"tp": 2 * (t - 1) / t * 4 * numbers} for s in r["sent"])
+
+
+def test_pipeline_sends_one_activation_and_one_gradient_per_micro_batch_and_boundary(results):
+    c, p = tiny_config(n_layer=4), WORLD
+    act = GLOBAL_BATCH * T * c.n_embd * 4  # all m micro-batches together: (B, T, C) float32
+    tied = 4 * c.vocab_size * c.n_embd  # the embedding's gradient, all-reduced between first and last stage
+    for stage, r in enumerate(get(results, "pp_1f1b")):
+        expected = act * (stage < p - 1) + act * (stage > 0) + tied * (stage in (0, p - 1))
+        assert all(s == {"pp": expected} for s in r["sent"])
+
+
+def test_ring_attention_sends_c_minus_1_kv_blocks_forward_and_more_backward(results):
+    c, n = tiny_config(), WORLD
+    block = GLOBAL_BATCH * c.n_head * (T // n) * c.head_size * 4  # one (B, nh, T/c, hs) float32 tensor
+    per_layer = (n - 1) * 2 * block + (n - 1) * 4 * block + 2 * block  # forward K,V; backward K,V,dK,dV; dK,dV home
+    N = n_params(c)
+    for r in get(results, "cp_ring"):
+        assert all(s == {"cp": c.n_layer * per_layer, "grads": 2 * (n - 1) / n * 4 * N} for s in r["sent"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory per rank against the formulas (float32: 4 bytes a number)
+
+
+def test_memory_per_rank_matches_the_formulas(results):
+    N, d = n_params(tiny_config()), WORLD
+    Np = math.ceil(N / d) * d
+    units = sum(padded_units(tiny_config(), d))
+    expected = {
+        "ddp_scratch": dict(params=4 * N, grads=4 * N, buffers=4 * N, optimizer=8 * N),
+        "zero1_scratch": dict(params=4 * Np, grads=4 * Np, optimizer=8 * Np / d),
+        "zero2_scratch": dict(params=4 * Np, grads=4 * Np / d, optimizer=8 * Np / d),
+        "zero3_scratch": dict(params=4 * units / d, grads=4 * units / d, optimizer=8 * units / d),
+    }
+    for name, formula in expected.items():
+        for r in get(results, name):
+            assert r["memory"] == formula, (name, r["memory"], formula)
+
+
+def test_tensor_parallel_memory_splits_the_matrices(results):
+    c, t = tiny_config(), WORLD
+    C, L, V = c.n_embd, c.n_layer, c.vocab_size
+    split = L * (3 * C * C + 3 * C + C * C + 4 * C * C + 4 * C + 4 * C * C) + V * C  # c_attn, c_proj, c_fc, c_proj; wte
+    replicated = L * (4 * C + C + C) + T * C + 2 * C  # 2 LayerNorms, row-parallel biases; wpe; ln_f
+    for r in get(results, "tp_scratch"):
+        assert r["memory"]["params"] == 4 * (split / t + replicated)
+        assert r["memory"]["optimizer"] == 8 * (split / t + replicated)
+
+
+# ---------------------------------------------------------------------------------------------
+# From the command line: torchrun and train.py
+
+
+def read_metrics(out_dir):
+    import json
+
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_torchrun_data_parallel_logs_the_same_losses_as_one_process(tmp_path):
+    # the same global batch: 8 sequences in one process, or 4 on each of 2 ranks
+    common = ["--preset", "tiny", "--max_iters", "4", "--eval_interval", "4", "--eval_iters", "2", "--device", "cpu",
+              "--dtype", "float32", "--data_dir", str(tmp_path / "data")]
+    one = subprocess.run([sys.executable, "train.py", *common, "--out_dir", str(tmp_path / "one"), "--batch_size", "8"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                          *common, "--out_dir", str(tmp_path / "two"), "--batch_size", "4", "--dp", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [sorted(r) for r in a] == [sorted(r) for r in b] and len(a) == 5  # 4 steps and one evaluation
+    for ra, rb in zip(a, b):
+        for key in ("loss", "val_loss"):
+            if key in ra:
+                assert abs(ra[key] - rb[key]) <= REL_TOL * abs(ra[key]), (ra, rb)
+    assert two.stdout.count("step     1/4") == 1  # rank 0 alone logs
+
+
+def test_a_layout_that_does_not_fill_the_processes_is_one_line_and_exit_2():
+    out = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--dp", "2", "--tp", "2"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "1"})
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("error: --dp 2 x --tp 2 x --pp 1 x --cp 1 = 4 processes, but 1 were started: "
+                                  "make the product equal torchrun's --nnodes x --nproc_per_node")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces on their own
+
+
+def test_vocab_parallel_cross_entropy_equals_f_cross_entropy_in_one_process():
+    logits, targets = torch.randn(3, 5, 11, dtype=torch.float64), torch.randint(0, 11, (3, 5))
+    targets[0, 0] = -1  # ignored position
+    ours = parallel.vocab_parallel_cross_entropy(logits, targets, 0, None)
+    assert torch.allclose(ours, torch.nn.functional.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), ignore_index=-1))
+
+
+def test_degrees_must_multiply_to_the_world_size():
+    with pytest.raises(ValueError, match="= 8 processes, but 4 were started"):
+        parallel.check_degrees(dp=2, tp=2, pp=2, cp=1, world_size=4)
+
+
+def test_tensor_parallel_refuses_a_vocabulary_it_cannot_split():
+    with pytest.raises(ValueError, match="--tp 3 must divide n_head=4"):
+        parallel.check_tensor_parallel(tiny_config(), 3)
+
+
+if __name__ == "__main__":  # python tests/test_parallel.py [check ...]: run checks by hand and print them
+    for name, per_rank in run_checks(sys.argv[1:] or CHECKS).items():
+        r0 = per_rank[0]
+        print(name, r0.get("error") or {k: v for k, v in r0.items() if k in ("loss_rel", "param_rel", "norm_rel")} or r0)
