@@ -1,84 +1,155 @@
 """
-Data: from raw text to batches of token ids.
+Data: from raw text to batches of token ids, the way pretraining pipelines do it.
 
 A language model is pretrained on a *corpus*: a large collection of documents
 (web pages, books, source code) that the model learns to continue, one token
-at a time. This chapter turns such a corpus into the (x, y) batches that the
-training loop consumes, where y is x shifted left by one token:
+at a time. The quality of the model is decided by that corpus more than by
+anything else, so the published pipelines (FineWeb, Dolma, DCLM, RedPajama)
+spend most of their effort on choosing which text the model sees. This
+chapter performs the whole path, stage by stage, and reports what each stage
+did:
 
-    loss = -(1 / (B*T)) * sum_{b,t} log p(y[b, t] | x[b, :t+1])
+    collect -> normalise -> exact dedup -> near dedup (MinHash + LSH)
+            -> quality filters -> domain/language mix -> tokenize -> shards
+            -> a rank-aware, resumable loader -> (x, y) batches
 
-The path a document takes, and the seam where each later stage plugs in:
+where y is x shifted left by one token and training minimises
 
-    read_documents -> (later: clean, dedup, filter, mix) -> tokenize
-                   -> token files (train.bin, val.bin) -> TokenSampler -> (x, y)
+    loss = -(1 / (B*T)) * sum_{b,t} log p(y[b, t] | x[b, :t+1]).
 
-The corpus. With no download allowed, the default corpus is the one every
-Python installation carries: the standard library's source code (domain
-"code") and its docstrings plus the pydoc topic pages (domain "prose"), a few
-tens of MB in all. Two domains let a later chapter study data mixing; `--data`
-also accepts a .txt file or a directory of them.
+Collect. Sources are plain text files, directories and globs, JSON lines
+(one document per line, its text in a configurable field), gzip of either,
+an http(s) URL (downloaded once into a cache), and the corpus every Python
+installation carries: the standard library's source (domain "code") and its
+docstrings plus the pydoc topic pages (domain "prose"). `name=source` gives a
+source's documents the domain label `name`. Documents flow as a generator, so
+a corpus larger than memory goes through: what the pipeline keeps per document
+is a few hundred bytes (a hash, a MinHash signature, an offset into a spool
+file on disk), never the corpus.
 
-Tokenize once. Tokenizing is slow compared with a training step, so, as in
-nanoGPT's prepare.py, we tokenize the corpus once and write the ids as a flat
-binary array (train.bin, val.bin) that training opens with np.memmap: the OS
-pages in only the windows a batch touches, so a corpus larger than RAM works.
-The ids are stored as uint16 when the vocabulary fits (V <= 65536) and uint32
-otherwise; the choice is written in manifest.json and checked on load, since
-ids silently wrapping around in uint16 is a known failure (datatrove #118).
-Documents are separated by an end-of-text token (EOT) so the model learns
-where one document ends and the next, unrelated one begins (GPT-2 does this).
+Normalise. Unicode NFC (so "é" as one code point and as "e" + combining
+accent are the same text), control characters removed, line endings unified,
+exotic spaces made ASCII, trailing spaces stripped. Dedup and filters then
+compare like with like.
+
+Exact dedup. A 128-bit hash of the normalised text; the first copy wins.
+
+Near dedup: MinHash (Broder 1997, "On the resemblance and containment of
+documents") with LSH banding (Indyk & Motwani 1998; Leskovec, Rajaraman,
+Ullman, "Mining of Massive Datasets", ch. 3). Two documents are compared as
+sets of word n-grams ("shingles", n = 5 as in FineWeb and datatrove); their
+resemblance is the Jaccard similarity J(A, B) = |A & B| / |A | B|. For a
+random hash function h, P[min h(A) = min h(B)] = J(A, B): the minimum lands on
+a shared shingle exactly as often as a random element of the union is shared.
+K independent hashes give a signature of K minima; the fraction of positions
+where two signatures agree estimates J with standard deviation
+sqrt(J(1-J)/K) (0.027 at J=0.9, K=128). Comparing all pairs is O(N^2), so
+LSH cuts each signature into b bands of r rows (K = b*r) and calls two
+documents candidates when ALL r rows of ANY band agree:
+
+    P[one band agrees]   = s^r
+    P[no band agrees]    = (1 - s^r)^b
+    P[candidate | J = s] = 1 - (1 - s^r)^b          (the S-curve)
+
+The curve rises steeply around s* ~ (1/b)^(1/r): more rows per band push the
+threshold up (fewer false candidates), more bands pull it down (fewer
+misses). With K=128 and threshold 0.8 we take b=16, r=8: s* = 0.71,
+P(candidate) = 0.9999 at J=0.9, 0.95 at J=0.8, 0.06 at J=0.5. Candidates are
+then verified (their full signatures must agree on >= threshold of the K
+positions), joined into clusters with union-find, and only the first
+document of each cluster survives. Lee et al. 2022 ("Deduplicating Training
+Data Makes Language Models Better", arXiv:2107.06499) show why: duplicates
+are memorised and waste compute.
+
+Quality filters. Heuristic rules with published thresholds: Gopher's quality
+and repetition rules (Rae et al. 2021, "Scaling Language Models: Methods,
+Analysis & Insights from Training Gopher", arXiv:2112.11446, appendix A),
+C4's rules (Raffel et al. 2020, arXiv:1910.10683, sec. 2.2), FineWeb's
+punctuation rule (Penedo et al. 2024, arXiv:2406.17557), and for source code
+the line-length and alphanumeric rules of The Stack / StarCoder (Li et al.
+2023, arXiv:2305.06161). Each rule is a small function that returns why it
+rejects; which rules apply depends on the domain, because prose rules
+("at least two English stop words", "no curly brackets") delete code.
+
+Language. The script a document's letters are written in (Latin, Cyrillic,
+Han, ...) is counted with Unicode properties. It is a heuristic, not a
+language identifier (fastText's lid.176 is what FineWeb uses): it cannot tell
+English from French, but it is enough to balance scripts and to keep
+English-only rules off Chinese or Russian text.
+
+Mixing. Target weights per domain (code=0.3,prose=0.7) are shares of the
+training tokens, realised by repeating or subsampling documents; a domain
+with share n_d of the corpus and weight w_d is seen w_d / n_d epochs. For many languages, temperature
+sampling sets p_d proportional to n_d^alpha (alpha = 0.3 in mT5 and XLM-R;
+Xue et al. 2021, arXiv:2010.11934; Conneau et al. 2020, arXiv:1911.02116):
+alpha = 1 keeps natural proportions, alpha = 0 makes them uniform.
 
 Byte-level BPE (Sennrich, Haddow, Birch 2016, "Neural Machine Translation of
 Rare Words with Subword Units", arXiv:1508.07909; made byte-level by GPT-2,
-Radford et al. 2019, "Language Models are Unsupervised Multitask Learners").
-Start from the 256 single bytes, so every string is encodable and nothing is
-ever "unknown". Then repeat: find the most frequent adjacent pair of tokens in
-the training text and merge it into a new token, until the vocabulary has V
-entries. Text is first split into pre-tokens by a regular expression (words,
-numbers, punctuation runs, whitespace), and merges never cross a pre-token
-boundary, so " the" can become one token but "e t" never does. Encoding
-replays the merges, lowest rank first; we hand the result to tiktoken, whose
-Rust encoder does that fast.
+Radford et al. 2019). Start from the 256 single bytes, so every string is
+encodable and nothing is ever "unknown". Text is first split into pre-tokens
+by a regular expression (words, numbers, punctuation runs, whitespace);
+count each unique pre-token once with its frequency; then repeat: merge the
+most frequent adjacent pair into a new token, until the vocabulary has V
+entries, the last of which is the end-of-text token (EOT). Merges never cross
+a pre-token boundary, so " the" can become one token but "e t" never does.
+Only words containing the merged pair are recounted, so a merge costs what it
+touches, not a rescan of the corpus. Encoding replays the merges, lowest rank
+first; tiktoken's Rust encoder does that fast.
 
-Bits per byte. A loss in nats per token depends on the tokenizer: a larger
-vocabulary packs more bytes into each token and so has a larger per-token
-loss for the same model quality. Dividing the total loss by the number of raw
-UTF-8 bytes gives a tokenizer-independent number (nanochat reports
-validation this way):
+Tokenize and shard. Worker processes encode chunks of documents in parallel;
+an EOT token separates documents so the model learns where one ends and an
+unrelated one begins. The ids go into fixed-size shard files (every shard but
+the last holds exactly shard_tokens tokens) listed in manifest.json with the
+dtype (uint16 when V <= 65536, else uint32: ids wrapping around in uint16 is
+a known failure, datatrove #118), their token count and SHA-256. The train/val
+split is by document, so validation measures text the model never saw.
+
+Bits per byte. A loss in nats per token depends on the tokenizer; dividing
+the total loss by the raw UTF-8 bytes gives a tokenizer-independent number:
 
     bpb = (loss_nats_per_token * n_tokens) / (n_bytes * ln 2)
 
-An epoch-aware sampler. nanoGPT draws random windows with replacement, which
-repeats some data and skips other data within an "epoch" (nanoGPT #294). Our
-TokenSampler cuts the token stream into non-overlapping windows, visits them
-in a fresh random permutation each epoch, splits that permutation between
-data-parallel ranks, and keeps its position in a state dict that the
-checkpoint stores, so a resumed run sees exactly the batches it would have.
+The loader. Shards are memory-mapped (the OS pages in only what a batch
+touches). Each shard is cut into non-overlapping windows of T+1 tokens; each
+epoch visits all windows in a fresh seeded permutation (nanoGPT samples with
+replacement, repeating some data and skipping other data, nanoGPT #294);
+rank r of W takes every W-th window, so ranks read different data; and the
+position lives in state_dict(), which the checkpoint stores, so a resumed run
+sees exactly the batches it would have seen.
 
-Not in this chapter: exact and near deduplication, quality filters, domain
-mixing weights and a sharded streaming loader for corpora of terabytes; a
-later chapter inserts them at the seams above without changing the files'
-format.
+Every prepare writes report.json beside the shards (documents and bytes in
+and out of each stage, removals per rule, tokens per domain before and after
+mixing, time and throughput) and prints it as a table.
+
+Not here: document-aligned windows, URL and PII filters, model-based quality
+classifiers (DCLM's fastText classifier), and a per-language identifier.
 
 Map of the file, in reading order:
-    EOT, PATTERN                 the end-of-text token and the pre-tokenizer
-    stdlib_corpus, read_documents    documents from the stdlib or from files
-    train_bpe                    byte-level BPE with incremental pair counts
-    save_tokenizer, load_tokenizer_file, get_tokenizer
-    prepare, load_prepared       tokenize once into train.bin / val.bin
-    TokenSampler                 epoch-aware, rank-aware, resumable batches
-    bits_per_byte                tokenizer-independent loss
-    main                         `python data.py prepare ...`
+    EOT, PATTERN, constants          the end-of-text token and the pre-tokenizer
+    sources: stdlib_corpus, iter_documents, read_documents, _download
+    normalize                        NFC, controls, whitespace
+    exact_key, shingles, minhash_signatures, lsh_threshold, lsh_candidates,
+                                     near_duplicate_keep (union-find), dedup
+    script_of, the quality rules, DOMAIN_RULES, quality_filter
+    parse_mix, mix_epochs, _mixed_order
+    train_bpe, save_tokenizer, load_tokenizer_file, get_tokenizer
+    _encode_chunk, _write_shards     tokenize in worker processes, fixed-size shards
+    prepare (_collect, _near_dedup, _filter, _tokenize_all, report.json)
+    load_prepared, verify_shards, split_tokens, make_sampler, TokenSampler
+    bits_per_byte, bench_dedup, bench_bpe, main
 """
 
 import argparse
 import ast
 import base64
+import glob
+import gzip
 import hashlib
 import heapq
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import socket
@@ -86,8 +157,12 @@ import sys
 import sysconfig
 import tempfile
 import time
+import unicodedata
+import urllib.error
+import urllib.request
 import warnings
-from collections import Counter
+import zlib
+from collections import Counter, deque
 from pathlib import Path
 
 import numpy as np
@@ -108,11 +183,24 @@ PATTERN = (
 )
 
 # Bump when the layout of the prepared directory changes: it is part of the
-# cache key, so old caches are ignored instead of misread.
-FORMAT_VERSION = 1
+# cache key, so old caches are ignored instead of misread. 2: sharded files.
+FORMAT_VERSION = 2
+
+# Tokens per shard file: 2^24 = 16.8M tokens = 32 MiB of uint16. Large enough
+# that a laptop corpus is one shard, small enough to copy and checksum in
+# seconds (nanoGPT's FineWeb script uses 100M-token shards for GPU clusters).
+SHARD_TOKENS = 2**24
+
+# A text file given directly is cut into documents at two empty lines, or
+# into ~100 pieces when it has none; no piece grows past this many bytes, so
+# a huge file without breaks still streams (1 MiB: far above a web page).
+MAX_DOC_BYTES = 1 << 20
+
+# Seconds to wait for a download server before calling the machine offline.
+DOWNLOAD_TIMEOUT = 30
 
 # ---------------------------------------------------------------------------
-# Documents
+# Sources
 # ---------------------------------------------------------------------------
 
 # Directories of the stdlib that are not the library itself: installed
@@ -168,6 +256,17 @@ def _stdlib_prose():
             yield topics[name], "prose", f"pydoc_data.topics:{name}"
 
 
+def _stdlib_documents(domains):
+    """Lazily, (text, domain, source) for the requested stdlib domains, in a fixed order."""
+    generators = {"code": lambda: ((src, "code", rel) for rel, src, _ in _stdlib_sources()),
+                  "prose": _stdlib_prose}
+    unknown = set(domains) - set(generators)
+    if unknown:
+        raise ValueError(f"unknown stdlib domain(s) {sorted(unknown)}: use 'code' and/or 'prose'")
+    for d in domains:
+        yield from generators[d]()
+
+
 def stdlib_corpus(domains=("code", "prose"), max_bytes: int | None = None) -> list[tuple[str, str, str]]:
     """The embedded default corpus: (text, domain, source) documents from the installed stdlib.
 
@@ -175,70 +274,740 @@ def stdlib_corpus(domains=("code", "prose"), max_bytes: int | None = None) -> li
     document per module) plus each pydoc topic. max_bytes caps the UTF-8
     bytes per domain. Deterministic, and never downloads anything.
     """
-    generators = {"code": lambda: ((src, "code", rel) for rel, src, _ in _stdlib_sources()),
-                  "prose": _stdlib_prose}
-    unknown = set(domains) - set(generators)
-    if unknown:
-        raise ValueError(f"unknown stdlib domain(s) {sorted(unknown)}: use 'code' and/or 'prose'")
-    # The generators are lazy, so a small max_bytes stops parsing early.
-    return [doc for d in domains for doc in _capped(generators[d](), max_bytes)]
+    # Each domain's generator is lazy and capped on its own, so a small max_bytes stops parsing early.
+    return [doc for d in domains for doc in _capped(_stdlib_documents((d,)), max_bytes)]
 
 
-def _split_text_file(text: str) -> list[str]:
-    """Documents of one text file: blocks separated by two empty lines, else ~100 chunks."""
-    blocks = [b for b in regex.split(r"\n[ \t]*\n[ \t]*\n\s*", text) if b.strip()]
-    if len(blocks) > 1:
-        return blocks
-    # One block: cut it at line boundaries into ~100 pieces, so that a
-    # document-level train/val split still has something to hold out.
-    lines = text.splitlines(keepends=True)
-    target = max(1, len(text) // 100)
-    chunks, current, size = [], [], 0
+def _text_file_documents(lines, size_hint: int):
+    """Stream one text file's documents: cut at two empty lines, else every ~size_hint/100 bytes.
+
+    The cut is at a line boundary, so joining the pieces gives the text back
+    (except the empty lines of a two-empty-line break). Cutting a file with
+    no breaks into ~100 pieces lets a document-level train/val split hold
+    something out even from a single book.
+    """
+    target = min(MAX_DOC_BYTES, max(1, size_hint // 100))
+    current, size, blanks = [], 0, 0
     for line in lines:
+        blanks = blanks + 1 if not line.strip() else 0
+        if blanks >= 2:  # "\n\n\n": a document break; the empty lines are dropped
+            if "".join(current).strip():
+                yield "".join(current)
+            current, size, blanks = [], 0, 0
+            continue
         current.append(line)
         size += len(line)
         if size >= target:
-            chunks.append("".join(current))
+            yield "".join(current)
             current, size = [], 0
-    if current:
-        chunks.append("".join(current))
-    return [c for c in chunks if c.strip()]
+    if "".join(current).strip():
+        yield "".join(current)
 
 
-def read_documents(data: str, max_bytes: int | None = None) -> list[tuple[str, str, str]]:
-    """(text, domain, source) documents from "stdlib[:code|:prose]", a .txt file or a directory of them."""
-    if data == "stdlib" or data.startswith("stdlib:"):
-        domains = ("code", "prose") if data == "stdlib" else (data.split(":", 1)[1],)
-        return stdlib_corpus(domains, max_bytes)
-    path = Path(data)
+def _open_text(path: Path):
+    """A text stream of a file, transparently gunzipped; undecodable bytes become U+FFFD."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="")
+    return open(path, encoding="utf-8", errors="replace", newline="")
+
+
+def _kind(path: Path) -> str:
+    """"jsonl" for .jsonl/.json(.gz) files, "text" for everything else."""
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    return "jsonl" if name.endswith((".jsonl", ".json")) else "text"
+
+
+def _jsonl_documents(path: Path, text_field: str):
+    """One document per line of a JSON-lines file: the string in text_field."""
+    with _open_text(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"line {number} of {path} is not JSON: each line of a .jsonl file "
+                                 "must be one JSON object") from None
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"line {number} of {path} has no string field '{text_field}': "
+                                 "pass --text_field with the name of the field that holds the text")
+            yield text
+
+
+def _file_documents(path: Path, text_field: str, whole: bool):
+    """Texts of one file: jsonl by line; text split into documents, or whole (in a directory)."""
+    if _kind(path) == "jsonl":
+        yield from _jsonl_documents(path, text_field)
+        return
+    with _open_text(path) as f:
+        if whole:
+            yield f.read()
+        else:
+            # gzip hides the text size; 3x the compressed size is a typical ratio for text.
+            size = path.stat().st_size * (3 if path.name.endswith(".gz") else 1)
+            yield from _text_file_documents(f, size)
+
+
+# Files a directory or glob contributes; other files (images, .py, ...) are skipped.
+_SUFFIXES = (".txt", ".jsonl", ".json", ".txt.gz", ".jsonl.gz", ".json.gz")
+
+
+def _download(url: str, cache_dir: str) -> Path:
+    """The file at url, downloaded once into cache_dir (atomically) and reused afterwards."""
+    name = regex.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]) or "download"
+    # The hash keeps two URLs ending in the same file name apart; the name keeps the suffix (.gz, .jsonl).
+    path = Path(cache_dir) / f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{name}"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f, length=1 << 20)  # streamed in 1 MiB pieces
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ValueError(f"cannot download {url} ({reason}): check the network, or download it "
+                         "yourself and pass the local file to --data") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _source_files(source: str):
+    """(path, whole) for each file a path, directory or glob names, sorted; whole: one document per file."""
+    if any(c in source for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+        if not files:
+            raise ValueError(f"the glob '{source}' matches no files: check the pattern")
+        return [(p, True) for p in files]
+    path = Path(source)
     if not path.exists():
-        raise ValueError(f"data path '{data}' does not exist: pass --data stdlib or a path "
-                         "to a .txt file or a directory of .txt files")
+        raise ValueError(f"data path '{source}' does not exist: pass --data stdlib or a path "
+                         "to a .txt/.jsonl(.gz) file, a directory of them, a glob or a URL")
     if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        docs = [(f.read_text(encoding="utf-8", errors="replace"), "text",
-                 f.relative_to(path).as_posix()) for f in files]
-    else:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        docs = [(t, "text", f"{path.name}#{i}") for i, t in enumerate(_split_text_file(text))]
-    docs = list(_capped((d for d in docs if d[0].strip()), max_bytes))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(_SUFFIXES)
+                       and not p.name.startswith("."))
+        return [(p, True) for p in files]
+    return [(path, False)]
+
+
+def parse_sources(data: str) -> list[tuple[str | None, str]]:
+    """Split --data into (domain or None, source) pairs: "stdlib,web=crawl.jsonl.gz"."""
+    pairs = []
+    for part in (p.strip() for p in data.split(",")):
+        if not part:
+            continue
+        m = regex.fullmatch(r"([A-Za-z_][\w-]*)=(.+)", part)  # "https://..." has no "name=" prefix
+        pairs.append((m.group(1), m.group(2)) if m else (None, part))
+    if not pairs:
+        raise ValueError("--data is empty: pass stdlib, a path, a glob or a URL")
+    return pairs
+
+
+def _one_source(domain, source, text_field, cache_dir):
+    """(text, domain, source label) documents of one single-domain source, lazily."""
+    if source.startswith("stdlib:"):
+        for text, d, label in _stdlib_documents((source.split(":", 1)[1],)):
+            yield text, domain or d, label
+        return
+    if source.startswith(("http://", "https://")):
+        source = str(_download(source, cache_dir))
+    for path, whole in _source_files(source):
+        for i, text in enumerate(_file_documents(path, text_field, whole)):
+            label = path.name if whole and _kind(path) == "text" else f"{path.name}#{i}"
+            yield text, domain or "text", label
+
+
+def iter_documents(data: str, max_bytes: int | None = None, text_field: str = "text",
+                   cache_dir: str = os.path.join("data_cache", "downloads")):
+    """Stream (text, domain, source) documents from --data, one source after another.
+
+    data is a comma-separated list of sources, each optionally "domain=source":
+    stdlib (= stdlib:code,stdlib:prose), a text or .jsonl file (.gz too), a
+    directory or glob of them (one document per text file, one per jsonl
+    line), or an http(s) URL of such a file. max_bytes caps the UTF-8 bytes
+    taken from each source (each stdlib domain is a source). Nothing is held
+    in memory beyond the current document.
+    """
+    for domain, source in parse_sources(data):
+        parts = ["stdlib:code", "stdlib:prose"] if source == "stdlib" else [source]
+        for part in parts:
+            # Each source is lazy and capped on its own: a small max_bytes stops reading early.
+            docs = _one_source(domain, part, text_field, cache_dir)
+            yield from _capped(docs, max_bytes)
+
+
+def read_documents(data: str, max_bytes: int | None = None, text_field: str = "text",
+                   cache_dir: str = os.path.join("data_cache", "downloads")) -> list[tuple[str, str, str]]:
+    """iter_documents as a list without whitespace-only documents; an empty result is an error."""
+    docs = [d for d in iter_documents(data, max_bytes, text_field, cache_dir) if d[0].strip()]
     if not docs:
-        raise ValueError(f"no text found in '{data}': it needs non-empty .txt content")
+        raise ValueError(f"no text found in '{data}': it needs non-empty .txt or .jsonl content")
     return docs
+
+
+# ---------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------
+
+# C0 and C1 control characters except tab and newline, plus the byte-order
+# mark and the replacement-prone "noncharacters"; none of them is text.
+_CONTROL = regex.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ufffe\uffff]")
+_SPACES = regex.compile(r"[^\S\n\t]")  # Unicode spaces (NBSP, thin space, ...) other than newline and tab
+_TRAILING = regex.compile(r"[ \t]+$", flags=regex.M)
+_BLANK_RUNS = regex.compile(r"\n{4,}")
+
+
+def normalize(text: str) -> str:
+    """NFC, no control characters, "\\n" line ends, ASCII spaces, no trailing spaces, <= 2 empty lines in a row."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
+    text = unicodedata.normalize("NFC", text)  # compose: "e" + U+0301 -> "é" (one code point)
+    text = _CONTROL.sub("", text)
+    text = _SPACES.sub(" ", text)
+    text = _TRAILING.sub("", text)
+    # At most two empty lines: PEP 8 puts two between top-level definitions, so code keeps its shape.
+    return _BLANK_RUNS.sub("\n\n\n", text).strip("\n")
+
+
+# ---------------------------------------------------------------------------
+# Deduplication: exact, then MinHash + LSH
+# ---------------------------------------------------------------------------
+
+def exact_key(text: str) -> bytes:
+    """A 128-bit BLAKE2b digest of the text: equal texts, equal keys; a collision needs ~2^64 documents."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+# MinHash parameters. K=128 hashes: the Jaccard estimate has standard
+# deviation sqrt(J(1-J)/K) <= 0.044 (datasketch's default is also 128).
+# 5-word shingles as in FineWeb (datatrove's MinhashConfig: n_grams=5).
+NUM_PERM = 128
+NGRAM = 5
+# Above this many members, a bucket is joined as a star around its first
+# member instead of all pairs, so one huge bucket cannot cost O(n^2).
+_MAX_BUCKET_PAIRS = 64
+
+
+def _hash_params(num_perm: int, ngram: int, seed: int):
+    """Random odd 64-bit multipliers and offsets: ngram for shingles, num_perm for the hash family."""
+    rng = np.random.default_rng(seed)
+    draw = lambda n: rng.integers(0, 2**64, size=n, dtype=np.uint64, endpoint=False) | np.uint64(1)
+    return draw(ngram), draw(num_perm)[:, None], draw(num_perm)[:, None]  # (n,), (K, 1), (K, 1)
+
+
+def shingles(text: str, ngram: int = NGRAM, mix=None) -> np.ndarray:
+    """32-bit hashes of the text's word n-grams (lowercased, split at whitespace), as uint64.
+
+    A word is hashed with CRC-32 (deterministic across processes, unlike
+    Python's hash()); an n-gram's hash is sum_i m_i * h(word_{j+i}) mod 2^64
+    with random odd m_i, keeping the top 32 bits (multiply-shift hashing,
+    Dietzfelbinger et al. 1997). A text shorter than n words is one shingle.
+    """
+    mix = _hash_params(NUM_PERM, ngram, 0)[0] if mix is None else mix
+    words = np.fromiter((zlib.crc32(w) for w in text.lower().encode("utf-8").split()), dtype=np.uint64)
+    if len(words) == 0:
+        return words
+    n = min(ngram, len(words))
+    # (S,) with S = len(words) - n + 1: window sums of weighted word hashes, wrapping mod 2^64.
+    acc = np.zeros(len(words) - n + 1, dtype=np.uint64)
+    for i in range(n):
+        acc += words[i:len(words) - n + 1 + i] * mix[i]
+    return acc >> np.uint64(32)
+
+
+def minhash_signatures(texts, num_perm: int = NUM_PERM, ngram: int = NGRAM, seed: int = 0,
+                       block: int = 1 << 13) -> np.ndarray:
+    """(N, K) uint32 MinHash signatures: sig[d, k] = min over shingles x of d of h_k(x).
+
+    h_k(x) = ((a_k * x + b_k) mod 2^64) >> 32, a 2-universal family for 32-bit
+    x. All documents' shingles are concatenated into one array and hashed in
+    blocks of `block` columns: one (K, block) numpy operation hashes 1M
+    shingle-hash pairs at once (8 MiB: it stays in the CPU's cache, which
+    is twice as fast here as 4x larger blocks), and np.minimum.reduceat takes
+    each document's minimum, so there is no Python loop over hash functions.
+    The minimum of the 64-bit values has the minimum's top 32 bits, so the
+    shift is done once, on the signature. A document with no words gets the
+    all-ones signature and is never a near duplicate.
+    """
+    mix, a, b = _hash_params(num_perm, ngram, seed)
+    per_doc = [shingles(t, ngram, mix) for t in texts]
+    sig = np.full((num_perm, len(per_doc)), np.iinfo(np.uint64).max, dtype=np.uint64)  # (K, N)
+    if not per_doc:
+        return np.zeros((0, num_perm), dtype=np.uint32)
+    lengths = np.array([len(s) for s in per_doc])
+    doc_of = np.repeat(np.arange(len(per_doc)), lengths)  # (S_total,) owner of each shingle
+    flat = np.concatenate(per_doc) if lengths.sum() else np.zeros(0, dtype=np.uint64)
+    for lo in range(0, len(flat), block):
+        x = flat[lo:lo + block]
+        hashed = a * x[None, :] + b  # (K, 1) * (1, S) + (K, 1) -> (K, S), mod 2^64
+        owners = doc_of[lo:lo + block]
+        starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])  # one segment per document
+        docs = owners[starts]
+        sig[:, docs] = np.minimum(sig[:, docs], np.minimum.reduceat(hashed, starts, axis=1))
+    return (sig >> np.uint64(32)).T.astype(np.uint32)  # (N, K): the top 32 bits
+
+
+def lsh_candidate_probability(s: float, bands: int, rows: int) -> float:
+    """The S-curve: P[two documents with Jaccard s share at least one band] = 1 - (1 - s^r)^b."""
+    return 1.0 - (1.0 - s**rows) ** bands
+
+
+def lsh_threshold(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
+    """(bands, rows) with bands*rows = num_perm: the most rows (fewest false candidates) that
+    still make a pair AT the threshold a candidate with probability >= 0.9."""
+    for rows in sorted((r for r in range(1, num_perm + 1) if num_perm % r == 0), reverse=True):
+        if lsh_candidate_probability(threshold, num_perm // rows, rows) >= 0.9:
+            return num_perm // rows, rows
+    return num_perm, 1
+
+
+def lsh_candidates(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(P, 2) index pairs i < j whose signatures agree on all rows of at least one band.
+
+    For each band, a row of r minima is folded into one 64-bit bucket key;
+    sorting the keys puts each bucket's members next to each other. A rare
+    key collision only adds a candidate, which verification then rejects.
+    """
+    n, k = sig.shape
+    if bands * rows > k:
+        raise ValueError(f"bands*rows = {bands * rows} exceeds the {k} hashes per signature: lower bands or rows")
+    fold = np.random.default_rng(1).integers(1, 2**63, size=rows, dtype=np.uint64) | np.uint64(1)
+    empty = (sig == np.iinfo(np.uint32).max).all(axis=1)  # documents without words
+    pairs = []
+    for band in range(bands):
+        keys = (sig[:, band * rows:(band + 1) * rows].astype(np.uint64) * fold).sum(axis=1)  # (N,)
+        keys[empty] = np.arange(n)[empty].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # own buckets
+        order = np.argsort(keys, kind="stable")  # stable: members stay in document order
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        sizes = np.diff(np.r_[starts, n])
+        for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+            members = order[start:start + size]
+            if size <= _MAX_BUCKET_PAIRS:
+                i, j = np.triu_indices(size, k=1)
+                pairs.append(np.stack([members[i], members[j]], axis=1))
+            else:
+                pairs.append(np.stack([np.full(size - 1, members[0]), members[1:]], axis=1))
+    if not pairs:
+        return np.zeros((0, 2), dtype=np.int64)
+    pairs = np.sort(np.concatenate(pairs), axis=1)  # (i, j) with i < j
+    return np.unique(pairs, axis=0)
+
+
+def _find(parent: list[int], x: int) -> int:
+    """Union-find root of x, halving the path on the way (keeps the trees flat)."""
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
+def _union(parent: list[int], x: int, y: int) -> None:
+    """Join the sets of x and y; the smaller root (the earlier document) stays the root."""
+    rx, ry = _find(parent, x), _find(parent, y)
+    if rx != ry:
+        parent[max(rx, ry)] = min(rx, ry)
+
+
+def near_duplicate_keep(sig: np.ndarray, threshold: float = 0.8, bands: int | None = None,
+                        rows: int | None = None) -> np.ndarray:
+    """(N,) bool: False for every document whose cluster (via verified LSH pairs) has an earlier member."""
+    if bands is None or rows is None:
+        bands, rows = lsh_threshold(threshold, sig.shape[1])
+    pairs = lsh_candidates(sig, bands, rows)
+    # Verification: the fraction of agreeing hashes is an unbiased estimate of Jaccard.
+    agree = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1) if len(pairs) else np.zeros(0)
+    parent = list(range(len(sig)))  # union-find: each document starts as its own cluster
+    for i, j in pairs[agree >= threshold]:
+        _union(parent, int(i), int(j))
+    return np.array([_find(parent, i) == i for i in range(len(sig))], dtype=bool)
+
+
+def dedup(docs: list[str], method: str = "minhash", threshold: float = 0.8, **params) -> list[bool]:
+    """Which documents to keep (True) so that each cluster of duplicates keeps only its first.
+
+    method "exact": equal texts. method "minhash": Jaccard similarity of word
+    n-gram sets >= threshold, estimated with MinHash and found with LSH.
+    params: num_perm (128), ngram (5), bands and rows (default: from the
+    threshold, see lsh_threshold), seed (0). "none" keeps everything.
+    """
+    if method == "none":
+        return [True] * len(docs)
+    if method == "exact":
+        seen, keep = set(), []
+        for text in docs:
+            key = exact_key(text)
+            keep.append(key not in seen)
+            seen.add(key)
+        return keep
+    if method != "minhash":
+        raise ValueError(f"unknown dedup method '{method}': use none, exact or minhash")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"dedup threshold {threshold} is not a Jaccard similarity: use a value in (0, 1]")
+    unknown = set(params) - {"num_perm", "ngram", "bands", "rows", "seed"}
+    if unknown:
+        raise ValueError(f"unknown minhash parameter(s) {sorted(unknown)}: use num_perm, ngram, bands, rows, seed")
+    sig = np.concatenate([np.zeros((0, params.get("num_perm", NUM_PERM)), np.uint32)] + [
+        minhash_signatures(docs[i:i + 1024], params.get("num_perm", NUM_PERM), params.get("ngram", NGRAM),
+                           params.get("seed", 0)) for i in range(0, len(docs), 1024)])
+    return near_duplicate_keep(sig, threshold, params.get("bands"), params.get("rows")).tolist()
+
+
+# ---------------------------------------------------------------------------
+# Script identification (a heuristic, not a language identifier)
+# ---------------------------------------------------------------------------
+
+# Unicode scripts we name; letters of any other script count as "other".
+# Kana next to Han means Japanese, Hangul means Korean; Han alone, Chinese.
+_SCRIPTS = ("Latin", "Cyrillic", "Greek", "Arabic", "Hebrew", "Devanagari", "Thai",
+            "Hangul", "Hiragana", "Katakana", "Han")
+_SCRIPT_RES = {s: regex.compile(rf"\p{{Script={s}}}") for s in _SCRIPTS}
+_LETTER = regex.compile(r"\p{L}")
+# Characters looked at: the opening of a document decides its script, as in
+# CLD-style detectors that stop after a few kB (4096 characters here).
+_SCRIPT_SAMPLE = 4096
+
+
+def script_of(text: str) -> str:
+    """The script most of the text's letters are written in (lowercase), "japanese" if any kana, "none" if no letters."""
+    sample = text[:_SCRIPT_SAMPLE]
+    counts = {s: len(r.findall(sample)) for s, r in _SCRIPT_RES.items()}
+    letters = len(_LETTER.findall(sample))
+    if letters == 0:
+        return "none"
+    kana = counts.pop("Hiragana") + counts.pop("Katakana")
+    if kana and kana + counts["Han"] >= max(counts.values()):
+        return "japanese"  # Japanese mixes kana with Han; Chinese has no kana
+    best = max(counts, key=counts.get)
+    return best.lower() if counts[best] * 2 >= letters else "other"
+
+
+# ---------------------------------------------------------------------------
+# Quality filters: small named rules with published thresholds
+# ---------------------------------------------------------------------------
+
+# Gopher quality rules (Rae et al. 2021, arXiv:2112.11446, appendix A.1.1).
+GOPHER_MIN_WORDS, GOPHER_MAX_WORDS = 50, 100_000
+GOPHER_MIN_MEAN_WORD_LENGTH, GOPHER_MAX_MEAN_WORD_LENGTH = 3, 10
+GOPHER_MAX_SYMBOL_WORD_RATIO = 0.1  # "#" and "..." per word
+GOPHER_MAX_BULLET_LINES = 0.9  # fraction of lines starting with a bullet
+GOPHER_MAX_ELLIPSIS_LINES = 0.3  # fraction of lines ending with an ellipsis
+GOPHER_MIN_ALPHA_WORDS = 0.8  # fraction of words with at least one letter
+GOPHER_STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
+GOPHER_MIN_STOP_WORDS = 2
+# Gopher repetition rules (same paper, table A1).
+GOPHER_MAX_DUPLICATE_LINES = 0.30  # fraction of lines that repeat an earlier line
+GOPHER_MAX_DUPLICATE_PARAGRAPHS = 0.30
+GOPHER_MAX_DUPLICATE_LINE_CHARS = 0.20  # fraction of characters inside repeated lines
+GOPHER_MAX_DUPLICATE_PARAGRAPH_CHARS = 0.20
+GOPHER_MAX_TOP_NGRAM_CHARS = {2: 0.20, 3: 0.18, 4: 0.16}  # the most frequent n-gram's share
+GOPHER_MAX_DUPLICATE_NGRAM_CHARS = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+# C4 (Raffel et al. 2020, arXiv:1910.10683, sec. 2.2): at least 3 sentences;
+# no "lorem ipsum"; no "{" (which in web text is code or templates).
+C4_MIN_SENTENCES = 3
+# FineWeb (Penedo et al. 2024, arXiv:2406.17557, sec. 3.5): drop a document when at most
+# 12% of its lines end in terminal punctuation (C4's per-line rule, made per-document).
+FINEWEB_MIN_PUNCTUATED_LINES = 0.12
+# Source code (The Stack, Kocetkov et al. 2022, arXiv:2211.15533; StarCoder, Li et al. 2023,
+# arXiv:2305.06161): minified or generated files have very long lines or few alphanumerics.
+CODE_MAX_LINE_LENGTH = 1000
+CODE_MAX_MEAN_LINE_LENGTH = 100
+CODE_MIN_ALPHANUMERIC = 0.25
+
+_BULLETS = ("-", "*", "•", "‣", "●", "·", "◦", "▪")
+_TERMINAL = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？")  # datatrove's stop characters, plus CJK
+_SENTENCE_END = regex.compile(r"[.!?。！？]+(?=\s|$)")
+
+
+def _view(text: str) -> dict:
+    """What the rules look at, computed once: non-empty lines, paragraphs, words."""
+    return {"text": text, "lines": [ln for ln in text.split("\n") if ln.strip()],
+            "paragraphs": [p for p in regex.split(r"\n\s*\n", text) if p.strip()], "words": text.split()}
+
+
+def gopher_word_count(doc):
+    """Gopher: between 50 and 100,000 words (shorter is a stub or a menu, longer is a dump)."""
+    n = len(doc["words"])
+    if not GOPHER_MIN_WORDS <= n <= GOPHER_MAX_WORDS:
+        return f"{n} words, outside [{GOPHER_MIN_WORDS}, {GOPHER_MAX_WORDS}]"
+
+
+def gopher_mean_word_length(doc):
+    """Gopher: mean word length between 3 and 10 characters (else symbols, URLs or gibberish)."""
+    mean = sum(map(len, doc["words"])) / max(1, len(doc["words"]))
+    if not GOPHER_MIN_MEAN_WORD_LENGTH <= mean <= GOPHER_MAX_MEAN_WORD_LENGTH:
+        return f"mean word length {mean:.1f}"
+
+
+def gopher_symbol_ratio(doc):
+    """Gopher: at most 0.1 hash signs or ellipses per word (tag clouds, truncated snippets)."""
+    symbols = doc["text"].count("#") + doc["text"].count("...") + doc["text"].count("…")
+    ratio = symbols / max(1, len(doc["words"]))
+    if ratio > GOPHER_MAX_SYMBOL_WORD_RATIO:
+        return f"{ratio:.2f} '#' or ellipses per word"
+
+
+def gopher_bullet_lines(doc):
+    """Gopher: at most 90% of lines start with a bullet (link lists, navigation)."""
+    frac = sum(ln.lstrip().startswith(_BULLETS) for ln in doc["lines"]) / max(1, len(doc["lines"]))
+    if frac > GOPHER_MAX_BULLET_LINES:
+        return f"{frac:.0%} of lines are bullets"
+
+
+def gopher_ellipsis_lines(doc):
+    """Gopher: at most 30% of lines end with an ellipsis (truncated previews)."""
+    frac = sum(ln.rstrip().endswith(("...", "…")) for ln in doc["lines"]) / max(1, len(doc["lines"]))
+    if frac > GOPHER_MAX_ELLIPSIS_LINES:
+        return f"{frac:.0%} of lines end with an ellipsis"
+
+
+def gopher_alpha_words(doc):
+    """Gopher: at least 80% of words contain a letter (tables of numbers, markup)."""
+    # str.isalpha is true for CJK ideographs too (datatrove #202), so this rule
+    # is only meaningful for space-separated scripts: it runs on Latin text only.
+    frac = sum(any(c.isalpha() for c in w) for w in doc["words"]) / max(1, len(doc["words"]))
+    if frac < GOPHER_MIN_ALPHA_WORDS:
+        return f"only {frac:.0%} of words have a letter"
+
+
+def gopher_stop_words(doc):
+    """Gopher: at least 2 of 'the, be, to, of, and, that, have, with' (real English sentences)."""
+    n = sum(w.strip(".,;:!?\"'()").lower() in GOPHER_STOP_WORDS for w in doc["words"])
+    if n < GOPHER_MIN_STOP_WORDS:
+        return f"{n} English stop words"
+
+
+def _duplicates(items: list[str]) -> tuple[int, int]:
+    """(number of items equal to an earlier one, characters in them)."""
+    seen, count, chars = set(), 0, 0
+    for item in items:
+        if item in seen:
+            count, chars = count + 1, chars + len(item)
+        seen.add(item)
+    return count, chars
+
+
+def gopher_duplicate_lines(doc):
+    """Gopher: at most 30% of lines, and 20% of characters, in lines that repeat an earlier line."""
+    count, chars = _duplicates(doc["lines"])
+    if count > GOPHER_MAX_DUPLICATE_LINES * len(doc["lines"]):
+        return f"{count} of {len(doc['lines'])} lines repeat"
+    if chars > GOPHER_MAX_DUPLICATE_LINE_CHARS * len(doc["text"]):
+        return f"{chars} characters in repeated lines"
+
+
+def gopher_duplicate_paragraphs(doc):
+    """Gopher: the same limits for paragraphs (blocks between empty lines)."""
+    count, chars = _duplicates(doc["paragraphs"])
+    if count > GOPHER_MAX_DUPLICATE_PARAGRAPHS * len(doc["paragraphs"]):
+        return f"{count} of {len(doc['paragraphs'])} paragraphs repeat"
+    if chars > GOPHER_MAX_DUPLICATE_PARAGRAPH_CHARS * len(doc["text"]):
+        return f"{chars} characters in repeated paragraphs"
+
+
+def gopher_top_ngrams(doc):
+    """Gopher: the most frequent 2-, 3-, 4-gram covers at most 20%, 18%, 16% of characters."""
+    words, total = doc["words"], max(1, len(doc["text"]))
+    for n, limit in GOPHER_MAX_TOP_NGRAM_CHARS.items():
+        grams = Counter(" ".join(g) for g in zip(*(words[i:] for i in range(n))))
+        if grams:
+            gram, count = grams.most_common(1)[0]
+            if count > 1 and len(gram) * count / total > limit:
+                return f"the top {n}-gram covers {len(gram) * count / total:.0%} of characters"
+
+
+def gopher_duplicate_ngrams(doc):
+    """Gopher: repeated 5- to 10-grams cover at most 15% down to 10% of characters."""
+    # Counted as datatrove does (FineWeb's reproduction of Gopher): scanning left to
+    # right, an n-gram seen before adds its characters and the scan jumps past it, so
+    # overlapping repeats count once and the first occurrence is not counted.
+    words, total = doc["words"], max(1, len(doc["text"]))
+    for n, limit in GOPHER_MAX_DUPLICATE_NGRAM_CHARS.items():
+        seen, repeated, i = set(), 0, 0
+        while i < len(words) - n + 1:
+            gram = " ".join(words[i:i + n])
+            if gram in seen:
+                repeated += len(gram)
+                i += n
+            else:
+                seen.add(gram)
+                i += 1
+        if repeated / total > limit:
+            return f"repeated {n}-grams cover {repeated / total:.0%} of characters"
+
+
+def c4_lorem_ipsum(doc):
+    """C4: no placeholder text."""
+    if "lorem ipsum" in doc["text"].lower():
+        return "placeholder text 'lorem ipsum'"
+
+
+def c4_curly_bracket(doc):
+    """C4: no '{' (in crawled pages, code and templates; for the 'web' domain only)."""
+    if "{" in doc["text"]:
+        return "a curly bracket (code or a template in web text)"
+
+
+def c4_min_sentences(doc):
+    """C4: at least 3 sentences (T5 paper, sec. 2.2; TFDS uses the same 3)."""
+    n = len(_SENTENCE_END.findall(doc["text"]))
+    if n < C4_MIN_SENTENCES:
+        return f"{n} sentences"
+
+
+def fineweb_punctuated_lines(doc):
+    """FineWeb: more than 12% of lines end in terminal punctuation (else lists, menus, tables)."""
+    frac = sum(ln.rstrip().endswith(_TERMINAL) for ln in doc["lines"]) / max(1, len(doc["lines"]))
+    if frac <= FINEWEB_MIN_PUNCTUATED_LINES:
+        return f"only {frac:.0%} of lines end in terminal punctuation"
+
+
+def code_max_line_length(doc):
+    """The Stack / StarCoder: no line longer than 1000 characters (minified or generated)."""
+    longest = max(map(len, doc["lines"]), default=0)
+    if longest > CODE_MAX_LINE_LENGTH:
+        return f"a line of {longest} characters"
+
+
+def code_mean_line_length(doc):
+    """The Stack / StarCoder: mean line length at most 100 characters."""
+    mean = sum(map(len, doc["lines"])) / max(1, len(doc["lines"]))
+    if mean > CODE_MAX_MEAN_LINE_LENGTH:
+        return f"mean line length {mean:.0f}"
+
+
+_NOT_ALPHANUMERIC = regex.compile(r"[^\p{L}\p{N}]+")
+
+
+def code_alphanumeric_fraction(doc):
+    """The Stack / StarCoder: at least 25% letters and digits (data blobs, encoded binaries)."""
+    frac = len(_NOT_ALPHANUMERIC.sub("", doc["text"])) / max(1, len(doc["text"]))  # letters and digits, in C
+    if frac < CODE_MIN_ALPHANUMERIC:
+        return f"only {frac:.0%} alphanumeric characters"
+
+
+# Which rules run for which domain, in order (cheap ones first). Prose rules
+# would delete code ("{", stop words, repeated lines such as "    return"),
+# so code gets only the rules that catch minified or generated files. Any
+# other domain ("text", a user's label) is treated as prose; "web" adds C4's
+# curly-bracket rule, meant for crawled pages.
+_PROSE_RULES = (gopher_word_count, gopher_mean_word_length, gopher_symbol_ratio, gopher_bullet_lines,
+                gopher_ellipsis_lines, gopher_alpha_words, gopher_stop_words, c4_lorem_ipsum,
+                c4_min_sentences, fineweb_punctuated_lines, gopher_duplicate_lines,
+                gopher_duplicate_paragraphs, gopher_top_ngrams, gopher_duplicate_ngrams)
+DOMAIN_RULES = {
+    "code": (code_max_line_length, code_mean_line_length, code_alphanumeric_fraction),
+    "prose": _PROSE_RULES,
+    "web": _PROSE_RULES + (c4_curly_bracket,),
+}
+# Rules that assume space-separated English; they are skipped for other scripts,
+# where they would reject everything (a Chinese text has no spaces and no "the").
+_LATIN_ONLY = {gopher_word_count, gopher_mean_word_length, gopher_alpha_words, gopher_stop_words,
+               c4_min_sentences, fineweb_punctuated_lines, gopher_top_ngrams, gopher_duplicate_ngrams}
+
+
+def quality_rules(domain: str) -> tuple:
+    """The rules that apply to a domain (unknown domains are prose)."""
+    return DOMAIN_RULES.get(domain, DOMAIN_RULES["prose"])
+
+
+def quality_filter(text: str, domain: str = "prose") -> str | None:
+    """None to keep the text, else the name of the first rule of its domain that rejects it."""
+    return _quality_reason(text, domain, script_of(text))
+
+
+def _quality_reason(text: str, domain: str, script: str) -> str | None:
+    """quality_filter with the script already known (the pipeline computes it once)."""
+    doc, latin = _view(text), domain == "code" or script in ("latin", "none")
+    for rule in quality_rules(domain):
+        if (latin or rule not in _LATIN_ONLY) and rule(doc) is not None:
+            return rule.__name__
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Mixing: target weights per domain, realised by repeating or subsampling
+# ---------------------------------------------------------------------------
+
+def parse_mix(spec: str) -> dict:
+    """"code=0.3,prose=0.7" -> {"code": 0.3, "prose": 0.7}; "alpha=0.3" -> {"alpha": 0.3}; "" -> {}."""
+    weights = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        name, sep, value = (x.strip() for x in part.partition("="))
+        try:
+            weight = float(value) if sep and name else math.nan
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise ValueError(f"cannot read '{part}' in --mix: write domain=weight pairs such as "
+                             "code=0.3,prose=0.7, or alpha=0.3 for temperature sampling")
+        if weight < 0:
+            raise ValueError(f"--mix weight {part} is negative: weights must be >= 0")
+        weights[name] = weight
+    if "alpha" in weights and len(weights) > 1:
+        raise ValueError("--mix alpha=... (temperature sampling) cannot be combined with domain weights")
+    if weights and "alpha" not in weights and sum(weights.values()) <= 0:
+        raise ValueError(f"--mix weights sum to {sum(weights.values())}: give at least one domain a positive weight")
+    return weights
+
+
+def mix_epochs(sizes: dict, spec: str) -> dict:
+    """Epochs per group (domain or script) that realise the mix, keeping the total size.
+
+    sizes: natural size n_d of each group (bytes). Weights w_d (normalised to
+    sum to 1) or temperature sampling w_d = n_d^alpha / sum_e n_e^alpha set
+    the target share; with T = sum_d n_d, group d is repeated
+    epochs_d = w_d * T / n_d times (< 1: subsampled). An empty spec: 1 each.
+    """
+    weights = parse_mix(spec)
+    if not weights:
+        return {d: 1.0 for d in sizes}
+    if "alpha" in weights:
+        weights = {d: float(n) ** weights["alpha"] for d, n in sizes.items() if n > 0}
+    unknown = sorted(set(weights) - {d for d, n in sizes.items() if n > 0})
+    if unknown:
+        raise ValueError(f"--mix names {', '.join(unknown)}, not found in the filtered corpus, whose groups are "
+                         f"{', '.join(sorted(d for d, n in sizes.items() if n > 0))}: use those names")
+    total_weight, total_size = sum(weights.values()), sum(sizes.values())
+    return {d: weights.get(d, 0.0) / total_weight * total_size / n if n else 0.0 for d, n in sizes.items()}
+
+
+def _mixed_order(ids: np.ndarray, groups: np.ndarray, nbytes: np.ndarray, epochs: dict,
+                 names: list, rng: np.random.Generator) -> np.ndarray:
+    """Document ids in writing order: group g's documents floor(e_g) times, then a random
+    subset until the fractional epoch's bytes are reached; the whole list shuffled."""
+    out = []
+    for g, name in enumerate(names):
+        members = ids[groups[ids] == g]
+        e = epochs.get(name, 0.0)
+        if len(members) == 0 or e <= 0:
+            continue
+        for _ in range(int(e)):
+            out.append(members)
+        if e % 1:
+            perm = rng.permutation(members)
+            # Take documents until their bytes reach the fraction: cumsum before each doc < target.
+            cum = np.cumsum(nbytes[perm]) - nbytes[perm]
+            out.append(perm[cum < (e % 1) * nbytes[members].sum()])
+    order = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    return rng.permutation(order)
 
 
 # ---------------------------------------------------------------------------
 # Byte-level BPE
 # ---------------------------------------------------------------------------
 
-def _word_counts(texts, max_train_bytes: int) -> Counter:
+def _word_counts(texts, max_train_bytes: int | None) -> Counter:
     """Count unique pre-tokens (as bytes) over the texts, up to max_train_bytes of text."""
     counts, seen = Counter(), 0
-    for text in texts:
-        if seen >= max_train_bytes:
-            break
-        text = text.encode("utf-8")[: max_train_bytes - seen].decode("utf-8", "ignore")
-        seen += len(text.encode("utf-8"))
+    for text in texts:  # any iterable: a generator streams the corpus
+        if max_train_bytes is not None:  # None: all of it
+            if seen >= max_train_bytes:
+                break
+            text = text.encode("utf-8")[: max_train_bytes - seen].decode("utf-8", "ignore")
+            seen += len(text.encode("utf-8"))
         counts.update(regex.findall(PATTERN, text))
     return Counter({w.encode("utf-8"): c for w, c in counts.items()})
 
@@ -256,13 +1025,22 @@ def _merge_word(word: list[int], a: int, b: int, new: int) -> list[int]:
     return out
 
 
-def train_bpe(texts, vocab_size: int, max_train_bytes: int = 2_000_000) -> tiktoken.Encoding:
+def train_bpe(texts, vocab_size: int, max_train_bytes: int | None = 2_000_000) -> tiktoken.Encoding:
     """Byte-level BPE (Sennrich et al. 2016) trained on texts; ids 0..V-2 are tokens, V-1 is EOT.
 
-    The naive trainer recounts every pair after each merge: O(merges * corpus).
-    Here only the words that contain the merged pair are recounted, and a
-    max-heap with lazy deletion finds the next pair. Ties go to the smallest
-    pair of byte strings, so the result does not depend on dict order.
+    Step by step:
+      1. pre-tokenize each text with PATTERN and count the unique pre-tokens
+         ("words"), as UTF-8 bytes: a corpus of 10 MB has ~100k of them;
+      2. count adjacent token pairs inside words, each weighted by the
+         word's frequency, remembering which words hold which pair;
+      3. merge the most frequent pair into a new token and recount only the
+         words that held it (the naive trainer recounts every pair after each
+         merge: O(merges * corpus)); a max-heap with lazy deletion finds the
+         next pair; ties go to the smallest pair of byte strings, so the result
+         does not depend on dict order;
+      4. stop at V-1 tokens; the end-of-text token takes the last id, V-1.
+    texts may be any iterable (a generator streams); only the first
+    max_train_bytes bytes are used (None: all).
     """
     if vocab_size < 257:
         raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE: use at least 257")
@@ -378,7 +1156,8 @@ def _gpt2_encoding() -> tiktoken.Encoding:
         raise ValueError(_GPT2_MISSING) from e
 
 
-def get_tokenizer(name: str, texts=None, vocab_size: int = 4096) -> tiktoken.Encoding:
+def get_tokenizer(name: str, texts=None, vocab_size: int = 4096,
+                  max_train_bytes: int = 2_000_000) -> tiktoken.Encoding:
     """"bytes" (V=257), "bpe" (trained on texts, V=vocab_size) or "gpt2" (V=50257)."""
     if name == "bytes":
         # 256 single-byte ranks and no merges: one token per UTF-8 byte.
@@ -388,20 +1167,184 @@ def get_tokenizer(name: str, texts=None, vocab_size: int = 4096) -> tiktoken.Enc
     if name == "bpe":
         if texts is None:
             raise ValueError("the bpe tokenizer needs texts to train on: pass texts=[...]")
-        return train_bpe(texts, vocab_size)
+        return train_bpe(texts, vocab_size, max_train_bytes)
     if name == "gpt2":
         return _gpt2_encoding()
     raise ValueError(f"unknown tokenizer '{name}': use bytes, bpe or gpt2")
 
 
 # ---------------------------------------------------------------------------
-# Tokenize once: train.bin, val.bin, manifest.json
+# Tokenize in parallel, write fixed-size shards
 # ---------------------------------------------------------------------------
+
+_WORKER_ENCODING = None  # each worker process loads the tokenizer once, in _init_worker
+
+
+def _load_encoding(spec: tuple) -> tiktoken.Encoding:
+    """("file", path) for a trained BPE, ("name", "bytes" or "gpt2") for the others."""
+    kind, value = spec
+    return load_tokenizer_file(value) if kind == "file" else get_tokenizer(value)
+
+
+def _init_worker(spec: tuple) -> None:
+    global _WORKER_ENCODING
+    _WORKER_ENCODING = _load_encoding(spec)
+
+
+def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens with EOT after each document as uint32, tokens per document). Runs in a worker."""
+    enc = _WORKER_ENCODING
+    docs = [enc.encode_ordinary(t) for t in texts]
+    counts = np.array([len(d) + 1 for d in docs], dtype=np.int64)  # + 1: the EOT
+    flat = [t for d in docs for t in (*d, enc.eot_token)]
+    return np.asarray(flat, dtype=np.uint32), counts
+
+
+def _map_ordered(pool, items, ahead: int):
+    """Yield (item, _encode_chunk(item[1])) in order, with at most `ahead` chunks in flight.
+
+    Pool.imap would read the whole input ahead of the workers (its feeder
+    thread does not wait), which is the whole corpus in memory; a bounded
+    queue of apply_async results keeps memory flat.
+    """
+    if pool is None:
+        yield from ((item, _encode_chunk(item[1])) for item in items)
+        return
+    pending = deque()
+    for item in items:
+        pending.append((item, pool.apply_async(_encode_chunk, (item[1],))))
+        if len(pending) >= ahead:
+            item, result = pending.popleft()
+            yield item, result.get()
+    while pending:
+        item, result = pending.popleft()
+        yield item, result.get()
+
+
+def _write_shards(arrays, folder: Path, split: str, dtype: str, shard_tokens: int) -> list[dict]:
+    """Append token arrays to {split}_00000.bin, ... of exactly shard_tokens tokens (the last: the rest)."""
+    shards, f = [], None
+    for arr in arrays:
+        arr = arr.astype(dtype)  # safe: every id is < V, and dtype was chosen to hold V
+        while len(arr):
+            if f is None:
+                name = f"{split}_{len(shards):05d}.bin"
+                f, digest, n = open(folder / name, "wb"), hashlib.sha256(), 0
+            piece, arr = arr[:shard_tokens - n], arr[shard_tokens - n:]
+            f.write(piece.tobytes())
+            digest.update(piece.tobytes())
+            n += len(piece)
+            if n == shard_tokens:
+                f.close()
+                shards.append({"file": name, "tokens": n, "sha256": digest.hexdigest()})
+                f = None
+    if f is not None:
+        f.close()
+        shards.append({"file": name, "tokens": n, "sha256": digest.hexdigest()})
+    return shards
+
+
+# ---------------------------------------------------------------------------
+# The spool: kept documents on disk, read back by offset
+# ---------------------------------------------------------------------------
+
+def _spool_read(f, offset: int) -> list:
+    """[text, domain, source] of the spool line starting at offset."""
+    f.seek(offset)
+    return json.loads(f.readline())
+
+
+def _spool_texts(path: Path, offsets: list, ids):
+    """The texts of documents ids, in that order, streamed from the spool file."""
+    with open(path, "rb") as f:
+        for i in ids:
+            yield _spool_read(f, offsets[i])[0]
+
+
+def _chunks(path: Path, offsets: list, nbytes: np.ndarray, ids, max_docs=256, max_bytes=1 << 22):
+    """(ids, texts) pieces of at most max_docs documents or ~4 MiB, the unit of work of one worker."""
+    piece, size = [], 0
+    for i in ids:
+        piece.append(int(i))
+        size += int(nbytes[i])
+        if len(piece) >= max_docs or size >= max_bytes:
+            yield piece, list(_spool_texts(path, offsets, piece))
+            piece, size = [], 0
+    if piece:
+        yield piece, list(_spool_texts(path, offsets, piece))
+
+
+# ---------------------------------------------------------------------------
+# Progress and the report
+# ---------------------------------------------------------------------------
+
+def _progress(label: str, verbose: bool):
+    """update(docs, nbytes, done=False): a status line on stdout, redrawn in place on a terminal.
+
+    stdout, not stderr: stderr stays free for the one-line error of a bad input.
+    """
+    t0, tty = time.time(), sys.stdout.isatty()
+    last = [t0]  # the time of the last line drawn
+
+    def update(docs: int, nbytes: int, done: bool = False) -> None:
+        now = time.time()
+        if not verbose or (not done and now - last[0] < (0.2 if tty else 10.0)):
+            return
+        last[0] = now
+        line = (f"{label}: {docs:,} documents, {nbytes / 1e6:,.1f} MB, "
+                f"{nbytes / 1e6 / max(now - t0, 1e-9):,.1f} MB/s")
+        print(("\r" if tty else "") + line.ljust(72), end="\n" if done or not tty else "", flush=True)
+    return update
+
+
+def _stage(report: dict, name: str, docs_in: int, bytes_in: int, docs_out: int, bytes_out: int, seconds: float):
+    report["stages"].append({"stage": name, "docs_in": docs_in, "docs_out": docs_out, "bytes_in": bytes_in,
+                             "bytes_out": bytes_out, "seconds": round(seconds, 3),
+                             "mb_per_s": round(bytes_in / 1e6 / seconds, 2) if seconds > 0 else None})
+
+
+def format_report(report: dict) -> str:
+    """The report as plain-text tables: stages, removals per rule, groups before and after mixing."""
+    out = [f"{'stage':<20}{'docs in':>10}{'docs out':>10}{'MB in':>10}{'MB out':>10}{'seconds':>9}{'MB/s':>8}"]
+    for s in report["stages"]:
+        rate = f"{s['mb_per_s']:.1f}" if s["mb_per_s"] is not None else "-"
+        out.append(f"{s['stage']:<20}{s['docs_in']:>10,}{s['docs_out']:>10,}{s['bytes_in'] / 1e6:>10.2f}"
+                   f"{s['bytes_out'] / 1e6:>10.2f}{s['seconds']:>9.1f}{rate:>8}")
+    if report["removed"]:
+        out.append("removed: " + ", ".join(f"{k} {v:,}" for k, v in sorted(report["removed"].items(), key=lambda kv: -kv[1])))
+    out.append("scripts: " + ", ".join(f"{k} {v:,}" for k, v in sorted(report["scripts"].items(), key=lambda kv: -kv[1])))
+    out.append(f"\n{report['mix_by']:<12}{'docs':>8}{'MB':>9}{'weight':>8}{'epochs':>8}{'tokens before':>15}"
+               f"{'tokens after':>14}{'share':>8}")
+    for name, g in report["mix"].items():
+        before = f"{g['tokens_before']:,}" if g["tokens_before"] is not None else "-"
+        out.append(f"{name:<12}{g['docs']:>8,}{g['bytes'] / 1e6:>9.2f}{g['weight']:>8.3f}{g['epochs']:>8.2f}"
+                   f"{before:>15}{g['tokens_after']:>14,}{g['share_after']:>8.3f}")
+    t = report["tokens"]
+    out.append(f"\ntrain {t['train_tokens']:,} tokens in {t['train_shards']} shard(s), val {t['val_tokens']:,} tokens; "
+               f"held-out {t['val_bytes_per_token']:.3f} bytes/token ({report['tokenizer']}; bytes: 1.000); "
+               f"{report['seconds']:.1f} s in all")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
+# prepare: the pipeline, into <out_dir>/<key>/
+# ---------------------------------------------------------------------------
+
+def _canonical_data(data: str) -> str:
+    """--data with each local path made absolute, so the cache key does not depend on the working directory."""
+    parts = []
+    for domain, source in parse_sources(data):
+        local = not (source == "stdlib" or source.startswith(("stdlib:", "http://", "https://")))
+        source = os.path.abspath(source) if local else source
+        parts.append(f"{domain}={source}" if domain else source)
+    return ",".join(parts)
+
 
 def _cache_key(config: dict) -> str:
     """A readable prefix plus a short hash of everything that changes the output."""
     digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-    stem = regex.sub(r"[^A-Za-z0-9]+", "_", Path(config["data"]).name or "data").strip("_")
+    last = parse_sources(config["data"])[-1][1].rstrip("/")
+    stem = regex.sub(r"[^A-Za-z0-9]+", "_", last.rsplit("/", 1)[-1] or "data").strip("_")
     return f"{stem}-{config['tokenizer']}{config['vocab_size']}-{digest}"
 
 
@@ -414,27 +1357,47 @@ def _split_documents(n_docs: int, val_fraction: float, seed: int):
     return order[n_val:], order[:n_val]
 
 
-def _write_tokens(path: Path, enc, texts: list[str], dtype: str) -> int:
-    """Encode texts in batches, EOT after each, append to a raw binary file; return the token count."""
-    n_tokens, batch = 0, 512  # batches keep memory flat on large corpora
-    with open(path, "wb") as f:
-        for start in range(0, len(texts), batch):
-            encoded = enc.encode_ordinary_batch(texts[start:start + batch])  # multithreaded in Rust
-            ids = [t for doc in encoded for t in (*doc, enc.eot_token)]
-            np.asarray(ids, dtype=dtype).tofile(f)
-            n_tokens += len(ids)
-    return n_tokens
+def _check_settings(cfg: dict) -> None:
+    """Refuse bad settings before reading anything."""
+    if cfg["dedup"] not in ("none", "exact", "minhash"):
+        raise ValueError(f"unknown dedup method '{cfg['dedup']}': use none, exact or minhash")
+    if not 0 < cfg["dedup_threshold"] <= 1:
+        raise ValueError(f"--dedup_threshold {cfg['dedup_threshold']} is not a Jaccard similarity: use (0, 1]")
+    if cfg["mix_by"] not in ("domain", "script"):
+        raise ValueError(f"unknown --mix_by '{cfg['mix_by']}': use domain or script")
+    parse_mix(cfg["mix"])  # syntax, signs and sum; the names are checked once the groups are known
+    if not 0 < cfg["val_fraction"] < 1:
+        raise ValueError(f"val_fraction {cfg['val_fraction']} must be between 0 and 1")
+    if cfg["shard_tokens"] < 1:
+        raise ValueError(f"shard_tokens {cfg['shard_tokens']} must be at least 1")
+    if cfg["tokenizer"] not in ("bytes", "bpe", "gpt2"):
+        raise ValueError(f"unknown tokenizer '{cfg['tokenizer']}': use bytes, bpe or gpt2")
+    if cfg["tokenizer"] == "bpe" and cfg["vocab_size"] < 257:
+        raise ValueError(f"vocab_size={cfg['vocab_size']} is too small for byte-level BPE: use at least 257")
 
 
 def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096,
             out_dir: str = "data_cache", val_fraction: float = 0.05,
-            max_bytes: int | None = None, seed: int = 0, verbose: bool = True) -> dict:
-    """Tokenize a corpus once into <out_dir>/<key>/ and return its manifest (plus "dir")."""
+            max_bytes: int | None = None, seed: int = 0, verbose: bool = True, *,
+            text_field: str = "text", dedup: str = "minhash", dedup_threshold: float = 0.8,
+            quality_filter: bool = True, mix: str = "", mix_by: str = "domain",
+            shard_tokens: int = SHARD_TOKENS, bpe_train_bytes: int | None = 2_000_000,
+            workers: int = 0) -> dict:
+    """Run the pipeline once into <out_dir>/<key>/ and return its manifest (plus "dir").
+
+    The key hashes every setting that changes the output, so a second call
+    with the same settings reuses the directory. The directory is built in a
+    temporary sibling and renamed into place: it appears complete or not at
+    all, and a bad input leaves nothing behind. workers: tokenizer processes
+    (0: one per CPU, at most 8); it does not change the output.
+    """
     log = print if verbose else (lambda *a, **k: None)
-    is_path = not (data == "stdlib" or data.startswith("stdlib:"))
-    config = {"data": os.path.abspath(data) if is_path else data, "tokenizer": tokenizer,
-              "vocab_size": vocab_size, "val_fraction": val_fraction,
-              "max_bytes": max_bytes, "seed": seed, "format": FORMAT_VERSION}
+    config = {"data": _canonical_data(data), "tokenizer": tokenizer, "vocab_size": vocab_size,
+              "val_fraction": val_fraction, "max_bytes": max_bytes, "seed": seed, "format": FORMAT_VERSION,
+              "text_field": text_field, "dedup": dedup, "dedup_threshold": dedup_threshold,
+              "quality_filter": quality_filter, "mix": mix, "mix_by": mix_by, "shard_tokens": shard_tokens,
+              "bpe_train_bytes": bpe_train_bytes}
+    _check_settings(config)
     final = Path(out_dir).resolve() / _cache_key(config)
     if (final / "manifest.json").exists():
         try:
@@ -444,62 +1407,289 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
                 return manifest
         except ValueError:
             pass  # corrupt or stale: prepare again below
-    t0 = time.time()
-    docs = read_documents(data, max_bytes)
-    log(f"read {len(docs)} documents from {data} in {time.time() - t0:.1f} s")
-    train_idx, val_idx = _split_documents(len(docs), val_fraction, seed)
-    splits = {"train": [docs[i] for i in train_idx], "val": [docs[i] for i in val_idx]}
-
-    t0 = time.time()
-    # BPE sees only the training documents, so val measures unseen text.
-    enc = get_tokenizer(tokenizer, [d[0] for d in splits["train"]], vocab_size)
-    log(f"tokenizer {enc.name} ready in {time.time() - t0:.1f} s (vocab {enc.n_vocab})")
-
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private (0700); the cache is meant to be shared
     try:
-        manifest = _write_prepared(tmp, enc, splits, config)
+        manifest, report = _run_pipeline(tmp, config, Path(out_dir) / "downloads", workers or min(8, os.cpu_count() or 1), verbose)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # the directory appears complete or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"wrote {manifest['train_tokens']:,} train and {manifest['val_tokens']:,} val tokens to {final}")
+    log(format_report(report))
+    log(f"wrote {final}")
     return {**manifest, "dir": str(final)}
 
 
-def _write_prepared(tmp: Path, enc, splits: dict, config: dict) -> dict:
-    """Write token files, tokenizer and manifest into tmp; return the manifest."""
-    dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"  # ids up to V-1 must fit
-    manifest = {"format": FORMAT_VERSION, "data": config["data"], "tokenizer": config["tokenizer"],
-                "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "dtype": dtype}
-    domains = Counter()
-    for split, docs in splits.items():
-        texts = [d[0] for d in docs]
-        manifest[f"{split}_tokens"] = _write_tokens(tmp / f"{split}.bin", enc, texts, dtype)
-        manifest[f"{split}_bytes"] = sum(len(t.encode("utf-8")) for t in texts)
-        for text, domain, _ in docs:
-            domains[domain] += len(text.encode("utf-8"))
-    manifest["documents"] = {s: len(d) for s, d in splits.items()}
-    manifest["domains"] = dict(sorted(domains.items()))
-    manifest["config"] = config  # what produced this directory, checked before reuse
-    if config["tokenizer"] == "bpe":
+def _run_pipeline(tmp: Path, cfg: dict, cache_dir: Path, workers: int, verbose: bool) -> tuple[dict, dict]:
+    """All stages, writing shards, tokenizer, manifest.json and report.json into tmp."""
+    t_start = time.time()
+    report = {"stages": [], "removed": {}, "scripts": {}, "mix_by": cfg["mix_by"], "mix": {}}
+    spool = tmp / "spool.jsonl"  # the kept documents, on disk; deleted at the end
+    docs = _collect(spool, cfg, cache_dir, report, verbose)
+    keep = _near_dedup(docs, cfg, report)
+    keep = _filter(spool, docs, keep, cfg, report, verbose)
+    kept = np.flatnonzero(keep)
+    if len(kept) == 0:
+        read = report["stages"][0]["docs_in"]
+        raise ValueError(f"no documents left after filtering ({read} read; removed: "
+                         f"{', '.join(f'{k} {v}' for k, v in report['removed'].items()) or 'none'}): "
+                         "use --quality_filter false or --dedup none, or add data")
+    train_local, val_local = _split_documents(len(kept), cfg["val_fraction"], cfg["seed"])
+    train_ids, val_ids = kept[train_local], kept[val_local]
+
+    t0 = time.time()
+    # BPE sees only training documents (in the split's shuffled order), so val measures unseen text.
+    texts = _spool_texts(spool, docs["offsets"], train_ids)
+    enc = get_tokenizer(cfg["tokenizer"], texts, cfg["vocab_size"], cfg["bpe_train_bytes"])
+    spec = ("name", cfg["tokenizer"])
+    if cfg["tokenizer"] == "bpe":
         save_tokenizer(enc, tmp / "tokenizer.tiktoken")
+        spec = ("file", str(tmp / "tokenizer.tiktoken"))
+    report["stages"].append({"stage": f"tokenizer {enc.name}", "docs_in": len(train_ids), "docs_out": len(train_ids),
+                             "bytes_in": int(docs["nbytes"][train_ids].sum()), "bytes_out": 0,
+                             "seconds": round(time.time() - t0, 3), "mb_per_s": None})
+
+    groups, names = (docs["domain"], docs["domain_names"]) if cfg["mix_by"] == "domain" else (docs["script"], docs["script_names"])
+    group_bytes = {n: int(docs["nbytes"][train_ids][groups[train_ids] == g].sum()) for g, n in enumerate(names)}
+    # Weights are shares of TOKENS, and code and prose pack different bytes into a token, so
+    # the mix is planned on each group's token count, estimated from a sample it encodes.
+    sizes = _estimated_tokens(enc, spool, docs, train_ids, groups, names, group_bytes) if cfg["mix"] else group_bytes
+    epochs = mix_epochs(sizes, cfg["mix"])
+    order = train_ids if not cfg["mix"] else _mixed_order(train_ids, groups, docs["nbytes"], epochs, names,
+                                                          np.random.default_rng(cfg["seed"]))
+    if len(order) == 0:
+        raise ValueError("the --mix weights leave no training documents: give a domain of the corpus a positive weight")
+    dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"  # ids up to V-1 must fit (datatrove #118)
+    written = _tokenize_all(tmp, spool, docs, {"train": order, "val": val_ids}, groups, spec, dtype, cfg, workers, report, verbose)
+    spool.unlink()
+
+    manifest = {"format": FORMAT_VERSION, "data": cfg["data"], "tokenizer": cfg["tokenizer"],
+                "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "dtype": dtype, "shard_tokens": cfg["shard_tokens"]}
+    for split, w in written.items():
+        manifest[f"{split}_tokens"], manifest[f"{split}_bytes"] = w["tokens"], w["bytes"]
+    manifest["shards"] = {split: w["shards"] for split, w in written.items()}
+    manifest["documents"] = {split: w["documents"] for split, w in written.items()}
+    domain_bytes = Counter()
+    for i in kept:
+        domain_bytes[docs["domain_names"][docs["domain"][i]]] += int(docs["nbytes"][i])
+    manifest["domains"] = dict(sorted(domain_bytes.items()))
+    manifest["config"] = cfg  # what produced this directory, checked before reuse
+    _mix_report(report, names, groups, train_ids, group_bytes, sizes, epochs, written["train"]["per_group"], cfg["mix"])
+    report["tokenizer"] = enc.name
+    report["tokens"] = {"train_tokens": manifest["train_tokens"], "val_tokens": manifest["val_tokens"],
+                        "train_shards": len(manifest["shards"]["train"]), "val_shards": len(manifest["shards"]["val"]),
+                        "val_bytes_per_token": manifest["val_bytes"] / manifest["val_tokens"]}
+    report["seconds"] = round(time.time() - t_start, 2)
+    _write_atomic(tmp / "report.json", json.dumps(report, indent=1))
     _write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1))
-    return manifest
+    return manifest, report
 
 
-def load_prepared(dir) -> tuple[dict, tiktoken.Encoding]:
-    """Read and check a prepared directory; return (manifest with "dir", tokenizer)."""
+def _collect(spool: Path, cfg: dict, cache_dir: Path, report: dict, verbose: bool) -> dict:
+    """One streaming pass: read -> normalise -> exact dedup -> MinHash signature -> spool file.
+
+    Memory per kept document: its offset, size, labels, a 16-byte exact key
+    and (for minhash) a K * 4-byte signature; the text itself goes to disk.
+    """
+    clock, count = Counter(), Counter()
+    seen, offsets, nbytes, domain, names, sigs, batch = set(), [], [], [], {}, [], []
+    update = _progress("read, normalise, dedup", verbose)
+    documents = iter_documents(cfg["data"], cfg["max_bytes"], cfg["text_field"], str(cache_dir))
+
+    def signatures(texts):
+        t = time.perf_counter()
+        sigs.append(minhash_signatures(texts))
+        clock["minhash"] += time.perf_counter() - t
+
+    with open(spool, "wb") as f:
+        while True:
+            t = time.perf_counter()
+            doc = next(documents, None)
+            clock["read"] += time.perf_counter() - t
+            if doc is None:
+                break
+            text, dom, source = doc
+            count["read_docs"] += 1
+            count["read_bytes"] += len(text.encode("utf-8"))
+            t = time.perf_counter()
+            text = normalize(text)
+            size = len(text.encode("utf-8"))
+            clock["normalise"] += time.perf_counter() - t
+            if not text.strip():
+                continue
+            count["norm_docs"] += 1
+            count["norm_bytes"] += size
+            if cfg["dedup"] != "none":
+                t = time.perf_counter()
+                key = exact_key(text)
+                clock["exact"] += time.perf_counter() - t
+                if key in seen:
+                    continue
+                seen.add(key)
+            offsets.append(f.tell())
+            f.write(json.dumps([text, dom, source], ensure_ascii=False).encode("utf-8") + b"\n")
+            nbytes.append(size)
+            domain.append(names.setdefault(dom, len(names)))
+            if cfg["dedup"] == "minhash":
+                batch.append(text)
+                if len(batch) == 512:  # signatures in batches: one numpy pass per 512 documents
+                    signatures(batch)
+                    batch = []
+            update(count["read_docs"], count["read_bytes"])
+        if batch:
+            signatures(batch)
+    if count["norm_docs"] == 0:
+        raise ValueError(f"no text found in '{cfg['data']}': it needs non-empty .txt or .jsonl content")
+    update(count["read_docs"], count["read_bytes"], done=True)
+    out_bytes = int(sum(nbytes))
+    _stage(report, "read", count["read_docs"], count["read_bytes"], count["read_docs"], count["read_bytes"], clock["read"])
+    _stage(report, "normalise", count["read_docs"], count["read_bytes"], count["norm_docs"], count["norm_bytes"], clock["normalise"])
+    report["removed"]["empty"] = count["read_docs"] - count["norm_docs"]
+    _stage(report, "exact dedup", count["norm_docs"], count["norm_bytes"], len(offsets), out_bytes, clock["exact"])
+    report["removed"]["exact_duplicate"] = count["norm_docs"] - len(offsets)
+    sig = np.concatenate(sigs) if sigs else None
+    return {"offsets": offsets, "nbytes": np.array(nbytes, dtype=np.int64), "domain": np.array(domain, dtype=np.int64),
+            "domain_names": list(names), "sig": sig, "minhash_seconds": clock["minhash"]}
+
+
+def _near_dedup(docs: dict, cfg: dict, report: dict) -> np.ndarray:
+    """MinHash + LSH over the collected signatures: the keep mask."""
+    n = len(docs["offsets"])
+    if cfg["dedup"] != "minhash":
+        return np.ones(n, dtype=bool)
+    t = time.perf_counter()
+    keep = near_duplicate_keep(docs["sig"], cfg["dedup_threshold"]) if n else np.ones(0, dtype=bool)
+    seconds = docs["minhash_seconds"] + time.perf_counter() - t  # signatures were computed while reading
+    total = int(docs["nbytes"].sum())
+    _stage(report, "near dedup (minhash)", n, total, int(keep.sum()), int(docs["nbytes"][keep].sum()), seconds)
+    report["removed"]["near_duplicate"] = int(n - keep.sum())
+    return keep
+
+
+def _filter(spool: Path, docs: dict, keep: np.ndarray, cfg: dict, report: dict, verbose: bool) -> np.ndarray:
+    """Second pass over the spool: the script of every document, then its domain's quality rules."""
+    t0 = time.perf_counter()
+    keep, scripts, script_names = keep.copy(), np.zeros(len(keep), dtype=np.int64), {}
+    docs_in, bytes_in, seen_bytes, removed = int(keep.sum()), int(docs["nbytes"][keep].sum()), 0, Counter()
+    update = _progress("quality filter" if cfg["quality_filter"] else "script id", verbose)
+    with open(spool, "rb") as f:
+        for i, line in enumerate(f):
+            if not keep[i]:
+                continue
+            text, domain, _ = json.loads(line)
+            script = script_of(text)
+            scripts[i] = script_names.setdefault(script, len(script_names))
+            reason = _quality_reason(text, domain, script) if cfg["quality_filter"] else None
+            if reason is not None:
+                keep[i] = False
+                removed[reason] += 1
+            seen_bytes += int(docs["nbytes"][i])
+            update(i + 1, seen_bytes)
+    update(len(keep), seen_bytes, done=True)
+    docs["script"], docs["script_names"] = scripts, list(script_names)
+    report["removed"].update(sorted(removed.items()))
+    report["scripts"] = dict(Counter(docs["script_names"][scripts[i]] for i in np.flatnonzero(keep)))
+    _stage(report, "quality filter" if cfg["quality_filter"] else "script id", docs_in, bytes_in,
+           int(keep.sum()), int(docs["nbytes"][keep].sum()), time.perf_counter() - t0)
+    return keep
+
+
+def _tokenize_all(tmp, spool, docs, splits, groups, spec, dtype, cfg, workers, report, verbose) -> dict:
+    """Tokenize each split's documents (in order) with a pool of worker processes into shards."""
+    t0 = time.time()
+    written = {}
+    # The platform's default start method (fork on Linux, spawn on macOS and Windows); the
+    # worker functions live at module level, so spawn can import them.
+    pool = multiprocessing.get_context().Pool(workers, _init_worker, (spec,)) if workers > 1 else None
+    if pool is None:
+        _init_worker(spec)
+    try:
+        for split, ids in splits.items():
+            per_group, n_docs, n_bytes = Counter(), 0, 0
+            update = _progress(f"tokenize {split}", verbose)
+
+            def arrays():
+                nonlocal n_docs, n_bytes
+                for (piece, _), (tokens, counts) in _map_ordered(pool, _chunks(spool, docs["offsets"], docs["nbytes"], ids), 2 * workers):
+                    for i, c in zip(piece, counts):
+                        per_group[groups[i]] += int(c)
+                    n_docs, n_bytes = n_docs + len(piece), n_bytes + int(docs["nbytes"][piece].sum())
+                    update(n_docs, n_bytes)
+                    yield tokens
+            shards = _write_shards(arrays(), tmp, split, dtype, cfg["shard_tokens"])
+            update(n_docs, n_bytes, done=True)
+            written[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards), "bytes": n_bytes,
+                              "documents": n_docs, "per_group": per_group}
+    finally:
+        if pool is not None:
+            pool.terminate()
+    n_bytes = sum(w["bytes"] for w in written.values())
+    _stage(report, f"tokenize+shard x{workers}", sum(w["documents"] for w in written.values()), n_bytes,
+           sum(w["documents"] for w in written.values()), n_bytes, time.time() - t0)
+    return written
+
+
+def _estimated_tokens(enc, spool, docs, train_ids, groups, names, group_bytes, sample_bytes=1 << 20) -> dict:
+    """Tokens per group ~ its bytes / (bytes per token of up to 1 MiB of its documents, encoded)."""
+    estimate = {}
+    for g, name in enumerate(names):
+        # From the end of the shuffled order: the BPE learned from its start and compresses
+        # its own training text better than the rest (which biased an earlier version by 10%).
+        members = train_ids[groups[train_ids] == g][::-1]
+        # Documents up to sample_bytes in all: cumsum before each < the budget.
+        taken = members[np.cumsum(docs["nbytes"][members]) - docs["nbytes"][members] < sample_bytes]
+        texts = list(_spool_texts(spool, docs["offsets"], taken))
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        n_tokens = sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(texts))  # + 1: the EOT
+        estimate[name] = group_bytes[name] * n_tokens / n_bytes if n_bytes else 0.0
+    return estimate
+
+
+def _mix_report(report, names, groups, train_ids, group_bytes, sizes, epochs, tokens_after, spec) -> None:
+    """Per group: documents, bytes, target weight, epochs, tokens before and after mixing, share after."""
+    total_after = sum(tokens_after.values()) or 1
+    total_size = sum(sizes.values()) or 1
+    for g, name in enumerate(names):
+        members = train_ids[groups[train_ids] == g]
+        if len(members) == 0:
+            continue
+        after = int(tokens_after.get(g, 0))
+        # Exact when nothing is mixed (each document written once), else the sampled estimate.
+        before = after if not spec else round(sizes[name])
+        report["mix"][name] = {"docs": int(len(members)), "bytes": group_bytes[name],
+                               "weight": epochs[name] * sizes[name] / total_size, "epochs": round(epochs[name], 4),
+                               "tokens_before": before, "tokens_after": after, "share_after": after / total_after}
+
+
+# ---------------------------------------------------------------------------
+# Reading a prepared directory back
+# ---------------------------------------------------------------------------
+
+def load_prepared(dir, verify: bool = False) -> tuple[dict, tiktoken.Encoding]:
+    """Read and check a prepared directory; return (manifest with "dir", tokenizer).
+
+    Every shard's size must be its token count times the dtype's size (a
+    truncated write is caught); verify=True also recomputes the SHA-256 of
+    every shard (reads everything: seconds per GB).
+    """
     dir = Path(dir)
     try:
         manifest = json.loads((dir / "manifest.json").read_text())
+        if manifest.get("format") != FORMAT_VERSION:
+            raise KeyError(f"format {manifest.get('format')}, expected {FORMAT_VERSION}")
         itemsize = np.dtype(manifest["dtype"]).itemsize
         for split in ("train", "val"):
-            _check_size(dir / f"{split}.bin", manifest[f"{split}_tokens"] * itemsize)
+            shards = manifest["shards"][split]
+            if sum(s["tokens"] for s in shards) != manifest[f"{split}_tokens"]:
+                raise KeyError(f"{split} shard tokens do not add up")
+            for s in shards:
+                _check_size(dir / s["file"], s["tokens"] * itemsize)
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"cannot read {dir}/manifest.json ({e}): delete {dir} and run prepare again") from None
+    if verify:
+        verify_shards(dir, manifest)
     if manifest["tokenizer"] == "bpe":
         enc = load_tokenizer_file(dir / "tokenizer.tiktoken")
     else:
@@ -517,36 +1707,80 @@ def _check_size(path: Path, expected: int) -> None:
                          "delete the directory to re-prepare")
 
 
+def verify_shards(dir, manifest: dict) -> None:
+    """Recompute each shard's SHA-256 and compare it with the manifest's."""
+    for split in ("train", "val"):
+        for s in manifest["shards"][split]:
+            digest = hashlib.sha256()
+            with open(Path(dir) / s["file"], "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+            if digest.hexdigest() != s["sha256"]:
+                raise ValueError(f"corrupt token file {Path(dir) / s['file']}: its checksum differs from "
+                                 "the manifest's; delete the directory to re-prepare")
+
+
+def shard_paths(manifest: dict, split: str) -> list[str]:
+    """The split's shard files, in order."""
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown split '{split}': use train or val")
+    return [os.path.join(manifest["dir"], s["file"]) for s in manifest["shards"][split]]
+
+
+def split_tokens(manifest: dict, split: str) -> np.ndarray:
+    """All of a split's token ids, read-only: a memmap for one shard, else a concatenated copy."""
+    maps = [np.memmap(p, dtype=manifest["dtype"], mode="r") for p in shard_paths(manifest, split)]
+    if len(maps) == 1:
+        return maps[0]
+    tokens = np.concatenate(maps)
+    tokens.flags.writeable = False
+    return tokens
+
+
+def make_sampler(manifest: dict, split: str, block_size: int, batch_size: int,
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> "TokenSampler":
+    """A TokenSampler over one split of a prepared directory."""
+    return TokenSampler(shard_paths(manifest, split), manifest["dtype"], block_size, batch_size,
+                        seed=seed, rank=rank, world_size=world_size)
+
+
 # ---------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------
 
 class TokenSampler:
-    """Epoch-aware batches of non-overlapping windows from one split's token file.
+    """Epoch-aware batches of non-overlapping windows from one split's shard files.
 
-    Window i covers tokens [i*T, i*T + T + 1): T inputs plus one more token for
-    the last target. Each epoch visits all windows in a permutation drawn from
-    default_rng((seed, epoch)); rank r takes positions r, r+W, r+2W, ... (W =
-    world_size), cut so every rank has the same count, hence the ranks see
-    disjoint windows and stay in step. The position lives in state_dict().
+    Shard s is cut into windows of T+1 tokens: window i covers tokens
+    [i*T, i*T + T + 1) of that shard (T inputs plus one more for the last
+    target); a window never crosses a shard boundary (at most T tokens per
+    shard go unused). The windows of all shards are numbered globally. Each
+    epoch visits them in a permutation drawn from default_rng((seed, epoch));
+    rank r takes positions r, r+W, r+2W, ... (W = world_size), cut so every
+    rank has the same count, hence the ranks see disjoint windows and stay in
+    step. The position lives in state_dict().
     """
 
-    def __init__(self, path: str, dtype: str, block_size: int, batch_size: int,
+    def __init__(self, path, dtype: str, block_size: int, batch_size: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.path, self.dtype = str(path), dtype
-        self.block_size, self.batch_size = block_size, batch_size
+        self.paths = [str(path)] if isinstance(path, (str, os.PathLike)) else [str(p) for p in path]
+        self.dtype, self.block_size, self.batch_size = dtype, block_size, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        n_tokens = os.path.getsize(path) // np.dtype(dtype).itemsize
-        if n_tokens < block_size + 1:
-            raise ValueError(f"split has {n_tokens} tokens, fewer than block_size+1={block_size + 1}: "
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}: use 0 <= rank < world_size")
+        sizes = [os.path.getsize(p) // np.dtype(dtype).itemsize for p in self.paths]
+        if max(sizes, default=0) < block_size + 1:
+            raise ValueError(f"split has {sum(sizes)} tokens, fewer than block_size+1={block_size + 1} in any shard: "
                              "use a smaller --block_size or more data")
-        self.n_windows = (n_tokens - 1) // block_size
+        per_shard = [max(0, (n - 1) // block_size) for n in sizes]
+        self.first_window = np.cumsum([0] + per_shard)  # (S+1,): global index of each shard's window 0
+        self.n_windows = int(self.first_window[-1])
         self.windows_per_rank = self.n_windows // world_size  # the tail is dropped
         if self.windows_per_rank == 0:
             raise ValueError(f"split has {self.n_windows} windows for {world_size} ranks: "
                              "use a smaller --block_size or more data")
         self.epoch, self.position = 0, 0
-        self._order_epoch, self._order = None, None
+        self._order_epoch, self._order, self._maps = None, None, {}
 
     def _epoch_order(self) -> np.ndarray:
         """This rank's window indices for the current epoch (cached per epoch)."""
@@ -564,27 +1798,33 @@ class TokenSampler:
             self.epoch, self.position = self.epoch + 1, 0
         return window
 
+    def _window(self, window: int) -> np.ndarray:
+        """The T+1 tokens of a global window index, from its shard's memmap."""
+        shard = int(np.searchsorted(self.first_window, window, side="right")) - 1
+        if shard not in self._maps:  # the OS pages in only the windows that are read
+            self._maps[shard] = np.memmap(self.paths[shard], dtype=self.dtype, mode="r")
+        start = (window - int(self.first_window[shard])) * self.block_size
+        return self._maps[shard][start:start + self.block_size + 1]
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), both int64 of shape (B, T), with y[:, t] = x[:, t+1] in the token stream."""
-        tokens = np.memmap(self.path, dtype=self.dtype, mode="r")  # pages in only what is read
-        T = self.block_size
-        starts = [self._next_window() * T for _ in range(self.batch_size)]
-        buf = np.stack([tokens[s:s + T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+        windows = [self._next_window() for _ in range(self.batch_size)]
+        buf = np.stack([self._window(w) for w in windows]).astype(np.int64)  # (B, T+1)
         buf = torch.from_numpy(buf)
         return buf[:, :-1], buf[:, 1:]  # (B, T) inputs, (B, T) targets
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly where this sampler is."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "block_size": self.block_size, "world_size": self.world_size}
+                "block_size": self.block_size, "world_size": self.world_size, "n_windows": self.n_windows}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position; refuse a different block size or world size."""
+        """Continue from a saved position; refuse a different block size, world size or data."""
         for key in ("block_size", "world_size"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"the checkpoint's loader was saved with {key}={state[key]} but this run "
                                  f"has {getattr(self, key)}: resume with the same {key}")
-        if not 0 <= state["position"] < self.windows_per_rank:
+        if state.get("n_windows", self.n_windows) != self.n_windows or not 0 <= state["position"] < self.windows_per_rank:
             raise ValueError(f"the checkpoint's loader position {state['position']} is outside this "
                              f"split's {self.windows_per_rank} windows per rank: resume with the same data")
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
@@ -599,30 +1839,151 @@ def bits_per_byte(loss_nats: float, tokens: int, nbytes: int) -> float:
 
 
 # ---------------------------------------------------------------------------
+# Benchmarks (python data.py bench-dedup / bench-bpe)
+# ---------------------------------------------------------------------------
+
+def _planted_corpus(n_docs: int, seed: int = 0) -> list[str]:
+    """n_docs stdlib documents, half of them copies of the others with 5% of words replaced."""
+    rng = np.random.default_rng(seed)
+    base = [t for t, _, _ in stdlib_corpus() if len(t.split()) >= 50][: n_docs - n_docs // 2]
+    copies = []
+    for i in rng.integers(0, len(base), n_docs // 2):
+        words = base[i].split()
+        for j in rng.choice(len(words), max(1, len(words) // 20), replace=False):
+            words[j] = f"w{rng.integers(1 << 30)}"
+        copies.append(" ".join(words))
+    return base + copies
+
+
+def bench_dedup(n_docs: int = 1000, repeats: int = 2) -> dict:
+    """Documents per second of dedup() vs datasketch (MinHash + MinHashLSH) with the same K,
+    shingles, bands and rows: datasketch's per-shingle update() (pure Python per document and
+    shingle) and its vectorised update_batch()."""
+    try:
+        from datasketch import MinHash, MinHashLSH
+    except ImportError:
+        raise ValueError("the benchmark compares with datasketch: pip install datasketch") from None
+    docs = _planted_corpus(n_docs)
+    bands, rows = lsh_threshold(0.8, NUM_PERM)
+
+    def datasketch(batch: bool):
+        lsh, keep, sigs = MinHashLSH(num_perm=NUM_PERM, params=(bands, rows)), [], {}
+        for i, text in enumerate(docs):
+            words = text.lower().split()
+            grams = [" ".join(words[j:j + NGRAM]).encode() for j in range(max(1, len(words) - NGRAM + 1))]
+            m = MinHash(num_perm=NUM_PERM)
+            if batch:
+                m.update_batch(grams)
+            else:
+                for g in grams:
+                    m.update(g)
+            keep.append(not any(m.jaccard(sigs[c]) >= 0.8 for c in lsh.query(m)))  # verified, like ours
+            sigs[i] = m
+            lsh.insert(i, m)
+        return keep
+    runs = {"ours": lambda: dedup(docs, "minhash", 0.8), "datasketch_update": lambda: datasketch(False),
+            "datasketch_update_batch": lambda: datasketch(True)}
+    result = {"docs": len(docs), "shingles": sum(max(1, len(d.split()) - NGRAM + 1) for d in docs),
+              "num_perm": NUM_PERM, "bands": bands, "rows": rows}
+    for name, fn in runs.items():
+        best = min(_timed(fn) for _ in range(1 if name == "datasketch_update" else repeats))
+        result[f"{name}_docs_per_s"] = round(len(docs) / best, 1)
+    for name in ("datasketch_update", "datasketch_update_batch"):
+        result[f"speedup_vs_{name}"] = round(result["ours_docs_per_s"] / result[f"{name}_docs_per_s"], 1)
+    # Both are randomised estimators: they agree on all but borderline pairs.
+    result["same_decision"] = float(np.mean(np.array(runs["ours"]()) == np.array(datasketch(True))))
+    return result
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_bpe(train_bytes: int = 10_000_000, vocab_size: int = 4096, held_out_bytes: int = 1_000_000) -> dict:
+    """Train BPE on train_bytes of the stdlib corpus (one core) and measure bytes/token on held-out documents."""
+    docs = [t for t, _, _ in stdlib_corpus()]
+    order = np.random.default_rng(0).permutation(len(docs))
+    held, train, size = [], [], 0
+    for i in order:  # the first ~1 MB of shuffled documents are held out, the rest trains
+        (held if size < held_out_bytes else train).append(docs[i])
+        size += len(docs[i].encode())
+    t = time.perf_counter()
+    enc = train_bpe(train, vocab_size, max_train_bytes=train_bytes)
+    seconds = time.perf_counter() - t
+    trained_on = min(train_bytes, sum(len(d.encode()) for d in train))
+    text = "".join(held)
+    n_bytes = len(text.encode())
+    result = {"vocab_size": vocab_size, "train_bytes": trained_on, "train_seconds": round(seconds, 2),
+              "held_out_bytes": n_bytes, "bpe_bytes_per_token": round(n_bytes / len(enc.encode_ordinary(text)), 3),
+              "bytes_bytes_per_token": 1.0}
+    if _gpt2_cached():
+        result["gpt2_bytes_per_token"] = round(n_bytes / len(get_tokenizer("gpt2").encode_ordinary(text)), 3)
+    return result
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
-def main(argv=None) -> None:
-    """`python data.py prepare ...`: tokenize a corpus and print its manifest."""
-    parser = argparse.ArgumentParser(description="Tokenize a corpus once into train.bin/val.bin.")
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="The data pipeline: prepare a corpus into token shards, "
+                                                 "verify them, or run the benchmarks.")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("prepare", help="tokenize a corpus into <out_dir>/<key>/")
-    p.add_argument("--data", default="stdlib", help="stdlib, stdlib:code, stdlib:prose, a .txt file or a directory")
+    p = commands.add_parser("prepare", help="collect, clean, dedup, filter, mix, tokenize into <out_dir>/<key>/")
+    p.add_argument("--data", default="stdlib", help="comma-separated sources, each optionally domain=source: stdlib, "
+                   "stdlib:code, stdlib:prose, a .txt/.jsonl(.gz) file, a directory, a glob, an http(s) URL")
+    p.add_argument("--text_field", default="text", help="the field of a .jsonl record that holds the text")
     p.add_argument("--tokenizer", default="bpe", help="bpe (trained here), bytes or gpt2")
     p.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size, EOT included")
-    p.add_argument("--out_dir", default="data_cache", help="where prepared directories go")
+    p.add_argument("--out_dir", default="data_cache", help="where prepared directories (and downloads) go")
     p.add_argument("--val_fraction", type=float, default=0.05, help="fraction of documents held out")
-    p.add_argument("--max_bytes", type=int, default=None, help="cap on UTF-8 bytes per domain")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val document split")
-    args = parser.parse_args(argv)
+    p.add_argument("--max_bytes", type=int, default=None, help="cap on UTF-8 bytes read per source")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split and of mixing")
+    p.add_argument("--dedup", default="minhash", help="none, exact, or minhash (exact, then near duplicates)")
+    p.add_argument("--dedup_threshold", type=float, default=0.8, help="Jaccard similarity above which documents are near duplicates")
+    p.add_argument("--quality_filter", type=_bool, default=True, help="apply the quality rules of each domain (true/false)")
+    p.add_argument("--mix", default="", help="target weights, e.g. code=0.3,prose=0.7, or alpha=0.3; empty: natural")
+    p.add_argument("--mix_by", default="domain", help="what --mix weighs: domain or script")
+    p.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
+    p.add_argument("--bpe_train_bytes", type=int, default=2_000_000, help="bytes of training text the BPE learns from")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per CPU, at most 8)")
+    v = commands.add_parser("verify", help="recompute the checksums of a prepared directory's shards")
+    v.add_argument("dir", help="a prepared directory (the one holding manifest.json)")
+    b = commands.add_parser("bench-dedup", help="documents/s of dedup() vs datasketch (pip install datasketch)")
+    b.add_argument("--docs", type=int, default=1000, help="documents, half of them planted near duplicates")
+    t = commands.add_parser("bench-bpe", help="seconds to train a BPE on the stdlib; held-out bytes/token")
+    t.add_argument("--train_bytes", type=int, default=10_000_000, help="training text in bytes")
+    t.add_argument("--vocab_size", type=int, default=4096, help="vocabulary size")
+    return parser
+
+
+def main(argv=None) -> None:
+    """`python data.py prepare|verify|bench-dedup|bench-bpe ...`; a user error is one line and exit code 2."""
+    args = build_parser().parse_args(argv)
     try:
-        manifest = prepare(args.data, args.tokenizer, args.vocab_size, args.out_dir,
-                           args.val_fraction, args.max_bytes, args.seed)
+        if args.command == "prepare":
+            options = {k: v for k, v in vars(args).items() if k != "command"}
+            prepare(**options)
+        elif args.command == "verify":
+            manifest, _ = load_prepared(args.dir, verify=True)
+            print(f"ok: {sum(len(s) for s in manifest['shards'].values())} shards match their checksums")
+        elif args.command == "bench-dedup":
+            print(json.dumps(bench_dedup(args.docs), indent=1))
+        else:
+            print(json.dumps(bench_bpe(args.train_bytes, args.vocab_size), indent=1))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    manifest["bytes_per_token"] = round(manifest["train_bytes"] / manifest["train_tokens"], 3)
-    print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=1))
 
 
 if __name__ == "__main__":

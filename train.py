@@ -50,7 +50,7 @@ MFU (model FLOPs utilisation)
 MFU = achieved model FLOP/s / the device's peak (Chowdhery et al. 2022, PaLM, appendix B), with
 6N + 12 L C T FLOPs per token: 2 per parameter for the forward multiply-add, 4 for the backward,
 plus attention's score and value matmuls. The peak comes from a table keyed by device name and dtype;
-an unknown device gets no MFU rather than a guess.
+an unknown device gets no MFU rather than a guess. Both live in scaling.py, which derives and tests them.
 
 Map of this file
 ----------------
@@ -79,6 +79,8 @@ import numpy as np
 import torch
 
 import data
+import parallel
+import scaling
 from model import GPT, MODEL_PRESETS, GPTConfig
 
 
@@ -88,7 +90,12 @@ class TrainConfig:
 
     preset: str = "laptop"  # named set of defaults (see PRESETS); any flag overrides it
     # --- data
-    data: str = "stdlib"  # stdlib, stdlib:code, stdlib:prose, a .txt file or a directory of .txt files
+    data: str = "stdlib"  # comma-separated sources, each optionally domain=source: stdlib, stdlib:code, stdlib:prose, a .txt/.jsonl(.gz) file, a directory, a glob or an http(s) URL
+    text_field: str = "text"  # the field of a .jsonl record that holds the document's text
+    dedup: str = "minhash"  # none, exact (identical text), or minhash (exact, then near duplicates at Jaccard >= 0.8)
+    quality_filter: bool = True  # drop documents that fail their domain's quality rules (Gopher, C4; code: The Stack)
+    mix: str = ""  # target share per domain, e.g. code=0.3,prose=0.7, or alpha=0.3 (p ~ n^alpha); empty: natural proportions
+    mix_by: str = "domain"  # what --mix weighs: domain (code, prose, ...) or script (latin, cyrillic, han, ...)
     tokenizer: str = "bpe"  # bytes (256 symbols), bpe (trained on the corpus, offline), gpt2 (tiktoken, needs its cached files)
     vocab_size: int = 4096  # size of the BPE vocabulary to train (ignored for bytes and gpt2)
     data_dir: str = "data_cache"  # where tokenized corpora are kept and reused between runs
@@ -115,6 +122,21 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay (0.95 as GPT-3, steadier than 0.999 at large batch)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
+    # --- parallelism (parallel.py; launch with torchrun, product of the degrees = number of processes)
+    dp: int = 1  # data-parallel replicas; batch_size is per replica, so the global batch is dp x batch_size x grad_accum
+    tp: int = 1  # tensor-parallel degree: attention heads, MLP columns and the vocabulary split across ranks (Megatron)
+    pp: int = 1  # pipeline-parallel degree: the layers split into this many stages
+    cp: int = 1  # context-parallel degree: each sequence split across ranks, attention by ring (Liu et al. 2023)
+    zero: int = 0  # ZeRO stage over the data-parallel ranks: 0 (DDP), 1 (+optimizer state sharded), 2 (+gradients), 3 (+parameters)
+    impl: str = "scratch"  # scratch (parallel.py's own collectives) or native (torch's DDP, ZeroRedundancyOptimizer, FSDP2, DTensor)
+    microbatches: int = 1  # pipeline micro-batches per batch; the idle bubble is (pp-1)/(microbatches+pp-1)
+    pp_schedule: str = "1f1b"  # pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b (less activation memory)
+    cp_load_balance: bool = False  # context parallel: rank r takes chunks r and 2cp-1-r, so causal work is even
+    diloco_steps: int = 0  # DiLoCo: local AdamW steps between outer Nesterov steps on the averaged change (0: off)
+    diloco_outer_lr: float = 0.7  # DiLoCo's outer learning rate (Douillard et al. 2023 use 0.7)
+    diloco_outer_momentum: float = 0.9  # DiLoCo's outer Nesterov momentum (the paper's 0.9; 0: plain averaging when lr is 1)
+    bucket_mb: float = 25.0  # data parallel: gradients are all-reduced in buckets of this many MB (torch DDP's default)
+    dist_timeout: int = 300  # seconds a collective may wait before the run fails instead of hanging
     # --- evaluation, logging, checkpoints
     eval_interval: int = 250  # evaluate on the validation split every this many steps (and at the end)
     eval_iters: int = 20  # validation batches per evaluation
@@ -210,9 +232,11 @@ def check_config(cfg: TrainConfig):
         raise ValueError(f"unknown schedule '{cfg.schedule}': use cosine or wsd")
     if cfg.tokenizer not in ("bytes", "bpe", "gpt2"):
         raise ValueError(f"unknown tokenizer '{cfg.tokenizer}': use bytes, bpe or gpt2")
-    for name in ("max_iters", "batch_size", "grad_accum", "eval_iters", "eval_interval", "log_interval"):
+    for name in ("max_iters", "batch_size", "grad_accum", "eval_iters", "eval_interval", "log_interval", "microbatches"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.dtype == "float16" and cfg.dp * cfg.tp * cfg.pp * cfg.cp > 1:
+        raise ValueError("--dtype float16 runs on one device only (its gradient scaler is not sharded here): use bfloat16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,41 +310,6 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     # fused=True runs the whole update as a few CUDA kernels instead of a loop over tensors
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
-# ----------------------------------------------------------------------------------------------
-# FLOPs and MFU
-
-
-# Peak dense FLOP/s per accelerator and dtype, from the vendors' data sheets (dense, no sparsity).
-PEAK_FLOPS = {
-    "H100 SXM": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 494.7e12},  # NVIDIA H100 data sheet (tf32)
-    "H100 PCIe": {torch.bfloat16: 756.0e12, torch.float16: 756.0e12, torch.float32: 378.0e12},
-    "H100": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 494.7e12},  # HBM3 H100 boards report "H100 80GB HBM3"
-    "H200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.float32: 494.7e12},  # H200 data sheet: same compute as H100 SXM
-    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},  # A100 data sheet (tf32)
-    "A10G": {torch.bfloat16: 70e12, torch.float16: 70e12, torch.float32: 35e12},
-    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 60e12},
-}
-
-
-def flops_per_token(config: GPTConfig, n_params_no_embedding: int) -> float:
-    """6N + 12 L C T (Chowdhery et al. 2022, appendix B): 6 FLOPs per parameter per token for
-    forward and backward matmuls, plus 12 L C T for attention's QK^T and AV (forward and backward).
-    The output layer is a real matmul, so with tied embeddings its V*C is added back to N."""
-    N = n_params_no_embedding + config.vocab_size * config.n_embd * config.tie_embeddings
-    return 6 * N + 12 * config.n_layer * config.n_embd * config.block_size
-
-
-def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The peak for this device and dtype, or None if the device is not in the table."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # most specific name first
-        if key.lower() in name.lower() or key.replace(" ", "").lower() in name.replace(" ", "").lower():
-            return PEAK_FLOPS[key].get(dtype)
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,19 +395,19 @@ def gzip_bits_per_byte(tokens: np.ndarray, enc, eot_id: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, manifest: dict, cfg: TrainConfig, block_size: int, device, amp) -> float:
+def evaluate(par: parallel.Parallelized, manifest: dict, cfg: TrainConfig, block_size: int, device) -> float:
     """Mean validation loss over the same eval_iters batches every time (a fresh sampler with a
-    fixed seed), so evaluations are comparable and do not disturb the training RNG or data order."""
-    sampler = data.TokenSampler(os.path.join(manifest["dir"], "val.bin"), manifest["dtype"], block_size,
-                                cfg.batch_size, seed=0)
-    model.eval()
+    fixed seed), so evaluations are comparable and do not disturb the training RNG or data order.
+    Every rank evaluates (a collective left to rank 0 alone would hang: nanoGPT PR #356), each
+    data-parallel rank its share of the global batch, so any layout sees the same windows. DiLoCo
+    workers, whose weights differ between outer steps, each evaluate the whole global batch."""
+    dp = par.layout.dp
+    rank, world = (par.layout.rank("dp"), dp) if par.diloco is None else (0, 1)
+    sampler = data.make_sampler(manifest, "val", block_size, cfg.batch_size * dp // world, seed=0, rank=rank, world_size=world)
     losses = []
     for _ in range(cfg.eval_iters):
         x, y = sampler.next_batch()
-        with amp:
-            _, loss = model(x.to(device), y.to(device))
-        losses.append(loss.item())
-    model.train()
+        losses.append(par.reduce_loss(par.eval_loss(x.to(device), y.to(device))))
     return float(np.mean(losses))
 
 
@@ -451,24 +440,36 @@ def write_json_atomic(obj, path: str):
 
 def prepare_data(cfg: TrainConfig, verbose: bool = True) -> tuple[dict, object]:
     manifest = data.prepare(data=cfg.data, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, out_dir=cfg.data_dir,
-                            max_bytes=cfg.max_data_bytes or None, seed=0, verbose=verbose)
+                            max_bytes=cfg.max_data_bytes or None, seed=0, verbose=verbose, text_field=cfg.text_field,
+                            dedup=cfg.dedup, quality_filter=cfg.quality_filter, mix=cfg.mix, mix_by=cfg.mix_by)
     _, enc = data.load_prepared(manifest["dir"])
     return manifest, enc
 
 
 def train(cfg: TrainConfig, model_overrides: dict) -> dict:
-    """Run (or resume) training; returns the last training and validation losses."""
+    """Run (or resume) training; returns the last training and validation losses. Under torchrun,
+    every process runs this; rank 0 alone prints and writes files."""
     check_config(cfg)
-    device = pick_device(cfg.device)
+    layout = parallel.init_distributed(cfg.dp, cfg.tp, cfg.pp, cfg.cp, pick_device(cfg.device), cfg.dist_timeout)
+    with contextlib.redirect_stdout(sys.stdout if layout.is_rank0 else open(os.devnull, "w")):  # one log per job
+        return train_on(cfg, model_overrides, layout)
+
+
+def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
+    device = layout.device
     dtype = pick_dtype(cfg.dtype, device)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = None
     if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path)  # every rank reads the full checkpoint and keeps its part
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
         raise ValueError(f"{ckpt_path} already exists: pass --resume to continue that run, --overwrite to replace it, or another --out_dir")
 
+    if layout.world_size > 1 and not layout.is_rank0:
+        torch.distributed.barrier()  # rank 0 prepares the corpus first; the others then find it prepared
     manifest, enc = prepare_data(cfg)
+    if layout.world_size > 1 and layout.is_rank0:
+        torch.distributed.barrier()
     # the model's vocabulary is the tokenizer's, rounded up to a multiple of 64 for aligned matmuls
     # (nanoGPT pads GPT-2's 50257 to 50304); the extra logits are never targets and learn to be unlikely
     vocab = 64 * math.ceil(manifest["vocab_size"] / 64)
@@ -476,95 +477,128 @@ def train(cfg: TrainConfig, model_overrides: dict) -> dict:
     if ckpt is not None:
         check_resume_compatible(ckpt, model_config, cfg)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same seed on every rank: every replica starts from the same weights
     model = GPT(model_config).to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    n_params, n_params_blocks = model.num_params(), model.num_params(exclude_embeddings=True)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-    train_sampler = data.TokenSampler(os.path.join(manifest["dir"], "train.bin"), manifest["dtype"],
-                                      model_config.block_size, cfg.batch_size, seed=cfg.seed)
+    amp = autocast_context(device, dtype)
+    # the strategies of the layout applied to the model (none on one process); the optimizer is
+    # AdamW with train.make_optimizer's groups, and a compiled forward keeps `model` uncompiled, so
+    # its state_dict has no _orig_mod. prefix
+    par = parallel.Parallelized(model, layout, zero=cfg.zero, impl=cfg.impl, microbatches=cfg.microbatches,
+                                pp_schedule=cfg.pp_schedule, bucket_mb=cfg.bucket_mb, diloco_steps=cfg.diloco_steps,
+                                diloco_outer=(cfg.diloco_outer_lr, cfg.diloco_outer_momentum),
+                                cp_load_balance=cfg.cp_load_balance, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                weight_decay=cfg.weight_decay, amp=amp, scaler=scaler if scaler.is_enabled() else None,
+                                compile=cfg.compile)
+    del model  # a pipeline stage or a sharded model keeps only its part; the full model is rebuilt for sampling
+    # each data-parallel rank reads its own windows; tensor, pipeline and context ranks share theirs
+    train_sampler = data.make_sampler(manifest, "train", model_config.block_size, cfg.batch_size, seed=cfg.seed,
+                                      rank=layout.rank("dp"), world_size=layout.dp)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        par.load_full_state(ckpt["model"], ckpt["optimizer"])
+        par.load_extra_state(ckpt.get("parallel", {}))
         scaler.load_state_dict(ckpt["scaler"])
-        train_sampler.load_state_dict(ckpt["sampler"])
+        train_sampler.load_state_dict(reshard_sampler_state(ckpt["sampler"], layout.dp))
         set_rng_states(ckpt["rng"])
         step = ckpt["step"]
         print(f"resumed from {ckpt_path} at step {step}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    write_json_atomic(run_info(cfg, model_config, manifest), os.path.join(cfg.out_dir, "run.json"))
-    metrics = Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), step if ckpt is not None else None)
+    if layout.is_rank0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        write_json_atomic(run_info(cfg, model_config, manifest), os.path.join(cfg.out_dir, "run.json"))
+        metrics = Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), step if ckpt is not None else None)
+    full_state = None
 
-    # compile after loading, and keep `model` the plain module: its state_dict has no _orig_mod. prefix
-    fast_model = torch.compile(model) if cfg.compile else model
-    amp = autocast_context(device, dtype)
-    n_params = model.num_params()
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
-    flops_per_step = flops_per_token(model_config, model.num_params(exclude_embeddings=True)) * tokens_per_step
-    peak = device_peak_flops(device, dtype)
-    val_tokens = np.memmap(os.path.join(manifest["dir"], "val.bin"), dtype=manifest["dtype"], mode="r")
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * layout.dp * model_config.block_size  # the global batch
+    # 6N + 12 L C T per token and the device's dense peak for this dtype: both from scaling.py
+    flops_per_token = scaling.flops_per_token_6n(model_config, model_config.block_size)
+    peak = scaling.device_peak_flops(device, dtype)
+    val_tokens = data.split_tokens(manifest, "val")
     tokens_per_byte = manifest["val_tokens"] / manifest["val_bytes"]
     gzip_bpb = gzip_bits_per_byte(val_tokens, enc, manifest["eot_id"])
-    print(f"model: {n_params:,} parameters ({model.num_params(exclude_embeddings=True):,} without embeddings) | "
+    print(f"model: {n_params:,} parameters ({n_params_blocks:,} without embeddings) | "
           f"device {device} | dtype {str(dtype).replace('torch.', '')} | {tokens_per_step:,} tokens/step")
+    if layout.world_size > 1:
+        print(f"parallel: {layout.world_size} processes = pp {layout.pp} x dp {layout.dp} x cp {layout.cp} x tp {layout.tp}"
+              f" | zero {cfg.zero} | impl {cfg.impl}" + (f" | DiLoCo every {cfg.diloco_steps} steps" if cfg.diloco_steps else ""))
     print(f"baseline: gzip -9 compresses the validation text to {gzip_bpb:.3f} bits per byte")
     if device.type == "cuda" and peak is None:
-        print(f"MFU: unknown GPU '{torch.cuda.get_device_name(device)}' (add its peak to PEAK_FLOPS)")
+        print(f"MFU: unknown GPU '{torch.cuda.get_device_name(device)}' (add its peak to scaling.PEAK_FLOPS)")
 
     stop = min(cfg.stop_at or cfg.max_iters, cfg.max_iters)
     ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
     result = {"loss": None, "val_loss": None, "val_bpb": None, "gzip_bpb": gzip_bpb}
-    model.train()
     while step < stop:
         t0 = time.perf_counter()
         lr = learning_rate_at(step, cfg)
-        for group in optimizer.param_groups:
+        for group in par.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             x, y = train_sampler.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with amp:
-                _, loss = fast_model(x, y)
-            # divide by grad_accum: the accumulated gradient is then the mean over all micro-batches,
-            # the same as one big batch, and grad_clip keeps its meaning (nanoGPT #168)
-            scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
+            # the loss is divided by grad_accum: the accumulated gradient is then the mean over all
+            # micro-batches, the same as one big batch, and grad_clip keeps its meaning (nanoGPT #168);
+            # gradients are synchronised across ranks on the last micro-step only
+            loss_sum += par.forward_backward(x, y, divisor=cfg.grad_accum, sync=micro == cfg.grad_accum - 1)
+        par.finish_gradient_sync()
         if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            par.clip_grad_norm_(cfg.grad_clip)  # the global norm, over every rank's gradients (unscaled first)
+        par.optimizer_step()
+        par.zero_grad()
         step += 1
-        train_loss = (loss_sum / cfg.grad_accum).item()  # .item() waits for the GPU: ms/step is honest
+        train_loss = par.reduce_loss(loss_sum / cfg.grad_accum)  # the global batch's mean; waits for the GPU: ms/step is honest
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"loss is {train_loss} at step {step}; the last good checkpoint is {ckpt_path}"
                                      " (lower --learning_rate, or use --dtype bfloat16 instead of float16)")
         dt = time.perf_counter() - t0
         tokens_per_s = tokens_per_step / dt
-        mfu = flops_per_step / dt / peak if peak else None
-        metrics.log(step=step, loss=train_loss, lr=lr, ms_per_step=1000 * dt, tokens_per_s=tokens_per_s, mfu=mfu)
+        mfu = scaling.mfu(tokens_per_s / layout.world_size, flops_per_token, peak)  # per device
+        if layout.is_rank0:
+            metrics.log(step=step, loss=train_loss, lr=lr, ms_per_step=1000 * dt, tokens_per_s=tokens_per_s, mfu=mfu)
         result["loss"] = train_loss
         if step % cfg.log_interval == 0 or step == stop:
             mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
             print(f"step {step:5d}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {1000 * dt:7.1f} ms"
                   f" | {tokens_per_s:9,.0f} tok/s{mfu_text}", flush=True)
         if step % ckpt_every == 0 or step == stop:
-            # checkpoint first, then evaluate: a crash in evaluation costs nothing (nanochat #446)
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                               "sampler": train_sampler.state_dict(), "rng": rng_states(), "step": step,
-                               "model_config": asdict(model_config), "train_config": asdict(cfg),
-                               "data_dir": os.path.basename(manifest["dir"])}, ckpt_path)
+            # checkpoint first, then evaluate: a crash in evaluation costs nothing (nanochat #446). The
+            # tensors are the single-process model's and optimizer's, gathered to rank 0 (every rank
+            # takes part), so any layout or world size can resume from them
+            full_state, full_optimizer = par.full_state_dict(), par.full_optimizer_state_dict()
+            if layout.is_rank0:
+                atomic_torch_save({"model": full_state, "optimizer": full_optimizer, "scaler": scaler.state_dict(),
+                                   "sampler": train_sampler.state_dict(), "rng": rng_states(), "step": step,
+                                   "model_config": asdict(model_config), "train_config": asdict(cfg),
+                                   "data_dir": os.path.basename(manifest["dir"]), "parallel": par.extra_state()}, ckpt_path)
         if step % cfg.eval_interval == 0 or step == stop:
-            val_loss = evaluate(fast_model, manifest, cfg, model_config.block_size, device, amp)
+            val_loss = evaluate(par, manifest, cfg, model_config.block_size, device)
             val_bpb = data.bits_per_byte(val_loss, manifest["val_tokens"], manifest["val_bytes"])
-            metrics.log(step=step, val_loss=val_loss, val_bpb=val_bpb)
+            if layout.is_rank0:
+                metrics.log(step=step, val_loss=val_loss, val_bpb=val_bpb)
             result.update(val_loss=val_loss, val_bpb=val_bpb)
             print(f"step {step:5d} | val loss {val_loss:.4f} | val {val_bpb:.3f} bits/byte (gzip -9: {gzip_bpb:.3f})"
                   f" | {tokens_per_byte:.3f} tokens/byte", flush=True)
+    model = None  # rank 0 samples from the full model, rebuilt from the last checkpoint's tensors
+    if layout.is_rank0 and full_state is not None:
+        model = GPT(model_config).to(device)
+        model.load_state_dict(full_state)
     result["model"], result["enc"], result["manifest"], result["device"] = model, enc, manifest, device
     return result
+
+
+def reshard_sampler_state(state: dict, world_size: int) -> dict:
+    """The loader position for another number of data-parallel ranks. With W ranks at position p,
+    the windows consumed are exactly the first p W of the epoch's permutation (rank r took r, r+W,
+    ...), so W' ranks continue at p W / W' (pitfall: torchtitan #811)."""
+    if state.get("world_size", 1) == world_size:
+        return state
+    consumed = state["position"] * state["world_size"]
+    if consumed % world_size:
+        raise ValueError(f"cannot resume: the checkpoint's loader consumed {consumed} windows of its epoch, not a "
+                         f"multiple of --dp {world_size}; resume with --dp {state['world_size']}")
+    return {**state, "position": consumed // world_size, "world_size": world_size}
 
 
 def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfig):
@@ -575,9 +609,14 @@ def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfi
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
         raise ValueError(f"cannot resume: the checkpoint's model differs ({shown}); use the same model flags or another --out_dir")
     old = ckpt["train_config"]
-    for k in ("data", "tokenizer", "vocab_size", "batch_size", "max_data_bytes"):
+    for k in ("data", "tokenizer", "vocab_size", "max_data_bytes", "text_field", "dedup", "quality_filter", "mix", "mix_by"):
         if old.get(k) != getattr(cfg, k):
             raise ValueError(f"cannot resume: --{k} was {old.get(k)!r} in the checkpoint, now {getattr(cfg, k)!r}; keep it the same to continue exactly")
+    # the layout may change (dp 2 -> dp 1, ZeRO -> tensor parallel), but not the global batch
+    old_global, new_global = old["batch_size"] * old.get("dp", 1), cfg.batch_size * cfg.dp
+    if old_global != new_global:
+        raise ValueError(f"cannot resume: the global batch was --batch_size x --dp = {old_global} sequences, now {new_global};"
+                         " keep batch_size x dp the same to continue exactly")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,12 +652,16 @@ def main(argv=None):
             print(sample_from_checkpoint(cfg))
             return
         result = train(cfg, model_overrides)
+        if result["model"] is None:  # not rank 0 of a parallel run: rank 0 reports
+            return
         if result["val_bpb"] is not None:
             print(f"final: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte vs gzip -9 {result['gzip_bpb']:.3f}")
         print("sample:\n" + sample_text(result["model"], result["enc"], result["manifest"], cfg, result["device"]))
     except (ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        parallel.shutdown()  # leave the process group cleanly (a no-op on one process)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,24 @@
 """Tests for data.py, each against an independent reference: a naive BPE trainer,
-tiktoken's own file reader, a re-encoding of the documents, a set of all windows,
-an uninterrupted run of the sampler, and a hand computation of bits per byte."""
+tiktoken's own file reader, a re-encoding of the documents, exact Jaccard
+similarities computed with Python sets, the S-curve formula, hand-computed mixing
+epochs, hashlib's SHA-256, a set of all windows, an uninterrupted run of the
+sampler, and a hand computation of bits per byte."""
 
 import ast
+import functools
+import gzip
+import hashlib
+import http.server
 import json
 import math
 import os
 import random
+import socket
+import subprocess
 import sys
+import threading
+import tracemalloc
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -76,6 +87,354 @@ def test_single_block_text_file_is_cut_into_many_documents(tmp_path):
     docs = data.read_documents(str(path))
     assert 50 <= len(docs) <= 101
     assert "".join(t for t, _, _ in docs) == path.read_text()  # nothing lost at the cuts
+
+
+def test_jsonl_gzip_directory_glob_and_domain_labels(tmp_path, rng):
+    """Every source kind yields the texts that were written, with the domain named in --data."""
+    texts = [f"record {i}: " + random_unicode(rng, rng.randint(20, 200)) for i in range(12)]
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    with open(folder / "a.jsonl", "w", encoding="utf-8") as f:  # a custom text field, other fields ignored
+        for t in texts[:4]:
+            f.write(json.dumps({"content": t, "id": 1}) + "\n")
+    with gzip.open(folder / "sub" / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        for t in texts[4:8]:
+            f.write(json.dumps({"content": t}) + "\n")
+    with gzip.open(folder / "c.txt.gz", "wt", encoding="utf-8", newline="") as f:
+        f.write(texts[8])
+    single = "".join(f"line {i} of a file given directly\n" for i in range(60))
+    (folder / "d.txt").write_text(single, encoding="utf-8", newline="")
+    (folder / "ignored.py").write_text("not a corpus file")
+    docs = data.read_documents(f"web={folder}", text_field="content")
+    # A file in a directory is one document; the text round-trips exactly (normalisation comes later).
+    assert sorted(t for t, _, _ in docs) == sorted(texts[:9] + [single])
+    assert {d for _, d, _ in docs} == {"web"}
+    globbed = data.read_documents(str(folder / "**" / "*.jsonl*") + ",extra=" + str(folder / "d.txt"),
+                                  text_field="content")
+    assert sorted(t for t, d, _ in globbed if d == "text") == sorted(texts[:8])
+    pieces = [t for t, d, _ in globbed if d == "extra"]  # a file given directly is cut into ~100 pieces
+    assert len(pieces) > 10 and "".join(pieces) == single
+
+
+def test_jsonl_without_the_text_field_names_the_flag(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"body": "hello"}\n')
+    with pytest.raises(ValueError, match="line 1 of .* has no string field 'text': pass --text_field"):
+        data.read_documents(str(path))
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """Talk to 127.0.0.1 directly even where a proxy is configured."""
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_url_is_downloaded_once_into_the_cache(tmp_path, no_proxy):
+    """A local HTTP server on 127.0.0.1 serves a .jsonl.gz once; the second read needs no server."""
+    served = tmp_path / "www"
+    served.mkdir()
+    with gzip.open(served / "corpus.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "first document"}) + "\n" + json.dumps({"text": "second one"}) + "\n")
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            requests.append(args)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/corpus.jsonl.gz"
+    try:
+        first = data.read_documents(url, cache_dir=str(tmp_path / "cache"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    second = data.read_documents(url, cache_dir=str(tmp_path / "cache"))  # the server is gone
+    assert [t for t, _, _ in first] == [t for t, _, _ in second] == ["first document", "second one"]
+    assert len(requests) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir()][0].endswith("corpus.jsonl.gz")
+
+
+def test_offline_url_is_one_clear_error_and_leaves_no_file(tmp_path, no_proxy):
+    url = f"http://127.0.0.1:{_free_port()}/corpus.txt"  # connection refused, as when offline
+    with pytest.raises(ValueError, match="cannot download .*: check the network"):
+        data.read_documents(url, cache_dir=str(tmp_path / "cache"))
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_streaming_a_large_file_holds_one_document_at_a_time(tmp_path):
+    """Reference: tracemalloc's peak while iterating 16 MB stays near one document (~160 kB)."""
+    path = tmp_path / "big.txt"
+    line = "x" * 79 + "\n"
+    with open(path, "w") as f:
+        for _ in range(200):
+            f.write(line * 1000)  # 16 MB, no document breaks: ~100 documents of ~160 kB
+    tracemalloc.start()
+    n = sum(1 for _ in data.iter_documents(str(path)))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert 90 <= n <= 101
+    # A few copies of one 160 kB document (lines, join, UTF-8 size check): far below the 16 MB file.
+    assert peak < 2_000_000, peak
+
+
+# --- normalisation ------------------------------------------------------------
+
+def test_normalize_gives_nfc_without_controls_and_is_idempotent(rng):
+    """Reference: unicodedata's NFC and Cc category, checked character by character."""
+    assert data.normalize("cafe\u0301\r\nline  \r\n") == "caf\u00e9\nline"
+    assert data.normalize("a\u00a0b\u2003c\x00\x1b[0m\ufeff") == "a b c[0m"
+    for _ in range(30):
+        s = random_unicode(rng, rng.randint(0, 400)) + "\r\n\x07\x85"
+        out = data.normalize(s)
+        assert out == unicodedata.normalize("NFC", out)
+        assert not [c for c in out if unicodedata.category(c) == "Cc" and c not in "\n\t"]
+        assert "\r" not in out and not any(ln.endswith((" ", "\t")) for ln in out.split("\n"))
+        assert data.normalize(out) == out
+    code = "def f(x):\n\n\n    return x\n"  # two empty lines (PEP 8) survive
+    assert data.normalize(code) == code.rstrip("\n")
+
+
+# --- deduplication ------------------------------------------------------------
+
+def shingle_set(text: str, n: int = 5) -> set:
+    """Word 5-grams, as data.shingles defines them (lowercase, whitespace split), as Python tuples."""
+    words = text.lower().split()
+    return {tuple(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
+
+
+def jaccard(a: str, b: str) -> float:
+    sa, sb = shingle_set(a), shingle_set(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+def edited(words: list[str], fraction: float, rng) -> list[str]:
+    """A copy with round(fraction * len) words replaced by words that occur nowhere else."""
+    out = list(words)
+    for i in rng.sample(range(len(out)), round(fraction * len(out))):
+        out[i] = f"zz{rng.randrange(10**9)}"
+    return out
+
+
+def test_exact_dedup_keeps_the_first_of_equal_texts(rng):
+    texts = [rng.choice(["a", "b", "c", "a b", ""]) for _ in range(50)]
+    first = {}
+    expected = [first.setdefault(t, i) == i for i, t in enumerate(texts)]  # reference: a dict of first indices
+    assert data.dedup(texts, "exact") == expected
+
+
+def test_minhash_agreement_estimates_jaccard_within_binomial_error(rng):
+    """Signature agreement is an unbiased estimate of Jaccard with variance J(1-J)/K."""
+    base = [f"w{rng.randrange(10**6)}" for _ in range(400)]
+    texts = [" ".join(base)] + [" ".join(edited(base, f, rng)) for f in (0.01, 0.03, 0.06, 0.1, 0.2)]
+    sig = data.minhash_signatures(texts, seed=rng.randrange(1000))
+    K = sig.shape[1]
+    for i in range(1, len(texts)):
+        J = jaccard(texts[0], texts[i])
+        estimate = (sig[0] == sig[i]).mean()
+        # 4.5 standard deviations of a binomial proportion over K hashes, plus one hash of slack.
+        assert abs(estimate - J) <= 4.5 * math.sqrt(J * (1 - J) / K) + 1 / K, (J, estimate)
+
+
+def test_lsh_candidate_rate_follows_the_s_curve(rng):
+    """Pairs of synthetic signatures agreeing on each hash with probability s become candidates
+    at the rate 1 - (1 - s^r)^b (the formula, evaluated here independently of data.py)."""
+    gen = np.random.default_rng(rng.randrange(2**32))
+    bands, rows, n = 16, 8, 1500
+    for s in (0.5, 0.7, 0.8):
+        a = gen.integers(0, 2**32 - 1, size=(n, bands * rows), dtype=np.uint32)
+        b = np.where(gen.random(a.shape) < s, a, gen.integers(0, 2**32 - 1, size=a.shape, dtype=np.uint32))
+        sig = np.concatenate([a, b])  # pair i is (i, n + i)
+        pairs = {tuple(p) for p in data.lsh_candidates(sig, bands, rows).tolist()}
+        rate = sum((i, n + i) in pairs for i in range(n)) / n
+        expected = 1 - (1 - s**rows) ** bands
+        assert abs(rate - expected) <= 4.5 * math.sqrt(expected * (1 - expected) / n) + 1e-3, (s, rate, expected)
+        assert data.lsh_candidate_probability(s, bands, rows) == pytest.approx(expected)
+
+
+def test_lsh_threshold_picks_sixteen_bands_of_eight_rows_for_0_8():
+    """The docstring's worked example: K=128, threshold 0.8 -> b=16, r=8 (s* = (1/16)^(1/8) = 0.707)."""
+    assert data.lsh_threshold(0.8, 128) == (16, 8)
+
+
+def test_clusters_are_transitive_and_keep_only_their_first_member(rng):
+    """A~B and B~C but not A~C: union-find still puts all three in A's cluster."""
+    gen = np.random.default_rng(rng.randrange(2**32))
+    a = gen.integers(0, 2**32 - 1, size=128, dtype=np.uint32)
+    b, c = a.copy(), a.copy()
+    b[:16] += 1  # B differs from A in bands 0-1 only: agreement 112/128 = 0.875
+    c[:16] += 1
+    c[16:32] += 1  # C differs from B in bands 2-3: B~C 0.875, A~C 0.75 < 0.8
+    d = gen.integers(0, 2**32 - 1, size=128, dtype=np.uint32)  # unrelated
+    keep = data.near_duplicate_keep(np.stack([d, a, b, c]), 0.8, bands=16, rows=8)
+    assert keep.tolist() == [True, True, False, False]
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="tinyshakespeare.txt is absent (/work/shared/data)")
+def test_near_dup_recall_and_false_merges_on_planted_shakespeare(rng):
+    """Acceptance: at threshold 0.8, recall >= 0.95 for pairs with Jaccard >= 0.9, and at most 1% of
+    pairs with Jaccard <= 0.5 merged. Copies of 200-word pieces of Shakespeare are edited at random
+    rates; the true Jaccard of every pair is computed with Python sets."""
+    words = SHAKESPEARE.read_text().split()
+    originals = [words[i:i + 200] for i in range(0, 400 * 200, 200)]
+    # Edit rates 0-2% give Jaccard ~0.8-1, up to 15% gives ~0.3: both sides of the threshold.
+    copies = [edited(w, rng.choice([rng.uniform(0, 0.02), rng.uniform(0.02, 0.15)]), rng) for w in originals]
+    texts = [" ".join(w) for w in originals] + [" ".join(w) for w in copies]
+    keep = data.dedup(texts, "minhash", 0.8, seed=rng.randrange(1000))
+    n = len(originals)
+    assert all(keep[:n]), "distinct pieces of the play were merged"
+    sims = [jaccard(texts[i], texts[n + i]) for i in range(n)]
+    merged = [not keep[n + i] for i in range(n)]
+    high = [m for s, m in zip(sims, merged) if s >= 0.9]
+    low = [m for s, m in zip(sims, merged) if s <= 0.5]
+    curve = {f"[{lo:.1f},{lo + 0.1:.1f})": [m for s, m in zip(sims, merged) if lo <= s < lo + 0.1 or (lo == 0.9 and s == 1)]
+             for lo in np.arange(0.0, 1.0, 0.1).round(1)}
+    print("Jaccard bin: pairs, fraction merged")
+    for name, ms in curve.items():
+        if ms:
+            print(f"  {name}: {len(ms):4d} pairs, {np.mean(ms):.3f} merged")
+    assert len(high) >= 50 and len(low) >= 30  # enough pairs on each side to measure
+    assert np.mean(high) >= 0.95, np.mean(high)
+    assert np.mean(low) <= 0.01, np.mean(low)
+
+
+# --- quality filters and scripts ----------------------------------------------
+
+CLEAN_PROSE = (
+    "The river rises in the hills to the north of the town and flows south through a wide valley. "
+    "For centuries it was the main road of the region, and the old warehouses along its banks still "
+    "show how much trade passed that way. Today the water is quieter. Fishermen work from small boats "
+    "in the early morning, and in summer the meadows on either side fill with walkers and families. "
+    "Local historians have collected letters, maps and photographs that describe the floods of the "
+    "last century, when the river broke its banks three times in twenty years. A new embankment was "
+    "built with money raised by the town itself.\n"
+    "Visitors who want to learn more can start at the museum near the bridge, which is open every day."
+)
+
+
+def test_clean_prose_passes_every_prose_rule():
+    assert data.quality_filter(CLEAN_PROSE, "prose") is None
+    assert data.quality_filter(CLEAN_PROSE, "web") is None
+
+
+@pytest.mark.parametrize("rule, text", [
+    ("gopher_word_count", "The cat and the dog sat with the bird."),
+    ("gopher_mean_word_length", "a b c d e f g h i j k " * 10 + "the and with"),
+    ("gopher_symbol_ratio", CLEAN_PROSE + " #tag" * 30),
+    ("gopher_bullet_lines", "\n".join(f"- the item {i} and that with more words here." for i in range(40))),
+    ("gopher_ellipsis_lines", "\n".join(f"The story of {i} and what happened with the town next..." for i in range(40))),
+    ("gopher_alpha_words", CLEAN_PROSE + " 1234 5678 90 -- ++ ==" * 30),
+    ("gopher_stop_words", " ".join(f"Word{i} stands alone." for i in range(60))),
+    ("c4_lorem_ipsum", CLEAN_PROSE + " Lorem ipsum dolor sit amet."),
+    ("c4_min_sentences", " ".join(["the river and the town with that bridge"] * 8) + "."),
+    ("fineweb_punctuated_lines", "\n".join(f"The town of {i} with the bridge and the river" for i in range(40))),
+    ("gopher_duplicate_lines", CLEAN_PROSE + "\n" + "\n".join(["Click here to subscribe to the newsletter."] * 20)),
+    ("gopher_duplicate_paragraphs", CLEAN_PROSE + "\n\n" + "\n\n".join(["Share this page with the people you know."] * 12)),
+    ("gopher_top_ngrams", "the river " * 30 + CLEAN_PROSE),
+    ("gopher_duplicate_ngrams", CLEAN_PROSE + " " + " ".join(CLEAN_PROSE.split()[:40]) * 2),
+])
+def test_each_prose_rule_rejects_what_it_targets(rule, text):
+    """Each text breaks one rule far beyond its published threshold; that rule must name it."""
+    assert getattr(data, rule)(data._view(text)) is not None
+    assert data.quality_filter(text, "prose") is not None
+
+
+def test_curly_bracket_rule_applies_to_web_text_only():
+    text = CLEAN_PROSE + " Use {name} in the template."
+    assert data.quality_filter(text, "prose") is None
+    assert data.quality_filter(text, "web") == "c4_curly_bracket"
+
+
+@pytest.mark.parametrize("rule, text", [
+    ("code_max_line_length", "x = [" + "1, " * 400 + "]\n"),
+    ("code_mean_line_length", "\n".join("value_" + "a" * 120 + " = 1" for _ in range(20))),
+    ("code_alphanumeric_fraction", "\n".join("{[(<>)]}+-*/=;:,." * 3 for _ in range(20))),
+])
+def test_code_rules_reject_minified_and_generated_files(rule, text):
+    assert data.quality_filter(text, "code") == rule
+
+
+def test_code_rules_keep_stdlib_code_that_prose_rules_would_delete():
+    """Prose rules must not delete code: on real stdlib modules the code rules keep nearly all."""
+    code = [data.normalize(t) for t, d, _ in data.stdlib_corpus(("code",), max_bytes=400_000)]
+    kept_as_code = np.mean([data.quality_filter(t, "code") is None for t in code])
+    kept_as_prose = np.mean([data.quality_filter(t, "prose") is None for t in code])
+    assert kept_as_code >= 0.95, kept_as_code
+    assert kept_as_prose <= 0.7, kept_as_prose  # stop words, "#" comments, unpunctuated lines
+
+
+SCRIPT_SAMPLES = {
+    "latin": "The quick brown fox jumps over the lazy dog, and the dog does not mind at all.",
+    "cyrillic": "Быстрая коричневая лиса прыгает через ленивую собаку, и собака совсем не против.",
+    "greek": "Η γρήγορη καφέ αλεπού πηδάει πάνω από τον τεμπέλη σκύλο και ο σκύλος δεν πειράζεται.",
+    "han": "敏捷的棕色狐狸跳过了懒狗，狗一点也不介意。这是一个用于测试的句子。",
+    "japanese": "素早い茶色の狐が怠け者の犬を飛び越えますが、犬は全く気にしません。",
+    "hangul": "빠른 갈색 여우가 게으른 개를 뛰어넘지만 개는 전혀 신경 쓰지 않습니다.",
+    "arabic": "الثعلب البني السريع يقفز فوق الكلب الكسول، والكلب لا يمانع على الإطلاق.",
+    "devanagari": "तेज़ भूरी लोमड़ी आलसी कुत्ते के ऊपर कूदती है, और कुत्ते को कोई आपत्ति नहीं है।",
+    "none": "1234 5678 == ++ --",
+}
+
+
+@pytest.mark.parametrize("script", SCRIPT_SAMPLES)
+def test_script_of_names_the_script_of_each_sample(script):
+    assert data.script_of(SCRIPT_SAMPLES[script]) == script
+
+
+@pytest.mark.parametrize("script", ["cyrillic", "han", "japanese"])
+def test_english_only_rules_do_not_reject_other_scripts(script):
+    """Stop words and word lengths are English heuristics; isalpha counts CJK as letters (datatrove #202)."""
+    text = "\n".join(SCRIPT_SAMPLES[script].replace("。", f"{i}。").replace(".", f" {i}.") for i in range(12))
+    assert data.quality_filter(text, "prose") is None
+    assert data.gopher_stop_words(data._view(text)) is not None  # the rule alone would have rejected it
+
+
+# --- mixing -------------------------------------------------------------------
+
+def test_mix_epochs_match_hand_computation():
+    sizes = {"code": 800, "prose": 200}
+    # code=0.3: 0.3 * 1000 / 800 = 0.375 epochs; prose=0.7: 0.7 * 1000 / 200 = 3.5 epochs.
+    assert data.mix_epochs(sizes, "code=0.3,prose=0.7") == pytest.approx({"code": 0.375, "prose": 3.5})
+    assert data.mix_epochs(sizes, "code=3,prose=7") == pytest.approx({"code": 0.375, "prose": 3.5})  # normalised
+    # alpha=0.5: shares sqrt(800) : sqrt(200) = 2 : 1, so code 2/3 * 1000 / 800, prose 1/3 * 1000 / 200.
+    assert data.mix_epochs(sizes, "alpha=0.5") == pytest.approx({"code": 2 / 3 * 1000 / 800, "prose": 1 / 3 * 1000 / 200})
+    assert data.mix_epochs(sizes, "alpha=0") == pytest.approx({"code": 0.625, "prose": 2.5})  # uniform
+    assert data.mix_epochs(sizes, "") == {"code": 1.0, "prose": 1.0}
+    assert data.mix_epochs(sizes, "code=1") == pytest.approx({"code": 1.25, "prose": 0.0})  # unnamed: left out
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("code=0.3,poetry=0.7", "poetry, not found"),
+    ("code=0,prose=0", "sum to 0"),
+    ("code=-1,prose=2", "negative"),
+    ("code:0.3", "cannot read"),
+    ("code=abc", "cannot read"),
+    ("alpha=0.3,code=1", "cannot be combined"),
+])
+def test_bad_mix_specs_are_refused_with_the_reason(spec, message):
+    with pytest.raises(ValueError, match=message):
+        data.mix_epochs({"code": 800, "prose": 200}, spec)
+
+
+def test_mixed_order_realises_fractional_epochs_by_bytes(rng):
+    gen = np.random.default_rng(rng.randrange(2**32))
+    nbytes = gen.integers(50, 150, size=400)
+    groups = np.repeat([0, 1], 200)
+    ids = np.arange(400)
+    order = data._mixed_order(ids, groups, nbytes, {"a": 2.5, "b": 0.4}, ["a", "b"], gen)
+    counts = Counter(order.tolist())
+    assert all(counts[i] in (2, 3) for i in range(200)) and all(counts[i] <= 1 for i in range(200, 400))
+    for g, e in ((0, 2.5), (1, 0.4)):
+        got = sum(nbytes[i] * c for i, c in counts.items() if groups[i] == g)
+        target = e * nbytes[groups == g].sum()
+        assert target <= got < target + 150  # documents are taken until the target is reached
 
 
 # --- tokenizers ---------------------------------------------------------------
@@ -189,10 +548,15 @@ def make_text_dir(tmp_path, rng, n_docs=30) -> tuple[Path, list[str]]:
     return folder, texts
 
 
-def split_documents(path, dtype, eot) -> list[list[int]]:
-    """Cut a token file at EOT ids; every document must end with one."""
-    # np.fromfile reads the raw array exactly as np.memmap would, independently of the sampler.
-    ids = np.fromfile(path, dtype=dtype).tolist()
+def shard_tokens_of(manifest, split) -> np.ndarray:
+    """A split's tokens, read with np.fromfile shard by shard (not through data.split_tokens)."""
+    return np.concatenate([np.fromfile(Path(manifest["dir"]) / s["file"], dtype=manifest["dtype"])
+                           for s in manifest["shards"][split]])
+
+
+def split_documents(ids: np.ndarray, eot) -> list[list[int]]:
+    """Cut a token stream at EOT ids; every document must end with one."""
+    ids = ids.tolist()
     assert ids and ids[-1] == eot
     docs, current = [], []
     for t in ids:
@@ -206,47 +570,77 @@ def split_documents(path, dtype, eot) -> list[list[int]]:
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
 def test_prepare_manifest_matches_independent_encoding(tmp_path, rng, tokenizer):
-    """Decode the token files, re-encode the documents, and compare every count."""
+    """Decode the shards, re-encode the documents, and compare every count."""
     folder, texts = make_text_dir(tmp_path, rng)
+    # Random Unicode is not prose: the quality rules would (rightly) reject it.
     # vocab 512 is ignored by "bytes" (always 257); both fit uint16.
-    m = data.prepare(str(folder), tokenizer, 512, str(tmp_path / "cache"), 0.2, verbose=False)
-    manifest, enc = data.load_prepared(m["dir"])
+    m = data.prepare(str(folder), tokenizer, 512, str(tmp_path / "cache"), 0.2, verbose=False, quality_filter=False)
+    manifest, enc = data.load_prepared(m["dir"], verify=True)
     assert manifest["dtype"] == "uint16" and manifest["eot_id"] == enc.eot_token
     assert manifest["vocab_size"] == enc.n_vocab == (257 if tokenizer == "bytes" else 512)
     assert "dir" not in json.loads((Path(m["dir"]) / "manifest.json").read_text())
     assert manifest["documents"] == {"train": 24, "val": 6}  # ceil(0.2 * 30) = 6
+    # The pipeline stores normalised text; normalize itself is checked against unicodedata below.
+    expected = {data.normalize(t) for t in texts}
     # Decoding the files and re-encoding each document with the loaded tokenizer
     # checks the counts without trusting the code that wrote them.
     seen = {}
     for split in ("train", "val"):
-        docs = split_documents(Path(m["dir"]) / f"{split}.bin", manifest["dtype"], enc.eot_token)
+        docs = split_documents(shard_tokens_of(manifest, split), enc.eot_token)
         assert len(docs) == manifest["documents"][split]  # one EOT per document
         seen[split] = {enc.decode(d) for d in docs}
         assert manifest[f"{split}_tokens"] == sum(len(enc.encode_ordinary(t)) + 1 for t in seen[split])
         assert manifest[f"{split}_bytes"] == sum(len(t.encode()) for t in seen[split])
     assert not seen["train"] & seen["val"]  # split by document, disjointly
-    assert seen["train"] | seen["val"] == set(texts)
-    assert manifest["domains"] == {"text": sum(len(t.encode()) for t in texts)}
+    assert seen["train"] | seen["val"] == expected
+    assert manifest["domains"] == {"text": sum(len(t.encode()) for t in expected)}
+
+
+def test_shards_have_fixed_size_and_checksums_and_workers_do_not_change_them(tmp_path, rng):
+    """Every shard but the last holds exactly shard_tokens; SHA-256 per hashlib; 2 workers == 1 worker."""
+    folder, _ = make_text_dir(tmp_path, rng, n_docs=40)
+    kwargs = dict(verbose=False, quality_filter=False, shard_tokens=997)  # a prime: documents straddle shards
+    serial = data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "a"), workers=1, **kwargs)
+    parallel = data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "b"), workers=2, **kwargs)
+    for split in ("train", "val"):
+        shards = serial["shards"][split]
+        assert all(s["tokens"] == 997 for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= 997
+        for s in shards:
+            raw = (Path(serial["dir"]) / s["file"]).read_bytes()
+            assert hashlib.sha256(raw).hexdigest() == s["sha256"]
+            assert len(raw) == 2 * s["tokens"]  # uint16
+        assert np.array_equal(shard_tokens_of(serial, split), shard_tokens_of(parallel, split))
+        assert np.array_equal(data.split_tokens(serial, split), shard_tokens_of(serial, split))
+    assert len(serial["shards"]["train"]) > 3
 
 
 def test_prepare_reuses_an_existing_directory_untouched(tmp_path, rng, capsys):
     """A second prepare with the same settings writes nothing."""
     folder, _ = make_text_dir(tmp_path, rng)
-    m = data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "cache"), verbose=False)
+    m = data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "cache"), verbose=False, quality_filter=False)
     files = sorted(Path(m["dir"]).iterdir())
     before = {f: f.stat().st_mtime_ns for f in files}
-    again = data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "cache"))
+    again = data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "cache"), quality_filter=False)
     assert "reusing" in capsys.readouterr().out
     assert again == m
     assert {f: f.stat().st_mtime_ns for f in sorted(Path(m["dir"]).iterdir())} == before
     assert len(list((tmp_path / "cache").iterdir())) == 1  # no temporary directory left behind
+    other = data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "cache"), verbose=False, quality_filter=False,
+                         dedup="exact")
+    assert other["dir"] != m["dir"]  # pipeline settings are part of the cache key
 
 
-def test_truncated_token_file_is_reported_as_corrupt(tmp_path, rng):
-    """A token file cut short (a crash, a full disk) is caught on load."""
+def test_truncated_or_altered_shard_is_reported_as_corrupt(tmp_path, rng):
+    """A shard cut short (a crash, a full disk) is caught on load; a flipped byte by verify."""
     folder, _ = make_text_dir(tmp_path, rng)
-    m = data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "cache"), verbose=False)
-    train = Path(m["dir"]) / "train.bin"
+    m = data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "cache"), verbose=False, quality_filter=False)
+    train = Path(m["dir"]) / m["shards"]["train"][0]["file"]
+    raw = bytearray(train.read_bytes())
+    raw[0] ^= 1
+    train.write_bytes(raw)
+    data.load_prepared(m["dir"])  # sizes still match
+    with pytest.raises(ValueError, match="checksum"):
+        data.load_prepared(m["dir"], verify=True)
     os.truncate(train, train.stat().st_size - 2)  # one uint16 token short
     with pytest.raises(ValueError, match="corrupt"):
         data.load_prepared(m["dir"])
@@ -258,7 +652,95 @@ def test_prepare_needs_two_documents(tmp_path):
     folder.mkdir()
     (folder / "a.txt").write_text("just one document")
     with pytest.raises(ValueError, match="at least 2"):
-        data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "cache"), verbose=False)
+        data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "cache"), verbose=False, quality_filter=False)
+
+
+# --- the pipeline end to end ----------------------------------------------------
+
+def write_prose_dir(folder: Path, texts: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    for i, t in enumerate(texts):
+        (folder / f"{i:03d}.txt").write_text(t)
+    return folder
+
+
+def prose_variants(rng, n: int) -> list[str]:
+    """n distinct prose documents: the clean paragraph with its sentences shuffled and a unique tag."""
+    sentences = CLEAN_PROSE.replace("\n", " ").split(". ")
+    out = []
+    for i in range(n):
+        rng.shuffle(sentences)
+        out.append(f"Report number {i} of the town archive. " + ". ".join(sentences).rstrip(".") + ".")
+    return out
+
+
+def test_report_accounts_for_every_document_and_each_planted_duplicate(tmp_path, rng, capsys):
+    """Planted: 1 empty, 2 exact copies, 1 near copy (Jaccard ~0.9), 1 short text; the report must say so."""
+    def document():  # 300 random words in sentences of 15, with English stop words: passes the prose rules
+        words = [f"w{rng.randrange(10**6)}" for _ in range(300)]
+        return " ".join(w + "." if i % 15 == 14 else w for i, w in enumerate(words)) + " The end of the story and that."
+    texts = [document() for _ in range(20)]
+    near = texts[0].split()
+    near[151] = "changed"  # one word: 5 of ~300 shingles differ, Jaccard ~0.97
+    planted = texts + [texts[3], data.normalize(texts[4]) + "\n\n", " ".join(near), "   \n\t", "Too short."]
+    folder = write_prose_dir(tmp_path / "d", planted)
+    m = data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "c"), verbose=True, quality_filter=True)
+    report = json.loads((Path(m["dir"]) / "report.json").read_text())
+    removed = report["removed"]
+    assert removed["empty"] == 1 and removed["exact_duplicate"] == 2 and removed["near_duplicate"] == 1
+    stages = report["stages"]
+    assert stages[0]["docs_in"] == len(planted)
+    for before, after in zip(stages[:5], stages[1:5]):  # read -> normalise -> exact -> near -> quality
+        assert before["docs_out"] == after["docs_in"]
+    final = stages[4]["docs_out"]
+    assert len(planted) - sum(removed.values()) == final == sum(m["documents"].values())
+    assert "gopher_word_count" in removed  # "Too short."
+    out = capsys.readouterr().out
+    assert "near dedup (minhash)" in out and "tokens before" in out and "exact_duplicate 2" in out
+
+
+def test_prepare_realises_the_mix_and_reports_epochs(tmp_path, rng):
+    """Two prose domains 3:1 in bytes mixed 1:1: the byte tokenizer makes the token share checkable by hand."""
+    books = write_prose_dir(tmp_path / "books", prose_variants(rng, 60))
+    news = write_prose_dir(tmp_path / "news", prose_variants(rng, 20))
+    m = data.prepare(f"books={books},news={news}", "bytes", out_dir=str(tmp_path / "c"), verbose=False,
+                     mix="books=0.5,news=0.5", val_fraction=0.1, dedup="exact")
+    report = json.loads((Path(m["dir"]) / "report.json").read_text())
+    assert report["stages"][-3]["docs_out"] == 80  # every document passed the rules
+    mix = report["mix"]
+    # bytes tokenizer: tokens = bytes + one EOT per document; the docs are ~1 kB, so ~0.1% is EOT.
+    for name in ("books", "news"):
+        assert mix[name]["share_after"] == pytest.approx(0.5, abs=0.03)  # one ~1 kB document of ~40 kB
+    # epochs = w * T / n, rounded to 4 decimals in the report
+    assert mix["books"]["epochs"] == pytest.approx(0.5 * (mix["books"]["bytes"] + mix["news"]["bytes"]) / mix["books"]["bytes"], abs=1e-4)
+    assert mix["news"]["epochs"] > 1 > mix["books"]["epochs"]
+    train = split_documents(shard_tokens_of(m, "train"), m["eot_id"])
+    assert len(train) == m["documents"]["train"] > len({tuple(d) for d in train})  # prose repeats
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(data="{missing}"), "does not exist"),
+    (dict(data="{folder}", dedup="exact", quality_filter=True), "no documents left after filtering"),
+    (dict(data="{folder}", mix="code=1", quality_filter=False), "code, not found"),
+    (dict(data="{folder}", mix="text=0", quality_filter=False), "sum to 0"),
+    (dict(data="{folder}", mix="text=-1,b=2", quality_filter=False), "negative"),
+])
+def test_bad_input_is_one_line_and_leaves_no_output(tmp_path, kwargs, message):
+    folder = write_prose_dir(tmp_path / "d", ["Too short.", "Also short."])
+    kwargs = {**kwargs, "data": kwargs["data"].format(missing=tmp_path / "nope.txt", folder=folder)}
+    out = tmp_path / "cache"
+    with pytest.raises(ValueError, match=message) as e:
+        data.prepare(tokenizer="bytes", out_dir=str(out), verbose=False, **kwargs)
+    assert "\n" not in str(e.value)
+    assert not out.exists() or not list(out.iterdir())  # no half-written directory
+
+
+def test_cli_prints_one_error_line_and_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, str(Path(data.__file__)), "prepare", "--data", str(tmp_path / "nope"),
+                        "--out_dir", str(tmp_path / "c")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: data path") and "Traceback" not in r.stderr
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
 
 
 # --- sampler ------------------------------------------------------------------
@@ -307,10 +789,32 @@ def test_two_ranks_cover_disjoint_windows_once(tmp_path, rng):
     assert set(starts[0] + starts[1]) <= {i * T for i in range(n_windows)}
 
 
+def write_shards(tmp_path, lengths) -> list[Path]:
+    """Shard k holds ids k*10000 + 0, 1, 2, ...: a window's first id names its shard and offset."""
+    paths = []
+    for k, n in enumerate(lengths):
+        path = tmp_path / f"train_{k:05d}.bin"
+        np.arange(k * 10000, k * 10000 + n, dtype=np.uint16).tofile(path)
+        paths.append(path)
+    return paths
+
+
+def test_windows_never_cross_a_shard_and_one_epoch_covers_each_once(tmp_path, rng):
+    """Reference: the set of all windows of each shard, computed shard by shard."""
+    T = rng.randint(3, 17)
+    lengths = [rng.randint(T + 1, 900) for _ in range(rng.randint(2, 5))]
+    sampler = data.TokenSampler(write_shards(tmp_path, lengths), "uint16", T, 5, seed=rng.randrange(100))
+    expected = sorted(k * 10000 + i * T for k, n in enumerate(lengths) for i in range((n - 1) // T))
+    starts = collect_windows(sampler, len(expected))  # also checks each row is one contiguous slice
+    assert sorted(starts) == expected
+
+
+@pytest.mark.parametrize("n_shards", [1, 3])
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_resume_gives_the_same_batches_as_an_uninterrupted_run(tmp_path, rng, world_size):
-    """Reference: the same sampler run straight through (nanoGPT #467)."""
-    path = write_arange(tmp_path, rng.randint(300, 1000))
+def test_resume_gives_the_same_batches_as_an_uninterrupted_run(tmp_path, rng, world_size, n_shards):
+    """Reference: the same sampler run straight through (nanoGPT #467), on one file and on shards."""
+    lengths = [rng.randint(300, 1000) for _ in range(n_shards)]
+    path = write_arange(tmp_path, lengths[0]) if n_shards == 1 else write_shards(tmp_path, lengths)
     for rank in range(world_size):
         make = lambda: data.TokenSampler(path, "uint16", 8, 6, seed=11, rank=rank, world_size=world_size)
         straight, interrupted = make(), make()
