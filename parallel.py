@@ -54,6 +54,31 @@ all-reduce) and so is the output layer; the cross-entropy is then computed witho
 the V logits: a max, a sum of exponentials and the target's logit, each all-reduced over B T
 numbers. Memory 16N/t for the split matrices (norm gains and row-parallel biases are replicated).
 
+Sequence parallel (Korthikanti et al. 2022, arXiv:2205.05198), an option of tensor parallelism.
+Between the tensor-parallel regions (attention, MLP, output layer) plain tensor parallelism keeps
+the whole (B, T, C) activation on every rank: the norms, dropouts and residual adds are computed t
+times over and stored t times over. Sequence parallelism splits them along T instead: rank r holds
+positions [r T/t, (r+1) T/t). Entering a region the sequence is all-gathered; leaving it, the
+row-parallel layer's partial sums are reduce-scattered, so each rank sums only its own positions.
+f and g become
+    all-gather forward, reduce-scatter backward   (entering a region, in place of f)
+    reduce-scatter forward, all-gather backward   (leaving a region, in place of g)
+and since a ring all-reduce *is* a reduce-scatter followed by an all-gather,
+    2 (t-1)/t S  =  (t-1)/t S  +  (t-1)/t S,
+the bytes are unchanged: per block 4 x 2 (t-1)/t 4 B T C, as above (the embedding reduce-scatters,
+the output layer gathers: again the same). New: the replicated parameters (norms, row-parallel
+biases, learned positions; N_rep of them) now see T/t positions each, so their gradients are
+partial sums, all-reduced once after backward: 2 (t-1)/t 4 N_rep bytes per step. Weights,
+gradients and Adam state per rank: as tensor parallelism's. Activations kept for backward, per
+layer, in the paper's count (16-bit, s = T, b = B, h = C, a = heads; their sec. 4):
+    one device                s b h (34 + 5 a s / h)
+    tensor parallel           s b h (10 + 24/t + 5 a s / (h t))   (norm inputs 4, dropout masks 2,
+                                                                  column-parallel inputs 4: not split)
+    tensor + sequence par.    s b h (34 + 5 a s / h) / t
+Here autograd keeps each column-parallel layer's gathered input for its weight gradient, so those
+4 s b h stay whole: s b h (4 + 30/t + 5 a s / (h t)). Megatron keeps only the T/t shard and
+gathers it again in backward (one more all-gather, overlapped with the gradient matmul).
+
 Pipeline parallel (GPipe, Huang et al. 2018, arXiv:1811.06965; 1F1B, Narayanan et al. 2019,
 PipeDream, arXiv:1806.03377 and 2021, arXiv:2104.04473), p stages of L/p blocks; the batch is cut
 into m micro-batches that flow through the stages with point-to-point sends. Time runs left to
@@ -69,7 +94,10 @@ Both idle for the same (p-1) slots at each end: bubble = (p-1)/(m+p-1) of the st
 memory: a stage holds the activations of at most p - s micro-batches in flight, not all m.
 Communication per stage boundary: m activations forward and m gradients backward, each B/m T C x 4.
 A tied embedding lives on the first stage (lookup) and the last (output layer); its two gradients
-are summed by an all-reduce between those two stages, as Megatron does.
+are summed by an all-reduce between those two stages, as Megatron does: 2 V C x 4 more on each.
+Memory per stage: 16 bytes (weights, gradient, Adam) per parameter it holds, L/p blocks' worth,
+plus the embeddings on the first stage and ln_f and the output layer (with tied embeddings, a copy
+of V C) on the last: about 16 N/p.
 
 Context parallel (ring attention; Liu et al. 2023, arXiv:2310.01889), c ranks each holding T/c
 positions of every sequence. Everything but attention is per position; attention needs every
@@ -79,12 +107,19 @@ online-softmax rule (Milakov & Gimelshein 2018; FlashAttention, Dao et al. 2022)
     m' = max(m, m_b),  l' = l e^(m - m') + l_b e^(m_b - m'),  o' = o e^(m - m') + o_b e^(m_b - m')
 Causality per block: a block entirely in the future is skipped, the diagonal block is masked.
 Load balancing (option) gives rank r the chunks r and 2c-1-r of 2c, so every rank has as much
-unmasked work. Sent per rank: forward (c-1) K,V blocks; backward (c-1) K,V blocks and c dK,dV blocks.
+unmasked work. Sent per rank and layer, in blocks of B nh (T/c) hs x 4 bytes: forward 2 (c-1) (K, V),
+backward 4 (c-1) (K, V and their dK, dV) and 2 more (dK, dV home): (6c - 4) blocks; plus data
+parallel's gradient all-reduce over the dp x cp ranks. Memory: weights, gradients and Adam state as
+data parallel's (every cp rank holds the model); activations 1/c of one device's, and each score
+block is (T/c)^2 instead of T^2.
 
 DiLoCo (Douillard et al. 2023, arXiv:2311.08455): d workers each take H local AdamW steps without
 talking; then the pseudo-gradient theta_global - theta_local is averaged (one all-reduce of 4N) and
 an outer Nesterov SGD (lr 0.7, momentum 0.9, the paper's) moves theta_global. Communication is
-2 (d-1)/d 4N every H steps instead of every step.
+2 (d-1)/d 4N every H steps instead of every step. Memory 24N: the worker's 16N (weights, gradients,
+AdamW) plus theta_global and the outer momentum, 4N each. Once its momentum m has built up, the
+outer step moves theta_global lr / (1 - m) times the averaged change: 7x with the paper's values,
+chosen for H = 500 from a pretrained model; a short run from scratch wants less (README: measured).
 
 The mesh
 --------
@@ -97,7 +132,8 @@ Map of this file
 ----------------
 process groups (Layout, init_distributed) -> counted collectives -> data parallel (bucketed DDP)
 -> ZeRO 1/2/3 (FlatShard, ShardedAdamW, GatherParams) -> tensor parallel (f, g, column/row layers,
-vocabulary-parallel embedding and cross-entropy) -> pipeline (stages, GPipe, 1F1B) -> context
+vocabulary-parallel embedding and cross-entropy) -> sequence parallel (all-gather / reduce-scatter
+along T, per-rank dropout) -> pipeline (stages, GPipe, 1F1B) -> context
 parallel (ring attention) -> DiLoCo -> torch's native versions -> Parallelized (composes them for
 train.py: forward-backward, gradient sync, clipping, step, memory count, full checkpoints) -> the
 command line (`preflight`: every collective once, with the usual fixes when one fails; `plan`: the
@@ -192,11 +228,12 @@ def init_distributed(dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, device:
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return build_layout(dp, tp, pp, cp, device)
+    return build_layout(dp, tp, pp, cp, device, timeout_s)
 
 
-def build_layout(dp: int, tp: int, pp: int, cp: int, device: torch.device) -> Layout:
-    """The DeviceMesh and its groups, on an initialised default process group (every rank calls this)."""
+def build_layout(dp: int, tp: int, pp: int, cp: int, device: torch.device, timeout_s: float | None = None) -> Layout:
+    """The DeviceMesh and its groups, on an initialised default process group (every rank calls this).
+    timeout_s: how long a collective in any of these groups may wait (None: torch's default per group)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     check_degrees(dp, tp, pp, cp, dist.get_world_size())
@@ -209,6 +246,13 @@ def build_layout(dp: int, tp: int, pp: int, cp: int, device: torch.device) -> La
     layout.groups["data"] = subgroup(ranks.permute(0, 3, 1, 2).reshape(pp * tp, dp * cp))
     if pp > 1:  # first and last stage of each pipeline: they share the tied embedding
         layout.groups["embedding"] = subgroup(ranks[[0, pp - 1]].permute(1, 2, 3, 0).reshape(-1, 2))
+    if timeout_s is not None:
+        # torch gives each new group its own default timeout (30 min on gloo, 10 on NCCL), not the
+        # default group's: without this, a rank that skips a data- or tensor-parallel collective
+        # would hang its peers for half an hour instead of --dist_timeout seconds (a test checks it)
+        for group in layout.groups.values():
+            if group is not None:
+                dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)
     return layout
 
 
@@ -355,7 +399,10 @@ class BucketedDataParallel:
         for p, offset in zip(params, offsets):
             self.slot[p] = (bucket, offset)
 
+    # EXERCISE: data-parallel (tests/test_parallel.py -k 'two_ranks and data_parallel')
     def _grad_ready(self, p):
+        """Backward hook, p's gradient is final: copy it into its bucket; the bucket's last gradient
+        starts the bucket's all-reduce, asynchronously. Nothing inside no_sync()."""
         if not self.require_sync:
             return
         bucket, offset = self.slot[p]
@@ -372,7 +419,10 @@ class BucketedDataParallel:
         finally:
             self.require_sync = before
 
+    # EXERCISE: data-parallel
     def finish_gradient_sync(self):
+        """After backward: wait for every bucket's all-reduce (sending now any bucket a parameter
+        without a gradient left incomplete), divide by the group size, write the means into .grad."""
         n = group_size(self.group)
         for bucket in self.buckets:
             if bucket.ready < len(bucket.params):  # a parameter that got no gradient: send zeros for it
@@ -520,6 +570,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         super().__init__([u.shard for u in units], dict(lr=lr, betas=betas, eps=eps))
         self.decay = {u.shard: u.weight_decay for u in units}
 
+    # EXERCISE: zero (tests/test_parallel.py -k 'sharded_adamw or (two_ranks and zero)')
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
@@ -548,11 +599,13 @@ class CopyToTensorParallelRegion(torch.autograd.Function):
     all-reduce backward. Placed before a column-parallel layer: every rank uses the same input, so
     the input's gradient is the sum of the ranks' partial gradients."""
 
+    # EXERCISE: tensor-parallel (tests/test_parallel.py -k 'two_ranks and tensor_parallel')
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
         return x.view_as(x)
 
+    # EXERCISE: tensor-parallel
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
@@ -564,12 +617,14 @@ class ReduceFromTensorParallelRegion(torch.autograd.Function):
     """Megatron's g (same paper, fig. 3b): all-reduce forward, identity backward. Placed after a
     row-parallel layer, whose ranks each hold a partial sum of the output."""
 
+    # EXERCISE: tensor-parallel
     @staticmethod
     def forward(ctx, x, group):
         x = x.contiguous().clone()
         all_reduce(x, group, "tp")
         return x
 
+    # EXERCISE: tensor-parallel
     @staticmethod
     def backward(ctx, grad):
         return grad, None
@@ -577,45 +632,59 @@ class ReduceFromTensorParallelRegion(torch.autograd.Function):
 
 class ColumnParallelLinear(nn.Module):
     """y_r = x A_r: this rank's rows of nn.Linear's weight (out, in), i.e. the columns of A = W^T.
-    `rows` lists which output features this rank computes, in the order it holds them."""
+    `rows` lists which output features this rank computes, in the order it holds them.
+    sequence_parallel: the input arrives already all-gathered along T (apply_sequence_parallel),
+    and that gather's backward, a reduce-scatter, sums the ranks' partial input gradients as f's
+    all-reduce would: f is left out."""
 
     def __init__(self, linear: nn.Linear, rows: torch.Tensor, group):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, False
         self.weight = nn.Parameter(linear.weight.detach()[rows].clone())  # (out/t, in)
         self.bias = nn.Parameter(linear.bias.detach()[rows].clone()) if linear.bias is not None else None
 
     def forward(self, x):
-        return F.linear(CopyToTensorParallelRegion.apply(x, self.group), self.weight, self.bias)  # (.., in) -> (.., out/t)
+        if not self.sequence_parallel:
+            x = CopyToTensorParallelRegion.apply(x, self.group)
+        return F.linear(x, self.weight, self.bias)  # (.., in) -> (.., out/t)
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum_r x_r B_r: this rank's input features `cols`; the bias is added once, after the sum."""
+    """y = sum_r x_r B_r: this rank's input features `cols`; the bias is added once, after the sum.
+    sequence_parallel: the sum is reduce-scattered along T instead of all-reduced, (B, T, C) ->
+    (B, T/t, C), and the bias is added to this rank's positions only."""
 
     def __init__(self, linear: nn.Linear, cols: torch.Tensor, group):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, False
         self.weight = nn.Parameter(linear.weight.detach()[:, cols].clone())  # (out, in/t)
         self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
 
     def forward(self, x):
-        y = ReduceFromTensorParallelRegion.apply(F.linear(x, self.weight), self.group)  # (.., in/t) -> (.., out)
+        partial = F.linear(x, self.weight)  # (B, T, in/t) -> (B, T, out), this rank's share of the sum
+        if self.sequence_parallel:
+            y = ReduceScatterToSequenceParallelRegion.apply(partial, self.group)  # -> (B, T/t, out)
+        else:
+            y = ReduceFromTensorParallelRegion.apply(partial, self.group)
         return y + self.bias if self.bias is not None else y
 
 
 class VocabParallelEmbedding(nn.Module):
     """Rows [lo, hi) of the (V, C) embedding: look up the ids in range, zeros for the others, and
-    all-reduce: every id is found on exactly one rank (Megatron-LM, sec. 3)."""
+    all-reduce: every id is found on exactly one rank (Megatron-LM, sec. 3). sequence_parallel:
+    reduce-scatter instead, so rank r sums only its positions: (B, T, C) -> (B, T/t, C)."""
 
     def __init__(self, embedding: nn.Embedding, lo: int, hi: int, group):
         super().__init__()
-        self.lo, self.hi, self.group = lo, hi, group
+        self.lo, self.hi, self.group, self.sequence_parallel = lo, hi, group, False
         self.weight = nn.Parameter(embedding.weight.detach()[lo:hi].clone())  # (V/t, C)
 
     def forward(self, idx):
         outside = (idx < self.lo) | (idx >= self.hi)
         local = (idx - self.lo).masked_fill(outside, 0)
         x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, C), zeros elsewhere
+        if self.sequence_parallel:
+            return ReduceScatterToSequenceParallelRegion.apply(x, self.group)
         return ReduceFromTensorParallelRegion.apply(x, self.group)
 
 
@@ -675,7 +744,7 @@ def check_tensor_parallel(config, tp: int):
     for name, n in (("n_head", config.n_head), ("n_kv_head", config.n_kv_head), ("vocab_size", config.vocab_size),
                     ("MLP hidden size", mlp_hidden(config))):
         if n % tp:
-            raise ValueError(f"--tp {tp} must divide {name}={n}: each rank takes an equal share")
+            raise ValueError(f"--tp {tp} must divide {name}={n}: each rank takes an equal share; choose a --tp that divides it")
 
 
 def apply_tensor_parallel(model: GPT, group) -> dict:
@@ -710,6 +779,144 @@ def apply_tensor_parallel(model: GPT, group) -> dict:
     for name, p in model.named_parameters():
         p.sharded_over = {"tp"} if name in specs else set()
     return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence parallel from scratch (Korthikanti et al. 2022): tensor parallelism's leftovers split along T
+
+
+def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, T/t, C) on each rank -> (B, T, C) on every rank, chunks in rank order."""
+    n = group_size(group)
+    local = x.transpose(0, 1).contiguous()  # (T/t, B, C): T first, so a chunk is one contiguous block
+    full = torch.empty((n * local.size(0), *local.shape[1:]), dtype=x.dtype, device=x.device)  # (T, B, C)
+    all_gather(full, local, group, "tp")
+    return full.transpose(0, 1)  # (B, T, C); Megatron keeps activations (T, B, C) throughout to skip these transposes
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, T, C) partial sums on each rank -> (B, T/t, C): the sum, at this rank's positions only."""
+    n = group_size(group)
+    full = x.transpose(0, 1).contiguous()  # (T, B, C)
+    local = torch.empty((full.size(0) // n, *full.shape[1:]), dtype=x.dtype, device=x.device)  # (T/t, B, C)
+    reduce_scatter(local, full, group, "tp")
+    return local.transpose(0, 1)  # (B, T/t, C)
+
+
+class GatherFromSequenceParallelRegion(torch.autograd.Function):
+    """Entering a tensor-parallel region (Korthikanti et al. 2022, sec. 4.2.2, fig. 5, their g):
+    all-gather along T forward; backward, every rank holds a partial gradient of the whole (B, T, C)
+    input (its heads' or columns' share), and rank r needs the sum at its own positions: a
+    reduce-scatter. It replaces f, whose backward all-reduce was that same sum, kept everywhere."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return gather_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_sequence(grad, ctx.group), None
+
+
+class ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    """Leaving a tensor-parallel region (same paper, their g-bar): reduce-scatter along T forward,
+    so the partial sums of a row-parallel layer become, on rank r, the full sum at its positions;
+    backward, each rank's partial sum fed every position, so every rank needs the whole (B, T, C)
+    gradient: an all-gather. It replaces g (all-reduce forward, identity backward)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return gather_sequence(grad, ctx.group), None
+
+
+class SequenceParallelDropout(nn.Module):
+    """Dropout on this rank's T/t positions, with a generator of its own. In plain tensor
+    parallelism every rank draws the same mask (same seed), which keeps the replicated activations
+    equal; here the ranks hold different positions, and the same stream would give position i of
+    every chunk the same mask. Megatron forks a generator seeded seed + 2718 + tp rank for the same
+    reason (megatron/core/tensor_parallel/random.py); so do we."""
+
+    def __init__(self, p: float, generator: torch.Generator):
+        super().__init__()
+        self.p, self.generator = p, generator
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.p
+        return x * keep / (1 - self.p)  # inverted dropout, as F.dropout: the expectation is unchanged
+
+
+def check_sequence_parallel(T: int, tp: int):
+    if T % tp:
+        raise ValueError(f"--sequence_parallel splits the T={T} positions of a sequence across --tp {tp} ranks: "
+                         f"use a --block_size that is a multiple of {tp}")
+
+
+def apply_sequence_parallel(model: GPT, group) -> list:
+    """Turn a tensor-parallel GPT (apply_tensor_parallel) sequence-parallel, in place, without
+    touching its code: the residual stream, norms and dropouts hold (B, T/t, C).
+
+        embedding: reduce-scatter instead of all-reduce        -> (B, T/t, C)
+        block:     ln_1 on T/t -> [all-gather] attention [reduce-scatter] -> dropout, residual on T/t
+                   ln_2 on T/t -> [all-gather] MLP [reduce-scatter]       -> dropout, residual on T/t
+        ln_f on T/t -> [all-gather] output layer -> (B, T, V/t) logits, the vocabulary-parallel loss
+
+    The all-gather sits at the entrance of attention and the MLP (a forward pre-hook), not inside
+    their first layer, because attention reads T from its input's shape. Position embeddings are
+    looked up for this rank's positions. Returns the names of the parameters every rank holds whole
+    (norms, row-parallel biases, position embeddings): used on T/t positions only, their gradients
+    are partial sums over the tp ranks, to be all-reduced after backward
+    (reduce_sequence_parallel_grads)."""
+    check_sequence_parallel(model.config.block_size, group_size(group))
+
+    def gather_input(module, args):  # (B, T/t, C) -> (B, T, C) entering attention, the MLP, the output layer
+        return (GatherFromSequenceParallelRegion.apply(args[0], group), *args[1:])
+
+    model.transformer.wte.sequence_parallel = True
+    for block in model.transformer.h:
+        for region, column, row in ((block.attn, block.attn.c_attn, block.attn.c_proj),
+                                    (block.mlp, block.mlp.c_fc, block.mlp.c_proj)):
+            column.sequence_parallel = row.sequence_parallel = True
+            region.register_forward_pre_hook(gather_input)
+    model.lm_head.sequence_parallel = True
+    model.lm_head.register_forward_pre_hook(gather_input)
+    split_positions_and_dropout(model, group)
+    return [name for name, p in model.named_parameters() if "tp" not in p.sharded_over]
+
+
+def split_positions_and_dropout(model: GPT, group):
+    """What sequence parallelism needs outside the tensor-parallel layers, from scratch or native:
+    learned positions looked up for this rank's chunk of T, and dropouts with a generator per rank."""
+    tp, r = group_size(group), dist.get_rank(group)
+    if model.transformer.wpe is not None:  # wpe(arange(T)) -> wpe(this rank's chunk of it)
+        model.transformer.wpe.register_forward_pre_hook(lambda module, args: (args[0].chunk(tp)[r],))
+    generator = torch.Generator(device=model.transformer.wte.weight.device)
+    generator.manual_seed(torch.initial_seed() + 2718 + r)  # Megatron's offset (model_parallel_cuda_manual_seed)
+    model.transformer.drop = SequenceParallelDropout(model.config.dropout, generator)
+    for block in model.transformer.h:
+        block.attn.resid_dropout = SequenceParallelDropout(model.config.dropout, generator)
+        block.mlp.dropout = SequenceParallelDropout(model.config.dropout, generator)
+
+
+def reduce_sequence_parallel_grads(params: list, group):
+    """Sum the partial gradients of the replicated parameters over the tp ranks, in one message:
+    2 (t-1)/t 4 N_replicated bytes per step (Megatron-LM does the same after backward). In place,
+    on this rank's part of each gradient (a data-parallel shard under FSDP2)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [local_part(p.grad) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce(flat, group, "sp_grads")
+    for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(summed.view_as(g))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1028,7 +1235,8 @@ class DiLoCo:
     def __init__(self, params: list, group, inner_steps: int, lr: float = 0.7, momentum: float = 0.9):  # paper, sec. 3
         self.params, self.group, self.inner_steps = params, group, inner_steps
         self.global_params = [p.detach().clone() for p in params]
-        self.outer = torch.optim.SGD(self.global_params, lr=lr, momentum=momentum, nesterov=True)
+        # torch refuses Nesterov without momentum; momentum 0 and lr 1 is plain averaging (local SGD)
+        self.outer = torch.optim.SGD(self.global_params, lr=lr, momentum=momentum, nesterov=momentum > 0)
         self.steps = 0
 
     @torch.no_grad()
@@ -1062,18 +1270,26 @@ class DiLoCo:
 # torch's native versions of the same ideas (impl "native")
 
 
-def apply_tensor_parallel_native(model: GPT, layout: Layout) -> dict:
+def apply_tensor_parallel_native(model: GPT, layout: Layout, sequence_parallel: bool = False) -> dict:
     """Megatron's split with DTensor's parallelize_module: ColwiseParallel is column-parallel (f
     before it), RowwiseParallel row-parallel (g after it), RowwiseParallel on the embedding is the
     vocabulary split. DTensor shards contiguous equal slices, so c_attn's fused [q|k|v] rows (and
     SwiGLU's [gate|up]) are first reordered so that slice r is rank r's heads; the returned specs
-    undo that order when a full checkpoint is written."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    undo that order when a full checkpoint is written.
+
+    sequence_parallel (torchtitan's plan): the norms become SequenceParallel (inputs Shard(1), i.e.
+    split along T; their weights Replicate DTensors, whose gradients come back Partial: see
+    replicate_partial_grads); PrepareModuleInput all-gathers T entering attention and the MLP; the
+    row-parallel layers and the embedding reduce-scatter to Shard(1); the output layer gathers T
+    first. The learned positions and the dropouts are handled as from scratch (split_positions_and_dropout)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel,
+                                                   parallelize_module)
 
     tp, mesh = layout.tp, layout.mesh["tp"]
     check_tensor_parallel(model.config, tp)
     layouts, specs = tensor_parallel_layouts(model.config, tp), {}
+    split_t = Shard(1) if sequence_parallel else Replicate()  # the activations between the regions
     for i, block in enumerate(model.transformer.h):
         for linear, kind, name in ((block.attn.c_attn, "c_attn", "attn.c_attn"), (block.mlp.c_fc, "c_fc", "mlp.c_fc")):
             order = torch.cat(layouts[kind])
@@ -1081,15 +1297,33 @@ def apply_tensor_parallel_native(model: GPT, layout: Layout) -> dict:
                 if getattr(linear, pname) is not None:
                     getattr(linear, pname).data = getattr(linear, pname).data[order]
                     specs[f"transformer.h.{i}.{name}.{pname}"] = (0, layouts[kind])
-        parallelize_module(block, mesh, {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
-                                         "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()})
+        plan = {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(output_layouts=split_t),
+                "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel(output_layouts=split_t)}
+        if sequence_parallel:
+            gather_t = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            plan.update({"ln_1": SequenceParallel(), "attn": gather_t, "ln_2": SequenceParallel(), "mlp": gather_t})
+        parallelize_module(block, mesh, plan)
         block.attn.n_head, block.attn.n_kv_head = block.attn.n_head // tp, block.attn.n_kv_head // tp
     # the output layer gathers the full logits (Replicate), so the model's own cross-entropy applies
-    parallelize_module(model, mesh, {"transformer.wte": RowwiseParallel(input_layouts=Replicate()),
-                                     "lm_head": ColwiseParallel(output_layouts=Replicate())})
+    plan = {"transformer.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=split_t),
+            "lm_head": ColwiseParallel(input_layouts=split_t, output_layouts=Replicate())}
+    if sequence_parallel:
+        plan["transformer.ln_f"] = SequenceParallel()
+    parallelize_module(model, mesh, plan)
     if model.config.tie_embeddings:  # parallelize_module made two parameters of the tied one: tie again
         model.lm_head.weight = model.transformer.wte.weight
     return specs
+
+
+def replicate_partial_grads(module: nn.Module):
+    """Under SequenceParallel, DTensor leaves the norms' gradients Partial: a sum over the tp ranks
+    not yet taken (each rank saw T/t positions). The optimizer would take it lazily; the gradient
+    norm needs it now, so take it here (an all-reduce: the scratch path's sp_grads)."""
+    from torch.distributed.tensor import Replicate
+
+    for p in module.parameters():
+        if p.grad is not None and is_dtensor(p.grad) and any(pl.is_partial() for pl in p.grad.placements):
+            p.grad = p.grad.redistribute(placements=[Replicate() if pl.is_partial() else pl for pl in p.grad.placements])
 
 
 def apply_fsdp_native(model: GPT, layout: Layout, reshard_after_forward: bool):
@@ -1128,10 +1362,11 @@ def make_adamw(module: nn.Module, lr: float, betas: tuple, weight_decay: float, 
 # Parallelized: the strategies composed, and the calls train.py's loop makes
 
 
-STRATEGY_HELP = "--impl scratch supports every strategy; native covers --dp, --zero 1-3 and --tp (with --zero 2/3 for dp x tp)"
+STRATEGY_HELP = ("--impl scratch supports every strategy; native covers --dp, --zero 1-3 and --tp, --sequence_parallel "
+                 "(with --zero 2/3 for dp x tp)")
 
 
-def check_strategy(layout: Layout, zero: int, impl: str, pp_schedule: str, diloco_steps: int):
+def check_strategy(layout: Layout, zero: int, impl: str, pp_schedule: str, diloco_steps: int, sequence_parallel: bool = False):
     """Refuse, in one line each, the combinations this file does not implement."""
     if impl not in ("scratch", "native"):
         raise ValueError(f"unknown --impl '{impl}': use scratch or native")
@@ -1149,6 +1384,12 @@ def check_strategy(layout: Layout, zero: int, impl: str, pp_schedule: str, diloc
         raise ValueError(f"pipeline, context parallelism and DiLoCo exist only from scratch: use --impl scratch ({STRATEGY_HELP})")
     if impl == "native" and layout.tp > 1 and layout.dp > 1 and zero in (0, 1):
         raise ValueError("--impl native combines --dp with --tp through FSDP2: add --zero 2 or --zero 3")
+    if sequence_parallel and layout.tp == 1:
+        raise ValueError("--sequence_parallel splits tensor parallelism's norms and dropouts along the sequence: "
+                         "it needs --tp 2 or more")
+    if sequence_parallel and zero == 3 and impl == "scratch":
+        raise ValueError("--sequence_parallel does not combine with the scratch --zero 3 here: use --zero 0, 1 or 2, "
+                         "or --impl native")
 
 
 class Parallelized:
@@ -1160,16 +1401,17 @@ class Parallelized:
         par.full_state_dict(), par.full_optimizer_state_dict(), par.load_full_state(...)   # checkpoints
 
     x, y are this data-parallel rank's (B, T) batch. Strategies are applied in this order: tensor
-    parallel (swap layers), context parallel (swap attention), pipeline (cut into a stage), then
-    the data-parallel flavour over the data group: DDP, ZeRO 1/2/3 or DiLoCo.
+    parallel (swap layers; sequence parallel: hooks at the regions' edges), context parallel (swap
+    attention), pipeline (cut into a stage), then the data-parallel flavour over the data group:
+    DDP, ZeRO 1/2/3 or DiLoCo.
     """
 
     def __init__(self, model: GPT, layout: Layout, *, zero: int = 0, impl: str = "scratch", microbatches: int = 1,
                  pp_schedule: str = "1f1b", bucket_mb: float = 25.0, diloco_steps: int = 0, diloco_outer: tuple = (0.7, 0.9),
-                 cp_load_balance: bool = False,
+                 cp_load_balance: bool = False, sequence_parallel: bool = False,
                  lr: float = 1e-3, betas: tuple = (0.9, 0.95), weight_decay: float = 0.1, amp=None, scaler=None,
                  compile: bool = False):
-        check_strategy(layout, zero, impl, pp_schedule, diloco_steps)
+        check_strategy(layout, zero, impl, pp_schedule, diloco_steps, sequence_parallel)
         if compile and (layout.tp > 1 or layout.pp > 1 or layout.cp > 1 or zero):
             raise ValueError("--compile works with --dp alone here: drop --compile or the other strategies")
         self.layout, self.zero, self.impl, self.microbatches = layout, zero, impl, microbatches
@@ -1182,6 +1424,7 @@ class Parallelized:
         self.state_keys = list(model.state_dict().keys())
         self.ddp = self.ddp_native = self.fsdp = self.units = self.diloco = self.pipeline = None
         self.full_grad, self.tp_specs, self.vocab_start = None, {}, None
+        self.sequence_parallel_params = None  # names of the replicated weights whose gradients sequence parallelism leaves partial
         data_group, device = layout.group("data"), next(model.parameters()).device
         for _, p in named:
             p.sharded_over = set()
@@ -1189,8 +1432,14 @@ class Parallelized:
         if layout.tp > 1 and impl == "scratch":
             self.tp_specs = apply_tensor_parallel(model, layout.group("tp"))
             self.vocab_start = model.transformer.wte.lo  # the loss is computed vocabulary-parallel
+            if sequence_parallel:
+                self.sequence_parallel_params = apply_sequence_parallel(model, layout.group("tp"))
         elif layout.tp > 1:
-            self.tp_specs = apply_tensor_parallel_native(model, layout)
+            self.tp_specs = apply_tensor_parallel_native(model, layout, sequence_parallel)
+            if sequence_parallel:  # DTensor sums the norms' gradients; the position table is a plain tensor
+                check_sequence_parallel(model.config.block_size, layout.tp)
+                split_positions_and_dropout(model, layout.group("tp"))
+                self.sequence_parallel_params = ["transformer.wpe.weight"] if model.transformer.wpe is not None else []
         if layout.cp > 1:
             apply_context_parallel(model, layout.group("cp"), cp_load_balance)
         module = model
@@ -1275,6 +1524,8 @@ class Parallelized:
 
     # --- one step
     def _local_loss(self, x, y):
+        if self.sequence_parallel_params is not None:
+            check_sequence_parallel(x.size(1), self.layout.tp)
         if self.layout.cp > 1:  # this rank's positions of every sequence
             x, y = context_slice(x, self.layout, self.cp_load_balance), context_slice(y, self.layout, self.cp_load_balance)
         if self.vocab_start is not None:  # tensor parallel: logits are this rank's vocabulary slice
@@ -1330,12 +1581,18 @@ class Parallelized:
         """After the last micro-step: complete the gradient averaging (and the tied embedding's sum)."""
         if self.ddp is not None:
             self.ddp.finish_gradient_sync()
+        if self.sequence_parallel_params is not None:  # after DDP (it writes .grad), before ZeRO (it reads .grad)
+            named = dict(self.module.named_parameters())  # by name: FSDP2 replaces the Parameter objects
+            reduce_sequence_parallel_grads([named[n] for n in self.sequence_parallel_params], self.layout.group("tp"))
+            if self.impl == "native":
+                replicate_partial_grads(self.module)
         if self.units is not None and self.zero in (1, 2):
             self._reduce_flat_grads()
         if self.pipeline is not None and self.tied and (self.module.is_first or self.module.is_last):
             p = self.module.transformer.wte.weight if self.module.is_first else self.module.lm_head.weight
             all_reduce(p.grad, self.layout.group("embedding"), "pp")  # first stage's part + last stage's part
 
+    # EXERCISE: zero
     def _reduce_flat_grads(self):
         """ZeRO 1: all-reduce the flat gradient, keep it all. ZeRO 2: reduce-scatter it, keep the shard."""
         unit, n = self.units[0], group_size(self.units[0].group)
