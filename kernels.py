@@ -120,13 +120,56 @@ triton 3.9 (so 16-bit operands are upcast to float32 there, flag UPCAST) and its
 bfloat16 stores truncate rather than round (an error of at most one bf16 ulp, within the tests'
 1e-2 tolerance).
 
+The same loss without Triton
+----------------------------
+Where Triton cannot run at full speed (the CPU: the interpreter runs one program at a time in
+numpy), `chunked_linear_cross_entropy` keeps the memory saving in plain torch: each chunk's logits
+are made, reduced to a summed loss and dropped, and torch.utils.checkpoint makes them again, chunk
+by chunk, in the backward (one extra (n, C) x (C, V) matmul per chunk: 2 N C V FLOPs in all, a
+third more than the head's 6 N C V for forward and backward). `linear_cross_entropy` is model.py's
+entry point (GPTConfig.fused_ce): the Triton kernel on a GPU, the chunked torch version elsewhere.
+
+FP8 matrix products with per-tensor scaling
+-------------------------------------------
+Ada and Hopper tensor cores multiply 8-bit floats at twice the bf16 rate (H100 SXM: 1979 against
+989 TFLOP/s dense, scaling.PEAK_FLOPS). Micikevicius et al. 2022 ("FP8 Formats for Deep
+Learning", arXiv:2209.05433) define two formats: E4M3 (4 exponent bits, 3 mantissa bits, largest
+finite value 448) for weights and activations, which need precision, and E5M2 (5 and 2, largest
+57344) for gradients, which need range. Rounding to nearest keeps a normal number within half a
+unit in the last place: 2^-4 relative for E4M3, 2^-3 for E5M2. The range is narrow (E4M3 spans
+448 / 2^-9, about 2^18), so each tensor is first scaled into it:
+
+    scale = fp8_max / amax(|X|)      X8 = fp8(clamp(X * scale, -fp8_max, fp8_max))      X ~ X8 / scale
+
+This is per-tensor "dynamic" scaling: the amax of the tensor being cast, torchao's default
+(delayed scaling keeps an amax history instead and saves that reduction). A product is then
+(X8 W8^T) / (s_x s_w): torch._scaled_mm multiplies the fp8 operands on the tensor cores,
+accumulates in float32 and multiplies the result by the two inverse scales. A Linear has three:
+
+    forward       Y  = X W^T       E4M3 x E4M3
+    input grad    dX = dY W        E5M2 x E4M3
+    weight grad   dW = dY^T X      E5M2 x E4M3
+
+Error bound, per element: |X8 / s - X| <= 2^-4 |X| + 2^-10 / s (values that land below E4M3's
+smallest normal, 2^-6, after scaling are subnormals spaced 2^-9 apart, so their error is absolute),
+and each term of a product is off by at most (2 * 2^-4 + 2^-8) relative plus those absolute parts;
+the tests check Float8Linear against F.linear with exactly this bound. Bytes: an fp8 operand is
+half a bf16 one, and the activations kept for the backward are kept in fp8. Cost: per operand and
+matmul an amax (one read) and a cast (a read and a write), memory-bound passes that torch.compile
+fuses into the kernels that produce the operands; without compile they can eat the gain at GPT-2
+small's width. `convert_to_float8(module)` swaps every nn.Linear inside a module for a
+Float8Linear holding the same Parameters, as torchao.float8.convert_to_float8_training does, so
+the model's code does not change. torch._scaled_mm on a GPU needs compute capability >= 8.9, both
+operand dimensions a multiple of 16, the first operand row-major and the second column-major.
+
 Map of this file, in reading order
 ----------------------------------
 interpreter switch and availability -> reference attention (the one to read) -> forward kernel
 (_attn_fwd_inner, _attn_fwd_kernel) -> backward kernels (_attn_bwd_preprocess, _attn_bwd_dkdv_*,
 _attn_bwd_dq_*) -> autotuning configs -> flash_attention (the autograd function) ->
 triton_attention_backend (model.py's seam, with its fallback) -> fused linear + cross-entropy
-(kernel, autograd function, reference) -> benchmarks -> command line.
+(kernel, autograd function, reference, the chunked torch version, model.py's entry point) -> FP8
+(quantize, the scaled matmul, Float8Linear, convert_to_float8) -> benchmarks -> command line.
 """
 
 from __future__ import annotations
@@ -139,6 +182,7 @@ import sys
 import time
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 # Triton decides at decoration time (@triton.jit) whether kernels compile for a GPU or run in its
@@ -208,11 +252,18 @@ def reference_attention(q, k, v, causal: bool = True, sm_scale: float | None = N
 # Forward kernel. Grid: (query tiles, B * H). Each program computes BLOCK_M rows of O and LSE.
 
 
+# EXERCISE: flash-attention (tests/test_kernels.py -k 'flash_attention_and_its_gradients or log_sum_exp')
 @_jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, hi, qk_scale, T, D,
                     MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr):
-    """The online-softmax recurrence over key tiles [lo, hi). MASK applies the causal and T masks."""
+    """The online-softmax recurrence over key tiles [lo, hi). MASK applies the causal and T masks.
+
+    Carried per query row, all float32: acc (BLOCK_M, BLOCK_D) the un-normalised output a, l_i the
+    sum l and m_i the maximum m of the module docstring, in log2 units (qk_scale = sm_scale log2 e,
+    so exp is exp2). q (BLOCK_M, BLOCK_D) is loaded; K and V point at this head's key 0, rows
+    stride_kt / stride_vt apart; offs_m are the query positions, offs_d the head's columns (those
+    >= D, and keys >= T, read as zeros). Returns the updated (acc, l_i, m_i)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)  # ragged T and padded D read zeros
@@ -629,8 +680,11 @@ def _ce_block_v(V: int) -> int:
 
 
 def default_chunk_size(N: int, C: int, V: int) -> int:
-    """Rows per chunk such that a chunk's (chunk, V) logits hold about as many elements as x's (N, C)."""
-    return max(1, triton.next_power_of_2(triton.cdiv(N, triton.cdiv(V, C))))
+    """Rows per chunk such that a chunk's (chunk, V) logits hold about as many elements as x's (N, C).
+    Plain integer arithmetic (the next power of two of ceil(N / ceil(V / C))), so the torch version
+    below can use it where Triton is not importable."""
+    rows = -(-N // -(-V // C))  # ceil(N / ceil(V / C)); -(-a // b) is ceil(a / b) for integers
+    return max(1, 1 << (rows - 1).bit_length()) if rows > 0 else 1
 
 
 def _linear_ce_forward(x, weight, targets, ignore_index: int, chunk_size: int, with_grads: bool = True):
@@ -695,6 +749,157 @@ def fused_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, chunk
 def reference_linear_cross_entropy(x, weight, targets, ignore_index: int = -1):
     """The plain version: the full (N, V) logits, upcast to float32, then torch's cross-entropy."""
     return F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=ignore_index)
+
+
+def _chunk_loss_sum(x_chunk, weight, targets_chunk, ignore_index: int):
+    # the (n, V) logits of one chunk, in float32 for the log-softmax as in model.GPT.forward, summed
+    return F.cross_entropy((x_chunk @ weight.t()).float(), targets_chunk, ignore_index=ignore_index, reduction="sum")
+
+
+def chunked_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, chunk_size: int | None = None):
+    """The fused loss in plain torch: the same value, at most one chunk of (chunk, V) logits alive.
+
+    x (N, C), weight (V, C), targets (N,) -> mean cross-entropy over targets != ignore_index. Each
+    chunk runs under torch.utils.checkpoint (use_reentrant=False): the forward keeps only its
+    inputs, and the backward makes that chunk's logits again, takes their gradient and drops them.
+    """
+    N, C, V = x.size(0), x.size(1), weight.size(0)
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(N, C, V)
+    total = x.new_zeros((), dtype=torch.float32)
+    for start in range(0, N, chunk):
+        total = total + torch.utils.checkpoint.checkpoint(_chunk_loss_sum, x[start:start + chunk], weight,
+                                                          targets[start:start + chunk], ignore_index, use_reentrant=False)
+    return total / (targets != ignore_index).sum()  # a tensor, no host sync; no valid target gives nan, like torch
+
+
+@torch.compiler.disable  # a graph break: torch.compile must not trace into the Triton launcher or the checkpoints
+def linear_cross_entropy(x, weight, targets, ignore_index: int = -1):
+    """model.py's fused loss (GPTConfig.fused_ce): F.cross_entropy(x @ weight^T, targets) without the (N, V) logits.
+
+    The Triton kernel where it compiles (a CUDA GPU); elsewhere the chunked torch version, since the
+    interpreter is exact but runs one row at a time in numpy, far too slow to train with.
+    """
+    if x.is_cuda and triton is not None and not INTERPRET:
+        return fused_linear_cross_entropy(x, weight, targets, ignore_index)
+    return chunked_linear_cross_entropy(x, weight, targets, ignore_index)
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 matmuls with per-tensor scaling (Micikevicius et al. 2022), applied to a model from outside
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2  # activations and weights; gradients (the paper's choice)
+AMAX_FLOOR = 1e-12  # an all-zero tensor would give scale = max / 0; torchao clamps amax at the same 1e-12
+
+
+def quantize_fp8(x: torch.Tensor, fp8_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (x8, inv_scale) with x ~ x8 * inv_scale; the scale maps amax(|x|) onto the format's largest value."""
+    fp8_max = torch.finfo(fp8_dtype).max  # 448 for E4M3, 57344 for E5M2
+    amax = x.detach().abs().amax().float().clamp(min=AMAX_FLOOR)  # one read of x (and a tiny reduction)
+    scale = fp8_max / amax
+    # clamp first: the cast would turn anything past fp8_max into NaN (E4M3 has no infinity)
+    x8 = (x.float() * scale).clamp(-fp8_max, fp8_max).to(fp8_dtype)  # one read, one 1-byte write
+    return x8, scale.reciprocal()
+
+
+def dequantize_fp8(x8: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    return x8.float() * inv_scale
+
+
+def fp8_matmul(a8, a_inv_scale, b8, b_inv_scale, out_dtype, fast_accum: bool, emulate: bool) -> torch.Tensor:
+    """(a8 * a_inv_scale) @ (b8 * b_inv_scale): a (M, K) row-major, b (K, N) column-major, result (M, N).
+
+    torch._scaled_mm does it on the tensor cores; emulate=True dequantizes to float32 and uses a
+    plain matmul (the same rounding of the inputs, for checking the scaling where there are no FP8 units).
+    fast_accum lets Hopper accumulate at lower precision inside a K-block (torchao's default uses it
+    for the forward only and keeps full float32 accumulation for the two gradient matmuls).
+    """
+    if emulate:
+        with torch.autocast(a8.device.type, enabled=False):  # the product itself must stay float32
+            return (dequantize_fp8(a8, a_inv_scale) @ dequantize_fp8(b8, b_inv_scale)).to(out_dtype)
+    return torch._scaled_mm(a8, b8, scale_a=a_inv_scale, scale_b=b_inv_scale, out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
+
+
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same (R, C) matrix stored column by column (what _scaled_mm wants for its second operand)."""
+    return t.t().contiguous().t()
+
+
+class Float8Matmul(torch.autograd.Function):
+    """x (N, K) @ weight (M, K)^T with both operands cast to E4M3, and the output gradient to E5M2."""
+
+    @staticmethod
+    def forward(ctx, x, weight, out_dtype, emulate):
+        x8, x_inv = quantize_fp8(x.contiguous(), E4M3)  # (N, K) row-major, as _scaled_mm wants its first operand
+        w8, w_inv = quantize_fp8(weight, E4M3)  # (M, K); w8.t() is (K, M) column-major, as _scaled_mm wants
+        # the backward reuses the fp8 copies: 1 byte per element kept instead of x's 2 or 4
+        ctx.save_for_backward(x8, x_inv, w8, w_inv)
+        ctx.x_dtype, ctx.w_dtype, ctx.emulate = x.dtype, weight.dtype, emulate
+        return fp8_matmul(x8, x_inv, w8.t(), w_inv, out_dtype, fast_accum=True, emulate=emulate)  # (N, M)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x8, x_inv, w8, w_inv = ctx.saved_tensors
+        g8, g_inv = quantize_fp8(grad_out.contiguous(), E5M2)  # (N, M): gradients need range more than precision
+        # dX = dY W: (N, M) x (M, K)
+        grad_x = fp8_matmul(g8, g_inv, column_major(w8), w_inv, ctx.x_dtype, fast_accum=False, emulate=ctx.emulate)
+        # dW = dY^T X: (M, N) x (N, K), accumulated in float32 for the float32 master weights
+        grad_w = fp8_matmul(g8.t().contiguous(), g_inv, column_major(x8), x_inv, torch.float32, fast_accum=False,
+                            emulate=ctx.emulate)
+        return grad_x, grad_w.to(ctx.w_dtype), None, None
+
+
+class Float8Linear(nn.Linear):
+    """nn.Linear whose matmul runs in FP8 (Float8Matmul); the bias is added in the output's precision."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, emulate: bool = False, **kwargs):
+        super().__init__(in_features, out_features, bias=bias, **kwargs)
+        self.emulate = emulate
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, emulate: bool = False) -> "Float8Linear":
+        with torch.device("meta"):  # no memory for weights that are replaced on the next line
+            fp8 = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, emulate=emulate)
+        # the same Parameter objects: the optimizer, checkpoints and weight tying see no change
+        fp8.weight, fp8.bias = linear.weight, linear.bias
+        return fp8
+
+    def forward(self, x):
+        # under autocast the output has the autocast dtype, as nn.Linear's would
+        device_type = x.device.type
+        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        x2d = x.reshape(-1, x.size(-1))  # (B, T, K) -> (B T, K)
+        if not self.emulate and (x2d.size(0) % 16 or self.in_features % 16 or self.out_features % 16):
+            raise ValueError(f"FP8 matmuls need every dimension a multiple of 16 (torch._scaled_mm); got tokens "
+                             f"{x2d.size(0)}, in {self.in_features}, out {self.out_features}: change --batch_size, "
+                             "--block_size or the widths")
+        y = Float8Matmul.apply(x2d, self.weight, out_dtype, self.emulate).view(*x.shape[:-1], self.out_features)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+
+def convert_to_float8(module: nn.Module, emulate: bool = False) -> int:
+    """Swap every nn.Linear inside module (in place) for a Float8Linear with the same parameters;
+    returns how many. Call it on the blocks (model.transformer.h): the output layer stays in 16 bits,
+    as torchao recommends, since the logits feed a softmax over the whole vocabulary."""
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Float8Linear.from_linear(child, emulate))
+                swapped += 1
+    return swapped
+
+
+def fp8_unsupported_reason(device: torch.device) -> str | None:
+    """Why FP8 matmuls cannot run on this device, or None where they can."""
+    if device.type != "cuda":
+        return (f"FP8 matmuls need a CUDA GPU with compute capability >= 8.9 (L4, RTX 4090, H100, H200); "
+                f"this run is on {device.type}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (f"FP8 matmuls need compute capability >= 8.9 (Ada or Hopper); {torch.cuda.get_device_name(device)} "
+                f"has {major}.{minor}")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,6 +60,15 @@ scaled_dot_product_attention (fused kernels: FlashAttention or memory-efficient 
 the hardware allows). Both take q (B, nh, T, hs) and k, v (B, n_kv, T, hs) and return (B, nh, T, hs):
 that function signature is the seam where kernels.py adds a Triton backend.
 
+Two options that change how, not what
+-------------------------------------
+`fused_ce` computes the loss from the final hidden states a chunk of rows at a time
+(kernels.linear_cross_entropy), so the (B, T, V) logits, the largest activation of a small model,
+are never stored. `activation_checkpointing` keeps only each block's input and runs the block's
+forward again during the backward (torch.utils.checkpoint; Chen et al. 2016, arXiv:1604.06174):
+less memory for one more forward pass. Both give the loss and gradients of the plain path up to
+rounding (tests check it); `python train.py --bench_ablation` measures what each costs and saves.
+
 Map of this file, in reading order
 ----------------------------------
 GPTConfig, MODEL_PRESETS -> LayerNorm, RMSNorm -> rope_cache, apply_rope -> naive_attention,
@@ -96,6 +105,8 @@ class GPTConfig:
     mlp: str = "gelu"  # gelu (GPT-2: C -> 4C -> C) or swiglu (gated, hidden 2/3 * 4C)
     tie_embeddings: bool = True  # share the token embedding with the output layer (GPT-2 does)
     attention: str = "sdpa"  # attention backend: naive (explicit softmax), sdpa (torch fused); kernels.py adds triton
+    fused_ce: bool = False  # loss from the final hidden states in chunks (kernels.linear_cross_entropy): the (B, T, V) logits are never stored
+    activation_checkpointing: bool = False  # keep only each block's input and recompute its inside in the backward (less memory, one more forward)
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -122,7 +133,7 @@ class GPTConfig:
 # Table 2 (with the corrected counts from nanoGPT's README); "laptop" is ours.
 MODEL_PRESETS = {
     # trains on a 2-core CPU in minutes: 0.8M parameters in the blocks plus a 4096 x 128 embedding;
-    # measured at ~330 ms per 16 x 256-token step here, so ~1000 steps fit in about 6 minutes
+    # measured at ~330 ms per 16 x 256-token step here, so ~1000 steps fit in about 6-7 minutes
     "laptop": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, bias=False),
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
     "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
@@ -184,6 +195,7 @@ def rope_cache(block_size: int, head_size: int, theta: float) -> tuple[torch.Ten
     return angles.cos().float(), angles.sin().float()
 
 
+# EXERCISE: rope (tests/test_model.py -k 'rope_matches or rope_scores')
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (x_i, x_{i+hs/2}) of x (B, nh, T, hs) by the angles for positions 0..T-1.
 
@@ -206,6 +218,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
+# EXERCISE: attention (tests/test_model.py -k naive)
 def naive_attention(q, k, v, dropout_p: float = 0.0):
     """softmax(Q K^T / sqrt(hs) + M) V with the causal mask written out. Materialises (B, nh, T, T)."""
     n_rep = q.size(1) // k.size(1)
@@ -266,7 +279,11 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
+    # EXERCISE: self-attention (tests/test_model.py -k 'numpy_gpt2 or grouped_query_attention_equals or causal_mask or order_of_earlier')
     def forward(self, x):
+        """x (B, T, C) -> (B, T, C): one projection to q (nh heads) and k, v (n_kv heads each), RoPE on
+        q and k when configured, causal attention with the configured backend, the heads side by side
+        again, the output projection."""
         B, T, C = x.size()
         qkv = self.c_attn(x)  # (B, T, C) -> (B, T, (nh + 2 n_kv) hs)
         q, k, v = qkv.split([self.n_head * self.hs, self.n_kv_head * self.hs, self.n_kv_head * self.hs], dim=2)
@@ -358,7 +375,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets are given.
 
-        Targets equal to -1 are ignored (padding, or positions without a next token).
+        Targets equal to -1 are ignored (padding, or positions without a next token). With
+        config.fused_ce and targets, the logits are not computed and None is returned in their place.
         """
         B, T = idx.size()
         if T > self.config.block_size:
@@ -368,8 +386,21 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x)
+            if self.config.activation_checkpointing and torch.is_grad_enabled():
+                # store the block's (B, T, C) input, not the ~34 B T C bytes of activations inside it
+                # (Korthikanti et al. 2022, sec. 4.1); the backward runs the block's forward again first
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         x = self.transformer.ln_f(x)
+        if targets is not None and self.config.fused_ce:
+            # the same mean cross-entropy straight from the hidden states, a chunk of rows at a time:
+            # the (B, T, V) logits, their float32 copy and their gradient (3.3 GB each in float32 for
+            # GPT-2 small at 16 x 1024 tokens) never exist. kernels.py explains the bytes saved
+            import kernels  # lazily: the model needs kernels.py only when this option is on
+
+            loss = kernels.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), ignore_index=-1)
+            return None, loss  # no logits: that is the point
         logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
         loss = None
         if targets is not None:
