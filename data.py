@@ -1025,6 +1025,7 @@ def _merge_word(word: list[int], a: int, b: int, new: int) -> list[int]:
     return out
 
 
+# EXERCISE: tokenizer (tests/test_data.py -k 'bpe_round_trips or incremental_bpe')
 def train_bpe(texts, vocab_size: int, max_train_bytes: int | None = 2_000_000) -> tiktoken.Encoding:
     """Byte-level BPE (Sennrich et al. 2016) trained on texts; ids 0..V-2 are tokens, V-1 is EOT.
 
@@ -1405,8 +1406,8 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
             if manifest.get("config") == config:
                 log(f"reusing {final}")
                 return manifest
-        except ValueError:
-            pass  # corrupt or stale: prepare again below
+        except ValueError as e:  # corrupt or stale: it is a cache, so prepare it again below
+            log(f"cannot reuse {final} ({e}); preparing it again")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private (0700); the cache is meant to be shared
@@ -1675,11 +1676,16 @@ def load_prepared(dir, verify: bool = False) -> tuple[dict, tiktoken.Encoding]:
     every shard (reads everything: seconds per GB).
     """
     dir = Path(dir)
+    if not (dir / "manifest.json").exists():
+        raise ValueError(f"no prepared corpus in {dir} (it has no manifest.json): give the directory that "
+                         "python data.py prepare printed, or run prepare first")
     try:
         manifest = json.loads((dir / "manifest.json").read_text())
         if manifest.get("format") != FORMAT_VERSION:
             raise KeyError(f"format {manifest.get('format')}, expected {FORMAT_VERSION}")
         itemsize = np.dtype(manifest["dtype"]).itemsize
+        if manifest["vocab_size"] > np.iinfo(manifest["dtype"]).max + 1:  # ids would have wrapped around (datatrove #118)
+            raise KeyError(f"vocab_size {manifest['vocab_size']} does not fit its token dtype {manifest['dtype']}")
         for split in ("train", "val"):
             shards = manifest["shards"][split]
             if sum(s["tokens"] for s in shards) != manifest[f"{split}_tokens"]:
@@ -1935,9 +1941,16 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistyped command, flag or value is one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python data.py {{prepare,verify}} --help lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="The data pipeline: prepare a corpus into token shards, "
-                                                 "verify them, or run the benchmarks.")
+    parser = OneLineParser(description="The data pipeline: prepare a corpus into token shards, "
+                                       "verify them, or run the benchmarks.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="collect, clean, dedup, filter, mix, tokenize into <out_dir>/<key>/")
     p.add_argument("--data", default="stdlib", help="comma-separated sources, each optionally domain=source: stdlib, "

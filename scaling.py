@@ -292,8 +292,33 @@ PEAK_FLOPS = {
     "L4": {"float32": 30.3e12, "tf32": 60e12, "bfloat16": 121e12, "float16": 121e12, "fp8": 242.5e12, "memory_gb": 24,
            "source": "NVIDIA L4 Tensor Core GPU data sheet (sparsity figures halved)"},
 }
-# The CPU has no entry on purpose: no vendor publishes one "peak" for a CPU's matmuls (it depends on
-# cores, clocks and vector units in use), so MFU on a CPU is unknown unless the user gives --peak.
+# The CPU has no row: no vendor publishes one "peak" for a CPU's matmuls, because it depends on how
+# many cores torch uses, their clock and their vector units. cpu_peak_flops computes it instead.
+
+
+def cpu_peak_flops(threads: int | None = None, cpuinfo: str | None = None) -> float | None:
+    """Float32 peak of the cores torch uses, from the instruction set: threads x clock x FLOPs/cycle.
+
+    FLOPs/cycle per core = 2 (a fused multiply-add is two FLOPs) x 2 FMA units x lanes, where lanes
+    = vector bits / 32: 16 with AVX-512, 8 with AVX2 + FMA, 4 with SSE (Intel's and AMD's
+    optimisation manuals: two FMA pipes per core since Haswell and Zen). This is an upper bound: a
+    core that runs 512-bit instructions as two 256-bit halves (AMD Zen 4) reaches half of it, and
+    the clock under load is not the one /proc/cpuinfo reports. None off Linux (no /proc/cpuinfo).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+    flags = set(flags.group(1).split()) if flags else set()
+    mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
+    if not flags or not mhz:
+        return None
+    lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 4
+    threads = threads or torch.get_num_threads()
+    return threads * float(mhz.group(1)) * 1e6 * 2 * 2 * lanes
 
 # torch.cuda.get_device_name -> table row, most specific pattern first. Examples of real names:
 # "NVIDIA H100 80GB HBM3" (SXM5), "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", "NVIDIA A100-PCIE-40GB",
@@ -351,7 +376,10 @@ def peak_flops(device_name: str, dtype: torch.dtype | str) -> float | None:
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The peak for a torch device: looked up by torch.cuda.get_device_name; None on a CPU or MPS."""
+    """The peak for a torch device: looked up by torch.cuda.get_device_name; on a CPU computed by
+    cpu_peak_flops for float32 (None for other dtypes); None on MPS."""
+    if device.type == "cpu":
+        return cpu_peak_flops() if dtype == torch.float32 else None
     if device.type != "cuda":
         return None
     return peak_flops(torch.cuda.get_device_name(device), dtype)
@@ -547,8 +575,10 @@ def parametric_loss(N: float, D: float, law: dict = CHINCHILLA) -> float:
     return law["E"] + law["A"] / N ** law["alpha"] + law["B"] / D ** law["beta"]
 
 
+# EXERCISE: chinchilla (tests/test_scaling.py -k parametric_optimum)
 def parametric_optimal(compute: float, law: dict = CHINCHILLA) -> dict:
-    """argmin L(N, D) subject to 6 N D = C, in closed form (Hoffmann et al. 2022, eq. 4)."""
+    """argmin L(N, D) subject to 6 N D = C, in closed form (Hoffmann et al. 2022, eq. 4):
+    {"N", "D", "tokens_per_param": D / N, "loss": L(N, D)}."""
     check_positive(compute=compute)
     alpha, beta = law["alpha"], law["beta"]
     G = (alpha * law["A"] / (beta * law["B"])) ** (1 / (alpha + beta))
@@ -679,6 +709,7 @@ def plan(n_params: float | None, tokens: float, gpus: int, gpu: str | None, mfu_
 # Fitting scaling laws to measured losses
 
 
+# EXERCISE: isoflop-fit (tests/test_scaling.py -k isoflop_fit)
 def fit_isoflop(points: list[dict]) -> dict:
     """Chinchilla approach 2: per budget, a parabola in log N through the losses; its vertex is that
     budget's N_opt. Then N_opt = k C^a by least squares in log-log (and D_opt = C / 6 N_opt, b = 1 - a).

@@ -24,7 +24,9 @@ One optimizer step, as this file does it
    over the whole batch: then the clipping threshold means the same whatever the split.
 3. Clip the global gradient norm to grad_clip (Pascanu et al. 2013), then AdamW (Loshchilov &
    Hutter 2017, arXiv:1711.05101) with weight decay on matrices only: decaying biases and norm gains
-   only pulls them towards zero for no benefit (the GPT-2/nanoGPT recipe).
+   only pulls them towards zero for no benefit (the GPT-2/nanoGPT recipe). A step whose loss or
+   gradient norm is inf or NaN is not applied: the run stops, naming the step and the last good
+   checkpoint, or first skips up to --skip_nonfinite such steps.
 4. Log loss, learning rate, ms/step, tokens/s and (on a GPU) MFU, and append the same to
    <out_dir>/metrics.jsonl.
 5. Every checkpoint_interval steps, write a checkpoint, then evaluate (in that order: a crash
@@ -37,7 +39,9 @@ scaler, the step (hence the learning rate), every RNG state and the data sampler
 written to a temporary file, fsynced and renamed over the old one, so a crash at any moment leaves
 either the old checkpoint or the new one, never half of one; it loads with weights_only=True, so a
 checkpoint cannot run code. On the CPU in float32, N steps + resume + N steps reproduces 2N straight
-steps bit for bit (a test checks it).
+steps bit for bit (a test checks it), and so does a run killed with SIGKILL at 11 moments, one of
+them mid-write, and resumed each time (tests/test_robustness.py): the evaluation that follows a
+checkpoint is redone on resume, in case the kill came between the two.
 
 Mixed precision
 ---------------
@@ -52,16 +56,27 @@ MFU = achieved model FLOP/s / the device's peak (Chowdhery et al. 2022, PaLM, ap
 plus attention's score and value matmuls. The peak comes from a table keyed by device name and dtype;
 an unknown device gets no MFU rather than a guess. Both live in scaling.py, which derives and tests them.
 
+Speed-ups and the benchmark
+---------------------------
+Every speed-up is a flag that can be turned off, applied to the model from outside by
+make_parallelized (FP8 layers swapped in, then the parallel strategies, torch.compile and its mode,
+the AdamW implementation) or chosen in the model's config (fused cross-entropy, attention backend,
+activation checkpointing), and each comment says the bytes or launches it saves. --bench times
+training steps on random tokens through the same make_parallelized, so it measures what a run
+trains; --bench_ablation turns each speed-up off in turn. Tests check that each keeps the loss.
+
 Map of this file
 ----------------
 TrainConfig, PRESETS -> flags from dataclass fields -> device and dtype -> learning-rate schedule ->
-optimizer -> checkpoint save/load -> evaluation -> the training loop -> sampling -> main().
+optimizer -> speed-ups (vocabulary padding, checks, make_parallelized) -> checkpoint save/load ->
+evaluation -> the training loop -> benchmark -> sampling -> main().
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import gzip
 import inspect
 import json
@@ -69,11 +84,12 @@ import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -106,9 +122,21 @@ class TrainConfig:
     resume: bool = False  # continue the run whose checkpoint is in out_dir
     stop_at: int = 0  # stop this invocation after this step (0: at max_iters); the schedule still spans max_iters
     seed: int = 1337  # seeds initialisation, data order and sampling
+    compare_seeds: int = 0  # train this configuration with N seeds (seed, seed+1, ...), each in out_dir/seed<s>, and report the mean and standard deviation of the final validation loss and bits per byte (out_dir/compare.json); 0: one run
     device: str = "auto"  # auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # float32, bfloat16, float16 (CUDA, with a gradient scaler); auto: bfloat16 where supported, else float32
     compile: bool = False  # torch.compile the model (faster on GPUs; slow to start)
+    # --- speed-ups beyond --compile, each a flag that can be turned off (README, "Performance")
+    compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead (CUDA graphs: a step's kernels launched as one graph) or max-autotune (also tries matmul configurations; slow to start)
+    fused_adamw: str = "auto"  # AdamW as one fused kernel pass over all tensors: on, off (torch's foreach or for-loop version), or auto (on for CUDA)
+    pad_vocab: int = 64  # round the model's vocabulary up to a multiple of this for aligned matmuls (nanoGPT: 50257 -> 50304); 1: no padding
+    fp8: bool = False  # FP8 matmuls with per-tensor scaling in the blocks' Linear layers (kernels.Float8Linear); CUDA, compute capability >= 8.9
+    # --- benchmark (no training, no corpus: random tokens)
+    bench: bool = False  # do not train: time bench_steps steps of one micro-batch each, print tokens/s, ms/step, MFU and peak memory, write bench.json to out_dir
+    bench_steps: int = 20  # timed steps of --bench (the median is reported)
+    bench_warmup: int = 5  # untimed steps before them (compilation, autotuning, allocator warm-up)
+    bench_ablation: bool = False  # --bench with every speed-up on, then each turned off in turn and each opt-in turned on, as one table
+    bench_rows: str = ""  # --bench_ablation: comma-separated row names to run (empty: all; names as printed in the table)
     # --- optimisation
     max_iters: int = 1000  # optimizer steps in the whole run
     batch_size: int = 16  # sequences per micro-batch
@@ -122,9 +150,11 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay (0.95 as GPT-3, steadier than 0.999 at large batch)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
+    skip_nonfinite: int = 0  # steps whose loss or gradient norm is inf/NaN to skip (no update, logged) before the run stops; 0: stop at the first
     # --- parallelism (parallel.py; launch with torchrun, product of the degrees = number of processes)
     dp: int = 1  # data-parallel replicas; batch_size is per replica, so the global batch is dp x batch_size x grad_accum
     tp: int = 1  # tensor-parallel degree: attention heads, MLP columns and the vocabulary split across ranks (Megatron)
+    sequence_parallel: bool = False  # with --tp: norms, dropouts and the residual stream split along the sequence too (Korthikanti et al. 2022)
     pp: int = 1  # pipeline-parallel degree: the layers split into this many stages
     cp: int = 1  # context-parallel degree: each sequence split across ranks, attention by ring (Liu et al. 2023)
     zero: int = 0  # ZeRO stage over the data-parallel ranks: 0 (DDP), 1 (+optimizer state sharded), 2 (+gradients), 3 (+parameters)
@@ -134,7 +164,7 @@ class TrainConfig:
     cp_load_balance: bool = False  # context parallel: rank r takes chunks r and 2cp-1-r, so causal work is even
     diloco_steps: int = 0  # DiLoCo: local AdamW steps between outer Nesterov steps on the averaged change (0: off)
     diloco_outer_lr: float = 0.7  # DiLoCo's outer learning rate (Douillard et al. 2023 use 0.7)
-    diloco_outer_momentum: float = 0.9  # DiLoCo's outer Nesterov momentum (the paper's 0.9; 0: plain averaging when lr is 1)
+    diloco_outer_momentum: float = 0.5  # DiLoCo's outer Nesterov momentum (the paper's 0.9 overshoots short runs from scratch, see README; 0: plain averaging when lr is 1)
     bucket_mb: float = 25.0  # data parallel: gradients are all-reduced in buckets of this many MB (torch DDP's default)
     dist_timeout: int = 300  # seconds a collective may wait before the run fails instead of hanging
     # --- evaluation, logging, checkpoints
@@ -153,7 +183,7 @@ class TrainConfig:
 # Presets are plain overrides. "model" names a model size from model.MODEL_PRESETS.
 PRESETS = {
     # the default (TrainConfig's own defaults are this preset's): trains on a 2-core laptop CPU in
-    # about 6 minutes and beats gzip -9 on held-out standard-library text
+    # about 7 minutes and beats gzip -9 on held-out standard-library text
     "laptop": dict(model="laptop"),
     # a quick smoke test: seconds, for checking that everything runs
     "tiny": dict(model="laptop", n_layer=2, n_embd=64, n_head=2, block_size=64, vocab_size=512, max_data_bytes=300_000,
@@ -167,7 +197,9 @@ PRESETS = {
 
 # Model fields that appear as flags; None means "the preset's value".
 MODEL_FLAGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "n_kv_head", "rope", "rope_theta",
-               "norm", "mlp", "tie_embeddings", "attention")
+               "norm", "mlp", "tie_embeddings", "attention", "fused_ce", "activation_checkpointing")
+# Model fields that change how the model computes, not what: a run may resume with them changed
+IMPLEMENTATION_FIELDS = ("attention", "fused_ce", "activation_checkpointing")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,8 +233,15 @@ def add_field_flags(parser, cls, names=None, default_none=False):
         parser.add_argument(f"--{f.name}", type=kind, default=default, help=help_text, **extra)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistyped flag or value is one line on stderr and exit code 2, not a usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python train.py --help lists every flag)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Train a GPT. Every flag overrides the preset's value; `python train.py` alone trains the laptop preset.",
     )
     add_field_flags(parser.add_argument_group("run"), TrainConfig, default_none=True)
@@ -237,6 +276,17 @@ def check_config(cfg: TrainConfig):
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.dtype == "float16" and cfg.dp * cfg.tp * cfg.pp * cfg.cp > 1:
         raise ValueError("--dtype float16 runs on one device only (its gradient scaler is not sharded here): use bfloat16")
+    if cfg.skip_nonfinite < 0:
+        raise ValueError(f"--skip_nonfinite must be 0 or more, got {cfg.skip_nonfinite}")
+    if cfg.skip_nonfinite and cfg.dtype == "float16":
+        raise ValueError("--skip_nonfinite with --dtype float16: the gradient scaler already skips steps whose gradients "
+                         "overflow; drop --skip_nonfinite, or use --dtype bfloat16")
+    if cfg.skip_nonfinite and cfg.diloco_steps:
+        raise ValueError("--skip_nonfinite with --diloco_steps: DiLoCo workers see only their own loss, so they could not "
+                         "agree to skip a step; drop one of the two")
+    if cfg.compare_seeds < 0 or cfg.compare_seeds == 1:
+        raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
+    check_speed_flags(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,8 +330,13 @@ def autocast_context(device: torch.device, dtype: torch.dtype):
 # Learning-rate schedule: a pure function of the step
 
 
+# EXERCISE: lr-schedule (tests/test_train.py -k 'warmup or cosine or wsd')
 def learning_rate_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based)."""
+    """Learning rate for optimizer step `step` (0-based), from peak = learning_rate down to
+    floor = min_lr_ratio x peak: a linear warm-up, peak x (step + 1) / warmup_iters; then either
+    cosine, floor + (peak - floor) (1 + cos(pi p)) / 2 with p the fraction of the steps after
+    warm-up done (Loshchilov & Hutter 2016), or wsd (Hu et al. 2024), the peak held until the last
+    decay_frac of max_iters and a linear decay to the floor over them; past max_iters, the floor."""
     peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
     if step < cfg.warmup_iters:
         return peak * (step + 1) / cfg.warmup_iters  # linear warm-up: Adam's early moment estimates are noisy
@@ -301,15 +356,112 @@ def learning_rate_at(step: int, cfg: TrainConfig) -> float:
 # Optimizer
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def fused_adamw_wanted(cfg: TrainConfig, device: torch.device) -> bool:
+    return device.type == "cuda" if cfg.fused_adamw == "auto" else cfg.fused_adamw == "on"
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with two groups: matrices (embeddings, linear weights) decay, vectors (biases, norm gains) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused=True runs the whole update as a few CUDA kernels instead of a loop over tensors
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    # fused=True: one kernel pass over all tensors reads p, g, m, v and writes p, m, v once, 28 bytes per
+    # float32 parameter. Unfused, AdamW's eight elementwise steps (decay, two moment updates in three
+    # ops, sqrt, divide, add eps, the update) are eight passes, about 80 bytes per parameter, each its
+    # own launch per tensor (148 tensors in GPT-2 small: ~1200 launches in the for-loop version that
+    # torch uses on a CPU; the foreach version on CUDA groups the tensors into a few launches per step)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=fused_adamw_wanted(cfg, device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed-ups, applied to the model from outside (README, "Performance"). Each is a flag, and each
+# keeps the maths: tests compare every one with the plain path.
+
+
+def padded_vocab_size(tokenizer_vocab: int, multiple: int) -> int:
+    """The tokenizer's vocabulary rounded up to a multiple of `multiple` (1: unchanged).
+
+    The extra ids are never targets, so their logits only learn to be unlikely. They cost
+    (padded - V) / V more output-layer FLOPs (0.09% for GPT-2's 50257 -> 50304) and make V a
+    multiple of the matmul kernels' tile widths (64, 128), so the head's (B T, C) x (C, V) matmul and
+    its two gradients run on whole tiles with 16-byte-aligned rows: with V = 50257 every row of the
+    bf16 logits starts at an odd address. nanoGPT's author reported ~25% faster training from this
+    change alone (Karpathy, 2023); the ablation of --bench_ablation measures it here.
+    """
+    return multiple * math.ceil(tokenizer_vocab / multiple)
+
+
+def check_speed_flags(cfg: TrainConfig):
+    if cfg.compile_mode not in ("default", "reduce-overhead", "max-autotune"):
+        raise ValueError(f"unknown --compile_mode '{cfg.compile_mode}': use default, reduce-overhead or max-autotune")
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise ValueError(f"--compile_mode {cfg.compile_mode} is a mode of torch.compile: add --compile")
+    if cfg.fused_adamw not in ("auto", "on", "off"):
+        raise ValueError(f"unknown --fused_adamw '{cfg.fused_adamw}': use auto, on or off")
+    if cfg.pad_vocab < 1:
+        raise ValueError(f"--pad_vocab must be at least 1 (1: no padding), got {cfg.pad_vocab}")
+    if cfg.bench_steps < 1 or cfg.bench_warmup < 0:
+        raise ValueError(f"--bench_steps must be at least 1 and --bench_warmup at least 0, got {cfg.bench_steps} and {cfg.bench_warmup}")
+
+
+def check_speedups_fit(cfg: TrainConfig, model_config: GPTConfig, layout: parallel.Layout):
+    """Refuse, in one line each, the speed-ups that the chosen device or strategies cannot use."""
+    if cfg.fp8:
+        import kernels  # only for --fp8 (without a GPU, importing kernels.py switches Triton to its interpreter)
+
+        reason = kernels.fp8_unsupported_reason(layout.device)
+        if reason:
+            raise ValueError(f"--fp8: {reason}; leave --fp8 off on this machine")
+        if layout.tp > 1:
+            raise ValueError("--fp8 with --tp: tensor parallelism replaces the Linear layers FP8 would swap; drop one")
+    if model_config.fused_ce and (layout.tp > 1 or layout.pp > 1):
+        raise ValueError("--fused_ce with --tp or --pp: the vocabulary-parallel loss and the last pipeline stage compute "
+                         "the plain cross-entropy themselves; drop --fused_ce")
+    if model_config.activation_checkpointing and (layout.pp > 1 or cfg.zero == 3):
+        raise ValueError("--activation_checkpointing with --pp or --zero 3: pipeline stages run their blocks themselves, "
+                         "and ZeRO-3 already recomputes every block; drop --activation_checkpointing")
+
+
+def make_parallelized(model: GPT, cfg: TrainConfig, layout: parallel.Layout, dtype: torch.dtype):
+    """(Parallelized, GradScaler): the model with this run's speed-ups and the layout's strategies
+    applied from outside, in this order: FP8 layers swapped into the blocks, parallel.Parallelized
+    (which compiles the forward under --compile), then the compile mode and the AdamW implementation.
+    Training and --bench both build through here, so the benchmark times what a run trains."""
+    device = layout.device
+    check_speedups_fit(cfg, model.config, layout)
+    if cfg.fp8:
+        import kernels
+
+        # the blocks' four matmuls per layer; the embedding and the output layer stay in 16 bits
+        kernels.convert_to_float8(model.transformer.h)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+    amp = autocast_context(device, dtype)
+    # the strategies of the layout applied to the model (none on one process); the optimizer is
+    # AdamW with make_optimizer's groups, and a compiled forward keeps `model` uncompiled, so
+    # its state_dict has no _orig_mod. prefix
+    par = parallel.Parallelized(model, layout, zero=cfg.zero, impl=cfg.impl, microbatches=cfg.microbatches,
+                                pp_schedule=cfg.pp_schedule, bucket_mb=cfg.bucket_mb, diloco_steps=cfg.diloco_steps,
+                                diloco_outer=(cfg.diloco_outer_lr, cfg.diloco_outer_momentum),
+                                cp_load_balance=cfg.cp_load_balance, sequence_parallel=cfg.sequence_parallel,
+                                lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                weight_decay=cfg.weight_decay, amp=amp, scaler=scaler if scaler.is_enabled() else None,
+                                compile=cfg.compile)
+    if cfg.compile and cfg.compile_mode != "default":
+        # Parallelized compiled with the default mode. torch.compile works at the first call, so
+        # wrapping the original module again, with another mode, compiles nothing twice.
+        # reduce-overhead records the step's kernels as CUDA graphs and replays each with one launch
+        # (a few microseconds of CPU time saved per kernel: it matters when kernels are short)
+        par.forward_module = torch.compile(par.forward_module._orig_mod, mode=cfg.compile_mode)
+    if cfg.fused_adamw != "auto":
+        if not isinstance(par.optimizer, torch.optim.AdamW):
+            raise ValueError(f"--fused_adamw {cfg.fused_adamw} chooses how torch's AdamW runs; --zero {cfg.zero} --impl "
+                             f"{cfg.impl} uses a sharded optimizer instead: leave --fused_adamw auto")
+        # Parallelized's AdamW made the automatic choice (fused on CUDA); an explicit one rebuilds it
+        # over the same parameters before the first step, when it holds no state yet
+        par.optimizer = make_optimizer(par.module, cfg, device)
+    return par, scaler
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,8 +524,14 @@ class Metrics:
         if resume_step is None:
             open(path, "w").close()
         elif os.path.exists(path):
-            # drop lines written after the checkpoint we resume from: they will be written again
-            kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= resume_step]
+            # keep what the checkpoint we resume from had seen: the steps after it are trained again,
+            # and so is the evaluation at its own step (it comes after the checkpoint, so a crash may
+            # have cut it off; train_on evaluates that step again). A crash mid-write leaves a last
+            # line without its newline: it is dropped too. The file then reads as an uninterrupted run's.
+            def kept_record(r):
+                return r["step"] < resume_step or (r["step"] == resume_step and "val_loss" not in r)
+
+            kept = [line for line in open(path) if line.endswith("\n") and line.strip() and kept_record(json.loads(line))]
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(kept)
@@ -446,10 +604,24 @@ def prepare_data(cfg: TrainConfig, verbose: bool = True) -> tuple[dict, object]:
     return manifest, enc
 
 
+def nonfinite_reason(loss: float, grad_norm: float | None, gradient_scaler: bool) -> str:
+    """What was inf or NaN in a step ("" if nothing). Under float16's gradient scaler an inf gradient
+    norm is routine, not a fault: the scaler skips that update and lowers its scale, so only the loss
+    counts there. Without --grad_clip the norm is not computed, and only the loss is checked."""
+    if not math.isfinite(loss):
+        return f"loss is {loss}"
+    if grad_norm is not None and not math.isfinite(grad_norm) and not gradient_scaler:
+        return f"gradient norm is {grad_norm}"
+    return ""
+
+
 def train(cfg: TrainConfig, model_overrides: dict) -> dict:
     """Run (or resume) training; returns the last training and validation losses. Under torchrun,
     every process runs this; rank 0 alone prints and writes files."""
     check_config(cfg)
+    # the model's shape against --tp, before any process group or corpus exists (the vocabulary is
+    # padded to a multiple of --tp in train_on, so only heads and MLP width can fail to split)
+    parallel.check_tensor_parallel(GPTConfig(**{**model_overrides, "vocab_size": math.lcm(cfg.pad_vocab, cfg.tp)}), cfg.tp)
     layout = parallel.init_distributed(cfg.dp, cfg.tp, cfg.pp, cfg.cp, pick_device(cfg.device), cfg.dist_timeout)
     with contextlib.redirect_stdout(sys.stdout if layout.is_rank0 else open(os.devnull, "w")):  # one log per job
         return train_on(cfg, model_overrides, layout)
@@ -470,9 +642,9 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
     manifest, enc = prepare_data(cfg)
     if layout.world_size > 1 and layout.is_rank0:
         torch.distributed.barrier()
-    # the model's vocabulary is the tokenizer's, rounded up to a multiple of 64 for aligned matmuls
-    # (nanoGPT pads GPT-2's 50257 to 50304); the extra logits are never targets and learn to be unlikely
-    vocab = 64 * math.ceil(manifest["vocab_size"] / 64)
+    # padded to a multiple of --tp as well, so tensor parallelism splits the vocabulary evenly (a
+    # vocabulary that does not divide diverged in torchtitan #1136); for tp = 1, 2, 4, ... 64 it is unchanged
+    vocab = padded_vocab_size(manifest["vocab_size"], math.lcm(cfg.pad_vocab, cfg.tp))
     model_config = GPTConfig(**{**model_overrides, "vocab_size": vocab})
     if ckpt is not None:
         check_resume_compatible(ckpt, model_config, cfg)
@@ -480,17 +652,7 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
     torch.manual_seed(cfg.seed)  # the same seed on every rank: every replica starts from the same weights
     model = GPT(model_config).to(device)
     n_params, n_params_blocks = model.num_params(), model.num_params(exclude_embeddings=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-    amp = autocast_context(device, dtype)
-    # the strategies of the layout applied to the model (none on one process); the optimizer is
-    # AdamW with train.make_optimizer's groups, and a compiled forward keeps `model` uncompiled, so
-    # its state_dict has no _orig_mod. prefix
-    par = parallel.Parallelized(model, layout, zero=cfg.zero, impl=cfg.impl, microbatches=cfg.microbatches,
-                                pp_schedule=cfg.pp_schedule, bucket_mb=cfg.bucket_mb, diloco_steps=cfg.diloco_steps,
-                                diloco_outer=(cfg.diloco_outer_lr, cfg.diloco_outer_momentum),
-                                cp_load_balance=cfg.cp_load_balance, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                                weight_decay=cfg.weight_decay, amp=amp, scaler=scaler if scaler.is_enabled() else None,
-                                compile=cfg.compile)
+    par, scaler = make_parallelized(model, cfg, layout, dtype)  # the speed-ups and the layout's strategies
     del model  # a pipeline stage or a sharded model keeps only its part; the full model is rebuilt for sampling
     # each data-parallel rank reads its own windows; tensor, pipeline and context ranks share theirs
     train_sampler = data.make_sampler(manifest, "train", model_config.block_size, cfg.batch_size, seed=cfg.seed,
@@ -506,6 +668,8 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
         print(f"resumed from {ckpt_path} at step {step}")
     if layout.is_rank0:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        for stale in glob.glob(f"{ckpt_path}.tmp.*"):  # a crash during a checkpoint write left it (ckpt.pt is the one before)
+            os.remove(stale)
         write_json_atomic(run_info(cfg, model_config, manifest), os.path.join(cfg.out_dir, "run.json"))
         metrics = Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), step if ckpt is not None else None)
     full_state = None
@@ -529,6 +693,22 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
     stop = min(cfg.stop_at or cfg.max_iters, cfg.max_iters)
     ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
     result = {"loss": None, "val_loss": None, "val_bpb": None, "gzip_bpb": gzip_bpb}
+    saved_step = step if ckpt is not None else None  # the last good checkpoint, named if the loss goes bad
+    skipped = 0  # steps skipped for a non-finite loss or gradient norm, in this invocation
+
+    def evaluate_and_log(step: int):  # every rank evaluates: the losses are all-reduced
+        val_loss = evaluate(par, manifest, cfg, model_config.block_size, device)
+        val_bpb = data.bits_per_byte(val_loss, manifest["val_tokens"], manifest["val_bytes"])
+        if layout.is_rank0:
+            metrics.log(step=step, val_loss=val_loss, val_bpb=val_bpb)
+        result.update(val_loss=val_loss, val_bpb=val_bpb)
+        print(f"step {step:5d} | val loss {val_loss:.4f} | val {val_bpb:.3f} bits/byte (gzip -9: {gzip_bpb:.3f})"
+              f" | {tokens_per_byte:.3f} tokens/byte", flush=True)
+
+    if ckpt is not None and (step % cfg.eval_interval == 0 or step == stop):
+        # the evaluation that followed this checkpoint may have been cut off by a crash (Metrics
+        # dropped it): the same weights give the same numbers, so evaluate them again
+        evaluate_and_log(step)
     while step < stop:
         t0 = time.perf_counter()
         lr = learning_rate_at(step, cfg)
@@ -543,25 +723,40 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
             # gradients are synchronised across ranks on the last micro-step only
             loss_sum += par.forward_backward(x, y, divisor=cfg.grad_accum, sync=micro == cfg.grad_accum - 1)
         par.finish_gradient_sync()
-        if cfg.grad_clip > 0:
-            par.clip_grad_norm_(cfg.grad_clip)  # the global norm, over every rank's gradients (unscaled first)
-        par.optimizer_step()
-        par.zero_grad()
+        # the global gradient norm, over every rank's gradients (unscaled first), and the global
+        # batch's mean loss, both read before the update so that a bad step never reaches the
+        # weights; every rank gets the same two numbers and takes the same branch. Reading the loss
+        # waits for the GPU, so ms/step is honest (the update's own kernels finish in the next step's)
+        grad_norm = par.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else None
+        train_loss = par.reduce_loss(loss_sum / cfg.grad_accum)
         step += 1
-        train_loss = par.reduce_loss(loss_sum / cfg.grad_accum)  # the global batch's mean; waits for the GPU: ms/step is honest
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"loss is {train_loss} at step {step}; the last good checkpoint is {ckpt_path}"
-                                     " (lower --learning_rate, or use --dtype bfloat16 instead of float16)")
-        dt = time.perf_counter() - t0
-        tokens_per_s = tokens_per_step / dt
-        mfu = scaling.mfu(tokens_per_s / layout.world_size, flops_per_token, peak)  # per device
-        if layout.is_rank0:
-            metrics.log(step=step, loss=train_loss, lr=lr, ms_per_step=1000 * dt, tokens_per_s=tokens_per_s, mfu=mfu)
-        result["loss"] = train_loss
-        if step % cfg.log_interval == 0 or step == stop:
-            mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
-            print(f"step {step:5d}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {1000 * dt:7.1f} ms"
-                  f" | {tokens_per_s:9,.0f} tok/s{mfu_text}", flush=True)
+        bad = nonfinite_reason(train_loss, grad_norm, scaler.is_enabled())
+        if bad:
+            skipped += 1
+            if skipped > cfg.skip_nonfinite:
+                where = f"{ckpt_path} (step {saved_step})" if saved_step is not None else "none yet"
+                after = f" after {cfg.skip_nonfinite} skipped step(s)" if cfg.skip_nonfinite else ""
+                raise FloatingPointError(f"{bad} at step {step}{after}; the last good checkpoint is {where}: lower "
+                                         "--learning_rate, use --dtype bfloat16 instead of float16, or --skip_nonfinite N "
+                                         "to step over rare bad batches, then --resume")
+            par.zero_grad()  # no update: this step's gradients are dropped, and its batch with them
+            print(f"step {step:5d}/{cfg.max_iters} | {bad}: skipped, no update ({skipped} of --skip_nonfinite "
+                  f"{cfg.skip_nonfinite})", flush=True)
+            if layout.is_rank0:
+                metrics.log(step=step, skipped=bad, lr=lr)
+        else:
+            par.optimizer_step()
+            par.zero_grad()
+            dt = time.perf_counter() - t0
+            tokens_per_s = tokens_per_step / dt
+            mfu = scaling.mfu(tokens_per_s / layout.world_size, flops_per_token, peak)  # per device
+            if layout.is_rank0:
+                metrics.log(step=step, loss=train_loss, lr=lr, ms_per_step=1000 * dt, tokens_per_s=tokens_per_s, mfu=mfu)
+            result["loss"] = train_loss
+            if step % cfg.log_interval == 0 or step == stop:
+                mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+                print(f"step {step:5d}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {1000 * dt:7.1f} ms"
+                      f" | {tokens_per_s:9,.0f} tok/s{mfu_text}", flush=True)
         if step % ckpt_every == 0 or step == stop:
             # checkpoint first, then evaluate: a crash in evaluation costs nothing (nanochat #446). The
             # tensors are the single-process model's and optimizer's, gathered to rank 0 (every rank
@@ -572,14 +767,9 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
                                    "sampler": train_sampler.state_dict(), "rng": rng_states(), "step": step,
                                    "model_config": asdict(model_config), "train_config": asdict(cfg),
                                    "data_dir": os.path.basename(manifest["dir"]), "parallel": par.extra_state()}, ckpt_path)
+            saved_step = step
         if step % cfg.eval_interval == 0 or step == stop:
-            val_loss = evaluate(par, manifest, cfg, model_config.block_size, device)
-            val_bpb = data.bits_per_byte(val_loss, manifest["val_tokens"], manifest["val_bytes"])
-            if layout.is_rank0:
-                metrics.log(step=step, val_loss=val_loss, val_bpb=val_bpb)
-            result.update(val_loss=val_loss, val_bpb=val_bpb)
-            print(f"step {step:5d} | val loss {val_loss:.4f} | val {val_bpb:.3f} bits/byte (gzip -9: {gzip_bpb:.3f})"
-                  f" | {tokens_per_byte:.3f} tokens/byte", flush=True)
+            evaluate_and_log(step)
     model = None  # rank 0 samples from the full model, rebuilt from the last checkpoint's tensors
     if layout.is_rank0 and full_state is not None:
         model = GPT(model_config).to(device)
@@ -604,7 +794,7 @@ def reshard_sampler_state(state: dict, world_size: int) -> dict:
 def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfig):
     """Refuse a resume that would silently change the model or the data (pitfall: torchtitan #809, #811)."""
     saved = ckpt["model_config"]
-    diff = {k: (saved.get(k), v) for k, v in asdict(model_config).items() if k != "attention" and saved.get(k) != v}
+    diff = {k: (saved.get(k), v) for k, v in asdict(model_config).items() if k not in IMPLEMENTATION_FIELDS and saved.get(k) != v}
     if diff:
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
         raise ValueError(f"cannot resume: the checkpoint's model differs ({shown}); use the same model flags or another --out_dir")
@@ -617,6 +807,198 @@ def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfi
     if old_global != new_global:
         raise ValueError(f"cannot resume: the global batch was --batch_size x --dp = {old_global} sequences, now {new_global};"
                          " keep batch_size x dp the same to continue exactly")
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: tokens/s, ms/step, MFU and peak memory, on random tokens (no corpus to prepare)
+
+# the tokenizers' vocabularies (data.get_tokenizer); bpe's is --vocab_size
+TOKENIZER_VOCAB = {"bytes": 257, "gpt2": 50257}
+# what --bench writes to <out_dir>/bench.json for each row (a test checks these keys)
+BENCH_ROW_KEYS = ("name", "what", "flags", "batch_size", "block_size", "tokens_per_step", "tokens_per_s",
+                  "ms_per_step", "ms_per_step_min", "ms_per_step_max", "mfu", "peak_memory_mib", "loss", "skipped")
+
+
+def bench_one(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
+    """Time cfg.bench_steps training steps after cfg.bench_warmup untimed ones; one row of the table.
+
+    A step is what the training loop does with one micro-batch (nanoGPT's bench.py times the same
+    unit): forward and backward, gradient sync, clipping, the AdamW update, and reading the loss,
+    which waits for the device, so each step's wall time is all of its work. The batch is random
+    tokens, the same every step, made before the clock starts: no corpus, no data loading.
+    """
+    device, dtype = layout.device, pick_dtype(cfg.dtype, layout.device)
+    vocab = TOKENIZER_VOCAB.get(cfg.tokenizer, cfg.vocab_size)
+    model_config = GPTConfig(**{**model_overrides, "vocab_size": padded_vocab_size(vocab, cfg.pad_vocab)})
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config).to(device)
+    par, _ = make_parallelized(model, cfg, layout, dtype)
+    del model
+    B, T = cfg.batch_size, model_config.block_size
+    gen = torch.Generator().manual_seed(cfg.seed + layout.rank("dp"))  # each data-parallel rank its own batch
+    tokens = torch.randint(0, vocab, (B, T + 1), generator=gen)  # real ids only: padded ids are never targets
+    x, y = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
+
+    def step() -> float:
+        loss = par.forward_backward(x, y)
+        par.finish_gradient_sync()
+        if cfg.grad_clip > 0:
+            par.clip_grad_norm_(cfg.grad_clip)
+        par.optimizer_step()
+        par.zero_grad()
+        return par.reduce_loss(loss)  # .item(): waits for the device
+
+    for _ in range(cfg.bench_warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the steady state's peak, not compilation's
+    times, loss = [], float("nan")
+    for _ in range(cfg.bench_steps):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    tokens_per_step = B * T * layout.dp  # the global batch
+    tokens_per_s = tokens_per_step / statistics.median(times)
+    # 6N + 12 L C T per token over the device's dense peak for this dtype (scaling.py; on a CPU the
+    # float32 peak its instruction set allows).
+    # An --fp8 row is measured against the same 16-bit peak: FP8 does the same model FLOPs faster
+    peak = scaling.device_peak_flops(device, dtype)
+    mfu = scaling.mfu(tokens_per_s / layout.world_size, scaling.flops_per_token_6n(model_config, T), peak)
+    return {"batch_size": B, "block_size": T, "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_s,
+            "ms_per_step": 1000 * statistics.median(times), "ms_per_step_min": 1000 * min(times),
+            "ms_per_step_max": 1000 * max(times), "mfu": mfu,
+            # torch's caching allocator counts every CUDA tensor byte; CPU tensors have no such count
+            # (the process's peak RSS never goes down, so it cannot separate the rows): n/a
+            "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+            "loss": loss, "model_config": asdict(model_config)}
+
+
+def ablation_rows(cfg: TrainConfig, model_overrides: dict, device: torch.device) -> list[tuple[str, str, dict, str | None]]:
+    """(name, what it measures, flag values, reason it is skipped or None) for --bench_ablation.
+
+    "all" turns every speed-up on (on top of the given flags); each no_* row turns one off again;
+    the rows after them add one option each to "all": an alternative, or an opt-in with a price.
+    """
+    attention = model_overrides.get("attention", "sdpa")
+    best = dict(compile=True, fused_adamw="on", fused_ce=True, attention="sdpa" if attention == "naive" else attention,
+                pad_vocab=cfg.pad_vocab if cfg.pad_vocab > 1 else 64)
+    vocab = TOKENIZER_VOCAB.get(cfg.tokenizer, cfg.vocab_size)
+    cpu_reason = "needs a CUDA GPU" if device.type != "cuda" else None
+    fp8_reason = None
+    if device.type != "cuda":
+        fp8_reason = "FP8 matmuls need a CUDA GPU with compute capability >= 8.9"
+    elif torch.cuda.get_device_capability(device) < (8, 9):
+        fp8_reason = "FP8 matmuls need compute capability >= 8.9"
+    rows = [
+        ("all", "every speed-up on", {}, None),
+        ("no_compile", "without torch.compile (eager kernels, one per op)", {"compile": False}, None),
+        ("no_fused_adamw", "AdamW unfused (foreach on CUDA, for-loop on a CPU)", {"fused_adamw": "off"}, None),
+        ("no_fused_ce", "the (B, T, V) logits materialised, then F.cross_entropy", {"fused_ce": False}, None),
+        ("naive_attention", f"attention written out instead of {best['attention']}", {"attention": "naive"}, None),
+        ("no_pad_vocab", f"vocabulary {vocab} instead of {padded_vocab_size(vocab, best['pad_vocab'])}", {"pad_vocab": 1},
+         None if vocab % best["pad_vocab"] else f"the vocabulary ({vocab}) is already a multiple of {best['pad_vocab']}"),
+        ("triton_attention", "kernels.py's Triton FlashAttention instead of SDPA", {"attention": "triton"},
+         cpu_reason or ("already the backend" if best["attention"] == "triton" else None)),
+        ("cuda_graphs", "compile_mode reduce-overhead: each graph of kernels replayed with one launch",
+         {"compile_mode": "reduce-overhead"}, cpu_reason),
+        ("batch_x2", f"batch_size {2 * cfg.batch_size}: the memory fused CE frees, spent on a larger micro-batch",
+         {"batch_size": 2 * cfg.batch_size}, None),
+        ("activation_checkpointing", "blocks recomputed in the backward: less memory, one more forward",
+         {"activation_checkpointing": True}, None),
+        ("fp8", "FP8 matmuls in the blocks (per-tensor scaling)", {"fp8": True}, fp8_reason),
+    ]
+    return [(name, what, {**best, **changes}, skip) for name, what, changes, skip in rows]
+
+
+def with_flags(cfg: TrainConfig, model_overrides: dict, flags: dict) -> tuple[TrainConfig, dict]:
+    """A copy of (cfg, model_overrides) with some flags set, each in the dataclass it belongs to."""
+    cfg = TrainConfig(**asdict(cfg))
+    model_overrides = dict(model_overrides)
+    for k, v in flags.items():
+        if k in MODEL_FLAGS:
+            model_overrides[k] = v
+        else:
+            setattr(cfg, k, v)
+    return cfg, model_overrides
+
+
+def format_bench_table(rows: list[dict]) -> str:
+    """A Markdown table, ready for the README."""
+    lines = ["| run | what changes | tokens/s | ms/step (median) | MFU | peak memory (MiB) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["skipped"]:
+            lines.append(f"| {r['name']} | {r['what']} | skipped: {r['skipped']} | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = f"{r['peak_memory_mib']:,.0f}" if r["peak_memory_mib"] is not None else "n/a"
+        lines.append(f"| {r['name']} | {r['what']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {mfu} | {mem} |")
+    return "\n".join(lines)
+
+
+def bench(cfg: TrainConfig, model_overrides: dict) -> dict:
+    """--bench (one row: the flags as given) or --bench_ablation (the rows of ablation_rows);
+    prints the table and writes <out_dir>/bench.json (after every row, so a run cut short keeps its rows)."""
+    check_config(cfg)
+    layout = parallel.init_distributed(cfg.dp, cfg.tp, cfg.pp, cfg.cp, pick_device(cfg.device), cfg.dist_timeout)
+    device, dtype = layout.device, pick_dtype(cfg.dtype, layout.device)
+    if cfg.bench_ablation:
+        plan = ablation_rows(cfg, model_overrides, device)
+        wanted = [n for n in cfg.bench_rows.split(",") if n]
+        unknown = sorted(set(wanted) - {name for name, *_ in plan})
+        if unknown:
+            raise ValueError(f"unknown --bench_rows {', '.join(unknown)}: choose from {', '.join(n for n, *_ in plan)}")
+        plan = [row for row in plan if not wanted or row[0] in wanted]
+    else:
+        plan = [("as_given", "the flags as given", {}, None)]
+    out = {"device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+           "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+           "git_revision": run_info(cfg, GPTConfig(**model_overrides), {})["git_revision"], "argv": sys.argv,
+           "preset": cfg.preset, "bench_steps": cfg.bench_steps, "bench_warmup": cfg.bench_warmup,
+           "peak_flops": scaling.device_peak_flops(device, dtype), "rows": []}
+    with contextlib.redirect_stdout(sys.stdout if layout.is_rank0 else open(os.devnull, "w")):
+        print(f"bench: {out['device_name']} ({device}) | {out['dtype']} | torch {torch.__version__} | preset {cfg.preset}"
+              f" | {cfg.bench_warmup} warm-up + {cfg.bench_steps} timed steps of one micro-batch", flush=True)
+        for name, what, flags, skipped in plan:
+            row = {"name": name, "what": what, "flags": flags, "skipped": skipped}
+            if not skipped:
+                row_cfg, row_overrides = with_flags(cfg, model_overrides, flags)
+                try:
+                    row.update(bench_one(row_cfg, row_overrides, layout))
+                except Exception as e:  # noqa: BLE001 -- one row that cannot run (out of memory, ...) must not cost the others
+                    if not cfg.bench_ablation:
+                        raise
+                    row["skipped"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+                release_device_memory(device)
+            out["rows"].append({k: row.get(k) for k in BENCH_ROW_KEYS} | {"model_config": row.get("model_config")})
+            print(format_bench_table(out["rows"][-1:]).splitlines()[-1], flush=True)
+            if layout.is_rank0:
+                os.makedirs(cfg.out_dir, exist_ok=True)
+                write_json_atomic(out, os.path.join(cfg.out_dir, "bench.json"))
+        print(format_bench_table(out["rows"]))
+        if device.type == "cuda" and out["peak_flops"] is None:
+            print(f"MFU: unknown GPU '{out['device_name']}' (add its peak to scaling.PEAK_FLOPS)")
+        print(f"wrote {os.path.join(cfg.out_dir, 'bench.json')}")
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    """"NVIDIA H100 80GB HBM3", or the CPU's model name and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):  # Linux names the CPU model here
+        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), name)
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def release_device_memory(device: torch.device):
+    """Between rows: forget compiled graphs (each row's model is new) and cached CUDA blocks."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,12 +1026,48 @@ def sample_from_checkpoint(cfg: TrainConfig) -> str:
     return sample_text(model, enc, manifest, cfg, device)
 
 
+# ----------------------------------------------------------------------------------------------
+# Comparing over seeds: is a change bigger than the noise?
+
+
+def compare_seeds(cfg: TrainConfig, model_overrides: dict) -> dict | None:
+    """Train the configuration with seeds seed, seed+1, ..., seed+N-1, one after another, each in
+    out_dir/seed<s> exactly as `--seed s --out_dir out_dir/seed<s>` would, and report the final
+    validation loss and bits per byte as mean and sample standard deviation over the seeds (n - 1 in
+    the denominator). The seed moves initialisation, data order and dropout, so the spread is the
+    noise a single run carries: a change whose mean moves by less than about 2 std / sqrt(N) has not
+    shown an effect yet. Rank 0 prints the summary, writes it to out_dir/compare.json and returns it."""
+    check_config(cfg)
+    runs = []
+    for seed in range(cfg.seed, cfg.seed + cfg.compare_seeds):
+        one = replace(cfg, seed=seed, out_dir=os.path.join(cfg.out_dir, f"seed{seed}"), compare_seeds=0)
+        result = train(one, model_overrides)
+        runs.append({"seed": seed, "out_dir": one.out_dir, "val_loss": result["val_loss"], "val_bpb": result["val_bpb"]})
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None
+    summary = {"seeds": [r["seed"] for r in runs], "runs": runs}
+    for key in ("val_loss", "val_bpb"):
+        values = [r[key] for r in runs]
+        summary[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))}
+    write_json_atomic(summary, os.path.join(cfg.out_dir, "compare.json"))
+    loss, bpb = summary["val_loss"], summary["val_bpb"]
+    print(f"compare: {len(runs)} seeds ({runs[0]['seed']}..{runs[-1]['seed']}) | val loss {loss['mean']:.4f} +- {loss['std']:.4f}"
+          f" | val {bpb['mean']:.3f} +- {bpb['std']:.3f} bits/byte (mean +- standard deviation over seeds)")
+    return summary
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         cfg, model_overrides = resolve_configs(args)
         if cfg.sample:
             print(sample_from_checkpoint(cfg))
+            return
+        if cfg.bench or cfg.bench_ablation:
+            bench(cfg, model_overrides)
+            return
+        if cfg.compare_seeds:
+            compare_seeds(cfg, model_overrides)
             return
         result = train(cfg, model_overrides)
         if result["model"] is None:  # not rank 0 of a parallel run: rank 0 reports

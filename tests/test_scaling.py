@@ -142,7 +142,7 @@ def test_peak_lookup_by_device_name_and_dtype():
     # unknown devices, and devices with other clocks than the table's, get None: never a guess
     for name in ("NVIDIA GeForce RTX 4090", "NVIDIA GH200 480GB", "NVIDIA GB200", "Tesla V100-SXM2-16GB"):
         assert scaling.peak_flops(name, torch.bfloat16) is None, name
-    assert scaling.device_peak_flops(torch.device("cpu"), torch.float32) is None
+    assert scaling.device_peak_flops(torch.device("cpu"), torch.bfloat16) is None
     # float32 matmuls run on TF32 tensor cores only when torch allows it (pitfall: torchtitan #668)
     before = torch.get_float32_matmul_precision()
     try:
@@ -154,6 +154,14 @@ def test_peak_lookup_by_device_name_and_dtype():
         torch.set_float32_matmul_precision(before)
     for row in scaling.PEAK_FLOPS.values():
         assert row["source"] and row["bfloat16"] >= row["tf32"] >= row["float32"]
+
+
+@pytest.mark.parametrize("flags,lanes", [("fpu sse sse2", 4), ("sse2 avx avx2 fma", 8), ("avx2 fma avx512f", 16)])
+def test_cpu_peak_is_threads_times_clock_times_two_fma_units_of_vector_lanes(flags, lanes):
+    cpuinfo = f"processor\t: 0\ncpu MHz\t\t: 2500.000\nflags\t\t: {flags}\n"
+    # e.g. AVX2: 3 threads x 2.5 GHz x (2 FLOPs per FMA x 2 FMA units x 8 float32 lanes) = 240 GFLOP/s
+    assert scaling.cpu_peak_flops(3, cpuinfo) == 3 * 2.5e9 * 2 * 2 * lanes
+    assert scaling.cpu_peak_flops(3, "no such fields") is None
 
 
 def test_mfu_is_achieved_over_peak_and_unknown_without_peak():

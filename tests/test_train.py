@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from model import GPT
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,7 +107,7 @@ def test_resume_continues_bit_for_bit(data_dir, tmp_path):
     second, mo = tiny(data_dir, tmp_path / "resumed", max_iters=8, eval_interval=4, dropout=0.1, resume=True, dtype="float32")
     train.train(second, mo)
     a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s", "mfu")} for r in rows]
     assert strip(a) == strip(b)  # same losses, learning rates and validation losses, exactly
     sa, sb = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     for k in sa["model"]:
@@ -282,3 +282,138 @@ def test_readme_documents_every_flag_and_preset():
                 assert f"`{flag}`" in readme, f"README does not document {flag}"
     for preset in train.PRESETS:
         assert f"`{preset}`" in readme, f"README does not describe preset {preset}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput (issue 7): --bench, the ablation, and the speed-up flags keep the maths
+
+import parallel  # noqa: E402
+import scaling  # noqa: E402
+
+
+def bench_cfg(tmp_path, **overrides):
+    # data_dir points at a directory that must stay absent: --bench prepares no corpus
+    return tiny(str(tmp_path / "no_corpus"), tmp_path, device="cpu", bench_steps=2, bench_warmup=1, **overrides)
+
+
+def test_bench_runs_on_the_cpu_without_a_corpus_and_writes_the_documented_json(tmp_path, capsys):
+    cfg, mo = bench_cfg(tmp_path, bench=True, vocab_size=500)  # a BPE of 500 ids, padded to 512
+    train.bench(cfg, mo)
+    report = json.load(open(tmp_path / "bench.json"))
+    for key in ("device", "device_name", "dtype", "torch", "git_revision", "peak_flops", "rows"):
+        assert key in report, key
+    (row,) = report["rows"]
+    assert set(train.BENCH_ROW_KEYS) <= set(row)
+    assert row["tokens_per_step"] == 8 * 64 and row["model_config"]["vocab_size"] == 512
+    assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] / (row["ms_per_step"] / 1000))
+    # float32 on a CPU: MFU against scaling.cpu_peak_flops (Linux); the CPU allocator keeps no peak count
+    peak = scaling.cpu_peak_flops()
+    expected = None if peak is None else row["tokens_per_s"] * scaling.flops_per_token_6n(GPTConfig(**row["model_config"]), 64) / peak
+    assert row["mfu"] == (None if expected is None else pytest.approx(expected)) and row["peak_memory_mib"] is None
+    assert abs(row["loss"] - math.log(500)) < 1.0  # random tokens: about a uniform guess after 3 steps
+    assert "| run | what changes | tokens/s | ms/step (median) | MFU | peak memory (MiB) |" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "no_corpus")
+
+
+def test_bench_ablation_turns_each_speedup_off_in_turn(tmp_path):
+    cfg, mo = bench_cfg(tmp_path, bench_ablation=True)
+    rows = {name: (flags, skipped) for name, _, flags, skipped in train.ablation_rows(cfg, mo, torch.device("cpu"))}
+    best = rows["all"][0]
+    assert best["compile"] and best["fused_ce"] and best["fused_adamw"] == "on" and best["pad_vocab"] == 64
+    for name, (flags, _) in rows.items():
+        changed = {k for k in set(flags) | set(best) if flags.get(k) != best.get(k)}
+        assert len(changed) == (0 if name == "all" else 1), (name, changed)  # one thing at a time
+    assert rows["fp8"][1] and rows["cuda_graphs"][1]  # skipped on a CPU, with the reason
+    cfg.bench_rows = "no_compile,fp8"  # the one row that runs quickly on a CPU, and one that cannot run here
+    train.bench(cfg, mo)
+    report = json.load(open(tmp_path / "bench.json"))
+    assert [r["name"] for r in report["rows"]] == ["no_compile", "fp8"]
+    assert report["rows"][0]["tokens_per_s"] > 0 and "compute capability" in report["rows"][1]["skipped"]
+    cfg.bench_rows = "no_such_row"
+    with pytest.raises(ValueError, match="no_such_row"):
+        train.bench(cfg, mo)
+
+
+def test_fused_cross_entropy_and_checkpointing_train_like_the_plain_path(data_dir, tmp_path):
+    losses = {}
+    for name, flags in {"plain": {}, "fused": {"fused_ce": True, "activation_checkpointing": True}}.items():
+        cfg, mo = tiny(data_dir, tmp_path / name, max_iters=3, eval_interval=3, **flags)
+        train.train(cfg, mo)
+        losses[name] = [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r]
+    assert losses["fused"] == pytest.approx(losses["plain"], rel=1e-5)  # float32: the same sums in another order
+
+
+def test_fused_and_unfused_adamw_take_the_same_steps():
+    torch.manual_seed(0)
+    # bias=False: the key bias's gradient is 0 in exact arithmetic (softmax ignores a shift shared by
+    # all keys), so Adam would divide rounding noise by noise there, differently in each implementation
+    config = train.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, bias=False)
+    models = [GPT(config) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = train.TrainConfig(learning_rate=1e-2)
+    optimizers = []
+    for m, fused in zip(models, ("on", "off")):
+        cfg.fused_adamw = fused
+        optimizers.append(train.make_optimizer(m, cfg, torch.device("cpu")))
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    idx = torch.randint(0, 64, (2, 16))
+    for _ in range(3):
+        for m, opt in zip(models, optimizers):
+            opt.zero_grad()
+            m(idx, idx)[1].backward()
+            opt.step()
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)  # float32 AdamW, ops in another order
+
+
+class Uncompiled(torch.nn.Module):
+    """What torch.compile returns (the module under _orig_mod), without the compiling."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod = module
+
+    def forward(self, *args):
+        return self._orig_mod(*args)
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    calls = []
+
+    def record(module, **kwargs):
+        calls.append((module, kwargs))
+        return Uncompiled(module)
+
+    monkeypatch.setattr(train.torch, "compile", record)
+    cfg = train.TrainConfig(compile=True, compile_mode="reduce-overhead")
+    model = GPT(train.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    layout = parallel.init_distributed(1, 1, 1, 1, torch.device("cpu"))
+    par, _ = train.make_parallelized(model, cfg, layout, torch.float32)
+    assert calls == [(model, {}), (model, {"mode": "reduce-overhead"})]  # Parallelized's, then the mode's, of the GPT
+    assert par.forward_module._orig_mod is model
+
+
+def test_old_checkpoints_resume_with_the_speed_flags_changed():
+    cfg = train.TrainConfig()
+    saved = {k: v for k, v in train.asdict(train.GPTConfig()).items() if k not in ("fused_ce", "activation_checkpointing")}
+    ckpt = {"model_config": saved, "train_config": train.asdict(cfg)}  # written before these fields existed
+    train.check_resume_compatible(ckpt, train.GPTConfig(fused_ce=True, activation_checkpointing=True, attention="naive"), cfg)
+
+
+@pytest.mark.parametrize("flags, words", [
+    ({"compile_mode": "reduce-overhead"}, ("--compile",)),
+    ({"compile": True, "compile_mode": "fast"}, ("compile_mode",)),
+    ({"fused_adamw": "maybe"}, ("fused_adamw",)),
+    ({"pad_vocab": 0}, ("pad_vocab",)),
+    ({"bench_steps": 0}, ("bench_steps",)),
+])
+def test_speed_flag_mistakes_are_refused_with_the_reason(flags, words):
+    cfg = train.TrainConfig(**flags)
+    with pytest.raises(ValueError) as e:
+        train.check_config(cfg)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_fp8_on_a_cpu_is_one_line(tmp_path):
+    assert_one_line_error(run_cli("--preset", "tiny", "--device", "cpu", "--bench", "--fp8", "--out_dir", str(tmp_path)),
+                          "--fp8", "compute capability")

@@ -1,0 +1,515 @@
+"""
+Course mode: turn a function into an exercise, and prove that its tests judge it.
+
+The problem
+-----------
+A teacher wants to hand out nanopretrain with one piece missing (the attention, ZeRO's optimizer
+step, the online softmax of the flash kernel) and let the tests say when a student's version is
+right. That needs three things: a way to say which piece and which tests, a tool that blanks the
+piece without breaking the file around it, and proof that the tests really fail without it (a test
+that passes on an empty body judges nothing).
+
+The markers (comments, so they change nothing when the code runs)
+------------------------------------------------------------------
+    # EXERCISE: attention (tests/test_model.py -k naive)
+    def naive_attention(q, k, v, dropout_p: float = 0.0):
+        \"\"\"softmax(Q K^T / sqrt(hs) + M) V ...\"\"\"      <- kept: the docstring is the assignment
+        ...                                                <- replaced by raise NotImplementedError
+
+  `# EXERCISE: <name> (<judge>)` on the line above a def (or above its decorators), or as the first
+  line of its body: the exercise is the function's body. The signature and the docstring stay.
+  `# EXERCISE BEGIN <name> (<judge>)` ... `# EXERCISE END <name>` inside a body: only the lines
+  between the two are blanked (the raise takes the BEGIN line's indentation).
+  <judge> is what follows `python -m pytest -q`: a test file and a -k selection. Every test it
+  selects must check behaviour against an independent reference, never the shape of the code, so
+  any correct solution passes; and every one must fail when the exercise is stripped (`check`).
+  Several markers may share a name: one exercise over several functions (tensor parallelism's f
+  and g are four small methods). The judge is written on one of them (or repeated identically).
+
+The commands
+------------
+    python -m tests.exercises list                  every exercise: target, file:line, judge
+    python -m tests.exercises strip NAME|TARGET...  blank them in place; FILE.py.orig keeps the original
+    python -m tests.exercises strip ... --out DIR   write a stripped copy of the repository to DIR instead
+    python -m tests.exercises restore               put every FILE.py.orig back (FILE.py.mine keeps yours)
+    python -m tests.exercises check [NAME...]       in a temporary copy: the judge passes on the
+                                                    original and every judging test fails stripped
+
+In place is the default because a student working alone strips one exercise, writes it and runs
+its judge in the same tree; the .orig backup is written once (a second strip in the same file
+keeps the first, true original) and `restore` (or `git checkout FILE.py`) undoes it, keeping the
+edited file as FILE.py.mine. A teacher preparing a hand-out uses --out, which never touches the
+working tree. (`python tests/exercises.py ...` works as well as `python -m tests.exercises ...`.)
+
+How: the markers are found with `tokenize` (a comment, never text inside a string), the function
+they belong to with `ast` (exact first and last lines, decorators and multi-line signatures
+included), and the result is parsed again before it is written, atomically.
+"""
+
+import argparse
+import ast
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tokenize
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTEST = ("python", "-m", "pytest", "-q")  # a judge is this plus the marker's arguments
+# the course's reading order (tokens, model, training, parallelism, kernels, scaling), which is
+# also the suggested order of the exercises; other files follow alphabetically
+COURSE_ORDER = ("data.py", "model.py", "train.py", "parallel.py", "kernels.py", "scaling.py")
+
+FUNCTION_MARKER = re.compile(r"#\s*EXERCISE:\s*(?P<name>[\w-]+)\s*(?:\((?P<judge>.*)\))?\s*$")
+BEGIN_MARKER = re.compile(r"#\s*EXERCISE BEGIN\s+(?P<name>[\w-]+)\s*(?:\((?P<judge>.*)\))?\s*$")
+END_MARKER = re.compile(r"#\s*EXERCISE END\s+(?P<name>[\w-]+)\s*$")
+
+
+@dataclass
+class Region:
+    """Lines first..last (1-based, inclusive) of one file, replaced by `raise NotImplementedError`."""
+    path: Path
+    target: str  # module.Class.method that holds the region
+    marker: int  # the marker's line
+    first: int
+    last: int
+    indent: str  # the raise's indentation
+    keep: list = field(default_factory=list)  # lines re-emitted before the raise (a marker inside the range)
+    stripped: bool = False  # already `raise NotImplementedError("exercise ...")`
+
+
+@dataclass
+class Exercise:
+    name: str
+    judge: list  # pytest arguments: a test file and -k EXPR
+    regions: list
+
+    @property
+    def command(self) -> str:
+        return shlex.join([*PYTEST, *self.judge])
+
+    @property
+    def targets(self) -> list:
+        return list(dict.fromkeys(r.target for r in self.regions))  # in marker order, each once
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the exercises
+
+
+def _markers(path: Path, source: str) -> list:
+    """(line, kind, name, judge) of every marker comment in the source; kind is def, begin or end."""
+    found = []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != tokenize.COMMENT or not re.match(r"#\s*EXERCISE\b", tok.string):
+            continue
+        line = tok.start[0]
+        for kind, pattern in (("def", FUNCTION_MARKER), ("begin", BEGIN_MARKER), ("end", END_MARKER)):
+            m = pattern.match(tok.string)
+            if m:
+                judge = m.groupdict().get("judge")
+                found.append((line, kind, m["name"], shlex.split(judge) if judge else None))
+                break
+        else:
+            raise ValueError(f"{path.name}:{line}: cannot read the marker {tok.string!r}: write "
+                             "'# EXERCISE: name (tests/test_x.py -k expr)', '# EXERCISE BEGIN name (...)' or '# EXERCISE END name'")
+    return found
+
+
+def _functions(tree: ast.Module, module: str) -> list:
+    """(node, qualified name) of every function and method, nested ones included."""
+    out = []
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}.{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    out.append((child, name))
+                visit(child, name)
+            else:
+                visit(child, prefix)  # defs inside `if`/`try` blocks keep their parent's prefix
+
+    visit(tree, module)
+    return out
+
+
+def _start(node) -> int:
+    """A def's first line: its first decorator's, if it has any."""
+    return min([d.lineno for d in node.decorator_list] + [node.lineno])
+
+
+def _docstring(node):
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        return first
+    return None
+
+
+def _signature_end(lines: list, node) -> int:
+    """The line of the colon that ends a def's signature (signatures may span lines)."""
+    text = "".join(lines[node.lineno - 1:])
+    depth = 0
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.OP and tok.string in "([{":
+            depth += 1
+        elif tok.type == tokenize.OP and tok.string in ")]}":
+            depth -= 1
+        elif tok.type == tokenize.OP and tok.string == ":" and depth == 0:
+            return node.lineno + tok.start[0] - 1
+    raise ValueError(f"no end of signature found for the def on line {node.lineno}")
+
+
+def _is_stripped(stmts: list) -> bool:
+    """Is this body exactly the raise that strip() writes?"""
+    if len(stmts) != 1 or not isinstance(stmts[0], ast.Raise) or not isinstance(stmts[0].exc, ast.Call):
+        return False
+    call = stmts[0].exc
+    return (getattr(call.func, "id", None) == "NotImplementedError" and len(call.args) == 1
+            and isinstance(call.args[0], ast.Constant) and str(call.args[0].value).startswith("exercise "))
+
+
+def _innermost(functions: list, line: int):
+    around = [(node, name) for node, name in functions if node.lineno < line <= node.end_lineno]
+    return max(around, key=lambda f: f[0].lineno) if around else (None, None)
+
+
+def _function_region(path, lines, functions, line) -> Region:
+    """The region of a `# EXERCISE:` marker: the body of the def right below it, else of the def it is in."""
+    nxt = line + 1  # the first line after the marker that is code, not a comment or blank
+    while nxt <= len(lines) and (not lines[nxt - 1].strip() or lines[nxt - 1].lstrip().startswith("#")):
+        nxt += 1
+    below = [(node, name) for node, name in functions if _start(node) == nxt]
+    node, name = below[0] if below else _innermost(functions, line)
+    if node is None:
+        raise ValueError(f"{path.name}:{line}: an '# EXERCISE:' marker must sit above a def or inside its body")
+    doc = _docstring(node)
+    header_end = doc.end_lineno if doc else _signature_end(lines, node)
+    body = node.body[1:] if doc else node.body
+    if not body:
+        raise ValueError(f"{path.name}:{line}: {name} has nothing but a docstring to strip")
+    if body[0].lineno <= header_end:
+        raise ValueError(f"{path.name}:{line}: {name}'s body starts on its def line: move it to lines of its own")
+    first, last = header_end + 1, node.end_lineno
+    keep = [lines[line - 1]] if first <= line <= last else []
+    return Region(path, name, line, first, last, " " * body[0].col_offset, keep, _is_stripped(body))
+
+
+def _block_region(path, lines, functions, begin, end, name) -> Region:
+    """The region between `# EXERCISE BEGIN` and `# EXERCISE END`."""
+    node, target = _innermost(functions, begin)
+    if node is None:
+        raise ValueError(f"{path.name}:{begin}: an '# EXERCISE BEGIN' marker must be inside a function")
+    indent = lines[begin - 1][: len(lines[begin - 1]) - len(lines[begin - 1].lstrip())]
+    if end == begin + 1:
+        raise ValueError(f"{path.name}:{begin}: nothing between EXERCISE BEGIN {name} and its END")
+    try:
+        stripped = _is_stripped(ast.parse("".join(l.strip() + "\n" for l in lines[begin:end - 1])).body)
+    except SyntaxError:  # a part of a statement: not our raise
+        stripped = False
+    return Region(path, target, begin, begin + 1, end - 1, indent, [], stripped)
+
+
+def file_exercises(path: Path) -> list:
+    """(name, judge or None, Region) for every marker in one file, in line order."""
+    source = path.read_text()
+    found = _markers(path, source)
+    if not found:
+        return []
+    lines = source.splitlines(keepends=True)
+    functions = _functions(ast.parse(source, str(path)), path.stem)
+    out, open_blocks = [], {}
+    for line, kind, name, judge in found:
+        if kind == "def":
+            out.append((name, judge, _function_region(path, lines, functions, line)))
+        elif kind == "begin":
+            if name in open_blocks:
+                raise ValueError(f"{path.name}:{line}: EXERCISE BEGIN {name} again before its END")
+            open_blocks[name] = (line, judge)
+        else:
+            if name not in open_blocks:
+                raise ValueError(f"{path.name}:{line}: EXERCISE END {name} without a BEGIN above it")
+            begin, judge = open_blocks.pop(name)
+            out.append((name, judge, _block_region(path, lines, functions, begin, line, name)))
+    if open_blocks:
+        name, (line, _) = next(iter(open_blocks.items()))
+        raise ValueError(f"{path.name}:{line}: EXERCISE BEGIN {name} has no EXERCISE END")
+    return out
+
+
+def source_files(root: Path) -> list:
+    """The repository's top-level .py files, in the course's order."""
+    rank = {name: i for i, name in enumerate(COURSE_ORDER)}
+    return sorted(root.glob("*.py"), key=lambda p: (rank.get(p.name, len(rank)), p.name))
+
+
+def find_exercises(root: Path = ROOT) -> list:
+    """Every exercise marked in root's .py files, in the course's order (file, then line)."""
+    regions, judges = {}, {}
+    for path in source_files(root):
+        for name, judge, region in file_exercises(path):
+            regions.setdefault(name, []).append(region)
+            if judge is not None:
+                if judges.setdefault(name, judge) != judge:
+                    raise ValueError(f"{path.name}:{region.marker}: exercise {name} has two different judges: "
+                                     f"{shlex.join(judges[name])!r} and {shlex.join(judge)!r}")
+    for name in regions:
+        if name not in judges:
+            r = regions[name][0]
+            raise ValueError(f"{r.path.name}:{r.marker}: exercise {name} has no judge: write its tests in "
+                             "parentheses after the name, e.g. '# EXERCISE: attention (tests/test_model.py -k naive)'")
+    return [Exercise(name, judges[name], regions[name]) for name in regions]
+
+
+def select(exercises: list, selectors: list) -> list:
+    """(exercise, regions) for each selector: an exercise's name (all its regions) or a target (that one)."""
+    chosen = []
+    for s in selectors:
+        by_name = [e for e in exercises if e.name == s]
+        by_target = [(e, [r for r in e.regions if r.target == s]) for e in exercises if s in e.targets]
+        if by_name:
+            chosen.append((by_name[0], by_name[0].regions))
+        elif by_target:
+            chosen.extend(by_target)
+        else:
+            names = ", ".join(e.name for e in exercises) or "none"
+            raise ValueError(f"no exercise is called or marks {s!r}: choose one of {names} (or a target that "
+                             "`list` shows); to make a new one, put '# EXERCISE: name (judge)' above the def")
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------
+# Stripping
+
+
+def raise_line(exercise: Exercise, region: Region) -> str:
+    message = f"exercise {exercise.name}: write {region.target}, then run: {exercise.command}"
+    return f"{region.indent}raise NotImplementedError({message!r})\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write next to the file and rename over it: a reader sees the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    shutil.copymode(path, tmp)
+    os.replace(tmp, path)
+
+
+def strip(chosen: list, backup: bool = True) -> list:
+    """Replace each chosen region by a raise; returns (exercise, region, what happened) lines."""
+    report, by_file = [], {}
+    for exercise, regions in chosen:
+        for region in regions:
+            if region.stripped:
+                report.append((exercise, region, "already stripped"))
+            elif all(region is not r for _, r in by_file.get(region.path, [])):
+                by_file.setdefault(region.path, []).append((exercise, region))
+    for path, items in by_file.items():
+        lines = path.read_text().splitlines(keepends=True)
+        for exercise, region in sorted(items, key=lambda item: -item[1].first):  # bottom up: earlier lines stay put
+            lines[region.first - 1:region.last] = region.keep + [raise_line(exercise, region)]
+        text = "".join(lines)
+        try:
+            ast.parse(text, str(path))
+        except SyntaxError as e:  # a marker in an odd place; the file on disk is untouched
+            raise ValueError(f"{path.name}: stripping would not parse (line {e.lineno}: {e.msg}); move the marker") from None
+        orig = path.with_name(path.name + ".orig")
+        if backup and not orig.exists():
+            shutil.copy2(path, orig)
+        write_atomic(path, text)
+        report += [(e, r, f"stripped {path.name}:{r.first}-{r.last}") for e, r in items]
+    return report
+
+
+def restore(root: Path = ROOT) -> list:
+    """Move every FILE.py.orig back over FILE.py, keeping FILE.py as FILE.py.mine (a student's
+    solution is not lost); returns the files restored."""
+    restored = []
+    for orig in sorted(root.glob("*.py.orig")):
+        path = orig.with_name(orig.name[: -len(".orig")])
+        if path.exists():
+            shutil.copy2(path, path.with_name(path.name + ".mine"))
+        os.replace(orig, path)
+        restored.append(path.name)
+    return restored
+
+
+def copy_sources(src: Path, dst: Path) -> None:
+    """What a student (or a judge) needs: the top-level sources and settings, and tests/*.py."""
+    (dst / "tests").mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if path.is_file() and path.suffix in (".py", ".ini", ".md", ".txt", ".toml", ".cfg"):
+            shutil.copy2(path, dst / path.name)
+    for path in (src / "tests").glob("*.py"):
+        shutil.copy2(path, dst / "tests" / path.name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Judging
+
+
+@dataclass
+class JudgeRun:
+    returncode: int
+    counts: dict  # passed, failed, error, skipped, ... from pytest's summary line
+    seconds: float
+    output: str
+
+    def summary(self) -> str:
+        shown = ", ".join(f"{n} {k}" for k, n in self.counts.items() if k != "deselected") or f"exit {self.returncode}"
+        return f"{shown} ({self.seconds:.1f} s)"
+
+
+def summary_counts(stdout: str) -> dict:
+    """pytest -q's last line, '3 failed, 1 passed, 19 deselected in 1.75s', as a dict."""
+    for line in reversed(stdout.strip().splitlines()):
+        found = re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)", line)
+        if found and re.search(r"\bin [\d.]+s", line):
+            return {("error" if kind.startswith("error") else kind): int(n) for n, kind in found}
+    return {}
+
+
+def run_judge(exercise: Exercise, cwd: Path, timeout: float = 600, extra=("--tb=line",)) -> JudgeRun:
+    """The judge's command, run in cwd with this interpreter. --tb=line: one line per failure
+    (the NotImplementedError and its message) halves the time of a judge whose tests all fail."""
+    cmd = [sys.executable, *PYTEST[1:], *exercise.judge, *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    return JudgeRun(proc.returncode, summary_counts(proc.stdout), time.perf_counter() - start, proc.stdout + proc.stderr)
+
+
+def judged_pass(run: JudgeRun) -> bool:
+    """Every selected test passed (and at least one ran: a judge that skips everything judges nothing)."""
+    return run.returncode == 0 and run.counts.get("passed", 0) > 0 and not run.counts.get("failed")
+
+
+def judged_fail(run: JudgeRun) -> bool:
+    """Every selected test failed: none passed, none errored in collection (the stripped file still imports)."""
+    return (run.returncode == 1 and run.counts.get("failed", 0) > 0 and not run.counts.get("passed")
+            and not run.counts.get("error"))
+
+
+def check_one(name: str, root: Path = ROOT, original: bool = True) -> dict:
+    """In a temporary copy of root: the judge on the original (if asked), then on the stripped copy."""
+    with tempfile.TemporaryDirectory(prefix=f"exercise-{name}-") as tmp:
+        copy = Path(tmp)
+        copy_sources(root, copy)
+        exercises = find_exercises(copy)
+        exercise = next(e for e in exercises if e.name == name)
+        result = {"name": name, "exercise": exercise}
+        if original:
+            result["original"] = run_judge(exercise, copy)
+        strip(select(exercises, [name]), backup=False)
+        result["stripped"] = run_judge(exercise, copy)
+    result["ok"] = judged_fail(result["stripped"]) and (not original or judged_pass(result["original"]))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+
+def where(region: Region) -> str:
+    return f"{region.path.name}:{region.marker}"
+
+
+def cmd_list(args) -> int:
+    exercises = find_exercises(args.root)
+    if not exercises:
+        print("no exercises marked: put '# EXERCISE: name (tests/test_x.py -k expr)' above a def")
+    for i, e in enumerate(exercises, 1):
+        print(f"{i:2d}. {e.name}")
+        for target in e.targets:
+            region = next(r for r in e.regions if r.target == target)
+            print(f"      {target}  ({where(region)}){'  [stripped]' if region.stripped else ''}")
+        print(f"      judge: {e.command}")
+    return 0
+
+
+def cmd_strip(args) -> int:
+    root = args.root
+    if args.out is not None:
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"--out {out} exists and is not empty: name a new directory")
+        copy_sources(root, out)
+        root = out
+    exercises = find_exercises(root)
+    report = strip(select(exercises, args.selectors), backup=args.out is None)
+    for exercise, region, what in report:
+        print(f"{exercise.name}: {region.target}: {what}")
+    for exercise in dict.fromkeys(e.name for e, _, _ in report):  # each exercise's judge, once
+        print(f"judge of {exercise}: {next(e for e in exercises if e.name == exercise).command}")
+    if args.out is not None:
+        print(f"stripped copy in {root}; the working tree is untouched")
+    else:
+        print("originals kept as FILE.py.orig; undo with: python -m tests.exercises restore")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    restored = restore(args.root)
+    if restored:
+        print(f"restored {', '.join(restored)}; the stripped or edited versions are kept as FILE.py.mine")
+    else:
+        print("nothing to restore: no FILE.py.orig here")
+    return 0
+
+
+def cmd_check(args) -> int:
+    names = args.names or [e.name for e in find_exercises(args.root)]
+    select(find_exercises(args.root), names)  # unknown names: one line, before any work
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda n: check_one(n, args.root, original=not args.stripped_only), names))
+    width = max(len(n) for n in names)
+    for r in results:
+        original = r["original"].summary() if "original" in r else "-"
+        print(f"{r['name']:{width}}  original: {original:28}  stripped: {r['stripped'].summary():28}  "
+              f"{'ok' if r['ok'] else 'WRONG'}")
+    bad = [r for r in results if not r["ok"]]
+    for r in bad:
+        print(f"\n--- {r['name']}: {r['exercise'].command}")
+        for key in ("original", "stripped"):
+            if key in r:
+                print(f"[{key}]\n" + "\n".join(r[key].output.strip().splitlines()[-15:]))
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tests.exercises", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=ROOT, help="the repository (default: the one this file is in)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every exercise: its target, file:line and judge command")
+    s = sub.add_parser("strip", help="replace exercises' bodies by raise NotImplementedError")
+    s.add_argument("selectors", nargs="+", metavar="NAME|TARGET", help="an exercise's name, or one target (model.CausalSelfAttention.forward)")
+    s.add_argument("--out", help="write a stripped copy of the repository here (a new directory); the working tree is untouched")
+    sub.add_parser("restore", help="put every FILE.py.orig written by strip back (FILE.py.mine keeps the edited file)")
+    c = sub.add_parser("check", help="prove each judge: it passes on the original and every judging test fails stripped")
+    c.add_argument("names", nargs="*", help="exercises to check (default: all)")
+    c.add_argument("--jobs", type=int, default=2, help="judges run at once (default 2)")
+    c.add_argument("--stripped-only", action="store_true", help="skip the run on the original (the main suite covers it)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"list": cmd_list, "strip": cmd_strip, "restore": cmd_restore, "check": cmd_check}
+    try:
+        return commands[args.command](args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

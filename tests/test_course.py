@@ -1,0 +1,240 @@
+"""Tests for tests/exercises.py (course mode): every marked exercise's judge fails without it.
+
+The essential check: for each exercise, a temporary copy of the repository (the .py files, tests/
+and pytest.ini) has that exercise, and only it, stripped, and its judge command must then fail,
+every test it selects: a judge that still passes without the code judges nothing. That the same
+judges pass on the unstripped code is the main suite's part (they are ordinary tests in it);
+`python -m tests.exercises check` shows both sides at once. The judges run as subprocesses, two
+at a time; the working tree is never touched.
+
+The rest checks the tool on small files: where markers may sit, what a strip keeps (signature,
+decorators, docstring) and what it writes (a file that parses, a function that raises), and that
+the README's course table says what the markers say.
+"""
+
+import ast
+import importlib.util
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import exercises
+
+ROOT = exercises.ROOT
+EXERCISES = exercises.find_exercises(ROOT)
+NAMES = [e.name for e in EXERCISES]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every judge fails when its exercise is stripped
+
+
+@pytest.fixture(scope="module")
+def stripped_runs(request):
+    """The stripped-copy judge run of each selected exercise, two at a time (two cores)."""
+    selected = [item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_judge_fails_when_its_exercise_is_stripped"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(selected, pool.map(lambda n: exercises.check_one(n, ROOT, original=False), selected)))
+
+
+def test_the_course_covers_the_issue_sequence():
+    # tokenizer, attention, training loop, data parallel, ZeRO, tensor parallel, flash attention, scaling law
+    targets = {t for e in EXERCISES for t in e.targets}
+    assert {"data.train_bpe", "model.naive_attention", "train.learning_rate_at",
+            "parallel.BucketedDataParallel.finish_gradient_sync", "parallel.ShardedAdamW.step",
+            "parallel.ReduceFromTensorParallelRegion.forward", "kernels._attn_fwd_inner",
+            "scaling.parametric_optimal"} <= targets
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_judge_fails_when_its_exercise_is_stripped(stripped_runs, name):
+    run = stripped_runs[name]["stripped"]
+    assert exercises.judged_fail(run), f"{stripped_runs[name]['exercise'].command}: {run.summary()}\n{run.output[-3000:]}"
+    assert "NotImplementedError" in run.output and f"exercise {name}:" in run.output  # failed because of the strip
+
+
+# ---------------------------------------------------------------------------------------------
+# The tool on small files
+
+TOY = '''\
+import functools
+
+
+# EXERCISE: double (tests/test_toy.py -k double)
+@functools.lru_cache(maxsize=None)
+def double(
+    x: int,  # a signature over several lines, with a colon inside the parentheses
+) -> int:
+    """Twice x."""
+    return 2 * x
+
+
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def bump(self, k=1):
+        # EXERCISE: bump (tests/test_toy.py -k bump)
+        """Add k; a marker may also be the first line of the body."""
+        # a hint that goes with the body
+        self.n += k
+        return self.n
+
+
+def half_and_square(x):
+    """Half of x, squared: only the squaring is the exercise."""
+    h = x / 2
+    # EXERCISE BEGIN square (tests/test_toy.py -k square)
+    if True:
+        h = h * h
+    # EXERCISE END square
+    return h
+
+
+# EXERCISE: pair (tests/test_toy.py -k pair)
+def first(p):
+    return p[0]
+
+
+# EXERCISE: pair
+def second(p):
+    return p[1]
+'''
+
+
+def load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+@pytest.fixture
+def toy(tmp_path):
+    (tmp_path / "toy.py").write_text(TOY)
+    return tmp_path
+
+
+def test_markers_above_inside_and_around_bodies_are_found(toy):
+    found = {e.name: e for e in exercises.find_exercises(toy)}
+    assert list(found) == ["double", "bump", "square", "pair"]  # file order
+    assert found["double"].targets == ["toy.double"]
+    assert found["bump"].targets == ["toy.Counter.bump"]
+    assert found["square"].targets == ["toy.half_and_square"]
+    assert found["pair"].targets == ["toy.first", "toy.second"] and found["pair"].judge == ["tests/test_toy.py", "-k", "pair"]
+    assert found["double"].command == "python -m pytest -q tests/test_toy.py -k double"
+
+
+def test_strip_keeps_signature_decorators_and_docstrings_and_raises(toy):
+    before = (toy / "toy.py").read_text()
+    exercises.strip(exercises.select(exercises.find_exercises(toy), ["double", "bump", "square", "pair"]))
+    text = (toy / "toy.py").read_text()
+    tree = ast.parse(text)  # it still parses
+    functions = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert ast.get_docstring(functions["double"]) == "Twice x." and "@functools.lru_cache(maxsize=None)" in text
+    assert ast.get_docstring(functions["bump"]).startswith("Add k")
+    assert "a hint that goes with the body" not in text and "self.n += k" not in text
+    assert "h = h * h" not in text and "h = x / 2" in text and "return h" in text  # only the block went
+    assert (toy / "toy.py.orig").read_text() == before
+    toy_module = load(toy / "toy.py", "stripped_toy")
+    for call in (lambda: toy_module.double(3), lambda: toy_module.Counter().bump(), lambda: toy_module.half_and_square(4),
+                 lambda: toy_module.first((1, 2)), lambda: toy_module.second((1, 2))):
+        with pytest.raises(NotImplementedError, match="then run: python -m pytest -q tests/test_toy.py"):
+            call()
+    # stripping again changes nothing; the markers still list every exercise, now marked stripped
+    again = exercises.find_exercises(toy)
+    assert all(r.stripped for e in again for r in e.regions)
+    exercises.strip(exercises.select(again, ["double"]))
+    assert (toy / "toy.py").read_text() == text
+    assert exercises.restore(toy) == ["toy.py"] and (toy / "toy.py").read_text() == before
+    assert not (toy / "toy.py.orig").exists() and (toy / "toy.py.mine").read_text() == text  # nothing lost
+
+
+def test_one_target_of_a_shared_exercise_can_be_stripped_alone(toy):
+    exercises.strip(exercises.select(exercises.find_exercises(toy), ["toy.second"]))
+    toy_module = load(toy / "toy.py", "half_stripped_toy")
+    assert toy_module.first((1, 2)) == 1
+    with pytest.raises(NotImplementedError):
+        toy_module.second((1, 2))
+
+
+@pytest.mark.parametrize("source, message", [
+    ("# EXERCISE attention\ndef f():\n    return 1\n", "cannot read the marker"),
+    ("def f():\n    x = 1\n    # EXERCISE END a\n    return x\n", "without a BEGIN"),
+    ("def f():\n    # EXERCISE BEGIN a (t.py)\n    return 1\n", "has no EXERCISE END"),
+    ("# EXERCISE: a\ndef f():\n    return 1\n", "has no judge"),
+    ("# EXERCISE: a (t.py)\ndef f():\n    return 1\n\n\n# EXERCISE: a (u.py)\ndef g():\n    return 2\n", "two different judges"),
+    ("# EXERCISE: a (t.py)\nX = 1\n", "must sit above a def"),
+    ("# EXERCISE: a (t.py)\ndef f():\n    \"\"\"Only a docstring.\"\"\"\n", "nothing but a docstring"),
+])
+def test_bad_markers_are_one_line_errors_naming_file_and_line(tmp_path, capsys, source, message):
+    (tmp_path / "bad.py").write_text(source)
+    assert exercises.main(["--root", str(tmp_path), "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: bad.py:") and message in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands on a copy of this repository
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory):
+    copy = tmp_path_factory.mktemp("repo")
+    exercises.copy_sources(ROOT, copy)
+    return copy
+
+
+def test_list_names_every_exercise_its_targets_and_judge(repo_copy):
+    out = subprocess.run([sys.executable, "-m", "tests.exercises", "list"], cwd=repo_copy, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for e in EXERCISES:
+        assert f". {e.name}\n" in out.stdout and f"judge: {e.command}\n" in out.stdout
+        for target in e.targets:
+            assert target in out.stdout
+
+
+def test_strip_out_writes_a_stripped_copy_and_leaves_the_tree_alone(repo_copy, tmp_path, capsys):
+    before = (repo_copy / "model.py").read_text()
+    out = tmp_path / "handout"
+    assert exercises.main(["--root", str(repo_copy), "strip", "model.naive_attention", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    judge = next(e for e in EXERCISES if "model.naive_attention" in e.targets).command
+    assert f"judge of attention: {judge}" in printed
+    assert (repo_copy / "model.py").read_text() == before and not list(repo_copy.glob("*.orig"))
+    assert not list(out.glob("*.orig"))  # a hand-out needs no backup
+    original = next(n for n in ast.walk(ast.parse(before)) if getattr(n, "name", None) == "naive_attention")
+    stripped = next(n for n in ast.walk(ast.parse((out / "model.py").read_text())) if getattr(n, "name", None) == "naive_attention")
+    assert ast.get_docstring(stripped) == ast.get_docstring(original)
+    assert [a.arg for a in stripped.args.args] == [a.arg for a in original.args.args]
+    import torch
+
+    model = load(out / "model.py", "handout_model")
+    with pytest.raises(NotImplementedError, match="exercise attention"):
+        model.naive_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# The README says what the markers say
+
+
+def test_readme_course_table_lists_each_exercise_target_and_judge():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Using nanopretrain in a course", 1)[1].split("\n## ", 1)[0]
+    rows = [r for r in section.splitlines() if re.match(r"\|\s*\d+\s*\|", r)]
+    assert len(rows) == len(EXERCISES)
+    for row, e in zip(rows, EXERCISES):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert f"`{e.name}`" in cells[1], (row, e.name)
+        assert all(f"`{t}`" in row for t in e.targets), (row, e.targets)
+        assert f"`{e.command}`" in row, (row, e.command)
