@@ -1953,7 +1953,8 @@ def plan(config, dp: int, tp: int, zero: int, batch_tokens: int) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Parallelism from collectives. train.py applies it (--dp, --tp, "
-                                     "--pp, --cp, --zero); this command checks a cluster and prints the formulas.")
+                                     "--pp, --cp, --zero); this command checks a cluster and prints the formulas. "
+                                     "`parallel.py --check` is `parallel.py preflight`.")
     sub = parser.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("preflight", help="run every collective once on every rank: torchrun --nproc_per_node N parallel.py preflight")
     pre.add_argument("--timeout", type=float, default=60, help="seconds before a hang becomes an error")
@@ -1964,6 +1965,9 @@ def main(argv=None):
     pl.add_argument("--tp", type=int, default=1)
     pl.add_argument("--zero", type=int, default=0)
     pl.add_argument("--batch_tokens", type=int, default=16 * 1024, help="tokens per rank per step (B x T)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--check"]:  # `parallel.py --check`: the same preflight, under the name torchtitan users look for
+        argv = ["preflight", *argv[1:]]
     args = parser.parse_args(argv)
     try:
         if args.command == "preflight":

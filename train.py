@@ -84,6 +84,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -424,6 +425,24 @@ def check_speedups_fit(cfg: TrainConfig, model_config: GPTConfig, layout: parall
                          "and ZeRO-3 already recomputes every block; drop --activation_checkpointing")
 
 
+def compile_unavailable_reason(device: torch.device) -> str | None:
+    """Why torch.compile cannot work here, or None. torch.compile hands the graph to Inductor, which
+    writes C++ for the CPU (it needs a C++ compiler on PATH) and Triton for GPUs (it needs triton and
+    a GPU of compute capability 7.0 or newer); TorchDynamo itself needs a supported Python."""
+    import importlib.util
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile does not support Python {platform.python_version()} in torch {torch.__version__}"
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "g++", "clang++")):
+        return "no C++ compiler on PATH for Inductor's CPU code (install g++ or clang++, or set CXX)"
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton), and Inductor writes its GPU kernels in Triton"
+        if torch.cuda.get_device_capability(device) < (7, 0):
+            return f"Triton needs compute capability 7.0 or newer; this GPU has {torch.cuda.get_device_capability(device)}"
+    return None
+
+
 def make_parallelized(model: GPT, cfg: TrainConfig, layout: parallel.Layout, dtype: torch.dtype):
     """(Parallelized, GradScaler): the model with this run's speed-ups and the layout's strategies
     applied from outside, in this order: FP8 layers swapped into the blocks, parallel.Parallelized
@@ -436,6 +455,11 @@ def make_parallelized(model: GPT, cfg: TrainConfig, layout: parallel.Layout, dty
 
         # the blocks' four matmuls per layer; the embedding and the output layer stay in 16 bits
         kernels.convert_to_float8(model.transformer.h)
+    compile_model = cfg.compile
+    if compile_model and (reason := compile_unavailable_reason(device)):
+        # the same maths runs eagerly (one kernel per operation, no fusion): slower, never wrong
+        print(f"--compile: {reason}; running without it", file=sys.stderr)
+        compile_model = False
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     amp = autocast_context(device, dtype)
     # the strategies of the layout applied to the model (none on one process); the optimizer is
@@ -447,8 +471,8 @@ def make_parallelized(model: GPT, cfg: TrainConfig, layout: parallel.Layout, dty
                                 cp_load_balance=cfg.cp_load_balance, sequence_parallel=cfg.sequence_parallel,
                                 lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                 weight_decay=cfg.weight_decay, amp=amp, scaler=scaler if scaler.is_enabled() else None,
-                                compile=cfg.compile)
-    if cfg.compile and cfg.compile_mode != "default":
+                                compile=compile_model)
+    if compile_model and cfg.compile_mode != "default":
         # Parallelized compiled with the default mode. torch.compile works at the first call, so
         # wrapping the original module again, with another mode, compiles nothing twice.
         # reduce-overhead records the step's kernels as CUDA graphs and replays each with one launch

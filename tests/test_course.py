@@ -194,6 +194,19 @@ def repo_copy(tmp_path_factory):
     return copy
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_restore_puts_back_exactly_the_code_whose_judges_pass(tmp_path, name):
+    # the suite itself runs every judge on the unstripped code; here strip + restore must give back
+    # those very bytes, so a restored exercise passes its judge again
+    exercises.copy_sources(ROOT, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.py")}
+    (exercise,) = [e for e in exercises.find_exercises(tmp_path) if e.name == name]
+    exercises.strip([(exercise, exercise.regions)])
+    assert {p.name for p in tmp_path.glob("*.py") if p.read_bytes() != before[p.name]}  # something was blanked
+    exercises.restore(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.py")} == before
+
+
 def test_list_names_every_exercise_its_targets_and_judge(repo_copy):
     out = subprocess.run([sys.executable, "-m", "tests.exercises", "list"], cwd=repo_copy, capture_output=True,
                          text=True, timeout=60)

@@ -614,6 +614,25 @@ def test_shards_have_fixed_size_and_checksums_and_workers_do_not_change_them(tmp
     assert len(serial["shards"]["train"]) > 3
 
 
+def test_prepare_under_the_spawn_start_method_gives_the_same_shards(tmp_path, rng):
+    """macOS and Windows start worker processes with spawn (a fresh interpreter that imports data.py,
+    not a fork of this one): the tokenizer pool must work there and write the same tokens."""
+    folder, _ = make_text_dir(tmp_path, rng, n_docs=20)
+    kwargs = dict(verbose=False, quality_filter=False, shard_tokens=997)
+    forked = data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "fork"), workers=1, **kwargs)
+    script = ("import json, multiprocessing, sys\n"
+              "multiprocessing.set_start_method('spawn')\n"
+              "import data\n"
+              f"m = data.prepare({str(folder)!r}, 'bytes', out_dir={str(tmp_path / 'spawn')!r}, workers=2, **{kwargs!r})\n"
+              "print(json.dumps(m))\n")
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    spawned = json.loads(out.stdout.strip().splitlines()[-1])
+    for split in ("train", "val"):
+        assert [x["sha256"] for x in spawned["shards"][split]] == [x["sha256"] for x in forked["shards"][split]]
+
+
 def test_prepare_reuses_an_existing_directory_untouched(tmp_path, rng, capsys):
     """A second prepare with the same settings writes nothing."""
     folder, _ = make_text_dir(tmp_path, rng)

@@ -603,6 +603,28 @@ def test_a_layout_that_does_not_fill_the_processes_is_one_line_and_exit_2():
                                   "make the product equal torchrun's --nnodes x --nproc_per_node")
 
 
+
+def test_check_runs_every_collective_on_every_rank_under_torchrun():
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "parallel.py", "--check", "--megabytes", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("all-reduce", "all-gather", "reduce-scatter", "send/recv ring"):
+        assert out.stdout.count(f"{name} ") == 1, out.stdout  # rank 0 alone reports each, with its time
+    assert "preflight passed" in out.stdout
+
+
+def test_check_names_the_usual_fixes_when_a_rank_never_comes():
+    # one process of a world of two: the rendezvous can never complete, so the timeout must turn
+    # the wait into an error that names the fixes (not a hang, not a traceback)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "RANK": "0",
+           "LOCAL_RANK": "0"}
+    out = subprocess.run([sys.executable, "parallel.py", "--check", "--timeout", "2"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: preflight failed on this rank:") and "Traceback" not in out.stderr
+    assert "NCCL_SOCKET_IFNAME" in out.stderr and "NCCL_IB_DISABLE=1" in out.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces on their own
 

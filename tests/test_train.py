@@ -145,6 +145,19 @@ def test_metrics_file_has_steps_losses_and_evaluations(data_dir, tmp_path):
     assert info["train_config"]["max_iters"] == 6 and "torch" in info
 
 
+def test_compile_falls_back_to_eager_with_one_line_where_it_cannot_work(data_dir, tmp_path, monkeypatch, capsys):
+    # no C++ compiler on PATH: Inductor cannot build CPU code, so --compile must say so and train eagerly
+    monkeypatch.setattr(train.shutil, "which", lambda name: None)
+    assert "C++ compiler" in train.compile_unavailable_reason(torch.device("cpu"))
+    monkeypatch.setattr(train.torch, "compile", lambda *a, **k: pytest.fail("torch.compile called without a compiler"))
+    cfg, mo = tiny(data_dir, tmp_path / "compiled", max_iters=2, eval_interval=2, compile=True)
+    compiled = train.train(cfg, mo)
+    assert "--compile: no C++ compiler on PATH" in capsys.readouterr().err
+    cfg, mo = tiny(data_dir, tmp_path / "eager", max_iters=2, eval_interval=2)
+    eager = train.train(cfg, mo)
+    assert compiled["loss"] == eager["loss"] and compiled["val_loss"] == eager["val_loss"]
+
+
 def test_checkpoint_loads_weights_only_without_compile_prefixes(data_dir, tmp_path, monkeypatch):
     # torch.compile wraps the model in an OptimizedModule whose state_dict keys start with
     # "_orig_mod." (nanoGPT #325); the eager backend builds the same wrapper in seconds
