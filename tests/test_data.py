@@ -683,13 +683,14 @@ def write_prose_dir(folder: Path, texts: list[str]) -> Path:
     return folder
 
 
-def prose_variants(rng, n: int) -> list[str]:
-    """n distinct prose documents: the clean paragraph with its sentences shuffled and a unique tag."""
+def prose_variants(rng, n: int, tag: str = "Report") -> list[str]:
+    """n distinct prose documents: the clean paragraph with its sentences shuffled and a unique tag
+    (give each domain its own tag: two domains' document i may draw the same shuffle)."""
     sentences = CLEAN_PROSE.replace("\n", " ").split(". ")
     out = []
     for i in range(n):
         rng.shuffle(sentences)
-        out.append(f"Report number {i} of the town archive. " + ". ".join(sentences).rstrip(".") + ".")
+        out.append(f"{tag} number {i} of the town archive. " + ". ".join(sentences).rstrip(".") + ".")
     return out
 
 
@@ -721,7 +722,7 @@ def test_report_accounts_for_every_document_and_each_planted_duplicate(tmp_path,
 def test_prepare_realises_the_mix_and_reports_epochs(tmp_path, rng):
     """Two prose domains 3:1 in bytes mixed 1:1: the byte tokenizer makes the token share checkable by hand."""
     books = write_prose_dir(tmp_path / "books", prose_variants(rng, 60))
-    news = write_prose_dir(tmp_path / "news", prose_variants(rng, 20))
+    news = write_prose_dir(tmp_path / "news", prose_variants(rng, 20, tag="Bulletin"))
     m = data.prepare(f"books={books},news={news}", "bytes", out_dir=str(tmp_path / "c"), verbose=False,
                      mix="books=0.5,news=0.5", val_fraction=0.1, dedup="exact")
     report = json.loads((Path(m["dir"]) / "report.json").read_text())
