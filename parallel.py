@@ -1508,8 +1508,14 @@ class Parallelized:
             self.optimizer = make_adamw(model, self.lr, self.betas, self.weight_decay, device)
             return
         if layout.size("data") > 1:
+            # the only buffers (RoPE's cos/sin tables) are computed alike on every rank: no need to
+            # broadcast them before each forward (torch 2.13 renamed the switch)
+            import inspect
+
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                       else {"broadcast_buffers": False})
             self.ddp_native = DistributedDataParallel(model, process_group=layout.group("data"), bucket_cap_mb=bucket_mb,
-                                                      broadcast_buffers=False)  # no persistent buffers to keep equal
+                                                      **no_sync)
             self.forward_module = self.ddp_native
         if zero == 0:
             self.optimizer = make_adamw(model, self.lr, self.betas, self.weight_decay, device)
