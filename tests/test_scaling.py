@@ -220,9 +220,12 @@ def test_activation_estimate_matches_tensors_saved_for_backward_on_cpu(mlp, drop
     # fp32 activations (e = 4); torch's CPU dropout keeps its mask as a float32 tensor (4 bytes)
     est = scaling.activation_bytes(config, T, B, bytes_per_value=4, mask_bytes=4)["total"]
     # the formula leaves out what is O(s b) rather than O(s b h): each norm's mean and 1/std (8 bytes
-    # per token), the T x T bool causal mask per layer and the int64 token ids; at h >= 64 these are
-    # under 1% of the total (measured ~0.3-0.4%), and the formula never overestimates
-    assert 0 <= measured - est < 0.01 * measured, f"seed {seed}: measured {measured}, estimate {est}"
+    # per token, 2L + 1 norms), the T x T bool causal mask per layer and the int64 token ids and
+    # targets; the difference must be no more than those (0.3-1.1% of the total at these sizes), and
+    # the formula never overestimates
+    L = config.n_layer
+    left_out = (2 * L + 1) * 8 * B * T + L * T * T + 2 * 8 * B * T
+    assert 0 <= measured - est <= left_out, f"seed {seed}: measured {measured}, estimate {est}, left out <= {left_out}"
 
 
 # ---------------------------------------------------------------------------------------------
