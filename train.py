@@ -597,15 +597,20 @@ def evaluate(par: parallel.Parallelized, manifest: dict, cfg: TrainConfig, block
 # Run bookkeeping
 
 
-def run_info(cfg: TrainConfig, model_config: GPTConfig, manifest: dict) -> dict:
-    """What a later reader needs to reproduce this run: configs, source revision, versions."""
+def git_revision() -> str | None:
+    """The commit this source file belongs to, or None outside a git checkout."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
+    return rev or None
+
+
+def run_info(cfg: TrainConfig, model_config: GPTConfig, manifest: dict) -> dict:
+    """What a later reader needs to reproduce this run: configs, source revision, versions."""
     return {"train_config": asdict(cfg), "model_config": asdict(model_config), "data": {k: v for k, v in manifest.items() if k != "dir"},
-            "git_revision": rev or None, "python": platform.python_version(), "torch": torch.__version__,
+            "git_revision": git_revision(), "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "platform": platform.platform(), "argv": sys.argv}
 
 
@@ -908,11 +913,12 @@ def ablation_rows(cfg: TrainConfig, model_overrides: dict, device: torch.device)
                 pad_vocab=cfg.pad_vocab if cfg.pad_vocab > 1 else 64)
     vocab = TOKENIZER_VOCAB.get(cfg.tokenizer, cfg.vocab_size)
     cpu_reason = "needs a CUDA GPU" if device.type != "cuda" else None
-    fp8_reason = None
-    if device.type != "cuda":
+    if device.type == "cuda":
+        import kernels  # on a GPU only: without one, importing kernels.py switches Triton to its interpreter
+
+        fp8_reason = kernels.fp8_unsupported_reason(device)
+    else:
         fp8_reason = "FP8 matmuls need a CUDA GPU with compute capability >= 8.9"
-    elif torch.cuda.get_device_capability(device) < (8, 9):
-        fp8_reason = "FP8 matmuls need compute capability >= 8.9"
     rows = [
         ("all", "every speed-up on", {}, None),
         ("no_compile", "without torch.compile (eager kernels, one per op)", {"compile": False}, None),
@@ -976,7 +982,7 @@ def bench(cfg: TrainConfig, model_overrides: dict) -> dict:
         plan = [("as_given", "the flags as given", {}, None)]
     out = {"device": str(device), "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-           "git_revision": run_info(cfg, GPTConfig(**model_overrides), {})["git_revision"], "argv": sys.argv,
+           "git_revision": git_revision(), "argv": sys.argv,
            "preset": cfg.preset, "bench_steps": cfg.bench_steps, "bench_warmup": cfg.bench_warmup,
            "peak_flops": scaling.device_peak_flops(device, dtype), "rows": []}
     with contextlib.redirect_stdout(sys.stdout if layout.is_rank0 else open(os.devnull, "w")):
