@@ -1118,7 +1118,8 @@ class RingAttention(torch.autograd.Function):
         dtype, q, k, v = q.dtype, q.float(), k.float(), v.float()  # accumulate in float32
         B, nh, T, hs = q.shape
         scale = 1.0 / math.sqrt(hs)
-        qpos = positions(r).to(q.device)
+        qpos_host = positions(r)  # the skip test below reads positions on the host: no device sync per block
+        qpos = qpos_host.to(q.device)
         m = torch.full((B, nh, T), float("-inf"), device=q.device)  # running max of the scores
         l = torch.zeros(B, nh, T, device=q.device)  # running sum of exp(score - m)
         o = torch.zeros_like(q)  # running sum of exp(score - m) v
@@ -1128,8 +1129,9 @@ class RingAttention(torch.autograd.Function):
             nxt, works = (torch.empty_like(kv), None) if step < n - 1 else (None, [])
             if nxt is not None:  # pass this block on while computing with it
                 works = exchange(group, "cp", [(kv, (r + 1) % n)], [(nxt, (r - 1) % n)], wait=False)
-            kpos = positions(src).to(q.device)
-            if kpos.min() <= qpos.max():  # a block wholly in the future adds nothing: skip it
+            kpos_host = positions(src)
+            if kpos_host.min() <= qpos_host.max():  # a block wholly in the future adds nothing: skip it
+                kpos = kpos_host.to(q.device)
                 s = _attend_block(q, kv[0], qpos, kpos, scale)
                 m_new = torch.maximum(m, s.amax(dim=-1))
                 m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)  # rows with no key yet: avoid inf - inf
@@ -1156,13 +1158,15 @@ class RingAttention(torch.autograd.Function):
         scale = 1.0 / math.sqrt(q.size(-1))
         do = grad_out.float()
         D = (do * out).sum(dim=-1, keepdim=True)  # (B, nh, T, 1): rowsum(dO o), from the softmax's Jacobian
-        qpos = positions(r).to(q.device)
+        qpos_host = positions(r)
+        qpos = qpos_host.to(q.device)
         dq = torch.zeros_like(q)
         kv, dkv = torch.stack([k, v]), torch.zeros(2, *k.shape, device=k.device)
         for step in range(n):
             src = (r - step) % n
-            kpos = positions(src).to(q.device)
-            if kpos.min() <= qpos.max():
+            kpos_host = positions(src)
+            if kpos_host.min() <= qpos_host.max():
+                kpos = kpos_host.to(q.device)
                 p = torch.exp(_attend_block(q, kv[0], qpos, kpos, scale) - lse.unsqueeze(-1))  # (B, nh, T, Tk)
                 dkv[1] += p.transpose(-2, -1) @ do  # dV
                 ds = p * (do @ kv[1].transpose(-2, -1) - D)
@@ -1180,9 +1184,8 @@ class RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q, k, v, dropout_p: float = 0.0, *, group, load_balance: bool):
-    """The attention backend registered as "ring": q (B, nh, T/c, hs), k, v (B, n_kv, T/c, hs)."""
-    if dropout_p > 0:
-        raise ValueError("context parallelism does not implement attention dropout: use --dropout 0")
+    """The attention backend registered as "ring": q (B, nh, T/c, hs), k, v (B, n_kv, T/c, hs).
+    dropout_p is always 0: apply_context_parallel refuses a model with dropout."""
     n_rep = q.size(1) // k.size(1)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # GQA: share key heads before the ring (autograd sums back)
     T_local, n = q.size(2), group_size(group)
@@ -1416,7 +1419,7 @@ class Parallelized:
             raise ValueError("--compile works with --dp alone here: drop --compile or the other strategies")
         self.layout, self.zero, self.impl, self.microbatches = layout, zero, impl, microbatches
         self.cp_load_balance, self.amp, self.scaler = cp_load_balance, amp or contextlib.nullcontext(), scaler
-        self.config, self.weight_decay, self.lr, self.betas = model.config, weight_decay, lr, betas
+        self.weight_decay, self.lr, self.betas = weight_decay, lr, betas
         self.tied = model.config.tie_embeddings
         named = list(model.named_parameters())  # the single-process optimizer's order: decay group, then no-decay
         self.optimizer_order = [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
