@@ -688,10 +688,12 @@ def default_chunk_size(N: int, C: int, V: int) -> int:
 
 
 def _linear_ce_forward(x, weight, targets, ignore_index: int, chunk_size: int, with_grads: bool = True):
-    """(loss, grad_x, grad_w) chunk by chunk; without with_grads (evaluation) the two matmuls are skipped."""
+    """(loss, grad_x, grad_w) chunk by chunk; without with_grads (evaluation) the two matmuls and the
+    gradients' memory are skipped, and the gradients are None."""
     N, V = x.size(0), weight.size(0)
-    grad_x = torch.empty_like(x)
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)  # accumulated over chunks
+    if with_grads:
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)  # accumulated over chunks
     losses = torch.empty(N, dtype=torch.float32, device=x.device)
     for start in range(0, N, chunk_size):
         end = min(N, start + chunk_size)
@@ -702,9 +704,11 @@ def _linear_ce_forward(x, weight, targets, ignore_index: int, chunk_size: int, w
         if with_grads:
             grad_logits = logits  # overwritten in place: (n, V) of softmax - onehot
             grad_x[start:end] = grad_logits @ weight  # (n, V) x (V, C) -> (n, C)
-            grad_w += (grad_logits.t() @ x_chunk).float()  # (V, n) x (n, C) -> (V, C)
+            grad_w += grad_logits.t() @ x_chunk  # (V, n) x (n, C) -> (V, C), added in float32 in place
     n_valid = (targets != ignore_index).sum()  # a tensor: no host sync; 0 valid rows gives 0/0 = nan, like torch
     loss = losses.sum() / n_valid
+    if not with_grads:
+        return loss, None, None
     grad_x = (grad_x.float() / n_valid).to(x.dtype)
     grad_w = (grad_w / n_valid).to(weight.dtype)
     return loss, grad_x, grad_w
@@ -714,8 +718,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """mean cross-entropy of x @ weight^T against targets; the gradients are computed in the forward."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, ignore_index, chunk_size):
-        with_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, x, weight, targets, ignore_index, chunk_size, with_grads):
+        # with_grads is decided by the caller: inside forward autograd is off, and needs_input_grad
+        # stays True under torch.no_grad() (evaluation), which would waste the two gradient matmuls
         loss, grad_x, grad_w = _linear_ce_forward(x, weight, targets, ignore_index, chunk_size, with_grads)
         ctx.save_for_backward(grad_x, grad_w)
         return loss
@@ -724,7 +729,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         # the loss is a scalar, so its gradient is grad_loss times the stored ones (chain rule)
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None
 
 
 def fused_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, chunk_size: int | None = None):
@@ -743,7 +748,8 @@ def fused_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, chunk
     chunk = chunk_size if chunk_size is not None else default_chunk_size(N, C, V)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk}")
-    return LinearCrossEntropy.apply(x, weight.to(x.dtype), targets.contiguous(), ignore_index, chunk)
+    with_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(x, weight.to(x.dtype), targets.contiguous(), ignore_index, chunk, with_grads)
 
 
 def reference_linear_cross_entropy(x, weight, targets, ignore_index: int = -1):

@@ -18,6 +18,10 @@ import torch.nn.functional as F
 import kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the kernels compile for a GPU where there is one (kernels.py leaves the interpreter off): the
+# inputs must live there; on a machine without one they run on the CPU, in the interpreter
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's CPU path; a GPU compiles the kernels")
 
 # Tolerances on ||ours - ref|| / ||ref||, the reference in float64 on the same (rounded) inputs.
 # float32: the kernels' float32 sums in another order agree to ~1e-7 relative; 1e-3 is the issue's
@@ -37,7 +41,7 @@ def random_qkv(B, H, H_kv, T, D, dtype, seed=None):
     """Fresh inputs each run (seeded from torch's global RNG unless given), rounded to dtype."""
     g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ())))
     shapes = [(B, H, T, D), (B, H_kv, T, D), (B, H_kv, T, D), (B, H, T, D)]
-    return [torch.randn(*s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]  # q, k, v, dO
+    return [torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE, dtype) for s in shapes]  # q, k, v, dO
 
 
 def check_against_reference(B, H, H_kv, T, D, causal, dtype):
@@ -94,7 +98,7 @@ def test_forward_saves_the_log_sum_exp_of_each_row():
 def test_strided_inputs_and_custom_scale_match_reference():
     # model.py hands over (B, T, H, D) -> (B, H, T, D) transposes of a fused qkv projection
     B, T, H, D = 2, 50, 2, 16
-    qkv = torch.randn(B, T, 3 * H * D, dtype=torch.float64)
+    qkv = torch.randn(B, T, 3 * H * D, dtype=torch.float64, device=DEVICE)
     q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.float().split(H * D, dim=2))
     assert not q.is_contiguous()
     out = kernels.flash_attention(q, k, v, causal=True, sm_scale=0.3)
@@ -122,7 +126,7 @@ def test_causal_output_ignores_future_keys():
 ])
 def test_bad_attention_inputs_are_one_line_value_errors(shapes, words):
     with pytest.raises(ValueError) as e:
-        kernels.flash_attention(*(torch.zeros(s) for s in shapes))
+        kernels.flash_attention(*(torch.zeros(s, device=DEVICE) for s in shapes))
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
@@ -163,6 +167,7 @@ print((out - kernels.reference_attention(q, k, v)).abs().max().item())
 """
 
 
+@CPU_ONLY
 def test_backend_says_why_when_triton_cannot_run_and_still_computes_attention():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a fresh CPU user has it
     r = subprocess.run([sys.executable, "-c", LATE_IMPORT], capture_output=True, text=True, cwd=ROOT, env=env,
@@ -199,11 +204,11 @@ def test_training_with_triton_attention_matches_sdpa(tmp_path):
 
 def random_ce(N, C, V, dtype, ignore_every=5):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    x = torch.randn(N, C, generator=g).to(dtype)
-    w = (0.5 * torch.randn(V, C, generator=g)).to(dtype)  # logits of order 1, as in a trained model
+    x = torch.randn(N, C, generator=g).to(DEVICE, dtype)
+    w = (0.5 * torch.randn(V, C, generator=g)).to(DEVICE, dtype)  # logits of order 1, as in a trained model
     t = torch.randint(0, V, (N,), generator=g)
     t[::ignore_every] = -1  # some positions have no target
-    return x, w, t
+    return x, w, t.to(DEVICE)
 
 
 @pytest.mark.parametrize("N,C,V,chunk,dtype", [
@@ -255,6 +260,7 @@ def test_fused_cross_entropy_with_every_target_ignored_is_nan_like_torch():
 # Command line and benchmark
 
 
+@CPU_ONLY
 def test_bench_code_runs_in_the_interpreter_on_tiny_shapes(capsys):
     assert kernels.main(["--bench", "--cpu-smoke"]) == 0
     out = capsys.readouterr().out
@@ -263,6 +269,7 @@ def test_bench_code_runs_in_the_interpreter_on_tiny_shapes(capsys):
     assert "ours/sdpa-flash" in out and "n/a" in out  # cuDNN has no CPU kernel: reported, not crashed
 
 
+@CPU_ONLY
 def test_bench_without_gpu_is_one_line_and_exit_2(capsys):
     assert kernels.main(["--bench"]) == 2
     err = capsys.readouterr().err.strip()

@@ -405,8 +405,9 @@ def test_fused_cross_entropy_through_the_triton_kernel_matches_the_plain_loss(mo
         pytest.skip(kernels.TRITON_ERROR)
     # what a GPU runs: the Triton kernel (here in its interpreter) instead of the chunked torch version
     monkeypatch.setattr(kernels, "chunked_linear_cross_entropy", kernels.fused_linear_cross_entropy)
-    plain, fused = twin(small_config(n_layer=1), fused_ce=True)
-    idx, targets = random_tokens(plain.config, B=1, T=16), random_tokens(plain.config, B=1, T=16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # with a GPU the kernel compiles for it, not the interpreter
+    plain, fused = (m.to(device) for m in twin(small_config(n_layer=1), fused_ce=True))
+    idx, targets = (random_tokens(plain.config, B=1, T=16).to(device) for _ in range(2))
     loss, grads = loss_and_grads(plain, idx, targets)
     fused_loss, fused_grads = loss_and_grads(fused, idx, targets)
     torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-6)
