@@ -466,8 +466,9 @@ def cmd_restore(args) -> int:
 
 
 def cmd_check(args) -> int:
-    names = args.names or [e.name for e in find_exercises(args.root)]
-    select(find_exercises(args.root), names)  # unknown names: one line, before any work
+    exercises = find_exercises(args.root)
+    names = args.names or [e.name for e in exercises]
+    select(exercises, names)  # unknown names: one line, before any work
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda n: check_one(n, args.root, original=not args.stripped_only), names))
     width = max(len(n) for n in names)
