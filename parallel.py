@@ -1353,12 +1353,17 @@ def local_part(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def make_adamw(module: nn.Module, lr: float, betas: tuple, weight_decay: float, device: torch.device):
-    """train.make_optimizer's AdamW, on whatever parameters this rank holds: matrices decay, vectors do not."""
+def adamw_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """The trainer's two parameter groups, over whatever parameters this rank holds: matrices
+    (embeddings, linear weights) decay, vectors (biases, norm gains) do not."""
     params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def make_adamw(module: nn.Module, lr: float, betas: tuple, weight_decay: float, fused: bool) -> torch.optim.AdamW:
+    """torch's AdamW over adamw_groups (train.make_optimizer builds the single-process one with it)."""
+    return torch.optim.AdamW(adamw_groups(module, weight_decay), lr=lr, betas=betas, fused=fused)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1413,7 +1418,7 @@ class Parallelized:
                  pp_schedule: str = "1f1b", bucket_mb: float = 25.0, diloco_steps: int = 0, diloco_outer: tuple = (0.7, 0.9),
                  cp_load_balance: bool = False, sequence_parallel: bool = False,
                  lr: float = 1e-3, betas: tuple = (0.9, 0.95), weight_decay: float = 0.1, amp=None, scaler=None,
-                 compile: bool = False):
+                 compile: bool = False, fused_adamw: bool | None = None):
         check_strategy(layout, zero, impl, pp_schedule, diloco_steps, sequence_parallel)
         if compile and (layout.tp > 1 or layout.pp > 1 or layout.cp > 1 or zero):
             raise ValueError("--compile works with --dp alone here: drop --compile or the other strategies")
@@ -1429,6 +1434,7 @@ class Parallelized:
         self.full_grad, self.tp_specs, self.vocab_start = None, {}, None
         self.sequence_parallel_params = None  # names of the replicated weights whose gradients sequence parallelism leaves partial
         data_group, device = layout.group("data"), next(model.parameters()).device
+        self.fused_adamw = device.type == "cuda" if fused_adamw is None else fused_adamw  # None: fused on CUDA
         for _, p in named:
             p.sharded_over = set()
         # 1. reshape the model
@@ -1455,7 +1461,7 @@ class Parallelized:
         self.forward_module = module
         # 2. the data-parallel flavour
         if diloco_steps:
-            self.optimizer = make_adamw(module, lr, betas, weight_decay, device)
+            self.optimizer = make_adamw(module, lr, betas, weight_decay, self.fused_adamw)
             params = [p for p in module.parameters()]
             for p in params:
                 broadcast(p.data, data_group, "init")
@@ -1463,7 +1469,7 @@ class Parallelized:
         elif impl == "scratch" and zero == 0:
             if layout.size("data") > 1:
                 self.ddp = BucketedDataParallel(module, data_group, bucket_mb)
-            self.optimizer = make_adamw(module, lr, betas, weight_decay, device)
+            self.optimizer = make_adamw(module, lr, betas, weight_decay, self.fused_adamw)
         elif impl == "scratch":
             self._shard_for_zero(model, data_group, zero)
             self.optimizer = ShardedAdamW(self.units, lr, betas)
@@ -1508,7 +1514,7 @@ class Parallelized:
         if zero in (2, 3):
             apply_fsdp_native(model, layout, reshard_after_forward=zero == 3)
             self.fsdp = model
-            self.optimizer = make_adamw(model, self.lr, self.betas, self.weight_decay, device)
+            self.optimizer = make_adamw(model, self.lr, self.betas, self.weight_decay, self.fused_adamw)
             return
         if layout.size("data") > 1:
             # the only buffers (RoPE's cos/sin tables) are computed alike on every rank: no need to
@@ -1521,11 +1527,11 @@ class Parallelized:
                                                       **no_sync)
             self.forward_module = self.ddp_native
         if zero == 0:
-            self.optimizer = make_adamw(model, self.lr, self.betas, self.weight_decay, device)
+            self.optimizer = make_adamw(model, self.lr, self.betas, self.weight_decay, self.fused_adamw)
             return
         from torch.distributed.optim import ZeroRedundancyOptimizer  # ZeRO-1: AdamW state split across dp
 
-        groups = make_adamw(model, self.lr, self.betas, self.weight_decay, torch.device("cpu")).param_groups
+        groups = adamw_groups(model, self.weight_decay)
         self.optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
                                                  process_group=layout.group("data"), lr=self.lr, betas=self.betas,
                                                  weight_decay=self.weight_decay)

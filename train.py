@@ -362,18 +362,15 @@ def fused_adamw_wanted(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with two groups: matrices (embeddings, linear weights) decay, vectors (biases, norm gains) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW with two groups (parallel.adamw_groups): matrices (embeddings, linear weights) decay,
+    vectors (biases, norm gains) do not. parallel.Parallelized builds the same one on each rank."""
     # fused=True: one kernel pass over all tensors reads p, g, m, v and writes p, m, v once, 28 bytes per
     # float32 parameter. Unfused, AdamW's eight elementwise steps (decay, two moment updates in three
     # ops, sqrt, divide, add eps, the update) are eight passes, about 80 bytes per parameter, each its
     # own launch per tensor (148 tensors in GPT-2 small: ~1200 launches in the for-loop version that
     # torch uses on a CPU; the foreach version on CUDA groups the tensors into a few launches per step)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=fused_adamw_wanted(cfg, device))
+    return parallel.make_adamw(model, cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.weight_decay,
+                               fused=fused_adamw_wanted(cfg, device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,20 +468,16 @@ def make_parallelized(model: GPT, cfg: TrainConfig, layout: parallel.Layout, dty
                                 cp_load_balance=cfg.cp_load_balance, sequence_parallel=cfg.sequence_parallel,
                                 lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                 weight_decay=cfg.weight_decay, amp=amp, scaler=scaler if scaler.is_enabled() else None,
-                                compile=compile_model)
+                                compile=compile_model, fused_adamw=fused_adamw_wanted(cfg, device))
     if compile_model and cfg.compile_mode != "default":
         # Parallelized compiled with the default mode. torch.compile works at the first call, so
         # wrapping the original module again, with another mode, compiles nothing twice.
         # reduce-overhead records the step's kernels as CUDA graphs and replays each with one launch
         # (a few microseconds of CPU time saved per kernel: it matters when kernels are short)
         par.forward_module = torch.compile(par.forward_module._orig_mod, mode=cfg.compile_mode)
-    if cfg.fused_adamw != "auto":
-        if not isinstance(par.optimizer, torch.optim.AdamW):
-            raise ValueError(f"--fused_adamw {cfg.fused_adamw} chooses how torch's AdamW runs; --zero {cfg.zero} --impl "
-                             f"{cfg.impl} uses a sharded optimizer instead: leave --fused_adamw auto")
-        # Parallelized's AdamW made the automatic choice (fused on CUDA); an explicit one rebuilds it
-        # over the same parameters before the first step, when it holds no state yet
-        par.optimizer = make_optimizer(par.module, cfg, device)
+    if cfg.fused_adamw != "auto" and not isinstance(par.optimizer, torch.optim.AdamW):
+        raise ValueError(f"--fused_adamw {cfg.fused_adamw} chooses how torch's AdamW runs; --zero {cfg.zero} --impl "
+                         f"{cfg.impl} uses a sharded optimizer instead: leave --fused_adamw auto")
     return par, scaler
 
 
