@@ -259,7 +259,7 @@ def flops_table(config: GPTConfig, seq_lens) -> list[dict]:
                   "6N_matmul+12LCT": flops_per_token_6n(config, T)}
         rows.append({"seq_len": T, "measured": measured, "exact": exact,
                      "exact_causal": flops_per_token_exact(config, T, causal=True)["train"],
-                     **{k: v for k, v in approx.items()},
+                     **approx,
                      **{f"{k}_error": v / measured - 1 for k, v in approx.items()}})
     return rows
 
@@ -918,7 +918,7 @@ def run_sweep(args) -> dict:
         result["plot"] = plot_sweep(result["points"], result["fits"], args.out_dir)
         return result
     budgets = [float(c) for c in args.budgets.split(",")]
-    check_positive(**{"budgets": min(budgets)})
+    check_positive(budgets=min(budgets))
     points = sweep_points(budgets, args.sizes.split(","), args)
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.perf_counter()
@@ -1148,11 +1148,8 @@ def cmd_kaplan(args) -> dict:
 
 
 def cmd_plan(args) -> dict:
-    config, n = (None, args.params) if args.preset is None else (config_from_args(args), None)
-    if config is not None:
-        n = count_params(config)["total"]
-    if args.compute is not None and args.params is None and args.preset is None:
-        n = None
+    config = config_from_args(args) if args.preset is not None else None
+    n = count_params(config)["total"] if config is not None else args.params  # None: plan from --compute
     seq_len = args.seq_len or (config.block_size if config is not None else 2048)
     out = plan(n, args.tokens, args.gpus, args.gpu, args.mfu, seq_len, args.batch_tokens, config, args.peak, args.compute)
     if args.json:
