@@ -561,10 +561,20 @@ class FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+def triton_unusable_reason(t: torch.Tensor) -> str | None:
+    """Why Triton cannot run on tensor t here (not installed, or a CPU tensor without the
+    interpreter), or None where it can. Every entry point asks this one question."""
+    if triton is None:
+        return TRITON_ERROR
+    if t.device.type != "cuda" and not INTERPRET:
+        return "tensors are on the CPU but Triton compiles for CUDA: set TRITON_INTERPRET=1 or move them to a GPU"
+    return None
+
+
 def check_attention_inputs(q, k, v):
     """Raise ValueError, one line, for inputs the kernels do not handle."""
-    if triton is None:
-        raise ValueError(TRITON_ERROR)
+    if reason := triton_unusable_reason(q):
+        raise ValueError(reason)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -575,8 +585,6 @@ def check_attention_inputs(q, k, v):
         raise ValueError(f"head size {q.size(-1)} is not supported: use 1..{MAX_HEAD_DIM}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.device.type != "cuda" and not INTERPRET:
-        raise ValueError("tensors are on the CPU but Triton compiles for CUDA: set TRITON_INTERPRET=1 or move them to a GPU")
 
 
 def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None):
@@ -605,12 +613,10 @@ def _warn_once(reason: str):
 
 def fallback_reason(q, dropout_p: float) -> str | None:
     """Why the Triton kernel cannot serve this call, or None if it can."""
-    if triton is None:
-        return TRITON_ERROR
+    if reason := triton_unusable_reason(q):
+        return reason
     if dropout_p > 0:
         return f"the Triton kernel has no attention dropout (dropout_p={dropout_p}); train with --dropout 0 to use it"
-    if q.device.type != "cuda" and not INTERPRET:
-        return "tensors are on the CPU and TRITON_INTERPRET is not 1, so Triton cannot run them"
     if q.size(-1) > MAX_HEAD_DIM:
         return f"head size {q.size(-1)} is above the kernel's {MAX_HEAD_DIM}"
     return None
@@ -738,12 +744,10 @@ def fused_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, chunk
     x (N, C), weight (V, C), targets (N,) int64 -> scalar mean loss over targets != ignore_index.
     chunk_size rows of logits exist at a time (default: default_chunk_size).
     """
-    if triton is None:
-        raise ValueError(TRITON_ERROR)
+    if reason := triton_unusable_reason(x):
+        raise ValueError(reason)
     if x.dim() != 2 or weight.dim() != 2 or x.size(1) != weight.size(1) or targets.shape != (x.size(0),):
         raise ValueError(f"need x (N, C), weight (V, C), targets (N,); got {tuple(x.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
-    if x.device.type != "cuda" and not INTERPRET:
-        raise ValueError("tensors are on the CPU but Triton compiles for CUDA: set TRITON_INTERPRET=1 or move them to a GPU")
     N, C, V = x.size(0), x.size(1), weight.size(0)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(N, C, V)
     if chunk < 1:
@@ -785,7 +789,7 @@ def linear_cross_entropy(x, weight, targets, ignore_index: int = -1):
     The Triton kernel where it compiles (a CUDA GPU); elsewhere the chunked torch version, since the
     interpreter is exact but runs one row at a time in numpy, far too slow to train with.
     """
-    if x.is_cuda and triton is not None and not INTERPRET:
+    if x.is_cuda and triton_unusable_reason(x) is None and not INTERPRET:
         return fused_linear_cross_entropy(x, weight, targets, ignore_index)
     return chunked_linear_cross_entropy(x, weight, targets, ignore_index)
 
