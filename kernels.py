@@ -208,7 +208,7 @@ if triton is not None and INTERPRET and isinstance(tl.zeros, triton.runtime.jit.
         "Triton was imported before kernels.py could turn on its CPU interpreter; set TRITON_INTERPRET=1 "
         "in the environment or import kernels before creating optimizers")
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
-MAX_HEAD_DIM = 128  # the issue's range of head sizes (16..128); one tile of D columns must fit on chip
+MAX_HEAD_DIM = 128  # largest head size: a tile of D columns (padded to a power of two) must fit on chip
 
 
 def _jit(fn):
@@ -622,22 +622,17 @@ def fallback_reason(q, dropout_p: float) -> str | None:
     return None
 
 
-def _sdpa(q, k, v, dropout_p: float):
-    group = q.size(1) // k.size(1)  # SDPA wants as many K/V heads as query heads
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-
-
 @torch.compiler.disable  # torch.compile would trace into the launcher; run the kernels as they are
-def triton_attention_backend(q, k, v, dropout_p: float = 0.0):
+def triton_attention_backend(q, k, v, dropout_p: float = 0.0, *, fallback):
     """Causal attention for model.attend: q (B, nh, T, hs), k/v (B, n_kv, T, hs) -> (B, nh, T, hs).
 
-    Uses flash_attention, or torch SDPA (saying why, once per process) where Triton cannot run.
+    Uses flash_attention, or `fallback` (model.py passes its sdpa_attention) where the kernel cannot
+    serve the call, saying why once per process.
     """
     reason = fallback_reason(q, dropout_p)
     if reason is not None:
         _warn_once(reason)
-        return _sdpa(q, k, v, dropout_p)
+        return fallback(q, k, v, dropout_p)
     return flash_attention(q, k, v, causal=True)
 
 
@@ -913,9 +908,10 @@ def fp8_unsupported_reason(device: torch.device) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmarks: the issue's shapes on a GPU; a tiny run through the same code in the interpreter.
+# Benchmarks: the README's four shapes on a GPU; a tiny run through the same code in the interpreter.
 
-BENCH_SHAPES = [(16, 12, 1024, 64), (4, 32, 4096, 64), (4, 16, 4096, 128), (1, 16, 16384, 128)]  # (B, H, T, D), issue 4
+# (B, H, T, D): GPT-2 small's attention at batch 16, then longer contexts at head sizes 64 and 128
+BENCH_SHAPES = [(16, 12, 1024, 64), (4, 32, 4096, 64), (4, 16, 4096, 128), (1, 16, 16384, 128)]
 SMOKE_SHAPES = [(1, 2, 40, 16)]  # the interpreter runs one program at a time: keep it tiny
 
 
@@ -1061,7 +1057,7 @@ def main(argv=None) -> int:
         description="Triton FlashAttention and fused linear+cross-entropy. Without flags: check one small case "
                     "against the float64 reference and print the errors.")
     parser.add_argument("--bench", action="store_true",
-                        help="time ours vs SDPA (flash, cuDNN) and naive at the issue's shapes, and the fused CE (needs CUDA)")
+                        help="time ours vs SDPA (flash, cuDNN) and naive at the README's four shapes, and the fused CE (needs CUDA)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="with --bench: run the benchmark code on tiny shapes in the Triton interpreter")
     args = parser.parse_args(argv)

@@ -146,6 +146,13 @@ MODEL_PRESETS = {
 # Normalisation
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 if it is a 16-bit float, unchanged if float32 or float64. Reductions (a norm's
+    mean of squares, a softmax, a log-sum-exp) need more than bf16's 8 mantissa bits, and a float64
+    model must stay float64 throughout: it is what the tests use as the exact reference."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (torch's nn.LayerNorm cannot drop only the bias).
 
@@ -170,9 +177,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(ndim))
 
     def forward(self, x):
-        # compute the statistic in float32 even under bf16 autocast: a mean of squares loses
-        # precision quickly in 8 mantissa bits
-        xf = x.float()
+        # compute the statistic in float32 at least, even under bf16 autocast: a mean of squares
+        # loses precision quickly in 8 mantissa bits (float64 stays float64: it is the tests' reference)
+        xf = at_least_float32(x)
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -192,7 +199,7 @@ def rope_cache(block_size: int, head_size: int, theta: float) -> tuple[torch.Ten
     """
     inv_freq = theta ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
     angles = torch.outer(torch.arange(block_size, dtype=torch.float64), inv_freq)  # (T_max, hs/2)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().float(), angles.sin().float()  # float32 buffers: every device has float32
 
 
 # EXERCISE: rope (tests/test_model.py -k 'rope_matches or rope_scores')
@@ -228,7 +235,8 @@ def naive_attention(q, k, v, dropout_p: float = 0.0):
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # True above the diagonal: j > i
     att = att.masked_fill(future, float("-inf"))  # exp(-inf) = 0: no weight on future tokens
-    att = F.softmax(att.float(), dim=-1).type_as(q)  # softmax in float32 for bf16 safety
+    # softmax in float32 at least (bf16's 8 mantissa bits lose small probabilities); float64 stays float64
+    att = F.softmax(at_least_float32(att), dim=-1).type_as(q)
     att = F.dropout(att, p=dropout_p) if dropout_p > 0 else att
     return att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
 
@@ -244,12 +252,14 @@ ATTENTION_BACKENDS = {"naive": naive_attention, "sdpa": sdpa_attention}
 
 
 def attend(backend: str, q, k, v, dropout_p: float = 0.0):
-    """Dispatch to an attention backend by name. `triton` lives in kernels.py, imported only when asked for."""
+    """Dispatch to an attention backend by name. `triton` lives in kernels.py, imported only when
+    asked for; where its kernel cannot run (dropout, no GPU and no interpreter) it falls back to
+    sdpa_attention, the one SDPA call in the project."""
     if backend in ATTENTION_BACKENDS:
         return ATTENTION_BACKENDS[backend](q, k, v, dropout_p)
     import kernels  # lazily: the model must not need Triton unless this backend is chosen
 
-    return kernels.triton_attention_backend(q, k, v, dropout_p)
+    return kernels.triton_attention_backend(q, k, v, dropout_p, fallback=sdpa_attention)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +313,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
-        hidden = swiglu_hidden(config.n_embd) if self.swiglu else 4 * config.n_embd
+        hidden = mlp_hidden(config)
         # for SwiGLU, c_fc holds both the gate and the up projection, side by side
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -321,9 +331,15 @@ class MLP(nn.Module):
 
 
 def swiglu_hidden(n_embd: int) -> int:
-    """2/3 of 4C, rounded up to a multiple of 64: three matrices of C x hidden then hold as many
-    parameters as GELU's two of C x 4C (Shazeer 2020), and 64 keeps the matmuls aligned."""
+    """2/3 of 4C, rounded up to a multiple of 64: three matrices of C x hidden then hold about as
+    many parameters as GELU's two of C x 4C (Shazeer 2020), and 64 keeps the matmuls aligned."""
     return 64 * math.ceil(8 * n_embd / 3 / 64)
+
+
+def mlp_hidden(config: GPTConfig) -> int:
+    """The MLP's hidden width H, the one place it is decided (parallel.py splits it, scaling.py
+    counts it): 4C for GELU (GPT-2), swiglu_hidden(C) for SwiGLU."""
+    return swiglu_hidden(config.n_embd) if config.mlp == "swiglu" else 4 * config.n_embd
 
 
 class Block(nn.Module):
@@ -377,26 +393,41 @@ class GPT(nn.Module):
 
         Targets equal to -1 are ignored (padding, or positions without a next token). With
         config.fused_ce and targets, the logits are not computed and None is returned in their place.
+        The three steps are methods of their own so that parallel.py's pipeline stages run exactly
+        this code on their share of the layers.
         """
-        B, T = idx.size()
+        return self.head(self.run_blocks(self.embed(idx)), targets)
+
+    def embed(self, idx):
+        """(B, T) token ids -> (B, T, C): token embedding, plus the learned position (GPT-2), dropout."""
+        T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T) -> (B, T, C)
         if self.transformer.wpe is not None:
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
-        x = self.transformer.drop(x)
-        for block in self.transformer.h:
+        return self.transformer.drop(x)
+
+    def run_blocks(self, x, lo: int = 0, hi: int | None = None):
+        """(B, T, C) -> (B, T, C) through blocks lo..hi-1 (all of them by default)."""
+        for block in self.transformer.h[lo:hi]:
             if self.config.activation_checkpointing and torch.is_grad_enabled():
-                # store the block's (B, T, C) input, not the ~34 B T C bytes of activations inside it
-                # (Korthikanti et al. 2022, sec. 4.1); the backward runs the block's forward again first
+                # store the block's (B, T, C) input, not the activations inside it (about 34 B T C
+                # bytes in 16-bit, Korthikanti et al. 2022, sec. 4.1); the backward runs the block's
+                # forward again first
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+        return x
+
+    def head(self, x, targets=None):
+        """(B, T, C) -> final norm -> logits (B, T, V), and the loss against targets if given."""
+        B, T, _ = x.size()
         x = self.transformer.ln_f(x)
         if targets is not None and self.config.fused_ce:
             # the same mean cross-entropy straight from the hidden states, a chunk of rows at a time:
-            # the (B, T, V) logits, their float32 copy and their gradient (3.3 GB each in float32 for
-            # GPT-2 small at 16 x 1024 tokens) never exist. kernels.py explains the bytes saved
+            # the (B, T, V) logits, their float32 copy and their gradient never exist (kernels.py
+            # explains the bytes saved)
             import kernels  # lazily: the model needs kernels.py only when this option is on
 
             loss = kernels.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), ignore_index=-1)
@@ -406,7 +437,7 @@ class GPT(nn.Module):
         if targets is not None:
             # cross-entropy in float32: under bf16 autocast the logits are bf16, and log-softmax
             # over 50k classes needs more precision than 8 mantissa bits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     # --- counting ---------------------------------------------------------------------------

@@ -157,7 +157,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import ATTENTION_BACKENDS, GPT, repeat_kv
+from model import ATTENTION_BACKENDS, GPT, mlp_hidden, repeat_kv
 
 MESH_DIMS = ("pp", "dp", "cp", "tp")  # outermost to innermost (see "The mesh")
 
@@ -731,12 +731,6 @@ def tensor_parallel_layouts(config, tp: int) -> dict:
         fc = [per_rank(hidden, r) for r in range(tp)]
     return dict(c_attn=attn, attn_proj=[per_rank(C, r) for r in range(tp)], c_fc=fc,
                 mlp_proj=[per_rank(hidden, r) for r in range(tp)], vocab=[per_rank(config.vocab_size, r) for r in range(tp)])
-
-
-def mlp_hidden(config) -> int:
-    from model import swiglu_hidden
-
-    return swiglu_hidden(config.n_embd) if config.mlp == "swiglu" else 4 * config.n_embd
 
 
 def check_tensor_parallel(config, tp: int):

@@ -14,7 +14,7 @@ Parameters (exact, from a GPTConfig alone)
 ------------------------------------------
 Per block: two norms (C gains, plus C biases for a LayerNorm with bias), attention's fused QKV
 projection C x (nh + 2 n_kv) hs and its output projection C x C, and the MLP (GELU: C x 4C and
-4C x C; SwiGLU: C x 2H and H x C with H = model.swiglu_hidden(C)), each with an optional bias.
+4C x C; SwiGLU: C x 2H and H x C with H = model.mlp_hidden(config)), each with an optional bias.
 Around the blocks: the token embedding V x C, learned positions T_max x C (absent with RoPE), a
 final norm, and an output layer V x C that is the token embedding itself when tied. "Non-embedding"
 N drops the token and position embeddings (Kaplan et al. 2020's convention), as GPT.num_params does.
@@ -115,7 +115,7 @@ import time
 import numpy as np
 import torch
 
-from model import GPT, MODEL_PRESETS, GPTConfig, swiglu_hidden
+from model import GPT, MODEL_PRESETS, GPTConfig, mlp_hidden
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PF_DAY = 1e15 * 86400  # FLOPs in a petaflop/s-day, Kaplan et al.'s unit of compute
@@ -142,7 +142,7 @@ def param_tensors(config: GPTConfig) -> list[tuple[str, int]]:
     C, hs, V = config.n_embd, config.head_size, config.vocab_size
     n_kv = config.n_kv_head or config.n_head
     qkv_out = (config.n_head + 2 * n_kv) * hs  # fused q (nh heads) and k, v (n_kv heads each)
-    hidden = swiglu_hidden(C) if config.mlp == "swiglu" else 4 * C
+    hidden = mlp_hidden(config)
     fc_out = 2 * hidden if config.mlp == "swiglu" else hidden  # SwiGLU's c_fc holds gate and up
 
     def norm(name):  # RMSNorm has a gain only; LayerNorm a gain and (with bias) a bias
@@ -212,7 +212,7 @@ def flops_per_token_exact(config: GPTConfig, seq_len: int | None = None, causal:
     C, L, V, hs = config.n_embd, config.n_layer, config.vocab_size, config.head_size
     n_kv = config.n_kv_head or config.n_head
     keys = (T + 1) / 2 if causal else T  # keys per query, averaged over the sequence
-    hidden = swiglu_hidden(C) if config.mlp == "swiglu" else 4 * C
+    hidden = mlp_hidden(config)
     ops = {
         "embedding": 2 * V * C if convention == "chinchilla" else 0,
         "qkv": L * 2 * C * (config.n_head + 2 * n_kv) * hs,  # GQA shrinks K and V's share
@@ -457,7 +457,7 @@ def activation_bytes_per_layer(seq_len: int, batch: int, n_embd: int, n_head: in
 
 def mlp_values_for(config: GPTConfig) -> float:
     """Values per s b h that the MLP saves: GELU's 4h input and 4h output; SwiGLU's 4 H."""
-    return 4 * swiglu_hidden(config.n_embd) / config.n_embd if config.mlp == "swiglu" else 8.0
+    return 4 * mlp_hidden(config) / config.n_embd if config.mlp == "swiglu" else 8.0
 
 
 def activation_bytes(config: GPTConfig, seq_len: int, batch: int, tp: int = 1, sp: bool = False,

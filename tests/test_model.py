@@ -90,6 +90,31 @@ def test_attention_backend_matches_float64_reference(backend, n_kv):
     torch.testing.assert_close(got.double(), reference_attention(q, k, v), atol=ATOL32, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_kv", [4, 1])
+def test_naive_attention_in_float64_is_a_float64_reference(n_kv):
+    # a float64 input must never pass through float32 (a softmax upcast that was float(), not "at
+    # least float32", made the naive/SDPA difference 1.6e-7); float64 rounding in these sums is ~1e-15
+    q = torch.randn(2, 4, 17, 8, dtype=torch.float64)
+    k, v = torch.randn(2, n_kv, 17, 8, dtype=torch.float64), torch.randn(2, n_kv, 17, 8, dtype=torch.float64)
+    got = model.naive_attention(q, k, v)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, reference_attention(q, k, v), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_whole_model_in_float64_agrees_between_naive_and_sdpa_to_1e_12(name):
+    # both backends and every norm, MLP and loss in float64: they agree to float64's rounding, not float32's
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    naive = GPT(small_config(**OPTIONS[name], attention="naive")).double()
+    sdpa = GPT(small_config(**OPTIONS[name], attention="sdpa")).double()
+    sdpa.load_state_dict(naive.state_dict())
+    idx = random_tokens(naive.config)
+    (la, loss_a), (lb, loss_b) = naive(idx, idx), sdpa(idx, idx)
+    assert la.dtype == loss_a.dtype == torch.float64
+    torch.testing.assert_close(la, lb, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("name", OPTIONS)
 @pytest.mark.parametrize("backend", ["naive", "sdpa"])
 def test_causal_mask_hides_future_tokens(name, backend):
@@ -317,17 +342,21 @@ def test_from_hf_state_dict_rejects_mismatched_config():
         GPT.from_hf_state_dict(sd, small_config(rope=True))
 
 
-def test_matches_transformers_gpt2_logits():
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+def test_matches_transformers_gpt2_logits(backend):
     transformers = pytest.importorskip("transformers", reason="optional: pip install transformers to compare with Hugging Face")
     hf_config = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    ours = GPT.from_hf_state_dict(hf.state_dict(), small_config()).eval()
+    ours = GPT.from_hf_state_dict(hf.state_dict(), small_config(attention=backend)).eval()
     idx = random_tokens(ours.config)
     with torch.no_grad():
         diff = (ours(idx)[0] - hf(idx).logits).abs().max().item()
-    assert diff < 1e-4
-    hf.load_state_dict(ours.to_hf_state_dict())  # strict: every key and shape matches
+        # in float64 both are exact up to float64 rounding (1e-5 when naive attention's softmax went through float32)
+        diff64 = (ours.double()(idx)[0] - hf.double()(idx).logits).abs().max().item()
+    assert diff < 1e-4  # float32: a few ulps of logits of size ~1
+    assert diff64 < 1e-10
+    hf.float().load_state_dict(ours.float().to_hf_state_dict())  # strict: every key and shape matches
 
 
 def test_rope_attention_sees_the_order_of_earlier_tokens():
@@ -353,7 +382,7 @@ def test_rope_attention_sees_the_order_of_earlier_tokens():
 
 
 # ---------------------------------------------------------------------------------------------
-# Speed-ups keep the maths (issue 7): fused cross-entropy, activation checkpointing, vocabulary
+# Speed-ups keep the maths: fused cross-entropy, activation checkpointing, vocabulary
 # padding and FP8 matmuls, each against the plain path
 
 import kernels  # noqa: E402  (the fused loss and FP8 live there; model.py imports it lazily)

@@ -7,7 +7,7 @@ global batch (the independent reference), bytes sent per step (counted by parall
 wrappers) beside the docstring formulas, and tensor bytes held per rank beside the memory formulas.
 The test functions below then judge one measurement each.
 
-Tolerance: float32, three AdamW steps, 1e-5 relative (the issue's bar) for the losses and, per
+Tolerance: float32, three AdamW steps, 1e-5 relative (the project's bar) for the losses and, per
 tensor, for the weights as ||a - b|| / ||b|| (2-norms). Why a norm and not the worst element:
 summation order differs between one process and several (bucketed all-reduce, sharded norms,
 vocabulary-parallel log-sum-exp), and AdamW's step, lr g / (|g| + eps), amplifies rounding on the
@@ -41,7 +41,7 @@ import scaling  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 WORLD = 4
-REL_TOL = 1e-5  # the bar for float32; observed differences are ~1e-7 (see module docstring)
+REL_TOL = 1e-5  # the project's bar for float32; observed differences are ~1e-7 (see module docstring)
 STEPS, GLOBAL_BATCH, T = 3, 8, 16
 # lr 1e-3: three steps of training already amplify rounding; with it, one process micro-batching the
 # same batch differently stays within 6.4e-6 on every config here (3.1e-5 at lr 3e-3)

@@ -90,7 +90,7 @@ def test_exact_flops_match_torch_flop_counter_on_the_real_model():
         T = rng.choice([8, 17, 32])
         measured = flop_counter_train_flops_per_token(config, T)
         exact = scaling.flops_per_token_exact(config, T)["train"]
-        # the bound is 2%; the matmul count is in fact exact (FlopCounterMode counts 2mnk per
+        # the bound is 2%; the matmul count is in fact exact (FlopCounterMode counts 2mnk per
         # matmul and nothing else, and so do we), so any difference at all would be a bug
         assert abs(exact / measured - 1) < 0.02, f"seed {seed}: {config}, T={T}: {exact} vs {measured}"
         assert exact == pytest.approx(measured, rel=1e-12), f"seed {seed}: {config}"

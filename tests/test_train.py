@@ -298,7 +298,7 @@ def test_readme_documents_every_flag_and_preset():
 
 
 # ---------------------------------------------------------------------------------------------
-# Throughput (issue 7): --bench, the ablation, and the speed-up flags keep the maths
+# Throughput: --bench, the ablation, and the speed-up flags keep the maths
 
 import parallel  # noqa: E402
 import scaling  # noqa: E402
