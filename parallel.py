@@ -349,6 +349,148 @@ def exchange(group, tag: str, sends=(), recvs=(), wait: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------
+# One replica: the optimizer every strategy starts from, and the calls each strategy answers
+
+
+def is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's values: the local shard of a DTensor (torch's native strategies hold parameters
+    as DTensors), the tensor itself otherwise."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor's shards gathered (a collective), a plain tensor as it is."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def as_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A local piece as `like` holds it: wrapped as a DTensor with like's placements where like is one."""
+    if not is_dtensor(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False)
+
+
+def is_decayed(p: torch.Tensor) -> bool:
+    """The weight-decay rule, in its one home: matrices (embeddings, linear weights) decay, vectors
+    (biases, norm gains) do not, since decaying those only pulls them towards zero (GPT-2's and
+    nanoGPT's recipe). torch's AdamW groups, ZeRO's per-element decay and the checkpoint's
+    parameter order are all built from this one function."""
+    return p.dim() >= 2
+
+
+def adamw_groups(params, weight_decay: float) -> list[dict]:
+    """torch.optim.AdamW's two parameter groups: decayed, then not. Every parameter lands in
+    exactly one of them (asserted, as minGPT does: a parameter in neither would never train)."""
+    params = [p for p in params if p.requires_grad]
+    decay, no_decay = [p for p in params if is_decayed(p)], [p for p in params if not is_decayed(p)]
+    ids = [{id(p) for p in group} for group in (decay, no_decay)]
+    assert not ids[0] & ids[1] and ids[0] | ids[1] == {id(p) for p in params}, "a parameter in no group, or in both"
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw_order(named_params) -> list[str]:
+    """Parameter names in adamw_groups' order: the index of each in a single-process AdamW state_dict."""
+    named = list(named_params)
+    return [n for n, p in named if is_decayed(p)] + [n for n, p in named if not is_decayed(p)]
+
+
+def make_adamw(params, lr: float, betas: tuple, weight_decay: float, fused: bool) -> torch.optim.AdamW:
+    """torch's AdamW over adamw_groups (train.make_optimizer builds the single-process one with it)."""
+    return torch.optim.AdamW(adamw_groups(params, weight_decay), lr=lr, betas=betas, fused=fused)
+
+
+class Replicated:
+    """No data parallelism: torch's AdamW on the parameters this rank holds, nothing sent between
+    replicas. Alone it serves one process, and tensor, pipeline or context ranks, which share their
+    replica's batch. Every data-parallel flavour below starts from it and changes what its section
+    explains. The calls Parallelized makes, in the order of a step:
+
+        forward_module                 what runs the forward (here the module itself)
+        with no_sync(): backward       an accumulation micro-step: no gradient traffic
+        finish_gradient_sync()         after the last micro-step's backward
+        local_grads()                  name -> this rank's part of that gradient (norm, clipping)
+        step(), zero_grad()            the update, and whatever must follow it
+        held_tensors()                 (kind, tensor) of everything it keeps: the memory count
+        full_state(), full_optimizer_state(), load_state()   checkpoints, whole over the data ranks
+    """
+
+    shards_over_data = False  # does each data rank hold a different part of the state (ZeRO, FSDP)?
+    independent_workers = False  # do the data ranks train apart between syncs (DiLoCo)?
+
+    def __init__(self, module: nn.Module, make_optimizer):
+        self.module = self.forward_module = module
+        self.optimizer = make_optimizer(module.parameters())
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+    def finish_gradient_sync(self):
+        pass
+
+    def local_grads(self) -> dict:
+        return {name: local_part(p.grad) for name, p in self.module.named_parameters() if p.grad is not None}
+
+    def step(self):
+        self.optimizer.step()
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.module.parameters():
+            p.grad = None
+
+    def held_tensors(self):
+        yield from (("params", p) for p in self.module.parameters())
+        yield from (("grads", p.grad) for p in self.module.parameters())
+        yield from (("optimizer", t) for state in self.optimizer.state.values() for t in state.values())
+
+    def full_state(self) -> dict:
+        """name -> tensor for this rank's module, whole across the data ranks."""
+        return {k: full_tensor(v).detach().clone() for k, v in self.module.state_dict().items()}
+
+    def full_optimizer_state(self) -> dict:
+        """name -> {"step", "exp_avg", "exp_avg_sq"}, whole across the data ranks."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        return {names[id(p)]: {k: full_tensor(v).clone() for k, v in state.items()} for p, state in self.optimizer.state.items()}
+
+    @torch.no_grad()
+    def load_state(self, model_state: dict, optimizer_state: dict | None, piece):
+        """Load full tensors (a single-process checkpoint); piece(name, full, like) is this rank's
+        part of one (its tensor-parallel slice, as a DTensor shard where `like` is one)."""
+        for name, p in self.module.state_dict(keep_vars=True).items():
+            local_part(p).copy_(piece(name, model_state[name], p))
+        if optimizer_state:
+            load_adamw_state(self.optimizer, self.module, optimizer_state, piece)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict):
+        pass
+
+
+def load_adamw_state(optimizer, module: nn.Module, named: dict, piece):
+    """torch AdamW state given by parameter name -> optimizer.load_state_dict's index form."""
+    names, index = {id(p): n for n, p in module.named_parameters()}, 0
+    local = {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            local["state"][index] = {"step": named[name]["step"].clone()}
+            for key in ("exp_avg", "exp_avg_sq"):
+                local["state"][index][key] = as_like(piece(name, named[name][key], p), p)
+            index += 1
+    optimizer.load_state_dict(local)
+
+
+# ----------------------------------------------------------------------------------------------
 # Data parallel from scratch: bucketed all-reduce launched from backward hooks
 
 
@@ -361,8 +503,8 @@ class Bucket:
     work: object = None  # the in-flight all-reduce
 
 
-class BucketedDataParallel:
-    """DDP from scratch (the idea of Li et al. 2020, PyTorch DDP).
+class BucketedDataParallel(Replicated):
+    """DDP from scratch (the idea of Li et al. 2020, PyTorch DDP), on top of Replicated's AdamW.
 
     1. Broadcast rank 0's parameters, so every replica starts equal (then equal gradients keep them so).
     2. Group parameters into buckets of about bucket_mb, in reverse order: backward computes the
@@ -373,8 +515,9 @@ class BucketedDataParallel:
     Inside no_sync() the hooks do nothing: accumulation micro-steps send no bytes.
     """
 
-    def __init__(self, module: nn.Module, group, bucket_mb: float = 25.0):  # 25 MB: torch DDP's bucket_cap_mb
-        self.module, self.group, self.require_sync = module, group, True
+    def __init__(self, module: nn.Module, make_optimizer, group, bucket_mb: float = 25.0):  # 25 MB: torch DDP's bucket_cap_mb
+        super().__init__(module, make_optimizer)
+        self.group, self.require_sync = group, True
         params = [p for p in module.parameters() if p.requires_grad]
         for p in params:
             broadcast(p.data, group, "init")
@@ -399,6 +542,14 @@ class BucketedDataParallel:
         for p, offset in zip(params, offsets):
             self.slot[p] = (bucket, offset)
 
+    @contextlib.contextmanager
+    def no_sync(self):
+        before, self.require_sync = self.require_sync, False
+        try:
+            yield
+        finally:
+            self.require_sync = before
+
     # EXERCISE: data-parallel (tests/test_parallel.py -k 'two_ranks and data_parallel')
     def _grad_ready(self, p):
         """Backward hook, p's gradient is final: copy it into its bucket; the bucket's last gradient
@@ -410,14 +561,6 @@ class BucketedDataParallel:
         bucket.ready += 1
         if bucket.ready == len(bucket.params):  # the bucket is full: send it while backward goes on
             bucket.work = all_reduce(bucket.buffer, self.group, "grads", async_op=True)
-
-    @contextlib.contextmanager
-    def no_sync(self):
-        before, self.require_sync = self.require_sync, False
-        try:
-            yield
-        finally:
-            self.require_sync = before
 
     # EXERCISE: data-parallel
     def finish_gradient_sync(self):
@@ -441,9 +584,17 @@ class BucketedDataParallel:
                     p.grad.copy_(mean)
             bucket.ready, bucket.work = 0, None
 
+    def held_tensors(self):
+        yield from super().held_tensors()
+        yield from (("buffers", bucket.buffer) for bucket in self.buckets)
+
 
 # ----------------------------------------------------------------------------------------------
 # ZeRO from scratch: flat parameter shards and an AdamW that updates only its shard
+#
+# The two collectives that define ZeRO sit in this section: stages 1 and 2 all-reduce or
+# reduce-scatter the flat gradient in ZeRO.finish_gradient_sync and all-gather the updated shards
+# in ZeRO.step; stage 3 does both inside GatherParams, once per block and micro-step.
 
 
 class FlatShard:
@@ -456,29 +607,26 @@ class FlatShard:
     vector exists only between gather() and the end of its use.
     """
 
-    def __init__(self, named_params: list, group, weight_decay: float, keep_full: bool, counted_in_norm):
-        self.group, self.names = group, [name for name, _ in named_params]
+    def __init__(self, named_params: list, group, weight_decay: float, keep_full: bool, prefix: str = ""):
+        self.group, self.prefix, self.names = group, prefix, [name for name, _ in named_params]
         self.params = [p for _, p in named_params]
         self.shapes = [p.shape for p in self.params]
         self.offsets, total = [], 0
         for p in self.params:
             self.offsets.append(total)
             total += p.numel()
-        n, r = group_size(group), (dist.get_rank(group) if group_size(group) > 1 else 0)
+        n, self.rank = group_size(group), (dist.get_rank(group) if group_size(group) > 1 else 0)
         self.numel, self.shard_numel = total, math.ceil(total / n)
         full = torch.zeros(self.shard_numel * n, dtype=self.params[0].dtype, device=self.params[0].device)
-        # per element: weight decay on matrices only (train.make_optimizer's rule), and whether the
-        # element counts in the global gradient norm (replicated copies count once)
-        decay, counted = torch.zeros_like(full), torch.zeros_like(full)
+        decay = torch.zeros_like(full)  # per element: one flat vector holds matrices and vectors alike
         for p, offset in zip(self.params, self.offsets):
             full[offset:offset + p.numel()] = p.detach().reshape(-1)
-            decay[offset:offset + p.numel()] = weight_decay if p.dim() >= 2 else 0.0
-            counted[offset:offset + p.numel()] = float(counted_in_norm(p))
-        lo, hi = r * self.shard_numel, (r + 1) * self.shard_numel
-        self.weight_decay, self.norm_mask = decay[lo:hi].clone(), counted[lo:hi].clone()
+            decay[offset:offset + p.numel()] = weight_decay if is_decayed(p) else 0.0
+        lo, hi = self.rank * self.shard_numel, (self.rank + 1) * self.shard_numel
+        self.weight_decay = decay[lo:hi].clone()
         if keep_full:
             self.full = full
-            for p, (view) in zip(self.params, self.views(full).values()):
+            for p, view in zip(self.params, self.views(full).values()):
                 p.data = view  # the model now reads its weights out of the flat vector
             self.shard = nn.Parameter(full[lo:hi])  # shares storage with full
         else:
@@ -492,13 +640,21 @@ class FlatShard:
         """name -> the parameter's view into a full flat vector."""
         return {name: full[o:o + s.numel()].view(s) for name, o, s in zip(self.names, self.offsets, self.shapes)}
 
+    def shard_views(self, shard: torch.Tensor) -> dict:
+        """prefixed name -> the part of that parameter in a shard-shaped vector (1-D; maybe empty)."""
+        lo, out = self.rank * self.shard_numel, {}
+        for name, o, s in zip(self.names, self.offsets, self.shapes):
+            a, b = max(o, lo), min(o + s.numel(), lo + self.shard_numel)
+            if a < b:
+                out[self.prefix + name] = shard[a - lo:b - lo]
+        return out
+
     def flatten(self, tensors: dict) -> torch.Tensor:
         """The inverse of views(): named full-size tensors -> this rank's slice of the flat vector."""
         full = torch.zeros(self.shard_numel * group_size(self.group), dtype=self.shard.dtype, device=self.shard.device)
         for name, o, s in zip(self.names, self.offsets, self.shapes):
             full[o:o + s.numel()] = tensors[name].reshape(-1).to(full)
-        r = dist.get_rank(self.group) if group_size(self.group) > 1 else 0
-        return full[r * self.shard_numel:(r + 1) * self.shard_numel].clone()
+        return full[self.rank * self.shard_numel:(self.rank + 1) * self.shard_numel].clone()
 
     def gather(self, tensor: torch.Tensor, tag: str) -> torch.Tensor:
         """All-gather a shard-shaped tensor (the parameters, or an optimizer moment) to full size."""
@@ -506,12 +662,119 @@ class FlatShard:
         all_gather(full, tensor.detach(), self.group, tag)
         return full
 
+    def named_moments(self, state: dict) -> dict:
+        """ShardedAdamW's state for this shard -> prefixed name -> {"step", "exp_avg", "exp_avg_sq"} (collective)."""
+        moments = {k: self.views(self.gather(state[k], "checkpoint")) for k in ("exp_avg", "exp_avg_sq")}
+        return {self.prefix + n: {"step": state["step"].clone(), "exp_avg": moments["exp_avg"][n].clone(),
+                                  "exp_avg_sq": moments["exp_avg_sq"][n].clone()} for n in self.names}
+
+    def load_moments(self, named: dict, piece) -> dict:
+        """The inverse: saved per-name moments -> ShardedAdamW's state for this shard."""
+        first = named[self.prefix + self.names[0]]
+        return {"step": first["step"].clone().float(), **{k: self.flatten(
+            {n: piece(self.prefix + n, named[self.prefix + n][k], named[self.prefix + n][k]) for n in self.names})
+            for k in ("exp_avg", "exp_avg_sq")}}
+
+
+class ShardedAdamW(torch.optim.Optimizer):
+    """AdamW on flat shards, with weight decay given per element (matrices decay, vectors do not),
+    so one flat vector can hold both kinds. The update is torch.optim.AdamW's, line for line
+    (Loshchilov & Hutter 2017, arXiv:1711.05101, algorithm 2):
+        theta *= 1 - lr wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+        theta -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+
+    def __init__(self, units: list, lr: float, betas: tuple, eps: float = 1e-8):  # eps 1e-8: torch's default
+        super().__init__([u.shard for u in units], dict(lr=lr, betas=betas, eps=eps))
+        self.decay = {u.shard: u.weight_decay for u in units}
+
+    # EXERCISE: zero (tests/test_parallel.py -k 'sharded_adamw or (two_ranks and zero)')
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                t = state["step"].item()
+                p.mul_(1 - lr * self.decay[p])
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+
+
+class ZeRO(Replicated):
+    """ZeRO stages 1 and 2 (Rajbhandari et al. 2020): the whole model is one FlatShard kept whole,
+    every rank updates only its slice with ShardedAdamW, then the slices are all-gathered. Stage 1
+    all-reduces the gradient (each rank keeps all of it), stage 2 reduce-scatters it (each keeps
+    its slice): the two stages differ in one collective, in finish_gradient_sync."""
+
+    shards_over_data = True
+
+    def __init__(self, model: nn.Module, group, stage: int, lr: float, betas: tuple, weight_decay: float):
+        self.module = self.forward_module = model
+        self.stage, self.unit = stage, FlatShard(list(model.named_parameters()), group, weight_decay, keep_full=True)
+        self.optimizer, self.full_grad = ShardedAdamW([self.unit], lr, betas), None
+
+    # EXERCISE: zero
+    def finish_gradient_sync(self):
+        """ZeRO 1: all-reduce the flat gradient, keep it all. ZeRO 2: reduce-scatter it, keep the shard."""
+        unit, n = self.unit, group_size(self.unit.group)
+        flat = torch.zeros(unit.shard_numel * n, dtype=unit.shard.dtype, device=unit.shard.device)
+        for p, offset in zip(unit.params, unit.offsets):
+            if p.grad is not None:
+                flat[offset:offset + p.numel()] = p.grad.reshape(-1)
+                p.grad = None  # the flat copy is the gradient from here on
+        if self.stage == 1:
+            all_reduce(flat, unit.group, "grads")
+            self.full_grad = flat.div_(n)
+            unit.shard.grad = self.full_grad[unit.rank * unit.shard_numel:(unit.rank + 1) * unit.shard_numel]
+        else:
+            shard_grad = torch.empty(unit.shard_numel, dtype=flat.dtype, device=flat.device)
+            reduce_scatter(shard_grad, flat, unit.group, "grads")
+            unit.shard.grad = shard_grad.div_(n)
+
+    # EXERCISE: zero
+    def step(self):
+        """Update this rank's slice, then all-gather every rank's updated slice into the whole model."""
+        self.optimizer.step()
+        all_gather(self.unit.full, self.unit.shard.detach(), self.unit.group, "params")
+
+    def local_grads(self) -> dict:
+        return self.unit.shard_views(self.unit.shard.grad) if self.unit.shard.grad is not None else {}
+
+    def zero_grad(self):
+        super().zero_grad()
+        self.full_grad = None
+
+    def held_tensors(self):
+        yield from (("params", p) for p in [*self.module.parameters(), self.unit.shard])
+        yield from (("grads", g) for g in [*(p.grad for p in self.module.parameters()), self.unit.shard.grad, self.full_grad])
+        yield from (("optimizer", t) for state in self.optimizer.state.values() for t in state.values())
+
+    def full_optimizer_state(self) -> dict:
+        state = self.optimizer.state.get(self.unit.shard)
+        return self.unit.named_moments(state) if state else {}
+
+    @torch.no_grad()
+    def load_state(self, model_state: dict, optimizer_state: dict | None, piece):
+        for name, p in zip(self.unit.names, self.unit.params):
+            p.copy_(piece(name, model_state[name], model_state[name]).view_as(p))
+        if optimizer_state:
+            self.optimizer.state[self.unit.shard] = self.unit.load_moments(optimizer_state, piece)
+
 
 class GatherParams(torch.autograd.Function):
     """ZeRO-3's two collectives as one differentiable step (Rajbhandari et al. 2020, sec. 5.3):
     forward all-gathers the flat shard into the full vector, backward reduce-scatters the full
     vector's gradient into this rank's slice and divides by n (the mean over data-parallel ranks)."""
 
+    # EXERCISE: zero3-gather (tests/test_parallel.py -k 'two_ranks and zero3')
     @staticmethod
     def forward(ctx, shard, group):
         ctx.group = group
@@ -519,6 +782,7 @@ class GatherParams(torch.autograd.Function):
         all_gather(full, shard, group, "params")
         return full
 
+    # EXERCISE: zero3-gather
     @staticmethod
     def backward(ctx, grad_full):
         n = group_size(ctx.group)
@@ -558,36 +822,52 @@ class ZeRO3Model(nn.Module):
         return torch.func.functional_call(self.model, self.root.views(full), (idx, targets))
 
 
-class ShardedAdamW(torch.optim.Optimizer):
-    """AdamW on flat shards, with weight decay given per element (matrices decay, vectors do not),
-    so one flat vector can hold both kinds. The update is torch.optim.AdamW's, line for line
-    (Loshchilov & Hutter 2017, arXiv:1711.05101, algorithm 2):
-        theta *= 1 - lr wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
-        theta -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-    """
+class ZeRO3(Replicated):
+    """ZeRO stage 3: one FlatShard per block and one for the root (embeddings, final norm), none kept
+    whole. The blocks are swapped for ZeRO3Blocks, so the gradient sync happens inside backward
+    (GatherParams); the step updates the shards and nothing needs gathering after it."""
 
-    def __init__(self, units: list, lr: float, betas: tuple, eps: float = 1e-8):  # eps 1e-8: torch's default
-        super().__init__([u.shard for u in units], dict(lr=lr, betas=betas, eps=eps))
-        self.decay = {u.shard: u.weight_decay for u in units}
+    shards_over_data = True
 
-    # EXERCISE: zero (tests/test_parallel.py -k 'sharded_adamw or (two_ranks and zero)')
+    def __init__(self, model: nn.Module, group, lr: float, betas: tuple, weight_decay: float):
+        self.module, self.tied = model, model.config.tie_embeddings
+        block_ids = {id(p) for p in model.transformer.h.parameters()}
+        self.units = [FlatShard([(n, p) for n, p in model.named_parameters() if id(p) not in block_ids], group,
+                                weight_decay, keep_full=False)]
+        for i, block in enumerate(model.transformer.h):
+            self.units.append(FlatShard(list(block.named_parameters()), group, weight_decay, keep_full=False,
+                                        prefix=f"transformer.h.{i}."))
+            model.transformer.h[i] = ZeRO3Block(block, self.units[-1])
+        self.forward_module = ZeRO3Model(model, self.units[0])
+        self.optimizer = ShardedAdamW(self.units, lr, betas)
+
+    def local_grads(self) -> dict:
+        return {n: g for u in self.units if u.shard.grad is not None for n, g in u.shard_views(u.shard.grad).items()}
+
+    def held_tensors(self):
+        yield from (("params", u.shard) for u in self.units)
+        yield from (("grads", u.shard.grad) for u in self.units)
+        yield from (("optimizer", t) for state in self.optimizer.state.values() for t in state.values())
+
+    def full_state(self) -> dict:
+        out = {}
+        for unit in self.units:
+            out.update({unit.prefix + k: v.clone() for k, v in unit.views(unit.gather(unit.shard, "checkpoint")).items()})
+        if self.tied:
+            out["lm_head.weight"] = out["transformer.wte.weight"]
+        return out
+
+    def full_optimizer_state(self) -> dict:
+        return {k: v for u in self.units if self.optimizer.state.get(u.shard)
+                for k, v in u.named_moments(self.optimizer.state[u.shard]).items()}
+
     @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                state["step"] += 1
-                t = state["step"].item()
-                p.mul_(1 - lr * self.decay[p])
-                state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+    def load_state(self, model_state: dict, optimizer_state: dict | None, piece):
+        for unit in self.units:
+            unit.shard.copy_(unit.flatten({n: piece(unit.prefix + n, model_state[unit.prefix + n], model_state[unit.prefix + n])
+                                           for n in unit.names}))
+            if optimizer_state:
+                self.optimizer.state[unit.shard] = unit.load_moments(optimizer_state, piece)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -770,9 +1050,35 @@ def apply_tensor_parallel(model: GPT, group) -> dict:
     if model.config.tie_embeddings:
         head.weight = wte.weight
     specs["transformer.wte.weight"] = specs["lm_head.weight"] = (0, vocab)
-    for name, p in model.named_parameters():
-        p.sharded_over = {"tp"} if name in specs else set()
     return specs
+
+
+def gather_tensor_parallel(tensors: dict, specs: dict, layout: Layout, scratch: bool) -> dict:
+    """For a full checkpoint: tensor-parallel pieces -> full tensors in the GPT's layout (every tp
+    rank takes part). specs: apply_tensor_parallel's (dim, indices per rank). Native DTensors arrive
+    already gathered (full_tensor), only in the reordered layout, which index_copy_ undoes."""
+    out = {}
+    for name, t in tensors.items():
+        if name not in specs:
+            out[name] = t
+            continue
+        dim, index = specs[name]
+        if scratch:
+            parts = [torch.empty_like(t) for _ in range(layout.tp)]
+            dist.all_gather(parts, t.contiguous(), group=layout.group("tp"))
+            t = torch.cat(parts, dim)
+        out[name] = torch.empty_like(t).index_copy_(dim, torch.cat(index).to(t.device), t)
+    return out
+
+
+def tensor_parallel_piece(name: str, full: torch.Tensor, specs: dict, layout: Layout, scratch: bool) -> torch.Tensor:
+    """The inverse, when loading: this rank's rows (or columns) of a full tensor (scratch), or the
+    whole tensor in the reordered layout (native: DTensor then takes its shard)."""
+    if name not in specs:
+        return full
+    dim, index = specs[name]
+    rows = index[layout.rank("tp")] if scratch else torch.cat(index)
+    return full.index_select(dim, rows.to(full.device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -853,7 +1159,7 @@ def check_sequence_parallel(T: int, tp: int):
                          f"use a --block_size that is a multiple of {tp}")
 
 
-def apply_sequence_parallel(model: GPT, group) -> list:
+def apply_sequence_parallel(model: GPT, group, specs: dict) -> list:
     """Turn a tensor-parallel GPT (apply_tensor_parallel) sequence-parallel, in place, without
     touching its code: the residual stream, norms and dropouts hold (B, T/t, C).
 
@@ -882,7 +1188,7 @@ def apply_sequence_parallel(model: GPT, group) -> list:
     model.lm_head.sequence_parallel = True
     model.lm_head.register_forward_pre_hook(gather_input)
     split_positions_and_dropout(model, group)
-    return [name for name, p in model.named_parameters() if "tp" not in p.sharded_over]
+    return [name for name, _ in model.named_parameters() if name not in specs]  # specs: the split ones
 
 
 def split_positions_and_dropout(model: GPT, group):
@@ -899,14 +1205,12 @@ def split_positions_and_dropout(model: GPT, group):
         block.mlp.dropout = SequenceParallelDropout(model.config.dropout, generator)
 
 
-def reduce_sequence_parallel_grads(params: list, group):
+def reduce_sequence_parallel_grads(local_grads: dict, names: list, group):
     """Sum the partial gradients of the replicated parameters over the tp ranks, in one message:
     2 (t-1)/t 4 N_replicated bytes per step (Megatron-LM does the same after backward). In place,
-    on this rank's part of each gradient (a data-parallel shard under FSDP2)."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [local_part(p.grad) for p in params]
+    on this rank's part of each gradient (local_grads: the data-parallel flavour's, so a ZeRO or
+    FSDP2 shard sums only its slice: the tp ranks of one data rank hold the same slices)."""
+    grads = [local_grads[n] for n in names if n in local_grads]
     flat = torch.cat([g.reshape(-1) for g in grads])
     all_reduce(flat, group, "sp_grads")
     for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
@@ -917,82 +1221,86 @@ def reduce_sequence_parallel_grads(params: list, group):
 # Pipeline parallel from scratch: stages, GPipe and 1F1B
 
 
-class PipelineStage(nn.Module):
-    """Blocks [lo, hi) of a GPT, plus the embeddings on the first stage and the final norm, output
-    layer and loss on the last. Modules keep the GPT's names (transformer.h.3...), so a stage's
-    state_dict keys are the full model's. forward() is GPT.forward cut at the stage boundaries."""
+def cut_to_stage(model: GPT, stage: int, n_stages: int) -> tuple[int, int]:
+    """Keep in `model` only what stage `stage` of n_stages runs, in place; returns its blocks [lo, hi).
 
-    def __init__(self, model: GPT, stage: int, n_stages: int):
-        super().__init__()
-        L = model.config.n_layer
-        if L < n_stages:
-            raise ValueError(f"--pp {n_stages} needs at least as many layers, not n_layer={L}")
-        bounds = [round(s * L / n_stages) for s in range(n_stages + 1)]  # as even as L allows
-        self.lo, self.hi = bounds[stage], bounds[stage + 1]
-        self.is_first, self.is_last, self.config = stage == 0, stage == n_stages - 1, model.config
-        parts = {"h": nn.ModuleDict({str(i): model.transformer.h[i] for i in range(self.lo, self.hi)})}
-        if self.is_first:
-            parts.update(wte=model.transformer.wte, wpe=model.transformer.wpe, drop=model.transformer.drop)
-        if self.is_last:
-            parts["ln_f"] = model.transformer.ln_f
-            self.lm_head = model.lm_head  # tied: the same Parameter as wte on the first stage, a copy here
-        self.transformer = nn.ModuleDict(parts)
-
-    def forward(self, x, targets=None):
-        if self.is_first:  # x: token ids (B, T) -> (B, T, C)
-            T = x.size(1)
-            x = self.transformer.wte(x)
-            if self.transformer.wpe is not None:
-                x = x + self.transformer.wpe(torch.arange(T, device=x.device))
-            x = self.transformer.drop(x)
-        for block in self.transformer.h.values():
-            x = block(x)
-        if not self.is_last:
-            return x  # (B, T, C): sent to the next stage
-        logits = self.lm_head(self.transformer.ln_f(x))
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+    The other stages' blocks become nn.Identity (no parameters), the embeddings stay on the first
+    stage, the final norm and output layer on the last; with tied embeddings the last stage keeps
+    the embedding too, as its output layer's weight (Megatron does the same). Every module keeps its
+    GPT name (transformer.h.3...), so the stage's state_dict keys are the full model's, and the
+    stage runs the GPT's own embed, run_blocks and head: activation checkpointing, the fused loss
+    and every architecture option work unchanged."""
+    L = model.config.n_layer
+    if L < n_stages:
+        raise ValueError(f"--pp {n_stages} needs at least as many layers, not n_layer={L}")
+    bounds = [round(s * L / n_stages) for s in range(n_stages + 1)]  # as even as L allows
+    lo, hi = bounds[stage], bounds[stage + 1]
+    first, last = stage == 0, stage == n_stages - 1
+    for i in range(L):
+        if not lo <= i < hi:
+            model.transformer.h[i] = nn.Identity()
+    if not first:
+        model.transformer.wpe = None
+        if not (last and model.config.tie_embeddings):
+            model.transformer.wte = None
+    if not last:
+        model.transformer.ln_f, model.lm_head = None, None
+    return lo, hi
 
 
 class Pipeline:
-    """Runs micro-batches through this rank's stage, talking to the neighbouring stages."""
+    """Runs micro-batches through this rank's stage, talking to the neighbouring stages.
 
-    def __init__(self, stage: PipelineStage, layout: Layout, schedule: str, amp):
-        self.stage, self.group, self.amp = stage, layout.group("pp"), amp
+    Its part of a training step: forward_backward (a schedule, GPipe or 1F1B, drawn in the module
+    docstring), with data parallelism's sync only around the last micro-batch's backward, and
+    finish_gradient_sync, which sums the tied embedding's two gradients (first and last stage)."""
+
+    def __init__(self, model: GPT, layout: Layout, schedule: str, amp):
+        self.model, self.group, self.amp, self.schedule = model, layout.group("pp"), amp, schedule
         self.rank, self.n = layout.rank("pp"), layout.pp
-        self.schedule = schedule
+        self.lo, self.hi = cut_to_stage(model, self.rank, self.n)
+        self.is_first, self.is_last = self.rank == 0, self.rank == self.n - 1
+        self.embedding_group = layout.group("embedding")
+
+    def stage_forward(self, x, targets=None):
+        """The GPT's forward, cut at this stage's boundaries: token ids or (B, T, C) in, (B, T, C) or the loss out."""
+        if self.is_first:
+            x = self.model.embed(x)
+        x = self.model.run_blocks(x, self.lo, self.hi)
+        return self.model.head(x, targets)[1] if self.is_last else x
 
     # --- point to point with the neighbours (activations forward, their gradients backward)
     def recv_forward(self, shape):
-        if self.stage.is_first:
+        if self.is_first:
             return None
         x = torch.empty(shape, device=self.device)
         exchange(self.group, "pp", recvs=[(x, self.rank - 1)])
         return x.requires_grad_()
 
     def send_forward(self, y):
-        if not self.stage.is_last:
+        if not self.is_last:
             exchange(self.group, "pp", sends=[(y.detach(), self.rank + 1)])
 
     def recv_backward(self, shape):
-        if self.stage.is_last:
+        if self.is_last:
             return None
         g = torch.empty(shape, device=self.device)
         exchange(self.group, "pp", recvs=[(g, self.rank + 1)])
         return g
 
     def send_backward(self, g):
-        if not self.stage.is_first:
+        if not self.is_first:
             exchange(self.group, "pp", sends=[(g, self.rank - 1)])
 
     def send_forward_recv_backward(self, y, shape):
-        if self.stage.is_last:
+        if self.is_last:
             return None
         g = torch.empty(shape, device=self.device)
         exchange(self.group, "pp", sends=[(y.detach(), self.rank + 1)], recvs=[(g, self.rank + 1)])
         return g
 
     def send_backward_recv_forward(self, g, shape):
-        if self.stage.is_first:
+        if self.is_first:
             return None
         x = torch.empty(shape, device=self.device)
         exchange(self.group, "pp", sends=[(g, self.rank - 1)], recvs=[(x, self.rank - 1)])
@@ -1000,32 +1308,35 @@ class Pipeline:
 
     # --- one micro-batch through this stage
     def forward_step(self, i, received):
-        inp = self.xs[i] if self.stage.is_first else received
+        inp = self.xs[i] if self.is_first else received
         with self.amp:
-            out = self.stage(inp, self.ys[i] if self.stage.is_last else None)
-        if self.stage.is_last:
+            out = self.stage_forward(inp, self.ys[i] if self.is_last else None)
+        if self.is_last:
             self.loss_sum += out.detach()
         return inp, out
 
     def backward_step(self, i, inp, out, grad_out):
-        if i == len(self.xs) - 1:
-            self.before_last_backward()  # data parallel: the accumulated gradients are final after this one
-        if self.stage.is_last:
-            (out / self.divisor).backward()
-        else:
-            out.backward(grad_out)
-        return None if self.stage.is_first else inp.grad
+        # data parallelism may start its all-reduce only in the last micro-batch's backward of the
+        # last accumulation micro-step (sync): the accumulated gradients are final after it
+        with self.no_sync() if i < len(self.xs) - 1 or not self.sync else contextlib.nullcontext():
+            if self.is_last:
+                (out / self.divisor).backward()
+            else:
+                out.backward(grad_out)
+        return None if self.is_first else inp.grad
 
-    def run(self, x, y, microbatches: int, divisor: int, before_last_backward=lambda: None) -> torch.Tensor:
+    def forward_backward(self, x, y, microbatches: int, divisor: int, sync: bool, no_sync) -> torch.Tensor:
         """Forward and backward of the batch (x, y) cut into micro-batches. Returns the mean loss on
-        the last stage (0 elsewhere). divisor: loss = mean over micro-batches / grad_accum."""
+        the last stage (0 elsewhere). divisor: loss = mean over micro-batches / grad_accum.
+        sync, no_sync: may this batch's gradients be sent; the data-parallel flavour's context for
+        the backwards that must not send them."""
         if x.size(0) % microbatches:
             raise ValueError(f"--microbatches {microbatches} must divide the per-rank batch of {x.size(0)} sequences")
         self.xs, self.ys = x.chunk(microbatches), y.chunk(microbatches)
-        self.divisor, self.before_last_backward = divisor * microbatches, before_last_backward
+        self.divisor, self.sync, self.no_sync = divisor * microbatches, sync, no_sync
         self.device = x.device
         self.loss_sum = torch.zeros((), device=x.device)
-        shape = (x.size(0) // microbatches, x.size(1), self.stage.config.n_embd)  # (B/m, T, C) float32
+        shape = (x.size(0) // microbatches, x.size(1), self.model.config.n_embd)  # (B/m, T, C) float32
         (self.gpipe if self.schedule == "gpipe" else self.one_f_one_b)(microbatches, shape)
         return self.loss_sum / microbatches
 
@@ -1064,16 +1375,40 @@ class Pipeline:
             grad_in = self.backward_step(*in_flight.popleft(), self.recv_backward(shape))
             self.send_backward(grad_in)
 
+    def finish_gradient_sync(self):
+        """The tied embedding's gradient: the first stage's part (lookup) plus the last's (output
+        layer), one all-reduce between the two, so both copies take the same step."""
+        if self.model.config.tie_embeddings and (self.is_first or self.is_last):
+            all_reduce(self.model.transformer.wte.weight.grad, self.embedding_group, "pp")
+
     @torch.no_grad()
     def forward_only(self, x, y) -> torch.Tensor:
         """Evaluation: one pass through the stages, no backward."""
-        shape = (*x.shape, self.stage.config.n_embd)
+        shape = (*x.shape, self.model.config.n_embd)
         self.device = x.device
         received = self.recv_forward(shape)
         with self.amp:
-            out = self.stage(x if self.stage.is_first else received, y if self.stage.is_last else None)
+            out = self.stage_forward(x if self.is_first else received, y if self.is_last else None)
         self.send_forward(out)
-        return out if self.stage.is_last else torch.zeros((), device=x.device)
+        return out if self.is_last else torch.zeros((), device=x.device)
+
+
+def gather_stages(tensors: dict, layout: Layout):
+    """Every stage's dict -> one dict on pipeline rank 0 (None elsewhere). The first stage's copy
+    of a tied weight wins (the two are equal: they take the same steps)."""
+    if layout.pp == 1:
+        return tensors
+    group = layout.group("pp")
+    received = [None] * layout.pp if layout.rank("pp") == 0 else None
+    on_cpu = {k: ({n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v.cpu()) for k, v in tensors.items()}
+    dist.gather_object(on_cpu, received, dst=dist.get_global_rank(group, 0), group=group)
+    if received is None:
+        return None
+    merged = {}
+    for part in received:
+        for k, v in part.items():
+            merged.setdefault(k, v)
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1222,25 +1557,36 @@ def context_slice(t: torch.Tensor, layout: Layout, load_balance: bool) -> torch.
 # DiLoCo
 
 
-class DiLoCo:
-    """Outer step of DiLoCo (Douillard et al. 2023, algorithm 1), every H inner steps:
+class DiLoCo(Replicated):
+    """Data-parallel workers that talk every H steps (Douillard et al. 2023, algorithm 1). Each
+    worker takes Replicated's AdamW steps alone (no gradient sync: the norm is its own); then, every
+    H inner steps,
         delta = mean over workers of (theta_global - theta_local)    (one all-reduce)
         theta_global = NesterovSGD(theta_global, delta; lr 0.7, momentum 0.9)
         theta_local = theta_global
     The inner AdamW keeps its state across outer steps, as in the paper."""
 
-    def __init__(self, params: list, group, inner_steps: int, lr: float = 0.7, momentum: float = 0.9):  # paper, sec. 3
-        self.params, self.group, self.inner_steps = params, group, inner_steps
-        self.global_params = [p.detach().clone() for p in params]
+    independent_workers = True
+
+    def __init__(self, module: nn.Module, make_optimizer, group, inner_steps: int, lr: float = 0.7,
+                 momentum: float = 0.9):  # the paper's outer step, sec. 3
+        super().__init__(module, make_optimizer)
+        self.params, self.group, self.inner_steps = list(module.parameters()), group, inner_steps
+        for p in self.params:
+            broadcast(p.data, group, "init")
+        self.global_params = [p.detach().clone() for p in self.params]
         # torch refuses Nesterov without momentum; momentum 0 and lr 1 is plain averaging (local SGD)
         self.outer = torch.optim.SGD(self.global_params, lr=lr, momentum=momentum, nesterov=momentum > 0)
         self.steps = 0
 
-    @torch.no_grad()
-    def after_inner_step(self):
+    def step(self):
+        self.optimizer.step()
         self.steps += 1
-        if self.steps % self.inner_steps:
-            return
+        if self.steps % self.inner_steps == 0:
+            self.outer_step()
+
+    @torch.no_grad()
+    def outer_step(self):
         flat = torch.cat([(g - p).reshape(-1) for g, p in zip(self.global_params, self.params)])  # pseudo-gradient
         all_reduce(flat, self.group, "diloco")
         flat /= group_size(self.group)
@@ -1252,15 +1598,16 @@ class DiLoCo:
         for g, p in zip(self.global_params, self.params):
             p.copy_(g)
 
-    def state_dict(self) -> dict:
-        return {"global_params": [g.detach().cpu() for g in self.global_params], "outer": self.outer.state_dict(),
-                "steps": self.steps}
+    def extra_state(self) -> dict:
+        return {"diloco": {"global_params": [g.detach().cpu() for g in self.global_params],
+                           "outer": self.outer.state_dict(), "steps": self.steps}}
 
-    def load_state_dict(self, state: dict):
-        for g, saved in zip(self.global_params, state["global_params"]):
-            g.copy_(saved)
-        self.outer.load_state_dict(state["outer"])
-        self.steps = state["steps"]
+    def load_extra_state(self, state: dict):
+        if "diloco" in state:
+            for g, saved in zip(self.global_params, state["diloco"]["global_params"]):
+                g.copy_(saved)
+            self.outer.load_state_dict(state["diloco"]["outer"])
+            self.steps = state["diloco"]["steps"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1323,41 +1670,112 @@ def replicate_partial_grads(module: nn.Module):
             p.grad = p.grad.redistribute(placements=[Replicate() if pl.is_partial() else pl for pl in p.grad.placements])
 
 
-def apply_fsdp_native(model: GPT, layout: Layout, reshard_after_forward: bool):
-    """FSDP2: each block, then the root, becomes a unit whose parameters are DTensors sharded over
-    dp; forward all-gathers a unit's shard, backward reduce-scatters its gradient.
-    reshard_after_forward=True frees the gathered parameters after forward (ZeRO-3);
-    False keeps them until backward (ZeRO-2 traffic: no second all-gather)."""
-    from torch.distributed.fsdp import fully_shard
+def dtensor_piece(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a full tensor, laid out as the DTensor `like` (a copy for a plain tensor)."""
+    full = full.to(local_part(like).device)
+    if not is_dtensor(like):
+        return full.clone()  # never alias the caller's checkpoint: the optimizer updates its state in place
+    from torch.distributed.tensor import distribute_tensor
 
-    mesh = layout.mesh["dp"]
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
-def is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
+class TorchDDP(Replicated):
+    """torch's DistributedDataParallel (the same buckets and hooks as BucketedDataParallel, in C++),
+    with torch's AdamW, or with ZeroRedundancyOptimizer for ZeRO-1 (AdamW state split across dp)."""
 
-    return isinstance(t, DTensor)
+    def __init__(self, model: nn.Module, make_optimizer, group, bucket_mb: float, zero: int, lr, betas, weight_decay):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.module = self.forward_module = model
+        if group_size(group) > 1:
+            # the only buffers (RoPE's cos/sin tables) are computed alike on every rank: no need to
+            # broadcast them before each forward (torch 2.13 renamed the switch)
+            import inspect
+
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                       else {"broadcast_buffers": False})
+            self.forward_module = DistributedDataParallel(model, process_group=group, bucket_cap_mb=bucket_mb, **no_sync)
+        self.zero1 = zero == 1
+        if not self.zero1:
+            self.optimizer = make_optimizer(model.parameters())
+            return
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        groups = adamw_groups(model.parameters(), weight_decay)
+        self.optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW, process_group=group,
+                                                 lr=lr, betas=betas, weight_decay=weight_decay)
+        self.optimizer.add_param_group(groups[1])
+
+    def no_sync(self):
+        return self.forward_module.no_sync() if self.forward_module is not self.module else contextlib.nullcontext()
+
+    def full_optimizer_state(self) -> dict:
+        if not self.zero1:
+            return super().full_optimizer_state()
+        self.optimizer.consolidate_state_dict(to=0)  # torch's ZeRO-1 gathers its shards itself (collective)
+        if dist.get_rank() != 0:
+            return {}
+        order = adamw_order(self.module.named_parameters())  # its groups are adamw_groups': the same indices
+        return {order[i]: state for i, state in self.optimizer.state_dict()["state"].items()}
+
+    @torch.no_grad()
+    def load_state(self, model_state: dict, optimizer_state: dict | None, piece):
+        if not self.zero1:
+            return super().load_state(model_state, optimizer_state, piece)
+        super().load_state(model_state, None, piece)
+        if optimizer_state:
+            order = adamw_order(self.module.named_parameters())
+            groups = [dict(g, params=[]) for g in self.optimizer.param_groups]
+            groups[0]["params"], groups[1]["params"] = list(range(len(groups[0]["params"]))), list(
+                range(len(groups[0]["params"]), len(order)))
+            self.optimizer.load_state_dict({"state": {i: optimizer_state[n] for i, n in enumerate(order)}, "param_groups": groups})
 
 
-def local_part(t: torch.Tensor) -> torch.Tensor:
-    """This rank's values: the local shard of a DTensor, the tensor itself otherwise."""
-    return t.to_local() if is_dtensor(t) else t
+class TorchFSDP(Replicated):
+    """FSDP2 (fully_shard): each block, then the root, becomes a unit whose parameters are DTensors
+    sharded over dp; forward all-gathers a unit's shard, backward reduce-scatters its gradient.
+    reshard_after_forward=True frees the gathered parameters after forward (ZeRO-3); False keeps
+    them until backward (ZeRO-2 traffic: no second all-gather). The rest is Replicated's: torch's
+    AdamW works on DTensors as on tensors."""
+
+    shards_over_data = True
+
+    def __init__(self, model: GPT, make_optimizer, layout: Layout, reshard_after_forward: bool):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = layout.mesh["dp"]
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        super().__init__(model, make_optimizer)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)
 
 
-def adamw_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """The trainer's two parameter groups, over whatever parameters this rank holds: matrices
-    (embeddings, linear weights) decay, vectors (biases, norm gains) do not."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def make_adamw(module: nn.Module, lr: float, betas: tuple, weight_decay: float, fused: bool) -> torch.optim.AdamW:
-    """torch's AdamW over adamw_groups (train.make_optimizer builds the single-process one with it)."""
-    return torch.optim.AdamW(adamw_groups(module, weight_decay), lr=lr, betas=betas, fused=fused)
+def make_data_parallel(model: GPT, layout: Layout, zero: int, impl: str, bucket_mb: float, diloco_steps: int,
+                       diloco_outer: tuple, make_optimizer, lr: float, betas: tuple, weight_decay: float) -> Replicated:
+    """The data-parallel flavour over the data group (dp x cp), as --zero, --impl and --diloco_steps choose."""
+    group = layout.group("data")
+    if diloco_steps:
+        return DiLoCo(model, make_optimizer, group, diloco_steps, *diloco_outer)
+    if impl == "native" and zero in (2, 3):
+        return TorchFSDP(model, make_optimizer, layout, reshard_after_forward=zero == 3)
+    if impl == "native":
+        return TorchDDP(model, make_optimizer, group, bucket_mb, zero, lr, betas, weight_decay)
+    if zero == 3:
+        return ZeRO3(model, group, lr, betas, weight_decay)
+    if zero:
+        return ZeRO(model, group, zero, lr, betas, weight_decay)
+    if layout.size("data") > 1:
+        return BucketedDataParallel(model, make_optimizer, group, bucket_mb)
+    return Replicated(model, make_optimizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1395,17 +1813,28 @@ def check_strategy(layout: Layout, zero: int, impl: str, pp_schedule: str, diloc
 
 
 class Parallelized:
-    """A GPT with a Layout's strategies applied, and what a training loop needs from it:
+    """A GPT with a Layout's strategies applied, and the calls a training loop makes:
 
         loss = par.forward_backward(x, y, divisor, sync)   # per micro-step; sync=False: no gradient traffic
         par.finish_gradient_sync(); par.clip_grad_norm_(1.0); par.optimizer_step(); par.zero_grad()
         par.reduce_loss(loss)       # the global batch's mean loss, for the log
         par.full_state_dict(), par.full_optimizer_state_dict(), par.load_full_state(...)   # checkpoints
 
-    x, y are this data-parallel rank's (B, T) batch. Strategies are applied in this order: tensor
-    parallel (swap layers; sequence parallel: hooks at the regions' edges), context parallel (swap
-    attention), pipeline (cut into a stage), then the data-parallel flavour over the data group:
-    DDP, ZeRO 1/2/3 or DiLoCo.
+    x, y are this data-parallel rank's (B, T) batch. First the model is reshaped: tensor parallel
+    (layers swapped; sequence parallel: hooks at the regions' edges), context parallel (attention
+    swapped), pipeline (cut to this rank's stage). Then one data-parallel flavour (make_data_parallel)
+    takes the parameters this rank holds. Each call below hands the work to the strategy that owns it:
+
+        call                   data-parallel flavour (its section)      pipeline          tensor / sequence / context
+        forward_backward       no_sync() on accumulation micro-steps    1F1B or GPipe     vocab-parallel loss; cp slice
+        finish_gradient_sync   DDP: wait buckets; ZeRO-1/2: all-reduce  tied embedding    sp: sum the replicated
+                               / reduce-scatter; ZeRO-3, FSDP2: done in   all-reduce        weights' partial grads
+                               backward; DiLoCo: nothing
+        clip_grad_norm_        local_grads() (DiLoCo: a local norm)     -                 -
+        optimizer_step         step(): ZeRO-1/2 all-gather the shards;  -                 -
+                               DiLoCo: the outer step every H
+        full_state_dict etc.   full_state(), full_optimizer_state(),    gather_stages     gather_tensor_parallel,
+                               load_state()                                               tensor_parallel_piece
     """
 
     def __init__(self, model: GPT, layout: Layout, *, zero: int = 0, impl: str = "scratch", microbatches: int = 1,
@@ -1416,124 +1845,51 @@ class Parallelized:
         check_strategy(layout, zero, impl, pp_schedule, diloco_steps, sequence_parallel)
         if compile and (layout.tp > 1 or layout.pp > 1 or layout.cp > 1 or zero):
             raise ValueError("--compile works with --dp alone here: drop --compile or the other strategies")
-        self.layout, self.zero, self.impl, self.microbatches = layout, zero, impl, microbatches
-        self.cp_load_balance, self.amp, self.scaler = cp_load_balance, amp or contextlib.nullcontext(), scaler
-        self.weight_decay, self.lr, self.betas = weight_decay, lr, betas
-        self.tied = model.config.tie_embeddings
-        named = list(model.named_parameters())  # the single-process optimizer's order: decay group, then no-decay
-        self.optimizer_order = [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
-        self.n_matrices = sum(1 for _, p in named if p.dim() >= 2)
-        self.state_keys = list(model.state_dict().keys())
-        self.ddp = self.ddp_native = self.fsdp = self.units = self.diloco = self.pipeline = None
-        self.full_grad, self.tp_specs, self.vocab_start = None, {}, None
-        self.sequence_parallel_params = None  # names of the replicated weights whose gradients sequence parallelism leaves partial
-        data_group, device = layout.group("data"), next(model.parameters()).device
-        self.fused_adamw = device.type == "cuda" if fused_adamw is None else fused_adamw  # None: fused on CUDA
-        for _, p in named:
-            p.sharded_over = set()
+        self.layout, self.microbatches, self.cp_load_balance = layout, microbatches, cp_load_balance
+        self.amp, self.scaler, self.scratch = amp or contextlib.nullcontext(), scaler, impl == "scratch"
+        self.tied, self.state_keys = model.config.tie_embeddings, list(model.state_dict().keys())
+        self.adamw_order = adamw_order(model.named_parameters())  # the single-process optimizer's parameter order
+        self.n_decayed, self.lr, self.betas, self.weight_decay = sum(map(is_decayed, model.parameters())), lr, betas, weight_decay
+        fused = next(model.parameters()).device.type == "cuda" if fused_adamw is None else fused_adamw  # None: fused on CUDA
+        make_optimizer = functools.partial(make_adamw, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
         # 1. reshape the model
-        if layout.tp > 1 and impl == "scratch":
+        self.tp_specs, self.vocab_start, self.sequence_parallel_names = {}, None, None
+        if layout.tp > 1 and self.scratch:
             self.tp_specs = apply_tensor_parallel(model, layout.group("tp"))
             self.vocab_start = model.transformer.wte.lo  # the loss is computed vocabulary-parallel
             if sequence_parallel:
-                self.sequence_parallel_params = apply_sequence_parallel(model, layout.group("tp"))
+                self.sequence_parallel_names = apply_sequence_parallel(model, layout.group("tp"), self.tp_specs)
         elif layout.tp > 1:
             self.tp_specs = apply_tensor_parallel_native(model, layout, sequence_parallel)
             if sequence_parallel:  # DTensor sums the norms' gradients; the position table is a plain tensor
                 check_sequence_parallel(model.config.block_size, layout.tp)
                 split_positions_and_dropout(model, layout.group("tp"))
-                self.sequence_parallel_params = ["transformer.wpe.weight"] if model.transformer.wpe is not None else []
+                self.sequence_parallel_names = ["transformer.wpe.weight"] if model.transformer.wpe is not None else []
         if layout.cp > 1:
             apply_context_parallel(model, layout.group("cp"), cp_load_balance)
-        module = model
-        if layout.pp > 1:
-            module = PipelineStage(model, layout.rank("pp"), layout.pp)
-            self.pipeline = Pipeline(module, layout, pp_schedule, self.amp)
-            for name, p in module.named_parameters():  # a stage's weights are its own; a tied copy is not
-                p.sharded_over = {"pp"} if not (self.tied and name == "lm_head.weight" and not module.is_first) else set()
-        self.module = module  # this rank's parameters, under the GPT's names
-        self.forward_module = module
-        # 2. the data-parallel flavour
-        if diloco_steps:
-            self.optimizer = make_adamw(module, lr, betas, weight_decay, self.fused_adamw)
-            params = [p for p in module.parameters()]
-            for p in params:
-                broadcast(p.data, data_group, "init")
-            self.diloco = DiLoCo(params, data_group, diloco_steps, *diloco_outer)
-        elif impl == "scratch" and zero == 0:
-            if layout.size("data") > 1:
-                self.ddp = BucketedDataParallel(module, data_group, bucket_mb)
-            self.optimizer = make_adamw(module, lr, betas, weight_decay, self.fused_adamw)
-        elif impl == "scratch":
-            self._shard_for_zero(model, data_group, zero)
-            self.optimizer = ShardedAdamW(self.units, lr, betas)
-        else:
-            self._apply_native(model, layout, zero, bucket_mb, device)
-        if compile:
-            self.forward_module = torch.compile(self.forward_module)
+        self.pipeline = Pipeline(model, layout, pp_schedule, self.amp) if layout.pp > 1 else None
+        # 2. the data-parallel flavour, over the parameters this rank now holds
+        before = list(model.named_parameters())  # (kept alive, so that no new parameter reuses an id)
+        names = {id(p): n for n, p in before}  # ZeRO-3 wraps the blocks: keep the GPT's names
+        self.data_parallel = make_data_parallel(model, layout, zero, impl, bucket_mb, diloco_steps, diloco_outer,
+                                                make_optimizer, lr, betas, weight_decay)
+        self.module, self.optimizer = model, self.data_parallel.optimizer
+        self.forward_module = torch.compile(self.data_parallel.forward_module) if compile else self.data_parallel.forward_module
+        self.counted = {names.get(id(p), n): self._counts_in_norm(names.get(id(p), n), p) for n, p in model.named_parameters()}
 
-    # --- setup helpers
-    def _counted_in_norm(self, p, also_sharded_over=()) -> bool:
-        """Does this rank's copy of p count in the global gradient norm? A tensor replicated over
-        some mesh dims counts only on the rank with coordinate 0 along each of them."""
-        if is_dtensor(p):
-            # not is_shard(): FSDP2 on top of tensor parallelism uses _StridedShard, which is not a Shard
-            sharded = {p.device_mesh.mesh_dim_names[i] for i, pl in enumerate(p.placements) if not pl.is_replicate()}
-        else:
-            sharded = getattr(p, "sharded_over", set())
-        sharded = sharded | set(also_sharded_over)
-        return all(self.layout.rank(d) == 0 for d in MESH_DIMS if self.layout.size(d) > 1 and d not in sharded)
-
-    def _shard_for_zero(self, model: GPT, group, zero: int):
-        counted = functools.partial(self._counted_in_norm, also_sharded_over=("dp", "cp"))
-        if zero in (1, 2):  # one flat vector for the whole model, kept whole; its optimizer state sharded
-            self.units = [FlatShard(list(model.named_parameters()), group, self.weight_decay, True, counted)]
-            self.units[0].prefix = ""
-            return
-        # ZeRO-3: one unit per block, one for the rest (the root); the blocks are swapped for ZeRO3Blocks
-        block_ids = {id(p) for p in model.transformer.h.parameters()}
-        root = FlatShard([(n, p) for n, p in model.named_parameters() if id(p) not in block_ids], group,
-                         self.weight_decay, False, counted)
-        root.prefix, self.units = "", [root]
-        for i, block in enumerate(model.transformer.h):
-            unit = FlatShard(list(block.named_parameters()), group, self.weight_decay, False, counted)
-            unit.prefix = f"transformer.h.{i}."
-            self.units.append(unit)
-            model.transformer.h[i] = ZeRO3Block(block, unit)
-        self.forward_module = ZeRO3Model(model, root)
-
-    def _apply_native(self, model: GPT, layout: Layout, zero: int, bucket_mb: float, device):
-        from torch.nn.parallel import DistributedDataParallel
-
-        if zero in (2, 3):
-            apply_fsdp_native(model, layout, reshard_after_forward=zero == 3)
-            self.fsdp = model
-            self.optimizer = make_adamw(model, self.lr, self.betas, self.weight_decay, self.fused_adamw)
-            return
-        if layout.size("data") > 1:
-            # the only buffers (RoPE's cos/sin tables) are computed alike on every rank: no need to
-            # broadcast them before each forward (torch 2.13 renamed the switch)
-            import inspect
-
-            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                       else {"broadcast_buffers": False})
-            self.ddp_native = DistributedDataParallel(model, process_group=layout.group("data"), bucket_cap_mb=bucket_mb,
-                                                      **no_sync)
-            self.forward_module = self.ddp_native
-        if zero == 0:
-            self.optimizer = make_adamw(model, self.lr, self.betas, self.weight_decay, self.fused_adamw)
-            return
-        from torch.distributed.optim import ZeroRedundancyOptimizer  # ZeRO-1: AdamW state split across dp
-
-        groups = adamw_groups(model, self.weight_decay)
-        self.optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                                 process_group=layout.group("data"), lr=self.lr, betas=self.betas,
-                                                 weight_decay=self.weight_decay)
-        self.optimizer.add_param_group({"params": groups[1]["params"], "weight_decay": 0.0})
+    def _counts_in_norm(self, name: str, p) -> bool:
+        """Does this rank's part of p's gradient count in the global norm? Each element counts once:
+        on the rank with coordinate 0 along every mesh dim over which that part is replicated."""
+        split = {p.device_mesh.mesh_dim_names[i] for i, pl in enumerate(p.placements) if not pl.is_replicate()} \
+            if is_dtensor(p) else set()  # not is_shard(): FSDP2 over tensor parallelism places _StridedShard
+        split |= {"tp"} if name in self.tp_specs else set()
+        split |= {"pp"} if self.pipeline is not None and not (self.tied and name == "transformer.wte.weight") else set()
+        split |= {"dp", "cp"} if self.data_parallel.shards_over_data or self.data_parallel.independent_workers else set()
+        return all(self.layout.rank(d) == 0 for d in MESH_DIMS if self.layout.size(d) > 1 and d not in split)
 
     # --- one step
     def _local_loss(self, x, y):
-        if self.sequence_parallel_params is not None:
+        if self.sequence_parallel_names is not None:
             check_sequence_parallel(x.size(1), self.layout.tp)
         if self.layout.cp > 1:  # this rank's positions of every sequence
             x, y = context_slice(x, self.layout, self.cp_load_balance), context_slice(y, self.layout, self.cp_load_balance)
@@ -1542,129 +1898,68 @@ class Parallelized:
             return vocab_parallel_cross_entropy(logits, y, self.vocab_start, self.layout.group("tp"))
         return self.forward_module(x, y)[1]
 
-    @contextlib.contextmanager
-    def _gradient_sync(self, sync: bool):
-        """No gradient traffic on accumulation micro-steps (sync=False)."""
-        if sync:
-            yield
-        elif self.ddp is not None:
-            with self.ddp.no_sync():
-                yield
-        elif self.ddp_native is not None:
-            with self.ddp_native.no_sync():
-                yield
-        elif self.fsdp is not None:
-            self.fsdp.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                self.fsdp.set_requires_gradient_sync(True)
-        else:
-            yield
-
     def forward_backward(self, x, y, divisor: int = 1, sync: bool = True) -> torch.Tensor:
         """Loss of this rank's batch, and its gradient (of loss / divisor) accumulated into .grad."""
+        no_sync = self.data_parallel.no_sync
         if self.pipeline is not None:
-            return self._pipeline_forward_backward(x, y, divisor, sync)
-        with self._gradient_sync(sync):
+            return self.pipeline.forward_backward(x, y, self.microbatches, divisor, sync, no_sync)
+        with contextlib.nullcontext() if sync else no_sync():
             with self.amp:
                 loss = self._local_loss(x, y)
             scaled = loss / divisor
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.detach()
 
-    def _pipeline_forward_backward(self, x, y, divisor, sync):
-        if self.ddp is not None:  # only the last micro-batch's backward may start the all-reduce
-            self.ddp.require_sync = False
-
-        def before_last_backward():
-            if self.ddp is not None:
-                self.ddp.require_sync = sync
-
-        loss = self.pipeline.run(x, y, self.microbatches, divisor, before_last_backward)
-        if self.ddp is not None:
-            self.ddp.require_sync = True
-        return loss
-
     def finish_gradient_sync(self):
-        """After the last micro-step: complete the gradient averaging (and the tied embedding's sum)."""
-        if self.ddp is not None:
-            self.ddp.finish_gradient_sync()
-        if self.sequence_parallel_params is not None:  # after DDP (it writes .grad), before ZeRO (it reads .grad)
-            named = dict(self.module.named_parameters())  # by name: FSDP2 replaces the Parameter objects
-            reduce_sequence_parallel_grads([named[n] for n in self.sequence_parallel_params], self.layout.group("tp"))
-            if self.impl == "native":
+        """After the last micro-step: complete the gradient averaging, then the sums across stages
+        (tied embedding) and across tensor-parallel ranks (sequence parallelism's replicated weights)."""
+        self.data_parallel.finish_gradient_sync()
+        if self.pipeline is not None:
+            self.pipeline.finish_gradient_sync()
+        if self.sequence_parallel_names is not None:
+            if not self.scratch:
                 replicate_partial_grads(self.module)
-        if self.units is not None and self.zero in (1, 2):
-            self._reduce_flat_grads()
-        if self.pipeline is not None and self.tied and (self.module.is_first or self.module.is_last):
-            p = self.module.transformer.wte.weight if self.module.is_first else self.module.lm_head.weight
-            all_reduce(p.grad, self.layout.group("embedding"), "pp")  # first stage's part + last stage's part
-
-    # EXERCISE: zero
-    def _reduce_flat_grads(self):
-        """ZeRO 1: all-reduce the flat gradient, keep it all. ZeRO 2: reduce-scatter it, keep the shard."""
-        unit, n = self.units[0], group_size(self.units[0].group)
-        flat = torch.zeros(unit.shard_numel * n, dtype=unit.shard.dtype, device=unit.shard.device)
-        for p, offset in zip(unit.params, unit.offsets):
-            if p.grad is not None:
-                flat[offset:offset + p.numel()] = p.grad.reshape(-1)
-                p.grad = None  # the flat copy is the gradient from here on
-        r = dist.get_rank(unit.group) if n > 1 else 0
-        if self.zero == 1:
-            all_reduce(flat, unit.group, "grads")
-            self.full_grad = flat.div_(n)
-            unit.shard.grad = self.full_grad[r * unit.shard_numel:(r + 1) * unit.shard_numel]
-        else:
-            shard_grad = torch.empty(unit.shard_numel, dtype=flat.dtype, device=flat.device)
-            reduce_scatter(shard_grad, flat, unit.group, "grads")
-            unit.shard.grad = shard_grad.div_(n)
-
-    def _local_grads(self) -> list:
-        """(this rank's gradient tensor, 1.0 / 0.0 or a per-element mask: does it count in the norm)."""
-        if self.units is not None:
-            return [(u.shard.grad, u.norm_mask) for u in self.units if u.shard.grad is not None]
-        if self.diloco is not None:  # a DiLoCo worker's gradient is its own: all of it counts, locally
-            return [(p.grad, 1.0) for p in self.module.parameters() if p.grad is not None]
-        return [(local_part(p.grad), float(self._counted_in_norm(p))) for p in self.module.parameters() if p.grad is not None]
+            reduce_sequence_parallel_grads(self.data_parallel.local_grads(), self.sequence_parallel_names, self.layout.group("tp"))
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip the global gradient norm, sqrt(sum over all distinct gradient elements of g^2), as
         torch.nn.utils.clip_grad_norm_ does on one process: each rank sums the squares of the
-        elements it is responsible for, one all-reduce adds them up."""
+        elements it counts (_counts_in_norm), one all-reduce adds them up. DiLoCo workers clip alone."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        if self.layout.world_size == 1 and self.units is None:
+        if self.layout.world_size == 1 and not self.data_parallel.shards_over_data:
             return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
-        grads = self._local_grads()
-        sum_sq = torch.zeros((), device=grads[0][0].device if grads else self.layout.device)
-        for g, counted in grads:
-            sum_sq += (g.float() * counted).pow(2).sum()
-        if self.diloco is None and dist.is_initialized():  # DiLoCo workers clip alone
+        grads = self.data_parallel.local_grads()
+        sum_sq = torch.zeros((), device=self.layout.device)
+        for name, g in grads.items():
+            if self.counted[name]:
+                sum_sq += g.float().pow(2).sum()
+        if not self.data_parallel.independent_workers and dist.is_initialized():
             all_reduce(sum_sq, dist.group.WORLD, "clip")
         total = sum_sq.sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's formula, 1e-6 included
-        for g, _ in grads:  # every copy is scaled, counted or not, so replicas stay equal
+        for g in grads.values():  # every copy is scaled, counted or not, so replicas stay equal
             g.mul_(coef)
         return float(total)
 
     def optimizer_step(self):
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            self.scaler.step(self.optimizer)  # it calls optimizer.step(); a ZeRO-1/2 gather would be missed
+            self.scaler.update()              # (float16 runs on one device only: train.check_config)
         else:
-            self.optimizer.step()
-        if self.units is not None and self.zero in (1, 2):  # everyone's updated shard -> everyone's model
-            for unit in self.units:
-                all_gather(unit.full, unit.shard.detach(), unit.group, "params")
-        if self.diloco is not None:
-            self.diloco.after_inner_step()
+            self.data_parallel.step()
 
     def zero_grad(self):
-        self.optimizer.zero_grad(set_to_none=True)
-        for p in self.module.parameters():
-            p.grad = None
-        self.full_grad = None
+        self.data_parallel.zero_grad()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if flag is True on any: where workers train apart (DiLoCo) a NaN on one
+        must stop all of them, not leave the others waiting at the next collective."""
+        if not self.data_parallel.independent_workers or not dist.is_initialized():
+            return flag
+        t = torch.tensor(float(flag), device=self.layout.device)
+        all_reduce(t, dist.group.WORLD, "loss", op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def reduce_loss(self, loss: torch.Tensor) -> float:
         """The global batch's mean loss: from the last pipeline stage, averaged over the data group.
@@ -1672,7 +1967,7 @@ class Parallelized:
         t = loss.detach().float().reshape(()).clone()
         if self.layout.pp > 1:
             all_reduce(t, self.layout.group("pp"), "loss")  # only the last stage's is non-zero
-        if self.diloco is None and self.layout.size("data") > 1:
+        if not self.data_parallel.independent_workers and self.layout.size("data") > 1:
             all_reduce(t, self.layout.group("data"), "loss")
             t /= self.layout.size("data")
         return t.item()
@@ -1689,214 +1984,63 @@ class Parallelized:
         finally:
             self.module.train()
 
-    # --- memory, as counted tensor bytes
     def memory_bytes(self) -> dict:
         """Bytes this rank holds in parameters, gradients, optimizer state (step counters excluded)
         and communication buffers, counting each storage once."""
         seen, out = set(), Counter()
-
-        def add(kind, t):
-            if t is None:
-                return
-            storage = local_part(t).untyped_storage()
-            if storage.data_ptr() not in seen and storage.nbytes() > 0:
-                seen.add(storage.data_ptr())
-                out[kind] += storage.nbytes()
-
-        for p in self.module.parameters():
-            add("params", p)
-        for unit in self.units or []:
-            add("params", unit.shard)
-        for p in self.module.parameters():
-            add("grads", p.grad)
-        for unit in self.units or []:
-            add("grads", unit.shard.grad)
-        add("grads", self.full_grad)
-        for state in self.optimizer.state.values():
-            for t in state.values():
-                if torch.is_tensor(t) and t.dim() > 0:
-                    add("optimizer", t)
-        for bucket in self.ddp.buckets if self.ddp is not None else []:
-            add("buffers", bucket.buffer)
+        for kind, t in self.data_parallel.held_tensors():
+            if torch.is_tensor(t) and t.dim() > 0:
+                storage = local_part(t).untyped_storage()
+                if storage.data_ptr() not in seen and storage.nbytes() > 0:
+                    seen.add(storage.data_ptr())
+                    out[kind] += storage.nbytes()
         return dict(out)
 
-    # --- full, unsharded checkpoints
-    def _local_named_tensors(self) -> dict:
-        """name -> this stage's weights under the GPT's state_dict names, whole except for the
-        tensor-parallel split (ZeRO-3 shards are gathered)."""
-        if self.units is not None and self.zero == 3:
-            out = {}
-            for unit in self.units:
-                out.update({unit.prefix + k: v.clone() for k, v in unit.views(unit.gather(unit.shard, "checkpoint")).items()})
-            if self.tied:
-                out["lm_head.weight"] = out["transformer.wte.weight"]
-            return out
-        return {k: (v.full_tensor() if is_dtensor(v) else v).detach().clone() for k, v in self.module.state_dict().items()}
-
-    def _undo_tensor_parallel(self, tensors: dict) -> dict:
-        """Tensor-parallel pieces -> full tensors in the GPT's layout (all tp ranks take part)."""
-        out = {}
-        for name, t in tensors.items():
-            if name not in self.tp_specs:
-                out[name] = t
-                continue
-            dim, index = self.tp_specs[name]
-            if self.impl == "scratch":
-                parts = [torch.empty_like(t) for _ in range(self.layout.tp)]
-                dist.all_gather(parts, t.contiguous(), group=self.layout.group("tp"))
-                t = torch.cat(parts, dim)
-            out[name] = torch.empty_like(t).index_copy_(dim, torch.cat(index).to(t.device), t)
-        return out
-
-    def _gather_stages(self, tensors: dict):
-        """Every stage's dict -> one dict on pipeline rank 0 (None elsewhere). The first stage's copy
-        of a tied weight wins."""
-        if self.layout.pp == 1:
-            return tensors
-        group = self.layout.group("pp")
-        received = [None] * self.layout.pp if self.layout.rank("pp") == 0 else None
-        on_cpu = {k: ({n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v.cpu()) for k, v in tensors.items()}
-        dist.gather_object(on_cpu, received, dst=dist.get_global_rank(group, 0), group=group)
-        if received is None:
-            return None
-        merged = {}
-        for part in received:
-            for k, v in part.items():
-                merged.setdefault(k, v)
-        return merged
-
+    # --- full, unsharded checkpoints: the single-process model's tensors, gathered to global rank 0
     def full_state_dict(self) -> dict | None:
         """The single-process GPT's state_dict, on global rank 0 (None on the others). Collective."""
-        full = self._gather_stages(self._undo_tensor_parallel(self._local_named_tensors()))
+        full = gather_stages(gather_tensor_parallel(self.data_parallel.full_state(), self.tp_specs, self.layout, self.scratch),
+                             self.layout)
         if full is None or not self.layout.is_rank0:
             return None
         if self.tied and "lm_head.weight" in self.state_keys:
             full["lm_head.weight"] = full["transformer.wte.weight"]
         return {k: full[k].cpu() for k in self.state_keys}
 
-    def _param_names(self) -> dict:
-        """id(parameter) -> its GPT name (a tied copy maps to the embedding's name)."""
-        names = {}
-        for name, p in self.module.named_parameters():
-            names.setdefault(id(p), "transformer.wte.weight" if self.tied and name == "lm_head.weight" else name)
-        return names
-
-    def _local_optimizer_state(self) -> dict:
-        """name -> {"step", "exp_avg", "exp_avg_sq"} for this stage, tensor-parallel pieces still split."""
-        out = {}
-        if self.units is not None:
-            for unit in self.units:
-                state = self.optimizer.state.get(unit.shard)
-                if not state:
-                    continue
-                moments = {k: unit.views(unit.gather(state[k], "checkpoint")) for k in ("exp_avg", "exp_avg_sq")}
-                for name in unit.names:
-                    out[unit.prefix + name] = {"step": state["step"].clone(), "exp_avg": moments["exp_avg"][name].clone(),
-                                               "exp_avg_sq": moments["exp_avg_sq"][name].clone()}
-            return out
-        names = self._param_names()
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                state = self.optimizer.state.get(p)
-                if state:
-                    out[names[id(p)]] = {k: (v.full_tensor() if is_dtensor(v) else v).clone() for k, v in state.items()}
-        return out
-
     def full_optimizer_state_dict(self) -> dict | None:
-        """torch.optim.AdamW's state_dict for the single-process GPT (train.make_optimizer's groups),
-        on global rank 0 (None elsewhere), so a run with any other layout can resume from it. Collective."""
-        if self.ddp_native is not None and self.zero == 1:  # torch's ZeRO-1 has its own consolidation
-            self.optimizer.consolidate_state_dict(to=0)
-            return self.optimizer.state_dict() if self.layout.is_rank0 else None
-        local = self._local_optimizer_state()
+        """torch.optim.AdamW's state_dict for the single-process GPT (adamw_groups' two groups), on
+        global rank 0 (None elsewhere), so a run with any other layout can resume from it. Collective."""
+        local = self.data_parallel.full_optimizer_state()
         for key in ("exp_avg", "exp_avg_sq"):
-            split = self._undo_tensor_parallel({name: s[key] for name, s in local.items()})
+            split = gather_tensor_parallel({name: s[key] for name, s in local.items()}, self.tp_specs, self.layout, self.scratch)
             for name in local:
                 local[name][key] = split[name]
-        full = self._gather_stages(local)
+        full = gather_stages(local, self.layout)
         if full is None or not self.layout.is_rank0:
             return None
-        return self._as_torch_adamw_state(full)
-
-    def _as_torch_adamw_state(self, named: dict) -> dict:
         template = torch.optim.AdamW([{"params": [torch.zeros(1)], "weight_decay": self.weight_decay},
                                       {"params": [torch.zeros(1)], "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
         groups = template.state_dict()["param_groups"]
-        n_decay = self.n_matrices
-        groups[0]["params"], groups[1]["params"] = list(range(n_decay)), list(range(n_decay, len(self.optimizer_order)))
-        state = {i: {k: v.cpu() for k, v in named[name].items()} for i, name in enumerate(self.optimizer_order) if name in named}
+        groups[0]["params"], groups[1]["params"] = list(range(self.n_decayed)), list(range(self.n_decayed, len(self.adamw_order)))
+        state = {i: {k: v.cpu() for k, v in full[name].items()} for i, name in enumerate(self.adamw_order) if name in full}
         return {"state": state, "param_groups": groups}
 
-    def _local_piece(self, name: str, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """The part of a full tensor this rank holds in place of `like` (its parameter or state)."""
-        full = full.to(local_part(like).device)
-        if name in self.tp_specs:
-            dim, index = self.tp_specs[name]
-            rows = index[self.layout.rank("tp")] if self.impl == "scratch" else torch.cat(index)
-            full = full.index_select(dim, rows.to(full.device))
-        if is_dtensor(like):
-            from torch.distributed.tensor import distribute_tensor
-
-            return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
-        return full.clone()  # never alias the caller's checkpoint: the optimizer updates its state in place
-
-    @torch.no_grad()
     def load_full_state(self, model_state: dict, optimizer_state: dict | None = None):
         """Load a single-process checkpoint (as full_state_dict wrote it) into any layout: each rank
         keeps its part. Every rank reads the same full tensors."""
-        if self.units is not None:
-            for unit in self.units:
-                named = {n: self._local_piece(unit.prefix + n, model_state[unit.prefix + n], model_state[unit.prefix + n]) for n in unit.names}
-                if unit.full is not None:
-                    for p, (name) in zip(unit.params, unit.names):
-                        p.copy_(named[name].view_as(p))
-                else:
-                    unit.shard.copy_(unit.flatten(named))
-        else:
-            for name, p in self.module.state_dict(keep_vars=True).items():
-                local_part(p).copy_(self._local_piece(name, model_state[name], p))
-        if optimizer_state is not None:
-            self._load_optimizer_state(optimizer_state)
+        named = {self.adamw_order[i]: s for i, s in optimizer_state["state"].items()} if optimizer_state else None
 
-    def _load_optimizer_state(self, saved: dict):
-        if self.ddp_native is not None and self.zero == 1:
-            self.optimizer.load_state_dict(saved)
-            return
-        named = {self.optimizer_order[i]: s for i, s in saved["state"].items()}
-        if not named:
-            return
-        if self.units is not None:
-            for unit in self.units:
-                names = [unit.prefix + n for n in unit.names]
-                state = {"step": named[names[0]]["step"].clone().float()}
-                for key in ("exp_avg", "exp_avg_sq"):
-                    state[key] = unit.flatten({n: self._local_piece(unit.prefix + n, named[unit.prefix + n][key], named[unit.prefix + n][key])
-                                               for n in unit.names})
-                self.optimizer.state[unit.shard] = state
-            return
-        names, local = self._param_names(), {"state": {}, "param_groups": self.optimizer.state_dict()["param_groups"]}
-        index = 0
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                state = named[names[id(p)]]
-                local["state"][index] = {"step": state["step"].clone()}
-                for key in ("exp_avg", "exp_avg_sq"):
-                    piece = self._local_piece(names[id(p)], state[key], p)
-                    if is_dtensor(p):
-                        from torch.distributed.tensor import DTensor
+        def piece(name, full, like):
+            return dtensor_piece(tensor_parallel_piece(name, full, self.tp_specs, self.layout, self.scratch), like)
 
-                        piece = DTensor.from_local(piece, p.device_mesh, p.placements, run_check=False)
-                    local["state"][index][key] = piece
-                index += 1
-        self.optimizer.load_state_dict(local)
+        self.data_parallel.load_state(model_state, named, piece)
 
     def extra_state(self) -> dict:
-        """What else a resume needs: DiLoCo's global weights and outer momentum."""
-        return {"diloco": self.diloco.state_dict()} if self.diloco is not None else {}
+        """What else a resume needs (DiLoCo's global weights and outer momentum)."""
+        return self.data_parallel.extra_state()
 
     def load_extra_state(self, state: dict):
-        if self.diloco is not None and "diloco" in state:
-            self.diloco.load_state_dict(state["diloco"])
+        self.data_parallel.load_extra_state(state)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -369,7 +369,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     # ops, sqrt, divide, add eps, the update) are eight passes, about 80 bytes per parameter, each its
     # own launch per tensor (148 tensors in GPT-2 small: ~1200 launches in the for-loop version that
     # torch uses on a CPU; the foreach version on CUDA groups the tensors into a few launches per step)
-    return parallel.make_adamw(model, cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.weight_decay,
+    return parallel.make_adamw(model.parameters(), cfg.learning_rate, (cfg.beta1, cfg.beta2), cfg.weight_decay,
                                fused=fused_adamw_wanted(cfg, device))
 
 
@@ -577,7 +577,7 @@ def evaluate(par: parallel.Parallelized, manifest: dict, cfg: TrainConfig, block
     data-parallel rank its share of the global batch, so any layout sees the same windows. DiLoCo
     workers, whose weights differ between outer steps, each evaluate the whole global batch."""
     dp = par.layout.dp
-    rank, world = (par.layout.rank("dp"), dp) if par.diloco is None else (0, 1)
+    rank, world = (0, 1) if par.data_parallel.independent_workers else (par.layout.rank("dp"), dp)
     sampler = data.make_sampler(manifest, "val", block_size, cfg.batch_size * dp // world, seed=0, rank=rank, world_size=world)
     losses = []
     for _ in range(cfg.eval_iters):

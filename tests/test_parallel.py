@@ -669,7 +669,7 @@ def test_sharded_adamw_takes_torch_adamw_steps_on_a_flat_vector():
             p.normal_()  # not LayerNorm's ones and zeros: decay must show on every element
     ref.load_state_dict(ours.state_dict())
     lr, betas, wd = 0.05, (0.9, 0.95), 0.1
-    unit = parallel.FlatShard(list(ours.named_parameters()), None, wd, True, lambda p: True)
+    unit = parallel.FlatShard(list(ours.named_parameters()), None, wd, keep_full=True)
     opt = parallel.ShardedAdamW([unit], lr=lr, betas=betas)
     ref_opt = torch.optim.AdamW([{"params": [p for p in ref.parameters() if p.dim() >= 2], "weight_decay": wd},
                                  {"params": [p for p in ref.parameters() if p.dim() < 2], "weight_decay": 0.0}],
