@@ -130,14 +130,17 @@ context-parallel ranks hold copies of the weights too).
 
 Map of this file
 ----------------
-process groups (Layout, init_distributed) -> counted collectives -> data parallel (bucketed DDP)
--> ZeRO 1/2/3 (FlatShard, ShardedAdamW, GatherParams) -> tensor parallel (f, g, column/row layers,
-vocabulary-parallel embedding and cross-entropy) -> sequence parallel (all-gather / reduce-scatter
-along T, per-rank dropout) -> pipeline (stages, GPipe, 1F1B) -> context
-parallel (ring attention) -> DiLoCo -> torch's native versions -> Parallelized (composes them for
-train.py: forward-backward, gradient sync, clipping, step, memory count, full checkpoints) -> the
-command line (`preflight`: every collective once, with the usual fixes when one fails; `plan`: the
-formulas above for a model preset).
+process groups (Layout, init_distributed) -> counted collectives -> one replica (the decay rule,
+torch's AdamW, and Replicated: the calls every strategy answers, with no data parallelism) -> data
+parallel (BucketedDataParallel) -> ZeRO 1/2 and 3 (FlatShard, ShardedAdamW, ZeRO, GatherParams,
+ZeRO3) -> tensor parallel (f, g, column/row layers, vocabulary-parallel embedding and
+cross-entropy, its checkpoint pieces) -> sequence parallel (all-gather / reduce-scatter along T,
+per-rank dropout) -> pipeline (cut_to_stage, GPipe, 1F1B, the tied embedding's sum) -> context
+parallel (ring attention) -> DiLoCo -> torch's native versions (DTensor tensor parallelism, DDP
+and ZeroRedundancyOptimizer, FSDP2) and make_data_parallel -> Parallelized (the composition, with
+a table of which strategy does what in each call) -> the command line (`preflight`: every
+collective once, with the usual fixes when one fails; `plan`: scaling.py's formulas for a model
+preset, fed the counts this file stores).
 """
 
 from __future__ import annotations
@@ -474,6 +477,30 @@ class Replicated:
 
     def load_extra_state(self, state: dict):
         pass
+
+
+def adamw_state_dict(named: dict, order: list, n_decayed: int, lr: float, betas: tuple, weight_decay: float) -> dict:
+    """Per-name AdamW state -> the state_dict of a single-process torch AdamW over adamw_groups
+    (order: adamw_order's names, the first n_decayed of them in the decayed group)."""
+    template = torch.optim.AdamW([{"params": [torch.zeros(1)], "weight_decay": weight_decay},
+                                  {"params": [torch.zeros(1)], "weight_decay": 0.0}], lr=lr, betas=betas)
+    groups = template.state_dict()["param_groups"]
+    groups[0]["params"], groups[1]["params"] = list(range(n_decayed)), list(range(n_decayed, len(order)))
+    state = {i: {k: v.cpu() for k, v in named[name].items()} for i, name in enumerate(order) if name in named}
+    return {"state": state, "param_groups": groups}
+
+
+def storage_bytes(held) -> dict:
+    """kind -> bytes, over (kind, tensor) pairs, each storage counted once (a view adds nothing) and
+    0-dimensional tensors (AdamW's step counters) left out."""
+    seen, out = set(), Counter()
+    for kind, t in held:
+        if torch.is_tensor(t) and t.dim() > 0:
+            storage = local_part(t).untyped_storage()
+            if storage.data_ptr() not in seen and storage.nbytes() > 0:
+                seen.add(storage.data_ptr())
+                out[kind] += storage.nbytes()
+    return dict(out)
 
 
 def load_adamw_state(optimizer, module: nn.Module, named: dict, piece):
@@ -1759,6 +1786,24 @@ class TorchFSDP(Replicated):
             self.module.set_requires_gradient_sync(True)
 
 
+def apply_tensor_parallel_any(model: GPT, layout: Layout, scratch: bool, sequence_parallel: bool) -> tuple:
+    """Tensor (and sequence) parallelism from scratch or native, as Parallelized applies it. Returns
+    (specs for full checkpoints, the vocabulary slice's first id where the loss is computed
+    vocabulary-parallel, the names of the weights whose gradients sequence parallelism leaves partial)."""
+    if layout.tp == 1:
+        return {}, None, None
+    if scratch:
+        specs = apply_tensor_parallel(model, layout.group("tp"))
+        names = apply_sequence_parallel(model, layout.group("tp"), specs) if sequence_parallel else None
+        return specs, model.transformer.wte.lo, names
+    specs, names = apply_tensor_parallel_native(model, layout, sequence_parallel), None
+    if sequence_parallel:  # DTensor sums the norms' gradients; the position table is a plain tensor
+        check_sequence_parallel(model.config.block_size, layout.tp)
+        split_positions_and_dropout(model, layout.group("tp"))
+        names = ["transformer.wpe.weight"] if model.transformer.wpe is not None else []
+    return specs, None, names
+
+
 def make_data_parallel(model: GPT, layout: Layout, zero: int, impl: str, bucket_mb: float, diloco_steps: int,
                        diloco_outer: tuple, make_optimizer, lr: float, betas: tuple, weight_decay: float) -> Replicated:
     """The data-parallel flavour over the data group (dp x cp), as --zero, --impl and --diloco_steps choose."""
@@ -1853,18 +1898,8 @@ class Parallelized:
         fused = next(model.parameters()).device.type == "cuda" if fused_adamw is None else fused_adamw  # None: fused on CUDA
         make_optimizer = functools.partial(make_adamw, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
         # 1. reshape the model
-        self.tp_specs, self.vocab_start, self.sequence_parallel_names = {}, None, None
-        if layout.tp > 1 and self.scratch:
-            self.tp_specs = apply_tensor_parallel(model, layout.group("tp"))
-            self.vocab_start = model.transformer.wte.lo  # the loss is computed vocabulary-parallel
-            if sequence_parallel:
-                self.sequence_parallel_names = apply_sequence_parallel(model, layout.group("tp"), self.tp_specs)
-        elif layout.tp > 1:
-            self.tp_specs = apply_tensor_parallel_native(model, layout, sequence_parallel)
-            if sequence_parallel:  # DTensor sums the norms' gradients; the position table is a plain tensor
-                check_sequence_parallel(model.config.block_size, layout.tp)
-                split_positions_and_dropout(model, layout.group("tp"))
-                self.sequence_parallel_names = ["transformer.wpe.weight"] if model.transformer.wpe is not None else []
+        self.tp_specs, self.vocab_start, self.sequence_parallel_names = apply_tensor_parallel_any(
+            model, layout, self.scratch, sequence_parallel)
         if layout.cp > 1:
             apply_context_parallel(model, layout.group("cp"), cp_load_balance)
         self.pipeline = Pipeline(model, layout, pp_schedule, self.amp) if layout.pp > 1 else None
@@ -1985,16 +2020,8 @@ class Parallelized:
             self.module.train()
 
     def memory_bytes(self) -> dict:
-        """Bytes this rank holds in parameters, gradients, optimizer state (step counters excluded)
-        and communication buffers, counting each storage once."""
-        seen, out = set(), Counter()
-        for kind, t in self.data_parallel.held_tensors():
-            if torch.is_tensor(t) and t.dim() > 0:
-                storage = local_part(t).untyped_storage()
-                if storage.data_ptr() not in seen and storage.nbytes() > 0:
-                    seen.add(storage.data_ptr())
-                    out[kind] += storage.nbytes()
-        return dict(out)
+        """Bytes this rank holds in parameters, gradients, optimizer state and communication buffers."""
+        return storage_bytes(self.data_parallel.held_tensors())
 
     # --- full, unsharded checkpoints: the single-process model's tensors, gathered to global rank 0
     def full_state_dict(self) -> dict | None:
@@ -2018,12 +2045,7 @@ class Parallelized:
         full = gather_stages(local, self.layout)
         if full is None or not self.layout.is_rank0:
             return None
-        template = torch.optim.AdamW([{"params": [torch.zeros(1)], "weight_decay": self.weight_decay},
-                                      {"params": [torch.zeros(1)], "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
-        groups = template.state_dict()["param_groups"]
-        groups[0]["params"], groups[1]["params"] = list(range(self.n_decayed)), list(range(self.n_decayed, len(self.adamw_order)))
-        state = {i: {k: v.cpu() for k, v in full[name].items()} for i, name in enumerate(self.adamw_order) if name in full}
-        return {"state": state, "param_groups": groups}
+        return adamw_state_dict(full, self.adamw_order, self.n_decayed, self.lr, self.betas, self.weight_decay)
 
     def load_full_state(self, model_state: dict, optimizer_state: dict | None = None):
         """Load a single-process checkpoint (as full_state_dict wrote it) into any layout: each rank
@@ -2088,20 +2110,22 @@ def preflight(timeout_s: float, megabytes: float = 16.0):
 
 
 def plan(config, dp: int, tp: int, zero: int, batch_tokens: int) -> dict:
-    """The docstring's per-rank formulas (float32 bytes) for a model: memory and bytes sent per step."""
+    """The docstring's per-rank formulas for a model, float32: memory held and bytes sent per step.
+    The formulas live in scaling.py (model_state_bytes, data_parallel_bytes, tensor_parallel_bytes);
+    this feeds them the counts parallel.py really stores: N rounded up to a multiple of dp (ZeRO's
+    flat vector), or, for stage 3, each flat unit (root, then every block) rounded up."""
+    import scaling
+
     model = GPT(config)
     N = model.num_params()
     block = sum(p.numel() for p in model.transformer.h[0].parameters())
     root = N - config.n_layer * block
-    d, ring = dp, (dp - 1) / dp
-    Np = math.ceil(N / d) * d
-    memory = {0: (4 * N, 4 * N, 8 * N), 1: (4 * Np, 4 * Np, 8 * Np / d), 2: (4 * Np, 4 * Np / d, 8 * Np / d),
-              3: (4 * Np / d, 4 * Np / d, 8 * Np / d)}[zero]
-    sent = {0: 2 * ring * 4 * N, 1: 3 * ring * 4 * Np, 2: 2 * ring * 4 * Np,
-            3: ring * 4 * (3 * config.n_layer * block + 2 * root)}[zero]
-    tp_sent = 2 * (tp - 1) / tp * 4 * ((4 * config.n_layer + 2) * batch_tokens * config.n_embd + 3 * batch_tokens)
-    return dict(params=memory[0] / tp, grads=memory[1] / tp, optimizer=memory[2] / tp, data_parallel_bytes=sent / tp,
-                tensor_parallel_bytes=tp_sent if tp > 1 else 0.0)
+    padded = (lambda n: math.ceil(n / dp) * dp) if zero else (lambda n: n)
+    stored = padded(root) + config.n_layer * padded(block) if zero == 3 else padded(N)
+    states = scaling.model_state_bytes(stored, "fp32", zero, dp, tp)
+    sent = scaling.data_parallel_bytes(stored, zero, dp, 4, n_root=padded(root) if zero == 3 else 0)
+    return dict(params=states["weights"], grads=states["grads"], optimizer=states["optimizer"], data_parallel_bytes=sent / tp,
+                tensor_parallel_bytes=scaling.tensor_parallel_bytes(config, batch_tokens, tp, 4) if tp > 1 else 0.0)
 
 
 def main(argv=None):

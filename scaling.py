@@ -623,25 +623,52 @@ def shape_for_params(n_params: float, head_size: int = 128, aspect: int = 128) -
     return {"n_layer": L, "n_embd": C, "n_head": C // head_size}
 
 
+def data_parallel_bytes(n_params: float, zero: int, dp: int, bytes_per_value: float = 2, n_root: float = 0) -> float:
+    """Bytes one rank sends per optimizer step to keep dp data-parallel replicas in step, as
+    parallel.py implements each ZeRO stage (ring collectives: an all-reduce sends 2 (d-1)/d of the
+    tensor, a reduce-scatter or all-gather (d-1)/d; Patarasuk & Yuan 2009), with Psi = n_params
+    values of bytes_per_value each (pass the count as stored: ZeRO pads it to a multiple of dp):
+
+        stage 0 (DDP)  all-reduce the gradients                              2 (d-1)/d Psi
+        stage 1        all-reduce the gradients, all-gather updated weights   3 (d-1)/d Psi
+        stage 2        reduce-scatter the gradients, all-gather the weights   2 (d-1)/d Psi
+        stage 3        all-gather each block's weights in forward and again
+                       in backward (recomputed), reduce-scatter its gradient  3 (d-1)/d Psi
+
+    Stage 1 all-reduces in parallel.py, so that each stage adds one idea to the one before;
+    DeepSpeed's stage 1 reduce-scatters like stage 2 and sends 2 (d-1)/d Psi. Rajbhandari et al.
+    (2019, sec. 7) give 3 (d-1)/d Psi for stage 3; parallel.py gathers its root (embeddings, final
+    norm: n_root of the n_params) once per step and keeps it until backward: 3 Psi - n_root.
+    """
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, not {zero}")
+    values = {0: 2 * n_params, 1: 3 * n_params, 2: 2 * n_params, 3: 3 * n_params - n_root}[zero]
+    return values * (dp - 1) / dp * bytes_per_value
+
+
+def tensor_parallel_bytes(config: GPTConfig, tokens: int, tp: int, bytes_per_value: float = 2, layers: float | None = None,
+                          ends: bool = True) -> float:
+    """Bytes one rank sends per micro-batch of `tokens` positions under Megatron tensor parallelism
+    (Shoeybi et al. 2019, sec. 3): per layer, 2 all-reduces of the (tokens, C) activations forward
+    (after attention and after the MLP) and 2 backward, 2 (t-1)/t of them each; with ends, also the
+    vocabulary-parallel embedding's and output layer's all-reduces and the loss's three of (tokens)
+    numbers (max, sum of exponentials, target logit). Sequence parallelism replaces each all-reduce
+    by an all-gather plus a reduce-scatter: the same volume (Korthikanti et al. 2022, sec. 4.2.2)."""
+    layers = config.n_layer if layers is None else layers
+    values = (4 * layers + (2 if ends else 0)) * tokens * config.n_embd + (3 * tokens if ends else 0)
+    return 2 * (tp - 1) / tp * values * bytes_per_value
+
+
 def comm_bytes_per_step(n_params: float, config: GPTConfig, seq_len: int, sequences_per_rank: int, zero: int,
                         dp: int, tp: int, pp: int, grad_bytes: int = 2) -> dict:
-    """Bytes each GPU sends per optimizer step (ring collectives; what it receives is the same).
-
-    Data parallel all-reduce of the gradients: 2 (dp-1)/dp Psi values (a ring all-reduce is a
-    reduce-scatter plus an all-gather; Patarasuk & Yuan 2009). ZeRO-1 and -2 do exactly that, as a
-    reduce-scatter of gradients and an all-gather of updated weights; ZeRO-3 adds a second
-    all-gather of weights in backward: 3 (dp-1)/dp Psi (Rajbhandari et al. 2019, sec. 7).
-    Tensor parallel (Shoeybi et al. 2019, Megatron-LM, sec. 3): per layer and micro-batch, 2
-    all-reduces of s b h activations in forward and 2 in backward, each 2 (t-1)/t s b h values
-    (sequence parallelism replaces each by an all-gather plus a reduce-scatter: the same volume;
-    Korthikanti et al. 2022, sec. 4.2.2). Pipeline parallel: each micro-batch sends its s b h
-    activations forward and receives their gradient backward: 2 s b h values per stage boundary.
-    """
+    """Bytes each GPU sends per optimizer step (ring collectives; what it receives is the same):
+    data_parallel_bytes for the gradient sync over Psi = n_params / (tp pp) values,
+    tensor_parallel_bytes for its stage's layers in bf16, and pipeline parallelism's s b h
+    activations forward and their gradients backward per micro-batch and stage boundary."""
     psi = n_params / (tp * pp)
-    dp_factor = 3 if zero == 3 else 2
-    data_parallel = dp_factor * (dp - 1) / dp * psi * grad_bytes
+    data_parallel = data_parallel_bytes(psi, zero, dp, grad_bytes)
     sbh = seq_len * config.n_embd * 2  # one sequence's activations in bf16
-    tensor_parallel = (config.n_layer / pp) * sequences_per_rank * 4 * 2 * (tp - 1) / tp * sbh
+    tensor_parallel = tensor_parallel_bytes(config, sequences_per_rank * seq_len, tp, 2, config.n_layer / pp, ends=pp == 1)
     pipeline = sequences_per_rank * 2 * sbh if pp > 1 else 0
     return {"data_parallel": data_parallel, "tensor_parallel": tensor_parallel, "pipeline": pipeline,
             "total": data_parallel + tensor_parallel + pipeline}

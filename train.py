@@ -414,12 +414,12 @@ def check_speedups_fit(cfg: TrainConfig, model_config: GPTConfig, layout: parall
             raise ValueError(f"--fp8: {reason}; leave --fp8 off on this machine")
         if layout.tp > 1:
             raise ValueError("--fp8 with --tp: tensor parallelism replaces the Linear layers FP8 would swap; drop one")
-    if model_config.fused_ce and (layout.tp > 1 or layout.pp > 1):
-        raise ValueError("--fused_ce with --tp or --pp: the vocabulary-parallel loss and the last pipeline stage compute "
-                         "the plain cross-entropy themselves; drop --fused_ce")
-    if model_config.activation_checkpointing and (layout.pp > 1 or cfg.zero == 3):
-        raise ValueError("--activation_checkpointing with --pp or --zero 3: pipeline stages run their blocks themselves, "
-                         "and ZeRO-3 already recomputes every block; drop --activation_checkpointing")
+    if model_config.fused_ce and layout.tp > 1:
+        raise ValueError("--fused_ce with --tp: the vocabulary-parallel loss computes its cross-entropy from the logits "
+                         "slices itself; drop --fused_ce")
+    if model_config.activation_checkpointing and cfg.zero == 3:
+        raise ValueError("--activation_checkpointing with --zero 3: ZeRO-3 already recomputes every block; "
+                         "drop --activation_checkpointing")
 
 
 def compile_unavailable_reason(device: torch.device) -> str | None:

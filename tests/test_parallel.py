@@ -316,6 +316,11 @@ CHECKS = {
     "pp_gpipe": lambda: compare_with_reference("pp", tiny_config(n_layer=4), dict(dp=1, tp=1, pp=4, cp=1), microbatches=4,
                                                pp_schedule="gpipe"),
     "dp_pp": lambda: compare_with_reference("dppp", tiny_config(), dict(dp=2, tp=1, pp=2, cp=1), microbatches=2, grad_accum=2),
+    # pipeline stages run the GPT's own embed, run_blocks and head, so its options work there too
+    "dp_pp_activation_checkpointing": lambda: compare_with_reference("dpppac", tiny_config(activation_checkpointing=True),
+                                                                     dict(dp=2, tp=1, pp=2, cp=1), microbatches=2),
+    "pp_fused_ce": lambda: compare_with_reference("ppce", tiny_config(n_layer=4, fused_ce=True), dict(dp=1, tp=1, pp=4, cp=1),
+                                                  microbatches=2),
     "cp_ring": lambda: compare_with_reference("cp", tiny_config(), dict(dp=1, tp=1, pp=1, cp=4)),
     "cp_ring_balanced_rope_gqa": lambda: compare_with_reference("cpb", tiny_config(rope=True, n_kv_head=2),
                                                                 dict(dp=1, tp=1, pp=1, cp=4), cp_load_balance=True),
@@ -435,6 +440,24 @@ def test_zero_3_gathers_each_block_twice_and_reduce_scatters_once(results):
     expected = {"params": (d - 1) / d * 4 * (root + 2 * sum(blocks)), "grads": (d - 1) / d * 4 * (root + sum(blocks))}
     for r in get(results, "zero3_scratch"):
         assert all(s == expected for s in r["sent"])
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_scaling_py_traffic_formula_equals_the_bytes_each_zero_stage_sends(results, stage):
+    # scaling.data_parallel_bytes is the one home of these formulas (parallel.plan calls it too):
+    # fed the counts ZeRO stores, it must equal the bytes the collective wrappers counted
+    c, d = tiny_config(), WORLD
+    root, *blocks = padded_units(c, d)
+    stored = {0: n_params(c), 3: root + sum(blocks)}.get(stage, math.ceil(n_params(c) / d) * d)
+    expected = scaling.data_parallel_bytes(stored, stage, d, 4, n_root=root if stage == 3 else 0)
+    for r in get(results, "ddp_scratch" if stage == 0 else f"zero{stage}_scratch"):
+        assert all(sum(s.values()) == pytest.approx(expected, rel=1e-12) for s in r["sent"])
+
+
+def test_scaling_py_tensor_parallel_formula_equals_the_bytes_sent(results):
+    expected = scaling.tensor_parallel_bytes(tiny_config(), GLOBAL_BATCH * T, WORLD, 4)
+    for r in get(results, "tp_scratch"):
+        assert all(s["tp"] == pytest.approx(expected, rel=1e-12) for s in r["sent"])
 
 
 def tensor_parallel_bytes(c, t, B=GLOBAL_BATCH) -> float:
@@ -576,6 +599,9 @@ CLI_LAYOUTS = {
     "tp": ["--tp", "2", "--batch_size", "8"],
     "tp_sequence_parallel": ["--tp", "2", "--sequence_parallel", "--batch_size", "8"],
     "pp": ["--pp", "2", "--microbatches", "4", "--batch_size", "8"],
+    # the stages run the model's own code: its activation checkpointing and fused loss hold there too
+    "pp_checkpointing_fused_ce": ["--pp", "2", "--microbatches", "4", "--batch_size", "8", "--activation_checkpointing",
+                                  "--fused_ce"],
     "cp": ["--cp", "2", "--batch_size", "8"],
 }
 
@@ -695,6 +721,7 @@ TWO_RANK_CHECKS = {
                                                     bucket_mb=0.01),  # 0.01 MB: several buckets
     "zero1": lambda: compare_with_reference("z1_2", tiny_config(), dict(dp=2, tp=1, pp=1, cp=1), zero=1),
     "zero2": lambda: compare_with_reference("z2_2", tiny_config(), dict(dp=2, tp=1, pp=1, cp=1), zero=2),
+    "zero3": lambda: compare_with_reference("z3_2", tiny_config(), dict(dp=2, tp=1, pp=1, cp=1), zero=3),
     "tensor_parallel": lambda: compare_with_reference("tp2", tiny_config(), dict(dp=1, tp=2, pp=1, cp=1)),
 }
 
