@@ -482,6 +482,58 @@ def make_parallelized(model: GPT, cfg: TrainConfig, layout: parallel.Layout, dty
 
 
 # ----------------------------------------------------------------------------------------------
+# One training step: what the loop and --bench both run
+
+
+def nonfinite_reason(loss: float, grad_norm: float | None, gradient_scaler: bool) -> str:
+    """What was inf or NaN in a step ("" if nothing). Under float16's gradient scaler an inf gradient
+    norm is routine, not a fault: the scaler skips that update and lowers its scale, so only the loss
+    counts there. Without --grad_clip the norm is not computed, and only the loss is checked."""
+    if not math.isfinite(loss):
+        return f"loss is {loss}"
+    if grad_norm is not None and not math.isfinite(grad_norm) and not gradient_scaler:
+        return f"gradient norm is {grad_norm}"
+    return ""
+
+
+def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int, gradient_scaler: bool = False) -> dict:
+    """Optimizer step `step` (0-based): {"loss", "grad_norm", "lr", "skipped"}.
+
+    1. lr from the schedule, set in every parameter group.
+    2. grad_accum micro-batches; each loss divided by grad_accum, so the accumulated gradient is the
+       mean over the whole batch, as one big batch would give, and grad_clip keeps its meaning
+       (nanoGPT #168). Gradients cross ranks only on the last micro-step (sync), then the sync is
+       completed (finish_gradient_sync: the wait for the last buckets, ZeRO's reduce-scatter, ...).
+    3. The global batch's mean loss and the global gradient norm, clipped, both read before the
+       update so that a bad step never reaches the weights. Both are the same on every rank, except
+       under DiLoCo, whose workers train apart: there any_rank makes one worker's bad step everyone's.
+    4. The update, unless the step is bad ("skipped" says why; the loop decides what follows).
+    Reading the loss waits for the device, so a step's wall time is all of its work.
+    """
+    lr = learning_rate_at(step, cfg)
+    for group in par.optimizer.param_groups:
+        group["lr"] = lr
+    device = par.layout.device
+    loss_sum = 0.0
+    # EXERCISE BEGIN grad-accum (tests/test_train.py -k train_step)
+    for micro in range(cfg.grad_accum):
+        x, y = sampler.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss_sum += par.forward_backward(x, y, divisor=cfg.grad_accum, sync=micro == cfg.grad_accum - 1)
+    par.finish_gradient_sync()
+    loss = par.reduce_loss(loss_sum / cfg.grad_accum)
+    # EXERCISE END grad-accum
+    grad_norm = par.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else None
+    bad = nonfinite_reason(loss, grad_norm, gradient_scaler)
+    if par.any_rank(bool(bad)):
+        bad = bad or "another worker's loss or gradient norm is not finite"
+    else:
+        par.optimizer_step()
+    par.zero_grad()  # a skipped step's gradients are dropped, and its batch with them
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": bad}
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints: atomic writes, safe loads
 
 
@@ -527,6 +579,62 @@ def set_rng_states(states: dict):
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(run: "Run"):
+    """Everything the next step depends on, written atomically by rank 0. Collective: the tensors
+    are the single-process model's and optimizer's, gathered to rank 0 (every rank takes part), so
+    any layout or world size can resume from them."""
+    state, optimizer = run.par.full_state_dict(), run.par.full_optimizer_state_dict()
+    if run.layout.is_rank0:
+        atomic_torch_save({"model": state, "optimizer": optimizer, "scaler": run.scaler.state_dict(),
+                           "sampler": run.sampler.state_dict(), "rng": rng_states(), "step": run.step,
+                           "model_config": asdict(run.model_config), "train_config": asdict(run.cfg),
+                           "data_dir": os.path.basename(run.manifest["dir"]), "parallel": run.par.extra_state()}, run.ckpt_path)
+    run.saved_step, run.saved_state = run.step, state
+
+
+def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, dp: int) -> int:
+    """The inverse of save_checkpoint, into any layout: weights, optimizer and strategy state (each
+    rank keeps its part), gradient scaler, data position (resharded to dp ranks) and RNG states.
+    Returns the step to continue from."""
+    par.load_full_state(ckpt["model"], ckpt["optimizer"])
+    par.load_extra_state(ckpt.get("parallel", {}))
+    scaler.load_state_dict(ckpt["scaler"])
+    sampler.load_state_dict(reshard_sampler_state(ckpt["sampler"], dp))
+    set_rng_states(ckpt["rng"])
+    return ckpt["step"]
+
+
+def reshard_sampler_state(state: dict, world_size: int) -> dict:
+    """The loader position for another number of data-parallel ranks. With W ranks at position p,
+    the windows consumed are exactly the first p W of the epoch's permutation (rank r took r, r+W,
+    ...), so W' ranks continue at p W / W' (pitfall: torchtitan #811)."""
+    if state.get("world_size", 1) == world_size:
+        return state
+    consumed = state["position"] * state["world_size"]
+    if consumed % world_size:
+        raise ValueError(f"cannot resume: the checkpoint's loader consumed {consumed} windows of its epoch, not a "
+                         f"multiple of --dp {world_size}; resume with --dp {state['world_size']}")
+    return {**state, "position": consumed // world_size, "world_size": world_size}
+
+
+def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfig):
+    """Refuse a resume that would silently change the model or the data (pitfall: torchtitan #809, #811)."""
+    saved = ckpt["model_config"]
+    diff = {k: (saved.get(k), v) for k, v in asdict(model_config).items() if k not in IMPLEMENTATION_FIELDS and saved.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+        raise ValueError(f"cannot resume: the checkpoint's model differs ({shown}); use the same model flags or another --out_dir")
+    old = ckpt["train_config"]
+    for k in ("data", "tokenizer", "vocab_size", "max_data_bytes", "text_field", "dedup", "quality_filter", "mix", "mix_by"):
+        if old.get(k) != getattr(cfg, k):
+            raise ValueError(f"cannot resume: --{k} was {old.get(k)!r} in the checkpoint, now {getattr(cfg, k)!r}; keep it the same to continue exactly")
+    # the layout may change (dp 2 -> dp 1, ZeRO -> tensor parallel), but not the global batch
+    old_global, new_global = old["batch_size"] * old.get("dp", 1), cfg.batch_size * cfg.dp
+    if old_global != new_global:
+        raise ValueError(f"cannot resume: the global batch was --batch_size x --dp = {old_global} sequences, now {new_global};"
+                         " keep batch_size x dp the same to continue exactly")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,209 +734,202 @@ def prepare_data(cfg: TrainConfig, verbose: bool = True) -> tuple[dict, object]:
     return manifest, enc
 
 
-def nonfinite_reason(loss: float, grad_norm: float | None, gradient_scaler: bool) -> str:
-    """What was inf or NaN in a step ("" if nothing). Under float16's gradient scaler an inf gradient
-    norm is routine, not a fault: the scaler skips that update and lowers its scale, so only the loss
-    counts there. Without --grad_clip the norm is not computed, and only the loss is checked."""
-    if not math.isfinite(loss):
-        return f"loss is {loss}"
-    if grad_norm is not None and not math.isfinite(grad_norm) and not gradient_scaler:
-        return f"gradient norm is {grad_norm}"
-    return ""
-
-
 def train(cfg: TrainConfig, model_overrides: dict) -> dict:
     """Run (or resume) training; returns the last training and validation losses. Under torchrun,
     every process runs this; rank 0 alone prints and writes files."""
     check_config(cfg)
     # the model's shape against --tp, before any process group or corpus exists (the vocabulary is
-    # padded to a multiple of --tp in train_on, so only heads and MLP width can fail to split)
+    # padded to a multiple of --tp in start_run, so only heads and MLP width can fail to split)
     parallel.check_tensor_parallel(GPTConfig(**{**model_overrides, "vocab_size": math.lcm(cfg.pad_vocab, cfg.tp)}), cfg.tp)
     layout = parallel.init_distributed(cfg.dp, cfg.tp, cfg.pp, cfg.cp, pick_device(cfg.device), cfg.dist_timeout)
     with contextlib.redirect_stdout(sys.stdout if layout.is_rank0 else open(os.devnull, "w")):  # one log per job
         return train_on(cfg, model_overrides, layout)
 
 
-def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
-    device = layout.device
-    dtype = pick_dtype(cfg.dtype, device)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)  # every rank reads the full checkpoint and keeps its part
-    elif os.path.exists(ckpt_path) and not cfg.overwrite:
-        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue that run, --overwrite to replace it, or another --out_dir")
+@dataclass
+class Run:
+    """What the training loop works with, built by start_run."""
 
+    cfg: TrainConfig
+    layout: parallel.Layout
+    model_config: GPTConfig
+    par: parallel.Parallelized
+    scaler: torch.amp.GradScaler
+    sampler: data.TokenSampler
+    manifest: dict
+    enc: object  # the tokenizer (tiktoken.Encoding)
+    ckpt_path: str
+    step: int  # optimizer steps done
+    resumed: bool
+    metrics: Metrics | None  # rank 0 only
+    gzip_bpb: float
+    saved_step: int | None = None  # the last good checkpoint's step, named if the loss goes bad
+    saved_state: dict | None = None  # its model tensors (rank 0), for the closing sample
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient norm, in this invocation
+
+
+def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
+    """The training loop: one train_step per optimizer step and its log line, then, at the
+    intervals, a checkpoint and an evaluation, in that order (a crash in evaluation must not cost
+    the steps before it: nanochat #446)."""
+    run = start_run(cfg, model_overrides, layout)
+    stop = min(cfg.stop_at or cfg.max_iters, cfg.max_iters)
+    checkpoint_every = cfg.checkpoint_interval or cfg.eval_interval
+    result = {"loss": None, "val_loss": None, "val_bpb": None, "gzip_bpb": run.gzip_bpb}
+    if run.resumed and (run.step % cfg.eval_interval == 0 or run.step == stop):
+        evaluate_and_log(run, result)  # a crash may have cut off the evaluation after this checkpoint
+    progress = Progress(run.step, stop)
+    while run.step < stop:
+        t0 = time.perf_counter()
+        out = train_step(run.par, run.sampler, cfg, run.step, run.scaler.is_enabled())
+        run.step += 1
+        if out["skipped"]:
+            skip_step(run, out)  # raises once --skip_nonfinite steps have been skipped
+        else:
+            log_step(run, out, time.perf_counter() - t0, progress, stop)
+            result["loss"] = out["loss"]
+        if run.step % checkpoint_every == 0 or run.step == stop:
+            save_checkpoint(run)
+        if run.step % cfg.eval_interval == 0 or run.step == stop:
+            evaluate_and_log(run, result)
+    return finish_run(run, result)
+
+
+def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> Run:
+    """Everything before the first step: the checkpoint to resume (read first, so a bad one fails
+    before any work), the corpus, the model with its speed-ups and strategies, the data sampler,
+    the restored state, the output directory, and the banner."""
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path) if cfg.resume else None  # every rank reads it and keeps its part
+    if ckpt is None and os.path.exists(ckpt_path) and not cfg.overwrite:
+        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue that run, --overwrite to replace it, or another --out_dir")
     if layout.world_size > 1 and not layout.is_rank0:
         torch.distributed.barrier()  # rank 0 prepares the corpus first; the others then find it prepared
     manifest, enc = prepare_data(cfg)
     if layout.world_size > 1 and layout.is_rank0:
         torch.distributed.barrier()
     # padded to a multiple of --tp as well, so tensor parallelism splits the vocabulary evenly (a
-    # vocabulary that does not divide diverged in torchtitan #1136); for tp = 1, 2, 4, ... 64 it is unchanged
-    vocab = padded_vocab_size(manifest["vocab_size"], math.lcm(cfg.pad_vocab, cfg.tp))
-    model_config = GPTConfig(**{**model_overrides, "vocab_size": vocab})
+    # vocabulary that does not divide diverged in torchtitan #1136)
+    model_config = GPTConfig(**{**model_overrides, "vocab_size": padded_vocab_size(manifest["vocab_size"],
+                                                                                   math.lcm(cfg.pad_vocab, cfg.tp))})
     if ckpt is not None:
         check_resume_compatible(ckpt, model_config, cfg)
-
     torch.manual_seed(cfg.seed)  # the same seed on every rank: every replica starts from the same weights
-    model = GPT(model_config).to(device)
-    n_params, n_params_blocks = model.num_params(), model.num_params(exclude_embeddings=True)
-    par, scaler = make_parallelized(model, cfg, layout, dtype)  # the speed-ups and the layout's strategies
+    model = GPT(model_config).to(layout.device)
+    counts = model.num_params(), model.num_params(exclude_embeddings=True)
+    par, scaler = make_parallelized(model, cfg, layout, pick_dtype(cfg.dtype, layout.device))
     del model  # a pipeline stage or a sharded model keeps only its part; the full model is rebuilt for sampling
     # each data-parallel rank reads its own windows; tensor, pipeline and context ranks share theirs
-    train_sampler = data.make_sampler(manifest, "train", model_config.block_size, cfg.batch_size, seed=cfg.seed,
-                                      rank=layout.rank("dp"), world_size=layout.dp)
-    step = 0
+    sampler = data.make_sampler(manifest, "train", model_config.block_size, cfg.batch_size, seed=cfg.seed,
+                                rank=layout.rank("dp"), world_size=layout.dp)
+    step = restore_checkpoint(ckpt, par, scaler, sampler, layout.dp) if ckpt is not None else 0
     if ckpt is not None:
-        par.load_full_state(ckpt["model"], ckpt["optimizer"])
-        par.load_extra_state(ckpt.get("parallel", {}))
-        scaler.load_state_dict(ckpt["scaler"])
-        train_sampler.load_state_dict(reshard_sampler_state(ckpt["sampler"], layout.dp))
-        set_rng_states(ckpt["rng"])
-        step = ckpt["step"]
         print(f"resumed from {ckpt_path} at step {step}")
-    if layout.is_rank0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        for stale in glob.glob(f"{ckpt_path}.tmp.*"):  # a crash during a checkpoint write left it (ckpt.pt is the one before)
-            os.remove(stale)
-        write_json_atomic(run_info(cfg, model_config, manifest), os.path.join(cfg.out_dir, "run.json"))
-        metrics = Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), step if ckpt is not None else None)
-    full_state = None
+    metrics = start_out_dir(cfg, model_config, manifest, ckpt_path, step if ckpt is not None else None, layout)
+    gzip_bpb = gzip_bits_per_byte(data.split_tokens(manifest, "val"), enc, manifest["eot_id"])
+    run = Run(cfg, layout, model_config, par, scaler, sampler, manifest, enc, ckpt_path, step, ckpt is not None, metrics,
+              gzip_bpb, saved_step=step if ckpt is not None else None)
+    print_banner(run, *counts)
+    return run
 
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * layout.dp * model_config.block_size  # the global batch
-    # 6N + 12 L C T per token and the device's dense peak for this dtype: both from scaling.py
-    flops_per_token = scaling.flops_per_token_6n(model_config, model_config.block_size)
-    peak = scaling.device_peak_flops(device, dtype)
-    val_tokens = data.split_tokens(manifest, "val")
-    tokens_per_byte = manifest["val_tokens"] / manifest["val_bytes"]
-    gzip_bpb = gzip_bits_per_byte(val_tokens, enc, manifest["eot_id"])
-    print(f"model: {n_params:,} parameters ({n_params_blocks:,} without embeddings) | "
-          f"device {device} | dtype {str(dtype).replace('torch.', '')} | {tokens_per_step:,} tokens/step")
+
+def start_out_dir(cfg: TrainConfig, model_config: GPTConfig, manifest: dict, ckpt_path: str, resume_step: int | None,
+                  layout: parallel.Layout) -> Metrics | None:
+    """On rank 0: the output directory, without a crashed write's leftover, with run.json and the
+    metrics file (cut back to the resumed checkpoint's step)."""
+    if not layout.is_rank0:
+        return None
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    for stale in glob.glob(f"{ckpt_path}.tmp.*"):  # a crash during a checkpoint write left it (ckpt.pt is the one before)
+        os.remove(stale)
+    write_json_atomic(run_info(cfg, model_config, manifest), os.path.join(cfg.out_dir, "run.json"))
+    return Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step)
+
+
+def print_banner(run: Run, n_params: int, n_params_blocks: int):
+    cfg, layout, device = run.cfg, run.layout, run.layout.device
+    dtype = str(pick_dtype(cfg.dtype, device)).replace("torch.", "")
+    print(f"model: {n_params:,} parameters ({n_params_blocks:,} without embeddings) | device {device} | dtype {dtype}"
+          f" | {tokens_per_step(run):,} tokens/step")
     if layout.world_size > 1:
         print(f"parallel: {layout.world_size} processes = pp {layout.pp} x dp {layout.dp} x cp {layout.cp} x tp {layout.tp}"
               f" | zero {cfg.zero} | impl {cfg.impl}" + (f" | DiLoCo every {cfg.diloco_steps} steps" if cfg.diloco_steps else ""))
-    print(f"baseline: gzip -9 compresses the validation text to {gzip_bpb:.3f} bits per byte")
-    if device.type == "cuda" and peak is None:
+    print(f"baseline: gzip -9 compresses the validation text to {run.gzip_bpb:.3f} bits per byte")
+    if device.type == "cuda" and scaling.device_peak_flops(device, pick_dtype(cfg.dtype, device)) is None:
         print(f"MFU: unknown GPU '{torch.cuda.get_device_name(device)}' (add its peak to scaling.PEAK_FLOPS)")
 
-    stop = min(cfg.stop_at or cfg.max_iters, cfg.max_iters)
-    ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
-    result = {"loss": None, "val_loss": None, "val_bpb": None, "gzip_bpb": gzip_bpb}
-    saved_step = step if ckpt is not None else None  # the last good checkpoint, named if the loss goes bad
-    skipped = 0  # steps skipped for a non-finite loss or gradient norm, in this invocation
 
-    def evaluate_and_log(step: int):  # every rank evaluates: the losses are all-reduced
-        val_loss = evaluate(par, manifest, cfg, model_config.block_size, device)
-        val_bpb = data.bits_per_byte(val_loss, manifest["val_tokens"], manifest["val_bytes"])
-        if layout.is_rank0:
-            metrics.log(step=step, val_loss=val_loss, val_bpb=val_bpb)
-        result.update(val_loss=val_loss, val_bpb=val_bpb)
-        print(f"step {step:5d} | val loss {val_loss:.4f} | val {val_bpb:.3f} bits/byte (gzip -9: {gzip_bpb:.3f})"
-              f" | {tokens_per_byte:.3f} tokens/byte", flush=True)
+def tokens_per_step(run: Run) -> int:
+    """The global batch: batch_size x grad_accum sequences on each of the dp replicas."""
+    return run.cfg.batch_size * run.cfg.grad_accum * run.layout.dp * run.model_config.block_size
 
-    if ckpt is not None and (step % cfg.eval_interval == 0 or step == stop):
-        # the evaluation that followed this checkpoint may have been cut off by a crash (Metrics
-        # dropped it): the same weights give the same numbers, so evaluate them again
-        evaluate_and_log(step)
-    while step < stop:
-        t0 = time.perf_counter()
-        lr = learning_rate_at(step, cfg)
-        for group in par.optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y = train_sampler.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # the loss is divided by grad_accum: the accumulated gradient is then the mean over all
-            # micro-batches, the same as one big batch, and grad_clip keeps its meaning (nanoGPT #168);
-            # gradients are synchronised across ranks on the last micro-step only
-            loss_sum += par.forward_backward(x, y, divisor=cfg.grad_accum, sync=micro == cfg.grad_accum - 1)
-        par.finish_gradient_sync()
-        # the global gradient norm, over every rank's gradients (unscaled first), and the global
-        # batch's mean loss, both read before the update so that a bad step never reaches the
-        # weights; every rank gets the same two numbers and takes the same branch. Reading the loss
-        # waits for the GPU, so ms/step is honest (the update's own kernels finish in the next step's)
-        grad_norm = par.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else None
-        train_loss = par.reduce_loss(loss_sum / cfg.grad_accum)
-        step += 1
-        bad = nonfinite_reason(train_loss, grad_norm, scaler.is_enabled())
-        if bad:
-            skipped += 1
-            if skipped > cfg.skip_nonfinite:
-                where = f"{ckpt_path} (step {saved_step})" if saved_step is not None else "none yet"
-                after = f" after {cfg.skip_nonfinite} skipped step(s)" if cfg.skip_nonfinite else ""
-                raise FloatingPointError(f"{bad} at step {step}{after}; the last good checkpoint is {where}: lower "
-                                         "--learning_rate, use --dtype bfloat16 instead of float16, or --skip_nonfinite N "
-                                         "to step over rare bad batches, then --resume")
-            par.zero_grad()  # no update: this step's gradients are dropped, and its batch with them
-            print(f"step {step:5d}/{cfg.max_iters} | {bad}: skipped, no update ({skipped} of --skip_nonfinite "
-                  f"{cfg.skip_nonfinite})", flush=True)
-            if layout.is_rank0:
-                metrics.log(step=step, skipped=bad, lr=lr)
-        else:
-            par.optimizer_step()
-            par.zero_grad()
-            dt = time.perf_counter() - t0
-            tokens_per_s = tokens_per_step / dt
-            mfu = scaling.mfu(tokens_per_s / layout.world_size, flops_per_token, peak)  # per device
-            if layout.is_rank0:
-                metrics.log(step=step, loss=train_loss, lr=lr, ms_per_step=1000 * dt, tokens_per_s=tokens_per_s, mfu=mfu)
-            result["loss"] = train_loss
-            if step % cfg.log_interval == 0 or step == stop:
-                mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
-                print(f"step {step:5d}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {1000 * dt:7.1f} ms"
-                      f" | {tokens_per_s:9,.0f} tok/s{mfu_text}", flush=True)
-        if step % ckpt_every == 0 or step == stop:
-            # checkpoint first, then evaluate: a crash in evaluation costs nothing (nanochat #446). The
-            # tensors are the single-process model's and optimizer's, gathered to rank 0 (every rank
-            # takes part), so any layout or world size can resume from them
-            full_state, full_optimizer = par.full_state_dict(), par.full_optimizer_state_dict()
-            if layout.is_rank0:
-                atomic_torch_save({"model": full_state, "optimizer": full_optimizer, "scaler": scaler.state_dict(),
-                                   "sampler": train_sampler.state_dict(), "rng": rng_states(), "step": step,
-                                   "model_config": asdict(model_config), "train_config": asdict(cfg),
-                                   "data_dir": os.path.basename(manifest["dir"]), "parallel": par.extra_state()}, ckpt_path)
-            saved_step = step
-        if step % cfg.eval_interval == 0 or step == stop:
-            evaluate_and_log(step)
-    model = None  # rank 0 samples from the full model, rebuilt from the last checkpoint's tensors
-    if layout.is_rank0 and full_state is not None:
-        model = GPT(model_config).to(device)
-        model.load_state_dict(full_state)
-    result["model"], result["enc"], result["manifest"], result["device"] = model, enc, manifest, device
+
+class Progress:
+    """Time left, from the mean time per step so far in this invocation (evaluations included)."""
+
+    def __init__(self, first_step: int, stop: int):
+        self.first_step, self.stop, self.t0 = first_step, stop, time.perf_counter()
+
+    def eta(self, step: int) -> str:
+        done = step - self.first_step
+        seconds = (time.perf_counter() - self.t0) / max(1, done) * (self.stop - step)
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def log_step(run: Run, out: dict, seconds: float, progress: Progress, stop: int):
+    """One line per log_interval steps on stdout, one JSON record per step in metrics.jsonl."""
+    tokens_per_s = tokens_per_step(run) / seconds
+    # 6N + 12 L C T per token over the device's dense peak for this dtype, per device (scaling.py)
+    flops_per_token = scaling.flops_per_token_6n(run.model_config, run.model_config.block_size)
+    peak = scaling.device_peak_flops(run.layout.device, pick_dtype(run.cfg.dtype, run.layout.device))
+    mfu = scaling.mfu(tokens_per_s / run.layout.world_size, flops_per_token, peak)
+    if run.metrics is not None:
+        run.metrics.log(step=run.step, loss=out["loss"], lr=out["lr"], ms_per_step=1000 * seconds,
+                        tokens_per_s=tokens_per_s, mfu=mfu)
+    if run.step % run.cfg.log_interval == 0 or run.step == stop:
+        mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+        print(f"step {run.step:5d}/{run.cfg.max_iters} | loss {out['loss']:.4f} | lr {out['lr']:.2e} | {1000 * seconds:7.1f} ms"
+              f" | {tokens_per_s:9,.0f} tok/s{mfu_text} | {progress.eta(run.step)} left", flush=True)
+
+
+def skip_step(run: Run, out: dict):
+    """A step whose loss or gradient norm was not finite was not applied: log it, or stop the run
+    with one line once more than --skip_nonfinite have been skipped (every rank alike: train_step
+    made the verdict common)."""
+    run.skipped += 1
+    cfg = run.cfg
+    if run.skipped > cfg.skip_nonfinite:
+        where = f"{run.ckpt_path} (step {run.saved_step})" if run.saved_step is not None else "none yet"
+        after = f" after {cfg.skip_nonfinite} skipped step(s)" if cfg.skip_nonfinite else ""
+        raise FloatingPointError(f"{out['skipped']} at step {run.step}{after}; the last checkpoint, written before it, is "
+                                 f"{where}: lower --learning_rate, use --dtype bfloat16 instead of float16, or "
+                                 "--skip_nonfinite N to step over rare bad batches, then --resume")
+    print(f"step {run.step:5d}/{cfg.max_iters} | {out['skipped']}: skipped, no update ({run.skipped} of --skip_nonfinite "
+          f"{cfg.skip_nonfinite})", flush=True)
+    if run.metrics is not None:
+        run.metrics.log(step=run.step, skipped=out["skipped"], lr=out["lr"])
+
+
+def evaluate_and_log(run: Run, result: dict):
+    """Validation loss and bits per byte beside gzip's (every rank evaluates: the losses are all-reduced)."""
+    val_loss = evaluate(run.par, run.manifest, run.cfg, run.model_config.block_size, run.layout.device)
+    val_bpb = data.bits_per_byte(val_loss, run.manifest["val_tokens"], run.manifest["val_bytes"])
+    if run.metrics is not None:
+        run.metrics.log(step=run.step, val_loss=val_loss, val_bpb=val_bpb)
+    result.update(val_loss=val_loss, val_bpb=val_bpb)
+    tokens_per_byte = run.manifest["val_tokens"] / run.manifest["val_bytes"]
+    print(f"step {run.step:5d} | val loss {val_loss:.4f} | val {val_bpb:.3f} bits/byte (gzip -9: {run.gzip_bpb:.3f})"
+          f" | {tokens_per_byte:.3f} tokens/byte", flush=True)
+
+
+def finish_run(run: Run, result: dict) -> dict:
+    """The result, with the full model rebuilt on rank 0 from the last checkpoint's tensors (for the sample)."""
+    model = None
+    if run.layout.is_rank0 and run.saved_state is not None:
+        model = GPT(run.model_config).to(run.layout.device)
+        model.load_state_dict(run.saved_state)
+    result.update(model=model, enc=run.enc, manifest=run.manifest, device=run.layout.device)
     return result
-
-
-def reshard_sampler_state(state: dict, world_size: int) -> dict:
-    """The loader position for another number of data-parallel ranks. With W ranks at position p,
-    the windows consumed are exactly the first p W of the epoch's permutation (rank r took r, r+W,
-    ...), so W' ranks continue at p W / W' (pitfall: torchtitan #811)."""
-    if state.get("world_size", 1) == world_size:
-        return state
-    consumed = state["position"] * state["world_size"]
-    if consumed % world_size:
-        raise ValueError(f"cannot resume: the checkpoint's loader consumed {consumed} windows of its epoch, not a "
-                         f"multiple of --dp {world_size}; resume with --dp {state['world_size']}")
-    return {**state, "position": consumed // world_size, "world_size": world_size}
-
-
-def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfig):
-    """Refuse a resume that would silently change the model or the data (pitfall: torchtitan #809, #811)."""
-    saved = ckpt["model_config"]
-    diff = {k: (saved.get(k), v) for k, v in asdict(model_config).items() if k not in IMPLEMENTATION_FIELDS and saved.get(k) != v}
-    if diff:
-        shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
-        raise ValueError(f"cannot resume: the checkpoint's model differs ({shown}); use the same model flags or another --out_dir")
-    old = ckpt["train_config"]
-    for k in ("data", "tokenizer", "vocab_size", "max_data_bytes", "text_field", "dedup", "quality_filter", "mix", "mix_by"):
-        if old.get(k) != getattr(cfg, k):
-            raise ValueError(f"cannot resume: --{k} was {old.get(k)!r} in the checkpoint, now {getattr(cfg, k)!r}; keep it the same to continue exactly")
-    # the layout may change (dp 2 -> dp 1, ZeRO -> tensor parallel), but not the global batch
-    old_global, new_global = old["batch_size"] * old.get("dp", 1), cfg.batch_size * cfg.dp
-    if old_global != new_global:
-        raise ValueError(f"cannot resume: the global batch was --batch_size x --dp = {old_global} sequences, now {new_global};"
-                         " keep batch_size x dp the same to continue exactly")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -841,43 +942,45 @@ BENCH_ROW_KEYS = ("name", "what", "flags", "batch_size", "block_size", "tokens_p
                   "ms_per_step", "ms_per_step_min", "ms_per_step_max", "mfu", "peak_memory_mib", "loss", "skipped")
 
 
+class FixedBatch:
+    """The sampler --bench hands train_step: one batch, the same every step."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x, self.y
+
+
 def bench_one(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
     """Time cfg.bench_steps training steps after cfg.bench_warmup untimed ones; one row of the table.
 
-    A step is what the training loop does with one micro-batch (nanoGPT's bench.py times the same
-    unit): forward and backward, gradient sync, clipping, the AdamW update, and reading the loss,
-    which waits for the device, so each step's wall time is all of its work. The batch is random
-    tokens, the same every step, made before the clock starts: no corpus, no data loading.
+    A step is train_step, the training loop's own function, with one micro-batch (nanoGPT's
+    bench.py times the same unit): forward and backward, gradient sync, clipping, the AdamW update,
+    and reading the loss, which waits for the device, so each step's wall time is all of its work.
+    The batch is random tokens, the same every step (FixedBatch), made before the clock starts: no
+    corpus, no data loading.
     """
     device, dtype = layout.device, pick_dtype(cfg.dtype, layout.device)
     vocab = TOKENIZER_VOCAB.get(cfg.tokenizer, cfg.vocab_size)
     model_config = GPTConfig(**{**model_overrides, "vocab_size": padded_vocab_size(vocab, cfg.pad_vocab)})
     torch.manual_seed(cfg.seed)
     model = GPT(model_config).to(device)
-    par, _ = make_parallelized(model, cfg, layout, dtype)
+    par, scaler = make_parallelized(model, cfg, layout, dtype)
     del model
     B, T = cfg.batch_size, model_config.block_size
     gen = torch.Generator().manual_seed(cfg.seed + layout.rank("dp"))  # each data-parallel rank its own batch
     tokens = torch.randint(0, vocab, (B, T + 1), generator=gen)  # real ids only: padded ids are never targets
-    x, y = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
-
-    def step() -> float:
-        loss = par.forward_backward(x, y)
-        par.finish_gradient_sync()
-        if cfg.grad_clip > 0:
-            par.clip_grad_norm_(cfg.grad_clip)
-        par.optimizer_step()
-        par.zero_grad()
-        return par.reduce_loss(loss)  # .item(): waits for the device
-
-    for _ in range(cfg.bench_warmup):
-        step()
+    batch = FixedBatch(tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device))
+    one_micro_batch = replace(cfg, grad_accum=1)  # what nanoGPT's bench.py times: --grad_accum plays no part
+    for step in range(cfg.bench_warmup):
+        train_step(par, batch, one_micro_batch, step, scaler.is_enabled())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the steady state's peak, not compilation's
     times, loss = [], float("nan")
-    for _ in range(cfg.bench_steps):
+    for step in range(cfg.bench_warmup, cfg.bench_warmup + cfg.bench_steps):
         t0 = time.perf_counter()
-        loss = step()
+        loss = train_step(par, batch, one_micro_batch, step, scaler.is_enabled())["loss"]  # reading it waits for the device
         times.append(time.perf_counter() - t0)
     tokens_per_step = B * T * layout.dp  # the global batch
     tokens_per_s = tokens_per_step / statistics.median(times)

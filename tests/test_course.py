@@ -42,7 +42,7 @@ def stripped_runs(request):
         return dict(zip(selected, pool.map(lambda n: exercises.check_one(n, ROOT, original=False), selected)))
 
 
-def test_the_course_covers_the_issue_sequence():
+def test_the_course_covers_the_core_sequence():
     # tokenizer, attention, training loop, data parallel, ZeRO, tensor parallel, flash attention, scaling law
     targets = {t for e in EXERCISES for t in e.targets}
     assert {"data.train_bpe", "model.naive_attention", "train.learning_rate_at",

@@ -411,6 +411,43 @@ def test_a_skipped_collective_fails_after_the_timeout_instead_of_hanging(two_ran
     assert "timed out" in hang["message"].lower(), hang["message"]
 
 
+# DiLoCo's workers train apart, so one worker's NaN is not the others': the verdict must be made
+# common (train_step asks every rank), or the healthy workers would wait at the next outer step for
+# a peer that stopped, until --dist_timeout. Rank 1's loss turns NaN at its 3rd step.
+NAN_ON_RANK_1 = r"""
+import os, sys
+import model, train
+if os.environ["RANK"] == "1":
+    forward, calls = model.GPT.forward, [0]
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        calls[0] += self.training and targets is not None
+        return logits, (loss * float("nan") if calls[0] >= 3 and self.training and loss is not None else loss)
+    model.GPT.forward = poisoned
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_nan_on_one_diloco_worker_stops_every_worker_promptly_with_one_line(data_dir, tmp_path):
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    logs = tmp_path / "logs"
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--log-dir", str(logs), "--redirects", "3", str(script),
+                          *tiny_flags(data_dir, tmp_path / "out", "--dp", 2, "--batch_size", 4, "--diloco_steps", 4,
+                                      "--max_iters", 8, "--eval_interval", 8, "--dist_timeout", 120)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240, env={**CHILD_ENV, "PYTHONPATH": ROOT})
+    seconds = time.perf_counter() - start
+    assert run.returncode != 0
+    assert seconds < 60, seconds  # both stopped at once: far from the 120 s a waiting peer would need
+    for rank in (0, 1):
+        (stderr,) = logs.rglob(f"attempt_0/{rank}/stderr.log")
+        lines = stderr.read_text().strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "at step 3" in lines[0], (rank, lines)
+    assert "another worker" in (next(logs.rglob("attempt_0/0/stderr.log"))).read_text()  # rank 0 was healthy
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, nothing touched
 

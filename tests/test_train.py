@@ -6,10 +6,13 @@ import os
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
+import parallel
+import scaling
 import train
 from model import GPT, GPTConfig
 
@@ -127,6 +130,77 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     sa, sb = final_state(tmp_path / "big"), final_state(tmp_path / "acc")
     for k in sa["model"]:
         torch.testing.assert_close(sa["model"][k], sb["model"][k], rtol=1e-4, atol=1e-5)
+
+
+class ListSampler:
+    """Hands train_step the micro-batches of a list, in order, as data.TokenSampler would."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def next_batch(self):
+        return self.batches.pop(0)
+
+
+def tiny_par(seed: int, **cfg_overrides):
+    config = GPTConfig(vocab_size=61, block_size=12, n_layer=2, n_head=2, n_embd=16, bias=True, dropout=0.0)
+    cfg = train.TrainConfig(**{"learning_rate": 3e-3, "warmup_iters": 0, "max_iters": 10, "grad_clip": 0.05,
+                               "dtype": "float32", **cfg_overrides})
+    torch.manual_seed(seed)
+    model = GPT(config)
+    par, _ = train.make_parallelized(model, cfg, parallel.init_distributed(1, 1, 1, 1, torch.device("cpu")), torch.float32)
+    return par, cfg, config
+
+
+@pytest.mark.parametrize("grad_accum", [1, 4])
+def test_train_step_takes_the_full_batch_step_whatever_the_accumulation(grad_accum):
+    # the reference is written out here with plain torch: the mean loss over all 8 sequences, its
+    # gradient, its norm (returned before clipping), clipping at 0.05 (active: the norm is ~1), and
+    # AdamW's step. A judge of the step itself: a missing 1/grad_accum multiplies the gradient and
+    # its norm by grad_accum (AdamW alone would hide it; the returned norm and the clipping do not),
+    # a loss summed instead of averaged is grad_accum times too large, and a sync on every
+    # micro-step is caught below by counting
+    seed = int(torch.randint(0, 2**31, ()))
+    par, cfg, config = tiny_par(seed, grad_accum=grad_accum, batch_size=8 // grad_accum)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randint(0, 61, (8, 12), generator=g), torch.randint(0, 61, (8, 12), generator=g)
+    syncs = []
+    forward_backward = par.forward_backward
+    par.forward_backward = lambda *a, **k: syncs.append(k.get("sync", True)) or forward_backward(*a, **k)
+    out = train.train_step(par, ListSampler(zip(x.chunk(grad_accum), y.chunk(grad_accum))), cfg, step=3)
+    torch.manual_seed(seed)
+    ref = GPT(config)
+    opt = torch.optim.AdamW([{"params": [p for p in ref.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in ref.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=train.learning_rate_at(3, cfg), betas=(cfg.beta1, cfg.beta2))
+    _, loss = ref(x, y)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.grad_clip)
+    opt.step()
+    assert syncs == [False] * (grad_accum - 1) + [True]  # gradients cross ranks on the last micro-step only
+    assert out["lr"] == train.learning_rate_at(3, cfg) and not out["skipped"]
+    assert out["loss"] == pytest.approx(loss.item(), rel=1e-6)  # float32 sums in another order: ~1e-7
+    assert out["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+    for (name, a), b in zip(par.module.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert a.grad is None  # zero_grad: the next step starts from nothing
+
+
+def test_bench_times_exactly_the_training_step(tmp_path, monkeypatch):
+    # --bench runs train_step itself (one micro-batch, its fixed random batch): every timed step is
+    # a call of the function training uses, and its reported loss is that function's loss
+    calls = []
+    real = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: calls.append(a) or real(*a, **k))
+    cfg, mo = bench_cfg(tmp_path, bench=True, vocab_size=500, bench_steps=3, bench_warmup=2, grad_accum=4)
+    row = train.bench_one(cfg, mo, parallel.init_distributed(1, 1, 1, 1, torch.device("cpu")))
+    assert len(calls) == 5 and all(c[2].grad_accum == 1 for c in calls) and [c[3] for c in calls] == [0, 1, 2, 3, 4]
+    batch = calls[0][1]
+    torch.manual_seed(cfg.seed)
+    par, _ = train.make_parallelized(GPT(GPTConfig(**row["model_config"])), replace(cfg, grad_accum=1),
+                                     parallel.init_distributed(1, 1, 1, 1, torch.device("cpu")), torch.float32)
+    losses = [real(par, batch, replace(cfg, grad_accum=1), step)["loss"] for step in range(5)]
+    assert row["loss"] == losses[-1]  # the same function on the same batch from the same weights: bit for bit
 
 
 def test_metrics_file_has_steps_losses_and_evaluations(data_dir, tmp_path):
@@ -300,13 +374,9 @@ def test_readme_documents_every_flag_and_preset():
 # ---------------------------------------------------------------------------------------------
 # Throughput: --bench, the ablation, and the speed-up flags keep the maths
 
-import parallel  # noqa: E402
-import scaling  # noqa: E402
-
-
 def bench_cfg(tmp_path, **overrides):
     # data_dir points at a directory that must stay absent: --bench prepares no corpus
-    return tiny(str(tmp_path / "no_corpus"), tmp_path, device="cpu", bench_steps=2, bench_warmup=1, **overrides)
+    return tiny(str(tmp_path / "no_corpus"), tmp_path, **{"device": "cpu", "bench_steps": 2, "bench_warmup": 1, **overrides})
 
 
 def test_bench_runs_on_the_cpu_without_a_corpus_and_writes_the_documented_json(tmp_path, capsys):
