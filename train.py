@@ -114,7 +114,7 @@ class TrainConfig:
     mix: str = ""  # target share per domain, e.g. code=0.3,prose=0.7, or alpha=0.3 (p ~ n^alpha); empty: natural proportions
     mix_by: str = "domain"  # what --mix weighs: domain (code, prose, ...) or script (latin, cyrillic, han, ...)
     tokenizer: str = "bpe"  # bytes (256 symbols), bpe (trained on the corpus, offline), gpt2 (tiktoken, needs its cached files)
-    vocab_size: int = 4096  # size of the BPE vocabulary to train (ignored for bytes and gpt2)
+    vocab_size: int = 4096  # size of the BPE vocabulary to train (--tokenizer bpe; bytes and gpt2 have their own: 257 and 50257, which --pad_vocab rounds up)
     data_dir: str = "data_cache"  # where tokenized corpora are kept and reused between runs
     max_data_bytes: int = 0  # cap on the corpus bytes read per domain (0: no cap)
     # --- run
@@ -193,7 +193,7 @@ PRESETS = {
     # 2000 warm-up steps; needs a real corpus and --tokenizer gpt2
     "gpt2-124m": dict(model="gpt2-124m", tokenizer="gpt2", batch_size=16, grad_accum=32, learning_rate=6e-4,
                       max_iters=600_000, warmup_iters=2000, eval_interval=1000, eval_iters=200, weight_decay=0.1,
-                      compile=True, vocab_size=50304),
+                      compile=True),  # GPT-2's 50257 ids, padded to 50304 by --pad_vocab 64
 }
 
 # Model fields that appear as flags; None means "the preset's value".
@@ -384,9 +384,10 @@ def padded_vocab_size(tokenizer_vocab: int, multiple: int) -> int:
     The extra ids are never targets, so their logits only learn to be unlikely. They cost
     (padded - V) / V more output-layer FLOPs (0.09% for GPT-2's 50257 -> 50304) and make V a
     multiple of the matmul kernels' tile widths (64, 128), so the head's (B T, C) x (C, V) matmul and
-    its two gradients run on whole tiles with 16-byte-aligned rows: with V = 50257 every row of the
-    bf16 logits starts at an odd address. nanoGPT's author reported ~25% faster training from this
-    change alone (Karpathy, 2023); the ablation of --bench_ablation measures it here.
+    its two gradients run on whole tiles with 16-byte-aligned rows: with V = 50257 a bf16 row is
+    100,514 bytes, so row i starts at byte 100,514 i, 16-byte aligned only when i is a multiple of
+    8; with 50304 every row is (a test checks the arithmetic). nanoGPT's author reported ~25% faster
+    training from this change alone (Karpathy, 2023); --bench_ablation's no_pad_vocab row measures it here.
     """
     return multiple * math.ceil(tokenizer_vocab / multiple)
 
@@ -627,7 +628,8 @@ def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfi
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
         raise ValueError(f"cannot resume: the checkpoint's model differs ({shown}); use the same model flags or another --out_dir")
     old = ckpt["train_config"]
-    for k in ("data", "tokenizer", "vocab_size", "max_data_bytes", "text_field", "dedup", "quality_filter", "mix", "mix_by"):
+    keys = ("data", "tokenizer", "max_data_bytes", "text_field", "dedup", "quality_filter", "mix", "mix_by")
+    for k in keys + (("vocab_size",) if cfg.tokenizer == "bpe" else ()):  # bytes and gpt2 have fixed vocabularies
         if old.get(k) != getattr(cfg, k):
             raise ValueError(f"cannot resume: --{k} was {old.get(k)!r} in the checkpoint, now {getattr(cfg, k)!r}; keep it the same to continue exactly")
     # the layout may change (dp 2 -> dp 1, ZeRO -> tensor parallel), but not the global batch

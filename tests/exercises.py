@@ -64,9 +64,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTEST = ("python", "-m", "pytest", "-q")  # a judge is this plus the marker's arguments
-# the course's reading order (tokens, model, training, parallelism, kernels, scaling), which is
-# also the suggested order of the exercises; other files follow alphabetically
-COURSE_ORDER = ("data.py", "model.py", "train.py", "parallel.py", "kernels.py", "scaling.py")
+# the README's reading order ("The files, in reading order"), which is also the suggested order of
+# the exercises; other files follow alphabetically
+COURSE_ORDER = ("model.py", "data.py", "train.py", "kernels.py", "scaling.py", "parallel.py")
 
 FUNCTION_MARKER = re.compile(r"#\s*EXERCISE:\s*(?P<name>[\w-]+)\s*(?:\((?P<judge>.*)\))?\s*$")
 BEGIN_MARKER = re.compile(r"#\s*EXERCISE BEGIN\s+(?P<name>[\w-]+)\s*(?:\((?P<judge>.*)\))?\s*$")

@@ -476,6 +476,15 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     assert par.forward_module._orig_mod is model
 
 
+def test_padded_vocabulary_rows_start_on_16_byte_boundaries():
+    # padded_vocab_size's docstring: bf16 rows of 50257 logits are 100,514 bytes, so only every 8th
+    # row starts 16-byte aligned; padded to 50304 (nanoGPT's number) every row does
+    assert train.padded_vocab_size(50257, 64) == 50304 and train.padded_vocab_size(512, 64) == 512
+    assert 50257 * 2 == 100_514 and [i for i in range(16) if i * 100_514 % 16 == 0] == [0, 8]
+    assert all(i * 50304 * 2 % 16 == 0 for i in range(16))
+    assert (50304 - 50257) / 50257 == pytest.approx(0.0009, abs=0.00005)  # "+0.09% output-layer FLOPs"
+
+
 def test_old_checkpoints_resume_with_the_speed_flags_changed():
     cfg = train.TrainConfig()
     saved = {k: v for k, v in train.asdict(train.GPTConfig()).items() if k not in ("fused_ce", "activation_checkpointing")}
