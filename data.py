@@ -135,7 +135,9 @@ Map of the file, in reading order:
     parse_mix, mix_epochs, _mixed_order
     train_bpe, save_tokenizer, load_tokenizer_file, get_tokenizer
     _encode_chunk, _write_shards     tokenize in worker processes, fixed-size shards
-    prepare (_collect, _near_dedup, _filter, _tokenize_all, report.json)
+    Spool                            the kept documents on disk, read back by offset
+    PrepareConfig, prepare           the settings (and the cache key), then the five stages:
+        1 _collect, 2 _near_dedup, 3 _filter, 4 _make_tokenizer + _plan_mix, 5 _tokenize_all
     load_prepared, verify_shards, split_tokens, make_sampler, TokenSampler
     bits_per_byte, bench_dedup, bench_bpe, main
 """
@@ -163,6 +165,7 @@ import urllib.request
 import warnings
 import zlib
 from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -1249,30 +1252,46 @@ def _write_shards(arrays, folder: Path, split: str, dtype: str, shard_tokens: in
 # The spool: kept documents on disk, read back by offset
 # ---------------------------------------------------------------------------
 
-def _spool_read(f, offset: int) -> list:
-    """[text, domain, source] of the spool line starting at offset."""
-    f.seek(offset)
-    return json.loads(f.readline())
+@dataclass
+class Spool:
+    """The documents exact dedup kept, on disk, plus what the later stages need about each.
 
+    Document i is line i of `path`, a JSON list [text, domain, source]. In
+    memory there is one entry per document in each field below, never its
+    text; the (K,) signature is most of it.
+    """
+    path: Path  # the spool file, inside the temporary directory
+    offsets: list  # byte offset of each document's line
+    nbytes: np.ndarray  # (N,) UTF-8 bytes of each normalised text
+    domain: np.ndarray  # (N,) index into domain_names
+    domain_names: list  # in order of first appearance
+    sig: np.ndarray | None  # (N, K) uint32 MinHash signatures; None unless dedup is minhash
+    minhash_seconds: float  # spent on signatures while reading (the near-dedup stage reports it)
+    script: np.ndarray | None = None  # (N,) index into script_names, set by the filter stage
+    script_names: list = field(default_factory=list)
 
-def _spool_texts(path: Path, offsets: list, ids):
-    """The texts of documents ids, in that order, streamed from the spool file."""
-    with open(path, "rb") as f:
+    def texts(self, ids):
+        """The texts of documents ids, in that order, streamed from the file."""
+        with open(self.path, "rb") as f:
+            for i in ids:
+                f.seek(self.offsets[i])
+                yield json.loads(f.readline())[0]
+
+    def chunks(self, ids, max_docs: int = 256, max_bytes: int = 1 << 22):
+        """(ids, texts) pieces of at most max_docs documents or ~4 MiB: one worker's unit of work."""
+        piece, size = [], 0
         for i in ids:
-            yield _spool_read(f, offsets[i])[0]
+            piece.append(int(i))
+            size += int(self.nbytes[i])
+            if len(piece) >= max_docs or size >= max_bytes:
+                yield piece, list(self.texts(piece))
+                piece, size = [], 0
+        if piece:
+            yield piece, list(self.texts(piece))
 
-
-def _chunks(path: Path, offsets: list, nbytes: np.ndarray, ids, max_docs=256, max_bytes=1 << 22):
-    """(ids, texts) pieces of at most max_docs documents or ~4 MiB, the unit of work of one worker."""
-    piece, size = [], 0
-    for i in ids:
-        piece.append(int(i))
-        size += int(nbytes[i])
-        if len(piece) >= max_docs or size >= max_bytes:
-            yield piece, list(_spool_texts(path, offsets, piece))
-            piece, size = [], 0
-    if piece:
-        yield piece, list(_spool_texts(path, offsets, piece))
+    def groups(self, mix_by: str) -> tuple[np.ndarray, list]:
+        """(group index of each document, group names) for --mix_by domain or script."""
+        return (self.domain, self.domain_names) if mix_by == "domain" else (self.script, self.script_names)
 
 
 # ---------------------------------------------------------------------------
@@ -1341,12 +1360,50 @@ def _canonical_data(data: str) -> str:
     return ",".join(parts)
 
 
-def _cache_key(config: dict) -> str:
-    """A readable prefix plus a short hash of everything that changes the output."""
-    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-    last = parse_sources(config["data"])[-1][1].rstrip("/")
-    stem = regex.sub(r"[^A-Za-z0-9]+", "_", last.rsplit("/", 1)[-1] or "data").strip("_")
-    return f"{stem}-{config['tokenizer']}{config['vocab_size']}-{digest}"
+@dataclass
+class PrepareConfig:
+    """Every setting that changes what prepare writes. Its fields, in this order, are the
+    manifest's "config" and the input of the cache key: a directory is reused only for equal settings."""
+    data: str  # --data, each local path made absolute
+    tokenizer: str  # bytes, bpe or gpt2
+    vocab_size: int  # the BPE's vocabulary, EOT included (bytes and gpt2 have their own; it still keys the cache)
+    val_fraction: float  # share of the documents held out for validation
+    max_bytes: int | None  # cap on the UTF-8 bytes read from each source (None: all)
+    seed: int  # seeds the train/val split and the mixing
+    format: int  # FORMAT_VERSION: a directory in an older layout is never reused
+    text_field: str  # the field of a .jsonl record that holds the text
+    dedup: str  # none, exact, or minhash (exact, then near duplicates)
+    dedup_threshold: float  # Jaccard similarity from which two documents are near duplicates
+    quality_filter: bool  # apply each domain's quality rules
+    mix: str  # target weights ("code=0.3,prose=0.7" or "alpha=0.3"); "": natural proportions
+    mix_by: str  # what the weights weigh: domain or script
+    shard_tokens: int  # tokens per shard file (the last one holds the rest)
+    bpe_train_bytes: int | None  # bytes of training text the BPE learns from (None: all)
+
+    def check(self) -> None:
+        """Refuse bad settings before reading anything."""
+        if self.dedup not in ("none", "exact", "minhash"):
+            raise ValueError(f"unknown dedup method '{self.dedup}': use none, exact or minhash")
+        if not 0 < self.dedup_threshold <= 1:
+            raise ValueError(f"--dedup_threshold {self.dedup_threshold} is not a Jaccard similarity: use (0, 1]")
+        if self.mix_by not in ("domain", "script"):
+            raise ValueError(f"unknown --mix_by '{self.mix_by}': use domain or script")
+        parse_mix(self.mix)  # syntax, signs and sum; the names are checked once the groups are known
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction {self.val_fraction} must be between 0 and 1")
+        if self.shard_tokens < 1:
+            raise ValueError(f"shard_tokens {self.shard_tokens} must be at least 1")
+        if self.tokenizer not in ("bytes", "bpe", "gpt2"):
+            raise ValueError(f"unknown tokenizer '{self.tokenizer}': use bytes, bpe or gpt2")
+        if self.tokenizer == "bpe" and self.vocab_size < 257:
+            raise ValueError(f"vocab_size={self.vocab_size} is too small for byte-level BPE: use at least 257")
+
+    def key(self) -> str:
+        """The directory's name: a readable prefix plus a short hash of every setting."""
+        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        last = parse_sources(self.data)[-1][1].rstrip("/")
+        stem = regex.sub(r"[^A-Za-z0-9]+", "_", last.rsplit("/", 1)[-1] or "data").strip("_")
+        return f"{stem}-{self.tokenizer}{self.vocab_size}-{digest}"
 
 
 def _split_documents(n_docs: int, val_fraction: float, seed: int):
@@ -1356,25 +1413,6 @@ def _split_documents(n_docs: int, val_fraction: float, seed: int):
     order = np.random.default_rng(seed).permutation(n_docs)
     n_val = min(max(1, math.ceil(val_fraction * n_docs)), n_docs - 1)
     return order[n_val:], order[:n_val]
-
-
-def _check_settings(cfg: dict) -> None:
-    """Refuse bad settings before reading anything."""
-    if cfg["dedup"] not in ("none", "exact", "minhash"):
-        raise ValueError(f"unknown dedup method '{cfg['dedup']}': use none, exact or minhash")
-    if not 0 < cfg["dedup_threshold"] <= 1:
-        raise ValueError(f"--dedup_threshold {cfg['dedup_threshold']} is not a Jaccard similarity: use (0, 1]")
-    if cfg["mix_by"] not in ("domain", "script"):
-        raise ValueError(f"unknown --mix_by '{cfg['mix_by']}': use domain or script")
-    parse_mix(cfg["mix"])  # syntax, signs and sum; the names are checked once the groups are known
-    if not 0 < cfg["val_fraction"] < 1:
-        raise ValueError(f"val_fraction {cfg['val_fraction']} must be between 0 and 1")
-    if cfg["shard_tokens"] < 1:
-        raise ValueError(f"shard_tokens {cfg['shard_tokens']} must be at least 1")
-    if cfg["tokenizer"] not in ("bytes", "bpe", "gpt2"):
-        raise ValueError(f"unknown tokenizer '{cfg['tokenizer']}': use bytes, bpe or gpt2")
-    if cfg["tokenizer"] == "bpe" and cfg["vocab_size"] < 257:
-        raise ValueError(f"vocab_size={cfg['vocab_size']} is too small for byte-level BPE: use at least 257")
 
 
 def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096,
@@ -1393,17 +1431,17 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
     (0: one per CPU, at most 8); it does not change the output.
     """
     log = print if verbose else (lambda *a, **k: None)
-    config = {"data": _canonical_data(data), "tokenizer": tokenizer, "vocab_size": vocab_size,
-              "val_fraction": val_fraction, "max_bytes": max_bytes, "seed": seed, "format": FORMAT_VERSION,
-              "text_field": text_field, "dedup": dedup, "dedup_threshold": dedup_threshold,
-              "quality_filter": quality_filter, "mix": mix, "mix_by": mix_by, "shard_tokens": shard_tokens,
-              "bpe_train_bytes": bpe_train_bytes}
-    _check_settings(config)
-    final = Path(out_dir).resolve() / _cache_key(config)
+    cfg = PrepareConfig(data=_canonical_data(data), tokenizer=tokenizer, vocab_size=vocab_size,
+                        val_fraction=val_fraction, max_bytes=max_bytes, seed=seed, format=FORMAT_VERSION,
+                        text_field=text_field, dedup=dedup, dedup_threshold=dedup_threshold,
+                        quality_filter=quality_filter, mix=mix, mix_by=mix_by, shard_tokens=shard_tokens,
+                        bpe_train_bytes=bpe_train_bytes)
+    cfg.check()
+    final = Path(out_dir).resolve() / cfg.key()
     if (final / "manifest.json").exists():
         try:
             manifest, _ = load_prepared(final)
-            if manifest.get("config") == config:
+            if manifest.get("config") == asdict(cfg):
                 log(f"reusing {final}")
                 return manifest
         except ValueError as e:  # corrupt or stale: it is a cache, so prepare it again below
@@ -1412,7 +1450,8 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private (0700); the cache is meant to be shared
     try:
-        manifest, report = _run_pipeline(tmp, config, Path(out_dir) / "downloads", workers or min(8, os.cpu_count() or 1), verbose)
+        manifest, report = _run_pipeline(tmp, cfg, downloads=Path(out_dir) / "downloads",
+                                         workers=workers or min(8, os.cpu_count() or 1), verbose=verbose)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # the directory appears complete or not at all
@@ -1423,61 +1462,36 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
     return {**manifest, "dir": str(final)}
 
 
-def _run_pipeline(tmp: Path, cfg: dict, cache_dir: Path, workers: int, verbose: bool) -> tuple[dict, dict]:
-    """All stages, writing shards, tokenizer, manifest.json and report.json into tmp."""
+def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, workers: int, verbose: bool) -> tuple[dict, dict]:
+    """The five stages, writing shards, tokenizer, manifest.json and report.json into tmp."""
     t_start = time.time()
-    report = {"stages": [], "removed": {}, "scripts": {}, "mix_by": cfg["mix_by"], "mix": {}}
-    spool = tmp / "spool.jsonl"  # the kept documents, on disk; deleted at the end
-    docs = _collect(spool, cfg, cache_dir, report, verbose)
-    keep = _near_dedup(docs, cfg, report)
-    keep = _filter(spool, docs, keep, cfg, report, verbose)
+    report = {"stages": [], "removed": {}, "scripts": {}, "mix_by": cfg.mix_by, "mix": {}}
+    # 1. Collect: read -> normalise -> exact dedup, onto a spool file on disk (and MinHash signatures).
+    spool = _collect(tmp / "spool.jsonl", cfg, downloads=downloads, report=report, verbose=verbose)
+    # 2. Near dedup: MinHash + LSH over the signatures.
+    keep = _near_dedup(spool, cfg, report)
+    # 3. Filter: each document's script, then its domain's quality rules.
+    keep = _filter(spool, keep, cfg, report, verbose)
     kept = np.flatnonzero(keep)
     if len(kept) == 0:
-        read = report["stages"][0]["docs_in"]
-        raise ValueError(f"no documents left after filtering ({read} read; removed: "
+        raise ValueError(f"no documents left after filtering ({report['stages'][0]['docs_in']} read; removed: "
                          f"{', '.join(f'{k} {v}' for k, v in report['removed'].items()) or 'none'}): "
                          "use --quality_filter false or --dedup none, or add data")
-    train_local, val_local = _split_documents(len(kept), cfg["val_fraction"], cfg["seed"])
+    train_local, val_local = _split_documents(len(kept), cfg.val_fraction, cfg.seed)
     train_ids, val_ids = kept[train_local], kept[val_local]
-
-    t0 = time.time()
-    # BPE sees only training documents (in the split's shuffled order), so val measures unseen text.
-    texts = _spool_texts(spool, docs["offsets"], train_ids)
-    enc = get_tokenizer(cfg["tokenizer"], texts, cfg["vocab_size"], cfg["bpe_train_bytes"])
-    spec = ("name", cfg["tokenizer"])
-    if cfg["tokenizer"] == "bpe":
-        save_tokenizer(enc, tmp / "tokenizer.tiktoken")
-        spec = ("file", str(tmp / "tokenizer.tiktoken"))
-    report["stages"].append({"stage": f"tokenizer {enc.name}", "docs_in": len(train_ids), "docs_out": len(train_ids),
-                             "bytes_in": int(docs["nbytes"][train_ids].sum()), "bytes_out": 0,
-                             "seconds": round(time.time() - t0, 3), "mb_per_s": None})
-
-    groups, names = (docs["domain"], docs["domain_names"]) if cfg["mix_by"] == "domain" else (docs["script"], docs["script_names"])
-    group_bytes = {n: int(docs["nbytes"][train_ids][groups[train_ids] == g].sum()) for g, n in enumerate(names)}
-    # Weights are shares of TOKENS, and code and prose pack different bytes into a token, so
-    # the mix is planned on each group's token count, estimated from a sample it encodes.
-    sizes = _estimated_tokens(enc, spool, docs, train_ids, groups, names, group_bytes) if cfg["mix"] else group_bytes
-    epochs = mix_epochs(sizes, cfg["mix"])
-    order = train_ids if not cfg["mix"] else _mixed_order(train_ids, groups, docs["nbytes"], epochs, names,
-                                                          np.random.default_rng(cfg["seed"]))
-    if len(order) == 0:
-        raise ValueError("the --mix weights leave no training documents: give a domain of the corpus a positive weight")
+    # 4. Mix: the tokenizer (a BPE learns from training documents only), then which training
+    #    documents are written how often.
+    enc, spec = _make_tokenizer(tmp, spool, train_ids, cfg, report)
+    plan = _plan_mix(enc, spool, train_ids, cfg)
+    # 5. Tokenize in worker processes, into fixed-size shards.
     dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"  # ids up to V-1 must fit (datatrove #118)
-    written = _tokenize_all(tmp, spool, docs, {"train": order, "val": val_ids}, groups, spec, dtype, cfg, workers, report, verbose)
-    spool.unlink()
+    written = _tokenize_all(tmp=tmp, spool=spool, splits={"train": plan.order, "val": val_ids}, groups=plan.groups,
+                            spec=spec, dtype=dtype, shard_tokens=cfg.shard_tokens, workers=workers, report=report,
+                            verbose=verbose)
+    spool.path.unlink()
 
-    manifest = {"format": FORMAT_VERSION, "data": cfg["data"], "tokenizer": cfg["tokenizer"],
-                "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "dtype": dtype, "shard_tokens": cfg["shard_tokens"]}
-    for split, w in written.items():
-        manifest[f"{split}_tokens"], manifest[f"{split}_bytes"] = w["tokens"], w["bytes"]
-    manifest["shards"] = {split: w["shards"] for split, w in written.items()}
-    manifest["documents"] = {split: w["documents"] for split, w in written.items()}
-    domain_bytes = Counter()
-    for i in kept:
-        domain_bytes[docs["domain_names"][docs["domain"][i]]] += int(docs["nbytes"][i])
-    manifest["domains"] = dict(sorted(domain_bytes.items()))
-    manifest["config"] = cfg  # what produced this directory, checked before reuse
-    _mix_report(report, names, groups, train_ids, group_bytes, sizes, epochs, written["train"]["per_group"], cfg["mix"])
+    manifest = _manifest(cfg, enc, dtype, written, spool, kept)
+    _mix_report(report, plan, train_ids, written["train"]["per_group"], cfg.mix)
     report["tokenizer"] = enc.name
     report["tokens"] = {"train_tokens": manifest["train_tokens"], "val_tokens": manifest["val_tokens"],
                         "train_shards": len(manifest["shards"]["train"]), "val_shards": len(manifest["shards"]["val"]),
@@ -1488,8 +1502,8 @@ def _run_pipeline(tmp: Path, cfg: dict, cache_dir: Path, workers: int, verbose: 
     return manifest, report
 
 
-def _collect(spool: Path, cfg: dict, cache_dir: Path, report: dict, verbose: bool) -> dict:
-    """One streaming pass: read -> normalise -> exact dedup -> MinHash signature -> spool file.
+def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, report: dict, verbose: bool) -> Spool:
+    """Stage 1, one streaming pass: read -> normalise -> exact dedup -> MinHash signature -> spool file.
 
     Memory per kept document: its offset, size, labels, a 16-byte exact key
     and (for minhash) a K * 4-byte signature; the text itself goes to disk.
@@ -1497,14 +1511,14 @@ def _collect(spool: Path, cfg: dict, cache_dir: Path, report: dict, verbose: boo
     clock, count = Counter(), Counter()
     seen, offsets, nbytes, domain, names, sigs, batch = set(), [], [], [], {}, [], []
     update = _progress("read, normalise, dedup", verbose)
-    documents = iter_documents(cfg["data"], cfg["max_bytes"], cfg["text_field"], str(cache_dir))
+    documents = iter_documents(cfg.data, cfg.max_bytes, cfg.text_field, str(downloads))
 
     def signatures(texts):
         t = time.perf_counter()
         sigs.append(minhash_signatures(texts))
         clock["minhash"] += time.perf_counter() - t
 
-    with open(spool, "wb") as f:
+    with open(path, "wb") as f:
         while True:
             t = time.perf_counter()
             doc = next(documents, None)
@@ -1522,7 +1536,7 @@ def _collect(spool: Path, cfg: dict, cache_dir: Path, report: dict, verbose: boo
                 continue
             count["norm_docs"] += 1
             count["norm_bytes"] += size
-            if cfg["dedup"] != "none":
+            if cfg.dedup != "none":
                 t = time.perf_counter()
                 key = exact_key(text)
                 clock["exact"] += time.perf_counter() - t
@@ -1533,7 +1547,7 @@ def _collect(spool: Path, cfg: dict, cache_dir: Path, report: dict, verbose: boo
             f.write(json.dumps([text, dom, source], ensure_ascii=False).encode("utf-8") + b"\n")
             nbytes.append(size)
             domain.append(names.setdefault(dom, len(names)))
-            if cfg["dedup"] == "minhash":
+            if cfg.dedup == "minhash":
                 batch.append(text)
                 if len(batch) == 512:  # signatures in batches: one numpy pass per 512 documents
                     signatures(batch)
@@ -1542,7 +1556,7 @@ def _collect(spool: Path, cfg: dict, cache_dir: Path, report: dict, verbose: boo
         if batch:
             signatures(batch)
     if count["norm_docs"] == 0:
-        raise ValueError(f"no text found in '{cfg['data']}': it needs non-empty .txt or .jsonl content")
+        raise ValueError(f"no text found in '{cfg.data}': it needs non-empty .txt or .jsonl content")
     update(count["read_docs"], count["read_bytes"], done=True)
     out_bytes = int(sum(nbytes))
     _stage(report, "read", count["read_docs"], count["read_bytes"], count["read_docs"], count["read_bytes"], clock["read"])
@@ -1550,118 +1564,184 @@ def _collect(spool: Path, cfg: dict, cache_dir: Path, report: dict, verbose: boo
     report["removed"]["empty"] = count["read_docs"] - count["norm_docs"]
     _stage(report, "exact dedup", count["norm_docs"], count["norm_bytes"], len(offsets), out_bytes, clock["exact"])
     report["removed"]["exact_duplicate"] = count["norm_docs"] - len(offsets)
-    sig = np.concatenate(sigs) if sigs else None
-    return {"offsets": offsets, "nbytes": np.array(nbytes, dtype=np.int64), "domain": np.array(domain, dtype=np.int64),
-            "domain_names": list(names), "sig": sig, "minhash_seconds": clock["minhash"]}
+    return Spool(path=path, offsets=offsets, nbytes=np.array(nbytes, dtype=np.int64),
+                 domain=np.array(domain, dtype=np.int64), domain_names=list(names),
+                 sig=np.concatenate(sigs) if sigs else None, minhash_seconds=clock["minhash"])
 
 
-def _near_dedup(docs: dict, cfg: dict, report: dict) -> np.ndarray:
-    """MinHash + LSH over the collected signatures: the keep mask."""
-    n = len(docs["offsets"])
-    if cfg["dedup"] != "minhash":
+def _near_dedup(spool: Spool, cfg: PrepareConfig, report: dict) -> np.ndarray:
+    """Stage 2: MinHash + LSH over the collected signatures; returns the keep mask."""
+    n = len(spool.offsets)
+    if cfg.dedup != "minhash":
         return np.ones(n, dtype=bool)
     t = time.perf_counter()
-    keep = near_duplicate_keep(docs["sig"], cfg["dedup_threshold"]) if n else np.ones(0, dtype=bool)
-    seconds = docs["minhash_seconds"] + time.perf_counter() - t  # signatures were computed while reading
-    total = int(docs["nbytes"].sum())
-    _stage(report, "near dedup (minhash)", n, total, int(keep.sum()), int(docs["nbytes"][keep].sum()), seconds)
+    keep = near_duplicate_keep(spool.sig, cfg.dedup_threshold) if n else np.ones(0, dtype=bool)
+    seconds = spool.minhash_seconds + time.perf_counter() - t  # signatures were computed while reading
+    _stage(report, "near dedup (minhash)", n, int(spool.nbytes.sum()), int(keep.sum()),
+           int(spool.nbytes[keep].sum()), seconds)
     report["removed"]["near_duplicate"] = int(n - keep.sum())
     return keep
 
 
-def _filter(spool: Path, docs: dict, keep: np.ndarray, cfg: dict, report: dict, verbose: bool) -> np.ndarray:
-    """Second pass over the spool: the script of every document, then its domain's quality rules."""
+def _filter(spool: Spool, keep: np.ndarray, cfg: PrepareConfig, report: dict, verbose: bool) -> np.ndarray:
+    """Stage 3, a second pass over the spool: the script of every document, then its domain's quality rules."""
     t0 = time.perf_counter()
     keep, scripts, script_names = keep.copy(), np.zeros(len(keep), dtype=np.int64), {}
-    docs_in, bytes_in, seen_bytes, removed = int(keep.sum()), int(docs["nbytes"][keep].sum()), 0, Counter()
-    update = _progress("quality filter" if cfg["quality_filter"] else "script id", verbose)
-    with open(spool, "rb") as f:
+    docs_in, bytes_in, seen_bytes, removed = int(keep.sum()), int(spool.nbytes[keep].sum()), 0, Counter()
+    update = _progress("quality filter" if cfg.quality_filter else "script id", verbose)
+    with open(spool.path, "rb") as f:
         for i, line in enumerate(f):
             if not keep[i]:
                 continue
             text, domain, _ = json.loads(line)
             script = script_of(text)
             scripts[i] = script_names.setdefault(script, len(script_names))
-            reason = _quality_reason(text, domain, script) if cfg["quality_filter"] else None
+            reason = _quality_reason(text, domain, script) if cfg.quality_filter else None
             if reason is not None:
                 keep[i] = False
                 removed[reason] += 1
-            seen_bytes += int(docs["nbytes"][i])
+            seen_bytes += int(spool.nbytes[i])
             update(i + 1, seen_bytes)
     update(len(keep), seen_bytes, done=True)
-    docs["script"], docs["script_names"] = scripts, list(script_names)
+    spool.script, spool.script_names = scripts, list(script_names)
     report["removed"].update(sorted(removed.items()))
-    report["scripts"] = dict(Counter(docs["script_names"][scripts[i]] for i in np.flatnonzero(keep)))
-    _stage(report, "quality filter" if cfg["quality_filter"] else "script id", docs_in, bytes_in,
-           int(keep.sum()), int(docs["nbytes"][keep].sum()), time.perf_counter() - t0)
+    report["scripts"] = dict(Counter(spool.script_names[scripts[i]] for i in np.flatnonzero(keep)))
+    _stage(report, "quality filter" if cfg.quality_filter else "script id", docs_in, bytes_in,
+           int(keep.sum()), int(spool.nbytes[keep].sum()), time.perf_counter() - t0)
     return keep
 
 
-def _tokenize_all(tmp, spool, docs, splits, groups, spec, dtype, cfg, workers, report, verbose) -> dict:
-    """Tokenize each split's documents (in order) with a pool of worker processes into shards."""
+def _make_tokenizer(tmp: Path, spool: Spool, train_ids: np.ndarray, cfg: PrepareConfig,
+                    report: dict) -> tuple[tiktoken.Encoding, tuple]:
+    """Stage 4a: the tokenizer, and how a worker process loads it (a trained BPE is saved into tmp)."""
     t0 = time.time()
-    written = {}
-    # The platform's default start method (fork on Linux, spawn on macOS and Windows); the
-    # worker functions live at module level, so spawn can import them.
-    pool = multiprocessing.get_context().Pool(workers, _init_worker, (spec,)) if workers > 1 else None
-    if pool is None:
-        _init_worker(spec)
-    try:
-        for split, ids in splits.items():
-            per_group, n_docs, n_bytes = Counter(), 0, 0
-            update = _progress(f"tokenize {split}", verbose)
-
-            def arrays():
-                nonlocal n_docs, n_bytes
-                for (piece, _), (tokens, counts) in _map_ordered(pool, _chunks(spool, docs["offsets"], docs["nbytes"], ids), 2 * workers):
-                    for i, c in zip(piece, counts):
-                        per_group[groups[i]] += int(c)
-                    n_docs, n_bytes = n_docs + len(piece), n_bytes + int(docs["nbytes"][piece].sum())
-                    update(n_docs, n_bytes)
-                    yield tokens
-            shards = _write_shards(arrays(), tmp, split, dtype, cfg["shard_tokens"])
-            update(n_docs, n_bytes, done=True)
-            written[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards), "bytes": n_bytes,
-                              "documents": n_docs, "per_group": per_group}
-    finally:
-        if pool is not None:
-            pool.terminate()
-    n_bytes = sum(w["bytes"] for w in written.values())
-    _stage(report, f"tokenize+shard x{workers}", sum(w["documents"] for w in written.values()), n_bytes,
-           sum(w["documents"] for w in written.values()), n_bytes, time.time() - t0)
-    return written
+    # BPE sees only training documents (in the split's shuffled order), so val measures unseen text.
+    enc = get_tokenizer(cfg.tokenizer, spool.texts(train_ids), cfg.vocab_size, cfg.bpe_train_bytes)
+    spec = ("name", cfg.tokenizer)
+    if cfg.tokenizer == "bpe":
+        save_tokenizer(enc, tmp / "tokenizer.tiktoken")
+        spec = ("file", str(tmp / "tokenizer.tiktoken"))
+    report["stages"].append({"stage": f"tokenizer {enc.name}", "docs_in": len(train_ids), "docs_out": len(train_ids),
+                             "bytes_in": int(spool.nbytes[train_ids].sum()), "bytes_out": 0,
+                             "seconds": round(time.time() - t0, 3), "mb_per_s": None})
+    return enc, spec
 
 
-def _estimated_tokens(enc, spool, docs, train_ids, groups, names, group_bytes, sample_bytes=1 << 20) -> dict:
+@dataclass
+class MixPlan:
+    """Stage 4b's result: how often each training document is written, to realise --mix."""
+    groups: np.ndarray  # (N,) group index of every document (its domain or its script)
+    names: list  # the group names
+    group_bytes: dict  # name -> UTF-8 bytes of its training documents
+    sizes: dict  # name -> what the weights share out: estimated tokens with --mix, else bytes
+    epochs: dict  # name -> times its documents are written (< 1: a subsample)
+    order: np.ndarray  # training document ids, in writing order
+
+
+def _plan_mix(enc: tiktoken.Encoding, spool: Spool, train_ids: np.ndarray, cfg: PrepareConfig) -> MixPlan:
+    """Stage 4b: epochs per group from --mix, and the training documents' writing order."""
+    groups, names = spool.groups(cfg.mix_by)
+    group_bytes = {n: int(spool.nbytes[train_ids][groups[train_ids] == g].sum()) for g, n in enumerate(names)}
+    # Weights are shares of TOKENS, and code and prose pack different bytes into a token, so
+    # the mix is planned on each group's token count, estimated from a sample it encodes.
+    sizes = _estimated_tokens(enc, spool, train_ids, groups, names, group_bytes) if cfg.mix else group_bytes
+    epochs = mix_epochs(sizes, cfg.mix)
+    order = train_ids if not cfg.mix else _mixed_order(train_ids, groups, spool.nbytes, epochs, names,
+                                                       np.random.default_rng(cfg.seed))
+    if len(order) == 0:
+        raise ValueError("the --mix weights leave no training documents: give a domain of the corpus a positive weight")
+    return MixPlan(groups=groups, names=names, group_bytes=group_bytes, sizes=sizes, epochs=epochs, order=order)
+
+
+def _estimated_tokens(enc, spool: Spool, train_ids, groups, names, group_bytes, sample_bytes=1 << 20) -> dict:
     """Tokens per group ~ its bytes / (bytes per token of up to 1 MiB of its documents, encoded)."""
     estimate = {}
     for g, name in enumerate(names):
-        # From the end of the shuffled order: the BPE learned from its start and compresses
-        # its own training text better than the rest (which biased an earlier version by 10%).
+        # From the end of the shuffled order: the BPE learned from its start, and compresses
+        # its own training text better than text it has not seen.
         members = train_ids[groups[train_ids] == g][::-1]
         # Documents up to sample_bytes in all: cumsum before each < the budget.
-        taken = members[np.cumsum(docs["nbytes"][members]) - docs["nbytes"][members] < sample_bytes]
-        texts = list(_spool_texts(spool, docs["offsets"], taken))
+        taken = members[np.cumsum(spool.nbytes[members]) - spool.nbytes[members] < sample_bytes]
+        texts = list(spool.texts(taken))
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
         n_tokens = sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(texts))  # + 1: the EOT
         estimate[name] = group_bytes[name] * n_tokens / n_bytes if n_bytes else 0.0
     return estimate
 
 
-def _mix_report(report, names, groups, train_ids, group_bytes, sizes, epochs, tokens_after, spec) -> None:
+def _tokenize_all(*, tmp: Path, spool: Spool, splits: dict, groups: np.ndarray, spec: tuple, dtype: str,
+                  shard_tokens: int, workers: int, report: dict, verbose: bool) -> dict:
+    """Stage 5: tokenize each split's documents (in order) with a pool of worker processes into shards."""
+    t0 = time.time()
+    written = {}
+    # The platform's default start method (on Linux fork up to Python 3.13, forkserver from 3.14; spawn
+    # on macOS and Windows); the worker functions live at module level, so a fresh interpreter imports them.
+    pool = multiprocessing.get_context().Pool(workers, _init_worker, (spec,)) if workers > 1 else None
+    if pool is None:
+        _init_worker(spec)
+    try:
+        for split, ids in splits.items():
+            written[split] = _tokenize_split(pool, spool, ids, groups, ahead=2 * workers, folder=tmp, split=split,
+                                             dtype=dtype, shard_tokens=shard_tokens, verbose=verbose)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    n_docs, n_bytes = sum(w["documents"] for w in written.values()), sum(w["bytes"] for w in written.values())
+    _stage(report, f"tokenize+shard x{workers}", n_docs, n_bytes, n_docs, n_bytes, time.time() - t0)
+    return written
+
+
+def _tokenize_split(pool, spool: Spool, ids, groups, *, ahead: int, folder: Path, split: str, dtype: str,
+                    shard_tokens: int, verbose: bool) -> dict:
+    """One split into {split}_00000.bin, ...: its shards, tokens, bytes, documents and tokens per group."""
+    per_group, n_docs, n_bytes = Counter(), 0, 0
+    update = _progress(f"tokenize {split}", verbose)
+
+    def arrays():
+        nonlocal n_docs, n_bytes
+        for (piece, _), (tokens, counts) in _map_ordered(pool, spool.chunks(ids), ahead):
+            for i, c in zip(piece, counts):
+                per_group[groups[i]] += int(c)
+            n_docs, n_bytes = n_docs + len(piece), n_bytes + int(spool.nbytes[piece].sum())
+            update(n_docs, n_bytes)
+            yield tokens
+    shards = _write_shards(arrays(), folder, split, dtype, shard_tokens)
+    update(n_docs, n_bytes, done=True)
+    return {"shards": shards, "tokens": sum(s["tokens"] for s in shards), "bytes": n_bytes,
+            "documents": n_docs, "per_group": per_group}
+
+
+def _manifest(cfg: PrepareConfig, enc, dtype: str, written: dict, spool: Spool, kept: np.ndarray) -> dict:
+    """manifest.json: what the loader needs (dtype, shards with SHA-256, counts) and the config behind it."""
+    manifest = {"format": FORMAT_VERSION, "data": cfg.data, "tokenizer": cfg.tokenizer,
+                "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "dtype": dtype, "shard_tokens": cfg.shard_tokens}
+    for split, w in written.items():
+        manifest[f"{split}_tokens"], manifest[f"{split}_bytes"] = w["tokens"], w["bytes"]
+    manifest["shards"] = {split: w["shards"] for split, w in written.items()}
+    manifest["documents"] = {split: w["documents"] for split, w in written.items()}
+    domain_bytes = Counter()
+    for i in kept:
+        domain_bytes[spool.domain_names[spool.domain[i]]] += int(spool.nbytes[i])
+    manifest["domains"] = dict(sorted(domain_bytes.items()))
+    manifest["config"] = asdict(cfg)  # what produced this directory, checked before reuse
+    return manifest
+
+
+def _mix_report(report: dict, plan: MixPlan, train_ids, tokens_after: Counter, spec: str) -> None:
     """Per group: documents, bytes, target weight, epochs, tokens before and after mixing, share after."""
     total_after = sum(tokens_after.values()) or 1
-    total_size = sum(sizes.values()) or 1
-    for g, name in enumerate(names):
-        members = train_ids[groups[train_ids] == g]
+    total_size = sum(plan.sizes.values()) or 1
+    for g, name in enumerate(plan.names):
+        members = train_ids[plan.groups[train_ids] == g]
         if len(members) == 0:
             continue
         after = int(tokens_after.get(g, 0))
         # Exact when nothing is mixed (each document written once), else the sampled estimate.
-        before = after if not spec else round(sizes[name])
-        report["mix"][name] = {"docs": int(len(members)), "bytes": group_bytes[name],
-                               "weight": epochs[name] * sizes[name] / total_size, "epochs": round(epochs[name], 4),
-                               "tokens_before": before, "tokens_after": after, "share_after": after / total_after}
+        before = after if not spec else round(plan.sizes[name])
+        report["mix"][name] = {"docs": int(len(members)), "bytes": plan.group_bytes[name],
+                               "weight": plan.epochs[name] * plan.sizes[name] / total_size,
+                               "epochs": round(plan.epochs[name], 4), "tokens_before": before,
+                               "tokens_after": after, "share_after": after / total_after}
 
 
 # ---------------------------------------------------------------------------
