@@ -145,15 +145,18 @@ Map of the file, in reading order:
 import argparse
 import ast
 import base64
-import glob
+import fnmatch
 import gzip
 import hashlib
 import heapq
+import http.client
 import json
 import math
 import multiprocessing
 import os
+import platform
 import shutil
+import signal
 import socket
 import sys
 import sysconfig
@@ -195,12 +198,22 @@ FORMAT_VERSION = 2
 SHARD_TOKENS = 2**24
 
 # A text file given directly is cut into documents at two empty lines, or
-# into ~100 pieces when it has none; no piece grows past this many bytes, so
-# a huge file without breaks still streams (1 MiB: far above a web page).
+# into ~100 pieces when it has none. A piece is closed once it reaches this
+# many characters, and a longer line is read (and cut) in pieces of at most
+# this many, so a huge file without breaks, even one single line, streams.
 MAX_DOC_BYTES = 1 << 20
 
-# Seconds to wait for a download server before calling the machine offline.
+# Seconds to wait for each answer of a download server (the connection, then
+# every read) before calling the machine offline.
 DOWNLOAD_TIMEOUT = 30
+# Seconds a whole download may take: a server that trickles a few bytes at a
+# time never trips the per-read timeout above. Checked between reads, so it
+# can be overrun by at most one DOWNLOAD_TIMEOUT.
+DOWNLOAD_DEADLINE = 3600
+# The largest download, in MB of 10^6 bytes (prepare's max_download_mb and
+# --max_download_mb change it): an endless or unexpectedly large answer stops
+# here instead of filling the disk.
+MAX_DOWNLOAD_MB = 4000
 
 # ---------------------------------------------------------------------------
 # Sources
@@ -281,17 +294,20 @@ def stdlib_corpus(domains=("code", "prose"), max_bytes: int | None = None) -> li
     return [doc for d in domains for doc in _capped(_stdlib_documents((d,)), max_bytes)]
 
 
-def _text_file_documents(lines, size_hint: int):
-    """Stream one text file's documents: cut at two empty lines, else every ~size_hint/100 bytes.
+def _text_file_documents(f, size_hint: int):
+    """Stream one text file's documents: cut at two empty lines, else every ~size_hint/100 characters.
 
-    The cut is at a line boundary, so joining the pieces gives the text back
-    (except the empty lines of a two-empty-line break). Cutting a file with
-    no breaks into ~100 pieces lets a document-level train/val split hold
-    something out even from a single book.
+    The cut is at a line end, or inside a line longer than a piece, so joining
+    the pieces gives the text back (except the empty lines of a
+    two-empty-line break). Cutting a file with no breaks into ~100 pieces
+    lets a document-level train/val split hold something out even from a
+    single book.
     """
     target = min(MAX_DOC_BYTES, max(1, size_hint // 100))
     current, size, blanks = [], 0, 0
-    for line in lines:
+    # readline(target): a line, or the next target characters of a longer one, so memory
+    # stays near one piece even when the whole file is one line.
+    for line in iter(lambda: f.readline(target), ""):
         blanks = blanks + 1 if not line.strip() else 0
         if blanks >= 2:  # "\n\n\n": a document break; the empty lines are dropped
             if "".join(current).strip():
@@ -339,7 +355,22 @@ def _jsonl_documents(path: Path, text_field: str):
 
 
 def _file_documents(path: Path, text_field: str, whole: bool):
-    """Texts of one file: jsonl by line; text split into documents, or whole (in a directory)."""
+    """Texts of one file: jsonl by line; text split into documents, or whole (in a directory).
+
+    A file that cannot be read, or a .gz that is truncated or not gzip at all,
+    is one ValueError naming it.
+    """
+    try:
+        yield from _file_texts(path, text_field, whole)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # BadGzipFile is an OSError: caught first
+        raise ValueError(f"{path} is not a whole gzip file ({_one_line(e)}): download or compress it again, "
+                         "or remove the .gz from its name if it is plain text") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({_one_line(e)}): check that it is a readable file") from None
+
+
+def _file_texts(path: Path, text_field: str, whole: bool):
+    """_file_documents without the error handling."""
     if _kind(path) == "jsonl":
         yield from _jsonl_documents(path, text_field)
         return
@@ -356,32 +387,185 @@ def _file_documents(path: Path, text_field: str, whole: bool):
 _SUFFIXES = (".txt", ".jsonl", ".json", ".txt.gz", ".jsonl.gz", ".json.gz")
 
 
-def _download(url: str, cache_dir: str) -> Path:
-    """The file at url, downloaded once into cache_dir (atomically) and reused afterwards."""
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: urllib's redirect-loop message alone spans three."""
+    if isinstance(e, urllib.error.HTTPError):
+        text = f"HTTP {e.code} {e.reason}"
+    else:
+        text = str(getattr(e, "reason", None) or getattr(e, "strerror", None) or e or type(e).__name__)
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            text += f": {e.filename}"
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------------
+# Temporary files: named after their owner, so a later run can remove the stale ones
+# ---------------------------------------------------------------------------
+
+# ".<name>.<pid>@<host>.tmp": whatever stands between the first "." and the pid is the owner's own.
+_TEMP_OWNER = regex.compile(r"\.(\d+)@([^/]+)\.tmp$")
+
+
+def _temp_suffix() -> str:
+    """".<pid>@<host>.tmp": this process as the owner of a temporary file or directory."""
+    return f".{os.getpid()}@{socket.gethostname()}.tmp"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (signal 0 checks without sending)."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it on Windows: never call an owner dead there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(folder: Path) -> list:
+    """Delete the temporary files and directories in folder whose owner process on this host has died.
+
+    A process killed with SIGKILL cannot clean up after itself (nor one killed
+    by SIGTERM's default action, which skips `finally`); the next prepare or
+    download does it. A live owner may still be writing, and another host's
+    processes cannot be checked, so their temporaries stay. Costs one
+    directory listing.
+    """
+    removed, host = [], socket.gethostname()
+    for entry in folder.glob(".*.tmp"):
+        owner = _TEMP_OWNER.search(entry.name)
+        if owner is None or owner.group(2) != host or _alive(int(owner.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
+
+
+# ---------------------------------------------------------------------------
+# Downloads and globs
+# ---------------------------------------------------------------------------
+
+def _download_path(url: str, cache_dir) -> Path:
+    """Where url is cached: a hash keeps two URLs ending in the same file name apart; the name keeps the suffix."""
     name = regex.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]) or "download"
-    # The hash keeps two URLs ending in the same file name apart; the name keeps the suffix (.gz, .jsonl).
-    path = Path(cache_dir) / f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{name}"
+    return Path(cache_dir) / f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{name}"
+
+
+def _download(url: str, cache_dir: str, max_download_mb: float = MAX_DOWNLOAD_MB) -> Path:
+    """The file at url, downloaded once into cache_dir and reused afterwards.
+
+    It is written to a temporary file, renamed into place only when whole:
+    every byte the server announced (Content-Length) arrived, at most
+    max_download_mb MB, within DOWNLOAD_DEADLINE seconds. Anything else is
+    one ValueError line, and no file is left behind.
+    """
+    path = _download_path(url, cache_dir)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    _remove_stale_temporaries(path.parent)
+    tmp = path.with_name(f".{path.name}{_temp_suffix()}")
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f, length=1 << 20)  # streamed in 1 MiB pieces
-        os.replace(tmp, path)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise ValueError(f"cannot download {url} ({reason}): check the network, or download it "
-                         "yourself and pass the local file to --data") from None
+            problem = _receive(response, f, limit=int(max_download_mb * 1e6))
+        if problem is None:
+            os.replace(tmp, path)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        problem = f"({_one_line(e)}): check the " + ("URL" if isinstance(e, urllib.error.HTTPError) else "network")
     finally:
         tmp.unlink(missing_ok=True)
+    if problem is not None:
+        raise ValueError(f"cannot download {url} {problem}, or download it yourself and pass the local file to --data")
     return path
+
+
+def _receive(response, f, *, limit: int) -> str | None:
+    """Copy a response's body to f; None when it is whole, else why not (too large, too slow, cut short)."""
+    header = response.headers.get("Content-Length", "")
+    announced = int(header) if header.isdigit() else None  # absent for a chunked body
+    if announced is not None and announced > limit:
+        return f"(it is {announced / 1e6:,.1f} MB, more than --max_download_mb {limit / 1e6:g}): raise --max_download_mb"
+    deadline, got = time.monotonic() + DOWNLOAD_DEADLINE, 0
+    # read1: what has arrived, up to 1 MiB, so the checks run after every piece (read() would wait for 1 MiB)
+    while piece := response.read1(1 << 20):
+        got += len(piece)
+        if got > limit:
+            return f"(more than --max_download_mb {limit / 1e6:g} MB arrived): raise --max_download_mb"
+        if time.monotonic() > deadline:
+            return f"(not finished after {DOWNLOAD_DEADLINE} s; {got / 1e6:,.1f} MB arrived): try another server"
+        f.write(piece)
+    if announced is not None and got != announced:
+        # http.client ends the body quietly when the connection closes early: the count is the only sign.
+        return f"(the server sent {got:,} of the {announced:,} bytes it announced): try again"
+    return None
+
+
+_GLOB_MAGIC = regex.compile(r"[*?\[]")
+
+
+def _glob(pattern: str) -> list:
+    """The paths a glob names, as glob.glob(pattern, recursive=True) finds them ("**" is any number of
+    directories; names starting with "." only when the pattern says so), except that each directory
+    is entered once, identified by device and inode: a symlink loop (a/up -> ..) ends the walk instead
+    of repeating it forever, and a directory reached by two routes is listed once."""
+    parts = Path(pattern).parts
+    n_fixed = next(i for i, part in enumerate(parts) if _GLOB_MAGIC.search(part))
+    root = Path(*parts[:n_fixed]) if n_fixed else Path(".")
+    return sorted(set(_expand(root, parts[n_fixed:], set())))
+
+
+def _expand(folder: Path, parts: tuple, entered: set):
+    """Paths under folder matching the pattern components parts; entered: the (device, inode) of directories walked by **."""
+    if not parts:
+        yield folder
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        yield from _expand(folder, rest, entered)  # ** as zero directories
+        entered.add(_dir_id(folder))
+        for sub in _listdir(folder, "*"):
+            sub_id = _dir_id(sub) if sub.is_dir() else None  # both follow symlinks
+            if sub_id is None:
+                if not rest:  # a final ** matches files too
+                    yield sub
+            elif sub_id not in entered:
+                entered.add(sub_id)
+                yield from _expand(sub, parts, entered)
+    elif _GLOB_MAGIC.search(head):
+        for path in _listdir(folder, head):
+            yield from _expand(path, rest, entered)
+    elif os.path.lexists(folder / head):
+        yield from _expand(folder / head, rest, entered)
+
+
+def _listdir(folder: Path, pattern: str) -> list:
+    """The entries of folder whose names match pattern (a dot-name only if pattern starts with a dot)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # not a directory, gone, or not readable: it matches nothing, as in glob.glob
+        return []
+    hidden = pattern.startswith(".")
+    return [folder / n for n in names if fnmatch.fnmatchcase(n, pattern) and (hidden or not n.startswith("."))]
+
+
+def _dir_id(path: Path) -> tuple | None:
+    """(device, inode) of what path points to: the same directory however it is reached; None if gone."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _source_files(source: str):
     """(path, whole) for each file a path, directory or glob names, sorted; whole: one document per file."""
-    if any(c in source for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+    if _GLOB_MAGIC.search(source):
+        files = [p for p in _glob(source) if p.is_file()]
         if not files:
             raise ValueError(f"the glob '{source}' matches no files: check the pattern")
         return [(p, True) for p in files]
@@ -409,14 +593,14 @@ def parse_sources(data: str) -> list[tuple[str | None, str]]:
     return pairs
 
 
-def _one_source(domain, source, text_field, cache_dir):
+def _one_source(domain, source, text_field, cache_dir, max_download_mb):
     """(text, domain, source label) documents of one single-domain source, lazily."""
     if source.startswith("stdlib:"):
         for text, d, label in _stdlib_documents((source.split(":", 1)[1],)):
             yield text, domain or d, label
         return
     if source.startswith(("http://", "https://")):
-        source = str(_download(source, cache_dir))
+        source = str(_download(source, cache_dir, max_download_mb))
     for path, whole in _source_files(source):
         for i, text in enumerate(_file_documents(path, text_field, whole)):
             label = path.name if whole and _kind(path) == "text" else f"{path.name}#{i}"
@@ -424,28 +608,30 @@ def _one_source(domain, source, text_field, cache_dir):
 
 
 def iter_documents(data: str, max_bytes: int | None = None, text_field: str = "text",
-                   cache_dir: str = os.path.join("data_cache", "downloads")):
+                   cache_dir: str = os.path.join("data_cache", "downloads"), max_download_mb: float = MAX_DOWNLOAD_MB):
     """Stream (text, domain, source) documents from --data, one source after another.
 
     data is a comma-separated list of sources, each optionally "domain=source":
     stdlib (= stdlib:code,stdlib:prose), a text or .jsonl file (.gz too), a
     directory or glob of them (one document per text file, one per jsonl
-    line), or an http(s) URL of such a file. max_bytes caps the UTF-8 bytes
-    taken from each source (each stdlib domain is a source). Nothing is held
-    in memory beyond the current document.
+    line), or an http(s) URL of such a file (downloaded once into cache_dir,
+    at most max_download_mb MB). max_bytes caps the UTF-8 bytes taken from
+    each source (each stdlib domain is a source). Nothing is held in memory
+    beyond the current document.
     """
     for domain, source in parse_sources(data):
         parts = ["stdlib:code", "stdlib:prose"] if source == "stdlib" else [source]
         for part in parts:
             # Each source is lazy and capped on its own: a small max_bytes stops reading early.
-            docs = _one_source(domain, part, text_field, cache_dir)
+            docs = _one_source(domain, part, text_field, cache_dir, max_download_mb)
             yield from _capped(docs, max_bytes)
 
 
 def read_documents(data: str, max_bytes: int | None = None, text_field: str = "text",
-                   cache_dir: str = os.path.join("data_cache", "downloads")) -> list[tuple[str, str, str]]:
+                   cache_dir: str = os.path.join("data_cache", "downloads"),
+                   max_download_mb: float = MAX_DOWNLOAD_MB) -> list[tuple[str, str, str]]:
     """iter_documents as a list without whitespace-only documents; an empty result is an error."""
-    docs = [d for d in iter_documents(data, max_bytes, text_field, cache_dir) if d[0].strip()]
+    docs = [d for d in iter_documents(data, max_bytes, text_field, cache_dir, max_download_mb) if d[0].strip()]
     if not docs:
         raise ValueError(f"no text found in '{data}': it needs non-empty .txt or .jsonl content")
     return docs
@@ -1125,10 +1311,14 @@ def load_tokenizer_file(path) -> tiktoken.Encoding:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write text to path through a temporary file, so a crash never leaves half a file
+    (and a failed write, a full disk say, leaves no temporary file either)."""
+    tmp = path.with_name(f".{path.name}{_temp_suffix()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # The files tiktoken's "gpt2" encoding downloads (tiktoken_ext/openai_public.py).
@@ -1193,6 +1383,15 @@ def _load_encoding(spec: tuple) -> tiktoken.Encoding:
 def _init_worker(spec: tuple) -> None:
     global _WORKER_ENCODING
     _WORKER_ENCODING = _load_encoding(spec)
+
+
+def _init_pool_worker(spec: tuple) -> None:
+    """_init_worker in a pool's process. Ctrl-C reaches every process of the terminal's group: the
+    parent alone handles it (and terminates the pool); a forked worker inherits the parent's SIGTERM
+    handler, and pool.terminate() must stop it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(spec)
 
 
 def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -1347,6 +1546,102 @@ def format_report(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Has a source changed since it was prepared? Size, times and SHA-256 of each file
+# ---------------------------------------------------------------------------
+
+def _sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_stat(path) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+def _current_files(source: str, downloads: Path) -> list | None:
+    """The files a source names now, without downloading anything; None when there are none."""
+    if source.startswith(("http://", "https://")):
+        path = _download_path(source, downloads)
+        return [path] if path.exists() else None
+    try:
+        return [p for p, _ in _source_files(source)] or None
+    except ValueError:  # the path is gone, or the glob matches nothing
+        return None
+
+
+def _record_sources(data: str, downloads: Path, max_download_mb: float) -> list:
+    """sources.json: per source, each file's size, mtime, ctime, inode and SHA-256; for stdlib, the
+    Python version (its standard library is the corpus). Taken before the pipeline reads the files,
+    so an edit made while it runs shows on the next reuse. Hashing reads each file once more (from
+    the page cache, usually): ~1 GB/s, small beside the pipeline's own MB/s."""
+    records = []
+    for _, source in parse_sources(data):
+        if source == "stdlib" or source.startswith("stdlib:"):
+            records.append({"source": source, "python": platform.python_version()})
+            continue
+        if source.startswith(("http://", "https://")):
+            files = [_download(source, str(downloads), max_download_mb)]
+        else:
+            files = [p for p, _ in _source_files(source)]
+        records.append({"source": source, "files": [{"path": str(p), **_file_stat(p), "sha256": _sha256_file(p)}
+                                                    for p in files]})
+    return records
+
+
+def _sources_changed(final: Path, downloads: Path) -> tuple[str | None, list]:
+    """(why the sources differ from the ones final was prepared from, or None; the sources now gone).
+
+    Cost: one stat per file, plus a directory walk for a directory or glob.
+    Only a file whose size, mtime, ctime or inode differs from the record is
+    read and hashed again. Every write to a file updates its mtime and ctime,
+    and no user-level tool sets ctime back (`touch -d` sets mtime only), so
+    an in-place edit is always read; what it cannot see is a write below the
+    file system (to the raw disk) or a clock set back. A source that is gone
+    is no change: its prepared tokens are all that is left of it.
+    """
+    try:
+        recorded = json.loads((final / "sources.json").read_text())
+    except (OSError, ValueError):
+        return "it has no record of its sources: it was prepared by an older version", []
+    gone = []
+    for record in recorded:
+        if "python" in record:
+            if record["python"] != platform.python_version():
+                return f"{record['source']} was Python {record['python']}'s, this is {platform.python_version()}", []
+            continue
+        files = _current_files(record["source"], downloads)
+        if files is None:
+            gone.append(record["source"])
+        elif [str(p) for p in files] != [f["path"] for f in record["files"]]:
+            return f"files were added to or removed from {record['source']}", []
+        else:
+            for path, before in zip(files, record["files"]):
+                why = _file_changed(path, before)
+                if why is not None:
+                    return why, []
+    return None, gone
+
+
+def _file_changed(path: Path, before: dict) -> str | None:
+    """Why path differs from its record (None: it does not); hashes it only when its stat changed."""
+    try:
+        now = _file_stat(path)
+        if all(now[k] == before[k] for k in now):
+            return None
+        if now["size"] != before["size"]:
+            return f"{path} changed size, {before['size']:,} -> {now['size']:,} bytes"
+        if _sha256_file(path) != before["sha256"]:
+            return f"{path} changed (same size, other content)"
+    except OSError as e:
+        return f"cannot read {path} ({_one_line(e)})"
+    return None
+
+
+# ---------------------------------------------------------------------------
 # prepare: the pipeline, into <out_dir>/<key>/
 # ---------------------------------------------------------------------------
 
@@ -1421,14 +1716,19 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
             text_field: str = "text", dedup: str = "minhash", dedup_threshold: float = 0.8,
             quality_filter: bool = True, mix: str = "", mix_by: str = "domain",
             shard_tokens: int = SHARD_TOKENS, bpe_train_bytes: int | None = 2_000_000,
-            workers: int = 0) -> dict:
+            workers: int = 0, max_download_mb: float = MAX_DOWNLOAD_MB) -> dict:
     """Run the pipeline once into <out_dir>/<key>/ and return its manifest (plus "dir").
 
-    The key hashes every setting that changes the output, so a second call
-    with the same settings reuses the directory. The directory is built in a
-    temporary sibling and renamed into place: it appears complete or not at
-    all, and a bad input leaves nothing behind. workers: tokenizer processes
-    (0: one per CPU, at most 8); it does not change the output.
+    The key hashes every setting that changes the output. A second call with
+    the same settings reuses the directory if its sources are unchanged
+    (sources.json records each file's size, times and SHA-256; see
+    _sources_changed for the cost) and its shards are intact (checksums and
+    id range, read once); else it prepares it again. The directory is built
+    in a temporary sibling and renamed into place: it appears complete or
+    not at all, and a bad input leaves nothing behind; the temporaries of
+    killed runs are removed first. workers: tokenizer processes (0: one per
+    CPU, at most 8); it does not change the output. max_download_mb caps
+    each URL source's download (MB of 10^6 bytes).
     """
     log = print if verbose else (lambda *a, **k: None)
     cfg = PrepareConfig(data=_canonical_data(data), tokenizer=tokenizer, vocab_size=vocab_size,
@@ -1437,24 +1737,33 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
                         quality_filter=quality_filter, mix=mix, mix_by=mix_by, shard_tokens=shard_tokens,
                         bpe_train_bytes=bpe_train_bytes)
     cfg.check()
-    final = Path(out_dir).resolve() / cfg.key()
+    if not max_download_mb > 0:
+        raise ValueError(f"--max_download_mb {max_download_mb} must be positive")
+    final, downloads = Path(out_dir).resolve() / cfg.key(), Path(out_dir) / "downloads"
     if (final / "manifest.json").exists():
-        try:
-            manifest, _ = load_prepared(final)
-            if manifest.get("config") == asdict(cfg):
-                log(f"reusing {final}")
-                return manifest
-        except ValueError as e:  # corrupt or stale: it is a cache, so prepare it again below
-            log(f"cannot reuse {final} ({e}); preparing it again")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private (0700); the cache is meant to be shared
+        manifest = _reusable(final, cfg, downloads, log)
+        if manifest is not None:
+            return manifest
     try:
-        manifest, report = _run_pipeline(tmp, cfg, downloads=Path(out_dir) / "downloads",
+        final.parent.mkdir(parents=True, exist_ok=True)
+        stale = _remove_stale_temporaries(final.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=_temp_suffix(), dir=final.parent))
+    except OSError as e:
+        raise ValueError(f"cannot write to --out_dir {out_dir} ({_one_line(e)}): pass a writable directory") from None
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) of killed runs from {final.parent}")
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private (0700); the cache is meant to be shared
+        sources = _record_sources(cfg.data, downloads, max_download_mb)
+        manifest, report = _run_pipeline(tmp, cfg, downloads=downloads, max_download_mb=max_download_mb,
                                          workers=workers or min(8, os.cpu_count() or 1), verbose=verbose)
+        _write_atomic(tmp / "sources.json", json.dumps(sources, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # the directory appears complete or not at all
+    except OSError as e:  # reading errors are ValueErrors already: this is writing (a full disk, a quota)
+        raise ValueError(f"cannot write {final} ({_one_line(e)}): free space on its disk, "
+                         "or pass another --out_dir") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(format_report(report))
@@ -1462,12 +1771,34 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
     return {**manifest, "dir": str(final)}
 
 
-def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, workers: int, verbose: bool) -> tuple[dict, dict]:
+def _reusable(final: Path, cfg: PrepareConfig, downloads: Path, log) -> dict | None:
+    """final's manifest when it was prepared with cfg from the sources as they are now and its
+    shards are intact (their checksums and id range), else None after saying why."""
+    try:
+        manifest, _ = load_prepared(final, verify=False)
+        if manifest.get("config") != asdict(cfg):
+            return None
+        changed, gone = _sources_changed(final, downloads)
+        if changed is not None:
+            log(f"the corpus changed since {final} was prepared ({changed}): preparing it again")
+            return None
+        verify_shards(final, manifest)
+    except ValueError as e:  # corrupt or stale: it is a cache, so prepare it again
+        log(f"cannot reuse {final} ({e}); preparing it again")
+        return None
+    log(f"reusing {final}" + (f" (its source {', '.join(gone)} is gone: using the tokens prepared from it)"
+                              if gone else ""))
+    return manifest
+
+
+def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb: float, workers: int,
+                  verbose: bool) -> tuple[dict, dict]:
     """The five stages, writing shards, tokenizer, manifest.json and report.json into tmp."""
     t_start = time.time()
     report = {"stages": [], "removed": {}, "scripts": {}, "mix_by": cfg.mix_by, "mix": {}}
     # 1. Collect: read -> normalise -> exact dedup, onto a spool file on disk (and MinHash signatures).
-    spool = _collect(tmp / "spool.jsonl", cfg, downloads=downloads, report=report, verbose=verbose)
+    spool = _collect(tmp / "spool.jsonl", cfg, downloads=downloads, max_download_mb=max_download_mb, report=report,
+                     verbose=verbose)
     # 2. Near dedup: MinHash + LSH over the signatures.
     keep = _near_dedup(spool, cfg, report)
     # 3. Filter: each document's script, then its domain's quality rules.
@@ -1502,7 +1833,8 @@ def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, workers: in
     return manifest, report
 
 
-def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, report: dict, verbose: bool) -> Spool:
+def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb: float, report: dict,
+             verbose: bool) -> Spool:
     """Stage 1, one streaming pass: read -> normalise -> exact dedup -> MinHash signature -> spool file.
 
     Memory per kept document: its offset, size, labels, a 16-byte exact key
@@ -1511,7 +1843,7 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, report: dict, v
     clock, count = Counter(), Counter()
     seen, offsets, nbytes, domain, names, sigs, batch = set(), [], [], [], {}, [], []
     update = _progress("read, normalise, dedup", verbose)
-    documents = iter_documents(cfg.data, cfg.max_bytes, cfg.text_field, str(downloads))
+    documents = iter_documents(cfg.data, cfg.max_bytes, cfg.text_field, str(downloads), max_download_mb)
 
     def signatures(texts):
         t = time.perf_counter()
@@ -1676,7 +2008,7 @@ def _tokenize_all(*, tmp: Path, spool: Spool, splits: dict, groups: np.ndarray, 
     written = {}
     # The platform's default start method (on Linux fork up to Python 3.13, forkserver from 3.14; spawn
     # on macOS and Windows); the worker functions live at module level, so a fresh interpreter imports them.
-    pool = multiprocessing.get_context().Pool(workers, _init_worker, (spec,)) if workers > 1 else None
+    pool = multiprocessing.get_context().Pool(workers, _init_pool_worker, (spec,)) if workers > 1 else None
     if pool is None:
         _init_worker(spec)
     try:
@@ -1748,12 +2080,17 @@ def _mix_report(report: dict, plan: MixPlan, train_ids, tokens_after: Counter, s
 # Reading a prepared directory back
 # ---------------------------------------------------------------------------
 
-def load_prepared(dir, verify: bool = False) -> tuple[dict, tiktoken.Encoding]:
+def load_prepared(dir, verify: bool = True) -> tuple[dict, tiktoken.Encoding]:
     """Read and check a prepared directory; return (manifest with "dir", tokenizer).
 
     Every shard's size must be its token count times the dtype's size (a
-    truncated write is caught); verify=True also recomputes the SHA-256 of
-    every shard (reads everything: seconds per GB).
+    truncated write is caught). verify (the default) also reads every shard:
+    its SHA-256 must be the manifest's and every id below vocab_size, so a
+    shard overwritten with other ids, in range or not, is refused before
+    training. That costs one read of the shards: SHA-256 runs at about
+    1 GB/s on one core (`python data.py verify DIR` prints the rate on
+    yours), so about a second per GB; a shard this process has already
+    verified, and whose stat is unchanged, costs one stat.
     """
     dir = Path(dir)
     if not (dir / "manifest.json").exists():
@@ -1776,10 +2113,11 @@ def load_prepared(dir, verify: bool = False) -> tuple[dict, tiktoken.Encoding]:
         raise ValueError(f"cannot read {dir}/manifest.json ({e}): delete {dir} and run prepare again") from None
     if verify:
         verify_shards(dir, manifest)
-    if manifest["tokenizer"] == "bpe":
-        enc = load_tokenizer_file(dir / "tokenizer.tiktoken")
-    else:
-        enc = get_tokenizer(manifest["tokenizer"])
+    try:
+        enc = (load_tokenizer_file(dir / "tokenizer.tiktoken") if manifest["tokenizer"] == "bpe"
+               else get_tokenizer(manifest["tokenizer"]))
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"cannot read the tokenizer in {dir} ({_one_line(e)}): delete {dir} and run prepare again") from None
     if enc.n_vocab != manifest["vocab_size"] or enc.eot_token != manifest["eot_id"]:
         raise ValueError(f"the tokenizer in {dir} does not match its manifest: delete the directory to re-prepare")
     return {**manifest, "dir": str(dir.resolve())}, enc
@@ -1793,17 +2131,49 @@ def _check_size(path: Path, expected: int) -> None:
                          "delete the directory to re-prepare")
 
 
-def verify_shards(dir, manifest: dict) -> None:
-    """Recompute each shard's SHA-256 and compare it with the manifest's."""
+# Shards this process has verified: resolved path -> (stat, expected SHA-256, vocab_size) at the time.
+# prepare verifies a directory it reuses, and train.py loads it again right after: the second
+# check then costs a stat per shard. Any write to a file changes its mtime and ctime.
+_VERIFIED = {}
+
+
+def _stat_stamp(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
+def verify_shards(dir, manifest: dict) -> int:
+    """Read every shard once: its SHA-256 must be the manifest's and its largest id below
+    vocab_size (an id out of range would fail deep inside the model). Returns the bytes read."""
+    n_read, itemsize = 0, np.dtype(manifest["dtype"]).itemsize
     for split in ("train", "val"):
         for s in manifest["shards"][split]:
-            digest = hashlib.sha256()
-            with open(Path(dir) / s["file"], "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
+            path = Path(dir) / s["file"]
+            stamp = (_stat_stamp(path), s["sha256"], manifest["vocab_size"])
+            if _VERIFIED.get(str(path.resolve())) == stamp:
+                continue
+            digest, largest = hashlib.sha256(), -1
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):  # 16 MiB at a time: flat memory
                     digest.update(block)
+                    ids = np.frombuffer(block, dtype=manifest["dtype"], count=len(block) // itemsize)
+                    largest = max(largest, int(ids.max())) if len(ids) else largest
+                    n_read += len(block)
             if digest.hexdigest() != s["sha256"]:
-                raise ValueError(f"corrupt token file {Path(dir) / s['file']}: its checksum differs from "
+                raise ValueError(f"corrupt token file {path}: its checksum differs from "
                                  "the manifest's; delete the directory to re-prepare")
+            if largest >= manifest["vocab_size"]:
+                raise ValueError(f"corrupt token file {path}: it holds token id {largest}, outside the vocabulary "
+                                 f"of {manifest['vocab_size']}; delete the directory to re-prepare")
+            _VERIFIED[str(path.resolve())] = stamp
+    return n_read
+
+
+def corpus_id(manifest: dict) -> str:
+    """A short hash of every shard's SHA-256: two prepared directories with equal ids hold equal tokens
+    (a checkpoint can store it, so that a resume refuses a corpus that was prepared again differently)."""
+    checksums = [s["sha256"] for split in ("train", "val") for s in manifest["shards"][split]]
+    return hashlib.sha256(" ".join(checksums).encode()).hexdigest()[:16]
 
 
 def shard_paths(manifest: dict, split: str) -> list[str]:
@@ -1827,7 +2197,7 @@ def make_sampler(manifest: dict, split: str, block_size: int, batch_size: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1) -> "TokenSampler":
     """A TokenSampler over one split of a prepared directory."""
     return TokenSampler(shard_paths(manifest, split), manifest["dtype"], block_size, batch_size,
-                        seed=seed, rank=rank, world_size=world_size)
+                        seed=seed, rank=rank, world_size=world_size, vocab_size=manifest["vocab_size"])
 
 
 # ---------------------------------------------------------------------------
@@ -1844,13 +2214,16 @@ class TokenSampler:
     epoch visits them in a permutation drawn from default_rng((seed, epoch));
     rank r takes positions r, r+W, r+2W, ... (W = world_size), cut so every
     rank has the same count, hence the ranks see disjoint windows and stay in
-    step. The position lives in state_dict().
+    step. The position lives in state_dict(). With vocab_size, every batch is
+    checked to hold only ids below it (a max over B*(T+1) ids), so a shard
+    changed after loading is one clear error instead of an IndexError deep in
+    the model.
     """
 
     def __init__(self, path, dtype: str, block_size: int, batch_size: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
         self.paths = [str(path)] if isinstance(path, (str, os.PathLike)) else [str(p) for p in path]
-        self.dtype, self.block_size, self.batch_size = dtype, block_size, batch_size
+        self.dtype, self.block_size, self.batch_size, self.vocab_size = dtype, block_size, batch_size, vocab_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}: use 0 <= rank < world_size")
@@ -1896,6 +2269,11 @@ class TokenSampler:
         """(x, y), both int64 of shape (B, T), with y[:, t] = x[:, t+1] in the token stream."""
         windows = [self._next_window() for _ in range(self.batch_size)]
         buf = np.stack([self._window(w) for w in windows]).astype(np.int64)  # (B, T+1)
+        if self.vocab_size is not None and buf.max() >= self.vocab_size:
+            row = int(buf.max(axis=1).argmax())
+            shard = self.paths[int(np.searchsorted(self.first_window, windows[row], side="right")) - 1]
+            raise ValueError(f"token id {buf[row].max()} in {shard} is outside the vocabulary of {self.vocab_size}: "
+                             "the shard was overwritten; delete its directory to re-prepare")
         buf = torch.from_numpy(buf)
         return buf[:, :-1], buf[:, 1:]  # (B, T) inputs, (B, T) targets
 
@@ -2050,7 +2428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
     p.add_argument("--bpe_train_bytes", type=int, default=2_000_000, help="bytes of training text the BPE learns from")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per CPU, at most 8)")
-    v = commands.add_parser("verify", help="recompute the checksums of a prepared directory's shards")
+    p.add_argument("--max_download_mb", type=float, default=MAX_DOWNLOAD_MB,
+                   help="largest download of a URL source, in MB (10^6 bytes)")
+    v = commands.add_parser("verify", help="recompute the checksums (and id range) of a prepared directory's shards")
     v.add_argument("dir", help="a prepared directory (the one holding manifest.json)")
     b = commands.add_parser("bench-dedup", help="documents/s of dedup() vs datasketch (pip install datasketch)")
     b.add_argument("--docs", type=int, default=1000, help="documents, half of them planted near duplicates")
@@ -2060,16 +2440,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so that `finally` removes the temporary files (the default action skips it)."""
+
+
+def _stop(signum, frame):
+    raise _Terminated
+
+
 def main(argv=None) -> None:
     """`python data.py prepare|verify|bench-dedup|bench-bpe ...`; a user error is one line and exit code 2."""
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         if args.command == "prepare":
             options = {k: v for k, v in vars(args).items() if k != "command"}
             prepare(**options)
         elif args.command == "verify":
-            manifest, _ = load_prepared(args.dir, verify=True)
-            print(f"ok: {sum(len(s) for s in manifest['shards'].values())} shards match their checksums")
+            manifest, _ = load_prepared(args.dir, verify=False)
+            t = time.perf_counter()
+            n_bytes = verify_shards(args.dir, manifest)
+            seconds = time.perf_counter() - t
+            print(f"ok: {sum(len(s) for s in manifest['shards'].values())} shards match their checksums, every id "
+                  f"below {manifest['vocab_size']}; {n_bytes / 1e6:,.1f} MB read in {seconds:.2f} s "
+                  f"({n_bytes / 1e6 / max(seconds, 1e-9):,.0f} MB/s)")
         elif args.command == "bench-dedup":
             print(json.dumps(bench_dedup(args.docs), indent=1))
         else:
@@ -2077,6 +2471,13 @@ def main(argv=None) -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # what prepare does not turn into a ValueError itself
+        print(f"error: {_one_line(e)}: check the path, its permissions and the free space on its disk", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (_stop)
+        by = "SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"
+        print(f"error: stopped by {by}; the temporary files of this run were removed", file=sys.stderr)
+        sys.exit(143 if by == "SIGTERM" else 130)
 
 
 if __name__ == "__main__":
