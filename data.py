@@ -1881,9 +1881,12 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
             domain.append(names.setdefault(dom, len(names)))
             if cfg.dedup == "minhash":
                 batch.append(text)
-                if len(batch) == 512:  # signatures in batches: one numpy pass per 512 documents
+                count["batch_bytes"] += size
+                # Signatures in batches: one numpy pass per 512 documents, or per 4 MiB of text when the
+                # documents are long (a batch's shingle hashes are held at once).
+                if len(batch) == 512 or count["batch_bytes"] >= 1 << 22:
                     signatures(batch)
-                    batch = []
+                    batch, count["batch_bytes"] = [], 0
             update(count["read_docs"], count["read_bytes"])
         if batch:
             signatures(batch)
