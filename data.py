@@ -24,8 +24,8 @@ installation carries: the standard library's source (domain "code") and its
 docstrings plus the pydoc topic pages (domain "prose"). `name=source` gives a
 source's documents the domain label `name`. Documents flow as a generator, so
 a corpus larger than memory goes through: what the pipeline keeps per document
-is a few hundred bytes (a hash, a MinHash signature, an offset into a spool
-file on disk), never the corpus.
+is under a kilobyte (a 16-byte hash, a 512-byte MinHash signature, an offset
+into a spool file on disk), never its text.
 
 Normalise. Unicode NFC (so "é" as one code point and as "e" + combining
 accent are the same text), control characters removed, line endings unified,
@@ -122,6 +122,12 @@ Every prepare writes report.json beside the shards (documents and bytes in
 and out of each stage, removals per rule, tokens per domain before and after
 mixing, time and throughput) and prints it as a table.
 
+The cache. A prepared directory is named after a hash of its settings and
+reused by the next run with the same settings, but only as long as it still
+matches: sources.json records each source file's size, times and SHA-256,
+so a corpus edited in place is prepared again, and every load re-reads the
+shards' checksums, so a changed shard is refused before training.
+
 Not here: document-aligned windows, URL and PII filters, model-based quality
 classifiers (DCLM's fastText classifier), and a per-language identifier.
 
@@ -194,7 +200,7 @@ FORMAT_VERSION = 2
 
 # Tokens per shard file: 2^24 = 16.8M tokens = 32 MiB of uint16. Large enough
 # that a laptop corpus is one shard, small enough to copy and checksum in
-# seconds (nanoGPT's FineWeb script uses 100M-token shards for GPU clusters).
+# seconds (build-nanogpt's fineweb.py writes 100M-token shards for GPU clusters).
 SHARD_TOKENS = 2**24
 
 # A text file given directly is cut into documents at two empty lines, or
@@ -378,7 +384,8 @@ def _file_texts(path: Path, text_field: str, whole: bool):
         if whole:
             yield f.read()
         else:
-            # gzip hides the text size; 3x the compressed size is a typical ratio for text.
+            # gzip hides the text size; English text compresses 2.5-3.5x (tinyshakespeare 2.6x, the first
+            # MB of the stdlib's docstrings 3.4x), so the size is estimated as 3x the file's.
             size = path.stat().st_size * (3 if path.name.endswith(".gz") else 1)
             yield from _text_file_documents(f, size)
 
@@ -670,7 +677,7 @@ def exact_key(text: str) -> bytes:
 
 
 # MinHash parameters. K=128 hashes: the Jaccard estimate has standard
-# deviation sqrt(J(1-J)/K) <= 0.044 (datasketch's default is also 128).
+# deviation sqrt(J(1-J)/K) <= 0.044 (datasketch's MinHash also defaults to num_perm=128).
 # 5-word shingles as in FineWeb (datatrove's MinhashConfig: n_grams=5).
 NUM_PERM = 128
 NGRAM = 5
@@ -712,10 +719,10 @@ def minhash_signatures(texts, num_perm: int = NUM_PERM, ngram: int = NGRAM, seed
 
     h_k(x) = ((a_k * x + b_k) mod 2^64) >> 32, a 2-universal family for 32-bit
     x. All documents' shingles are concatenated into one array and hashed in
-    blocks of `block` columns: one (K, block) numpy operation hashes 1M
-    shingle-hash pairs at once (8 MiB: it stays in the CPU's cache, which
-    is twice as fast here as 4x larger blocks), and np.minimum.reduceat takes
-    each document's minimum, so there is no Python loop over hash functions.
+    blocks of `block` columns: one (K, block) numpy operation hashes
+    K * block = 2^20 shingle-hash pairs at once (8 MiB of uint64, however
+    many shingles there are), and np.minimum.reduceat takes each document's
+    minimum, so there is no Python loop over hash functions.
     The minimum of the 64-bit values has the minimum's top 32 bits, so the
     shift is done once, on the signature. A document with no words gets the
     all-ones signature and is never a near duplicate.
@@ -854,8 +861,8 @@ _SCRIPTS = ("Latin", "Cyrillic", "Greek", "Arabic", "Hebrew", "Devanagari", "Tha
             "Hangul", "Hiragana", "Katakana", "Han")
 _SCRIPT_RES = {s: regex.compile(rf"\p{{Script={s}}}") for s in _SCRIPTS}
 _LETTER = regex.compile(r"\p{L}")
-# Characters looked at: the opening of a document decides its script, as in
-# CLD-style detectors that stop after a few kB (4096 characters here).
+# Characters looked at: the opening 4096 of a document decide its script, so the
+# cost per document is bounded however long it is.
 _SCRIPT_SAMPLE = 4096
 
 
@@ -896,8 +903,9 @@ GOPHER_MAX_DUPLICATE_NGRAM_CHARS = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11,
 # C4 (Raffel et al. 2020, arXiv:1910.10683, sec. 2.2): at least 3 sentences;
 # no "lorem ipsum"; no "{" (which in web text is code or templates).
 C4_MIN_SENTENCES = 3
-# FineWeb (Penedo et al. 2024, arXiv:2406.17557, sec. 3.5): drop a document when at most
-# 12% of its lines end in terminal punctuation (C4's per-line rule, made per-document).
+# FineWeb (Penedo et al. 2024, arXiv:2406.17557; datatrove's FineWebQualityFilter,
+# line_punct_thr=0.12): drop a document when at most 12% of its lines end in terminal
+# punctuation (C4's per-line rule, made per-document).
 FINEWEB_MIN_PUNCTUATED_LINES = 0.12
 # Source code (The Stack, Kocetkov et al. 2022, arXiv:2211.15533; StarCoder, Li et al. 2023,
 # arXiv:2305.06161): minified or generated files have very long lines or few alphanumerics.
@@ -906,7 +914,8 @@ CODE_MAX_MEAN_LINE_LENGTH = 100
 CODE_MIN_ALPHANUMERIC = 0.25
 
 _BULLETS = ("-", "*", "•", "‣", "●", "·", "◦", "▪")
-_TERMINAL = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？")  # datatrove's stop characters, plus CJK
+# datatrove's stop characters (. ' " ! ?), plus typographic closing quotes and the CJK full stops
+_TERMINAL = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？")
 _SENTENCE_END = regex.compile(r"[.!?。！？]+(?=\s|$)")
 
 
@@ -1220,7 +1229,8 @@ def train_bpe(texts, vocab_size: int, max_train_bytes: int | None = 2_000_000) -
 
     Step by step:
       1. pre-tokenize each text with PATTERN and count the unique pre-tokens
-         ("words"), as UTF-8 bytes: a corpus of 10 MB has ~100k of them;
+         ("words"), as UTF-8 bytes: the first 2 MB of the stdlib corpus
+         (the default budget) hold ~20k of them;
       2. count adjacent token pairs inside words, each weighted by the
          word's frequency, remembering which words hold which pair;
       3. merge the most frequent pair into a new token and recount only the
@@ -1338,7 +1348,7 @@ def _gpt2_cached() -> bool:
 
 
 def _gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's GPT-2 encoding, failing within seconds (not a long hang) when offline."""
+    """tiktoken's GPT-2 encoding, failing within about 5 s (not a long hang) when offline."""
     if not _gpt2_cached():
         try:  # tiktoken's download has no timeout, so probe the host first
             socket.create_connection(("openaipublic.blob.core.windows.net", 443), timeout=5).close()
@@ -1577,7 +1587,7 @@ def _record_sources(data: str, downloads: Path, max_download_mb: float) -> list:
     """sources.json: per source, each file's size, mtime, ctime, inode and SHA-256; for stdlib, the
     Python version (its standard library is the corpus). Taken before the pipeline reads the files,
     so an edit made while it runs shows on the next reuse. Hashing reads each file once more (from
-    the page cache, usually): ~1 GB/s, small beside the pipeline's own MB/s."""
+    the page cache, usually), at the rate `data.py verify` prints: small beside the pipeline's own MB/s."""
     records = []
     for _, source in parse_sources(data):
         if source == "stdlib" or source.startswith("stdlib:"):
@@ -2090,10 +2100,10 @@ def load_prepared(dir, verify: bool = True) -> tuple[dict, tiktoken.Encoding]:
     truncated write is caught). verify (the default) also reads every shard:
     its SHA-256 must be the manifest's and every id below vocab_size, so a
     shard overwritten with other ids, in range or not, is refused before
-    training. That costs one read of the shards: SHA-256 runs at about
-    1 GB/s on one core (`python data.py verify DIR` prints the rate on
-    yours), so about a second per GB; a shard this process has already
-    verified, and whose stat is unchanged, costs one stat.
+    training. That costs one read of the shards, one or two seconds per GB
+    on one core (`python data.py verify DIR` prints the rate: 650 MB/s on a
+    busy 2-core machine); a shard this process has already verified, and
+    whose stat is unchanged, costs one stat.
     """
     dir = Path(dir)
     if not (dir / "manifest.json").exists():

@@ -11,8 +11,10 @@ import glob
 import gzip
 import hashlib
 import http.server
+import inspect
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -1271,3 +1273,82 @@ def test_a_download_killed_midway_leaves_a_temporary_file_the_next_download_remo
     with pytest.raises(ValueError, match="HTTP 404"):
         data._download(bad_server + "/missing.txt", str(cache))
     assert list(cache.iterdir()) == [live]
+
+
+# --- the numbers the comments and docstrings of data.py state ----------------------------
+
+def test_the_essays_lsh_numbers_are_what_the_formulas_give():
+    """The module essay's worked example, recomputed from the formulas, quoted exactly as the essay states
+    them (so a change to either fails here)."""
+    essay = " ".join(data.__doc__.split())
+    assert "sqrt(J(1-J)/K) (0.027 at J=0.9, K=128)" in essay
+    assert round(math.sqrt(0.9 * 0.1 / 128), 3) == 0.027
+    assert "we take b=16, r=8: s* = 0.71, P(candidate) = 0.9999 at J=0.9, 0.95 at J=0.8, 0.06 at J=0.5" in essay
+    assert data.lsh_threshold(0.8, 128) == (16, 8)
+    assert round((1 / 16) ** (1 / 8), 2) == 0.71
+    p = lambda s: 1 - (1 - s**8) ** 16  # noqa: E731  the S-curve, written out again
+    assert (round(p(0.9), 4), round(p(0.8), 2), round(p(0.5), 2)) == (0.9999, 0.95, 0.06)
+    # The MinHash comment: the standard deviation is largest at J = 0.5.
+    assert "sqrt(J(1-J)/K) <= 0.044" in inspect.getsource(data)
+    assert round(math.sqrt(0.25 / data.NUM_PERM), 3) == 0.044 and data.NUM_PERM == 128
+
+
+def test_the_constants_comments_hold():
+    """Each line is a comment's claim, checked against the code or an independent computation."""
+    assert data.SHARD_TOKENS == 2**24 and round(2**24 / 1e6, 1) == 16.8 and 2**24 * 2 == 32 * 2**20  # 32 MiB of uint16
+    assert data.NUM_PERM * 8192 == 2**20 and 2**20 * 8 == 8 * 2**20  # minhash_signatures' block: 2^20 pairs, 8 MiB
+    assert len(data.exact_key("x")) * 8 == 128  # a 128-bit key: collisions after ~sqrt(2^128) = 2^64 documents
+    # PATTERN: numbers of at most 3 digits; a word with at most one leading non-letter
+    assert regex.findall(data.PATTERN, "12345_name the") == ["123", "45", "_name", " the"]
+    assert "中".isalpha()  # why gopher_alpha_words runs on Latin text only (datatrove #202)
+    assert data.get_tokenizer("bytes").n_vocab == 257
+    import tiktoken_ext.openai_public  # the GPT-2 vocabulary, read from tiktoken's definition (no download)
+    assert '"explicit_n_vocab": 50257' in inspect.getsource(tiktoken_ext.openai_public.gpt2)
+    # The platform's default start method, as _tokenize_all's comment says
+    expected = {"darwin": "spawn", "win32": "spawn"}.get(sys.platform,
+                                                         "fork" if sys.version_info < (3, 14) else "forkserver")
+    assert multiprocessing.get_start_method(allow_none=False) == expected or sys.platform not in ("linux", "darwin", "win32")
+
+
+def test_gzip_ratio_of_english_text_is_near_the_3x_the_size_estimate_assumes():
+    """_file_texts estimates a .gz file's text as 3x its size; English compresses 2.5-3.5x (the comment's
+    figures: tinyshakespeare 2.6x, the first MB of the stdlib's docstrings 3.4x, at gzip's default level)."""
+    prose = "\n\n".join(doc[0] for doc in data.stdlib_corpus(("prose",), max_bytes=1_000_000)).encode()
+    assert round(len(prose) / len(gzip.compress(prose, 6)), 1) == 3.4
+    if SHAKESPEARE.exists():
+        text = SHAKESPEARE.read_bytes()
+        assert round(len(text) / len(gzip.compress(text, 6)), 1) == 2.6
+
+
+def test_two_mb_of_the_stdlib_hold_about_20k_unique_pre_tokens():
+    """train_bpe's docstring: the first 2 MB of the stdlib corpus (its default budget) hold ~20k words."""
+    # The corpus starts with its code domain: 2.1 MB of it hold the first 2 MB.
+    n = len(data._word_counts((doc[0] for doc in data.stdlib_corpus(("code",), max_bytes=2_100_000)), 2_000_000))
+    assert 15_000 <= n <= 25_000, n
+
+
+def test_collect_keeps_under_a_kilobyte_per_document_and_never_its_text(tmp_path):
+    """The essay: per document, a 16-byte hash, a 512-byte signature and an offset, never the text.
+    Reference: tracemalloc's slope between 2,000 and 4,000 documents of ~400 bytes each (the fixed
+    cost, numpy's (K, block) hashing buffers, cancels out)."""
+    def collect(n):
+        path = tmp_path / f"docs{n}.jsonl"
+        with open(path, "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": f"document {i} " + " ".join(f"w{i}x{j}" for j in range(40))}) + "\n")
+        cfg = data.PrepareConfig(data=str(path), tokenizer="bytes", vocab_size=257, val_fraction=0.1, max_bytes=None,
+                                 seed=0, format=data.FORMAT_VERSION, text_field="text", dedup="minhash",
+                                 dedup_threshold=0.8, quality_filter=False, mix="", mix_by="domain",
+                                 shard_tokens=1000, bpe_train_bytes=None)
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        spool = data._collect(tmp_path / f"spool{n}.jsonl", cfg, downloads=tmp_path, max_download_mb=1,
+                              report={"stages": [], "removed": {}}, verbose=False)
+        held, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert len(spool.offsets) == n and spool.sig.shape == (n, 128)
+        return held - base, peak - base
+    (held_a, peak_a), (held_b, peak_b) = collect(2000), collect(4000)
+    per_doc_held, per_doc_peak = (held_b - held_a) / 2000, (peak_b - peak_a) / 2000
+    assert 512 <= per_doc_held < 1024, per_doc_held  # the signature's 512 bytes, plus an offset and two counts
+    assert per_doc_peak < 1024, per_doc_peak  # also while the exact-dedup keys are held
