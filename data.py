@@ -309,7 +309,8 @@ def _text_file_documents(f, size_hint: int):
     lets a document-level train/val split hold something out even from a
     single book.
     """
-    target = min(MAX_DOC_BYTES, max(1, size_hint // 100))
+    # A pipe reports size 0: its size is unknown, so its pieces are the largest.
+    target = min(MAX_DOC_BYTES, max(1, size_hint // 100)) if size_hint > 0 else MAX_DOC_BYTES
     current, size, blanks = [], 0, 0
     # readline(target): a line, or the next target characters of a longer one, so memory
     # stays near one piece even when the whole file is one line.
@@ -1597,7 +1598,9 @@ def _record_sources(data: str, downloads: Path, max_download_mb: float) -> list:
             files = [_download(source, str(downloads), max_download_mb)]
         else:
             files = [p for p, _ in _source_files(source)]
+        # A pipe (--data /dev/stdin) is read once, by the pipeline: it is recorded, not hashed.
         records.append({"source": source, "files": [{"path": str(p), **_file_stat(p), "sha256": _sha256_file(p)}
+                                                    if p.is_file() else {"path": str(p), "not_a_file": True}
                                                     for p in files]})
     return records
 
@@ -1638,6 +1641,8 @@ def _sources_changed(final: Path, downloads: Path) -> tuple[str | None, list]:
 
 def _file_changed(path: Path, before: dict) -> str | None:
     """Why path differs from its record (None: it does not); hashes it only when its stat changed."""
+    if before.get("not_a_file"):
+        return f"{path} is not a regular file (a pipe?), so what it holds now cannot be compared"
     try:
         now = _file_stat(path)
         if all(now[k] == before[k] for k in now):

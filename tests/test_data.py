@@ -1177,6 +1177,28 @@ def test_a_verified_shard_is_not_read_again_until_it_changes(tmp_path, rng, monk
     assert n_shards >= 2
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe (POSIX)")
+def test_a_pipe_as_the_corpus_is_read_once_and_never_reused(tmp_path, capsys):
+    """`--data /dev/stdin` (a pipe) can be read only once: sources.json records it without hashing it,
+    the pipeline reads it (in the largest pieces: a pipe has no size), and a later run prepares again."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    text = "The first document, on a pipe.\n\n\nThe second document, on the same pipe.\n"
+
+    def prepare_from_the_pipe():
+        writer = threading.Thread(target=lambda: pipe.write_text(text), daemon=True)
+        writer.start()
+        m = data.prepare(str(pipe), "bytes", out_dir=str(tmp_path / "cache"), quality_filter=False)
+        writer.join(timeout=60)
+        return m
+    m = prepare_from_the_pipe()
+    assert m["documents"] == {"train": 1, "val": 1}
+    assert json.loads((Path(m["dir"]) / "sources.json").read_text())[0]["files"] == [{"path": str(pipe),
+                                                                                         "not_a_file": True}]
+    assert prepare_from_the_pipe() == m  # the same text again: the same tokens, prepared again
+    assert "is not a regular file (a pipe?)" in capsys.readouterr().out
+
+
 # A local HTTP server plays every bad server: no internet is needed, and none is used.
 class BadServer(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
