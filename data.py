@@ -151,6 +151,7 @@ Map of the file, in reading order:
 import argparse
 import ast
 import base64
+import errno
 import fnmatch
 import gzip
 import hashlib
@@ -484,7 +485,10 @@ def _download(url: str, cache_dir: str, max_download_mb: float = MAX_DOWNLOAD_MB
         if problem is None:
             os.replace(tmp, path)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        problem = f"({_one_line(e)}): check the " + ("URL" if isinstance(e, urllib.error.HTTPError) else "network")
+        local = getattr(e, "filename", None) == str(tmp) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        fix = ("the URL" if isinstance(e, urllib.error.HTTPError) else
+               f"that {path.parent} is writable and has free space" if local else "the network")
+        problem = f"({_one_line(e)}): check {fix}"
     finally:
         tmp.unlink(missing_ok=True)
     if problem is not None:
