@@ -24,8 +24,8 @@ installation carries: the standard library's source (domain "code") and its
 docstrings plus the pydoc topic pages (domain "prose"). `name=source` gives a
 source's documents the domain label `name`. Documents flow as a generator, so
 a corpus larger than memory goes through: what the pipeline keeps per document
-is a few hundred bytes (a hash, a MinHash signature, an offset into a spool
-file on disk), never the corpus.
+is under a kilobyte (a 16-byte hash, a 512-byte MinHash signature, an offset
+into a spool file on disk), never its text.
 
 Normalise. Unicode NFC (so "é" as one code point and as "e" + combining
 accent are the same text), control characters removed, line endings unified,
@@ -122,6 +122,12 @@ Every prepare writes report.json beside the shards (documents and bytes in
 and out of each stage, removals per rule, tokens per domain before and after
 mixing, time and throughput) and prints it as a table.
 
+The cache. A prepared directory is named after a hash of its settings and
+reused by the next run with the same settings, but only as long as it still
+matches: sources.json records each source file's size, times and SHA-256,
+so a corpus edited in place is prepared again, and every load re-reads the
+shards' checksums, so a changed shard is refused before training.
+
 Not here: document-aligned windows, URL and PII filters, model-based quality
 classifiers (DCLM's fastText classifier), and a per-language identifier.
 
@@ -135,7 +141,9 @@ Map of the file, in reading order:
     parse_mix, mix_epochs, _mixed_order
     train_bpe, save_tokenizer, load_tokenizer_file, get_tokenizer
     _encode_chunk, _write_shards     tokenize in worker processes, fixed-size shards
-    prepare (_collect, _near_dedup, _filter, _tokenize_all, report.json)
+    Spool                            the kept documents on disk, read back by offset
+    PrepareConfig, prepare           the settings (and the cache key), then the five stages:
+        1 _collect, 2 _near_dedup, 3 _filter, 4 _make_tokenizer + _plan_mix, 5 _tokenize_all
     load_prepared, verify_shards, split_tokens, make_sampler, TokenSampler
     bits_per_byte, bench_dedup, bench_bpe, main
 """
@@ -143,15 +151,19 @@ Map of the file, in reading order:
 import argparse
 import ast
 import base64
-import glob
+import errno
+import fnmatch
 import gzip
 import hashlib
 import heapq
+import http.client
 import json
 import math
 import multiprocessing
 import os
+import platform
 import shutil
+import signal
 import socket
 import sys
 import sysconfig
@@ -163,6 +175,7 @@ import urllib.request
 import warnings
 import zlib
 from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -188,16 +201,26 @@ FORMAT_VERSION = 2
 
 # Tokens per shard file: 2^24 = 16.8M tokens = 32 MiB of uint16. Large enough
 # that a laptop corpus is one shard, small enough to copy and checksum in
-# seconds (nanoGPT's FineWeb script uses 100M-token shards for GPU clusters).
+# seconds (build-nanogpt's fineweb.py writes 100M-token shards for GPU clusters).
 SHARD_TOKENS = 2**24
 
 # A text file given directly is cut into documents at two empty lines, or
-# into ~100 pieces when it has none; no piece grows past this many bytes, so
-# a huge file without breaks still streams (1 MiB: far above a web page).
+# into ~100 pieces when it has none. A piece is closed once it reaches this
+# many characters, and a longer line is read (and cut) in pieces of at most
+# this many, so a huge file without breaks, even one single line, streams.
 MAX_DOC_BYTES = 1 << 20
 
-# Seconds to wait for a download server before calling the machine offline.
+# Seconds to wait for each answer of a download server (the connection, then
+# every read) before calling the machine offline.
 DOWNLOAD_TIMEOUT = 30
+# Seconds a whole download may take: a server that trickles a few bytes at a
+# time never trips the per-read timeout above. Checked between reads, so it
+# can be overrun by at most one DOWNLOAD_TIMEOUT.
+DOWNLOAD_DEADLINE = 3600
+# The largest download, in MB of 10^6 bytes (prepare's max_download_mb and
+# --max_download_mb change it): an endless or unexpectedly large answer stops
+# here instead of filling the disk.
+MAX_DOWNLOAD_MB = 4000
 
 # ---------------------------------------------------------------------------
 # Sources
@@ -278,17 +301,21 @@ def stdlib_corpus(domains=("code", "prose"), max_bytes: int | None = None) -> li
     return [doc for d in domains for doc in _capped(_stdlib_documents((d,)), max_bytes)]
 
 
-def _text_file_documents(lines, size_hint: int):
-    """Stream one text file's documents: cut at two empty lines, else every ~size_hint/100 bytes.
+def _text_file_documents(f, size_hint: int):
+    """Stream one text file's documents: cut at two empty lines, else every ~size_hint/100 characters.
 
-    The cut is at a line boundary, so joining the pieces gives the text back
-    (except the empty lines of a two-empty-line break). Cutting a file with
-    no breaks into ~100 pieces lets a document-level train/val split hold
-    something out even from a single book.
+    The cut is at a line end, or inside a line longer than a piece, so joining
+    the pieces gives the text back (except the empty lines of a
+    two-empty-line break). Cutting a file with no breaks into ~100 pieces
+    lets a document-level train/val split hold something out even from a
+    single book.
     """
-    target = min(MAX_DOC_BYTES, max(1, size_hint // 100))
+    # A pipe reports size 0: its size is unknown, so its pieces are the largest.
+    target = min(MAX_DOC_BYTES, max(1, size_hint // 100)) if size_hint > 0 else MAX_DOC_BYTES
     current, size, blanks = [], 0, 0
-    for line in lines:
+    # readline(target): a line, or the next target characters of a longer one, so memory
+    # stays near one piece even when the whole file is one line.
+    for line in iter(lambda: f.readline(target), ""):
         blanks = blanks + 1 if not line.strip() else 0
         if blanks >= 2:  # "\n\n\n": a document break; the empty lines are dropped
             if "".join(current).strip():
@@ -336,7 +363,22 @@ def _jsonl_documents(path: Path, text_field: str):
 
 
 def _file_documents(path: Path, text_field: str, whole: bool):
-    """Texts of one file: jsonl by line; text split into documents, or whole (in a directory)."""
+    """Texts of one file: jsonl by line; text split into documents, or whole (in a directory).
+
+    A file that cannot be read, or a .gz that is truncated or not gzip at all,
+    is one ValueError naming it.
+    """
+    try:
+        yield from _file_texts(path, text_field, whole)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # BadGzipFile is an OSError: caught first
+        raise ValueError(f"{path} is not a whole gzip file ({_one_line(e)}): download or compress it again, "
+                         "or remove the .gz from its name if it is plain text") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({_one_line(e)}): check that it is a readable file") from None
+
+
+def _file_texts(path: Path, text_field: str, whole: bool):
+    """_file_documents without the error handling."""
     if _kind(path) == "jsonl":
         yield from _jsonl_documents(path, text_field)
         return
@@ -344,7 +386,8 @@ def _file_documents(path: Path, text_field: str, whole: bool):
         if whole:
             yield f.read()
         else:
-            # gzip hides the text size; 3x the compressed size is a typical ratio for text.
+            # gzip hides the text size; English text compresses 2.5-3.5x (tinyshakespeare 2.6x, the first
+            # MB of the stdlib's docstrings 3.4x), so the size is estimated as 3x the file's.
             size = path.stat().st_size * (3 if path.name.endswith(".gz") else 1)
             yield from _text_file_documents(f, size)
 
@@ -353,32 +396,188 @@ def _file_documents(path: Path, text_field: str, whole: bool):
 _SUFFIXES = (".txt", ".jsonl", ".json", ".txt.gz", ".jsonl.gz", ".json.gz")
 
 
-def _download(url: str, cache_dir: str) -> Path:
-    """The file at url, downloaded once into cache_dir (atomically) and reused afterwards."""
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: urllib's redirect-loop message alone spans three."""
+    if isinstance(e, urllib.error.HTTPError):
+        text = f"HTTP {e.code} {e.reason}"
+    else:
+        text = str(getattr(e, "reason", None) or getattr(e, "strerror", None) or e or type(e).__name__)
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            text += f": {e.filename}"
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------------
+# Temporary files: named after their owner, so a later run can remove the stale ones
+# ---------------------------------------------------------------------------
+
+# ".<name>.<pid>@<host>.tmp": whatever stands between the first "." and the pid is the owner's own.
+_TEMP_OWNER = regex.compile(r"\.(\d+)@([^/]+)\.tmp$")
+
+
+def _temp_suffix() -> str:
+    """".<pid>@<host>.tmp": this process as the owner of a temporary file or directory."""
+    return f".{os.getpid()}@{socket.gethostname()}.tmp"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (signal 0 checks without sending)."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it on Windows: never call an owner dead there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(folder: Path) -> list:
+    """Delete the temporary files and directories in folder whose owner process on this host has died.
+
+    A process killed with SIGKILL cannot clean up after itself (nor one killed
+    by SIGTERM's default action, which skips `finally`); the next prepare or
+    download does it. A live owner may still be writing, and another host's
+    processes cannot be checked, so their temporaries stay. Costs one
+    directory listing.
+    """
+    removed, host = [], socket.gethostname()
+    for entry in folder.glob(".*.tmp"):
+        owner = _TEMP_OWNER.search(entry.name)
+        if owner is None or owner.group(2) != host or _alive(int(owner.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
+
+
+# ---------------------------------------------------------------------------
+# Downloads and globs
+# ---------------------------------------------------------------------------
+
+def _download_path(url: str, cache_dir) -> Path:
+    """Where url is cached: a hash keeps two URLs ending in the same file name apart; the name keeps the suffix."""
     name = regex.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]) or "download"
-    # The hash keeps two URLs ending in the same file name apart; the name keeps the suffix (.gz, .jsonl).
-    path = Path(cache_dir) / f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{name}"
+    return Path(cache_dir) / f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{name}"
+
+
+def _download(url: str, cache_dir: str, max_download_mb: float = MAX_DOWNLOAD_MB) -> Path:
+    """The file at url, downloaded once into cache_dir and reused afterwards.
+
+    It is written to a temporary file, renamed into place only when whole:
+    every byte the server announced (Content-Length) arrived, at most
+    max_download_mb MB, within DOWNLOAD_DEADLINE seconds. Anything else is
+    one ValueError line, and no file is left behind.
+    """
+    path = _download_path(url, cache_dir)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    _remove_stale_temporaries(path.parent)
+    tmp = path.with_name(f".{path.name}{_temp_suffix()}")
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f, length=1 << 20)  # streamed in 1 MiB pieces
-        os.replace(tmp, path)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise ValueError(f"cannot download {url} ({reason}): check the network, or download it "
-                         "yourself and pass the local file to --data") from None
+            problem = _receive(response, f, limit=int(max_download_mb * 1e6))
+        if problem is None:
+            os.replace(tmp, path)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        local = getattr(e, "filename", None) == str(tmp) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        fix = ("the URL" if isinstance(e, urllib.error.HTTPError) else
+               f"that {path.parent} is writable and has free space" if local else "the network")
+        problem = f"({_one_line(e)}): check {fix}"
     finally:
         tmp.unlink(missing_ok=True)
+    if problem is not None:
+        raise ValueError(f"cannot download {url} {problem}, or download it yourself and pass the local file to --data")
     return path
+
+
+def _receive(response, f, *, limit: int) -> str | None:
+    """Copy a response's body to f; None when it is whole, else why not (too large, too slow, cut short)."""
+    header = response.headers.get("Content-Length", "")
+    announced = int(header) if header.isdigit() else None  # absent for a chunked body
+    if announced is not None and announced > limit:
+        return f"(it is {announced / 1e6:,.1f} MB, more than --max_download_mb {limit / 1e6:g}): raise --max_download_mb"
+    deadline, got = time.monotonic() + DOWNLOAD_DEADLINE, 0
+    # read1: what has arrived, up to 1 MiB, so the checks run after every piece (read() would wait for 1 MiB)
+    while piece := response.read1(1 << 20):
+        got += len(piece)
+        if got > limit:
+            return f"(more than --max_download_mb {limit / 1e6:g} MB arrived): raise --max_download_mb"
+        if time.monotonic() > deadline:
+            return f"(not finished after {DOWNLOAD_DEADLINE} s; {got / 1e6:,.1f} MB arrived): try another server"
+        f.write(piece)
+    if announced is not None and got != announced:
+        # http.client ends the body quietly when the connection closes early: the count is the only sign.
+        return f"(the server sent {got:,} of the {announced:,} bytes it announced): try again"
+    return None
+
+
+_GLOB_MAGIC = regex.compile(r"[*?\[]")
+
+
+def _glob(pattern: str) -> list:
+    """The paths a glob names, as glob.glob(pattern, recursive=True) finds them ("**" is any number of
+    directories; names starting with "." only when the pattern says so), except that each directory
+    is entered once, identified by device and inode: a symlink loop (a/up -> ..) ends the walk instead
+    of repeating it forever, and a directory reached by two routes is listed once."""
+    parts = Path(pattern).parts
+    n_fixed = next(i for i, part in enumerate(parts) if _GLOB_MAGIC.search(part))
+    root = Path(*parts[:n_fixed]) if n_fixed else Path(".")
+    return sorted(set(_expand(root, parts[n_fixed:], set())))
+
+
+def _expand(folder: Path, parts: tuple, entered: set):
+    """Paths under folder matching the pattern components parts; entered: the (device, inode) of directories walked by **."""
+    if not parts:
+        yield folder
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        yield from _expand(folder, rest, entered)  # ** as zero directories
+        entered.add(_dir_id(folder))
+        for sub in _listdir(folder, "*"):
+            sub_id = _dir_id(sub) if sub.is_dir() else None  # both follow symlinks
+            if sub_id is None:
+                if not rest:  # a final ** matches files too
+                    yield sub
+            elif sub_id not in entered:
+                entered.add(sub_id)
+                yield from _expand(sub, parts, entered)
+    elif _GLOB_MAGIC.search(head):
+        for path in _listdir(folder, head):
+            yield from _expand(path, rest, entered)
+    elif os.path.lexists(folder / head):
+        yield from _expand(folder / head, rest, entered)
+
+
+def _listdir(folder: Path, pattern: str) -> list:
+    """The entries of folder whose names match pattern (a dot-name only if pattern starts with a dot)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # not a directory, gone, or not readable: it matches nothing, as in glob.glob
+        return []
+    hidden = pattern.startswith(".")
+    return [folder / n for n in names if fnmatch.fnmatchcase(n, pattern) and (hidden or not n.startswith("."))]
+
+
+def _dir_id(path: Path) -> tuple | None:
+    """(device, inode) of what path points to: the same directory however it is reached; None if gone."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _source_files(source: str):
     """(path, whole) for each file a path, directory or glob names, sorted; whole: one document per file."""
-    if any(c in source for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+    if _GLOB_MAGIC.search(source):
+        files = [p for p in _glob(source) if p.is_file()]
         if not files:
             raise ValueError(f"the glob '{source}' matches no files: check the pattern")
         return [(p, True) for p in files]
@@ -406,14 +605,14 @@ def parse_sources(data: str) -> list[tuple[str | None, str]]:
     return pairs
 
 
-def _one_source(domain, source, text_field, cache_dir):
+def _one_source(domain, source, text_field, cache_dir, max_download_mb):
     """(text, domain, source label) documents of one single-domain source, lazily."""
     if source.startswith("stdlib:"):
         for text, d, label in _stdlib_documents((source.split(":", 1)[1],)):
             yield text, domain or d, label
         return
     if source.startswith(("http://", "https://")):
-        source = str(_download(source, cache_dir))
+        source = str(_download(source, cache_dir, max_download_mb))
     for path, whole in _source_files(source):
         for i, text in enumerate(_file_documents(path, text_field, whole)):
             label = path.name if whole and _kind(path) == "text" else f"{path.name}#{i}"
@@ -421,28 +620,30 @@ def _one_source(domain, source, text_field, cache_dir):
 
 
 def iter_documents(data: str, max_bytes: int | None = None, text_field: str = "text",
-                   cache_dir: str = os.path.join("data_cache", "downloads")):
+                   cache_dir: str = os.path.join("data_cache", "downloads"), max_download_mb: float = MAX_DOWNLOAD_MB):
     """Stream (text, domain, source) documents from --data, one source after another.
 
     data is a comma-separated list of sources, each optionally "domain=source":
     stdlib (= stdlib:code,stdlib:prose), a text or .jsonl file (.gz too), a
     directory or glob of them (one document per text file, one per jsonl
-    line), or an http(s) URL of such a file. max_bytes caps the UTF-8 bytes
-    taken from each source (each stdlib domain is a source). Nothing is held
-    in memory beyond the current document.
+    line), or an http(s) URL of such a file (downloaded once into cache_dir,
+    at most max_download_mb MB). max_bytes caps the UTF-8 bytes taken from
+    each source (each stdlib domain is a source). Nothing is held in memory
+    beyond the current document.
     """
     for domain, source in parse_sources(data):
         parts = ["stdlib:code", "stdlib:prose"] if source == "stdlib" else [source]
         for part in parts:
             # Each source is lazy and capped on its own: a small max_bytes stops reading early.
-            docs = _one_source(domain, part, text_field, cache_dir)
+            docs = _one_source(domain, part, text_field, cache_dir, max_download_mb)
             yield from _capped(docs, max_bytes)
 
 
 def read_documents(data: str, max_bytes: int | None = None, text_field: str = "text",
-                   cache_dir: str = os.path.join("data_cache", "downloads")) -> list[tuple[str, str, str]]:
+                   cache_dir: str = os.path.join("data_cache", "downloads"),
+                   max_download_mb: float = MAX_DOWNLOAD_MB) -> list[tuple[str, str, str]]:
     """iter_documents as a list without whitespace-only documents; an empty result is an error."""
-    docs = [d for d in iter_documents(data, max_bytes, text_field, cache_dir) if d[0].strip()]
+    docs = [d for d in iter_documents(data, max_bytes, text_field, cache_dir, max_download_mb) if d[0].strip()]
     if not docs:
         raise ValueError(f"no text found in '{data}': it needs non-empty .txt or .jsonl content")
     return docs
@@ -481,7 +682,7 @@ def exact_key(text: str) -> bytes:
 
 
 # MinHash parameters. K=128 hashes: the Jaccard estimate has standard
-# deviation sqrt(J(1-J)/K) <= 0.044 (datasketch's default is also 128).
+# deviation sqrt(J(1-J)/K) <= 0.044 (datasketch's MinHash also defaults to num_perm=128).
 # 5-word shingles as in FineWeb (datatrove's MinhashConfig: n_grams=5).
 NUM_PERM = 128
 NGRAM = 5
@@ -523,10 +724,10 @@ def minhash_signatures(texts, num_perm: int = NUM_PERM, ngram: int = NGRAM, seed
 
     h_k(x) = ((a_k * x + b_k) mod 2^64) >> 32, a 2-universal family for 32-bit
     x. All documents' shingles are concatenated into one array and hashed in
-    blocks of `block` columns: one (K, block) numpy operation hashes 1M
-    shingle-hash pairs at once (8 MiB: it stays in the CPU's cache, which
-    is twice as fast here as 4x larger blocks), and np.minimum.reduceat takes
-    each document's minimum, so there is no Python loop over hash functions.
+    blocks of `block` columns: one (K, block) numpy operation hashes
+    K * block = 2^20 shingle-hash pairs at once (8 MiB of uint64, however
+    many shingles there are), and np.minimum.reduceat takes each document's
+    minimum, so there is no Python loop over hash functions.
     The minimum of the 64-bit values has the minimum's top 32 bits, so the
     shift is done once, on the signature. A document with no words gets the
     all-ones signature and is never a near duplicate.
@@ -665,8 +866,8 @@ _SCRIPTS = ("Latin", "Cyrillic", "Greek", "Arabic", "Hebrew", "Devanagari", "Tha
             "Hangul", "Hiragana", "Katakana", "Han")
 _SCRIPT_RES = {s: regex.compile(rf"\p{{Script={s}}}") for s in _SCRIPTS}
 _LETTER = regex.compile(r"\p{L}")
-# Characters looked at: the opening of a document decides its script, as in
-# CLD-style detectors that stop after a few kB (4096 characters here).
+# Characters looked at: the opening 4096 of a document decide its script, so the
+# cost per document is bounded however long it is.
 _SCRIPT_SAMPLE = 4096
 
 
@@ -707,8 +908,9 @@ GOPHER_MAX_DUPLICATE_NGRAM_CHARS = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11,
 # C4 (Raffel et al. 2020, arXiv:1910.10683, sec. 2.2): at least 3 sentences;
 # no "lorem ipsum"; no "{" (which in web text is code or templates).
 C4_MIN_SENTENCES = 3
-# FineWeb (Penedo et al. 2024, arXiv:2406.17557, sec. 3.5): drop a document when at most
-# 12% of its lines end in terminal punctuation (C4's per-line rule, made per-document).
+# FineWeb (Penedo et al. 2024, arXiv:2406.17557; datatrove's FineWebQualityFilter,
+# line_punct_thr=0.12): drop a document when at most 12% of its lines end in terminal
+# punctuation (C4's per-line rule, made per-document).
 FINEWEB_MIN_PUNCTUATED_LINES = 0.12
 # Source code (The Stack, Kocetkov et al. 2022, arXiv:2211.15533; StarCoder, Li et al. 2023,
 # arXiv:2305.06161): minified or generated files have very long lines or few alphanumerics.
@@ -717,7 +919,8 @@ CODE_MAX_MEAN_LINE_LENGTH = 100
 CODE_MIN_ALPHANUMERIC = 0.25
 
 _BULLETS = ("-", "*", "•", "‣", "●", "·", "◦", "▪")
-_TERMINAL = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？")  # datatrove's stop characters, plus CJK
+# datatrove's stop characters (. ' " ! ?), plus typographic closing quotes and the CJK full stops
+_TERMINAL = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？")
 _SENTENCE_END = regex.compile(r"[.!?。！？]+(?=\s|$)")
 
 
@@ -1031,7 +1234,8 @@ def train_bpe(texts, vocab_size: int, max_train_bytes: int | None = 2_000_000) -
 
     Step by step:
       1. pre-tokenize each text with PATTERN and count the unique pre-tokens
-         ("words"), as UTF-8 bytes: a corpus of 10 MB has ~100k of them;
+         ("words"), as UTF-8 bytes: the first 2 MB of the stdlib corpus
+         (the default budget) hold ~20k of them;
       2. count adjacent token pairs inside words, each weighted by the
          word's frequency, remembering which words hold which pair;
       3. merge the most frequent pair into a new token and recount only the
@@ -1122,10 +1326,14 @@ def load_tokenizer_file(path) -> tiktoken.Encoding:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write text to path through a temporary file, so a crash never leaves half a file
+    (and a failed write, a full disk say, leaves no temporary file either)."""
+    tmp = path.with_name(f".{path.name}{_temp_suffix()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # The files tiktoken's "gpt2" encoding downloads (tiktoken_ext/openai_public.py).
@@ -1145,7 +1353,7 @@ def _gpt2_cached() -> bool:
 
 
 def _gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's GPT-2 encoding, failing within seconds (not a long hang) when offline."""
+    """tiktoken's GPT-2 encoding, failing within about 5 s (not a long hang) when offline."""
     if not _gpt2_cached():
         try:  # tiktoken's download has no timeout, so probe the host first
             socket.create_connection(("openaipublic.blob.core.windows.net", 443), timeout=5).close()
@@ -1190,6 +1398,15 @@ def _load_encoding(spec: tuple) -> tiktoken.Encoding:
 def _init_worker(spec: tuple) -> None:
     global _WORKER_ENCODING
     _WORKER_ENCODING = _load_encoding(spec)
+
+
+def _init_pool_worker(spec: tuple) -> None:
+    """_init_worker in a pool's process. Ctrl-C reaches every process of the terminal's group: the
+    parent alone handles it (and terminates the pool); a forked worker inherits the parent's SIGTERM
+    handler, and pool.terminate() must stop it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(spec)
 
 
 def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -1249,30 +1466,46 @@ def _write_shards(arrays, folder: Path, split: str, dtype: str, shard_tokens: in
 # The spool: kept documents on disk, read back by offset
 # ---------------------------------------------------------------------------
 
-def _spool_read(f, offset: int) -> list:
-    """[text, domain, source] of the spool line starting at offset."""
-    f.seek(offset)
-    return json.loads(f.readline())
+@dataclass
+class Spool:
+    """The documents exact dedup kept, on disk, plus what the later stages need about each.
 
+    Document i is line i of `path`, a JSON list [text, domain, source]. In
+    memory there is one entry per document in each field below, never its
+    text; the (K,) signature is most of it.
+    """
+    path: Path  # the spool file, inside the temporary directory
+    offsets: list  # byte offset of each document's line
+    nbytes: np.ndarray  # (N,) UTF-8 bytes of each normalised text
+    domain: np.ndarray  # (N,) index into domain_names
+    domain_names: list  # in order of first appearance
+    sig: np.ndarray | None  # (N, K) uint32 MinHash signatures; None unless dedup is minhash
+    minhash_seconds: float  # spent on signatures while reading (the near-dedup stage reports it)
+    script: np.ndarray | None = None  # (N,) index into script_names, set by the filter stage
+    script_names: list = field(default_factory=list)
 
-def _spool_texts(path: Path, offsets: list, ids):
-    """The texts of documents ids, in that order, streamed from the spool file."""
-    with open(path, "rb") as f:
+    def texts(self, ids):
+        """The texts of documents ids, in that order, streamed from the file."""
+        with open(self.path, "rb") as f:
+            for i in ids:
+                f.seek(self.offsets[i])
+                yield json.loads(f.readline())[0]
+
+    def chunks(self, ids, max_docs: int = 256, max_bytes: int = 1 << 22):
+        """(ids, texts) pieces of at most max_docs documents or ~4 MiB: one worker's unit of work."""
+        piece, size = [], 0
         for i in ids:
-            yield _spool_read(f, offsets[i])[0]
+            piece.append(int(i))
+            size += int(self.nbytes[i])
+            if len(piece) >= max_docs or size >= max_bytes:
+                yield piece, list(self.texts(piece))
+                piece, size = [], 0
+        if piece:
+            yield piece, list(self.texts(piece))
 
-
-def _chunks(path: Path, offsets: list, nbytes: np.ndarray, ids, max_docs=256, max_bytes=1 << 22):
-    """(ids, texts) pieces of at most max_docs documents or ~4 MiB, the unit of work of one worker."""
-    piece, size = [], 0
-    for i in ids:
-        piece.append(int(i))
-        size += int(nbytes[i])
-        if len(piece) >= max_docs or size >= max_bytes:
-            yield piece, list(_spool_texts(path, offsets, piece))
-            piece, size = [], 0
-    if piece:
-        yield piece, list(_spool_texts(path, offsets, piece))
+    def groups(self, mix_by: str) -> tuple[np.ndarray, list]:
+        """(group index of each document, group names) for --mix_by domain or script."""
+        return (self.domain, self.domain_names) if mix_by == "domain" else (self.script, self.script_names)
 
 
 # ---------------------------------------------------------------------------
@@ -1328,6 +1561,106 @@ def format_report(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Has a source changed since it was prepared? Size, times and SHA-256 of each file
+# ---------------------------------------------------------------------------
+
+def _sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_stat(path) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+def _current_files(source: str, downloads: Path) -> list | None:
+    """The files a source names now, without downloading anything; None when there are none."""
+    if source.startswith(("http://", "https://")):
+        path = _download_path(source, downloads)
+        return [path] if path.exists() else None
+    try:
+        return [p for p, _ in _source_files(source)] or None
+    except ValueError:  # the path is gone, or the glob matches nothing
+        return None
+
+
+def _record_sources(data: str, downloads: Path, max_download_mb: float) -> list:
+    """sources.json: per source, each file's size, mtime, ctime, inode and SHA-256; for stdlib, the
+    Python version (its standard library is the corpus). Taken before the pipeline reads the files,
+    so an edit made while it runs shows on the next reuse. Hashing reads each file once more (from
+    the page cache, usually), at the rate `data.py verify` prints: small beside the pipeline's own MB/s."""
+    records = []
+    for _, source in parse_sources(data):
+        if source == "stdlib" or source.startswith("stdlib:"):
+            records.append({"source": source, "python": platform.python_version()})
+            continue
+        if source.startswith(("http://", "https://")):
+            files = [_download(source, str(downloads), max_download_mb)]
+        else:
+            files = [p for p, _ in _source_files(source)]
+        # A pipe (--data /dev/stdin) is read once, by the pipeline: it is recorded, not hashed.
+        records.append({"source": source, "files": [{"path": str(p), **_file_stat(p), "sha256": _sha256_file(p)}
+                                                    if p.is_file() else {"path": str(p), "not_a_file": True}
+                                                    for p in files]})
+    return records
+
+
+def _sources_changed(final: Path, downloads: Path) -> tuple[str | None, list]:
+    """(why the sources differ from the ones final was prepared from, or None; the sources now gone).
+
+    Cost: one stat per file, plus a directory walk for a directory or glob.
+    Only a file whose size, mtime, ctime or inode differs from the record is
+    read and hashed again. Every write to a file updates its mtime and ctime,
+    and no user-level tool sets ctime back (`touch -d` sets mtime only), so
+    an in-place edit is always read; what it cannot see is a write below the
+    file system (to the raw disk) or a clock set back. A source that is gone
+    is no change: its prepared tokens are all that is left of it.
+    """
+    try:
+        recorded = json.loads((final / "sources.json").read_text())
+    except (OSError, ValueError):
+        return "it has no record of its sources: it was prepared by an older version", []
+    gone = []
+    for record in recorded:
+        if "python" in record:
+            if record["python"] != platform.python_version():
+                return f"{record['source']} was Python {record['python']}'s, this is {platform.python_version()}", []
+            continue
+        files = _current_files(record["source"], downloads)
+        if files is None:
+            gone.append(record["source"])
+        elif [str(p) for p in files] != [f["path"] for f in record["files"]]:
+            return f"files were added to or removed from {record['source']}", []
+        else:
+            for path, before in zip(files, record["files"]):
+                why = _file_changed(path, before)
+                if why is not None:
+                    return why, []
+    return None, gone
+
+
+def _file_changed(path: Path, before: dict) -> str | None:
+    """Why path differs from its record (None: it does not); hashes it only when its stat changed."""
+    if before.get("not_a_file"):
+        return f"{path} is not a regular file (a pipe?), so what it holds now cannot be compared"
+    try:
+        now = _file_stat(path)
+        if all(now[k] == before[k] for k in now):
+            return None
+        if now["size"] != before["size"]:
+            return f"{path} changed size, {before['size']:,} -> {now['size']:,} bytes"
+        if _sha256_file(path) != before["sha256"]:
+            return f"{path} changed (same size, other content)"
+    except OSError as e:
+        return f"cannot read {path} ({_one_line(e)})"
+    return None
+
+
+# ---------------------------------------------------------------------------
 # prepare: the pipeline, into <out_dir>/<key>/
 # ---------------------------------------------------------------------------
 
@@ -1341,12 +1674,50 @@ def _canonical_data(data: str) -> str:
     return ",".join(parts)
 
 
-def _cache_key(config: dict) -> str:
-    """A readable prefix plus a short hash of everything that changes the output."""
-    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-    last = parse_sources(config["data"])[-1][1].rstrip("/")
-    stem = regex.sub(r"[^A-Za-z0-9]+", "_", last.rsplit("/", 1)[-1] or "data").strip("_")
-    return f"{stem}-{config['tokenizer']}{config['vocab_size']}-{digest}"
+@dataclass
+class PrepareConfig:
+    """Every setting that changes what prepare writes. Its fields, in this order, are the
+    manifest's "config" and the input of the cache key: a directory is reused only for equal settings."""
+    data: str  # --data, each local path made absolute
+    tokenizer: str  # bytes, bpe or gpt2
+    vocab_size: int  # the BPE's vocabulary, EOT included (bytes and gpt2 have their own; it still keys the cache)
+    val_fraction: float  # share of the documents held out for validation
+    max_bytes: int | None  # cap on the UTF-8 bytes read from each source (None: all)
+    seed: int  # seeds the train/val split and the mixing
+    format: int  # FORMAT_VERSION: a directory in an older layout is never reused
+    text_field: str  # the field of a .jsonl record that holds the text
+    dedup: str  # none, exact, or minhash (exact, then near duplicates)
+    dedup_threshold: float  # Jaccard similarity from which two documents are near duplicates
+    quality_filter: bool  # apply each domain's quality rules
+    mix: str  # target weights ("code=0.3,prose=0.7" or "alpha=0.3"); "": natural proportions
+    mix_by: str  # what the weights weigh: domain or script
+    shard_tokens: int  # tokens per shard file (the last one holds the rest)
+    bpe_train_bytes: int | None  # bytes of training text the BPE learns from (None: all)
+
+    def check(self) -> None:
+        """Refuse bad settings before reading anything."""
+        if self.dedup not in ("none", "exact", "minhash"):
+            raise ValueError(f"unknown dedup method '{self.dedup}': use none, exact or minhash")
+        if not 0 < self.dedup_threshold <= 1:
+            raise ValueError(f"--dedup_threshold {self.dedup_threshold} is not a Jaccard similarity: use (0, 1]")
+        if self.mix_by not in ("domain", "script"):
+            raise ValueError(f"unknown --mix_by '{self.mix_by}': use domain or script")
+        parse_mix(self.mix)  # syntax, signs and sum; the names are checked once the groups are known
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction {self.val_fraction} must be between 0 and 1")
+        if self.shard_tokens < 1:
+            raise ValueError(f"shard_tokens {self.shard_tokens} must be at least 1")
+        if self.tokenizer not in ("bytes", "bpe", "gpt2"):
+            raise ValueError(f"unknown tokenizer '{self.tokenizer}': use bytes, bpe or gpt2")
+        if self.tokenizer == "bpe" and self.vocab_size < 257:
+            raise ValueError(f"vocab_size={self.vocab_size} is too small for byte-level BPE: use at least 257")
+
+    def key(self) -> str:
+        """The directory's name: a readable prefix plus a short hash of every setting."""
+        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        last = parse_sources(self.data)[-1][1].rstrip("/")
+        stem = regex.sub(r"[^A-Za-z0-9]+", "_", last.rsplit("/", 1)[-1] or "data").strip("_")
+        return f"{stem}-{self.tokenizer}{self.vocab_size}-{digest}"
 
 
 def _split_documents(n_docs: int, val_fraction: float, seed: int):
@@ -1358,64 +1729,60 @@ def _split_documents(n_docs: int, val_fraction: float, seed: int):
     return order[n_val:], order[:n_val]
 
 
-def _check_settings(cfg: dict) -> None:
-    """Refuse bad settings before reading anything."""
-    if cfg["dedup"] not in ("none", "exact", "minhash"):
-        raise ValueError(f"unknown dedup method '{cfg['dedup']}': use none, exact or minhash")
-    if not 0 < cfg["dedup_threshold"] <= 1:
-        raise ValueError(f"--dedup_threshold {cfg['dedup_threshold']} is not a Jaccard similarity: use (0, 1]")
-    if cfg["mix_by"] not in ("domain", "script"):
-        raise ValueError(f"unknown --mix_by '{cfg['mix_by']}': use domain or script")
-    parse_mix(cfg["mix"])  # syntax, signs and sum; the names are checked once the groups are known
-    if not 0 < cfg["val_fraction"] < 1:
-        raise ValueError(f"val_fraction {cfg['val_fraction']} must be between 0 and 1")
-    if cfg["shard_tokens"] < 1:
-        raise ValueError(f"shard_tokens {cfg['shard_tokens']} must be at least 1")
-    if cfg["tokenizer"] not in ("bytes", "bpe", "gpt2"):
-        raise ValueError(f"unknown tokenizer '{cfg['tokenizer']}': use bytes, bpe or gpt2")
-    if cfg["tokenizer"] == "bpe" and cfg["vocab_size"] < 257:
-        raise ValueError(f"vocab_size={cfg['vocab_size']} is too small for byte-level BPE: use at least 257")
-
-
 def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096,
             out_dir: str = "data_cache", val_fraction: float = 0.05,
             max_bytes: int | None = None, seed: int = 0, verbose: bool = True, *,
             text_field: str = "text", dedup: str = "minhash", dedup_threshold: float = 0.8,
             quality_filter: bool = True, mix: str = "", mix_by: str = "domain",
             shard_tokens: int = SHARD_TOKENS, bpe_train_bytes: int | None = 2_000_000,
-            workers: int = 0) -> dict:
+            workers: int = 0, max_download_mb: float = MAX_DOWNLOAD_MB) -> dict:
     """Run the pipeline once into <out_dir>/<key>/ and return its manifest (plus "dir").
 
-    The key hashes every setting that changes the output, so a second call
-    with the same settings reuses the directory. The directory is built in a
-    temporary sibling and renamed into place: it appears complete or not at
-    all, and a bad input leaves nothing behind. workers: tokenizer processes
-    (0: one per CPU, at most 8); it does not change the output.
+    The key hashes every setting that changes the output. A second call with
+    the same settings reuses the directory if its sources are unchanged
+    (sources.json records each file's size, times and SHA-256; see
+    _sources_changed for the cost) and its shards are intact (checksums and
+    id range, read once); else it prepares it again. The directory is built
+    in a temporary sibling and renamed into place: it appears complete or
+    not at all, and a bad input leaves nothing behind; the temporaries of
+    killed runs are removed first. workers: tokenizer processes (0: one per
+    CPU, at most 8); it does not change the output. max_download_mb caps
+    each URL source's download (MB of 10^6 bytes).
     """
     log = print if verbose else (lambda *a, **k: None)
-    config = {"data": _canonical_data(data), "tokenizer": tokenizer, "vocab_size": vocab_size,
-              "val_fraction": val_fraction, "max_bytes": max_bytes, "seed": seed, "format": FORMAT_VERSION,
-              "text_field": text_field, "dedup": dedup, "dedup_threshold": dedup_threshold,
-              "quality_filter": quality_filter, "mix": mix, "mix_by": mix_by, "shard_tokens": shard_tokens,
-              "bpe_train_bytes": bpe_train_bytes}
-    _check_settings(config)
-    final = Path(out_dir).resolve() / _cache_key(config)
+    cfg = PrepareConfig(data=_canonical_data(data), tokenizer=tokenizer, vocab_size=vocab_size,
+                        val_fraction=val_fraction, max_bytes=max_bytes, seed=seed, format=FORMAT_VERSION,
+                        text_field=text_field, dedup=dedup, dedup_threshold=dedup_threshold,
+                        quality_filter=quality_filter, mix=mix, mix_by=mix_by, shard_tokens=shard_tokens,
+                        bpe_train_bytes=bpe_train_bytes)
+    cfg.check()
+    if not max_download_mb > 0:
+        raise ValueError(f"--max_download_mb {max_download_mb} must be positive")
+    final, downloads = Path(out_dir).resolve() / cfg.key(), Path(out_dir) / "downloads"
     if (final / "manifest.json").exists():
-        try:
-            manifest, _ = load_prepared(final)
-            if manifest.get("config") == config:
-                log(f"reusing {final}")
-                return manifest
-        except ValueError as e:  # corrupt or stale: it is a cache, so prepare it again below
-            log(f"cannot reuse {final} ({e}); preparing it again")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private (0700); the cache is meant to be shared
+        manifest = _reusable(final, cfg, downloads, log)
+        if manifest is not None:
+            return manifest
     try:
-        manifest, report = _run_pipeline(tmp, config, Path(out_dir) / "downloads", workers or min(8, os.cpu_count() or 1), verbose)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        stale = _remove_stale_temporaries(final.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=_temp_suffix(), dir=final.parent))
+    except OSError as e:
+        raise ValueError(f"cannot write to --out_dir {out_dir} ({_one_line(e)}): pass a writable directory") from None
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) of killed runs from {final.parent}")
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private (0700); the cache is meant to be shared
+        sources = _record_sources(cfg.data, downloads, max_download_mb)
+        manifest, report = _run_pipeline(tmp, cfg, downloads=downloads, max_download_mb=max_download_mb,
+                                         workers=workers or min(8, os.cpu_count() or 1), verbose=verbose)
+        _write_atomic(tmp / "sources.json", json.dumps(sources, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)  # the directory appears complete or not at all
+    except OSError as e:  # reading errors are ValueErrors already: this is writing (a full disk, a quota)
+        raise ValueError(f"cannot write {final} ({_one_line(e)}): free space on its disk, "
+                         "or pass another --out_dir") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(format_report(report))
@@ -1423,61 +1790,58 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
     return {**manifest, "dir": str(final)}
 
 
-def _run_pipeline(tmp: Path, cfg: dict, cache_dir: Path, workers: int, verbose: bool) -> tuple[dict, dict]:
-    """All stages, writing shards, tokenizer, manifest.json and report.json into tmp."""
+def _reusable(final: Path, cfg: PrepareConfig, downloads: Path, log) -> dict | None:
+    """final's manifest when it was prepared with cfg from the sources as they are now and its
+    shards are intact (their checksums and id range), else None after saying why."""
+    try:
+        manifest, _ = load_prepared(final, verify=False)
+        if manifest.get("config") != asdict(cfg):
+            return None
+        changed, gone = _sources_changed(final, downloads)
+        if changed is not None:
+            log(f"the corpus changed since {final} was prepared ({changed}): preparing it again")
+            return None
+        verify_shards(final, manifest)
+    except ValueError as e:  # corrupt or stale: it is a cache, so prepare it again
+        log(f"cannot reuse {final} ({e}); preparing it again")
+        return None
+    log(f"reusing {final}" + (f" (its source {', '.join(gone)} is gone: using the tokens prepared from it)"
+                              if gone else ""))
+    return manifest
+
+
+def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb: float, workers: int,
+                  verbose: bool) -> tuple[dict, dict]:
+    """The five stages, writing shards, tokenizer, manifest.json and report.json into tmp."""
     t_start = time.time()
-    report = {"stages": [], "removed": {}, "scripts": {}, "mix_by": cfg["mix_by"], "mix": {}}
-    spool = tmp / "spool.jsonl"  # the kept documents, on disk; deleted at the end
-    docs = _collect(spool, cfg, cache_dir, report, verbose)
-    keep = _near_dedup(docs, cfg, report)
-    keep = _filter(spool, docs, keep, cfg, report, verbose)
+    report = {"stages": [], "removed": {}, "scripts": {}, "mix_by": cfg.mix_by, "mix": {}}
+    # 1. Collect: read -> normalise -> exact dedup, onto a spool file on disk (and MinHash signatures).
+    spool = _collect(tmp / "spool.jsonl", cfg, downloads=downloads, max_download_mb=max_download_mb, report=report,
+                     verbose=verbose)
+    # 2. Near dedup: MinHash + LSH over the signatures.
+    keep = _near_dedup(spool, cfg, report)
+    # 3. Filter: each document's script, then its domain's quality rules.
+    keep = _filter(spool, keep, cfg, report, verbose)
     kept = np.flatnonzero(keep)
     if len(kept) == 0:
-        read = report["stages"][0]["docs_in"]
-        raise ValueError(f"no documents left after filtering ({read} read; removed: "
+        raise ValueError(f"no documents left after filtering ({report['stages'][0]['docs_in']} read; removed: "
                          f"{', '.join(f'{k} {v}' for k, v in report['removed'].items()) or 'none'}): "
                          "use --quality_filter false or --dedup none, or add data")
-    train_local, val_local = _split_documents(len(kept), cfg["val_fraction"], cfg["seed"])
+    train_local, val_local = _split_documents(len(kept), cfg.val_fraction, cfg.seed)
     train_ids, val_ids = kept[train_local], kept[val_local]
-
-    t0 = time.time()
-    # BPE sees only training documents (in the split's shuffled order), so val measures unseen text.
-    texts = _spool_texts(spool, docs["offsets"], train_ids)
-    enc = get_tokenizer(cfg["tokenizer"], texts, cfg["vocab_size"], cfg["bpe_train_bytes"])
-    spec = ("name", cfg["tokenizer"])
-    if cfg["tokenizer"] == "bpe":
-        save_tokenizer(enc, tmp / "tokenizer.tiktoken")
-        spec = ("file", str(tmp / "tokenizer.tiktoken"))
-    report["stages"].append({"stage": f"tokenizer {enc.name}", "docs_in": len(train_ids), "docs_out": len(train_ids),
-                             "bytes_in": int(docs["nbytes"][train_ids].sum()), "bytes_out": 0,
-                             "seconds": round(time.time() - t0, 3), "mb_per_s": None})
-
-    groups, names = (docs["domain"], docs["domain_names"]) if cfg["mix_by"] == "domain" else (docs["script"], docs["script_names"])
-    group_bytes = {n: int(docs["nbytes"][train_ids][groups[train_ids] == g].sum()) for g, n in enumerate(names)}
-    # Weights are shares of TOKENS, and code and prose pack different bytes into a token, so
-    # the mix is planned on each group's token count, estimated from a sample it encodes.
-    sizes = _estimated_tokens(enc, spool, docs, train_ids, groups, names, group_bytes) if cfg["mix"] else group_bytes
-    epochs = mix_epochs(sizes, cfg["mix"])
-    order = train_ids if not cfg["mix"] else _mixed_order(train_ids, groups, docs["nbytes"], epochs, names,
-                                                          np.random.default_rng(cfg["seed"]))
-    if len(order) == 0:
-        raise ValueError("the --mix weights leave no training documents: give a domain of the corpus a positive weight")
+    # 4. Mix: the tokenizer (a BPE learns from training documents only), then which training
+    #    documents are written how often.
+    enc, spec = _make_tokenizer(tmp, spool, train_ids, cfg, report)
+    plan = _plan_mix(enc, spool, train_ids, cfg)
+    # 5. Tokenize in worker processes, into fixed-size shards.
     dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"  # ids up to V-1 must fit (datatrove #118)
-    written = _tokenize_all(tmp, spool, docs, {"train": order, "val": val_ids}, groups, spec, dtype, cfg, workers, report, verbose)
-    spool.unlink()
+    written = _tokenize_all(tmp=tmp, spool=spool, splits={"train": plan.order, "val": val_ids}, groups=plan.groups,
+                            spec=spec, dtype=dtype, shard_tokens=cfg.shard_tokens, workers=workers, report=report,
+                            verbose=verbose)
+    spool.path.unlink()
 
-    manifest = {"format": FORMAT_VERSION, "data": cfg["data"], "tokenizer": cfg["tokenizer"],
-                "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "dtype": dtype, "shard_tokens": cfg["shard_tokens"]}
-    for split, w in written.items():
-        manifest[f"{split}_tokens"], manifest[f"{split}_bytes"] = w["tokens"], w["bytes"]
-    manifest["shards"] = {split: w["shards"] for split, w in written.items()}
-    manifest["documents"] = {split: w["documents"] for split, w in written.items()}
-    domain_bytes = Counter()
-    for i in kept:
-        domain_bytes[docs["domain_names"][docs["domain"][i]]] += int(docs["nbytes"][i])
-    manifest["domains"] = dict(sorted(domain_bytes.items()))
-    manifest["config"] = cfg  # what produced this directory, checked before reuse
-    _mix_report(report, names, groups, train_ids, group_bytes, sizes, epochs, written["train"]["per_group"], cfg["mix"])
+    manifest = _manifest(cfg, enc, dtype, written, spool, kept)
+    _mix_report(report, plan, train_ids, written["train"]["per_group"], cfg.mix)
     report["tokenizer"] = enc.name
     report["tokens"] = {"train_tokens": manifest["train_tokens"], "val_tokens": manifest["val_tokens"],
                         "train_shards": len(manifest["shards"]["train"]), "val_shards": len(manifest["shards"]["val"]),
@@ -1488,8 +1852,9 @@ def _run_pipeline(tmp: Path, cfg: dict, cache_dir: Path, workers: int, verbose: 
     return manifest, report
 
 
-def _collect(spool: Path, cfg: dict, cache_dir: Path, report: dict, verbose: bool) -> dict:
-    """One streaming pass: read -> normalise -> exact dedup -> MinHash signature -> spool file.
+def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb: float, report: dict,
+             verbose: bool) -> Spool:
+    """Stage 1, one streaming pass: read -> normalise -> exact dedup -> MinHash signature -> spool file.
 
     Memory per kept document: its offset, size, labels, a 16-byte exact key
     and (for minhash) a K * 4-byte signature; the text itself goes to disk.
@@ -1497,14 +1862,14 @@ def _collect(spool: Path, cfg: dict, cache_dir: Path, report: dict, verbose: boo
     clock, count = Counter(), Counter()
     seen, offsets, nbytes, domain, names, sigs, batch = set(), [], [], [], {}, [], []
     update = _progress("read, normalise, dedup", verbose)
-    documents = iter_documents(cfg["data"], cfg["max_bytes"], cfg["text_field"], str(cache_dir))
+    documents = iter_documents(cfg.data, cfg.max_bytes, cfg.text_field, str(downloads), max_download_mb)
 
     def signatures(texts):
         t = time.perf_counter()
         sigs.append(minhash_signatures(texts))
         clock["minhash"] += time.perf_counter() - t
 
-    with open(spool, "wb") as f:
+    with open(path, "wb") as f:
         while True:
             t = time.perf_counter()
             doc = next(documents, None)
@@ -1522,7 +1887,7 @@ def _collect(spool: Path, cfg: dict, cache_dir: Path, report: dict, verbose: boo
                 continue
             count["norm_docs"] += 1
             count["norm_bytes"] += size
-            if cfg["dedup"] != "none":
+            if cfg.dedup != "none":
                 t = time.perf_counter()
                 key = exact_key(text)
                 clock["exact"] += time.perf_counter() - t
@@ -1533,16 +1898,19 @@ def _collect(spool: Path, cfg: dict, cache_dir: Path, report: dict, verbose: boo
             f.write(json.dumps([text, dom, source], ensure_ascii=False).encode("utf-8") + b"\n")
             nbytes.append(size)
             domain.append(names.setdefault(dom, len(names)))
-            if cfg["dedup"] == "minhash":
+            if cfg.dedup == "minhash":
                 batch.append(text)
-                if len(batch) == 512:  # signatures in batches: one numpy pass per 512 documents
+                count["batch_bytes"] += size
+                # Signatures in batches: one numpy pass per 512 documents, or per 4 MiB of text when the
+                # documents are long (a batch's shingle hashes are held at once).
+                if len(batch) == 512 or count["batch_bytes"] >= 1 << 22:
                     signatures(batch)
-                    batch = []
+                    batch, count["batch_bytes"] = [], 0
             update(count["read_docs"], count["read_bytes"])
         if batch:
             signatures(batch)
     if count["norm_docs"] == 0:
-        raise ValueError(f"no text found in '{cfg['data']}': it needs non-empty .txt or .jsonl content")
+        raise ValueError(f"no text found in '{cfg.data}': it needs non-empty .txt or .jsonl content")
     update(count["read_docs"], count["read_bytes"], done=True)
     out_bytes = int(sum(nbytes))
     _stage(report, "read", count["read_docs"], count["read_bytes"], count["read_docs"], count["read_bytes"], clock["read"])
@@ -1550,130 +1918,201 @@ def _collect(spool: Path, cfg: dict, cache_dir: Path, report: dict, verbose: boo
     report["removed"]["empty"] = count["read_docs"] - count["norm_docs"]
     _stage(report, "exact dedup", count["norm_docs"], count["norm_bytes"], len(offsets), out_bytes, clock["exact"])
     report["removed"]["exact_duplicate"] = count["norm_docs"] - len(offsets)
-    sig = np.concatenate(sigs) if sigs else None
-    return {"offsets": offsets, "nbytes": np.array(nbytes, dtype=np.int64), "domain": np.array(domain, dtype=np.int64),
-            "domain_names": list(names), "sig": sig, "minhash_seconds": clock["minhash"]}
+    return Spool(path=path, offsets=offsets, nbytes=np.array(nbytes, dtype=np.int64),
+                 domain=np.array(domain, dtype=np.int64), domain_names=list(names),
+                 sig=np.concatenate(sigs) if sigs else None, minhash_seconds=clock["minhash"])
 
 
-def _near_dedup(docs: dict, cfg: dict, report: dict) -> np.ndarray:
-    """MinHash + LSH over the collected signatures: the keep mask."""
-    n = len(docs["offsets"])
-    if cfg["dedup"] != "minhash":
+def _near_dedup(spool: Spool, cfg: PrepareConfig, report: dict) -> np.ndarray:
+    """Stage 2: MinHash + LSH over the collected signatures; returns the keep mask."""
+    n = len(spool.offsets)
+    if cfg.dedup != "minhash":
         return np.ones(n, dtype=bool)
     t = time.perf_counter()
-    keep = near_duplicate_keep(docs["sig"], cfg["dedup_threshold"]) if n else np.ones(0, dtype=bool)
-    seconds = docs["minhash_seconds"] + time.perf_counter() - t  # signatures were computed while reading
-    total = int(docs["nbytes"].sum())
-    _stage(report, "near dedup (minhash)", n, total, int(keep.sum()), int(docs["nbytes"][keep].sum()), seconds)
+    keep = near_duplicate_keep(spool.sig, cfg.dedup_threshold) if n else np.ones(0, dtype=bool)
+    seconds = spool.minhash_seconds + time.perf_counter() - t  # signatures were computed while reading
+    _stage(report, "near dedup (minhash)", n, int(spool.nbytes.sum()), int(keep.sum()),
+           int(spool.nbytes[keep].sum()), seconds)
     report["removed"]["near_duplicate"] = int(n - keep.sum())
     return keep
 
 
-def _filter(spool: Path, docs: dict, keep: np.ndarray, cfg: dict, report: dict, verbose: bool) -> np.ndarray:
-    """Second pass over the spool: the script of every document, then its domain's quality rules."""
+def _filter(spool: Spool, keep: np.ndarray, cfg: PrepareConfig, report: dict, verbose: bool) -> np.ndarray:
+    """Stage 3, a second pass over the spool: the script of every document, then its domain's quality rules."""
     t0 = time.perf_counter()
     keep, scripts, script_names = keep.copy(), np.zeros(len(keep), dtype=np.int64), {}
-    docs_in, bytes_in, seen_bytes, removed = int(keep.sum()), int(docs["nbytes"][keep].sum()), 0, Counter()
-    update = _progress("quality filter" if cfg["quality_filter"] else "script id", verbose)
-    with open(spool, "rb") as f:
+    docs_in, bytes_in, seen_bytes, removed = int(keep.sum()), int(spool.nbytes[keep].sum()), 0, Counter()
+    update = _progress("quality filter" if cfg.quality_filter else "script id", verbose)
+    with open(spool.path, "rb") as f:
         for i, line in enumerate(f):
             if not keep[i]:
                 continue
             text, domain, _ = json.loads(line)
             script = script_of(text)
             scripts[i] = script_names.setdefault(script, len(script_names))
-            reason = _quality_reason(text, domain, script) if cfg["quality_filter"] else None
+            reason = _quality_reason(text, domain, script) if cfg.quality_filter else None
             if reason is not None:
                 keep[i] = False
                 removed[reason] += 1
-            seen_bytes += int(docs["nbytes"][i])
+            seen_bytes += int(spool.nbytes[i])
             update(i + 1, seen_bytes)
     update(len(keep), seen_bytes, done=True)
-    docs["script"], docs["script_names"] = scripts, list(script_names)
+    spool.script, spool.script_names = scripts, list(script_names)
     report["removed"].update(sorted(removed.items()))
-    report["scripts"] = dict(Counter(docs["script_names"][scripts[i]] for i in np.flatnonzero(keep)))
-    _stage(report, "quality filter" if cfg["quality_filter"] else "script id", docs_in, bytes_in,
-           int(keep.sum()), int(docs["nbytes"][keep].sum()), time.perf_counter() - t0)
+    report["scripts"] = dict(Counter(spool.script_names[scripts[i]] for i in np.flatnonzero(keep)))
+    _stage(report, "quality filter" if cfg.quality_filter else "script id", docs_in, bytes_in,
+           int(keep.sum()), int(spool.nbytes[keep].sum()), time.perf_counter() - t0)
     return keep
 
 
-def _tokenize_all(tmp, spool, docs, splits, groups, spec, dtype, cfg, workers, report, verbose) -> dict:
-    """Tokenize each split's documents (in order) with a pool of worker processes into shards."""
+def _make_tokenizer(tmp: Path, spool: Spool, train_ids: np.ndarray, cfg: PrepareConfig,
+                    report: dict) -> tuple[tiktoken.Encoding, tuple]:
+    """Stage 4a: the tokenizer, and how a worker process loads it (a trained BPE is saved into tmp)."""
     t0 = time.time()
-    written = {}
-    # The platform's default start method (fork on Linux, spawn on macOS and Windows); the
-    # worker functions live at module level, so spawn can import them.
-    pool = multiprocessing.get_context().Pool(workers, _init_worker, (spec,)) if workers > 1 else None
-    if pool is None:
-        _init_worker(spec)
-    try:
-        for split, ids in splits.items():
-            per_group, n_docs, n_bytes = Counter(), 0, 0
-            update = _progress(f"tokenize {split}", verbose)
-
-            def arrays():
-                nonlocal n_docs, n_bytes
-                for (piece, _), (tokens, counts) in _map_ordered(pool, _chunks(spool, docs["offsets"], docs["nbytes"], ids), 2 * workers):
-                    for i, c in zip(piece, counts):
-                        per_group[groups[i]] += int(c)
-                    n_docs, n_bytes = n_docs + len(piece), n_bytes + int(docs["nbytes"][piece].sum())
-                    update(n_docs, n_bytes)
-                    yield tokens
-            shards = _write_shards(arrays(), tmp, split, dtype, cfg["shard_tokens"])
-            update(n_docs, n_bytes, done=True)
-            written[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards), "bytes": n_bytes,
-                              "documents": n_docs, "per_group": per_group}
-    finally:
-        if pool is not None:
-            pool.terminate()
-    n_bytes = sum(w["bytes"] for w in written.values())
-    _stage(report, f"tokenize+shard x{workers}", sum(w["documents"] for w in written.values()), n_bytes,
-           sum(w["documents"] for w in written.values()), n_bytes, time.time() - t0)
-    return written
+    # BPE sees only training documents (in the split's shuffled order), so val measures unseen text.
+    enc = get_tokenizer(cfg.tokenizer, spool.texts(train_ids), cfg.vocab_size, cfg.bpe_train_bytes)
+    spec = ("name", cfg.tokenizer)
+    if cfg.tokenizer == "bpe":
+        save_tokenizer(enc, tmp / "tokenizer.tiktoken")
+        spec = ("file", str(tmp / "tokenizer.tiktoken"))
+    report["stages"].append({"stage": f"tokenizer {enc.name}", "docs_in": len(train_ids), "docs_out": len(train_ids),
+                             "bytes_in": int(spool.nbytes[train_ids].sum()), "bytes_out": 0,
+                             "seconds": round(time.time() - t0, 3), "mb_per_s": None})
+    return enc, spec
 
 
-def _estimated_tokens(enc, spool, docs, train_ids, groups, names, group_bytes, sample_bytes=1 << 20) -> dict:
+@dataclass
+class MixPlan:
+    """Stage 4b's result: how often each training document is written, to realise --mix."""
+    groups: np.ndarray  # (N,) group index of every document (its domain or its script)
+    names: list  # the group names
+    group_bytes: dict  # name -> UTF-8 bytes of its training documents
+    sizes: dict  # name -> what the weights share out: estimated tokens with --mix, else bytes
+    epochs: dict  # name -> times its documents are written (< 1: a subsample)
+    order: np.ndarray  # training document ids, in writing order
+
+
+def _plan_mix(enc: tiktoken.Encoding, spool: Spool, train_ids: np.ndarray, cfg: PrepareConfig) -> MixPlan:
+    """Stage 4b: epochs per group from --mix, and the training documents' writing order."""
+    groups, names = spool.groups(cfg.mix_by)
+    group_bytes = {n: int(spool.nbytes[train_ids][groups[train_ids] == g].sum()) for g, n in enumerate(names)}
+    # Weights are shares of TOKENS, and code and prose pack different bytes into a token, so
+    # the mix is planned on each group's token count, estimated from a sample it encodes.
+    sizes = _estimated_tokens(enc, spool, train_ids, groups, names, group_bytes) if cfg.mix else group_bytes
+    epochs = mix_epochs(sizes, cfg.mix)
+    order = train_ids if not cfg.mix else _mixed_order(train_ids, groups, spool.nbytes, epochs, names,
+                                                       np.random.default_rng(cfg.seed))
+    if len(order) == 0:
+        raise ValueError("the --mix weights leave no training documents: give a domain of the corpus a positive weight")
+    return MixPlan(groups=groups, names=names, group_bytes=group_bytes, sizes=sizes, epochs=epochs, order=order)
+
+
+def _estimated_tokens(enc, spool: Spool, train_ids, groups, names, group_bytes, sample_bytes=1 << 20) -> dict:
     """Tokens per group ~ its bytes / (bytes per token of up to 1 MiB of its documents, encoded)."""
     estimate = {}
     for g, name in enumerate(names):
-        # From the end of the shuffled order: the BPE learned from its start and compresses
-        # its own training text better than the rest (which biased an earlier version by 10%).
+        # From the end of the shuffled order: the BPE learned from its start, and compresses
+        # its own training text better than text it has not seen.
         members = train_ids[groups[train_ids] == g][::-1]
         # Documents up to sample_bytes in all: cumsum before each < the budget.
-        taken = members[np.cumsum(docs["nbytes"][members]) - docs["nbytes"][members] < sample_bytes]
-        texts = list(_spool_texts(spool, docs["offsets"], taken))
+        taken = members[np.cumsum(spool.nbytes[members]) - spool.nbytes[members] < sample_bytes]
+        texts = list(spool.texts(taken))
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
         n_tokens = sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(texts))  # + 1: the EOT
         estimate[name] = group_bytes[name] * n_tokens / n_bytes if n_bytes else 0.0
     return estimate
 
 
-def _mix_report(report, names, groups, train_ids, group_bytes, sizes, epochs, tokens_after, spec) -> None:
+def _tokenize_all(*, tmp: Path, spool: Spool, splits: dict, groups: np.ndarray, spec: tuple, dtype: str,
+                  shard_tokens: int, workers: int, report: dict, verbose: bool) -> dict:
+    """Stage 5: tokenize each split's documents (in order) with a pool of worker processes into shards."""
+    t0 = time.time()
+    written = {}
+    # The platform's default start method (on Linux fork up to Python 3.13, forkserver from 3.14; spawn
+    # on macOS and Windows); the worker functions live at module level, so a fresh interpreter imports them.
+    pool = multiprocessing.get_context().Pool(workers, _init_pool_worker, (spec,)) if workers > 1 else None
+    if pool is None:
+        _init_worker(spec)
+    try:
+        for split, ids in splits.items():
+            written[split] = _tokenize_split(pool, spool, ids, groups, ahead=2 * workers, folder=tmp, split=split,
+                                             dtype=dtype, shard_tokens=shard_tokens, verbose=verbose)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    n_docs, n_bytes = sum(w["documents"] for w in written.values()), sum(w["bytes"] for w in written.values())
+    _stage(report, f"tokenize+shard x{workers}", n_docs, n_bytes, n_docs, n_bytes, time.time() - t0)
+    return written
+
+
+def _tokenize_split(pool, spool: Spool, ids, groups, *, ahead: int, folder: Path, split: str, dtype: str,
+                    shard_tokens: int, verbose: bool) -> dict:
+    """One split into {split}_00000.bin, ...: its shards, tokens, bytes, documents and tokens per group."""
+    per_group, n_docs, n_bytes = Counter(), 0, 0
+    update = _progress(f"tokenize {split}", verbose)
+
+    def arrays():
+        nonlocal n_docs, n_bytes
+        for (piece, _), (tokens, counts) in _map_ordered(pool, spool.chunks(ids), ahead):
+            for i, c in zip(piece, counts):
+                per_group[groups[i]] += int(c)
+            n_docs, n_bytes = n_docs + len(piece), n_bytes + int(spool.nbytes[piece].sum())
+            update(n_docs, n_bytes)
+            yield tokens
+    shards = _write_shards(arrays(), folder, split, dtype, shard_tokens)
+    update(n_docs, n_bytes, done=True)
+    return {"shards": shards, "tokens": sum(s["tokens"] for s in shards), "bytes": n_bytes,
+            "documents": n_docs, "per_group": per_group}
+
+
+def _manifest(cfg: PrepareConfig, enc, dtype: str, written: dict, spool: Spool, kept: np.ndarray) -> dict:
+    """manifest.json: what the loader needs (dtype, shards with SHA-256, counts) and the config behind it."""
+    manifest = {"format": FORMAT_VERSION, "data": cfg.data, "tokenizer": cfg.tokenizer,
+                "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "dtype": dtype, "shard_tokens": cfg.shard_tokens}
+    for split, w in written.items():
+        manifest[f"{split}_tokens"], manifest[f"{split}_bytes"] = w["tokens"], w["bytes"]
+    manifest["shards"] = {split: w["shards"] for split, w in written.items()}
+    manifest["documents"] = {split: w["documents"] for split, w in written.items()}
+    domain_bytes = Counter()
+    for i in kept:
+        domain_bytes[spool.domain_names[spool.domain[i]]] += int(spool.nbytes[i])
+    manifest["domains"] = dict(sorted(domain_bytes.items()))
+    manifest["config"] = asdict(cfg)  # what produced this directory, checked before reuse
+    return manifest
+
+
+def _mix_report(report: dict, plan: MixPlan, train_ids, tokens_after: Counter, spec: str) -> None:
     """Per group: documents, bytes, target weight, epochs, tokens before and after mixing, share after."""
     total_after = sum(tokens_after.values()) or 1
-    total_size = sum(sizes.values()) or 1
-    for g, name in enumerate(names):
-        members = train_ids[groups[train_ids] == g]
+    total_size = sum(plan.sizes.values()) or 1
+    for g, name in enumerate(plan.names):
+        members = train_ids[plan.groups[train_ids] == g]
         if len(members) == 0:
             continue
         after = int(tokens_after.get(g, 0))
         # Exact when nothing is mixed (each document written once), else the sampled estimate.
-        before = after if not spec else round(sizes[name])
-        report["mix"][name] = {"docs": int(len(members)), "bytes": group_bytes[name],
-                               "weight": epochs[name] * sizes[name] / total_size, "epochs": round(epochs[name], 4),
-                               "tokens_before": before, "tokens_after": after, "share_after": after / total_after}
+        before = after if not spec else round(plan.sizes[name])
+        report["mix"][name] = {"docs": int(len(members)), "bytes": plan.group_bytes[name],
+                               "weight": plan.epochs[name] * plan.sizes[name] / total_size,
+                               "epochs": round(plan.epochs[name], 4), "tokens_before": before,
+                               "tokens_after": after, "share_after": after / total_after}
 
 
 # ---------------------------------------------------------------------------
 # Reading a prepared directory back
 # ---------------------------------------------------------------------------
 
-def load_prepared(dir, verify: bool = False) -> tuple[dict, tiktoken.Encoding]:
+def load_prepared(dir, verify: bool = True) -> tuple[dict, tiktoken.Encoding]:
     """Read and check a prepared directory; return (manifest with "dir", tokenizer).
 
     Every shard's size must be its token count times the dtype's size (a
-    truncated write is caught); verify=True also recomputes the SHA-256 of
-    every shard (reads everything: seconds per GB).
+    truncated write is caught). verify (the default) also reads every shard:
+    its SHA-256 must be the manifest's and every id below vocab_size, so a
+    shard overwritten with other ids, in range or not, is refused before
+    training. That costs one read of the shards, one or two seconds per GB
+    on one core (`python data.py verify DIR` prints the rate: 650 MB/s on a
+    busy 2-core machine); a shard this process has already verified, and
+    whose stat is unchanged, costs one stat.
     """
     dir = Path(dir)
     if not (dir / "manifest.json").exists():
@@ -1696,10 +2135,11 @@ def load_prepared(dir, verify: bool = False) -> tuple[dict, tiktoken.Encoding]:
         raise ValueError(f"cannot read {dir}/manifest.json ({e}): delete {dir} and run prepare again") from None
     if verify:
         verify_shards(dir, manifest)
-    if manifest["tokenizer"] == "bpe":
-        enc = load_tokenizer_file(dir / "tokenizer.tiktoken")
-    else:
-        enc = get_tokenizer(manifest["tokenizer"])
+    try:
+        enc = (load_tokenizer_file(dir / "tokenizer.tiktoken") if manifest["tokenizer"] == "bpe"
+               else get_tokenizer(manifest["tokenizer"]))
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"cannot read the tokenizer in {dir} ({_one_line(e)}): delete {dir} and run prepare again") from None
     if enc.n_vocab != manifest["vocab_size"] or enc.eot_token != manifest["eot_id"]:
         raise ValueError(f"the tokenizer in {dir} does not match its manifest: delete the directory to re-prepare")
     return {**manifest, "dir": str(dir.resolve())}, enc
@@ -1713,17 +2153,49 @@ def _check_size(path: Path, expected: int) -> None:
                          "delete the directory to re-prepare")
 
 
-def verify_shards(dir, manifest: dict) -> None:
-    """Recompute each shard's SHA-256 and compare it with the manifest's."""
+# Shards this process has verified: resolved path -> (stat, expected SHA-256, vocab_size) at the time.
+# prepare verifies a directory it reuses, and train.py loads it again right after: the second
+# check then costs a stat per shard. Any write to a file changes its mtime and ctime.
+_VERIFIED = {}
+
+
+def _stat_stamp(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
+def verify_shards(dir, manifest: dict) -> int:
+    """Read every shard once: its SHA-256 must be the manifest's and its largest id below
+    vocab_size (an id out of range would fail deep inside the model). Returns the bytes read."""
+    n_read, itemsize = 0, np.dtype(manifest["dtype"]).itemsize
     for split in ("train", "val"):
         for s in manifest["shards"][split]:
-            digest = hashlib.sha256()
-            with open(Path(dir) / s["file"], "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
+            path = Path(dir) / s["file"]
+            stamp = (_stat_stamp(path), s["sha256"], manifest["vocab_size"])
+            if _VERIFIED.get(str(path.resolve())) == stamp:
+                continue
+            digest, largest = hashlib.sha256(), -1
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):  # 16 MiB at a time: flat memory
                     digest.update(block)
+                    ids = np.frombuffer(block, dtype=manifest["dtype"], count=len(block) // itemsize)
+                    largest = max(largest, int(ids.max())) if len(ids) else largest
+                    n_read += len(block)
             if digest.hexdigest() != s["sha256"]:
-                raise ValueError(f"corrupt token file {Path(dir) / s['file']}: its checksum differs from "
+                raise ValueError(f"corrupt token file {path}: its checksum differs from "
                                  "the manifest's; delete the directory to re-prepare")
+            if largest >= manifest["vocab_size"]:
+                raise ValueError(f"corrupt token file {path}: it holds token id {largest}, outside the vocabulary "
+                                 f"of {manifest['vocab_size']}; delete the directory to re-prepare")
+            _VERIFIED[str(path.resolve())] = stamp
+    return n_read
+
+
+def corpus_id(manifest: dict) -> str:
+    """A short hash of every shard's SHA-256: two prepared directories with equal ids hold equal tokens
+    (a checkpoint can store it, so that a resume refuses a corpus that was prepared again differently)."""
+    checksums = [s["sha256"] for split in ("train", "val") for s in manifest["shards"][split]]
+    return hashlib.sha256(" ".join(checksums).encode()).hexdigest()[:16]
 
 
 def shard_paths(manifest: dict, split: str) -> list[str]:
@@ -1747,7 +2219,7 @@ def make_sampler(manifest: dict, split: str, block_size: int, batch_size: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1) -> "TokenSampler":
     """A TokenSampler over one split of a prepared directory."""
     return TokenSampler(shard_paths(manifest, split), manifest["dtype"], block_size, batch_size,
-                        seed=seed, rank=rank, world_size=world_size)
+                        seed=seed, rank=rank, world_size=world_size, vocab_size=manifest["vocab_size"])
 
 
 # ---------------------------------------------------------------------------
@@ -1764,13 +2236,16 @@ class TokenSampler:
     epoch visits them in a permutation drawn from default_rng((seed, epoch));
     rank r takes positions r, r+W, r+2W, ... (W = world_size), cut so every
     rank has the same count, hence the ranks see disjoint windows and stay in
-    step. The position lives in state_dict().
+    step. The position lives in state_dict(). With vocab_size, every batch is
+    checked to hold only ids below it (a max over B*(T+1) ids), so a shard
+    changed after loading is one clear error instead of an IndexError deep in
+    the model.
     """
 
     def __init__(self, path, dtype: str, block_size: int, batch_size: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, vocab_size: int | None = None):
         self.paths = [str(path)] if isinstance(path, (str, os.PathLike)) else [str(p) for p in path]
-        self.dtype, self.block_size, self.batch_size = dtype, block_size, batch_size
+        self.dtype, self.block_size, self.batch_size, self.vocab_size = dtype, block_size, batch_size, vocab_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}: use 0 <= rank < world_size")
@@ -1816,6 +2291,11 @@ class TokenSampler:
         """(x, y), both int64 of shape (B, T), with y[:, t] = x[:, t+1] in the token stream."""
         windows = [self._next_window() for _ in range(self.batch_size)]
         buf = np.stack([self._window(w) for w in windows]).astype(np.int64)  # (B, T+1)
+        if self.vocab_size is not None and buf.max() >= self.vocab_size:
+            row = int(buf.max(axis=1).argmax())
+            shard = self.paths[int(np.searchsorted(self.first_window, windows[row], side="right")) - 1]
+            raise ValueError(f"token id {buf[row].max()} in {shard} is outside the vocabulary of {self.vocab_size}: "
+                             "the shard was overwritten; delete its directory to re-prepare")
         buf = torch.from_numpy(buf)
         return buf[:, :-1], buf[:, 1:]  # (B, T) inputs, (B, T) targets
 
@@ -1970,7 +2450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
     p.add_argument("--bpe_train_bytes", type=int, default=2_000_000, help="bytes of training text the BPE learns from")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per CPU, at most 8)")
-    v = commands.add_parser("verify", help="recompute the checksums of a prepared directory's shards")
+    p.add_argument("--max_download_mb", type=float, default=MAX_DOWNLOAD_MB,
+                   help="largest download of a URL source, in MB (10^6 bytes)")
+    v = commands.add_parser("verify", help="recompute the checksums (and id range) of a prepared directory's shards")
     v.add_argument("dir", help="a prepared directory (the one holding manifest.json)")
     b = commands.add_parser("bench-dedup", help="documents/s of dedup() vs datasketch (pip install datasketch)")
     b.add_argument("--docs", type=int, default=1000, help="documents, half of them planted near duplicates")
@@ -1980,16 +2462,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so that `finally` removes the temporary files (the default action skips it)."""
+
+
+def _stop(signum, frame):
+    raise _Terminated
+
+
 def main(argv=None) -> None:
     """`python data.py prepare|verify|bench-dedup|bench-bpe ...`; a user error is one line and exit code 2."""
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         if args.command == "prepare":
             options = {k: v for k, v in vars(args).items() if k != "command"}
             prepare(**options)
         elif args.command == "verify":
-            manifest, _ = load_prepared(args.dir, verify=True)
-            print(f"ok: {sum(len(s) for s in manifest['shards'].values())} shards match their checksums")
+            manifest, _ = load_prepared(args.dir, verify=False)
+            t = time.perf_counter()
+            n_bytes = verify_shards(args.dir, manifest)
+            seconds = time.perf_counter() - t
+            print(f"ok: {sum(len(s) for s in manifest['shards'].values())} shards match their checksums, every id "
+                  f"below {manifest['vocab_size']}; {n_bytes / 1e6:,.1f} MB read in {seconds:.2f} s "
+                  f"({n_bytes / 1e6 / max(seconds, 1e-9):,.0f} MB/s)")
         elif args.command == "bench-dedup":
             print(json.dumps(bench_dedup(args.docs), indent=1))
         else:
@@ -1997,6 +2493,13 @@ def main(argv=None) -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # what prepare does not turn into a ValueError itself
+        print(f"error: {_one_line(e)}: check the path, its permissions and the free space on its disk", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (_stop)
+        by = "SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C"
+        print(f"error: stopped by {by}; the temporary files of this run were removed", file=sys.stderr)
+        sys.exit(143 if by == "SIGTERM" else 130)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ Map: shared fixtures -> faults -> NaN/inf -> hangs and gradient accumulation (on
 -> bad-input catalogue -> seed comparison.
 """
 
+import gzip
 import hashlib
 import json
 import math
@@ -486,6 +487,7 @@ def workspace(data_dir, tmp_path_factory):
     for i in range(3):
         (ws / "texts" / f"{i}.txt").write_text(f"Document {i}. " + "Some plain words in a sentence. " * 40)
     (ws / "empty_corpus").mkdir()
+    add_data_inputs(ws, prepared)  # what data.py's rows need (their own block, after CATALOGUE)
     return ws, prepared
 
 
@@ -537,6 +539,47 @@ CATALOGUE = [
     ("kernels: CPU smoke test with the interpreter off", ["kernels.py", "--bench", "--cpu-smoke"], {"TRITON_INTERPRET": "0"},
      ["TRITON_INTERPRET=1"]),
 ]
+
+
+# ---- data.py's rows: a block of their own (the rows above are train.py's and the other commands') ----
+
+def add_data_inputs(ws: Path, prepared: str) -> None:
+    """The files data.py's rows need: a truncated .gz, a .gz that is plain text, a file where a directory
+    is expected, and a prepared copy whose first token is outside its vocabulary under a matching checksum."""
+    packed = gzip.compress("".join(f"line {i} of a corpus that was gzipped\n" for i in range(4000)).encode())
+    (ws / "truncated.txt.gz").write_bytes(packed[: len(packed) // 2])
+    (ws / "not_gzip.jsonl.gz").write_text('{"text": "plain JSON under a .gz name"}\n')
+    (ws / "a_file").write_text("a file where a directory is expected")
+    shutil.copytree(ws / "data", ws / "out_of_range")
+    manifest_path = ws / "out_of_range" / prepared / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    shard = manifest_path.parent / manifest["shards"]["train"][0]["file"]
+    itemsize = {"uint16": 2, "uint32": 4}[manifest["dtype"]]
+    raw = bytearray(shard.read_bytes())
+    raw[:itemsize] = manifest["vocab_size"].to_bytes(itemsize, "little")  # one past the largest id
+    shard.write_bytes(raw)
+    manifest["shards"]["train"][0]["sha256"] = hashlib.sha256(raw).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+
+
+NO_PROXY = {"http_proxy": "", "HTTP_PROXY": "", "all_proxy": "", "ALL_PROXY": ""}  # (empty: unset for urllib)
+CATALOGUE += [
+    ("data: prepare a truncated .gz", ["data.py", "prepare", "--data", "{ws}/truncated.txt.gz", "--tokenizer", "bytes",
+                                       "--out_dir", "{ws}/cache"], {}, ["{ws}/truncated.txt.gz", "not a whole gzip file"]),
+    ("data: prepare a .gz that is not gzip", ["data.py", "prepare", "--data", "{ws}/not_gzip.jsonl.gz", "--tokenizer",
+                                              "bytes", "--out_dir", "{ws}/cache"], {},
+     ["{ws}/not_gzip.jsonl.gz", "not a whole gzip file", "remove the .gz"]),
+    ("data: prepare into an out_dir that is a file", ["data.py", "prepare", "--data", "{ws}/texts", "--tokenizer", "bytes",
+                                                      "--out_dir", "{ws}/a_file"], {},
+     ["--out_dir {ws}/a_file", "pass a writable directory"]),
+    ("data: a download cap of 0 MB", ["data.py", "prepare", "--max_download_mb", "0", "--out_dir", "{ws}/cache"], {},
+     ["--max_download_mb 0", "must be positive"]),
+    ("data: a URL nothing answers", ["data.py", "prepare", "--data", "http://127.0.0.1:9/corpus.txt", "--out_dir",
+                                     "{ws}/cache"], NO_PROXY, ["cannot download http://127.0.0.1:9/corpus.txt", "--data"]),
+    ("data: verify a shard with an id outside the vocabulary", ["data.py", "verify", "{ws}/out_of_range/{prepared}"], {},
+     ["outside the vocabulary", "re-prepare"]),
+]
+
 # the catalogue: every case across all four commands
 assert len(CATALOGUE) >= 15 and {argv[0] for _, argv, _, _ in CATALOGUE} == {"train.py", "data.py", "scaling.py", "kernels.py"}
 
