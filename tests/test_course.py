@@ -51,6 +51,7 @@ def test_the_course_covers_the_core_sequence():
             "scaling.parametric_optimal"} <= targets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_judge_fails_when_its_exercise_is_stripped(stripped_runs, name):
     run = stripped_runs[name]["stripped"]
@@ -194,6 +195,7 @@ def repo_copy(tmp_path_factory):
     return copy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_restore_puts_back_exactly_the_code_whose_judges_pass(tmp_path, name):
     # the suite itself runs every judge on the unstripped code; here strip + restore must give back

@@ -387,6 +387,7 @@ def get(results, name):
 EQUALITY = [n for n in CHECKS if n not in ("diloco", "sp_activation_memory") and not n.startswith("resume")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EQUALITY)
 def test_strategy_matches_one_process_on_the_same_global_batch(results, name):
     rank0 = get(results, name)[0]
@@ -398,6 +399,7 @@ def test_strategy_matches_one_process_on_the_same_global_batch(results, name):
     assert rank0["norm_rel"] < REL_TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in CHECKS if n.startswith("resume")])
 def test_full_checkpoint_resumes_under_another_layout_and_in_one_process(results, name):
     rank0 = get(results, name)[0]
@@ -405,6 +407,7 @@ def test_full_checkpoint_resumes_under_another_layout_and_in_one_process(results
     assert rank0["single_param_rel"] < REL_TOL
 
 
+@pytest.mark.slow
 def test_diloco_matches_its_algorithm_and_communicates_every_h_steps(results):
     per_rank = get(results, "diloco")
     assert per_rank[0]["param_rel"] < REL_TOL
@@ -418,6 +421,7 @@ def test_diloco_matches_its_algorithm_and_communicates_every_h_steps(results):
 # Bytes sent per step against the docstring formulas
 
 
+@pytest.mark.slow
 def test_ddp_sends_2_d_minus_1_over_d_of_the_gradients_and_nothing_on_micro_steps(results):
     N, d = n_params(tiny_config()), WORLD
     for r in get(results, "ddp_scratch"):
@@ -425,6 +429,7 @@ def test_ddp_sends_2_d_minus_1_over_d_of_the_gradients_and_nothing_on_micro_step
         assert all(s == {"grads": 2 * (d - 1) / d * 4 * N} for s in r["sent"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_1_and_2_communication_volume(results, stage):
     N, d = n_params(tiny_config()), WORLD
@@ -434,6 +439,7 @@ def test_zero_1_and_2_communication_volume(results, stage):
         assert all(s == {"grads": grads, "params": (d - 1) / d * 4 * Np} for s in r["sent"])
 
 
+@pytest.mark.slow
 def test_zero_3_gathers_each_block_twice_and_reduce_scatters_once(results):
     d = WORLD
     root, *blocks = padded_units(tiny_config(), d)
@@ -442,6 +448,7 @@ def test_zero_3_gathers_each_block_twice_and_reduce_scatters_once(results):
         assert all(s == expected for s in r["sent"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_scaling_py_traffic_formula_equals_the_bytes_each_zero_stage_sends(results, stage):
     # scaling.data_parallel_bytes is the one home of these formulas (parallel.plan calls it too):
@@ -454,6 +461,7 @@ def test_scaling_py_traffic_formula_equals_the_bytes_each_zero_stage_sends(resul
         assert all(sum(s.values()) == pytest.approx(expected, rel=1e-12) for s in r["sent"])
 
 
+@pytest.mark.slow
 def test_scaling_py_tensor_parallel_formula_equals_the_bytes_sent(results):
     expected = scaling.tensor_parallel_bytes(tiny_config(), GLOBAL_BATCH * T, WORLD, 4)
     for r in get(results, "tp_scratch"):
@@ -467,6 +475,7 @@ def tensor_parallel_bytes(c, t, B=GLOBAL_BATCH) -> float:
     return 2 * (t - 1) / t * 4 * numbers
 
 
+@pytest.mark.slow
 def test_tensor_parallel_sends_four_activation_all_reduces_per_block(results):
     for r in get(results, "tp_scratch"):
         assert all(s == {"tp": tensor_parallel_bytes(tiny_config(), WORLD)} for s in r["sent"])
@@ -478,6 +487,7 @@ def replicated_under_tensor_parallel(c) -> int:
     return c.n_layer * (4 * c.n_embd + 2 * c.n_embd) + c.block_size * c.n_embd + 2 * c.n_embd
 
 
+@pytest.mark.slow
 def test_sequence_parallel_sends_what_tensor_parallel_sends_plus_the_replicated_gradients(results):
     # all-gather + reduce-scatter in place of each all-reduce: (t-1)/t + (t-1)/t = 2 (t-1)/t of the
     # same (B, T, C), so the "tp" bytes are exactly plain tensor parallelism's (Korthikanti et al. 2022,
@@ -488,12 +498,14 @@ def test_sequence_parallel_sends_what_tensor_parallel_sends_plus_the_replicated_
         assert all(s == expected for s in r["sent"])
 
 
+@pytest.mark.slow
 def test_sequence_parallel_with_data_parallel_sends_no_gradients_on_micro_steps(results):
     for r in get(results, "dp_tp_sp_scratch"):
         assert all(set(m) == {"tp"} for m in r["first_micro"])  # activations only; gradients wait for the last micro-step
         assert all(set(s) == {"tp", "sp_grads", "grads"} for s in r["sent"])
 
 
+@pytest.mark.slow
 def test_sequence_parallel_saves_the_norms_activations_split_t_ways(results):
     # what sequence parallelism divides by t here (dropout 0): the input of each of the 2L + 1
     # LayerNorms, (B, T, C), and its saved mean and 1/std, (B, T) each, float32; the inputs of the
@@ -504,6 +516,7 @@ def test_sequence_parallel_saves_the_norms_activations_split_t_ways(results):
         assert r["tp"] - r["sp"] == norms * (t - 1) / t, (r, norms * (t - 1) / t)
 
 
+@pytest.mark.slow
 def test_pipeline_sends_one_activation_and_one_gradient_per_micro_batch_and_boundary(results):
     c, p = tiny_config(n_layer=4), WORLD
     act = GLOBAL_BATCH * T * c.n_embd * 4  # all m micro-batches together: (B, T, C) float32
@@ -513,6 +526,7 @@ def test_pipeline_sends_one_activation_and_one_gradient_per_micro_batch_and_boun
         assert all(s == {"pp": expected} for s in r["sent"])
 
 
+@pytest.mark.slow
 def test_ring_attention_sends_c_minus_1_kv_blocks_forward_and_more_backward(results):
     c, n = tiny_config(), WORLD
     block = GLOBAL_BATCH * c.n_head * (T // n) * c.head_size * 4  # one (B, nh, T/c, hs) float32 tensor
@@ -526,6 +540,7 @@ def test_ring_attention_sends_c_minus_1_kv_blocks_forward_and_more_backward(resu
 # Memory per rank against the formulas (float32: 4 bytes a number)
 
 
+@pytest.mark.slow
 def test_memory_per_rank_matches_the_formulas(results):
     N, d = n_params(tiny_config()), WORLD
     Np = math.ceil(N / d) * d
@@ -541,6 +556,7 @@ def test_memory_per_rank_matches_the_formulas(results):
             assert r["memory"] == formula, (name, r["memory"], formula)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_scaling_py_memory_estimate_equals_the_bytes_each_zero_rank_holds(results, stage):
     # scaling.model_state_bytes is the planner's formula (Rajbhandari et al. Figure 1, fp32 AdamW:
@@ -555,6 +571,7 @@ def test_scaling_py_memory_estimate_equals_the_bytes_each_zero_rank_holds(result
         assert (held["params"], held["grads"], held["optimizer"]) == (est["weights"], est["grads"], est["optimizer"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tp_scratch", "tp_sp_scratch"])
 def test_tensor_parallel_memory_splits_the_matrices(results, name):
     c, t = tiny_config(), WORLD
@@ -606,6 +623,7 @@ CLI_LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", CLI_LAYOUTS)
 def test_torchrun_logs_the_same_losses_as_one_process(one_process_run, layout):
     tmp, a = one_process_run

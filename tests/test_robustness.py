@@ -182,6 +182,7 @@ def kill_once(data_dir, out, kind, rng, planned_step):
     return what
 
 
+@pytest.mark.slow
 def test_sigkill_at_eleven_points_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
     straight = run_train(*fault_flags(data_dir, tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -429,6 +430,7 @@ train.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_diloco_worker_stops_every_worker_promptly_with_one_line(data_dir, tmp_path):
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(NAN_ON_RANK_1)
@@ -606,6 +608,7 @@ def catalogue(workspace):
     return results, before, file_hashes(ws), fill
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, words", [(c[0], c[3]) for c in CATALOGUE], ids=[c[0] for c in CATALOGUE])
 def test_bad_input_is_one_line_and_exit_2(catalogue, name, words):
     results, _, _, fill = catalogue
@@ -613,6 +616,7 @@ def test_bad_input_is_one_line_and_exit_2(catalogue, name, words):
     assert_one_line_error(results[name], *map(fill, words))
 
 
+@pytest.mark.slow
 def test_bad_input_leaves_every_existing_file_untouched(catalogue, workspace):
     _, before, after, _ = catalogue
     changed = sorted(k for k in before if after.get(k) != before[k])
