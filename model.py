@@ -69,11 +69,37 @@ forward again during the backward (torch.utils.checkpoint; Chen et al. 2016, arX
 less memory for one more forward pass. Both give the loss and gradients of the plain path up to
 rounding (tests check it); `python train.py --bench_ablation` measures what each costs and saves.
 
+Generating text: the KV cache, top-k and top-p
+----------------------------------------------
+`generate` samples one token at a time. Recomputing the whole context for each new token costs a
+forward pass over T positions per token; but in a causal model the keys and values of a position
+never change once computed (they depend only on tokens at or before it), so `KVCache` keeps them
+per layer and each new token needs one position's forward pass plus attention over the stored keys
+(`cached_attention`, whose causal mask is shifted by the number of cached positions). That is
+exact: greedy decoding gives the same tokens with and without it (a test, over a window that fills
+and slides). Once the sequence outgrows block_size the window slides, every kept token moves to a
+new position, and both paths recompute the window. The next token is drawn from the softmax of
+logits / temperature, optionally restricted to the k most likely tokens (top-k, Fan et al. 2018)
+and to the nucleus, the fewest most likely tokens holding probability >= p (top-p, Holtzman et al.
+2020, arXiv:1904.09751). `python model.py --bench_generate` times both paths.
+
+The model in the Hugging Face format
+------------------------------------
+`python model.py export --ckpt out/ckpt.pt --out DIR` writes a directory that transformers'
+from_pretrained, lm-eval-harness and vLLM read: GPT-2-shaped models as GPT2LMHeadModel (a model
+without biases gets zero biases, the same function), RoPE + RMSNorm + SwiGLU models (with any
+number of key/value heads, tied or not) as LlamaForCausalLM, and the tokenizer as a tokenizer.json
+that splits and merges exactly as tiktoken does. `GPT.from_pretrained_dir(DIR)` reads such a
+directory back (also one that transformers saved), refusing in one line a shape GPTConfig cannot
+express. Tests check logits against transformers to 1e-4 in float32 and token ids on random text.
+
 Map of this file, in reading order
 ----------------------------------
 GPTConfig, MODEL_PRESETS -> LayerNorm, RMSNorm -> rope_cache, apply_rope -> naive_attention,
-sdpa_attention, attend -> CausalSelfAttention -> MLP -> Block -> GPT (init, forward, parameter
-count, generate, Hugging Face conversion) -> a small command line.
+sdpa_attention, attend, cached_attention -> CausalSelfAttention -> MLP -> Block -> GPT (init,
+forward, parameter count, generate, GPT-2 and Llama state dicts, from_pretrained_dir) -> KVCache,
+filter_logits -> the Hugging Face directory (config.json, weights, tokenizer.json, export_hf) ->
+a small command line (describe a preset, --bench_generate, export).
 """
 
 from __future__ import annotations
