@@ -257,15 +257,17 @@ def test_untrained_loss_is_near_log_vocab():
 
 
 def test_greedy_generation_picks_the_argmax_each_step():
+    # uncached: the same forward passes as the loop below, so the same logits to the bit (the cached
+    # path's tokens are checked against this one by the kv_cache tests)
     m = GPT(small_config()).eval()
     start = random_tokens(m.config, B=1, T=3)
-    out = m.generate(start, 6, temperature=0)
+    out = m.generate(start, 6, temperature=0, use_cache=False)
     idx = start
     for _ in range(6):
         nxt = m(idx)[0][:, -1].argmax(-1, keepdim=True)
         idx = torch.cat([idx, nxt], 1)
     assert torch.equal(out, idx)
-    assert torch.equal(m.generate(start, 6, temperature=1.0, top_k=1), idx)  # top-1 sampling is greedy
+    assert torch.equal(m.generate(start, 6, temperature=1.0, top_k=1, use_cache=False), idx)  # top-1 sampling is greedy
 
 
 def test_top_k_sampling_never_leaves_the_top_k():
