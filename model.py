@@ -546,12 +546,12 @@ class GPT(nn.Module):
             if use_cache and idx.size(1) <= self.config.block_size:
                 if cache is None:  # prefill: the whole prompt once, filling the cache
                     cache = KVCache(self.config)
-                    logits, _ = self(idx, kv_cache=cache)
+                    logits = self.next_token_logits(idx, cache)
                 else:  # only the newest token; its position is cache.length
-                    logits, _ = self(idx[:, cache.length :], kv_cache=cache)
+                    logits = self.next_token_logits(idx[:, cache.length :], cache)
             else:
-                logits, _ = self(idx[:, -self.config.block_size :])  # the model only sees its context window
-            logits = logits[:, -1, :].float()  # (B, V): only the last position predicts the next token
+                logits = self.next_token_logits(idx[:, -self.config.block_size :])  # the model only sees its context window
+            logits = logits.float()
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -559,6 +559,16 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+    def next_token_logits(self, idx, kv_cache=None):
+        """idx (B, T) -> (B, V), the logits of the token after idx. Only the last position predicts
+        it, so only that one goes through the output layer (V x C multiply-adds per position: for
+        GPT-2 small, 39M of its 124M parameters' worth)."""
+        start = kv_cache.length if kv_cache is not None else 0
+        x = self.run_blocks(self.embed(idx, start), kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += idx.size(1)
+        return self.head(x[:, -1:])[0][:, -1]  # (B, 1, C) -> (B, 1, V) -> (B, V)
 
     # --- Hugging Face conversion: GPT-2 and Llama layouts ----------------------------------------
 
