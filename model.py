@@ -1133,16 +1133,20 @@ def main(argv=None):
     parser.add_argument("--new_tokens", type=int, default=240, help="--bench_generate: tokens generated (capped so prompt + new fits the block)")
     parser.add_argument("--bench_repeats", type=int, default=3, help="--bench_generate: runs of each, the median is reported")
     parser.add_argument("--device", default="cpu", help="--bench_generate: cpu, cuda, ...")
+    parser.add_argument("--threads", type=int, default=0, help="--bench_generate: CPU threads for torch (0: torch's default, one per core)")
     args = parser.parse_args(argv)
-    skip = {"preset", "bench_generate", "prompt_tokens", "new_tokens", "bench_repeats", "device"}
+    skip = {"preset", "bench_generate", "prompt_tokens", "new_tokens", "bench_repeats", "device", "threads"}
     overrides = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     presets = [args.preset] if args.preset else (["laptop", "gpt2-124m"] if args.bench_generate else ["gpt2-124m"])
     try:
         # the benchmark's laptop shape has the laptop run's 4096-token vocabulary (train.py's default)
         vocab = lambda p: {"vocab_size": 4096} if args.bench_generate and p == "laptop" else {}
         configs = {p: GPTConfig(**{**vocab(p), **MODEL_PRESETS[p], **overrides}) for p in presets}
-        if args.bench_generate and min(args.prompt_tokens, args.new_tokens, args.bench_repeats) < 1:
-            raise ValueError("--prompt_tokens, --new_tokens and --bench_repeats must be at least 1")
+        if args.bench_generate and min(args.prompt_tokens, args.new_tokens, args.bench_repeats) < 1 or args.threads < 0:
+            raise ValueError("--prompt_tokens, --new_tokens and --bench_repeats must be at least 1, --threads at least 0")
+        if args.bench_generate and any(args.prompt_tokens >= c.block_size for c in configs.values()):
+            raise ValueError(f"--prompt_tokens {args.prompt_tokens} leaves no room to generate in a block of "
+                             f"{min(c.block_size for c in configs.values())}: use fewer")
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     if not args.bench_generate:
@@ -1151,6 +1155,8 @@ def main(argv=None):
         print(asdict(config))
         print(f"parameters: {model.num_params():,} total, {model.num_params(exclude_embeddings=True):,} without embeddings")
         return
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     print(f"greedy generation, batch 1, float32, {args.device}, {torch.get_num_threads()} threads, median of {args.bench_repeats}")
     print(f"{'preset':<12}{'params':>12}{'prompt':>8}{'new':>6}{'uncached tok/s':>16}{'cached tok/s':>14}{'speed-up':>10}{'same tokens':>13}")
     for p, config in configs.items():
