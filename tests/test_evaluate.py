@@ -214,6 +214,16 @@ def test_winogrande_style_documents_keep_one_context_per_choice(tmp_path):
     assert task.docs[0].contexts == ["Anna won so Anna", "Anna won so Bob"] and task.primary == "acc"
 
 
+@pytest.mark.parametrize("content", [b"not gzip", gzip.compress(b'{"request_type": "loglikelihood"}\n')])
+def test_a_corrupt_request_file_is_one_error_line(content, tmp_path):
+    where = tmp_path / "bad" / "rc_5shot"
+    where.mkdir(parents=True)
+    (where / "requests.jsonl.gz").write_bytes(content)
+    with pytest.raises(ValueError, match="cannot read the task files") as e:
+        evaluate.load_task("bad", folder=tmp_path)
+    assert "\n" not in str(e.value)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
