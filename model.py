@@ -1069,23 +1069,22 @@ def load_model_checkpoint(path) -> tuple[GPT, dict]:
 
 def bench_generate(config: GPTConfig, prompt_tokens: int, new_tokens: int, repeats: int, device: str = "cpu") -> dict:
     """Greedy generation from a random prompt with and without the KV cache: the median tokens/s of
-    each over `repeats` runs, and whether the two produced the same tokens. A random model runs as
-    fast as a trained one of the same shape, so no checkpoint is needed."""
+    each over `repeats` runs, and whether the two produced the same tokens. The runs alternate
+    (uncached, cached, uncached, ...) so that both see the same machine load. A random model runs
+    as fast as a trained one of the same shape, so no checkpoint is needed."""
     torch.manual_seed(0)
     model = GPT(config).to(device).eval()
     prompt = torch.randint(0, config.vocab_size, (1, prompt_tokens), device=device)
-    result = {}
-    for use_cache in (False, True):
-        times = []
-        for _ in range(repeats):
+    times, outputs = {False: [], True: []}, {}
+    for _ in range(repeats):
+        for use_cache in (False, True):
             t0 = time.perf_counter()
-            out = model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
+            outputs[use_cache] = model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        result["cached" if use_cache else "uncached"] = (new_tokens / sorted(times)[len(times) // 2], out)
-    same = torch.equal(result["cached"][1], result["uncached"][1])
-    return {"uncached_tok_s": result["uncached"][0], "cached_tok_s": result["cached"][0], "same_tokens": same,
+            times[use_cache].append(time.perf_counter() - t0)
+    tok_s = {c: new_tokens / sorted(t)[len(t) // 2] for c, t in times.items()}
+    return {"uncached_tok_s": tok_s[False], "cached_tok_s": tok_s[True], "same_tokens": torch.equal(outputs[False], outputs[True]),
             "params": model.num_params()}
 
 
