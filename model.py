@@ -69,18 +69,52 @@ forward again during the backward (torch.utils.checkpoint; Chen et al. 2016, arX
 less memory for one more forward pass. Both give the loss and gradients of the plain path up to
 rounding (tests check it); `python train.py --bench_ablation` measures what each costs and saves.
 
+Generating text: the KV cache, top-k and top-p
+----------------------------------------------
+`generate` samples one token at a time. Recomputing the whole context for each new token costs a
+forward pass over T positions per token; but in a causal model the keys and values of a position
+never change once computed (they depend only on tokens at or before it), so `KVCache` keeps them
+per layer and each new token needs one position's forward pass plus attention over the stored keys
+(`cached_attention`, whose causal mask is shifted by the number of cached positions). That is
+exact: greedy decoding gives the same tokens with and without it (a test, over a window that fills
+and slides). Once the sequence outgrows block_size the window slides, every kept token moves to a
+new position, and both paths recompute the window. The next token is drawn from the softmax of
+logits / temperature, optionally restricted to the k most likely tokens (top-k, Fan et al. 2018)
+and to the nucleus, the fewest most likely tokens holding probability >= p (top-p, Holtzman et al.
+2020, arXiv:1904.09751). `python model.py --bench_generate` times both paths.
+
+The model in the Hugging Face format
+------------------------------------
+`python model.py export --ckpt out/ckpt.pt --out DIR` writes a directory that transformers'
+from_pretrained, lm-eval-harness and vLLM read: GPT-2-shaped models as GPT2LMHeadModel (a model
+without biases gets zero biases, the same function), RoPE + RMSNorm + SwiGLU models (with any
+number of key/value heads, tied or not) as LlamaForCausalLM, and the tokenizer as a tokenizer.json
+that splits and merges exactly as tiktoken does. `GPT.from_pretrained_dir(DIR)` reads such a
+directory back (also one that transformers saved), refusing in one line a shape GPTConfig cannot
+express. Tests check logits against transformers to 1e-4 in float32 and token ids on random text.
+
 Map of this file, in reading order
 ----------------------------------
 GPTConfig, MODEL_PRESETS -> LayerNorm, RMSNorm -> rope_cache, apply_rope -> naive_attention,
-sdpa_attention, attend -> CausalSelfAttention -> MLP -> Block -> GPT (init, forward, parameter
-count, generate, Hugging Face conversion) -> a small command line.
+sdpa_attention, attend, cached_attention -> CausalSelfAttention -> MLP -> Block -> GPT (init,
+forward, parameter count, generate, GPT-2 and Llama state dicts, from_pretrained_dir) -> KVCache,
+filter_logits -> the Hugging Face directory (config.json, weights, tokenizer.json, export_hf) ->
+a small command line (describe a preset, --bench_generate, export).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -262,6 +296,19 @@ def attend(backend: str, q, k, v, dropout_p: float = 0.0):
     return kernels.triton_attention_backend(q, k, v, dropout_p, fallback=sdpa_attention)
 
 
+def cached_attention(q, k, v):
+    """Causal attention for queries that come after cached positions: q (B, nh, T_q, hs) holds the
+    last T_q of the T_k positions in k, v (B, n_kv, T_k, hs), so query i sits at position
+    T_k - T_q + i and may read keys j <= T_k - T_q + i. The mask is the causal one moved right by
+    T_k - T_q; when T_q = T_k (an empty cache) it is the plain causal mask, when T_q = 1 (one new
+    token) it masks nothing. (SDPA's is_causal aligns the mask top-left, right only for T_q = T_k.)"""
+    n_rep = q.size(1) // k.size(1)
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    T_q, T_k = q.size(-2), k.size(-2)
+    allowed = torch.ones(T_q, T_k, dtype=torch.bool, device=q.device).tril(diagonal=T_k - T_q)  # True: may attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
 # ----------------------------------------------------------------------------------------------
 # The layers
 
@@ -289,20 +336,27 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    # EXERCISE: self-attention (tests/test_model.py -k 'numpy_gpt2 or grouped_query_attention_equals or causal_mask or order_of_earlier')
-    def forward(self, x):
+    # EXERCISE: self-attention (tests/test_model.py -k 'numpy_gpt2 or grouped_query_attention_equals or causal_mask or order_of_earlier or kv_cache')
+    def forward(self, x, kv_cache=None):
         """x (B, T, C) -> (B, T, C): one projection to q (nh heads) and k, v (n_kv heads each), RoPE on
         q and k when configured, causal attention with the configured backend, the heads side by side
-        again, the output projection."""
+        again, the output projection. With a kv_cache (a LayerKV), x holds the positions after those
+        already cached: their keys and values join the cache, and the queries attend over all of it."""
         B, T, C = x.size()
+        start = kv_cache.length if kv_cache is not None else 0  # the position of x's first token
         qkv = self.c_attn(x)  # (B, T, C) -> (B, T, (nh + 2 n_kv) hs)
         q, k, v = qkv.split([self.n_head * self.hs, self.n_kv_head * self.hs, self.n_kv_head * self.hs], dim=2)
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, T, nh*hs) -> (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
-        if self.rope:
-            q, k = apply_rope(q, self.rope_cos, self.rope_sin), apply_rope(k, self.rope_cos, self.rope_sin)
-        y = attend(self.backend, q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        if self.rope:  # the angles of positions start, start+1, ... (rows start.. of the tables)
+            cos, sin = self.rope_cos[start:], self.rope_sin[start:]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is None:
+            y = attend(self.backend, q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        else:
+            k, v = kv_cache.append(k, v)  # (B, n_kv, start + T, hs): every position so far
+            y = cached_attention(q, k, v)  # (B, nh, T, hs)
         # re-assemble heads side by side: (B, T, C). -1, not C: under tensor parallelism (parallel.py) a rank
         # holds only nh/tp of the heads, so its y is (B, T, C/tp)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
@@ -350,8 +404,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # communicate between positions
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache)  # communicate between positions
         x = x + self.mlp(self.ln_2(x))  # compute within each position
         return x
 
@@ -388,28 +442,39 @@ class GPT(nn.Module):
             if getattr(module, "bias", None) is not None:
                 torch.nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets are given.
 
         Targets equal to -1 are ignored (padding, or positions without a next token). With
         config.fused_ce and targets, the logits are not computed and None is returned in their place.
+        With a kv_cache (a KVCache), idx holds the tokens after the kv_cache.length already cached:
+        they are placed at those positions, and their keys and values are added to the cache.
         The three steps are methods of their own so that parallel.py's pipeline stages run exactly
         this code on their share of the layers.
         """
-        return self.head(self.run_blocks(self.embed(idx)), targets)
+        start = kv_cache.length if kv_cache is not None else 0
+        x = self.run_blocks(self.embed(idx, start), kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += idx.size(1)  # every layer has stored these positions
+        return self.head(x, targets)
 
-    def embed(self, idx):
-        """(B, T) token ids -> (B, T, C): token embedding, plus the learned position (GPT-2), dropout."""
+    def embed(self, idx, start: int = 0):
+        """(B, T) token ids at positions start..start+T-1 -> (B, T, C): token embedding, plus the
+        learned position (GPT-2), dropout."""
         T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T) -> (B, T, C)
         if self.transformer.wpe is not None:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast over B
         return self.transformer.drop(x)
 
-    def run_blocks(self, x, lo: int = 0, hi: int | None = None):
+    def run_blocks(self, x, lo: int = 0, hi: int | None = None, kv_cache=None):
         """(B, T, C) -> (B, T, C) through blocks lo..hi-1 (all of them by default)."""
+        if kv_cache is not None:  # inference: each block reads and extends its layer of the cache
+            for i, block in enumerate(self.transformer.h[lo:hi], start=lo):
+                x = block(x, kv_cache=kv_cache.layer(i))
+            return x
         for block in self.transformer.h[lo:hi]:
             if self.config.activation_checkpointing and torch.is_grad_enabled():
                 # store the block's (B, T, C) input, not the activations inside it (about 34 B T C
@@ -459,29 +524,53 @@ class GPT(nn.Module):
     # --- sampling ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, generator=None):
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, generator=None,
+                 top_p: float | None = None, use_cache: bool = True):
         """Append max_new_tokens sampled tokens to idx (B, T), one at a time.
 
         temperature divides the logits (below 1 sharpens, above 1 flattens; 0 means greedy);
-        top_k keeps only the k most likely tokens before sampling (Fan et al. 2018).
+        top_k keeps only the k most likely tokens (Fan et al. 2018), top_p the nucleus, the fewest
+        most likely tokens whose probabilities sum to at least p (Holtzman et al. 2020,
+        arXiv:1904.09751); both may be given (top-k first, as Hugging Face's generate does).
+
+        use_cache keeps each layer's keys and values (a KVCache), so each new token costs one
+        position's forward pass instead of the whole context's. Once the sequence is longer than
+        block_size the window slides: every kept token then sits at a new position and sees one
+        token fewer, so no cached key stays valid, and each step recomputes the last block_size
+        tokens exactly as use_cache=False does. The tokens are the same either way (a test checks
+        greedy decoding); only the time differs (`python model.py --bench_generate`).
         """
+        check_sampling(temperature, top_k, top_p)
+        cache = None
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size :]  # the model only sees its context window
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float()  # (B, V): only the last position predicts the next token
+            if use_cache and idx.size(1) <= self.config.block_size:
+                if cache is None:  # prefill: the whole prompt once, filling the cache
+                    cache = KVCache(self.config)
+                    logits = self.next_token_logits(idx, cache)
+                else:  # only the newest token; its position is cache.length
+                    logits = self.next_token_logits(idx[:, cache.length :], cache)
+            else:
+                logits = self.next_token_logits(idx[:, -self.config.block_size :])  # the model only sees its context window
+            logits = logits.float()
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
+                probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
                 idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
-    # --- Hugging Face GPT-2 conversion ---------------------------------------------------------
+    def next_token_logits(self, idx, kv_cache=None):
+        """idx (B, T) -> (B, V), the logits of the token after idx. Only the last position predicts
+        it, so only that one goes through the output layer (V x C multiply-adds per position: for
+        GPT-2 small, 39M of its 124M parameters' worth)."""
+        start = kv_cache.length if kv_cache is not None else 0
+        x = self.run_blocks(self.embed(idx, start), kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += idx.size(1)
+        return self.head(x[:, -1:])[0][:, -1]  # (B, 1, C) -> (B, 1, V) -> (B, V)
+
+    # --- Hugging Face conversion: GPT-2 and Llama layouts ----------------------------------------
 
     # transformers' GPT-2 uses Conv1D for these: weight (in, out), the transpose of nn.Linear's
     HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -491,20 +580,24 @@ class GPT(nn.Module):
         """Build a GPT from a transformers.GPT2LMHeadModel state dict (tensors only; no transformers import).
 
         Without a config, the shape is read off the tensors (n_head cannot be, so it is taken from
-        the GPT-2 family table by width, else an error asks for a config).
+        the GPT-2 family table by width, else an error asks for a config). With config.bias=False
+        the biases must all be zero (what to_hf_state_dict writes for a model without them).
         """
         sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # old HF mask buffers
         if config is None:
             config = config_from_hf_shapes(sd)
-        if config.rope or config.norm != "layernorm" or config.mlp != "gelu" or config.n_kv_head != config.n_head:
+        if hf_architecture(config) != "gpt2":
             raise ValueError("GPT-2 weights need the plain GPT-2 architecture: rope=False, norm=layernorm, mlp=gelu, n_kv_head=n_head")
+        if not config.bias:
+            nonzero = [k for k, v in sd.items() if k.endswith(".bias") and v.abs().max() > 0]
+            if nonzero:
+                raise ValueError(f"{nonzero[0]} is not zero but the config has bias=False: build it with bias=True")
+            sd = {k: v for k, v in sd.items() if not k.endswith(".bias")}
         model = cls(config)
         ours = model.state_dict()
         hf = {k: v for k, v in sd.items() if k != "lm_head.weight" or not config.tie_embeddings}
         expected = {k for k in ours if not (config.tie_embeddings and k == "lm_head.weight")}
-        if set(hf) != expected:
-            missing, extra = sorted(expected - set(hf)), sorted(set(hf) - expected)
-            raise ValueError(f"state dict does not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+        check_keys(hf, expected)
         with torch.no_grad():
             for k, v in hf.items():
                 v = v.t() if k.endswith(cls.HF_TRANSPOSED) else v
@@ -514,12 +607,168 @@ class GPT(nn.Module):
         return model
 
     def to_hf_state_dict(self) -> dict:
-        """The inverse: a state dict that transformers.GPT2LMHeadModel.load_state_dict accepts."""
+        """The inverse: a state dict that transformers.GPT2LMHeadModel.load_state_dict accepts.
+        GPT-2 has a bias on every linear layer and LayerNorm; a model without them gets zeros there,
+        which computes exactly the same function."""
         sd = {}
         for k, v in self.state_dict().items():
             sd[k] = (v.t() if k.endswith(self.HF_TRANSPOSED) else v).detach().clone()
         sd["lm_head.weight"] = self.lm_head.weight.detach().clone()  # HF keeps the tied key too
+        if not self.config.bias:
+            with torch.device("meta"):  # the names and shapes of a biased twin, without allocating it
+                twin = GPT(GPTConfig(**{**asdict(self.config), "bias": True, "attention": "sdpa"}))
+            for k, v in twin.state_dict().items():
+                if k.endswith(".bias") and k not in sd:
+                    sd[k] = torch.zeros(v.shape, dtype=self.lm_head.weight.dtype)
         return sd
+
+    def to_llama_state_dict(self) -> dict:
+        """A state dict that transformers.LlamaForCausalLM.load_state_dict accepts (RoPE, RMSNorm,
+        SwiGLU models). The fused matrices split: c_attn's rows are q (nh hs), k (n_kv hs), v
+        (n_kv hs), as q_proj, k_proj, v_proj; c_fc's are gate then up, as gate_proj, up_proj.
+
+        The rotary pairing needs no change: ours rotates channel i with channel i + hs/2 (apply_rope),
+        and so does Hugging Face's Llama (rotate_half: cat(-x2, x1) over the two halves), with the
+        same frequencies theta^(-2i/hs). (Meta's original checkpoints pair adjacent channels (2i,
+        2i+1); that is why HF's conversion script permutes the q and k rows. Ours are already in
+        HF's layout; the logits test against transformers checks it.)"""
+        c, ours = self.config, self.state_dict()
+        split = [c.n_head * c.head_size, c.n_kv_head * c.head_size, c.n_kv_head * c.head_size]
+        sd = {"model.embed_tokens.weight": ours["transformer.wte.weight"], "model.norm.weight": ours["transformer.ln_f.weight"],
+              "lm_head.weight": ours["lm_head.weight"]}
+        for i in range(c.n_layer):
+            o, h = f"transformer.h.{i}.", f"model.layers.{i}."
+            for kind in ("weight", "bias") if c.bias else ("weight",):
+                q, k, v = ours[f"{o}attn.c_attn.{kind}"].split(split)
+                gate, up = ours[f"{o}mlp.c_fc.{kind}"].chunk(2)
+                sd |= {f"{h}self_attn.q_proj.{kind}": q, f"{h}self_attn.k_proj.{kind}": k, f"{h}self_attn.v_proj.{kind}": v,
+                       f"{h}self_attn.o_proj.{kind}": ours[f"{o}attn.c_proj.{kind}"],
+                       f"{h}mlp.gate_proj.{kind}": gate, f"{h}mlp.up_proj.{kind}": up, f"{h}mlp.down_proj.{kind}": ours[f"{o}mlp.c_proj.{kind}"]}
+            sd[f"{h}input_layernorm.weight"] = ours[f"{o}ln_1.weight"]
+            sd[f"{h}post_attention_layernorm.weight"] = ours[f"{o}ln_2.weight"]
+        return {k: v.detach().clone() for k, v in sd.items()}  # clones: split views would share storage
+
+    @classmethod
+    def from_llama_state_dict(cls, sd: dict, config: GPTConfig) -> "GPT":
+        """Build a GPT from a transformers.LlamaForCausalLM state dict: the inverse of to_llama_state_dict."""
+        if hf_architecture(config) != "llama":
+            raise ValueError("Llama weights need rope=True, norm=rmsnorm, mlp=swiglu")
+        sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints stored the frequencies
+        if config.tie_embeddings:  # the embedding is the output layer; HF omits lm_head.weight when tied
+            sd.pop("lm_head.weight", None)
+        model = cls(config)
+        names = model.to_llama_state_dict()  # every name and shape to expect
+        check_keys(sd, {k for k in names if not (config.tie_embeddings and k == "lm_head.weight")})
+        for k, v in sd.items():
+            if v.shape != names[k].shape:
+                raise ValueError(f"{k}: shape {tuple(v.shape)} does not match the config's {tuple(names[k].shape)}")
+        ours = {"transformer.wte.weight": sd["model.embed_tokens.weight"], "transformer.ln_f.weight": sd["model.norm.weight"],
+                "lm_head.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"])}
+        for i in range(config.n_layer):
+            o, h = f"transformer.h.{i}.", f"model.layers.{i}."
+            for kind in ("weight", "bias") if config.bias else ("weight",):
+                ours[f"{o}attn.c_attn.{kind}"] = torch.cat([sd[f"{h}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+                ours[f"{o}attn.c_proj.{kind}"] = sd[f"{h}self_attn.o_proj.{kind}"]
+                ours[f"{o}mlp.c_fc.{kind}"] = torch.cat([sd[f"{h}mlp.gate_proj.{kind}"], sd[f"{h}mlp.up_proj.{kind}"]])
+                ours[f"{o}mlp.c_proj.{kind}"] = sd[f"{h}mlp.down_proj.{kind}"]
+            ours[f"{o}ln_1.weight"] = sd[f"{h}input_layernorm.weight"]
+            ours[f"{o}ln_2.weight"] = sd[f"{h}post_attention_layernorm.weight"]
+        model.load_state_dict(ours)
+        return model
+
+    @classmethod
+    def from_pretrained_dir(cls, path, **overrides) -> "GPT":
+        """Build a GPT from a Hugging Face model directory (config.json and model.safetensors or
+        pytorch_model.bin, possibly sharded): a GPT2LMHeadModel or a LlamaForCausalLM whose shape
+        GPTConfig can express, such as the ones `python model.py export` writes. A shape it cannot
+        map raises one ValueError line. overrides set fields that do not change the weights'
+        shapes (dropout, attention, fused_ce, activation_checkpointing)."""
+        config = config_from_pretrained_dir(path, **overrides)
+        sd = read_hf_weights(Path(path))
+        if hf_architecture(config) == "gpt2":
+            if not any(k.startswith("transformer.") for k in sd):  # GPT2Model files (the hub's gpt2) lack the prefix
+                sd = {k if k == "lm_head.weight" else f"transformer.{k}": v for k, v in sd.items()}
+            return cls.from_hf_state_dict(sd, config)
+        return cls.from_llama_state_dict(sd, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: the KV cache and the filters on the next-token distribution
+
+
+class KVCache:
+    """The keys and values of every position processed so far, one (B, n_kv, block_size, hs) pair
+    of buffers per layer, filled from the left: positions 0..length-1 are valid.
+
+    Why it is exact: a causal model's keys and values at position t depend only on tokens <= t, so
+    they do not change when later tokens arrive; a new token needs only its own query, key and
+    value, and attention over the stored ones. Per generated token that is one position's matmuls,
+    O(N) FLOPs for N parameters, instead of the whole context's O(N T) (plus attention over T keys
+    either way). The price is memory: 2 L B n_kv T hs numbers, which grouped-query attention
+    divides by n_head / n_kv_head (Ainslie et al. 2023). The buffers are allocated at the first
+    append, in the dtype and on the device of the keys.
+    """
+
+    def __init__(self, config: GPTConfig):
+        self.config = config
+        self.length = 0  # positions filled, the same in every layer (GPT.forward advances it)
+        self.keys: list[torch.Tensor | None] = [None] * config.n_layer
+        self.values: list[torch.Tensor | None] = [None] * config.n_layer
+
+    def layer(self, i: int) -> "LayerKV":
+        return LayerKV(self, i)
+
+
+class LayerKV:
+    """Layer i's view of a KVCache, the object CausalSelfAttention.forward receives."""
+
+    def __init__(self, cache: KVCache, i: int):
+        self.cache, self.i = cache, i
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hs) at positions length..length+T-1; return every stored
+        position's keys and values, (B, n_kv, length + T, hs) each."""
+        c, i, start, T = self.cache, self.i, self.cache.length, k.size(2)
+        if c.keys[i] is None:
+            shape = (k.size(0), k.size(1), c.config.block_size, k.size(3))
+            c.keys[i] = torch.empty(shape, dtype=k.dtype, device=k.device)
+            c.values[i] = torch.empty(shape, dtype=v.dtype, device=v.device)
+        c.keys[i][:, :, start : start + T] = k
+        c.values[i][:, :, start : start + T] = v
+        return c.keys[i][:, :, : start + T], c.values[i][:, :, : start + T]
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1 (or None for all tokens), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """(B, V) logits with every token outside the top k, then outside the nucleus, set to -inf.
+
+    The nucleus (Holtzman et al. 2020) is the smallest set of most likely tokens whose probability
+    sums to at least top_p: sort descending, and drop a token when the tokens before it already
+    hold top_p. The most likely token is always kept, so some token can be sampled.
+    """
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1): the k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # (B, V): probability of the tokens ranked above
+        drop_sorted = mass_before >= top_p  # never the first: its mass_before is 0 < top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
 
 
 def config_from_hf_shapes(sd: dict) -> GPTConfig:
@@ -535,25 +784,385 @@ def config_from_hf_shapes(sd: dict) -> GPTConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: describe a preset without training it
+# Hugging Face format: a directory that transformers, lm-eval-harness and vLLM read
+#
+#   config.json             the architecture and its shape, in transformers' field names
+#   model.safetensors       the tensors in HF's names (pytorch_model.bin without the optional
+#                           safetensors package)
+#   tokenizer.json          the byte-level BPE, converted from tiktoken's ranks (below)
+#   tokenizer_config.json   tells AutoTokenizer to load tokenizer.json as it is (no BOS added)
+#
+# Two of transformers' classes cover our options: GPT2LMHeadModel (learned positions, LayerNorm,
+# GELU-tanh, plain multi-head attention) and LlamaForCausalLM (RoPE, RMSNorm, SwiGLU, any number
+# of key/value heads). Mixtures of the two (RoPE with LayerNorm, SwiGLU with learned positions...)
+# have no class there, and are refused.
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # GPT-2's pre-tokenizer (tiktoken's gpt2 encoding)
+
+
+def hf_architecture(config: GPTConfig) -> str:
+    """'gpt2' or 'llama': the transformers class that computes exactly this model, or a ValueError."""
+    if not config.rope and config.norm == "layernorm" and config.mlp == "gelu" and config.n_kv_head == config.n_head:
+        return "gpt2"
+    if config.rope and config.norm == "rmsnorm" and config.mlp == "swiglu":
+        return "llama"
+    raise ValueError(f"no Hugging Face class has this shape (rope={config.rope}, norm={config.norm}, mlp={config.mlp}, "
+                     f"n_kv_head={config.n_kv_head} of {config.n_head}): GPT-2 needs learned positions, layernorm, gelu and "
+                     "n_kv_head=n_head; Llama needs rope, rmsnorm and swiglu")
+
+
+def check_keys(sd: dict, expected: set) -> None:
+    if set(sd) != expected:
+        missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
+        raise ValueError(f"state dict does not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+
+
+def hf_config(config: GPTConfig, eot_id: int | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    """config.json for transformers, with our GPTConfig kept beside it under "nanopretrain"."""
+    arch = hf_architecture(config)
+    common = {"vocab_size": config.vocab_size, "tie_word_embeddings": config.tie_embeddings, "bos_token_id": eot_id,
+              "eos_token_id": eot_id, "torch_dtype": str(dtype).removeprefix("torch."), "nanopretrain": asdict(config)}
+    if arch == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": config.block_size,
+                "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
+                "activation_function": "gelu_new",  # GELU, tanh approximation (HF's name for it)
+                "layer_norm_epsilon": 1e-5, "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
+                "attn_pdrop": config.dropout, "scale_attn_weights": True, **common}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": config.block_size,
+            "hidden_size": config.n_embd, "intermediate_size": mlp_hidden(config), "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head, "head_dim": config.head_size,
+            "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": config.rope_theta, "attention_bias": config.bias,
+            "mlp_bias": config.bias, "attention_dropout": config.dropout, **common}
+
+
+def _refuse(field: str, value, wanted) -> ValueError:
+    return ValueError(f"config.json has {field}={value!r}, which nanopretrain's GPT cannot express (it needs {wanted})")
+
+
+def config_from_hf_config(hf: dict, **overrides) -> GPTConfig:
+    """The GPTConfig that computes what transformers computes for this config.json, or a ValueError
+    naming the first field it cannot express. overrides: fields that do not change shapes."""
+    shape_fields = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "n_kv_head", "rope", "rope_theta",
+                    "norm", "mlp", "tie_embeddings"}
+    if shape_fields & set(overrides):
+        raise ValueError(f"{sorted(shape_fields & set(overrides))} come from the weights' shapes and cannot be overridden")
+    ours = hf.get("nanopretrain", {})  # present when we wrote the directory: fields HF has no name for
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise _refuse("activation_function", hf["activation_function"], "gelu_new, GELU's tanh approximation")
+        if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+            raise _refuse("layer_norm_epsilon", hf["layer_norm_epsilon"], "1e-5")
+        if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+            raise _refuse("n_inner", hf["n_inner"], f"4 * n_embd = {4 * hf['n_embd']}")
+        if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+            raise _refuse("attention scaling", "non-standard", "scores divided by sqrt(head size) only")
+        shape = dict(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], bias=ours.get("bias", True),
+                     tie_embeddings=hf.get("tie_word_embeddings", True))
+    elif kind == "llama":
+        rope = hf.get("rope_parameters") or {}
+        if hf.get("hidden_act", "silu") != "silu":
+            raise _refuse("hidden_act", hf["hidden_act"], "silu")
+        if abs(hf.get("rms_norm_eps", 1e-6) - 1e-6) > 1e-12:
+            raise _refuse("rms_norm_eps", hf["rms_norm_eps"], "1e-6, RMSNorm's eps here")
+        if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+            raise _refuse("rope scaling", hf.get("rope_scaling") or rope.get("rope_type"), "plain RoPE")
+        C, nh = hf["hidden_size"], hf["num_attention_heads"]
+        if hf.get("head_dim") not in (None, C // nh):
+            raise _refuse("head_dim", hf["head_dim"], f"hidden_size / num_attention_heads = {C // nh}")
+        if hf["intermediate_size"] != swiglu_hidden(C):
+            raise _refuse("intermediate_size", hf["intermediate_size"], f"{swiglu_hidden(C)}, the SwiGLU width for hidden_size {C}")
+        if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+            raise _refuse("attention_bias/mlp_bias", (hf.get("attention_bias"), hf.get("mlp_bias")), "both true or both false")
+        shape = dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+                     n_head=nh, n_embd=C, n_kv_head=hf.get("num_key_value_heads") or nh, bias=hf.get("attention_bias", False),
+                     rope=True, rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)), norm="rmsnorm", mlp="swiglu",
+                     tie_embeddings=hf.get("tie_word_embeddings", False))
+    else:
+        raise ValueError(f"config.json has model_type={kind!r}: only gpt2 and llama directories can be read")
+    kept = {k: ours[k] for k in ("dropout", "attention", "fused_ce", "activation_checkpointing") if k in ours}
+    return GPTConfig(**{**kept, **shape, **overrides})
+
+
+def config_from_pretrained_dir(path, **overrides) -> GPTConfig:
+    """The GPTConfig of a Hugging Face model directory (its config.json), without reading the weights."""
+    path = Path(path)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a Hugging Face model directory (cannot read config.json: {e})") from None
+    return config_from_hf_config(hf, **overrides)
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # transformers' names, safetensors preferred
+
+
+def read_hf_weights(path: Path) -> dict:
+    """Every tensor of a model directory: one weights file, or the shards its index lists."""
+    for name in WEIGHT_FILES:
+        index = path / f"{name}.index.json"
+        files = [name] if (path / name).exists() else sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else []
+        if files:
+            break
+    else:
+        raise ValueError(f"{path} has neither {WEIGHT_FILES[0]} nor {WEIGHT_FILES[1]}: export a model there first")
+    sd = {}
+    for f in files:
+        if f.endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise ValueError(f"{path / f} needs the optional safetensors package: pip install safetensors") from None
+            sd.update(load_file(str(path / f)))
+        else:  # weights_only: a weights file cannot run code when unpickled
+            sd.update(torch.load(path / f, map_location="cpu", weights_only=True))
+    return sd
+
+
+def write_hf_weights(sd: dict, folder: Path) -> str:
+    """model.safetensors if the safetensors package is installed, else pytorch_model.bin; returns the name."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        torch.save(sd, folder / WEIGHT_FILES[1])
+        return WEIGHT_FILES[1]
+    save_file(sd, str(folder / WEIGHT_FILES[0]), metadata={"format": "pt"})  # transformers checks "format"
+    return WEIGHT_FILES[0]
+
+
+# --- the tokenizer: tiktoken's ranks as a Hugging Face tokenizers BPE ---------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters (Radford et al. 2019,
+    encoder.py): printable Latin-1 bytes map to themselves, the other 68 to code points from 256 up.
+    Byte-level BPE vocabularies in tokenizer.json are written in these characters (a space is 'Ġ')."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def hf_tokenizer_json(enc) -> dict:
+    """tokenizer.json (Hugging Face tokenizers) that splits and merges text exactly as the tiktoken
+    Encoding enc: the same pre-tokenizer regex, then byte-level BPE with enc's ranks.
+
+    tiktoken has ranks, not merges: to encode a piece it repeatedly joins the adjacent pair whose
+    concatenation has the lowest rank, and takes a piece that is itself a token whole. HF's BPE
+    joins the adjacent pair listed earliest among its merges. Listing, for every token t of rank r,
+    each split t = a + b with a and b tokens, in order of r, gives HF the same choice at every step;
+    `ignore_merges` makes it take whole-token pieces whole as tiktoken does. (Hugging Face's own
+    TikTokenConverter builds its merges the same way.) A test checks the ids on random Unicode.
+    """
+    ranks, to_chars = enc._mergeable_ranks, bytes_to_unicode()  # tiktoken's private fields: it has no public accessor
+    text = lambda token: "".join(to_chars[b] for b in token)
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += [f"{text(a)} {text(b)}" for a, b in sorted(splits, key=lambda ab: (ranks[ab[0]], ranks[ab[1]]))]
+    # Oniguruma (HF's regex engine) reads X{1,3}+ as "one or more of X{1,3}", not as a possessive
+    # X{1,3}; an atomic group (?>X{1,3}) says what tiktoken's regex means
+    pattern = re.sub(r"(\\p\{\w+\}|\[[^\]]*\]|\\.|.)\{(\d+),(\d+)\}\+", r"(?>\1{\2,\3})", enc._pat_str)
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                          "special": True} for s, i in sorted(enc._special_tokens.items(), key=lambda kv: kv[1])],
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},  # bytes -> characters only
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {text(t): r for t, r in ranks.items()}, "merges": merges},
+    }
+
+
+def hf_tokenizer_config(enc, block_size: int) -> dict:
+    eot = next((s for s, i in enc._special_tokens.items() if i == enc.eot_token), None)
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size, "bos_token": eot, "eos_token": eot,
+            "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+
+
+def load_run_tokenizer(prepared_dir):
+    """The tiktoken Encoding of a corpus prepared by data.py, read from its files (model.py may not
+    import data.py): manifest.json names the tokenizer; a trained BPE is in tokenizer.tiktoken (base64
+    token and rank per line, tiktoken's own format) with its pattern and specials in
+    tokenizer.tiktoken.json."""
+    import tiktoken  # lazily: only exporting needs it
+    from tiktoken.load import load_tiktoken_bpe
+
+    prepared_dir = Path(prepared_dir)
+    try:
+        manifest = json.loads((prepared_dir / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ValueError(f"no prepared corpus at {prepared_dir} to take the tokenizer from: pass --data_dir where "
+                         "the run prepared its data, or --no_tokenizer") from None
+    kind, eot = manifest["tokenizer"], manifest["eot_id"]
+    if kind == "bpe":
+        meta = json.loads((prepared_dir / "tokenizer.tiktoken.json").read_text())
+        return tiktoken.Encoding(name=meta["name"], pat_str=meta["pat_str"], special_tokens=meta["special_tokens"],
+                                 mergeable_ranks=load_tiktoken_bpe(str(prepared_dir / "tokenizer.tiktoken")))
+    if kind == "bytes":  # one token per byte: the pre-tokenizer cannot change the ids, any pattern does
+        return tiktoken.Encoding(name="bytes", pat_str=GPT2_PATTERN, mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={"<|endoftext|>": eot})
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:
+        raise ValueError("the gpt2 tokenizer's files are not in tiktoken's cache and cannot be downloaded: set "
+                         "TIKTOKEN_CACHE_DIR to a cache that has them, or pass --no_tokenizer") from None
+
+
+def export_hf(model: GPT, out_dir, enc=None, overwrite: bool = False) -> list[str]:
+    """Write model (and the tokenizer enc, a tiktoken Encoding, if given) to out_dir in Hugging Face
+    format; returns the file names. Everything is written into a temporary directory first and
+    moved in at the end, so an interrupted export leaves no half-written file."""
+    out_dir = Path(out_dir)
+    arch = hf_architecture(model.config)  # refuse before writing anything
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"{out_dir} exists and is not empty: pass --overwrite, or another --out")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        sd = model.to_hf_state_dict() if arch == "gpt2" else model.to_llama_state_dict()
+        eot = enc.eot_token if enc is not None else None
+        (tmp / "config.json").write_text(json.dumps(hf_config(model.config, eot, model.lm_head.weight.dtype), indent=2))
+        written = ["config.json", write_hf_weights(sd, tmp)]
+        if enc is not None:
+            (tmp / "tokenizer.json").write_text(json.dumps(hf_tokenizer_json(enc), ensure_ascii=False))
+            (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(enc, model.config.block_size), indent=2))
+            written += ["tokenizer.json", "tokenizer_config.json"]
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)  # one atomic rename of the whole directory
+            return written
+        for stale in WEIGHT_FILES:  # transformers prefers safetensors: an old file of the other kind must not win
+            (out_dir / stale).unlink(missing_ok=True)
+        for name in written:
+            os.replace(tmp / name, out_dir / name)  # each file appears whole
+        return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model_checkpoint(path) -> tuple[GPT, dict]:
+    """The GPT in a nanopretrain checkpoint (train.py's ckpt.pt), and the checkpoint dict."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no checkpoint at {path}: train first (python train.py), or give the path of a run's ckpt.pt")
+    try:  # weights_only=True: only tensors and plain containers unpickle, so a checkpoint cannot run code
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is corrupt or unsafe ({str(e).strip()[:120] or type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path} is not a nanopretrain checkpoint")
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: describe a preset, time generation, export a checkpoint
+
+
+def bench_generate(config: GPTConfig, prompt_tokens: int, new_tokens: int, repeats: int, device: str = "cpu") -> dict:
+    """Greedy generation from a random prompt with and without the KV cache: the median tokens/s of
+    each over `repeats` runs, and whether the two produced the same tokens. The runs alternate
+    (uncached, cached, uncached, ...) so that both see the same machine load. A random model runs
+    as fast as a trained one of the same shape, so no checkpoint is needed."""
+    torch.manual_seed(0)
+    model = GPT(config).to(device).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, prompt_tokens), device=device)
+    times, outputs = {False: [], True: []}, {}
+    for _ in range(repeats):
+        for use_cache in (False, True):
+            t0 = time.perf_counter()
+            outputs[use_cache] = model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[use_cache].append(time.perf_counter() - t0)
+    tok_s = {c: new_tokens / sorted(t)[len(t) // 2] for c, t in times.items()}
+    return {"uncached_tok_s": tok_s[False], "cached_tok_s": tok_s[True], "same_tokens": torch.equal(outputs[False], outputs[True]),
+            "params": model.num_params()}
+
+
+def export_main(argv) -> None:
+    parser = argparse.ArgumentParser(prog="python model.py export", description=(
+        "Write a checkpoint in Hugging Face format (config.json, model.safetensors or pytorch_model.bin, "
+        "tokenizer.json), so that transformers' AutoModelForCausalLM/AutoTokenizer.from_pretrained(OUT), "
+        "lm-eval-harness and vLLM can read it. GPT-2-shaped models become GPT2LMHeadModel, RoPE+RMSNorm+SwiGLU "
+        "models LlamaForCausalLM; other shapes are refused."))
+    parser.add_argument("--ckpt", required=True, help="a nanopretrain checkpoint (a run's out_dir/ckpt.pt)")
+    parser.add_argument("--out", required=True, help="the directory to write")
+    parser.add_argument("--data_dir", default=None, help="where the run's corpus was prepared, for its tokenizer "
+                        "(default: the run's own --data_dir, as stored in the checkpoint)")
+    parser.add_argument("--no_tokenizer", action="store_true", help="write the model only, no tokenizer files")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
+    args = parser.parse_args(argv)
+    try:
+        model, ckpt = load_model_checkpoint(args.ckpt)
+        enc = None
+        if not args.no_tokenizer:
+            data_dir = args.data_dir or ckpt.get("train_config", {}).get("data_dir", "data_cache")
+            enc = load_run_tokenizer(Path(data_dir) / ckpt.get("data_dir", ""))
+        written = export_hf(model, args.out, enc, overwrite=args.overwrite)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    print(f"wrote {', '.join(written)} to {args.out} ({hf_config(model.config)['architectures'][0]})")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build a GPT from a preset and print its shape and parameter count.")
-    parser.add_argument("--preset", default="gpt2-124m", choices=sorted(MODEL_PRESETS), help="model size")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        description="Build a GPT from a preset and print its shape and parameter count; time generation with "
+                    "--bench_generate. `python model.py export --help`: write a checkpoint in Hugging Face format.")
+    parser.add_argument("--preset", default=None, choices=sorted(MODEL_PRESETS),
+                        help="model size (default gpt2-124m; with --bench_generate, laptop and gpt2-124m)")
     for f in fields(GPTConfig):
         if f.type in ("int", "float", "str"):
             parser.add_argument(f"--{f.name}", type={"int": int, "float": float, "str": str}[f.type], default=None,
                                 help=f"override the preset's {f.name}")
+    parser.add_argument("--bench_generate", action="store_true",
+                        help="time greedy generation with and without the KV cache on random weights: tokens/s of each")
+    parser.add_argument("--prompt_tokens", type=int, default=16, help="--bench_generate: prompt length")
+    parser.add_argument("--new_tokens", type=int, default=240, help="--bench_generate: tokens generated (capped so prompt + new fits the block)")
+    parser.add_argument("--bench_repeats", type=int, default=3, help="--bench_generate: runs of each, the median is reported")
+    parser.add_argument("--device", default="cpu", help="--bench_generate: cpu, cuda, ...")
+    parser.add_argument("--threads", type=int, default=0, help="--bench_generate: CPU threads for torch (0: torch's default, one per core)")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "preset" and v is not None}
+    skip = {"preset", "bench_generate", "prompt_tokens", "new_tokens", "bench_repeats", "device", "threads"}
+    overrides = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    presets = [args.preset] if args.preset else (["laptop", "gpt2-124m"] if args.bench_generate else ["gpt2-124m"])
     try:
-        config = GPTConfig(**{**MODEL_PRESETS[args.preset], **overrides})
+        # the benchmark's laptop shape has the laptop run's 4096-token vocabulary (train.py's default)
+        vocab = lambda p: {"vocab_size": 4096} if args.bench_generate and p == "laptop" else {}
+        configs = {p: GPTConfig(**{**vocab(p), **MODEL_PRESETS[p], **overrides}) for p in presets}
+        if args.bench_generate and min(args.prompt_tokens, args.new_tokens, args.bench_repeats) < 1 or args.threads < 0:
+            raise ValueError("--prompt_tokens, --new_tokens and --bench_repeats must be at least 1, --threads at least 0")
+        if args.bench_generate and any(args.prompt_tokens >= c.block_size for c in configs.values()):
+            raise ValueError(f"--prompt_tokens {args.prompt_tokens} leaves no room to generate in a block of "
+                             f"{min(c.block_size for c in configs.values())}: use fewer")
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
-    model = GPT(config)
-    print(asdict(config))
-    print(f"parameters: {model.num_params():,} total, {model.num_params(exclude_embeddings=True):,} without embeddings")
+    if not args.bench_generate:
+        config = configs[presets[0]]
+        model = GPT(config)
+        print(asdict(config))
+        print(f"parameters: {model.num_params():,} total, {model.num_params(exclude_embeddings=True):,} without embeddings")
+        return
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    print(f"greedy generation, batch 1, float32, {args.device}, {torch.get_num_threads()} threads, median of {args.bench_repeats}")
+    print(f"{'preset':<12}{'params':>12}{'prompt':>8}{'new':>6}{'uncached tok/s':>16}{'cached tok/s':>14}{'speed-up':>10}{'same tokens':>13}")
+    for p, config in configs.items():
+        new = min(args.new_tokens, config.block_size - args.prompt_tokens)  # within the window: the cache is used throughout
+        r = bench_generate(config, args.prompt_tokens, new, args.bench_repeats, args.device)
+        print(f"{p:<12}{r['params']:>12,}{args.prompt_tokens:>8}{new:>6}{r['uncached_tok_s']:>16.1f}{r['cached_tok_s']:>14.1f}"
+              f"{r['cached_tok_s'] / r['uncached_tok_s']:>9.1f}x{'yes' if r['same_tokens'] else 'NO':>13}", flush=True)
 
 
 if __name__ == "__main__":

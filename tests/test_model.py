@@ -257,15 +257,17 @@ def test_untrained_loss_is_near_log_vocab():
 
 
 def test_greedy_generation_picks_the_argmax_each_step():
+    # uncached: the same forward passes as the loop below, so the same logits to the bit (the cached
+    # path's tokens are checked against this one by the kv_cache tests)
     m = GPT(small_config()).eval()
     start = random_tokens(m.config, B=1, T=3)
-    out = m.generate(start, 6, temperature=0)
+    out = m.generate(start, 6, temperature=0, use_cache=False)
     idx = start
     for _ in range(6):
         nxt = m(idx)[0][:, -1].argmax(-1, keepdim=True)
         idx = torch.cat([idx, nxt], 1)
     assert torch.equal(out, idx)
-    assert torch.equal(m.generate(start, 6, temperature=1.0, top_k=1), idx)  # top-1 sampling is greedy
+    assert torch.equal(m.generate(start, 6, temperature=1.0, top_k=1, use_cache=False), idx)  # top-1 sampling is greedy
 
 
 def test_top_k_sampling_never_leaves_the_top_k():
@@ -282,6 +284,100 @@ def test_generate_crops_context_to_block_size():
     m = GPT(small_config(block_size=8)).eval()
     out = m.generate(random_tokens(m.config, B=1, T=8), 5, temperature=0)
     assert out.shape == (1, 13)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "all_modern"])  # learned positions, and RoPE with GQA
+def test_kv_cache_greedy_tokens_equal_uncached_over_200_tokens(name):
+    # 5 + 200 tokens through a 64-token window: the cache fills, then the window slides and both paths
+    # recompute it. float64: in float32 the two paths' sums round differently (~1e-7, see the next
+    # test), which could flip the argmax between two near-tied logits of a random model
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    m = GPT(small_config(**OPTIONS[name], block_size=64)).double().eval()
+    start = random_tokens(m.config, B=2, T=5)
+    uncached = m.generate(start, 200, temperature=0, use_cache=False)
+    cached = m.generate(start, 200, temperature=0, use_cache=True)
+    assert cached.shape == (2, 205)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "all_modern"])
+def test_kv_cache_logits_equal_the_full_forward_for_any_chunking(name):
+    # feeding a sequence in chunks through the cache (a prompt, single tokens, a chunk again) gives
+    # the logits of one full forward pass: float32, the same sums split differently (measured 2e-7)
+    m = GPT(small_config(**OPTIONS[name])).eval()
+    idx = random_tokens(m.config, B=2)
+    cuts = sorted(torch.randperm(m.config.block_size - 1)[:4].add(1).tolist())
+    cache = model.KVCache(m.config)
+    with torch.no_grad():
+        full = m(idx)[0]
+        chunks = [m(idx[:, a:b], kv_cache=cache)[0] for a, b in zip([0, *cuts], [*cuts, m.config.block_size])]
+    assert cache.length == m.config.block_size
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=ATOL32, rtol=1e-5)
+
+
+def test_kv_cache_refuses_positions_beyond_the_block():
+    m = GPT(small_config(block_size=8)).eval()
+    cache = model.KVCache(m.config)
+    m(random_tokens(m.config, B=1, T=8), kv_cache=cache)
+    with pytest.raises(ValueError, match="longer than block_size"):
+        m(random_tokens(m.config, B=1, T=1), kv_cache=cache)
+
+
+def nucleus_reference(logits: torch.Tensor, top_p: float) -> set:
+    """The nucleus by its definition, in float64: most likely first, until the mass reaches top_p."""
+    probs = torch.softmax(logits.double(), -1)
+    kept, mass = set(), 0.0
+    for i in torch.argsort(probs, descending=True).tolist():
+        kept.add(i)
+        mass += probs[i].item()
+        if mass >= top_p:
+            return kept
+    return kept
+
+
+def test_top_p_filter_keeps_exactly_the_nucleus():
+    seed = int(torch.randint(0, 2**31, ()))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        logits = torch.randn(3, 50, generator=g) * 3
+        p = float(torch.rand((), generator=g)) * 0.98 + 0.01
+        filtered = model.filter_logits(logits, top_p=p)
+        for row in range(3):
+            kept = set(torch.nonzero(filtered[row].isfinite()).flatten().tolist())
+            assert kept == nucleus_reference(logits[row], p), f"seed {seed}, p {p}"
+            assert torch.equal(filtered[row][list(kept)], logits[row][list(kept)])  # kept logits unchanged
+    assert torch.equal(model.filter_logits(logits, top_p=1.0), logits)  # p = 1 keeps everything
+    # top-k first, then the nucleus of what is left
+    both = model.filter_logits(logits, top_k=5, top_p=0.5)
+    assert torch.equal(both, model.filter_logits(model.filter_logits(logits, top_k=5), top_p=0.5))
+
+
+def test_top_p_sampling_draws_only_from_the_nucleus():
+    m = GPT(small_config()).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(30)  # a peaked distribution, so the nucleus is a real subset
+        start = random_tokens(m.config, B=1, T=4)
+        logits = m(start)[0][0, -1]
+    nucleus = nucleus_reference(logits, 0.6)
+    assert len(nucleus) < m.config.vocab_size // 2
+    g = torch.Generator().manual_seed(0)
+    draws = {m.generate(start, 1, top_p=0.6, generator=g)[0, -1].item() for _ in range(60)}
+    assert draws <= nucleus
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_generate_refuses_bad_sampling_settings(kwargs):
+    m = GPT(small_config()).eval()
+    with pytest.raises(ValueError):
+        m.generate(random_tokens(m.config, B=1, T=2), 1, **kwargs)
+
+
+def test_bench_generate_prints_both_speeds_and_identical_tokens(capsys):
+    model.main(["--bench_generate", "--preset", "laptop", "--n_layer", "1", "--prompt_tokens", "4", "--new_tokens", "8",
+                "--bench_repeats", "1"])
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert row[0] == "laptop" and row[-1] == "yes"
+    assert float(row[4]) > 0 and float(row[5]) > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +475,190 @@ def test_rope_attention_sees_the_order_of_earlier_tokens():
         control = (learned(idx)[0][0, -1] - learned(swapped)[0][0, -1]).abs().max().item()
     assert control < 1e-5, control
     assert moved > 1e-3, moved
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face directories: `python model.py export`, transformers' from_pretrained, from_pretrained_dir
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import data  # noqa: E402  (tests may use data.py to make a corpus' tokenizer; model.py only reads its files)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORT_SHAPES = {
+    "gpt2": dict(bias=False),  # the laptop preset's GPT-2 shape: no biases (exported as zeros)
+    "modern": dict(rope=True, norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False),
+}
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A byte-level BPE trained on this repository's own sources (always present), as train.py
+    would have prepared it: 512 tokens, the last one <|endoftext|>. The numbers give it merges of
+    digits, where tiktoken's pattern splits runs into threes (a test below depends on them)."""
+    texts = [(ROOT / name).read_text() for name in ("model.py", "data.py", "README.md")]
+    return data.train_bpe(texts + [" ".join(str(37 * n) for n in range(3000))], vocab_size=512)
+
+
+def random_unicode(n_texts=200, seed=None):
+    """Texts mixing ASCII, Latin-1, CJK, emoji, digits, runs of spaces, tabs and newlines."""
+    seed = seed if seed is not None else int(torch.randint(0, 2**31, ()))
+    g = torch.Generator().manual_seed(seed)
+    ranges = [(32, 127), (160, 0x250), (0x370, 0x3FF), (0x4E00, 0x4FFF), (0x1F600, 0x1F64F)]
+    texts = []
+    for _ in range(n_texts):
+        chars = []
+        for _ in range(int(torch.randint(1, 80, (), generator=g))):
+            kind = int(torch.randint(0, len(ranges) + 3, (), generator=g))
+            if kind < len(ranges):
+                lo, hi = ranges[kind]
+                chars.append(chr(int(torch.randint(lo, hi, (), generator=g))))
+            else:  # the characters pre-tokenizers treat specially, repeated
+                chars.append(" \n\t0123456789'"[int(torch.randint(0, 14, (), generator=g))] * int(torch.randint(1, 5, (), generator=g)))
+        texts.append("".join(chars))
+    return texts, seed
+
+
+def write_run(tmp_path, m, enc) -> Path:
+    """A checkpoint and a prepared-corpus directory laid out as train.py and data.py write them."""
+    corpus = tmp_path / "data_cache" / "corpus-bpe"
+    corpus.mkdir(parents=True)
+    data.save_tokenizer(enc, corpus / "tokenizer.tiktoken")
+    (corpus / "manifest.json").write_text(json.dumps({"tokenizer": "bpe", "vocab_size": enc.n_vocab, "eot_id": enc.eot_token}))
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": m.state_dict(), "model_config": asdict(m.config), "data_dir": corpus.name,
+                "train_config": {"data_dir": str(corpus.parent)}}, ckpt)
+    return ckpt
+
+
+def perturbed(m):
+    """Random weights far from initialisation (norm gains and biases not 1 and 0), so a mapping that
+    drops or swaps a tensor shows in the logits."""
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return m.eval()
+
+
+@pytest.mark.parametrize("shape", sorted(EXPORT_SHAPES))
+def test_export_command_gives_transformers_our_logits_and_tokenizer_ids(shape, bpe, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="optional: pip install transformers to check the export")
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    ours = perturbed(GPT(small_config(vocab_size=bpe.n_vocab, block_size=48, **EXPORT_SHAPES[shape])))
+    out = tmp_path / "hf"
+    model.main(["export", "--ckpt", str(write_run(tmp_path, ours, bpe)), "--out", str(out)])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "modern": "LlamaForCausalLM"}[shape]
+    idx = random_tokens(ours.config)
+    with torch.no_grad():
+        diff = (hf(idx).logits - ours(idx)[0]).abs().max().item()
+        # our own import of the directory runs our code on the same tensors: identical to the bit
+        assert torch.equal(GPT.from_pretrained_dir(out).eval()(idx)[0], ours(idx)[0])
+    assert diff < 1e-4  # float32, the same maths in another library's order (measured ~1e-6)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    texts, seed = random_unicode()
+    for text in texts:
+        assert tokenizer(text)["input_ids"] == bpe.encode_ordinary(text), f"seed {seed}: {text!r}"
+        assert tokenizer.decode(bpe.encode_ordinary(text)) == text, f"seed {seed}: {text!r}"
+    assert tokenizer.eos_token_id == bpe.eot_token
+
+
+def test_tokenizer_json_with_gpt2_pattern_gives_tiktokens_ids(bpe):
+    # GPT-2's own pre-tokenizer regex (the gpt2 tokenizer's; its merge files are not always cached
+    # offline, so the trained ranks stand in for them): the conversion follows the Encoding's pattern
+    tokenizers = pytest.importorskip("tokenizers", reason="optional: pip install tokenizers")
+    import tiktoken
+    enc = tiktoken.Encoding(name="gpt2-pattern", pat_str=model.GPT2_PATTERN, mergeable_ranks=bpe._mergeable_ranks,
+                            special_tokens=bpe._special_tokens)
+    hf = tokenizers.Tokenizer.from_str(json.dumps(model.hf_tokenizer_json(enc)))
+    texts, seed = random_unicode()
+    for text in texts + ["=" * n + " " * n + "ab" * n for n in range(1, 40)]:
+        assert hf.encode(text, add_special_tokens=False).ids == enc.encode_ordinary(text), f"seed {seed}: {text!r}"
+
+
+def test_gpt2_tokenizer_exports_to_the_same_ids():
+    tokenizers = pytest.importorskip("tokenizers", reason="optional: pip install tokenizers")
+    if not data._gpt2_cached():
+        pytest.skip("tiktoken's GPT-2 files are not cached on this machine (offline)")
+    enc = data.get_tokenizer("gpt2")
+    hf = tokenizers.Tokenizer.from_str(json.dumps(model.hf_tokenizer_json(enc)))
+    texts, seed = random_unicode(50)
+    for text in texts:
+        assert hf.encode(text, add_special_tokens=False).ids == enc.encode_ordinary(text), f"seed {seed}: {text!r}"
+
+
+def test_export_without_safetensors_writes_pytorch_model_bin(monkeypatch, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="optional: pip install transformers to check the export")
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # importing it now raises ImportError
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    ours = perturbed(GPT(small_config(**EXPORT_SHAPES["modern"])))
+    assert model.export_hf(ours, tmp_path / "hf") == ["config.json", "pytorch_model.bin"]
+    monkeypatch.undo()  # transformers itself may want safetensors
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = random_tokens(ours.config)
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
+        assert torch.equal(GPT.from_pretrained_dir(tmp_path / "hf")(idx)[0], ours(idx)[0])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_from_pretrained_dir_reads_a_directory_transformers_saved(arch, tmp_path):
+    # the other direction: a model made and saved by transformers itself, in its own layout
+    transformers = pytest.importorskip("transformers", reason="optional: pip install transformers")
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        hf = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=97, max_position_embeddings=32, hidden_size=64, intermediate_size=model.swiglu_hidden(64),
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
+        hf = transformers.LlamaForCausalLM(cfg)
+    perturbed(hf).save_pretrained(tmp_path)
+    ours = GPT.from_pretrained_dir(tmp_path).eval()
+    assert ours.config.n_kv_head == (4 if arch == "gpt2" else 2)
+    idx = random_tokens(ours.config)
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),
+    ({"intermediate_size": 100}, "intermediate_size"),
+    ({"model_type": "mistral"}, "model_type"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
+])
+def test_from_pretrained_dir_refuses_a_shape_it_cannot_map_in_one_line(change, message, tmp_path):
+    ours = GPT(small_config(**EXPORT_SHAPES["modern"]))
+    model.export_hf(ours, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=message) as e:
+        GPT.from_pretrained_dir(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_export_refuses_a_shape_no_hugging_face_class_has(tmp_path):
+    # RoPE with LayerNorm and GELU is neither GPT-2 nor Llama: one error line, exit 2, nothing written
+    ckpt = tmp_path / "ckpt.pt"
+    m = GPT(small_config(rope=True))
+    torch.save({"model": m.state_dict(), "model_config": asdict(m.config)}, ckpt)
+    run = subprocess.run([sys.executable, "model.py", "export", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--no_tokenizer"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: no Hugging Face class has this shape") and run.stderr.count("\n") == 1
+    assert not (tmp_path / "hf").exists() and list(tmp_path.iterdir()) == [ckpt]
+
+
+def test_export_does_not_replace_an_existing_directory_without_overwrite(tmp_path):
+    m = GPT(small_config())
+    model.export_hf(m, tmp_path / "hf")
+    with pytest.raises(ValueError, match="--overwrite"):
+        model.export_hf(m, tmp_path / "hf")
+    assert model.export_hf(m, tmp_path / "hf", overwrite=True) == ["config.json", "model.safetensors"]
 
 
 # ---------------------------------------------------------------------------------------------
