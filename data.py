@@ -908,10 +908,14 @@ GOPHER_MAX_DUPLICATE_NGRAM_CHARS = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11,
 # C4 (Raffel et al. 2020, arXiv:1910.10683, sec. 2.2): at least 3 sentences;
 # no "lorem ipsum"; no "{" (which in web text is code or templates).
 C4_MIN_SENTENCES = 3
-# FineWeb (Penedo et al. 2024, arXiv:2406.17557; datatrove's FineWebQualityFilter,
-# line_punct_thr=0.12): drop a document when at most 12% of its lines end in terminal
-# punctuation (C4's per-line rule, made per-document).
+# FineWeb's three rules (Penedo et al. 2024, arXiv:2406.17557, sec. 3.5; datatrove's
+# FineWebQualityFilter): drop a document when at most 12% of its lines end in terminal
+# punctuation (C4's per-line rule, made per-document); when more than 67% of its lines are
+# at most 30 characters long (menus, lists, tables); when more than 10% of its characters
+# are in lines that repeat an earlier line (the paper's 0.1; datatrove's default is 0.01).
 FINEWEB_MIN_PUNCTUATED_LINES = 0.12
+FINEWEB_SHORT_LINE_CHARS, FINEWEB_MAX_SHORT_LINES = 30, 0.67
+FINEWEB_MAX_DUPLICATE_LINE_CHARS = 0.10
 # Source code (The Stack, Kocetkov et al. 2022, arXiv:2211.15533; StarCoder, Li et al. 2023,
 # arXiv:2305.06161): minified or generated files have very long lines or few alphanumerics.
 CODE_MAX_LINE_LENGTH = 1000
@@ -919,15 +923,20 @@ CODE_MAX_MEAN_LINE_LENGTH = 100
 CODE_MIN_ALPHANUMERIC = 0.25
 
 _BULLETS = ("-", "*", "•", "‣", "●", "·", "◦", "▪")
-# datatrove's stop characters (. ' " ! ?), plus typographic closing quotes and the CJK full stops
+# What ends a line "in punctuation" for FineWeb's rule: the five stop characters of datatrove
+# 0.2.0's FineWebQualityFilter (. ' " ! ?), plus the typographic closing quotes and the CJK full
+# stops. datatrove 0.10 ends lines with its TERMINAL_PUNCTUATION instead: 159
+# sentence-final marks of many scripts and no quote, so there a line ending '...he said."' does
+# not count; here a quotation that closes a sentence does.
 _TERMINAL = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？")
 _SENTENCE_END = regex.compile(r"[.!?。！？]+(?=\s|$)")
+_NOT_SPACE = regex.compile(r"\S+")
 
 
 def _view(text: str) -> dict:
     """What the rules look at, computed once: non-empty lines, paragraphs, words."""
     return {"text": text, "lines": [ln for ln in text.split("\n") if ln.strip()],
-            "paragraphs": [p for p in regex.split(r"\n\s*\n", text) if p.strip()], "words": text.split()}
+            "paragraphs": [p for p in regex.split(r"\n\s*\n", text.strip()) if p], "words": text.split()}
 
 
 def gopher_word_count(doc):
@@ -945,11 +954,12 @@ def gopher_mean_word_length(doc):
 
 
 def gopher_symbol_ratio(doc):
-    """Gopher: at most 0.1 hash signs or ellipses per word (tag clouds, truncated snippets)."""
-    symbols = doc["text"].count("#") + doc["text"].count("...") + doc["text"].count("…")
-    ratio = symbols / max(1, len(doc["words"]))
-    if ratio > GOPHER_MAX_SYMBOL_WORD_RATIO:
-        return f"{ratio:.2f} '#' or ellipses per word"
+    """Gopher: at most 0.1 hash signs per word, and at most 0.1 ellipses per word ("either the hash
+    symbol or the ellipsis": two ratios, each against the limit; tag clouds, truncated snippets)."""
+    n_words = max(1, len(doc["words"]))
+    for name, count in (("'#'", doc["text"].count("#")), ("ellipses", doc["text"].count("...") + doc["text"].count("…"))):
+        if count / n_words > GOPHER_MAX_SYMBOL_WORD_RATIO:
+            return f"{count / n_words:.2f} {name} per word"
 
 
 def gopher_bullet_lines(doc):
@@ -976,10 +986,13 @@ def gopher_alpha_words(doc):
 
 
 def gopher_stop_words(doc):
-    """Gopher: at least 2 of 'the, be, to, of, and, that, have, with' (real English sentences)."""
-    n = sum(w.strip(".,;:!?\"'()").lower() in GOPHER_STOP_WORDS for w in doc["words"])
-    if n < GOPHER_MIN_STOP_WORDS:
-        return f"{n} English stop words"
+    """Gopher: at least 2 OF 'the, be, to, of, and, that, have, with': two different ones, however
+    often each occurs (a text whose only stop word is "the" fails). A word counts in any case and
+    with the punctuation around it stripped ("The", "of,"); datatrove compares its tokens as they
+    are, so there "The" is no stop word."""
+    found = {w.strip(".,;:!?\"'()").lower() for w in doc["words"]} & GOPHER_STOP_WORDS
+    if len(found) < GOPHER_MIN_STOP_WORDS:
+        return f"{len(found)} different English stop word(s)"
 
 
 def _duplicates(items: list[str]) -> tuple[int, int]:
@@ -1011,34 +1024,44 @@ def gopher_duplicate_paragraphs(doc):
 
 
 def gopher_top_ngrams(doc):
-    """Gopher: the most frequent 2-, 3-, 4-gram covers at most 20%, 18%, 16% of characters."""
+    """Gopher: the most frequent 2-, 3-, 4-gram covers at most 20%, 18%, 16% of characters
+    (its length, spaces included, times its count; of equally frequent ones, the longest)."""
     words, total = doc["words"], max(1, len(doc["text"]))
     for n, limit in GOPHER_MAX_TOP_NGRAM_CHARS.items():
         grams = Counter(" ".join(g) for g in zip(*(words[i:] for i in range(n))))
         if grams:
-            gram, count = grams.most_common(1)[0]
+            count = max(grams.values())
+            gram = max((g for g, c in grams.items() if c == count), key=len)
             if count > 1 and len(gram) * count / total > limit:
                 return f"the top {n}-gram covers {len(gram) * count / total:.0%} of characters"
 
 
 def gopher_duplicate_ngrams(doc):
-    """Gopher: repeated 5- to 10-grams cover at most 15% down to 10% of characters."""
-    # Counted as datatrove does (FineWeb's reproduction of Gopher): scanning left to
-    # right, an n-gram seen before adds its characters and the scan jumps past it, so
-    # overlapping repeats count once and the first occurrence is not counted.
-    words, total = doc["words"], max(1, len(doc["text"]))
+    """Gopher: repeated 5- to 10-grams cover at most 15% down to 10% of characters.
+
+    An occurrence of an n-gram is repeated when the same n words occurred earlier in the
+    document; its characters run from its first word's first character to its last word's
+    last, so the spaces inside count, as they do in the denominator (the whole text). Where
+    repeated occurrences overlap, a character is counted once. datatrove (and so FineWeb)
+    counts differently: it joins the n words without spaces, and after a repeat it jumps n
+    words ahead without recording the n-grams it jumped over; both make its fraction smaller
+    than the characters covered (on a text of one repeated phrase, about 0.8 instead of 1).
+    """
+    text, total = doc["text"], max(1, len(doc["text"]))
+    spans = [(m.start(), m.end()) for m in _NOT_SPACE.finditer(text)]
+    words = [text[a:b] for a, b in spans]
     for n, limit in GOPHER_MAX_DUPLICATE_NGRAM_CHARS.items():
-        seen, repeated, i = set(), 0, 0
-        while i < len(words) - n + 1:
-            gram = " ".join(words[i:i + n])
-            if gram in seen:
-                repeated += len(gram)
-                i += n
-            else:
+        seen, covered, reach = set(), 0, 0  # reach: where the characters counted so far end
+        for i in range(len(words) - n + 1):
+            gram = " ".join(words[i:i + n])  # words hold no space, so the join is unambiguous
+            if gram not in seen:
                 seen.add(gram)
-                i += 1
-        if repeated / total > limit:
-            return f"repeated {n}-grams cover {repeated / total:.0%} of characters"
+                continue
+            start, end = spans[i][0], spans[i + n - 1][1]
+            covered += end - max(start, reach)  # ends only grow with i: the new part of the union
+            reach = end
+        if covered / total > limit:
+            return f"repeated {n}-grams cover {covered / total:.0%} of characters"
 
 
 def c4_lorem_ipsum(doc):
@@ -1065,6 +1088,22 @@ def fineweb_punctuated_lines(doc):
     frac = sum(ln.rstrip().endswith(_TERMINAL) for ln in doc["lines"]) / max(1, len(doc["lines"]))
     if frac <= FINEWEB_MIN_PUNCTUATED_LINES:
         return f"only {frac:.0%} of lines end in terminal punctuation"
+
+
+def fineweb_short_lines(doc):
+    """FineWeb: at most 67% of lines are at most 30 characters long (else a menu, a list, a table)."""
+    frac = sum(len(ln) <= FINEWEB_SHORT_LINE_CHARS for ln in doc["lines"]) / max(1, len(doc["lines"]))
+    if frac > FINEWEB_MAX_SHORT_LINES:
+        return f"{frac:.0%} of lines have at most {FINEWEB_SHORT_LINE_CHARS} characters"
+
+
+def fineweb_duplicate_line_chars(doc):
+    """FineWeb: at most 10% of the characters (newlines not counted) are in lines that repeat an
+    earlier line (Gopher's line rule allows 20%; FineWeb tightened it for boilerplate)."""
+    _, chars = _duplicates(doc["lines"])
+    frac = chars / max(1, len(doc["text"]) - doc["text"].count("\n"))
+    if frac > FINEWEB_MAX_DUPLICATE_LINE_CHARS:
+        return f"{frac:.0%} of characters in repeated lines"
 
 
 def code_max_line_length(doc):
@@ -1098,7 +1137,8 @@ def code_alphanumeric_fraction(doc):
 # curly-bracket rule, meant for crawled pages.
 _PROSE_RULES = (gopher_word_count, gopher_mean_word_length, gopher_symbol_ratio, gopher_bullet_lines,
                 gopher_ellipsis_lines, gopher_alpha_words, gopher_stop_words, c4_lorem_ipsum,
-                c4_min_sentences, fineweb_punctuated_lines, gopher_duplicate_lines,
+                c4_min_sentences, fineweb_punctuated_lines, fineweb_short_lines, fineweb_duplicate_line_chars,
+                gopher_duplicate_lines,
                 gopher_duplicate_paragraphs, gopher_top_ngrams, gopher_duplicate_ngrams)
 DOMAIN_RULES = {
     "code": (code_max_line_length, code_mean_line_length, code_alphanumeric_fraction),
@@ -1108,7 +1148,8 @@ DOMAIN_RULES = {
 # Rules that assume space-separated English; they are skipped for other scripts,
 # where they would reject everything (a Chinese text has no spaces and no "the").
 _LATIN_ONLY = {gopher_word_count, gopher_mean_word_length, gopher_alpha_words, gopher_stop_words,
-               c4_min_sentences, fineweb_punctuated_lines, gopher_top_ngrams, gopher_duplicate_ngrams}
+               c4_min_sentences, fineweb_punctuated_lines, fineweb_short_lines, gopher_top_ngrams,
+               gopher_duplicate_ngrams}
 
 
 def quality_rules(domain: str) -> tuple:
