@@ -26,6 +26,7 @@ import threading
 import time
 import tracemalloc
 import unicodedata
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -1600,3 +1601,189 @@ def test_collect_keeps_under_a_kilobyte_per_document_and_never_its_text(tmp_path
     per_doc_held, per_doc_peak = (held_b - held_a) / 2000, (peak_b - peak_a) / 2000
     assert 512 <= per_doc_held < 1024, per_doc_held  # the signature's 512 bytes, plus an offset and two counts
     assert per_doc_peak < 1024, per_doc_peak  # also while the exact-dedup keys are held
+
+
+# --- PII masking -----------------------------------------------------------------------------
+
+def random_pii(rng) -> tuple[str, str]:
+    """(kind, text): a fresh e-mail address, IPv4 or IPv6 address or phone number in a varied format."""
+    import ipaddress
+    kind = rng.choice(["email", "ip", "ip6", "phone"])
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    word = lambda n: "".join(rng.choice(letters) for _ in range(n))  # noqa: E731
+    digits = lambda n, first="0123456789": rng.choice(first) + "".join(rng.choice("0123456789") for _ in range(n - 1))  # noqa: E731
+    if kind == "email":
+        local = rng.choice([word(6), f"{word(4)}.{word(5)}", f"{word(3)}+{word(3)}", f"{word(4)}{rng.randint(1, 99)}",
+                            f"{word(2)}_{word(4)}"])
+        domain = rng.choice([f"{word(5)}.com", f"{word(4)}.co.uk", f"mail.{word(6)}.org", f"{word(3)}-{word(3)}.io"])
+        return "email", f"{rng.choice([local, local.capitalize()])}@{domain}"
+    if kind == "ip":
+        return "ip", ".".join(str(rng.randint(0, 255)) for _ in range(4))
+    if kind == "ip6":
+        address = ipaddress.IPv6Address(rng.getrandbits(128))
+        if rng.random() < 0.5:  # a documentation-prefix address with a run of zeros: the "::" form
+            address = ipaddress.IPv6Address(f"2001:db8::{rng.randint(1, 0xffff):x}:{rng.randint(1, 0xffff):x}")
+        return "ip", rng.choice([address.compressed, address.exploded, address.compressed.upper()])
+    area, exchange, line = digits(3, "23456789"), digits(3, "23456789"), digits(4)
+    return "phone", rng.choice([f"({area}) {exchange}-{line}", f"{area}-{exchange}-{line}", f"{area}.{exchange}.{line}",
+                                f"+1 {area} {exchange} {line}", f"+1-{area}-{exchange}-{line}",
+                                f"+44 20 {digits(4)} {digits(4)}", f"+33 {rng.randint(1, 9)} {digits(2)} {digits(2)} "
+                                f"{digits(2)} {digits(2)}", f"+49 {digits(2)} {digits(7)}"])
+
+
+def random_look_alike(rng) -> str:
+    """A fresh string that is no e-mail, address or phone number but looks like one."""
+    n = lambda: rng.randint(0, 40)  # noqa: E731
+    return rng.choice([
+        f"{n()}.{n()}.{n()}", f"v{n()}.{n()}.{n()}.{n()}", f"{n()}.{n()}.{n()}.{n()}.{n()}", f"{n()}.{n()}.{n()}rc{n()}",
+        f"{rng.randint(1900, 2100)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+        f"{rng.randint(1, 28):02d}/{rng.randint(1, 12):02d}/{rng.randint(1900, 2100)}",
+        f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}",
+        f"0x{rng.getrandbits(32):08x}", f"{rng.random():.6f}", f"{rng.randint(1, 9)}e-{rng.randint(1, 12)}",
+        f"x[{n()}::{rng.randint(1, 9)}]", "std::vector<int>", "@property", "@dataclass(frozen=True)", f"a@b.T",
+        f"pkg@{n()}.{n()}.{n()}", str(rng.randint(10**9, 2 * 10**9)), f"{rng.randint(256, 999)}.{n()}.{n()}.{n()}",
+        f"ISBN 978-{rng.randint(0, 9)}-{rng.randint(10, 99)}-{rng.randint(100000, 999999)}-{rng.randint(0, 9)}",
+        ":".join(f"{rng.getrandbits(8):02x}" for _ in range(6)), f"{rng.randint(1, 99)}:{rng.randint(10, 59)}",
+        f"range({n()}, {n()} * {n()})", f"{rng.randint(100, 999)} {rng.randint(100, 999)}"])
+
+
+FILLER = "The report was filed on time and the team reviewed it with care before the meeting ended".split()
+
+
+def test_pii_masking_catches_planted_addresses_and_numbers_in_varied_formats(rng):
+    """300 fresh plants in prose, each followed by a random punctuation mark: every one is replaced by its
+    placeholder, the counts per kind are the plants', and nothing else changes."""
+    planted, words, expected = Counter(), [], []
+    for _ in range(300):
+        kind, value = random_pii(rng)
+        kind = "ip" if kind == "ip6" else kind
+        planted[kind] += 1
+        filler, mark = rng.sample(FILLER, 4), rng.choice(["", ",", ".", ";", ")"])
+        words += filler + [value + mark]
+        expected += filler + [data.PII_PLACEHOLDERS[kind] + mark]
+    masked, counts = data.mask_pii(" ".join(words))
+    assert counts == planted
+    assert masked == " ".join(expected)
+
+
+def test_pii_masking_leaves_look_alikes_untouched(rng):
+    """Version numbers, dates, times, code literals, decorators, MAC addresses, long ids: 400 fresh ones,
+    unchanged (a four-part bare version such as 1.2.3.4 IS an address and is not among them)."""
+    samples = [random_look_alike(rng) for _ in range(400)]
+    for sample in samples:
+        text = f"see {sample} here"
+        assert data.mask_pii(text) == (text, Counter()), sample
+
+
+# --- decontamination ---------------------------------------------------------------------------
+
+def light_edit(words: list[str], rng) -> str:
+    """The words with random case changes, punctuation added between them and line breaks for spaces."""
+    out = []
+    for w in words:
+        w = rng.choice([w, w.upper(), w.capitalize()])
+        w += rng.choice(["", "", "", ",", ".", ";", "!", "'s" if False else "", ")", '"'])
+        out.append(w + rng.choice([" ", " ", " ", "\n", "  "]))
+    return "".join(out)
+
+
+def test_decontamination_removes_every_planted_copy_and_nothing_clean(rng):
+    """Fresh evaluation passages of random words; 120 clean documents (the stdlib's prose); each clean
+    document once more with 13 to 40 consecutive words of a passage planted, lightly edited. Every planted
+    one is removed, no clean one, and neither is a copy of only 12 consecutive words."""
+    vocab = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta") for b in ("ron", "vel", "dis", "pum", "gat")]
+    passages = [" ".join(rng.choice(vocab) for _ in range(rng.randint(30, 60))) for _ in range(8)]
+    clean = [t for t, _, _ in data.stdlib_corpus(("prose",), max_bytes=600_000)][:120]
+    index = data.ContaminationIndex({"task": passages})
+    planted, near = [], []
+    for doc in clean:
+        words = rng.choice(passages).split()
+        n = rng.randint(13, min(40, len(words)))
+        start = rng.randint(0, len(words) - n)
+        cut = rng.randint(0, len(doc))
+        planted.append(doc[:cut] + " " + light_edit(words[start:start + n], rng) + " " + doc[cut:])
+        near.append(doc[:cut] + " " + light_edit(words[start:start + 12], rng) + " " + doc[cut:])
+    assert all(index.match(d) == "task" for d in planted)
+    assert not any(index.match(d) for d in clean + near)
+    assert data.decontaminate(planted + clean, passages) == [False] * len(planted) + [True] * len(clean)
+
+
+def test_prepare_decontaminates_and_masks_and_reports_counts_per_source(tmp_path, rng):
+    passage = " ".join(f"word{rng.randint(0, 10**6)}" for _ in range(30))
+    (tmp_path / "eval.txt").write_text(passage + "\n")
+    texts = [CLEAN_PROSE.replace("river", f"river{i}") for i in range(12)]
+    texts[3] += " " + passage.upper()  # contaminated
+    texts[5] += " Write to jane.doe@example.org or call (212) 555-0123."
+    folder = write_prose_dir(tmp_path / "corpus", texts)
+    manifest = data.prepare(f"web={folder}", "bytes", out_dir=str(tmp_path / "out"), verbose=False, dedup="exact",
+                            pii="mask", decontaminate=str(tmp_path / "eval.txt"))
+    report = json.loads((Path(manifest["dir"]) / "report.json").read_text())
+    assert report["decontamination"]["removed_per_source"] == {"eval.txt": 1}
+    assert report["removed"]["contaminated"] == 1
+    assert report["pii"]["email"] == 1 and report["pii"]["phone"] == 1 and report["pii"]["documents"] == 1
+    enc = data.get_tokenizer("bytes")
+    text = enc.decode(shard_tokens_of(manifest, "train").tolist() + shard_tokens_of(manifest, "val").tolist())
+    assert "|||EMAIL_ADDRESS|||" in text and "jane.doe" not in text and passage.upper() not in text
+
+
+# --- the learned quality classifier --------------------------------------------------------------
+
+def features_by_hand(text: str, buckets: int) -> list[int]:
+    """quality_features, transcribed: CRC-32 per lowercased token, fastText's h1 * 116049371 + h2 per bigram,
+    Python integers reduced mod 2^64, then mod buckets."""
+    h = [zlib.crc32(w) for w in text.lower().encode("utf-8").split()]
+    bigrams = [(a * 116049371 + b) % 2**64 for a, b in zip(h, h[1:])]
+    return [x % buckets for x in h + bigrams]
+
+
+def test_classifier_predictions_equal_a_float64_transcription_of_the_linear_model(rng):
+    """p = sigmoid(w . mean_f E[x_f] + b), every sum in float64 Python floats, on fresh texts; float32 storage
+    and numpy's float32 mean differ from it by rounding only (|dp| < 1e-5: F <= 400 terms of size < 1)."""
+    words = "the river town bridge of and with museum code def return import x y".split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 200))) for _ in range(60)]
+    clf = data.train_quality_classifier(texts[:20], texts[20:40], buckets=4096, dim=8, epochs=2, seed=rng.randrange(99))
+    for text in texts[40:] + [""]:
+        ids = features_by_hand(text, 4096)
+        assert list(data.quality_features(text, 4096)) == ids
+        if not ids:
+            logit = clf.bias
+        else:
+            hidden = [sum(float(clf.embeddings[i][k]) for i in ids) / len(ids) for k in range(8)]
+            logit = sum(h * float(w) for h, w in zip(hidden, clf.weight)) + clf.bias
+        assert abs(clf.score(text) - 1 / (1 + math.exp(-logit))) < 1e-5
+
+
+def test_classifier_saves_and_loads_the_same_model(tmp_path, rng):
+    texts = [" ".join(rng.choice(FILLER) for _ in range(30)) for _ in range(10)]
+    clf = data.train_quality_classifier(texts[:5], texts[5:], buckets=1024, dim=4, epochs=1)
+    clf.save(tmp_path / "q.npz")
+    back = data.QualityClassifier.load(tmp_path / "q.npz")
+    assert np.array_equal(back.embeddings, clf.embeddings) and back.bias == clf.bias and back.info == clf.info
+    with pytest.raises(ValueError, match="data.py classify"):
+        data.QualityClassifier.load(tmp_path / "missing.npz")
+
+
+BOILERPLATE = ["Home", "About us", "Contact", "Login", "Sign up", "FAQ", "Sitemap", "Privacy Policy", "Terms of Use",
+               "Cookies", "Careers", "Blog", "Shop", "Cart", "Help", "© 2024 Example Inc. All rights reserved.",
+               "Follow us on Twitter", "Subscribe to our newsletter", "Share this page", "Back to top", "Next page »",
+               "« Previous", "Search", "We use cookies to improve your experience. Accept all"]
+
+
+@pytest.mark.slow
+def test_classifier_separates_held_out_documentation_from_word_salad_and_boilerplate(rng):
+    """The acceptance check, five folds: each fold's classifier is trained (quality_training_set on the pydoc
+    topics against the stdlib corpus) without a fifth of the topics; those held-out documents, whole, must
+    score above 0.5 and their word-shuffled copies and fresh boilerplate pages at or below it, 95% of the time."""
+    positives = [data.normalize(t) for t, _, _ in data.iter_documents("stdlib:topics")]
+    corpus = [data.normalize(t) for t, _, _ in data.stdlib_corpus(max_bytes=3_000_000)]
+    right = total = 0
+    seed = rng.randrange(1000)
+    for fold in range(5):
+        sets = data.quality_training_set(positives, corpus, seed=seed + fold)
+        clf = data.train_quality_classifier(sets["train"]["positive"], sets["train"]["negative"], seed=seed + fold)
+        held = sets["held_out"]["positive_docs"]
+        shuffled = [" ".join(rng.sample(d.split(), len(d.split()))) for d in held]
+        boiler = ["\n".join(rng.choice(BOILERPLATE) for _ in range(rng.randint(15, 40))) for _ in range(len(held))]
+        right += data.accuracy(clf, held, shuffled + boiler) * 3 * len(held)
+        total += 3 * len(held)
+    assert right / total >= 0.95, right / total

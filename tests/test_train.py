@@ -509,3 +509,43 @@ def test_speed_flag_mistakes_are_refused_with_the_reason(flags, words):
 def test_fp8_on_a_cpu_is_one_line(tmp_path):
     assert_one_line_error(run_cli("--preset", "tiny", "--device", "cpu", "--bench", "--fp8", "--out_dir", str(tmp_path)),
                           "--fp8", "compute capability")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures that adapt during training (--mix_online, --mix_anneal; data.MixingSampler)
+
+
+@pytest.mark.parametrize("flags", [dict(mix_online="odm"), dict(mix_anneal="code=0.2,prose=0.8", schedule="wsd")])
+def test_adaptive_mixing_resumes_bit_for_bit_and_logs_its_weights(data_dir, tmp_path, flags):
+    """ODM's bandit, or the annealed mixture, through train.py: 8 straight steps equal 4 + resume + 4
+    (losses, domains, weights, model, loader state), and every step's domain and weights reach metrics.jsonl."""
+    common = dict(max_iters=8, eval_interval=4, dtype="float32", **flags)
+    straight, mo = tiny(data_dir, tmp_path / "straight", **common)
+    train.train(straight, mo)
+    first, mo = tiny(data_dir, tmp_path / "resumed", stop_at=4, **common)
+    train.train(first, mo)
+    second, mo = tiny(data_dir, tmp_path / "resumed", resume=True, **common)
+    train.train(second, mo)
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s", "mfu")} for r in rows]
+    assert strip(a) == strip(b)
+    mixes = [r for r in a if "mix_domain" in r]
+    assert [r["step"] for r in mixes] == list(range(1, 9))
+    assert all(abs(sum(r["mix_weights"].values()) - 1) < 1e-5 for r in mixes)
+    if "mix_anneal" in flags:  # wsd decays over the last 20% of 8 steps: steps 7 and 8 (1-based) use the anneal weights
+        assert [r["mix_weights"] for r in mixes[-2:]] == [{"code": 0.2, "prose": 0.8}] * 2
+        assert mixes[0]["mix_weights"] != {"code": 0.2, "prose": 0.8}
+    sa, sb = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    assert sa["sampler"] == sb["sampler"] and sa["sampler"]["kind"] == "mixing"
+
+
+def test_mix_flags_are_checked_before_any_work():
+    cfg = train.TrainConfig(mix_online="bandit")
+    with pytest.raises(ValueError, match="unknown --mix_online"):
+        train.check_config(cfg)
+    with pytest.raises(ValueError, match="--mix_reference"):
+        train.check_config(train.TrainConfig(mix_online="doremi"))
+    with pytest.raises(ValueError, match="DiLoCo"):
+        train.check_config(train.TrainConfig(mix_online="odm", diloco_steps=5))
