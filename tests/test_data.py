@@ -16,6 +16,7 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -1787,3 +1788,142 @@ def test_classifier_separates_held_out_documentation_from_word_salad_and_boilerp
         right += data.accuracy(clf, held, shuffled + boiler) * 3 * len(held)
         total += 3 * len(held)
     assert right / total >= 0.95, right / total
+
+
+# --- mixtures that adapt during training (MixingSampler) ------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_domain_dir(tmp_path_factory):
+    """A prepared corpus (bytes tokenizer) with domains "a" (texts of the letter a) and "b" (of b), 1:4."""
+    root = tmp_path_factory.mktemp("mixing")
+    for name, letter, n in (("a", "a", 20), ("b", "b", 80)):
+        folder = root / name
+        folder.mkdir()
+        for i in range(n):
+            (folder / f"{i}.txt").write_text(" ".join(letter * (3 + (i * 7 + j) % 5) for j in range(60)) + f" {i}\n")
+    return data.prepare(f"a={root / 'a'},b={root / 'b'}", "bytes", out_dir=str(root / "out"), verbose=False,
+                        dedup="none", quality_filter=False)
+
+
+def run_mixing(sampler, steps, losses={"a": 4.0, "b": 2.0}, micro=1):
+    """Drive a sampler as train.py does: micro next_batch() calls per step, then update(loss of its domain)."""
+    batches, domains = [], []
+    for _ in range(steps):
+        for _ in range(micro):
+            batches.append(sampler.next_batch()[0])
+        record = sampler.update(losses[sampler.names[sampler.current]])
+        domains.append(record["mix_domain"])
+    return batches, domains
+
+
+def test_the_train_split_is_one_range_per_domain_and_each_batch_holds_one_domain(two_domain_dir):
+    ranges = two_domain_dir["train_groups"]["ranges"]
+    assert list(ranges) == ["a", "b"] and ranges["a"][0] == 0 and ranges["a"][1] == ranges["b"][0]
+    assert ranges["b"][1] == two_domain_dir["train_tokens"]
+    tokens = shard_tokens_of(two_domain_dir, "train")
+    a_bytes, b_bytes = set(tokens[slice(*ranges["a"])].tolist()), set(tokens[slice(*ranges["b"])].tolist())
+    assert ord("a") in a_bytes and ord("b") not in a_bytes and ord("a") not in b_bytes
+    sampler = data.make_mixing_sampler(two_domain_dir, 16, 4, seed=3, method="odm")
+    batches, domains = run_mixing(sampler, 40)
+    for x, d in zip(batches, domains):
+        other = ord("b") if d == "a" else ord("a")
+        assert not (x == other).any(), d  # every row of the batch from the step's domain
+
+
+@pytest.mark.parametrize("method", ["odm", "static"])
+def test_mixing_sampler_resumes_bit_for_bit(two_domain_dir, rng, method):
+    """N steps, state_dict, a fresh sampler, load_state_dict, M more: the same batches and domains as N+M
+    straight (with 2 micro-batches per step, and the anneal switching in between)."""
+    n, m, seed = rng.randint(1, 30), rng.randint(1, 30), rng.randrange(1000)
+    kwargs = dict(seed=seed, method=method, anneal="a=0.5,b=0.5", anneal_step=n + m // 2)
+    straight = data.make_mixing_sampler(two_domain_dir, 16, 3, **kwargs)
+    all_batches, all_domains = run_mixing(straight, n + m, micro=2)
+    first = data.make_mixing_sampler(two_domain_dir, 16, 3, **kwargs)
+    run_mixing(first, n, micro=2)
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    second = data.make_mixing_sampler(two_domain_dir, 16, 3, **kwargs)
+    second.load_state_dict(state)
+    batches, domains = run_mixing(second, m, micro=2)
+    assert domains == all_domains[n:]
+    assert all(torch.equal(a, b) for a, b in zip(batches, all_batches[2 * n:]))
+    assert second.state_dict() == straight.state_dict()
+
+
+def test_two_ranks_draw_the_same_domains_and_disjoint_windows(two_domain_dir, rng):
+    seed = rng.randrange(1000)
+    ranks = [data.make_mixing_sampler(two_domain_dir, 16, 2, seed=seed, rank=r, world_size=2, method="odm")
+             for r in range(2)]
+    taken = [[], []]
+    for r, s in enumerate(ranks):  # record the window indices each rank reads
+        s._next_window = (lambda f, log: lambda d: log.append((d, f(d))) or log[-1][1])(s._next_window, taken[r])
+    (_, d0), (_, d1) = run_mixing(ranks[0], 60), run_mixing(ranks[1], 60)
+    assert d0 == d1
+    # Within a domain's epoch the ranks take alternate windows of one permutation: no window twice.
+    assert ranks[0].epochs == ranks[1].epochs == [0, 0]
+    assert not set(taken[0]) & set(taken[1]) and len(set(taken[0])) == len(taken[0]) == 120
+    # and a run resumed on 1 rank continues from the windows both ranks consumed together
+    one = data.make_mixing_sampler(two_domain_dir, 16, 4, seed=seed, world_size=1, method="odm")
+    one.load_state_dict(ranks[0].state_dict())
+    assert one.positions == [c for c in ranks[0].state_dict()["consumed"]]
+
+
+def test_odm_moves_the_weights_toward_the_domain_with_the_higher_loss(two_domain_dir, rng):
+    """Domain a holds a fifth of the windows (the skewed start, w0) and has the higher loss: over steps 200-300
+    ODM's mean weight on a is above w0 and above what the same run gives when a has the lower loss;
+    the static policy keeps w0."""
+    seed = rng.randrange(1000)
+
+    def mean_weight_of_a(losses):
+        s = data.make_mixing_sampler(two_domain_dir, 16, 2, seed=seed, method="odm")
+        run_mixing(s, 200, losses=losses)
+        weights = []
+        for _ in range(100):
+            run_mixing(s, 1, losses=losses)
+            weights.append(s.weights()[0])
+        return s.prior[0], float(np.mean(weights))
+    prior, high = mean_weight_of_a({"a": 4.0, "b": 2.0})
+    _, low = mean_weight_of_a({"a": 2.0, "b": 4.0})
+    assert prior == pytest.approx(0.2, abs=0.03)
+    assert high > prior + 0.03 and high > low + 0.02, (prior, high, low)
+    static = data.make_mixing_sampler(two_domain_dir, 16, 2, seed=seed, method="static")
+    run_mixing(static, 50)
+    assert static.weights()[0] == pytest.approx(static.prior[0])
+
+
+def test_odm_policy_is_the_papers_formula(two_domain_dir):
+    """pi_t = (1 - K eps_t) softmax(log w0 + eps_{t-1} R) + eps_t with eps_t = min(1/K, sqrt(ln K / (K t))), written
+    out again for the sampler's state after some steps; a uniform prior is the paper's uniform start."""
+    s = data.make_mixing_sampler(two_domain_dir, 16, 2, seed=1, method="odm")
+    run_mixing(s, 37)
+    K, t = 2, s.step + 1
+    eps = min(1 / K, math.sqrt(math.log(K) / (K * t)))
+    eps_prev = min(1 / K, math.sqrt(math.log(K) / (K * (t - 1))))
+    z = [s.prior[i] * math.exp(eps_prev * s.rewards[i]) for i in range(K)]
+    expected = [(1 - K * eps) * zi / sum(z) + eps for zi in z]
+    assert s.weights() == pytest.approx(expected, rel=1e-12)
+
+
+def test_doremi_recipe_upweights_the_domain_with_excess_loss_over_the_reference(two_domain_dir, tmp_path):
+    reference = tmp_path / "metrics.jsonl"
+    with open(reference, "w") as f:
+        for step in range(1, 101):
+            f.write(json.dumps({"step": step, "mix_domain": "ab"[step % 2], "mix_loss": 3.0, "mix_weights": {}}) + "\n")
+    s = data.make_mixing_sampler(two_domain_dir, 16, 2, seed=0, method="doremi", reference=str(reference))
+    records = [s.update(3.5 if s.names[s.current if s.current is not None else s._draw()] == "a" else 3.0)
+               for _ in range(60) if s.next_batch()]
+    assert s.weights()[0] > 0.9  # only a's loss exceeds the reference's
+    proxy = tmp_path / "proxy.jsonl"
+    proxy.write_text("".join(json.dumps({"step": i + 1, **r}) + "\n" for i, r in enumerate(records)))
+    weights = data.parse_mix(data.doremi_weights(str(proxy)))
+    assert weights["a"] > weights["b"] and sum(weights.values()) == pytest.approx(1, abs=1e-3)
+
+
+def test_a_plain_checkpoint_and_a_mixing_one_do_not_load_into_each_other(two_domain_dir):
+    mixing = data.make_mixing_sampler(two_domain_dir, 16, 2, method="odm")
+    plain = data.make_sampler(two_domain_dir, "train", 16, 2)
+    with pytest.raises(ValueError, match="MixingSampler"):
+        plain.load_state_dict(mixing.state_dict())
+    with pytest.raises(ValueError, match="TokenSampler"):
+        mixing.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="--mix_anneal names c"):
+        data.make_mixing_sampler(two_domain_dir, 16, 2, anneal="c=1")

@@ -515,7 +515,7 @@ def test_fp8_on_a_cpu_is_one_line(tmp_path):
 # Mixtures that adapt during training (--mix_online, --mix_anneal; data.MixingSampler)
 
 
-@pytest.mark.parametrize("flags", [dict(mix_online="odm"), dict(mix_anneal="code=0.2,prose=0.8", schedule="wsd")])
+@pytest.mark.parametrize("flags", [dict(mix_online="odm"), dict(mix_anneal="code=0.2,prose=0.8", schedule="wsd", decay_frac=0.25)])
 def test_adaptive_mixing_resumes_bit_for_bit_and_logs_its_weights(data_dir, tmp_path, flags):
     """ODM's bandit, or the annealed mixture, through train.py: 8 straight steps equal 4 + resume + 4
     (losses, domains, weights, model, loader state), and every step's domain and weights reach metrics.jsonl."""
@@ -532,7 +532,7 @@ def test_adaptive_mixing_resumes_bit_for_bit_and_logs_its_weights(data_dir, tmp_
     mixes = [r for r in a if "mix_domain" in r]
     assert [r["step"] for r in mixes] == list(range(1, 9))
     assert all(abs(sum(r["mix_weights"].values()) - 1) < 1e-5 for r in mixes)
-    if "mix_anneal" in flags:  # wsd decays over the last 20% of 8 steps: steps 7 and 8 (1-based) use the anneal weights
+    if "mix_anneal" in flags:  # wsd decays over the last 25% of 8 steps: steps 7 and 8 (1-based) use the anneal weights
         assert [r["mix_weights"] for r in mixes[-2:]] == [{"code": 0.2, "prose": 0.8}] * 2
         assert mixes[0]["mix_weights"] != {"code": 0.2, "prose": 0.8}
     sa, sb = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
