@@ -166,6 +166,7 @@ import random
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -1954,6 +1955,9 @@ def _stage_lines(report: dict) -> list:
         per = ", ".join(f"{k} {v:,}" for k, v in d["removed_per_source"].items()) or "none"
         lines.append(f"decontamination ({d['ngram']}-grams of {sum(d['evaluation_texts'].values()):,} evaluation texts): "
                      f"removed {per}")
+    if "score_command" in report:
+        c = report["score_command"]
+        lines.append(f"score command: {c['scored']:,} scored, terciles {c['terciles']}, kept {c['keep'] or 'all'}")
     if "quality_classifier" in report:
         q = report["quality_classifier"]
         lines.append(f"quality classifier: train accuracy {q['train_accuracy']:.3f}, held-out {q['held_out_accuracy']:.3f}; "
@@ -2104,6 +2108,8 @@ class PrepareConfig:
     quality_positive: str = "stdlib:topics"  # the reference documents the classifier learns to recognise
     quality_model: str = ""  # a classifier saved by `data.py classify` (absolute path); "": train one here
     quality_model_sha256: str = ""  # of that file
+    score_command: str = ""  # a command that scores documents: JSON lines {"text": ...} in, one number per line out
+    score_keep: str = ""  # LO:HI, the quantile range of those scores to keep (CCNet's buckets: 0:0.33 is the head)
 
     def check(self) -> None:
         """Refuse bad settings before reading anything."""
@@ -2128,6 +2134,10 @@ class PrepareConfig:
             raise ValueError(f"--quality_keep {self.quality_keep} is not a fraction: use (0, 1] (1: keep all)")
         if not 0 <= self.quality_threshold < 1:
             raise ValueError(f"--quality_threshold {self.quality_threshold} is not a probability: use [0, 1) (0: off)")
+        if self.score_keep:
+            parse_quantile_range(self.score_keep)
+            if not self.score_command:
+                raise ValueError("--score_keep needs --score_command: the command whose scores it keeps a range of")
 
     @property
     def classifier_on(self) -> bool:
@@ -2172,7 +2182,8 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
             shard_tokens: int = SHARD_TOKENS, bpe_train_bytes: int | None = 2_000_000,
             workers: int = 0, max_download_mb: float = MAX_DOWNLOAD_MB, pii: str = "none",
             decontaminate: str = "", quality_keep: float = 1.0, quality_threshold: float = 0.0,
-            quality_positive: str = "stdlib:topics", quality_model: str = "") -> dict:
+            quality_positive: str = "stdlib:topics", quality_model: str = "", score_command: str = "",
+            score_keep: str = "") -> dict:
     """Run the pipeline once into <out_dir>/<key>/ and return its manifest (plus "dir").
 
     The key hashes every setting that changes the output. A second call with
@@ -2193,7 +2204,8 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
                         text_field=text_field, dedup=dedup, dedup_threshold=dedup_threshold,
                         quality_filter=quality_filter, mix=mix, mix_by=mix_by, shard_tokens=shard_tokens,
                         bpe_train_bytes=bpe_train_bytes, pii=pii, quality_keep=quality_keep,
-                        quality_threshold=quality_threshold, quality_positive=quality_positive)
+                        quality_threshold=quality_threshold, quality_positive=quality_positive,
+                        score_command=score_command, score_keep=score_keep)
     cfg.check()
     _add_file_keys(cfg, decontaminate, quality_model)
     if not max_download_mb > 0:
@@ -2265,6 +2277,7 @@ def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_downloa
     keep = _filter(spool, keep, cfg, report, verbose)
     keep = _decontaminate(spool, keep, cfg, report, verbose)
     keep = _classify(tmp, spool, keep, cfg, report, downloads, verbose)
+    keep = _score(tmp, spool, keep, cfg, report)
     kept = np.flatnonzero(keep)
     if len(kept) == 0:
         raise ValueError(f"no documents left after filtering ({report['stages'][0]['docs_in']} read; removed: "
@@ -2504,6 +2517,62 @@ def _classify(tmp: Path, spool: Spool, keep: np.ndarray, cfg: PrepareConfig, rep
                                     "score_quartiles": [round(float(q), 4) for q in np.quantile(scores, [0.25, 0.5, 0.75])]
                                     if len(scores) else []}
     _stage(report, "quality classifier", docs_in, bytes_in, int(keep.sum()), int(spool.nbytes[keep].sum()),
+           time.perf_counter() - t0)
+    return keep
+
+
+def parse_quantile_range(spec: str) -> tuple[float, float]:
+    """"0.1:0.9" -> (0.1, 0.9), with 0 <= lo < hi <= 1."""
+    try:
+        lo, hi = (float(x) for x in spec.split(":"))
+    except ValueError:
+        lo = hi = math.nan
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"--score_keep '{spec}' is no quantile range: write LO:HI with 0 <= LO < HI <= 1, e.g. 0:0.33")
+    return lo, hi
+
+
+def run_scorer(command: str, texts) -> np.ndarray:
+    """Score texts with an outside command: it reads one JSON object {"text": ...} per line on stdin and
+    writes one number per line on stdout, in order. The seam for a model's perplexity (CCNet, Wenzek et
+    al. 2019, arXiv:1911.00359): data.py imports no model, a command can."""
+    with tempfile.TemporaryFile("w+b") as f:
+        n = 0
+        for text in texts:
+            f.write(json.dumps({"text": text}, ensure_ascii=False).encode("utf-8") + b"\n")
+            n += 1
+        f.seek(0)
+        result = subprocess.run(command, shell=True, stdin=f, capture_output=True)
+    lines = result.stdout.decode("utf-8", "replace").split()
+    if result.returncode != 0 or len(lines) != n:
+        why = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"{len(lines)} scores for {n} documents"]
+        raise ValueError(f"--score_command '{command}' failed ({why[0][:200]}): it must print one number per input line")
+    try:
+        return np.array([float(x) for x in lines])
+    except ValueError:
+        raise ValueError(f"--score_command '{command}' printed something that is not a number: one number per line") from None
+
+
+def _score(tmp: Path, spool: Spool, keep: np.ndarray, cfg: PrepareConfig, report: dict) -> np.ndarray:
+    """Stage 3d: every kept document scored by --score_command (scores_command.jsonl); --score_keep keeps
+    the documents whose score lies in that quantile range of the scores."""
+    if not cfg.score_command:
+        return keep
+    t0 = time.perf_counter()
+    ids = np.flatnonzero(keep)
+    scores = run_scorer(cfg.score_command, spool.texts(ids))
+    with open(tmp / "scores_command.jsonl", "w") as f:
+        for (_, domain, source), score in zip(spool.rows(ids), scores):
+            f.write(json.dumps({"source": source, "domain": domain, "score": float(score)}) + "\n")
+    keep, docs_in, bytes_in = keep.copy(), int(keep.sum()), int(spool.nbytes[keep].sum())
+    if cfg.score_keep and len(scores):
+        lo, hi = np.quantile(scores, parse_quantile_range(cfg.score_keep))
+        keep[ids[(scores < lo) | (scores > hi)]] = False
+    report["removed"]["score_command"] = docs_in - int(keep.sum())
+    report["score_command"] = {"command": cfg.score_command, "keep": cfg.score_keep, "scored": len(ids),
+                               "terciles": [round(float(q), 4) for q in np.quantile(scores, [1 / 3, 2 / 3])]
+                               if len(scores) else []}
+    _stage(report, "score command", docs_in, bytes_in, int(keep.sum()), int(spool.nbytes[keep].sum()),
            time.perf_counter() - t0)
     return keep
 
@@ -3291,6 +3360,10 @@ def _add_stage_flags(p) -> None:
     p.add_argument("--quality_positive", default="stdlib:topics", help="the classifier's positive documents, any "
                    "--data source (default: the Python documentation's topic pages)")
     p.add_argument("--quality_model", default="", help="a classifier saved by python data.py classify (empty: train one)")
+    p.add_argument("--score_command", default="", help="a shell command that scores documents (JSON lines {\"text\": ...} "
+                   "on stdin, one number per line on stdout), e.g. a model's bits per byte; saved per document")
+    p.add_argument("--score_keep", default="", help="LO:HI: keep the documents whose --score_command score lies in "
+                   "this quantile range (0:0.33 is CCNet's head); empty: keep all")
 
 
 def classify(data: str = "stdlib", quality_positive: str = "stdlib:topics", out: str = "quality_classifier.npz",

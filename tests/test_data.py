@@ -1927,3 +1927,22 @@ def test_a_plain_checkpoint_and_a_mixing_one_do_not_load_into_each_other(two_dom
         mixing.load_state_dict(plain.state_dict())
     with pytest.raises(ValueError, match="--mix_anneal names c"):
         data.make_mixing_sampler(two_domain_dir, 16, 2, anneal="c=1")
+
+
+def test_a_scorer_command_scores_every_document_and_keeps_a_quantile_range(tmp_path, rng):
+    """The seam for perplexity filtering: an outside command (here one that scores by word count) gets each
+    kept document as a JSON line, its scores are saved per document, and --score_keep keeps a quantile range."""
+    lengths = rng.sample(range(60, 400), 12)
+    texts = [" ".join(f"The river {i} and the town of the valley." for _ in range(n // 9)) for i, n in enumerate(lengths)]
+    folder = write_prose_dir(tmp_path / "corpus", texts)
+    script = tmp_path / "count.py"
+    script.write_text("import json, sys\nfor line in sys.stdin:\n    print(len(json.loads(line)['text'].split()))\n")
+    manifest = data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "out"), verbose=False, dedup="none",
+                            quality_filter=False, score_command=f"{sys.executable} {script}", score_keep="0:0.5")
+    rows = [json.loads(line) for line in open(Path(manifest["dir"]) / "scores_command.jsonl")]
+    assert sorted(r["score"] for r in rows) == sorted(float(len(t.split())) for t in texts)
+    kept = decoded_documents(manifest, data.get_tokenizer("bytes"))
+    median = np.quantile([len(t.split()) for t in texts], 0.5)
+    assert kept == {data.normalize(t) for t in texts if len(t.split()) <= median}
+    with pytest.raises(ValueError, match="one number per input line"):
+        data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "out2"), verbose=False, score_command="echo 1")
