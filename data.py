@@ -9,9 +9,11 @@ spend most of their effort on choosing which text the model sees. This
 chapter performs the whole path, stage by stage, and reports what each stage
 did:
 
-    collect -> normalise -> exact dedup -> near dedup (MinHash + LSH)
-            -> quality filters -> domain/language mix -> tokenize -> shards
-            -> a rank-aware, resumable loader -> (x, y) batches
+    collect -> normalise -> PII masking -> exact dedup -> near dedup (MinHash + LSH)
+            -> quality rules -> decontamination -> learned quality classifier
+            -> an outside scorer -> domain/language mix -> tokenize -> shards
+            -> a rank-aware, resumable loader (random windows, or one domain per
+               step from a mixture that adapts during training) -> (x, y) batches
 
 where y is x shifted left by one token and training minimises
 
@@ -61,15 +63,45 @@ document of each cluster survives. Lee et al. 2022 ("Deduplicating Training
 Data Makes Language Models Better", arXiv:2107.06499) show why: duplicates
 are memorised and waste compute.
 
+PII masking (Dolma, Soldaini et al. 2024; Stanford CS336's assignment 4).
+E-mail addresses, IPv4 and IPv6 addresses and phone numbers are found with
+regular expressions written to leave their look-alikes alone (version
+numbers, dates, times, code such as x[1::2] or @property) and replaced by
+placeholders such as |||EMAIL_ADDRESS|||, or the document is dropped.
+
 Quality filters. Heuristic rules with published thresholds: Gopher's quality
 and repetition rules (Rae et al. 2021, "Scaling Language Models: Methods,
 Analysis & Insights from Training Gopher", arXiv:2112.11446, appendix A),
-C4's rules (Raffel et al. 2020, arXiv:1910.10683, sec. 2.2), FineWeb's
-punctuation rule (Penedo et al. 2024, arXiv:2406.17557), and for source code
+C4's rules (Raffel et al. 2020, arXiv:1910.10683, sec. 2.2), FineWeb's three
+rules (Penedo et al. 2024, arXiv:2406.17557, sec. 3.5: lines ending in
+punctuation, short lines, characters in duplicated lines), and for source code
 the line-length and alphanumeric rules of The Stack / StarCoder (Li et al.
 2023, arXiv:2305.06161). Each rule is a small function that returns why it
 rejects; which rules apply depends on the domain, because prose rules
-("at least two English stop words", "no curly brackets") delete code.
+("at least two English stop words", "no curly brackets") delete code. Where
+a rule differs from datatrove's (the library FineWeb was built with), its
+docstring says how and why; a test holds each rule to a transcription of its
+paper's sentence.
+
+Decontamination (GPT-3, Brown et al. 2020, arXiv:2005.14165, appendix C). A
+training document that shares a 13-gram of normalised words (lowercase, no
+punctuation) with an evaluation text is removed, so a benchmark measures
+generalisation, not memory. Candidates are found by hashing every 13-gram and
+checked word by word. GPT-3 itself, after first removing whole documents,
+cut out 200 characters around each hit instead (long books collided by
+chance); a small corpus can afford the whole-document rule.
+
+A learned quality classifier (DCLM, Li et al. 2024, arXiv:2406.11794;
+FineWeb-Edu). Rules catch what is broken; a classifier catches what is
+unlike good text. fastText's model (Joulin et al. 2017): a document's hashed
+word unigrams and bigrams are looked up in an embedding table E and averaged,
+and p(good) = sigmoid(w . mean_f E[x_f] + b). It is trained here on a
+reference set (by default the Python documentation's own pages) against
+documents drawn from the corpus and word-shuffled copies of the references,
+every document gets its score, and each domain keeps its top fraction.
+Perplexity under a reference model (CCNet, Wenzek et al. 2019) needs a
+model, which this file cannot import: prepare runs an outside command that
+scores documents, and keeps a quantile range of its scores.
 
 Language. The script a document's letters are written in (Latin, Cyrillic,
 Han, ...) is counted with Unicode properties. It is a heuristic, not a
@@ -118,6 +150,17 @@ rank r of W takes every W-th window, so ranks read different data; and the
 position lives in state_dict(), which the checkpoint stores, so a resumed run
 sees exactly the batches it would have seen.
 
+Mixtures that adapt. The train split is written one domain after another,
+so a loader can draw each step's batch from one domain. MixingSampler picks
+that domain per step: from fixed weights, from ODM's EXP3 bandit (Albalak et
+al. 2023, arXiv:2312.02406), whose reward is the loss the model just had on
+the domain, so the domain it still gets most wrong is drawn more, or from
+DoReMi's excess loss over a reference run (Xie et al. 2023, arXiv:2305.10429);
+in the schedule's decay phase it can switch to a final mixture (Blakeney et
+al. 2024). The draw comes from a generator seeded by the step, and the policy
+learns from the global loss, so every data-parallel rank draws the same
+domain and a resumed run the same sequence.
+
 Every prepare writes report.json beside the shards (documents and bytes in
 and out of each stage, removals per rule, tokens per domain before and after
 mixing, time and throughput) and prints it as a table.
@@ -128,8 +171,9 @@ matches: sources.json records each source file's size, times and SHA-256,
 so a corpus edited in place is prepared again, and every load re-reads the
 shards' checksums, so a changed shard is refused before training.
 
-Not here: document-aligned windows, URL and PII filters, model-based quality
-classifiers (DCLM's fastText classifier), and a per-language identifier.
+Not here: document-aligned windows, URL filters, a perplexity scorer of its
+own (see --score_command), decontamination by evaluate.py's task names (the
+seam is ContaminationIndex), and a per-language identifier.
 
 Map of the file, in reading order:
     EOT, PATTERN, constants          the end-of-text token and the pre-tokenizer
@@ -138,14 +182,19 @@ Map of the file, in reading order:
     exact_key, shingles, minhash_signatures, lsh_threshold, lsh_candidates,
                                      near_duplicate_keep (union-find), dedup
     script_of, the quality rules, DOMAIN_RULES, quality_filter
+    mask_pii                         e-mail, IP and phone placeholders
+    ContaminationIndex, decontaminate  GPT-3's 13-gram overlap
+    quality_features, QualityClassifier, train_quality_classifier, fit_quality_classifier
     parse_mix, mix_epochs, _mixed_order
     train_bpe, save_tokenizer, load_tokenizer_file, get_tokenizer
     _encode_chunk, _write_shards     tokenize in worker processes, fixed-size shards
     Spool                            the kept documents on disk, read back by offset
     PrepareConfig, prepare           the settings (and the cache key), then the five stages:
-        1 _collect, 2 _near_dedup, 3 _filter, 4 _make_tokenizer + _plan_mix, 5 _tokenize_all
+        1 _collect (with _pii_step), 2 _near_dedup, 3 _filter, _decontaminate, _classify, _score,
+        4 _make_tokenizer + _plan_mix, 5 _tokenize_all
     load_prepared, verify_shards, split_tokens, make_sampler, TokenSampler
-    bits_per_byte, bench_dedup, bench_bpe, main
+    MixingSampler, make_mixing_sampler, doremi_weights
+    bits_per_byte, bench_dedup, bench_bpe, classify, main
 """
 
 import argparse

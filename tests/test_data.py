@@ -364,6 +364,20 @@ def test_each_prose_rule_rejects_what_it_targets(rule, text):
     assert data.quality_filter(text, "prose") is not None
 
 
+def test_a_navigation_menu_above_a_paragraph_is_dropped_by_finewebs_short_line_rule():
+    """The kind of page the issue found kept: a 15-line menu above three long sentences passes Gopher's and
+    C4's rules and FineWeb's punctuation rule (3 of 18 lines end in a full stop), and fails FineWeb's short lines."""
+    menu = ["Home", "Login", "FAQ", "Sitemap", "About us", "Contact", "Careers", "Blog", "Shop", "Help", "Press",
+            "Privacy", "Terms", "Cookies", "Search"]
+    sentences = [" ".join(CLEAN_PROSE.split()[i:i + 30]) + "." for i in (0, 30, 60)]
+    page = "\n".join(menu + sentences)
+    view = data._view(page)
+    assert data.fineweb_short_lines(view) is not None
+    others = [r for r in data.DOMAIN_RULES["prose"] if r is not data.fineweb_short_lines]
+    assert [r.__name__ for r in others if r(view) is not None] == []
+    assert data.quality_filter(page, "prose") == "fineweb_short_lines"
+
+
 def test_curly_bracket_rule_applies_to_web_text_only():
     text = CLEAN_PROSE + " Use {name} in the template."
     assert data.quality_filter(text, "prose") is None
