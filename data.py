@@ -2359,7 +2359,7 @@ def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_downloa
 
 def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb: float, report: dict,
              verbose: bool) -> Spool:
-    """Stage 1, one streaming pass: read -> normalise -> exact dedup -> MinHash signature -> spool file.
+    """Stage 1, one streaming pass: read -> normalise -> PII (--pii) -> exact dedup -> MinHash signature -> spool file.
 
     Memory per kept document: its offset, size, labels, a 16-byte exact key
     and (for minhash) a K * 4-byte signature; the text itself goes to disk.
