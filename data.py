@@ -1253,8 +1253,9 @@ _IPV4 = regex.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?!\.?\w)")
 # only with at least 3 groups: "12:30:45" does not parse, and "1::2" (a Python slice) has two.
 _IPV6_CANDIDATE = regex.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 # North American numbers, (NXX) NXX-XXXX with N in 2-9 (the numbering plan), and international
-# ones, +CC then 2 to 5 groups; 8 to 15 digits in all (E.164's maximum is 15). A bare run of
-# digits is not taken: as often a timestamp or an id as a number to call.
+# ones, +CC then 2 to 5 groups parted by spaces, dashes or brackets; 8 to 15 digits in all
+# (E.164's maximum is 15). A bare run of digits is not taken: as often a timestamp or an id as a
+# number to call.
 _PHONE = regex.compile(r"(?<![\w+])(?=[+(2-9])(?:(?:\+1[ .-]?)?(?:\([2-9]\d\d\)|[2-9]\d\d)[ .-]?[2-9]\d\d[ .-]?\d{4}"
                        r"|\+[1-9]\d{0,2}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){2,5})(?![\w])")
 
@@ -1272,7 +1273,10 @@ def _ipv6(match) -> bool:
 def _phone(match) -> bool:
     text = match.group()
     digits = sum(c.isdigit() for c in text)
-    return 8 <= digits <= 15 and not text.isdigit()  # a separator, a bracket or a "+": written as a number
+    if not 8 <= digits <= 15 or text.isdigit():  # a bare run of digits: an id or a timestamp
+        return False
+    # "+" then digits and dots only is a signed decimal (Decimal('+35236450.6')), not a number to call
+    return not (text.startswith("+") and not any(c in " -()" for c in text))
 
 
 def mask_pii(text: str) -> tuple[str, Counter]:
@@ -2430,7 +2434,8 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     if cfg.pii != "none":
         _stage(report, f"pii ({cfg.pii})", count["norm_docs"], count["norm_bytes"], after_pii, count["pii_bytes"],
                clock["pii"])
-        report["removed"]["pii"] = count["pii_dropped"]
+        if cfg.pii == "drop":
+            report["removed"]["pii"] = count["pii_dropped"]
         report["pii"] = {"mode": cfg.pii, "documents": count["pii_docs"], **{k: pii_found[k] for k in PII_PLACEHOLDERS}}
     _stage(report, "exact dedup", after_pii, count["pii_bytes"], len(offsets), out_bytes, clock["exact"])
     report["removed"]["exact_duplicate"] = after_pii - len(offsets)

@@ -1575,6 +1575,11 @@ def test_the_constants_comments_hold():
     assert regex.findall(data.PATTERN, "12345_name the") == ["123", "45", "_name", " the"]
     assert "中".isalpha()  # why gopher_alpha_words runs on Latin text only (datatrove #202)
     assert data.get_tokenizer("bytes").n_vocab == 257
+    assert data.QUALITY_BUCKETS * data.QUALITY_DIM * 4 == 16 * 2**20  # the classifier's table: 16 MiB of float32
+    import ipaddress  # _IPV6_CANDIDATE's examples: a time does not parse, a slice has two groups
+    with pytest.raises(ValueError):
+        ipaddress.IPv6Address("12:30:45")
+    assert ipaddress.IPv6Address("1::2") and data.mask_pii("x[1::2]")[0] == "x[1::2]"
     import tiktoken_ext.openai_public  # the GPT-2 vocabulary, read from tiktoken's definition (no download)
     assert '"explicit_n_vocab": 50257' in inspect.getsource(tiktoken_ext.openai_public.gpt2)
     # The platform's default start method, as _tokenize_all's comment says
@@ -1668,7 +1673,8 @@ def random_look_alike(rng) -> str:
         f"pkg@{n()}.{n()}.{n()}", str(rng.randint(10**9, 2 * 10**9)), f"{rng.randint(256, 999)}.{n()}.{n()}.{n()}",
         f"ISBN 978-{rng.randint(0, 9)}-{rng.randint(10, 99)}-{rng.randint(100000, 999999)}-{rng.randint(0, 9)}",
         ":".join(f"{rng.getrandbits(8):02x}" for _ in range(6)), f"{rng.randint(1, 99)}:{rng.randint(10, 59)}",
-        f"range({n()}, {n()} * {n()})", f"{rng.randint(100, 999)} {rng.randint(100, 999)}"])
+        f"range({n()}, {n()} * {n()})", f"{rng.randint(100, 999)} {rng.randint(100, 999)}",
+        f"Decimal('+{rng.randint(10**7, 10**9)}.{rng.randint(0, 9)}')", f"+{rng.randint(10**7, 10**12)}"])
 
 
 FILLER = "The report was filed on time and the team reviewed it with care before the meeting ended".split()
