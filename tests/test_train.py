@@ -549,3 +549,38 @@ def test_mix_flags_are_checked_before_any_work():
         train.check_config(train.TrainConfig(mix_online="doremi"))
     with pytest.raises(ValueError, match="DiLoCo"):
         train.check_config(train.TrainConfig(mix_online="odm", diloco_steps=5))
+
+
+RECORD_DOMAINS = """
+import json, os, sys
+import data, train
+update = data.MixingSampler.update
+def recording(self, loss):
+    record = update(self, loss)
+    with open(os.path.join(os.environ["DOMAIN_LOG"], f"rank{os.environ['RANK']}.jsonl"), "a") as f:
+        f.write(json.dumps([record["mix_domain"], loss]) + "\\n")
+    return record
+data.MixingSampler.update = recording
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_two_data_parallel_ranks_draw_the_same_domain_sequence(data_dir, tmp_path):
+    """torchrun, 2 processes with gloo, --dp 2 --mix_online odm: each rank records the domain it drew and the
+    loss it was given at every step; both sequences are the same, and so are rank 0's metrics.jsonl records."""
+    script = tmp_path / "record.py"
+    script.write_text(RECORD_DOMAINS)
+    logs = tmp_path / "domains"
+    logs.mkdir()
+    args = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--data_dir", data_dir, "--out_dir",
+            str(tmp_path / "out"), "--dp", "2", "--batch_size", "4", "--max_iters", "12", "--eval_interval", "12",
+            "--mix_online", "odm"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "DOMAIN_LOG": str(logs)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    ranks = [[json.loads(line) for line in open(logs / f"rank{r}.jsonl")] for r in (0, 1)]
+    assert len(ranks[0]) == 12 and ranks[0] == ranks[1]
+    logged = [r["mix_domain"] for r in read_metrics(tmp_path / "out") if "mix_domain" in r]
+    assert logged == [domain for domain, _ in ranks[0]]
