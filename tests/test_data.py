@@ -1975,3 +1975,26 @@ def test_a_scorer_command_scores_every_document_and_keeps_a_quantile_range(tmp_p
     assert kept == {data.normalize(t) for t in texts if len(t.split()) <= median}
     with pytest.raises(ValueError, match="one number per input line"):
         data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "out2"), verbose=False, score_command="echo 1")
+
+
+def test_classify_saves_a_classifier_that_prepare_uses_and_records_per_document(tmp_path, rng):
+    """python data.py classify on small sources, then prepare --quality_model with a threshold: every non-code
+    document of the corpus gets a line in scores.jsonl, and the kept ones are those scoring above it."""
+    good = write_prose_dir(tmp_path / "good", [CLEAN_PROSE.replace("river", f"river{i}") for i in range(8)])
+    corpus_texts = [CLEAN_PROSE.replace("town", f"town{i}") for i in range(6)] + [
+        " ".join(rng.sample(CLEAN_PROSE.split(), len(CLEAN_PROSE.split()))) + "." for _ in range(6)]
+    corpus = write_prose_dir(tmp_path / "corpus", corpus_texts)
+    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(data.__file__), "data.py"), "classify",
+                             "--data", str(corpus), "--quality_positive", str(good), "--out", str(tmp_path / "q.npz")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    clf = data.QualityClassifier.load(tmp_path / "q.npz")
+    assert {"train_accuracy", "held_out_accuracy"} <= set(clf.info)
+    manifest = data.prepare(str(corpus), "bytes", out_dir=str(tmp_path / "out"), verbose=False, dedup="none",
+                            quality_filter=False, quality_model=str(tmp_path / "q.npz"), quality_threshold=0.5)
+    rows = [json.loads(line) for line in open(Path(manifest["dir"]) / "scores.jsonl")]
+    assert len(rows) == len(corpus_texts)
+    scores = {data.normalize(t): clf.score(data.normalize(t)) for t in corpus_texts}
+    assert sorted(r["quality"] for r in rows) == pytest.approx(sorted(scores.values()), abs=1e-6)
+    kept = decoded_documents(manifest, data.get_tokenizer("bytes"))
+    assert kept == {t for t, s in scores.items() if s > 0.5}
