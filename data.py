@@ -2161,6 +2161,7 @@ class PrepareConfig:
     quality_positive: str = "stdlib:topics"  # the reference documents the classifier learns to recognise
     quality_model: str = ""  # a classifier saved by `data.py classify` (absolute path); "": train one here
     quality_model_sha256: str = ""  # of that file
+    quality_positive_sha256: str = ""  # of --quality_positive's local files, when the classifier is trained here
     score_command: str = ""  # a command that scores documents: JSON lines {"text": ...} in, one number per line out
     score_keep: str = ""  # LO:HI, the quantile range of those scores to keep (CCNet's buckets: 0:0.33 is the head)
 
@@ -2206,7 +2207,8 @@ class PrepareConfig:
 
 def _add_file_keys(cfg: PrepareConfig, decontaminate: str, quality_model: str) -> None:
     """The evaluation files and the saved classifier into cfg, as absolute paths with the SHA-256 of
-    their contents: the cache key changes when a file does (a missing file is one clear error)."""
+    their contents, and the SHA-256 of the classifier's local positive files: the cache key changes
+    when a file does (a missing file is one clear error)."""
     paths = [os.path.abspath(p.strip()) for p in decontaminate.split(",") if p.strip()]
     for path in paths + ([os.path.abspath(quality_model)] if quality_model else []):
         if not os.path.isfile(path):
@@ -2216,6 +2218,10 @@ def _add_file_keys(cfg: PrepareConfig, decontaminate: str, quality_model: str) -
     cfg.decontaminate_sha256 = hashlib.sha256(" ".join(_sha256_file(p) for p in paths).encode()).hexdigest() if paths else ""
     cfg.quality_model = os.path.abspath(quality_model) if quality_model else ""
     cfg.quality_model_sha256 = _sha256_file(cfg.quality_model) if quality_model else ""
+    if cfg.classifier_on and not quality_model:  # the positives decide the classifier: an edit is a new key
+        local = [src for _, src in parse_sources(cfg.quality_positive) if not src.startswith(("stdlib", "http://", "https://"))]
+        files = [p for source in local for p, _ in _source_files(source)]
+        cfg.quality_positive_sha256 = hashlib.sha256(" ".join(_sha256_file(p) for p in files).encode()).hexdigest() if files else ""
 
 
 def _split_documents(n_docs: int, val_fraction: float, seed: int):
