@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import data
 import parallel
 import scaling
 import train
@@ -584,3 +585,28 @@ def test_two_data_parallel_ranks_draw_the_same_domain_sequence(data_dir, tmp_pat
     assert len(ranks[0]) == 12 and ranks[0] == ranks[1]
     logged = [r["mix_domain"] for r in read_metrics(tmp_path / "out") if "mix_domain" in r]
     assert logged == [domain for domain, _ in ranks[0]]
+
+
+def test_the_doremi_recipe_runs_from_a_reference_run_to_a_mixture_for_the_main_run(data_dir, tmp_path):
+    """Reference (--mix_online static) -> proxy (--mix_online doremi --mix_reference its metrics.jsonl) ->
+    the proxy's average weights as a --mix value; each proxy step's weights follow DoReMi's update from the
+    logged losses: alpha_i *= exp(max(L - L_ref(i), 0)) for the step's domain, pi = 0.999 alpha / sum + 0.0005."""
+    ref, mo = tiny(data_dir, tmp_path / "ref", max_iters=10, eval_interval=10, dtype="float32", mix_online="static")
+    train.train(ref, mo)
+    proxy, mo = tiny(data_dir, tmp_path / "proxy", max_iters=6, eval_interval=6, dtype="float32", mix_online="doremi",
+                     mix_reference=str(tmp_path / "ref" / "metrics.jsonl"), seed=7)
+    train.train(proxy, mo)
+    ref_rows = [r for r in read_metrics(tmp_path / "ref") if "mix_domain" in r]
+    rows = [r for r in read_metrics(tmp_path / "proxy") if "mix_domain" in r]
+    names = list(rows[0]["mix_weights"])
+    alpha = {n: 1 / len(names) for n in names}
+    for r in rows:  # the weights each step was drawn with, recomputed from the losses logged before it
+        total = sum(alpha.values())
+        assert r["mix_weights"] == pytest.approx({n: 0.999 * a / total + 0.001 / len(names) for n, a in alpha.items()},
+                                                 abs=2e-6)
+        seen = [x["mix_loss"] for x in ref_rows if x["mix_domain"] == r["mix_domain"] and x["step"] <= r["step"]]
+        reference = seen[-1] if seen else next(x["mix_loss"] for x in ref_rows if x["mix_domain"] == r["mix_domain"])
+        alpha[r["mix_domain"]] *= math.exp(max(r["mix_loss"] - reference, 0.0))
+        alpha = {n: a / sum(alpha.values()) for n, a in alpha.items()}
+    mixture = data.parse_mix(data.doremi_weights(str(tmp_path / "proxy" / "metrics.jsonl")))
+    assert set(mixture) == set(names) and sum(mixture.values()) == pytest.approx(1, abs=1e-3)
