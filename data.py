@@ -3365,8 +3365,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(description="The data pipeline: prepare a corpus into token shards, "
-                                       "verify them, or run the benchmarks.")
+    parser = OneLineParser(description="The data pipeline: prepare a corpus into token shards, verify them, "
+                                       "train the quality classifier, read a DoReMi run's mixture, or run the benchmarks.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="collect, clean, dedup, filter, mix, tokenize into <out_dir>/<key>/")
     p.add_argument("--data", default="stdlib", help="comma-separated sources, each optionally domain=source: stdlib, "
@@ -3452,7 +3452,8 @@ def _stop(signum, frame):
 
 
 def main(argv=None) -> None:
-    """`python data.py prepare|verify|bench-dedup|bench-bpe ...`; a user error is one line and exit code 2."""
+    """`python data.py prepare|classify|doremi-weights|verify|bench-dedup|bench-bpe ...`; a user error is one
+    line and exit code 2."""
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
     try:
