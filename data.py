@@ -9,9 +9,11 @@ spend most of their effort on choosing which text the model sees. This
 chapter performs the whole path, stage by stage, and reports what each stage
 did:
 
-    collect -> normalise -> exact dedup -> near dedup (MinHash + LSH)
-            -> quality filters -> domain/language mix -> tokenize -> shards
-            -> a rank-aware, resumable loader -> (x, y) batches
+    collect -> normalise -> PII masking -> exact dedup -> near dedup (MinHash + LSH)
+            -> quality rules -> decontamination -> learned quality classifier
+            -> an outside scorer -> domain/language mix -> tokenize -> shards
+            -> a rank-aware, resumable loader (random windows, or one domain per
+               step from a mixture that adapts during training) -> (x, y) batches
 
 where y is x shifted left by one token and training minimises
 
@@ -61,15 +63,45 @@ document of each cluster survives. Lee et al. 2022 ("Deduplicating Training
 Data Makes Language Models Better", arXiv:2107.06499) show why: duplicates
 are memorised and waste compute.
 
+PII masking (Dolma, Soldaini et al. 2024; Stanford CS336's assignment 4).
+E-mail addresses, IPv4 and IPv6 addresses and phone numbers are found with
+regular expressions written to leave their look-alikes alone (version
+numbers, dates, times, code such as x[1::2] or @property) and replaced by
+placeholders such as |||EMAIL_ADDRESS|||, or the document is dropped.
+
 Quality filters. Heuristic rules with published thresholds: Gopher's quality
 and repetition rules (Rae et al. 2021, "Scaling Language Models: Methods,
 Analysis & Insights from Training Gopher", arXiv:2112.11446, appendix A),
-C4's rules (Raffel et al. 2020, arXiv:1910.10683, sec. 2.2), FineWeb's
-punctuation rule (Penedo et al. 2024, arXiv:2406.17557), and for source code
+C4's rules (Raffel et al. 2020, arXiv:1910.10683, sec. 2.2), FineWeb's three
+rules (Penedo et al. 2024, arXiv:2406.17557, sec. 3.5: lines ending in
+punctuation, short lines, characters in duplicated lines), and for source code
 the line-length and alphanumeric rules of The Stack / StarCoder (Li et al.
 2023, arXiv:2305.06161). Each rule is a small function that returns why it
 rejects; which rules apply depends on the domain, because prose rules
-("at least two English stop words", "no curly brackets") delete code.
+("at least two English stop words", "no curly brackets") delete code. Where
+a rule differs from datatrove's (the library FineWeb was built with), its
+docstring says how and why; a test holds each rule to a transcription of its
+paper's sentence.
+
+Decontamination (GPT-3, Brown et al. 2020, arXiv:2005.14165, appendix C). A
+training document that shares a 13-gram of normalised words (lowercase, no
+punctuation) with an evaluation text is removed, so a benchmark measures
+generalisation, not memory. Candidates are found by hashing every 13-gram and
+checked word by word. GPT-3 itself, after first removing whole documents,
+cut out 200 characters around each hit instead (long books collided by
+chance); a small corpus can afford the whole-document rule.
+
+A learned quality classifier (DCLM, Li et al. 2024, arXiv:2406.11794;
+FineWeb-Edu). Rules catch what is broken; a classifier catches what is
+unlike good text. fastText's model (Joulin et al. 2017): a document's hashed
+word unigrams and bigrams are looked up in an embedding table E and averaged,
+and p(good) = sigmoid(w . mean_f E[x_f] + b). It is trained here on a
+reference set (by default the Python documentation's own pages) against
+documents drawn from the corpus and word-shuffled copies of the references,
+every document gets its score, and each domain keeps its top fraction.
+Perplexity under a reference model (CCNet, Wenzek et al. 2019) needs a
+model, which this file cannot import: prepare runs an outside command that
+scores documents, and keeps a quantile range of its scores.
 
 Language. The script a document's letters are written in (Latin, Cyrillic,
 Han, ...) is counted with Unicode properties. It is a heuristic, not a
@@ -118,6 +150,17 @@ rank r of W takes every W-th window, so ranks read different data; and the
 position lives in state_dict(), which the checkpoint stores, so a resumed run
 sees exactly the batches it would have seen.
 
+Mixtures that adapt. The train split is written one domain after another,
+so a loader can draw each step's batch from one domain. MixingSampler picks
+that domain per step: from fixed weights, from ODM's EXP3 bandit (Albalak et
+al. 2023, arXiv:2312.02406), whose reward is the loss the model just had on
+the domain, so the domain it still gets most wrong is drawn more, or from
+DoReMi's excess loss over a reference run (Xie et al. 2023, arXiv:2305.10429);
+in the schedule's decay phase it can switch to a final mixture (Blakeney et
+al. 2024). The draw comes from a generator seeded by the step, and the policy
+learns from the global loss, so every data-parallel rank draws the same
+domain and a resumed run the same sequence.
+
 Every prepare writes report.json beside the shards (documents and bytes in
 and out of each stage, removals per rule, tokens per domain before and after
 mixing, time and throughput) and prints it as a table.
@@ -128,8 +171,9 @@ matches: sources.json records each source file's size, times and SHA-256,
 so a corpus edited in place is prepared again, and every load re-reads the
 shards' checksums, so a changed shard is refused before training.
 
-Not here: document-aligned windows, URL and PII filters, model-based quality
-classifiers (DCLM's fastText classifier), and a per-language identifier.
+Not here: document-aligned windows, URL filters, a perplexity scorer of its
+own (see --score_command), decontamination by evaluate.py's task names (the
+seam is ContaminationIndex), and a per-language identifier.
 
 Map of the file, in reading order:
     EOT, PATTERN, constants          the end-of-text token and the pre-tokenizer
@@ -138,14 +182,19 @@ Map of the file, in reading order:
     exact_key, shingles, minhash_signatures, lsh_threshold, lsh_candidates,
                                      near_duplicate_keep (union-find), dedup
     script_of, the quality rules, DOMAIN_RULES, quality_filter
+    mask_pii                         e-mail, IP and phone placeholders
+    ContaminationIndex, decontaminate  GPT-3's 13-gram overlap
+    quality_features, QualityClassifier, train_quality_classifier, fit_quality_classifier
     parse_mix, mix_epochs, _mixed_order
     train_bpe, save_tokenizer, load_tokenizer_file, get_tokenizer
     _encode_chunk, _write_shards     tokenize in worker processes, fixed-size shards
     Spool                            the kept documents on disk, read back by offset
     PrepareConfig, prepare           the settings (and the cache key), then the five stages:
-        1 _collect, 2 _near_dedup, 3 _filter, 4 _make_tokenizer + _plan_mix, 5 _tokenize_all
+        1 _collect (with _pii_step), 2 _near_dedup, 3 _filter, _decontaminate, _classify, _score,
+        4 _make_tokenizer + _plan_mix, 5 _tokenize_all
     load_prepared, verify_shards, split_tokens, make_sampler, TokenSampler
-    bits_per_byte, bench_dedup, bench_bpe, main
+    MixingSampler, make_mixing_sampler, doremi_weights
+    bits_per_byte, bench_dedup, bench_bpe, classify, main
 """
 
 import argparse
@@ -162,9 +211,11 @@ import math
 import multiprocessing
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -196,8 +247,10 @@ PATTERN = (
 )
 
 # Bump when the layout of the prepared directory changes: it is part of the
-# cache key, so old caches are ignored instead of misread. 2: sharded files.
-FORMAT_VERSION = 2
+# cache key, so old caches are ignored instead of misread. 2: sharded files. 3: the train
+# split written one group (domain or script) after another, each group's token range in the
+# manifest's "train_groups", so a loader can draw a batch from one domain (MixingSampler).
+FORMAT_VERSION = 3
 
 # Tokens per shard file: 2^24 = 16.8M tokens = 32 MiB of uint16. Large enough
 # that a laptop corpus is one shard, small enough to copy and checksum in
@@ -273,19 +326,26 @@ def _stdlib_prose():
         text = _docstrings(tree)
         if text.strip():
             yield text, "prose", rel
-    from pydoc_data.topics import topics  # the text behind help("with") etc.
+    yield from _stdlib_topics("prose")
+
+
+def _stdlib_topics(domain: str):
+    """Each pydoc topic page (the text behind help("with") etc.), in a fixed order."""
+    from pydoc_data.topics import topics
     for name in sorted(topics):
         if topics[name].strip():
-            yield topics[name], "prose", f"pydoc_data.topics:{name}"
+            yield topics[name], domain, f"pydoc_data.topics:{name}"
 
 
 def _stdlib_documents(domains):
     """Lazily, (text, domain, source) for the requested stdlib domains, in a fixed order."""
+    # "topics" is the part of "prose" that is the Python documentation's own pages (pydoc's topics):
+    # curated reference prose, the default positive set of the quality classifier.
     generators = {"code": lambda: ((src, "code", rel) for rel, src, _ in _stdlib_sources()),
-                  "prose": _stdlib_prose}
+                  "prose": _stdlib_prose, "topics": lambda: _stdlib_topics("prose")}
     unknown = set(domains) - set(generators)
     if unknown:
-        raise ValueError(f"unknown stdlib domain(s) {sorted(unknown)}: use 'code' and/or 'prose'")
+        raise ValueError(f"unknown stdlib domain(s) {sorted(unknown)}: use 'code', 'prose' or 'topics'")
     for d in domains:
         yield from generators[d]()
 
@@ -908,10 +968,14 @@ GOPHER_MAX_DUPLICATE_NGRAM_CHARS = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11,
 # C4 (Raffel et al. 2020, arXiv:1910.10683, sec. 2.2): at least 3 sentences;
 # no "lorem ipsum"; no "{" (which in web text is code or templates).
 C4_MIN_SENTENCES = 3
-# FineWeb (Penedo et al. 2024, arXiv:2406.17557; datatrove's FineWebQualityFilter,
-# line_punct_thr=0.12): drop a document when at most 12% of its lines end in terminal
-# punctuation (C4's per-line rule, made per-document).
+# FineWeb's three rules (Penedo et al. 2024, arXiv:2406.17557, sec. 3.5; datatrove's
+# FineWebQualityFilter): drop a document when at most 12% of its lines end in terminal
+# punctuation (C4's per-line rule, made per-document); when more than 67% of its lines are
+# at most 30 characters long (menus, lists, tables); when more than 10% of its characters
+# are in lines that repeat an earlier line (the paper's 0.1; datatrove's default is 0.01).
 FINEWEB_MIN_PUNCTUATED_LINES = 0.12
+FINEWEB_SHORT_LINE_CHARS, FINEWEB_MAX_SHORT_LINES = 30, 0.67
+FINEWEB_MAX_DUPLICATE_LINE_CHARS = 0.10
 # Source code (The Stack, Kocetkov et al. 2022, arXiv:2211.15533; StarCoder, Li et al. 2023,
 # arXiv:2305.06161): minified or generated files have very long lines or few alphanumerics.
 CODE_MAX_LINE_LENGTH = 1000
@@ -919,15 +983,20 @@ CODE_MAX_MEAN_LINE_LENGTH = 100
 CODE_MIN_ALPHANUMERIC = 0.25
 
 _BULLETS = ("-", "*", "•", "‣", "●", "·", "◦", "▪")
-# datatrove's stop characters (. ' " ! ?), plus typographic closing quotes and the CJK full stops
+# What ends a line "in punctuation" for FineWeb's rule: the five stop characters of datatrove
+# 0.2.0's FineWebQualityFilter (. ' " ! ?), plus the typographic closing quotes and the CJK full
+# stops. datatrove 0.10 ends lines with its TERMINAL_PUNCTUATION instead: 159
+# sentence-final marks of many scripts and no quote, so there a line ending '...he said."' does
+# not count; here a quotation that closes a sentence does.
 _TERMINAL = (".", "!", "?", '"', "'", "”", "’", "。", "！", "？")
 _SENTENCE_END = regex.compile(r"[.!?。！？]+(?=\s|$)")
+_NOT_SPACE = regex.compile(r"\S+")
 
 
 def _view(text: str) -> dict:
     """What the rules look at, computed once: non-empty lines, paragraphs, words."""
     return {"text": text, "lines": [ln for ln in text.split("\n") if ln.strip()],
-            "paragraphs": [p for p in regex.split(r"\n\s*\n", text) if p.strip()], "words": text.split()}
+            "paragraphs": [p for p in regex.split(r"\n\s*\n", text.strip()) if p], "words": text.split()}
 
 
 def gopher_word_count(doc):
@@ -945,11 +1014,12 @@ def gopher_mean_word_length(doc):
 
 
 def gopher_symbol_ratio(doc):
-    """Gopher: at most 0.1 hash signs or ellipses per word (tag clouds, truncated snippets)."""
-    symbols = doc["text"].count("#") + doc["text"].count("...") + doc["text"].count("…")
-    ratio = symbols / max(1, len(doc["words"]))
-    if ratio > GOPHER_MAX_SYMBOL_WORD_RATIO:
-        return f"{ratio:.2f} '#' or ellipses per word"
+    """Gopher: at most 0.1 hash signs per word, and at most 0.1 ellipses per word ("either the hash
+    symbol or the ellipsis": two ratios, each against the limit; tag clouds, truncated snippets)."""
+    n_words = max(1, len(doc["words"]))
+    for name, count in (("'#'", doc["text"].count("#")), ("ellipses", doc["text"].count("...") + doc["text"].count("…"))):
+        if count / n_words > GOPHER_MAX_SYMBOL_WORD_RATIO:
+            return f"{count / n_words:.2f} {name} per word"
 
 
 def gopher_bullet_lines(doc):
@@ -976,10 +1046,13 @@ def gopher_alpha_words(doc):
 
 
 def gopher_stop_words(doc):
-    """Gopher: at least 2 of 'the, be, to, of, and, that, have, with' (real English sentences)."""
-    n = sum(w.strip(".,;:!?\"'()").lower() in GOPHER_STOP_WORDS for w in doc["words"])
-    if n < GOPHER_MIN_STOP_WORDS:
-        return f"{n} English stop words"
+    """Gopher: at least 2 OF 'the, be, to, of, and, that, have, with': two different ones, however
+    often each occurs (a text whose only stop word is "the" fails). A word counts in any case and
+    with the punctuation around it stripped ("The", "of,"); datatrove compares its tokens as they
+    are, so there "The" is no stop word."""
+    found = {w.strip(".,;:!?\"'()").lower() for w in doc["words"]} & GOPHER_STOP_WORDS
+    if len(found) < GOPHER_MIN_STOP_WORDS:
+        return f"{len(found)} different English stop word(s)"
 
 
 def _duplicates(items: list[str]) -> tuple[int, int]:
@@ -1011,34 +1084,44 @@ def gopher_duplicate_paragraphs(doc):
 
 
 def gopher_top_ngrams(doc):
-    """Gopher: the most frequent 2-, 3-, 4-gram covers at most 20%, 18%, 16% of characters."""
+    """Gopher: the most frequent 2-, 3-, 4-gram covers at most 20%, 18%, 16% of characters
+    (its length, spaces included, times its count; of equally frequent ones, the longest)."""
     words, total = doc["words"], max(1, len(doc["text"]))
     for n, limit in GOPHER_MAX_TOP_NGRAM_CHARS.items():
         grams = Counter(" ".join(g) for g in zip(*(words[i:] for i in range(n))))
         if grams:
-            gram, count = grams.most_common(1)[0]
+            count = max(grams.values())
+            gram = max((g for g, c in grams.items() if c == count), key=len)
             if count > 1 and len(gram) * count / total > limit:
                 return f"the top {n}-gram covers {len(gram) * count / total:.0%} of characters"
 
 
 def gopher_duplicate_ngrams(doc):
-    """Gopher: repeated 5- to 10-grams cover at most 15% down to 10% of characters."""
-    # Counted as datatrove does (FineWeb's reproduction of Gopher): scanning left to
-    # right, an n-gram seen before adds its characters and the scan jumps past it, so
-    # overlapping repeats count once and the first occurrence is not counted.
-    words, total = doc["words"], max(1, len(doc["text"]))
+    """Gopher: repeated 5- to 10-grams cover at most 15% down to 10% of characters.
+
+    An occurrence of an n-gram is repeated when the same n words occurred earlier in the
+    document; its characters run from its first word's first character to its last word's
+    last, so the spaces inside count, as they do in the denominator (the whole text). Where
+    repeated occurrences overlap, a character is counted once. datatrove (and so FineWeb)
+    counts differently: it joins the n words without spaces, and after a repeat it jumps n
+    words ahead without recording the n-grams it jumped over; both make its fraction smaller
+    than the characters covered (on a text of one repeated phrase, about 0.8 instead of 1).
+    """
+    text, total = doc["text"], max(1, len(doc["text"]))
+    spans = [(m.start(), m.end()) for m in _NOT_SPACE.finditer(text)]
+    words = [text[a:b] for a, b in spans]
     for n, limit in GOPHER_MAX_DUPLICATE_NGRAM_CHARS.items():
-        seen, repeated, i = set(), 0, 0
-        while i < len(words) - n + 1:
-            gram = " ".join(words[i:i + n])
-            if gram in seen:
-                repeated += len(gram)
-                i += n
-            else:
+        seen, covered, reach = set(), 0, 0  # reach: where the characters counted so far end
+        for i in range(len(words) - n + 1):
+            gram = " ".join(words[i:i + n])  # words hold no space, so the join is unambiguous
+            if gram not in seen:
                 seen.add(gram)
-                i += 1
-        if repeated / total > limit:
-            return f"repeated {n}-grams cover {repeated / total:.0%} of characters"
+                continue
+            start, end = spans[i][0], spans[i + n - 1][1]
+            covered += end - max(start, reach)  # ends only grow with i: the new part of the union
+            reach = end
+        if covered / total > limit:
+            return f"repeated {n}-grams cover {covered / total:.0%} of characters"
 
 
 def c4_lorem_ipsum(doc):
@@ -1065,6 +1148,22 @@ def fineweb_punctuated_lines(doc):
     frac = sum(ln.rstrip().endswith(_TERMINAL) for ln in doc["lines"]) / max(1, len(doc["lines"]))
     if frac <= FINEWEB_MIN_PUNCTUATED_LINES:
         return f"only {frac:.0%} of lines end in terminal punctuation"
+
+
+def fineweb_short_lines(doc):
+    """FineWeb: at most 67% of lines are at most 30 characters long (else a menu, a list, a table)."""
+    frac = sum(len(ln) <= FINEWEB_SHORT_LINE_CHARS for ln in doc["lines"]) / max(1, len(doc["lines"]))
+    if frac > FINEWEB_MAX_SHORT_LINES:
+        return f"{frac:.0%} of lines have at most {FINEWEB_SHORT_LINE_CHARS} characters"
+
+
+def fineweb_duplicate_line_chars(doc):
+    """FineWeb: at most 10% of the characters (newlines not counted) are in lines that repeat an
+    earlier line (Gopher's line rule allows 20%; FineWeb tightened it for boilerplate)."""
+    _, chars = _duplicates(doc["lines"])
+    frac = chars / max(1, len(doc["text"]) - doc["text"].count("\n"))
+    if frac > FINEWEB_MAX_DUPLICATE_LINE_CHARS:
+        return f"{frac:.0%} of characters in repeated lines"
 
 
 def code_max_line_length(doc):
@@ -1098,7 +1197,8 @@ def code_alphanumeric_fraction(doc):
 # curly-bracket rule, meant for crawled pages.
 _PROSE_RULES = (gopher_word_count, gopher_mean_word_length, gopher_symbol_ratio, gopher_bullet_lines,
                 gopher_ellipsis_lines, gopher_alpha_words, gopher_stop_words, c4_lorem_ipsum,
-                c4_min_sentences, fineweb_punctuated_lines, gopher_duplicate_lines,
+                c4_min_sentences, fineweb_punctuated_lines, fineweb_short_lines, fineweb_duplicate_line_chars,
+                gopher_duplicate_lines,
                 gopher_duplicate_paragraphs, gopher_top_ngrams, gopher_duplicate_ngrams)
 DOMAIN_RULES = {
     "code": (code_max_line_length, code_mean_line_length, code_alphanumeric_fraction),
@@ -1108,7 +1208,8 @@ DOMAIN_RULES = {
 # Rules that assume space-separated English; they are skipped for other scripts,
 # where they would reject everything (a Chinese text has no spaces and no "the").
 _LATIN_ONLY = {gopher_word_count, gopher_mean_word_length, gopher_alpha_words, gopher_stop_words,
-               c4_min_sentences, fineweb_punctuated_lines, gopher_top_ngrams, gopher_duplicate_ngrams}
+               c4_min_sentences, fineweb_punctuated_lines, fineweb_short_lines, gopher_top_ngrams,
+               gopher_duplicate_ngrams}
 
 
 def quality_rules(domain: str) -> tuple:
@@ -1128,6 +1229,336 @@ def _quality_reason(text: str, domain: str, script: str) -> str | None:
         if (latin or rule not in _LATIN_ONLY) and rule(doc) is not None:
             return rule.__name__
     return None
+
+
+# ---------------------------------------------------------------------------
+# PII masking: e-mail addresses, IP addresses and phone numbers
+# ---------------------------------------------------------------------------
+
+# Dolma's placeholders (Soldaini et al. 2024, arXiv:2402.00159), which Stanford CS336's
+# assignment 4 asks for too; a placeholder keeps the sentence readable and tells the model
+# that something stood there.
+PII_PLACEHOLDERS = {"email": "|||EMAIL_ADDRESS|||", "ip": "|||IP_ADDRESS|||", "phone": "|||PHONE_NUMBER|||"}
+# local@domain.tld: the local part and each domain label start and end with a letter or digit,
+# the top-level domain is 2 or more letters, so "@property", "pkg@1.2.3" and "a@b.T" are left alone.
+# The lookaheads (an "@" ahead; a "+", "(" or digit 2-9 first) change no match, only the time: the
+# engine gives up at most positions without trying the whole pattern.
+_EMAIL = regex.compile(r"(?<![\w.%+-])(?=[A-Za-z0-9][\w.%+-]*@)[A-Za-z0-9](?:[\w.%+-]*[A-Za-z0-9])?@"
+                       r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])")
+# Four octets 0-255; not inside a longer dotted run ("1.2.3.4.5", "v1.2.3.4"), so most version
+# numbers, which have three parts or a letter in front, stay. A bare four-part version IS an address.
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = regex.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?!\.?\w)")
+# A run of hex groups and colons, checked by the standard library's parser (ipaddress) and kept
+# only with at least 3 groups: "12:30:45" does not parse, and "1::2" (a Python slice) has two.
+_IPV6_CANDIDATE = regex.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+# North American numbers, (NXX) NXX-XXXX with N in 2-9 (the numbering plan), and international
+# ones, +CC then 2 to 5 groups parted by spaces, dashes or brackets; 8 to 15 digits in all
+# (E.164's maximum is 15). A bare run of digits is not taken: as often a timestamp or an id as a
+# number to call.
+_PHONE = regex.compile(r"(?<![\w+])(?=[+(2-9])(?:(?:\+1[ .-]?)?(?:\([2-9]\d\d\)|[2-9]\d\d)[ .-]?[2-9]\d\d[ .-]?\d{4}"
+                       r"|\+[1-9]\d{0,2}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){2,5})(?![\w])")
+
+
+def _ipv6(match) -> bool:
+    import ipaddress  # the standard library's own parser decides what is an IPv6 address
+    text = match.group()
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return len([g for g in text.split(":") if g]) >= 3
+
+
+def _phone(match) -> bool:
+    text = match.group()
+    digits = sum(c.isdigit() for c in text)
+    if not 8 <= digits <= 15 or text.isdigit():  # a bare run of digits: an id or a timestamp
+        return False
+    # "+" then digits and dots only is a signed decimal (Decimal('+35236450.6')), not a number to call
+    return not (text.startswith("+") and not any(c in " -()" for c in text))
+
+
+def mask_pii(text: str) -> tuple[str, Counter]:
+    """The text with e-mail addresses, IPv4/IPv6 addresses and phone numbers replaced by
+    PII_PLACEHOLDERS, and how many of each kind were replaced. E-mail first: its domain may hold
+    digits that would otherwise read as an address or a number."""
+    counts = Counter()
+
+    def replace(kind, check=None):
+        def sub(m):
+            if check is not None and not check(m):
+                return m.group()
+            counts[kind] += 1
+            return PII_PLACEHOLDERS[kind]
+        return sub
+    text = _EMAIL.sub(replace("email"), text)
+    text = _IPV6_CANDIDATE.sub(replace("ip", _ipv6), text)
+    text = _IPV4.sub(replace("ip"), text)
+    text = _PHONE.sub(replace("phone", _phone), text)
+    return text, counts
+
+
+# ---------------------------------------------------------------------------
+# Decontamination: no training document shares a 13-gram with the evaluation texts
+# ---------------------------------------------------------------------------
+
+# GPT-3 (Brown et al. 2020, arXiv:2005.14165, appendix C): a gram is a lowercase, whitespace-
+# delimited word with no punctuation, and a training document that shares a 13-gram with an
+# evaluation text is contaminated.
+DECONTAMINATE_NGRAM = 13
+DECONTAMINATE_MIN_WORDS = 8
+_PUNCTUATION_OR_SYMBOL = regex.compile(r"[\p{P}\p{S}]+")
+
+
+def contamination_words(text: str) -> list[str]:
+    """GPT-3's grams: the text lowercased, punctuation and symbols removed, split at whitespace."""
+    return _PUNCTUATION_OR_SYMBOL.sub("", text.lower()).split()
+
+
+def _word_hashes(words: list[str]) -> np.ndarray:
+    """(W,) uint64: Python's hash of each word (per process, which is all an index needs here)."""
+    return np.array([hash(w) for w in words], dtype=np.int64).view(np.uint64)
+
+
+def _ngram_hashes(h: np.ndarray, n: int) -> np.ndarray:
+    """(W-n+1,) uint64 hashes of the n-grams of word hashes h: sum_i m_i h[j+i] mod 2^64, odd m_i."""
+    mix = _hash_params(NUM_PERM, n, 13)[0]
+    acc = np.zeros(max(0, len(h) - n + 1), dtype=np.uint64)
+    for i in range(n if len(acc) else 0):
+        acc += h[i:len(h) - n + 1 + i] * mix[i]
+    return acc
+
+
+class ContaminationIndex:
+    """Every 13-gram (of contamination_words) of some evaluation texts, each with its source's name.
+
+    A text shorter than 13 words but of at least 8 is one gram of its own length, so a short
+    passage still matches where it is copied whole; a shorter one is left out (GPT-3's overlap
+    analysis also never went below 8 words: shorter grams collide by chance). This is the seam
+    for evaluate.py's tasks: build the index from the texts of any task (a list per name).
+    """
+
+    def __init__(self, sources: dict):
+        self.grams, hashes, self.too_short = {}, {}, 0  # (words...) -> source; n -> hashes of the n-word grams
+        for name, texts in sources.items():
+            for text in texts:
+                words = contamination_words(text)
+                n = min(DECONTAMINATE_NGRAM, len(words))
+                if n < DECONTAMINATE_MIN_WORDS:
+                    self.too_short += 1
+                    continue
+                for i in range(len(words) - n + 1):
+                    self.grams.setdefault(tuple(words[i:i + n]), name)
+                hashes.setdefault(n, []).append(_ngram_hashes(_word_hashes(words), n))
+        self.hashes = {n: np.unique(np.concatenate(h)) for n, h in hashes.items()}  # sorted, for np.isin
+
+    def match(self, text: str) -> str | None:
+        """The source of the first evaluation gram the text contains, or None. The hashes find the
+        candidates, and each is checked word by word, so a hash collision cannot remove a document."""
+        words = contamination_words(text)
+        h = _word_hashes(words)
+        for n, index in self.hashes.items():
+            for j in np.flatnonzero(np.isin(_ngram_hashes(h, n), index)):
+                source = self.grams.get(tuple(words[j:j + n]))
+                if source is not None:
+                    return source
+        return None
+
+
+def decontaminate(texts, evaluation_texts: list[str]) -> list[bool]:
+    """Which texts to keep (True): those sharing no 13-gram with any of evaluation_texts."""
+    index = ContaminationIndex({"evaluation": list(evaluation_texts)})
+    return [index.match(t) is None for t in texts]
+
+
+def read_evaluation_files(spec: str) -> dict:
+    """--decontaminate a.txt,b.jsonl: {file name: [its evaluation texts]}: a .jsonl file's "text" field
+    per line, a text file's paragraphs (blocks between empty lines), .gz of either."""
+    sources = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        path = Path(part)
+        if not path.is_file():
+            raise ValueError(f"--decontaminate file '{part}' does not exist: give text or .jsonl files of evaluation data")
+        if _kind(path) == "jsonl":
+            texts = list(_file_documents(path, "text", whole=True))
+        else:
+            texts = regex.split(r"\n\s*\n", "".join(_file_documents(path, "text", whole=True)))
+        sources[path.name] = [t for t in texts if t.strip()]
+    return sources
+
+
+# ---------------------------------------------------------------------------
+# A learned quality classifier: fastText's linear model on hashed word uni- and bigrams
+# ---------------------------------------------------------------------------
+
+# Features: each lowercased whitespace token and each pair of adjacent tokens, hashed into
+# QUALITY_BUCKETS rows (the hashing trick, Weinberger et al. 2009: no vocabulary to build or
+# store). A token's hash is CRC-32; a bigram's is h1 * 116049371 + h2, the combination
+# fastText's dictionary.cc uses for word n-grams. 2^18 buckets x 16 dimensions = 16 MiB of float32.
+QUALITY_BUCKETS, QUALITY_DIM = 2**18, 16
+_BIGRAM_MULTIPLIER = np.uint64(116049371)
+# Positive documents are cut into training examples of this many tokens, so a few long
+# reference pages give enough examples; a document is scored whole.
+QUALITY_CHUNK_TOKENS = 128
+
+
+def quality_features(text: str, buckets: int = QUALITY_BUCKETS) -> np.ndarray:
+    """(F,) int64 feature ids of a text: its unigrams, then its bigrams, each hashed into buckets."""
+    h = np.fromiter((zlib.crc32(w) for w in text.lower().encode("utf-8").split()), dtype=np.uint64)
+    bigrams = h[:-1] * _BIGRAM_MULTIPLIER + h[1:]  # wraps mod 2^64, as fastText's uint64 does
+    return (np.concatenate([h, bigrams]) % np.uint64(buckets)).astype(np.int64)
+
+
+@dataclass
+class QualityClassifier:
+    """fastText's classifier (Joulin et al. 2017, "Bag of Tricks for Efficient Text Classification",
+    arXiv:1607.01759) for two classes: a document's features x_1..x_F are looked up in an embedding
+    table E (B, d) and averaged, and a linear layer gives the logit,
+
+        p(good | doc) = sigmoid(w . (1/F) sum_f E[x_f] + b),
+
+    a linear model in the bag of features whose weight matrix is factored as E w (rank d), so
+    features share statistical strength and the model stays small. DCLM (Li et al. 2024,
+    arXiv:2406.11794) trains this model on curated positives against random web pages and keeps
+    the top-scoring 10%; FineWeb-Edu (Penedo et al. 2024) trains a linear head on embeddings
+    against an LLM's educational scores. Training: torch, logistic loss, sparse Adam."""
+    embeddings: np.ndarray  # (B, d) float32
+    weight: np.ndarray  # (d,) float32
+    bias: float
+    info: dict = field(default_factory=dict)  # how it was trained, and its accuracies
+
+    def logit(self, text: str) -> float:
+        ids = quality_features(text, len(self.embeddings))
+        if len(ids) == 0:
+            return float(self.bias)
+        return float(self.embeddings[ids].mean(axis=0) @ self.weight + self.bias)
+
+    def score(self, text: str) -> float:
+        """P(the text is like the positive set), between 0 and 1."""
+        return 1.0 / (1.0 + math.exp(-self.logit(text)))
+
+    def save(self, path) -> None:
+        """One .npz (numpy arrays only, read back without pickle), written atomically."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}{_temp_suffix()}")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, embeddings=self.embeddings, weight=self.weight, bias=np.float64(self.bias),
+                         info=np.array(json.dumps(self.info)))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def load(path) -> "QualityClassifier":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return QualityClassifier(z["embeddings"], z["weight"], float(z["bias"]), json.loads(str(z["info"])))
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"cannot read the quality classifier {path} ({_one_line(e)}): "
+                             "train one with python data.py classify") from None
+
+
+def _chunks_of(text: str, rng, tokens: int = QUALITY_CHUNK_TOKENS, shuffle: bool = False) -> list[str]:
+    """A text as pieces of `tokens` whitespace tokens (the last may be shorter); shuffled words on request."""
+    words = text.split()
+    pieces = [words[i:i + tokens] for i in range(0, len(words), tokens)]
+    if shuffle:
+        for piece in pieces:
+            rng.shuffle(piece)
+    return [" ".join(p) for p in pieces if p]
+
+
+def train_quality_classifier(positives: list[str], negatives: list[str], *, dim: int = QUALITY_DIM,
+                             buckets: int = QUALITY_BUCKETS, epochs: int = 10, lr: float = 1.0,
+                             seed: int = 0) -> QualityClassifier:
+    """Fit the classifier with fastText's own procedure: stochastic gradient steps on one example
+    at a time, in a seeded order, with a learning rate decaying linearly from lr to 0.
+
+    E starts uniform in +-1/d, w and b at zero (fastText's initialisation). For an example with
+    features x_1..x_F and label y in {0, 1}: h = mean_f E[x_f], p = sigmoid(w.h + b), and with
+    g = lr (y - p) (the logistic loss's negative gradient in the logit, times the rate):
+        w += g h,   b += g,   E[x_f] += g w / F for each feature f (w before its update).
+    numpy does it: one example touches F rows of E, never the whole table.
+    """
+    if not positives or not negatives:
+        raise ValueError(f"the quality classifier needs positive and negative texts, got {len(positives)} and "
+                         f"{len(negatives)}: check --quality_positive and the corpus")
+    rng = np.random.default_rng(seed)
+    table = rng.uniform(-1.0 / dim, 1.0 / dim, size=(buckets, dim)).astype(np.float32)
+    weight, bias = np.zeros(dim, dtype=np.float32), 0.0
+    features = [quality_features(t, buckets) for t in positives + negatives]
+    labels = [1.0] * len(positives) + [0.0] * len(negatives)
+    total, done = epochs * len(features), 0
+    for _ in range(epochs):
+        for i in rng.permutation(len(features)):
+            ids = features[i]
+            rate = lr * (1.0 - done / total)
+            done += 1
+            if len(ids) == 0:
+                continue
+            hidden = table[ids].mean(axis=0)  # (d,)
+            p = 1.0 / (1.0 + math.exp(-(float(hidden @ weight) + bias)))
+            g = rate * (labels[i] - p)
+            row_step = (g / len(ids)) * weight  # computed before w moves
+            weight += np.float32(g) * hidden
+            bias += g
+            np.add.at(table, ids, row_step.astype(np.float32))  # a feature seen twice moves twice
+    return QualityClassifier(table, weight, float(bias),
+                             {"dim": dim, "buckets": buckets, "epochs": epochs, "lr": lr, "seed": seed,
+                              "positive_examples": len(positives), "negative_examples": len(negatives)})
+
+
+def quality_training_set(positive_docs: list[str], corpus_docs: list[str], seed: int = 0,
+                         held_out: float = 0.2) -> dict:
+    """Positives, negatives and their held-out parts, split by document (a document's pieces stay together).
+
+    Positives: the reference documents, in QUALITY_CHUNK_TOKENS pieces. Negatives, as many as the
+    positives, half of each kind: pieces of corpus documents drawn at random (DCLM's random web pages)
+    and the positive pieces with their words shuffled (the unigrams of good text without its word
+    order: what the bigrams must tell apart). A corpus document equal to a positive one is no
+    negative. Both lists hold normalised texts (normalize).
+    """
+    rng = random.Random(seed)
+    positive_keys = {exact_key(t) for t in positive_docs}
+    split = {}
+    for name, docs in (("positive", list(positive_docs)), ("corpus", list(corpus_docs))):
+        rng.shuffle(docs)
+        n_held = max(1, round(held_out * len(docs))) if len(docs) > 1 else 0
+        split[name] = (docs[n_held:], docs[:n_held])  # (train, held-out) documents
+    out = {}
+    for part, index in (("train", 0), ("held_out", 1)):
+        pos = [c for d in split["positive"][index] for c in _chunks_of(d, rng)]
+        shuffled = [c for d in split["positive"][index] for c in _chunks_of(d, rng, shuffle=True)]
+        corpus, used = [], []
+        for doc in split["corpus"][index]:  # in random order, until there are as many pieces as positives
+            if len(corpus) >= len(pos):
+                break
+            if exact_key(doc) not in positive_keys:
+                corpus += _chunks_of(doc, rng)
+                used.append(doc)
+        rng.shuffle(shuffled)
+        half = len(pos) // 2  # as many negatives as positives, half of each kind
+        out[part] = {"positive": pos, "negative": corpus[:half] + shuffled[:len(pos) - half],
+                     "positive_docs": split["positive"][index], "corpus_docs": used}
+    return out
+
+
+def accuracy(clf: QualityClassifier, positives: list[str], negatives: list[str], threshold: float = 0.5) -> float:
+    """The fraction of texts on the right side of the threshold (positives above, negatives at or below)."""
+    right = sum(clf.score(t) > threshold for t in positives) + sum(clf.score(t) <= threshold for t in negatives)
+    return right / max(1, len(positives) + len(negatives))
+
+
+def fit_quality_classifier(positive_docs: list[str], corpus_docs: list[str], seed: int = 0) -> QualityClassifier:
+    """quality_training_set, then train_quality_classifier, with train and held-out accuracy in .info."""
+    sets = quality_training_set(positive_docs, corpus_docs, seed)
+    clf = train_quality_classifier(sets["train"]["positive"], sets["train"]["negative"], seed=seed)
+    for part in ("train", "held_out"):
+        clf.info[f"{part}_accuracy"] = round(accuracy(clf, sets[part]["positive"], sets[part]["negative"]), 4)
+    clf.info["positive_documents"], clf.info["corpus_documents"] = len(positive_docs), len(corpus_docs)
+    return clf
 
 
 # ---------------------------------------------------------------------------
@@ -1484,12 +1915,16 @@ class Spool:
     script: np.ndarray | None = None  # (N,) index into script_names, set by the filter stage
     script_names: list = field(default_factory=list)
 
-    def texts(self, ids):
-        """The texts of documents ids, in that order, streamed from the file."""
+    def rows(self, ids):
+        """[text, domain, source] of documents ids, in that order, streamed from the file."""
         with open(self.path, "rb") as f:
             for i in ids:
                 f.seek(self.offsets[i])
-                yield json.loads(f.readline())[0]
+                yield json.loads(f.readline())
+
+    def texts(self, ids):
+        """The texts of documents ids, in that order, streamed from the file."""
+        return (row[0] for row in self.rows(ids))
 
     def chunks(self, ids, max_docs: int = 256, max_bytes: int = 1 << 22):
         """(ids, texts) pieces of at most max_docs documents or ~4 MiB: one worker's unit of work."""
@@ -1547,6 +1982,7 @@ def format_report(report: dict) -> str:
     if report["removed"]:
         out.append("removed: " + ", ".join(f"{k} {v:,}" for k, v in sorted(report["removed"].items(), key=lambda kv: -kv[1])))
     out.append("scripts: " + ", ".join(f"{k} {v:,}" for k, v in sorted(report["scripts"].items(), key=lambda kv: -kv[1])))
+    out += _stage_lines(report)
     out.append(f"\n{report['mix_by']:<12}{'docs':>8}{'MB':>9}{'weight':>8}{'epochs':>8}{'tokens before':>15}"
                f"{'tokens after':>14}{'share':>8}")
     for name, g in report["mix"].items():
@@ -1558,6 +1994,29 @@ def format_report(report: dict) -> str:
                f"held-out {t['val_bytes_per_token']:.3f} bytes/token ({report['tokenizer']}; bytes: 1.000); "
                f"{report['seconds']:.1f} s in all")
     return "\n".join(out)
+
+
+def _stage_lines(report: dict) -> list:
+    """One line each for the PII, decontamination and classifier stages that ran."""
+    lines = []
+    if "pii" in report:
+        p = report["pii"]
+        lines.append(f"pii ({p['mode']}): {p['documents']:,} documents held {p['email']:,} e-mail, {p['ip']:,} IP, "
+                     f"{p['phone']:,} phone")
+    if "decontamination" in report:
+        d = report["decontamination"]
+        per = ", ".join(f"{k} {v:,}" for k, v in d["removed_per_source"].items()) or "none"
+        lines.append(f"decontamination ({d['ngram']}-grams of {sum(d['evaluation_texts'].values()):,} evaluation texts): "
+                     f"removed {per}")
+    if "score_command" in report:
+        c = report["score_command"]
+        lines.append(f"score command: {c['scored']:,} scored, terciles {c['terciles']}, kept {c['keep'] or 'all'}")
+    if "quality_classifier" in report:
+        q = report["quality_classifier"]
+        lines.append(f"quality classifier: train accuracy {q['train_accuracy']:.3f}, held-out {q['held_out_accuracy']:.3f}; "
+                     f"{q['scored']:,} scored, quartiles {q['score_quartiles']}, kept top {q['keep']:g}"
+                     + (f" and above {q['threshold']:g}" if q["threshold"] else ""))
+    return lines
 
 
 # ---------------------------------------------------------------------------
@@ -1693,6 +2152,18 @@ class PrepareConfig:
     mix_by: str  # what the weights weigh: domain or script
     shard_tokens: int  # tokens per shard file (the last one holds the rest)
     bpe_train_bytes: int | None  # bytes of training text the BPE learns from (None: all)
+    # The stages beyond rules, each off by default (their defaults keep the output as before):
+    pii: str = "none"  # mask, drop or none: e-mail addresses, IP addresses, phone numbers
+    decontaminate: str = ""  # evaluation text files, comma-separated, each made absolute; "": none
+    decontaminate_sha256: str = ""  # of those files' contents, so an edited file is a new key
+    quality_keep: float = 1.0  # the learned classifier keeps this top fraction of each non-code domain (1: off)
+    quality_threshold: float = 0.0  # ... or the documents scoring above this (0: off)
+    quality_positive: str = "stdlib:topics"  # the reference documents the classifier learns to recognise
+    quality_model: str = ""  # a classifier saved by `data.py classify` (absolute path); "": train one here
+    quality_model_sha256: str = ""  # of that file
+    quality_positive_sha256: str = ""  # of --quality_positive's local files, when the classifier is trained here
+    score_command: str = ""  # a command that scores documents: JSON lines {"text": ...} in, one number per line out
+    score_keep: str = ""  # LO:HI, the quantile range of those scores to keep (CCNet's buckets: 0:0.33 is the head)
 
     def check(self) -> None:
         """Refuse bad settings before reading anything."""
@@ -1711,6 +2182,20 @@ class PrepareConfig:
             raise ValueError(f"unknown tokenizer '{self.tokenizer}': use bytes, bpe or gpt2")
         if self.tokenizer == "bpe" and self.vocab_size < 257:
             raise ValueError(f"vocab_size={self.vocab_size} is too small for byte-level BPE: use at least 257")
+        if self.pii not in ("mask", "drop", "none"):
+            raise ValueError(f"unknown --pii '{self.pii}': use mask, drop or none")
+        if not 0 < self.quality_keep <= 1:
+            raise ValueError(f"--quality_keep {self.quality_keep} is not a fraction: use (0, 1] (1: keep all)")
+        if not 0 <= self.quality_threshold < 1:
+            raise ValueError(f"--quality_threshold {self.quality_threshold} is not a probability: use [0, 1) (0: off)")
+        if self.score_keep:
+            parse_quantile_range(self.score_keep)
+            if not self.score_command:
+                raise ValueError("--score_keep needs --score_command: the command whose scores it keeps a range of")
+
+    @property
+    def classifier_on(self) -> bool:
+        return self.quality_keep < 1 or self.quality_threshold > 0
 
     def key(self) -> str:
         """The directory's name: a readable prefix plus a short hash of every setting."""
@@ -1718,6 +2203,25 @@ class PrepareConfig:
         last = parse_sources(self.data)[-1][1].rstrip("/")
         stem = regex.sub(r"[^A-Za-z0-9]+", "_", last.rsplit("/", 1)[-1] or "data").strip("_")
         return f"{stem}-{self.tokenizer}{self.vocab_size}-{digest}"
+
+
+def _add_file_keys(cfg: PrepareConfig, decontaminate: str, quality_model: str) -> None:
+    """The evaluation files and the saved classifier into cfg, as absolute paths with the SHA-256 of
+    their contents, and the SHA-256 of the classifier's local positive files: the cache key changes
+    when a file does (a missing file is one clear error)."""
+    paths = [os.path.abspath(p.strip()) for p in decontaminate.split(",") if p.strip()]
+    for path in paths + ([os.path.abspath(quality_model)] if quality_model else []):
+        if not os.path.isfile(path):
+            raise ValueError(f"'{path}' does not exist: --decontaminate takes evaluation text files, "
+                             "--quality_model a file written by python data.py classify")
+    cfg.decontaminate = ",".join(paths)
+    cfg.decontaminate_sha256 = hashlib.sha256(" ".join(_sha256_file(p) for p in paths).encode()).hexdigest() if paths else ""
+    cfg.quality_model = os.path.abspath(quality_model) if quality_model else ""
+    cfg.quality_model_sha256 = _sha256_file(cfg.quality_model) if quality_model else ""
+    if cfg.classifier_on and not quality_model:  # the positives decide the classifier: an edit is a new key
+        local = [src for _, src in parse_sources(cfg.quality_positive) if not src.startswith(("stdlib", "http://", "https://"))]
+        files = [p for source in local for p, _ in _source_files(source)]
+        cfg.quality_positive_sha256 = hashlib.sha256(" ".join(_sha256_file(p) for p in files).encode()).hexdigest() if files else ""
 
 
 def _split_documents(n_docs: int, val_fraction: float, seed: int):
@@ -1735,7 +2239,10 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
             text_field: str = "text", dedup: str = "minhash", dedup_threshold: float = 0.8,
             quality_filter: bool = True, mix: str = "", mix_by: str = "domain",
             shard_tokens: int = SHARD_TOKENS, bpe_train_bytes: int | None = 2_000_000,
-            workers: int = 0, max_download_mb: float = MAX_DOWNLOAD_MB) -> dict:
+            workers: int = 0, max_download_mb: float = MAX_DOWNLOAD_MB, pii: str = "none",
+            decontaminate: str = "", quality_keep: float = 1.0, quality_threshold: float = 0.0,
+            quality_positive: str = "stdlib:topics", quality_model: str = "", score_command: str = "",
+            score_keep: str = "") -> dict:
     """Run the pipeline once into <out_dir>/<key>/ and return its manifest (plus "dir").
 
     The key hashes every setting that changes the output. A second call with
@@ -1747,15 +2254,19 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
     not at all, and a bad input leaves nothing behind; the temporaries of
     killed runs are removed first. workers: tokenizer processes (0: one per
     CPU, at most 8); it does not change the output. max_download_mb caps
-    each URL source's download (MB of 10^6 bytes).
+    each URL source's download (MB of 10^6 bytes). pii, decontaminate and
+    quality_* turn on the stages beyond rules (PrepareConfig says what each does).
     """
     log = print if verbose else (lambda *a, **k: None)
     cfg = PrepareConfig(data=_canonical_data(data), tokenizer=tokenizer, vocab_size=vocab_size,
                         val_fraction=val_fraction, max_bytes=max_bytes, seed=seed, format=FORMAT_VERSION,
                         text_field=text_field, dedup=dedup, dedup_threshold=dedup_threshold,
                         quality_filter=quality_filter, mix=mix, mix_by=mix_by, shard_tokens=shard_tokens,
-                        bpe_train_bytes=bpe_train_bytes)
+                        bpe_train_bytes=bpe_train_bytes, pii=pii, quality_keep=quality_keep,
+                        quality_threshold=quality_threshold, quality_positive=quality_positive,
+                        score_command=score_command, score_keep=score_keep)
     cfg.check()
+    _add_file_keys(cfg, decontaminate, quality_model)
     if not max_download_mb > 0:
         raise ValueError(f"--max_download_mb {max_download_mb} must be positive")
     final, downloads = Path(out_dir).resolve() / cfg.key(), Path(out_dir) / "downloads"
@@ -1820,8 +2331,12 @@ def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_downloa
                      verbose=verbose)
     # 2. Near dedup: MinHash + LSH over the signatures.
     keep = _near_dedup(spool, cfg, report)
-    # 3. Filter: each document's script, then its domain's quality rules.
+    # 3. Filter: each document's script, then its domain's quality rules; then, when asked, remove
+    #    documents that share a 13-gram with evaluation texts, and score and filter with a classifier.
     keep = _filter(spool, keep, cfg, report, verbose)
+    keep = _decontaminate(spool, keep, cfg, report, verbose)
+    keep = _classify(tmp, spool, keep, cfg, report, downloads, verbose)
+    keep = _score(tmp, spool, keep, cfg, report)
     kept = np.flatnonzero(keep)
     if len(kept) == 0:
         raise ValueError(f"no documents left after filtering ({report['stages'][0]['docs_in']} read; removed: "
@@ -1840,7 +2355,7 @@ def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_downloa
                             verbose=verbose)
     spool.path.unlink()
 
-    manifest = _manifest(cfg, enc, dtype, written, spool, kept)
+    manifest = _manifest(cfg, enc, dtype, written, spool, kept, plan.names)
     _mix_report(report, plan, train_ids, written["train"]["per_group"], cfg.mix)
     report["tokenizer"] = enc.name
     report["tokens"] = {"train_tokens": manifest["train_tokens"], "val_tokens": manifest["val_tokens"],
@@ -1854,12 +2369,12 @@ def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_downloa
 
 def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb: float, report: dict,
              verbose: bool) -> Spool:
-    """Stage 1, one streaming pass: read -> normalise -> exact dedup -> MinHash signature -> spool file.
+    """Stage 1, one streaming pass: read -> normalise -> PII (--pii) -> exact dedup -> MinHash signature -> spool file.
 
     Memory per kept document: its offset, size, labels, a 16-byte exact key
     and (for minhash) a K * 4-byte signature; the text itself goes to disk.
     """
-    clock, count = Counter(), Counter()
+    clock, count, pii_found = Counter(), Counter(), Counter()
     seen, offsets, nbytes, domain, names, sigs, batch = set(), [], [], [], {}, [], []
     update = _progress("read, normalise, dedup", verbose)
     documents = iter_documents(cfg.data, cfg.max_bytes, cfg.text_field, str(downloads), max_download_mb)
@@ -1887,6 +2402,11 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
                 continue
             count["norm_docs"] += 1
             count["norm_bytes"] += size
+            text = _pii_step(text, cfg.pii, clock, count, pii_found)
+            if text is None:  # --pii drop, and it held some
+                continue
+            size = len(text.encode("utf-8")) if cfg.pii == "mask" else size
+            count["pii_bytes"] += size
             if cfg.dedup != "none":
                 t = time.perf_counter()
                 key = exact_key(text)
@@ -1916,11 +2436,34 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     _stage(report, "read", count["read_docs"], count["read_bytes"], count["read_docs"], count["read_bytes"], clock["read"])
     _stage(report, "normalise", count["read_docs"], count["read_bytes"], count["norm_docs"], count["norm_bytes"], clock["normalise"])
     report["removed"]["empty"] = count["read_docs"] - count["norm_docs"]
-    _stage(report, "exact dedup", count["norm_docs"], count["norm_bytes"], len(offsets), out_bytes, clock["exact"])
-    report["removed"]["exact_duplicate"] = count["norm_docs"] - len(offsets)
+    after_pii = count["norm_docs"] - count["pii_dropped"]
+    if cfg.pii != "none":
+        _stage(report, f"pii ({cfg.pii})", count["norm_docs"], count["norm_bytes"], after_pii, count["pii_bytes"],
+               clock["pii"])
+        if cfg.pii == "drop":
+            report["removed"]["pii"] = count["pii_dropped"]
+        report["pii"] = {"mode": cfg.pii, "documents": count["pii_docs"], **{k: pii_found[k] for k in PII_PLACEHOLDERS}}
+    _stage(report, "exact dedup", after_pii, count["pii_bytes"], len(offsets), out_bytes, clock["exact"])
+    report["removed"]["exact_duplicate"] = after_pii - len(offsets)
     return Spool(path=path, offsets=offsets, nbytes=np.array(nbytes, dtype=np.int64),
                  domain=np.array(domain, dtype=np.int64), domain_names=list(names),
                  sig=np.concatenate(sigs) if sigs else None, minhash_seconds=clock["minhash"])
+
+
+def _pii_step(text: str, mode: str, clock: Counter, count: Counter, found: Counter) -> str | None:
+    """--pii: the text masked (mask), None if it holds any (drop), or unchanged (none); counts kept."""
+    if mode == "none":
+        return text
+    t = time.perf_counter()
+    masked, kinds = mask_pii(text)
+    clock["pii"] += time.perf_counter() - t
+    if kinds:
+        found.update(kinds)
+        count["pii_docs"] += 1
+        if mode == "drop":
+            count["pii_dropped"] += 1
+            return None
+    return masked
 
 
 def _near_dedup(spool: Spool, cfg: PrepareConfig, report: dict) -> np.ndarray:
@@ -1965,6 +2508,135 @@ def _filter(spool: Spool, keep: np.ndarray, cfg: PrepareConfig, report: dict, ve
     return keep
 
 
+def _decontaminate(spool: Spool, keep: np.ndarray, cfg: PrepareConfig, report: dict, verbose: bool) -> np.ndarray:
+    """Stage 3b: drop every kept document that shares a 13-gram with an evaluation text (GPT-3's rule)."""
+    if not cfg.decontaminate:
+        return keep
+    t0 = time.perf_counter()
+    sources = read_evaluation_files(cfg.decontaminate)
+    index = ContaminationIndex(sources)
+    keep, docs_in, bytes_in = keep.copy(), int(keep.sum()), int(spool.nbytes[keep].sum())
+    per_source, per_domain = Counter(), Counter()
+    update = _progress("decontaminate", verbose)
+    for n, (i, text) in enumerate(zip(np.flatnonzero(keep), spool.texts(np.flatnonzero(keep))), 1):
+        source = index.match(text)
+        if source is not None:
+            keep[i] = False
+            per_source[source] += 1
+            per_domain[spool.domain_names[spool.domain[i]]] += 1
+        update(n, 0)
+    update(docs_in, 0, done=True)
+    report["removed"]["contaminated"] = sum(per_source.values())
+    report["decontamination"] = {"ngram": DECONTAMINATE_NGRAM, "evaluation_texts": {k: len(v) for k, v in sources.items()},
+                                 "evaluation_ngrams": len(index.grams), "too_short": index.too_short,
+                                 "removed_per_source": dict(per_source),
+                                 "removed_per_domain": dict(per_domain)}
+    _stage(report, "decontaminate", docs_in, bytes_in, int(keep.sum()), int(spool.nbytes[keep].sum()),
+           time.perf_counter() - t0)
+    return keep
+
+
+def _quality_model(spool: Spool, keep: np.ndarray, cfg: PrepareConfig, downloads: Path) -> QualityClassifier:
+    """The saved classifier of --quality_model, or one trained here: --quality_positive's documents
+    against documents drawn from the corpus (at most 2,000, seeded)."""
+    if cfg.quality_model:
+        return QualityClassifier.load(cfg.quality_model)
+    positives = [normalize(t) for t, _, _ in iter_documents(cfg.quality_positive, None, cfg.text_field, str(downloads))]
+    positives = [t for t in positives if t.strip()]
+    if not positives:
+        raise ValueError(f"--quality_positive '{cfg.quality_positive}' holds no text: name a file or source of good documents")
+    ids = np.random.default_rng(cfg.seed).permutation(np.flatnonzero(keep))[:2000]
+    return fit_quality_classifier(positives, list(spool.texts(np.sort(ids))), seed=cfg.seed)
+
+
+def _classify(tmp: Path, spool: Spool, keep: np.ndarray, cfg: PrepareConfig, report: dict, downloads: Path,
+              verbose: bool) -> np.ndarray:
+    """Stage 3c: score every kept non-code document with the learned classifier (scores.jsonl), then keep
+    each domain's top --quality_keep fraction and those above --quality_threshold."""
+    if not cfg.classifier_on:
+        return keep
+    t0 = time.perf_counter()
+    clf = _quality_model(spool, keep, cfg, downloads)
+    t_train = time.perf_counter() - t0
+    ids = np.array([i for i in np.flatnonzero(keep) if spool.domain_names[spool.domain[i]] != "code"], dtype=np.int64)
+    scores = np.zeros(len(ids))
+    with open(tmp / "scores.jsonl", "w") as f:  # one line per scored document: where it came from, its score
+        for n, (text, domain, source) in enumerate(spool.rows(ids)):
+            scores[n] = clf.score(text)
+            f.write(json.dumps({"source": source, "domain": domain, "quality": round(scores[n], 6)}) + "\n")
+    drop = scores <= cfg.quality_threshold if cfg.quality_threshold > 0 else np.zeros(len(ids), dtype=bool)
+    for g in np.unique(spool.domain[ids]):  # the top fraction of each domain, by score
+        members = np.flatnonzero(spool.domain[ids] == g)
+        n_keep = math.ceil(cfg.quality_keep * len(members))
+        drop[members[np.argsort(-scores[members], kind="stable")[n_keep:]]] = True
+    keep, docs_in, bytes_in = keep.copy(), int(keep.sum()), int(spool.nbytes[keep].sum())
+    keep[ids[drop]] = False
+    report["removed"]["quality_classifier"] = int(drop.sum())
+    report["quality_classifier"] = {**clf.info, "keep": cfg.quality_keep, "threshold": cfg.quality_threshold,
+                                    "scored": len(ids), "train_seconds": round(t_train, 2),
+                                    "score_quartiles": [round(float(q), 4) for q in np.quantile(scores, [0.25, 0.5, 0.75])]
+                                    if len(scores) else []}
+    _stage(report, "quality classifier", docs_in, bytes_in, int(keep.sum()), int(spool.nbytes[keep].sum()),
+           time.perf_counter() - t0)
+    return keep
+
+
+def parse_quantile_range(spec: str) -> tuple[float, float]:
+    """"0.1:0.9" -> (0.1, 0.9), with 0 <= lo < hi <= 1."""
+    try:
+        lo, hi = (float(x) for x in spec.split(":"))
+    except ValueError:
+        lo = hi = math.nan
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"--score_keep '{spec}' is no quantile range: write LO:HI with 0 <= LO < HI <= 1, e.g. 0:0.33")
+    return lo, hi
+
+
+def run_scorer(command: str, texts) -> np.ndarray:
+    """Score texts with an outside command: it reads one JSON object {"text": ...} per line on stdin and
+    writes one number per line on stdout, in order. The seam for a model's perplexity (CCNet, Wenzek et
+    al. 2019, arXiv:1911.00359): data.py imports no model, a command can."""
+    with tempfile.TemporaryFile("w+b") as f:
+        n = 0
+        for text in texts:
+            f.write(json.dumps({"text": text}, ensure_ascii=False).encode("utf-8") + b"\n")
+            n += 1
+        f.seek(0)
+        result = subprocess.run(command, shell=True, stdin=f, capture_output=True)
+    lines = result.stdout.decode("utf-8", "replace").split()
+    if result.returncode != 0 or len(lines) != n:
+        why = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"{len(lines)} scores for {n} documents"]
+        raise ValueError(f"--score_command '{command}' failed ({why[0][:200]}): it must print one number per input line")
+    try:
+        return np.array([float(x) for x in lines])
+    except ValueError:
+        raise ValueError(f"--score_command '{command}' printed something that is not a number: one number per line") from None
+
+
+def _score(tmp: Path, spool: Spool, keep: np.ndarray, cfg: PrepareConfig, report: dict) -> np.ndarray:
+    """Stage 3d: every kept document scored by --score_command (scores_command.jsonl); --score_keep keeps
+    the documents whose score lies in that quantile range of the scores."""
+    if not cfg.score_command:
+        return keep
+    t0 = time.perf_counter()
+    ids = np.flatnonzero(keep)
+    scores = run_scorer(cfg.score_command, spool.texts(ids))
+    with open(tmp / "scores_command.jsonl", "w") as f:
+        for (_, domain, source), score in zip(spool.rows(ids), scores):
+            f.write(json.dumps({"source": source, "domain": domain, "score": float(score)}) + "\n")
+    keep, docs_in, bytes_in = keep.copy(), int(keep.sum()), int(spool.nbytes[keep].sum())
+    if cfg.score_keep and len(scores):
+        lo, hi = np.quantile(scores, parse_quantile_range(cfg.score_keep))
+        keep[ids[(scores < lo) | (scores > hi)]] = False
+    report["removed"]["score_command"] = docs_in - int(keep.sum())
+    report["score_command"] = {"command": cfg.score_command, "keep": cfg.score_keep, "scored": len(ids),
+                               "terciles": [round(float(q), 4) for q in np.quantile(scores, [1 / 3, 2 / 3])]
+                               if len(scores) else []}
+    _stage(report, "score command", docs_in, bytes_in, int(keep.sum()), int(spool.nbytes[keep].sum()),
+           time.perf_counter() - t0)
+    return keep
+
+
 def _make_tokenizer(tmp: Path, spool: Spool, train_ids: np.ndarray, cfg: PrepareConfig,
                     report: dict) -> tuple[tiktoken.Encoding, tuple]:
     """Stage 4a: the tokenizer, and how a worker process loads it (a trained BPE is saved into tmp)."""
@@ -2002,6 +2674,9 @@ def _plan_mix(enc: tiktoken.Encoding, spool: Spool, train_ids: np.ndarray, cfg: 
     epochs = mix_epochs(sizes, cfg.mix)
     order = train_ids if not cfg.mix else _mixed_order(train_ids, groups, spool.nbytes, epochs, names,
                                                        np.random.default_rng(cfg.seed))
+    # One group after another (each still in its random order): every group's tokens are then one
+    # range of the split, which MixingSampler draws from; TokenSampler's windows are as random as before.
+    order = order[np.argsort(groups[order], kind="stable")]
     if len(order) == 0:
         raise ValueError("the --mix weights leave no training documents: give a domain of the corpus a positive weight")
     return MixPlan(groups=groups, names=names, group_bytes=group_bytes, sizes=sizes, epochs=epochs, order=order)
@@ -2065,7 +2740,8 @@ def _tokenize_split(pool, spool: Spool, ids, groups, *, ahead: int, folder: Path
             "documents": n_docs, "per_group": per_group}
 
 
-def _manifest(cfg: PrepareConfig, enc, dtype: str, written: dict, spool: Spool, kept: np.ndarray) -> dict:
+def _manifest(cfg: PrepareConfig, enc, dtype: str, written: dict, spool: Spool, kept: np.ndarray,
+              group_names: list) -> dict:
     """manifest.json: what the loader needs (dtype, shards with SHA-256, counts) and the config behind it."""
     manifest = {"format": FORMAT_VERSION, "data": cfg.data, "tokenizer": cfg.tokenizer,
                 "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "dtype": dtype, "shard_tokens": cfg.shard_tokens}
@@ -2077,6 +2753,12 @@ def _manifest(cfg: PrepareConfig, enc, dtype: str, written: dict, spool: Spool, 
     for i in kept:
         domain_bytes[spool.domain_names[spool.domain[i]]] += int(spool.nbytes[i])
     manifest["domains"] = dict(sorted(domain_bytes.items()))
+    # [start, end) token offsets of each group in the train split (its shards read one after another)
+    ranges, start = {}, 0
+    for g, tokens in sorted(written["train"]["per_group"].items()):
+        ranges[group_names[g]] = [start, start + int(tokens)]
+        start += int(tokens)
+    manifest["train_groups"] = {"by": cfg.mix_by, "ranges": ranges}
     manifest["config"] = asdict(cfg)  # what produced this directory, checked before reuse
     return manifest
 
@@ -2306,6 +2988,9 @@ class TokenSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; refuse a different block size, world size or data."""
+        if state.get("kind") == "mixing":
+            raise ValueError("the checkpoint's loader was a MixingSampler: resume with the run's --mix_online "
+                             "or --mix_anneal")
         for key in ("block_size", "world_size"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"the checkpoint's loader was saved with {key}={state[key]} but this run "
@@ -2315,6 +3000,257 @@ class TokenSampler:
                              f"split's {self.windows_per_rank} windows per rank: resume with the same data")
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
         self._order_epoch = None  # the seed may differ: redraw the permutation
+
+
+# ---------------------------------------------------------------------------
+# Mixtures that adapt during training: each batch from one domain, chosen per step
+# ---------------------------------------------------------------------------
+
+MIX_ONLINE = ("static", "odm", "doremi")
+# ODM's reward smoothing: R_i <- ODM_SMOOTHING R_i + (1 - ODM_SMOOTHING) L / pi_i.
+ODM_SMOOTHING = 0.9
+# DoReMi (Xie et al. 2023, arXiv:2305.10429, Algorithm 1): step size eta = 1 and smoothing c = 1e-3.
+DOREMI_STEP, DOREMI_SMOOTHING = 1.0, 1e-3
+
+
+def parse_weights(spec: str, names: list, flag: str) -> np.ndarray:
+    """"code=0.3,prose=0.7" -> weights over names (normalised; a name left out gets 0)."""
+    weights = parse_mix(spec)
+    unknown = sorted(set(weights) - set(names))
+    if unknown or "alpha" in weights:
+        raise ValueError(f"{flag} names {', '.join(unknown) or 'alpha'}, which is no domain of the prepared train "
+                         f"split; its domains are {', '.join(names)}")
+    w = np.array([weights.get(n, 0.0) for n in names], dtype=np.float64)
+    return w / w.sum()
+
+
+def reference_losses(path: str) -> dict:
+    """{domain: (steps, losses)} from a run's metrics.jsonl: the loss of each step and its batch's domain
+    (the records MixingSampler's runs write), for DoReMi's excess loss."""
+    per = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line) if line.strip() else {}
+                if "mix_domain" in r and r.get("mix_loss") is not None and math.isfinite(r["mix_loss"]):
+                    per.setdefault(r["mix_domain"], ([], []))
+                    per[r["mix_domain"]][0].append(r["step"])
+                    per[r["mix_domain"]][1].append(r["mix_loss"])
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the reference run's {path} ({_one_line(e)}): give the metrics.jsonl of a run "
+                         "trained with --mix_online static") from None
+    if not per:
+        raise ValueError(f"{path} has no per-domain losses: train the reference run with --mix_online static")
+    return {d: (np.array(s), np.array(l)) for d, (s, l) in per.items()}
+
+
+class MixingSampler:
+    """Batches from one domain at a time, the domain drawn per optimizer step from a policy pi.
+
+    The train split's groups (domains) are ranges of its tokens (manifest "train_groups"); each
+    domain's windows are those TokenSampler windows that lie inside its range, and each domain
+    has its own epochs of seeded permutations, dealt to the ranks as TokenSampler deals them.
+    At the first next_batch() of a step the domain is drawn with the step's own generator,
+    default_rng((seed, step)), so every data-parallel rank draws the same domain, and a resumed
+    run the same one; every micro-batch of the step comes from it. update(loss) closes the step
+    with its (global, so every rank's) mean loss. The policy:
+
+      static  pi = w0, the prepared split's token shares (or --mix_anneal's weights, below).
+      odm     Online Data Mixing (Albalak et al. 2023, arXiv:2312.02406): an EXP3 bandit whose
+              arms are the domains and whose reward is the loss of the step's batch (a domain the
+              model still gets wrong is the one to learn from). With K domains,
+                  eps_t = min(1/K, sqrt(ln K / (K t))),
+                  pi_t(i) = (1 - K eps_t) w0_i exp(eps_{t-1} R_i) / sum_j w0_j exp(eps_{t-1} R_j) + eps_t,
+              and after step t on domain i: R_i <- 0.9 R_i + 0.1 L_t / pi_t(i), the loss divided by
+              the probability of asking (importance weighting keeps rarely drawn domains' rewards
+              unbiased). The prior w0 is ours: it makes --mix the starting point; the paper's
+              policy starts uniform, which is w0 = 1/K.
+      doremi  DoReMi (Xie et al. 2023) as a two-run recipe: a reference run (--mix_online static)
+              logs each step's loss per domain; this proxy run reads them (--mix_reference) and
+              after a step on domain i with loss L sets
+                  lambda_i = max(L - L_ref(i, t), 0),  alpha_i <- alpha_i exp(eta lambda_i),
+                  pi = (1 - c) alpha / sum alpha + c / K   (eta = 1, c = 1e-3),
+              with L_ref(i, t) the reference's latest loss on domain i at or before step t (the
+              paper evaluates the reference model on the same batch; a logged loss is what a
+              recipe without two models in memory can use). The average of pi over the run is the
+              mixture DoReMi hands to the main run ("mix_average" in metrics.jsonl, or
+              python data.py doremi-weights METRICS).
+    From anneal_step on (the schedule's decay phase), pi is --mix_anneal's fixed weights
+    (upsampling the best domains at the end: Blakeney et al. 2024, arXiv:2406.03476).
+    state_dict() holds the step, the policy's state and each domain's position: a resumed run
+    continues bit for bit.
+    """
+
+    def __init__(self, manifest: dict, block_size: int, batch_size: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, method: str = "static", anneal: str = "", anneal_step: int | None = None,
+                 reference: str = ""):
+        if method not in MIX_ONLINE:
+            raise ValueError(f"unknown --mix_online '{method}': use {', '.join(MIX_ONLINE)}")
+        groups = manifest.get("train_groups")
+        if not groups or not groups["ranges"]:
+            raise ValueError(f"{manifest.get('dir', 'the prepared directory')} has no per-domain ranges (prepared by an "
+                             "older version): delete it and prepare again")
+        self.base = TokenSampler(shard_paths(manifest, "train"), manifest["dtype"], block_size, 1,
+                                 vocab_size=manifest["vocab_size"])
+        self.names, self.windows = self._domain_windows(groups["ranges"], manifest, block_size)
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+        self.rank, self.world_size, self.method = rank, world_size, method
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}: use 0 <= rank < world_size")
+        self.per_rank = [len(w) // world_size for w in self.windows]
+        if min(self.per_rank) == 0:
+            empty = self.names[self.per_rank.index(0)]
+            raise ValueError(f"domain '{empty}' has fewer windows than ranks: use a smaller --block_size or more data")
+        sizes = np.array([len(w) for w in self.windows], dtype=np.float64)
+        self.prior = sizes / sizes.sum()  # w0: each domain's share of the split's windows
+        self.anneal = parse_weights(anneal, self.names, "--mix_anneal") if anneal else None
+        self.anneal_step = anneal_step
+        self.reference = reference_losses(reference) if method == "doremi" else None
+        if method == "doremi" and not reference:
+            raise ValueError("--mix_online doremi needs --mix_reference: the metrics.jsonl of a --mix_online static run")
+        K = len(self.names)
+        self.step, self.current, self.rewards = 0, None, [0.0] * K
+        self.alpha, self.alpha_sum = [1.0 / K] * K, [0.0] * K
+        self.epochs, self.positions = [0] * K, [0] * K
+        self._orders = {}
+
+    @staticmethod
+    def _domain_windows(ranges: dict, manifest: dict, block_size: int) -> tuple[list, list]:
+        """(names, per name the global indices of the windows inside its token range)."""
+        shard_start = np.cumsum([0] + [s["tokens"] for s in manifest["shards"]["train"]])
+        starts, names, windows = [], [], []
+        for s, n in enumerate(s["tokens"] for s in manifest["shards"]["train"]):
+            starts.append(shard_start[s] + np.arange(max(0, (n - 1) // block_size)) * block_size)
+        starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)  # (n_windows,) first token
+        for name, (lo, hi) in ranges.items():
+            inside = np.flatnonzero((starts >= lo) & (starts + block_size + 1 <= hi))
+            names.append(name)
+            windows.append(inside)
+        return names, windows
+
+    def annealing(self) -> bool:
+        """Whether this step is in the decay phase, where --mix_anneal's weights replace the policy."""
+        return self.anneal is not None and self.anneal_step is not None and self.step >= self.anneal_step
+
+    def weights(self) -> np.ndarray:
+        """pi for the current step: the policy, or --mix_anneal's weights in the decay phase."""
+        if self.annealing():
+            return self.anneal
+        K = len(self.names)
+        if self.method == "static":
+            return self.prior
+        if self.method == "doremi":
+            a = np.array(self.alpha)
+            return (1 - DOREMI_SMOOTHING) * a / a.sum() + DOREMI_SMOOTHING / K
+        eps, eps_prev = self._eps(self.step + 1), self._eps(max(1, self.step))
+        logits = np.log(np.maximum(self.prior, 1e-300)) + eps_prev * np.array(self.rewards)
+        soft = np.exp(logits - logits.max())
+        return (1 - K * eps) * soft / soft.sum() + eps
+
+    def _eps(self, t: int) -> float:
+        K = len(self.names)
+        return min(1.0 / K, math.sqrt(math.log(K) / (K * t))) if K > 1 else 0.0
+
+    def _draw(self) -> int:
+        """The step's domain, from default_rng((seed, step)): the same on every rank and after a resume."""
+        u = np.random.default_rng((self.seed, self.step)).random()
+        return int(min(np.searchsorted(np.cumsum(self.weights()), u, side="right"), len(self.names) - 1))
+
+    def _next_window(self, d: int) -> int:
+        """Domain d's next window for this rank; its epochs roll over as TokenSampler's do."""
+        key = (d, self.epochs[d])
+        if key not in self._orders:
+            perm = np.random.default_rng((self.seed, d, self.epochs[d])).permutation(len(self.windows[d]))
+            self._orders = {key: self.windows[d][perm[self.rank::self.world_size][:self.per_rank[d]]],
+                            **{k: v for k, v in self._orders.items() if k[0] != d}}
+        window = int(self._orders[key][self.positions[d]])
+        self.positions[d] += 1
+        if self.positions[d] == self.per_rank[d]:
+            self.epochs[d], self.positions[d] = self.epochs[d] + 1, 0
+        return window
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) as TokenSampler gives them, all B rows from this step's domain."""
+        if self.current is None:
+            self.current = self._draw()
+        windows = [self._next_window(self.current) for _ in range(self.batch_size)]
+        buf = np.stack([self.base._window(w) for w in windows]).astype(np.int64)  # (B, T+1)
+        if buf.max() >= self.base.vocab_size:
+            raise ValueError(f"token id {buf.max()} is outside the vocabulary of {self.base.vocab_size}: "
+                             "the shards were overwritten; delete the directory to re-prepare")
+        buf = torch.from_numpy(buf)
+        return buf[:, :-1], buf[:, 1:]
+
+    def update(self, loss: float) -> dict:
+        """Close the step with its mean loss (the same on every rank); return what metrics.jsonl records."""
+        d = self.current if self.current is not None else self._draw()
+        pi = self.weights()
+        if math.isfinite(loss) and not self.annealing():  # a skipped step (NaN) or the decay phase teaches nothing
+            if self.method == "odm":
+                self.rewards[d] = ODM_SMOOTHING * self.rewards[d] + (1 - ODM_SMOOTHING) * loss / float(pi[d])
+            elif self.method == "doremi":
+                excess = max(loss - self._reference_loss(self.names[d]), 0.0)
+                alpha = np.array(self.alpha)
+                alpha[d] *= math.exp(DOREMI_STEP * excess)
+                self.alpha = (alpha / alpha.sum()).tolist()
+        self.alpha_sum = [a + float(p) for a, p in zip(self.alpha_sum, pi)]
+        record = {"mix_domain": self.names[d], "mix_loss": loss,
+                  "mix_weights": {n: round(float(p), 6) for n, p in zip(self.names, pi)}}
+        self.step, self.current = self.step + 1, None
+        if self.method == "doremi":
+            record["mix_average"] = {n: round(s / self.step, 6) for n, s in zip(self.names, self.alpha_sum)}
+        return record
+
+    def _reference_loss(self, name: str) -> float:
+        """The reference run's latest loss on this domain at or before this step (its first, before any)."""
+        if name not in self.reference:
+            raise ValueError(f"the reference run has no loss on domain '{name}': train it on the same prepared data")
+        steps, losses = self.reference[name]
+        i = int(np.searchsorted(steps, self.step + 1, side="right")) - 1
+        return float(losses[max(i, 0)])
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: the step, the policy's state, each domain's position
+        (as global counts, windows taken by all ranks together, so another world size can continue)."""
+        return {"kind": "mixing", "method": self.method, "step": self.step, "rewards": list(self.rewards),
+                "alpha": list(self.alpha), "alpha_sum": list(self.alpha_sum), "epochs": list(self.epochs),
+                "consumed": [p * self.world_size for p in self.positions], "names": list(self.names),
+                "seed": self.seed, "block_size": self.block_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from state_dict(); refuse another method, other domains or a position no rank count divides."""
+        if state.get("kind") != "mixing":
+            raise ValueError("the checkpoint's loader was a plain TokenSampler: resume without --mix_online and "
+                             "--mix_anneal, as the run was started")
+        for key, mine in (("method", self.method), ("names", self.names), ("block_size", self.block_size)):
+            if state[key] != mine:
+                raise ValueError(f"the checkpoint's mixing loader has {key}={state[key]}, this run {mine}: "
+                                 "resume with the same --mix_online, data and --block_size")
+        if any(c % self.world_size for c in state["consumed"]):
+            raise ValueError(f"cannot resume: the checkpoint's domains consumed {state['consumed']} windows, not all "
+                             f"multiples of --dp {self.world_size}; resume with --dp {state['world_size']}")
+        self.step, self.seed, self.current = state["step"], state["seed"], None
+        self.rewards, self.alpha, self.alpha_sum = list(state["rewards"]), list(state["alpha"]), list(state["alpha_sum"])
+        self.epochs = list(state["epochs"])
+        self.positions = [c // self.world_size for c in state["consumed"]]
+        self._orders = {}
+
+
+def make_mixing_sampler(manifest: dict, block_size: int, batch_size: int, **kwargs) -> MixingSampler:
+    """A MixingSampler over the train split of a prepared directory (kwargs: MixingSampler's)."""
+    return MixingSampler(manifest, block_size, batch_size, **kwargs)
+
+
+def doremi_weights(metrics_path: str) -> str:
+    """The last "mix_average" of a DoReMi proxy run's metrics.jsonl, as a --mix string."""
+    last = None
+    with open(metrics_path) as f:
+        for line in f:
+            r = json.loads(line) if line.strip() else {}
+            last = r.get("mix_average", last)
+    if last is None:
+        raise ValueError(f"{metrics_path} has no mix_average: it is not a --mix_online doremi run")
+    return ",".join(f"{k}={v:.4f}" for k, v in last.items())
 
 
 def bits_per_byte(loss_nats: float, tokens: int, nbytes: int) -> float:
@@ -2429,8 +3365,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(description="The data pipeline: prepare a corpus into token shards, "
-                                       "verify them, or run the benchmarks.")
+    parser = OneLineParser(description="The data pipeline: prepare a corpus into token shards, verify them, "
+                                       "train the quality classifier, read a DoReMi run's mixture, or run the benchmarks.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="collect, clean, dedup, filter, mix, tokenize into <out_dir>/<key>/")
     p.add_argument("--data", default="stdlib", help="comma-separated sources, each optionally domain=source: stdlib, "
@@ -2452,6 +3388,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per CPU, at most 8)")
     p.add_argument("--max_download_mb", type=float, default=MAX_DOWNLOAD_MB,
                    help="largest download of a URL source, in MB (10^6 bytes)")
+    _add_stage_flags(p)
+    c = commands.add_parser("classify", help="train the quality classifier (positives against corpus documents), "
+                                             "report its accuracy, save it for prepare --quality_model")
+    c.add_argument("--data", default="stdlib", help="the corpus the negatives are drawn from (as prepare's --data)")
+    c.add_argument("--quality_positive", default="stdlib:topics", help="the reference documents (a --data source)")
+    c.add_argument("--out", default="quality_classifier.npz", help="where the classifier is saved")
+    c.add_argument("--seed", type=int, default=0, help="seed of the split, the negatives and the training order")
+    w = commands.add_parser("doremi-weights", help="the mixture a --mix_online doremi proxy run found, as a --mix value")
+    w.add_argument("metrics", help="the proxy run's metrics.jsonl")
     v = commands.add_parser("verify", help="recompute the checksums (and id range) of a prepared directory's shards")
     v.add_argument("dir", help="a prepared directory (the one holding manifest.json)")
     b = commands.add_parser("bench-dedup", help="documents/s of dedup() vs datasketch (pip install datasketch)")
@@ -2460,6 +3405,42 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train_bytes", type=int, default=10_000_000, help="training text in bytes")
     t.add_argument("--vocab_size", type=int, default=4096, help="vocabulary size")
     return parser
+
+
+def _add_stage_flags(p) -> None:
+    """prepare's flags for the stages beyond rules (PII, decontamination, the learned classifier)."""
+    p.add_argument("--pii", default="none", help="e-mail addresses, IP addresses and phone numbers: mask (replace by "
+                   "placeholders), drop (remove the document) or none")
+    p.add_argument("--decontaminate", default="", help="comma-separated evaluation text/.jsonl files: remove every "
+                   "document sharing a 13-gram of normalised words with them (GPT-3's rule)")
+    p.add_argument("--quality_keep", type=float, default=1.0, help="learned quality classifier: keep this top fraction "
+                   "of each non-code domain (1: classifier off)")
+    p.add_argument("--quality_threshold", type=float, default=0.0, help="learned quality classifier: keep documents "
+                   "scoring above this probability (0: off)")
+    p.add_argument("--quality_positive", default="stdlib:topics", help="the classifier's positive documents, any "
+                   "--data source (default: the Python documentation's topic pages)")
+    p.add_argument("--quality_model", default="", help="a classifier saved by python data.py classify (empty: train one)")
+    p.add_argument("--score_command", default="", help="a shell command that scores documents (JSON lines {\"text\": ...} "
+                   "on stdin, one number per line on stdout), e.g. a model's bits per byte; saved per document")
+    p.add_argument("--score_keep", default="", help="LO:HI: keep the documents whose --score_command score lies in "
+                   "this quantile range (0:0.33 is CCNet's head); empty: keep all")
+
+
+def classify(data: str = "stdlib", quality_positive: str = "stdlib:topics", out: str = "quality_classifier.npz",
+             seed: int = 0, verbose: bool = True) -> QualityClassifier:
+    """`python data.py classify`: train the classifier on its own and save it (with its accuracies in .info)."""
+    log = print if verbose else (lambda *a, **k: None)
+    positives = [t for t in (normalize(d[0]) for d in iter_documents(quality_positive)) if t.strip()]
+    corpus = [t for t in (normalize(d[0]) for d in iter_documents(data)) if t.strip()]
+    if not positives or not corpus:
+        raise ValueError(f"no text in --quality_positive '{quality_positive}' or --data '{data}': name sources with text")
+    t0 = time.perf_counter()
+    clf = fit_quality_classifier(positives, corpus, seed=seed)
+    clf.info["seconds"] = round(time.perf_counter() - t0, 2)
+    clf.save(out)
+    log(json.dumps(clf.info, indent=1))
+    log(f"wrote {out}")
+    return clf
 
 
 class _Terminated(KeyboardInterrupt):
@@ -2471,13 +3452,18 @@ def _stop(signum, frame):
 
 
 def main(argv=None) -> None:
-    """`python data.py prepare|verify|bench-dedup|bench-bpe ...`; a user error is one line and exit code 2."""
+    """`python data.py prepare|classify|doremi-weights|verify|bench-dedup|bench-bpe ...`; a user error is one
+    line and exit code 2."""
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
     try:
         if args.command == "prepare":
             options = {k: v for k, v in vars(args).items() if k != "command"}
             prepare(**options)
+        elif args.command == "doremi-weights":
+            print(doremi_weights(args.metrics))
+        elif args.command == "classify":
+            classify(args.data, args.quality_positive, args.out, args.seed)
         elif args.command == "verify":
             manifest, _ = load_prepared(args.dir, verify=False)
             t = time.perf_counter()

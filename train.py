@@ -117,6 +117,9 @@ class TrainConfig:
     vocab_size: int = 4096  # size of the BPE vocabulary to train (--tokenizer bpe; bytes and gpt2 have their own: 257 and 50257, which --pad_vocab rounds up)
     data_dir: str = "data_cache"  # where tokenized corpora are kept and reused between runs
     max_data_bytes: int = 0  # cap on the corpus bytes read per domain (0: no cap)
+    mix_online: str = ""  # draw each step's batch from one domain, chosen per step: static (the prepared shares), odm (an EXP3 bandit rewarded by the domain's loss, Albalak et al. 2023) or doremi (weights from the excess loss over --mix_reference, Xie et al. 2023); empty: plain random windows
+    mix_anneal: str = ""  # DOMAIN=WEIGHT,...: the domain mixture in the schedule's decay phase (wsd's decay, or cosine's last decay_frac of the steps); empty: no switch
+    mix_reference: str = ""  # --mix_online doremi: the reference run's metrics.jsonl (a --mix_online static run on the same data)
     # --- run
     out_dir: str = "out"  # checkpoint, metrics.jsonl, run.json and samples go here
     overwrite: bool = False  # allow a fresh run to replace a checkpoint already in out_dir
@@ -288,6 +291,7 @@ def check_config(cfg: TrainConfig):
     if cfg.compare_seeds < 0 or cfg.compare_seeds == 1:
         raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
     check_speed_flags(cfg)
+    check_mix_flags(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,6 +539,46 @@ def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int,
 
 
 # ----------------------------------------------------------------------------------------------
+# Mixtures that adapt during training (--mix_online, --mix_anneal): data.MixingSampler, fed each step's loss
+
+
+def check_mix_flags(cfg: TrainConfig):
+    if cfg.mix_online and cfg.mix_online not in data.MIX_ONLINE:
+        raise ValueError(f"unknown --mix_online '{cfg.mix_online}': use {', '.join(data.MIX_ONLINE)}, or leave it empty")
+    if (cfg.mix_online or cfg.mix_anneal) and cfg.diloco_steps:
+        raise ValueError("--mix_online/--mix_anneal with --diloco_steps: DiLoCo workers see only their own loss, so their "
+                         "domain draws would part ways; drop one of the two")
+    if cfg.mix_online == "doremi" and not cfg.mix_reference:
+        raise ValueError("--mix_online doremi needs --mix_reference: the metrics.jsonl of a --mix_online static run")
+
+
+def anneal_start_step(cfg: TrainConfig) -> int:
+    """The first step of the decay phase: wsd's decay, or the last decay_frac of a cosine run."""
+    return cfg.max_iters - int(cfg.decay_frac * cfg.max_iters)
+
+
+def make_train_sampler(cfg: TrainConfig, manifest: dict, block_size: int, layout: parallel.Layout):
+    """The training loader: data.TokenSampler's random windows, or, with --mix_online or --mix_anneal, a
+    data.MixingSampler that takes each step's batch from one domain (the same on every data-parallel rank)."""
+    if not cfg.mix_online and not cfg.mix_anneal:
+        return data.make_sampler(manifest, "train", block_size, cfg.batch_size, seed=cfg.seed,
+                                 rank=layout.rank("dp"), world_size=layout.dp)
+    return data.make_mixing_sampler(manifest, block_size, cfg.batch_size, seed=cfg.seed, rank=layout.rank("dp"),
+                                    world_size=layout.dp, method=cfg.mix_online or "static", anneal=cfg.mix_anneal,
+                                    anneal_step=anneal_start_step(cfg), reference=cfg.mix_reference)
+
+
+def adapt_mixture(run: "Run", out: dict):
+    """After each step: its global loss to a MixingSampler's policy (ODM's reward, DoReMi's excess loss), and
+    the domain and weights of the step to metrics.jsonl. Nothing for a plain TokenSampler."""
+    if not isinstance(run.sampler, data.MixingSampler):
+        return
+    record = run.sampler.update(out["loss"])
+    if run.metrics is not None:
+        run.metrics.log(step=run.step, **record)
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints: atomic writes, safe loads
 
 
@@ -611,7 +655,7 @@ def reshard_sampler_state(state: dict, world_size: int) -> dict:
     """The loader position for another number of data-parallel ranks. With W ranks at position p,
     the windows consumed are exactly the first p W of the epoch's permutation (rank r took r, r+W,
     ...), so W' ranks continue at p W / W' (pitfall: torchtitan #811)."""
-    if state.get("world_size", 1) == world_size:
+    if state.get("world_size", 1) == world_size or state.get("kind") == "mixing":  # a MixingSampler reshards itself
         return state
     consumed = state["position"] * state["world_size"]
     if consumed % world_size:
@@ -785,6 +829,7 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
         t0 = time.perf_counter()
         out = train_step(run.par, run.sampler, cfg, run.step, run.scaler.is_enabled())
         run.step += 1
+        adapt_mixture(run, out)
         if out["skipped"]:
             skip_step(run, out)  # raises once --skip_nonfinite steps have been skipped
         else:
@@ -822,8 +867,7 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     par, scaler = make_parallelized(model, cfg, layout, pick_dtype(cfg.dtype, layout.device))
     del model  # a pipeline stage or a sharded model keeps only its part; the full model is rebuilt for sampling
     # each data-parallel rank reads its own windows; tensor, pipeline and context ranks share theirs
-    sampler = data.make_sampler(manifest, "train", model_config.block_size, cfg.batch_size, seed=cfg.seed,
-                                rank=layout.rank("dp"), world_size=layout.dp)
+    sampler = make_train_sampler(cfg, manifest, model_config.block_size, layout)
     step = restore_checkpoint(ckpt, par, scaler, sampler, layout.dp) if ckpt is not None else 0
     if ckpt is not None:
         print(f"resumed from {ckpt_path} at step {step}")

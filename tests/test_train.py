@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import data
 import parallel
 import scaling
 import train
@@ -509,3 +510,103 @@ def test_speed_flag_mistakes_are_refused_with_the_reason(flags, words):
 def test_fp8_on_a_cpu_is_one_line(tmp_path):
     assert_one_line_error(run_cli("--preset", "tiny", "--device", "cpu", "--bench", "--fp8", "--out_dir", str(tmp_path)),
                           "--fp8", "compute capability")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures that adapt during training (--mix_online, --mix_anneal; data.MixingSampler)
+
+
+@pytest.mark.parametrize("flags", [dict(mix_online="odm"), dict(mix_anneal="code=0.2,prose=0.8", schedule="wsd", decay_frac=0.25)])
+def test_adaptive_mixing_resumes_bit_for_bit_and_logs_its_weights(data_dir, tmp_path, flags):
+    """ODM's bandit, or the annealed mixture, through train.py: 8 straight steps equal 4 + resume + 4
+    (losses, domains, weights, model, loader state), and every step's domain and weights reach metrics.jsonl."""
+    common = dict(max_iters=8, eval_interval=4, dtype="float32", **flags)
+    straight, mo = tiny(data_dir, tmp_path / "straight", **common)
+    train.train(straight, mo)
+    first, mo = tiny(data_dir, tmp_path / "resumed", stop_at=4, **common)
+    train.train(first, mo)
+    second, mo = tiny(data_dir, tmp_path / "resumed", resume=True, **common)
+    train.train(second, mo)
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s", "mfu")} for r in rows]
+    assert strip(a) == strip(b)
+    mixes = [r for r in a if "mix_domain" in r]
+    assert [r["step"] for r in mixes] == list(range(1, 9))
+    assert all(abs(sum(r["mix_weights"].values()) - 1) < 1e-5 for r in mixes)
+    if "mix_anneal" in flags:  # wsd decays over the last 25% of 8 steps: steps 7 and 8 (1-based) use the anneal weights
+        assert [r["mix_weights"] for r in mixes[-2:]] == [{"code": 0.2, "prose": 0.8}] * 2
+        assert mixes[0]["mix_weights"] != {"code": 0.2, "prose": 0.8}
+    sa, sb = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    assert sa["sampler"] == sb["sampler"] and sa["sampler"]["kind"] == "mixing"
+
+
+def test_mix_flags_are_checked_before_any_work():
+    cfg = train.TrainConfig(mix_online="bandit")
+    with pytest.raises(ValueError, match="unknown --mix_online"):
+        train.check_config(cfg)
+    with pytest.raises(ValueError, match="--mix_reference"):
+        train.check_config(train.TrainConfig(mix_online="doremi"))
+    with pytest.raises(ValueError, match="DiLoCo"):
+        train.check_config(train.TrainConfig(mix_online="odm", diloco_steps=5))
+
+
+RECORD_DOMAINS = """
+import json, os, sys
+import data, train
+update = data.MixingSampler.update
+def recording(self, loss):
+    record = update(self, loss)
+    with open(os.path.join(os.environ["DOMAIN_LOG"], f"rank{os.environ['RANK']}.jsonl"), "a") as f:
+        f.write(json.dumps([record["mix_domain"], loss]) + "\\n")
+    return record
+data.MixingSampler.update = recording
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_two_data_parallel_ranks_draw_the_same_domain_sequence(data_dir, tmp_path):
+    """torchrun, 2 processes with gloo, --dp 2 --mix_online odm: each rank records the domain it drew and the
+    loss it was given at every step; both sequences are the same, and so are rank 0's metrics.jsonl records."""
+    script = tmp_path / "record.py"
+    script.write_text(RECORD_DOMAINS)
+    logs = tmp_path / "domains"
+    logs.mkdir()
+    args = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--data_dir", data_dir, "--out_dir",
+            str(tmp_path / "out"), "--dp", "2", "--batch_size", "4", "--max_iters", "12", "--eval_interval", "12",
+            "--mix_online", "odm"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "DOMAIN_LOG": str(logs)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    ranks = [[json.loads(line) for line in open(logs / f"rank{r}.jsonl")] for r in (0, 1)]
+    assert len(ranks[0]) == 12 and ranks[0] == ranks[1]
+    logged = [r["mix_domain"] for r in read_metrics(tmp_path / "out") if "mix_domain" in r]
+    assert logged == [domain for domain, _ in ranks[0]]
+
+
+def test_the_doremi_recipe_runs_from_a_reference_run_to_a_mixture_for_the_main_run(data_dir, tmp_path):
+    """Reference (--mix_online static) -> proxy (--mix_online doremi --mix_reference its metrics.jsonl) ->
+    the proxy's average weights as a --mix value; each proxy step's weights follow DoReMi's update from the
+    logged losses: alpha_i *= exp(max(L - L_ref(i), 0)) for the step's domain, pi = 0.999 alpha / sum + 0.0005."""
+    ref, mo = tiny(data_dir, tmp_path / "ref", max_iters=10, eval_interval=10, dtype="float32", mix_online="static")
+    train.train(ref, mo)
+    proxy, mo = tiny(data_dir, tmp_path / "proxy", max_iters=6, eval_interval=6, dtype="float32", mix_online="doremi",
+                     mix_reference=str(tmp_path / "ref" / "metrics.jsonl"), seed=7)
+    train.train(proxy, mo)
+    ref_rows = [r for r in read_metrics(tmp_path / "ref") if "mix_domain" in r]
+    rows = [r for r in read_metrics(tmp_path / "proxy") if "mix_domain" in r]
+    names = list(rows[0]["mix_weights"])
+    alpha = {n: 1 / len(names) for n in names}
+    for r in rows:  # the weights each step was drawn with, recomputed from the losses logged before it
+        total = sum(alpha.values())
+        assert r["mix_weights"] == pytest.approx({n: 0.999 * a / total + 0.001 / len(names) for n, a in alpha.items()},
+                                                 abs=2e-6)
+        seen = [x["mix_loss"] for x in ref_rows if x["mix_domain"] == r["mix_domain"] and x["step"] <= r["step"]]
+        reference = seen[-1] if seen else next(x["mix_loss"] for x in ref_rows if x["mix_domain"] == r["mix_domain"])
+        alpha[r["mix_domain"]] *= math.exp(max(r["mix_loss"] - reference, 0.0))
+        alpha = {n: a / sum(alpha.values()) for n, a in alpha.items()}
+    mixture = data.parse_mix(data.doremi_weights(str(tmp_path / "proxy" / "metrics.jsonl")))
+    assert set(mixture) == set(names) and sum(mixture.values()) == pytest.approx(1, abs=1e-3)
