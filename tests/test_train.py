@@ -275,7 +275,8 @@ def test_nan_loss_stops_the_run_naming_step_and_checkpoint(data_dir, tmp_path, m
 def test_sample_mode_generates_text_from_a_checkpoint(data_dir, tmp_path):
     cfg, mo = tiny(data_dir, tmp_path, max_iters=2, eval_interval=2)
     train.train(cfg, mo)
-    out = run_cli("--sample", "--out_dir", str(tmp_path), "--sample_tokens", "20", "--prompt", "def ")
+    # the corpus is found in this invocation's --data_dir (never a path from the checkpoint)
+    out = run_cli("--sample", "--out_dir", str(tmp_path), "--data_dir", str(data_dir), "--sample_tokens", "20", "--prompt", "def ")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("def ")
 
