@@ -653,8 +653,11 @@ def write_failure(path: str, e: BaseException, free: int | None = None) -> str:
     failing with no space left), else the operating system's reason, with the fix."""
     free = free_bytes(path) if free is None else free
     if getattr(e, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or (free is not None and free < 2**20):
-        return (f"cannot write {path}: the disk that holds it is full ({(free or 0) / 1e6:.1f} MB free): free space "
-                "there, or pass an --out_dir on another disk")
+        return (f"cannot write {path}: the disk that holds it is full ({(free or 0) / 1e6:.1f} MB free when the write "
+                "failed): free space there, or pass an --out_dir on another disk")
+    if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.EFBIG:  # torch's writer: "unexpected pos N vs M"
+        return (f"cannot write {path}: the write came up short (a full disk, a quota or a file-size limit such as "
+                f"ulimit -f; {(free or 0) / 1e6:,.0f} MB free now): free space, raise the limit, or pass another --out_dir")
     return f"cannot write {path} ({one_line(e)}): pass an --out_dir that is a writable directory"
 
 
@@ -680,7 +683,7 @@ def load_checkpoint(path: str, resume: bool = False) -> dict:
     for key, kind in {**CHECKPOINT_KEYS, **(RESUME_KEYS if resume else {})}.items():
         if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
             found = type(ckpt[key]).__name__ if key in ckpt else "nothing"
-            raise ValueError(f"checkpoint {path} is not one train.py wrote: its '{key}' should be a {kind.__name__}, "
+            raise ValueError(f"checkpoint {path} is not one train.py wrote: its '{key}' should be of type {kind.__name__}, "
                              f"found {found}; use another --out_dir")
     if ckpt["step"] < 0 or not all(isinstance(t, torch.Tensor) for t in ckpt["model"].values()):
         raise ValueError(f"checkpoint {path} is not one train.py wrote (step {ckpt['step']}, or weights that are not "
@@ -925,7 +928,8 @@ class OutDirLock:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         except OSError as e:
-            raise ValueError(f"cannot write to --out_dir {self.out_dir} ({one_line(e)}): pass a writable directory") from None
+            raise ValueError(f"cannot write to --out_dir {self.out_dir} ({e.strerror or one_line(e)}): pass a writable "
+                             "directory") from None
         return previous
 
     def holder(self) -> str:
