@@ -1044,17 +1044,18 @@ def train(cfg: TrainConfig, model_overrides: dict) -> dict:
     # padded to a multiple of --tp in start_run, so only heads and MLP width can fail to split)
     parallel.check_tensor_parallel(GPTConfig(**{**model_overrides, "vocab_size": math.lcm(cfg.pad_vocab, cfg.tp)}), cfg.tp)
     check_out_dir(cfg)
-    layout = parallel.init_distributed(cfg.dp, cfg.tp, cfg.pp, cfg.cp, pick_device(cfg.device), cfg.dist_timeout)
     lock = OutDirLock(cfg.out_dir)
-    with stop_on_signals(), contextlib.redirect_stdout(sys.stdout if layout.is_rank0 else open(os.devnull, "w")):
-        try:
-            # rank 0 alone writes the directory; a refusal there reaches the other ranks at their
-            # next collective, through parallel.describe_failure
-            if layout.is_rank0 and (previous := lock.acquire()):
-                print(f"{lock.path}: taking over from {previous}, which is no longer running")
-            return train_on(cfg, model_overrides, layout)
-        finally:
-            lock.release()
+    with stop_on_signals():  # from the start: torchrun stops every worker with SIGTERM when one fails
+        layout = parallel.init_distributed(cfg.dp, cfg.tp, cfg.pp, cfg.cp, pick_device(cfg.device), cfg.dist_timeout)
+        with contextlib.redirect_stdout(sys.stdout if layout.is_rank0 else open(os.devnull, "w")):
+            try:
+                # rank 0 alone writes the directory; a refusal there reaches the other ranks at
+                # their next collective, through parallel.describe_failure
+                if layout.is_rank0 and (previous := lock.acquire()):
+                    print(f"{lock.path}: taking over from {previous}, which is no longer running")
+                return train_on(cfg, model_overrides, layout)
+            finally:
+                lock.release()
 
 
 @dataclass

@@ -107,7 +107,7 @@ if marker:
     def slow_replace(src, dst):
         if str(dst).endswith("ckpt.pt"):
             open(marker, "w").close()
-            time.sleep(120)
+            time.sleep(float(os.environ.get("SLOW_CHECKPOINT_SECONDS", "120")))
         real_replace(src, dst)
     os.replace = slow_replace
 import train
@@ -212,6 +212,157 @@ def test_sigkill_at_eleven_points_then_resume_equals_an_uninterrupted_run(data_d
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert not list(out.glob("*.tmp*")), "the resume removes a temporary file a kill left behind"
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per directory, preemption by signals, and writes that fail
+
+
+def wait_until(predicate, proc, what: str, timeout: float = 180):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def start_child(args, env=None, stderr_path=None) -> subprocess.Popen:
+    """train.py through CHILD (see above), stderr to a file (nobody reads a pipe while it runs)."""
+    return subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args)], cwd=ROOT, env={**CHILD_ENV, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=open(stderr_path, "w"))
+
+
+def one_line(path) -> str:
+    lines = Path(path).read_text().strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_two_runs_at_once_in_one_out_dir_one_refuses_naming_the_other_whose_files_are_whole(data_dir, tmp_path):
+    out = tmp_path / "out"
+    flags = tiny_flags(data_dir, out, "--max_iters", 12, "--eval_interval", 6, "--checkpoint_interval", 4, "--overwrite")
+    runs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, env=CHILD_ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [r.communicate(timeout=300) for r in runs]
+    assert sorted(r.returncode for r in runs) == [0, 2], [o[1][-2000:] for o in outputs]
+    winner, loser = (0, 1) if runs[0].returncode == 0 else (1, 0)
+    refusal = outputs[loser][1].strip().splitlines()
+    assert len(refusal) == 1 and f"another run (PID {runs[winner].pid} on" in refusal[0], refusal
+    rows = read_metrics(out)  # the winner's, whole: every step once, both evaluations, the last checkpoint
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in rows if "val_loss" in r] == [6, 12]
+    assert train.load_checkpoint(str(out / "ckpt.pt"))["step"] == 12
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl", "run.json"]  # no temporary file, no lock left
+    # a lock file a killed run left behind (no process holds its lock) is taken over
+    (out / "train.lock").write_text("PID 4194303 on a-host-long-gone\n")
+    resumed = run_train(*tiny_flags(data_dir, out, "--max_iters", 14, "--eval_interval", 6, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "taking over from PID 4194303 on a-host-long-gone, which is no longer running" in resumed.stdout
+    assert not (out / "train.lock").exists()
+
+
+def test_signals_stop_after_the_step_with_its_checkpoint_and_a_second_one_corrupts_nothing(data_dir, tmp_path):
+    out = tmp_path / "out"
+    flags = tiny_flags(data_dir, out, "--max_iters", 1000, "--eval_interval", 1000, "--dropout", 0.1)
+    err = tmp_path / "stderr.txt"
+
+    def checkpoint_step():
+        return train.load_checkpoint(str(out / "ckpt.pt"))["step"]
+
+    # Ctrl-C: the step in progress ends, its checkpoint is written, one line, exit 130
+    run = start_child(flags, stderr_path=err)
+    wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= 3, run, "step 3")
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    stopped = last_logged_step(out / "metrics.jsonl")
+    assert one_line(err) == f"stopped by SIGINT after step {stopped}: {out / 'ckpt.pt'} holds step {stopped}; continue with --resume"
+    assert checkpoint_step() == stopped
+
+    # SIGTERM, and a second SIGTERM while the checkpoint is being written: it is written whole, exit 0
+    marker = tmp_path / "renaming"
+    run = start_child([*flags, "--resume"], {"SLOW_CHECKPOINT_RENAME": str(marker), "SLOW_CHECKPOINT_SECONDS": "2"}, err)
+    wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= stopped + 2, run, "two more steps")
+    run.send_signal(signal.SIGTERM)
+    wait_until(marker.exists, run, "the checkpoint's rename")
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 0
+    stopped = last_logged_step(out / "metrics.jsonl")
+    assert one_line(err).startswith(f"stopped by SIGTERM after step {stopped}: ")
+    assert checkpoint_step() == stopped
+    marker.unlink()
+
+    # a second Ctrl-C while the checkpoint is being written: abandoned, its temporary file removed,
+    # the previous checkpoint whole; one line, exit 130
+    run = start_child([*flags, "--resume"], {"SLOW_CHECKPOINT_RENAME": str(marker)}, err)
+    wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= stopped + 1, run, "one more step")
+    run.send_signal(signal.SIGINT)
+    wait_until(marker.exists, run, "the checkpoint's rename")
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    assert one_line(err).startswith("error: stopped by a second Ctrl-C")
+    assert checkpoint_step() == stopped
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl", "run.json"]
+
+
+def test_a_resume_redoes_the_evaluations_it_cuts_instead_of_deleting_them(data_dir, tmp_path):
+    def run(*flags):
+        cfg, mo = train.resolve_configs(train.build_parser().parse_args(tiny_flags(data_dir, tmp_path, *flags)))
+        train.train(cfg, mo)
+
+    run("--max_iters", 8, "--stop_at", 4, "--eval_interval", 2)  # evaluates at 2 and 4, checkpoint at 4
+    first = read_metrics(tmp_path)
+    step4 = (tmp_path / "ckpt.pt").read_bytes()
+    # every 3 steps from here: step 4's evaluation is not on this schedule, and stays (issue 13 lost it)
+    run("--max_iters", 8, "--resume", "--eval_interval", 3)
+    whole = without_timings(read_metrics(tmp_path))
+    assert whole[:len(first)] == without_timings(first)
+    assert [r["step"] for r in whole if "val_loss" in r] == [2, 4, 6, 8]
+    # the checkpoints after step 4 lost (a crash between checkpoints), and a resume that evaluates only at
+    # its end: the evaluation at step 6 it cuts from the file is done again, so nothing recorded is lost
+    (tmp_path / "ckpt.pt").write_bytes(step4)
+    run("--max_iters", 8, "--resume", "--eval_interval", 100)
+    assert without_timings(read_metrics(tmp_path)) == whole
+    # and if that resume stops before step 6, the evaluations it still owes go into its checkpoint
+    (tmp_path / "ckpt.pt").write_bytes(step4)
+    run("--max_iters", 8, "--resume", "--eval_interval", 100, "--stop_at", 5)  # (which evaluates at its stop, 5)
+    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["redo_evals"] == [6, 8]
+    run("--max_iters", 8, "--resume", "--eval_interval", 100)
+    assert [r for r in without_timings(read_metrics(tmp_path)) if not (r["step"] == 5 and "val_loss" in r)] == whole
+
+
+def test_a_checkpoint_write_that_runs_out_of_space_leaves_no_temporary_file(data_dir, tmp_path):
+    import resource
+
+    cfg, mo = train.resolve_configs(train.build_parser().parse_args(tiny_flags(data_dir, tmp_path, "--stop_at", 2)))
+    train.train(cfg, mo)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def small_disk():  # in the child: no file may grow past half a checkpoint (EFBIG, as a full disk stops a write)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+
+    full = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *tiny_flags(data_dir, tmp_path, "--resume",
+                                                                                        "--stop_at", 3)],
+                          capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV, timeout=300, preexec_fn=small_disk)
+    assert_one_line_error(full, f"cannot write {tmp_path / 'ckpt.pt'}: the write came up short", "free space")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "metrics.jsonl", "run.json"]
+    # where the operating system says the disk is full, the line says so by name
+    enospc = OSError(28, "No space left on device")
+    assert "the disk that holds it is full" in train.write_failure(str(tmp_path / "ckpt.pt"), enospc, free=10**9)
+
+
+def test_an_interrupted_checkpoint_write_removes_its_temporary_file(tmp_path, monkeypatch):
+    (tmp_path / "ckpt.pt").write_bytes(b"the previous checkpoint")
+
+    def half_a_save(obj, f):
+        f.write(b"x" * 1000)
+        raise KeyboardInterrupt  # a second Ctrl-C in the middle of torch.save
+
+    monkeypatch.setattr(torch, "save", half_a_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.atomic_torch_save({"step": 1}, str(tmp_path / "ckpt.pt"))
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and (tmp_path / "ckpt.pt").read_bytes() == b"the previous checkpoint"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,6 +599,97 @@ def test_a_nan_on_one_diloco_worker_stops_every_worker_promptly_with_one_line(da
         lines = stderr.read_text().strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "at step 3" in lines[0], (rank, lines)
     assert "another worker" in (next(logs.rglob("attempt_0/0/stderr.log"))).read_text()  # rank 0 was healthy
+
+
+def torchrun(args, logs, script=None) -> subprocess.Popen:
+    """Two processes under torchrun (gloo), each rank's stdout and stderr in logs/.../attempt_0/<rank>/."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "--log-dir", str(logs), "--redirects", "3", str(script or os.path.join(ROOT, "train.py")),
+                             *map(str, args)], cwd=ROOT, env={**CHILD_ENV, "PYTHONPATH": ROOT},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rank_stderr(logs, rank) -> list[str]:
+    (path,) = Path(logs).rglob(f"attempt_0/{rank}/stderr.log")
+    return path.read_text().strip().splitlines()
+
+
+def worker_pids(launcher: subprocess.Popen) -> list[int]:
+    """The processes torchrun started (Linux: /proc lists each thread's children)."""
+    pids = []
+    for children in Path(f"/proc/{launcher.pid}/task").glob("*/children"):
+        pids += [int(p) for p in children.read_text().split()]
+    return pids
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_with_its_checkpoint_and_resume_is_exact(data_dir, tmp_path):
+    def flags(out, *extra):
+        return tiny_flags(data_dir, out, "--dp", 2, "--batch_size", 4, "--max_iters", 16, "--eval_interval", 8,
+                          "--dropout", 0.1, *extra)
+
+    straight = torchrun(flags(tmp_path / "straight"), tmp_path / "logs_straight")
+    assert straight.wait(timeout=300) == 0, straight.communicate()[1][-3000:]
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    at, rank = rng.randint(2, 11), rng.randint(0, 1)
+    print(f"seed {seed}: SIGTERM to one worker (of pids in spawn order, number {rank}) after step {at} is logged")
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    run = torchrun(flags(out), logs)
+    wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= at, run, f"step {at}")
+    os.kill(sorted(worker_pids(run))[rank], signal.SIGTERM)  # the other rank hears of it at the step's end
+    t0 = time.perf_counter()
+    assert run.wait(timeout=120) == 0, run.communicate()[1][-3000:]  # torchrun: 0 when every worker exits 0
+    seconds = time.perf_counter() - t0
+    stopped = last_logged_step(out / "metrics.jsonl")
+    print(f"both ranks stopped {seconds:.1f} s after the signal, after step {stopped}")
+    assert seconds < 30 and at <= stopped <= at + 3
+    assert train.load_checkpoint(str(out / "ckpt.pt"))["step"] == stopped
+    assert rank_stderr(logs, 0) == [f"stopped by SIGTERM after step {stopped}: {out / 'ckpt.pt'} holds step {stopped}; "
+                                    "continue with --resume"]
+    assert rank_stderr(logs, 1) == []
+    resumed = torchrun(flags(out, "--resume"), tmp_path / "logs_resumed")
+    assert resumed.wait(timeout=300) == 0, resumed.communicate()[1][-3000:]
+    assert without_timings(read_metrics(out)) == without_timings(read_metrics(tmp_path / "straight"))
+    a, b = (train.load_checkpoint(str(d / "ckpt.pt")) for d in (out, tmp_path / "straight"))
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+# Rank 1 stops answering in its third training step (until a signal comes: torchrun sends SIGTERM
+# to the workers left when one fails), so rank 0's next collective times out.
+HANG_ON_RANK_1 = r"""
+import os, sys, time
+import model, train
+if os.environ["RANK"] == "1":
+    forward, calls = model.GPT.forward, [0]
+    def stuck(self, idx, targets=None):
+        calls[0] += self.training and targets is not None
+        while calls[0] == 3 and self.training and not train._stop["signum"]:
+            time.sleep(0.05)
+        return forward(self, idx, targets)
+    model.GPT.forward = stuck
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_distributed_failures_are_one_line_naming_the_rank_to_check(data_dir, tmp_path):
+    script = tmp_path / "hang_on_rank_1.py"
+    script.write_text(HANG_ON_RANK_1)
+    flags = tiny_flags(data_dir, tmp_path / "out", "--dp", 2, "--batch_size", 4, "--max_iters", 8, "--dist_timeout", 3)
+    hang = torchrun(flags, tmp_path / "logs_hang", script)
+    assert hang.wait(timeout=180) != 0
+    (line,) = rank_stderr(tmp_path / "logs_hang", 0)
+    assert line.startswith("error: rank 0: a collective waited --dist_timeout 3 s") and "check rank 1" in line, line
+    assert "Traceback" not in "\n".join(rank_stderr(tmp_path / "logs_hang", 1))
+    # a refusal on rank 0 alone (another process holds the directory) reaches rank 1 as rank 0's own words
+    with hold_lock(tmp_path / "busy"):
+        busy = torchrun(tiny_flags(data_dir, tmp_path / "busy", "--dp", 2, "--batch_size", 4), tmp_path / "logs_busy")
+        assert busy.wait(timeout=180) != 0
+    (line0,), (line1,) = rank_stderr(tmp_path / "logs_busy", 0), rank_stderr(tmp_path / "logs_busy", 1)
+    assert line0.startswith("error: another run (PID"), line0
+    assert line1 == f"error: rank 1: stopped because rank 0 stopped with an error: {line0[len('error: '):]}", line1
 
 
 # ---------------------------------------------------------------------------------------------
