@@ -510,3 +510,30 @@ def test_speed_flag_mistakes_are_refused_with_the_reason(flags, words):
 def test_fp8_on_a_cpu_is_one_line(tmp_path):
     assert_one_line_error(run_cli("--preset", "tiny", "--device", "cpu", "--bench", "--fp8", "--out_dir", str(tmp_path)),
                           "--fp8", "compute capability")
+
+
+# ---------------------------------------------------------------------------------------------
+# One range per flag (issue 13): where the flags are parsed, naming the flag
+
+
+def test_every_numeric_flag_has_a_range_and_a_value_outside_it_is_refused_naming_the_flag():
+    numeric = [f.name for f in train.fields(train.TrainConfig) if f.type in ("int", "float")]
+    numeric += [f.name for f in train.fields(train.GPTConfig) if f.name in train.MODEL_FLAGS and f.type in ("int", "float")]
+    assert sorted(set(numeric) - set(train.FLAG_RANGES)) == []  # a new numeric flag needs its row
+    for name, interval in train.FLAG_RANGES.items():
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        outside = low - 1 if math.isinf(high) else high + 1
+        inside = low if interval[0] == "[" else low + 0.5
+        with pytest.raises(ValueError, match=f"--{name} must be"):
+            train.check_ranges({name: outside})
+        with pytest.raises(ValueError, match=f"--{name} must be"):
+            train.check_ranges({name: float("nan")})
+        train.check_ranges({name: inside})  # its end, where it is included
+    # and the defaults of every preset sit inside their ranges
+    for preset in train.PRESETS:
+        cfg, model_overrides = train.resolve_configs(train.build_parser().parse_args(["--preset", preset]))
+        train.check_ranges({**train.asdict(cfg), **model_overrides})
+
+
+def test_max_download_mb_defaults_to_data_pys_cap():
+    assert train.TrainConfig.max_download_mb == train.data.MAX_DOWNLOAD_MB
