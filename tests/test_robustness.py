@@ -417,10 +417,22 @@ def test_exploding_learning_rate_stops_with_one_line_and_keeps_the_checkpoint(da
     # LayerNorm; no checkpoint is due before step 100, so ckpt.pt stays the step-2 one
     blown = run_train(*tiny_flags(data_dir, tmp_path, "--resume", "--learning_rate", "1e30", "--checkpoint_interval", 100,
                                   "--eval_interval", 100, "--skip_nonfinite", 2))
-    assert_one_line_error(blown, "loss is nan at step 6 after 2 skipped", "ckpt.pt (step 2)", "--learning_rate")
+    assert_one_line_error(blown, "loss is nan at step 6 after 2 skipped", "ckpt.pt (step 2), its weights all finite",
+                          "--learning_rate")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows if "skipped" in r] == [4, 5]  # skipped and logged, up to --skip_nonfinite
+
+
+def test_the_nan_message_does_not_call_a_checkpoint_with_nan_weights_good(data_dir, tmp_path):
+    cfg, mo = train.resolve_configs(train.build_parser().parse_args(tiny_flags(data_dir, tmp_path, "--stop_at", 1)))
+    train.train(cfg, mo)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["model"]["transformer.wte.weight"][0, 0] = float("nan")  # as an update gone wrong would leave it
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    cfg, mo = train.resolve_configs(train.build_parser().parse_args(tiny_flags(data_dir, tmp_path, "--resume")))
+    with pytest.raises(FloatingPointError, match=r"ckpt\.pt \(step 1\), but its weights are not all finite: do not resume"):
+        train.train(cfg, mo)
 
 
 def test_skip_nonfinite_steps_over_one_bad_batch_without_an_update(data_dir, tmp_path, monkeypatch):

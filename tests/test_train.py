@@ -537,3 +537,28 @@ def test_every_numeric_flag_has_a_range_and_a_value_outside_it_is_refused_naming
 
 def test_max_download_mb_defaults_to_data_pys_cap():
     assert train.TrainConfig.max_download_mb == train.data.MAX_DOWNLOAD_MB
+
+
+def test_max_download_mb_reaches_data_prepare_and_its_errors_name_data_dir(monkeypatch):
+    seen = {}
+
+    def prepare(**settings):  # data.prepare names its own flag, --out_dir: here it is --data_dir
+        seen.update(settings)
+        raise ValueError(f"cannot write to --out_dir {settings['out_dir']} (Not a directory): pass a writable directory")
+
+    monkeypatch.setattr(train.data, "prepare", prepare)
+    with pytest.raises(ValueError, match="cannot write to --data_dir elsewhere "):
+        train.prepare_data(train.TrainConfig(max_download_mb=12.5, data_dir="elsewhere"))
+    assert seen["max_download_mb"] == 12.5 and seen["out_dir"] == "elsewhere"
+
+
+def test_a_full_disk_is_named_in_the_one_line():
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device", "out/metrics.jsonl")
+    assert train.os_error_line(full).startswith("the disk is full (No space left on device: out/metrics.jsonl)")
+    assert "the disk that holds it is full" in train.write_failure("out/ckpt.pt", full, free=10**9)
+    # torch's zip writer reports a short write as "unexpected pos": with space left, it may be a quota or ulimit -f
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 979072 vs 978964")
+    assert "the write came up short" in train.write_failure("out/ckpt.pt", short, free=10**9)
+    assert "the disk that holds it is full" in train.write_failure("out/ckpt.pt", short, free=1000)
