@@ -1446,7 +1446,7 @@ def format_bench_table(rows: list[dict]) -> str:
 def bench(cfg: TrainConfig, model_overrides: dict) -> dict:
     """--bench (one row: the flags as given) or --bench_ablation (the rows of ablation_rows);
     prints the table and writes <out_dir>/bench.json (after every row, so a run cut short keeps its rows)."""
-    check_config(cfg)
+    check_config(cfg, model_overrides)
     layout = parallel.init_distributed(cfg.dp, cfg.tp, cfg.pp, cfg.cp, pick_device(cfg.device), cfg.dist_timeout)
     device, dtype = layout.device, pick_dtype(cfg.dtype, layout.device)
     if cfg.bench_ablation:
@@ -1577,11 +1577,13 @@ def compare_seeds(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     the denominator). The seed moves initialisation, data order and dropout, so the spread is the
     noise a single run carries: a change whose mean moves by less than about 2 std / sqrt(N) has not
     shown an effect yet. Rank 0 prints the summary, writes it to out_dir/compare.json and returns it."""
-    check_config(cfg)
+    check_config(cfg, model_overrides)
     runs = []
     for seed in range(cfg.seed, cfg.seed + cfg.compare_seeds):
         one = replace(cfg, seed=seed, out_dir=os.path.join(cfg.out_dir, f"seed{seed}"), compare_seeds=0)
         result = train(one, model_overrides)
+        if result.get("stopped"):  # a signal stops the comparison too (main reports it)
+            return result
         runs.append({"seed": seed, "out_dir": one.out_dir, "val_loss": result["val_loss"], "val_bpb": result["val_bpb"]})
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
@@ -1606,14 +1608,11 @@ def main(argv=None):
         if cfg.bench or cfg.bench_ablation:
             bench(cfg, model_overrides)
             return
-        if cfg.compare_seeds:
-            compare_seeds(cfg, model_overrides)
-            return
-        result = train(cfg, model_overrides)
-        if result.get("stopped"):
+        result = compare_seeds(cfg, model_overrides) if cfg.compare_seeds else train(cfg, model_overrides)
+        if result is not None and result.get("stopped"):
             report_stop(result)
             return
-        if result["model"] is None:  # not rank 0 of a parallel run: rank 0 reports
+        if cfg.compare_seeds or result["model"] is None:  # compare_seeds has reported; on rank > 0, rank 0 reports
             return
         if result["val_bpb"] is not None:
             print(f"final: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte vs gzip -9 {result['gzip_bpb']:.3f}")
@@ -1624,9 +1623,10 @@ def main(argv=None):
         if not parallel.is_communication_failure(e):
             raise
         fail(parallel.describe_failure(e, args.dist_timeout or TrainConfig.dist_timeout))
-    except KeyboardInterrupt:  # a second Ctrl-C (on_stop_signal)
-        print("error: stopped by a second Ctrl-C; the checkpoint in --out_dir is the last whole one (a write "
-              "in progress was abandoned): continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C while training (on_stop_signal), or one outside it
+        second = ("a second Ctrl-C: a checkpoint being written was abandoned, and the last whole one stays in --out_dir "
+                  "(continue with --resume)") if _stop["signum"] else "Ctrl-C"
+        print(f"error: stopped by {second}", file=sys.stderr)
         sys.exit(130)
     finally:
         parallel.shutdown()  # leave the process group cleanly (a no-op on one process)

@@ -299,7 +299,7 @@ def test_signals_stop_after_the_step_with_its_checkpoint_and_a_second_one_corrup
     wait_until(marker.exists, run, "the checkpoint's rename")
     run.send_signal(signal.SIGINT)
     assert run.wait(timeout=60) == 130
-    assert one_line(err).startswith("error: stopped by a second Ctrl-C")
+    assert one_line(err).startswith("error: stopped by a second Ctrl-C: a checkpoint being written was abandoned")
     assert checkpoint_step() == stopped
     assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl", "run.json"]
 
