@@ -130,7 +130,8 @@ context-parallel ranks hold copies of the weights too).
 
 Map of this file
 ----------------
-process groups (Layout, init_distributed) -> counted collectives -> one replica (the decay rule,
+process groups (Layout, init_distributed) -> when a collective fails (one line naming the rank
+to check) -> counted collectives -> one replica (the decay rule,
 torch's AdamW, and Replicated: the calls every strategy answers, with no data parallelism) -> data
 parallel (BucketedDataParallel) -> ZeRO 1/2 and 3 (FlatShard, ShardedAdamW, ZeRO, GatherParams,
 ZeRO3) -> tensor parallel (f, g, column/row layers, vocabulary-parallel embedding and

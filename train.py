@@ -41,7 +41,19 @@ either the old checkpoint or the new one, never half of one; it loads with weigh
 checkpoint cannot run code. On the CPU in float32, N steps + resume + N steps reproduces 2N straight
 steps bit for bit (a test checks it), and so does a run killed with SIGKILL at 11 moments, one of
 them mid-write, and resumed each time (tests/test_robustness.py): the evaluation that follows a
-checkpoint is redone on resume, in case the kill came between the two.
+checkpoint is redone on resume, in case the kill came between the two, and so is every evaluation
+metrics.jsonl held for the steps after it, which are trained again: a resume loses no recorded line.
+
+Preemption and one run per directory
+------------------------------------
+A cluster takes its machines back with a signal, then a kill: SIGTERM from Slurm's --signal,
+Kubernetes or a spot reclaim (torchrun passes its own on to every worker, and kills them 30 s later),
+SIGUSR1 by convention, SIGINT from Ctrl-C. None of them interrupts the step in progress: each rank
+notes it, all ranks agree after the step (an all-reduce of one number), write that step's checkpoint
+and exit 0. Rank 0 holds <out_dir>/train.lock while it trains (an operating-system lock, released
+when its process dies however it dies), so a second run into the same directory refuses instead of
+deleting the first one's temporary checkpoint. Every flag's range is one table, FLAG_RANGES,
+checked before any work.
 
 Mixed precision
 ---------------
@@ -69,7 +81,8 @@ Map of this file
 ----------------
 TrainConfig, PRESETS -> flags from dataclass fields -> device and dtype -> learning-rate schedule ->
 optimizer -> speed-ups (vocabulary padding, checks, make_parallelized) -> checkpoint save/load ->
-evaluation -> the training loop -> benchmark -> sampling -> main().
+evaluation -> one run per directory (OutDirLock) -> preemption (signals) -> the training loop ->
+benchmark -> sampling -> main().
 """
 
 from __future__ import annotations
