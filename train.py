@@ -828,10 +828,7 @@ class Metrics:
             elif not after:
                 kept.append(line)
                 self.evaluated_at_resume |= record["step"] == resume_step and "val_loss" in record
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        write_text_atomic("".join(kept), self.path)
 
     def log(self, **record):
         with open(self.path, "a") as f:
@@ -887,10 +884,20 @@ def run_info(cfg: TrainConfig, model_config: GPTConfig, manifest: dict) -> dict:
 
 
 def write_json_atomic(obj, path: str):
+    write_text_atomic(json.dumps(obj, indent=2), path)
+
+
+def write_text_atomic(text: str, path: str):
+    """Write to path.tmp and rename it over path; a failed write (a full disk) removes path.tmp."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
