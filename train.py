@@ -698,9 +698,10 @@ def load_checkpoint(path: str, resume: bool = False) -> dict:
             found = type(ckpt[key]).__name__ if key in ckpt else "nothing"
             raise ValueError(f"checkpoint {path} is not one train.py wrote: its '{key}' should be of type {kind.__name__}, "
                              f"found {found}; use another --out_dir")
-    if ckpt["step"] < 0 or not all(isinstance(t, torch.Tensor) for t in ckpt["model"].values()):
-        raise ValueError(f"checkpoint {path} is not one train.py wrote (step {ckpt['step']}, or weights that are not "
-                         "tensors); use another --out_dir")
+    if ckpt["step"] < 0:
+        raise ValueError(f"checkpoint {path} is not one train.py wrote: its step is {ckpt['step']}; use another --out_dir")
+    if not all(isinstance(t, torch.Tensor) for t in ckpt["model"].values()):
+        raise ValueError(f"checkpoint {path} is not one train.py wrote: some of its weights are not tensors; use another --out_dir")
     return ckpt
 
 
@@ -971,10 +972,11 @@ class OutDirLock:
 
 def check_out_dir(cfg: TrainConfig):
     """The refusals that need no work: a resume without a checkpoint, a fresh run over one, a file
-    where the directory should be."""
+    where a directory should be."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise ValueError(f"--out_dir {cfg.out_dir} is a file, not a directory: pass a directory")
+    for flag in ("out_dir", "data_dir"):
+        if os.path.exists(getattr(cfg, flag)) and not os.path.isdir(getattr(cfg, flag)):
+            raise ValueError(f"--{flag} {getattr(cfg, flag)} is a file, not a directory: pass a directory")
     if cfg.resume and not os.path.exists(ckpt_path):
         raise ValueError(f"no checkpoint at {ckpt_path}: train first, or point --out_dir at a run's directory")
     if not cfg.resume and os.path.exists(ckpt_path) and not cfg.overwrite:
@@ -1581,8 +1583,10 @@ def model_from_checkpoint(ckpt: dict, path: str, manifest: dict, device: torch.d
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, TypeError) as e:  # missing or unexpected keys, a wrong shape
-        raise ValueError(f"checkpoint {path}: its tensors do not fit its model_config ({one_line(e)[:200]}); "
-                         "it was edited or is damaged") from None
+        # torch lists them on the lines after "Error(s) in loading state_dict for GPT:"
+        why = " ".join(str(e).replace("Error(s) in loading state_dict for GPT:", "").split())[:200]
+        raise ValueError(f"checkpoint {path}: its tensors do not fit its model_config ({why}); it was edited or is "
+                         "damaged") from None
     return model
 
 
