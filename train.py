@@ -340,7 +340,8 @@ def check_ranges(values: dict):
 
 def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
     """Every flag's range (FLAG_RANGES, the model's flags too when given), then the combinations that cannot work."""
-    check_ranges({**asdict(cfg), **(model_overrides or {})})
+    check_ranges(asdict(cfg))
+    check_ranges(model_overrides or {})
     if cfg.schedule not in ("cosine", "wsd"):
         raise ValueError(f"unknown schedule '{cfg.schedule}': use cosine or wsd")
     if cfg.tokenizer not in ("bytes", "bpe", "gpt2"):
@@ -749,6 +750,8 @@ def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, 
         sampler.load_state_dict(reshard_sampler_state(ckpt["sampler"], dp))
         set_rng_states(ckpt["rng"])
     except (KeyError, IndexError, TypeError, RuntimeError, AttributeError) as e:  # an edited or foreign file
+        if parallel.is_communication_failure(e):
+            raise
         raise ValueError(f"the checkpoint's state does not fit this model and run ({type(e).__name__}: {one_line(e)[:160]}):"
                          " it was edited or comes from another program; use another --out_dir") from None
     return ckpt["step"]
