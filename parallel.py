@@ -130,7 +130,8 @@ context-parallel ranks hold copies of the weights too).
 
 Map of this file
 ----------------
-process groups (Layout, init_distributed) -> counted collectives -> one replica (the decay rule,
+process groups (Layout, init_distributed) -> when a collective fails (one line naming the rank
+to check) -> counted collectives -> one replica (the decay rule,
 torch's AdamW, and Replicated: the calls every strategy answers, with no data parallelism) -> data
 parallel (BucketedDataParallel) -> ZeRO 1/2 and 3 (FlatShard, ShardedAdamW, ZeRO, GatherParams,
 ZeRO3) -> tensor parallel (f, g, column/row layers, vocabulary-parallel embedding and
@@ -280,6 +281,95 @@ def shutdown():
     """Leave the job cleanly (a process that exits without this can leave the others waiting)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# When a collective fails: one line naming the rank to look at, not the transport's traceback
+#
+# A rank that stops with an error leaves its message in the job's key-value store (torchrun's
+# rendezvous store, which outlives the workers) before it exits. Its peers' next collective then
+# fails ("Connection closed by peer"), or times out after --dist_timeout if a rank hangs; each of
+# them adds its own note and gives the others a few seconds to do the same. Whoever left nothing
+# is the rank to check: hung, killed or crashed. (Under NCCL a timed-out collective is caught by
+# torch's watchdog, which ends the process itself; this covers gloo and the errors every rank sees.)
+
+FAILURE_KEY = "nanopretrain/failed/{rank}"
+FAILURE_GRACE_S = 5.0  # seconds a failed rank waits for its peers' notes before naming the silent ones
+
+
+def _store():
+    """The default process group's store, or None (a private torch API, so every use is guarded)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 -- no group, or an older torch
+        return None
+
+
+def report_failure(message: str):
+    """Leave this rank's error where its peers look (describe_failure); a no-op on one process."""
+    if not dist.is_initialized() or (store := _store()) is None:
+        return
+    with contextlib.suppress(Exception):  # the store's host may be gone too: nothing more to do
+        store.set(FAILURE_KEY.format(rank=dist.get_rank()), message)
+
+
+def is_communication_failure(e: BaseException) -> bool:
+    """Whether an exception comes from torch.distributed's transport (gloo, NCCL, the store)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return any(marker in str(e) for marker in ("gloo", "Connection closed by peer", "Connection reset by peer",
+                                                "Timed out waiting", "NCCL", "c10d"))
+
+
+def _peer_notes(note: str, grace_s: float) -> dict | None:
+    """Leave this rank's note, then wait up to grace_s for every peer's: {rank: note}, or None
+    when the store cannot be reached."""
+    store, rank, world = _store(), dist.get_rank(), dist.get_world_size()
+    if store is None:
+        return None
+    import time
+
+    notes, deadline = {}, time.monotonic() + grace_s
+    try:
+        store.set(FAILURE_KEY.format(rank=rank), note)
+        while True:
+            for q in range(world):
+                key = FAILURE_KEY.format(rank=q)
+                if q != rank and q not in notes and store.check([key]):
+                    notes[q] = store.get(key).decode(errors="replace")
+            if len(notes) == world - 1 or time.monotonic() > deadline:
+                return notes
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 -- the store's host went away (it was a rank's own process)
+        return None
+
+
+def describe_failure(e: BaseException, timeout_s: float) -> str:
+    """One line for a failed collective: the peer's own error if one stopped with an error, else
+    which rank did not answer, and what to change."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = first.split("] ", 1)[-1] if first.startswith("[") else first  # gloo starts with [its/source.cc:123]
+    first = first.split(". This is typically")[0][:200]
+    if not dist.is_initialized():
+        return (f"could not join the job ({first}): start every process with torchrun, check that MASTER_ADDR and "
+                "MASTER_PORT (torchrun's --rdzv_endpoint) are reachable from every node, or raise --dist_timeout")
+    rank = dist.get_rank()
+    timed_out = "timed out" in first.lower() or "timeout" in first.lower()
+    own = "timed out" if timed_out else "lost a peer"
+    notes = _peer_notes(own, min(FAILURE_GRACE_S, timeout_s))
+    if notes is None:
+        return f"rank {rank}: a collective failed ({first}): one of the other ranks stopped; see its log for why"
+    errors = {q: m for q, m in notes.items() if m not in ("timed out", "lost a peer")}
+    if errors:
+        q = min(errors)
+        return f"rank {rank}: stopped because rank {q} stopped with an error: {errors[q]}"
+    silent = [str(q) for q in range(dist.get_world_size()) if q != rank and q not in notes]
+    check = f"rank {', '.join(silent)}" if silent else "the other ranks' logs"
+    if timed_out:
+        return (f"rank {rank}: a collective waited --dist_timeout {timeout_s:g} s for its peers ({first}): raise "
+                f"--dist_timeout or check {check}" + (" (it did not answer: hung, killed or crashed)" if silent else ""))
+    return f"rank {rank}: lost the connection to another rank ({first}): check {check}" + (
+        " (it did not answer: killed or crashed)" if silent else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2081,6 +2171,11 @@ def preflight(timeout_s: float, megabytes: float = 16.0):
     """Run each collective once on every rank and report its bus bandwidth; on failure, the fixes above."""
     import time
 
+    if not timeout_s > 0 or not megabytes > 0:
+        raise ValueError(f"--timeout and --megabytes must be positive, got {timeout_s:g} and {megabytes:g}")
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError("preflight checks the collectives between processes, so it needs two or more: launch it with "
+                         "torchrun, e.g. torchrun --standalone --nproc_per_node 2 parallel.py preflight")
     layout = init_distributed(dp=int(os.environ.get("WORLD_SIZE", "1")), device=torch.device(
         "cuda" if torch.cuda.is_available() else "cpu"), timeout_s=timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -2128,11 +2223,18 @@ def plan(config, dp: int, tp: int, zero: int, batch_tokens: int) -> dict:
                 tensor_parallel_bytes=scaling.tensor_parallel_bytes(config, batch_tokens, tp, 4) if tp > 1 else 0.0)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python parallel.py {{preflight,plan}} --help lists the flags)\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Parallelism from collectives. train.py applies it (--dp, --tp, "
-                                     "--pp, --cp, --zero); this command checks a cluster and prints the formulas. "
-                                     "`parallel.py --check` is `parallel.py preflight`.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(description="Parallelism from collectives. train.py applies it (--dp, --tp, "
+                                       "--pp, --cp, --zero); this command checks a cluster and prints the formulas. "
+                                       "`parallel.py --check` is `parallel.py preflight`.")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
     pre = sub.add_parser("preflight", help="run every collective once on every rank: torchrun --nproc_per_node N parallel.py preflight")
     pre.add_argument("--timeout", type=float, default=60, help="seconds before a hang becomes an error")
     pre.add_argument("--megabytes", type=float, default=16, help="message size")
@@ -2147,11 +2249,15 @@ def main(argv=None):
         argv = ["preflight", *argv[1:]]
     args = parser.parse_args(argv)
     try:
+        if args.command is None:
+            raise ValueError("name a command: torchrun --nproc_per_node N parallel.py preflight (checks the "
+                             "collectives), or python parallel.py plan (memory and traffic per rank)")
         if args.command == "preflight":
             try:
                 preflight(args.timeout, args.megabytes)
-            except (RuntimeError, dist.DistBackendError if hasattr(dist, "DistBackendError") else RuntimeError) as e:
-                print(f"error: preflight failed on this rank: {str(e).splitlines()[0][:200]}\n{PREFLIGHT_FIXES}", file=sys.stderr)
+            except RuntimeError as e:  # gloo's and NCCL's errors, and the store's (DistError is a RuntimeError)
+                print(f"error: preflight failed on this rank: {describe_failure(e, args.timeout)}\n{PREFLIGHT_FIXES}",
+                      file=sys.stderr)
                 sys.exit(1)
             finally:
                 shutdown()
@@ -2162,6 +2268,8 @@ def main(argv=None):
             raise ValueError(f"unknown preset '{args.preset}': choose one of {', '.join(MODEL_PRESETS)}")
         if args.zero not in (0, 1, 2, 3) or args.dp < 1 or args.tp < 1:
             raise ValueError("--zero must be 0-3, --dp and --tp at least 1")
+        if args.batch_tokens < 1:
+            raise ValueError(f"--batch_tokens must be at least 1 (tokens per rank per step), got {args.batch_tokens}")
         config = GPTConfig(**{**MODEL_PRESETS[args.preset], "vocab_size": 50304})
         check_tensor_parallel(config, args.tp)
         for key, value in plan(config, args.dp, args.tp, args.zero, args.batch_tokens).items():

@@ -103,13 +103,16 @@ per layout) -> fitting (IsoFLOP parabolas, Huber + L-BFGS parametric fit, bootst
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -954,28 +957,9 @@ def run_sweep(args) -> dict:
     # the long runs of the smallest models do not start last and leave a core idle at the end
     by_steps = sorted(points, key=lambda p: p["steps"])
     pending, running, done = [by_steps[0]] + by_steps[:0:-1], [], 0
-    while pending or running:
-        # the first run tokenizes the corpus into data_dir (train.py does it, as it would for you);
-        # the others start once it is done, and reuse it
-        jobs = 1 if done == 0 else args.jobs
-        while pending and len(running) < jobs:
-            p = pending.pop(0)
-            p["out_dir"] = os.path.join(args.out_dir, f"C{p['C']:.0e}-{p['size']}")
-            log = open(os.path.join(args.out_dir, f"C{p['C']:.0e}-{p['size']}.log"), "w")
-            proc = subprocess.Popen(train_command(p, args, p["out_dir"]), stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append((p, proc, log, time.perf_counter()))
-        time.sleep(0.05)
-        for item in [r for r in running if r[1].poll() is not None]:
-            p, proc, log, t0 = item
-            running.remove(item)
-            log.close()
-            done += 1
-            p["seconds"] = time.perf_counter() - t0
-            # a failed point is reported and left out of the fits; the others still count
-            p["loss"] = final_val_loss(p["out_dir"]) if proc.returncode == 0 else None
-            outcome = f"val loss {p['loss']:.4f}" if p["loss"] is not None else f"FAILED (see {log.name})"
-            print(f"[{done}/{len(points)}] C={p['C']:.0e} size {p['size']:>5} N={p['N']:>8,} D={p['D']:>10,} "
-                  f"({p['steps']} steps): {outcome} in {p['seconds']:.1f} s", file=sys.stderr, flush=True)
+    with children_stopped_on_exit(running):
+        while pending or running:
+            done = sweep_tick(pending, running, done, points, args, env)
     trained = [p for p in points if p["loss"] is not None]
     if len(trained) < 2:
         raise ValueError(f"only {len(trained)} of {len(points)} runs finished: see the logs in {args.out_dir}")
@@ -985,6 +969,67 @@ def run_sweep(args) -> dict:
     write_json_atomic(result, os.path.join(args.out_dir, "sweep.json"))
     result["plot"] = plot_sweep(points, fits, args.out_dir)
     return result
+
+
+def sweep_tick(pending: list, running: list, done: int, points: list, args, env: dict) -> int:
+    """Start runs up to args.jobs at a time, collect the ones that finished; returns the count done."""
+    # the first run tokenizes the corpus into data_dir (train.py does it, as it would for you);
+    # the others start once it is done, and reuse it
+    jobs = 1 if done == 0 else args.jobs
+    while pending and len(running) < jobs:
+        p = pending.pop(0)
+        p["out_dir"] = os.path.join(args.out_dir, f"C{p['C']:.0e}-{p['size']}")
+        log = open(os.path.join(args.out_dir, f"C{p['C']:.0e}-{p['size']}.log"), "w")
+        proc = subprocess.Popen(train_command(p, args, p["out_dir"]), stdout=log, stderr=subprocess.STDOUT, env=env)
+        running.append((p, proc, log, time.perf_counter()))
+    time.sleep(0.05)
+    for item in [r for r in running if r[1].poll() is not None]:
+        p, proc, log, t0 = item
+        running.remove(item)
+        log.close()
+        done += 1
+        p["seconds"] = time.perf_counter() - t0
+        # a failed point is reported and left out of the fits; the others still count
+        try:
+            p["loss"] = final_val_loss(p["out_dir"]) if proc.returncode == 0 else None
+        except (OSError, ValueError):  # stopped early by a signal of its own, before its evaluation
+            p["loss"] = None
+        outcome = f"val loss {p['loss']:.4f}" if p["loss"] is not None else f"FAILED (see {log.name})"
+        print(f"[{done}/{len(points)}] C={p['C']:.0e} size {p['size']:>5} N={p['N']:>8,} D={p['D']:>10,} "
+              f"({p['steps']} steps): {outcome} in {p['seconds']:.1f} s", file=sys.stderr, flush=True)
+    return done
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so that the sweep's runs are stopped on the way out (its default
+    action would end the sweep alone and leave them training, orphaned)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def children_stopped_on_exit(running: list):
+    """On any way out (SIGTERM, Ctrl-C, an error), stop the train.py runs still going: SIGTERM, to
+    which train.py answers by checkpointing its current step and exiting, then SIGKILL after 60 s."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    try:
+        yield
+    finally:
+        for _, proc, log, _ in running:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGTERM)
+        for _, proc, log, _ in running:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def write_json_atomic(obj, path: str):
@@ -1301,13 +1346,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The range of every numeric flag of every subcommand, in interval notation ("[" includes the end,
+# "(" leaves it out), checked once in main before any work, so the message names the flag
+FLAG_RANGES = {
+    "n_layer": "[1, inf)", "n_embd": "[1, inf)", "n_head": "[1, inf)", "n_kv_head": "[0, inf)", "vocab_size": "[1, inf)",
+    "block_size": "[1, inf)", "seq_len": "[1, inf)", "tokens_per_s": "(0, inf)", "peak": "(0, inf)", "params": "(0, inf)",
+    "zero": "[0, 3]", "dp": "[1, inf)", "tp": "[1, inf)", "pp": "[1, inf)", "micro_batch": "[1, inf)", "compute": "(0, inf)",
+    "tokens": "(0, inf)", "gpus": "[1, inf)", "mfu": "(0, 1]", "batch_tokens": "(0, inf)", "max_data_bytes": "[0, inf)",
+    "batch_size": "[1, inf)", "learning_rate": "(0, inf)", "eval_iters": "[1, inf)", "jobs": "[1, inf)",
+    "threads": "[1, inf)", "bootstrap": "[0, inf)", "seed": "[0, inf)",
+}
+
+
+def check_flag_ranges(args):
+    """One line for the first given flag outside its FLAG_RANGES interval (NaN is inside none)."""
+    values = [(k, v) for k, v in vars(args).items() if k in FLAG_RANGES and v is not None]
+    if getattr(args, "seq_lens", None):
+        try:
+            values += [("seq_lens", int(t)) for t in args.seq_lens.split(",")]
+        except ValueError:
+            raise ValueError(f"--seq_lens {args.seq_lens} should be comma-separated whole numbers, e.g. 128,1024") from None
+    for name, value in values:
+        interval = FLAG_RANGES.get(name, "[1, inf)")  # (seq_lens: each a sequence length)
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        above = value >= low if interval[0] == "[" else value > low
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):
+            raise ValueError(f"--{name} must be in {interval}, got {value}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        check_flag_ranges(args)
         out = args.func(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during a sweep (children_stopped_on_exit)
+        by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        print(f"error: stopped by {by}; the runs in progress were stopped too", file=sys.stderr)
+        sys.exit(143 if by == "SIGTERM" else 130)
     if args.json:
         print(json.dumps(out, default=str))
 

@@ -25,8 +25,8 @@ One optimizer step, as this file does it
 3. Clip the global gradient norm to grad_clip (Pascanu et al. 2013), then AdamW (Loshchilov &
    Hutter 2017, arXiv:1711.05101) with weight decay on matrices only: decaying biases and norm gains
    only pulls them towards zero for no benefit (the GPT-2/nanoGPT recipe). A step whose loss or
-   gradient norm is inf or NaN is not applied: the run stops, naming the step and the last good
-   checkpoint, or first skips up to --skip_nonfinite such steps.
+   gradient norm is inf or NaN is not applied: the run stops, naming the step and the last
+   checkpoint (and whether its weights are finite), or first skips up to --skip_nonfinite such steps.
 4. Log loss, learning rate, ms/step, tokens/s and (on a GPU) MFU, and append the same to
    <out_dir>/metrics.jsonl.
 5. Every checkpoint_interval steps, write a checkpoint, then evaluate (in that order: a crash
@@ -41,7 +41,19 @@ either the old checkpoint or the new one, never half of one; it loads with weigh
 checkpoint cannot run code. On the CPU in float32, N steps + resume + N steps reproduces 2N straight
 steps bit for bit (a test checks it), and so does a run killed with SIGKILL at 11 moments, one of
 them mid-write, and resumed each time (tests/test_robustness.py): the evaluation that follows a
-checkpoint is redone on resume, in case the kill came between the two.
+checkpoint is redone on resume, in case the kill came between the two, and so is every evaluation
+metrics.jsonl held for the steps after it, which are trained again: a resume loses no recorded line.
+
+Preemption and one run per directory
+------------------------------------
+A cluster takes its machines back with a signal, then a kill: SIGTERM from Slurm's --signal,
+Kubernetes or a spot reclaim (torchrun passes its own on to every worker, and kills them 30 s later),
+SIGUSR1 by convention, SIGINT from Ctrl-C. None of them interrupts the step in progress: each rank
+notes it, all ranks agree after the step (an all-reduce of one number), write that step's checkpoint
+and exit 0. Rank 0 holds <out_dir>/train.lock while it trains (an operating-system lock, released
+when its process dies however it dies), so a second run into the same directory refuses instead of
+deleting the first one's temporary checkpoint. Every flag's range is one table, FLAG_RANGES,
+checked before any work.
 
 Mixed precision
 ---------------
@@ -69,13 +81,15 @@ Map of this file
 ----------------
 TrainConfig, PRESETS -> flags from dataclass fields -> device and dtype -> learning-rate schedule ->
 optimizer -> speed-ups (vocabulary padding, checks, make_parallelized) -> checkpoint save/load ->
-evaluation -> the training loop -> benchmark -> sampling -> main().
+evaluation -> one run per directory (OutDirLock) -> preemption (signals) -> the training loop ->
+benchmark -> sampling -> main().
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import glob
 import gzip
 import inspect
@@ -85,12 +99,15 @@ import os
 import platform
 import re
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -120,6 +137,7 @@ class TrainConfig:
     mix_online: str = ""  # draw each step's batch from one domain, chosen per step: static (the prepared shares), odm (an EXP3 bandit rewarded by the domain's loss, Albalak et al. 2023) or doremi (weights from the excess loss over --mix_reference, Xie et al. 2023); empty: plain random windows
     mix_anneal: str = ""  # DOMAIN=WEIGHT,...: the domain mixture in the schedule's decay phase (wsd's decay, or cosine's last decay_frac of the steps); empty: no switch
     mix_reference: str = ""  # --mix_online doremi: the reference run's metrics.jsonl (a --mix_online static run on the same data)
+    max_download_mb: float = 4000.0  # largest download of a URL source in --data, in MB (10^6 bytes); a larger one stops with one line instead of filling the disk
     # --- run
     out_dir: str = "out"  # checkpoint, metrics.jsonl, run.json and samples go here
     overwrite: bool = False  # allow a fresh run to replace a checkpoint already in out_dir
@@ -177,7 +195,7 @@ class TrainConfig:
     log_interval: int = 1  # print a training line every this many steps
     checkpoint_interval: int = 0  # write a checkpoint every this many steps (0: at each evaluation) and at the end
     # --- sampling
-    sample: bool = False  # do not train: load the checkpoint in out_dir and print generated text
+    sample: bool = False  # do not train: load the checkpoint in out_dir and print generated text (its tokenizer is read from the run's corpus in --data_dir; nothing is prepared or downloaded)
     sample_tokens: int = 300  # tokens to generate for the sample
     temperature: float = 0.8  # sampling temperature (0: greedy)
     top_k: int = 50  # sample only among the k most likely tokens (0: all)
@@ -270,25 +288,77 @@ def resolve_configs(args: argparse.Namespace) -> tuple[TrainConfig, GPTConfig]:
     return train, model_overrides
 
 
-def check_config(cfg: TrainConfig):
+# The range of every numeric flag, in interval notation ("[" includes the end, "(" leaves it out),
+# checked once, where the flags are parsed (check_config), so a mistake is refused before any work
+# with a message that names its flag. A test holds every int and float field of TrainConfig and
+# every numeric model flag to having a row here.
+FLAG_RANGES = {
+    # data (bpe needs the 256 bytes and the end-of-text token; bytes and gpt2 ignore --vocab_size)
+    "vocab_size": "[257, inf)", "max_data_bytes": "[0, inf)", "max_download_mb": "(0, inf)",
+    # run
+    "stop_at": "[0, inf)", "seed": "[0, inf)", "compare_seeds": "[0, inf)",
+    # speed-ups and the benchmark
+    "pad_vocab": "[1, inf)", "bench_steps": "[1, inf)", "bench_warmup": "[0, inf)",
+    # optimisation: AdamW's betas are decay rates, so 1 would never forget and above 1 would diverge
+    "max_iters": "[1, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "learning_rate": "(0, inf)",
+    "min_lr_ratio": "[0, 1]", "warmup_iters": "[0, inf)", "decay_frac": "[0, 1]", "weight_decay": "[0, inf)",
+    "beta1": "[0, 1)", "beta2": "[0, 1)", "grad_clip": "[0, inf)", "skip_nonfinite": "[0, inf)",
+    # parallelism
+    "dp": "[1, inf)", "tp": "[1, inf)", "pp": "[1, inf)", "cp": "[1, inf)", "zero": "[0, 3]", "microbatches": "[1, inf)",
+    "diloco_steps": "[0, inf)", "diloco_outer_lr": "(0, inf)", "diloco_outer_momentum": "[0, 1)", "bucket_mb": "(0, inf)",
+    "dist_timeout": "[1, inf)",
+    # evaluation, logging, checkpoints
+    "eval_interval": "[1, inf)", "eval_iters": "[1, inf)", "log_interval": "[1, inf)", "checkpoint_interval": "[0, inf)",
+    # sampling
+    "sample_tokens": "[0, inf)", "temperature": "[0, inf)", "top_k": "[0, inf)",
+    # the model's flags (model.GPTConfig)
+    "block_size": "[1, inf)", "n_layer": "[1, inf)", "n_head": "[1, inf)", "n_embd": "[1, inf)", "dropout": "[0, 1)",
+    "n_kv_head": "[0, inf)", "rope_theta": "(0, inf)",
+}
+
+
+def in_range(value, interval: str) -> bool:
+    """Whether value lies in an interval written as in FLAG_RANGES; NaN lies in none."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return bool(above and below)
+
+
+def check_ranges(values: dict):
+    """One line for the first flag outside its FLAG_RANGES interval (flags without a row pass)."""
+    for name, value in values.items():
+        interval = FLAG_RANGES.get(name)
+        if interval is None or value is None or isinstance(value, bool) or in_range(value, interval):
+            continue
+        low, high = interval[1:-1].split(", ")
+        if high != "inf":
+            words = f"in {interval}"
+        elif interval[0] == "(":
+            words = "positive" if low == "0" else f"above {low}"
+        else:
+            words = "0 or more" if low == "0" else f"at least {low}"
+        raise ValueError(f"--{name} must be {words}{' and finite' if math.isinf(value) else ''}, got {value}")
+
+
+def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
+    """Every flag's range (FLAG_RANGES, the model's flags too when given), then the combinations that cannot work."""
+    check_ranges(asdict(cfg))
+    check_ranges(model_overrides or {})
     if cfg.schedule not in ("cosine", "wsd"):
         raise ValueError(f"unknown schedule '{cfg.schedule}': use cosine or wsd")
     if cfg.tokenizer not in ("bytes", "bpe", "gpt2"):
         raise ValueError(f"unknown tokenizer '{cfg.tokenizer}': use bytes, bpe or gpt2")
-    for name in ("max_iters", "batch_size", "grad_accum", "eval_iters", "eval_interval", "log_interval", "microbatches"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    check_device_name(cfg.device)
     if cfg.dtype == "float16" and cfg.dp * cfg.tp * cfg.pp * cfg.cp > 1:
         raise ValueError("--dtype float16 runs on one device only (its gradient scaler is not sharded here): use bfloat16")
-    if cfg.skip_nonfinite < 0:
-        raise ValueError(f"--skip_nonfinite must be 0 or more, got {cfg.skip_nonfinite}")
     if cfg.skip_nonfinite and cfg.dtype == "float16":
         raise ValueError("--skip_nonfinite with --dtype float16: the gradient scaler already skips steps whose gradients "
                          "overflow; drop --skip_nonfinite, or use --dtype bfloat16")
     if cfg.skip_nonfinite and cfg.diloco_steps:
         raise ValueError("--skip_nonfinite with --diloco_steps: DiLoCo workers see only their own loss, so they could not "
                          "agree to skip a step; drop one of the two")
-    if cfg.compare_seeds < 0 or cfg.compare_seeds == 1:
+    if cfg.compare_seeds == 1:
         raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
     check_speed_flags(cfg)
     check_mix_flags(cfg)
@@ -298,15 +368,30 @@ def check_config(cfg: TrainConfig):
 # Device and precision, decided in one place
 
 
+def check_device_name(name: str):
+    """--device's spelling (whether this machine has that device is pick_device's question)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise ValueError(f"unknown --device '{name}': use auto, cpu, cuda, cuda:N or mps")
+
+
+def mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def pick_device(name: str) -> torch.device:
+    check_device_name(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name} asked for, but torch sees no CUDA GPU: use --device cpu (or auto)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if name == "mps" and not mps_available():
+        raise ValueError("--device mps asked for, but this torch has no MPS backend (Apple GPUs under macOS): use --device cpu (or auto)")
     return torch.device(name)
 
 
@@ -403,10 +488,6 @@ def check_speed_flags(cfg: TrainConfig):
         raise ValueError(f"--compile_mode {cfg.compile_mode} is a mode of torch.compile: add --compile")
     if cfg.fused_adamw not in ("auto", "on", "off"):
         raise ValueError(f"unknown --fused_adamw '{cfg.fused_adamw}': use auto, on or off")
-    if cfg.pad_vocab < 1:
-        raise ValueError(f"--pad_vocab must be at least 1 (1: no padding), got {cfg.pad_vocab}")
-    if cfg.bench_steps < 1 or cfg.bench_warmup < 0:
-        raise ValueError(f"--bench_steps must be at least 1 and --bench_warmup at least 0, got {cfg.bench_steps} and {cfg.bench_warmup}")
 
 
 def check_speedups_fit(cfg: TrainConfig, model_config: GPTConfig, layout: parallel.Layout):
@@ -584,20 +665,66 @@ def adapt_mixture(run: "Run", out: dict):
 
 def atomic_torch_save(obj, path: str):
     """Write to a temporary file in the same directory, fsync, then rename over the target.
-    os.replace is atomic on POSIX and Windows: a reader sees the old file or the new one."""
+    os.replace is atomic on POSIX and Windows: a reader sees the old file or the new one. A write
+    that fails (a full disk, a second Ctrl-C) removes its temporary file, so it holds no space, and
+    says why in one line (ValueError); the old file is untouched."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        free = free_bytes(path)  # measured before the temporary file gives its space back
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."), not an OSError
+        if isinstance(e, (OSError, RuntimeError)):
+            raise ValueError(write_failure(path, e, free)) from None
+        raise
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible on Windows)
         dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         os.fsync(dir_fd)
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str) -> dict:
+def free_bytes(path: str) -> int | None:
+    """Free bytes on the disk that holds path (None if that cannot be read)."""
+    try:
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free
+    except OSError:
+        return None
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message as one line: its first line, with the file name an OSError carries."""
+    text = (getattr(e, "strerror", None) or str(e)).strip()
+    text = text.splitlines()[0] if text else type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text += f": {e.filename}"
+    return text[:300]
+
+
+def write_failure(path: str, e: BaseException, free: int | None = None) -> str:
+    """What a failed write tells the user: a full disk by name (ENOSPC, a quota, or torch's writer
+    failing with no space left), else the operating system's reason, with the fix."""
+    free = free_bytes(path) if free is None else free
+    if getattr(e, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or (free is not None and free < 2**20):
+        return (f"cannot write {path}: the disk that holds it is full ({(free or 0) / 1e6:.1f} MB free when the write "
+                "failed): free space there, or pass an --out_dir on another disk")
+    if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.EFBIG:  # torch's writer: "unexpected pos N vs M"
+        return (f"cannot write {path}: the write came up short (a full disk, a quota or a file-size limit such as "
+                f"ulimit -f; {(free or 0) / 1e6:,.0f} MB free now): free space, raise the limit, or pass another --out_dir")
+    return f"cannot write {path} ({one_line(e)}): pass an --out_dir that is a writable directory"
+
+
+# What a checkpoint must hold, and of what type: to sample from it, and to resume it
+CHECKPOINT_KEYS = {"model": dict, "model_config": dict, "train_config": dict, "step": int}
+RESUME_KEYS = {"optimizer": dict, "scaler": dict, "sampler": dict, "rng": dict}
+
+
+def load_checkpoint(path: str, resume: bool = False) -> dict:
     if not os.path.exists(path):
         raise ValueError(f"no checkpoint at {path}: train first, or point --out_dir at a run's directory")
     try:
@@ -610,6 +737,16 @@ def load_checkpoint(path: str) -> dict:
         raise ValueError(f"checkpoint {path} is corrupt or unsafe ({first_line[:120]}): delete it or use another --out_dir") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a nanopretrain checkpoint")
+    # an edited or foreign file: one line naming what is wrong, not a KeyError later
+    for key, kind in {**CHECKPOINT_KEYS, **(RESUME_KEYS if resume else {})}.items():
+        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
+            found = type(ckpt[key]).__name__ if key in ckpt else "nothing"
+            raise ValueError(f"checkpoint {path} is not one train.py wrote: its '{key}' should be of type {kind.__name__}, "
+                             f"found {found}; use another --out_dir")
+    if ckpt["step"] < 0:
+        raise ValueError(f"checkpoint {path} is not one train.py wrote: its step is {ckpt['step']}; use another --out_dir")
+    if not all(isinstance(t, torch.Tensor) for t in ckpt["model"].values()):
+        raise ValueError(f"checkpoint {path} is not one train.py wrote: some of its weights are not tensors; use another --out_dir")
     return ckpt
 
 
@@ -635,7 +772,14 @@ def save_checkpoint(run: "Run"):
         atomic_torch_save({"model": state, "optimizer": optimizer, "scaler": run.scaler.state_dict(),
                            "sampler": run.sampler.state_dict(), "rng": rng_states(), "step": run.step,
                            "model_config": asdict(run.model_config), "train_config": asdict(run.cfg),
-                           "data_dir": os.path.basename(run.manifest["dir"]), "parallel": run.par.extra_state()}, run.ckpt_path)
+                           "data_dir": os.path.basename(run.manifest["dir"]), "parallel": run.par.extra_state(),
+                           # the corpus's tokens (a re-prepared corpus keeps its directory's name), and the
+                           # evaluations a resume still owes (see resume_evaluations)
+                           "corpus_id": data.corpus_id(run.manifest),
+                           "redo_evals": sorted(s for s in run.redo_evals if s > run.step)}, run.ckpt_path)
+        # an update can make weights inf or NaN while its own loss was finite: the error that
+        # follows says whether this checkpoint is good to resume from
+        run.saved_finite = all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
     run.saved_step, run.saved_state = run.step, state
 
 
@@ -643,11 +787,17 @@ def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, 
     """The inverse of save_checkpoint, into any layout: weights, optimizer and strategy state (each
     rank keeps its part), gradient scaler, data position (resharded to dp ranks) and RNG states.
     Returns the step to continue from."""
-    par.load_full_state(ckpt["model"], ckpt["optimizer"])
-    par.load_extra_state(ckpt.get("parallel", {}))
-    scaler.load_state_dict(ckpt["scaler"])
-    sampler.load_state_dict(reshard_sampler_state(ckpt["sampler"], dp))
-    set_rng_states(ckpt["rng"])
+    try:
+        par.load_full_state(ckpt["model"], ckpt["optimizer"])
+        par.load_extra_state(ckpt.get("parallel", {}))
+        scaler.load_state_dict(ckpt["scaler"])
+        sampler.load_state_dict(reshard_sampler_state(ckpt["sampler"], dp))
+        set_rng_states(ckpt["rng"])
+    except (KeyError, IndexError, TypeError, RuntimeError, AttributeError) as e:  # an edited or foreign file
+        if parallel.is_communication_failure(e):
+            raise
+        raise ValueError(f"the checkpoint's state does not fit this model and run ({type(e).__name__}: {one_line(e)[:160]}):"
+                         " it was edited or comes from another program; use another --out_dir") from None
     return ckpt["step"]
 
 
@@ -664,8 +814,8 @@ def reshard_sampler_state(state: dict, world_size: int) -> dict:
     return {**state, "position": consumed // world_size, "world_size": world_size}
 
 
-def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfig):
-    """Refuse a resume that would silently change the model or the data (pitfall: torchtitan #809, #811)."""
+def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfig, manifest: dict | None = None):
+    """Refuse a resume that would silently change the model, the data or the batch (pitfall: torchtitan #809, #811)."""
     saved = ckpt["model_config"]
     diff = {k: (saved.get(k), v) for k, v in asdict(model_config).items() if k not in IMPLEMENTATION_FIELDS and saved.get(k) != v}
     if diff:
@@ -676,11 +826,18 @@ def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfi
     for k in keys + (("vocab_size",) if cfg.tokenizer == "bpe" else ()):  # bytes and gpt2 have fixed vocabularies
         if old.get(k) != getattr(cfg, k):
             raise ValueError(f"cannot resume: --{k} was {old.get(k)!r} in the checkpoint, now {getattr(cfg, k)!r}; keep it the same to continue exactly")
-    # the layout may change (dp 2 -> dp 1, ZeRO -> tensor parallel), but not the global batch
-    old_global, new_global = old["batch_size"] * old.get("dp", 1), cfg.batch_size * cfg.dp
+    if manifest is not None and ckpt.get("corpus_id") not in (None, data.corpus_id(manifest)):
+        raise ValueError(f"cannot resume: the corpus in {manifest['dir']} was prepared again since the checkpoint and "
+                         "holds other tokens; resume with the corpus the run began with, or start a new run")
+    # the layout may change (dp 2 -> dp 1, ZeRO -> tensor parallel), but not the global batch, whose
+    # sequences per step are batch_size x grad_accum x dp (so the tokens per step, and the loader's position)
+    old_global, new_global = old.get("batch_size", 0) * old.get("dp", 1), cfg.batch_size * cfg.dp
     if old_global != new_global:
         raise ValueError(f"cannot resume: the global batch was --batch_size x --dp = {old_global} sequences, now {new_global};"
                          " keep batch_size x dp the same to continue exactly")
+    if old.get("grad_accum", 1) != cfg.grad_accum:
+        raise ValueError(f"cannot resume: --grad_accum was {old.get('grad_accum', 1)} in the checkpoint, now {cfg.grad_accum}, "
+                         "which would change the tokens per step; keep it the same to continue exactly")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,21 +849,34 @@ class Metrics:
 
     def __init__(self, path: str, resume_step: int | None):
         self.path = path
+        self.evaluated_at_resume = False  # the checkpoint's own step has its evaluation in the file
+        self.cut_evaluations = []  # steps after the checkpoint whose evaluations were in the file
         if resume_step is None:
             open(path, "w").close()
         elif os.path.exists(path):
-            # keep what the checkpoint we resume from had seen: the steps after it are trained again,
-            # and so is the evaluation at its own step (it comes after the checkpoint, so a crash may
-            # have cut it off; train_on evaluates that step again). A crash mid-write leaves a last
-            # line without its newline: it is dropped too. The file then reads as an uninterrupted run's.
-            def kept_record(r):
-                return r["step"] < resume_step or (r["step"] == resume_step and "val_loss" not in r)
+            self.cut_back(resume_step)
 
-            kept = [line for line in open(path) if line.endswith("\n") and line.strip() and kept_record(json.loads(line))]
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, path)
+    def cut_back(self, resume_step: int):
+        """Keep every line up to the checkpoint's step, its evaluation included. The lines after it
+        describe steps that are trained again, and logged again, as they happen; their evaluations
+        are noted in cut_evaluations, for the loop to redo rather than lose. A crash mid-write leaves
+        a last line without its newline: it is dropped. The file then reads as an uninterrupted run's."""
+        kept = []
+        for line in open(self.path):
+            if not line.endswith("\n") or not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                after = record["step"] > resume_step
+            except (ValueError, KeyError, TypeError):  # not a line this file writes: kept as it is
+                kept.append(line)
+                continue
+            if after and "val_loss" in record:
+                self.cut_evaluations.append(record["step"])
+            elif not after:
+                kept.append(line)
+                self.evaluated_at_resume |= record["step"] == resume_step and "val_loss" in record
+        write_text_atomic("".join(kept), self.path)
 
     def log(self, **record):
         with open(self.path, "a") as f:
@@ -762,10 +932,160 @@ def run_info(cfg: TrainConfig, model_config: GPTConfig, manifest: dict) -> dict:
 
 
 def write_json_atomic(obj, path: str):
+    write_text_atomic(json.dumps(obj, indent=2), path)
+
+
+def write_text_atomic(text: str, path: str):
+    """Write to path.tmp and rename it over path; a failed write (a full disk) removes path.tmp."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per output directory
+
+
+class OutDirLock:
+    """<out_dir>/train.lock, held by global rank 0 while it trains, so that a second run into the
+    same directory (a fresh one, or a second --resume) refuses with one line naming the first's PID
+    instead of deleting its temporary checkpoint and cutting its metrics.
+
+    The lock is the operating system's (fcntl.lockf, which NFS honours too), so it goes with its
+    process: a run killed with SIGKILL leaves the file behind, and the next run takes it over. A
+    finished run removes the file. Where Python has no fcntl (Windows), runs are not locked."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.path, self.fd = out_dir, os.path.join(out_dir, "train.lock"), None
+
+    def acquire(self) -> str:
+        """Take the lock (ValueError if another process holds it); returns what the file held
+        before: the line of a killed run whose lock this takes over, or ""."""
+        try:
+            import fcntl
+        except ImportError:
+            return ""
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            while self.fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    os.close(fd)
+                    if e.errno == errno.ENOLCK:  # a file system without locks: say so, and run unlocked
+                        print(f"warning: {self.out_dir} cannot be locked ({one_line(e)}): make sure no other run "
+                              "uses this --out_dir", file=sys.stderr)
+                        return ""
+                    if e.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise
+                    raise ValueError(f"another run ({self.holder()}) is training in --out_dir {self.out_dir}: wait "
+                                     "for it to finish, stop it, or pass another --out_dir") from None
+                # the holder may have removed the file between our open and our lock: then lock the new one
+                if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self.fd = fd
+                else:
+                    os.close(fd)
+            previous = os.read(self.fd, 200).decode(errors="replace").strip()
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as e:
+            raise ValueError(f"cannot write to --out_dir {self.out_dir} ({e.strerror or one_line(e)}): pass a writable "
+                             "directory") from None
+        return previous
+
+    def holder(self) -> str:
+        """The line the holder wrote ("PID 1234 on host"); it writes it just after locking."""
+        for _ in range(50):
+            with contextlib.suppress(OSError), open(self.path) as f:
+                if line := f.read(200).strip():
+                    return line
+            time.sleep(0.01)
+        return "PID unknown"
+
+    def release(self):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)  # while still holding it: a waiting run then locks a new file
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_out_dir(cfg: TrainConfig):
+    """The refusals that need no work: a resume without a checkpoint, a fresh run over one, a file
+    where a directory should be."""
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    for flag in ("out_dir", "data_dir"):
+        if os.path.exists(getattr(cfg, flag)) and not os.path.isdir(getattr(cfg, flag)):
+            raise ValueError(f"--{flag} {getattr(cfg, flag)} is a file, not a directory: pass a directory")
+    if cfg.resume and not os.path.exists(ckpt_path):
+        raise ValueError(f"no checkpoint at {ckpt_path}: train first, or point --out_dir at a run's directory")
+    if not cfg.resume and os.path.exists(ckpt_path) and not cfg.overwrite:
+        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue that run, --overwrite to replace it, or another --out_dir")
+
+
+def stop_step(cfg) -> int:
+    """The step this invocation stops at: --stop_at, or the end of the run (cfg: TrainConfig or its dict)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    return min(get("stop_at") or get("max_iters"), get("max_iters"))
+
+
+def check_stop(step: int, cfg: TrainConfig):
+    """A resumed run continues from the checkpoint's step, so it cannot stop before it."""
+    if cfg.stop_at and cfg.stop_at < step:
+        raise ValueError(f"--stop_at {cfg.stop_at} is below the checkpoint's step {step}: a resume continues from step "
+                         f"{step}, so pass --stop_at {step} or more (or 0: the end of the run)")
+    if cfg.max_iters < step:
+        raise ValueError(f"--max_iters {cfg.max_iters} is below the checkpoint's step {step}: pass --max_iters {step} "
+                         "or more to continue the run")
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption: a signal stops the run after the step in progress, with a checkpoint of that step
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # Slurm's --signal, Kubernetes, spot reclaims, Ctrl-C
+_stop = {"signum": 0}  # the first stop signal received (0: none), set by on_stop_signal
+
+
+def on_stop_signal(signum, frame):
+    """Only note the request: the step in progress finishes on every rank (a handler that raised
+    could leave one rank in the middle of a collective). A second Ctrl-C stops at once (the
+    checkpoint being written, if any, is abandoned and its temporary file removed; the previous one
+    stays whole); a second SIGTERM or SIGUSR1 changes nothing (torchrun passes on the one it got)."""
+    if _stop["signum"] and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    _stop["signum"] = _stop["signum"] or signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While training, the stop signals call on_stop_signal; the previous handlers come back after."""
+    _stop["signum"] = 0
+    names = [n for n in STOP_SIGNALS if hasattr(signal, n)]  # Windows has no SIGUSR1
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = {n: signal.signal(getattr(signal, n), on_stop_signal) for n in names} if main_thread else {}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def stop_requested(layout: parallel.Layout) -> str | None:
+    """The stop signal's name if any rank received one, on every rank alike (one all-reduce of one
+    number per step), so that all of them stop after the same step and write its checkpoint together."""
+    signum = _stop["signum"]
+    if layout.world_size > 1:
+        flag = torch.tensor(float(signum), device=layout.device)
+        parallel.all_reduce(flag, torch.distributed.group.WORLD, "control", op=torch.distributed.ReduceOp.MAX)
+        signum = int(flag.item())
+    return signal.Signals(signum).name if signum else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -773,23 +1093,38 @@ def write_json_atomic(obj, path: str):
 
 
 def prepare_data(cfg: TrainConfig, verbose: bool = True) -> tuple[dict, object]:
-    manifest = data.prepare(data=cfg.data, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, out_dir=cfg.data_dir,
-                            max_bytes=cfg.max_data_bytes or None, seed=0, verbose=verbose, text_field=cfg.text_field,
-                            dedup=cfg.dedup, quality_filter=cfg.quality_filter, mix=cfg.mix, mix_by=cfg.mix_by)
+    try:
+        manifest = data.prepare(data=cfg.data, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, out_dir=cfg.data_dir,
+                                max_bytes=cfg.max_data_bytes or None, seed=0, verbose=verbose, text_field=cfg.text_field,
+                                dedup=cfg.dedup, quality_filter=cfg.quality_filter, mix=cfg.mix, mix_by=cfg.mix_by,
+                                max_download_mb=cfg.max_download_mb)
+    except ValueError as e:  # data.py names its own flag, --out_dir, which is --data_dir here
+        raise ValueError(str(e).replace("--out_dir", "--data_dir")) from None
     _, enc = data.load_prepared(manifest["dir"])
     return manifest, enc
 
 
 def train(cfg: TrainConfig, model_overrides: dict) -> dict:
-    """Run (or resume) training; returns the last training and validation losses. Under torchrun,
-    every process runs this; rank 0 alone prints and writes files."""
-    check_config(cfg)
+    """Run (or resume) training; returns the last training and validation losses (and "stopped":
+    the signal's name, if one stopped it). Under torchrun, every process runs this; rank 0 alone
+    prints, writes files and holds the output directory's lock."""
+    check_config(cfg, model_overrides)
     # the model's shape against --tp, before any process group or corpus exists (the vocabulary is
     # padded to a multiple of --tp in start_run, so only heads and MLP width can fail to split)
     parallel.check_tensor_parallel(GPTConfig(**{**model_overrides, "vocab_size": math.lcm(cfg.pad_vocab, cfg.tp)}), cfg.tp)
-    layout = parallel.init_distributed(cfg.dp, cfg.tp, cfg.pp, cfg.cp, pick_device(cfg.device), cfg.dist_timeout)
-    with contextlib.redirect_stdout(sys.stdout if layout.is_rank0 else open(os.devnull, "w")):  # one log per job
-        return train_on(cfg, model_overrides, layout)
+    check_out_dir(cfg)
+    lock = OutDirLock(cfg.out_dir)
+    with stop_on_signals():  # from the start: torchrun stops every worker with SIGTERM when one fails
+        layout = parallel.init_distributed(cfg.dp, cfg.tp, cfg.pp, cfg.cp, pick_device(cfg.device), cfg.dist_timeout)
+        with contextlib.redirect_stdout(sys.stdout if layout.is_rank0 else open(os.devnull, "w")):
+            try:
+                # rank 0 alone writes the directory; a refusal there reaches the other ranks at
+                # their next collective, through parallel.describe_failure
+                if layout.is_rank0 and (previous := lock.acquire()):
+                    print(f"{lock.path}: taking over from {previous}, which is no longer running")
+                return train_on(cfg, model_overrides, layout)
+            finally:
+                lock.release()
 
 
 @dataclass
@@ -809,23 +1144,28 @@ class Run:
     resumed: bool
     metrics: Metrics | None  # rank 0 only
     gzip_bpb: float
-    saved_step: int | None = None  # the last good checkpoint's step, named if the loss goes bad
+    saved_step: int | None = None  # the last checkpoint's step, named if the loss goes bad
     saved_state: dict | None = None  # its model tensors (rank 0), for the closing sample
     skipped: int = 0  # steps skipped for a non-finite loss or gradient norm, in this invocation
+    redo_evals: set = field(default_factory=set)  # steps whose evaluation a resume owes (resume_evaluations)
+    stopping: str | None = None  # the stop signal every rank agreed on (stop_requested)
+    saved_finite: bool | None = None  # whether the last checkpoint's weights are all finite (rank 0)
 
 
 def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
     """The training loop: one train_step per optimizer step and its log line, then, at the
     intervals, a checkpoint and an evaluation, in that order (a crash in evaluation must not cost
-    the steps before it: nanochat #446)."""
+    the steps before it: nanochat #446). A stop signal on any rank ends the loop after the step in
+    progress, with a checkpoint of that step (its evaluation, if due, is done on resume)."""
     run = start_run(cfg, model_overrides, layout)
-    stop = min(cfg.stop_at or cfg.max_iters, cfg.max_iters)
+    stop = stop_step(cfg)
     checkpoint_every = cfg.checkpoint_interval or cfg.eval_interval
-    result = {"loss": None, "val_loss": None, "val_bpb": None, "gzip_bpb": run.gzip_bpb}
-    if run.resumed and (run.step % cfg.eval_interval == 0 or run.step == stop):
-        evaluate_and_log(run, result)  # a crash may have cut off the evaluation after this checkpoint
+    result = {"loss": None, "val_loss": None, "val_bpb": None, "gzip_bpb": run.gzip_bpb, "first_step": run.step}
+    if run.step in run.redo_evals:
+        evaluate_and_log(run, result)  # a crash cut it off, or the run before this one evaluated there
     progress = Progress(run.step, stop)
-    while run.step < stop:
+    run.stopping = stop_requested(layout)  # a signal during start-up: stop before the first step
+    while run.step < stop and not run.stopping:
         t0 = time.perf_counter()
         out = train_step(run.par, run.sampler, cfg, run.step, run.scaler.is_enabled())
         run.step += 1
@@ -835,11 +1175,31 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
         else:
             log_step(run, out, time.perf_counter() - t0, progress, stop)
             result["loss"] = out["loss"]
-        if run.step % checkpoint_every == 0 or run.step == stop:
+        run.stopping = stop_requested(layout)
+        if run.step % checkpoint_every == 0 or run.step == stop or run.stopping:
             save_checkpoint(run)
-        if run.step % cfg.eval_interval == 0 or run.step == stop:
+        if not run.stopping and (run.step % cfg.eval_interval == 0 or run.step == stop or run.step in run.redo_evals):
             evaluate_and_log(run, result)
     return finish_run(run, result)
+
+
+def load_corpus(cfg: TrainConfig, layout: parallel.Layout, block_size: int) -> tuple[dict, object]:
+    """The prepared corpus (rank 0 prepares it first; the others then find it prepared), with both
+    splits checked to hold a window of block_size + 1 tokens for every data-parallel rank: a
+    validation split too short for the model would otherwise fail at the first evaluation, after
+    the training before it."""
+    if layout.world_size > 1 and not layout.is_rank0:
+        torch.distributed.barrier()
+    manifest, enc = prepare_data(cfg)
+    if layout.world_size > 1 and layout.is_rank0:
+        torch.distributed.barrier()
+    for split, name in (("train", "training"), ("val", "validation")):
+        try:
+            data.make_sampler(manifest, split, block_size, 1, rank=0, world_size=layout.dp)
+        except ValueError as e:
+            raise ValueError(f"the {name} split of {manifest['dir']} is too short for --block_size {block_size}: "
+                             f"{e}") from None
+    return manifest, enc
 
 
 def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> Run:
@@ -847,20 +1207,17 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     before any work), the corpus, the model with its speed-ups and strategies, the data sampler,
     the restored state, the output directory, and the banner."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path) if cfg.resume else None  # every rank reads it and keeps its part
-    if ckpt is None and os.path.exists(ckpt_path) and not cfg.overwrite:
-        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue that run, --overwrite to replace it, or another --out_dir")
-    if layout.world_size > 1 and not layout.is_rank0:
-        torch.distributed.barrier()  # rank 0 prepares the corpus first; the others then find it prepared
-    manifest, enc = prepare_data(cfg)
-    if layout.world_size > 1 and layout.is_rank0:
-        torch.distributed.barrier()
+    check_out_dir(cfg)  # again, now that this run holds the directory
+    ckpt = load_checkpoint(ckpt_path, resume=True) if cfg.resume else None  # every rank reads it and keeps its part
+    if ckpt is not None:
+        check_stop(ckpt["step"], cfg)
+    manifest, enc = load_corpus(cfg, layout, model_overrides.get("block_size", GPTConfig.block_size))
     # padded to a multiple of --tp as well, so tensor parallelism splits the vocabulary evenly (a
     # vocabulary that does not divide diverged in torchtitan #1136)
     model_config = GPTConfig(**{**model_overrides, "vocab_size": padded_vocab_size(manifest["vocab_size"],
                                                                                    math.lcm(cfg.pad_vocab, cfg.tp))})
     if ckpt is not None:
-        check_resume_compatible(ckpt, model_config, cfg)
+        check_resume_compatible(ckpt, model_config, cfg, manifest)
     torch.manual_seed(cfg.seed)  # the same seed on every rank: every replica starts from the same weights
     model = GPT(model_config).to(layout.device)
     counts = model.num_params(), model.num_params(exclude_embeddings=True)
@@ -875,20 +1232,55 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     gzip_bpb = gzip_bits_per_byte(data.split_tokens(manifest, "val"), enc, manifest["eot_id"])
     run = Run(cfg, layout, model_config, par, scaler, sampler, manifest, enc, ckpt_path, step, ckpt is not None, metrics,
               gzip_bpb, saved_step=step if ckpt is not None else None)
+    if ckpt is not None:
+        run.redo_evals = resume_evaluations(ckpt, cfg, metrics, layout)
+        if layout.is_rank0:
+            run.saved_finite = all(bool(torch.isfinite(t).all()) for t in ckpt["model"].values() if t.is_floating_point())
     print_banner(run, *counts)
     return run
 
 
+def resume_evaluations(ckpt: dict, cfg: TrainConfig, metrics: Metrics | None, layout: parallel.Layout) -> set:
+    """The evaluations a resumed run owes, decided on rank 0 (which reads metrics.jsonl) and sent to
+    every rank (evaluation is collective): the one at the checkpoint's own step, if it was due by the
+    checkpoint's schedule or this run's and is not in the file (a crash cut it off); every one the
+    file held after the checkpoint (those steps are trained again, so their evaluations are done
+    again, whatever this run's --eval_interval); and those an earlier resume still owed."""
+    step, owed = ckpt["step"], set()
+    if metrics is not None:
+        old = ckpt["train_config"]
+        with contextlib.suppress(KeyError, TypeError, ZeroDivisionError):  # an edited train_config: this run's schedule only
+            if step % old["eval_interval"] == 0 or step == stop_step(old):
+                owed.add(step)
+        if step % cfg.eval_interval == 0 or step == stop_step(cfg):
+            owed.add(step)
+        if metrics.evaluated_at_resume:
+            owed.discard(step)
+        owed |= {s for s in metrics.cut_evaluations} | {s for s in ckpt.get("redo_evals", []) if isinstance(s, int) and s > step}
+    if layout.world_size > 1:
+        shared = [sorted(owed)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        owed = set(shared[0])
+    return owed
+
+
 def start_out_dir(cfg: TrainConfig, model_config: GPTConfig, manifest: dict, ckpt_path: str, resume_step: int | None,
                   layout: parallel.Layout) -> Metrics | None:
-    """On rank 0: the output directory, without a crashed write's leftover, with run.json and the
-    metrics file (cut back to the resumed checkpoint's step)."""
+    """On rank 0: the output directory, without a crashed write's leftover, with run.json (a resumed
+    run keeps the earlier invocations' under "history") and the metrics file (cut back to the
+    resumed checkpoint's step)."""
     if not layout.is_rank0:
         return None
     os.makedirs(cfg.out_dir, exist_ok=True)
     for stale in glob.glob(f"{ckpt_path}.tmp.*"):  # a crash during a checkpoint write left it (ckpt.pt is the one before)
         os.remove(stale)
-    write_json_atomic(run_info(cfg, model_config, manifest), os.path.join(cfg.out_dir, "run.json"))
+    info, path = run_info(cfg, model_config, manifest), os.path.join(cfg.out_dir, "run.json")
+    if resume_step is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):  # no run.json, or not ours
+            with open(path) as f:
+                before = json.load(f)
+            info["history"] = before.pop("history", []) + [before]
+    write_json_atomic(info, path)
     return Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step)
 
 
@@ -945,20 +1337,32 @@ def skip_step(run: Run, out: dict):
     run.skipped += 1
     cfg = run.cfg
     if run.skipped > cfg.skip_nonfinite:
-        where = f"{run.ckpt_path} (step {run.saved_step})" if run.saved_step is not None else "none yet"
         after = f" after {cfg.skip_nonfinite} skipped step(s)" if cfg.skip_nonfinite else ""
-        raise FloatingPointError(f"{out['skipped']} at step {run.step}{after}; the last checkpoint, written before it, is "
-                                 f"{where}: lower --learning_rate, use --dtype bfloat16 instead of float16, or "
-                                 "--skip_nonfinite N to step over rare bad batches, then --resume")
+        raise FloatingPointError(f"{out['skipped']} at step {run.step}{after}; {last_checkpoint(run)}: lower "
+                                 "--learning_rate, use --dtype bfloat16 instead of float16, or --skip_nonfinite N to "
+                                 "step over rare bad batches, then --resume")
     print(f"step {run.step:5d}/{cfg.max_iters} | {out['skipped']}: skipped, no update ({run.skipped} of --skip_nonfinite "
           f"{cfg.skip_nonfinite})", flush=True)
     if run.metrics is not None:
         run.metrics.log(step=run.step, skipped=out["skipped"], lr=out["lr"])
 
 
+def last_checkpoint(run: Run) -> str:
+    """The last checkpoint, and whether it is good to resume from: an update can make weights inf or
+    NaN while its own loss was finite, so "written before the bad step" is not enough (rank 0 checked
+    the weights it saved; the other ranks only name the file)."""
+    if run.saved_step is None:
+        return "no checkpoint was written before it"
+    where = f"the last checkpoint is {run.ckpt_path} (step {run.saved_step})"
+    if run.saved_finite is None:
+        return where
+    return where + (", its weights all finite" if run.saved_finite else ", but its weights are not all finite: do not resume from it")
+
+
 def evaluate_and_log(run: Run, result: dict):
     """Validation loss and bits per byte beside gzip's (every rank evaluates: the losses are all-reduced)."""
     val_loss = evaluate(run.par, run.manifest, run.cfg, run.model_config.block_size, run.layout.device)
+    run.redo_evals.discard(run.step)
     val_bpb = data.bits_per_byte(val_loss, run.manifest["val_tokens"], run.manifest["val_bytes"])
     if run.metrics is not None:
         run.metrics.log(step=run.step, val_loss=val_loss, val_bpb=val_bpb)
@@ -974,7 +1378,8 @@ def finish_run(run: Run, result: dict) -> dict:
     if run.layout.is_rank0 and run.saved_state is not None:
         model = GPT(run.model_config).to(run.layout.device)
         model.load_state_dict(run.saved_state)
-    result.update(model=model, enc=run.enc, manifest=run.manifest, device=run.layout.device)
+    result.update(model=model, enc=run.enc, manifest=run.manifest, device=run.layout.device, stopped=run.stopping,
+                  step=run.step, saved_step=run.saved_step, ckpt_path=run.ckpt_path)
     return result
 
 
@@ -1110,7 +1515,7 @@ def format_bench_table(rows: list[dict]) -> str:
 def bench(cfg: TrainConfig, model_overrides: dict) -> dict:
     """--bench (one row: the flags as given) or --bench_ablation (the rows of ablation_rows);
     prints the table and writes <out_dir>/bench.json (after every row, so a run cut short keeps its rows)."""
-    check_config(cfg)
+    check_config(cfg, model_overrides)
     layout = parallel.init_distributed(cfg.dp, cfg.tp, cfg.pp, cfg.cp, pick_device(cfg.device), cfg.dist_timeout)
     device, dtype = layout.device, pick_dtype(cfg.dtype, layout.device)
     if cfg.bench_ablation:
@@ -1188,14 +1593,48 @@ def sample_text(model: GPT, enc, manifest: dict, cfg: TrainConfig, device) -> st
     return enc.decode(ids).replace(data.EOT, "\n")
 
 
-def sample_from_checkpoint(cfg: TrainConfig) -> str:
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-    saved = TrainConfig(**{**ckpt["train_config"], "out_dir": cfg.out_dir})
-    manifest, enc = prepare_data(saved, verbose=False)  # stdout carries only the sample
+def sample_from_checkpoint(cfg: TrainConfig, model_overrides: dict | None = None) -> str:
+    """The checkpoint in --out_dir continues --prompt. Paths come from this invocation's flags only:
+    the tokenizer is read from the checkpoint's prepared corpus in --data_dir, found by its
+    directory's name, which must be a plain name; nothing is prepared, downloaded or written (a
+    checkpoint from someone else could otherwise name any URL or directory)."""
+    check_config(cfg, model_overrides)
     device = pick_device(cfg.device)
-    model = GPT(GPTConfig(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    return sample_text(model, enc, manifest, cfg, device)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path)
+    name = ckpt.get("data_dir")
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
+        raise ValueError(f"checkpoint {ckpt_path} names no prepared corpus (its data_dir is {name!r}): use a checkpoint train.py wrote")
+    folder = os.path.join(cfg.data_dir, name)
+    if not os.path.exists(os.path.join(folder, "manifest.json")):
+        raise ValueError(f"the checkpoint's corpus {name} is not in --data_dir {cfg.data_dir}: pass the --data_dir the run "
+                         "trained with (sampling reads its tokenizer there; it never prepares or downloads a corpus)")
+    manifest, enc = data.load_prepared(folder, verify=False)  # the tokenizer is all it needs: no shard is read
+    if ckpt.get("corpus_id") not in (None, data.corpus_id(manifest)):
+        raise ValueError(f"the corpus in {folder} was prepared again since the checkpoint was written, so its tokenizer "
+                         "may not be the model's: pass the --data_dir the run trained with")
+    return sample_text(model_from_checkpoint(ckpt, ckpt_path, manifest, device), enc, manifest, cfg, device)
+
+
+def model_from_checkpoint(ckpt: dict, path: str, manifest: dict, device: torch.device) -> GPT:
+    """The checkpoint's model, or one line saying why its config or tensors do not make one."""
+    try:
+        config = GPTConfig(**ckpt["model_config"])
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # an unknown or missing key, an impossible shape
+        raise ValueError(f"checkpoint {path} has a model_config this model.py cannot build ({one_line(e)}): "
+                         "use a checkpoint of this version of nanopretrain") from None
+    if config.vocab_size < manifest["vocab_size"]:
+        raise ValueError(f"the tokenizer in {manifest['dir']} has {manifest['vocab_size']} ids, more than the model's "
+                         f"{config.vocab_size}: it is not the tokenizer this model was trained with")
+    model = GPT(config).to(device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError) as e:  # missing or unexpected keys, a wrong shape
+        # torch lists them on the lines after "Error(s) in loading state_dict for GPT:"
+        why = " ".join(str(e).replace("Error(s) in loading state_dict for GPT:", "").split())[:200]
+        raise ValueError(f"checkpoint {path}: its tensors do not fit its model_config ({why}); it was edited or is "
+                         "damaged") from None
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1209,11 +1648,13 @@ def compare_seeds(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     the denominator). The seed moves initialisation, data order and dropout, so the spread is the
     noise a single run carries: a change whose mean moves by less than about 2 std / sqrt(N) has not
     shown an effect yet. Rank 0 prints the summary, writes it to out_dir/compare.json and returns it."""
-    check_config(cfg)
+    check_config(cfg, model_overrides)
     runs = []
     for seed in range(cfg.seed, cfg.seed + cfg.compare_seeds):
         one = replace(cfg, seed=seed, out_dir=os.path.join(cfg.out_dir, f"seed{seed}"), compare_seeds=0)
         result = train(one, model_overrides)
+        if result.get("stopped"):  # a signal stops the comparison too (main reports it)
+            return result
         runs.append({"seed": seed, "out_dir": one.out_dir, "val_loss": result["val_loss"], "val_bpb": result["val_bpb"]})
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None
@@ -1233,25 +1674,61 @@ def main(argv=None):
     try:
         cfg, model_overrides = resolve_configs(args)
         if cfg.sample:
-            print(sample_from_checkpoint(cfg))
+            print(sample_from_checkpoint(cfg, model_overrides))
             return
         if cfg.bench or cfg.bench_ablation:
             bench(cfg, model_overrides)
             return
-        if cfg.compare_seeds:
-            compare_seeds(cfg, model_overrides)
+        result = compare_seeds(cfg, model_overrides) if cfg.compare_seeds else train(cfg, model_overrides)
+        if result is not None and result.get("stopped"):
+            report_stop(result)
             return
-        result = train(cfg, model_overrides)
-        if result["model"] is None:  # not rank 0 of a parallel run: rank 0 reports
+        if cfg.compare_seeds or result["model"] is None:  # compare_seeds has reported; on rank > 0, rank 0 reports
             return
         if result["val_bpb"] is not None:
             print(f"final: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte vs gzip -9 {result['gzip_bpb']:.3f}")
         print("sample:\n" + sample_text(result["model"], result["enc"], result["manifest"], cfg, result["device"]))
-    except (ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, FloatingPointError, OSError) as e:
+        fail(str(e) if not isinstance(e, OSError) else os_error_line(e))
+    except RuntimeError as e:  # a collective that failed: which rank to look at, instead of gloo's traceback
+        if not parallel.is_communication_failure(e):
+            raise
+        fail(parallel.describe_failure(e, args.dist_timeout or TrainConfig.dist_timeout))
+    except KeyboardInterrupt:  # a second Ctrl-C while training (on_stop_signal), or one outside it
+        second = ("a second Ctrl-C: a checkpoint being written was abandoned, and the last whole one stays in --out_dir "
+                  "(continue with --resume)") if _stop["signum"] else "Ctrl-C"
+        print(f"error: stopped by {second}", file=sys.stderr)
+        sys.exit(130)
     finally:
         parallel.shutdown()  # leave the process group cleanly (a no-op on one process)
+
+
+def fail(message: str):
+    """One line on stderr and exit code 2; under torchrun, the line is also left where the other
+    ranks look when their next collective fails (parallel.describe_failure)."""
+    print(f"error: {message}", file=sys.stderr)
+    parallel.report_failure(message)
+    sys.exit(2)
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError train.py did not expect, as the one line: a full disk said so by name."""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"the disk is full ({one_line(e)}): free space on it, or pass an --out_dir (or --data_dir) on another disk"
+    return f"{one_line(e)}: check the path, its permissions and the free space on its disk"
+
+
+def report_stop(result: dict):
+    """The one line of a run a signal stopped (rank 0), and its exit code: 0 for SIGTERM and SIGUSR1
+    (a preempted job is not a failed one: Slurm, Kubernetes and torchrun see success), 130 for Ctrl-C."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        if result["step"] > result["first_step"]:
+            line = f"after step {result['step']}: {result['ckpt_path']} holds step {result['step']}; continue with --resume"
+        else:
+            line = "before this invocation's first step: nothing new to save"
+        print(f"stopped by {result['stopped']} {line}", file=sys.stderr)
+    if result["stopped"] == "SIGINT":
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ Map: shared fixtures -> faults -> NaN/inf -> hangs and gradient accumulation (on
 -> bad-input catalogue -> seed comparison.
 """
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -106,7 +107,7 @@ if marker:
     def slow_replace(src, dst):
         if str(dst).endswith("ckpt.pt"):
             open(marker, "w").close()
-            time.sleep(120)
+            time.sleep(float(os.environ.get("SLOW_CHECKPOINT_SECONDS", "120")))
         real_replace(src, dst)
     os.replace = slow_replace
 import train
@@ -215,6 +216,196 @@ def test_sigkill_at_eleven_points_then_resume_equals_an_uninterrupted_run(data_d
 
 
 # ---------------------------------------------------------------------------------------------
+# One run per directory, preemption by signals, and writes that fail
+
+
+def wait_until(predicate, proc, what: str, timeout: float = 180):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def start_child(args, env=None, stderr_path=None) -> subprocess.Popen:
+    """train.py through CHILD (see above), stderr to a file (nobody reads a pipe while it runs)."""
+    return subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args)], cwd=ROOT, env={**CHILD_ENV, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=open(stderr_path, "w"))
+
+
+def one_line(path) -> str:
+    lines = Path(path).read_text().strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_two_runs_at_once_in_one_out_dir_one_refuses_naming_the_other_whose_files_are_whole(data_dir, tmp_path):
+    out = tmp_path / "out"
+    flags = tiny_flags(data_dir, out, "--max_iters", 12, "--eval_interval", 6, "--checkpoint_interval", 4, "--overwrite")
+    runs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, env=CHILD_ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [r.communicate(timeout=300) for r in runs]
+    assert sorted(r.returncode for r in runs) == [0, 2], [o[1][-2000:] for o in outputs]
+    winner, loser = (0, 1) if runs[0].returncode == 0 else (1, 0)
+    refusal = outputs[loser][1].strip().splitlines()
+    assert len(refusal) == 1 and f"another run (PID {runs[winner].pid} on" in refusal[0], refusal
+    rows = read_metrics(out)  # the winner's, whole: every step once, both evaluations, the last checkpoint
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in rows if "val_loss" in r] == [6, 12]
+    assert train.load_checkpoint(str(out / "ckpt.pt"))["step"] == 12
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl", "run.json"]  # no temporary file, no lock left
+    # a lock file a killed run left behind (no process holds its lock) is taken over
+    (out / "train.lock").write_text("PID 4194303 on a-host-long-gone\n")
+    resumed = run_train(*tiny_flags(data_dir, out, "--max_iters", 14, "--eval_interval", 6, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "taking over from PID 4194303 on a-host-long-gone, which is no longer running" in resumed.stdout
+    assert not (out / "train.lock").exists()
+
+
+def test_signals_stop_after_the_step_with_its_checkpoint_and_a_second_one_corrupts_nothing(data_dir, tmp_path):
+    out = tmp_path / "out"
+    flags = tiny_flags(data_dir, out, "--max_iters", 1000, "--eval_interval", 1000, "--dropout", 0.1)
+    err = tmp_path / "stderr.txt"
+
+    def checkpoint_step():
+        return train.load_checkpoint(str(out / "ckpt.pt"))["step"]
+
+    # Ctrl-C: the step in progress ends, its checkpoint is written, one line, exit 130
+    run = start_child(flags, stderr_path=err)
+    wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= 3, run, "step 3")
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    stopped = last_logged_step(out / "metrics.jsonl")
+    assert one_line(err) == f"stopped by SIGINT after step {stopped}: {out / 'ckpt.pt'} holds step {stopped}; continue with --resume"
+    assert checkpoint_step() == stopped
+
+    # SIGTERM, and a second SIGTERM while the checkpoint is being written: it is written whole, exit 0
+    marker = tmp_path / "renaming"
+    run = start_child([*flags, "--resume"], {"SLOW_CHECKPOINT_RENAME": str(marker), "SLOW_CHECKPOINT_SECONDS": "2"}, err)
+    wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= stopped + 2, run, "two more steps")
+    run.send_signal(signal.SIGTERM)
+    wait_until(marker.exists, run, "the checkpoint's rename")
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 0
+    stopped = last_logged_step(out / "metrics.jsonl")
+    assert one_line(err).startswith(f"stopped by SIGTERM after step {stopped}: ")
+    assert checkpoint_step() == stopped
+    marker.unlink()
+
+    # a second Ctrl-C while the checkpoint is being written: abandoned, its temporary file removed,
+    # the previous checkpoint whole; one line, exit 130
+    run = start_child([*flags, "--resume"], {"SLOW_CHECKPOINT_RENAME": str(marker)}, err)
+    wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= stopped + 1, run, "one more step")
+    run.send_signal(signal.SIGINT)
+    wait_until(marker.exists, run, "the checkpoint's rename")
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    assert one_line(err).startswith("error: stopped by a second Ctrl-C: a checkpoint being written was abandoned")
+    assert checkpoint_step() == stopped
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl", "run.json"]
+
+
+# Stand-ins for Slurm's commands, for running the README's batch script on a machine without Slurm:
+# srun notes its arguments and the signals it gets (it takes a second to "checkpoint" after SIGTERM),
+# scontrol names one host and notes every other call.
+FAKE_SRUN = """#!/bin/bash
+echo "srun $*" >> "$SLURM_LOG"
+trap 'echo "srun got TERM" >> "$SLURM_LOG"; sleep 1; echo "srun done" >> "$SLURM_LOG"; exit 0' TERM
+while true; do sleep 0.1; done
+"""
+FAKE_SCONTROL = """#!/bin/bash
+if [ "$1" = show ]; then echo node1; else echo "scontrol $*" >> "$SLURM_LOG"; fi
+"""
+
+
+def test_readme_slurm_script_passes_sigterm_on_waits_for_the_checkpoint_then_requeues_with_resume(tmp_path):
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    script = next(block for block in readme.split("```bash\n")[1:] if "#SBATCH --signal" in block).split("```")[0]
+    (tmp_path / "train.sbatch").write_text(script)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "slurm.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_LOG": str(log), "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1"}
+    for first in (True, False):  # the first job, then the requeued one (a checkpoint is there by then)
+        log.write_text("")
+        job = subprocess.Popen(["bash", "train.sbatch"], cwd=tmp_path, env=env)
+        wait_until(lambda: "srun " in log.read_text(), job, "srun")
+        job.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 sends
+        assert job.wait(timeout=30) is not None
+        lines = log.read_text().splitlines()
+        assert lines[1:] == ["srun got TERM", "srun done", "scontrol requeue 42"], lines
+        assert lines[0].startswith("srun torchrun ") and "--out_dir out/gpt2-124m" in lines[0]
+        assert lines[0].endswith("--out_dir out/gpt2-124m" if first else "--out_dir out/gpt2-124m --resume"), lines[0]
+        (tmp_path / "out" / "gpt2-124m").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / "gpt2-124m" / "ckpt.pt").write_bytes(b"a checkpoint")
+
+
+def test_a_resume_redoes_the_evaluations_it_cuts_instead_of_deleting_them(data_dir, tmp_path):
+    def run(*flags):
+        cfg, mo = train.resolve_configs(train.build_parser().parse_args(tiny_flags(data_dir, tmp_path, *flags)))
+        train.train(cfg, mo)
+
+    run("--max_iters", 8, "--stop_at", 4, "--eval_interval", 2)  # evaluates at 2 and 4, checkpoint at 4
+    first = read_metrics(tmp_path)
+    step4 = (tmp_path / "ckpt.pt").read_bytes()
+    # every 3 steps from here: step 4's evaluation is not on this schedule, and stays (issue 13 lost it)
+    run("--max_iters", 8, "--resume", "--eval_interval", 3)
+    whole = without_timings(read_metrics(tmp_path))
+    assert whole[:len(first)] == without_timings(first)
+    assert [r["step"] for r in whole if "val_loss" in r] == [2, 4, 6, 8]
+    # the checkpoints after step 4 lost (a crash between checkpoints), and a resume that evaluates only at
+    # its end: the evaluation at step 6 it cuts from the file is done again, so nothing recorded is lost
+    (tmp_path / "ckpt.pt").write_bytes(step4)
+    run("--max_iters", 8, "--resume", "--eval_interval", 100)
+    assert without_timings(read_metrics(tmp_path)) == whole
+    # and if that resume stops before step 6, the evaluations it still owes go into its checkpoint
+    (tmp_path / "ckpt.pt").write_bytes(step4)
+    run("--max_iters", 8, "--resume", "--eval_interval", 100, "--stop_at", 5)  # (which evaluates at its stop, 5)
+    assert train.load_checkpoint(str(tmp_path / "ckpt.pt"))["redo_evals"] == [6, 8]
+    run("--max_iters", 8, "--resume", "--eval_interval", 100)
+    assert [r for r in without_timings(read_metrics(tmp_path)) if not (r["step"] == 5 and "val_loss" in r)] == whole
+
+
+def test_a_checkpoint_write_that_runs_out_of_space_leaves_no_temporary_file(data_dir, tmp_path):
+    import resource
+
+    cfg, mo = train.resolve_configs(train.build_parser().parse_args(tiny_flags(data_dir, tmp_path, "--stop_at", 2)))
+    train.train(cfg, mo)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def small_disk():  # in the child: no file may grow past half a checkpoint (EFBIG, as a full disk stops a write)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+
+    full = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *tiny_flags(data_dir, tmp_path, "--resume",
+                                                                                        "--stop_at", 3)],
+                          capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV, timeout=300, preexec_fn=small_disk)
+    assert_one_line_error(full, f"cannot write {tmp_path / 'ckpt.pt'}: the write came up short", "free space")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "metrics.jsonl", "run.json"]
+    # where the operating system says the disk is full, the line says so by name
+    enospc = OSError(28, "No space left on device")
+    assert "the disk that holds it is full" in train.write_failure(str(tmp_path / "ckpt.pt"), enospc, free=10**9)
+
+
+def test_an_interrupted_checkpoint_write_removes_its_temporary_file(tmp_path, monkeypatch):
+    (tmp_path / "ckpt.pt").write_bytes(b"the previous checkpoint")
+
+    def half_a_save(obj, f):
+        f.write(b"x" * 1000)
+        raise KeyboardInterrupt  # a second Ctrl-C in the middle of torch.save
+
+    monkeypatch.setattr(torch, "save", half_a_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.atomic_torch_save({"step": 1}, str(tmp_path / "ckpt.pt"))
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and (tmp_path / "ckpt.pt").read_bytes() == b"the previous checkpoint"
+
+
+# ---------------------------------------------------------------------------------------------
 # NaN and inf
 
 
@@ -227,10 +418,22 @@ def test_exploding_learning_rate_stops_with_one_line_and_keeps_the_checkpoint(da
     # LayerNorm; no checkpoint is due before step 100, so ckpt.pt stays the step-2 one
     blown = run_train(*tiny_flags(data_dir, tmp_path, "--resume", "--learning_rate", "1e30", "--checkpoint_interval", 100,
                                   "--eval_interval", 100, "--skip_nonfinite", 2))
-    assert_one_line_error(blown, "loss is nan at step 6 after 2 skipped", "ckpt.pt (step 2)", "--learning_rate")
+    assert_one_line_error(blown, "loss is nan at step 6 after 2 skipped", "ckpt.pt (step 2), its weights all finite",
+                          "--learning_rate")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows if "skipped" in r] == [4, 5]  # skipped and logged, up to --skip_nonfinite
+
+
+def test_the_nan_message_does_not_call_a_checkpoint_with_nan_weights_good(data_dir, tmp_path):
+    cfg, mo = train.resolve_configs(train.build_parser().parse_args(tiny_flags(data_dir, tmp_path, "--stop_at", 1)))
+    train.train(cfg, mo)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["model"]["transformer.wte.weight"][0, 0] = float("nan")  # as an update gone wrong would leave it
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    cfg, mo = train.resolve_configs(train.build_parser().parse_args(tiny_flags(data_dir, tmp_path, "--resume")))
+    with pytest.raises(FloatingPointError, match=r"ckpt\.pt \(step 1\), but its weights are not all finite: do not resume"):
+        train.train(cfg, mo)
 
 
 def test_skip_nonfinite_steps_over_one_bad_batch_without_an_update(data_dir, tmp_path, monkeypatch):
@@ -451,6 +654,97 @@ def test_a_nan_on_one_diloco_worker_stops_every_worker_promptly_with_one_line(da
     assert "another worker" in (next(logs.rglob("attempt_0/0/stderr.log"))).read_text()  # rank 0 was healthy
 
 
+def torchrun(args, logs, script=None) -> subprocess.Popen:
+    """Two processes under torchrun (gloo), each rank's stdout and stderr in logs/.../attempt_0/<rank>/."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "--log-dir", str(logs), "--redirects", "3", str(script or os.path.join(ROOT, "train.py")),
+                             *map(str, args)], cwd=ROOT, env={**CHILD_ENV, "PYTHONPATH": ROOT},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rank_stderr(logs, rank) -> list[str]:
+    (path,) = Path(logs).rglob(f"attempt_0/{rank}/stderr.log")
+    return path.read_text().strip().splitlines()
+
+
+def worker_pids(launcher: subprocess.Popen) -> list[int]:
+    """The processes torchrun started (Linux: /proc lists each thread's children)."""
+    pids = []
+    for children in Path(f"/proc/{launcher.pid}/task").glob("*/children"):
+        pids += [int(p) for p in children.read_text().split()]
+    return pids
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_with_its_checkpoint_and_resume_is_exact(data_dir, tmp_path):
+    def flags(out, *extra):
+        return tiny_flags(data_dir, out, "--dp", 2, "--batch_size", 4, "--max_iters", 16, "--eval_interval", 8,
+                          "--dropout", 0.1, *extra)
+
+    straight = torchrun(flags(tmp_path / "straight"), tmp_path / "logs_straight")
+    assert straight.wait(timeout=300) == 0, straight.communicate()[1][-3000:]
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    at, rank = rng.randint(2, 11), rng.randint(0, 1)
+    print(f"seed {seed}: SIGTERM to one worker (of pids in spawn order, number {rank}) after step {at} is logged")
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    run = torchrun(flags(out), logs)
+    wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= at, run, f"step {at}")
+    os.kill(sorted(worker_pids(run))[rank], signal.SIGTERM)  # the other rank hears of it at the step's end
+    t0 = time.perf_counter()
+    assert run.wait(timeout=120) == 0, run.communicate()[1][-3000:]  # torchrun: 0 when every worker exits 0
+    seconds = time.perf_counter() - t0
+    stopped = last_logged_step(out / "metrics.jsonl")
+    print(f"both ranks stopped {seconds:.1f} s after the signal, after step {stopped}")
+    assert seconds < 30 and at <= stopped <= at + 3
+    assert train.load_checkpoint(str(out / "ckpt.pt"))["step"] == stopped
+    assert rank_stderr(logs, 0) == [f"stopped by SIGTERM after step {stopped}: {out / 'ckpt.pt'} holds step {stopped}; "
+                                    "continue with --resume"]
+    assert rank_stderr(logs, 1) == []
+    resumed = torchrun(flags(out, "--resume"), tmp_path / "logs_resumed")
+    assert resumed.wait(timeout=300) == 0, resumed.communicate()[1][-3000:]
+    assert without_timings(read_metrics(out)) == without_timings(read_metrics(tmp_path / "straight"))
+    a, b = (train.load_checkpoint(str(d / "ckpt.pt")) for d in (out, tmp_path / "straight"))
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+# Rank 1 stops answering in its third training step (until a signal comes: torchrun sends SIGTERM
+# to the workers left when one fails), so rank 0's next collective times out.
+HANG_ON_RANK_1 = r"""
+import os, sys, time
+import model, train
+if os.environ["RANK"] == "1":
+    forward, calls = model.GPT.forward, [0]
+    def stuck(self, idx, targets=None):
+        calls[0] += self.training and targets is not None
+        while calls[0] == 3 and self.training and not train._stop["signum"]:
+            time.sleep(0.05)
+        return forward(self, idx, targets)
+    model.GPT.forward = stuck
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_distributed_failures_are_one_line_naming_the_rank_to_check(data_dir, tmp_path):
+    script = tmp_path / "hang_on_rank_1.py"
+    script.write_text(HANG_ON_RANK_1)
+    flags = tiny_flags(data_dir, tmp_path / "out", "--dp", 2, "--batch_size", 4, "--max_iters", 8, "--dist_timeout", 3)
+    hang = torchrun(flags, tmp_path / "logs_hang", script)
+    assert hang.wait(timeout=180) != 0
+    (line,) = rank_stderr(tmp_path / "logs_hang", 0)
+    assert line.startswith("error: rank 0: a collective waited --dist_timeout 3 s") and "check rank 1" in line, line
+    assert "Traceback" not in "\n".join(rank_stderr(tmp_path / "logs_hang", 1))
+    # a refusal on rank 0 alone (another process holds the directory) reaches rank 1 as rank 0's own words
+    with hold_lock(tmp_path / "busy"):
+        busy = torchrun(tiny_flags(data_dir, tmp_path / "busy", "--dp", 2, "--batch_size", 4), tmp_path / "logs_busy")
+        assert busy.wait(timeout=180) != 0
+    (line0,), (line1,) = rank_stderr(tmp_path / "logs_busy", 0), rank_stderr(tmp_path / "logs_busy", 1)
+    assert line0.startswith("error: another run (PID"), line0
+    assert line1 == f"error: rank 1: stopped because rank 0 stopped with an error: {line0[len('error: '):]}", line1
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, nothing touched
 
@@ -490,6 +784,7 @@ def workspace(data_dir, tmp_path_factory):
         (ws / "texts" / f"{i}.txt").write_text(f"Document {i}. " + "Some plain words in a sentence. " * 40)
     (ws / "empty_corpus").mkdir()
     add_data_inputs(ws, prepared)  # what data.py's rows need (their own block, after CATALOGUE)
+    add_train_inputs(ws)  # what train.py's rows for issue 13 need (their own block, after data.py's)
     return ws, prepared
 
 
@@ -497,29 +792,30 @@ def train_case(*args):
     return ["train.py", "--preset", "tiny", "--device", "cpu", "--data_dir", "{ws}/data", *args]
 
 
-# (name, argv (with {ws} and {prepared} filled in), extra environment, words the one line must hold:
+# (name, argv (with {ws} and {prepared} filled in, and {out}: an output directory of the case's own, so
+# that no two cases run in one directory at once), extra environment, words the one line must hold:
 # what is wrong, and how to fix it)
 CATALOGUE = [
-    ("train: data file missing", train_case("--data", "{ws}/nope.txt", "--out_dir", "{ws}/o"), {},
+    ("train: data file missing", train_case("--data", "{ws}/nope.txt", "--out_dir", "{out}"), {},
      ["{ws}/nope.txt", "does not exist"]),
     ("train: unknown flag", train_case("--lr", "0.1"), {}, ["unrecognized arguments: --lr", "--help"]),
     ("train: flag value of the wrong type", train_case("--batch_size", "many"), {}, ["--batch_size", "invalid int value"]),
     ("train: unknown mix domain", train_case("--data", "{ws}/texts", "--tokenizer", "bytes", "--mix", "poetry=1",
-                                             "--quality_filter", "false", "--dedup", "none", "--out_dir", "{ws}/o",
+                                             "--quality_filter", "false", "--dedup", "none", "--out_dir", "{out}",
                                              "--data_dir", "{ws}/cache"), {},
      ["poetry", "not found"]),
-    ("train: --tp does not divide the heads", train_case("--tp", "3", "--out_dir", "{ws}/o"), {},
+    ("train: --tp does not divide the heads", train_case("--tp", "3", "--out_dir", "{out}"), {},
      ["--tp 3 must divide n_head=2"]),
-    ("train: world size does not match the layout", train_case("--dp", "2", "--out_dir", "{ws}/o"), {"WORLD_SIZE": "1"},
+    ("train: world size does not match the layout", train_case("--dp", "2", "--out_dir", "{out}"), {"WORLD_SIZE": "1"},
      ["= 2 processes, but 1 were started", "torchrun"]),
-    ("train: checkpoint from another model", train_case("--resume", "--out_dir", "{ws}/run", "--n_layer", "3"), {},
+    ("train: checkpoint from another model", train_case("--resume", "--out_dir", "{ws}/run_model", "--n_layer", "3"), {},
      ["n_layer 2 -> 3", "same model flags"]),
     ("train: checkpoint that is a pickle with code", train_case("--resume", "--out_dir", "{ws}/evil"), {},
      ["unsafe", "another --out_dir"]),
     ("train: truncated checkpoint", train_case("--resume", "--out_dir", "{ws}/truncated"), {}, ["corrupt", "delete it"]),
     ("train: sample without a checkpoint", train_case("--sample", "--out_dir", "{ws}/nothing"), {},
      ["no checkpoint", "--out_dir"]),
-    ("train: one seed to compare", train_case("--compare_seeds", "1", "--out_dir", "{ws}/o"), {},
+    ("train: one seed to compare", train_case("--compare_seeds", "1", "--out_dir", "{out}"), {},
      ["--compare_seeds needs 2 or more"]),
     ("data: verify a directory that is not prepared", ["data.py", "verify", "{ws}/nothing"], {},
      ["no prepared corpus", "run prepare"]),
@@ -582,30 +878,260 @@ CATALOGUE += [
      ["outside the vocabulary", "re-prepare"]),
 ]
 
-# the catalogue: every case across all four commands
-assert len(CATALOGUE) >= 15 and {argv[0] for _, argv, _, _ in CATALOGUE} == {"train.py", "data.py", "scaling.py", "kernels.py"}
+
+
+# ---- train.py's, scaling.py's and parallel.py's rows for issue 13 ("Nothing lost, nothing silent"),
+# each named after the item it covers; most fail while the flags are checked, before any work ----
+
+# copies of the trained run, one per case that resumes it (a resume holds its directory's lock)
+RUN_COPIES = ("run_model", "run_stop_at", "run_max_iters", "run_grad_accum", "run_batch")
+
+
+def edited_checkpoint(ws: Path, name: str, edit) -> None:
+    """ws/name/ckpt.pt: the trained run's checkpoint after edit(ckpt) (what a hand or another program does)."""
+    ckpt = torch.load(ws / "run" / "ckpt.pt", weights_only=True)
+    edit(ckpt)
+    (ws / name).mkdir()
+    torch.save(ckpt, ws / name / "ckpt.pt")
+
+
+def add_train_inputs(ws: Path) -> None:
+    """Copies of the trained run, checkpoints edited in the ways issue 13 found (item 21), and a
+    directory whose lock a live process holds (the test process itself, while the catalogue runs)."""
+    for name in RUN_COPIES + ("busy",):
+        shutil.copytree(ws / "run", ws / name)
+    edited_checkpoint(ws, "ck_no_optimizer", lambda c: c.pop("optimizer"))
+    edited_checkpoint(ws, "ck_string_step", lambda c: c.update(step="2"))
+    edited_checkpoint(ws, "ck_negative_step", lambda c: c.update(step=-3))
+    edited_checkpoint(ws, "ck_wrong_shape", lambda c: c["model"].update({"transformer.wte.weight": torch.zeros(3, 5)}))
+    edited_checkpoint(ws, "ck_unknown_key", lambda c: c["model_config"].update(not_a_field=4))
+    edited_checkpoint(ws, "ck_other_corpus", lambda c: c.update(corpus_id="0" * 16))
+    edited_checkpoint(ws, "ck_small_vocab", lambda c: c["model_config"].update(vocab_size=300))
+    edited_checkpoint(ws, "ck_path_name", lambda c: c.update(data_dir=".."))
+    # a stranger's checkpoint naming a URL to fetch and a corpus directory of its own
+    edited_checkpoint(ws, "ck_url", lambda c: (c["train_config"].update(data="http://127.0.0.1:9/evil.txt",
+                                                                         data_dir="/tmp/evil"),
+                                               c.update(data_dir="evil-bpe512-0000000000")))
+    edited_checkpoint(ws, "ck_not_tensors", lambda c: c["model"].update({"transformer.wte.weight": [1.0, 2.0]}))
+
+
+def sample_case(out, *args):
+    return ["train.py", "--sample", "--device", "cpu", "--data_dir", "{ws}/data", "--out_dir", out, *args]
+
+
+CATALOGUE += [
+    # (1) one run per out_dir: the fixture holds {ws}/busy's lock as a live run would
+    ("train (1): a fresh run into a directory another run is training in",
+     train_case("--out_dir", "{ws}/busy", "--overwrite"), {}, ["another run (PID", "is training in --out_dir {ws}/busy"]),
+    ("train (1): a second --resume of a run in progress", train_case("--out_dir", "{ws}/busy", "--resume"), {},
+     ["another run (PID", "wait for it to finish"]),
+    # (2) a resume cannot stop before its checkpoint
+    ("train (2): --stop_at below the checkpoint's step", train_case("--resume", "--out_dir", "{ws}/run_stop_at",
+                                                                    "--stop_at", "1"), {},
+     ["--stop_at 1 is below the checkpoint's step 2", "--stop_at 2 or more"]),
+    ("train (2): --max_iters below the checkpoint's step", train_case("--resume", "--out_dir", "{ws}/run_max_iters",
+                                                                      "--max_iters", "1"), {},
+     ["--max_iters 1 is below the checkpoint's step 2"]),
+    # (3) a negative --stop_at is not "stop at once"
+    ("train (3): --overwrite --stop_at -1", train_case("--overwrite", "--stop_at", "-1", "--out_dir", "{ws}/run"), {},
+     ["--stop_at must be 0 or more, got -1"]),
+    # (8) the global batch cannot change on resume
+    ("train (8): resume with another --grad_accum", train_case("--resume", "--out_dir", "{ws}/run_grad_accum",
+                                                               "--grad_accum", "2"), {},
+     ["--grad_accum was 1 in the checkpoint, now 2", "tokens per step"]),
+    ("train (8): resume with another --batch_size", train_case("--resume", "--out_dir", "{ws}/run_batch",
+                                                               "--batch_size", "4"), {},
+     ["global batch", "keep batch_size x dp the same"]),
+    # (9) learning rates and steps that cannot be
+    ("train (9): a negative --min_lr_ratio", train_case("--min_lr_ratio", "-1"), {}, ["--min_lr_ratio must be in [0, 1]"]),
+    ("train (9): a negative --learning_rate", train_case("--learning_rate", "-0.001"), {}, ["--learning_rate must be positive"]),
+    ("train (9): --learning_rate nan", train_case("--learning_rate", "nan"), {}, ["--learning_rate must be positive, got nan"]),
+    ("train (9): --learning_rate inf", train_case("--learning_rate", "inf"), {}, ["--learning_rate must be positive and finite"]),
+    ("train (9): a checkpoint edited to step -3", train_case("--resume", "--out_dir", "{ws}/ck_negative_step"), {},
+     ["its step is -3", "another --out_dir"]),
+    ("train (9): a checkpoint whose step is a string", train_case("--resume", "--out_dir", "{ws}/ck_string_step"), {},
+     ["'step' should be of type int, found str"]),
+    # (10) --sample takes its paths from the flags only, never fetches
+    ("train (10): --sample of a checkpoint naming a URL and a corpus of its own", sample_case("{ws}/ck_url"), {},
+     ["corpus evil-bpe512-0000000000 is not in --data_dir {ws}/data", "never prepares or downloads"]),
+    ("train (10): --sample of a checkpoint naming a path as its corpus", sample_case("{ws}/ck_path_name"), {},
+     ["names no prepared corpus", "'..'"]),
+    ("train (10): --sample with another --data_dir", sample_case("{ws}/run", "--data_dir", "{ws}/empty_corpus"), {},
+     ["is not in --data_dir {ws}/empty_corpus", "the --data_dir the run trained with"]),
+    # (14) scaling.py sweep
+    ("scaling (14): sweep --jobs 0", ["scaling.py", "sweep", "--jobs", "0", "--out_dir", "{out}"], {},
+     ["--jobs must be in [1, inf), got 0"]),
+    ("scaling (14): sweep --threads 0", ["scaling.py", "sweep", "--threads", "0", "--out_dir", "{out}"], {},
+     ["--threads must be in [1, inf), got 0"]),
+    # (16) a context longer than the validation split fails before training
+    ("train (16): --block_size longer than the splits", train_case("--block_size", "100000", "--out_dir", "{out}"), {},
+     ["too short for --block_size 100000", "smaller --block_size"]),
+    # (18) the output directory cannot be written
+    ("train (18): --out_dir is a file", train_case("--out_dir", "{ws}/a_file"), {}, ["--out_dir {ws}/a_file is a file"]),
+    ("train (18): --out_dir under /proc", train_case("--out_dir", "/proc/nanopretrain/out"), {},
+     ["cannot write to --out_dir /proc/nanopretrain/out", "pass a writable directory"]),
+    ("train (18): --out_dir whose name is too long", train_case("--out_dir", "{ws}/" + "x" * 300), {},
+     ["File name too long", "pass a writable directory"]),
+    ("train (18): --out_dir inside a file", train_case("--out_dir", "{ws}/a_file/out"), {},
+     ["cannot write to --out_dir {ws}/a_file/out", "Not a directory"]),
+    ("train (18): --data_dir is a file", train_case("--data_dir", "{ws}/a_file", "--out_dir", "{out}"), {},
+     ["--data_dir {ws}/a_file is a file, not a directory"]),
+    ("train (18): --data_dir inside a file", train_case("--data_dir", "{ws}/a_file/data", "--out_dir", "{out}"), {},
+     ["cannot write to --data_dir {ws}/a_file/data", "pass a writable directory"]),
+    # (20) flags that cannot make a model or a device
+    ("train (20): --n_head 0", train_case("--n_head", "0"), {}, ["--n_head must be at least 1, got 0"]),
+    ("train (20): --block_size 0", train_case("--block_size", "0"), {}, ["--block_size must be at least 1, got 0"]),
+    ("train (20): --n_layer 0", train_case("--n_layer", "0"), {}, ["--n_layer must be at least 1"]),
+    ("train (20): --n_embd 0", train_case("--n_embd", "0"), {}, ["--n_embd must be at least 1"]),
+    ("train (20): --dropout 1", train_case("--dropout", "1"), {}, ["--dropout must be in [0, 1), got 1.0"]),
+    ("train (20): --n_embd not a multiple of --n_head", train_case("--n_embd", "65"), {},
+     ["n_embd=65 is not divisible by n_head=2"]),
+    ("train (20): --device foo", train_case("--device", "foo"), {}, ["unknown --device 'foo'", "cuda:N or mps"]),
+    ("train (20): --device mps where torch has none", train_case("--device", "mps"), {}, ["--device mps", "--device cpu"]),
+    ("train (20): --device cuda without a GPU", train_case("--device", "cuda:0"), {"CUDA_VISIBLE_DEVICES": ""},
+     ["--device cuda:0", "no CUDA GPU"]),
+    ("train (20): --top_k -5 fails before the run", train_case("--top_k", "-5", "--out_dir", "{out}"), {},
+     ["--top_k must be 0 or more, got -5"]),
+    ("train (20): --sample --top_k -5 fails before loading", sample_case("{ws}/run", "--top_k", "-5"), {},
+     ["--top_k must be 0 or more"]),
+    # (21) edited or foreign checkpoints
+    ("train (21): a checkpoint without its optimizer state", train_case("--resume", "--out_dir", "{ws}/ck_no_optimizer"),
+     {}, ["'optimizer' should be of type dict, found nothing", "another --out_dir"]),
+    ("train (21): a checkpoint tensor of the wrong shape (resume)", train_case("--resume", "--out_dir", "{ws}/ck_wrong_shape"),
+     {}, ["does not fit this model", "another --out_dir"]),
+    ("train (21): a checkpoint tensor of the wrong shape (sample)", sample_case("{ws}/ck_wrong_shape"), {},
+     ["tensors do not fit its model_config (size mismatch for transformer.wte.weight", "edited or is damaged"]),
+    ("train (21): a checkpoint whose weights are not tensors", sample_case("{ws}/ck_not_tensors"), {},
+     ["some of its weights are not tensors"]),
+    ("train (21): an unknown model_config key in --sample", sample_case("{ws}/ck_unknown_key"), {},
+     ["model_config this model.py cannot build", "not_a_field"]),
+    ("train (21): a tokenizer with more ids than the model", sample_case("{ws}/ck_small_vocab"), {},
+     ["has 512 ids, more than the model's 300", "not the tokenizer"]),
+    ("train (21): --sample after the corpus was prepared again", sample_case("{ws}/ck_other_corpus"), {},
+     ["prepared again since the checkpoint", "--data_dir the run trained with"]),
+    ("train (21): --resume after the corpus was prepared again", train_case("--resume", "--out_dir", "{ws}/ck_other_corpus"),
+     {}, ["cannot resume: the corpus in", "prepared again since the checkpoint"]),
+    # (22) distributed settings
+    ("train (22): --dist_timeout 0", train_case("--dist_timeout", "0"), {}, ["--dist_timeout must be at least 1, got 0"]),
+    ("parallel (22): preflight --timeout 0", ["parallel.py", "preflight", "--timeout", "0"], {},
+     ["--timeout and --megabytes must be positive"]),
+    # (23) what argparse, AdamW or a late failure used to say
+    ("parallel (23): no subcommand", ["parallel.py"], {}, ["name a command", "preflight", "plan"]),
+    ("parallel (23): preflight without torchrun", ["parallel.py", "preflight"], {},
+     ["launch it with torchrun", "--nproc_per_node 2 parallel.py preflight"]),
+    ("parallel (23): an unknown subcommand", ["parallel.py", "check"], {}, ["invalid choice: 'check'"]),
+    ("parallel (23): plan --batch_tokens -5", ["parallel.py", "plan", "--batch_tokens", "-5"], {},
+     ["--batch_tokens must be at least 1"]),
+    ("train (23): --beta1 1.5 (AdamW's own error named no flag)", train_case("--beta1", "1.5"), {},
+     ["--beta1 must be in [0, 1), got 1.5"]),
+    ("train (23): --beta2 -0.1", train_case("--beta2", "-0.1"), {}, ["--beta2 must be in [0, 1)"]),
+    ("train (23): --weight_decay -0.1", train_case("--weight_decay", "-0.1"), {}, ["--weight_decay must be 0 or more"]),
+    ("train (23): --temperature -1", train_case("--temperature", "-1"), {}, ["--temperature must be 0 or more, got -1.0"]),
+    ("train (23): --sample_tokens -1", train_case("--sample_tokens", "-1"), {}, ["--sample_tokens must be 0 or more"]),
+    ("train (23): --checkpoint_interval -1", train_case("--checkpoint_interval", "-1"), {},
+     ["--checkpoint_interval must be 0 or more"]),
+    ("scaling (23): flops --seq_len -5", ["scaling.py", "flops", "--seq_len", "-5"], {}, ["--seq_len must be in [1, inf), got -5"]),
+    ("scaling (23): count --n_head 0", ["scaling.py", "count", "--n_head", "0"], {}, ["--n_head must be in [1, inf)"]),
+    # and the rest of the range table, a row each for the kinds of interval
+    ("train: --warmup_iters -1", train_case("--warmup_iters", "-1"), {}, ["--warmup_iters must be 0 or more"]),
+    ("train: --decay_frac 2", train_case("--schedule", "wsd", "--decay_frac", "2"), {}, ["--decay_frac must be in [0, 1]"]),
+    ("train: --zero 4", train_case("--zero", "4"), {}, ["--zero must be in [0, 3], got 4"]),
+    ("train: --bucket_mb 0", train_case("--bucket_mb", "0"), {}, ["--bucket_mb must be positive"]),
+    ("train: --diloco_outer_momentum 1", train_case("--diloco_outer_momentum", "1"), {},
+     ["--diloco_outer_momentum must be in [0, 1)"]),
+    ("train: --seed -1", train_case("--seed", "-1"), {}, ["--seed must be 0 or more"]),
+    ("train: --vocab_size 100 for BPE", train_case("--vocab_size", "100"), {}, ["--vocab_size must be at least 257"]),
+    ("train: --max_download_mb 0", train_case("--max_download_mb", "0"), {}, ["--max_download_mb must be positive"]),
+    ("train: --eval_iters 0", train_case("--eval_iters", "0"), {}, ["--eval_iters must be at least 1"]),
+]
+
+# the catalogue: every case across all five commands (issue 13 asked for at least 70; the README says more than 90)
+assert len(CATALOGUE) > 90 and {argv[0] for _, argv, _, _ in CATALOGUE} == {"train.py", "data.py", "scaling.py", "kernels.py",
+                                                                             "parallel.py"}
+assert len({name for name, *_ in CATALOGUE}) == len(CATALOGUE)  # names are the test ids
 
 
 def file_hashes(root: Path) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+# Most cases only need the command's main() on a fresh argv, so they run in batches: one process per
+# batch imports the modules once (torch alone takes about 2 s) and calls main(argv) for each case,
+# with stdout and stderr captured and SystemExit's code as the exit status. A case with an
+# environment of its own (read at import, like CUDA_VISIBLE_DEVICES or TRITON_INTERPRET) and
+# kernels.py's run as processes of their own.
+BATCH_DRIVER = r"""
+import contextlib, io, json, sys, traceback
+cases, results = json.load(open(sys.argv[1])), []
+for argv in cases:
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            __import__(argv[0][:-3]).main(argv[1:])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+json.dump(results, open(sys.argv[2], "w"))
+"""
+BATCHES = 3  # processes at a time: each mostly computes, on a machine of two cores
+
+
+def batchable(case) -> bool:
+    _, argv, env, _ = case
+    return not env and argv[0] in ("train.py", "data.py", "scaling.py", "parallel.py")
+
+
 @pytest.fixture(scope="module")
-def catalogue(workspace):
-    """Every case of CATALOGUE run as its own process, three at a time (each mostly waits for imports),
+def catalogue(workspace, tmp_path_factory):
+    """Every case of CATALOGUE, in BATCHES processes at a time (and the others one process each),
     between two snapshots of every file in the workspace."""
     ws, prepared = workspace
-    fill = lambda s: s.format(ws=ws, prepared=prepared)  # noqa: E731
+    work = tmp_path_factory.mktemp("batches")
 
-    def run(case):
-        _, argv, env, _ = case
-        return subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *map(fill, argv[1:])], capture_output=True,
-                              text=True, cwd=ws, timeout=300, env={**CHILD_ENV, **env})
+    def fill(s, name=""):
+        return s.format(ws=ws, prepared=prepared, out=ws / "out" / hashlib.sha1(name.encode()).hexdigest()[:8])
 
+    def argv_of(case):
+        name, argv, _, _ = case
+        return [argv[0], *(fill(a, name) for a in argv[1:])]
+
+    def run_alone(case):
+        argv = argv_of(case)
+        return subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], capture_output=True, text=True,
+                              cwd=ws, timeout=300, env={**CHILD_ENV, **case[2]})
+
+    def run_batch(i, cases):
+        cases_file, results_file = work / f"cases{i}.json", work / f"results{i}.json"
+        cases_file.write_text(json.dumps([argv_of(c) for c in cases]))
+        done = subprocess.run([sys.executable, "-c", BATCH_DRIVER, str(cases_file), str(results_file)], capture_output=True,
+                              text=True, cwd=ws, timeout=600, env={**CHILD_ENV, "PYTHONPATH": ROOT})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return {c[0]: subprocess.CompletedProcess(argv_of(c), **r) for c, r in zip(cases, json.loads(results_file.read_text()))}
+
+    together = [c for c in CATALOGUE if batchable(c)]
+    batches = [together[i::BATCHES] for i in range(BATCHES)]
     before = file_hashes(ws)
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        results = dict(zip([c[0] for c in CATALOGUE], pool.map(run, CATALOGUE)))
+    with hold_lock(ws / "busy"), ThreadPoolExecutor(max_workers=BATCHES) as pool:
+        results = {}
+        for batch in pool.map(run_batch, range(BATCHES), batches):
+            results.update(batch)
+        alone = [c for c in CATALOGUE if not batchable(c)]
+        results.update(zip([c[0] for c in alone], pool.map(run_alone, alone)))
     return results, before, file_hashes(ws), fill
+
+
+@contextlib.contextmanager
+def hold_lock(out_dir: Path):
+    """Hold out_dir's lock as a training run does (train.OutDirLock), for as long as the block runs."""
+    lock = train.OutDirLock(str(out_dir))
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @pytest.mark.slow

@@ -2,12 +2,15 @@
 bytes torch really holds, laws against the papers' published numbers, fits against known laws,
 and the sweep end to end through train.py."""
 
+import glob
 import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -360,3 +363,21 @@ def test_mini_sweep_trains_through_train_py_and_fits(tmp_path):
         assert p["loss"] == scaling.final_val_loss(p["out_dir"]) and math.isfinite(p["loss"])
     assert math.isfinite(out["fits"]["parametric"]["alpha"])
     assert json.load(open(tmp_path / "sweep" / "sweep.json"))["points"] == out["points"]
+
+
+def test_sigterm_to_a_sweep_stops_its_train_py_runs_too(tmp_path):
+    # issue 13 item 15: the sweep used to die alone and leave its runs training, orphaned
+    sweep = subprocess.Popen([sys.executable, os.path.join(ROOT, "scaling.py"), "sweep", "--budgets", "1e9", "--sizes", "1x16",
+                              "--block_size", "32", "--batch_size", "4", "--tokenizer", "bytes", "--max_data_bytes", "100000",
+                              "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "sweep")],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children, deadline = [], time.time() + 120
+    while not children and time.time() < deadline and sweep.poll() is None:  # its train.py run has started
+        children = [int(p) for f in glob.glob(f"/proc/{sweep.pid}/task/*/children") for p in open(f).read().split()]
+        time.sleep(0.05)
+    assert children, "the sweep started no run"
+    sweep.send_signal(signal.SIGTERM)
+    _, err = sweep.communicate(timeout=90)
+    assert sweep.returncode == 143 and err.strip().splitlines() == ["error: stopped by SIGTERM; the runs in progress were stopped too"]
+    for pid in children:  # gone: neither running nor left as a zombie of nobody's
+        assert not os.path.exists(f"/proc/{pid}"), pid

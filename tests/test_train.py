@@ -276,7 +276,8 @@ def test_nan_loss_stops_the_run_naming_step_and_checkpoint(data_dir, tmp_path, m
 def test_sample_mode_generates_text_from_a_checkpoint(data_dir, tmp_path):
     cfg, mo = tiny(data_dir, tmp_path, max_iters=2, eval_interval=2)
     train.train(cfg, mo)
-    out = run_cli("--sample", "--out_dir", str(tmp_path), "--sample_tokens", "20", "--prompt", "def ")
+    # the corpus is found in this invocation's --data_dir (never a path from the checkpoint)
+    out = run_cli("--sample", "--out_dir", str(tmp_path), "--data_dir", str(data_dir), "--sample_tokens", "20", "--prompt", "def ")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("def ")
 
@@ -610,3 +611,55 @@ def test_the_doremi_recipe_runs_from_a_reference_run_to_a_mixture_for_the_main_r
         alpha = {n: a / sum(alpha.values()) for n, a in alpha.items()}
     mixture = data.parse_mix(data.doremi_weights(str(tmp_path / "proxy" / "metrics.jsonl")))
     assert set(mixture) == set(names) and sum(mixture.values()) == pytest.approx(1, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# One range per flag (issue 13): where the flags are parsed, naming the flag
+
+
+def test_every_numeric_flag_has_a_range_and_a_value_outside_it_is_refused_naming_the_flag():
+    numeric = [f.name for f in train.fields(train.TrainConfig) if f.type in ("int", "float")]
+    numeric += [f.name for f in train.fields(train.GPTConfig) if f.name in train.MODEL_FLAGS and f.type in ("int", "float")]
+    assert sorted(set(numeric) - set(train.FLAG_RANGES)) == []  # a new numeric flag needs its row
+    for name, interval in train.FLAG_RANGES.items():
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        outside = low - 1 if math.isinf(high) else high + 1
+        inside = low if interval[0] == "[" else low + 0.5
+        with pytest.raises(ValueError, match=f"--{name} must be"):
+            train.check_ranges({name: outside})
+        with pytest.raises(ValueError, match=f"--{name} must be"):
+            train.check_ranges({name: float("nan")})
+        train.check_ranges({name: inside})  # its end, where it is included
+    # and the defaults of every preset sit inside their ranges
+    for preset in train.PRESETS:
+        cfg, model_overrides = train.resolve_configs(train.build_parser().parse_args(["--preset", preset]))
+        train.check_ranges({**train.asdict(cfg), **model_overrides})
+
+
+def test_max_download_mb_defaults_to_data_pys_cap():
+    assert train.TrainConfig.max_download_mb == train.data.MAX_DOWNLOAD_MB
+
+
+def test_max_download_mb_reaches_data_prepare_and_its_errors_name_data_dir(monkeypatch):
+    seen = {}
+
+    def prepare(**settings):  # data.prepare names its own flag, --out_dir: here it is --data_dir
+        seen.update(settings)
+        raise ValueError(f"cannot write to --out_dir {settings['out_dir']} (Not a directory): pass a writable directory")
+
+    monkeypatch.setattr(train.data, "prepare", prepare)
+    with pytest.raises(ValueError, match="cannot write to --data_dir elsewhere "):
+        train.prepare_data(train.TrainConfig(max_download_mb=12.5, data_dir="elsewhere"))
+    assert seen["max_download_mb"] == 12.5 and seen["out_dir"] == "elsewhere"
+
+
+def test_a_full_disk_is_named_in_the_one_line():
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device", "out/metrics.jsonl")
+    assert train.os_error_line(full).startswith("the disk is full (No space left on device: out/metrics.jsonl)")
+    assert "the disk that holds it is full" in train.write_failure("out/ckpt.pt", full, free=10**9)
+    # torch's zip writer reports a short write as "unexpected pos": with space left, it may be a quota or ulimit -f
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 979072 vs 978964")
+    assert "the write came up short" in train.write_failure("out/ckpt.pt", short, free=10**9)
+    assert "the disk that holds it is full" in train.write_failure("out/ckpt.pt", short, free=1000)
