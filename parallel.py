@@ -94,7 +94,8 @@ Both idle for the same (p-1) slots at each end: bubble = (p-1)/(m+p-1) of the st
 memory: a stage holds the activations of at most p - s micro-batches in flight, not all m.
 Communication per stage boundary: m activations forward and m gradients backward, each B/m T C x 4.
 A tied embedding lives on the first stage (lookup) and the last (output layer); its two gradients
-are summed by an all-reduce between those two stages, as Megatron does: 2 V C x 4 more on each.
+are summed by an all-reduce between those two stages, as Megatron does: V C x 4 more bytes sent by each
+(a two-rank all-reduce sends 2 (n-1)/n = 1 times the tensor).
 Memory per stage: 16 bytes (weights, gradient, Adam) per parameter it holds, L/p blocks' worth,
 plus the embeddings on the first stage and ln_f and the output layer (with tied embeddings, a copy
 of V C) on the last: about 16 N/p.
@@ -113,7 +114,7 @@ parallel's gradient all-reduce over the dp x cp ranks. Memory: weights, gradient
 data parallel's (every cp rank holds the model); activations 1/c of one device's, and each score
 block is (T/c)^2 instead of T^2.
 
-DiLoCo (Douillard et al. 2023, arXiv:2311.08455): d workers each take H local AdamW steps without
+DiLoCo (Douillard et al. 2023, arXiv:2311.08105): d workers each take H local AdamW steps without
 talking; then the pseudo-gradient theta_global - theta_local is averaged (one all-reduce of 4N) and
 an outer Nesterov SGD (lr 0.7, momentum 0.9, the paper's) moves theta_global. Communication is
 2 (d-1)/d 4N every H steps instead of every step. Memory 24N: the worker's 16N (weights, gradients,
@@ -1714,6 +1715,12 @@ class DiLoCo(Replicated):
         self.outer.step()
         for g, p in zip(self.global_params, self.params):
             p.copy_(g)
+            g.grad = None  # the averaged change is not kept between outer steps (the memory count: 24N)
+
+    def held_tensors(self):
+        yield from super().held_tensors()
+        yield from (("diloco", g) for g in self.global_params)  # theta_global, 4N
+        yield from (("diloco", t) for s in self.outer.state.values() for t in s.values() if torch.is_tensor(t))  # momentum, 4N
 
     def extra_state(self) -> dict:
         return {"diloco": {"global_params": [g.detach().cpu() for g in self.global_params],

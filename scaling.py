@@ -899,7 +899,8 @@ def parse_size(text: str) -> dict:
 def sweep_points(budgets, sizes, args) -> list[dict]:
     """One run per (budget, size): steps = C / (6 N tokens_per_step), N non-embedding (Kaplan's)."""
     tokens_per_step = args.batch_size * args.block_size
-    vocab = 64 * math.ceil(args.vocab_size / 64) if args.tokenizer == "bpe" else 256  # train.py's padding
+    # train.py's --pad_vocab 64 applied to the tokenizer's size (bytes: 256 values + end-of-text = 257 -> 320)
+    vocab = 64 * math.ceil((args.vocab_size if args.tokenizer == "bpe" else 257) / 64)
     points = []
     for C in budgets:
         for size in sizes:

@@ -68,6 +68,7 @@ CASES = (
     + [(1, 2, 2, T, 32, causal, F32) for T in (7, 130) for causal in (True, False)]
     + [(1, 1, 1, 77, 64, True, F32), (1, 1, 1, 77, 64, False, F32), (2, 1, 1, 130, 64, True, F32)]
     + [(1, 1, 1, 77, 48, True, F32), (1, 1, 1, 33, 80, False, F32)]  # D not a power of two: padded, masked
+    + [(1, 1, 1, 33, 1, True, F32), (1, 1, 1, 33, 4, False, F32), (1, 1, 1, 33, 128, True, F32)]  # the documented range's ends, 1..128
     + [(1, 2, 2, 77, 32, True, BF16), (1, 2, 2, 130, 16, False, BF16), (1, 2, 2, 1, 16, True, BF16)]
     + [(1, 1, 1, 77, 64, False, F16), (1, 2, 2, 7, 16, True, F16)]
 )

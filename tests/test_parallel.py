@@ -237,7 +237,7 @@ def check_diloco():
     batches = global_batches(steps=steps)
     layout = parallel.build_layout(dp=4, tp=1, pp=1, cp=1, device=torch.device("cpu"))
     run = parallel_run(config, layout, batches, diloco_steps=H)
-    out = dict(sent=run["sent"])
+    out = dict(sent=run["sent"], memory=run["memory"])
     if dist.get_rank() == 0:
         out["param_rel"] = max_rel_diff(run["state"], simulate_diloco(config, batches, H, workers=4), config)
     return out
@@ -415,6 +415,9 @@ def test_diloco_matches_its_algorithm_and_communicates_every_h_steps(results):
     for sent in (r["sent"] for r in per_rank):
         assert [s.get("diloco", 0) for s in sent] == [0, 2 * (d - 1) / d * 4 * N, 0, 2 * (d - 1) / d * 4 * N]
         assert all(set(s) <= {"diloco"} for s in sent)  # nothing else crossed the wire
+    # the docstring's memory, 24N: the worker's 16N (weights, gradients, AdamW) plus theta_global and
+    # the outer momentum, 4N each
+    assert all(r["memory"] == dict(params=4 * N, grads=4 * N, optimizer=8 * N, diloco=8 * N) for r in per_rank)
 
 
 # ---------------------------------------------------------------------------------------------

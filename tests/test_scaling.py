@@ -381,3 +381,24 @@ def test_sigterm_to_a_sweep_stops_its_train_py_runs_too(tmp_path):
     assert sweep.returncode == 143 and err.strip().splitlines() == ["error: stopped by SIGTERM; the runs in progress were stopped too"]
     for pid in children:  # gone: neither running nor left as a zombie of nobody's
         assert not os.path.exists(f"/proc/{pid}"), pid
+
+
+def test_readme_plan_table_is_what_plan_prints():
+    # The README's 7B plan table is a claim; it must be this function's output, rounded as printed.
+    out = scaling.plan(7e9, 1.4e12, 512, "H100", 0.4)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert f"{out['days']:.1f} days, {out['gpu_hours']:,.0f} GPU-hours" in readme
+    names = {"data parallel": "dp", "ZeRO-1": "zero1", "ZeRO-2": "zero2", "ZeRO-3": "zero3",
+             "tp=8 + ZeRO-1": "tp8+zero1", "tp=8, pp=4 + ZeRO-1": "tp8+pp4+zero1"}
+    rows = {r["name"]: r for r in out["layouts"]}
+    seen = 0
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in names and len(cells) == 7:
+            r = rows[names[cells[0]]]
+            want = [r["states"], r["activations"], r["total"], r["total_recompute"], r["comm"]["total"]]
+            got = [float(c.split()[0]) * 1e9 for c in (cells[1], cells[2], cells[3], cells[4], cells[6])]
+            assert got == pytest.approx(want, abs=0.051e9), cells[0]
+            assert cells[5] == r["fits"], cells[0]
+            seen += 1
+    assert seen == len(names)

@@ -663,3 +663,31 @@ def test_a_full_disk_is_named_in_the_one_line():
     short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 979072 vs 978964")
     assert "the write came up short" in train.write_failure("out/ckpt.pt", short, free=10**9)
     assert "the disk that holds it is full" in train.write_failure("out/ckpt.pt", short, free=1000)
+
+
+def test_resharded_sampler_continues_where_two_ranks_stopped(tmp_path):
+    # Two data-parallel ranks take p batches each; the checkpoint's position, resharded to one rank,
+    # must continue with exactly the windows one rank would take after the same 2 p batches
+    # (torchtitan #811: the position was dropped). Windows are identified by their first token
+    # (the token file is 0, 1, 2, ..., so a window's first token is its start).
+    import numpy as np
+    path = tmp_path / "tokens.bin"
+    np.arange(3000, dtype=np.uint16).tofile(path)
+    T, B = 8, 3
+    seed, p = int(torch.randint(0, 1000, ()).item()), int(torch.randint(1, 20, ()).item())
+    ranks = [data.TokenSampler(str(path), "uint16", T, B, seed=seed, rank=r, world_size=2) for r in range(2)]
+    for _ in range(p):
+        for s in ranks:
+            s.next_batch()
+    resumed = data.TokenSampler(str(path), "uint16", T, B, seed=seed)
+    resumed.load_state_dict(train.reshard_sampler_state(ranks[0].state_dict(), 1))
+    fresh = data.TokenSampler(str(path), "uint16", T, B, seed=seed)
+    for _ in range(2 * p):
+        fresh.next_batch()
+    for _ in range(5):
+        assert torch.equal(resumed.next_batch()[0][:, 0], fresh.next_batch()[0][:, 0])
+    # a position that one rank count cannot split is refused, not rounded
+    with pytest.raises(ValueError, match="not a multiple of --dp 2"):
+        one = data.TokenSampler(str(path), "uint16", T, 1, seed=seed)
+        one.next_batch()
+        train.reshard_sampler_state(one.state_dict(), 2)
