@@ -1465,6 +1465,7 @@ class Pipeline:
             inp, out = self.forward_step(i, self.recv_forward(shape))
             self.send_forward(out)
             saved.append((inp, out))
+        self.peak_in_flight = m  # micro-batches whose activations were held at once (a test reads it)
         for i in range(m):
             self.send_backward(self.backward_step(i, *saved[i], self.recv_backward(shape)))
 
@@ -1474,7 +1475,7 @@ class Pipeline:
         p - s micro-batches' activations."""
         warmup = min(self.n - self.rank - 1, m)
         steady = m - warmup
-        in_flight = deque()
+        in_flight, self.peak_in_flight = deque(), warmup
         for i in range(warmup):  # warm-up
             inp, out = self.forward_step(i, self.recv_forward(shape))
             self.send_forward(out)
@@ -1483,6 +1484,7 @@ class Pipeline:
         for j in range(steady):  # steady state: F(warmup + j), then B(j)
             inp, out = self.forward_step(warmup + j, received)
             in_flight.append((warmup + j, inp, out))
+            self.peak_in_flight = max(len(in_flight), getattr(self, "peak_in_flight", 0))
             grad_out = self.send_forward_recv_backward(out, shape)
             grad_in = self.backward_step(*in_flight.popleft(), grad_out)
             if j == steady - 1:

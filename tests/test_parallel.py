@@ -138,6 +138,8 @@ def compare_with_reference(name, config, layout_dims, grad_accum=1, **strategy):
     batches = global_batches(vocab=config.vocab_size)
     run = parallel_run(config, layout, batches, grad_accum, **strategy)
     out = dict(sent=run["sent"], first_micro=run["first_micro"], memory=run["memory"])
+    if run["par"].pipeline is not None:
+        out["peak_in_flight"] = run["par"].pipeline.peak_in_flight
     if dist.get_rank() == 0:
         ref_losses, ref_state, _, _ = reference_run(config, batches, grad_accum)
         out["loss_rel"] = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], ref_losses))
@@ -527,6 +529,15 @@ def test_pipeline_sends_one_activation_and_one_gradient_per_micro_batch_and_boun
     for stage, r in enumerate(get(results, "pp_1f1b")):
         expected = act * (stage < p - 1) + act * (stage > 0) + tied * (stage in (0, p - 1))
         assert all(s == {"pp": expected} for s in r["sent"])
+
+
+@pytest.mark.slow
+def test_1f1b_holds_at_most_p_minus_s_micro_batches_and_gpipe_all_m(results):
+    # parallel.py's claim: under 1F1B stage s holds the activations of at most p - s micro-batches in
+    # flight (here p = m = 4: 4, 3, 2, 1); GPipe holds all m on every stage
+    p, m = WORLD, 4
+    assert [r["peak_in_flight"] for r in get(results, "pp_1f1b")] == [min(p - s, m) for s in range(p)]
+    assert [r["peak_in_flight"] for r in get(results, "pp_gpipe")] == [m] * p
 
 
 @pytest.mark.slow
