@@ -79,7 +79,8 @@ trains; --bench_ablation turns each speed-up off in turn. Tests check that each 
 
 Map of this file
 ----------------
-TrainConfig, PRESETS -> flags from dataclass fields -> device and dtype -> learning-rate schedule ->
+TrainConfig, PRESETS -> flags from dataclass fields -> starting from a Hugging Face directory (--init_from) ->
+device and dtype -> learning-rate schedule ->
 optimizer -> speed-ups (vocabulary padding, checks, make_parallelized) -> checkpoint save/load ->
 evaluation -> one run per directory (OutDirLock) -> preemption (signals) -> the training loop ->
 benchmark -> sampling -> main().
@@ -115,6 +116,7 @@ import torch
 import data
 import parallel
 import scaling
+import model as model_lib
 from model import GPT, MODEL_PRESETS, GPTConfig
 
 
@@ -144,6 +146,7 @@ class TrainConfig:
     resume: bool = False  # continue the run whose checkpoint is in out_dir
     stop_at: int = 0  # stop this invocation after this step (0: at max_iters); the schedule still spans max_iters
     seed: int = 1337  # seeds initialisation, data order and sampling
+    init_from: str = ""  # start from the weights of a Hugging Face model directory (python model.py export's, or a GPT-2/Llama one the model can express; nanoGPT's init_from): its config.json sets the model's shape and its tokenizer must be the corpus's; empty: random initialisation
     compare_seeds: int = 0  # train this configuration with N seeds (seed, seed+1, ...), each in out_dir/seed<s>, and report the mean and standard deviation of the final validation loss and bits per byte (out_dir/compare.json); 0: one run
     device: str = "auto"  # auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # float32, bfloat16, float16 (CUDA, with a gradient scaler); auto: bfloat16 where supported, else float32
@@ -285,7 +288,32 @@ def resolve_configs(args: argparse.Namespace) -> tuple[TrainConfig, GPTConfig]:
     train_fields = {f.name for f in fields(TrainConfig)}
     train = TrainConfig(**{**preset, **{k: v for k, v in given.items() if k in train_fields}, "preset": preset_name})
     model_overrides.update({k: v for k, v in given.items() if k in MODEL_FLAGS})
+    if train.init_from:  # the directory's shape replaces the preset's; a flag that contradicts it is refused
+        model_overrides = init_from_overrides(train.init_from, model_overrides, explicit=given)
     return train, model_overrides
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting from a Hugging Face directory (--init_from): nanoGPT's init_from=gpt2, for any directory
+# `python model.py export` writes or transformers saved in a shape GPTConfig expresses
+
+# the model fields the weights' shapes (and the function they compute) fix
+SHAPE_FIELDS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "n_kv_head", "rope", "rope_theta", "norm", "mlp",
+                "tie_embeddings")
+
+
+def init_from_overrides(path: str, model_overrides: dict, explicit: dict | None = None) -> dict:
+    """model_overrides with the shape of the directory's config.json (model.config_from_pretrained_dir
+    refuses, in one line, a config it cannot map). A shape flag given explicitly must agree with it."""
+    shape = asdict(model_lib.config_from_pretrained_dir(path))
+    for name in SHAPE_FIELDS:
+        given = (explicit or {}).get(name)
+        if name == "n_kv_head" and given == 0:  # 0 means n_head
+            given = model_overrides.get("n_head", shape["n_head"])
+        if given is not None and given != shape[name]:
+            raise ValueError(f"--{name} {given} contradicts --init_from {path}, whose config.json has {name}={shape[name]}: "
+                             "drop the flag (the directory's weights fix the shape)")
+    return {**model_overrides, **{name: shape[name] for name in SHAPE_FIELDS}}
 
 
 # The range of every numeric flag, in interval notation ("[" includes the end, "(" leaves it out),
@@ -1109,6 +1137,8 @@ def train(cfg: TrainConfig, model_overrides: dict) -> dict:
     the signal's name, if one stopped it). Under torchrun, every process runs this; rank 0 alone
     prints, writes files and holds the output directory's lock."""
     check_config(cfg, model_overrides)
+    if cfg.init_from:  # (main's resolve_configs did this already; a caller of train() may not have)
+        model_overrides = init_from_overrides(cfg.init_from, model_overrides)
     # the model's shape against --tp, before any process group or corpus exists (the vocabulary is
     # padded to a multiple of --tp in start_run, so only heads and MLP width can fail to split)
     parallel.check_tensor_parallel(GPTConfig(**{**model_overrides, "vocab_size": math.lcm(cfg.pad_vocab, cfg.tp)}), cfg.tp)
@@ -1214,12 +1244,10 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     manifest, enc = load_corpus(cfg, layout, model_overrides.get("block_size", GPTConfig.block_size))
     # padded to a multiple of --tp as well, so tensor parallelism splits the vocabulary evenly (a
     # vocabulary that does not divide diverged in torchtitan #1136)
-    model_config = GPTConfig(**{**model_overrides, "vocab_size": padded_vocab_size(manifest["vocab_size"],
-                                                                                   math.lcm(cfg.pad_vocab, cfg.tp))})
+    model_config = run_model_config(cfg, model_overrides, manifest)
     if ckpt is not None:
         check_resume_compatible(ckpt, model_config, cfg, manifest)
-    torch.manual_seed(cfg.seed)  # the same seed on every rank: every replica starts from the same weights
-    model = GPT(model_config).to(layout.device)
+    model = initial_model(cfg, model_config, enc, layout.device, from_directory=ckpt is None)
     counts = model.num_params(), model.num_params(exclude_embeddings=True)
     par, scaler = make_parallelized(model, cfg, layout, pick_dtype(cfg.dtype, layout.device))
     del model  # a pipeline stage or a sharded model keeps only its part; the full model is rebuilt for sampling
@@ -1238,6 +1266,57 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
             run.saved_finite = all(bool(torch.isfinite(t).all()) for t in ckpt["model"].values() if t.is_floating_point())
     print_banner(run, *counts)
     return run
+
+
+def run_model_config(cfg: TrainConfig, model_overrides: dict, manifest: dict) -> GPTConfig:
+    """The model's config: the flags' shape, and the corpus's vocabulary padded to a multiple of
+    --pad_vocab and --tp, so tensor parallelism splits it evenly (a vocabulary that does not divide
+    diverged in torchtitan #1136). With --init_from, the directory's vocabulary, which must hold the
+    corpus's ids and split over --tp."""
+    if not cfg.init_from:
+        return GPTConfig(**{**model_overrides, "vocab_size": padded_vocab_size(manifest["vocab_size"],
+                                                                               math.lcm(cfg.pad_vocab, cfg.tp))})
+    vocab = model_lib.config_from_pretrained_dir(cfg.init_from).vocab_size
+    if vocab < manifest["vocab_size"] or vocab % cfg.tp:
+        raise ValueError(f"--init_from {cfg.init_from} has {vocab} token ids, " + (
+            f"fewer than the corpus's tokenizer ({manifest['vocab_size']}): prepare the corpus with the tokenizer the "
+            "model was trained with" if vocab < manifest["vocab_size"] else f"which --tp {cfg.tp} does not divide"))
+    return GPTConfig(**{**model_overrides, "vocab_size": vocab})
+
+
+def initial_model(cfg: TrainConfig, model_config: GPTConfig, enc, device, from_directory: bool = True) -> GPT:
+    """The model before the first step: seeded random weights (the same seed on every rank, so every
+    replica starts from the same weights), or, with --init_from (and no checkpoint to resume, which
+    wins), the directory's weights, read by GPT.from_pretrained_dir and copied in."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config).to(device)
+    if cfg.init_from and from_directory:
+        check_init_tokenizer(cfg.init_from, enc)
+        implementation = {k: getattr(model_config, k) for k in ("dropout",) + IMPLEMENTATION_FIELDS}
+        pretrained = GPT.from_pretrained_dir(cfg.init_from, **implementation)
+        model.load_state_dict(pretrained.state_dict())  # same config, so the same keys and shapes
+        print(f"init_from: {cfg.init_from} ({model_lib.hf_architecture(model_config)}, {pretrained.num_params():,} parameters)")
+    return model
+
+
+def check_init_tokenizer(path: str, enc):
+    """A model is only as good as its tokenizer: the directory's tokenizer.json (when it has one)
+    must hold the corpus's tokens with the same ids, or the weights would read other tokens than
+    they learned. (Merges are not compared: equal ranks give equal merges, model.hf_tokenizer_json.)"""
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(file):
+        print(f"init_from: {path} has no tokenizer.json; the corpus's tokenizer is taken to be the model's")
+        return
+    try:
+        with open(file, encoding="utf-8") as f:
+            vocab = json.load(f)["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the vocabulary of {file} ({one_line(e)}): export the directory again") from None
+    to_chars = model_lib.bytes_to_unicode()
+    ours = {"".join(to_chars[b] for b in token): rank for token, rank in enc._mergeable_ranks.items()}
+    if vocab != ours:
+        raise ValueError(f"the tokenizer of --init_from {path} is not the corpus's ({len(vocab)} tokens against "
+                         f"{len(ours)}, or the same tokens with other ids): prepare the corpus with the model's tokenizer")
 
 
 def resume_evaluations(ckpt: dict, cfg: TrainConfig, metrics: Metrics | None, layout: parallel.Layout) -> set:

@@ -663,3 +663,69 @@ def test_a_full_disk_is_named_in_the_one_line():
     short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 979072 vs 978964")
     assert "the write came up short" in train.write_failure("out/ckpt.pt", short, free=10**9)
     assert "the disk that holds it is full" in train.write_failure("out/ckpt.pt", short, free=1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# --init_from: training starts from a Hugging Face directory (issue 14)
+
+INIT_SHAPES = {  # the two families model.py exports, with random weights far from initialisation
+    "gpt2": dict(bias=False),
+    "modern": dict(rope=True, norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False),
+}
+
+
+def exported_model(data_dir, tmp_path, shape):
+    """A random model of the tiny preset's corpus, exported with its tokenizer as `python model.py export` does."""
+    import model as model_lib
+
+    cfg, _ = tiny(data_dir, tmp_path / "unused")
+    manifest, enc = train.prepare_data(cfg, verbose=False)
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    ours = GPT(GPTConfig(vocab_size=manifest["vocab_size"], block_size=48, n_layer=2, n_head=4, n_embd=64, **INIT_SHAPES[shape]))
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # norm gains and biases away from 1 and 0: a dropped tensor shows
+    model_lib.export_hf(ours.eval(), tmp_path / "hf", enc)
+    return ours, manifest, enc
+
+
+@pytest.mark.parametrize("shape", sorted(INIT_SHAPES))
+def test_init_from_an_exported_directory_reproduces_our_logits_and_trains_from_them(data_dir, tmp_path, shape):
+    ours, manifest, enc = exported_model(data_dir, tmp_path, shape)
+    args = ["--preset", "tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path / "run"), "--init_from",
+            str(tmp_path / "hf"), "--dtype", "float32", "--max_iters", "1", "--eval_interval", "1", "--eval_iters", "1"]
+    cfg, mo = train.resolve_configs(train.build_parser().parse_args(args))
+    assert mo["n_embd"] == 64 and mo["block_size"] == 48  # the directory's shape, not the tiny preset's
+    model_config = train.run_model_config(cfg, mo, manifest)
+    assert model_config == ours.config
+    started = train.initial_model(cfg, model_config, enc, torch.device("cpu")).eval()
+    idx = torch.randint(0, manifest["vocab_size"], (2, 48))
+    with torch.no_grad():
+        assert torch.equal(started(idx)[0], ours(idx)[0])  # the same tensors through the same code: bit for bit
+    # and the run trains from them: its first loss is our model's loss on the run's first batch
+    result = train.train(cfg, mo)
+    layout = parallel.init_distributed(1, 1, 1, 1, torch.device("cpu"))
+    x, y = train.make_train_sampler(cfg, result["manifest"], model_config.block_size, layout).next_batch()
+    with torch.no_grad():
+        expected = ours(x, y)[1].item()
+    first = [r for r in read_metrics(tmp_path / "run") if "loss" in r][0]
+    assert first["loss"] == pytest.approx(expected, rel=1e-6)  # float32 sums in another order: ~1e-7
+
+
+def test_init_from_refuses_what_it_cannot_map_in_one_line(data_dir, tmp_path):
+    exported_model(data_dir, tmp_path, "modern")
+    hf = tmp_path / "hf"
+    # a flag that contradicts the directory's shape, before any work
+    with pytest.raises(ValueError, match="--n_layer 3 contradicts --init_from"):
+        train.resolve_configs(train.build_parser().parse_args(["--init_from", str(hf), "--n_layer", "3"]))
+    # a corpus of another tokenizer (the byte-level one, whose 256 tokens the BPE also has, with the same ids)
+    import model as model_lib
+
+    (tmp_path / "bytes").mkdir()
+    (tmp_path / "bytes" / "manifest.json").write_text(json.dumps({"tokenizer": "bytes", "eot_id": 256}))
+    with pytest.raises(ValueError, match="is not the corpus's"):
+        train.check_init_tokenizer(str(hf), model_lib.load_run_tokenizer(tmp_path / "bytes"))
+    # a config.json the model cannot express: the command's one line
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    assert_one_line_error(run_cli("--preset", "tiny", "--init_from", str(hf), "--out_dir", str(tmp_path / "r")), "hidden_act")
