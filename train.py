@@ -84,7 +84,7 @@ TrainConfig, PRESETS -> flags from dataclass fields -> starting from a Hugging F
 device and dtype -> learning-rate schedule ->
 optimizer -> speed-ups (vocabulary padding, checks, make_parallelized) -> checkpoint save/load ->
 evaluation -> one run per directory (OutDirLock) -> preemption (signals) -> the training loop ->
-benchmark -> sampling -> main().
+benchmark -> sampling -> comparing seeds -> pictures (--plot) -> main().
 """
 
 from __future__ import annotations
@@ -209,6 +209,9 @@ class TrainConfig:
     temperature: float = 0.8  # sampling temperature (0: greedy)
     top_k: int = 50  # sample only among the k most likely tokens (0: all)
     prompt: str = ""  # text the sample continues (empty: start of a document)
+    # --- pictures
+    plot: str = ""  # do not train: draw the metrics.jsonl of --plot RUN_DIR [RUN_DIR ...] (a --compare_seeds directory: its seeds and their mean) into one PNG: losses, bits per byte against gzip's, learning rate, tokens/s
+    plot_file: str = ""  # --plot: the PNG to write (default: plot.png in the first RUN_DIR)
 
 
 # Presets are plain overrides. "model" names a model size from model.MODEL_PRESETS.
@@ -258,6 +261,8 @@ def add_field_flags(parser, cls, names=None, default_none=False):
             continue
         kind = {"int": int, "float": float, "str": str, "bool": parse_bool}[f.type]
         extra = dict(nargs="?", const=True) if f.type == "bool" else {}  # `--compile` alone means true
+        if f.name == "plot":  # several run directories; resolve_configs joins them with os.pathsep
+            extra = dict(nargs="+", metavar="RUN_DIR")
         default = None if default_none else f.default
         shown = "preset's" if default_none else repr(f.default)
         help_text = f"{comments.get(f.name, '')} (default: {shown})".replace("%", "%%")  # argparse formats help with %
@@ -282,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_configs(args: argparse.Namespace) -> tuple[TrainConfig, GPTConfig]:
     """Defaults <- preset <- flags, for both the run and the model."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
+    given = {k: os.pathsep.join(v) if isinstance(v, list) else v for k, v in vars(args).items() if v is not None}
     preset_name = given.get("preset", TrainConfig.preset)
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset '{preset_name}': choose one of {', '.join(PRESETS)}")
@@ -1538,7 +1543,8 @@ def evaluate_and_log(run: Run, result: dict):
     val_bpb = data.bits_per_byte(val_loss, run.manifest["val_tokens"], run.manifest["val_bytes"])
     per_domain = evaluate_domains(run.par, run.manifest, run.cfg, run.model_config.block_size, run.layout.device)
     if run.metrics is not None:
-        run.metrics.log(step=run.step, val_loss=val_loss, val_bpb=val_bpb, **{f"val_bpb_{d}": v for d, v in per_domain.items()})
+        run.metrics.log(step=run.step, val_loss=val_loss, val_bpb=val_bpb, gzip_bpb=run.gzip_bpb,
+                        **{f"val_bpb_{d}": v for d, v in per_domain.items()})
     result.update(val_loss=val_loss, val_bpb=val_bpb)
     tokens_per_byte = run.manifest["val_tokens"] / run.manifest["val_bytes"]
     domains = " | " + " ".join(f"{d} {v:.3f}" for d, v in per_domain.items()) if per_domain else ""
@@ -1843,10 +1849,108 @@ def compare_seeds(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     return summary
 
 
+# ----------------------------------------------------------------------------------------------
+# Pictures: --plot draws metrics.jsonl (matplotlib, optional, imported only here)
+
+
+def read_metrics_file(path: str) -> list[dict]:
+    """The JSON lines of a metrics.jsonl (a last line cut off by a crash is skipped)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
+
+
+def series(rows: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of one key, from the rows that have it."""
+    picked = [r for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    return [r["step"] for r in picked], [r[key] for r in picked]
+
+
+def seed_mean(runs: list[list[dict]], key: str) -> tuple[list, list]:
+    """The mean over seeds of one key at the steps every seed logged it (training and evaluation rows
+    share steps, so an evaluation's own key picks its rows)."""
+    per_seed = [dict(zip(*series(rows, key))) for rows in runs]
+    steps = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+    return steps, [float(np.mean([s[step] for s in per_seed])) for step in steps]
+
+
+def runs_to_plot(run_dirs: list[str]) -> list[dict]:
+    """One entry per RUN_DIR: {"label", "runs": [rows, ...], "seeds": bool}; a --compare_seeds
+    directory (seed*/metrics.jsonl) gives all its seeds."""
+    found = []
+    for d in run_dirs:
+        single, seeds = os.path.join(d, "metrics.jsonl"), sorted(glob.glob(os.path.join(d, "seed*", "metrics.jsonl")))
+        if os.path.exists(single):
+            found.append({"label": os.path.basename(os.path.normpath(d)), "runs": [read_metrics_file(single)], "seeds": False})
+        elif seeds:
+            found.append({"label": os.path.basename(os.path.normpath(d)), "runs": [read_metrics_file(p) for p in seeds],
+                          "seeds": True, "names": [os.path.basename(os.path.dirname(p)) for p in seeds]})
+        else:
+            raise ValueError(f"--plot: {d} has no metrics.jsonl, nor seed*/metrics.jsonl of a --compare_seeds directory")
+    return found
+
+
+def plot_runs(run_dirs: list[str], path: str = "") -> str:
+    """Four panels from the runs' metrics.jsonl: training loss with validation loss, validation bits
+    per byte with gzip -9's line (the compressor a model must beat), the learning rate, tokens/s;
+    one colour per RUN_DIR, a --compare_seeds directory's seeds thin and their mean thick. Written
+    atomically to path (default: RUN_DIR/plot.png of the first); returns the path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs the optional matplotlib: pip install matplotlib") from None
+    entries = runs_to_plot(run_dirs)
+    path = path or os.path.join(run_dirs[0], "plot.png")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    (ax_loss, ax_bpb), (ax_lr, ax_speed) = axes
+    panels = ((ax_loss, "loss"), (ax_loss, "val_loss"), (ax_bpb, "val_bpb"), (ax_lr, "lr"), (ax_speed, "tokens_per_s"))
+    for colour, entry in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10, entries):
+        thin = dict(alpha=0.35, linewidth=0.8) if entry["seeds"] else {}
+        for rows in entry["runs"]:
+            for ax, key in panels:
+                steps, values = series(rows, key)
+                ax.plot(steps, values, "o-" if key.startswith("val") else "-", color=colour, markersize=3,
+                        label=None if entry["seeds"] or key == "val_loss" else entry["label"], **thin)
+            steps, gzip_line = series(rows, "gzip_bpb")
+            if gzip_line:
+                ax_bpb.axhline(gzip_line[-1], color=colour, linestyle=":", linewidth=1)
+        if entry["seeds"]:  # the mean over seeds, thick
+            for ax, key in panels:
+                steps, values = seed_mean(entry["runs"], key)
+                ax.plot(steps, values, "o-" if key.startswith("val") else "-", color=colour, linewidth=2, markersize=3,
+                        label=None if key == "val_loss" else f"{entry['label']} (mean of {len(entry['runs'])} seeds)")
+    ax_loss.set(title="loss: training (line), validation (dots)", xlabel="step", ylabel="nats/token")
+    ax_bpb.set(title="validation bits per byte; dotted: gzip -9", xlabel="step", ylabel="bits/byte")
+    ax_lr.set(title="learning rate", xlabel="step")
+    ax_speed.set(title="throughput", xlabel="step", ylabel="tokens/s")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    return path
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         cfg, model_overrides = resolve_configs(args)
+        if cfg.plot:
+            print(f"plot: {plot_runs(cfg.plot.split(os.pathsep), cfg.plot_file)}")
+            return
         if cfg.sample:
             print(sample_from_checkpoint(cfg, model_overrides))
             return

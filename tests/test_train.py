@@ -833,3 +833,36 @@ def test_eval_tasks_log_one_row_per_task_at_their_interval_as_evaluate_py_scores
     # a task that is not there: one line before any work
     with pytest.raises(ValueError, match="no task 'nosuch'"):
         train.check_config(replace(cfg, eval_tasks="toy,nosuch"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures: --plot (issue 14)
+
+
+def test_plot_writes_a_png_for_runs_and_a_compare_seeds_directory_with_the_seeds_mean(trained_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="optional: pip install matplotlib to draw runs")
+    rows = read_metrics(trained_run)
+    seeds = tmp_path / "compare"
+    shifted = {}
+    for s, shift in ((1337, 0.0), (1338, 0.3), (1339, -0.1)):  # a --compare_seeds directory's layout, losses moved
+        (seeds / f"seed{s}").mkdir(parents=True)
+        moved = [{k: v + shift if k in ("loss", "val_loss") else v for k, v in r.items()} for r in rows]
+        (seeds / f"seed{s}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in moved))
+        shifted[s] = moved
+    steps, mean = train.seed_mean(list(shifted.values()), "loss")
+    assert steps == [r["step"] for r in rows if "loss" in r]
+    assert mean == pytest.approx([r["loss"] + 0.2 / 3 for r in rows if "loss" in r])  # (0 + 0.3 - 0.1) / 3
+    out = tmp_path / "runs.png"
+    train.main(["--plot", str(trained_run), str(seeds), "--plot_file", str(out)])
+    train.main(["--plot", str(seeds)])
+    assert capsys.readouterr().out.splitlines()[-1] == f"plot: {seeds / 'plot.png'}"
+    for png in (out, seeds / "plot.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_without_matplotlib_or_metrics_is_one_line(trained_run, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="has no metrics.jsonl"):
+        train.runs_to_plot([str(tmp_path)])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(ValueError, match="pip install matplotlib"):
+        train.plot_runs([str(trained_run)])
