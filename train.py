@@ -198,6 +198,7 @@ class TrainConfig:
     eval_interval: int = 250  # evaluate on the validation split every this many steps (and at the end)
     eval_iters: int = 20  # validation batches per evaluation
     log_interval: int = 1  # print a training line every this many steps
+    log_to: str = ""  # also send every metrics.jsonl record, live, to tensorboard (events in out_dir/tensorboard) and/or wandb (project nanopretrain), comma-separated; each optional package imported only when named
     checkpoint_interval: int = 0  # write a checkpoint every this many steps (0: at each evaluation) and at the end
     eval_tasks: str = ""  # downstream tasks to score during training, evaluate.py's names (hellaswag,arc_easy; task:variant for another prompt variant); empty: none
     eval_tasks_every: int = 0  # score --eval_tasks every this many steps and at the end (0: at each evaluation, --eval_interval)
@@ -402,6 +403,8 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
         raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
     check_speed_flags(cfg)
     check_mix_flags(cfg)
+    for name in log_to_names(cfg.log_to):  # a missing package is one line before any work
+        import_logger(name)
     if cfg.eval_tasks:  # a missing package or task is one line before any work, not after the first interval
         for name, variant in downstream.parse_tasks(cfg.eval_tasks):
             downstream.resolve_variant(name, variant, cfg.eval_tasks_dir or None)
@@ -892,6 +895,7 @@ class Metrics:
 
     def __init__(self, path: str, resume_step: int | None):
         self.path = path
+        self.sinks = ()  # live loggers (--log_to), set by start_out_dir
         self.evaluated_at_resume = False  # the checkpoint's own step has its evaluation in the file
         self.cut_evaluations = []  # steps after the checkpoint whose evaluations were in the file
         if resume_step is None:
@@ -924,6 +928,80 @@ class Metrics:
     def log(self, **record):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log(record)
+
+    def close(self):
+        for sink in self.sinks:
+            sink.close()
+
+
+# --log_to: the same records, live, in TensorBoard or Weights & Biases. Neither package is a
+# dependency: each is imported only when named, and its absence is one line before any work.
+LOG_TO_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log_to name -> pip package
+
+
+def log_to_names(spec: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    for name in names:
+        if name not in LOG_TO_PACKAGES:
+            raise ValueError(f"unknown --log_to '{name}': use tensorboard, wandb, or both as tensorboard,wandb")
+    return names
+
+
+def import_logger(name: str):
+    """SummaryWriter for tensorboard, the wandb module for wandb; one line when the package is missing."""
+    try:
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package for its event files
+
+            return SummaryWriter
+        import wandb
+
+        return wandb
+    except ImportError:
+        raise ValueError(f"--log_to {name} needs the optional {LOG_TO_PACKAGES[name]} package: "
+                         f"pip install {LOG_TO_PACKAGES[name]} (or drop it from --log_to)") from None
+
+
+def scalars(record: dict) -> dict:
+    """A metrics record as {tag: number}: a task row's numbers under task/<name>/, the others by key."""
+    prefix = f"task/{record['task']}/" if "task" in record else ""
+    return {prefix + k: float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+
+
+class TensorBoardSink:
+    def __init__(self, out_dir: str, config: dict):
+        self.writer = import_logger("tensorboard")(os.path.join(out_dir, "tensorboard"))
+        self.writer.add_text("config", json.dumps(config, indent=1))
+
+    def log(self, record: dict):
+        for tag, value in scalars(record).items():
+            self.writer.add_scalar(tag, value, record["step"])
+        if "val_loss" in record or "task" in record:
+            self.writer.flush()  # evaluations show at once; step lines at the writer's own pace
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbSink:
+    def __init__(self, out_dir: str, config: dict):
+        self.wandb = import_logger("wandb")
+        self.run = self.wandb.init(project="nanopretrain", name=os.path.basename(os.path.normpath(out_dir)), dir=out_dir,
+                                   config=config)
+
+    def log(self, record: dict):
+        self.run.log(scalars(record), step=record["step"])
+
+    def close(self):
+        self.run.finish()
+
+
+def open_sinks(cfg: TrainConfig, config: dict) -> tuple:
+    return tuple({"tensorboard": TensorBoardSink, "wandb": WandbSink}[name](cfg.out_dir, config)
+                 for name in log_to_names(cfg.log_to))
 
 
 def gzip_bits_per_byte(tokens: np.ndarray, enc, eot_id: int) -> float:
@@ -1457,7 +1535,9 @@ def start_out_dir(cfg: TrainConfig, model_config: GPTConfig, manifest: dict, ckp
                 before = json.load(f)
             info["history"] = before.pop("history", []) + [before]
     write_json_atomic(info, path)
-    return Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step)
+    metrics = Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step)
+    metrics.sinks = open_sinks(cfg, info)
+    return metrics
 
 
 def print_banner(run: Run, n_params: int, n_params_blocks: int):
@@ -1555,6 +1635,8 @@ def evaluate_and_log(run: Run, result: dict):
 def finish_run(run: Run, result: dict) -> dict:
     """The result, with the full model rebuilt on rank 0 from the last checkpoint's tensors (for the sample)."""
     model = None
+    if run.metrics is not None:
+        run.metrics.close()
     if run.layout.is_rank0 and run.saved_state is not None:
         model = GPT(run.model_config).to(run.layout.device)
         model.load_state_dict(run.saved_state)

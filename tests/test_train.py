@@ -866,3 +866,32 @@ def test_plot_without_matplotlib_or_metrics_is_one_line(trained_run, tmp_path, m
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     with pytest.raises(ValueError, match="pip install matplotlib"):
         train.plot_runs([str(trained_run)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Live logging: --log_to tensorboard,wandb (issue 14)
+
+
+@pytest.mark.parametrize("name", ["tensorboard", "wandb"])
+def test_log_to_a_missing_package_is_one_line_before_any_work(name, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb" if name == "wandb" else "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(ValueError, match=f"--log_to {name} needs the optional {name} package: pip install {name}"):
+        train.check_config(train.TrainConfig(log_to=name))
+    with pytest.raises(ValueError, match="unknown --log_to 'csv'"):
+        train.check_config(train.TrainConfig(log_to="tensorboard,csv"))
+
+
+@pytest.mark.slow  # tensorboard's imports and a 3-step run
+def test_log_to_tensorboard_writes_the_metrics_as_events(data_dir, tmp_path):
+    pytest.importorskip("tensorboard", reason="optional: pip install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, mo = tiny(data_dir, tmp_path, max_iters=3, eval_interval=3, log_to="tensorboard")
+    train.train(cfg, mo)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))  # TensorBoard's own reader
+    events.Reload()
+    rows = read_metrics(tmp_path)
+    for key in ("loss", "lr", "val_bpb", "val_bpb_code"):
+        logged = [(r["step"], r[key]) for r in rows if key in r]
+        assert [e.step for e in events.Scalars(key)] == [step for step, _ in logged]
+        assert [e.value for e in events.Scalars(key)] == pytest.approx([v for _, v in logged], rel=1e-6)  # stored as float32
