@@ -99,9 +99,14 @@ and p(good) = sigmoid(w . mean_f E[x_f] + b). It is trained here on a
 reference set (by default the Python documentation's own pages) against
 documents drawn from the corpus and word-shuffled copies of the references,
 every document gets its score, and each domain keeps its top fraction.
-Perplexity under a reference model (CCNet, Wenzek et al. 2019) needs a
-model, which this file cannot import: prepare runs an outside command that
-scores documents, and keeps a quantile range of its scores.
+Perplexity under a reference model (CCNet, Wenzek et al. 2019,
+arXiv:1911.00359) needs a model, which this file cannot import: prepare runs
+an outside command that scores documents, and keeps a quantile range of its
+scores. --perplexity_model out/ckpt.pt is that command made for this
+project's checkpoints: evaluate.py's `score`, run as a program, gives each
+document's bits per byte under the checkpoint (its tokens and end-of-text, as
+train.py's validation counts them), the report splits the documents into
+CCNet's head, middle and tail thirds, and --perplexity_keep keeps some of them.
 
 Language. The script a document's letters are written in (Latin, Cyrillic,
 Han, ...) is counted with Unicode properties. It is a heuristic, not a
@@ -175,9 +180,8 @@ matches: sources.json records each source file's size, times and SHA-256,
 so a corpus edited in place is prepared again, and every load re-reads the
 shards' checksums, so a changed shard is refused before training.
 
-Not here: document-aligned windows, URL filters, a perplexity scorer of its
-own (see --score_command), decontamination by evaluate.py's task names (the
-seam is ContaminationIndex), and a per-language identifier.
+Not here: document-aligned windows, URL filters, a model of its own for
+perplexity (evaluate.py scores, as a program), and a per-language identifier.
 
 Map of the file, in reading order:
     EOT, PATTERN, constants          the end-of-text token and the pre-tokenizer
@@ -217,6 +221,7 @@ import os
 import platform
 import random
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -2018,6 +2023,11 @@ def _stage_lines(report: dict) -> list:
     if "score_command" in report:
         c = report["score_command"]
         lines.append(f"score command: {c['scored']:,} scored, terciles {c['terciles']}, kept {c['keep'] or 'all'}")
+    if "perplexity" in report:
+        p = report["perplexity"]
+        buckets = ", ".join(f"{name} {b['docs']:,} (mean {b['mean_bits_per_byte']})" for name, b in p["buckets"].items())
+        lines.append(f"perplexity: {p['scored']:,} scored in bits per byte, thirds at {p['thresholds']}: {buckets}; "
+                     f"kept {p['keep'] or 'all'}")
     if "quality_classifier" in report:
         q = report["quality_classifier"]
         lines.append(f"quality classifier: train accuracy {q['train_accuracy']:.3f}, held-out {q['held_out_accuracy']:.3f}; "
@@ -2171,6 +2181,9 @@ class PrepareConfig:
     quality_positive_sha256: str = ""  # of --quality_positive's local files, when the classifier is trained here
     score_command: str = ""  # a command that scores documents: JSON lines {"text": ...} in, one number per line out
     score_keep: str = ""  # LO:HI, the quantile range of those scores to keep (CCNet's buckets: 0:0.33 is the head)
+    perplexity_model: str = ""  # a checkpoint of this project's (absolute path): each document's bits per byte under it (CCNet), by `python evaluate.py score`; "": off
+    perplexity_model_sha256: str = ""  # of that file
+    perplexity_keep: str = ""  # head, middle, tail (CCNet's thirds by bits per byte, head the lowest), adjacent ones comma-separated, or LO:HI quantiles; "": keep all
 
     def check(self) -> None:
         """Refuse bad settings before reading anything."""
@@ -2199,6 +2212,10 @@ class PrepareConfig:
             parse_quantile_range(self.score_keep)
             if not self.score_command:
                 raise ValueError("--score_keep needs --score_command: the command whose scores it keeps a range of")
+        if self.perplexity_keep:
+            parse_perplexity_keep(self.perplexity_keep)
+            if not self.perplexity_model:
+                raise ValueError("--perplexity_keep needs --perplexity_model: the checkpoint whose bits per byte it keeps a range of")
 
     @property
     def classifier_on(self) -> bool:
@@ -2212,7 +2229,7 @@ class PrepareConfig:
         return f"{stem}-{self.tokenizer}{self.vocab_size}-{digest}"
 
 
-def _add_file_keys(cfg: PrepareConfig, decontaminate: str, quality_model: str) -> None:
+def _add_file_keys(cfg: PrepareConfig, decontaminate: str, quality_model: str, perplexity_model: str = "") -> None:
     """The evaluation files and the saved classifier into cfg, as absolute paths with the SHA-256 of
     their contents, and the SHA-256 of the classifier's local positive files: the cache key changes
     when a file does (a missing file is one clear error)."""
@@ -2225,6 +2242,11 @@ def _add_file_keys(cfg: PrepareConfig, decontaminate: str, quality_model: str) -
     cfg.decontaminate_sha256 = hashlib.sha256(" ".join(_sha256_file(p) for p in paths).encode()).hexdigest() if paths else ""
     cfg.quality_model = os.path.abspath(quality_model) if quality_model else ""
     cfg.quality_model_sha256 = _sha256_file(cfg.quality_model) if quality_model else ""
+    if perplexity_model:
+        if not os.path.isfile(perplexity_model):
+            raise ValueError(f"--perplexity_model '{perplexity_model}' does not exist: give a checkpoint train.py wrote (out/ckpt.pt)")
+        cfg.perplexity_model = os.path.abspath(perplexity_model)
+        cfg.perplexity_model_sha256 = _sha256_file(cfg.perplexity_model)  # another checkpoint scores otherwise
     if cfg.classifier_on and not quality_model:  # the positives decide the classifier: an edit is a new key
         local = [src for _, src in parse_sources(cfg.quality_positive) if not src.startswith(("stdlib", "http://", "https://"))]
         files = [p for source in local for p, _ in _source_files(source)]
@@ -2263,7 +2285,7 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
             workers: int = 0, max_download_mb: float = MAX_DOWNLOAD_MB, pii: str = "none",
             decontaminate: str = "", quality_keep: float = 1.0, quality_threshold: float = 0.0,
             quality_positive: str = "stdlib:topics", quality_model: str = "", score_command: str = "",
-            score_keep: str = "") -> dict:
+            score_keep: str = "", perplexity_model: str = "", perplexity_keep: str = "") -> dict:
     """Run the pipeline once into <out_dir>/<key>/ and return its manifest (plus "dir").
 
     The key hashes every setting that changes the output. A second call with
@@ -2285,9 +2307,10 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
                         quality_filter=quality_filter, mix=mix, mix_by=mix_by, shard_tokens=shard_tokens,
                         bpe_train_bytes=bpe_train_bytes, pii=pii, quality_keep=quality_keep,
                         quality_threshold=quality_threshold, quality_positive=quality_positive,
-                        score_command=score_command, score_keep=score_keep)
+                        score_command=score_command, score_keep=score_keep, perplexity_keep=perplexity_keep,
+                        perplexity_model=perplexity_model)
     cfg.check()
-    _add_file_keys(cfg, decontaminate, quality_model)
+    _add_file_keys(cfg, decontaminate, quality_model, perplexity_model)
     if not max_download_mb > 0:
         raise ValueError(f"--max_download_mb {max_download_mb} must be positive")
     final, downloads = Path(out_dir).resolve() / cfg.key(), Path(out_dir) / "downloads"
@@ -2358,6 +2381,7 @@ def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_downloa
     keep = _decontaminate(spool, keep, cfg, report, verbose)
     keep = _classify(tmp, spool, keep, cfg, report, downloads, verbose)
     keep = _score(tmp, spool, keep, cfg, report)
+    keep = _perplexity(tmp, spool, keep, cfg, report)
     kept = np.flatnonzero(keep)
     if len(kept) == 0:
         raise ValueError(f"no documents left after filtering ({report['stages'][0]['docs_in']} read; removed: "
@@ -2617,7 +2641,7 @@ def parse_quantile_range(spec: str) -> tuple[float, float]:
     return lo, hi
 
 
-def run_scorer(command: str, texts) -> np.ndarray:
+def run_scorer(command: str, texts, flag: str = "--score_command") -> np.ndarray:
     """Score texts with an outside command: it reads one JSON object {"text": ...} per line on stdin and
     writes one number per line on stdout, in order. The seam for a model's perplexity (CCNet, Wenzek et
     al. 2019, arXiv:1911.00359): data.py imports no model, a command can."""
@@ -2631,11 +2655,11 @@ def run_scorer(command: str, texts) -> np.ndarray:
     lines = result.stdout.decode("utf-8", "replace").split()
     if result.returncode != 0 or len(lines) != n:
         why = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"{len(lines)} scores for {n} documents"]
-        raise ValueError(f"--score_command '{command}' failed ({why[0][:200]}): it must print one number per input line")
+        raise ValueError(f"{flag} '{command}' failed ({why[0][:200]}): it must print one number per input line")
     try:
         return np.array([float(x) for x in lines])
     except ValueError:
-        raise ValueError(f"--score_command '{command}' printed something that is not a number: one number per line") from None
+        raise ValueError(f"{flag} '{command}' printed something that is not a number: one number per line") from None
 
 
 def _score(tmp: Path, spool: Spool, keep: np.ndarray, cfg: PrepareConfig, report: dict) -> np.ndarray:
@@ -2659,6 +2683,64 @@ def _score(tmp: Path, spool: Spool, keep: np.ndarray, cfg: PrepareConfig, report
                                if len(scores) else []}
     _stage(report, "score command", docs_in, bytes_in, int(keep.sum()), int(spool.nbytes[keep].sum()),
            time.perf_counter() - t0)
+    return keep
+
+
+# CCNet's buckets (Wenzek et al. 2019, arXiv:1911.00359, sec. 3.3): the documents split into three
+# even parts by their perplexity under a reference language model, head the lowest.
+PERPLEXITY_BUCKETS = ("head", "middle", "tail")
+
+
+def parse_perplexity_keep(spec: str) -> tuple[float, float]:
+    """"head" -> (0, 1/3), "head,middle" -> (0, 2/3), "0.1:0.9" -> (0.1, 0.9): a quantile range."""
+    if ":" in spec:
+        try:
+            return parse_quantile_range(spec)
+        except ValueError:
+            raise ValueError(f"--perplexity_keep '{spec}' is no quantile range: write LO:HI with 0 <= LO < HI <= 1") from None
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    where = sorted(PERPLEXITY_BUCKETS.index(n) for n in names if n in PERPLEXITY_BUCKETS)
+    if not names or len(where) != len(names) or where != list(range(where[0], where[0] + len(where))):
+        raise ValueError(f"--perplexity_keep '{spec}': name head, middle or tail, or adjacent ones (head,middle), "
+                         "or a quantile range LO:HI")
+    return where[0] / 3, (where[-1] + 1) / 3
+
+
+def perplexity_command(checkpoint: str) -> str:
+    """The scorer of --perplexity_model: evaluate.py's `score` command, run as a program (data.py
+    imports no project file; the model, its tokenizer and the bits per byte are evaluate.py's)."""
+    evaluate_py = Path(__file__).resolve().with_name("evaluate.py")
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(evaluate_py))} score --ckpt {shlex.quote(checkpoint)}"
+
+
+def _perplexity(tmp: Path, spool: Spool, keep: np.ndarray, cfg: PrepareConfig, report: dict) -> np.ndarray:
+    """Stage 3e (CCNet): each kept document's bits per byte under --perplexity_model's checkpoint
+    (scores_perplexity.jsonl), the head/middle/tail buckets in the report, and --perplexity_keep's
+    range kept. Bits per byte rather than perplexity per token, so the score does not depend on the
+    reference model's tokenizer; the order, hence the buckets, is the same as perplexity's for one model."""
+    if not cfg.perplexity_model:
+        return keep
+    t0 = time.perf_counter()
+    ids = np.flatnonzero(keep)
+    command = perplexity_command(cfg.perplexity_model)
+    scores = run_scorer(command, spool.texts(ids), flag="--perplexity_model")
+    with open(tmp / "scores_perplexity.jsonl", "w") as f:
+        for (_, domain, source), score in zip(spool.rows(ids), scores):
+            f.write(json.dumps({"source": source, "domain": domain, "bits_per_byte": float(score)}) + "\n")
+    keep, docs_in, bytes_in = keep.copy(), int(keep.sum()), int(spool.nbytes[keep].sum())
+    thresholds = np.quantile(scores, [1 / 3, 2 / 3]) if len(scores) else np.array([math.nan, math.nan])
+    bucket = np.searchsorted(thresholds, scores, side="left")  # 0 head (<= first third), 1 middle, 2 tail
+    if cfg.perplexity_keep and len(scores):
+        lo, hi = np.quantile(scores, parse_perplexity_keep(cfg.perplexity_keep))
+        keep[ids[(scores < lo) | (scores > hi)]] = False
+    report["removed"]["perplexity"] = docs_in - int(keep.sum())
+    report["perplexity"] = {
+        "model": cfg.perplexity_model, "keep": cfg.perplexity_keep, "scored": len(ids),
+        "thresholds": [round(float(t), 4) for t in thresholds],
+        "buckets": {name: {"docs": int((bucket == b).sum()),
+                           "mean_bits_per_byte": round(float(scores[bucket == b].mean()), 4) if (bucket == b).any() else None}
+                    for b, name in enumerate(PERPLEXITY_BUCKETS)}}
+    _stage(report, "perplexity", docs_in, bytes_in, int(keep.sum()), int(spool.nbytes[keep].sum()), time.perf_counter() - t0)
     return keep
 
 
@@ -3457,6 +3539,10 @@ def _add_stage_flags(p) -> None:
                    "on stdin, one number per line on stdout), e.g. a model's bits per byte; saved per document")
     p.add_argument("--score_keep", default="", help="LO:HI: keep the documents whose --score_command score lies in "
                    "this quantile range (0:0.33 is CCNet's head); empty: keep all")
+    p.add_argument("--perplexity_model", default="", help="a checkpoint of this project's (out/ckpt.pt): score each "
+                   "document's bits per byte under it with python evaluate.py score, report CCNet's head/middle/tail thirds")
+    p.add_argument("--perplexity_keep", default="", help="head, middle, tail, adjacent ones (head,middle), or LO:HI "
+                   "quantiles of --perplexity_model's bits per byte to keep; empty: keep all")
 
 
 def classify(data: str = "stdlib", quality_positive: str = "stdlib:topics", out: str = "quality_classifier.npz",

@@ -895,3 +895,54 @@ def test_log_to_tensorboard_writes_the_metrics_as_events(data_dir, tmp_path):
         logged = [(r["step"], r[key]) for r in rows if key in r]
         assert [e.step for e in events.Scalars(key)] == [step for step, _ in logged]
         assert [e.value for e in events.Scalars(key)] == pytest.approx([v for _, v in logged], rel=1e-6)  # stored as float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity filtering (issue 18): data.py prepare --perplexity_model scores with evaluate.py
+
+
+@pytest.mark.slow  # evaluate.py score runs as a program (a second interpreter with torch)
+def test_perplexity_scores_equal_the_validation_bits_per_byte_of_train_py_on_the_same_text(trained_run, data_dir, tmp_path):
+    import numpy as np
+
+    import evaluate
+    import model as model_lib
+
+    ckpt_path = trained_run / "ckpt.pt"
+    checkpoint, ckpt = model_lib.load_model_checkpoint(ckpt_path)
+    enc, T = evaluate.load_tokenizer(ckpt, data_dir), checkpoint.config.block_size
+    rng = np.random.default_rng()
+    words = ["def", "return", "the", "module", "value", "import", "class", "self", "None", "list", "of", "for"]
+    text = " ".join(rng.choice(words, size=150))
+    while (len(enc.encode_ordinary(text)) + 1) % T:  # its tokens and end-of-text fill whole windows
+        text += " " + rng.choice(words)
+    others = [" ".join(rng.choice(words, size=int(rng.integers(20, 120)))) + "." for _ in range(8)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in [text, *others]))
+    m = data.prepare(data=str(corpus), tokenizer="bytes", out_dir=str(tmp_path / "cache"), verbose=False, dedup="none",
+                     quality_filter=False, perplexity_model=str(ckpt_path), perplexity_keep="head,middle")
+    scores = [json.loads(line)["bits_per_byte"] for line in open(os.path.join(m["dir"], "scores_perplexity.jsonl"))]
+    # train.py's evaluation of a validation split that holds this one document, after an end-of-text
+    tokens = [enc.eot_token] + enc.encode_ordinary(text) + [enc.eot_token]
+    np.array(tokens, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    split = {"dir": str(tmp_path), "shards": {"val": [{"file": "val.bin"}]}, "dtype": "uint16", "vocab_size": enc.n_vocab}
+    cfg = replace(train.TrainConfig(), batch_size=(len(tokens) - 1) // T, eval_iters=1)  # one batch: every window once
+    par, _ = train.make_parallelized(checkpoint, cfg, parallel.init_distributed(1, 1, 1, 1, torch.device("cpu")), torch.float32)
+    val_loss = train.evaluate(par, split, cfg, T, torch.device("cpu"))
+    expected = data.bits_per_byte(val_loss, len(tokens) - 1, len(text.encode()))  # the document's tokens: text + end-of-text
+    assert scores[0] == pytest.approx(expected, rel=1e-5)  # float32 sums in two orders over ~200 tokens
+    # the report's thirds, and head,middle kept: the documents up to the second third
+    report = json.load(open(os.path.join(m["dir"], "report.json")))["perplexity"]
+    t1, t2 = np.quantile(scores, [1 / 3, 2 / 3])
+    assert report["thresholds"] == pytest.approx([t1, t2], abs=1e-4)
+    assert [b["docs"] for b in report["buckets"].values()] == [sum(s <= t1 for s in scores), sum(t1 < s <= t2 for s in scores),
+                                                              sum(s > t2 for s in scores)]
+    assert sum(m["documents"].values()) == sum(s <= t2 for s in scores)
+
+
+def test_perplexity_flags_are_checked_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match="adjacent"):
+        data.prepare(data="stdlib", out_dir=str(tmp_path), perplexity_model="x.pt", perplexity_keep="head,tail")
+    with pytest.raises(ValueError, match="--perplexity_model 'nope.pt' does not exist"):
+        data.prepare(data="stdlib", out_dir=str(tmp_path), perplexity_model="nope.pt")
+    assert data.parse_perplexity_keep("middle") == (1 / 3, 2 / 3) and data.parse_perplexity_keep("0.1:0.5") == (0.1, 0.5)
