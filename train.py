@@ -826,7 +826,7 @@ def save_checkpoint(run: "Run"):
         # an update can make weights inf or NaN while its own loss was finite: the error that
         # follows says whether this checkpoint is good to resume from
         run.saved_finite = all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
-    run.saved_step, run.saved_state = run.step, state
+    run.saved_step, run.saved_state, run.state_step = run.step, state, run.step
 
 
 def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, dp: int) -> int:
@@ -1312,6 +1312,7 @@ class Run:
     redo_evals: set = field(default_factory=set)  # steps whose evaluation a resume owes (resume_evaluations)
     stopping: str | None = None  # the stop signal every rank agreed on (stop_requested)
     saved_finite: bool | None = None  # whether the last checkpoint's weights are all finite (rank 0)
+    state_step: int | None = None  # the step whose full weights save_checkpoint gathered in this invocation (every rank alike)
 
 
 def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
@@ -1374,7 +1375,7 @@ def evaluate_tasks_and_log(run: "Run"):
     checkpoint's tensors when one was just written), on rank 0: one {"step", "task", "acc",
     "acc_norm", "bpb"} row per task in metrics.jsonl, and one log line. The other ranks wait for it
     at their next collective (within --dist_timeout: keep --eval_tasks_limit small enough)."""
-    state = run.saved_state if run.saved_step == run.step else run.par.full_state_dict()  # collective
+    state = run.saved_state if run.state_step == run.step else run.par.full_state_dict()  # collective
     if not run.layout.is_rank0:
         return
     model = GPT(run.model_config).to(run.layout.device)

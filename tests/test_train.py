@@ -946,3 +946,18 @@ def test_perplexity_flags_are_checked_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="--perplexity_model 'nope.pt' does not exist"):
         data.prepare(data="stdlib", out_dir=str(tmp_path), perplexity_model="nope.pt")
     assert data.parse_perplexity_keep("middle") == (1 / 3, 2 / 3) and data.parse_perplexity_keep("0.1:0.5") == (0.1, 0.5)
+
+
+def test_a_resume_scores_the_tasks_a_kill_cut_off_after_the_checkpoint(data_dir, tmp_path):
+    import numpy as np
+
+    folder = write_toy_task(tmp_path / "tasks", np.random.default_rng(), n_docs=3)
+    flags = dict(max_iters=4, eval_interval=2, eval_tasks="toy", eval_tasks_dir=str(folder))
+    cfg, mo = tiny(data_dir, tmp_path / "run", stop_at=2, **flags)
+    train.train(cfg, mo)
+    path = tmp_path / "run" / "metrics.jsonl"
+    kept = [line for line in path.read_text().splitlines(keepends=True) if '"task"' not in line]
+    path.write_text("".join(kept))  # as if killed between the checkpoint at step 2 and the scoring after it
+    cfg, mo = tiny(data_dir, tmp_path / "run", resume=True, **flags)
+    train.train(cfg, mo)
+    assert [(r["step"], r["task"]) for r in read_metrics(tmp_path / "run") if "task" in r] == [(2, "toy"), (4, "toy")]
