@@ -1054,9 +1054,7 @@ def evaluate_domains(par: parallel.Parallelized, manifest: dict, cfg: TrainConfi
         n_windows = max(0, (end - start - 1) // block_size)
         full = cfg.batch_size * dp // world  # windows per rank in a batch, as evaluate's sampler
         order = np.random.default_rng(0).permutation(n_windows)[: cfg.eval_iters * full * world]
-        # a domain smaller than one global batch: one smaller batch (of whole pipeline micro-batches)
-        batch = min(full, len(order) // world)
-        batch -= batch % cfg.microbatches if cfg.pp > 1 else 0
+        batch = min(full, len(order) // world)  # a domain smaller than one global batch: one smaller batch
         if batch == 0:
             continue
         n_batches = len(order) // (batch * world)

@@ -961,3 +961,14 @@ def test_a_resume_scores_the_tasks_a_kill_cut_off_after_the_checkpoint(data_dir,
     cfg, mo = tiny(data_dir, tmp_path / "run", resume=True, **flags)
     train.train(cfg, mo)
     assert [(r["step"], r["task"]) for r in read_metrics(tmp_path / "run") if "task" in r] == [(2, "toy"), (4, "toy")]
+
+
+@pytest.mark.slow  # wandb's imports and its service process
+def test_log_to_wandb_writes_an_offline_run(data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="optional: pip install wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no account, no network: the run is written to out_dir/wandb
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg, mo = tiny(data_dir, tmp_path, max_iters=2, eval_interval=2, log_to="wandb")
+    train.train(cfg, mo)
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
