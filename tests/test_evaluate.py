@@ -353,3 +353,14 @@ def test_log_likelihoods_equal_lm_eval_harness_on_the_exported_model(tmp_path, m
     for name, row in report["tasks"].items():
         if "lm_eval" in row:
             assert row["ours"] == pytest.approx(row["lm_eval"]), name
+
+
+def test_document_bits_per_byte_is_every_token_and_the_end_of_text_under_a_known_model():
+    """evaluate.py score's arithmetic, against the unigram model's log-probabilities written down: a
+    document's tokens and its end-of-text, however many windows of the block it takes."""
+    eot = math.log((1 / 8) / 254)  # the end-of-text token's share of the last eighth
+    texts = ["ab a" * n for n in (1, 7, 40)] + [""]  # 4 to 160 bytes: one to three windows of 64
+    got = evaluate.bits_per_byte_of_texts(unigram(), byte_encoding(), texts, batch_size=2)
+    for text, bpb in zip(texts, got):
+        nats = -(known_ll(text) + eot)
+        assert bpb == pytest.approx(nats / math.log(2) / max(len(text.encode()), 1), rel=1e-12)

