@@ -194,6 +194,7 @@ class TrainConfig:
     eval_iters: int = 20  # validation batches per evaluation
     log_interval: int = 1  # print a training line every this many steps
     checkpoint_interval: int = 0  # write a checkpoint every this many steps (0: at each evaluation) and at the end
+    keep_checkpoints: int = 1  # checkpoints kept in out_dir, the newest by step: ckpt.pt is always the newest; above 1 each is also kept as ckpt_step<N>.pt (a hard link: no extra space) and the oldest beyond this many are deleted; --resume takes the newest that loads
     # --- sampling
     sample: bool = False  # do not train: load the checkpoint in out_dir and print generated text (its tokenizer is read from the run's corpus in --data_dir; nothing is prepared or downloaded)
     sample_tokens: int = 300  # tokens to generate for the sample
@@ -309,6 +310,7 @@ FLAG_RANGES = {
     "dist_timeout": "[1, inf)",
     # evaluation, logging, checkpoints
     "eval_interval": "[1, inf)", "eval_iters": "[1, inf)", "log_interval": "[1, inf)", "checkpoint_interval": "[0, inf)",
+    "keep_checkpoints": "[1, inf)",
     # sampling
     "sample_tokens": "[0, inf)", "temperature": "[0, inf)", "top_k": "[0, inf)",
     # the model's flags (model.GPTConfig)
@@ -750,6 +752,99 @@ def load_checkpoint(path: str, resume: bool = False) -> dict:
     return ckpt
 
 
+# The files of an out_dir's checkpoints. ckpt.pt is the newest full checkpoint, the file evaluate.py,
+# `model.py export` and --sample read. With --keep_checkpoints K > 1 the last K are also kept under
+# their step (ckpt_step00000040.pt, a hard link to the same bytes), and sharded checkpoints are
+# directories named the same way (ckpt_step00000040.dcp); a name with .tmp in it is a write in progress.
+CKPT_FILE = "ckpt.pt"
+STEP_CHECKPOINT = re.compile(r"^ckpt_step(\d+)\.(pt|dcp)$")
+
+
+def step_checkpoint_path(out_dir: str, step: int, sharded: bool) -> str:
+    return os.path.join(out_dir, f"ckpt_step{step:08d}.{'dcp' if sharded else 'pt'}")
+
+
+def step_checkpoints(out_dir: str, sharded: bool | None = None) -> list[tuple[int, str]]:
+    """The whole step-named checkpoints in out_dir, newest first, as (step, path): files, or (sharded)
+    directories holding DCP's .metadata and our meta.pt, which a write renames into place only whole.
+    sharded=None: both kinds."""
+    found = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(out_dir):
+            match = STEP_CHECKPOINT.match(name)
+            if not match or (sharded is not None and (match.group(2) == "dcp") != sharded):
+                continue
+            path = os.path.join(out_dir, name)
+            if match.group(2) == "dcp" and not all(os.path.exists(os.path.join(path, f)) for f in (".metadata", "meta.pt")):
+                continue
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def any_checkpoint(out_dir: str) -> bool:
+    return os.path.exists(os.path.join(out_dir, CKPT_FILE)) or bool(step_checkpoints(out_dir))
+
+
+def remove_checkpoint(path: str):
+    """Delete a step-named checkpoint (a file, or a sharded checkpoint's directory)."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def keep_last_checkpoints(out_dir: str, keep: int, sharded: bool):
+    """Delete the step-named checkpoints of one kind beyond the newest `keep` (by step)."""
+    for _, path in step_checkpoints(out_dir, sharded)[keep:]:
+        remove_checkpoint(path)
+
+
+def keep_full_checkpoint(out_dir: str, step: int, keep: int):
+    """After ckpt.pt is written: with --keep_checkpoints K > 1, keep it under its step as well (a hard
+    link, renamed into place, so the name appears whole or not at all; a copy where the file system
+    has no hard links), then delete the step files beyond the newest K. K = 1: ckpt.pt alone."""
+    if keep > 1:
+        target = step_checkpoint_path(out_dir, step, sharded=False)
+        tmp = f"{target}.tmp.{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        try:
+            os.link(os.path.join(out_dir, CKPT_FILE), tmp)
+        except OSError:
+            shutil.copyfile(os.path.join(out_dir, CKPT_FILE), tmp)
+        os.replace(tmp, target)
+    keep_last_checkpoints(out_dir, keep if keep > 1 else 0, sharded=False)
+
+
+def load_newest_checkpoint(out_dir: str) -> tuple[dict, str]:
+    """The newest checkpoint in out_dir that loads whole, by step: ckpt.pt and the step-named files
+    and directories (--keep_checkpoints). One that does not load (a disk that lost part of it, a file
+    edited by hand) is named in a warning and the next older one is tried; if none loads, the first
+    error is raised. Returns (checkpoint, its path)."""
+    main, loaded, errors = os.path.join(out_dir, CKPT_FILE), {}, []
+    if os.path.exists(main):
+        try:
+            loaded[main] = load_checkpoint(main, resume=True)
+        except ValueError as e:
+            errors.append(e)
+    # ties: ckpt.pt first (it is already read; with K > 1 the step file of its step is the same file)
+    candidates = sorted([(c["step"], 1, p) for p, c in loaded.items()] + [(s, 0, p) for s, p in step_checkpoints(out_dir)],
+                        reverse=True)
+    for _, _, path in candidates:
+        try:
+            ckpt = loaded.get(path) or load_checkpoint(path, resume=True)
+        except ValueError as e:
+            errors.append(e)
+            continue
+        for e in errors:
+            print(f"warning: {e}; resuming from the newest checkpoint that loads, {path} (step {ckpt['step']})")
+        return ckpt, path
+    if errors:
+        raise errors[0]
+    raise ValueError(f"no checkpoint at {main}: train first, or point --out_dir at a run's directory")
+
+
 def rng_states() -> dict:
     states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -777,6 +872,7 @@ def save_checkpoint(run: "Run"):
                            # evaluations a resume still owes (see resume_evaluations)
                            "corpus_id": data.corpus_id(run.manifest),
                            "redo_evals": sorted(s for s in run.redo_evals if s > run.step)}, run.ckpt_path)
+        keep_full_checkpoint(run.cfg.out_dir, run.step, run.cfg.keep_checkpoints)
         # an update can make weights inf or NaN while its own loss was finite: the error that
         # follows says whether this checkpoint is good to resume from
         run.saved_finite = all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
@@ -1024,10 +1120,11 @@ def check_out_dir(cfg: TrainConfig):
     for flag in ("out_dir", "data_dir"):
         if os.path.exists(getattr(cfg, flag)) and not os.path.isdir(getattr(cfg, flag)):
             raise ValueError(f"--{flag} {getattr(cfg, flag)} is a file, not a directory: pass a directory")
-    if cfg.resume and not os.path.exists(ckpt_path):
+    if cfg.resume and not any_checkpoint(cfg.out_dir):
         raise ValueError(f"no checkpoint at {ckpt_path}: train first, or point --out_dir at a run's directory")
-    if not cfg.resume and os.path.exists(ckpt_path) and not cfg.overwrite:
-        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue that run, --overwrite to replace it, or another --out_dir")
+    if not cfg.resume and any_checkpoint(cfg.out_dir) and not cfg.overwrite:
+        there = ckpt_path if os.path.exists(ckpt_path) else step_checkpoints(cfg.out_dir)[0][1]
+        raise ValueError(f"{there} already exists: pass --resume to continue that run, --overwrite to replace it, or another --out_dir")
 
 
 def stop_step(cfg) -> int:
@@ -1208,7 +1305,8 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     the restored state, the output directory, and the banner."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     check_out_dir(cfg)  # again, now that this run holds the directory
-    ckpt = load_checkpoint(ckpt_path, resume=True) if cfg.resume else None  # every rank reads it and keeps its part
+    # every rank reads it and keeps its part
+    ckpt, resume_path = load_newest_checkpoint(cfg.out_dir) if cfg.resume else (None, None)
     if ckpt is not None:
         check_stop(ckpt["step"], cfg)
     manifest, enc = load_corpus(cfg, layout, model_overrides.get("block_size", GPTConfig.block_size))
@@ -1227,7 +1325,7 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     sampler = make_train_sampler(cfg, manifest, model_config.block_size, layout)
     step = restore_checkpoint(ckpt, par, scaler, sampler, layout.dp) if ckpt is not None else 0
     if ckpt is not None:
-        print(f"resumed from {ckpt_path} at step {step}")
+        print(f"resumed from {resume_path} at step {step}")
     metrics = start_out_dir(cfg, model_config, manifest, ckpt_path, step if ckpt is not None else None, layout)
     gzip_bpb = gzip_bits_per_byte(data.split_tokens(manifest, "val"), enc, manifest["eot_id"])
     run = Run(cfg, layout, model_config, par, scaler, sampler, manifest, enc, ckpt_path, step, ckpt is not None, metrics,
@@ -1272,8 +1370,14 @@ def start_out_dir(cfg: TrainConfig, model_config: GPTConfig, manifest: dict, ckp
     if not layout.is_rank0:
         return None
     os.makedirs(cfg.out_dir, exist_ok=True)
-    for stale in glob.glob(f"{ckpt_path}.tmp.*"):  # a crash during a checkpoint write left it (ckpt.pt is the one before)
-        os.remove(stale)
+    # a crash during a checkpoint write left it (the checkpoint before it is whole)
+    for stale in glob.glob(f"{ckpt_path}.tmp.*") + glob.glob(os.path.join(cfg.out_dir, "ckpt_step*.tmp*")):
+        remove_checkpoint(stale)
+    # step-named checkpoints after the resumed one belong to steps trained again (or, on a fresh run
+    # with --overwrite, to the run it replaces): newer than what follows, they would be kept over it
+    for step, path in step_checkpoints(cfg.out_dir):
+        if resume_step is None or step > resume_step:
+            remove_checkpoint(path)
     info, path = run_info(cfg, model_config, manifest), os.path.join(cfg.out_dir, "run.json")
     if resume_step is not None:
         with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):  # no run.json, or not ours

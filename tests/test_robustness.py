@@ -215,6 +215,32 @@ def test_sigkill_at_eleven_points_then_resume_equals_an_uninterrupted_run(data_d
     assert not list(out.glob("*.tmp*")), "the resume removes a temporary file a kill left behind"
 
 
+@pytest.mark.slow
+def test_keep_checkpoints_keeps_the_last_k_and_resume_takes_the_newest_whole_one(data_dir, tmp_path):
+    flags = ("--max_iters", 6, "--checkpoint_interval", 1, "--eval_interval", 5, "--dropout", 0.1, "--sample_tokens", 1)
+    straight = run_train(*tiny_flags(data_dir, tmp_path / "straight", *flags))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "kept"
+    first = run_train(*tiny_flags(data_dir, out, *flags, "--stop_at", 5, "--keep_checkpoints", 3))
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = sorted(p.name for p in out.glob("ckpt*"))
+    assert kept == ["ckpt.pt", "ckpt_step00000003.pt", "ckpt_step00000004.pt", "ckpt_step00000005.pt"], kept
+    assert os.path.samefile(out / "ckpt.pt", out / "ckpt_step00000005.pt")  # the newest, as a hard link
+    for step in (3, 4, 5):
+        assert train.load_checkpoint(str(out / f"ckpt_step{step:08d}.pt"))["step"] == step
+    # a disk that lost the end of the newest checkpoint (ckpt.pt and its step file are one file):
+    # the resume says so and continues from step 4, and the run ends as the uninterrupted one
+    with open(out / "ckpt.pt", "r+b") as f:
+        f.truncate(3000)
+    resumed = run_train(*tiny_flags(data_dir, out, *flags, "--resume", "--keep_checkpoints", 3))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "warning: checkpoint" in resumed.stdout and "ckpt_step00000004.pt (step 4)" in resumed.stdout, resumed.stdout
+    assert without_timings(read_metrics(out)) == without_timings(read_metrics(tmp_path / "straight"))
+    assert sorted(p.name for p in out.glob("ckpt_step*")) == [f"ckpt_step{s:08d}.pt" for s in (4, 5, 6)]
+    a, b = train.load_checkpoint(str(out / "ckpt.pt")), train.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+
+
 # ---------------------------------------------------------------------------------------------
 # One run per directory, preemption by signals, and writes that fail
 
