@@ -194,6 +194,9 @@ class TrainConfig:
     eval_iters: int = 20  # validation batches per evaluation
     log_interval: int = 1  # print a training line every this many steps
     checkpoint_interval: int = 0  # write a checkpoint every this many steps (0: at each evaluation) and at the end
+    checkpoint_format: str = "full"  # full (the single-process tensors gathered to rank 0, one ckpt.pt) or sharded (torch.distributed.checkpoint: each rank writes only what it holds, into ckpt_step<N>.dcp/; loads into any layout and into one process)
+    convert_checkpoint: str = ""  # do not train: convert this checkpoint (a full .pt file, or a sharded .dcp directory) to the other format, written to --convert_to
+    convert_to: str = ""  # where --convert_checkpoint writes (a new file or directory; name a sharded one ckpt_step<N>.dcp inside an out_dir for --resume to find it)
     keep_checkpoints: int = 1  # checkpoints kept in out_dir, the newest by step: ckpt.pt is always the newest; above 1 each is also kept as ckpt_step<N>.pt (a hard link: no extra space) and the oldest beyond this many are deleted; --resume takes the newest that loads
     # --- sampling
     sample: bool = False  # do not train: load the checkpoint in out_dir and print generated text (its tokenizer is read from the run's corpus in --data_dir; nothing is prepared or downloaded)
@@ -362,6 +365,8 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
                          "agree to skip a step; drop one of the two")
     if cfg.compare_seeds == 1:
         raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
+    if cfg.checkpoint_format not in ("full", "sharded"):
+        raise ValueError(f"unknown --checkpoint_format '{cfg.checkpoint_format}': use full or sharded")
     check_speed_flags(cfg)
     check_mix_flags(cfg)
 
@@ -726,17 +731,26 @@ CHECKPOINT_KEYS = {"model": dict, "model_config": dict, "train_config": dict, "s
 RESUME_KEYS = {"optimizer": dict, "scaler": dict, "sampler": dict, "rng": dict}
 
 
-def load_checkpoint(path: str, resume: bool = False) -> dict:
-    if not os.path.exists(path):
-        raise ValueError(f"no checkpoint at {path}: train first, or point --out_dir at a run's directory")
+def safe_load(path: str):
+    """torch.load with weights_only=True (only tensors and plain containers unpickle, so a checkpoint
+    cannot run code), or one line saying the file is corrupt or unsafe."""
     try:
-        # weights_only=True: only tensors and plain containers unpickle, so a checkpoint cannot run code
         with warnings.catch_warnings():  # the refusal is reported below, in one line
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a zip, a pickle with code in it, ...
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {path} is corrupt or unsafe ({first_line[:120]}): delete it or use another --out_dir") from None
+
+
+def load_checkpoint(path: str, resume: bool = False) -> dict:
+    """A full checkpoint (ckpt.pt), or a sharded one's meta.pt (everything but the tensors, which
+    load_sharded reads into a model later), with "sharded": its directory."""
+    if not os.path.exists(path):
+        raise ValueError(f"no checkpoint at {path}: train first, or point --out_dir at a run's directory")
+    if os.path.isdir(path):
+        return load_sharded_meta(path, resume)
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a nanopretrain checkpoint")
     # an edited or foreign file: one line naming what is wrong, not a KeyError later
@@ -861,7 +875,10 @@ def set_rng_states(states: dict):
 def save_checkpoint(run: "Run"):
     """Everything the next step depends on, written atomically by rank 0. Collective: the tensors
     are the single-process model's and optimizer's, gathered to rank 0 (every rank takes part), so
-    any layout or world size can resume from them."""
+    any layout or world size can resume from them. --checkpoint_format sharded: save_sharded."""
+    if run.cfg.checkpoint_format == "sharded":
+        save_sharded(run)
+        return
     state, optimizer = run.par.full_state_dict(), run.par.full_optimizer_state_dict()
     if run.layout.is_rank0:
         atomic_torch_save({"model": state, "optimizer": optimizer, "scaler": run.scaler.state_dict(),
@@ -884,7 +901,11 @@ def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, 
     rank keeps its part), gradient scaler, data position (resharded to dp ranks) and RNG states.
     Returns the step to continue from."""
     try:
-        par.load_full_state(ckpt["model"], ckpt["optimizer"])
+        if "sharded" in ckpt:
+            load_sharded(ckpt["sharded"], par)
+            ckpt = {**ckpt, **sharded_rank_state(ckpt, par.layout)}
+        else:
+            par.load_full_state(ckpt["model"], ckpt["optimizer"])
         par.load_extra_state(ckpt.get("parallel", {}))
         scaler.load_state_dict(ckpt["scaler"])
         sampler.load_state_dict(reshard_sampler_state(ckpt["sampler"], dp))
@@ -895,6 +916,242 @@ def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, 
         raise ValueError(f"the checkpoint's state does not fit this model and run ({type(e).__name__}: {one_line(e)[:160]}):"
                          " it was edited or comes from another program; use another --out_dir") from None
     return ckpt["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded checkpoints on torch.distributed.checkpoint (DCP): each rank writes only what it holds
+#
+# A full checkpoint gathers every tensor to rank 0: simple, and readable by anything, but a 7B model
+# with AdamW is 112 GB of float32 state that no one rank may hold. --checkpoint_format sharded keeps
+# the state where it is. The state dict is still the single-process model's: its keys are
+# model.<name> (the GPT's parameter names), optim.<name>.exp_avg, .exp_avg_sq and .step, each with
+# the single-process shape. What differs is that every rank offers only its pieces of each tensor
+# (parallel.Parallelized.sharded_pieces): a rectangle of the whole, with its offsets, and as values a
+# view of the memory the rank trains with. ZeRO-3 and ZeRO-1/2's moments are slices of a flat vector,
+# so a rank's part of a matrix is up to three rectangles (a partial row, whole rows, a partial row);
+# a tensor-parallel slice is placed by its index list (a rank's heads of c_attn's [q | k | v] rows
+# are three runs); a DTensor (torch's FSDP2 and tensor parallelism) gives its shard's offset; a
+# pipeline stage offers only its blocks.
+#
+# What each rank writes: DCP gathers every rank's list of pieces to rank 0, which removes the copies
+# that replicas offer alike (a data-parallel rank's weights, a tensor-parallel rank's norms: the same
+# key and offsets), checks that the pieces of each tensor tile it exactly, and sends each rank back
+# its list; each rank then writes its pieces' bytes to its own file, __<rank>_0.distcp. No rank ever
+# gathers a tensor: the bytes a rank writes are its shard's (tests/test_train.py counts them).
+#
+# What the metadata records: rank 0 writes .metadata, for every key its whole shape and dtype and
+# the list of its pieces (offsets and sizes), each with the file, byte offset and length where it
+# lies. Beside them train.py writes meta.pt (rank 0: the step, configs, scaler and the layout) and
+# rank<r>.pt (every rank: its data loader position and RNG states).
+#
+# How resharding reads it: a rank of any other layout lists the pieces it holds now, in the same
+# single-process coordinates; for each, DCP intersects it with the saved pieces of its key and reads
+# just the overlaps into the rank's own memory (LoadPlanner: resolve_tensor hands it a view). One
+# process reading a sharded checkpoint holds one piece per tensor, the whole. The write goes to
+# ckpt_step<N>.dcp.tmp and is renamed once every rank has finished (a barrier), so a kill leaves the
+# previous checkpoint as it was.
+
+
+def sharded_planners():
+    """Our DCP save and load planners (classes made on first use: torch.distributed.checkpoint is
+    imported only by runs that write or read a sharded checkpoint)."""
+    if hasattr(sharded_planners, "classes"):
+        return sharded_planners.classes
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class PiecesSavePlanner(DefaultSavePlanner):
+        """Each piece is one write item: its key, offsets and sizes in the single-process tensor and
+        that tensor's shape (DefaultSavePlanner's global step then drops the replicas' copies and
+        checks the tiling). offered: the elements handed to DCP, for the test that no rank holds the whole."""
+
+        def __init__(self, pieces: dict, shapes: dict):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.pieces, self.shapes = pieces, shapes
+            self.by_index = {(k, tuple(o)): v for k, ps in pieces.items() for o, v in ps}
+            self.offered = sum(v.numel() for v in self.by_index.values())
+
+        def create_local_plan(self) -> SavePlan:
+            items = [WriteItem(index=MetadataIndex(key, torch.Size(offsets)), type=WriteItemType.SHARD,
+                               tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(torch.Size(offsets), values.shape),
+                                                           properties=TensorProperties.create_from_tensor(values),
+                                                           size=torch.Size(self.shapes[key])))
+                     for key, pieces in self.pieces.items() for offsets, values in pieces]
+            self.plan = SavePlan(items)
+            return self.plan
+
+        def resolve_data(self, write_item):
+            return self.by_index[(write_item.index.fqn, tuple(write_item.index.offset))].detach()
+
+    class PiecesLoadPlanner(DefaultLoadPlanner):
+        """Read into the pieces this rank holds: the overlaps of each with the saved pieces of its key."""
+
+        def __init__(self, pieces: dict, shapes: dict):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.pieces, self.shapes = pieces, shapes
+
+        def create_local_plan(self) -> LoadPlan:
+            items = []
+            for key, pieces in self.pieces.items():
+                saved = self.metadata.state_dict_metadata.get(key)
+                if saved is None or tuple(getattr(saved, "size", ())) != tuple(self.shapes[key]):
+                    found = "nothing" if saved is None else f"shape {tuple(getattr(saved, 'size', ()))}"
+                    raise ValueError(f"the sharded checkpoint holds {found} for {key}, not shape {tuple(self.shapes[key])}")
+                chunks = [ChunkStorageMetadata(torch.Size(o), v.shape) for o, v in pieces]
+                items += create_read_items_for_chunk_list(key, saved, chunks)
+            return LoadPlan(items)
+
+        def resolve_tensor(self, read_item):
+            values = self.pieces[read_item.dest_index.fqn][read_item.dest_index.index][1]
+            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                values = values.narrow(dim, start, length)  # the overlap, inside this rank's piece
+            return values
+
+        def commit_tensor(self, read_item, tensor):
+            pass  # resolve_tensor handed out a view of the rank's own memory: the reader wrote into it
+
+        def load_bytes(self, read_item, value):
+            raise ValueError(f"the sharded checkpoint holds an object under {read_item.dest_index.fqn}: not one train.py wrote")
+
+    sharded_planners.classes = PiecesSavePlanner, PiecesLoadPlanner
+    return sharded_planners.classes
+
+
+def write_pieces(pieces: dict, shapes: dict, path: str):
+    """DCP's save of this rank's pieces into the directory path (collective under torchrun)."""
+    import torch.distributed.checkpoint as dcp
+
+    planner = sharded_planners()[0](pieces, shapes)
+    dcp.save({}, storage_writer=dcp.FileSystemWriter(path), planner=planner)
+    write_pieces.offered = planner.offered  # elements this rank handed to DCP (the test reads it)
+
+
+def read_pieces(pieces: dict, shapes: dict, path: str):
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load({}, storage_reader=dcp.FileSystemReader(path), planner=sharded_planners()[1](pieces, shapes))
+
+
+def sync_ranks():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def layout_dims(layout: parallel.Layout) -> list:
+    return [layout.pp, layout.dp, layout.cp, layout.tp]
+
+
+def write_sharded(par: parallel.Parallelized, meta: dict, rank_state: dict, final: str):
+    """The sharded checkpoint at final (a directory), atomically: every rank writes into final.tmp,
+    then rank 0 renames it, once all have finished. meta: rank 0's meta.pt; rank_state: this rank's
+    rank<r>.pt. Collective."""
+    tmp, rank = f"{final}.tmp", torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if par.layout.is_rank0:
+        remove_checkpoint(tmp)
+        os.makedirs(tmp)
+    sync_ranks()
+    try:
+        pieces, shapes = par.sharded_pieces()
+        write_pieces(pieces, shapes, tmp)
+        torch.save(rank_state, os.path.join(tmp, f"rank{rank:05d}.pt"))
+        if par.layout.is_rank0:
+            torch.save({**meta, "layout": layout_dims(par.layout), "world_size": par.layout.world_size},
+                       os.path.join(tmp, "meta.pt"))
+        sync_ranks()
+        if par.layout.is_rank0:
+            remove_checkpoint(final)  # the same step written again (a converted checkpoint's name): replace it
+            os.rename(tmp, final)
+            with contextlib.suppress(OSError):  # make the rename durable
+                dir_fd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
+                os.fsync(dir_fd)
+                os.close(dir_fd)
+    except OSError as e:
+        if par.layout.is_rank0:
+            remove_checkpoint(tmp)
+        raise ValueError(write_failure(final, e)) from None
+
+
+def save_sharded(run: "Run"):
+    """--checkpoint_format sharded: this step's checkpoint as ckpt_step<N>.dcp, then the oldest beyond
+    --keep_checkpoints deleted. Collective."""
+    final = step_checkpoint_path(run.cfg.out_dir, run.step, sharded=True)
+    meta = {"scaler": run.scaler.state_dict(), "sampler": run.sampler.state_dict(), "rng": rng_states(), "step": run.step,
+            "model_config": asdict(run.model_config), "train_config": asdict(run.cfg),
+            "data_dir": os.path.basename(run.manifest["dir"]), "parallel": run.par.extra_state(),
+            "corpus_id": data.corpus_id(run.manifest), "redo_evals": sorted(s for s in run.redo_evals if s > run.step)}
+    write_sharded(run.par, meta, {"sampler": run.sampler.state_dict(), "rng": rng_states()}, final)
+    if run.layout.is_rank0:
+        keep_last_checkpoints(run.cfg.out_dir, run.cfg.keep_checkpoints, sharded=True)
+    sync_ranks()
+    run.saved_step, run.ckpt_path = run.step, final
+
+
+def load_sharded_meta(path: str, resume: bool) -> dict:
+    """A sharded checkpoint's meta.pt, checked as a full checkpoint is (less the tensors), with
+    "sharded": path; DCP's .metadata must be there too (a write renames the directory only whole)."""
+    if not os.path.exists(os.path.join(path, ".metadata")) or not os.path.exists(os.path.join(path, "meta.pt")):
+        raise ValueError(f"{path} is not a whole sharded checkpoint (no .metadata or meta.pt): delete it or use another --out_dir")
+    meta = safe_load(os.path.join(path, "meta.pt"))
+    needed = {k: v for k, v in {**CHECKPOINT_KEYS, **(RESUME_KEYS if resume else {})}.items() if k not in ("model", "optimizer")}
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool) for k, t in needed.items()):
+        raise ValueError(f"{path}/meta.pt is not one train.py wrote; use another --out_dir")
+    return {**meta, "sharded": path}
+
+
+def load_sharded(path: str, par: parallel.Parallelized):
+    """Read a sharded checkpoint into the pieces this rank holds now, whatever layout wrote it. Collective."""
+    pieces, shapes = par.sharded_pieces()  # creates the optimizer's state first, to load into
+    read_pieces(pieces, shapes, path)
+
+
+def sharded_rank_state(meta: dict, layout: parallel.Layout) -> dict:
+    """The loader position and RNG states this rank resumes with: its own (rank<r>.pt) under the
+    layout that wrote them, else rank 0's (meta.pt), whose loader position reshard_sampler_state
+    moves to the new number of data-parallel ranks, as a full checkpoint's."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    own = os.path.join(meta["sharded"], f"rank{rank:05d}.pt")
+    if meta.get("layout") == layout_dims(layout) and os.path.exists(own):
+        state = safe_load(own)
+        return {"sampler": state["sampler"], "rng": state["rng"]}
+    return {"sampler": meta["sampler"], "rng": meta["rng"]}
+
+
+def single_process(ckpt: dict) -> parallel.Parallelized:
+    """The checkpoint's model and AdamW in this one process (for conversion and sampling)."""
+    old = ckpt["train_config"]
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"the checkpoint has a model_config this model.py cannot build ({one_line(e)})") from None
+    return parallel.Parallelized(model, parallel.Layout(), lr=old.get("learning_rate", 1e-3),
+                                 betas=(old.get("beta1", 0.9), old.get("beta2", 0.95)), weight_decay=old.get("weight_decay", 0.1))
+
+
+def convert_checkpoint(src: str, dst: str):
+    """--convert_checkpoint SRC --convert_to DST, in one process: a full checkpoint becomes a sharded
+    one (one piece per tensor; any layout loads it) and a sharded one becomes a full ckpt.pt."""
+    if not dst:
+        raise ValueError("--convert_checkpoint needs --convert_to: the new file (from a sharded checkpoint) or directory (from a full one)")
+    if os.path.exists(dst):
+        raise ValueError(f"--convert_to {dst} already exists: pass a new path")
+    ckpt = load_checkpoint(src, resume=True)
+    par = single_process(ckpt)
+    try:
+        if "sharded" in ckpt:
+            load_sharded(src, par)
+            full = {k: v for k, v in ckpt.items() if k not in ("sharded", "layout", "world_size")}
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            atomic_torch_save({**full, "model": par.full_state_dict(), "optimizer": par.full_optimizer_state_dict()}, dst)
+        else:
+            par.load_full_state(ckpt["model"], ckpt["optimizer"])
+            meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            write_sharded(par, meta, {"sampler": ckpt["sampler"], "rng": ckpt["rng"]}, dst)
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"cannot convert {src} ({type(e).__name__}: {one_line(e)[:160]}): it was edited or is damaged") from None
+    print(f"converted {src} ({'sharded' if 'sharded' in ckpt else 'full'}, step {ckpt['step']}) to {dst}")
 
 
 def reshard_sampler_state(state: dict, world_size: int) -> dict:
@@ -1332,7 +1589,7 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
               gzip_bpb, saved_step=step if ckpt is not None else None)
     if ckpt is not None:
         run.redo_evals = resume_evaluations(ckpt, cfg, metrics, layout)
-        if layout.is_rank0:
+        if layout.is_rank0 and "model" in ckpt:  # a sharded checkpoint's weights are on every rank: not checked here
             run.saved_finite = all(bool(torch.isfinite(t).all()) for t in ckpt["model"].values() if t.is_floating_point())
     print_banner(run, *counts)
     return run
@@ -1482,6 +1739,9 @@ def finish_run(run: Run, result: dict) -> dict:
     if run.layout.is_rank0 and run.saved_state is not None:
         model = GPT(run.model_config).to(run.layout.device)
         model.load_state_dict(run.saved_state)
+    elif run.layout.world_size == 1 and run.saved_step is not None:  # sharded, one process: the model trained
+        model = GPT(run.model_config).to(run.layout.device)
+        model.load_state_dict(run.par.module.state_dict())
     result.update(model=model, enc=run.enc, manifest=run.manifest, device=run.layout.device, stopped=run.stopping,
                   step=run.step, saved_step=run.saved_step, ckpt_path=run.ckpt_path)
     return result
@@ -1704,7 +1964,9 @@ def sample_from_checkpoint(cfg: TrainConfig, model_overrides: dict | None = None
     checkpoint from someone else could otherwise name any URL or directory)."""
     check_config(cfg, model_overrides)
     device = pick_device(cfg.device)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt_path = os.path.join(cfg.out_dir, CKPT_FILE)
+    if not os.path.exists(ckpt_path) and step_checkpoints(cfg.out_dir, sharded=True):
+        ckpt_path = step_checkpoints(cfg.out_dir, sharded=True)[0][1]  # a sharded run's newest
     ckpt = load_checkpoint(ckpt_path)
     name = ckpt.get("data_dir")
     if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
@@ -1732,7 +1994,11 @@ def model_from_checkpoint(ckpt: dict, path: str, manifest: dict, device: torch.d
                          f"{config.vocab_size}: it is not the tokenizer this model was trained with")
     model = GPT(config).to(device)
     try:
-        model.load_state_dict(ckpt["model"])
+        if "sharded" in ckpt:  # every piece of the model's tensors, read into this one process
+            pieces = {f"model.{n}": [((0,) * p.dim(), p.detach())] for n, p in model.named_parameters()}
+            read_pieces(pieces, {k: tuple(v[0][1].shape) for k, v in pieces.items()}, ckpt["sharded"])
+        else:
+            model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, TypeError) as e:  # missing or unexpected keys, a wrong shape
         # torch lists them on the lines after "Error(s) in loading state_dict for GPT:"
         why = " ".join(str(e).replace("Error(s) in loading state_dict for GPT:", "").split())[:200]
@@ -1780,6 +2046,10 @@ def main(argv=None):
         if cfg.sample:
             print(sample_from_checkpoint(cfg, model_overrides))
             return
+        if cfg.convert_checkpoint:
+            check_config(cfg, model_overrides)
+            convert_checkpoint(cfg.convert_checkpoint, cfg.convert_to)
+            return
         if cfg.bench or cfg.bench_ablation:
             bench(cfg, model_overrides)
             return
@@ -1787,11 +2057,14 @@ def main(argv=None):
         if result is not None and result.get("stopped"):
             report_stop(result)
             return
-        if cfg.compare_seeds or result["model"] is None:  # compare_seeds has reported; on rank > 0, rank 0 reports
-            return
+        if cfg.compare_seeds or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+            return  # compare_seeds has reported; on rank > 0, rank 0 reports
         if result["val_bpb"] is not None:
             print(f"final: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte vs gzip -9 {result['gzip_bpb']:.3f}")
-        print("sample:\n" + sample_text(result["model"], result["enc"], result["manifest"], cfg, result["device"]))
+        if result["model"] is not None:
+            print("sample:\n" + sample_text(result["model"], result["enc"], result["manifest"], cfg, result["device"]))
+        elif result["saved_step"] is not None:  # sharded: no rank holds the whole model
+            print(f"sample: python train.py --sample --out_dir {cfg.out_dir} (reads {result['ckpt_path']} into one process)")
     except (ValueError, FloatingPointError, OSError) as e:
         fail(str(e) if not isinstance(e, OSError) else os_error_line(e))
     except RuntimeError as e:  # a collective that failed: which rank to look at, instead of gloo's traceback
