@@ -43,6 +43,10 @@ steps bit for bit (a test checks it), and so does a run killed with SIGKILL at 1
 them mid-write, and resumed each time (tests/test_robustness.py): the evaluation that follows a
 checkpoint is redone on resume, in case the kill came between the two, and so is every evaluation
 metrics.jsonl held for the steps after it, which are trained again: a resume loses no recorded line.
+--keep_checkpoints K keeps the last K by step (ckpt_step<N>.pt beside ckpt.pt, the newest), and a
+resume takes the newest that loads whole. --checkpoint_format sharded writes with
+torch.distributed.checkpoint instead, each rank only what it holds, as pieces of the single-process
+tensors, so that any layout, or one process, reads it back (the section "Sharded checkpoints" below).
 
 Preemption and one run per directory
 ------------------------------------
@@ -945,8 +949,8 @@ def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, 
 # rank<r>.pt (every rank: its data loader position and RNG states).
 #
 # How resharding reads it: a rank of any other layout lists the pieces it holds now, in the same
-# single-process coordinates; for each, DCP intersects it with the saved pieces of its key and reads
-# just the overlaps into the rank's own memory (LoadPlanner: resolve_tensor hands it a view). One
+# single-process coordinates; for each, DCP intersects it with the saved pieces of its key, reads
+# those that overlap and copies the overlaps into the rank's own memory (resolve_tensor hands it a view). One
 # process reading a sharded checkpoint holds one piece per tensor, the whole. The write goes to
 # ckpt_step<N>.dcp.tmp and is renamed once every rank has finished (a barrier), so a kill leaves the
 # previous checkpoint as it was.
