@@ -94,6 +94,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import glob
 import gzip
 import inspect
@@ -201,6 +202,8 @@ class TrainConfig:
     checkpoint_format: str = "full"  # full (the single-process tensors gathered to rank 0, one ckpt.pt) or sharded (torch.distributed.checkpoint: each rank writes only what it holds, into ckpt_step<N>.dcp/; loads into any layout and into one process)
     convert_checkpoint: str = ""  # do not train: convert this checkpoint (a full .pt file, or a sharded .dcp directory) to the other format, written to --convert_to
     convert_to: str = ""  # where --convert_checkpoint writes (a new file or directory; name a sharded one ckpt_step<N>.dcp inside an out_dir for --resume to find it)
+    async_checkpoint: bool = False  # write checkpoints in a background thread: the step loop waits only while the state is copied (to pinned host memory on a GPU); the previous checkpoint stays until the new one is whole; that wait goes to metrics.jsonl as checkpoint_blocked_ms
+    bench_checkpoint: bool = False  # do not train: time one checkpoint of the preset's model and AdamW state in this process, full and sharded, written synchronously and with --async_checkpoint, and print how long the step loop is blocked (no corpus needed)
     keep_checkpoints: int = 1  # checkpoints kept in out_dir, the newest by step: ckpt.pt is always the newest; above 1 each is also kept as ckpt_step<N>.pt (a hard link: no extra space) and the oldest beyond this many are deleted; --resume takes the newest that loads
     # --- sampling
     sample: bool = False  # do not train: load the checkpoint in out_dir and print generated text (its tokenizer is read from the run's corpus in --data_dir; nothing is prepared or downloaded)
@@ -876,28 +879,81 @@ def set_rng_states(states: dict):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+class BackgroundWriter:
+    """--async_checkpoint ("flash" checkpoints: DLRover; torchtitan's asynchronous checkpoints): the
+    step loop copies the state at the step boundary and hands the write to this thread, one write at
+    a time; the next checkpoint first waits for the one before (so at most one copy of the state is
+    in flight). A failed write is raised at that wait, as the one line a synchronous write gives."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def start(self, write):
+        def run():
+            try:
+                write()
+            except BaseException as e:  # kept for the main thread: a thread's exception would only be printed
+                self.error = e
+
+        # a daemon: a second Ctrl-C or a fatal error does not wait for it (the temporary file it
+        # leaves is removed on resume, and the previous checkpoint is whole)
+        self.thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def checkpoint_meta(run: "Run") -> dict:
+    """Everything but the tensors, as of this step boundary (plain values and fresh copies)."""
+    return {"scaler": run.scaler.state_dict(), "sampler": run.sampler.state_dict(), "rng": rng_states(), "step": run.step,
+            "model_config": asdict(run.model_config), "train_config": asdict(run.cfg),
+            "data_dir": os.path.basename(run.manifest["dir"]), "parallel": run.par.extra_state(),
+            # the corpus's tokens (a re-prepared corpus keeps its directory's name), and the
+            # evaluations a resume still owes (see resume_evaluations)
+            "corpus_id": data.corpus_id(run.manifest), "redo_evals": sorted(s for s in run.redo_evals if s > run.step)}
+
+
 def save_checkpoint(run: "Run"):
-    """Everything the next step depends on, written atomically by rank 0. Collective: the tensors
-    are the single-process model's and optimizer's, gathered to rank 0 (every rank takes part), so
-    any layout or world size can resume from them. --checkpoint_format sharded: save_sharded."""
-    if run.cfg.checkpoint_format == "sharded":
-        save_sharded(run)
-        return
-    state, optimizer = run.par.full_state_dict(), run.par.full_optimizer_state_dict()
-    if run.layout.is_rank0:
-        atomic_torch_save({"model": state, "optimizer": optimizer, "scaler": run.scaler.state_dict(),
-                           "sampler": run.sampler.state_dict(), "rng": rng_states(), "step": run.step,
-                           "model_config": asdict(run.model_config), "train_config": asdict(run.cfg),
-                           "data_dir": os.path.basename(run.manifest["dir"]), "parallel": run.par.extra_state(),
-                           # the corpus's tokens (a re-prepared corpus keeps its directory's name), and the
-                           # evaluations a resume still owes (see resume_evaluations)
-                           "corpus_id": data.corpus_id(run.manifest),
-                           "redo_evals": sorted(s for s in run.redo_evals if s > run.step)}, run.ckpt_path)
-        keep_full_checkpoint(run.cfg.out_dir, run.step, run.cfg.keep_checkpoints)
-        # an update can make weights inf or NaN while its own loss was finite: the error that
-        # follows says whether this checkpoint is good to resume from
-        run.saved_finite = all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+    """Everything the next step depends on, written atomically. Collective. Two steps: stage (in the
+    step loop: the state copied as it is at this step boundary) and write (here, or with
+    --async_checkpoint in the background while training goes on). The full format gathers the
+    single-process tensors to rank 0 (every rank takes part; gathering makes the copy), so any
+    layout or world size can resume from them; the sharded one copies each rank's pieces (stage_sharded)."""
+    t0 = time.perf_counter()
+    if run.writer is not None:
+        run.writer.wait()  # the previous write is whole (and its copy of the state free) before the next begins
+    write = stage_sharded(run) if run.cfg.checkpoint_format == "sharded" else stage_full(run)
+    if run.writer is not None:
+        run.writer.start(write)
+        # only asynchronous runs log it: a synchronous run's metrics.jsonl keeps one line per step
+        # and per evaluation (--bench_checkpoint compares the two)
+        if run.metrics is not None:
+            run.metrics.log(step=run.step, checkpoint_blocked_ms=1000 * (time.perf_counter() - t0))
+    else:
+        write()
+
+
+def stage_full(run: "Run"):
+    """The full checkpoint gathered to rank 0 (collective); returns the write, for rank 0 to do."""
+    state, optimizer = run.par.full_state_dict(), run.par.full_optimizer_state_dict()  # copies, on the CPU
     run.saved_step, run.saved_state = run.step, state
+    if not run.layout.is_rank0:
+        return lambda: None
+    # an update can make weights inf or NaN while its own loss was finite: the error that
+    # follows says whether this checkpoint is good to resume from
+    run.saved_finite = all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+    whole, out_dir, step, keep = {"model": state, "optimizer": optimizer, **checkpoint_meta(run)}, run.cfg.out_dir, run.step, run.cfg.keep_checkpoints
+
+    def write():
+        atomic_torch_save(whole, os.path.join(out_dir, CKPT_FILE))
+        keep_full_checkpoint(out_dir, step, keep)
+    return write
 
 
 def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, dp: int) -> int:
@@ -1023,48 +1079,52 @@ def sharded_planners():
     return sharded_planners.classes
 
 
-def write_pieces(pieces: dict, shapes: dict, path: str):
-    """DCP's save of this rank's pieces into the directory path (collective under torchrun)."""
+def write_pieces(pieces: dict, shapes: dict, path: str, group=None):
+    """DCP's save of this rank's pieces into the directory path (collective under torchrun, over group)."""
     import torch.distributed.checkpoint as dcp
 
     planner = sharded_planners()[0](pieces, shapes)
-    dcp.save({}, storage_writer=dcp.FileSystemWriter(path), planner=planner)
+    with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group, as meant
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({}, storage_writer=dcp.FileSystemWriter(path), planner=planner, process_group=group)
     write_pieces.offered = planner.offered  # elements this rank handed to DCP (the test reads it)
 
 
 def read_pieces(pieces: dict, shapes: dict, path: str):
     import torch.distributed.checkpoint as dcp
 
-    dcp.load({}, storage_reader=dcp.FileSystemReader(path), planner=sharded_planners()[1](pieces, shapes))
+    with warnings.catch_warnings():  # one process: DCP warns that it loads without a process group, as meant
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({}, storage_reader=dcp.FileSystemReader(path), planner=sharded_planners()[1](pieces, shapes))
 
 
-def sync_ranks():
+def sync_ranks(group=None):
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=group)
 
 
 def layout_dims(layout: parallel.Layout) -> list:
     return [layout.pp, layout.dp, layout.cp, layout.tp]
 
 
-def write_sharded(par: parallel.Parallelized, meta: dict, rank_state: dict, final: str):
-    """The sharded checkpoint at final (a directory), atomically: every rank writes into final.tmp,
-    then rank 0 renames it, once all have finished. meta: rank 0's meta.pt; rank_state: this rank's
-    rank<r>.pt. Collective."""
+def write_sharded(pieces: dict, shapes: dict, layout: parallel.Layout, meta: dict, rank_state: dict, final: str,
+                  group=None):
+    """The sharded checkpoint at final (a directory), atomically: every rank writes its pieces into
+    final.tmp, then rank 0 renames it, once all have finished. meta: rank 0's meta.pt; rank_state: this
+    rank's rank<r>.pt. Collective over group (None: every rank; a background write has a group of its
+    own, so that its messages never meet the training step's)."""
     tmp, rank = f"{final}.tmp", torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if par.layout.is_rank0:
+    if layout.is_rank0:
         remove_checkpoint(tmp)
         os.makedirs(tmp)
-    sync_ranks()
+    sync_ranks(group)
     try:
-        pieces, shapes = par.sharded_pieces()
-        write_pieces(pieces, shapes, tmp)
+        write_pieces(pieces, shapes, tmp, group)
         torch.save(rank_state, os.path.join(tmp, f"rank{rank:05d}.pt"))
-        if par.layout.is_rank0:
-            torch.save({**meta, "layout": layout_dims(par.layout), "world_size": par.layout.world_size},
-                       os.path.join(tmp, "meta.pt"))
-        sync_ranks()
-        if par.layout.is_rank0:
+        if layout.is_rank0:
+            torch.save({**meta, "layout": layout_dims(layout), "world_size": layout.world_size}, os.path.join(tmp, "meta.pt"))
+        sync_ranks(group)
+        if layout.is_rank0:
             remove_checkpoint(final)  # the same step written again (a converted checkpoint's name): replace it
             os.rename(tmp, final)
             with contextlib.suppress(OSError):  # make the rename durable
@@ -1072,24 +1132,42 @@ def write_sharded(par: parallel.Parallelized, meta: dict, rank_state: dict, fina
                 os.fsync(dir_fd)
                 os.close(dir_fd)
     except OSError as e:
-        if par.layout.is_rank0:
+        if layout.is_rank0:
             remove_checkpoint(tmp)
         raise ValueError(write_failure(final, e)) from None
 
 
-def save_sharded(run: "Run"):
-    """--checkpoint_format sharded: this step's checkpoint as ckpt_step<N>.dcp, then the oldest beyond
-    --keep_checkpoints deleted. Collective."""
+def host_copies(pieces: dict) -> dict:
+    """--async_checkpoint: each piece copied out of the memory training keeps changing, to the host;
+    from a GPU into pinned (page-locked) memory, which the copy engine fills without the CPU staging
+    it through a bounce buffer, all copies queued at once and waited for once."""
+    pin = torch.cuda.is_available()
+    out = {key: [(offsets, torch.empty(values.shape, dtype=values.dtype, pin_memory=pin and values.is_cuda)
+                  .copy_(values, non_blocking=values.is_cuda)) for offsets, values in local]
+           for key, local in pieces.items()}
+    if pin:
+        torch.cuda.synchronize()
+    return out
+
+
+def stage_sharded(run: "Run"):
+    """--checkpoint_format sharded: this rank's pieces (views of its memory; copies to the host for a
+    background write); returns the write of ckpt_step<N>.dcp, which then deletes the oldest beyond
+    --keep_checkpoints. Collective."""
     final = step_checkpoint_path(run.cfg.out_dir, run.step, sharded=True)
-    meta = {"scaler": run.scaler.state_dict(), "sampler": run.sampler.state_dict(), "rng": rng_states(), "step": run.step,
-            "model_config": asdict(run.model_config), "train_config": asdict(run.cfg),
-            "data_dir": os.path.basename(run.manifest["dir"]), "parallel": run.par.extra_state(),
-            "corpus_id": data.corpus_id(run.manifest), "redo_evals": sorted(s for s in run.redo_evals if s > run.step)}
-    write_sharded(run.par, meta, {"sampler": run.sampler.state_dict(), "rng": rng_states()}, final)
-    if run.layout.is_rank0:
-        keep_last_checkpoints(run.cfg.out_dir, run.cfg.keep_checkpoints, sharded=True)
-    sync_ranks()
+    pieces, shapes = run.par.sharded_pieces()
+    if run.writer is not None:
+        pieces = host_copies(pieces)
+    meta, rank_state = checkpoint_meta(run), {"sampler": run.sampler.state_dict(), "rng": rng_states()}
     run.saved_step, run.ckpt_path = run.step, final
+    layout, out_dir, keep, group = run.layout, run.cfg.out_dir, run.cfg.keep_checkpoints, run.checkpoint_group
+
+    def write():
+        write_sharded(pieces, shapes, layout, meta, rank_state, final, group)
+        if layout.is_rank0:
+            keep_last_checkpoints(out_dir, keep, sharded=True)
+        sync_ranks(group)
+    return write
 
 
 def load_sharded_meta(path: str, resume: bool) -> dict:
@@ -1152,7 +1230,7 @@ def convert_checkpoint(src: str, dst: str):
             par.load_full_state(ckpt["model"], ckpt["optimizer"])
             meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
             os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-            write_sharded(par, meta, {"sampler": ckpt["sampler"], "rng": ckpt["rng"]}, dst)
+            write_sharded(*par.sharded_pieces(), par.layout, meta, {"sampler": ckpt["sampler"], "rng": ckpt["rng"]}, dst)
     except (KeyError, RuntimeError) as e:
         raise ValueError(f"cannot convert {src} ({type(e).__name__}: {one_line(e)[:160]}): it was edited or is damaged") from None
     print(f"converted {src} ({'sharded' if 'sharded' in ckpt else 'full'}, step {ckpt['step']}) to {dst}")
@@ -1508,14 +1586,27 @@ class Run:
     redo_evals: set = field(default_factory=set)  # steps whose evaluation a resume owes (resume_evaluations)
     stopping: str | None = None  # the stop signal every rank agreed on (stop_requested)
     saved_finite: bool | None = None  # whether the last checkpoint's weights are all finite (rank 0)
+    writer: BackgroundWriter | None = None  # --async_checkpoint's thread
+    checkpoint_group: object = None  # --async_checkpoint under torchrun: the process group of the background writes
 
 
 def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
+    """start_run, then train_loop; a background checkpoint write still in flight when the loop
+    fails is let finish (it is whole, or it leaves only its temporary files)."""
+    run = start_run(cfg, model_overrides, layout)
+    try:
+        return train_loop(run)
+    finally:
+        if run.writer is not None and run.writer.thread is not None:  # an error left a write in flight: let it finish
+            run.writer.thread.join()
+
+
+def train_loop(run: Run) -> dict:
     """The training loop: one train_step per optimizer step and its log line, then, at the
     intervals, a checkpoint and an evaluation, in that order (a crash in evaluation must not cost
     the steps before it: nanochat #446). A stop signal on any rank ends the loop after the step in
     progress, with a checkpoint of that step (its evaluation, if due, is done on resume)."""
-    run = start_run(cfg, model_overrides, layout)
+    cfg, layout = run.cfg, run.layout
     stop = stop_step(cfg)
     checkpoint_every = cfg.checkpoint_interval or cfg.eval_interval
     result = {"loss": None, "val_loss": None, "val_bpb": None, "gzip_bpb": run.gzip_bpb, "first_step": run.step}
@@ -1538,6 +1629,8 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
             save_checkpoint(run)
         if not run.stopping and (run.step % cfg.eval_interval == 0 or run.step == stop or run.step in run.redo_evals):
             evaluate_and_log(run, result)
+    if run.writer is not None:
+        run.writer.wait()  # the last checkpoint is whole before the run reports it
     return finish_run(run, result)
 
 
@@ -1591,6 +1684,10 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     gzip_bpb = gzip_bits_per_byte(data.split_tokens(manifest, "val"), enc, manifest["eot_id"])
     run = Run(cfg, layout, model_config, par, scaler, sampler, manifest, enc, ckpt_path, step, ckpt is not None, metrics,
               gzip_bpb, saved_step=step if ckpt is not None else None)
+    if cfg.async_checkpoint:
+        run.writer = BackgroundWriter()
+        if layout.world_size > 1:  # every rank makes it (collective); gloo: the staged pieces are on the host
+            run.checkpoint_group = torch.distributed.new_group(backend="gloo")
     if ckpt is not None:
         run.redo_evals = resume_evaluations(ckpt, cfg, metrics, layout)
         if layout.is_rank0 and "model" in ckpt:  # a sharded checkpoint's weights are on every rank: not checked here
@@ -1880,6 +1977,60 @@ def format_bench_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bench_checkpoint(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
+    """--bench_checkpoint: the preset's model with its AdamW state (created by a step at learning
+    rate 0) in this one process, checkpointed four ways by the functions training uses: full and
+    sharded, each written synchronously (the step loop waits for the whole write) and as
+    --async_checkpoint does it (the loop waits for the copy: stage_full's gather, host_copies; the
+    write then runs in a thread). Prints the blocked time beside the whole write's, and the load
+    average (timings on a shared machine mean little without it). Files go to <out_dir>/bench_checkpoint
+    and are deleted."""
+    check_config(cfg, model_overrides)
+    device = pick_device(cfg.device)
+    vocab = TOKENIZER_VOCAB.get(cfg.tokenizer, cfg.vocab_size)
+    config = GPTConfig(**{**model_overrides, "vocab_size": padded_vocab_size(vocab, cfg.pad_vocab)})
+    torch.manual_seed(cfg.seed)
+    par = parallel.Parallelized(GPT(config).to(device), parallel.Layout(device=device), lr=cfg.learning_rate,
+                                betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    par.create_optimizer_state()
+    sharded_planners()  # imports torch.distributed.checkpoint, once, before any clock starts
+    root = os.path.join(cfg.out_dir, "bench_checkpoint")
+    rows = []
+    print(f"bench_checkpoint: preset {cfg.preset} | {par.module.num_params():,} parameters | device {device} | "
+          f"load average {os.getloadavg()[0]:.2f} before")
+    for checkpoint_format in ("full", "sharded"):
+        for asynchronous in (False, True):
+            remove_checkpoint(root)
+            os.makedirs(root)
+            path = os.path.join(root, "ckpt.pt" if checkpoint_format == "full" else "ckpt_step00000001.dcp")
+            t0 = time.perf_counter()
+            if checkpoint_format == "full":
+                whole = {"model": par.full_state_dict(), "optimizer": par.full_optimizer_state_dict()}
+                write = functools.partial(atomic_torch_save, whole, path)
+            else:
+                pieces, shapes = par.sharded_pieces()
+                pieces = host_copies(pieces) if asynchronous else pieces
+                write = functools.partial(write_sharded, pieces, shapes, par.layout, {}, {}, path)
+            writer = BackgroundWriter()
+            if asynchronous:
+                writer.start(write)
+            else:
+                write()
+            blocked = time.perf_counter() - t0
+            writer.wait()
+            total = time.perf_counter() - t0
+            size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+            rows.append({"format": checkpoint_format, "async": asynchronous, "blocked_ms": 1000 * blocked,
+                         "write_ms": 1000 * total, "bytes": size})
+    remove_checkpoint(root)
+    print(f"{'format':8} {'write':13} {'blocked ms':>11} {'whole write ms':>15} {'MB':>9}")
+    for r in rows:
+        print(f"{r['format']:8} {'async' if r['async'] else 'synchronous':13} {r['blocked_ms']:11.1f} {r['write_ms']:15.1f} "
+              f"{r['bytes'] / 1e6:9.1f}")
+    print(f"load average {os.getloadavg()[0]:.2f} after")
+    return rows
+
+
 def bench(cfg: TrainConfig, model_overrides: dict) -> dict:
     """--bench (one row: the flags as given) or --bench_ablation (the rows of ablation_rows);
     prints the table and writes <out_dir>/bench.json (after every row, so a run cut short keeps its rows)."""
@@ -2056,6 +2207,9 @@ def main(argv=None):
             return
         if cfg.bench or cfg.bench_ablation:
             bench(cfg, model_overrides)
+            return
+        if cfg.bench_checkpoint:
+            bench_checkpoint(cfg, model_overrides)
             return
         result = compare_seeds(cfg, model_overrides) if cfg.compare_seeds else train(cfg, model_overrides)
         if result is not None and result.get("stopped"):
