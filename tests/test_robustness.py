@@ -53,7 +53,9 @@ from model import GPT, GPTConfig  # noqa: E402
 
 # one thread per child process: the runs are small, and the machine's two cores are shared
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TIMING_KEYS = ("ms_per_step", "tokens_per_s", "mfu")  # the only fields of metrics.jsonl allowed to differ between runs
+# the only fields of metrics.jsonl allowed to differ between runs (--async_checkpoint logs the time each
+# checkpoint blocked the step loop)
+TIMING_KEYS = ("ms_per_step", "tokens_per_s", "mfu", "checkpoint_blocked_ms")
 
 
 @pytest.fixture(scope="module")
@@ -138,15 +140,15 @@ def last_logged_step(metrics_path) -> int:
     return max(steps)
 
 
-def kill_once(data_dir, out, kind, rng, planned_step):
+def kill_once(data_dir, out, kind, rng, planned_step, extra=()):
     """Start a resume (or the first run), kill it as `kind` says; returns a description, or None if
-    the run finished before it could be killed."""
+    the run finished before it could be killed. extra: more flags for every invocation."""
     metrics, env = out / "metrics.jsonl", dict(CHILD_ENV)
     first = not (out / "ckpt.pt").exists()
     if kind == "rename":
         env["SLOW_CHECKPOINT_RENAME"] = str(out / "renaming")
     logged = last_logged_step(metrics)  # lines past the checkpoint are rewritten on resume: wait beyond them
-    args = fault_flags(data_dir, out) if first else fault_flags(data_dir, out, "--resume")
+    args = fault_flags(data_dir, out, *extra) if first else fault_flags(data_dir, out, *extra, "--resume")
     stderr = open(out.parent / "stderr.txt", "w+")  # a file, not a pipe: nobody reads while the child runs
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + 120
@@ -239,6 +241,37 @@ def test_keep_checkpoints_keeps_the_last_k_and_resume_takes_the_newest_whole_one
     assert sorted(p.name for p in out.glob("ckpt_step*")) == [f"ckpt_step{s:08d}.pt" for s in (4, 5, 6)]
     a, b = train.load_checkpoint(str(out / "ckpt.pt")), train.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+
+
+@pytest.mark.slow
+def test_sigkill_during_background_checkpoint_writes_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
+    # --async_checkpoint: the write of step N's checkpoint runs in a thread while steps N+1... train.
+    # "rename" kills while that thread holds a whole temporary file it has not yet renamed (the step
+    # loop, meanwhile, waits at the next checkpoint for it): the newest whole checkpoint, step N-1's,
+    # must be the one resumed, and the run must end as an uninterrupted --async_checkpoint run.
+    extra = ("--async_checkpoint", "--keep_checkpoints", 2)
+    straight = run_train(*fault_flags(data_dir, tmp_path / "straight", *extra))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "faulted"
+    out.mkdir()
+    rng = random.Random(20261202)
+    kills = []
+    for kind, step in (("step", 5), ("rename", 0), ("step", 15), ("rename", 0), ("rename", 0)):
+        what = kill_once(data_dir, out, kind, rng, step, extra)
+        if what is None:
+            break
+        ckpt = train.load_checkpoint(str(out / "ckpt.pt"))  # whole: the kill never reaches a renamed file
+        kills.append(f"{what}: checkpoint at step {ckpt['step']}")
+    print("\n".join(kills))
+    assert sum("renaming" in k for k in kills) == 3, kills
+    final = run_train(*fault_flags(data_dir, out, *extra, "--resume"))
+    assert final.returncode == 0, final.stderr[-3000:]
+    rows = read_metrics(out)
+    assert without_timings(rows) == without_timings(read_metrics(tmp_path / "straight"))
+    assert all(r["checkpoint_blocked_ms"] >= 0 for r in rows if "checkpoint_blocked_ms" in r)
+    a, b = train.load_checkpoint(str(out / "ckpt.pt")), train.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    assert a["step"] == b["step"] == FAULT_STEPS and all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert not list(out.glob("*.tmp*"))
 
 
 # ---------------------------------------------------------------------------------------------
