@@ -98,6 +98,7 @@ import functools
 import glob
 import gzip
 import inspect
+import itertools
 import json
 import math
 import os
@@ -1998,32 +1999,34 @@ def bench_checkpoint(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
     rows = []
     print(f"bench_checkpoint: preset {cfg.preset} | {par.module.num_params():,} parameters | device {device} | "
           f"load average {os.getloadavg()[0]:.2f} before")
-    for checkpoint_format in ("full", "sharded"):
-        for asynchronous in (False, True):
-            remove_checkpoint(root)
-            os.makedirs(root)
-            path = os.path.join(root, "ckpt.pt" if checkpoint_format == "full" else "ckpt_step00000001.dcp")
-            t0 = time.perf_counter()
-            if checkpoint_format == "full":
-                whole = {"model": par.full_state_dict(), "optimizer": par.full_optimizer_state_dict()}
-                write = functools.partial(atomic_torch_save, whole, path)
-            else:
-                pieces, shapes = par.sharded_pieces()
-                pieces = host_copies(pieces) if asynchronous else pieces
-                write = functools.partial(write_sharded, pieces, shapes, par.layout, {}, {}, path)
-            writer = BackgroundWriter()
-            if asynchronous:
-                writer.start(write)
-            else:
-                write()
-            blocked = time.perf_counter() - t0
-            writer.wait()
-            total = time.perf_counter() - t0
-            size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
-            rows.append({"format": checkpoint_format, "async": asynchronous, "blocked_ms": 1000 * blocked,
-                         "write_ms": 1000 * total, "bytes": size})
+    # three of each, the median reported: one alone is at the mercy of the machine's other work
+    for checkpoint_format, asynchronous, _ in itertools.product(("full", "sharded"), (False, True), range(3)):
+        remove_checkpoint(root)
+        os.makedirs(root)
+        path = os.path.join(root, "ckpt.pt" if checkpoint_format == "full" else "ckpt_step00000001.dcp")
+        t0 = time.perf_counter()
+        if checkpoint_format == "full":
+            whole = {"model": par.full_state_dict(), "optimizer": par.full_optimizer_state_dict()}
+            write = functools.partial(atomic_torch_save, whole, path)
+        else:
+            pieces, shapes = par.sharded_pieces()
+            pieces = host_copies(pieces) if asynchronous else pieces
+            write = functools.partial(write_sharded, pieces, shapes, par.layout, {}, {}, path)
+        writer = BackgroundWriter()
+        if asynchronous:
+            writer.start(write)
+        else:
+            write()
+        blocked = time.perf_counter() - t0
+        writer.wait()
+        total = time.perf_counter() - t0
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+        rows.append({"format": checkpoint_format, "async": asynchronous, "blocked_ms": 1000 * blocked,
+                     "write_ms": 1000 * total, "bytes": size})
     remove_checkpoint(root)
-    print(f"{'format':8} {'write':13} {'blocked ms':>11} {'whole write ms':>15} {'MB':>9}")
+    rows = [{**rows[i], **{k: statistics.median(r[k] for r in rows[i:i + 3]) for k in ("blocked_ms", "write_ms")}}
+            for i in range(0, len(rows), 3)]
+    print(f"{'format':8} {'write':13} {'blocked ms':>11} {'whole write ms':>15} {'MB':>9}   (medians of 3)")
     for r in rows:
         print(f"{r['format']:8} {'async' if r['async'] else 'synchronous':13} {r['blocked_ms']:11.1f} {r['write_ms']:15.1f} "
               f"{r['bytes'] / 1e6:9.1f}")
