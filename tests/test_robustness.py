@@ -53,7 +53,9 @@ from model import GPT, GPTConfig  # noqa: E402
 
 # one thread per child process: the runs are small, and the machine's two cores are shared
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TIMING_KEYS = ("ms_per_step", "tokens_per_s", "mfu")  # the only fields of metrics.jsonl allowed to differ between runs
+# the only fields of metrics.jsonl allowed to differ between runs (--async_checkpoint logs the time each
+# checkpoint blocked the step loop)
+TIMING_KEYS = ("ms_per_step", "tokens_per_s", "mfu", "checkpoint_blocked_ms")
 
 
 @pytest.fixture(scope="module")
@@ -138,15 +140,15 @@ def last_logged_step(metrics_path) -> int:
     return max(steps)
 
 
-def kill_once(data_dir, out, kind, rng, planned_step):
+def kill_once(data_dir, out, kind, rng, planned_step, extra=()):
     """Start a resume (or the first run), kill it as `kind` says; returns a description, or None if
-    the run finished before it could be killed."""
+    the run finished before it could be killed. extra: more flags for every invocation."""
     metrics, env = out / "metrics.jsonl", dict(CHILD_ENV)
     first = not (out / "ckpt.pt").exists()
     if kind == "rename":
         env["SLOW_CHECKPOINT_RENAME"] = str(out / "renaming")
     logged = last_logged_step(metrics)  # lines past the checkpoint are rewritten on resume: wait beyond them
-    args = fault_flags(data_dir, out) if first else fault_flags(data_dir, out, "--resume")
+    args = fault_flags(data_dir, out, *extra) if first else fault_flags(data_dir, out, *extra, "--resume")
     stderr = open(out.parent / "stderr.txt", "w+")  # a file, not a pipe: nobody reads while the child runs
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + 120
@@ -213,6 +215,63 @@ def test_sigkill_at_eleven_points_then_resume_equals_an_uninterrupted_run(data_d
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert not list(out.glob("*.tmp*")), "the resume removes a temporary file a kill left behind"
+
+
+@pytest.mark.slow
+def test_keep_checkpoints_keeps_the_last_k_and_resume_takes_the_newest_whole_one(data_dir, tmp_path):
+    flags = ("--max_iters", 6, "--checkpoint_interval", 1, "--eval_interval", 5, "--dropout", 0.1, "--sample_tokens", 1)
+    straight = run_train(*tiny_flags(data_dir, tmp_path / "straight", *flags))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "kept"
+    first = run_train(*tiny_flags(data_dir, out, *flags, "--stop_at", 5, "--keep_checkpoints", 3))
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = sorted(p.name for p in out.glob("ckpt*"))
+    assert kept == ["ckpt.pt", "ckpt_step00000003.pt", "ckpt_step00000004.pt", "ckpt_step00000005.pt"], kept
+    assert os.path.samefile(out / "ckpt.pt", out / "ckpt_step00000005.pt")  # the newest, as a hard link
+    for step in (3, 4, 5):
+        assert train.load_checkpoint(str(out / f"ckpt_step{step:08d}.pt"))["step"] == step
+    # a disk that lost the end of the newest checkpoint (ckpt.pt and its step file are one file):
+    # the resume says so and continues from step 4, and the run ends as the uninterrupted one
+    with open(out / "ckpt.pt", "r+b") as f:
+        f.truncate(3000)
+    resumed = run_train(*tiny_flags(data_dir, out, *flags, "--resume", "--keep_checkpoints", 3))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "warning: checkpoint" in resumed.stdout and "ckpt_step00000004.pt (step 4)" in resumed.stdout, resumed.stdout
+    assert without_timings(read_metrics(out)) == without_timings(read_metrics(tmp_path / "straight"))
+    assert sorted(p.name for p in out.glob("ckpt_step*")) == [f"ckpt_step{s:08d}.pt" for s in (4, 5, 6)]
+    a, b = train.load_checkpoint(str(out / "ckpt.pt")), train.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+
+
+@pytest.mark.slow
+def test_sigkill_during_background_checkpoint_writes_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
+    # --async_checkpoint: the write of step N's checkpoint runs in a thread while steps N+1... train.
+    # "rename" kills while that thread holds a whole temporary file it has not yet renamed (the step
+    # loop, meanwhile, waits at the next checkpoint for it): the newest whole checkpoint, step N-1's,
+    # must be the one resumed, and the run must end as an uninterrupted --async_checkpoint run.
+    extra = ("--async_checkpoint", "--keep_checkpoints", 2)
+    straight = run_train(*fault_flags(data_dir, tmp_path / "straight", *extra))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "faulted"
+    out.mkdir()
+    rng = random.Random(20261202)
+    kills = []
+    for kind, step in (("step", 5), ("rename", 0), ("step", 15), ("rename", 0), ("rename", 0)):
+        what = kill_once(data_dir, out, kind, rng, step, extra)
+        if what is None:
+            break
+        ckpt = train.load_checkpoint(str(out / "ckpt.pt"))  # whole: the kill never reaches a renamed file
+        kills.append(f"{what}: checkpoint at step {ckpt['step']}")
+    print("\n".join(kills))
+    assert sum("renaming" in k for k in kills) == 3, kills
+    final = run_train(*fault_flags(data_dir, out, *extra, "--resume"))
+    assert final.returncode == 0, final.stderr[-3000:]
+    rows = read_metrics(out)
+    assert without_timings(rows) == without_timings(read_metrics(tmp_path / "straight"))
+    assert all(r["checkpoint_blocked_ms"] >= 0 for r in rows if "checkpoint_blocked_ms" in r)
+    a, b = train.load_checkpoint(str(out / "ckpt.pt")), train.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    assert a["step"] == b["step"] == FAULT_STEPS and all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert not list(out.glob("*.tmp*"))
 
 
 # ---------------------------------------------------------------------------------------------
