@@ -206,12 +206,14 @@ import gzip
 import hashlib
 import heapq
 import http.client
+import itertools
 import json
 import math
 import multiprocessing
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -715,10 +717,15 @@ def read_documents(data: str, max_bytes: int | None = None, text_field: str = "t
 
 # C0 and C1 control characters except tab and newline, plus the byte-order
 # mark and the replacement-prone "noncharacters"; none of them is text.
-_CONTROL = regex.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ufffe\uffff]")
-_SPACES = regex.compile(r"[^\S\n\t]")  # Unicode spaces (NBSP, thin space, ...) other than newline and tab
-_TRAILING = regex.compile(r"[ \t]+$", flags=regex.M)
-_BLANK_RUNS = regex.compile(r"\n{4,}")
+# These four use the standard library's re, 1.4x faster here than the regex module. The two agree
+# on what \s is except for the four information separators U+001C..U+001F (re's \s is
+# str.isspace, regex's is Unicode's White_Space), which _CONTROL removes before \s is asked.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ufffe\uffff]")
+# Unicode spaces (NBSP, thin space, ...) other than newline and tab. The plain space is left out of
+# the class: replacing " " by " " changes nothing, and matching every space was most of the cost.
+_SPACES = re.compile(r"[^\S \n\t]")
+_TRAILING = re.compile(r"[ \t]+$", flags=re.M)
+_BLANK_RUNS = re.compile(r"\n{4,}")
 
 
 def normalize(text: str) -> str:
@@ -931,11 +938,30 @@ _LETTER = regex.compile(r"\p{L}")
 _SCRIPT_SAMPLE = 4096
 
 
+def _char_kind(ch: str) -> tuple:
+    """(is a letter, the _SCRIPTS whose property the character has), asked of the regexes once per character."""
+    kind = _CHAR_KINDS.get(ch)
+    if kind is None:
+        kind = _CHAR_KINDS[ch] = (bool(_LETTER.match(ch)), tuple(s for s, r in _SCRIPT_RES.items() if r.match(ch)))
+    return kind
+
+
+_CHAR_KINDS = {}  # the cache of _char_kind: at most one entry per distinct character ever seen
+
+
 def script_of(text: str) -> str:
     """The script most of the text's letters are written in (lowercase), "japanese" if any kana, "none" if no letters."""
     sample = text[:_SCRIPT_SAMPLE]
-    counts = {s: len(r.findall(sample)) for s, r in _SCRIPT_RES.items()}
-    letters = len(_LETTER.findall(sample))
+    if sample.isascii():  # the common case: ASCII's only letters are A-Z and a-z, all of them Latin
+        return "latin" if any(c.isalpha() for c in sample) else "none"
+    # Count each distinct character once (Counter runs in C) and ask the regexes about it once per
+    # process: the same counts as findall with each script's regex over the sample, 5x faster.
+    counts, letters = dict.fromkeys(_SCRIPTS, 0), 0
+    for ch, n in Counter(sample).items():
+        is_letter, scripts = _char_kind(ch)
+        letters += n if is_letter else 0
+        for s in scripts:
+            counts[s] += n
     if letters == 0:
         return "none"
     kana = counts.pop("Hiragana") + counts.pop("Katakana")
@@ -993,10 +1019,16 @@ _SENTENCE_END = regex.compile(r"[.!?。！？]+(?=\s|$)")
 _NOT_SPACE = regex.compile(r"\S+")
 
 
+_PARAGRAPH_BREAK = regex.compile(r"\n\s*\n")
+_PARAGRAPH_BREAK_FAST = re.compile(r"\n\s*\n")  # the same, in re: 3x faster, and equal without U+001C..U+001F
+_INFO_SEPARATORS = re.compile("[\x1c-\x1f]")
+
+
 def _view(text: str) -> dict:
     """What the rules look at, computed once: non-empty lines, paragraphs, words."""
+    breaks = _PARAGRAPH_BREAK if _INFO_SEPARATORS.search(text) else _PARAGRAPH_BREAK_FAST
     return {"text": text, "lines": [ln for ln in text.split("\n") if ln.strip()],
-            "paragraphs": [p for p in regex.split(r"\n\s*\n", text.strip()) if p], "words": text.split()}
+            "paragraphs": [p for p in breaks.split(text.strip()) if p], "words": text.split()}
 
 
 def gopher_word_count(doc):
@@ -1040,7 +1072,8 @@ def gopher_alpha_words(doc):
     """Gopher: at least 80% of words contain a letter (tables of numbers, markup)."""
     # str.isalpha is true for CJK ideographs too (datatrove #202), so this rule
     # is only meaningful for space-separated scripts: it runs on Latin text only.
-    frac = sum(any(c.isalpha() for c in w) for w in doc["words"]) / max(1, len(doc["words"]))
+    # w[0].isalpha() first: most words start with a letter, and then the generator is skipped (4x faster).
+    frac = sum(1 for w in doc["words"] if w[0].isalpha() or any(c.isalpha() for c in w)) / max(1, len(doc["words"]))
     if frac < GOPHER_MIN_ALPHA_WORDS:
         return f"only {frac:.0%} of words have a letter"
 
@@ -1050,7 +1083,7 @@ def gopher_stop_words(doc):
     often each occurs (a text whose only stop word is "the" fails). A word counts in any case and
     with the punctuation around it stripped ("The", "of,"); datatrove compares its tokens as they
     are, so there "The" is no stop word."""
-    found = {w.strip(".,;:!?\"'()").lower() for w in doc["words"]} & GOPHER_STOP_WORDS
+    found = {w.strip(".,;:!?\"'()").lower() for w in set(doc["words"])} & GOPHER_STOP_WORDS  # each distinct word once
     if len(found) < GOPHER_MIN_STOP_WORDS:
         return f"{len(found)} different English stop word(s)"
 
@@ -1083,17 +1116,49 @@ def gopher_duplicate_paragraphs(doc):
         return f"{chars} characters in repeated paragraphs"
 
 
+def _ngram_ids(words: list, n_max: int):
+    """Yield (n, ids) for n = 1..n_max: ids[j] is where the n-gram starting at word j first occurs, so
+    two positions hold the same n words exactly when their ids are equal, and j repeats an earlier
+    n-gram exactly when ids[j] < j. Exact, not hashed: a word's id is the position of its first
+    occurrence (a dict lookup per word, in C), and the n-gram (g, w) of an (n-1)-gram id g and the next
+    word's id w, both below W, is the integer g*W + w, made an id again by np.unique. One sort per n,
+    never a string per n-gram: 10x faster than joining the words of every n-gram (the slow rule before)."""
+    first = {}
+    word_ids = np.fromiter(map(first.setdefault, words, itertools.count()), dtype=np.int64, count=len(words))
+    ids, W = word_ids, max(1, len(words))
+    for n in range(1, n_max + 1):
+        if n > 1:
+            key = ids[:-1] * W + word_ids[n - 1:]  # (W-n+1,): < W^2, no overflow below 3e9 words
+            _, first_at, inverse = np.unique(key, return_index=True, return_inverse=True)
+            ids = first_at[inverse.reshape(-1)]
+        yield n, ids
+
+
 def gopher_top_ngrams(doc):
     """Gopher: the most frequent 2-, 3-, 4-gram covers at most 20%, 18%, 16% of characters
     (its length, spaces included, times its count; of equally frequent ones, the longest)."""
     words, total = doc["words"], max(1, len(doc["text"]))
-    for n, limit in GOPHER_MAX_TOP_NGRAM_CHARS.items():
-        grams = Counter(" ".join(g) for g in zip(*(words[i:] for i in range(n))))
-        if grams:
-            count = max(grams.values())
-            gram = max((g for g, c in grams.items() if c == count), key=len)
-            if count > 1 and len(gram) * count / total > limit:
-                return f"the top {n}-gram covers {len(gram) * count / total:.0%} of characters"
+    chars = _cumsum0(np.fromiter(map(len, words), dtype=np.int64, count=len(words)))  # (W+1,) where each word starts
+    for n, ids in _ngram_ids(words, max(GOPHER_MAX_TOP_NGRAM_CHARS)):
+        if n not in GOPHER_MAX_TOP_NGRAM_CHARS or len(ids) == 0:
+            continue
+        counts = np.bincount(ids, minlength=len(ids))  # (W-n+1,): occurrences of the n-gram first seen at j
+        count = int(counts.max())
+        at = np.flatnonzero(counts[ids] == count)  # every occurrence of a most frequent n-gram
+        length = int((chars[at + n] - chars[at]).max()) + n - 1  # its words, and the n-1 spaces joining them
+        if count > 1 and length * count / total > GOPHER_MAX_TOP_NGRAM_CHARS[n]:
+            return f"the top {n}-gram covers {length * count / total:.0%} of characters"
+
+
+_SPACE_RUN = regex.compile(r"(\s+)")  # split with the separators kept: words and spaces alternate
+_SPACE_RUN_FAST = re.compile(r"(\s+)")  # the same in re, 4x faster; equal without U+001C..U+001F (_view)
+
+
+def _cumsum0(lengths: np.ndarray) -> np.ndarray:
+    """(n+1,) int64: 0, then the running sums of lengths (where each piece starts, and the end)."""
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
 
 
 def gopher_duplicate_ngrams(doc):
@@ -1108,20 +1173,29 @@ def gopher_duplicate_ngrams(doc):
     than the characters covered (on a text of one repeated phrase, about 0.8 instead of 1).
     """
     text, total = doc["text"], max(1, len(doc["text"]))
-    spans = [(m.start(), m.end()) for m in _NOT_SPACE.finditer(text)]
-    words = [text[a:b] for a, b in spans]
-    for n, limit in GOPHER_MAX_DUPLICATE_NGRAM_CHARS.items():
-        seen, covered, reach = set(), 0, 0  # reach: where the characters counted so far end
-        for i in range(len(words) - n + 1):
-            gram = " ".join(words[i:i + n])  # words hold no space, so the join is unambiguous
-            if gram not in seen:
-                seen.add(gram)
-                continue
-            start, end = spans[i][0], spans[i + n - 1][1]
-            covered += end - max(start, reach)  # ends only grow with i: the new part of the union
-            reach = end
-        if covered / total > limit:
+    # Words are the runs of non-space characters (_NOT_SPACE), found by one split in C: pieces
+    # alternate word, spaces, word, ..., so every even piece is a word (only the first and the
+    # last can be empty: a text that starts or ends with a space).
+    pieces = (_SPACE_RUN if _INFO_SEPARATORS.search(text) else _SPACE_RUN_FAST).split(text)
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    words, start, length = pieces[::2], _cumsum0(lengths)[:-1:2], lengths[::2]  # (W,) each
+    keep = slice(0 if words[0] else 1, len(words) if words[-1] else len(words) - 1)  # drop the empty ends
+    words, start, length = words[keep], start[keep], length[keep]
+    end = start + length  # one past each word's last character
+    for n, ids in _ngram_ids(words, max(GOPHER_MAX_DUPLICATE_NGRAM_CHARS)):
+        if n not in GOPHER_MAX_DUPLICATE_NGRAM_CHARS or len(ids) == 0:
+            continue
+        repeat = np.flatnonzero(ids < np.arange(len(ids)))  # occurrences of an n-gram seen before
+        first, last = start[repeat], end[repeat + n - 1]  # the characters each covers; both grow with j
+        # The union of those ranges: each adds what lies beyond the previous one's end.
+        reach = np.concatenate(([0], last[:-1]))  # where the previous repeated occurrence ends
+        covered = int((last - np.maximum(first, reach)).sum())
+        if covered / total > GOPHER_MAX_DUPLICATE_NGRAM_CHARS[n]:
             return f"repeated {n}-grams cover {covered / total:.0%} of characters"
+        # A repeated (n+1)-gram at j makes the n-grams at j and j+1 repeated, and its characters are
+        # theirs: what longer n-grams cover can only shrink. Below the smallest limit, none can fail.
+        if covered / total <= min(GOPHER_MAX_DUPLICATE_NGRAM_CHARS.values()):
+            return None
 
 
 def c4_lorem_ipsum(doc):

@@ -580,6 +580,130 @@ def test_each_rule_decides_as_its_papers_definition_on_fresh_documents(rule, rng
     assert 0 < sum(ours) < len(docs), (rule, sum(ours))  # both verdicts occur
 
 
+# --- the fast rules decide as the slow ones they replaced ----------------------------------------
+
+class SlowRules:
+    """A transcription of the rules, script identification and normalisation as they were before they
+    were made fast (one Python string per n-gram, one regex scan per script, the regex module
+    everywhere): the reference the fast versions must equal, decision for decision and message for
+    message."""
+    CONTROL = regex.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ufffe\uffff]")
+
+    @staticmethod
+    def normalize(text):
+        text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
+        text = unicodedata.normalize("NFC", text)
+        text = SlowRules.CONTROL.sub("", text)
+        text = regex.sub(r"[^\S\n\t]", " ", text)
+        text = regex.sub(r"[ \t]+$", "", text, flags=regex.M)
+        return regex.sub(r"\n{4,}", "\n\n\n", text).strip("\n")
+
+    @staticmethod
+    def script_of(text):
+        sample = text[:4096]
+        counts = {s: len(regex.findall(rf"\p{{Script={s}}}", sample)) for s in data._SCRIPTS}
+        letters = len(regex.findall(r"\p{L}", sample))
+        if letters == 0:
+            return "none"
+        kana = counts.pop("Hiragana") + counts.pop("Katakana")
+        if kana and kana + counts["Han"] >= max(counts.values()):
+            return "japanese"
+        best = max(counts, key=counts.get)
+        return best.lower() if counts[best] * 2 >= letters else "other"
+
+    @staticmethod
+    def view(text):
+        return {"text": text, "lines": [ln for ln in text.split("\n") if ln.strip()],
+                "paragraphs": [p for p in regex.split(r"\n\s*\n", text.strip()) if p], "words": text.split()}
+
+    @staticmethod
+    def gopher_alpha_words(doc):
+        frac = sum(any(c.isalpha() for c in w) for w in doc["words"]) / max(1, len(doc["words"]))
+        if frac < data.GOPHER_MIN_ALPHA_WORDS:
+            return f"only {frac:.0%} of words have a letter"
+
+    @staticmethod
+    def gopher_stop_words(doc):
+        found = {w.strip(".,;:!?\"'()").lower() for w in doc["words"]} & data.GOPHER_STOP_WORDS
+        if len(found) < data.GOPHER_MIN_STOP_WORDS:
+            return f"{len(found)} different English stop word(s)"
+
+    @staticmethod
+    def gopher_top_ngrams(doc):
+        words, total = doc["words"], max(1, len(doc["text"]))
+        for n, limit in data.GOPHER_MAX_TOP_NGRAM_CHARS.items():
+            grams = Counter(" ".join(g) for g in zip(*(words[i:] for i in range(n))))
+            if grams:
+                count = max(grams.values())
+                gram = max((g for g, c in grams.items() if c == count), key=len)
+                if count > 1 and len(gram) * count / total > limit:
+                    return f"the top {n}-gram covers {len(gram) * count / total:.0%} of characters"
+
+    @staticmethod
+    def gopher_duplicate_ngrams(doc):
+        text, total = doc["text"], max(1, len(doc["text"]))
+        spans = [(m.start(), m.end()) for m in regex.finditer(r"\S+", text)]
+        words = [text[a:b] for a, b in spans]
+        for n, limit in data.GOPHER_MAX_DUPLICATE_NGRAM_CHARS.items():
+            seen, covered, reach = set(), 0, 0
+            for i in range(len(words) - n + 1):
+                gram = " ".join(words[i:i + n])
+                if gram not in seen:
+                    seen.add(gram)
+                    continue
+                start, end = spans[i][0], spans[i + n - 1][1]
+                covered += end - max(start, reach)
+                reach = end
+            if covered / total > limit:
+                return f"repeated {n}-grams cover {covered / total:.0%} of characters"
+
+    @staticmethod
+    def quality_filter(text, domain):
+        """The old _quality_reason: the same rule list, with the slow rules swapped in."""
+        doc, script = SlowRules.view(text), SlowRules.script_of(text)
+        latin = domain == "code" or script in ("latin", "none")
+        for rule in data.quality_rules(domain):
+            if latin or rule not in data._LATIN_ONLY:
+                slow = getattr(SlowRules, rule.__name__, rule)
+                if slow(doc) is not None:
+                    return rule.__name__
+        return None
+
+
+def repetitive_document(rng) -> str:
+    """Words from a tiny vocabulary with phrases repeated at random rates, odd whitespace (tabs, NBSP,
+    U+001C, CRLF) and other scripts mixed in: every fast path's edge (the n-gram rules fire on some)."""
+    vocab = ["the", "of", "and", "to", "river", "x", "...", "#", "é", "naïve", "日本", "ひら", "русский", "a\x1cb", "w1"]
+    words = [rng.choice(vocab) for _ in range(rng.randint(0, 60))]
+    for _ in range(rng.randint(0, 6)):  # repeat a phrase somewhere later
+        if len(words) > 10:
+            i = rng.randrange(len(words) - 5)
+            words[rng.randrange(len(words)):0] = words[i:i + rng.randint(2, 12)]
+    seps = [rng.choice([" ", " ", " ", "\n", "\n\n", " \t", "\u00a0", "\x1c", "\r\n", "  \n \n"]) for _ in words]
+    return "".join(w + s for w, s in zip(words, seps))
+
+
+def test_fast_rules_decide_as_the_slow_ones_on_the_embedded_corpus_and_fresh_documents(rng):
+    """The first 300 kB of each stdlib domain (code and prose, as prepare reads them) and 1,000 fresh
+    repetitive documents, raw and normalised: normalize, script_of, each rewritten rule's message and
+    quality_filter's decision equal SlowRules' (the pre-speedup code). Both verdicts must occur."""
+    corpus = [(t, d) for t, d, _ in data.stdlib_corpus(max_bytes=300_000)]
+    fresh = [(repetitive_document(rng), rng.choice(["prose", "web", "code"])) for _ in range(1000)]
+    fired = Counter()
+    for text, domain in corpus + fresh:
+        assert data.normalize(text) == SlowRules.normalize(text), text[:200]
+        assert data.script_of(text) == SlowRules.script_of(text), text[:200]
+        for t in {text, data.normalize(text)}:  # as the pipeline sees it, and raw (the rules are public)
+            view = data._view(t)
+            assert view == SlowRules.view(t)
+            for name in ("gopher_alpha_words", "gopher_stop_words", "gopher_top_ngrams", "gopher_duplicate_ngrams"):
+                fast = getattr(data, name)(view)
+                assert fast == getattr(SlowRules, name)(view), (name, t[:300])
+                fired[name] += fast is not None
+            assert data.quality_filter(t, domain) == SlowRules.quality_filter(t, domain), t[:300]
+    assert all(0 < fired[name] < 2 * len(corpus + fresh) for name in ("gopher_top_ngrams", "gopher_duplicate_ngrams")), fired
+
+
 def plain_word_document(rng) -> str:
     """Lines of lowercase words and single spaces only, so any word tokenizer (datatrove's spaCy)
     finds exactly text.split(); lines and paragraphs repeat at random rates."""
