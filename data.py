@@ -254,6 +254,10 @@ PATTERN = (
 # manifest's "train_groups", so a loader can draw a batch from one domain (MixingSampler).
 FORMAT_VERSION = 3
 
+# prepare's default memory budget in GB (--memory_gb): MinHash signatures beyond a quarter of it go
+# to disk. 4 GB: a quarter holds the 512-byte signatures of 2M documents, about 8 GB of web pages.
+MEMORY_GB = 4.0
+
 # Tokens per shard file: 2^24 = 16.8M tokens = 32 MiB of uint16. Large enough
 # that a laptop corpus is one shard, small enough to copy and checksum in
 # seconds (build-nanogpt's fineweb.py writes 100M-token shards for GPU clusters).
@@ -893,6 +897,65 @@ def minhash_signatures(texts, num_perm: int = NUM_PERM, ngram: int = NGRAM, seed
     return (sig >> np.uint64(32)).T.astype(np.uint32)  # (N, K): the top 32 bits
 
 
+class SignatureFile:
+    """(N, K) uint32 MinHash signatures kept on disk instead of in memory (prepare's --memory_gb).
+
+    A signature is 4K = 512 bytes per document: 10 GB of 4 kB web pages, 2.5M documents, hold 1.3 GB
+    of them. When that is more than the budget, prepare appends them to this file as they are made,
+    and LSH reads them back a band at a time (sharded by band): the r columns of one band for all
+    documents, (N, r), read in pieces of rows_per_read rows, make the band's N bucket keys (8 bytes
+    per document) and the file is read once per band; verification gathers the rows of a budget's
+    worth of candidate pairs at a time. The decisions are those of the signatures in memory: the
+    same keys, the same pairs, the same agreement."""
+
+    def __init__(self, path, num_perm: int = NUM_PERM, rows_per_read: int = 1 << 16):
+        self.path, self.k, self.n, self.rows_per_read = Path(path), num_perm, 0, max(1, rows_per_read)
+        self.path.write_bytes(b"")
+
+    @property
+    def shape(self) -> tuple:
+        return self.n, self.k
+
+    def __len__(self) -> int:
+        return self.n
+
+    def append(self, sig: np.ndarray) -> None:
+        with open(self.path, "ab") as f:
+            f.write(np.ascontiguousarray(sig, dtype=np.uint32).tobytes())
+        self.n += len(sig)
+
+    def _pieces(self):
+        """(first row, (rows, K) array) pieces of the file, in order, rows_per_read rows each."""
+        with open(self.path, "rb") as f:
+            for lo in range(0, self.n, self.rows_per_read):
+                rows = min(self.rows_per_read, self.n - lo)
+                yield lo, np.fromfile(f, dtype=np.uint32, count=rows * self.k).reshape(rows, self.k)
+
+    def columns(self, lo: int, hi: int) -> np.ndarray:
+        """(N, hi - lo): columns lo..hi-1 of every signature (one band), read piece by piece."""
+        out = np.empty((self.n, hi - lo), dtype=np.uint32)
+        for first, piece in self._pieces():
+            out[first:first + len(piece)] = piece[:, lo:hi]
+        return out
+
+    def empty_rows(self) -> np.ndarray:
+        """(N,) bool: the signatures that are all ones (documents without words)."""
+        out = np.empty(self.n, dtype=bool)
+        for first, piece in self._pieces():
+            out[first:first + len(piece)] = (piece == np.iinfo(np.uint32).max).all(axis=1)
+        return out
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), K): the signatures of documents ids, read through a map of the file that is
+        closed again at once (its pages leave this process's memory)."""
+        if len(ids) == 0:
+            return np.zeros((0, self.k), dtype=np.uint32)
+        mapped = np.memmap(self.path, dtype=np.uint32, mode="r", shape=(self.n, self.k))
+        rows = np.array(mapped[ids])
+        del mapped
+        return rows
+
+
 def lsh_candidate_probability(s: float, bands: int, rows: int) -> float:
     """The S-curve: P[two documents with Jaccard s share at least one band] = 1 - (1 - s^r)^b."""
     return 1.0 - (1.0 - s**rows) ** bands
@@ -918,10 +981,13 @@ def lsh_candidates(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     if bands * rows > k:
         raise ValueError(f"bands*rows = {bands * rows} exceeds the {k} hashes per signature: lower bands or rows")
     fold = np.random.default_rng(1).integers(1, 2**63, size=rows, dtype=np.uint64) | np.uint64(1)
-    empty = (sig == np.iinfo(np.uint32).max).all(axis=1)  # documents without words
+    # documents without words; a SignatureFile answers from disk, one band's columns at a time
+    empty = sig.empty_rows() if isinstance(sig, SignatureFile) else (sig == np.iinfo(np.uint32).max).all(axis=1)
     pairs = []
     for band in range(bands):
-        keys = (sig[:, band * rows:(band + 1) * rows].astype(np.uint64) * fold).sum(axis=1)  # (N,)
+        columns = sig.columns(band * rows, (band + 1) * rows) if isinstance(sig, SignatureFile) else \
+            sig[:, band * rows:(band + 1) * rows]  # (N, r)
+        keys = (columns.astype(np.uint64) * fold).sum(axis=1)  # (N,)
         keys[empty] = np.arange(n)[empty].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # own buckets
         order = np.argsort(keys, kind="stable")  # stable: members stay in document order
         sorted_keys = keys[order]
@@ -962,7 +1028,12 @@ def near_duplicate_keep(sig: np.ndarray, threshold: float = 0.8, bands: int | No
         bands, rows = lsh_threshold(threshold, sig.shape[1])
     pairs = lsh_candidates(sig, bands, rows)
     # Verification: the fraction of agreeing hashes is an unbiased estimate of Jaccard.
-    agree = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1) if len(pairs) else np.zeros(0)
+    if isinstance(sig, SignatureFile):  # rows gathered from disk, a budget's worth of pairs at a time
+        step = max(1, sig.rows_per_read // 2)
+        agree = np.concatenate([np.zeros(0)] + [(sig.take(pairs[lo:lo + step, 0]) == sig.take(pairs[lo:lo + step, 1]))
+                                                .mean(axis=1) for lo in range(0, len(pairs), step)])
+    else:
+        agree = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1) if len(pairs) else np.zeros(0)
     parent = list(range(len(sig)))  # union-find: each document starts as its own cluster
     for i, j in pairs[agree >= threshold]:
         _union(parent, int(i), int(j))
@@ -2481,7 +2552,7 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
             workers: int = 0, max_download_mb: float = MAX_DOWNLOAD_MB, pii: str = "none",
             decontaminate: str = "", quality_keep: float = 1.0, quality_threshold: float = 0.0,
             quality_positive: str = "stdlib:topics", quality_model: str = "", score_command: str = "",
-            score_keep: str = "") -> dict:
+            score_keep: str = "", memory_gb: float = MEMORY_GB) -> dict:
     """Run the pipeline once into <out_dir>/<key>/ and return its manifest (plus "dir").
 
     The key hashes every setting that changes the output. A second call with
@@ -2495,6 +2566,8 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
     per CPU); it does not change the output. max_download_mb caps
     each URL source's download (MB of 10^6 bytes). pii, decontaminate and
     quality_* turn on the stages beyond rules (PrepareConfig says what each does).
+    memory_gb bounds the MinHash signatures held in memory (beyond a quarter of it they go to disk);
+    like workers, it does not change the output.
     """
     log = print if verbose else (lambda *a, **k: None)
     cfg = PrepareConfig(data=_canonical_data(data), tokenizer=tokenizer, vocab_size=vocab_size,
@@ -2508,6 +2581,8 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
     _add_file_keys(cfg, decontaminate, quality_model)
     if not max_download_mb > 0:
         raise ValueError(f"--max_download_mb {max_download_mb} must be positive")
+    if not memory_gb > 0:
+        raise ValueError(f"--memory_gb {memory_gb} must be positive: the memory, in GB, the signatures may use")
     if workers < 0:
         raise ValueError(f"--workers {workers} is negative: pass a number of processes, or 0 for one per CPU")
     final, downloads = Path(out_dir).resolve() / cfg.key(), Path(out_dir) / "downloads"
@@ -2527,7 +2602,7 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
         tmp.chmod(0o755)  # mkdtemp makes it private (0700); the cache is meant to be shared
         sources = _record_sources(cfg.data, downloads, max_download_mb)
         manifest, report = _run_pipeline(tmp, cfg, downloads=downloads, max_download_mb=max_download_mb,
-                                         workers=workers or os.cpu_count() or 1, verbose=verbose)
+                                         workers=workers or os.cpu_count() or 1, verbose=verbose, memory_gb=memory_gb)
         _write_atomic(tmp / "sources.json", json.dumps(sources, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -2563,13 +2638,14 @@ def _reusable(final: Path, cfg: PrepareConfig, downloads: Path, log) -> dict | N
 
 
 def _run_pipeline(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb: float, workers: int,
-                  verbose: bool) -> tuple[dict, dict]:
+                  verbose: bool, memory_gb: float = MEMORY_GB) -> tuple[dict, dict]:
     """The five stages, writing shards, tokenizer, manifest.json and report.json into tmp."""
     t_start = time.time()
     report = {"stages": [], "removed": {}, "scripts": {}, "mix_by": cfg.mix_by, "mix": {}}
     # 1. Collect: read -> normalise -> exact dedup, onto a spool file on disk (and MinHash signatures).
     spool = _collect(tmp / "spool.jsonl", cfg, downloads=downloads, max_download_mb=max_download_mb, report=report,
-                     verbose=verbose, workers=workers, total_bytes=_input_bytes(cfg.data, downloads))
+                     verbose=verbose, workers=workers, total_bytes=_input_bytes(cfg.data, downloads),
+                     memory_gb=memory_gb)
     # 2. Near dedup: MinHash + LSH over the signatures.
     keep = _near_dedup(spool, cfg, report)
     # 3. Filter: each document's script, then its domain's quality rules; then, when asked, remove
@@ -2680,7 +2756,7 @@ def _document_chunks(documents, clock: Counter, max_docs: int = 256, max_chars: 
 
 
 def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb: float, report: dict,
-             verbose: bool, workers: int = 1, total_bytes: int | None = None) -> Spool:
+             verbose: bool, workers: int = 1, total_bytes: int | None = None, memory_gb: float = MEMORY_GB) -> Spool:
     """Stage 1, one streaming pass: read -> normalise -> PII (--pii) -> exact key -> MinHash signature
     -> script and quality rules (_clean_chunk, in `workers` processes) -> exact dedup -> spool file.
 
@@ -2689,7 +2765,9 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     results come back in order, and the first copy of each exact key is written to the spool.
     Memory per kept document: its offset, size, labels, script and rule, a 16-byte exact key and
     (for minhash) a K * 4-byte signature; the text itself goes to disk. total_bytes: the size of
-    the input files, for the ETA (None: unknown).
+    the input files, for the ETA (None: unknown). memory_gb: once the signatures would take more
+    than a quarter of it, they go to a SignatureFile beside the spool (the rest of the budget is for
+    LSH's per-band keys and pairs, and the spool's index).
     """
     clock, count, pii_found = Counter(), Counter(), Counter()
     seen, offsets, nbytes, domain, names, sigs = set(), [], [], [], {}, []
@@ -2699,7 +2777,7 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     documents = iter_documents(cfg.data, cfg.max_bytes, cfg.text_field, str(downloads), max_download_mb)
     jobs = ((len(c), ([d[0] for d in c], [(d[1], d[2]) for d in c], cfg.pii, cfg.dedup,
                                            cfg.quality_filter)) for c in _document_chunks(documents, clock))
-    pool, t_start = None, time.perf_counter()
+    pool, t_start, spilled = None, time.perf_counter(), None
     try:
         with _signals_held():
             pool = _pool(workers)
@@ -2726,6 +2804,12 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
                     fresh.append(r)
                 if sig is not None and fresh:
                     sigs.append(sig[fresh])
+                    if isinstance(spilled, SignatureFile) or len(offsets) * NUM_PERM * 4 > memory_gb * 1e9 / 4:
+                        if not isinstance(spilled, SignatureFile):  # over budget: from now on, to disk
+                            spilled = SignatureFile(path.with_name("signatures.u32"),
+                                                    rows_per_read=max(1, int(memory_gb * 1e9 / 4 / (NUM_PERM * 4))))
+                        spilled.append(np.concatenate(sigs))
+                        sigs = []
                 update(count["read_docs"], count["read_bytes"])
     finally:
         if pool is not None:
@@ -2736,6 +2820,7 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     out_bytes = int(sum(nbytes))
     report["workers"] = workers
     report["collect_seconds"] = round(time.perf_counter() - t_start, 3)  # the wall time of this one pass
+    report["signatures"] = "disk" if spilled is not None else "memory"  # where --memory_gb put them
     _stage(report, "read", count["read_docs"], count["read_bytes"], count["read_docs"], count["read_bytes"], clock["read"])
     _stage(report, "normalise", count["read_docs"], count["read_bytes"], count["norm_docs"], count["norm_bytes"],
            clock["normalise"], workers)
@@ -2751,7 +2836,8 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     report["removed"]["exact_duplicate"] = after_pii - len(offsets)
     return Spool(path=path, offsets=offsets, nbytes=np.array(nbytes, dtype=np.int64),
                  domain=np.array(domain, dtype=np.int64), domain_names=list(names),
-                 sig=np.concatenate(sigs) if sigs else (np.zeros((0, NUM_PERM), np.uint32) if cfg.dedup == "minhash" else None),
+                 sig=spilled if spilled is not None else (np.concatenate(sigs) if sigs else
+                                 (np.zeros((0, NUM_PERM), np.uint32) if cfg.dedup == "minhash" else None)),
                  minhash_seconds=clock["minhash"],
                  script=np.array(scripts, dtype=np.int64), script_names=list(script_names),
                  reason=np.array(reasons, dtype=np.int16), reason_names=list(reason_names),
@@ -3598,7 +3684,8 @@ def _plant_copy(text: str, target: float, rng: random.Random) -> str:
     positions = [i for i in range(0, len(pieces), 2) if pieces[i]]
     shingles = max(1, len(positions) - NGRAM + 1)
     k = max(1, round(shingles * (1 - target) / (NGRAM * (1 + target))))
-    for i in rng.sample(positions, min(k, len(positions))):
+    step = max(1, len(positions) // k)  # evenly spaced from a random start: >= n apart while k <= W/n
+    for i in positions[rng.randrange(step)::step][:k]:
         pieces[i] = f"zq{rng.getrandbits(40):x}"  # a word no other document holds
     return "".join(pieces)
 
@@ -3783,6 +3870,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bpe_train_bytes", type=int, default=2_000_000, help="bytes of training text the BPE learns from")
     p.add_argument("--workers", type=int, default=0, help="worker processes for every stage: read, normalise, "
                    "filter, MinHash and tokenize (0: one per CPU)")
+    p.add_argument("--memory_gb", type=float, default=MEMORY_GB, help="memory budget in GB: MinHash signatures beyond "
+                   "a quarter of it are spilled to disk and read back one LSH band at a time (same decisions)")
     p.add_argument("--max_download_mb", type=float, default=MAX_DOWNLOAD_MB,
                    help="largest download of a URL source, in MB (10^6 bytes)")
     _add_stage_flags(p)

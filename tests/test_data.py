@@ -2122,3 +2122,143 @@ def test_classify_saves_a_classifier_that_prepare_uses_and_records_per_document(
     assert sorted(r["quality"] for r in rows) == pytest.approx(sorted(scores.values()), abs=1e-6)
     kept = decoded_documents(manifest, data.get_tokenizer("bytes"))
     assert kept == {t for t, s in scores.items() if s > 0.5}
+
+
+# --- corpora of many gigabytes: worker processes, Parquet, hf:, planted near copies ------------
+
+def mixed_jsonl(path: Path, rng, n: int = 120) -> list[str]:
+    """n prose documents plus what every stage removes: an exact copy, a near copy (one word changed),
+    an empty one, a short one, a repetitive one and one with an e-mail address."""
+    def document():  # random words in sentences of 15 with English stop words: unrelated, and passes the rules
+        words = [f"w{rng.randrange(10**6)}" for _ in range(rng.randint(60, 200))]
+        return " ".join(w + "." if i % 15 == 14 else w for i, w in enumerate(words)) + " The end of it and that is all."
+    texts = [document() for _ in range(n)]
+    near = texts[1].split()
+    near[len(near) // 2] = "changed"
+    texts += [texts[0], " ".join(near), "  \n ", "Too short.", " ".join(["the same words again"] * 40),
+              document() + f" Write to {rng.choice(['ann', 'bo'])}{rng.randrange(1000)}@example.org today."]
+    rng.shuffle(texts)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return texts
+
+
+def test_two_workers_remove_and_write_exactly_what_one_process_does(tmp_path, rng):
+    """The stages run in worker processes on chunks: the removals per rule, every stage's counts and the
+    shards must be those of one process (the reference), with every stage on."""
+    path = tmp_path / "c.jsonl"
+    mixed_jsonl(path, rng)
+    kwargs = dict(verbose=False, pii="mask", shard_tokens=4099)
+    one = data.prepare(str(path), "bytes", out_dir=str(tmp_path / "a"), workers=1, **kwargs)
+    two = data.prepare(str(path), "bytes", out_dir=str(tmp_path / "b"), workers=2, **kwargs)
+    r1, r2 = (json.loads((Path(m["dir"]) / "report.json").read_text()) for m in (one, two))
+    assert r1["removed"] == r2["removed"] and r1["scripts"] == r2["scripts"] and r1["pii"] == r2["pii"]
+    assert r1["removed"]["exact_duplicate"] == 1 and r1["removed"]["near_duplicate"] == 1 and r1["removed"]["empty"] == 1
+    count = lambda r: [(s["stage"].split(" x")[0], s["docs_in"], s["docs_out"], s["bytes_out"]) for s in r["stages"]]  # noqa: E731
+    assert count(r1) == count(r2)
+    assert [s["workers"] for s in r2["stages"][1:4]] == [2, 2, 2] and r2["workers"] == 2
+    assert r2["mb_per_s"] > 0 and all(s["mb_per_s"] is None or s["mb_per_s"] > 0 for s in r2["stages"])
+    for split in ("train", "val"):
+        assert np.array_equal(shard_tokens_of(one, split), shard_tokens_of(two, split))
+
+
+def write_parquet(path: Path, rows: list, rows_per_group: int):
+    pa = pytest.importorskip("pyarrow")  # optional: the Parquet reader needs it, nothing else does
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=rows_per_group)
+
+
+def test_parquet_is_read_as_the_same_rows_in_json_lines_are(tmp_path, rng):
+    """A Parquet file of 7 row groups gives the documents (texts, labels) a JSON-lines file of the same rows
+    gives, and prepare writes the same tokens from it; a missing column and a file that is not Parquet are
+    one error each, naming the file."""
+    texts = mixed_jsonl(tmp_path / "c.jsonl", rng, n=60)
+    write_parquet(tmp_path / "c.parquet", [{"id": i, "text": t} for i, t in enumerate(texts)], rows_per_group=10)
+    from_jsonl, from_parquet = (list(data.iter_documents(str(tmp_path / f"c.{k}"))) for k in ("jsonl", "parquet"))
+    assert [t for t, _, _ in from_parquet] == [t for t, _, _ in from_jsonl] == texts
+    assert [s for _, _, s in from_parquet] == [s.replace("jsonl", "parquet") for _, _, s in from_jsonl]
+    a, b = (data.prepare(str(tmp_path / f"c.{k}"), "bytes", out_dir=str(tmp_path / "out"), verbose=False)
+            for k in ("jsonl", "parquet"))
+    assert a["dir"] != b["dir"] and np.array_equal(shard_tokens_of(a, "train"), shard_tokens_of(b, "train"))
+    with pytest.raises(ValueError, match="has no column 'body'.*--text_field"):
+        list(data.iter_documents(str(tmp_path / "c.parquet"), text_field="body"))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match="bad.parquet as Parquet"):
+        list(data.iter_documents(str(tmp_path / "bad.parquet")))
+
+
+def test_optional_readers_missing_are_one_error_line(tmp_path, monkeypatch, capsys):
+    """Without pyarrow a .parquet source, without datasets an hf: source, is one line naming the pip install."""
+    (tmp_path / "c.parquet").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # None in sys.modules: the import raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    for source, fix in ((str(tmp_path / "c.parquet"), "pip install pyarrow"), ("hf:someone/corpus", "pip install datasets")):
+        with pytest.raises(SystemExit) as exit:
+            data.main(["prepare", "--data", source, "--out_dir", str(tmp_path / "out"), "--tokenizer", "bytes"])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and err.startswith("error:") and fix in err, err
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "out").iterdir())
+
+
+def test_hf_source_streams_a_dataset_with_datasets(tmp_path, rng):
+    """hf:NAME[:CONFIG][:SPLIT] through `datasets` streaming, here on a local folder of JSON-lines files
+    (no network): the same documents as the file itself, and a bad split is one error."""
+    pytest.importorskip("datasets")  # optional: only this reader needs it
+    (tmp_path / "ds").mkdir()
+    texts = mixed_jsonl(tmp_path / "ds" / "train.jsonl", rng, n=30)
+    got = [t for t, _, _ in data.iter_documents(f"hf:{tmp_path / 'ds'}")]
+    assert got == texts
+    with pytest.raises(ValueError, match="cannot stream"):
+        list(data.iter_documents(f"hf:{tmp_path / 'ds'}::no_such_split"))
+
+
+@pytest.mark.slow
+def test_synth_plants_copies_at_their_jaccard_and_near_dedup_removes_those_above_the_threshold(tmp_path, rng):
+    """python data.py synth: every planted copy's recorded Jaccard is the exact one (sets of 5-word tuples,
+    computed here) and within 0.03 of its target; prepare's near dedup removes every copy at J >= 0.88
+    (MinHash's estimate has sd 0.03 there: 2.7 sd above 0.8), keeps every copy at J <= 0.75 (1.7 sd
+    below; P(removed) < 5% each, so at most 1 of the ~20) and removes no document that is not a copy."""
+    out = data.synth_corpus(str(tmp_path), mb=1.0, seed=rng.randrange(1 << 30), near_share=0.25, parquet=False,
+                            verbose=False)
+    lines = [json.loads(line)["text"] for line in open(out["jsonl"])]
+    planted = json.loads((tmp_path / "planted.json").read_text())
+    grams = lambda t: {tuple(w) for w in zip(*(t.lower().split()[i:] for i in range(5)))}  # noqa: E731
+    for p in planted:
+        a, b = grams(lines[p["of"]]), grams(lines[p["copy"]])
+        assert p["jaccard"] == round(len(a & b) / len(a | b), 4) and abs(p["jaccard"] - p["target"]) < 0.03, p
+    cfg = data.PrepareConfig(data=out["jsonl"], tokenizer="bytes", vocab_size=257, val_fraction=0.1, max_bytes=None,
+                             seed=0, format=data.FORMAT_VERSION, text_field="text", dedup="minhash",
+                             dedup_threshold=0.8, quality_filter=False, mix="", mix_by="domain",
+                             shard_tokens=1000, bpe_train_bytes=None)
+    report = {"stages": [], "removed": {}}
+    spool = data._collect(tmp_path / "spool", cfg, downloads=tmp_path, max_download_mb=1, report=report,
+                          verbose=False, workers=2)
+    keep = data._near_dedup(spool, cfg, report)
+    removed = {int(row[2].rsplit("#", 1)[1]) for row in spool.rows(np.flatnonzero(~keep))}
+    copies = {p["copy"]: p["jaccard"] for p in planted}
+    assert all(c in removed for c, j in copies.items() if j >= 0.88), (removed, copies)
+    assert sum(c in removed for c, j in copies.items() if j <= 0.75) <= 1
+    assert removed <= set(copies)
+
+
+def test_signatures_spilled_to_disk_give_the_same_decisions_as_in_memory(tmp_path, rng):
+    """--memory_gb so small that every chunk's signatures go to disk (and LSH reads them back one band,
+    a few rows, at a time): the near-duplicate decisions, the report's counts and the shards equal the
+    in-memory run's; near_duplicate_keep on a SignatureFile equals it on the array, planted pairs included."""
+    path = tmp_path / "c.jsonl"
+    mixed_jsonl(path, rng, n=150)
+    kwargs = dict(verbose=False, workers=1, tokenizer="bytes", shard_tokens=4099)
+    memory = data.prepare(str(path), out_dir=str(tmp_path / "a"), **kwargs)
+    disk = data.prepare(str(path), out_dir=str(tmp_path / "b"), memory_gb=2e-6, **kwargs)  # 2 kB: 4 rows per read
+    r1, r2 = (json.loads((Path(m["dir"]) / "report.json").read_text()) for m in (memory, disk))
+    assert (r1["signatures"], r2["signatures"]) == ("memory", "disk") and r1["removed"] == r2["removed"]
+    for split in ("train", "val"):
+        assert np.array_equal(shard_tokens_of(memory, split), shard_tokens_of(disk, split))
+    docs = [t for t in mixed_jsonl(tmp_path / "d.jsonl", rng, n=60)]
+    docs += [" ".join(d.split()[:-3]) for d in docs[:20]]  # 20 more near copies
+    sig = data.minhash_signatures(docs)
+    spilled = data.SignatureFile(tmp_path / "sig.u32", rows_per_read=7)
+    for lo in range(0, len(sig), 13):
+        spilled.append(sig[lo:lo + 13])
+    keep = data.near_duplicate_keep(sig, 0.8)
+    assert np.array_equal(data.near_duplicate_keep(spilled, 0.8), keep) and (~keep).sum() >= 20
