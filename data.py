@@ -198,6 +198,7 @@ Map of the file, in reading order:
 """
 
 import argparse
+import array
 import ast
 import base64
 import errno
@@ -2163,7 +2164,7 @@ class Spool:
     text; the (K,) signature is most of it.
     """
     path: Path  # the spool file, inside the temporary directory
-    offsets: list  # byte offset of each document's line
+    offsets: np.ndarray  # (N,) byte offset of each document's line
     nbytes: np.ndarray  # (N,) UTF-8 bytes of each normalised text
     domain: np.ndarray  # (N,) index into domain_names
     domain_names: list  # in order of first appearance
@@ -2770,8 +2771,10 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     LSH's per-band keys and pairs, and the spool's index).
     """
     clock, count, pii_found = Counter(), Counter(), Counter()
-    seen, offsets, nbytes, domain, names, sigs = set(), [], [], [], {}, []
-    scripts, script_names, reasons, reason_names = [], {}, [], {None: 0}
+    # Per document, 8-byte integers in typed arrays (a list would hold a 28-byte int object per entry):
+    # its offset in the spool, its size, its domain, script and rule; and its exact key in `seen`.
+    seen, offsets, nbytes, domain, names, sigs = set(), array.array("q"), array.array("q"), array.array("q"), {}, []
+    scripts, script_names, reasons, reason_names = array.array("q"), {}, array.array("q"), {None: 0}
     _READ.update(done=0, position=None)
     update = _progress("read, normalise, dedup, filter", verbose, None if cfg.max_bytes else total_bytes)
     documents = iter_documents(cfg.data, cfg.max_bytes, cfg.text_field, str(downloads), max_download_mb)
@@ -2817,7 +2820,7 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     if count["norm_docs"] == 0:
         raise ValueError(f"no text found in '{cfg.data}': it needs non-empty .txt or .jsonl content")
     update(count["read_docs"], count["read_bytes"], done=True)
-    out_bytes = int(sum(nbytes))
+    out_bytes = int(np.sum(nbytes))
     report["workers"] = workers
     report["collect_seconds"] = round(time.perf_counter() - t_start, 3)  # the wall time of this one pass
     report["signatures"] = "disk" if spilled is not None else "memory"  # where --memory_gb put them
@@ -2834,13 +2837,14 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
         report["pii"] = {"mode": cfg.pii, "documents": count["pii_docs"], **{k: pii_found[k] for k in PII_PLACEHOLDERS}}
     _stage(report, "exact dedup", after_pii, count["pii_bytes"], len(offsets), out_bytes, clock["exact"], workers)
     report["removed"]["exact_duplicate"] = after_pii - len(offsets)
-    return Spool(path=path, offsets=offsets, nbytes=np.array(nbytes, dtype=np.int64),
+    # np.array copies each to its exact size (an array.array keeps up to 1/8 spare room to grow).
+    return Spool(path=path, offsets=np.array(offsets, dtype=np.int64), nbytes=np.array(nbytes, dtype=np.int64),
                  domain=np.array(domain, dtype=np.int64), domain_names=list(names),
                  sig=spilled if spilled is not None else (np.concatenate(sigs) if sigs else
                                  (np.zeros((0, NUM_PERM), np.uint32) if cfg.dedup == "minhash" else None)),
                  minhash_seconds=clock["minhash"],
                  script=np.array(scripts, dtype=np.int64), script_names=list(script_names),
-                 reason=np.array(reasons, dtype=np.int16), reason_names=list(reason_names),
+                 reason=np.array(reasons, dtype=np.int64), reason_names=list(reason_names),
                  filter_seconds=clock["filter"])
 
 
