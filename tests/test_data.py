@@ -7,6 +7,7 @@ sampler, and a hand computation of bits per byte."""
 import ast
 import errno
 import functools
+import gc
 import glob
 import gzip
 import hashlib
@@ -578,6 +579,130 @@ def test_each_rule_decides_as_its_papers_definition_on_fresh_documents(rule, rng
     disagree = [d for d, a, b in zip(docs, ours, paper) if a != b]
     assert not disagree, (rule, disagree[0][:300])
     assert 0 < sum(ours) < len(docs), (rule, sum(ours))  # both verdicts occur
+
+
+# --- the fast rules decide as the slow ones they replaced ----------------------------------------
+
+class SlowRules:
+    """A transcription of the rules, script identification and normalisation as they were before they
+    were made fast (one Python string per n-gram, one regex scan per script, the regex module
+    everywhere): the reference the fast versions must equal, decision for decision and message for
+    message."""
+    CONTROL = regex.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ufffe\uffff]")
+
+    @staticmethod
+    def normalize(text):
+        text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
+        text = unicodedata.normalize("NFC", text)
+        text = SlowRules.CONTROL.sub("", text)
+        text = regex.sub(r"[^\S\n\t]", " ", text)
+        text = regex.sub(r"[ \t]+$", "", text, flags=regex.M)
+        return regex.sub(r"\n{4,}", "\n\n\n", text).strip("\n")
+
+    @staticmethod
+    def script_of(text):
+        sample = text[:4096]
+        counts = {s: len(regex.findall(rf"\p{{Script={s}}}", sample)) for s in data._SCRIPTS}
+        letters = len(regex.findall(r"\p{L}", sample))
+        if letters == 0:
+            return "none"
+        kana = counts.pop("Hiragana") + counts.pop("Katakana")
+        if kana and kana + counts["Han"] >= max(counts.values()):
+            return "japanese"
+        best = max(counts, key=counts.get)
+        return best.lower() if counts[best] * 2 >= letters else "other"
+
+    @staticmethod
+    def view(text):
+        return {"text": text, "lines": [ln for ln in text.split("\n") if ln.strip()],
+                "paragraphs": [p for p in regex.split(r"\n\s*\n", text.strip()) if p], "words": text.split()}
+
+    @staticmethod
+    def gopher_alpha_words(doc):
+        frac = sum(any(c.isalpha() for c in w) for w in doc["words"]) / max(1, len(doc["words"]))
+        if frac < data.GOPHER_MIN_ALPHA_WORDS:
+            return f"only {frac:.0%} of words have a letter"
+
+    @staticmethod
+    def gopher_stop_words(doc):
+        found = {w.strip(".,;:!?\"'()").lower() for w in doc["words"]} & data.GOPHER_STOP_WORDS
+        if len(found) < data.GOPHER_MIN_STOP_WORDS:
+            return f"{len(found)} different English stop word(s)"
+
+    @staticmethod
+    def gopher_top_ngrams(doc):
+        words, total = doc["words"], max(1, len(doc["text"]))
+        for n, limit in data.GOPHER_MAX_TOP_NGRAM_CHARS.items():
+            grams = Counter(" ".join(g) for g in zip(*(words[i:] for i in range(n))))
+            if grams:
+                count = max(grams.values())
+                gram = max((g for g, c in grams.items() if c == count), key=len)
+                if count > 1 and len(gram) * count / total > limit:
+                    return f"the top {n}-gram covers {len(gram) * count / total:.0%} of characters"
+
+    @staticmethod
+    def gopher_duplicate_ngrams(doc):
+        text, total = doc["text"], max(1, len(doc["text"]))
+        spans = [(m.start(), m.end()) for m in regex.finditer(r"\S+", text)]
+        words = [text[a:b] for a, b in spans]
+        for n, limit in data.GOPHER_MAX_DUPLICATE_NGRAM_CHARS.items():
+            seen, covered, reach = set(), 0, 0
+            for i in range(len(words) - n + 1):
+                gram = " ".join(words[i:i + n])
+                if gram not in seen:
+                    seen.add(gram)
+                    continue
+                start, end = spans[i][0], spans[i + n - 1][1]
+                covered += end - max(start, reach)
+                reach = end
+            if covered / total > limit:
+                return f"repeated {n}-grams cover {covered / total:.0%} of characters"
+
+    @staticmethod
+    def quality_filter(text, domain):
+        """The old _quality_reason: the same rule list, with the slow rules swapped in."""
+        doc, script = SlowRules.view(text), SlowRules.script_of(text)
+        latin = domain == "code" or script in ("latin", "none")
+        for rule in data.quality_rules(domain):
+            if latin or rule not in data._LATIN_ONLY:
+                slow = getattr(SlowRules, rule.__name__, rule)
+                if slow(doc) is not None:
+                    return rule.__name__
+        return None
+
+
+def repetitive_document(rng) -> str:
+    """Words from a tiny vocabulary with phrases repeated at random rates, odd whitespace (tabs, NBSP,
+    U+001C, CRLF) and other scripts mixed in: every fast path's edge (the n-gram rules fire on some)."""
+    vocab = ["the", "of", "and", "to", "river", "x", "...", "#", "é", "naïve", "日本", "ひら", "русский", "a\x1cb", "w1"]
+    words = [rng.choice(vocab) for _ in range(rng.randint(0, 60))]
+    for _ in range(rng.randint(0, 6)):  # repeat a phrase somewhere later
+        if len(words) > 10:
+            i = rng.randrange(len(words) - 5)
+            words[rng.randrange(len(words)):0] = words[i:i + rng.randint(2, 12)]
+    seps = [rng.choice([" ", " ", " ", "\n", "\n\n", " \t", "\u00a0", "\x1c", "\r\n", "  \n \n"]) for _ in words]
+    return "".join(w + s for w, s in zip(words, seps))
+
+
+def test_fast_rules_decide_as_the_slow_ones_on_the_embedded_corpus_and_fresh_documents(rng):
+    """The first 300 kB of each stdlib domain (code and prose, as prepare reads them) and 1,000 fresh
+    repetitive documents, raw and normalised: normalize, script_of, each rewritten rule's message and
+    quality_filter's decision equal SlowRules' (the pre-speedup code). Both verdicts must occur."""
+    corpus = [(t, d) for t, d, _ in data.stdlib_corpus(max_bytes=300_000)]
+    fresh = [(repetitive_document(rng), rng.choice(["prose", "web", "code"])) for _ in range(1000)]
+    fired = Counter()
+    for text, domain in corpus + fresh:
+        assert data.normalize(text) == SlowRules.normalize(text), text[:200]
+        assert data.script_of(text) == SlowRules.script_of(text), text[:200]
+        for t in {text, data.normalize(text)}:  # as the pipeline sees it, and raw (the rules are public)
+            view = data._view(t)
+            assert view == SlowRules.view(t)
+            for name in ("gopher_alpha_words", "gopher_stop_words", "gopher_top_ngrams", "gopher_duplicate_ngrams"):
+                fast = getattr(data, name)(view)
+                assert fast == getattr(SlowRules, name)(view), (name, t[:300])
+                fired[name] += fast is not None
+            assert data.quality_filter(t, domain) == SlowRules.quality_filter(t, domain), t[:300]
+    assert all(0 < fired[name] < 2 * len(corpus + fresh) for name in ("gopher_top_ngrams", "gopher_duplicate_ngrams")), fired
 
 
 def plain_word_document(rng) -> str:
@@ -1618,6 +1743,7 @@ def test_collect_keeps_under_a_kilobyte_per_document_and_never_its_text(tmp_path
                                  seed=0, format=data.FORMAT_VERSION, text_field="text", dedup="minhash",
                                  dedup_threshold=0.8, quality_filter=False, mix="", mix_by="domain",
                                  shard_tokens=1000, bpe_train_bytes=None)
+        gc.collect()  # the garbage of the previous call, freed inside this one, would lower the slope
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
         spool = data._collect(tmp_path / f"spool{n}.jsonl", cfg, downloads=tmp_path, max_download_mb=1,
@@ -2021,3 +2147,143 @@ def test_classify_saves_a_classifier_that_prepare_uses_and_records_per_document(
     assert sorted(r["quality"] for r in rows) == pytest.approx(sorted(scores.values()), abs=1e-6)
     kept = decoded_documents(manifest, data.get_tokenizer("bytes"))
     assert kept == {t for t, s in scores.items() if s > 0.5}
+
+
+# --- corpora of many gigabytes: worker processes, Parquet, hf:, planted near copies ------------
+
+def mixed_jsonl(path: Path, rng, n: int = 120) -> list[str]:
+    """n prose documents plus what every stage removes: an exact copy, a near copy (one word changed),
+    an empty one, a short one, a repetitive one and one with an e-mail address."""
+    def document():  # random words in sentences of 15 with English stop words: unrelated, and passes the rules
+        words = [f"w{rng.randrange(10**6)}" for _ in range(rng.randint(60, 200))]
+        return " ".join(w + "." if i % 15 == 14 else w for i, w in enumerate(words)) + " The end of it and that is all."
+    texts = [document() for _ in range(n)]
+    near = texts[1].split()
+    near[len(near) // 2] = "changed"
+    texts += [texts[0], " ".join(near), "  \n ", "Too short.", " ".join(["the same words again"] * 40),
+              document() + f" Write to {rng.choice(['ann', 'bo'])}{rng.randrange(1000)}@example.org today."]
+    rng.shuffle(texts)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return texts
+
+
+def test_two_workers_remove_and_write_exactly_what_one_process_does(tmp_path, rng):
+    """The stages run in worker processes on chunks: the removals per rule, every stage's counts and the
+    shards must be those of one process (the reference), with every stage on."""
+    path = tmp_path / "c.jsonl"
+    mixed_jsonl(path, rng)
+    kwargs = dict(verbose=False, pii="mask", shard_tokens=4099)
+    one = data.prepare(str(path), "bytes", out_dir=str(tmp_path / "a"), workers=1, **kwargs)
+    two = data.prepare(str(path), "bytes", out_dir=str(tmp_path / "b"), workers=2, **kwargs)
+    r1, r2 = (json.loads((Path(m["dir"]) / "report.json").read_text()) for m in (one, two))
+    assert r1["removed"] == r2["removed"] and r1["scripts"] == r2["scripts"] and r1["pii"] == r2["pii"]
+    assert r1["removed"]["exact_duplicate"] == 1 and r1["removed"]["near_duplicate"] == 1 and r1["removed"]["empty"] == 1
+    count = lambda r: [(s["stage"].split(" x")[0], s["docs_in"], s["docs_out"], s["bytes_out"]) for s in r["stages"]]  # noqa: E731
+    assert count(r1) == count(r2)
+    assert [s["workers"] for s in r2["stages"][1:4]] == [2, 2, 2] and r2["workers"] == 2
+    assert r2["mb_per_s"] > 0 and all(s["mb_per_s"] is None or s["mb_per_s"] > 0 for s in r2["stages"])
+    for split in ("train", "val"):
+        assert np.array_equal(shard_tokens_of(one, split), shard_tokens_of(two, split))
+
+
+def write_parquet(path: Path, rows: list, rows_per_group: int):
+    pa = pytest.importorskip("pyarrow")  # optional: the Parquet reader needs it, nothing else does
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=rows_per_group)
+
+
+def test_parquet_is_read_as_the_same_rows_in_json_lines_are(tmp_path, rng):
+    """A Parquet file of 7 row groups gives the documents (texts, labels) a JSON-lines file of the same rows
+    gives, and prepare writes the same tokens from it; a missing column and a file that is not Parquet are
+    one error each, naming the file."""
+    texts = mixed_jsonl(tmp_path / "c.jsonl", rng, n=60)
+    write_parquet(tmp_path / "c.parquet", [{"id": i, "text": t} for i, t in enumerate(texts)], rows_per_group=10)
+    from_jsonl, from_parquet = (list(data.iter_documents(str(tmp_path / f"c.{k}"))) for k in ("jsonl", "parquet"))
+    assert [t for t, _, _ in from_parquet] == [t for t, _, _ in from_jsonl] == texts
+    assert [s for _, _, s in from_parquet] == [s.replace("jsonl", "parquet") for _, _, s in from_jsonl]
+    a, b = (data.prepare(str(tmp_path / f"c.{k}"), "bytes", out_dir=str(tmp_path / "out"), verbose=False)
+            for k in ("jsonl", "parquet"))
+    assert a["dir"] != b["dir"] and np.array_equal(shard_tokens_of(a, "train"), shard_tokens_of(b, "train"))
+    with pytest.raises(ValueError, match="has no column 'body'.*--text_field"):
+        list(data.iter_documents(str(tmp_path / "c.parquet"), text_field="body"))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match="bad.parquet as Parquet"):
+        list(data.iter_documents(str(tmp_path / "bad.parquet")))
+
+
+def test_optional_readers_missing_are_one_error_line(tmp_path, monkeypatch, capsys):
+    """Without pyarrow a .parquet source, without datasets an hf: source, is one line naming the pip install."""
+    (tmp_path / "c.parquet").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # None in sys.modules: the import raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    for source, fix in ((str(tmp_path / "c.parquet"), "pip install pyarrow"), ("hf:someone/corpus", "pip install datasets")):
+        with pytest.raises(SystemExit) as exit:
+            data.main(["prepare", "--data", source, "--out_dir", str(tmp_path / "out"), "--tokenizer", "bytes"])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and err.startswith("error:") and fix in err, err
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "out").iterdir())
+
+
+def test_hf_source_streams_a_dataset_with_datasets(tmp_path, rng):
+    """hf:NAME[:CONFIG][:SPLIT] through `datasets` streaming, here on a local folder of JSON-lines files
+    (no network): the same documents as the file itself, and a bad split is one error."""
+    pytest.importorskip("datasets")  # optional: only this reader needs it
+    (tmp_path / "ds").mkdir()
+    texts = mixed_jsonl(tmp_path / "ds" / "train.jsonl", rng, n=30)
+    got = [t for t, _, _ in data.iter_documents(f"hf:{tmp_path / 'ds'}")]
+    assert got == texts
+    with pytest.raises(ValueError, match="cannot stream"):
+        list(data.iter_documents(f"hf:{tmp_path / 'ds'}::no_such_split"))
+
+
+@pytest.mark.slow
+def test_synth_plants_copies_at_their_jaccard_and_near_dedup_removes_those_above_the_threshold(tmp_path, rng):
+    """python data.py synth: every planted copy's recorded Jaccard is the exact one (sets of 5-word tuples,
+    computed here) and within 0.03 of its target; prepare's near dedup removes every copy at J >= 0.88
+    (MinHash's estimate has sd 0.03 there: 2.7 sd above 0.8), keeps every copy at J <= 0.75 (1.7 sd
+    below; P(removed) < 5% each, so at most 1 of the ~20) and removes no document that is not a copy."""
+    out = data.synth_corpus(str(tmp_path), mb=1.0, seed=rng.randrange(1 << 30), near_share=0.25, parquet=False,
+                            verbose=False)
+    lines = [json.loads(line)["text"] for line in open(out["jsonl"])]
+    planted = json.loads((tmp_path / "planted.json").read_text())
+    grams = lambda t: {tuple(w) for w in zip(*(t.lower().split()[i:] for i in range(5)))}  # noqa: E731
+    for p in planted:
+        a, b = grams(lines[p["of"]]), grams(lines[p["copy"]])
+        assert p["jaccard"] == round(len(a & b) / len(a | b), 4) and abs(p["jaccard"] - p["target"]) < 0.03, p
+    cfg = data.PrepareConfig(data=out["jsonl"], tokenizer="bytes", vocab_size=257, val_fraction=0.1, max_bytes=None,
+                             seed=0, format=data.FORMAT_VERSION, text_field="text", dedup="minhash",
+                             dedup_threshold=0.8, quality_filter=False, mix="", mix_by="domain",
+                             shard_tokens=1000, bpe_train_bytes=None)
+    report = {"stages": [], "removed": {}}
+    spool = data._collect(tmp_path / "spool", cfg, downloads=tmp_path, max_download_mb=1, report=report,
+                          verbose=False, workers=2)
+    keep = data._near_dedup(spool, cfg, report)
+    removed = {int(row[2].rsplit("#", 1)[1]) for row in spool.rows(np.flatnonzero(~keep))}
+    copies = {p["copy"]: p["jaccard"] for p in planted}
+    assert all(c in removed for c, j in copies.items() if j >= 0.88), (removed, copies)
+    assert sum(c in removed for c, j in copies.items() if j <= 0.75) <= 1
+    assert removed <= set(copies)
+
+
+def test_signatures_spilled_to_disk_give_the_same_decisions_as_in_memory(tmp_path, rng):
+    """--memory_gb so small that every chunk's signatures go to disk (and LSH reads them back one band,
+    a few rows, at a time): the near-duplicate decisions, the report's counts and the shards equal the
+    in-memory run's; near_duplicate_keep on a SignatureFile equals it on the array, planted pairs included."""
+    path = tmp_path / "c.jsonl"
+    mixed_jsonl(path, rng, n=150)
+    kwargs = dict(verbose=False, workers=1, tokenizer="bytes", shard_tokens=4099)
+    memory = data.prepare(str(path), out_dir=str(tmp_path / "a"), **kwargs)
+    disk = data.prepare(str(path), out_dir=str(tmp_path / "b"), memory_gb=2e-6, **kwargs)  # 2 kB: 4 rows per read
+    r1, r2 = (json.loads((Path(m["dir"]) / "report.json").read_text()) for m in (memory, disk))
+    assert (r1["signatures"], r2["signatures"]) == ("memory", "disk") and r1["removed"] == r2["removed"]
+    for split in ("train", "val"):
+        assert np.array_equal(shard_tokens_of(memory, split), shard_tokens_of(disk, split))
+    docs = [t for t in mixed_jsonl(tmp_path / "d.jsonl", rng, n=60)]
+    docs += [" ".join(d.split()[:-3]) for d in docs[:20]]  # 20 more near copies
+    sig = data.minhash_signatures(docs)
+    spilled = data.SignatureFile(tmp_path / "sig.u32", rows_per_read=7)
+    for lo in range(0, len(sig), 13):
+        spilled.append(sig[lo:lo + 13])
+    keep = data.near_duplicate_keep(sig, 0.8)
+    assert np.array_equal(data.near_duplicate_keep(spilled, 0.8), keep) and (~keep).sum() >= 20
