@@ -53,6 +53,24 @@ Modern options (each off by default, each a GPTConfig field)
   heads, each shared by n_head/n_kv_head query heads. It shrinks the KV cache at inference by the
   same factor; n_kv_head = 1 is multi-query attention (Shazeer 2019).
 
+Mixture of experts (moe_experts > 0)
+------------------------------------
+The MLP of every moe_every-th block becomes an MoE layer (Shazeer et al. 2017, arXiv:1701.06538;
+GShard; Switch): E expert MLPs, a linear router that scores them for each token, and only the k
+best-scored experts run on it, their outputs weighed by the scores:
+
+    y = sum over the top k experts i of w_i MLP_i(x)   (+ MLP_shared(x), the shared experts)
+
+Parameters grow with E, the work per token with k: an 8-expert top-2 layer holds 8 MLPs and runs 2.
+The router is softmax top-k (Switch, OLMoE) or sigmoid top-k normalised (DeepSeek-V3); experts may
+be narrower than the dense MLP (fine-grained) and some may be shared by every token (DeepSeekMoE).
+A router left alone overloads a few experts: MoE's docstring gives the two cures (the auxiliary
+loss, and the loss-free bias that train.py updates after each step) and the capacity option.
+`MoE.forward_loop` is the version to read; the fast path sorts the token-expert slots by expert
+and runs every expert as one grouped matmul (torch._grouped_mm, or a padded torch.bmm), equal up
+to rounding (tests). `MoE.dispatch` is the seam where parallel.py's expert parallelism sends the
+sorted tokens to the ranks that hold their experts. With one expert and k = 1 it is the dense MLP.
+
 Attention backends
 ------------------
 `naive` writes the masked softmax out (the one to read), `sdpa` calls torch's
@@ -96,7 +114,8 @@ express. Tests check logits against transformers to 1e-4 in float32 and token id
 Map of this file, in reading order
 ----------------------------------
 GPTConfig, MODEL_PRESETS -> LayerNorm, RMSNorm -> rope_cache, apply_rope -> naive_attention,
-sdpa_attention, attend, cached_attention -> CausalSelfAttention -> MLP -> Block -> GPT (init,
+sdpa_attention, attend, cached_attention -> CausalSelfAttention -> MLP -> mixture of experts
+(grouped_matmul, Experts, MoE) -> Block -> GPT (init,
 forward, parameter count, generate, GPT-2 and Llama state dicts, from_pretrained_dir) -> KVCache,
 filter_logits -> the Hugging Face directory (config.json, weights, tokenizer.json, export_hf) ->
 a small command line (describe a preset, --bench_generate, export).
@@ -1453,7 +1472,8 @@ def main(argv=None):
         config = configs[presets[0]]
         model = GPT(config)
         print(asdict(config))
-        print(f"parameters: {model.num_params():,} total, {model.num_params(exclude_embeddings=True):,} without embeddings")
+        active = f", {model.num_params(active=True):,} active per token (MoE)" if config.moe_experts else ""
+        print(f"parameters: {model.num_params():,} total, {model.num_params(exclude_embeddings=True):,} without embeddings{active}")
         return
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -113,6 +113,19 @@ parallel's gradient all-reduce over the dp x cp ranks. Memory: weights, gradient
 data parallel's (every cp rank holds the model); activations 1/c of one device's, and each score
 block is (T/c)^2 instead of T^2.
 
+Expert parallelism (GShard, Lepikhin et al. 2020, arXiv:2006.16668; Switch, Fedus et al. 2021),
+for a mixture-of-experts model (model.MoE), ep ranks per group inside the data group: rank i of a
+group keeps experts [i E/ep, (i+1) E/ep) of every MoE layer and everything else whole. Each rank
+routes its own tokens; an all-to-all of the counts (E int64 per layer) tells every rank how many
+rows it will receive; an all-to-all sends each (token, expert) slot's C values to its expert's rank
+(dispatch), the experts run there, and a second all-to-all brings the outputs back (combine);
+backward runs both the other way. Per MoE layer and micro-step rank r sends
+    2 (sum_{j != r} n_{r->j} + sum_{j != r} n_{j->r}) C 4 bytes,   = 4 (ep-1)/ep N k C 4 when balanced,
+with n_{r->j} the slots of r's tokens routed to j's experts (N tokens, k slots each). Expert weights'
+gradients are summed over the d/ep ranks holding the same experts and divided by d (2 (d/ep - 1)/(d/ep)
+4 N_e/ep bytes); the rest is plain data parallelism. Memory: 16 N_e / ep for the experts' weights,
+gradients and AdamW, the dense part as DDP. Tests hold the bytes and the 1/ep to these formulas.
+
 DiLoCo (Douillard et al. 2023, arXiv:2311.08455): d workers each take H local AdamW steps without
 talking; then the pseudo-gradient theta_global - theta_local is averaged (one all-reduce of 4N) and
 an outer Nesterov SGD (lr 0.7, momentum 0.9, the paper's) moves theta_global. Communication is
@@ -137,7 +150,7 @@ parallel (BucketedDataParallel) -> ZeRO 1/2 and 3 (FlatShard, ShardedAdamW, ZeRO
 ZeRO3) -> tensor parallel (f, g, column/row layers, vocabulary-parallel embedding and
 cross-entropy, its checkpoint pieces) -> sequence parallel (all-gather / reduce-scatter along T,
 per-rank dropout) -> pipeline (cut_to_stage, GPipe, 1F1B, the tied embedding's sum) -> context
-parallel (ring attention) -> DiLoCo -> torch's native versions (DTensor tensor parallelism, DDP
+parallel (ring attention) -> DiLoCo -> expert parallelism (all-to-all dispatch and combine) -> torch's native versions (DTensor tensor parallelism, DDP
 and ZeroRedundancyOptimizer, FSDP2) and make_data_parallel -> Parallelized (the composition, with
 a table of which strategy does what in each call) -> the command line (`preflight`: every
 collective once, with the usual fixes when one fails; `plan`: scaling.py's formulas for a model
@@ -2124,6 +2137,8 @@ class Parallelized:
         finish_gradient_sync   DDP: wait buckets; ZeRO-1/2: all-reduce  tied embedding    sp: sum the replicated
                                / reduce-scatter; ZeRO-3, FSDP2: done in   all-reduce        weights' partial grads
                                backward; DiLoCo: nothing
+                               ep: expert grads summed over the ranks
+                               holding the same experts (ExpertParallel)
         clip_grad_norm_        local_grads() (DiLoCo: a local norm)     -                 -
         optimizer_step         step(): ZeRO-1/2 all-gather the shards;  -                 -
                                DiLoCo: the outer step every H

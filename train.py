@@ -28,7 +28,10 @@ One optimizer step, as this file does it
    gradient norm is inf or NaN is not applied: the run stops, naming the step and the last
    checkpoint (and whether its weights are finite), or first skips up to --skip_nonfinite such steps.
 4. Log loss, learning rate, ms/step, tokens/s and (on a GPU) MFU, and append the same to
-   <out_dir>/metrics.jsonl.
+   <out_dir>/metrics.jsonl. For a mixture of experts (--moe_experts), after the update: the expert
+   load over the global batch (one all-reduce), the loss-free balancer's bias step from it (outside
+   autograd, DeepSeek-V3's order; balance_experts), and the balance logged: max/mean tokens per
+   expert, the auxiliary loss, dropped slots. The auxiliary and z-losses, when on, are in the loss.
 5. Every checkpoint_interval steps, write a checkpoint, then evaluate (in that order: a crash
    during evaluation must not cost the steps before it).
 
