@@ -382,6 +382,9 @@ def check_moe_flags(cfg: TrainConfig, model_overrides: dict):
         raise ValueError(f"--ep {cfg.ep} splits the experts of an MoE model: add --moe_experts (a multiple of {cfg.ep})")
     if experts and (cfg.tp > 1 or cfg.pp > 1 or cfg.cp > 1):
         raise ValueError("--moe_experts combines with --dp and --ep only here: drop --tp, --pp and --cp")
+    if experts and (cfg.zero == 3 or cfg.impl != "scratch"):
+        # ZeRO-3 recomputes each block in backward (the load would be counted twice) and keeps no buffers
+        raise ValueError("--moe_experts runs with --impl scratch and --zero 0, 1 or 2 here: drop --zero 3 / --impl native")
     if cfg.ep > 1 and (experts % cfg.ep or cfg.dp % cfg.ep):
         raise ValueError(f"--ep {cfg.ep} must divide --moe_experts ({experts}) and --dp ({cfg.dp}): each expert lives on "
                          "one rank of each group of ep data-parallel ranks")

@@ -312,6 +312,8 @@ CHECKS = {
     "ep4_dp4_shared_swiglu": lambda: compare_with_reference("ep4", tiny_config(**MOE, moe_every=2, moe_shared=1, mlp="swiglu"),
                                                             dict(dp=4, tp=1, pp=1, cp=1), ep=4),
     "ep_resume": check_expert_parallel_resume,
+    # an MoE model under ZeRO-2 (no expert parallelism: every rank holds every expert, sharded like any weight)
+    "moe_zero2": lambda: compare_with_reference("moez2", tiny_config(**MOE), dict(dp=4, tp=1, pp=1, cp=1), zero=2),
     # data parallel, with gradient accumulation (2 micro-steps) to check no_sync
     "ddp_scratch": lambda: compare_with_reference("ddp", tiny_config(), dict(dp=4, tp=1, pp=1, cp=1), grad_accum=2,
                                                   bucket_mb=0.01),

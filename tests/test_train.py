@@ -695,7 +695,8 @@ def test_moe_flags_that_cannot_work_are_one_line(data_dir, tmp_path):
     assert_one_line_error(run_cli("--preset", "tiny", "--moe_experts", "4", "--moe_topk", "5", "--out_dir", str(tmp_path)),
                           "--moe_topk")
     for overrides, words in ((dict(ep=2, dp=2), "--moe_experts"), (dict(ep=2, dp=2, moe_experts=3), "divide"),
-                             (dict(tp=2, moe_experts=4), "--tp"), (dict(moe_aux=-1.0, moe_experts=4), "--moe_aux")):
+                             (dict(tp=2, moe_experts=4), "--tp"), (dict(moe_aux=-1.0, moe_experts=4), "--moe_aux"),
+                             (dict(zero=3, dp=2, moe_experts=4), "--zero 3")):
         cfg, mo = tiny(data_dir, tmp_path, **overrides)
         with pytest.raises(ValueError, match=words):
             train.check_config(cfg, mo)
