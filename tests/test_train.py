@@ -704,14 +704,16 @@ def test_moe_flags_that_cannot_work_are_one_line(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_expert_parallel_run_logs_the_single_process_losses_and_resumes_in_one_process(data_dir, tmp_path):
-    """torchrun, 2 processes: --ep 2 --dp 2 --batch_size 4 for 10 of the tiny preset's 20 steps, then resumed
-    in one process with --batch_size 8 (the same global batch): every logged loss within 1e-5 of one
-    process's straight run, and the load balance the same (the loss-free balancer sees the global load)."""
-    moe = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--data_dir", data_dir, "--moe_experts", "4", "--moe_topk", "2"]
+    """torchrun, 2 processes: --ep 2 --dp 2 --batch_size 4 (the README's command, 12 steps instead of 20 to
+    save time) for 6 steps, then resumed in one process with --batch_size 8 (the same global batch): every
+    logged loss within 1e-5 of one process's straight run, and the load balance the same (the loss-free
+    balancer sees the global load)."""
+    moe = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--data_dir", data_dir, "--moe_experts", "4", "--moe_topk", "2",
+           "--max_iters", "12", "--eval_interval", "6"]
     single = run_cli(*moe, "--batch_size", "8", "--out_dir", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr[-2000:]
     ep = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                         os.path.join(ROOT, "train.py"), *moe, "--ep", "2", "--dp", "2", "--batch_size", "4", "--stop_at", "10",
+                         os.path.join(ROOT, "train.py"), *moe, "--ep", "2", "--dp", "2", "--batch_size", "4", "--stop_at", "6",
                          "--out_dir", str(tmp_path / "ep")], cwd=ROOT, capture_output=True, text=True, timeout=600,
                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert ep.returncode == 0, ep.stderr[-2000:]
@@ -719,7 +721,7 @@ def test_expert_parallel_run_logs_the_single_process_losses_and_resumes_in_one_p
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ep")
     losses = lambda rows, key: [r[key] for r in rows if key in r]
-    assert len(losses(b, "loss")) == 20
+    assert len(losses(b, "loss")) == 12
     for key in ("loss", "val_loss"):
         assert losses(b, key) == pytest.approx(losses(a, key), rel=1e-5)  # float32, another summation order
     assert losses(b, "moe_load_max_over_mean") == pytest.approx(losses(a, "moe_load_max_over_mean"), rel=1e-6)
