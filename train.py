@@ -661,8 +661,10 @@ def balance_experts(par: parallel.Parallelized, update: bool) -> dict:
         return {}
     E = layers[0].n_experts
     stats = torch.stack([torch.cat([m.load, m.dropped.view(1), m.aux_sum.view(1)]) for m in layers])  # (L_moe, E + 2)
-    parallel.all_reduce(stats, par.layout.group("data"), "moe")
-    forwards = max(1, layers[0].forwards) * par.layout.size("data")
+    independent = par.data_parallel.independent_workers  # DiLoCo workers balance their own experts, without talking
+    if not independent:
+        parallel.all_reduce(stats, par.layout.group("data"), "moe")
+    forwards = max(1, layers[0].forwards) * (1 if independent else par.layout.size("data"))
     load = stats[:, :E]  # (L_moe, E) tokens routed to each expert in the whole step
     for m, layer_load in zip(layers, load):
         if update and m.bias_rate:
