@@ -829,9 +829,11 @@ class ShardedAdamW(torch.optim.Optimizer):
         theta -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     """
 
-    def __init__(self, units: list, lr: float, betas: tuple, eps: float = 1e-8):  # eps 1e-8: torch's default
-        super().__init__([u.shard for u in units], dict(lr=lr, betas=betas, eps=eps))
-        self.decay = {u.shard: u.weight_decay for u in units}
+    def __init__(self, units: list, lr: float, betas: tuple, eps: float = 1e-8, whole=(), weight_decay: float = 0.0):
+        # eps 1e-8: torch's default. whole: parameters kept whole, outside any shard (expert parallelism's
+        # experts, which differ between the data ranks), updated the same way with is_decayed's rule
+        super().__init__([u.shard for u in units] + list(whole), dict(lr=lr, betas=betas, eps=eps))
+        self.decay = {u.shard: u.weight_decay for u in units} | {p: weight_decay if is_decayed(p) else 0.0 for p in whole}
 
     # EXERCISE: zero (tests/test_parallel.py -k 'sharded_adamw or (two_ranks and zero)')
     @torch.no_grad()
@@ -863,8 +865,13 @@ class ZeRO(Replicated):
 
     def __init__(self, model: nn.Module, group, stage: int, lr: float, betas: tuple, weight_decay: float):
         self.module = self.forward_module = model
-        self.stage, self.unit = stage, FlatShard(list(model.named_parameters()), group, weight_decay, keep_full=True)
-        self.optimizer, self.full_grad = ShardedAdamW([self.unit], lr, betas), None
+        # expert parallelism's experts differ between the data ranks: they stay whole, outside the shard
+        expert = lambda p: getattr(p, "expert_parallel", False)
+        self.experts = {n: p for n, p in model.named_parameters() if expert(p)}
+        named = [(n, p) for n, p in model.named_parameters() if not expert(p)]
+        self.stage, self.unit = stage, FlatShard(named, group, weight_decay, keep_full=True)
+        self.optimizer = ShardedAdamW([self.unit], lr, betas, whole=self.experts.values(), weight_decay=weight_decay)
+        self.full_grad = None
 
     # EXERCISE: zero
     def finish_gradient_sync(self):
@@ -891,7 +898,8 @@ class ZeRO(Replicated):
         all_gather(self.unit.full, self.unit.shard.detach(), self.unit.group, "params")
 
     def local_grads(self) -> dict:
-        return self.unit.shard_views(self.unit.shard.grad) if self.unit.shard.grad is not None else {}
+        grads = self.unit.shard_views(self.unit.shard.grad) if self.unit.shard.grad is not None else {}
+        return grads | {n: p.grad for n, p in self.experts.items() if p.grad is not None}
 
     def zero_grad(self):
         super().zero_grad()
@@ -904,14 +912,22 @@ class ZeRO(Replicated):
 
     def full_optimizer_state(self) -> dict:
         state = self.optimizer.state.get(self.unit.shard)
-        return self.unit.named_moments(state) if state else {}
+        experts = {n: {k: v.clone() for k, v in self.optimizer.state[p].items()} for n, p in self.experts.items()
+                   if self.optimizer.state.get(p)}
+        return (self.unit.named_moments(state) if state else {}) | experts
 
     @torch.no_grad()
     def load_state(self, model_state: dict, optimizer_state: dict | None, piece):
         for name, p in zip(self.unit.names, self.unit.params):
             p.copy_(piece(name, model_state[name], model_state[name]).view_as(p))
+        for name, p in self.experts.items():
+            p.copy_(piece(name, model_state[name], p))
         if optimizer_state:
             self.optimizer.state[self.unit.shard] = self.unit.load_moments(optimizer_state, piece)
+            for name, p in self.experts.items():
+                saved = optimizer_state[name]
+                self.optimizer.state[p] = {"step": saved["step"].clone().float(),
+                                           **{k: piece(name, saved[k], p).clone() for k in ("exp_avg", "exp_avg_sq")}}
 
 
 class GatherParams(torch.autograd.Function):
@@ -1829,8 +1845,9 @@ class ExpertParallel:
     Gradients. The backward all-to-alls bring each expert's weight gradient home, summed over the
     slots of all ep ranks of its group; the d/ep ranks holding the same experts (one per group) then
     sum theirs with one all-reduce, and divide by d, as data parallelism's mean does. The expert
-    weights are left out of the data-parallel buckets; everything else (attention, router, shared
-    experts, embeddings) is data parallel as before.
+    weights are left out of the data-parallel buckets (and of ZeRO-1/2's flat shard, whose
+    ShardedAdamW updates them whole); everything else (attention, router, shared experts,
+    embeddings) is data parallel, or ZeRO-sharded, as before.
 
     Per rank, float32, for N_e expert weights (every MoE layer's experts) and N_d the rest:
         memory    weights + gradients + AdamW: 16 N_e / ep  +  DDP's 20 N_d
@@ -2090,9 +2107,9 @@ STRATEGY_HELP = ("--impl scratch supports every strategy; native covers --dp, --
 def check_strategy(layout: Layout, zero: int, impl: str, pp_schedule: str, diloco_steps: int, sequence_parallel: bool = False,
                    ep: int = 1):
     """Refuse, in one line each, the combinations this file does not implement."""
-    if ep > 1 and (zero or impl != "scratch" or diloco_steps or layout.tp > 1 or layout.pp > 1 or layout.cp > 1):
-        raise ValueError("--ep combines with plain data parallelism only here: drop --zero, --impl native, --diloco_steps, "
-                         "--tp, --pp and --cp")
+    if ep > 1 and (zero == 3 or impl != "scratch" or diloco_steps or layout.tp > 1 or layout.pp > 1 or layout.cp > 1):
+        raise ValueError("--ep combines with data parallelism and ZeRO-1/2 only here: drop --zero 3, --impl native, "
+                         "--diloco_steps, --tp, --pp and --cp")
     if layout.dp % ep:
         raise ValueError(f"--ep {ep} must divide --dp {layout.dp}: the experts are split inside groups of ep data-parallel ranks")
     if impl not in ("scratch", "native"):

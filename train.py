@@ -388,8 +388,8 @@ def check_moe_flags(cfg: TrainConfig, model_overrides: dict):
     if cfg.ep > 1 and (experts % cfg.ep or cfg.dp % cfg.ep):
         raise ValueError(f"--ep {cfg.ep} must divide --moe_experts ({experts}) and --dp ({cfg.dp}): each expert lives on "
                          "one rank of each group of ep data-parallel ranks")
-    if cfg.ep > 1 and (cfg.zero or cfg.impl != "scratch" or cfg.diloco_steps or cfg.compile):
-        raise ValueError("--ep works with plain data parallelism here: drop --zero, --impl native, --diloco_steps and --compile")
+    if cfg.ep > 1 and (cfg.diloco_steps or cfg.compile):
+        raise ValueError("--ep works with data parallelism and ZeRO-1/2 here: drop --diloco_steps and --compile")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -282,16 +282,16 @@ MOE = dict(moe_experts=4, moe_topk=2, moe_bias_update=0.0, bias=False)
 
 
 def check_expert_parallel_resume():
-    """Two steps under dp=4 with ep=2, a full checkpoint, the third step under ep=4 (one expert per
-    rank): against three steps of one process."""
+    """Two steps under dp=4 with ep=2 and ZeRO-2, a full checkpoint, the third step under ep=4 (one
+    expert per rank) and ZeRO-1: against three steps of one process."""
     config = tiny_config(**MOE)
     batches = global_batches(steps=3)
-    first = parallel_run(config, parallel.build_layout(dp=4, tp=1, pp=1, cp=1, device=torch.device("cpu")), batches[:2], ep=2)
+    first = parallel_run(config, parallel.build_layout(dp=4, tp=1, pp=1, cp=1, device=torch.device("cpu")), batches[:2], ep=2, zero=2)
     shared = [first["state"], first["par"].full_optimizer_state_dict()]
     dist.broadcast_object_list(shared, src=0)
     layout = parallel.build_layout(dp=4, tp=1, pp=1, cp=1, device=torch.device("cpu"))
     torch.manual_seed(123)  # a different initialisation, overwritten by the checkpoint
-    par = parallel.Parallelized(GPT(config), layout, ep=4, **OPTIM)
+    par = parallel.Parallelized(GPT(config), layout, ep=4, zero=1, **OPTIM)
     par.load_full_state(*shared)
     x, y = batches[2]
     loss = par.forward_backward(x.chunk(4)[layout.rank("dp")], y.chunk(4)[layout.rank("dp")])
@@ -312,6 +312,10 @@ CHECKS = {
     "ep4_dp4_shared_swiglu": lambda: compare_with_reference("ep4", tiny_config(**MOE, moe_every=2, moe_shared=1, mlp="swiglu"),
                                                             dict(dp=4, tp=1, pp=1, cp=1), ep=4),
     "ep_resume": check_expert_parallel_resume,
+    # ZeRO-1 and -2 for everything but the experts (which each rank keeps whole, and updates itself)
+    "ep2_zero1_dp4": lambda: compare_with_reference("epz1", tiny_config(**MOE), dict(dp=4, tp=1, pp=1, cp=1), ep=2, zero=1),
+    "ep2_zero2_dp4": lambda: compare_with_reference("epz2", tiny_config(**MOE), dict(dp=4, tp=1, pp=1, cp=1), ep=2, zero=2,
+                                                    grad_accum=2),
     # an MoE model under ZeRO-2 (no expert parallelism: every rank holds every expert, sharded like any weight)
     "moe_zero2": lambda: compare_with_reference("moez2", tiny_config(**MOE), dict(dp=4, tp=1, pp=1, cp=1), zero=2),
     # data parallel, with gradient accumulation (2 micro-steps) to check no_sync
