@@ -556,7 +556,7 @@ class MoE(nn.Module):
     are chosen even more. Two cures, each a flag:
       the auxiliary loss (Switch, GShard: Lepikhin et al. 2020, arXiv:2006.16668)
           L_aux = E sum_i f_i P_i,  f_i = tokens sent to i / (k N),  P_i = mean over tokens of p_i
-      (sigmoid: of s_i / sum_j s_j), 1 when balanced, E when one expert takes all; added to the loss
+      (sigmoid: of s_i / sum_j s_j), 1 when balanced, E when one expert takes all (k = 1); added to the loss
       times --moe_aux. It pulls the router towards balance and away from what the LM loss wants.
       the loss-free bias (Wang et al. 2024, arXiv:2408.15664; DeepSeek-V3): a per-expert bias b is
       added to the scores only to *choose* the experts (never to weigh them), and after each step

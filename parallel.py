@@ -123,7 +123,7 @@ backward runs both the other way. Per MoE layer and micro-step rank r sends
     2 (sum_{j != r} n_{r->j} + sum_{j != r} n_{j->r}) C 4 bytes,   = 4 (ep-1)/ep N k C 4 when balanced,
 with n_{r->j} the slots of r's tokens routed to j's experts (N tokens, k slots each). Expert weights'
 gradients are summed over the d/ep ranks holding the same experts and divided by d (2 (d/ep - 1)/(d/ep)
-4 N_e/ep bytes); the rest is plain data parallelism. Memory: 16 N_e / ep for the experts' weights,
+4 N_e/ep bytes); the rest is plain data parallelism or ZeRO-1/2. Memory: 16 N_e / ep for the experts' weights,
 gradients and AdamW, the dense part as DDP. Tests hold the bytes and the 1/ep to these formulas.
 
 DiLoCo (Douillard et al. 2023, arXiv:2311.08455): d workers each take H local AdamW steps without

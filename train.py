@@ -670,7 +670,7 @@ def balance_experts(par: parallel.Parallelized, update: bool) -> dict:
         if update and m.bias_rate:
             m.update_bias(layer_load)
         m.reset_stats()
-    ratio = load.max(1).values / load.mean(1).clamp(min=1e-9)  # (L_moe,) 1 when balanced, E when one expert takes all
+    ratio = load.max(1).values / load.mean(1).clamp(min=1e-9)  # (L_moe,) 1 when balanced, E/k when the same k experts take every token
     return {"moe_load_max_over_mean": float(ratio.mean()), "moe_load_max_over_mean_worst": float(ratio.max()),
             "moe_aux_loss": float(stats[:, E + 1].sum() / (forwards * len(layers))), "moe_dropped": int(stats[:, E].sum())}
 
