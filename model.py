@@ -53,6 +53,24 @@ Modern options (each off by default, each a GPTConfig field)
   heads, each shared by n_head/n_kv_head query heads. It shrinks the KV cache at inference by the
   same factor; n_kv_head = 1 is multi-query attention (Shazeer 2019).
 
+Mixture of experts (moe_experts > 0)
+------------------------------------
+The MLP of every moe_every-th block becomes an MoE layer (Shazeer et al. 2017, arXiv:1701.06538;
+GShard; Switch): E expert MLPs, a linear router that scores them for each token, and only the k
+best-scored experts run on it, their outputs weighed by the scores:
+
+    y = sum over the top k experts i of w_i MLP_i(x)   (+ MLP_shared(x), the shared experts)
+
+Parameters grow with E, the work per token with k: an 8-expert top-2 layer holds 8 MLPs and runs 2.
+The router is softmax top-k (Switch, OLMoE) or sigmoid top-k normalised (DeepSeek-V3); experts may
+be narrower than the dense MLP (fine-grained) and some may be shared by every token (DeepSeekMoE).
+A router left alone overloads a few experts: MoE's docstring gives the two cures (the auxiliary
+loss, and the loss-free bias that train.py updates after each step) and the capacity option.
+`MoE.forward_loop` is the version to read; the fast path sorts the token-expert slots by expert
+and runs every expert as one grouped matmul (torch._grouped_mm, or a padded torch.bmm), equal up
+to rounding (tests). `MoE.dispatch` is the seam where parallel.py's expert parallelism sends the
+sorted tokens to the ranks that hold their experts. With one expert and k = 1 it is the dense MLP.
+
 Attention backends
 ------------------
 `naive` writes the masked softmax out (the one to read), `sdpa` calls torch's
@@ -96,7 +114,8 @@ express. Tests check logits against transformers to 1e-4 in float32 and token id
 Map of this file, in reading order
 ----------------------------------
 GPTConfig, MODEL_PRESETS -> LayerNorm, RMSNorm -> rope_cache, apply_rope -> naive_attention,
-sdpa_attention, attend, cached_attention -> CausalSelfAttention -> MLP -> Block -> GPT (init,
+sdpa_attention, attend, cached_attention -> CausalSelfAttention -> MLP -> mixture of experts
+(grouped_matmul, Experts, MoE) -> Block -> GPT (init,
 forward, parameter count, generate, GPT-2 and Llama state dicts, from_pretrained_dir) -> KVCache,
 filter_logits -> the Hugging Face directory (config.json, weights, tokenizer.json, export_hf) ->
 a small command line (describe a preset, --bench_generate, export).
@@ -141,6 +160,16 @@ class GPTConfig:
     attention: str = "sdpa"  # attention backend: naive (explicit softmax), sdpa (torch fused); kernels.py adds triton
     fused_ce: bool = False  # loss from the final hidden states in chunks (kernels.linear_cross_entropy): the (B, T, V) logits are never stored
     activation_checkpointing: bool = False  # keep only each block's input and recompute its inside in the backward (less memory, one more forward)
+    moe_experts: int = 0  # E: routed experts per MoE layer (0: a dense MLP in every block)
+    moe_topk: int = 2  # k: experts each token is sent to (Mixtral: 2 of 8; OLMoE: 8 of 64)
+    moe_every: int = 1  # an MoE layer replaces the MLP in every n-th block (blocks n-1, 2n-1, ...; GShard and Switch: every 2nd)
+    moe_shared: int = 0  # S: shared experts every token passes through, beside the k routed ones (DeepSeekMoE)
+    moe_expert_frac: float = 1.0  # each expert's hidden width as a fraction of the dense MLP's (below 1: fine-grained experts, DeepSeekMoE)
+    moe_router: str = "softmax"  # softmax (Switch, OLMoE: the top-k softmax probabilities) or sigmoid (DeepSeek-V3: top-k sigmoid scores, normalised)
+    moe_capacity: float = 0.0  # capacity factor: each expert takes at most ceil(factor k N / E) of the N tokens, the rest dropped (0: dropless)
+    moe_aux: float = 0.0  # coefficient of the Switch/GShard load-balancing loss E sum_i f_i P_i (Switch: 0.01; 0: off)
+    moe_zloss: float = 0.0  # coefficient of the router z-loss mean(logsumexp(logits)^2) (ST-MoE: 0.001; 0: off)
+    moe_bias_update: float = 0.001  # loss-free balancing: after each step b_i += rate sign(mean load - load_i) (DeepSeek-V3: 0.001; 0: off)
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -157,6 +186,17 @@ class GPTConfig:
             raise ValueError(f"unknown mlp '{self.mlp}': use gelu or swiglu")
         if self.attention not in ATTENTION_BACKENDS and self.attention != "triton":
             raise ValueError(f"unknown attention backend '{self.attention}': use one of {sorted(ATTENTION_BACKENDS) + ['triton']}")
+        if self.moe_experts and not 1 <= self.moe_topk <= self.moe_experts:
+            raise ValueError(f"--moe_topk {self.moe_topk} must be between 1 and --moe_experts {self.moe_experts}")
+        if self.moe_experts and self.activation_checkpointing:
+            raise ValueError("--activation_checkpointing with --moe_experts: the recomputed forward would count each "
+                             "expert's load twice; drop one of the two")
+        if self.moe_router not in ("softmax", "sigmoid"):
+            raise ValueError(f"unknown moe_router '{self.moe_router}': use softmax or sigmoid")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block i holds an MoE layer instead of the MLP: every moe_every-th block."""
+        return self.moe_experts > 0 and i % self.moe_every == self.moe_every - 1
 
     @property
     def head_size(self) -> int:
@@ -364,10 +404,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, hidden: int | None = None):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
-        hidden = mlp_hidden(config)
+        hidden = hidden or mlp_hidden(config)  # another width: an MoE's shared experts
         # for SwiGLU, c_fc holds both the gate and the up projection, side by side
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -396,13 +436,276 @@ def mlp_hidden(config: GPTConfig) -> int:
     return swiglu_hidden(config.n_embd) if config.mlp == "swiglu" else 4 * config.n_embd
 
 
-class Block(nn.Module):
+# ----------------------------------------------------------------------------------------------
+# Mixture of experts: E expert MLPs, k of them per token
+
+
+def expert_hidden(config: GPTConfig) -> int:
+    """One routed expert's hidden width: moe_expert_frac of the dense MLP's H (mlp_hidden), at least 1.
+    Below 1 the experts are "fine-grained" (DeepSeekMoE, Dai et al. 2024, arXiv:2401.06066): more,
+    narrower experts at the same FLOPs when k grows by the same factor."""
+    return max(1, round(config.moe_expert_frac * mlp_hidden(config)))
+
+
+_GROUPED_MM_WORKS = {}  # (device type, dtype, K, N) -> whether torch._grouped_mm ran forward and backward there
+
+
+def grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm (torch >= 2.8) runs on this device, dtype and shape: it needs rows
+    aligned to 16 bytes on CUDA and bf16 on most GPUs; the CPU has a reference kernel. Tried once
+    on a tiny problem of the same shape (forward and backward) and remembered."""
+    if not hasattr(torch, "_grouped_mm") or torch.compiler.is_compiling():
+        return False
+    key = (x.device.type, x.dtype, w.size(1), w.size(2))
+    if key not in _GROUPED_MM_WORKS:
+        try:
+            a = torch.zeros(16, w.size(1), device=x.device, dtype=x.dtype, requires_grad=True)
+            b = torch.zeros(2, w.size(1), w.size(2), device=x.device, dtype=x.dtype, requires_grad=True)
+            y = torch._grouped_mm(a, b, offs=torch.tensor([8, 16], device=x.device, dtype=torch.int32))
+            y.backward(torch.ones_like(y))
+            _GROUPED_MM_WORKS[key] = True
+        except (RuntimeError, NotImplementedError, TypeError):
+            _GROUPED_MM_WORKS[key] = False
+    return _GROUPED_MM_WORKS[key]
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul runs in here: autocast's (bf16 under train.py's autocast), else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def padded_batched_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """grouped_matmul as one torch.bmm: the groups copied into an (E, max count, K) tensor, zero
+    rows after each group's own, times w (E, K, N), and the real rows read back. Pads every group
+    to the largest, so it costs E x max count rows of work: more the worse the balance."""
+    n, E = x.size(0), w.size(0)
+    start = counts.cumsum(0) - counts  # (E,) first row of each group
+    group = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=n)  # (n,) group of each row
+    slot = torch.arange(n, device=x.device) - start[group]  # (n,) row within its group
+    padded = x.new_zeros(E, int(counts.max()) if n else 0, x.size(1))
+    padded = padded.index_put((group, slot), x)  # (E, max count, K)
+    return torch.bmm(padded, w.to(padded.dtype))[group, slot]  # (E, m, K) x (E, K, N) -> (E, m, N) -> (n, N)
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (n, K) holds E consecutive groups of rows, counts[e] in group e; group e is multiplied by
+    w[e] (K, N): -> (n, N). One torch._grouped_mm kernel where it runs (offsets = the groups' ends),
+    else padded_batched_matmul."""
+    dtype = matmul_dtype(x)
+    x, w = x.to(dtype), w.to(dtype)
+    if not grouped_mm_usable(x, w):
+        return padded_batched_matmul(x, w, counts)
+    y = torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+    if y.requires_grad:  # the CPU kernel's backward refuses a broadcast (stride 0) gradient, as y.sum() gives
+        y.register_hook(lambda g: g.contiguous())
+    return y
+
+
+class Experts(nn.Module):
+    """E expert MLPs stacked: w_fc (E, C, F) with F = H (GELU) or 2H (SwiGLU: gate and up side by
+    side), w_proj (E, H, C), biases (E, F) and (E, C) when config.bias. Stored (in, out), the
+    transpose of nn.Linear's (out, in): w_fc[e] is expert e's first matrix as x @ w_fc[e] uses it,
+    and the stack is a grouped matmul's right operand as it is. first: the global index of w_fc[0]
+    (expert parallelism keeps a slice of the experts on each rank; parallel.py)."""
+
+    def __init__(self, n_experts: int, n_embd: int, hidden: int, swiglu: bool, bias: bool):
+        super().__init__()
+        width = 2 * hidden if swiglu else hidden
+        self.swiglu, self.first = swiglu, 0
+        self.w_fc = nn.Parameter(torch.empty(n_experts, n_embd, width))
+        self.w_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
+        self.b_fc = nn.Parameter(torch.zeros(n_experts, width)) if bias else None
+        self.b_proj = nn.Parameter(torch.zeros(n_experts, n_embd)) if bias else None
+
+    def activation(self, h):
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(h, approximate="tanh")
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e (a local index) on its tokens x (n, C) -> (n, C): the dense MLP's maths with its own weights."""
+        h = x @ self.w_fc[e] + (self.b_fc[e] if self.b_fc is not None else 0)  # (n, C) x (C, F) -> (n, F)
+        return self.activation(h) @ self.w_proj[e] + (self.b_proj[e] if self.b_proj is not None else 0)  # (n, H) -> (n, C)
+
+    def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every expert at once on x (n, C), its tokens sorted by expert, counts[e] for (local) expert e -> (n, C)."""
+        h = grouped_matmul(x, self.w_fc, counts)  # (n, F)
+        if self.b_fc is not None:
+            h = h + self.b_fc.repeat_interleave(counts, dim=0, output_size=x.size(0))
+        y = grouped_matmul(self.activation(h), self.w_proj, counts)  # (n, C)
+        if self.b_proj is not None:
+            y = y + self.b_proj.repeat_interleave(counts, dim=0, output_size=x.size(0))
+        return y
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts layer in place of the MLP: (B, T, C) -> (B, T, C).
+
+    Route (a linear router, logits z = x W_r, E per token):
+        softmax (Switch, Fedus et al. 2021, arXiv:2101.03961; OLMoE, Muennighoff et al. 2024,
+        arXiv:2409.02060): p = softmax(z); the k largest p_i pick the experts and weigh them as they are
+        sigmoid (DeepSeek-V3, arXiv:2412.19437, sec. 2.1.2): s = sigmoid(z); the k largest pick the
+        experts, weighed by s_i / sum of the k chosen s_j
+    and the layer's output is  y = sum over the k chosen i of w_i Expert_i(x)  (+ Shared(x), DeepSeekMoE).
+    With E = k = 1 the weight is 1 and y is the dense MLP (a test checks logits and gradients).
+
+    Balance. A router left alone sends most tokens to a few experts, which then learn fastest and
+    are chosen even more. Two cures, each a flag:
+      the auxiliary loss (Switch, GShard: Lepikhin et al. 2020, arXiv:2006.16668)
+          L_aux = E sum_i f_i P_i,  f_i = tokens sent to i / (k N),  P_i = mean over tokens of p_i
+      (sigmoid: of s_i / sum_j s_j), 1 when balanced, E when one expert takes all (k = 1); added to the loss
+      times --moe_aux. It pulls the router towards balance and away from what the LM loss wants.
+      the loss-free bias (Wang et al. 2024, arXiv:2408.15664; DeepSeek-V3): a per-expert bias b is
+      added to the scores only to *choose* the experts (never to weigh them), and after each step
+          b_i <- b_i + u sign(mean_j load_j - load_i)   (u = --moe_bias_update)
+      so an overloaded expert is chosen less next step. No gradient touches it: a buffer, updated by
+      update_bias, saved in checkpoints. Optionally the router z-loss (ST-MoE, Zoph et al. 2022,
+      arXiv:2202.08906) mean_t logsumexp(z_t)^2 keeps the logits small.
+
+    Dropless by default: every token reaches its k experts. With a capacity factor c, expert i takes
+    at most ceil(c k N / E) of its tokens, first choices first then second choices, each in token
+    order (GShard's priority); the rest are dropped (the residual stream carries the token on) and counted.
+
+    Two ways to run the experts, equal up to rounding (a test): forward_loop, the one to read (for
+    each expert, find its tokens, run it, add the weighted result back), and the fast one: the N k
+    (token, expert) slots sorted by expert, every expert run at once as two grouped matmuls, the
+    results added back with one index_add. `dispatch` is the seam where expert parallelism
+    (parallel.py) sends the sorted tokens to the ranks that hold their experts and back.
+    """
+
     def __init__(self, config: GPTConfig):
+        super().__init__()
+        E, hidden = config.moe_experts, expert_hidden(config)
+        self.n_experts, self.topk, self.router_kind, self.capacity_factor = E, config.moe_topk, config.moe_router, config.moe_capacity
+        self.aux_coef, self.zloss_coef, self.bias_rate = config.moe_aux, config.moe_zloss, config.moe_bias_update
+        self.router = nn.Linear(config.n_embd, E, bias=False)  # (C) -> (E) logits
+        self.experts = Experts(E, config.n_embd, hidden, config.mlp == "swiglu", config.bias)
+        # S shared experts of width hidden are one MLP of width S hidden (DeepSeekMoE, sec. 3.2)
+        self.shared = MLP(config, hidden=config.moe_shared * hidden) if config.moe_shared else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.register_buffer("expert_bias", torch.zeros(E))  # the loss-free balancer's b: persistent, so checkpointed
+        self.register_buffer("load", torch.zeros(E), persistent=False)  # tokens routed to each expert since reset_stats
+        self.register_buffer("dropped", torch.zeros(()), persistent=False)  # (token, expert) slots dropped since then
+        self.register_buffer("aux_sum", torch.zeros(()), persistent=False)  # sum of L_aux over the forwards since then
+        self.forwards = 0  # training forwards since reset_stats
+        self.loss = None  # the last training forward's weighted balancing losses, which GPT.forward adds
+        self.impl = "fast"  # fast, or loop (forward_loop); tests switch it
+        self.dispatch = None  # expert parallelism: f(sorted tokens, counts per expert) -> expert outputs
+
+    def route(self, x: torch.Tensor):
+        """x (N, C) -> logits (N, E), router probabilities (N, E), chosen experts (N, k), their weights (N, k)."""
+        logits = at_least_float32(self.router(x))  # float32 at least: a softmax over E in bf16 is coarse
+        probs = F.softmax(logits, dim=-1) if self.router_kind == "softmax" else torch.sigmoid(logits)
+        chosen = torch.topk(probs.detach() + self.expert_bias, self.topk, dim=-1).indices  # the bias only chooses
+        weights = probs.gather(-1, chosen)  # (N, k)
+        if self.router_kind == "sigmoid":
+            weights = weights / weights.sum(-1, keepdim=True)  # DeepSeek-V3 normalises the chosen scores
+        return logits, probs, chosen, weights
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """Slots per expert, ceil(c k N / E), or None (dropless)."""
+        if not self.capacity_factor:
+            return None
+        return math.ceil(self.capacity_factor * self.topk * n_tokens / self.n_experts)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        x = x.reshape(B * T, C)
+        logits, probs, chosen, weights = self.route(x)
+        capacity = self.capacity(B * T)
+        y = self.forward_loop(x, chosen, weights, capacity) if self.impl == "loop" else \
+            self.forward_sorted(x, chosen, weights, capacity)
+        if self.shared is not None:
+            y = y + self.shared(x)  # (N, C): every token, no routing
+        if self.training:
+            self.record(logits, probs, chosen, capacity)
+        return self.dropout(y.view(B, T, C))
+
+    # EXERCISE: moe-loop (tests/test_model.py -k 'sorted_grouped_path or capacity_drops')
+    def forward_loop(self, x, chosen, weights, capacity):
+        """The readable version: for each expert, its tokens (first choices first, then second
+        choices, each in token order; only the first `capacity` with a capacity), its MLP on them,
+        the weighted results added back at their tokens. x (N, C), chosen and weights (N, k)."""
+        y = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, weights.dtype))
+        for e in range(self.n_experts):
+            choice, token = torch.nonzero(chosen.t() == e, as_tuple=True)  # (k, N) row-major: choice-major order
+            if capacity is not None:
+                choice, token = choice[:capacity], token[:capacity]
+            out = self.experts.expert(e, x[token])  # (n_e, C)
+            y = y.index_add(0, token, out * weights[token, choice].unsqueeze(-1))
+        return y
+
+    def sort_slots(self, chosen, capacity):
+        """The N k (token, expert) slots, choice-major (slot s = j N + t: token t's j-th choice),
+        sorted by expert (stably, so each expert's slots keep the loop's order), those past an
+        expert's capacity dropped: (kept slot ids in sorted order, kept slots per expert (E,))."""
+        expert = chosen.t().reshape(-1)  # (k N,)
+        order = torch.argsort(expert, stable=True)
+        counts = torch.bincount(expert, minlength=self.n_experts)  # (E,)
+        if capacity is not None:
+            first = counts.cumsum(0) - counts  # where each expert's slots start in `order`
+            rank = torch.arange(order.numel(), device=order.device) - first[expert[order]]  # rank within its expert
+            order = order[rank < capacity]
+            counts = counts.clamp(max=capacity)
+        return order, counts
+
+    def forward_sorted(self, x, chosen, weights, capacity):
+        """The fast version: sort the slots by expert, gather their tokens into one (n, C) tensor,
+        all experts as grouped matmuls (or, under expert parallelism, on the ranks that hold them),
+        weigh, and add back at the tokens with one index_add."""
+        N = x.size(0)
+        order, counts = self.sort_slots(chosen, capacity)
+        token = order % N  # slot s belongs to token s mod N
+        weight = weights.t().reshape(-1)[order]  # (n,) the weight of each kept slot
+        xs = x[token]  # (n, C) tokens sorted by expert
+        ys = self.dispatch(xs, counts) if self.dispatch is not None else self.experts.grouped(xs, counts)
+        y = torch.zeros(N, x.size(1), device=x.device, dtype=torch.promote_types(ys.dtype, weight.dtype))
+        return y.index_add(0, token, ys * weight.unsqueeze(-1))  # (N, C)
+
+    def record(self, logits, probs, chosen, capacity):
+        """A training forward's statistics (load, dropped slots, L_aux), and the weighted balancing
+        losses in self.loss for GPT.forward to add (None if both coefficients are 0)."""
+        N, E, k = logits.size(0), self.n_experts, self.topk
+        counts = torch.bincount(chosen.reshape(-1), minlength=E)  # (E,) slots routed to each expert
+        f = counts.to(probs.dtype) / (k * N)  # fraction of the slots
+        P = (probs if self.router_kind == "softmax" else probs / probs.sum(-1, keepdim=True)).mean(0)  # (E,)
+        aux = E * (f * P).sum()
+        self.loss = None
+        if self.aux_coef:
+            self.loss = self.aux_coef * aux
+        if self.zloss_coef:
+            z = self.zloss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
+            self.loss = z if self.loss is None else self.loss + z
+        with torch.no_grad():
+            self.load += counts
+            if capacity is not None:
+                self.dropped += (counts - capacity).clamp(min=0).sum()
+            self.aux_sum += aux.detach()
+            self.forwards += 1
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor):
+        """The loss-free balancer's step: b_i += u sign(mean load - load_i), with load (E,) the
+        tokens each expert was routed in the step (summed over every data-parallel rank)."""
+        self.expert_bias += self.bias_rate * torch.sign(load.mean() - load)
+
+    def reset_stats(self):
+        self.load.zero_()
+        self.dropped.zero_()
+        self.aux_sum.zero_()
+        self.forwards = 0
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, moe: bool = False):
         super().__init__()
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if moe else MLP(config)  # the name stays: an MoE is the block's MLP, made sparse
 
     def forward(self, x, kv_cache=None):
         x = x + self.attn(self.ln_1(x), kv_cache=kv_cache)  # communicate between positions
@@ -424,7 +727,7 @@ class GPT(nn.Module):
                 # learned absolute positions (T_max, C); RoPE puts positions inside attention instead
                 wpe=None if config.rope else nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, config.is_moe_layer(i)) for i in range(config.n_layer)]),
                 ln_f=make_norm(config),
             )
         )
@@ -441,6 +744,9 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 torch.nn.init.zeros_(module.bias)
+        if isinstance(module, Experts):  # each expert as the dense MLP is initialised; w_proj writes into the residual
+            torch.nn.init.normal_(module.w_fc, mean=0.0, std=0.02)
+            torch.nn.init.normal_(module.w_proj, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets are given.
@@ -456,7 +762,15 @@ class GPT(nn.Module):
         x = self.run_blocks(self.embed(idx, start), kv_cache=kv_cache)
         if kv_cache is not None:
             kv_cache.length += idx.size(1)  # every layer has stored these positions
-        return self.head(x, targets)
+        logits, loss = self.head(x, targets)
+        if loss is not None and self.training:  # the MoE layers' balancing losses (--moe_aux, --moe_zloss) join the objective
+            for moe in self.moe_layers():
+                loss = loss if moe.loss is None else loss + moe.loss
+        return logits, loss
+
+    def moe_layers(self) -> list:
+        """The MoE layers, in block order (empty for a dense model)."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
 
     def embed(self, idx, start: int = 0):
         """(B, T) token ids at positions start..start+T-1 -> (B, T, C): token embedding, plus the
@@ -507,14 +821,18 @@ class GPT(nn.Module):
 
     # --- counting ---------------------------------------------------------------------------
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Exact number of distinct parameters (a tied matrix counts once).
+    def num_params(self, exclude_embeddings: bool = False, active: bool = False) -> int:
+        """Exact number of distinct parameters (a tied matrix counts once); active=True: those one
+        token uses, each MoE layer's routed experts counted k of E (the rest are total, not active).
 
         exclude_embeddings drops the token and position embeddings, the convention of Kaplan et al.
         (2020), whose scaling laws use non-embedding N. With tied embeddings the output layer *is*
         the token embedding, so it is excluded too; an untied lm_head is a real matmul and stays in.
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if active:  # a token meets k of each MoE layer's E routed experts (and the router and shared experts)
+            n -= sum(sum(p.numel() for p in m.experts.parameters()) * (m.n_experts - m.topk) // m.n_experts
+                     for m in self.moe_layers())
         if exclude_embeddings:
             n -= self.transformer.wte.weight.numel()
             if self.transformer.wpe is not None:
@@ -802,6 +1120,8 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 
 def hf_architecture(config: GPTConfig) -> str:
     """'gpt2' or 'llama': the transformers class that computes exactly this model, or a ValueError."""
+    if config.moe_experts:
+        raise ValueError("an MoE model has no Hugging Face class here (GPT-2 and Llama are dense): export a model trained without --moe_experts")
     if not config.rope and config.norm == "layernorm" and config.mlp == "gelu" and config.n_kv_head == config.n_head:
         return "gpt2"
     if config.rope and config.norm == "rmsnorm" and config.mlp == "swiglu":
@@ -1152,7 +1472,8 @@ def main(argv=None):
         config = configs[presets[0]]
         model = GPT(config)
         print(asdict(config))
-        print(f"parameters: {model.num_params():,} total, {model.num_params(exclude_embeddings=True):,} without embeddings")
+        active = f", {model.num_params(active=True):,} active per token (MoE)" if config.moe_experts else ""
+        print(f"parameters: {model.num_params():,} total, {model.num_params(exclude_embeddings=True):,} without embeddings{active}")
         return
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -114,6 +114,19 @@ parallel's gradient all-reduce over the dp x cp ranks. Memory: weights, gradient
 data parallel's (every cp rank holds the model); activations 1/c of one device's, and each score
 block is (T/c)^2 instead of T^2.
 
+Expert parallelism (GShard, Lepikhin et al. 2020, arXiv:2006.16668; Switch, Fedus et al. 2021),
+for a mixture-of-experts model (model.MoE), ep ranks per group inside the data group: rank i of a
+group keeps experts [i E/ep, (i+1) E/ep) of every MoE layer and everything else whole. Each rank
+routes its own tokens; an all-to-all of the counts (E int64 per layer) tells every rank how many
+rows it will receive; an all-to-all sends each (token, expert) slot's C values to its expert's rank
+(dispatch), the experts run there, and a second all-to-all brings the outputs back (combine);
+backward runs both the other way. Per MoE layer and micro-step rank r sends
+    2 (sum_{j != r} n_{r->j} + sum_{j != r} n_{j->r}) C 4 bytes,   = 4 (ep-1)/ep N k C 4 when balanced,
+with n_{r->j} the slots of r's tokens routed to j's experts (N tokens, k slots each). Expert weights'
+gradients are summed over the d/ep ranks holding the same experts and divided by d (2 (d/ep - 1)/(d/ep)
+4 N_e/ep bytes); the rest is plain data parallelism or ZeRO-1/2. Memory: 16 N_e / ep for the experts' weights,
+gradients and AdamW, the dense part as DDP. Tests hold the bytes and the 1/ep to these formulas.
+
 DiLoCo (Douillard et al. 2023, arXiv:2311.08105): d workers each take H local AdamW steps without
 talking; then the pseudo-gradient theta_global - theta_local is averaged (one all-reduce of 4N) and
 an outer Nesterov SGD (lr 0.7, momentum 0.9, the paper's) moves theta_global. Communication is
@@ -138,7 +151,7 @@ parallel (BucketedDataParallel) -> ZeRO 1/2 and 3 (FlatShard, ShardedAdamW, ZeRO
 ZeRO3) -> tensor parallel (f, g, column/row layers, vocabulary-parallel embedding and
 cross-entropy, its checkpoint pieces) -> sequence parallel (all-gather / reduce-scatter along T,
 per-rank dropout) -> pipeline (cut_to_stage, GPipe, 1F1B, the tied embedding's sum) -> context
-parallel (ring attention) -> DiLoCo -> torch's native versions (DTensor tensor parallelism, DDP
+parallel (ring attention) -> DiLoCo -> expert parallelism (all-to-all dispatch and combine) -> torch's native versions (DTensor tensor parallelism, DDP
 and ZeroRedundancyOptimizer, FSDP2) and make_data_parallel -> Parallelized (the composition, with
 a table of which strategy does what in each call) -> the command line (`preflight`: every
 collective once, with the usual fixes when one fails; `plan`: scaling.py's formulas for a model
@@ -162,7 +175,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import ATTENTION_BACKENDS, GPT, mlp_hidden, repeat_kv
+from model import ATTENTION_BACKENDS, GPT, MoE, mlp_hidden, repeat_kv
 
 MESH_DIMS = ("pp", "dp", "cp", "tp")  # outermost to innermost (see "The mesh")
 
@@ -424,6 +437,20 @@ def broadcast(tensor, group, tag: str):
     if dist.get_rank(group) == 0:
         BYTES_SENT[tag] += tensor.numel() * tensor.element_size()
     dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
+
+
+def all_to_all(input, send_rows: list, recv_rows: list, group, tag: str):
+    """Rank r sends send_rows[j] consecutive rows of input to rank j of the group and receives
+    recv_rows[j] rows from rank j, in rank order: all_to_all_single with uneven splits (gloo and
+    NCCL both have it). Sends the rows meant for the other ranks: sum over j != r of send_rows[j]
+    rows of (input's row numel x element size) bytes; its own rows stay."""
+    if group_size(group) == 1:
+        return input
+    row_bytes = math.prod(input.shape[1:]) * input.element_size()  # (a rank may have no rows to send)
+    BYTES_SENT[tag] += (sum(send_rows) - send_rows[dist.get_rank(group)]) * row_bytes
+    output = input.new_empty((sum(recv_rows), *input.shape[1:]))
+    dist.all_to_all_single(output, input.contiguous(), output_split_sizes=recv_rows, input_split_sizes=send_rows, group=group)
+    return output
 
 
 def exchange(group, tag: str, sends=(), recvs=(), wait: bool = True):
@@ -700,7 +727,8 @@ class BucketedDataParallel(Replicated):
     def __init__(self, module: nn.Module, make_optimizer, group, bucket_mb: float = 25.0):  # 25 MB: torch DDP's bucket_cap_mb
         super().__init__(module, make_optimizer)
         self.group, self.require_sync = group, True
-        params = [p for p in module.parameters() if p.requires_grad]
+        # expert weights under expert parallelism differ between ranks: ExpertParallel reduces them
+        params = [p for p in module.parameters() if p.requires_grad and not getattr(p, "expert_parallel", False)]
         for p in params:
             broadcast(p.data, group, "init")
         self.buckets, self.slot = [], {}
@@ -884,9 +912,11 @@ class ShardedAdamW(torch.optim.Optimizer):
         theta -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     """
 
-    def __init__(self, units: list, lr: float, betas: tuple, eps: float = 1e-8):  # eps 1e-8: torch's default
-        super().__init__([u.shard for u in units], dict(lr=lr, betas=betas, eps=eps))
-        self.decay = {u.shard: u.weight_decay for u in units}
+    def __init__(self, units: list, lr: float, betas: tuple, eps: float = 1e-8, whole=(), weight_decay: float = 0.0):
+        # eps 1e-8: torch's default. whole: parameters kept whole, outside any shard (expert parallelism's
+        # experts, which differ between the data ranks), updated the same way with is_decayed's rule
+        super().__init__([u.shard for u in units] + list(whole), dict(lr=lr, betas=betas, eps=eps))
+        self.decay = {u.shard: u.weight_decay for u in units} | {p: weight_decay if is_decayed(p) else 0.0 for p in whole}
 
     # EXERCISE: zero (tests/test_parallel.py -k 'sharded_adamw or (two_ranks and zero)')
     @torch.no_grad()
@@ -918,8 +948,13 @@ class ZeRO(Replicated):
 
     def __init__(self, model: nn.Module, group, stage: int, lr: float, betas: tuple, weight_decay: float):
         self.module = self.forward_module = model
-        self.stage, self.unit = stage, FlatShard(list(model.named_parameters()), group, weight_decay, keep_full=True)
-        self.optimizer, self.full_grad = ShardedAdamW([self.unit], lr, betas), None
+        # expert parallelism's experts differ between the data ranks: they stay whole, outside the shard
+        expert = lambda p: getattr(p, "expert_parallel", False)
+        self.experts = {n: p for n, p in model.named_parameters() if expert(p)}
+        named = [(n, p) for n, p in model.named_parameters() if not expert(p)]
+        self.stage, self.unit = stage, FlatShard(named, group, weight_decay, keep_full=True)
+        self.optimizer = ShardedAdamW([self.unit], lr, betas, whole=self.experts.values(), weight_decay=weight_decay)
+        self.full_grad = None
 
     # EXERCISE: zero
     def finish_gradient_sync(self):
@@ -946,7 +981,8 @@ class ZeRO(Replicated):
         all_gather(self.unit.full, self.unit.shard.detach(), self.unit.group, "params")
 
     def local_grads(self) -> dict:
-        return self.unit.shard_views(self.unit.shard.grad) if self.unit.shard.grad is not None else {}
+        grads = self.unit.shard_views(self.unit.shard.grad) if self.unit.shard.grad is not None else {}
+        return grads | {n: p.grad for n, p in self.experts.items() if p.grad is not None}
 
     def zero_grad(self):
         super().zero_grad()
@@ -959,7 +995,9 @@ class ZeRO(Replicated):
 
     def full_optimizer_state(self) -> dict:
         state = self.optimizer.state.get(self.unit.shard)
-        return self.unit.named_moments(state) if state else {}
+        experts = {n: {k: v.clone() for k, v in self.optimizer.state[p].items()} for n, p in self.experts.items()
+                   if self.optimizer.state.get(p)}
+        return (self.unit.named_moments(state) if state else {}) | experts
 
     def local_pieces(self) -> dict:
         """Every rank holds the whole weights (replicas: one copy is written), and its slice of the moments."""
@@ -970,8 +1008,14 @@ class ZeRO(Replicated):
     def load_state(self, model_state: dict, optimizer_state: dict | None, piece):
         for name, p in zip(self.unit.names, self.unit.params):
             p.copy_(piece(name, model_state[name], model_state[name]).view_as(p))
+        for name, p in self.experts.items():
+            p.copy_(piece(name, model_state[name], p))
         if optimizer_state:
             self.optimizer.state[self.unit.shard] = self.unit.load_moments(optimizer_state, piece)
+            for name, p in self.experts.items():
+                saved = optimizer_state[name]
+                self.optimizer.state[p] = {"step": saved["step"].clone().float(),
+                                           **{k: piece(name, saved[k], p).clone() for k in ("exp_avg", "exp_avg_sq")}}
 
 
 class GatherParams(torch.autograd.Function):
@@ -1832,6 +1876,145 @@ class DiLoCo(Replicated):
 
 
 # ----------------------------------------------------------------------------------------------
+# Expert parallelism: each rank holds E/ep of every MoE layer's experts; tokens travel to them
+
+
+def expert_parallel_groups(layout: Layout, ep: int) -> tuple:
+    """(this rank's expert-parallel group, its same-experts group). Each data group (dp x cp ranks,
+    in data-rank order) is cut into runs of ep consecutive ranks: one run holds every expert once,
+    rank i of it experts [i E/ep, (i+1) E/ep). The ranks at the same place in every run hold the
+    same experts: their gradients are summed over that group. Every rank creates every group."""
+    data = layout.size("data")
+    dims = layout.mesh.mesh.permute(0, 3, 1, 2).reshape(-1, data)  # (pp tp, dp cp): one data group per row
+    runs = dims.reshape(-1, ep)  # every run of ep consecutive data ranks
+    same = dims.reshape(dims.size(0), data // ep, ep).transpose(1, 2).reshape(-1, data // ep)
+    return subgroup(runs), subgroup(same)
+
+
+class AllToAll(torch.autograd.Function):
+    """all_to_all as an autograd function: forward sends send_rows[j] rows to rank j; backward sends
+    each row's gradient back where the row came from (the same exchange with the splits swapped)."""
+
+    @staticmethod
+    def forward(ctx, x, send_rows, recv_rows, group):
+        ctx.send_rows, ctx.recv_rows, ctx.group = send_rows, recv_rows, group
+        return all_to_all(x, send_rows, recv_rows, group, "ep")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_to_all(grad, ctx.recv_rows, ctx.send_rows, ctx.group, "ep"), None, None, None
+
+
+class ExpertDispatch:
+    """MoE.dispatch under expert parallelism: f(xs (n, C) this rank's (token, expert) slots sorted
+    by global expert, counts (E,) slots per expert) -> the experts' outputs for those slots (n, C).
+
+    1. counts: each rank tells every rank of its group how many slots it sends to each of that
+       rank's E/ep experts (an all-to-all of E int64 numbers), so all know the sizes of step 2;
+    2. dispatch: the slots go to their experts' ranks (all-to-all; the slots for rank j are
+       consecutive, because they are sorted by expert and j's experts are consecutive);
+    3. the received slots, grouped by source rank, are regrouped by local expert, run as grouped
+       matmuls (Experts.grouped), and put back in the received order;
+    4. combine: the outputs return to the slots' ranks (all-to-all, the splits of step 2 swapped).
+    """
+
+    def __init__(self, experts: nn.Module, n_experts: int, group):
+        self.experts, self.n_experts, self.group = experts, n_experts, group
+
+    def __call__(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        ep = group_size(self.group)
+        local = self.n_experts // ep
+        received_counts = all_to_all(counts, [local] * ep, [local] * ep, self.group, "ep_counts")  # (ep local,): [source, expert]
+        send_rows = counts.view(ep, local).sum(1).tolist()
+        recv_rows = received_counts.view(ep, local).sum(1).tolist()
+        received = AllToAll.apply(xs, send_rows, recv_rows, self.group)  # (m, C), by source rank, then by local expert
+        expert_of_row = torch.repeat_interleave(torch.arange(local, device=xs.device).repeat(ep), received_counts,
+                                                output_size=received.size(0))
+        by_expert = torch.argsort(expert_of_row, stable=True)  # source-major -> expert-major
+        ys = self.experts.grouped(received[by_expert], received_counts.view(ep, local).sum(0))
+        back = torch.empty_like(by_expert)
+        back[by_expert] = torch.arange(by_expert.numel(), device=xs.device)  # the inverse permutation
+        return AllToAll.apply(ys[back], recv_rows, send_rows, self.group)  # (n, C), in xs's order
+
+
+EXPERT_WEIGHTS = ("w_fc", "w_proj", "b_fc", "b_proj")
+
+
+class ExpertParallel:
+    """Expert parallelism (GShard, Lepikhin et al. 2020, arXiv:2006.16668; Switch, Fedus et al.
+    2021), with ep ranks per group inside the data group (d = dp x cp ranks): rank i of each group
+    keeps experts [i E/ep, (i+1) E/ep) of every MoE layer and routes its own tokens as one process
+    would, then MoE.dispatch (an ExpertDispatch) carries the slots to the experts' ranks and back.
+
+    Gradients. The backward all-to-alls bring each expert's weight gradient home, summed over the
+    slots of all ep ranks of its group; the d/ep ranks holding the same experts (one per group) then
+    sum theirs with one all-reduce, and divide by d, as data parallelism's mean does. The expert
+    weights are left out of the data-parallel buckets (and of ZeRO-1/2's flat shard, whose
+    ShardedAdamW updates them whole); everything else (attention, router, shared experts,
+    embeddings) is data parallel, or ZeRO-sharded, as before.
+
+    Per rank, float32, for N_e expert weights (every MoE layer's experts) and N_d the rest:
+        memory    weights + gradients + AdamW: 16 N_e / ep  +  DDP's 20 N_d
+        sent per MoE layer and micro-step, with n_{r->j} of rank r's slots going to rank j's experts,
+        each row C values of b bytes:
+            dispatch  sum_{j != r} n_{r->j} C b      combine  sum_{j != r} n_{j->r} C b
+            backward: the same two the other way, so 2 (sum_{j != r} n_{r->j} + sum_{j != r} n_{j->r}) C b in all,
+            4 (ep - 1)/ep N k C b when the N tokens' k slots spread evenly; counts (ep - 1) E/ep 8 bytes
+        per step  the expert gradients' all-reduce, 2 (d/ep - 1)/(d/ep) 4 N_e / ep
+    Test: tests/test_parallel.py holds the all-to-all bytes to this formula, and losses and weights
+    to one process's.
+    """
+
+    def __init__(self, model: GPT, layout: Layout, ep: int):
+        self.layout, self.ep = layout, ep
+        self.group, self.same_experts = expert_parallel_groups(layout, ep)
+        me = dist.get_rank(self.group)
+        self.names = set()
+        for name, module in model.named_modules():
+            if not isinstance(module, MoE):
+                continue
+            local = module.n_experts // ep
+            experts = module.experts
+            experts.first = me * local
+            for w in EXPERT_WEIGHTS:
+                full = getattr(experts, w)
+                if full is not None:  # keep only this rank's experts: rows [first, first + local)
+                    setattr(experts, w, nn.Parameter(full.data[experts.first:experts.first + local].clone()))
+                    self.names.add(f"{name}.experts.{w}")
+            module.dispatch = ExpertDispatch(experts, module.n_experts, self.group)
+        self.params = [p for n, p in model.named_parameters() if n in self.names]
+        for p in self.params:
+            p.expert_parallel = True  # data parallelism leaves these out (BucketedDataParallel)
+
+    def finish_gradient_sync(self):
+        """Sum each expert weight's gradient over the ranks holding the same experts, then divide by the data size."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_reduce(p.grad, self.same_experts, "ep_grads")
+            p.grad /= self.layout.size("data")
+
+    def piece(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's experts of a full (single-process) expert tensor; other tensors whole."""
+        if name not in self.names:
+            return full
+        local = full.size(0) // self.ep
+        me = dist.get_rank(self.group)
+        return full[me * local:(me + 1) * local]
+
+    def gather(self, tensors: dict) -> dict:
+        """The inverse: every expert tensor all-gathered along its expert dimension. Collective."""
+        out = dict(tensors)
+        for name in sorted(self.names):
+            if name in tensors:
+                local = tensors[name].contiguous()
+                full = local.new_empty((local.size(0) * self.ep, *local.shape[1:]))
+                all_gather(full, local, self.group, "checkpoint")
+                out[name] = full
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
 # torch's native versions of the same ideas (impl "native")
 
 
@@ -2025,8 +2208,14 @@ STRATEGY_HELP = ("--impl scratch supports every strategy; native covers --dp, --
                  "(with --zero 2/3 for dp x tp)")
 
 
-def check_strategy(layout: Layout, zero: int, impl: str, pp_schedule: str, diloco_steps: int, sequence_parallel: bool = False):
+def check_strategy(layout: Layout, zero: int, impl: str, pp_schedule: str, diloco_steps: int, sequence_parallel: bool = False,
+                   ep: int = 1):
     """Refuse, in one line each, the combinations this file does not implement."""
+    if ep > 1 and (zero == 3 or impl != "scratch" or diloco_steps or layout.tp > 1 or layout.pp > 1 or layout.cp > 1):
+        raise ValueError("--ep combines with data parallelism and ZeRO-1/2 only here: drop --zero 3, --impl native, "
+                         "--diloco_steps, --tp, --pp and --cp")
+    if layout.dp % ep:
+        raise ValueError(f"--ep {ep} must divide --dp {layout.dp}: the experts are split inside groups of ep data-parallel ranks")
     if impl not in ("scratch", "native"):
         raise ValueError(f"unknown --impl '{impl}': use scratch or native")
     if zero not in (0, 1, 2, 3):
@@ -2069,6 +2258,8 @@ class Parallelized:
         finish_gradient_sync   DDP: wait buckets; ZeRO-1/2: all-reduce  tied embedding    sp: sum the replicated
                                / reduce-scatter; ZeRO-3, FSDP2: done in   all-reduce        weights' partial grads
                                backward; DiLoCo: nothing
+                               ep: expert grads summed over the ranks
+                               holding the same experts (ExpertParallel)
         clip_grad_norm_        local_grads() (DiLoCo: a local norm)     -                 -
         optimizer_step         step(): ZeRO-1/2 all-gather the shards;  -                 -
                                DiLoCo: the outer step every H
@@ -2078,10 +2269,10 @@ class Parallelized:
 
     def __init__(self, model: GPT, layout: Layout, *, zero: int = 0, impl: str = "scratch", microbatches: int = 1,
                  pp_schedule: str = "1f1b", bucket_mb: float = 25.0, diloco_steps: int = 0, diloco_outer: tuple = (0.7, 0.9),
-                 cp_load_balance: bool = False, sequence_parallel: bool = False,
+                 cp_load_balance: bool = False, sequence_parallel: bool = False, ep: int = 1,
                  lr: float = 1e-3, betas: tuple = (0.9, 0.95), weight_decay: float = 0.1, amp=None, scaler=None,
                  compile: bool = False, fused_adamw: bool | None = None):
-        check_strategy(layout, zero, impl, pp_schedule, diloco_steps, sequence_parallel)
+        check_strategy(layout, zero, impl, pp_schedule, diloco_steps, sequence_parallel, ep)
         if compile and (layout.tp > 1 or layout.pp > 1 or layout.cp > 1 or zero):
             raise ValueError("--compile works with --dp alone here: drop --compile or the other strategies")
         self.layout, self.microbatches, self.cp_load_balance = layout, microbatches, cp_load_balance
@@ -2098,6 +2289,11 @@ class Parallelized:
         if layout.cp > 1:
             apply_context_parallel(model, layout.group("cp"), cp_load_balance)
         self.pipeline = Pipeline(model, layout, pp_schedule, self.amp) if layout.pp > 1 else None
+        if ep > 1 and not model.moe_layers():
+            raise ValueError(f"--ep {ep} splits the experts of an MoE model: add --moe_experts")
+        if any(m.n_experts % ep for m in model.moe_layers()):
+            raise ValueError(f"--ep {ep} must divide --moe_experts ({model.moe_layers()[0].n_experts})")
+        self.expert_parallel = ExpertParallel(model, layout, ep) if ep > 1 else None
         # 2. the data-parallel flavour, over the parameters this rank now holds
         before = list(model.named_parameters())  # (kept alive, so that no new parameter reuses an id)
         names = {id(p): n for n, p in before}  # ZeRO-3 wraps the blocks: keep the GPT's names
@@ -2110,6 +2306,8 @@ class Parallelized:
     def _counts_in_norm(self, name: str, p) -> bool:
         """Does this rank's part of p's gradient count in the global norm? Each element counts once:
         on the rank with coordinate 0 along every mesh dim over which that part is replicated."""
+        if self.expert_parallel is not None and name in self.expert_parallel.names:
+            return self.layout.rank("data") < self.expert_parallel.ep  # the first group of ep ranks holds each expert once
         split = {p.device_mesh.mesh_dim_names[i] for i, pl in enumerate(p.placements) if not pl.is_replicate()} \
             if is_dtensor(p) else set()  # not is_shard(): FSDP2 over tensor parallelism places _StridedShard
         split |= {"tp"} if name in self.tp_specs else set()
@@ -2144,6 +2342,8 @@ class Parallelized:
         """After the last micro-step: complete the gradient averaging, then the sums across stages
         (tied embedding) and across tensor-parallel ranks (sequence parallelism's replicated weights)."""
         self.data_parallel.finish_gradient_sync()
+        if self.expert_parallel is not None:
+            self.expert_parallel.finish_gradient_sync()
         if self.pipeline is not None:
             self.pipeline.finish_gradient_sync()
         if self.sequence_parallel_names is not None:
@@ -2221,8 +2421,8 @@ class Parallelized:
     # --- full, unsharded checkpoints: the single-process model's tensors, gathered to global rank 0
     def full_state_dict(self) -> dict | None:
         """The single-process GPT's state_dict, on global rank 0 (None on the others). Collective."""
-        full = gather_stages(gather_tensor_parallel(self.data_parallel.full_state(), self.tp_specs, self.layout, self.scratch),
-                             self.layout)
+        full = gather_stages(gather_tensor_parallel(self.gather_experts(self.data_parallel.full_state()), self.tp_specs,
+                                                    self.layout, self.scratch), self.layout)
         if full is None or not self.layout.is_rank0:
             return None
         if self.tied and "lm_head.weight" in self.state_keys:
@@ -2234,7 +2434,8 @@ class Parallelized:
         global rank 0 (None elsewhere), so a run with any other layout can resume from it. Collective."""
         local = self.data_parallel.full_optimizer_state()
         for key in ("exp_avg", "exp_avg_sq"):
-            split = gather_tensor_parallel({name: s[key] for name, s in local.items()}, self.tp_specs, self.layout, self.scratch)
+            split = gather_tensor_parallel(self.gather_experts({name: s[key] for name, s in local.items()}), self.tp_specs,
+                                           self.layout, self.scratch)
             for name in local:
                 local[name][key] = split[name]
         full = gather_stages(local, self.layout)
@@ -2248,6 +2449,8 @@ class Parallelized:
         named = {self.adamw_order[i]: s for i, s in optimizer_state["state"].items()} if optimizer_state else None
 
         def piece(name, full, like):
+            if self.expert_parallel is not None:
+                full = self.expert_parallel.piece(name, full)
             return dtensor_piece(tensor_parallel_piece(name, full, self.tp_specs, self.layout, self.scratch), like)
 
         self.data_parallel.load_state(model_state, named, piece)
@@ -2297,6 +2500,10 @@ class Parallelized:
             if kept := [(offsets, values) for offsets, values in local if values.numel() > 0]:
                 pieces[key] = kept
         return pieces, shapes
+
+    def gather_experts(self, tensors: dict) -> dict:
+        """Expert parallelism's slices of the expert weights made whole (ExpertParallel.gather); others as they are."""
+        return self.expert_parallel.gather(tensors) if self.expert_parallel is not None else tensors
 
     def extra_state(self) -> dict:
         """What else a resume needs (DiLoCo's global weights and outer momentum)."""

@@ -84,6 +84,27 @@ with their published coefficients, and with those of the Epoch AI replication (B
 2024, arXiv:2404.10102), who refit the same data and found the original rounded fit inconsistent
 with the paper's own ~20 tokens per parameter.
 
+Mixture of experts: total and active parameters
+-----------------------------------------------
+An MoE layer (model.MoE) holds E routed experts of hidden width H_e = moe_expert_frac H, a router
+C x E, and optionally S shared experts (one MLP of width S H_e); a token passes through the router,
+k experts and the shared ones. So the total count grows with E and the active count, the one that
+sets FLOPs per token, with k:
+
+    N_total  = N_dense_part + sum over MoE layers of (C E + E P_e + P_shared)
+    N_active = N_dense_part + sum over MoE layers of (C E + k P_e + P_shared),   P_e = one expert's weights
+    flops/token ~= 6 N_active(matmul) + 12 L C T         (the router's 2 C E per token included)
+
+Memory follows N_total (every expert's weights, gradients and Adam state live somewhere): expert
+parallelism over ep ranks divides the expert part by ep, `memory --ep`. Scaling-law note: at a fixed
+compute budget, loss depends on both counts, not on one N. Clark et al. 2022 ("Unified Scaling
+Laws for Routed Language Models", arXiv:2202.01169) fit loss as a function of the dense-equivalent
+size and the number of experts, and find the gain from more experts shrinking as the dense size
+grows; Abnar et al. 2025 ("Parameters vs FLOPs: Scaling Laws for Optimal Sparsity for Mixture-of-
+Experts Language Models", arXiv:2501.12370) find that, for a fixed compute budget, the best
+sparsity (1 - k/E) grows with the total parameter count one can afford. Neither law was fitted
+at our laptop scale; the README's MoE ablation measures what it buys here.
+
 Your own scaling law
 --------------------
 `python scaling.py sweep` trains a grid of small models at a few budgets C with train.py (run as a
@@ -118,7 +139,7 @@ import time
 import numpy as np
 import torch
 
-from model import GPT, MODEL_PRESETS, GPTConfig, mlp_hidden
+from model import GPT, MODEL_PRESETS, GPTConfig, expert_hidden, mlp_hidden
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PF_DAY = 1e15 * 86400  # FLOPs in a petaflop/s-day, Kaplan et al.'s unit of compute
@@ -146,7 +167,6 @@ def param_tensors(config: GPTConfig) -> list[tuple[str, int]]:
     n_kv = config.n_kv_head or config.n_head
     qkv_out = (config.n_head + 2 * n_kv) * hs  # fused q (nh heads) and k, v (n_kv heads each)
     hidden = mlp_hidden(config)
-    fc_out = 2 * hidden if config.mlp == "swiglu" else hidden  # SwiGLU's c_fc holds gate and up
 
     def norm(name):  # RMSNorm has a gain only; LayerNorm a gain and (with bias) a bias
         with_bias = config.norm == "layernorm" and config.bias
@@ -155,13 +175,23 @@ def param_tensors(config: GPTConfig) -> list[tuple[str, int]]:
     def linear(name, n_in, n_out):
         return [(f"{name}.weight", n_in * n_out)] + ([(f"{name}.bias", n_out)] if config.bias else [])
 
+    def mlp(name, width):  # an MLP of hidden width `width` (SwiGLU's c_fc holds gate and up)
+        return linear(f"{name}.c_fc", C, 2 * width if config.mlp == "swiglu" else width) + linear(f"{name}.c_proj", width, C)
+
+    def moe(name):  # model.MoE: the router, E stacked experts, the shared experts
+        E, h = config.moe_experts, expert_hidden(config)
+        fc = 2 * h if config.mlp == "swiglu" else h
+        out = [(f"{name}.router.weight", C * E), (f"{name}.experts.w_fc", E * C * fc), (f"{name}.experts.w_proj", E * h * C)]
+        out += [(f"{name}.experts.b_fc", E * fc), (f"{name}.experts.b_proj", E * C)] if config.bias else []
+        return out + (mlp(f"{name}.shared", config.moe_shared * h) if config.moe_shared else [])
+
     tensors = [("transformer.wte.weight", V * C)]
     if not config.rope:
         tensors.append(("transformer.wpe.weight", config.block_size * C))
     for i in range(config.n_layer):
         p = f"transformer.h.{i}"
         tensors += norm(f"{p}.ln_1") + linear(f"{p}.attn.c_attn", C, qkv_out) + linear(f"{p}.attn.c_proj", C, C)
-        tensors += norm(f"{p}.ln_2") + linear(f"{p}.mlp.c_fc", C, fc_out) + linear(f"{p}.mlp.c_proj", hidden, C)
+        tensors += norm(f"{p}.ln_2") + (moe(f"{p}.mlp") if config.is_moe_layer(i) else mlp(f"{p}.mlp", hidden))
     tensors += norm("transformer.ln_f")
     if not config.tie_embeddings:  # tied: lm_head.weight *is* wte.weight, one tensor
         tensors.append(("lm_head.weight", V * C))
@@ -171,16 +201,21 @@ def param_tensors(config: GPTConfig) -> list[tuple[str, int]]:
 def count_params(config: GPTConfig) -> dict:
     """Parameter counts by part. total == GPT(config).num_params(), non_embedding ==
     num_params(exclude_embeddings=True); matmul counts every weight a token is multiplied by
-    (non-embedding plus a tied output layer, whose V x C matmul is real)."""
+    (non-embedding plus a tied output layer, whose V x C matmul is real). For an MoE, active ==
+    num_params(active=True): the routed experts count k of E (and active_matmul likewise);
+    experts: every routed expert's weights (what expert parallelism splits)."""
     tensors = param_tensors(config)
     total = sum(n for _, n in tensors)
     embedding = sum(n for name, n in tensors if name in ("transformer.wte.weight", "transformer.wpe.weight"))
     per_layer = sum(n for name, n in tensors if name.startswith("transformer.h.0."))
     head = config.vocab_size * config.n_embd
+    experts = sum(n for name, n in tensors if ".experts." in name)
+    idle = experts * (config.moe_experts - config.moe_topk) // config.moe_experts if config.moe_experts else 0
+    matmul = total - embedding + head * config.tie_embeddings
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
-            "per_layer": per_layer, "blocks": per_layer * config.n_layer, "lm_head": head,
-            "lm_head_tied": config.tie_embeddings,
-            "matmul": total - embedding + head * config.tie_embeddings, "tensors": len(tensors)}
+            "per_layer": per_layer, "blocks": sum(n for name, n in tensors if name.startswith("transformer.h.")),
+            "lm_head": head, "lm_head_tied": config.tie_embeddings, "matmul": matmul, "tensors": len(tensors),
+            "experts": experts, "active": total - idle, "active_matmul": matmul - idle}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,11 +225,12 @@ def count_params(config: GPTConfig) -> dict:
 def flops_per_token_6n(config: GPTConfig, seq_len: int | None = None, attention: bool = True) -> float:
     """6 N_matmul + 12 L C T (Chowdhery et al. 2022, PaLM, appendix B); train.py's MFU uses it.
 
-    N_matmul counts the output layer even when tied (its V x C matmul runs every token).
-    attention=False gives the bare 6N of Kaplan et al. (2020, sec. 2.1).
+    N_matmul counts the output layer even when tied (its V x C matmul runs every token), and an
+    MoE's routed experts k of E (the active count). attention=False gives the bare 6N of Kaplan et
+    al. (2020, sec. 2.1).
     """
     T = seq_len or config.block_size
-    n = count_params(config)["matmul"]
+    n = count_params(config)["active_matmul"]
     return 6 * n + (12 * config.n_layer * config.n_embd * T if attention else 0)
 
 
@@ -216,6 +252,10 @@ def flops_per_token_exact(config: GPTConfig, seq_len: int | None = None, causal:
     n_kv = config.n_kv_head or config.n_head
     keys = (T + 1) / 2 if causal else T  # keys per query, averaged over the sequence
     hidden = mlp_hidden(config)
+    # GELU: C -> H -> C (2 matmuls); SwiGLU: gate and up C -> H, down H -> C (3 matmuls)
+    mlp = lambda h: 2 * C * 2 * h + 2 * h * C if config.mlp == "swiglu" else 2 * 2 * C * h
+    n_moe = sum(map(config.is_moe_layer, range(L)))
+    h_e = expert_hidden(config) if n_moe else 0
     ops = {
         "embedding": 2 * V * C if convention == "chinchilla" else 0,
         "qkv": L * 2 * C * (config.n_head + 2 * n_kv) * hs,  # GQA shrinks K and V's share
@@ -223,8 +263,9 @@ def flops_per_token_exact(config: GPTConfig, seq_len: int | None = None, causal:
         "attention_softmax": L * 3 * config.n_head * keys if convention == "chinchilla" else 0,
         "attention_values": L * 2 * keys * C,  # A V
         "attention_out": L * 2 * C * C,
-        # GELU: C -> 4C -> C (2 matmuls); SwiGLU: gate and up C -> H, down H -> C (3 matmuls)
-        "mlp": L * (2 * C * 2 * hidden + 2 * hidden * C if config.mlp == "swiglu" else 2 * 2 * C * hidden),
+        # dense blocks' MLPs; an MoE layer's k routed experts of width H_e and its shared ones of width S H_e
+        "mlp": (L - n_moe) * mlp(hidden) + n_moe * (config.moe_topk * mlp(h_e) + mlp(config.moe_shared * h_e)),
+        "moe_router": n_moe * 2 * C * config.moe_experts,  # (C) -> (E) logits
         "logits": 2 * C * V,
     }
     forward = sum(ops.values())
@@ -509,9 +550,16 @@ def measure_saved_activation_bytes(model: torch.nn.Module, idx: torch.Tensor) ->
 
 def memory_estimate(config: GPTConfig, n_params: float | None = None, precision: str = "mixed", zero: int = 0,
                     dp: int = 1, tp: int = 1, pp: int = 1, seq_len: int | None = None, micro_batch: int = 1,
-                    sp: bool = False, recompute: str = "none", gpu: str | None = None) -> dict:
-    """Model states + activations per GPU, and whether they fit in `gpu`'s memory."""
+                    sp: bool = False, recompute: str = "none", gpu: str | None = None, ep: int = 1) -> dict:
+    """Model states + activations per GPU, and whether they fit in `gpu`'s memory. ep: expert
+    parallelism keeps 1/ep of an MoE's routed experts per GPU (parallel.ExpertParallel), so the
+    states are those of N - N_experts (1 - 1/ep) parameters. Activations are the dense formula's
+    (an MoE's expert activations follow its k N routed slots; not modelled here)."""
     n = n_params or count_params(config)["total"]
+    if ep > 1:
+        if not config.moe_experts or config.moe_experts % ep:
+            raise ValueError(f"--ep {ep} splits the experts of an MoE: give --moe_experts, a multiple of {ep}")
+        n -= count_params(config)["experts"] * (1 - 1 / ep)
     T = seq_len or config.block_size
     states = model_state_bytes(n, precision, zero, dp, tp, pp)
     act_bytes = 2 if precision == "mixed" else 4
@@ -690,10 +738,11 @@ def plan_layouts(gpus: int) -> list[dict]:
 
 def plan(n_params: float | None, tokens: float, gpus: int, gpu: str | None, mfu_fraction: float, seq_len: int = 2048,
          batch_tokens: float = 4 * 2**20, config: GPTConfig | None = None, peak: float | None = None,
-         compute: float | None = None) -> dict:
+         compute: float | None = None, active_params: float | None = None) -> dict:
     """Wall-clock, GPU-hours, memory per GPU and communication per step for a few layouts.
 
-    Compute = 6 N D (or the budget given). Memory assumes bf16 mixed precision with Adam, one
+    Compute = 6 N D (or the budget given), with N the active parameters for an MoE (active_params:
+    FLOPs follow the k experts a token uses, memory all E of them). Memory assumes bf16 mixed precision with Adam, one
     sequence per micro-batch, sequence parallelism with tensor parallelism; a layout "fits" without
     recomputation, "with recompute" if full activation recomputation makes it fit, else not.
     batch_tokens: tokens per optimizer step (LLaMA's 4M, Touvron et al. 2023).
@@ -712,7 +761,7 @@ def plan(n_params: float | None, tokens: float, gpus: int, gpu: str | None, mfu_
         raise ValueError("no peak FLOP/s: a CPU has no vendor peak; give --peak, or --gpu with one of the table")
     if config is None:
         config = GPTConfig(**shape_for_params(n_params), vocab_size=32000, block_size=seq_len, bias=False)
-    flops = 6 * n_params * tokens
+    flops = 6 * (active_params or n_params) * tokens
     seconds = flops / (gpus * peak * mfu_fraction)
     sequences_per_step = batch_tokens / seq_len
     rows = []
@@ -728,7 +777,7 @@ def plan(n_params: float | None, tokens: float, gpus: int, gpu: str | None, mfu_
         rows.append({**lay, "states": mem["states"]["total"], "activations": mem["activations"]["total"],
                      "activations_recompute": full["activations"]["total"], "total": mem["total"],
                      "total_recompute": full["total"], "fits": fits, "comm": comm})
-    return {"params": n_params, "tokens": tokens, "flops": flops, "gpus": gpus, "gpu": row, "peak": peak,
+    return {"params": n_params, "active_params": active_params or n_params, "tokens": tokens, "flops": flops, "gpus": gpus, "gpu": row, "peak": peak,
             "mfu": mfu_fraction, "days": seconds / 86400, "gpu_hours": gpus * seconds / 3600,
             "steps": tokens / batch_tokens, "seq_len": seq_len, "batch_tokens": batch_tokens,
             "shape": {k: getattr(config, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size")},
@@ -1088,9 +1137,12 @@ def gb(x: float) -> str:
     return f"{x / 1e9:.1f} GB"
 
 
+MOE_FLAGS = (("moe_experts", int), ("moe_topk", int), ("moe_every", int), ("moe_shared", int), ("moe_expert_frac", float))
+
+
 def config_from_args(args) -> GPTConfig:
     overrides = {k: getattr(args, k, None) for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "vocab_size", "block_size",
-                                                     "norm", "mlp")}
+                                                     "norm", "mlp", *(name for name, _ in MOE_FLAGS))}
     for flag in ("rope", "bias", "tie_embeddings"):
         if getattr(args, flag, None) is not None:
             overrides[flag] = getattr(args, flag) == "true"
@@ -1104,6 +1156,8 @@ def add_model_flags(p, preset_default="gpt2-124m"):
         p.add_argument(f"--{name}", type=kind, default=None, help=f"override the preset's {name}")
     for name in ("rope", "bias", "tie_embeddings"):
         p.add_argument(f"--{name}", choices=("true", "false"), default=None, help=f"override the preset's {name}")
+    for name, kind in MOE_FLAGS:  # a mixture of experts (model.MoE; 0 experts: dense)
+        p.add_argument(f"--{name}", type=kind, default=None, help=f"mixture of experts: {name} (as train.py's flag)")
 
 
 def cmd_count(args) -> dict:
@@ -1111,8 +1165,12 @@ def cmd_count(args) -> dict:
     out = {"config": dataclasses.asdict(config), **count_params(config)}
     if not args.json:
         print(f"{args.preset} ({config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, vocab {config.vocab_size})")
-        for k in ("total", "embedding", "non_embedding", "per_layer", "blocks", "matmul", "tensors"):
+        for k in ("total", "embedding", "non_embedding", "per_layer", "blocks", "matmul", "tensors") + \
+                (("experts", "active", "active_matmul") if config.moe_experts else ()):
             print(f"  {k:<14} {out[k]:>15,}")
+        if config.moe_experts:
+            print(f"  {config.moe_topk} of {config.moe_experts} experts per token: {out['active'] / out['total']:.0%} of the "
+                  "parameters active (scaling-law note: this file's docstring, Clark et al. 2022, Abnar et al. 2025)")
         print(f"  output layer {'tied to' if config.tie_embeddings else 'separate from'} the token embedding ({out['lm_head']:,})")
     return out
 
@@ -1122,7 +1180,8 @@ def cmd_flops(args) -> dict:
     T = args.seq_len or config.block_size
     seq_lens = [int(t) for t in args.seq_lens.split(",")] if args.seq_lens else [128, 256, 512, 1024, 2048, 4096, 8192]
     breakdown = {conv: flops_per_token_exact(config, T, causal=args.causal, convention=conv) for conv in ("matmul", "chinchilla")}
-    table = flops_table(config, seq_lens)
+    # FlopCounterMode runs the model on the meta device, which has no values to route an MoE's tokens with
+    table = flops_table(config, seq_lens) if not config.moe_experts else []
     out = {"seq_len": T, "causal": args.causal, "breakdown": breakdown, "table": table}
     peak = peak_from_flags(args.gpu, args.dtype, args.peak)
     if args.tokens_per_s is not None:
@@ -1133,6 +1192,10 @@ def cmd_flops(args) -> dict:
     print(f"  {'operation':<18} {'matmul only':>14} {'Chinchilla app. F':>18}")
     for k in breakdown["matmul"]:
         print(f"  {k:<18} {breakdown['matmul'][k]:>14,.0f} {breakdown['chinchilla'][k]:>18,.0f}")
+    if config.moe_experts:
+        print(f"(MoE: the router and {config.moe_topk} of {config.moe_experts} experts per token, 6 N_active + 12 L C T = "
+              f"{flops_per_token_6n(config, T):,.0f} per token; no FlopCounterMode table: routing needs real values)")
+        return out
     print("\ntraining FLOPs per token (forward + backward) vs torch FlopCounterMode on the real model:")
     print(f"  {'T':>6} {'measured':>12} {'exact':>12} {'causal':>12} {'6N err':>8} {'6N+head err':>12} {'6N+12LCT err':>13}")
     for r in table:
@@ -1160,7 +1223,7 @@ def model_for_memory(args) -> tuple[GPTConfig, float]:
 def cmd_memory(args) -> dict:
     config, n = model_for_memory(args)
     est = memory_estimate(config, n, args.precision, args.zero, args.dp, args.tp, args.pp, args.seq_len, args.micro_batch,
-                          args.sp, args.recompute, args.gpu)
+                          args.sp, args.recompute, args.gpu, args.ep)
     if args.json:
         return est
     s = est["states"]
@@ -1223,10 +1286,14 @@ def cmd_kaplan(args) -> dict:
 def cmd_plan(args) -> dict:
     config = config_from_args(args) if args.preset is not None else None
     n = count_params(config)["total"] if config is not None else args.params  # None: plan from --compute
+    active = count_params(config)["active"] if config is not None and config.moe_experts else None
     seq_len = args.seq_len or (config.block_size if config is not None else 2048)
-    out = plan(n, args.tokens, args.gpus, args.gpu, args.mfu, seq_len, args.batch_tokens, config, args.peak, args.compute)
+    out = plan(n, args.tokens, args.gpus, args.gpu, args.mfu, seq_len, args.batch_tokens, config, args.peak, args.compute, active)
     if args.json:
         return out
+    if active is not None:
+        print(f"MoE: {fmt(active)} of {fmt(n)} parameters active per token; FLOPs count the active ones, memory all of them "
+              "(at equal compute an MoE's loss depends on both: Clark et al. 2022, Abnar et al. 2025; see scaling.py's docstring)")
     print(f"{fmt(out['params'])} parameters x {fmt(out['tokens'])} tokens = {out['flops']:.3g} FLOPs on {args.gpus} x "
           f"{out['gpu'] or 'GPU'} ({out['peak'] / 1e12:.0f} TFLOP/s bf16 dense) at {100 * out['mfu']:.0f}% MFU")
     print(f"  {out['days']:.2f} days, {out['gpu_hours']:,.0f} GPU-hours, {out['steps']:,.0f} steps of {fmt(out['batch_tokens'])} tokens")
@@ -1291,8 +1358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=float, default=None, help="parameter count (instead of a preset; shape derived)")
     p.add_argument("--precision", default="mixed", choices=sorted(STATE_BYTES), help="mixed: bf16 + fp32 master (ZeRO's 16 bytes)")
     p.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3")
-    for name in ("dp", "tp", "pp"):
-        p.add_argument(f"--{name}", type=int, default=1, help=f"{name} degree")
+    for name in ("dp", "tp", "pp", "ep"):
+        p.add_argument(f"--{name}", type=int, default=1, help=f"{name} degree" + (" (expert parallelism: 1/ep of the experts per GPU)"
+                                                                                    if name == "ep" else ""))
     p.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: block_size, or 2048 with --params)")
     p.add_argument("--micro_batch", type=int, default=1, help="sequences per micro-batch")
     p.add_argument("--sp", action="store_true", help="sequence parallelism (with --tp)")
@@ -1355,7 +1423,9 @@ FLAG_RANGES = {
     "zero": "[0, 3]", "dp": "[1, inf)", "tp": "[1, inf)", "pp": "[1, inf)", "micro_batch": "[1, inf)", "compute": "(0, inf)",
     "tokens": "(0, inf)", "gpus": "[1, inf)", "mfu": "(0, 1]", "batch_tokens": "(0, inf)", "max_data_bytes": "[0, inf)",
     "batch_size": "[1, inf)", "learning_rate": "(0, inf)", "eval_iters": "[1, inf)", "jobs": "[1, inf)",
-    "threads": "[1, inf)", "bootstrap": "[0, inf)", "seed": "[0, inf)",
+    "threads": "[1, inf)", "bootstrap": "[0, inf)", "seed": "[0, inf)", "ep": "[1, inf)",
+    "moe_experts": "[0, inf)", "moe_topk": "[1, inf)", "moe_every": "[1, inf)", "moe_shared": "[0, inf)",
+    "moe_expert_frac": "(0, inf)",
 }
 
 

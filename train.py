@@ -28,7 +28,10 @@ One optimizer step, as this file does it
    gradient norm is inf or NaN is not applied: the run stops, naming the step and the last
    checkpoint (and whether its weights are finite), or first skips up to --skip_nonfinite such steps.
 4. Log loss, learning rate, ms/step, tokens/s and (on a GPU) MFU, and append the same to
-   <out_dir>/metrics.jsonl.
+   <out_dir>/metrics.jsonl. For a mixture of experts (--moe_experts), after the update: the expert
+   load over the global batch (one all-reduce), the loss-free balancer's bias step from it (outside
+   autograd, DeepSeek-V3's order; balance_experts), and the balance logged: max/mean tokens per
+   expert, the auxiliary loss, dropped slots. The auxiliary and z-losses, when on, are in the loss.
 5. Every checkpoint_interval steps, write a checkpoint, then evaluate (in that order: a crash
    during evaluation must not cost the steps before it): validation bits per byte, overall and
    per domain, and, with --eval_tasks, downstream tasks scored by evaluate.py.
@@ -193,6 +196,7 @@ class TrainConfig:
     pp: int = 1  # pipeline-parallel degree: the layers split into this many stages
     cp: int = 1  # context-parallel degree: each sequence split across ranks, attention by ring (Liu et al. 2023)
     zero: int = 0  # ZeRO stage over the data-parallel ranks: 0 (DDP), 1 (+optimizer state sharded), 2 (+gradients), 3 (+parameters)
+    ep: int = 1  # expert-parallel degree: each MoE layer's experts split across groups of this many data-parallel ranks, tokens sent to them by all-to-all (divides --dp and --moe_experts)
     impl: str = "scratch"  # scratch (parallel.py's own collectives) or native (torch's DDP, ZeroRedundancyOptimizer, FSDP2, DTensor)
     microbatches: int = 1  # pipeline micro-batches per batch; the idle bubble is (pp-1)/(microbatches+pp-1)
     pp_schedule: str = "1f1b"  # pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b (less activation memory)
@@ -246,7 +250,9 @@ PRESETS = {
 
 # Model fields that appear as flags; None means "the preset's value".
 MODEL_FLAGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "n_kv_head", "rope", "rope_theta",
-               "norm", "mlp", "tie_embeddings", "attention", "fused_ce", "activation_checkpointing")
+               "norm", "mlp", "tie_embeddings", "attention", "fused_ce", "activation_checkpointing",
+               "moe_experts", "moe_topk", "moe_every", "moe_shared", "moe_expert_frac", "moe_router", "moe_capacity",
+               "moe_aux", "moe_zloss", "moe_bias_update")
 # Model fields that change how the model computes, not what: a run may resume with them changed
 IMPLEMENTATION_FIELDS = ("attention", "fused_ce", "activation_checkpointing")
 
@@ -360,7 +366,7 @@ FLAG_RANGES = {
     # parallelism
     "dp": "[1, inf)", "tp": "[1, inf)", "pp": "[1, inf)", "cp": "[1, inf)", "zero": "[0, 3]", "microbatches": "[1, inf)",
     "diloco_steps": "[0, inf)", "diloco_outer_lr": "(0, inf)", "diloco_outer_momentum": "[0, 1)", "bucket_mb": "(0, inf)",
-    "dist_timeout": "[1, inf)",
+    "dist_timeout": "[1, inf)", "ep": "[1, inf)",
     # evaluation, logging, checkpoints
     "eval_interval": "[1, inf)", "eval_iters": "[1, inf)", "log_interval": "[1, inf)", "checkpoint_interval": "[0, inf)",
     "eval_tasks_every": "[0, inf)", "eval_tasks_limit": "[0, inf)",
@@ -370,6 +376,10 @@ FLAG_RANGES = {
     # the model's flags (model.GPTConfig)
     "block_size": "[1, inf)", "n_layer": "[1, inf)", "n_head": "[1, inf)", "n_embd": "[1, inf)", "dropout": "[0, 1)",
     "n_kv_head": "[0, inf)", "rope_theta": "(0, inf)",
+    # mixture of experts (0 experts: dense; a capacity factor of 0: dropless; a coefficient or rate of 0: off)
+    "moe_experts": "[0, inf)", "moe_topk": "[1, inf)", "moe_every": "[1, inf)", "moe_shared": "[0, inf)",
+    "moe_expert_frac": "(0, inf)", "moe_capacity": "[0, inf)", "moe_aux": "[0, inf)", "moe_zloss": "[0, inf)",
+    "moe_bias_update": "[0, inf)",
 }
 
 
@@ -425,6 +435,26 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
     if cfg.eval_tasks:  # a missing package or task is one line before any work, not after the first interval
         for name, variant in downstream.parse_tasks(cfg.eval_tasks):
             downstream.resolve_variant(name, variant, cfg.eval_tasks_dir or None)
+    check_moe_flags(cfg, model_overrides or {})
+
+
+def check_moe_flags(cfg: TrainConfig, model_overrides: dict):
+    """The strategies a mixture of experts combines with here: data parallelism, with or without --ep."""
+    experts = model_overrides.get("moe_experts", 0)
+    if cfg.ep > 1 and not experts:
+        raise ValueError(f"--ep {cfg.ep} splits the experts of an MoE model: add --moe_experts (a multiple of {cfg.ep})")
+    if experts and (cfg.tp > 1 or cfg.pp > 1 or cfg.cp > 1):
+        raise ValueError("--moe_experts combines with --dp and --ep only here: drop --tp, --pp and --cp")
+    if experts and (cfg.zero == 3 or cfg.impl != "scratch"):
+        # ZeRO-3 recomputes each block in backward (the load would be counted twice) and keeps no buffers
+        raise ValueError("--moe_experts runs with --impl scratch and --zero 0, 1 or 2 here: drop --zero 3 / --impl native")
+    if cfg.ep > 1 and (experts % cfg.ep or cfg.dp % cfg.ep):
+        raise ValueError(f"--ep {cfg.ep} must divide --moe_experts ({experts}) and --dp ({cfg.dp}): each expert lives on "
+                         "one rank of each group of ep data-parallel ranks")
+    if experts and cfg.checkpoint_format == "sharded":
+        raise ValueError("--checkpoint_format sharded does not describe an MoE's experts yet: use --checkpoint_format full")
+    if cfg.ep > 1 and (cfg.diloco_steps or cfg.compile):
+        raise ValueError("--ep works with data parallelism and ZeRO-1/2 here: drop --diloco_steps and --compile")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,7 +641,7 @@ def make_parallelized(model: GPT, cfg: TrainConfig, layout: parallel.Layout, dty
     # the strategies of the layout applied to the model (none on one process); the optimizer is
     # AdamW with make_optimizer's groups, and a compiled forward keeps `model` uncompiled, so
     # its state_dict has no _orig_mod. prefix
-    par = parallel.Parallelized(model, layout, zero=cfg.zero, impl=cfg.impl, microbatches=cfg.microbatches,
+    par = parallel.Parallelized(model, layout, zero=cfg.zero, impl=cfg.impl, microbatches=cfg.microbatches, ep=cfg.ep,
                                 pp_schedule=cfg.pp_schedule, bucket_mb=cfg.bucket_mb, diloco_steps=cfg.diloco_steps,
                                 diloco_outer=(cfg.diloco_outer_lr, cfg.diloco_outer_momentum),
                                 cp_load_balance=cfg.cp_load_balance, sequence_parallel=cfg.sequence_parallel,
@@ -679,7 +709,35 @@ def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int,
     else:
         par.optimizer_step()
     par.zero_grad()  # a skipped step's gradients are dropped, and its batch with them
-    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": bad}
+    balance = balance_experts(par, update=not bad)  # after the update, outside autograd (DeepSeek-V3's order)
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": bad, **balance}
+
+
+def balance_experts(par: parallel.Parallelized, update: bool) -> dict:
+    """After a step, for an MoE model: every MoE layer's expert load, dropped slots and auxiliary
+    loss over the step, summed over the data-parallel ranks (one all-reduce of L_moe x (E + 2)
+    numbers, so every rank sees the global batch's load, as one process would); the loss-free
+    balancer's bias update from that load (if the step was applied); and the step's balance for
+    metrics.jsonl: max/mean tokens per expert (the mean over layers, and the worst layer), the
+    auxiliary loss E sum f_i P_i averaged over layers and micro-batches (1: balanced), dropped slots.
+    Nothing for a dense model."""
+    layers = par.module.moe_layers()
+    if not layers:
+        return {}
+    E = layers[0].n_experts
+    stats = torch.stack([torch.cat([m.load, m.dropped.view(1), m.aux_sum.view(1)]) for m in layers])  # (L_moe, E + 2)
+    independent = par.data_parallel.independent_workers  # DiLoCo workers balance their own experts, without talking
+    if not independent:
+        parallel.all_reduce(stats, par.layout.group("data"), "moe")
+    forwards = max(1, layers[0].forwards) * (1 if independent else par.layout.size("data"))
+    load = stats[:, :E]  # (L_moe, E) tokens routed to each expert in the whole step
+    for m, layer_load in zip(layers, load):
+        if update and m.bias_rate:
+            m.update_bias(layer_load)
+        m.reset_stats()
+    ratio = load.max(1).values / load.mean(1).clamp(min=1e-9)  # (L_moe,) 1 when balanced, E/k when the same k experts take every token
+    return {"moe_load_max_over_mean": float(ratio.mean()), "moe_load_max_over_mean_worst": float(ratio.max()),
+            "moe_aux_loss": float(stats[:, E + 1].sum() / (forwards * len(layers))), "moe_dropped": int(stats[:, E].sum())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1877,7 +1935,7 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     if ckpt is not None:
         check_resume_compatible(ckpt, model_config, cfg, manifest)
     model = initial_model(cfg, model_config, enc, layout.device, from_directory=ckpt is None)
-    counts = model.num_params(), model.num_params(exclude_embeddings=True)
+    counts = model.num_params(), model.num_params(exclude_embeddings=True), model.num_params(active=True)
     par, scaler = make_parallelized(model, cfg, layout, pick_dtype(cfg.dtype, layout.device))
     del model  # a pipeline stage or a sharded model keeps only its part; the full model is rebuilt for sampling
     # each data-parallel rank reads its own windows; tensor, pipeline and context ranks share theirs
@@ -2004,10 +2062,11 @@ def start_out_dir(cfg: TrainConfig, model_config: GPTConfig, manifest: dict, ckp
     return metrics
 
 
-def print_banner(run: Run, n_params: int, n_params_blocks: int):
+def print_banner(run: Run, n_params: int, n_params_blocks: int, n_active: int | None = None):
     cfg, layout, device = run.cfg, run.layout, run.layout.device
     dtype = str(pick_dtype(cfg.dtype, device)).replace("torch.", "")
-    print(f"model: {n_params:,} parameters ({n_params_blocks:,} without embeddings) | device {device} | dtype {dtype}"
+    active = f", {n_active:,} active per token" if n_active is not None and n_active != n_params else ""
+    print(f"model: {n_params:,} parameters ({n_params_blocks:,} without embeddings{active}) | device {device} | dtype {dtype}"
           f" | {tokens_per_step(run):,} tokens/step")
     if layout.world_size > 1:
         print(f"parallel: {layout.world_size} processes = pp {layout.pp} x dp {layout.dp} x cp {layout.cp} x tp {layout.tp}"
@@ -2043,11 +2102,12 @@ def log_step(run: Run, out: dict, seconds: float, progress: Progress, stop: int)
     mfu = scaling.mfu(tokens_per_s / run.layout.world_size, flops_per_token, peak)
     if run.metrics is not None:
         run.metrics.log(step=run.step, loss=out["loss"], lr=out["lr"], ms_per_step=1000 * seconds,
-                        tokens_per_s=tokens_per_s, mfu=mfu)
+                        tokens_per_s=tokens_per_s, mfu=mfu, **{k: v for k, v in out.items() if k.startswith("moe_")})
     if run.step % run.cfg.log_interval == 0 or run.step == stop:
         mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+        moe_text = f" | load max/mean {out['moe_load_max_over_mean']:.2f}" if "moe_load_max_over_mean" in out else ""
         print(f"step {run.step:5d}/{run.cfg.max_iters} | loss {out['loss']:.4f} | lr {out['lr']:.2e} | {1000 * seconds:7.1f} ms"
-              f" | {tokens_per_s:9,.0f} tok/s{mfu_text} | {progress.eta(run.step)} left", flush=True)
+              f" | {tokens_per_s:9,.0f} tok/s{mfu_text}{moe_text} | {progress.eta(run.step)} left", flush=True)
 
 
 def skip_step(run: Run, out: dict):

@@ -865,3 +865,140 @@ def test_fp8_emulated_training_tracks_the_plain_loss():
     assert losses[0][-1] < 0.9 * losses[0][0]
     # measured: at most 0.03% apart over these steps; 1% leaves room for other seeds and BLAS libraries
     assert losses[1] == pytest.approx(losses[0], rel=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts
+
+
+MOE_NAMES = {"mlp.c_fc.weight": "mlp.experts.w_fc", "mlp.c_proj.weight": "mlp.experts.w_proj",
+             "mlp.c_fc.bias": "mlp.experts.b_fc", "mlp.c_proj.bias": "mlp.experts.b_proj"}
+
+
+def as_expert_0(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """A dense model's tensor under its one-expert MoE name: an MLP's weights become expert 0's
+    (Experts store (in, out), nn.Linear (out, in)); every other tensor keeps its name."""
+    for dense, moe in MOE_NAMES.items():
+        if name.endswith(dense):
+            return name.replace(dense, moe), (tensor.t() if dense.endswith("weight") else tensor).unsqueeze(0)
+    return name, tensor
+
+
+@pytest.mark.parametrize("shape", [{}, {"mlp": "swiglu", "bias": False, "norm": "rmsnorm"}])
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_moe_with_one_expert_equals_the_dense_mlp_in_logits_and_gradients(shape, router):
+    # float64 on both sides: the same multiply-adds in the same order, so agreement to 1e-12
+    dense = small_config(**shape)
+    torch.manual_seed(0)
+    a, b = GPT(dense).double(), GPT(small_config(**shape, moe_experts=1, moe_topk=1, moe_router=router)).double()
+    b.load_state_dict({**b.state_dict(), **dict(as_expert_0(k, v) for k, v in a.state_dict().items())})
+    idx = random_tokens(dense)
+    la, lossa = a(idx, idx)
+    lb, lossb = b(idx, idx)
+    (lossa * 3).backward()  # a non-unit gradient, so that the weights' scale reaches the comparison
+    (lossb * 3).backward()
+    torch.testing.assert_close(lb, la, rtol=0, atol=1e-12)
+    grads_b = {n: p.grad for n, p in b.named_parameters()}
+    for name, p in a.named_parameters():
+        moe_name, grad = as_expert_0(name, p.grad)
+        torch.testing.assert_close(grads_b[moe_name], grad, rtol=0, atol=1e-12, msg=name)
+    for m in b.moe_layers():  # one expert: its weight is 1 whatever the router says (s/s for sigmoid: 0 up to rounding)
+        assert m.router.weight.grad.abs().max() < 1e-15
+
+
+def run_moe(layer: model.MoE, x: torch.Tensor, impl: str):
+    """Output and every gradient (input and parameters) of one MoE layer under impl, for a fixed random output gradient."""
+    layer.zero_grad()
+    x = x.clone().requires_grad_()
+    layer.impl = impl
+    y = layer(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_moe_sorted_grouped_path_equals_the_loop_over_experts_in_float32(trial, monkeypatch):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    pick = lambda options: options[int(torch.randint(len(options), (), generator=g))]
+    E = pick([2, 3, 4, 6, 8])
+    cfg = small_config(moe_experts=E, moe_topk=pick(list(range(1, E + 1))), moe_shared=pick([0, 1, 2]),
+                       moe_capacity=pick([0.0, 0.5, 1.0, 1.25]), moe_router=pick(["softmax", "sigmoid"]),
+                       mlp=pick(["gelu", "swiglu"]), bias=pick([True, False]), moe_expert_frac=pick([1.0, 0.25]))
+    layer = model.MoE(cfg)
+    layer.apply(GPT(small_config())._init_weights)  # the GPT's initialiser, as training uses it
+    with torch.no_grad():
+        layer.expert_bias.normal_(0, 0.05, generator=g)  # the balancer's bias changes which experts are chosen
+        layer.router.weight.mul_(20)  # confident, uneven routing, so capacities really drop slots
+    x = torch.randn(2, 16, cfg.n_embd, generator=g)
+    loop = run_moe(layer, x, "loop")
+    fast = run_moe(layer, x, "fast")
+    monkeypatch.setattr(model, "grouped_mm_usable", lambda x, w: False)  # the padded batched matmul
+    padded = run_moe(layer, x, "fast")
+    # float32, the same products summed in another order: ~1e-7 relative observed; 1e-5 is the project's bar
+    for other in (fast, padded):
+        torch.testing.assert_close(other[0], loop[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other[1], loop[1], rtol=1e-5, atol=1e-6)
+        assert other[2].keys() == loop[2].keys()
+        for name in loop[2]:
+            torch.testing.assert_close(other[2][name], loop[2][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_moe_capacity_drops_exactly_the_hand_counted_slots():
+    # 8 tokens, 2 experts, top-1, capacity factor 1: each expert takes ceil(1 x 1 x 8 / 2) = 4 tokens.
+    # The router reads channel 0 (expert 0) and channel 1 (expert 1); tokens 0,1,3,4,6,7 lean to
+    # expert 0, tokens 2 and 5 to expert 1. Expert 0 gets 6 and keeps its first 4 in token order
+    # (0, 1, 3, 4): tokens 6 and 7 are dropped, 2 slots, and their output is 0.
+    cfg = small_config(n_embd=4, n_head=1, moe_experts=2, moe_topk=1, moe_capacity=1.0, bias=False)
+    layer = model.MoE(cfg).train()
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+        layer.experts.w_fc.normal_()
+        layer.experts.w_proj.normal_()
+    to_expert = [0, 0, 1, 0, 0, 1, 0, 0]
+    x = torch.randn(1, 8, 4)
+    x[0, :, :2] = torch.tensor([[2.0, 0.0] if e == 0 else [0.0, 2.0] for e in to_expert])
+    for impl in ("loop", "fast"):
+        layer.impl = impl
+        layer.reset_stats()
+        y = layer(x)[0]
+        assert layer.dropped.item() == 2 and layer.load.tolist() == [6, 2]
+        assert torch.all(y[[6, 7]] == 0) and torch.all(y[[0, 1, 2, 3, 4, 5]].abs().sum(-1) > 0)
+        p = torch.softmax(x[0, 0, :2], -1)[0]  # token 0's probability of expert 0, its weight
+        torch.testing.assert_close(y[0], p * layer.experts.expert(0, x[0, :1])[0])
+    # top-2 with capacity 0.5: ceil(0.5 x 2 x 8 / 2) = 4 slots each, 8 slots wanted each (every token
+    # picks both experts): 4 dropped per expert. First choices go first: expert 0 keeps the 4 first
+    # choices of tokens 0, 1, 3, 4; expert 1 keeps tokens 2 and 5 (first choices), then 0 and 1 (second)
+    layer.topk, layer.capacity_factor = 2, 0.5
+    for impl in ("loop", "fast"):
+        layer.impl = impl
+        layer.reset_stats()
+        y = layer(x)[0]
+        assert layer.dropped.item() == 8
+        assert torch.all(y[[6, 7]] == 0)
+        both = torch.softmax(x[0, 0, :2], -1)
+        torch.testing.assert_close(y[0], both[0] * layer.experts.expert(0, x[0, :1])[0] + both[1] * layer.experts.expert(1, x[0, :1])[0])
+        torch.testing.assert_close(y[3], torch.softmax(x[0, 3, :2], -1)[0] * layer.experts.expert(0, x[0, 3:4])[0])
+
+
+def test_moe_balancing_losses_and_the_bias_update_follow_their_formulas():
+    cfg = small_config(moe_experts=4, moe_topk=2, moe_aux=0.01, moe_zloss=0.001, moe_bias_update=0.5)
+    layer = model.MoE(cfg).train()
+    x = torch.randn(1, 10, cfg.n_embd)
+    layer(x)
+    logits = layer.router(x[0]).double()
+    p = torch.softmax(logits, -1)
+    chosen = torch.topk(p, 2, -1).indices
+    f = torch.bincount(chosen.reshape(-1), minlength=4).double() / 20  # fraction of the 2 x 10 slots
+    aux = 4 * (f * p.mean(0)).sum()
+    z = torch.logsumexp(logits, -1).pow(2).mean()
+    torch.testing.assert_close(layer.loss.double(), 0.01 * aux + 0.001 * z, rtol=1e-5, atol=0)
+    load = torch.tensor([9.0, 5.0, 5.0, 1.0])  # mean 5: the first expert is overloaded, the last underused
+    layer.update_bias(load)
+    assert layer.expert_bias.tolist() == [-0.5, 0.0, 0.0, 0.5]
+    assert "expert_bias" in layer.state_dict() and "load" not in layer.state_dict()
+
+
+def test_export_refuses_an_moe_model_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match="MoE model has no Hugging Face class") as e:
+        model.export_hf(GPT(small_config(moe_experts=2)), tmp_path / "hf")
+    assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()

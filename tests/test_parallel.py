@@ -318,7 +318,49 @@ def simulate_diloco(config, batches, H, workers):
     return {k: v.detach().clone() for k, v in replicas[0][0].state_dict().items()}
 
 
+# (the bias update is train.py's, after the step.) No biases, as Mixtral, OLMoE and DeepSeek-V3 have
+# none: an expert's b_fc then behaves as the key bias of the module docstring, 5e-5 apart after
+# three AdamW steps in float32 and 1e-8 in float64 (as plain data parallelism: 6e-9), rounding amplified
+MOE = dict(moe_experts=4, moe_topk=2, moe_bias_update=0.0, bias=False)
+
+
+def check_expert_parallel_resume():
+    """Two steps under dp=4 with ep=2 and ZeRO-2, a full checkpoint, the third step under ep=4 (one
+    expert per rank) and ZeRO-1: against three steps of one process."""
+    config = tiny_config(**MOE)
+    batches = global_batches(steps=3)
+    first = parallel_run(config, parallel.build_layout(dp=4, tp=1, pp=1, cp=1, device=torch.device("cpu")), batches[:2], ep=2, zero=2)
+    shared = [first["state"], first["par"].full_optimizer_state_dict()]
+    dist.broadcast_object_list(shared, src=0)
+    layout = parallel.build_layout(dp=4, tp=1, pp=1, cp=1, device=torch.device("cpu"))
+    torch.manual_seed(123)  # a different initialisation, overwritten by the checkpoint
+    par = parallel.Parallelized(GPT(config), layout, ep=4, zero=1, **OPTIM)
+    par.load_full_state(*shared)
+    x, y = batches[2]
+    loss = par.forward_backward(x.chunk(4)[layout.rank("dp")], y.chunk(4)[layout.rank("dp")])
+    par.finish_gradient_sync()
+    par.clip_grad_norm_(CLIP)
+    par.optimizer_step()
+    loss, resumed = par.reduce_loss(loss), par.full_state_dict()
+    if dist.get_rank() != 0:
+        return {}
+    ref_losses, ref_state, _, _ = reference_run(config, batches)
+    return {"param_rel": max_rel_diff(resumed, ref_state, config), "loss_rel": abs(loss - ref_losses[2]) / ref_losses[2]}
+
+
 CHECKS = {
+    # expert parallelism inside data parallelism: two groups of two ranks (each holding 2 of the 4
+    # experts), with accumulation; then one expert per rank, on every second block, with shared experts
+    "ep2_dp4": lambda: compare_with_reference("ep", tiny_config(**MOE), dict(dp=4, tp=1, pp=1, cp=1), grad_accum=2, ep=2),
+    "ep4_dp4_shared_swiglu": lambda: compare_with_reference("ep4", tiny_config(**MOE, moe_every=2, moe_shared=1, mlp="swiglu"),
+                                                            dict(dp=4, tp=1, pp=1, cp=1), ep=4),
+    "ep_resume": check_expert_parallel_resume,
+    # ZeRO-1 and -2 for everything but the experts (which each rank keeps whole, and updates itself)
+    "ep2_zero1_dp4": lambda: compare_with_reference("epz1", tiny_config(**MOE), dict(dp=4, tp=1, pp=1, cp=1), ep=2, zero=1),
+    "ep2_zero2_dp4": lambda: compare_with_reference("epz2", tiny_config(**MOE), dict(dp=4, tp=1, pp=1, cp=1), ep=2, zero=2,
+                                                    grad_accum=2),
+    # an MoE model under ZeRO-2 (no expert parallelism: every rank holds every expert, sharded like any weight)
+    "moe_zero2": lambda: compare_with_reference("moez2", tiny_config(**MOE), dict(dp=4, tp=1, pp=1, cp=1), zero=2),
     # data parallel, with gradient accumulation (2 micro-steps) to check no_sync
     "ddp_scratch": lambda: compare_with_reference("ddp", tiny_config(), dict(dp=4, tp=1, pp=1, cp=1), grad_accum=2,
                                                   bucket_mb=0.01),
@@ -433,7 +475,7 @@ def get(results, name):
 # Equality with one process
 
 
-EQUALITY = [n for n in CHECKS if n not in ("diloco", "sp_activation_memory") and not n.startswith(("resume", "sharded"))]
+EQUALITY = [n for n in CHECKS if n not in ("diloco", "sp_activation_memory", "ep_resume") and not n.startswith(("resume", "sharded"))]
 
 
 @pytest.mark.slow
@@ -854,3 +896,59 @@ if __name__ == "__main__":  # python tests/test_parallel.py [check ...]: run che
     for name, per_rank in run_checks(sys.argv[1:] or CHECKS).items():
         r0 = per_rank[0]
         print(name, r0.get("error") or {k: v for k, v in r0.items() if k in ("loss_rel", "param_rel", "norm_rel")} or r0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert parallelism: the all-to-all bytes and the memory per rank against parallel.ExpertParallel's docstring
+
+
+def routed_loads(config, x, ranks):
+    """Slots each rank's tokens send to each expert, per MoE layer, from one process's model (the
+    same initial weights route the same way): [rank][layer] -> (E,)."""
+    torch.manual_seed(0)
+    model = GPT(config).train()
+    loads = []
+    for xr in x.chunk(ranks):
+        for m in model.moe_layers():
+            m.reset_stats()
+        with torch.no_grad():
+            model(xr, xr)
+        loads.append([m.load.clone() for m in model.moe_layers()])
+    return loads
+
+
+@pytest.mark.slow
+def test_expert_parallel_all_to_all_bytes_equal_the_docstring_formula(results):
+    # dispatch + combine forward, the same two backward: 2 (sum_{j != r} n_{r->j} + sum_{j != r} n_{j->r}) C 4 bytes
+    # per MoE layer and micro-step; counts (ep - 1) E/ep 8 bytes; and no gradient traffic on the accumulation micro-step
+    config, ep, d = tiny_config(**MOE), 2, WORLD
+    E_local = config.moe_experts // ep
+    x, _ = global_batches(vocab=config.vocab_size)[0]
+    loads = routed_loads(config, x.chunk(2)[0], d)  # the first of two micro-batches, cut among the d ranks
+    for r, measured in enumerate(get(results, "ep2_dp4")):
+        first, me, peers = r - r % ep, r % ep, [j for j in range(ep) if j != r % ep]
+        expected = 0
+        for layer in range(len(loads[r])):
+            to_peers = sum(loads[r][layer][j * E_local:(j + 1) * E_local].sum() for j in peers)
+            from_peers = sum(loads[first + j][layer][me * E_local:(me + 1) * E_local].sum() for j in peers)
+            expected += 2 * (to_peers + from_peers) * config.n_embd * 4
+        assert measured["first_micro"][0] == {"ep": expected, "ep_counts": len(loads[r]) * (ep - 1) * E_local * 8}
+
+
+@pytest.mark.slow
+def test_expert_parallel_keeps_one_ep_th_of_the_expert_weights_per_rank(results):
+    for name, config, ep in (("ep2_dp4", tiny_config(**MOE), 2),
+                             ("ep4_dp4_shared_swiglu", tiny_config(**MOE, moe_every=2, moe_shared=1, mlp="swiglu"), 4)):
+        counts = scaling.count_params(config)
+        for r in get(results, name):
+            assert r["memory"]["params"] == 4 * (counts["total"] - counts["experts"] + counts["experts"] // ep)
+        # the expert gradients' all-reduce over the d/ep ranks that hold the same experts
+        same = WORLD // ep
+        for r in get(results, name):
+            assert r["sent"][0].get("ep_grads", 0) == pytest.approx(2 * (same - 1) / same * 4 * counts["experts"] / ep)
+
+
+@pytest.mark.slow
+def test_expert_parallel_checkpoint_resumes_under_another_ep(results):
+    rank0 = get(results, "ep_resume")[0]
+    assert rank0["param_rel"] < REL_TOL and rank0["loss_rel"] < REL_TOL

@@ -402,3 +402,59 @@ def test_readme_plan_table_is_what_plan_prints():
             assert cells[5] == r["fits"], cells[0]
             seen += 1
     assert seen == len(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts
+
+
+def random_moe_config(rng: random.Random, **fixed) -> GPTConfig:
+    E = rng.choice([1, 2, 4, 6])
+    return random_config(rng, **{"moe_experts": E, "moe_topk": rng.randint(1, E), "moe_every": rng.choice([1, 2]),
+                                 "moe_shared": rng.choice([0, 1, 2]), "moe_expert_frac": rng.choice([1.0, 0.5, 0.3]),
+                                 "n_layer": rng.randint(1, 3), **fixed})
+
+
+def test_moe_total_and_active_counts_equal_the_models_own():
+    rng, seed = fresh_rng()
+    for _ in range(6):
+        config = random_moe_config(rng)
+        model, counts = GPT(config), scaling.count_params(config)
+        assert counts["total"] == model.num_params(), f"seed {seed}: {config}"
+        assert counts["active"] == model.num_params(active=True), f"seed {seed}: {config}"
+        assert counts["experts"] == sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+
+
+def test_moe_count_json_reports_the_models_total_and_active(capsys):
+    scaling.main(["count", "--preset", "laptop", "--moe_experts", "8", "--moe_topk", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    model = GPT(scaling.make_config("laptop", moe_experts=8, moe_topk=2))
+    assert (out["total"], out["active"]) == (model.num_params(), model.num_params(active=True))
+    assert out["active"] < out["total"]
+
+
+def test_moe_exact_flops_match_torch_flop_counter_through_the_loop_over_experts():
+    # the loop runs each expert as plain matmuls on exactly its tokens, so FlopCounterMode sees the
+    # router, k experts' MLPs per token (dropless) and the shared experts: our count must be exact
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rng, seed = fresh_rng()
+    for _ in range(3):
+        config = random_moe_config(rng, block_size=32)
+        model = GPT(config)
+        for m in model.moe_layers():
+            m.impl = "loop"
+        idx = torch.randint(0, config.vocab_size, (2, 17))
+        with FlopCounterMode(display=False) as counter:
+            _, loss = model(idx, idx)
+            loss.backward()
+        measured = counter.get_total_flops() / (2 * 17)
+        assert scaling.flops_per_token_exact(config, 17)["train"] == pytest.approx(measured, rel=1e-12), f"seed {seed}: {config}"
+
+
+def test_memory_under_expert_parallelism_keeps_one_ep_th_of_the_experts():
+    config = scaling.make_config("laptop", vocab_size=4096, moe_experts=8, moe_topk=2)
+    counts = scaling.count_params(config)
+    one = scaling.memory_estimate(config, precision="fp32")["states"]["total"]
+    four = scaling.memory_estimate(config, precision="fp32", ep=4)["states"]["total"]
+    assert one - four == pytest.approx(16 * counts["experts"] * 3 / 4)  # fp32 + AdamW: 16 bytes per parameter

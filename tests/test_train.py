@@ -1247,3 +1247,63 @@ def test_sharded_checkpoint_mistakes_are_one_line(tmp_path):
                           "no checkpoint at")
     with pytest.raises(ValueError, match="DiLoCo"):
         parallel.Parallelized(GPT(shard_config()), parallel.Layout(), diloco_steps=2).check_sharded()
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts: balance in metrics.jsonl, the balancer's bias in checkpoints, expert parallelism
+
+
+MOE_FLAGS = dict(moe_experts=4, moe_topk=2, moe_bias_update=0.01, moe_aux=0.01)
+
+
+def test_moe_resume_continues_bit_for_bit_with_the_balancers_bias(data_dir, tmp_path):
+    straight, mo = tiny(data_dir, tmp_path / "straight", max_iters=6, eval_interval=3, dtype="float32", **MOE_FLAGS)
+    train.train(straight, mo)
+    first, mo = tiny(data_dir, tmp_path / "resumed", max_iters=6, eval_interval=3, stop_at=3, dtype="float32", **MOE_FLAGS)
+    train.train(first, mo)
+    second, mo = tiny(data_dir, tmp_path / "resumed", max_iters=6, eval_interval=3, resume=True, dtype="float32", **MOE_FLAGS)
+    train.train(second, mo)
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s", "mfu")} for r in rows]
+    assert strip(a) == strip(b)  # losses, loads, auxiliary losses: exactly
+    steps = [r for r in a if "loss" in r]
+    assert all(r["moe_load_max_over_mean"] >= 1 and r["moe_aux_loss"] > 0 and r["moe_dropped"] == 0 for r in steps)
+    sa, sb = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    bias = [k for k in sa["model"] if k.endswith("expert_bias")]
+    assert len(bias) == 2 and all(sa["model"][k].abs().sum() > 0 for k in bias)  # the balancer moved it, and it was saved
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+def test_moe_flags_that_cannot_work_are_one_line(data_dir, tmp_path):
+    assert_one_line_error(run_cli("--preset", "tiny", "--moe_experts", "4", "--moe_topk", "5", "--out_dir", str(tmp_path)),
+                          "--moe_topk")
+    for overrides, words in ((dict(ep=2, dp=2), "--moe_experts"), (dict(ep=2, dp=2, moe_experts=3), "divide"),
+                             (dict(tp=2, moe_experts=4), "--tp"), (dict(moe_aux=-1.0, moe_experts=4), "--moe_aux"),
+                             (dict(zero=3, dp=2, moe_experts=4), "--zero 3")):
+        cfg, mo = tiny(data_dir, tmp_path, **overrides)
+        with pytest.raises(ValueError, match=words):
+            train.check_config(cfg, mo)
+
+
+@pytest.mark.slow
+def test_expert_parallel_run_logs_the_single_process_losses_and_resumes_in_one_process(data_dir, tmp_path):
+    """torchrun, 2 processes: --ep 2 --dp 2 --batch_size 4 (the README's command, 12 steps instead of 20 to
+    save time) for 6 steps, then resumed in one process with --batch_size 8 (the same global batch): every
+    logged loss within 1e-5 of one process's straight run, and the load balance the same (the loss-free
+    balancer sees the global load)."""
+    moe = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--data_dir", data_dir, "--moe_experts", "4", "--moe_topk", "2",
+           "--max_iters", "12", "--eval_interval", "6"]
+    single = run_cli(*moe, "--batch_size", "8", "--out_dir", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr[-2000:]
+    ep = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                         os.path.join(ROOT, "train.py"), *moe, "--ep", "2", "--dp", "2", "--batch_size", "4", "--stop_at", "6",
+                         "--out_dir", str(tmp_path / "ep")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ep.returncode == 0, ep.stderr[-2000:]
+    resumed = run_cli(*moe, "--batch_size", "8", "--resume", "--out_dir", str(tmp_path / "ep"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ep")
+    losses = lambda rows, key: [r[key] for r in rows if key in r]
+    assert len(losses(b, "loss")) == 12
+    for key in ("loss", "val_loss"):
+        assert losses(b, key) == pytest.approx(losses(a, key), rel=1e-5)  # float32, another summation order
+    assert losses(b, "moe_load_max_over_mean") == pytest.approx(losses(a, "moe_load_max_over_mean"), rel=1e-6)
