@@ -1140,14 +1140,21 @@ def write_sharded(pieces: dict, shapes: dict, layout: parallel.Layout, meta: dic
         raise ValueError(write_failure(final, e)) from None
 
 
-def host_copies(pieces: dict) -> dict:
+def host_copies(pieces: dict, buffers: dict) -> dict:
     """--async_checkpoint: each piece copied out of the memory training keeps changing, to the host;
     from a GPU into pinned (page-locked) memory, which the copy engine fills without the CPU staging
-    it through a bounce buffer, all copies queued at once and waited for once."""
-    pin = torch.cuda.is_available()
-    out = {key: [(offsets, torch.empty(values.shape, dtype=values.dtype, pin_memory=pin and values.is_cuda)
-                  .copy_(values, non_blocking=values.is_cuda)) for offsets, values in local]
-           for key, local in pieces.items()}
+    it through a bounce buffer, all copies queued at once and waited for once. The host buffers are
+    made at the first checkpoint and kept in `buffers` for the next (one write is in flight at a
+    time, so they are free again): fresh memory costs a page fault per 4 KiB page at first touch,
+    which measured as most of the copy's time (--bench_checkpoint)."""
+    pin, out = torch.cuda.is_available(), {}
+    for key, local in pieces.items():
+        out[key] = []
+        for offsets, values in local:
+            buffer = buffers.get((key, offsets))
+            if buffer is None or buffer.shape != values.shape or buffer.dtype != values.dtype:
+                buffer = buffers[(key, offsets)] = torch.empty(values.shape, dtype=values.dtype, pin_memory=pin and values.is_cuda)
+            out[key].append((offsets, buffer.copy_(values, non_blocking=values.is_cuda)))
     if pin:
         torch.cuda.synchronize()
     return out
@@ -1160,7 +1167,7 @@ def stage_sharded(run: "Run"):
     final = step_checkpoint_path(run.cfg.out_dir, run.step, sharded=True)
     pieces, shapes = run.par.sharded_pieces()
     if run.writer is not None:
-        pieces = host_copies(pieces)
+        pieces = host_copies(pieces, run.staging)
     meta, rank_state = checkpoint_meta(run), {"sampler": run.sampler.state_dict(), "rng": rng_states()}
     run.saved_step, run.ckpt_path = run.step, final
     layout, out_dir, keep, group = run.layout, run.cfg.out_dir, run.cfg.keep_checkpoints, run.checkpoint_group
@@ -1591,6 +1598,7 @@ class Run:
     saved_finite: bool | None = None  # whether the last checkpoint's weights are all finite (rank 0)
     writer: BackgroundWriter | None = None  # --async_checkpoint's thread
     checkpoint_group: object = None  # --async_checkpoint under torchrun: the process group of the background writes
+    staging: dict = field(default_factory=dict)  # --async_checkpoint, sharded: host buffers reused by every checkpoint
 
 
 def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
@@ -1998,7 +2006,7 @@ def bench_checkpoint(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
     par.create_optimizer_state()
     sharded_planners()  # imports torch.distributed.checkpoint, once, before any clock starts
     root = os.path.join(cfg.out_dir, "bench_checkpoint")
-    rows = []
+    rows, staging = [], {}
     print(f"bench_checkpoint: preset {cfg.preset} | {par.module.num_params():,} parameters | device {device} | "
           f"load average {os.getloadavg()[0]:.2f} before")
     # three of each, the median reported: one alone is at the mercy of the machine's other work
@@ -2012,7 +2020,7 @@ def bench_checkpoint(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
             write = functools.partial(atomic_torch_save, whole, path)
         else:
             pieces, shapes = par.sharded_pieces()
-            pieces = host_copies(pieces) if asynchronous else pieces
+            pieces = host_copies(pieces, staging) if asynchronous else pieces
             write = functools.partial(write_sharded, pieces, shapes, par.layout, {}, {}, path)
         writer = BackgroundWriter()
         if asynchronous:
