@@ -1686,6 +1686,8 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     counts = model.num_params(), model.num_params(exclude_embeddings=True)
     par, scaler = make_parallelized(model, cfg, layout, pick_dtype(cfg.dtype, layout.device))
     del model  # a pipeline stage or a sharded model keeps only its part; the full model is rebuilt for sampling
+    if cfg.checkpoint_format == "sharded":
+        par.check_sharded()  # before the first step, not at the first checkpoint
     # each data-parallel rank reads its own windows; tensor, pipeline and context ranks share theirs
     sampler = make_train_sampler(cfg, manifest, model_config.block_size, layout)
     step = restore_checkpoint(ckpt, par, scaler, sampler, layout.dp) if ckpt is not None else 0
