@@ -1143,10 +1143,10 @@ def write_sharded(pieces: dict, shapes: dict, layout: parallel.Layout, meta: dic
 def host_copies(pieces: dict, buffers: dict) -> dict:
     """--async_checkpoint: each piece copied out of the memory training keeps changing, to the host;
     from a GPU into pinned (page-locked) memory, which the copy engine fills without the CPU staging
-    it through a bounce buffer, all copies queued at once and waited for once. The host buffers are
-    made at the first checkpoint and kept in `buffers` for the next (one write is in flight at a
-    time, so they are free again): fresh memory costs a page fault per 4 KiB page at first touch,
-    which measured as most of the copy's time (--bench_checkpoint)."""
+    it through a bounce buffer, all copies queued at once and waited for once. Pinned memory is slow
+    to allocate (every page is locked and mapped for the device), so the host buffers are made at the
+    first checkpoint and kept in `buffers` for the next (one write is in flight at a time, so they
+    are free again by then)."""
     pin, out = torch.cuda.is_available(), {}
     for key, local in pieces.items():
         out[key] = []
