@@ -377,6 +377,9 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
         raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
     if cfg.checkpoint_format not in ("full", "sharded"):
         raise ValueError(f"unknown --checkpoint_format '{cfg.checkpoint_format}': use full or sharded")
+    if cfg.checkpoint_format == "sharded" and cfg.diloco_steps:
+        raise ValueError("--checkpoint_format sharded with --diloco_steps: DiLoCo's workers hold different weights "
+                         "between outer steps, which pieces of one model cannot describe; use --checkpoint_format full")
     check_speed_flags(cfg)
     check_mix_flags(cfg)
 
