@@ -86,7 +86,8 @@ trains; --bench_ablation turns each speed-up off in turn. Tests check that each 
 Map of this file
 ----------------
 TrainConfig, PRESETS -> flags from dataclass fields -> device and dtype -> learning-rate schedule ->
-optimizer -> speed-ups (vocabulary padding, checks, make_parallelized) -> checkpoint save/load ->
+optimizer -> speed-ups (vocabulary padding, checks, make_parallelized) -> checkpoint save/load (the
+files an out_dir keeps, full and asynchronous writes, sharded checkpoints on DCP, conversion) ->
 evaluation -> one run per directory (OutDirLock) -> preemption (signals) -> the training loop ->
 benchmark -> sampling -> main().
 """

@@ -1,4 +1,5 @@
-"""Tests for train.py: flags, schedule, exact resume, gradient accumulation, metrics and bad input."""
+"""Tests for train.py: flags, schedule, exact resume, gradient accumulation, metrics and bad input;
+sharded checkpoints (two gloo ranks save, another layout and one process resume, the bytes counted)."""
 
 import json
 import math
