@@ -1097,12 +1097,32 @@ def write_pieces(pieces: dict, shapes: dict, path: str, group=None):
     write_pieces.offered = planner.offered  # elements this rank handed to DCP (the test reads it)
 
 
+def dcp_failure(e: BaseException) -> BaseException | None:
+    """The first failing rank's error inside DCP's CheckpointException, which derives from
+    BaseException (so that it would escape every `except Exception`); None for any other exception."""
+    failures = getattr(e, "failures", None) if type(e).__name__ == "CheckpointException" else None
+    if not failures:
+        return None
+    first = next(iter(failures.values()))
+    return first[0] if isinstance(first, tuple) else first
+
+
 def read_pieces(pieces: dict, shapes: dict, path: str):
+    """DCP's load of a sharded checkpoint into this rank's pieces, in place; a damaged one is one line."""
     import torch.distributed.checkpoint as dcp
 
-    with warnings.catch_warnings():  # one process: DCP warns that it loads without a process group, as meant
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({}, storage_reader=dcp.FileSystemReader(path), planner=sharded_planners()[1](pieces, shapes))
+    try:
+        with warnings.catch_warnings():  # one process: DCP warns that it loads without a process group, as meant
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({}, storage_reader=dcp.FileSystemReader(path), planner=sharded_planners()[1](pieces, shapes))
+    except BaseException as e:
+        inner = dcp_failure(e)
+        if isinstance(inner, ValueError):  # our planner's: a tensor missing, or of another shape
+            raise ValueError(f"cannot resume from {path}: {inner}; use a checkpoint of this model") from None
+        if inner is not None:
+            raise ValueError(f"cannot read the sharded checkpoint {path} ({type(inner).__name__}: {one_line(inner)[:160]}): "
+                             "it is damaged; delete it to resume from the one before, or use another --out_dir") from None
+        raise
 
 
 def sync_ranks(group=None):
@@ -1138,10 +1158,13 @@ def write_sharded(pieces: dict, shapes: dict, layout: parallel.Layout, meta: dic
                 dir_fd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
                 os.fsync(dir_fd)
                 os.close(dir_fd)
-    except OSError as e:
+    except BaseException as e:  # a full disk (inside DCP, a CheckpointException), a second Ctrl-C, ...
         if layout.is_rank0:
             remove_checkpoint(tmp)
-        raise ValueError(write_failure(final, e)) from None
+        inner = dcp_failure(e) or e
+        if isinstance(inner, (OSError, RuntimeError)):
+            raise ValueError(write_failure(final, inner)) from None
+        raise
 
 
 def host_copies(pieces: dict, buffers: dict) -> dict:
