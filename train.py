@@ -91,7 +91,8 @@ Map of this file
 ----------------
 TrainConfig, PRESETS -> flags from dataclass fields -> starting from a Hugging Face directory (--init_from) ->
 device and dtype -> learning-rate schedule ->
-optimizer -> speed-ups (vocabulary padding, checks, make_parallelized) -> checkpoint save/load ->
+optimizer -> speed-ups (vocabulary padding, checks, make_parallelized) -> checkpoint save/load (the
+files an out_dir keeps, full and asynchronous writes, sharded checkpoints on DCP, conversion) ->
 evaluation -> one run per directory (OutDirLock) -> preemption (signals) -> the training loop ->
 benchmark -> sampling -> comparing seeds -> pictures (--plot) -> main().
 """
@@ -428,6 +429,9 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
         raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
     if cfg.checkpoint_format not in ("full", "sharded"):
         raise ValueError(f"unknown --checkpoint_format '{cfg.checkpoint_format}': use full or sharded")
+    if cfg.checkpoint_format == "sharded" and cfg.diloco_steps:
+        raise ValueError("--checkpoint_format sharded with --diloco_steps: DiLoCo's workers hold different weights "
+                         "between outer steps, which pieces of one model cannot describe; use --checkpoint_format full")
     check_speed_flags(cfg)
     check_mix_flags(cfg)
     for name in log_to_names(cfg.log_to):  # a missing package is one line before any work
@@ -1197,12 +1201,32 @@ def write_pieces(pieces: dict, shapes: dict, path: str, group=None):
     write_pieces.offered = planner.offered  # elements this rank handed to DCP (the test reads it)
 
 
+def dcp_failure(e: BaseException) -> BaseException | None:
+    """The first failing rank's error inside DCP's CheckpointException, which derives from
+    BaseException (so that it would escape every `except Exception`); None for any other exception."""
+    failures = getattr(e, "failures", None) if type(e).__name__ == "CheckpointException" else None
+    if not failures:
+        return None
+    first = next(iter(failures.values()))
+    return first[0] if isinstance(first, tuple) else first
+
+
 def read_pieces(pieces: dict, shapes: dict, path: str):
+    """DCP's load of a sharded checkpoint into this rank's pieces, in place; a damaged one is one line."""
     import torch.distributed.checkpoint as dcp
 
-    with warnings.catch_warnings():  # one process: DCP warns that it loads without a process group, as meant
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({}, storage_reader=dcp.FileSystemReader(path), planner=sharded_planners()[1](pieces, shapes))
+    try:
+        with warnings.catch_warnings():  # one process: DCP warns that it loads without a process group, as meant
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({}, storage_reader=dcp.FileSystemReader(path), planner=sharded_planners()[1](pieces, shapes))
+    except BaseException as e:
+        inner = dcp_failure(e)
+        if isinstance(inner, ValueError):  # our planner's: a tensor missing, or of another shape
+            raise ValueError(f"cannot resume from {path}: {inner}; use a checkpoint of this model") from None
+        if inner is not None:
+            raise ValueError(f"cannot read the sharded checkpoint {path} ({type(inner).__name__}: {one_line(inner)[:160]}): "
+                             "it is damaged; delete it to resume from the one before, or use another --out_dir") from None
+        raise
 
 
 def sync_ranks(group=None):
@@ -1238,20 +1262,30 @@ def write_sharded(pieces: dict, shapes: dict, layout: parallel.Layout, meta: dic
                 dir_fd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
                 os.fsync(dir_fd)
                 os.close(dir_fd)
-    except OSError as e:
+    except BaseException as e:  # a full disk (inside DCP, a CheckpointException), a second Ctrl-C, ...
         if layout.is_rank0:
             remove_checkpoint(tmp)
-        raise ValueError(write_failure(final, e)) from None
+        inner = dcp_failure(e) or e
+        if isinstance(inner, (OSError, RuntimeError)):
+            raise ValueError(write_failure(final, inner)) from None
+        raise
 
 
-def host_copies(pieces: dict) -> dict:
+def host_copies(pieces: dict, buffers: dict) -> dict:
     """--async_checkpoint: each piece copied out of the memory training keeps changing, to the host;
     from a GPU into pinned (page-locked) memory, which the copy engine fills without the CPU staging
-    it through a bounce buffer, all copies queued at once and waited for once."""
-    pin = torch.cuda.is_available()
-    out = {key: [(offsets, torch.empty(values.shape, dtype=values.dtype, pin_memory=pin and values.is_cuda)
-                  .copy_(values, non_blocking=values.is_cuda)) for offsets, values in local]
-           for key, local in pieces.items()}
+    it through a bounce buffer, all copies queued at once and waited for once. Pinned memory is slow
+    to allocate (every page is locked and mapped for the device), so the host buffers are made at the
+    first checkpoint and kept in `buffers` for the next (one write is in flight at a time, so they
+    are free again by then)."""
+    pin, out = torch.cuda.is_available(), {}
+    for key, local in pieces.items():
+        out[key] = []
+        for offsets, values in local:
+            buffer = buffers.get((key, offsets))
+            if buffer is None or buffer.shape != values.shape or buffer.dtype != values.dtype:
+                buffer = buffers[(key, offsets)] = torch.empty(values.shape, dtype=values.dtype, pin_memory=pin and values.is_cuda)
+            out[key].append((offsets, buffer.copy_(values, non_blocking=values.is_cuda)))
     if pin:
         torch.cuda.synchronize()
     return out
@@ -1264,7 +1298,7 @@ def stage_sharded(run: "Run"):
     final = step_checkpoint_path(run.cfg.out_dir, run.step, sharded=True)
     pieces, shapes = run.par.sharded_pieces()
     if run.writer is not None:
-        pieces = host_copies(pieces)
+        pieces = host_copies(pieces, run.staging)
     meta, rank_state = checkpoint_meta(run), {"sampler": run.sampler.state_dict(), "rng": rng_states()}
     run.saved_step, run.ckpt_path = run.step, final
     layout, out_dir, keep, group = run.layout, run.cfg.out_dir, run.cfg.keep_checkpoints, run.checkpoint_group
@@ -1810,6 +1844,7 @@ class Run:
     state_step: int | None = None  # the step whose full weights save_checkpoint gathered in this invocation (every rank alike)
     writer: BackgroundWriter | None = None  # --async_checkpoint's thread
     checkpoint_group: object = None  # --async_checkpoint under torchrun: the process group of the background writes
+    staging: dict = field(default_factory=dict)  # --async_checkpoint, sharded: host buffers reused by every checkpoint
 
 
 def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
@@ -1938,6 +1973,8 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     counts = model.num_params(), model.num_params(exclude_embeddings=True), model.num_params(active=True)
     par, scaler = make_parallelized(model, cfg, layout, pick_dtype(cfg.dtype, layout.device))
     del model  # a pipeline stage or a sharded model keeps only its part; the full model is rebuilt for sampling
+    if cfg.checkpoint_format == "sharded":
+        par.check_sharded()  # before the first step, not at the first checkpoint
     # each data-parallel rank reads its own windows; tensor, pipeline and context ranks share theirs
     sampler = make_train_sampler(cfg, manifest, model_config.block_size, layout)
     step = restore_checkpoint(ckpt, par, scaler, sampler, layout.dp) if ckpt is not None else 0
@@ -2319,7 +2356,7 @@ def bench_checkpoint(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
     par.create_optimizer_state()
     sharded_planners()  # imports torch.distributed.checkpoint, once, before any clock starts
     root = os.path.join(cfg.out_dir, "bench_checkpoint")
-    rows = []
+    rows, staging = [], {}
     print(f"bench_checkpoint: preset {cfg.preset} | {par.module.num_params():,} parameters | device {device} | "
           f"load average {os.getloadavg()[0]:.2f} before")
     # three of each, the median reported: one alone is at the mercy of the machine's other work
@@ -2333,7 +2370,7 @@ def bench_checkpoint(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
             write = functools.partial(atomic_torch_save, whole, path)
         else:
             pieces, shapes = par.sharded_pieces()
-            pieces = host_copies(pieces) if asynchronous else pieces
+            pieces = host_copies(pieces, staging) if asynchronous else pieces
             write = functools.partial(write_sharded, pieces, shapes, par.layout, {}, {}, path)
         writer = BackgroundWriter()
         if asynchronous:

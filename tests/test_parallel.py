@@ -23,6 +23,7 @@ computes rounding noise there (6.7e-12 measured) and AdamW turns it into steps o
 
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -228,6 +229,9 @@ def check_sharded_resume(source: dict, target: dict, source_strategy: dict, targ
                                     **target_strategy)
     train.load_sharded(path, resumed)
     third = parallel_run_more(resumed, batches[2:])
+    dist.barrier()  # every rank has read it
+    if dist.get_rank() == 0:
+        shutil.rmtree(where[0])
     out = {"offered": train.write_pieces.offered}
     if dist.get_rank() == 0:
         ref_losses, ref_state, _, _ = reference_run(config, batches)
