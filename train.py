@@ -24,7 +24,10 @@ One optimizer step, as this file does it
    over the whole batch: then the clipping threshold means the same whatever the split.
 3. Clip the global gradient norm to grad_clip (Pascanu et al. 2013), then AdamW (Loshchilov &
    Hutter 2017, arXiv:1711.05101) with weight decay on matrices only: decaying biases and norm gains
-   only pulls them towards zero for no benefit (the GPT-2/nanoGPT recipe). A step whose loss or
+   only pulls them towards zero for no benefit (the GPT-2/nanoGPT recipe); or, with --optimizer muon,
+   Muon on the blocks' matrices (parallel.Muon: the momentum orthogonalised by Newton-Schulz, Jordan
+   et al. 2024, scaled as Kimi's Liu et al. 2025 so that the same learning rate and weight decay
+   serve it) and AdamW on the rest. A step whose loss or
    gradient norm is inf or NaN is not applied: the run stops, naming the step and the last
    checkpoint (and whether its weights are finite), or first skips up to --skip_nonfinite such steps.
 4. Log loss, learning rate, ms/step, tokens/s and (on a GPU) MFU, and append the same to
@@ -163,6 +166,7 @@ class TrainConfig:
     max_iters: int = 1000  # optimizer steps in the whole run
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step (tokens/step = batch_size * grad_accum * block_size)
+    optimizer: str = "adamw"  # adamw, or muon: Newton-Schulz-orthogonalised momentum on the blocks' matrices, AdamW on the rest, sharing --learning_rate and --weight_decay (parallel.Muon)
     learning_rate: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak (Chinchilla decays to 10%)
     schedule: str = "cosine"  # cosine or wsd (warmup-stable-decay)
@@ -362,6 +366,7 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
         raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
     check_speed_flags(cfg)
     check_mix_flags(cfg)
+    parallel.check_optimizer(cfg.optimizer, cfg.tp, cfg.pp, cfg.cp, cfg.zero, cfg.impl, cfg.diloco_steps, cfg.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,14 +559,14 @@ def make_parallelized(model: GPT, cfg: TrainConfig, layout: parallel.Layout, dty
                                 cp_load_balance=cfg.cp_load_balance, sequence_parallel=cfg.sequence_parallel,
                                 lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                 weight_decay=cfg.weight_decay, amp=amp, scaler=scaler if scaler.is_enabled() else None,
-                                compile=compile_model, fused_adamw=fused_adamw_wanted(cfg, device))
+                                compile=compile_model, fused_adamw=fused_adamw_wanted(cfg, device), optimizer=cfg.optimizer)
     if compile_model and cfg.compile_mode != "default":
         # Parallelized compiled with the default mode. torch.compile works at the first call, so
         # wrapping the original module again, with another mode, compiles nothing twice.
         # reduce-overhead records the step's kernels as CUDA graphs and replays each with one launch
         # (a few microseconds of CPU time saved per kernel: it matters when kernels are short)
         par.forward_module = torch.compile(par.forward_module._orig_mod, mode=cfg.compile_mode)
-    if cfg.fused_adamw != "auto" and not isinstance(par.optimizer, torch.optim.AdamW):
+    if cfg.fused_adamw != "auto" and not isinstance(getattr(par.optimizer, "adamw", par.optimizer), torch.optim.AdamW):
         raise ValueError(f"--fused_adamw {cfg.fused_adamw} chooses how torch's AdamW runs; --zero {cfg.zero} --impl "
                          f"{cfg.impl} uses a sharded optimizer instead: leave --fused_adamw auto")
     return par, scaler
@@ -826,6 +831,9 @@ def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfi
     for k in keys + (("vocab_size",) if cfg.tokenizer == "bpe" else ()):  # bytes and gpt2 have fixed vocabularies
         if old.get(k) != getattr(cfg, k):
             raise ValueError(f"cannot resume: --{k} was {old.get(k)!r} in the checkpoint, now {getattr(cfg, k)!r}; keep it the same to continue exactly")
+    if old.get("optimizer", "adamw") != cfg.optimizer:  # the optimizer's state is another kind of state
+        raise ValueError(f"cannot resume: --optimizer was {old.get('optimizer', 'adamw')!r} in the checkpoint, now "
+                         f"{cfg.optimizer!r}; keep it the same to continue exactly")
     if manifest is not None and ckpt.get("corpus_id") not in (None, data.corpus_id(manifest)):
         raise ValueError(f"cannot resume: the corpus in {manifest['dir']} was prepared again since the checkpoint and "
                          "holds other tokens; resume with the corpus the run began with, or start a new run")

@@ -119,6 +119,29 @@ def test_resume_continues_bit_for_bit(data_dir, tmp_path):
     assert sa["sampler"] == sb["sampler"]
 
 
+def test_muon_resumes_bit_for_bit_with_its_momenta_in_the_checkpoint(data_dir, tmp_path):
+    # Muon's momenta and the AdamW moments of the other parameters both travel in the checkpoint
+    common = dict(max_iters=6, eval_interval=3, dtype="float32", optimizer="muon")
+    straight, mo = tiny(data_dir, tmp_path / "straight", **common)
+    train.train(straight, mo)
+    first, mo = tiny(data_dir, tmp_path / "resumed", stop_at=3, **common)
+    train.train(first, mo)
+    second, mo = tiny(data_dir, tmp_path / "resumed", resume=True, **common)
+    train.train(second, mo)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s", "mfu")} for r in rows]
+    assert strip(read_metrics(tmp_path / "straight")) == strip(read_metrics(tmp_path / "resumed"))
+    sa, sb = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    assert sa["optimizer"]["muon"].keys() == sb["optimizer"]["muon"].keys() and len(sa["optimizer"]["muon"]) == 8  # 4 per block
+    for k, v in sa["optimizer"]["muon"].items():
+        assert torch.equal(v["momentum_buffer"], sb["optimizer"]["muon"][k]["momentum_buffer"]), k
+    # and a resume cannot switch optimizers under the state
+    other, mo = tiny(data_dir, tmp_path / "resumed", resume=True, **{**common, "optimizer": "adamw", "max_iters": 8})
+    with pytest.raises(ValueError, match="--optimizer was 'muon' in the checkpoint"):
+        train.train(other, mo)
+
+
 def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     # 8 sequences in one micro-batch, or 4 x 2 micro-batches: the same windows, the same mean gradient
     big, mo = tiny(data_dir, tmp_path / "big", max_iters=4, batch_size=8, grad_accum=1, dtype="float32")
