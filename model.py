@@ -136,7 +136,10 @@ class GPTConfig:
     rope: bool = False  # rotary position embeddings instead of learned absolute positions
     rope_theta: float = 10000.0  # RoPE base frequency (Su et al. 2021)
     norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (LLaMA)
-    mlp: str = "gelu"  # gelu (GPT-2: C -> 4C -> C) or swiglu (gated, hidden 2/3 * 4C)
+    mlp: str = "gelu"  # gelu (GPT-2: C -> 4C -> C), swiglu (gated, hidden 2/3 * 4C) or relu2 (ReLU(x)^2, C -> 4C -> C; So et al. 2021, Primer)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before the scores (Dehghani et al. 2023; OLMo 2)
+    logit_softcap: float = 0.0  # cap the output logits smoothly at +-C: C tanh(logits / C) (Gemma 2 uses 30); 0: off
+    z_loss: float = 0.0  # add COEF * mean(log^2 Z) to the training loss, Z the softmax's normaliser (PaLM: 1e-4); 0: off
     tie_embeddings: bool = True  # share the token embedding with the output layer (GPT-2 does)
     attention: str = "sdpa"  # attention backend: naive (explicit softmax), sdpa (torch fused); kernels.py adds triton
     fused_ce: bool = False  # loss from the final hidden states in chunks (kernels.linear_cross_entropy): the (B, T, V) logits are never stored
@@ -153,8 +156,10 @@ class GPTConfig:
             raise ValueError(f"RoPE rotates channel pairs, so the head size must be even, not {self.n_embd // self.n_head}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ValueError(f"unknown norm '{self.norm}': use layernorm or rmsnorm")
-        if self.mlp not in ("gelu", "swiglu"):
-            raise ValueError(f"unknown mlp '{self.mlp}': use gelu or swiglu")
+        if self.mlp not in ("gelu", "swiglu", "relu2"):
+            raise ValueError(f"unknown mlp '{self.mlp}': use gelu, swiglu or relu2")
+        if self.fused_ce and self.logit_softcap:
+            raise ValueError("--logit_softcap with --fused_ce: the fused loss has no soft-capping; drop one of the two")
         if self.attention not in ATTENTION_BACKENDS and self.attention != "triton":
             raise ValueError(f"unknown attention backend '{self.attention}': use one of {sorted(ATTENTION_BACKENDS) + ['triton']}")
 
@@ -330,6 +335,12 @@ class CausalSelfAttention(nn.Module):
             # (creating a torch optimizer does)
             import kernels  # noqa: F401
         self.rope = config.rope
+        # QK-norm: one RMSNorm of width hs shared by the heads, for queries and one for keys. It bounds
+        # each score by |g_q| |g_k| hs / sqrt(hs), so no logit of the softmax can grow without limit (the
+        # attention-entropy collapse behind loss spikes: Dehghani et al. 2023, arXiv:2302.05442; Wortsman
+        # et al. 2023, arXiv:2309.14322); OLMo 2 (arXiv:2501.00656) trains with it
+        self.q_norm = RMSNorm(self.hs) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.hs) if config.qk_norm else None
         if config.rope:
             cos, sin = rope_cache(config.block_size, self.hs, config.rope_theta)
             # non-persistent: derived from the config, so not part of the checkpoint
@@ -349,6 +360,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, T, nh*hs) -> (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        if self.q_norm is not None:  # over each head's hs channels, before RoPE (OLMo 2's order)
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:  # the angles of positions start, start+1, ... (rows start.. of the tables)
             cos, sin = self.rope_cos[start:], self.rope_sin[start:]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -366,7 +379,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.swiglu, self.relu2 = config.mlp == "swiglu", config.mlp == "relu2"
         hidden = mlp_hidden(config)
         # for SwiGLU, c_fc holds both the gate and the up projection, side by side
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
@@ -379,6 +392,11 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up  # the gate decides, per channel, how much of `up` passes
+        elif self.relu2:
+            # ReLU squared (So et al. 2021, Primer, arXiv:2109.08668): found by their architecture search,
+            # it beat GELU at equal compute; the modded-nanogpt speedrun uses it. Exactly zero for h < 0,
+            # so most of the hidden activations are sparse
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation of GELU
         return self.dropout(self.c_proj(h))  # (B, T, hidden) -> (B, T, C)
@@ -408,6 +426,29 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), kv_cache=kv_cache)  # communicate between positions
         x = x + self.mlp(self.ln_2(x))  # compute within each position
         return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Two changes at the output: soft-capped logits and the z-loss
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap), in float32 (Gemma 2, arXiv:2408.00118, caps its final logits at 30):
+    about the identity while |logit| << cap, never beyond +-cap, so a few runaway logits cannot make
+    the softmax overconfident; the gradient 1 - tanh^2 fades smoothly as a logit nears the cap."""
+    logits = at_least_float32(logits)
+    return cap * torch.tanh(logits / cap)
+
+
+def z_loss(logits: torch.Tensor, targets: torch.Tensor, coef: float, ignore_index: int = -1) -> torch.Tensor:
+    """coef * mean over the counted rows of (log Z)^2, Z = sum_v exp(logit_v) (PaLM, Chowdhery et al.
+    2022, arXiv:2204.02311, sec. 5: coef 1e-4). Cross-entropy is unchanged when every logit of a row
+    moves by the same amount, so nothing stops log Z from drifting far from 0, where float16/bfloat16
+    logits lose precision; this term pulls it back to 0 at almost no cost to the fit. logits (N, V),
+    targets (N,): rows whose target is ignore_index are left out, as cross-entropy leaves them."""
+    keep = targets != ignore_index
+    lse = torch.logsumexp(at_least_float32(logits), dim=-1)  # (N,): log Z per row
+    return coef * (lse.square() * keep).sum() / keep.sum()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,20 +530,27 @@ class GPT(nn.Module):
         """(B, T, C) -> final norm -> logits (B, T, V), and the loss against targets if given."""
         B, T, _ = x.size()
         x = self.transformer.ln_f(x)
+        z_coef = self.config.z_loss if self.training else 0.0  # validation reports the cross-entropy alone
         if targets is not None and self.config.fused_ce:
             # the same mean cross-entropy straight from the hidden states, a chunk of rows at a time:
             # the (B, T, V) logits, their float32 copy and their gradient never exist (kernels.py
             # explains the bytes saved)
             import kernels  # lazily: the model needs kernels.py only when this option is on
 
-            loss = kernels.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), ignore_index=-1)
+            loss = kernels.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), ignore_index=-1,
+                                                z_loss=z_coef)
             return None, loss  # no logits: that is the point
         logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
+        if self.config.logit_softcap:
+            logits = softcap(logits, self.config.logit_softcap)
         loss = None
         if targets is not None:
             # cross-entropy in float32: under bf16 autocast the logits are bf16, and log-softmax
             # over 50k classes needs more precision than 8 mantissa bits
-            loss = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            flat, flat_targets = at_least_float32(logits).reshape(-1, logits.size(-1)), targets.reshape(-1)
+            loss = F.cross_entropy(flat, flat_targets, ignore_index=-1)
+            if z_coef:
+                loss = loss + z_loss(flat, flat_targets, z_coef)
         return logits, loss
 
     # --- counting ---------------------------------------------------------------------------
@@ -802,6 +850,9 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 
 def hf_architecture(config: GPTConfig) -> str:
     """'gpt2' or 'llama': the transformers class that computes exactly this model, or a ValueError."""
+    if config.qk_norm or config.logit_softcap:  # (z_loss only shapes training: the weights export as they are)
+        raise ValueError(f"no Hugging Face GPT-2 or Llama class computes {'QK-norm' if config.qk_norm else 'soft-capped logits'}"
+                         " (qk_norm, logit_softcap): export a model trained without them")
     if not config.rope and config.norm == "layernorm" and config.mlp == "gelu" and config.n_kv_head == config.n_head:
         return "gpt2"
     if config.rope and config.norm == "rmsnorm" and config.mlp == "swiglu":

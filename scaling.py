@@ -161,6 +161,8 @@ def param_tensors(config: GPTConfig) -> list[tuple[str, int]]:
     for i in range(config.n_layer):
         p = f"transformer.h.{i}"
         tensors += norm(f"{p}.ln_1") + linear(f"{p}.attn.c_attn", C, qkv_out) + linear(f"{p}.attn.c_proj", C, C)
+        if config.qk_norm:  # one RMSNorm gain of width hs each for queries and keys, shared by the heads
+            tensors += [(f"{p}.attn.q_norm.weight", hs), (f"{p}.attn.k_norm.weight", hs)]
         tensors += norm(f"{p}.ln_2") + linear(f"{p}.mlp.c_fc", C, fc_out) + linear(f"{p}.mlp.c_proj", hidden, C)
     tensors += norm("transformer.ln_f")
     if not config.tie_embeddings:  # tied: lm_head.weight *is* wte.weight, one tensor

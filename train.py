@@ -223,7 +223,8 @@ PRESETS = {
 
 # Model fields that appear as flags; None means "the preset's value".
 MODEL_FLAGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "n_kv_head", "rope", "rope_theta",
-               "norm", "mlp", "tie_embeddings", "attention", "fused_ce", "activation_checkpointing")
+               "norm", "mlp", "tie_embeddings", "attention", "fused_ce", "activation_checkpointing", "qk_norm",
+               "logit_softcap", "z_loss")
 # Model fields that change how the model computes, not what: a run may resume with them changed
 IMPLEMENTATION_FIELDS = ("attention", "fused_ce", "activation_checkpointing")
 
@@ -317,7 +318,7 @@ FLAG_RANGES = {
     "sample_tokens": "[0, inf)", "temperature": "[0, inf)", "top_k": "[0, inf)",
     # the model's flags (model.GPTConfig)
     "block_size": "[1, inf)", "n_layer": "[1, inf)", "n_head": "[1, inf)", "n_embd": "[1, inf)", "dropout": "[0, 1)",
-    "n_kv_head": "[0, inf)", "rope_theta": "(0, inf)",
+    "n_kv_head": "[0, inf)", "rope_theta": "(0, inf)", "logit_softcap": "[0, inf)", "z_loss": "[0, inf)",
 }
 
 
@@ -505,6 +506,10 @@ def check_speedups_fit(cfg: TrainConfig, model_config: GPTConfig, layout: parall
             raise ValueError(f"--fp8: {reason}; leave --fp8 off on this machine")
         if layout.tp > 1:
             raise ValueError("--fp8 with --tp: tensor parallelism replaces the Linear layers FP8 would swap; drop one")
+    recipe = [f for f, on in (("--qk_norm", model_config.qk_norm), ("--z_loss", model_config.z_loss),
+                              ("--logit_softcap", model_config.logit_softcap)) if on]
+    if recipe and layout.tp > 1:  # a query/key gain shared by heads split across ranks; a loss the vocabulary-parallel one lacks
+        raise ValueError(f"{recipe[0]} with --tp: tensor parallelism here does not split it; drop one of the two")
     if model_config.fused_ce and layout.tp > 1:
         raise ValueError("--fused_ce with --tp: the vocabulary-parallel loss computes its cross-entropy from the logits "
                          "slices itself; drop --fused_ce")

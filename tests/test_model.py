@@ -23,6 +23,8 @@ OPTIONS = {
     "mqa": {"n_kv_head": 1},
     "untied_nobias": {"tie_embeddings": False, "bias": False},
     "all_modern": {"rope": True, "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "bias": False},
+    # the modern recipe's model options (README, "Modern recipe")
+    "recipe": {"rope": True, "qk_norm": True, "mlp": "relu2", "logit_softcap": 10.0, "z_loss": 1e-4, "bias": False},
 }
 
 
@@ -222,6 +224,70 @@ def test_swiglu_mlp_matches_formula():
     gate_w, up_w = mlp.c_fc.weight.chunk(2, dim=0)
     ref = (F.silu(x @ gate_w.T) * (x @ up_w.T)) @ mlp.c_proj.weight.T
     torch.testing.assert_close(mlp(x), ref)
+
+
+def test_relu2_mlp_matches_formula():
+    cfg = small_config(mlp="relu2")
+    mlp = model.MLP(cfg).double()
+    x = torch.randn(2, 3, cfg.n_embd, dtype=torch.float64)
+    h = x @ mlp.c_fc.weight.T + mlp.c_fc.bias
+    ref = torch.where(h > 0, h * h, torch.zeros_like(h)) @ mlp.c_proj.weight.T + mlp.c_proj.bias  # max(0, h)^2
+    torch.testing.assert_close(mlp(x), ref, rtol=1e-12, atol=1e-12)
+    assert model.mlp_hidden(cfg) == 4 * cfg.n_embd  # GELU's shape: the same parameters, only the activation differs
+
+
+def test_qk_norm_attention_matches_float64_formula():
+    # the layer by hand: RMSNorm with its own gain on every head's q and k (before RoPE), then causal attention
+    cfg = small_config(qk_norm=True, rope=True, attention="naive", n_kv_head=2)
+    attn = model.CausalSelfAttention(cfg).double()
+    with torch.no_grad():
+        attn.q_norm.weight.normal_()  # not ones: each gain must be applied to its own channel
+        attn.k_norm.weight.normal_()
+    B, T, C, nh, nkv, hs = 2, 7, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_size
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    q, k, v = (x @ attn.c_attn.weight.T + attn.c_attn.bias).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+    q, k, v = (t.reshape(B, T, -1, hs).transpose(1, 2) for t in (q, k, v))
+    rms = lambda t, g: t / torch.sqrt((t * t).mean(-1, keepdim=True) + 1e-6) * g
+    q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
+    q, k = model.apply_rope(q, attn.rope_cos, attn.rope_sin), model.apply_rope(k, attn.rope_cos, attn.rope_sin)
+    k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(hs) + torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+    ref = y @ attn.c_proj.weight.T + attn.c_proj.bias
+    torch.testing.assert_close(attn(x), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_softcapped_logits_match_the_formula_and_stay_below_the_cap():
+    m = GPT(small_config(logit_softcap=2.0)).double()
+    with torch.no_grad():
+        m.transformer.wte.weight.mul_(50)  # logits far beyond the cap
+    idx = random_tokens(m.config)
+    logits, _ = m(idx)
+    raw = m.lm_head(m.transformer.ln_f(m.run_blocks(m.embed(idx))))
+    torch.testing.assert_close(logits, 2.0 * torch.tanh(raw / 2.0), rtol=1e-12, atol=1e-12)
+    assert raw.abs().max() > 10 and logits.abs().max() < 2.0
+
+
+def test_z_loss_adds_coef_times_mean_squared_log_normaliser_in_training_only():
+    m = GPT(small_config(z_loss=0.01)).double()
+    idx, targets = random_tokens(m.config), random_tokens(m.config)
+    targets[1, :4] = -1  # ignored rows count in neither term
+    logits, loss = m(idx, targets)
+    keep = targets != -1
+    log_z = logits.exp().sum(-1).log()[keep]  # (rows,) log sum_v exp(logit_v), written out
+    ce = (log_z - logits[keep].gather(-1, targets[keep][:, None])[:, 0]).mean()
+    assert loss.item() == pytest.approx((ce + 0.01 * (log_z ** 2).mean()).item(), rel=1e-12)
+    m.eval()  # validation reports the cross-entropy alone, comparable with runs without it
+    assert m(idx, targets)[1].item() == pytest.approx(ce.item(), rel=1e-12)
+
+
+def test_fused_loss_with_z_loss_gives_the_plain_loss_and_gradients():
+    a, b = twin(small_config(z_loss=0.01), fused_ce=True)
+    idx, targets = random_tokens(a.config), random_tokens(a.config)
+    (la, ga), (lb, gb) = loss_and_grads(a, idx, targets), loss_and_grads(b, idx, targets)
+    assert abs(la - lb) < 1e-5
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-6)
 
 
 def test_gpt2_initialisation_scales_residual_projections():
@@ -651,6 +717,16 @@ def test_export_refuses_a_shape_no_hugging_face_class_has(tmp_path):
     assert run.returncode == 2
     assert run.stderr.startswith("error: no Hugging Face class has this shape") and run.stderr.count("\n") == 1
     assert not (tmp_path / "hf").exists() and list(tmp_path.iterdir()) == [ckpt]
+
+
+@pytest.mark.parametrize("change", [dict(qk_norm=True), dict(logit_softcap=30.0), dict(mlp="relu2")])
+def test_export_refuses_the_recipe_options_hugging_face_cannot_compute(change, tmp_path):
+    # a Llama-shaped model (which would export) with one recipe option on: refused in one line
+    config = small_config(**{"rope": True, "norm": "rmsnorm", "mlp": "swiglu", **change})
+    with pytest.raises(ValueError) as e:
+        model.export_hf(GPT(config), tmp_path / "hf")
+    assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
+    assert ("qk_norm" in str(e.value) or "logit_softcap" in str(e.value)) if "mlp" not in change else "mlp=relu2" in str(e.value)
 
 
 def test_export_does_not_replace_an_existing_directory_without_overwrite(tmp_path):

@@ -48,7 +48,7 @@ def test_param_count_equals_model_for_random_configs_with_every_option():
     configs = [random_config(rng) for _ in range(24)]
     configs += [random_config(rng, **{k: v}) for k, v in [("rope", True), ("rope", False), ("norm", "rmsnorm"),
                 ("norm", "layernorm"), ("mlp", "swiglu"), ("mlp", "gelu"), ("bias", True), ("bias", False),
-                ("tie_embeddings", True), ("tie_embeddings", False)]]
+                ("tie_embeddings", True), ("tie_embeddings", False), ("mlp", "relu2"), ("qk_norm", True)]]
     configs.append(random_config(rng, n_head=4, n_embd=64, n_kv_head=2))  # grouped-query attention
     configs.append(random_config(rng, n_embd=96, n_head=6, mlp="swiglu"))  # SwiGLU hidden 8*96/3 = 256, a multiple of 64
     configs.append(random_config(rng, n_embd=80, n_head=5, mlp="swiglu"))  # 8*80/3 = 213.3 rounds up to 256
