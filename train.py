@@ -110,6 +110,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -177,6 +178,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW second-moment decay (0.95 as GPT-3, steadier than 0.999 at large batch)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
     skip_nonfinite: int = 0  # steps whose loss or gradient norm is inf/NaN to skip (no update, logged) before the run stops; 0: stop at the first
+    spike_sigma: float = 0.0  # skip the update of a step whose loss or gradient norm lies more than this many standard deviations above the mean of the last 128 steps (OLMo-core's skip-step; logged, counted, in the checkpoint); 0: off
     # --- parallelism (parallel.py; launch with torchrun, product of the degrees = number of processes)
     dp: int = 1  # data-parallel replicas; batch_size is per replica, so the global batch is dp x batch_size x grad_accum
     tp: int = 1  # tensor-parallel degree: attention heads, MLP columns and the vocabulary split across ranks (Megatron)
@@ -308,6 +310,7 @@ FLAG_RANGES = {
     "max_iters": "[1, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "learning_rate": "(0, inf)",
     "min_lr_ratio": "[0, 1]", "warmup_iters": "[0, inf)", "decay_frac": "[0, 1]", "weight_decay": "[0, inf)",
     "beta1": "[0, 1)", "beta2": "[0, 1)", "grad_clip": "[0, inf)", "skip_nonfinite": "[0, inf)",
+    "spike_sigma": "[0, inf)",
     # parallelism
     "dp": "[1, inf)", "tp": "[1, inf)", "pp": "[1, inf)", "cp": "[1, inf)", "zero": "[0, 3]", "microbatches": "[1, inf)",
     "diloco_steps": "[0, inf)", "diloco_outer_lr": "(0, inf)", "diloco_outer_momentum": "[0, 1)", "bucket_mb": "(0, inf)",
@@ -363,6 +366,9 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
     if cfg.skip_nonfinite and cfg.diloco_steps:
         raise ValueError("--skip_nonfinite with --diloco_steps: DiLoCo workers see only their own loss, so they could not "
                          "agree to skip a step; drop one of the two")
+    if cfg.spike_sigma and cfg.diloco_steps:
+        raise ValueError("--spike_sigma with --diloco_steps: DiLoCo workers see only their own loss, so their guards "
+                         "would part ways; drop one of the two")
     if cfg.compare_seeds == 1:
         raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
     check_speed_flags(cfg)
@@ -592,8 +598,9 @@ def nonfinite_reason(loss: float, grad_norm: float | None, gradient_scaler: bool
     return ""
 
 
-def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int, gradient_scaler: bool = False) -> dict:
-    """Optimizer step `step` (0-based): {"loss", "grad_norm", "lr", "skipped"}.
+def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int, gradient_scaler: bool = False,
+               guard: "SpikeGuard | None" = None) -> dict:
+    """Optimizer step `step` (0-based): {"loss", "grad_norm", "lr", "skipped", "spike"}.
 
     1. lr from the schedule, set in every parameter group.
     2. grad_accum micro-batches; each loss divided by grad_accum, so the accumulated gradient is the
@@ -603,7 +610,8 @@ def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int,
     3. The global batch's mean loss and the global gradient norm, clipped, both read before the
        update so that a bad step never reaches the weights. Both are the same on every rank, except
        under DiLoCo, whose workers train apart: there any_rank makes one worker's bad step everyone's.
-    4. The update, unless the step is bad ("skipped" says why; the loop decides what follows).
+    4. The update, unless the step is bad ("skipped" says why; the loop decides what follows) or,
+       with a guard (--spike_sigma), a spike ("spike" says which number, and by how much).
     Reading the loss waits for the device, so a step's wall time is all of its work.
     """
     lr = learning_rate_at(step, cfg)
@@ -620,13 +628,56 @@ def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int,
     loss = par.reduce_loss(loss_sum / cfg.grad_accum)
     # EXERCISE END grad-accum
     grad_norm = par.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else None
-    bad = nonfinite_reason(loss, grad_norm, gradient_scaler)
+    bad, spike = nonfinite_reason(loss, grad_norm, gradient_scaler), ""
     if par.any_rank(bool(bad)):
         bad = bad or "another worker's loss or gradient norm is not finite"
+    elif guard is not None and (spike := guard.judge(loss, grad_norm)):
+        pass  # a spike: no update (the loss and norm are the same on every rank, so is the verdict)
     else:
         par.optimizer_step()
     par.zero_grad()  # a skipped step's gradients are dropped, and its batch with them
-    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": bad}
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": bad, "spike": spike}
+
+
+class SpikeGuard:
+    """--spike_sigma S: a step whose loss, or gradient norm (before clipping), exceeds the mean of the
+    last WINDOW accepted steps' by more than S of their standard deviations is not applied (OLMo-core's
+    skip-step optimizer, window 128; Megatron-LM reruns such a step to tell a hardware fault from a bad
+    batch instead). A spike from one bad batch then leaves no trace in the weights or in Adam's moments,
+    where it could otherwise start a divergence (the loss spikes of PaLM, sec. 5.1, which were handled
+    by restarting 100 steps earlier and skipping 200-500 batches). A skipped step stays out of the
+    window, so it cannot lift the mean that judges the next one. Nothing is judged until MIN_STEPS are
+    in the window (our choice: fewer make a poor estimate of the spread). The windows and the count
+    live in the checkpoint (state_dict), so a resumed run judges exactly as the straight one."""
+
+    WINDOW = 128  # OLMo-core's rolling interval
+    MIN_STEPS = 20
+
+    def __init__(self, sigma: float):
+        self.sigma, self.skipped = sigma, 0
+        self.losses, self.grad_norms = deque(maxlen=self.WINDOW), deque(maxlen=self.WINDOW)
+
+    def judge(self, loss: float, grad_norm: float | None) -> str:
+        """"" to accept the step (its numbers join the windows), else why it is a spike (counted)."""
+        for name, value, window in (("loss", loss, self.losses), ("gradient norm", grad_norm, self.grad_norms)):
+            if value is None or len(window) < self.MIN_STEPS:
+                continue
+            mean, std = float(np.mean(window)), float(np.std(window))  # float64, over the window
+            if value > mean + self.sigma * std:
+                self.skipped += 1
+                return f"{name} {value:.4g} is {(value - mean) / max(std, 1e-12):.1f} standard deviations above the mean {mean:.4g} of the last {len(window)} steps"
+        self.losses.append(loss)
+        if grad_norm is not None:
+            self.grad_norms.append(grad_norm)
+        return ""
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict):
+        self.losses.extend(float(x) for x in state["losses"])
+        self.grad_norms.extend(float(x) for x in state["grad_norms"])
+        self.skipped = int(state["skipped"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -786,7 +837,8 @@ def save_checkpoint(run: "Run"):
                            # the corpus's tokens (a re-prepared corpus keeps its directory's name), and the
                            # evaluations a resume still owes (see resume_evaluations)
                            "corpus_id": data.corpus_id(run.manifest),
-                           "redo_evals": sorted(s for s in run.redo_evals if s > run.step)}, run.ckpt_path)
+                           "redo_evals": sorted(s for s in run.redo_evals if s > run.step),
+                           **({"spike_guard": run.guard.state_dict()} if run.guard is not None else {})}, run.ckpt_path)
         # an update can make weights inf or NaN while its own loss was finite: the error that
         # follows says whether this checkpoint is good to resume from
         run.saved_finite = all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
@@ -1163,6 +1215,7 @@ class Run:
     redo_evals: set = field(default_factory=set)  # steps whose evaluation a resume owes (resume_evaluations)
     stopping: str | None = None  # the stop signal every rank agreed on (stop_requested)
     saved_finite: bool | None = None  # whether the last checkpoint's weights are all finite (rank 0)
+    guard: SpikeGuard | None = None  # --spike_sigma's windows and count (in the checkpoint)
 
 
 def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
@@ -1180,10 +1233,12 @@ def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -
     run.stopping = stop_requested(layout)  # a signal during start-up: stop before the first step
     while run.step < stop and not run.stopping:
         t0 = time.perf_counter()
-        out = train_step(run.par, run.sampler, cfg, run.step, run.scaler.is_enabled())
+        out = train_step(run.par, run.sampler, cfg, run.step, run.scaler.is_enabled(), run.guard)
         run.step += 1
         adapt_mixture(run, out)
-        if out["skipped"]:
+        if out["spike"]:
+            log_spike(run, out)
+        elif out["skipped"]:
             skip_step(run, out)  # raises once --skip_nonfinite steps have been skipped
         else:
             log_step(run, out, time.perf_counter() - t0, progress, stop)
@@ -1245,6 +1300,10 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     gzip_bpb = gzip_bits_per_byte(data.split_tokens(manifest, "val"), enc, manifest["eot_id"])
     run = Run(cfg, layout, model_config, par, scaler, sampler, manifest, enc, ckpt_path, step, ckpt is not None, metrics,
               gzip_bpb, saved_step=step if ckpt is not None else None)
+    if cfg.spike_sigma:
+        run.guard = SpikeGuard(cfg.spike_sigma)
+        if ckpt is not None and isinstance(ckpt.get("spike_guard"), dict):  # a run without the guard left none
+            run.guard.load_state_dict(ckpt["spike_guard"])
     if ckpt is not None:
         run.redo_evals = resume_evaluations(ckpt, cfg, metrics, layout)
         if layout.is_rank0:
@@ -1358,6 +1417,15 @@ def skip_step(run: Run, out: dict):
           f"{cfg.skip_nonfinite})", flush=True)
     if run.metrics is not None:
         run.metrics.log(step=run.step, skipped=out["skipped"], lr=out["lr"])
+
+
+def log_spike(run: Run, out: dict):
+    """A step the spike guard skipped: one line, one metrics.jsonl record, and the run goes on."""
+    print(f"step {run.step:5d}/{run.cfg.max_iters} | spike: {out['spike']}; skipped, no update "
+          f"({run.guard.skipped} so far)", flush=True)
+    if run.metrics is not None:
+        run.metrics.log(step=run.step, loss=out["loss"], grad_norm=out["grad_norm"], lr=out["lr"], spike=out["spike"],
+                        spikes_skipped=run.guard.skipped)
 
 
 def last_checkpoint(run: Run) -> str:

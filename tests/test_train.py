@@ -142,6 +142,61 @@ def test_muon_resumes_bit_for_bit_with_its_momenta_in_the_checkpoint(data_dir, t
         train.train(other, mo)
 
 
+def inject_spike(monkeypatch, at_call: int, factor: float = 50.0):
+    """Make the at_call-th micro-step (0-based) a spike: its batch replaced by random tokens, its loss
+    and hence its gradient scaled by factor, as a corrupt batch with a blown-up loss would be."""
+    real, calls = parallel.Parallelized.forward_backward, []
+
+    def forward_backward(self, x, y, divisor=1, sync=True):
+        calls.append(1)
+        if len(calls) - 1 != at_call:
+            return real(self, x, y, divisor, sync)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randint(0, 512, x.shape, generator=g), torch.randint(0, 512, y.shape, generator=g)
+        return real(self, x, y, divisor / factor, sync) * factor
+
+    monkeypatch.setattr(parallel.Parallelized, "forward_backward", forward_backward)
+
+
+def test_spike_guard_skips_an_injected_spike_and_nothing_else(data_dir, tmp_path, monkeypatch):
+    common = dict(max_iters=40, eval_interval=40, dtype="float32", spike_sigma=6.0)
+    clean, mo = tiny(data_dir, tmp_path / "clean", **common)
+    train.train(clean, mo)
+    assert not [r for r in read_metrics(tmp_path / "clean") if "spike" in r or "skipped" in r]  # a normal run: no skip
+    inject_spike(monkeypatch, at_call=29)
+    spiked, mo = tiny(data_dir, tmp_path / "spiked", **common)
+    train.train(spiked, mo)
+    rows = read_metrics(tmp_path / "spiked")
+    spikes = [r for r in rows if "spike" in r]
+    assert [r["step"] for r in spikes] == [30] and spikes[0]["spikes_skipped"] == 1  # that one step, logged and counted
+    assert spikes[0]["loss"] > 50 and "standard deviations above the mean" in spikes[0]["spike"]
+    # no update at step 30: every other step trains exactly as in the clean run, which took step 30's
+    # update; so the steps before it are equal and the ones after it differ only by that step
+    a, b = [r for r in read_metrics(tmp_path / "clean") if "loss" in r], [r for r in rows if "loss" in r]
+    assert [r["loss"] for r in a[:29]] == [r["loss"] for r in b[:29]]
+    assert final_state(tmp_path / "spiked")["spike_guard"]["skipped"] == 1
+
+
+def test_spike_guard_resumes_bit_for_bit(data_dir, tmp_path):
+    # the windows come back from the checkpoint: at step 24 they hold 20+ values that judge steps 25..
+    common = dict(max_iters=30, eval_interval=12, dtype="float32", spike_sigma=0.01)  # 0.01: skips often, on purpose
+    straight, mo = tiny(data_dir, tmp_path / "straight", **common)
+    train.train(straight, mo)
+    first, mo = tiny(data_dir, tmp_path / "resumed", stop_at=24, **common)
+    train.train(first, mo)
+    second, mo = tiny(data_dir, tmp_path / "resumed", resume=True, **common)
+    train.train(second, mo)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s", "mfu")} for r in rows]
+    a = strip(read_metrics(tmp_path / "straight"))
+    assert a == strip(read_metrics(tmp_path / "resumed"))  # 24 is an evaluation step of both: the same lines
+    sa, sb = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert sa["spike_guard"] == sb["spike_guard"] and len(sa["spike_guard"]["losses"]) >= 20
+    # skips after the resume, which an empty window (a guard not restored) would not have judged yet
+    assert [r["step"] for r in a if "spike" in r and r["step"] > 24]
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
 def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     # 8 sequences in one micro-batch, or 4 x 2 micro-batches: the same windows, the same mean gradient
     big, mo = tiny(data_dir, tmp_path / "big", max_iters=4, batch_size=8, grad_accum=1, dtype="float32")
