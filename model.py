@@ -140,6 +140,8 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before the scores (Dehghani et al. 2023; OLMo 2)
     logit_softcap: float = 0.0  # cap the output logits smoothly at +-C: C tanh(logits / C) (Gemma 2 uses 30); 0: off
     z_loss: float = 0.0  # add COEF * mean(log^2 Z) to the training loss, Z the softmax's normaliser (PaLM: 1e-4); 0: off
+    mtp: int = 0  # multi-token prediction: N extra heads predicting tokens t+2 .. t+N+1, a transformer block each, sharing ln_f and the output layer (Gloeckle et al. 2024); training only
+    mtp_weight: float = 0.3  # --mtp: the training loss is the next-token loss plus this times the mean of the extra heads' losses (DeepSeek-V3's lambda: 0.3, later 0.1)
     tie_embeddings: bool = True  # share the token embedding with the output layer (GPT-2 does)
     attention: str = "sdpa"  # attention backend: naive (explicit softmax), sdpa (torch fused); kernels.py adds triton
     fused_ce: bool = False  # loss from the final hidden states in chunks (kernels.linear_cross_entropy): the (B, T, V) logits are never stored
@@ -470,6 +472,9 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # (C) -> (V) logits
+        # multi-token prediction: head k (1-based) reads the trunk's last hidden state at position t
+        # through one block of its own and predicts token t+1+k with the shared ln_f and lm_head
+        self.mtp_heads = nn.ModuleList([Block(config) for _ in range(config.mtp)]) if config.mtp else None
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one matrix, two roles (Press & Wolf 2017)
         self.apply(self._init_weights)
@@ -527,7 +532,19 @@ class GPT(nn.Module):
         return x
 
     def head(self, x, targets=None):
-        """(B, T, C) -> final norm -> logits (B, T, V), and the loss against targets if given."""
+        """(B, T, C) trunk output -> final norm -> logits (B, T, V), and the loss against targets if
+        given. With mtp heads, in training, the loss adds mtp_weight x the mean of their losses
+        (mtp_losses); evaluation and sampling use the next-token head alone."""
+        logits, loss = self.next_token_head(x, targets)
+        if targets is not None and self.mtp_heads is not None and self.training:
+            extra = torch.stack(self.mtp_losses(x, targets))  # (N,)
+            self.last_mtp_losses = extra.detach()  # each head's loss, for the log (train.py reads it)
+            loss = loss + self.config.mtp_weight * extra.mean()
+        return logits, loss
+
+    def next_token_head(self, x, targets=None):
+        """Final norm, logits (B, T, V) (soft-capped if configured), and the mean cross-entropy
+        (plus the z-loss in training) against targets if given."""
         B, T, _ = x.size()
         x = self.transformer.ln_f(x)
         z_coef = self.config.z_loss if self.training else 0.0  # validation reports the cross-entropy alone
@@ -552,6 +569,24 @@ class GPT(nn.Module):
             if z_coef:
                 loss = loss + z_loss(flat, flat_targets, z_coef)
         return logits, loss
+
+    def mtp_losses(self, x, targets) -> list:
+        """Multi-token prediction (Gloeckle et al. 2024, arXiv:2404.19737): from the trunk's hidden
+        states x (B, T, C), head k's (k = 1..N) cross-entropy against the token k further on than the
+        next. targets (B, T) hold token t+1 at position t, so head k's target at t is targets[:, t + k],
+        token t+1+k; its last k positions have none. Each head computes all T positions (its block is
+        causal like the trunk's, so scaling.py counts it as one more layer) and its loss keeps the
+        first T - k. Gloeckle et al. found the extra heads pay off in large models (on code, from
+        about 3B parameters); DeepSeek-V3 (arXiv:2412.19437) chains such modules sequentially."""
+        T = x.size(1)
+        losses = []
+        for k, block in enumerate(self.mtp_heads, start=1):
+            logits = self.lm_head(self.transformer.ln_f(block(x)))  # (B, T, C) -> (B, T, V), the shared output layer
+            if self.config.logit_softcap:
+                logits = softcap(logits, self.config.logit_softcap)
+            shifted = at_least_float32(logits[:, :T - k]).reshape(-1, logits.size(-1))  # the positions with a target
+            losses.append(F.cross_entropy(shifted, targets[:, k:].reshape(-1), ignore_index=-1))
+        return losses
 
     # --- counting ---------------------------------------------------------------------------
 
@@ -1077,6 +1112,7 @@ def export_hf(model: GPT, out_dir, enc=None, overwrite: bool = False) -> list[st
     tmp.mkdir(parents=True)
     try:
         sd = model.to_hf_state_dict() if arch == "gpt2" else model.to_llama_state_dict()
+        sd = {k: v for k, v in sd.items() if not k.startswith("mtp_heads.")}  # --mtp's extra heads: training only
         eot = enc.eot_token if enc is not None else None
         (tmp / "config.json").write_text(json.dumps(hf_config(model.config, eot, model.lm_head.weight.dtype), indent=2))
         written = ["config.json", write_hf_weights(sd, tmp)]

@@ -680,8 +680,9 @@ def muon_scale(shape) -> float:
 
 def is_muon_matrix(name: str, p: torch.Tensor) -> bool:
     """The rule of what Muon updates: the 2-D weights inside the transformer blocks (attention's
-    and the MLP's linear layers). Embeddings, the output layer, norms and biases stay on AdamW."""
-    return p.dim() == 2 and name.startswith("transformer.h.")
+    and the MLP's linear layers), and inside --mtp's extra heads' blocks. Embeddings, the output
+    layer, norms and biases stay on AdamW."""
+    return p.dim() == 2 and name.startswith(("transformer.h.", "mtp_heads."))
 
 
 class Muon(torch.optim.Optimizer):

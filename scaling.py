@@ -155,18 +155,22 @@ def param_tensors(config: GPTConfig) -> list[tuple[str, int]]:
     def linear(name, n_in, n_out):
         return [(f"{name}.weight", n_in * n_out)] + ([(f"{name}.bias", n_out)] if config.bias else [])
 
+    def block(p):  # one transformer block's tensors
+        out = norm(f"{p}.ln_1") + linear(f"{p}.attn.c_attn", C, qkv_out) + linear(f"{p}.attn.c_proj", C, C)
+        if config.qk_norm:  # one RMSNorm gain of width hs each for queries and keys, shared by the heads
+            out += [(f"{p}.attn.q_norm.weight", hs), (f"{p}.attn.k_norm.weight", hs)]
+        return out + norm(f"{p}.ln_2") + linear(f"{p}.mlp.c_fc", C, fc_out) + linear(f"{p}.mlp.c_proj", hidden, C)
+
     tensors = [("transformer.wte.weight", V * C)]
     if not config.rope:
         tensors.append(("transformer.wpe.weight", config.block_size * C))
     for i in range(config.n_layer):
-        p = f"transformer.h.{i}"
-        tensors += norm(f"{p}.ln_1") + linear(f"{p}.attn.c_attn", C, qkv_out) + linear(f"{p}.attn.c_proj", C, C)
-        if config.qk_norm:  # one RMSNorm gain of width hs each for queries and keys, shared by the heads
-            tensors += [(f"{p}.attn.q_norm.weight", hs), (f"{p}.attn.k_norm.weight", hs)]
-        tensors += norm(f"{p}.ln_2") + linear(f"{p}.mlp.c_fc", C, fc_out) + linear(f"{p}.mlp.c_proj", hidden, C)
+        tensors += block(f"transformer.h.{i}")
     tensors += norm("transformer.ln_f")
     if not config.tie_embeddings:  # tied: lm_head.weight *is* wte.weight, one tensor
         tensors.append(("lm_head.weight", V * C))
+    for k in range(config.mtp):  # multi-token prediction: a block per extra head (ln_f and lm_head are shared)
+        tensors += block(f"mtp_heads.{k}")
     return tensors
 
 
@@ -196,8 +200,9 @@ def flops_per_token_6n(config: GPTConfig, seq_len: int | None = None, attention:
     attention=False gives the bare 6N of Kaplan et al. (2020, sec. 2.1).
     """
     T = seq_len or config.block_size
-    n = count_params(config)["matmul"]
-    return 6 * n + (12 * config.n_layer * config.n_embd * T if attention else 0)
+    # --mtp: each extra head's block is in N_matmul already; its use of the shared output layer is not
+    n = count_params(config)["matmul"] + config.mtp * config.vocab_size * config.n_embd
+    return 6 * n + (12 * (config.n_layer + config.mtp) * config.n_embd * T if attention else 0)
 
 
 def flops_per_token_exact(config: GPTConfig, seq_len: int | None = None, causal: bool = False,
@@ -214,7 +219,8 @@ def flops_per_token_exact(config: GPTConfig, seq_len: int | None = None, causal:
     if convention not in ("matmul", "chinchilla"):
         raise ValueError(f"unknown convention '{convention}': use matmul or chinchilla")
     T = seq_len or config.block_size
-    C, L, V, hs = config.n_embd, config.n_layer, config.vocab_size, config.head_size
+    # --mtp: each extra head is one more block and one more pass through the output layer
+    C, L, V, hs = config.n_embd, config.n_layer + config.mtp, config.vocab_size, config.head_size
     n_kv = config.n_kv_head or config.n_head
     keys = (T + 1) / 2 if causal else T  # keys per query, averaged over the sequence
     hidden = mlp_hidden(config)
@@ -227,7 +233,7 @@ def flops_per_token_exact(config: GPTConfig, seq_len: int | None = None, causal:
         "attention_out": L * 2 * C * C,
         # GELU: C -> 4C -> C (2 matmuls); SwiGLU: gate and up C -> H, down H -> C (3 matmuls)
         "mlp": L * (2 * C * 2 * hidden + 2 * hidden * C if config.mlp == "swiglu" else 2 * 2 * C * hidden),
-        "logits": 2 * C * V,
+        "logits": (1 + config.mtp) * 2 * C * V,
     }
     forward = sum(ops.values())
     return {**ops, "forward": forward, "backward": 2 * forward, "train": 3 * forward}

@@ -226,7 +226,7 @@ PRESETS = {
 # Model fields that appear as flags; None means "the preset's value".
 MODEL_FLAGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "n_kv_head", "rope", "rope_theta",
                "norm", "mlp", "tie_embeddings", "attention", "fused_ce", "activation_checkpointing", "qk_norm",
-               "logit_softcap", "z_loss")
+               "logit_softcap", "z_loss", "mtp", "mtp_weight")
 # Model fields that change how the model computes, not what: a run may resume with them changed
 IMPLEMENTATION_FIELDS = ("attention", "fused_ce", "activation_checkpointing")
 
@@ -322,6 +322,7 @@ FLAG_RANGES = {
     # the model's flags (model.GPTConfig)
     "block_size": "[1, inf)", "n_layer": "[1, inf)", "n_head": "[1, inf)", "n_embd": "[1, inf)", "dropout": "[0, 1)",
     "n_kv_head": "[0, inf)", "rope_theta": "(0, inf)", "logit_softcap": "[0, inf)", "z_loss": "[0, inf)",
+    "mtp": "[0, inf)", "mtp_weight": "[0, inf)",
 }
 
 
@@ -516,6 +517,10 @@ def check_speedups_fit(cfg: TrainConfig, model_config: GPTConfig, layout: parall
                               ("--logit_softcap", model_config.logit_softcap)) if on]
     if recipe and layout.tp > 1:  # a query/key gain shared by heads split across ranks; a loss the vocabulary-parallel one lacks
         raise ValueError(f"{recipe[0]} with --tp: tensor parallelism here does not split it; drop one of the two")
+    if model_config.mtp and (layout.tp > 1 or layout.pp > 1 or layout.cp > 1 or cfg.zero == 3 or cfg.diloco_steps):
+        raise ValueError("--mtp runs on one process, with --dp and with --zero 1 or 2: its heads sit beside the last "
+                         "layer, which tensor, pipeline and context parallelism and ZeRO-3 reshape (and DiLoCo's "
+                         "workers evaluate apart); drop one of the two")
     if model_config.fused_ce and layout.tp > 1:
         raise ValueError("--fused_ce with --tp: the vocabulary-parallel loss computes its cross-entropy from the logits "
                          "slices itself; drop --fused_ce")
@@ -973,6 +978,31 @@ def evaluate(par: parallel.Parallelized, manifest: dict, cfg: TrainConfig, block
         x, y = sampler.next_batch()
         losses.append(par.reduce_loss(par.eval_loss(x.to(device), y.to(device))))
     return float(np.mean(losses))
+
+
+@torch.no_grad()
+def evaluate_mtp(par: parallel.Parallelized, manifest: dict, cfg: TrainConfig, block_size: int, device) -> list:
+    """With --mtp: each extra head's mean validation loss (head k against token t+1+k), on the same
+    batches as evaluate, reported apart from val_loss (which is the next-token head's alone). []
+    without --mtp. The trunk runs once per batch, the heads on its output (model.GPT.mtp_losses)."""
+    model = par.module
+    if not model.config.mtp:
+        return []
+    dp = par.layout.dp
+    sampler = data.make_sampler(manifest, "val", block_size, cfg.batch_size, seed=0, rank=par.layout.rank("dp"),
+                                world_size=dp)
+    totals = [0.0] * model.config.mtp
+    model.eval()
+    try:
+        for _ in range(cfg.eval_iters):
+            x, y = sampler.next_batch()
+            x, y = x.to(device), y.to(device)
+            with par.amp:
+                losses = model.mtp_losses(model.run_blocks(model.embed(x)), y)
+            totals = [t + par.reduce_loss(loss) for t, loss in zip(totals, losses)]
+    finally:
+        model.train()
+    return [t / cfg.eval_iters for t in totals]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1445,9 +1475,12 @@ def evaluate_and_log(run: Run, result: dict):
     val_loss = evaluate(run.par, run.manifest, run.cfg, run.model_config.block_size, run.layout.device)
     run.redo_evals.discard(run.step)
     val_bpb = data.bits_per_byte(val_loss, run.manifest["val_tokens"], run.manifest["val_bytes"])
+    mtp = evaluate_mtp(run.par, run.manifest, run.cfg, run.model_config.block_size, run.layout.device)
     if run.metrics is not None:
-        run.metrics.log(step=run.step, val_loss=val_loss, val_bpb=val_bpb)
+        run.metrics.log(step=run.step, val_loss=val_loss, val_bpb=val_bpb, **({"val_mtp_loss": mtp} if mtp else {}))
     result.update(val_loss=val_loss, val_bpb=val_bpb)
+    if mtp:
+        print(f"step {run.step:5d} | val loss of the extra heads (tokens t+2, t+3, ...): {', '.join(f'{v:.4f}' for v in mtp)}")
     tokens_per_byte = run.manifest["val_tokens"] / run.manifest["val_bytes"]
     print(f"step {run.step:5d} | val loss {val_loss:.4f} | val {val_bpb:.3f} bits/byte (gzip -9: {run.gzip_bpb:.3f})"
           f" | {tokens_per_byte:.3f} tokens/byte", flush=True)

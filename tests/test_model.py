@@ -290,6 +290,38 @@ def test_fused_loss_with_z_loss_gives_the_plain_loss_and_gradients():
         torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-6)
 
 
+def test_mtp_head_loss_is_cross_entropy_against_the_token_two_ahead():
+    m = GPT(small_config(mtp=1, mtp_weight=0.3)).double()
+    B, T, V = 2, m.config.block_size, m.config.vocab_size
+    seq = torch.randint(0, V, (B, T + 1))
+    x, y = seq[:, :T], seq[:, 1:].clone()  # the trainer's pair: y[t] = token t+1
+    y[0, 5] = -1  # an ignored target is ignored by the extra head too (it is token t+2 of position 4)
+    logits, loss = m(x, y)
+    h = m.run_blocks(m.embed(x))
+    extra = m.lm_head(m.transformer.ln_f(m.mtp_heads[0](h)))  # the extra head's logits (B, T, V)
+    # by hand: position t predicts seq[t + 2]; the last position has no such token
+    logp, target = torch.log_softmax(extra[:, :T - 1], -1), seq[:, 2:].clone()
+    target[0, 4] = -1
+    keep = target != -1
+    hand = -logp[keep].gather(-1, target[keep][:, None]).mean()
+    assert m.last_mtp_losses[0].item() == pytest.approx(hand.item(), rel=1e-12)
+    logp_main = torch.log_softmax(logits, -1)
+    main = -logp_main[y != -1].gather(-1, y[y != -1][:, None]).mean()
+    assert loss.item() == pytest.approx((main + 0.3 * hand).item(), rel=1e-12)  # the weighted sum trains
+    m.eval()
+    assert m(x, y)[1].item() == pytest.approx(main.item(), rel=1e-12)  # evaluation: the next-token head alone
+
+
+def test_mtp_heads_are_dropped_at_sampling_and_export(tmp_path):
+    with_heads = GPT(small_config(mtp=2))
+    plain = GPT(small_config())
+    plain.load_state_dict({k: v for k, v in with_heads.state_dict().items() if not k.startswith("mtp_heads.")})
+    idx = random_tokens(plain.config, B=1, T=4)
+    assert torch.equal(with_heads.generate(idx, 8, temperature=0), plain.generate(idx, 8, temperature=0))
+    model.export_hf(with_heads, tmp_path / "hf")
+    assert not [k for k in model.read_hf_weights(tmp_path / "hf") if "mtp" in k]
+
+
 def test_gpt2_initialisation_scales_residual_projections():
     cfg = GPTConfig(vocab_size=512, block_size=64, n_layer=8, n_head=8, n_embd=256)
     m = GPT(cfg)

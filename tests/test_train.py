@@ -197,6 +197,16 @@ def test_spike_guard_resumes_bit_for_bit(data_dir, tmp_path):
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
 
+def test_the_whole_recipe_trains_together_and_logs_the_extra_heads_apart(data_dir, tmp_path):
+    cfg, mo = tiny(data_dir, tmp_path, max_iters=4, eval_interval=4, dtype="float32", optimizer="muon", spike_sigma=6.0,
+                   qk_norm=True, z_loss=1e-4, mlp="relu2", logit_softcap=30.0, mtp=2, rope=True)
+    result = train.train(cfg, mo)
+    evals = [r for r in read_metrics(tmp_path) if "val_loss" in r]
+    assert len(evals) == 1 and len(evals[0]["val_mtp_loss"]) == 2  # tokens t+2 and t+3, reported apart
+    assert all(math.isfinite(v) for v in evals[0]["val_mtp_loss"]) and evals[0]["val_loss"] == result["val_loss"]
+    assert any(k.startswith("mtp_heads.1.") for k in final_state(tmp_path)["model"])  # kept in the checkpoint
+
+
 def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     # 8 sequences in one micro-batch, or 4 x 2 micro-batches: the same windows, the same mean gradient
     big, mo = tiny(data_dir, tmp_path / "big", max_iters=4, batch_size=8, grad_accum=1, dtype="float32")
