@@ -140,6 +140,8 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before the scores (Dehghani et al. 2023; OLMo 2)
     logit_softcap: float = 0.0  # cap the output logits smoothly at +-C: C tanh(logits / C) (Gemma 2 uses 30); 0: off
     z_loss: float = 0.0  # add COEF * mean(log^2 Z) to the training loss, Z the softmax's normaliser (PaLM: 1e-4); 0: off
+    doc_mask: bool = False  # packed sequences attend only within their own document (an end-of-text token starts one), positions restarting at each (naive and sdpa backends)
+    eot_id: int = -1  # the end-of-text id that starts a document (train.py sets it from the corpus for --doc_mask)
     mtp: int = 0  # multi-token prediction: N extra heads predicting tokens t+2 .. t+N+1, a transformer block each, sharing ln_f and the output layer (Gloeckle et al. 2024); training only
     mtp_weight: float = 0.3  # --mtp: the training loss is the next-token loss plus this times the mean of the extra heads' losses (DeepSeek-V3's lambda: 0.3, later 0.1)
     tie_embeddings: bool = True  # share the token embedding with the output layer (GPT-2 does)
@@ -160,6 +162,9 @@ class GPTConfig:
             raise ValueError(f"unknown norm '{self.norm}': use layernorm or rmsnorm")
         if self.mlp not in ("gelu", "swiglu", "relu2"):
             raise ValueError(f"unknown mlp '{self.mlp}': use gelu, swiglu or relu2")
+        if self.doc_mask and self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"--doc_mask with --attention {self.attention}: the document mask is written for the naive and "
+                             "sdpa backends; use one of them")
         if self.fused_ce and self.logit_softcap:
             raise ValueError("--logit_softcap with --fused_ce: the fused loss has no soft-capping; drop one of the two")
         if self.attention not in ATTENTION_BACKENDS and self.attention != "triton":
@@ -251,7 +256,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     pairing gives the same relative-position property.
     """
     T = x.size(-2)
-    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)  # (T, hs/2), broadcast over B and nh
+    if cos.dim() == 2:  # a table by position (T_max, hs/2): rows 0..T-1; else already (B, 1, T, hs/2), per row
+        cos, sin = cos[:T], sin[:T]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # broadcast over B and nh
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     # a 2-D rotation of every pair: [x1, x2] -> [x1 cos - x2 sin, x1 sin + x2 cos]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -267,8 +274,9 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 # EXERCISE: attention (tests/test_model.py -k naive)
-def naive_attention(q, k, v, dropout_p: float = 0.0):
-    """softmax(Q K^T / sqrt(hs) + M) V with the causal mask written out. Materialises (B, nh, T, T)."""
+def naive_attention(q, k, v, dropout_p: float = 0.0, doc_ids=None):
+    """softmax(Q K^T / sqrt(hs) + M) V with the causal mask written out. Materialises (B, nh, T, T).
+    doc_ids (B, T): also mask every key of another document (document_mask)."""
     n_rep = q.size(1) // k.size(1)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     T = q.size(-2)
@@ -276,27 +284,72 @@ def naive_attention(q, k, v, dropout_p: float = 0.0):
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # True above the diagonal: j > i
     att = att.masked_fill(future, float("-inf"))  # exp(-inf) = 0: no weight on future tokens
+    if doc_ids is not None:
+        att = att.masked_fill(~document_mask(doc_ids), float("-inf"))
     # softmax in float32 at least (bf16's 8 mantissa bits lose small probabilities); float64 stays float64
     att = F.softmax(at_least_float32(att), dim=-1).type_as(q)
     att = F.dropout(att, p=dropout_p) if dropout_p > 0 else att
     return att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
 
 
-def sdpa_attention(q, k, v, dropout_p: float = 0.0):
-    """torch's fused scaled_dot_product_attention: same maths, no (T, T) matrix kept for backward."""
+def sdpa_attention(q, k, v, dropout_p: float = 0.0, doc_ids=None):
+    """torch's fused scaled_dot_product_attention: same maths, no (T, T) matrix kept for backward.
+    doc_ids (B, T): the block-diagonal causal mask of document_mask, as a boolean attn_mask (torch
+    then picks a kernel that takes a mask: the memory-efficient one or its C++ path)."""
     n_rep = q.size(1) // k.size(1)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    if doc_ids is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(doc_ids) & causal(q.size(-2), q.device),
+                                              dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+def causal(T: int, device) -> torch.Tensor:
+    """(T, T) True on and below the diagonal: query i may read keys j <= i."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+# Document masking (--doc_mask). A training window is cut from a stream of documents joined by
+# end-of-text tokens, so it usually holds the end of one document and the start of the next: with
+# the plain causal mask, the next one's tokens attend to the previous one's, which at inference
+# time never precedes it. Masking keys of other documents makes the window a batch of independent
+# documents (the Llama 3 report, sec. 3.4.1 does this; modded-nanogpt's speedrun too, with
+# FlexAttention's block masks, which also skip the masked blocks' work). The end-of-text token
+# starts its document: sampling starts a document the same way (train.sample_text), and the
+# token after it is predicted from it alone.
+
+
+def document_ids(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B, T) token ids -> (B, T) document number of each position: how many end-of-text tokens
+    are at or before it, so each one starts a new document."""
+    return torch.cumsum(idx == eot_id, dim=1)
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document numbers -> (B, T) position of each token inside its document (0 at its first
+    token): t minus the index where its document starts (the running maximum of the starts)."""
+    T = doc_ids.size(1)
+    t = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    starts = doc_ids != torch.cat([doc_ids[:, :1], doc_ids[:, :-1]], dim=1)  # (B, T) True where a document begins
+    return t - torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document numbers -> (B, 1, T, T) True where query i and key j are in the same
+    document (block-diagonal; broadcast over heads). Combined with the causal mask by the caller."""
+    return (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
 
 
 ATTENTION_BACKENDS = {"naive": naive_attention, "sdpa": sdpa_attention}
 
 
-def attend(backend: str, q, k, v, dropout_p: float = 0.0):
+def attend(backend: str, q, k, v, dropout_p: float = 0.0, doc_ids=None):
     """Dispatch to an attention backend by name. `triton` lives in kernels.py, imported only when
     asked for; where its kernel cannot run (dropout, no GPU and no interpreter) it falls back to
-    sdpa_attention, the one SDPA call in the project."""
+    sdpa_attention, the one SDPA call in the project. doc_ids: --doc_mask's document numbers."""
     if backend in ATTENTION_BACKENDS:
+        if doc_ids is not None:
+            return ATTENTION_BACKENDS[backend](q, k, v, dropout_p, doc_ids=doc_ids)
         return ATTENTION_BACKENDS[backend](q, k, v, dropout_p)
     import kernels  # lazily: the model must not need Triton unless this backend is chosen
 
@@ -350,11 +403,12 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
 
     # EXERCISE: self-attention (tests/test_model.py -k 'numpy_gpt2 or grouped_query_attention_equals or causal_mask or order_of_earlier or kv_cache')
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, doc_ids=None, positions=None):
         """x (B, T, C) -> (B, T, C): one projection to q (nh heads) and k, v (n_kv heads each), RoPE on
         q and k when configured, causal attention with the configured backend, the heads side by side
         again, the output projection. With a kv_cache (a LayerKV), x holds the positions after those
-        already cached: their keys and values join the cache, and the queries attend over all of it."""
+        already cached: their keys and values join the cache, and the queries attend over all of it.
+        doc_ids, positions (B, T): --doc_mask's document numbers and positions inside documents."""
         B, T, C = x.size()
         start = kv_cache.length if kv_cache is not None else 0  # the position of x's first token
         qkv = self.c_attn(x)  # (B, T, C) -> (B, T, (nh + 2 n_kv) hs)
@@ -366,9 +420,11 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:  # the angles of positions start, start+1, ... (rows start.. of the tables)
             cos, sin = self.rope_cos[start:], self.rope_sin[start:]
+            if positions is not None:  # each row's own positions, restarting at every document: (B, 1, T, hs/2)
+                cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:
-            y = attend(self.backend, q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+            y = attend(self.backend, q, k, v, self.dropout if self.training else 0.0, doc_ids)  # (B, nh, T, hs)
         else:
             k, v = kv_cache.append(k, v)  # (B, n_kv, start + T, hs): every position so far
             y = cached_attention(q, k, v)  # (B, nh, T, hs)
@@ -424,8 +480,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache)  # communicate between positions
+    def forward(self, x, kv_cache=None, doc_ids=None, positions=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, doc_ids, positions)  # communicate between positions
         x = x + self.mlp(self.ln_2(x))  # compute within each position
         return x
 
@@ -499,23 +555,29 @@ class GPT(nn.Module):
         this code on their share of the layers.
         """
         start = kv_cache.length if kv_cache is not None else 0
+        if self.config.doc_mask and kv_cache is None:  # (generation reads its context as one document)
+            doc_ids = document_ids(idx, self.config.eot_id)
+            positions = document_positions(doc_ids)
+            return self.head(self.run_blocks(self.embed(idx, positions=positions), doc_ids=doc_ids, positions=positions), targets)
         x = self.run_blocks(self.embed(idx, start), kv_cache=kv_cache)
         if kv_cache is not None:
             kv_cache.length += idx.size(1)  # every layer has stored these positions
         return self.head(x, targets)
 
-    def embed(self, idx, start: int = 0):
-        """(B, T) token ids at positions start..start+T-1 -> (B, T, C): token embedding, plus the
-        learned position (GPT-2), dropout."""
+    def embed(self, idx, start: int = 0, positions=None):
+        """(B, T) token ids at positions start..start+T-1 (or at positions (B, T), --doc_mask's) ->
+        (B, T, C): token embedding, plus the learned position (GPT-2), dropout."""
         T = idx.size(1)
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T) -> (B, T, C)
-        if self.transformer.wpe is not None:
+        if self.transformer.wpe is not None and positions is not None:
+            x = x + self.transformer.wpe(positions)  # (B, T, C): each document from position 0
+        elif self.transformer.wpe is not None:
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast over B
         return self.transformer.drop(x)
 
-    def run_blocks(self, x, lo: int = 0, hi: int | None = None, kv_cache=None):
+    def run_blocks(self, x, lo: int = 0, hi: int | None = None, kv_cache=None, doc_ids=None, positions=None):
         """(B, T, C) -> (B, T, C) through blocks lo..hi-1 (all of them by default)."""
         if kv_cache is not None:  # inference: each block reads and extends its layer of the cache
             for i, block in enumerate(self.transformer.h[lo:hi], start=lo):
@@ -526,9 +588,9 @@ class GPT(nn.Module):
                 # store the block's (B, T, C) input, not the activations inside it (about 34 B T C
                 # bytes in 16-bit, Korthikanti et al. 2022, sec. 4.1); the backward runs the block's
                 # forward again first
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, None, doc_ids, positions, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, None, doc_ids, positions)
         return x
 
     def head(self, x, targets=None):

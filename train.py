@@ -226,7 +226,7 @@ PRESETS = {
 # Model fields that appear as flags; None means "the preset's value".
 MODEL_FLAGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "n_kv_head", "rope", "rope_theta",
                "norm", "mlp", "tie_embeddings", "attention", "fused_ce", "activation_checkpointing", "qk_norm",
-               "logit_softcap", "z_loss", "mtp", "mtp_weight")
+               "logit_softcap", "z_loss", "mtp", "mtp_weight", "doc_mask")
 # Model fields that change how the model computes, not what: a run may resume with them changed
 IMPLEMENTATION_FIELDS = ("attention", "fused_ce", "activation_checkpointing")
 
@@ -521,6 +521,9 @@ def check_speedups_fit(cfg: TrainConfig, model_config: GPTConfig, layout: parall
         raise ValueError("--mtp runs on one process, with --dp and with --zero 1 or 2: its heads sit beside the last "
                          "layer, which tensor, pipeline and context parallelism and ZeRO-3 reshape (and DiLoCo's "
                          "workers evaluate apart); drop one of the two")
+    if model_config.doc_mask and (layout.tp > 1 or layout.pp > 1 or layout.cp > 1 or cfg.zero == 3):
+        raise ValueError("--doc_mask runs on one process, with --dp and with --zero 1 or 2: tensor, pipeline and "
+                         "context parallelism and ZeRO-3 call the blocks without the document numbers; drop one of the two")
     if model_config.fused_ce and layout.tp > 1:
         raise ValueError("--fused_ce with --tp: the vocabulary-parallel loss computes its cross-entropy from the logits "
                          "slices itself; drop --fused_ce")
@@ -884,7 +887,9 @@ def reshard_sampler_state(state: dict, world_size: int) -> dict:
 def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfig, manifest: dict | None = None):
     """Refuse a resume that would silently change the model, the data or the batch (pitfall: torchtitan #809, #811)."""
     saved = ckpt["model_config"]
-    diff = {k: (saved.get(k), v) for k, v in asdict(model_config).items() if k not in IMPLEMENTATION_FIELDS and saved.get(k) != v}
+    default = lambda k: getattr(GPTConfig, k, None)  # a field newer than the checkpoint: its default (off)
+    diff = {k: (saved.get(k, default(k)), v) for k, v in asdict(model_config).items()
+            if k not in IMPLEMENTATION_FIELDS and saved.get(k, default(k)) != v}
     if diff:
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
         raise ValueError(f"cannot resume: the checkpoint's model differs ({shown}); use the same model flags or another --out_dir")
@@ -1313,7 +1318,9 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     # padded to a multiple of --tp as well, so tensor parallelism splits the vocabulary evenly (a
     # vocabulary that does not divide diverged in torchtitan #1136)
     model_config = GPTConfig(**{**model_overrides, "vocab_size": padded_vocab_size(manifest["vocab_size"],
-                                                                                   math.lcm(cfg.pad_vocab, cfg.tp))})
+                                                                                   math.lcm(cfg.pad_vocab, cfg.tp)),
+                                # --doc_mask: the corpus's end-of-text id starts each document
+                                **({"eot_id": manifest["eot_id"]} if model_overrides.get("doc_mask") else {})})
     if ckpt is not None:
         check_resume_compatible(ckpt, model_config, cfg, manifest)
     torch.manual_seed(cfg.seed)  # the same seed on every rank: every replica starts from the same weights

@@ -25,6 +25,7 @@ OPTIONS = {
     "all_modern": {"rope": True, "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "bias": False},
     # the modern recipe's model options (README, "Modern recipe")
     "recipe": {"rope": True, "qk_norm": True, "mlp": "relu2", "logit_softcap": 10.0, "z_loss": 1e-4, "bias": False},
+    "doc_mask": {"doc_mask": True, "eot_id": 3},  # random tokens hold id 3 now and then: documents of random lengths
 }
 
 
@@ -320,6 +321,44 @@ def test_mtp_heads_are_dropped_at_sampling_and_export(tmp_path):
     assert torch.equal(with_heads.generate(idx, 8, temperature=0), plain.generate(idx, 8, temperature=0))
     model.export_hf(with_heads, tmp_path / "hf")
     assert not [k for k in model.read_hf_weights(tmp_path / "hf") if "mtp" in k]
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("rope", [True, False])
+def test_doc_mask_gives_the_second_document_the_logits_it_has_alone(backend, rope):
+    m = GPT(small_config(doc_mask=True, eot_id=0, rope=rope, attention=backend)).double()
+    V = m.config.vocab_size
+    first = torch.cat([torch.tensor([0]), torch.randint(1, V, (9,))])  # each document starts with end-of-text
+    second = torch.cat([torch.tensor([0]), torch.randint(1, V, (13,))])
+    packed, _ = m(torch.cat([first, second])[None])
+    alone, _ = m(second[None])
+    torch.testing.assert_close(packed[0, 10:], alone[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(packed[0, :10], m(first[None])[0][0], rtol=1e-10, atol=1e-10)
+    plain = GPT(GPTConfig(**{**m.config.__dict__, "doc_mask": False})).double()
+    plain.load_state_dict(m.state_dict())
+    assert (plain(torch.cat([first, second])[None])[0][0, 10:] - alone[0]).abs().max() > 1e-3  # without the mask it differs
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+def test_doc_mask_keeps_the_causal_property(backend):
+    m = GPT(small_config(doc_mask=True, eot_id=0, rope=True, attention=backend)).double()
+    idx = torch.randint(1, m.config.vocab_size, (2, 32))
+    idx[:, [0, 7, 19]] = 0  # three documents per row
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] % (m.config.vocab_size - 1)) + 1  # a later token of the second document
+    a, b = m(idx)[0], m(changed)[0]
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=0)  # nothing before it moves
+    assert (a[:, 12:19] - b[:, 12:19]).abs().max() > 1e-6  # its own document after it does
+    torch.testing.assert_close(a[:, 19:], b[:, 19:], rtol=0, atol=0)  # the next document does not see it
+
+
+def test_document_positions_restart_at_each_end_of_text():
+    idx = torch.tensor([[5, 0, 4, 4, 0, 0, 9], [0, 1, 2, 3, 4, 5, 6]])
+    ids = model.document_ids(idx, eot_id=0)
+    assert ids.tolist() == [[0, 1, 1, 1, 2, 3, 3], [1, 1, 1, 1, 1, 1, 1]]
+    assert model.document_positions(ids).tolist() == [[0, 0, 1, 2, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6]]
+    with pytest.raises(ValueError, match="--doc_mask with --attention triton"):  # the kernel has no document mask yet
+        small_config(doc_mask=True, attention="triton")
 
 
 def test_gpt2_initialisation_scales_residual_projections():
