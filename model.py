@@ -53,6 +53,18 @@ Modern options (each off by default, each a GPTConfig field)
   heads, each shared by n_head/n_kv_head query heads. It shrinks the KV cache at inference by the
   same factor; n_kv_head = 1 is multi-query attention (Shazeer 2019).
 
+The modern recipe (README, "Modern recipe"; each also off by default)
+---------------------------------------------------------------------
+- QK-norm (Dehghani et al. 2023, arXiv:2302.05442; OLMo 2): RMSNorm on every head's q and k, so
+  attention logits stay bounded.
+- ReLU^2 MLP (So et al. 2021, Primer, arXiv:2109.08668): max(0, x W_fc)^2 W_proj, GELU's shape.
+- Logit soft-capping (Gemma 2): logits -> cap tanh(logits / cap).
+- z-loss (PaLM, arXiv:2204.02311): + coef * mean(log^2 Z) in training, so log Z stays near 0.
+- Document masking: a packed window attends only within each document (end-of-text starts one),
+  positions restarting per document.
+- Multi-token prediction (Gloeckle et al. 2024, arXiv:2404.19737): extra heads, a block each,
+  predicting tokens t+2, t+3, ...; used in training only.
+
 Attention backends
 ------------------
 `naive` writes the masked softmax out (the one to read), `sdpa` calls torch's

@@ -266,7 +266,7 @@ def test_softcapped_logits_match_the_formula_and_stay_below_the_cap():
     logits, _ = m(idx)
     raw = m.lm_head(m.transformer.ln_f(m.run_blocks(m.embed(idx))))
     torch.testing.assert_close(logits, 2.0 * torch.tanh(raw / 2.0), rtol=1e-12, atol=1e-12)
-    assert raw.abs().max() > 10 and logits.abs().max() < 2.0
+    assert raw.abs().max() > 10 and logits.abs().max() <= 2.0  # tanh rounds to exactly 1 in float64 far out
 
 
 def test_z_loss_adds_coef_times_mean_squared_log_normaliser_in_training_only():
