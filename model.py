@@ -307,7 +307,7 @@ def naive_attention(q, k, v, dropout_p: float = 0.0, doc_ids=None):
 def sdpa_attention(q, k, v, dropout_p: float = 0.0, doc_ids=None):
     """torch's fused scaled_dot_product_attention: same maths, no (T, T) matrix kept for backward.
     doc_ids (B, T): the block-diagonal causal mask of document_mask, as a boolean attn_mask (torch
-    then picks a kernel that takes a mask: the memory-efficient one or its C++ path)."""
+    then leaves out the FlashAttention kernel, which takes no mask)."""
     n_rep = q.size(1) // k.size(1)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     if doc_ids is not None:
@@ -325,7 +325,7 @@ def causal(T: int, device) -> torch.Tensor:
 # end-of-text tokens, so it usually holds the end of one document and the start of the next: with
 # the plain causal mask, the next one's tokens attend to the previous one's, which at inference
 # time never precedes it. Masking keys of other documents makes the window a batch of independent
-# documents (the Llama 3 report, sec. 3.4.1 does this; modded-nanogpt's speedrun too, with
+# documents (the Llama 3 report does this; modded-nanogpt's speedrun too, with
 # FlexAttention's block masks, which also skip the masked blocks' work). The end-of-text token
 # starts its document: sampling starts a document the same way (train.sample_text), and the
 # token after it is predicted from it alone.
@@ -403,7 +403,7 @@ class CausalSelfAttention(nn.Module):
             import kernels  # noqa: F401
         self.rope = config.rope
         # QK-norm: one RMSNorm of width hs shared by the heads, for queries and one for keys. It bounds
-        # each score by |g_q| |g_k| hs / sqrt(hs), so no logit of the softmax can grow without limit (the
+        # each score by max|g_q| max|g_k| sqrt(hs), so no logit of the softmax can grow without limit (the
         # attention-entropy collapse behind loss spikes: Dehghani et al. 2023, arXiv:2302.05442; Wortsman
         # et al. 2023, arXiv:2309.14322); OLMo 2 (arXiv:2501.00656) trains with it
         self.q_norm = RMSNorm(self.hs) if config.qk_norm else None
@@ -512,7 +512,7 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
 
 def z_loss(logits: torch.Tensor, targets: torch.Tensor, coef: float, ignore_index: int = -1) -> torch.Tensor:
     """coef * mean over the counted rows of (log Z)^2, Z = sum_v exp(logit_v) (PaLM, Chowdhery et al.
-    2022, arXiv:2204.02311, sec. 5: coef 1e-4). Cross-entropy is unchanged when every logit of a row
+    2022, arXiv:2204.02311: coef 1e-4). Cross-entropy is unchanged when every logit of a row
     moves by the same amount, so nothing stops log Z from drifting far from 0, where float16/bfloat16
     logits lose precision; this term pulls it back to 0 at almost no cost to the fit. logits (N, V),
     targets (N,): rows whose target is ignore_index are left out, as cross-entropy leaves them."""
@@ -650,8 +650,9 @@ class GPT(nn.Module):
         next. targets (B, T) hold token t+1 at position t, so head k's target at t is targets[:, t + k],
         token t+1+k; its last k positions have none. Each head computes all T positions (its block is
         causal like the trunk's, so scaling.py counts it as one more layer) and its loss keeps the
-        first T - k. Gloeckle et al. found the extra heads pay off in large models (on code, from
-        about 3B parameters); DeepSeek-V3 (arXiv:2412.19437) chains such modules sequentially."""
+        first T - k. Gloeckle et al. found the gain grows with model size (small models can even
+        lose), so the ablation at the laptop size says little about large ones; DeepSeek-V3
+        (arXiv:2412.19437) chains such modules sequentially instead."""
         T = x.size(1)
         losses = []
         for k, block in enumerate(self.mtp_heads, start=1):

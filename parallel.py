@@ -42,6 +42,13 @@ rounded up to a multiple of d, rank r owning slice r:
     Real FSDP keeps the block's activations instead of recomputing, and frees parameter storage
     by resizing it; we recompute because it makes "gather, use, free" three visible lines.
 
+Muon (Jordan et al. 2024; Kimi's Distributed Muon, Liu et al. 2025, arXiv:2502.16982) needs whole
+matrices: its Newton-Schulz iteration multiplies a matrix by itself. Under data parallelism and
+ZeRO-1/2 the hidden matrices are dealt out in chunks of d same-shaped ones, each rank
+orthogonalises the ones it owns (1/d of the work and of the momentum memory) and one all-gather per
+chunk returns every updated matrix; ZeRO-2 reduce-scatters each chunk's gradients to the owners.
+The rest (embeddings, output layer, norms, biases) stays on AdamW, sharded as above.
+
 Tensor parallel (Megatron-LM; Shoeybi et al. 2019, arXiv:1909.08053), t ranks. The MLP's first
 matrix is split by columns (each rank computes C -> 4C/t), the second by rows (4C/t -> C, partial
 sums added by one all-reduce). Attention is split by heads the same way (c_attn by heads: columns;
@@ -670,7 +677,7 @@ def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
 
 
 def muon_scale(shape) -> float:
-    """Kimi's update scale, 0.2 sqrt(max(A, B)) (Liu et al. 2025, sec. 2.2, eq. 4): the polar
+    """Kimi's update scale, 0.2 sqrt(max(A, B)) (Liu et al. 2025, arXiv:2502.16982): the polar
     factor of an A x B matrix has min(A, B) singular values equal to 1, so its RMS is
     sqrt(min(A, B) / (A B)) = 1 / sqrt(max(A, B)); multiplying by 0.2 sqrt(max(A, B)) brings it to
     0.2, the RMS Kimi measured for AdamW's updates in practice (between 0.2 and 0.4). AdamW's

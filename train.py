@@ -652,7 +652,7 @@ class SpikeGuard:
     last WINDOW accepted steps' by more than S of their standard deviations is not applied (OLMo-core's
     skip-step optimizer, window 128; Megatron-LM reruns such a step to tell a hardware fault from a bad
     batch instead). A spike from one bad batch then leaves no trace in the weights or in Adam's moments,
-    where it could otherwise start a divergence (the loss spikes of PaLM, sec. 5.1, which were handled
+    where it could otherwise start a divergence (the loss spikes of PaLM, which were handled
     by restarting 100 steps earlier and skipping 200-500 batches). A skipped step stays out of the
     window, so it cannot lift the mean that judges the next one. Nothing is judged until MIN_STEPS are
     in the window (our choice: fewer make a poor estimate of the spread). The windows and the count

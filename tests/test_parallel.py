@@ -869,8 +869,9 @@ def test_muon_steps_equal_a_float64_transcription(shape):
         p.grad = g.clone()
         opt.step()
     ref = muon_float64(W0, grads, lr=0.02, wd=0.1)
-    # relative to the change the three steps made (~0.1 of W): float32 matmuls in 5 iterations, measured 2e-7
-    assert ((p.detach().double() - ref).norm() / (ref - W0.double()).norm()) < 1e-5
+    # float32 weights round to 6e-8 relative per step: 1.1e-7 measured at worst over 40 draws; a wrong step
+    # (no Nesterov, no scale, no decay) moves W by 1e-3 of its norm or more (three steps change it by 1e-2)
+    assert ((p.detach().double() - ref).norm() / ref.norm()) < 1e-6
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
