@@ -751,3 +751,17 @@ def test_a_full_disk_is_named_in_the_one_line():
     short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 979072 vs 978964")
     assert "the write came up short" in train.write_failure("out/ckpt.pt", short, free=10**9)
     assert "the disk that holds it is full" in train.write_failure("out/ckpt.pt", short, free=1000)
+
+
+@pytest.mark.parametrize("model_flags, layout, words", [
+    (dict(qk_norm=True), dict(tp=2), "--qk_norm with --tp"),
+    (dict(z_loss=1e-4), dict(tp=2), "--z_loss with --tp"),
+    (dict(logit_softcap=30.0), dict(tp=2), "--logit_softcap with --tp"),
+    (dict(mtp=1), dict(pp=2), "--mtp runs on one process"),
+    (dict(doc_mask=True), dict(cp=2), "--doc_mask runs on one process"),
+])
+def test_the_recipe_options_refuse_the_layouts_that_do_not_carry_them(model_flags, layout, words):
+    cfg = train.TrainConfig(**layout)
+    with pytest.raises(ValueError, match=words):
+        train.check_speedups_fit(cfg, GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, **model_flags),
+                                 parallel.Layout(**layout))
