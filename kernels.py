@@ -641,8 +641,10 @@ def triton_attention_backend(q, k, v, dropout_p: float = 0.0, *, fallback):
 
 
 @_jit
-def _ce_rows_kernel(LOGITS, TARGETS, LOSS, stride_row, V, ignore_index, BLOCK_V: tl.constexpr):
-    """Per row: loss = LSE - logit[target]; logits overwritten by softmax - onehot(target).
+def _ce_rows_kernel(LOGITS, TARGETS, LOSS, stride_row, V, ignore_index, z_coef, BLOCK_V: tl.constexpr):
+    """Per row: loss = LSE - logit[target] + z_coef LSE^2; logits overwritten by its gradient,
+    softmax (1 + 2 z_coef LSE) - onehot(target) (d LSE / d logit = softmax, so the z-loss PaLM
+    adds, z_coef (log Z)^2, contributes 2 z_coef LSE softmax).
 
     Two passes over the row's V logits in tiles of BLOCK_V: the online max/sum (the recurrence of
     the attention kernel with no value vectors), then the gradient. Ignored rows get 0 and 0.
@@ -665,11 +667,12 @@ def _ce_rows_kernel(LOGITS, TARGETS, LOSS, stride_row, V, ignore_index, BLOCK_V:
     lse = m_row + tl.math.log2(tl.sum(s * tl.math.exp2((m - m_row) * 1.4426950408889634), 0)) / 1.4426950408889634
     valid = target != ignore_index
     target_logit = tl.load(ptr + target, mask=valid, other=0.0).to(tl.float32)
-    tl.store(LOSS + row, tl.where(valid, lse - target_logit, 0.0))
+    tl.store(LOSS + row, tl.where(valid, lse - target_logit + z_coef * lse * lse, 0.0))
+    softmax_factor = 1.0 + 2.0 * z_coef * lse
     for start in range(0, V, BLOCK_V):  # second pass: the gradient d loss_row / d logits, in place
         offs = start + tl.arange(0, BLOCK_V)
         x = tl.load(ptr + offs, mask=offs < V, other=0.0).to(tl.float32)
-        grad = tl.math.exp2((x - lse) * 1.4426950408889634) - tl.where(offs == target, 1.0, 0.0)
+        grad = tl.math.exp2((x - lse) * 1.4426950408889634) * softmax_factor - tl.where(offs == target, 1.0, 0.0)
         grad = tl.where(valid, grad, 0.0)
         tl.store(ptr + offs, grad.to(LOGITS.dtype.element_ty), mask=offs < V)
 
@@ -688,7 +691,7 @@ def default_chunk_size(N: int, C: int, V: int) -> int:
     return max(1, 1 << (rows - 1).bit_length()) if rows > 0 else 1
 
 
-def _linear_ce_forward(x, weight, targets, ignore_index: int, chunk_size: int, with_grads: bool = True):
+def _linear_ce_forward(x, weight, targets, ignore_index: int, chunk_size: int, with_grads: bool = True, z_loss: float = 0.0):
     """(loss, grad_x, grad_w) chunk by chunk; without with_grads (evaluation) the two matmuls and the
     gradients' memory are skipped, and the gradients are None."""
     N, V = x.size(0), weight.size(0)
@@ -701,7 +704,7 @@ def _linear_ce_forward(x, weight, targets, ignore_index: int, chunk_size: int, w
         x_chunk = x[start:end]  # (n, C)
         logits = x_chunk @ weight.t()  # (n, C) x (C, V) -> (n, V): the only logits that ever exist
         _ce_rows_kernel[(end - start,)](logits, targets[start:end], losses[start:end], logits.stride(0), V,
-                                        ignore_index, BLOCK_V=_ce_block_v(V), num_warps=1 if INTERPRET else 8)
+                                        ignore_index, float(z_loss), BLOCK_V=_ce_block_v(V), num_warps=1 if INTERPRET else 8)
         if with_grads:
             grad_logits = logits  # overwritten in place: (n, V) of softmax - onehot
             grad_x[start:end] = grad_logits @ weight  # (n, V) x (V, C) -> (n, C)
@@ -719,10 +722,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     """mean cross-entropy of x @ weight^T against targets; the gradients are computed in the forward."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, ignore_index, chunk_size, with_grads):
+    def forward(ctx, x, weight, targets, ignore_index, chunk_size, with_grads, z_loss=0.0):
         # with_grads is decided by the caller: inside forward autograd is off, and needs_input_grad
         # stays True under torch.no_grad() (evaluation), which would waste the two gradient matmuls
-        loss, grad_x, grad_w = _linear_ce_forward(x, weight, targets, ignore_index, chunk_size, with_grads)
+        loss, grad_x, grad_w = _linear_ce_forward(x, weight, targets, ignore_index, chunk_size, with_grads, z_loss)
         ctx.save_for_backward(grad_x, grad_w)
         return loss
 
@@ -730,11 +733,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         # the loss is a scalar, so its gradient is grad_loss times the stored ones (chain rule)
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None
 
 
-def fused_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, chunk_size: int | None = None):
-    """F.cross_entropy(x @ weight^T, targets, ignore_index) without the (N, V) logits in memory.
+def fused_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, chunk_size: int | None = None,
+                               z_loss: float = 0.0):
+    """F.cross_entropy(x @ weight^T, targets, ignore_index) without the (N, V) logits in memory,
+    plus z_loss * mean((log Z)^2) over the same rows when z_loss > 0 (model.z_loss's term).
 
     x (N, C), weight (V, C), targets (N,) int64 -> scalar mean loss over targets != ignore_index.
     chunk_size rows of logits exist at a time (default: default_chunk_size).
@@ -748,7 +753,7 @@ def fused_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, chunk
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk}")
     with_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return LinearCrossEntropy.apply(x, weight.to(x.dtype), targets.contiguous(), ignore_index, chunk, with_grads)
+    return LinearCrossEntropy.apply(x, weight.to(x.dtype), targets.contiguous(), ignore_index, chunk, with_grads, z_loss)
 
 
 def reference_linear_cross_entropy(x, weight, targets, ignore_index: int = -1):
@@ -756,12 +761,17 @@ def reference_linear_cross_entropy(x, weight, targets, ignore_index: int = -1):
     return F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=ignore_index)
 
 
-def _chunk_loss_sum(x_chunk, weight, targets_chunk, ignore_index: int):
+def _chunk_loss_sum(x_chunk, weight, targets_chunk, ignore_index: int, z_loss: float = 0.0):
     # the (n, V) logits of one chunk, in float32 for the log-softmax as in model.GPT.forward, summed
-    return F.cross_entropy((x_chunk @ weight.t()).float(), targets_chunk, ignore_index=ignore_index, reduction="sum")
+    logits = (x_chunk @ weight.t()).float()
+    loss = F.cross_entropy(logits, targets_chunk, ignore_index=ignore_index, reduction="sum")
+    if z_loss:  # z_loss (log Z)^2 per counted row, summed like the cross-entropy
+        loss = loss + z_loss * (torch.logsumexp(logits, dim=-1).square() * (targets_chunk != ignore_index)).sum()
+    return loss
 
 
-def chunked_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, chunk_size: int | None = None):
+def chunked_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, chunk_size: int | None = None,
+                                 z_loss: float = 0.0):
     """The fused loss in plain torch: the same value, at most one chunk of (chunk, V) logits alive.
 
     x (N, C), weight (V, C), targets (N,) -> mean cross-entropy over targets != ignore_index. Each
@@ -773,20 +783,21 @@ def chunked_linear_cross_entropy(x, weight, targets, ignore_index: int = -1, chu
     total = x.new_zeros((), dtype=torch.float32)
     for start in range(0, N, chunk):
         total = total + torch.utils.checkpoint.checkpoint(_chunk_loss_sum, x[start:start + chunk], weight,
-                                                          targets[start:start + chunk], ignore_index, use_reentrant=False)
+                                                          targets[start:start + chunk], ignore_index, z_loss,
+                                                          use_reentrant=False)
     return total / (targets != ignore_index).sum()  # a tensor, no host sync; no valid target gives nan, like torch
 
 
 @torch.compiler.disable  # a graph break: torch.compile must not trace into the Triton launcher or the checkpoints
-def linear_cross_entropy(x, weight, targets, ignore_index: int = -1):
+def linear_cross_entropy(x, weight, targets, ignore_index: int = -1, z_loss: float = 0.0):
     """model.py's fused loss (GPTConfig.fused_ce): F.cross_entropy(x @ weight^T, targets) without the (N, V) logits.
 
     The Triton kernel where it compiles (a CUDA GPU); elsewhere the chunked torch version, since the
     interpreter is exact but runs one row at a time in numpy, far too slow to train with.
     """
     if x.is_cuda and triton_unusable_reason(x) is None and not INTERPRET:
-        return fused_linear_cross_entropy(x, weight, targets, ignore_index)
-    return chunked_linear_cross_entropy(x, weight, targets, ignore_index)
+        return fused_linear_cross_entropy(x, weight, targets, ignore_index, z_loss=z_loss)
+    return chunked_linear_cross_entropy(x, weight, targets, ignore_index, z_loss=z_loss)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,6 +71,18 @@ and runs every expert as one grouped matmul (torch._grouped_mm, or a padded torc
 to rounding (tests). `MoE.dispatch` is the seam where parallel.py's expert parallelism sends the
 sorted tokens to the ranks that hold their experts. With one expert and k = 1 it is the dense MLP.
 
+The modern recipe (README, "Modern recipe"; each also off by default)
+---------------------------------------------------------------------
+- QK-norm (Dehghani et al. 2023, arXiv:2302.05442; OLMo 2): RMSNorm on every head's q and k, so
+  attention logits stay bounded.
+- ReLU^2 MLP (So et al. 2021, Primer, arXiv:2109.08668): max(0, x W_fc)^2 W_proj, GELU's shape.
+- Logit soft-capping (Gemma 2): logits -> cap tanh(logits / cap).
+- z-loss (PaLM, arXiv:2204.02311): + coef * mean(log^2 Z) in training, so log Z stays near 0.
+- Document masking: a packed window attends only within each document (end-of-text starts one),
+  positions restarting per document.
+- Multi-token prediction (Gloeckle et al. 2024, arXiv:2404.19737): extra heads, a block each,
+  predicting tokens t+2, t+3, ...; used in training only.
+
 Attention backends
 ------------------
 `naive` writes the masked softmax out (the one to read), `sdpa` calls torch's
@@ -155,7 +167,14 @@ class GPTConfig:
     rope: bool = False  # rotary position embeddings instead of learned absolute positions
     rope_theta: float = 10000.0  # RoPE base frequency (Su et al. 2021)
     norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (LLaMA)
-    mlp: str = "gelu"  # gelu (GPT-2: C -> 4C -> C) or swiglu (gated, hidden 2/3 * 4C)
+    mlp: str = "gelu"  # gelu (GPT-2: C -> 4C -> C), swiglu (gated, hidden 2/3 * 4C) or relu2 (ReLU(x)^2, C -> 4C -> C; So et al. 2021, Primer)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before the scores (Dehghani et al. 2023; OLMo 2)
+    logit_softcap: float = 0.0  # cap the output logits smoothly at +-C: C tanh(logits / C) (Gemma 2 uses 30); 0: off
+    z_loss: float = 0.0  # add COEF * mean(log^2 Z) to the training loss, Z the softmax's normaliser (PaLM: 1e-4); 0: off
+    doc_mask: bool = False  # packed sequences attend only within their own document (an end-of-text token starts one), positions restarting at each (naive and sdpa backends)
+    eot_id: int = -1  # the end-of-text id that starts a document (train.py sets it from the corpus for --doc_mask)
+    mtp: int = 0  # multi-token prediction: N extra heads predicting tokens t+2 .. t+N+1, a transformer block each, sharing ln_f and the output layer (Gloeckle et al. 2024); training only
+    mtp_weight: float = 0.3  # --mtp: the training loss is the next-token loss plus this times the mean of the extra heads' losses (DeepSeek-V3's lambda: 0.3, later 0.1)
     tie_embeddings: bool = True  # share the token embedding with the output layer (GPT-2 does)
     attention: str = "sdpa"  # attention backend: naive (explicit softmax), sdpa (torch fused); kernels.py adds triton
     fused_ce: bool = False  # loss from the final hidden states in chunks (kernels.linear_cross_entropy): the (B, T, V) logits are never stored
@@ -182,8 +201,13 @@ class GPTConfig:
             raise ValueError(f"RoPE rotates channel pairs, so the head size must be even, not {self.n_embd // self.n_head}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ValueError(f"unknown norm '{self.norm}': use layernorm or rmsnorm")
-        if self.mlp not in ("gelu", "swiglu"):
-            raise ValueError(f"unknown mlp '{self.mlp}': use gelu or swiglu")
+        if self.mlp not in ("gelu", "swiglu", "relu2"):
+            raise ValueError(f"unknown mlp '{self.mlp}': use gelu, swiglu or relu2")
+        if self.doc_mask and self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"--doc_mask with --attention {self.attention}: the document mask is written for the naive and "
+                             "sdpa backends; use one of them")
+        if self.fused_ce and self.logit_softcap:
+            raise ValueError("--logit_softcap with --fused_ce: the fused loss has no soft-capping; drop one of the two")
         if self.attention not in ATTENTION_BACKENDS and self.attention != "triton":
             raise ValueError(f"unknown attention backend '{self.attention}': use one of {sorted(ATTENTION_BACKENDS) + ['triton']}")
         if self.moe_experts and not 1 <= self.moe_topk <= self.moe_experts:
@@ -285,7 +309,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     pairing gives the same relative-position property.
     """
     T = x.size(-2)
-    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)  # (T, hs/2), broadcast over B and nh
+    if cos.dim() == 2:  # a table by position (T_max, hs/2): rows 0..T-1; else already (B, 1, T, hs/2), per row
+        cos, sin = cos[:T], sin[:T]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # broadcast over B and nh
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     # a 2-D rotation of every pair: [x1, x2] -> [x1 cos - x2 sin, x1 sin + x2 cos]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -301,8 +327,9 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 # EXERCISE: attention (tests/test_model.py -k naive)
-def naive_attention(q, k, v, dropout_p: float = 0.0):
-    """softmax(Q K^T / sqrt(hs) + M) V with the causal mask written out. Materialises (B, nh, T, T)."""
+def naive_attention(q, k, v, dropout_p: float = 0.0, doc_ids=None):
+    """softmax(Q K^T / sqrt(hs) + M) V with the causal mask written out. Materialises (B, nh, T, T).
+    doc_ids (B, T): also mask every key of another document (document_mask)."""
     n_rep = q.size(1) // k.size(1)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     T = q.size(-2)
@@ -310,27 +337,72 @@ def naive_attention(q, k, v, dropout_p: float = 0.0):
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # True above the diagonal: j > i
     att = att.masked_fill(future, float("-inf"))  # exp(-inf) = 0: no weight on future tokens
+    if doc_ids is not None:
+        att = att.masked_fill(~document_mask(doc_ids), float("-inf"))
     # softmax in float32 at least (bf16's 8 mantissa bits lose small probabilities); float64 stays float64
     att = F.softmax(at_least_float32(att), dim=-1).type_as(q)
     att = F.dropout(att, p=dropout_p) if dropout_p > 0 else att
     return att @ v  # (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)
 
 
-def sdpa_attention(q, k, v, dropout_p: float = 0.0):
-    """torch's fused scaled_dot_product_attention: same maths, no (T, T) matrix kept for backward."""
+def sdpa_attention(q, k, v, dropout_p: float = 0.0, doc_ids=None):
+    """torch's fused scaled_dot_product_attention: same maths, no (T, T) matrix kept for backward.
+    doc_ids (B, T): the block-diagonal causal mask of document_mask, as a boolean attn_mask (torch
+    then leaves out the FlashAttention kernel, which takes no mask)."""
     n_rep = q.size(1) // k.size(1)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    if doc_ids is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(doc_ids) & causal(q.size(-2), q.device),
+                                              dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+def causal(T: int, device) -> torch.Tensor:
+    """(T, T) True on and below the diagonal: query i may read keys j <= i."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+# Document masking (--doc_mask). A training window is cut from a stream of documents joined by
+# end-of-text tokens, so it usually holds the end of one document and the start of the next: with
+# the plain causal mask, the next one's tokens attend to the previous one's, which at inference
+# time never precedes it. Masking keys of other documents makes the window a batch of independent
+# documents (the Llama 3 report does this; modded-nanogpt's speedrun too, with
+# FlexAttention's block masks, which also skip the masked blocks' work). The end-of-text token
+# starts its document: sampling starts a document the same way (train.sample_text), and the
+# token after it is predicted from it alone.
+
+
+def document_ids(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B, T) token ids -> (B, T) document number of each position: how many end-of-text tokens
+    are at or before it, so each one starts a new document."""
+    return torch.cumsum(idx == eot_id, dim=1)
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document numbers -> (B, T) position of each token inside its document (0 at its first
+    token): t minus the index where its document starts (the running maximum of the starts)."""
+    T = doc_ids.size(1)
+    t = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    starts = doc_ids != torch.cat([doc_ids[:, :1], doc_ids[:, :-1]], dim=1)  # (B, T) True where a document begins
+    return t - torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document numbers -> (B, 1, T, T) True where query i and key j are in the same
+    document (block-diagonal; broadcast over heads). Combined with the causal mask by the caller."""
+    return (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
 
 
 ATTENTION_BACKENDS = {"naive": naive_attention, "sdpa": sdpa_attention}
 
 
-def attend(backend: str, q, k, v, dropout_p: float = 0.0):
+def attend(backend: str, q, k, v, dropout_p: float = 0.0, doc_ids=None):
     """Dispatch to an attention backend by name. `triton` lives in kernels.py, imported only when
     asked for; where its kernel cannot run (dropout, no GPU and no interpreter) it falls back to
-    sdpa_attention, the one SDPA call in the project."""
+    sdpa_attention, the one SDPA call in the project. doc_ids: --doc_mask's document numbers."""
     if backend in ATTENTION_BACKENDS:
+        if doc_ids is not None:
+            return ATTENTION_BACKENDS[backend](q, k, v, dropout_p, doc_ids=doc_ids)
         return ATTENTION_BACKENDS[backend](q, k, v, dropout_p)
     import kernels  # lazily: the model must not need Triton unless this backend is chosen
 
@@ -371,6 +443,12 @@ class CausalSelfAttention(nn.Module):
             # (creating a torch optimizer does)
             import kernels  # noqa: F401
         self.rope = config.rope
+        # QK-norm: one RMSNorm of width hs shared by the heads, for queries and one for keys. It bounds
+        # each score by max|g_q| max|g_k| sqrt(hs), so no logit of the softmax can grow without limit (the
+        # attention-entropy collapse behind loss spikes: Dehghani et al. 2023, arXiv:2302.05442; Wortsman
+        # et al. 2023, arXiv:2309.14322); OLMo 2 (arXiv:2501.00656) trains with it
+        self.q_norm = RMSNorm(self.hs) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.hs) if config.qk_norm else None
         if config.rope:
             cos, sin = rope_cache(config.block_size, self.hs, config.rope_theta)
             # non-persistent: derived from the config, so not part of the checkpoint
@@ -378,11 +456,12 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
 
     # EXERCISE: self-attention (tests/test_model.py -k 'numpy_gpt2 or grouped_query_attention_equals or causal_mask or order_of_earlier or kv_cache')
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, doc_ids=None, positions=None):
         """x (B, T, C) -> (B, T, C): one projection to q (nh heads) and k, v (n_kv heads each), RoPE on
         q and k when configured, causal attention with the configured backend, the heads side by side
         again, the output projection. With a kv_cache (a LayerKV), x holds the positions after those
-        already cached: their keys and values join the cache, and the queries attend over all of it."""
+        already cached: their keys and values join the cache, and the queries attend over all of it.
+        doc_ids, positions (B, T): --doc_mask's document numbers and positions inside documents."""
         B, T, C = x.size()
         start = kv_cache.length if kv_cache is not None else 0  # the position of x's first token
         qkv = self.c_attn(x)  # (B, T, C) -> (B, T, (nh + 2 n_kv) hs)
@@ -390,11 +469,15 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, T, nh*hs) -> (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        if self.q_norm is not None:  # over each head's hs channels, before RoPE (OLMo 2's order)
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:  # the angles of positions start, start+1, ... (rows start.. of the tables)
             cos, sin = self.rope_cos[start:], self.rope_sin[start:]
+            if positions is not None:  # each row's own positions, restarting at every document: (B, 1, T, hs/2)
+                cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:
-            y = attend(self.backend, q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+            y = attend(self.backend, q, k, v, self.dropout if self.training else 0.0, doc_ids)  # (B, nh, T, hs)
         else:
             k, v = kv_cache.append(k, v)  # (B, n_kv, start + T, hs): every position so far
             y = cached_attention(q, k, v)  # (B, nh, T, hs)
@@ -407,7 +490,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig, hidden: int | None = None):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.swiglu, self.relu2 = config.mlp == "swiglu", config.mlp == "relu2"
         hidden = hidden or mlp_hidden(config)  # another width: an MoE's shared experts
         # for SwiGLU, c_fc holds both the gate and the up projection, side by side
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
@@ -420,6 +503,11 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up  # the gate decides, per channel, how much of `up` passes
+        elif self.relu2:
+            # ReLU squared (So et al. 2021, Primer, arXiv:2109.08668): found by their architecture search,
+            # it beat GELU at equal compute; the modded-nanogpt speedrun uses it. Exactly zero for h < 0,
+            # so most of the hidden activations are sparse
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation of GELU
         return self.dropout(self.c_proj(h))  # (B, T, hidden) -> (B, T, C)
@@ -511,10 +599,10 @@ class Experts(nn.Module):
     and the stack is a grouped matmul's right operand as it is. first: the global index of w_fc[0]
     (expert parallelism keeps a slice of the experts on each rank; parallel.py)."""
 
-    def __init__(self, n_experts: int, n_embd: int, hidden: int, swiglu: bool, bias: bool):
+    def __init__(self, n_experts: int, n_embd: int, hidden: int, swiglu: bool, bias: bool, relu2: bool = False):
         super().__init__()
         width = 2 * hidden if swiglu else hidden
-        self.swiglu, self.first = swiglu, 0
+        self.swiglu, self.relu2, self.first = swiglu, relu2, 0
         self.w_fc = nn.Parameter(torch.empty(n_experts, n_embd, width))
         self.w_proj = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
         self.b_fc = nn.Parameter(torch.zeros(n_experts, width)) if bias else None
@@ -524,6 +612,8 @@ class Experts(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             return F.silu(gate) * up
+        if self.relu2:
+            return F.relu(h).square()
         return F.gelu(h, approximate="tanh")
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -583,7 +673,7 @@ class MoE(nn.Module):
         self.n_experts, self.topk, self.router_kind, self.capacity_factor = E, config.moe_topk, config.moe_router, config.moe_capacity
         self.aux_coef, self.zloss_coef, self.bias_rate = config.moe_aux, config.moe_zloss, config.moe_bias_update
         self.router = nn.Linear(config.n_embd, E, bias=False)  # (C) -> (E) logits
-        self.experts = Experts(E, config.n_embd, hidden, config.mlp == "swiglu", config.bias)
+        self.experts = Experts(E, config.n_embd, hidden, config.mlp == "swiglu", config.bias, relu2=config.mlp == "relu2")
         # S shared experts of width hidden are one MLP of width S hidden (DeepSeekMoE, sec. 3.2)
         self.shared = MLP(config, hidden=config.moe_shared * hidden) if config.moe_shared else None
         self.dropout = nn.Dropout(config.dropout)
@@ -708,10 +798,33 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MoE(config) if moe else MLP(config)  # the name stays: an MoE is the block's MLP, made sparse
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache)  # communicate between positions
+    def forward(self, x, kv_cache=None, doc_ids=None, positions=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, doc_ids, positions)  # communicate between positions
         x = x + self.mlp(self.ln_2(x))  # compute within each position
         return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Two changes at the output: soft-capped logits and the z-loss
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap), in float32 (Gemma 2, arXiv:2408.00118, caps its final logits at 30):
+    about the identity while |logit| << cap, never beyond +-cap, so a few runaway logits cannot make
+    the softmax overconfident; the gradient 1 - tanh^2 fades smoothly as a logit nears the cap."""
+    logits = at_least_float32(logits)
+    return cap * torch.tanh(logits / cap)
+
+
+def z_loss(logits: torch.Tensor, targets: torch.Tensor, coef: float, ignore_index: int = -1) -> torch.Tensor:
+    """coef * mean over the counted rows of (log Z)^2, Z = sum_v exp(logit_v) (PaLM, Chowdhery et al.
+    2022, arXiv:2204.02311: coef 1e-4). Cross-entropy is unchanged when every logit of a row
+    moves by the same amount, so nothing stops log Z from drifting far from 0, where float16/bfloat16
+    logits lose precision; this term pulls it back to 0 at almost no cost to the fit. logits (N, V),
+    targets (N,): rows whose target is ignore_index are left out, as cross-entropy leaves them."""
+    keep = targets != ignore_index
+    lse = torch.logsumexp(at_least_float32(logits), dim=-1)  # (N,): log Z per row
+    return coef * (lse.square() * keep).sum() / keep.sum()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -733,6 +846,9 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # (C) -> (V) logits
+        # multi-token prediction: head k (1-based) reads the trunk's last hidden state at position t
+        # through one block of its own and predicts token t+1+k with the shared ln_f and lm_head
+        self.mtp_heads = nn.ModuleList([Block(config) for _ in range(config.mtp)]) if config.mtp else None
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one matrix, two roles (Press & Wolf 2017)
         self.apply(self._init_weights)
@@ -760,6 +876,10 @@ class GPT(nn.Module):
         this code on their share of the layers.
         """
         start = kv_cache.length if kv_cache is not None else 0
+        if self.config.doc_mask and kv_cache is None:  # (generation reads its context as one document)
+            doc_ids = document_ids(idx, self.config.eot_id)
+            positions = document_positions(doc_ids)
+            return self.head(self.run_blocks(self.embed(idx, positions=positions), doc_ids=doc_ids, positions=positions), targets)
         x = self.run_blocks(self.embed(idx, start), kv_cache=kv_cache)
         if kv_cache is not None:
             kv_cache.length += idx.size(1)  # every layer has stored these positions
@@ -773,18 +893,20 @@ class GPT(nn.Module):
         """The MoE layers, in block order (empty for a dense model)."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def embed(self, idx, start: int = 0):
-        """(B, T) token ids at positions start..start+T-1 -> (B, T, C): token embedding, plus the
-        learned position (GPT-2), dropout."""
+    def embed(self, idx, start: int = 0, positions=None):
+        """(B, T) token ids at positions start..start+T-1 (or at positions (B, T), --doc_mask's) ->
+        (B, T, C): token embedding, plus the learned position (GPT-2), dropout."""
         T = idx.size(1)
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T) -> (B, T, C)
-        if self.transformer.wpe is not None:
+        if self.transformer.wpe is not None and positions is not None:
+            x = x + self.transformer.wpe(positions)  # (B, T, C): each document from position 0
+        elif self.transformer.wpe is not None:
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast over B
         return self.transformer.drop(x)
 
-    def run_blocks(self, x, lo: int = 0, hi: int | None = None, kv_cache=None):
+    def run_blocks(self, x, lo: int = 0, hi: int | None = None, kv_cache=None, doc_ids=None, positions=None):
         """(B, T, C) -> (B, T, C) through blocks lo..hi-1 (all of them by default)."""
         if kv_cache is not None:  # inference: each block reads and extends its layer of the cache
             for i, block in enumerate(self.transformer.h[lo:hi], start=lo):
@@ -795,30 +917,68 @@ class GPT(nn.Module):
                 # store the block's (B, T, C) input, not the activations inside it (about 34 B T C
                 # bytes in 16-bit, Korthikanti et al. 2022, sec. 4.1); the backward runs the block's
                 # forward again first
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, None, doc_ids, positions, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, None, doc_ids, positions)
         return x
 
     def head(self, x, targets=None):
-        """(B, T, C) -> final norm -> logits (B, T, V), and the loss against targets if given."""
+        """(B, T, C) trunk output -> final norm -> logits (B, T, V), and the loss against targets if
+        given. With mtp heads, in training, the loss adds mtp_weight x the mean of their losses
+        (mtp_losses); evaluation and sampling use the next-token head alone."""
+        logits, loss = self.next_token_head(x, targets)
+        if targets is not None and self.mtp_heads is not None and self.training:
+            extra = torch.stack(self.mtp_losses(x, targets))  # (N,)
+            self.last_mtp_losses = extra.detach()  # each head's loss, for the log (train.py reads it)
+            loss = loss + self.config.mtp_weight * extra.mean()
+        return logits, loss
+
+    def next_token_head(self, x, targets=None):
+        """Final norm, logits (B, T, V) (soft-capped if configured), and the mean cross-entropy
+        (plus the z-loss in training) against targets if given."""
         B, T, _ = x.size()
         x = self.transformer.ln_f(x)
+        z_coef = self.config.z_loss if self.training else 0.0  # validation reports the cross-entropy alone
         if targets is not None and self.config.fused_ce:
             # the same mean cross-entropy straight from the hidden states, a chunk of rows at a time:
             # the (B, T, V) logits, their float32 copy and their gradient never exist (kernels.py
             # explains the bytes saved)
             import kernels  # lazily: the model needs kernels.py only when this option is on
 
-            loss = kernels.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), ignore_index=-1)
+            loss = kernels.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), ignore_index=-1,
+                                                z_loss=z_coef)
             return None, loss  # no logits: that is the point
         logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
+        if self.config.logit_softcap:
+            logits = softcap(logits, self.config.logit_softcap)
         loss = None
         if targets is not None:
             # cross-entropy in float32: under bf16 autocast the logits are bf16, and log-softmax
             # over 50k classes needs more precision than 8 mantissa bits
-            loss = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            flat, flat_targets = at_least_float32(logits).reshape(-1, logits.size(-1)), targets.reshape(-1)
+            loss = F.cross_entropy(flat, flat_targets, ignore_index=-1)
+            if z_coef:
+                loss = loss + z_loss(flat, flat_targets, z_coef)
         return logits, loss
+
+    def mtp_losses(self, x, targets) -> list:
+        """Multi-token prediction (Gloeckle et al. 2024, arXiv:2404.19737): from the trunk's hidden
+        states x (B, T, C), head k's (k = 1..N) cross-entropy against the token k further on than the
+        next. targets (B, T) hold token t+1 at position t, so head k's target at t is targets[:, t + k],
+        token t+1+k; its last k positions have none. Each head computes all T positions (its block is
+        causal like the trunk's, so scaling.py counts it as one more layer) and its loss keeps the
+        first T - k. Gloeckle et al. found the gain grows with model size (small models can even
+        lose), so the ablation at the laptop size says little about large ones; DeepSeek-V3
+        (arXiv:2412.19437) chains such modules sequentially instead."""
+        T = x.size(1)
+        losses = []
+        for k, block in enumerate(self.mtp_heads, start=1):
+            logits = self.lm_head(self.transformer.ln_f(block(x)))  # (B, T, C) -> (B, T, V), the shared output layer
+            if self.config.logit_softcap:
+                logits = softcap(logits, self.config.logit_softcap)
+            shifted = at_least_float32(logits[:, :T - k]).reshape(-1, logits.size(-1))  # the positions with a target
+            losses.append(F.cross_entropy(shifted, targets[:, k:].reshape(-1), ignore_index=-1))
+        return losses
 
     # --- counting ---------------------------------------------------------------------------
 
@@ -1123,6 +1283,9 @@ def hf_architecture(config: GPTConfig) -> str:
     """'gpt2' or 'llama': the transformers class that computes exactly this model, or a ValueError."""
     if config.moe_experts:
         raise ValueError("an MoE model has no Hugging Face class here (GPT-2 and Llama are dense): export a model trained without --moe_experts")
+    if config.qk_norm or config.logit_softcap:  # (z_loss only shapes training: the weights export as they are)
+        raise ValueError(f"no Hugging Face GPT-2 or Llama class computes {'QK-norm' if config.qk_norm else 'soft-capped logits'}"
+                         " (qk_norm, logit_softcap): export a model trained without them")
     if not config.rope and config.norm == "layernorm" and config.mlp == "gelu" and config.n_kv_head == config.n_head:
         return "gpt2"
     if config.rope and config.norm == "rmsnorm" and config.mlp == "swiglu":
@@ -1347,6 +1510,7 @@ def export_hf(model: GPT, out_dir, enc=None, overwrite: bool = False) -> list[st
     tmp.mkdir(parents=True)
     try:
         sd = model.to_hf_state_dict() if arch == "gpt2" else model.to_llama_state_dict()
+        sd = {k: v for k, v in sd.items() if not k.startswith("mtp_heads.")}  # --mtp's extra heads: training only
         eot = enc.eot_token if enc is not None else None
         (tmp / "config.json").write_text(json.dumps(hf_config(model.config, eot, model.lm_head.weight.dtype), indent=2))
         written = ["config.json", write_hf_weights(sd, tmp)]

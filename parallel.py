@@ -42,6 +42,13 @@ rounded up to a multiple of d, rank r owning slice r:
     Real FSDP keeps the block's activations instead of recomputing, and frees parameter storage
     by resizing it; we recompute because it makes "gather, use, free" three visible lines.
 
+Muon (Jordan et al. 2024; Kimi's Distributed Muon, Liu et al. 2025, arXiv:2502.16982) needs whole
+matrices: its Newton-Schulz iteration multiplies a matrix by itself. Under data parallelism and
+ZeRO-1/2 the hidden matrices are dealt out in chunks of d same-shaped ones, each rank
+orthogonalises the ones it owns (1/d of the work and of the momentum memory) and one all-gather per
+chunk returns every updated matrix; ZeRO-2 reduce-scatters each chunk's gradients to the owners.
+The rest (embeddings, output layer, norms, biases) stays on AdamW, sharded as above.
+
 Tensor parallel (Megatron-LM; Shoeybi et al. 2019, arXiv:1909.08053), t ranks. The MLP's first
 matrix is split by columns (each rank computes C -> 4C/t), the second by rows (4C/t -> C, partial
 sums added by one all-reduce). Attention is split by heads the same way (c_attn by heads: columns;
@@ -146,7 +153,8 @@ Map of this file
 ----------------
 process groups (Layout, init_distributed) -> when a collective fails (one line naming the rank
 to check) -> counted collectives -> one replica (the decay rule,
-torch's AdamW, and Replicated: the calls every strategy answers, with no data parallelism) -> data
+torch's AdamW, and Replicated: the calls every strategy answers, with no data parallelism) -> Muon
+(Newton-Schulz, Kimi's scale, each rank orthogonalising the matrices it owns) -> data
 parallel (BucketedDataParallel) -> ZeRO 1/2 and 3 (FlatShard, ShardedAdamW, ZeRO, GatherParams,
 ZeRO3) -> tensor parallel (f, g, column/row layers, vocabulary-parallel embedding and
 cross-entropy, its checkpoint pieces) -> sequence parallel (all-gather / reduce-scatter along T,
@@ -627,9 +635,14 @@ class Replicated:
         return {k: full_tensor(v).detach().clone() for k, v in self.module.state_dict().items()}
 
     def full_optimizer_state(self) -> dict:
-        """name -> {"step", "exp_avg", "exp_avg_sq"}, whole across the data ranks."""
+        """name -> {"step", "exp_avg", "exp_avg_sq"} (AdamW) or {"momentum_buffer"} (Muon), whole
+        across the data ranks."""
         names = {id(p): n for n, p in self.module.named_parameters()}
-        return {names[id(p)]: {k: full_tensor(v).clone() for k, v in state.items()} for p, state in self.optimizer.state.items()}
+        adamw = getattr(self.optimizer, "adamw", self.optimizer)  # MuonAdamW: its AdamW part here, Muon's below
+        out = {names[id(p)]: {k: full_tensor(v).clone() for k, v in state.items()} for p, state in adamw.state.items()}
+        if isinstance(self.optimizer, MuonAdamW):
+            out.update(self.optimizer.muon.full_state())  # gathered from each matrix's owner (collective)
+        return out
 
     @torch.no_grad()
     def load_state(self, model_state: dict, optimizer_state: dict | None, piece):
@@ -638,7 +651,9 @@ class Replicated:
         for name, p in self.module.state_dict(keep_vars=True).items():
             local_part(p).copy_(piece(name, model_state[name], p))
         if optimizer_state:
-            load_adamw_state(self.optimizer, self.module, optimizer_state, piece)
+            load_adamw_state(getattr(self.optimizer, "adamw", self.optimizer), self.module, optimizer_state, piece)
+            if isinstance(self.optimizer, MuonAdamW):
+                self.optimizer.muon.load_state(optimizer_state)
 
     def local_pieces(self) -> dict:
         """Sharded checkpoints: key -> (parameter name, [(offsets, values)]) for what this rank holds,
@@ -697,6 +712,232 @@ def load_adamw_state(optimizer, module: nn.Module, named: dict, piece):
                 local["state"][index][key] = as_like(piece(name, named[name][key], p), p)
             index += 1
     optimizer.load_state_dict(local)
+
+
+# ----------------------------------------------------------------------------------------------
+# Muon: the hidden matrices step along their orthogonalised momentum
+#
+# AdamW scales every element of the update by its own running RMS. Muon (Jordan et al. 2024,
+# "Muon: An optimizer for hidden layers in neural networks"; Liu et al. 2025, Kimi's "Muon is
+# Scalable for LLM Training", arXiv:2502.16982) treats a weight matrix W (A x B) as a linear map
+# and steps along the matrix that moves it most per unit of spectral norm: with the momentum
+# M = U S V^T (its SVD), that matrix is the polar factor O = U V^T, every singular value set to 1.
+# A gradient of a transformer's matrix is nearly low-rank (a few directions dominate); AdamW's
+# update inherits that, and orthogonalising it gives the rare directions as large a step as the
+# common ones. An SVD per matrix per step is slow on accelerators; a few matrix products are not,
+# so O is approximated by a Newton-Schulz iteration (newton_schulz). Only the 2-D matrices inside
+# the blocks take Muon: the embedding is a lookup table (a row per token, not a map), the output
+# layer and the norms' gains and biases are not hidden matrices, and all of them stay on AdamW
+# (Jordan et al.; Kimi, sec. 2). With Kimi's scale (muon_scale) the update's RMS matches
+# AdamW's, so one learning rate and one weight decay serve both optimizers.
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of Jordan et al. 2024 (modded-nanogpt), also Kimi's
+NS_STEPS = 5  # their number of iterations
+NS_BAND = (0.68, 1.21)  # where 5 steps put every singular value s of G with s >= NS_MIN_RATIO ||G||_F (a test holds it)
+NS_MIN_RATIO = 2e-3  # smaller ones are not yet grown into the band after 5 steps (they are multiplied by ~a^5 = 487)
+MUON_MOMENTUM = 0.95  # Jordan et al. and Kimi
+
+
+def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
+    """An approximation of the polar factor U V^T of G = U S V^T (A x B), by the quintic
+    Newton-Schulz iteration of Jordan et al. 2024, in G's dtype:
+
+        X_0 = G / ||G||_F                      (every singular value now in [0, 1])
+        X_{k+1} = a X_k + b (X_k X_k^T) X_k + c (X_k X_k^T)^2 X_k,   (a, b, c) = (3.4445, -4.7750, 2.0315)
+
+    Why it approximates the polar factor: with X = U S V^T, X X^T = U S^2 U^T, so each step maps
+    X to U p(S) V^T with p(s) = a s + b s^3 + c s^5 applied to each singular value on its own; the
+    singular vectors never change. Iterating p drives every s > 0 towards a fixed point near 1,
+    which is U V^T. The classic cubic (a, b, c) = (3/2, -1/2, 0) converges to exactly 1 but grows
+    a small s only by 3/2 per step; these coefficients trade exactness for speed: the slope at 0
+    is a = 3.4445, so a small s grows 487-fold in 5 steps, and p then oscillates in a band instead
+    of settling at 1: after 5 steps every s >= 2e-3 ||G||_F lands in [0.68, 1.21] (NS_BAND,
+    measured by iterating p in float64 and held by a test against an SVD). Jordan et al. report
+    that a band this wide costs nothing measurable in training, while a cubic would need ~3x the
+    products. Each step costs three matmuls with the min(A, B) x min(A, B) Gram matrix, so a tall
+    G is transposed first (p acts on singular values, so the result is the same).
+    """
+    a, b, c = NS_COEFFICIENTS
+    X = G / (G.norm() + 1e-7)  # 1e-7: Jordan et al.'s guard for an all-zero update
+    tall = G.size(0) > G.size(1)
+    if tall:
+        X = X.mT  # (A, B) -> (B, A): the Gram matrix below is then min(A, B) square
+    for _ in range(steps):
+        gram = X @ X.mT  # (m, n) x (n, m) -> (m, m), m = min(A, B): U S^2 U^T
+        X = a * X + (b * gram + c * gram @ gram) @ X  # U p(S) V^T
+    return X.mT if tall else X
+
+
+def muon_scale(shape) -> float:
+    """Kimi's update scale, 0.2 sqrt(max(A, B)) (Liu et al. 2025, arXiv:2502.16982): the polar
+    factor of an A x B matrix has min(A, B) singular values equal to 1, so its RMS is
+    sqrt(min(A, B) / (A B)) = 1 / sqrt(max(A, B)); multiplying by 0.2 sqrt(max(A, B)) brings it to
+    0.2, the RMS Kimi measured for AdamW's updates in practice (between 0.2 and 0.4). AdamW's
+    learning rate and weight decay then mean the same step size for both optimizers."""
+    return 0.2 * math.sqrt(max(shape[0], shape[1]))
+
+
+def is_muon_matrix(name: str, p: torch.Tensor) -> bool:
+    """The rule of what Muon updates: the 2-D weights inside the transformer blocks (attention's
+    and the MLP's linear layers), and inside --mtp's extra heads' blocks. Embeddings, the output
+    layer, norms and biases stay on AdamW."""
+    return p.dim() == 2 and name.startswith(("transformer.h.", "mtp_heads."))
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon on a list of named matrices (Jordan et al. 2024), one step, with lr and wd as AdamW's:
+
+        M = mu M + (1 - mu) G                 (momentum, mu = 0.95, an average as Adam's first moment)
+        N = mu M + (1 - mu) G                 (Nesterov: the average one step further)
+        W = W (1 - lr wd) - lr 0.2 sqrt(max(A, B)) NewtonSchulz(N)
+
+    The scale of M does not matter (Newton-Schulz normalises it away), so the average above and
+    Jordan's plain sum (M = mu M + G) give the same step; the average keeps M on the gradient's scale.
+
+    Distributed (the scheme of Kimi's Distributed Muon and nanochat's DistMuon): with a group of n
+    data-parallel ranks the matrices are dealt out by shape, in chunks of n same-shaped matrices
+    whose k-th belongs to rank k (a chunk may be short: its missing slots are zeros on the wire).
+    Each rank keeps momentum for, and orthogonalises, only the matrices it owns (1/n of the
+    Newton-Schulz work and of the momentum memory); then one all-gather per chunk hands every rank
+    every updated matrix. The owner needs the whole averaged gradient of its matrices: under DDP
+    and ZeRO-1 every rank has all of them (an all-reduce); under ZeRO-2 sync_grads reduce-scatters
+    each chunk, so each rank receives only its own matrix's sum ((n-1)/n of the chunk sent, as ZeRO's
+    flat reduce-scatter). Every rank therefore computes exactly what one process would.
+    """
+
+    def __init__(self, named_params: list, lr: float, weight_decay: float, momentum: float = MUON_MOMENTUM,
+                 ns_steps: int = NS_STEPS, group=None):
+        super().__init__([p for _, p in named_params], dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                                            ns_steps=ns_steps))
+        self.group, self.name = group, {p: n for n, p in named_params}
+        n, self.rank = group_size(group), (dist.get_rank(group) if group_size(group) > 1 else 0)
+        by_shape = {}
+        for _, p in named_params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        self.chunks = [same[i:i + n] for same in by_shape.values() for i in range(0, len(same), n)]
+        self.owned = [chunk[self.rank] for chunk in self.chunks if self.rank < len(chunk)]
+        for p in self.owned:  # zeros: the first step's average is then (1 - mu) G, as if the run had begun with M = 0
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
+    # EXERCISE: muon (tests/test_parallel.py -k muon_steps_equal)
+    @torch.no_grad()
+    def update(self, p: torch.Tensor, group: dict):
+        """One Muon step on one matrix this rank owns (the formula in the class docstring)."""
+        if p.grad is None:
+            return
+        mu, buf = group["momentum"], self.state[p]["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - mu)  # M = mu M + (1 - mu) G
+        nesterov = p.grad.lerp(buf, mu)  # mu M + (1 - mu) G: the momentum one step ahead
+        ortho = newton_schulz(nesterov, group["ns_steps"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay, as AdamW's
+        p.add_(ortho.to(p.dtype), alpha=-group["lr"] * muon_scale(p.shape))
+
+    # EXERCISE: muon
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update the matrices this rank owns, then all-gather every chunk so all ranks hold all of them."""
+        group = self.param_groups[0]
+        for p in self.owned:
+            self.update(p, group)
+        for chunk in self.chunks:
+            self._gather(chunk, [p.data for p in chunk], "params")
+
+    def _gather(self, chunk: list, tensors: list, tag: str):
+        """tensors[k] (the k-th matrix of the chunk, or its momentum) <- its owner's, rank k's."""
+        n = group_size(self.group)
+        if n == 1:
+            return
+        numel = chunk[0].numel()
+        flat = torch.empty(n * numel, dtype=tensors[0].dtype, device=tensors[0].device)
+        mine = tensors[self.rank].reshape(-1) if self.rank < len(chunk) else torch.zeros_like(flat[:numel])
+        all_gather(flat, mine, self.group, tag)
+        for k, t in enumerate(tensors):
+            t.copy_(flat[k * numel:(k + 1) * numel].view_as(t))
+
+    def sync_grads(self, keep_all: bool):
+        """The mean over the group of each matrix's gradient: on every rank (keep_all: an
+        all-reduce, ZeRO-1), or on its owner alone (a reduce-scatter per chunk, ZeRO-2; the
+        other ranks' copies are dropped)."""
+        n = group_size(self.group)
+        for chunk in self.chunks:
+            numel, like = chunk[0].numel(), chunk[0]
+            stacked = torch.zeros(n * numel, dtype=like.dtype, device=like.device)  # (n A B): slot k is matrix k's
+            for k, p in enumerate(chunk):
+                if p.grad is not None:
+                    stacked[k * numel:(k + 1) * numel] = p.grad.reshape(-1)
+                p.grad = None
+            if keep_all:
+                all_reduce(stacked, self.group, "grads")
+                for k, p in enumerate(chunk):
+                    p.grad = stacked[k * numel:(k + 1) * numel].view_as(p).div_(n)
+            else:
+                mine = torch.empty(numel, dtype=like.dtype, device=like.device)
+                reduce_scatter(mine, stacked, self.group, "grads")
+                if self.rank < len(chunk):
+                    chunk[self.rank].grad = mine.view_as(like).div_(n)
+
+    def owned_grads(self) -> dict:
+        """name -> gradient of each matrix this rank updates (each counted once in the global norm)."""
+        return {self.name[p]: p.grad for p in self.owned if p.grad is not None}
+
+    def full_state(self) -> dict:
+        """name -> {"momentum_buffer"} for every matrix, gathered from the owners (collective)."""
+        out = {}
+        for chunk in self.chunks:
+            bufs = [self.state[p]["momentum_buffer"].clone() if p in self.state else torch.zeros_like(p) for p in chunk]
+            self._gather(chunk, bufs, "checkpoint")
+            out.update({self.name[p]: {"momentum_buffer": b} for p, b in zip(chunk, bufs)})
+        return out
+
+    def load_state(self, named: dict):
+        """The inverse: each rank keeps the momentum of the matrices it owns."""
+        for p in self.owned:
+            self.state[p]["momentum_buffer"].copy_(named[self.name[p]]["momentum_buffer"])
+
+
+class MuonAdamW:
+    """Muon on the hidden matrices and an AdamW (torch's, or ShardedAdamW under ZeRO) on the rest,
+    stepped as one optimizer: param_groups lists both's groups, so the schedule's learning rate
+    reaches each (Kimi's scale lets them share it)."""
+
+    def __init__(self, muon: Muon, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list:  # read anew each time: load_state_dict replaces an optimizer's group dicts
+        return self.adamw.param_groups + self.muon.param_groups
+
+    @property
+    def state(self) -> dict:
+        return {**self.adamw.state, **self.muon.state}
+
+    def step(self):
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+
+def make_muon(params, names: dict, group, lr: float, betas: tuple, weight_decay: float, fused: bool) -> MuonAdamW:
+    """MuonAdamW over params: Muon on is_muon_matrix's matrices, AdamW's two groups on the rest.
+    names: id(p) -> its name in the GPT; group: the data-parallel group Muon deals matrices over."""
+    params = [p for p in params if p.requires_grad]
+    muon = [(names[id(p)], p) for p in params if is_muon_matrix(names[id(p)], p)]
+    rest = [p for p in params if not is_muon_matrix(names[id(p)], p)]
+    return MuonAdamW(Muon(muon, lr, weight_decay, group=group), make_adamw(rest, lr, betas, weight_decay, fused))
+
+
+def check_optimizer(optimizer: str, tp: int, pp: int, cp: int, zero: int, impl: str, diloco_steps: int, dtype: str = ""):
+    """Muon runs on one process, under --dp (scratch) and under --zero 1/2 (scratch); elsewhere one line."""
+    if optimizer not in ("adamw", "muon"):
+        raise ValueError(f"unknown --optimizer '{optimizer}': use adamw or muon")
+    if optimizer == "muon" and (tp > 1 or pp > 1 or cp > 1 or zero == 3 or impl != "scratch" or diloco_steps):
+        raise ValueError("--optimizer muon needs whole matrices on a rank: it runs on one process, with --dp and with "
+                         "--zero 1 or 2 (--impl scratch); drop --tp, --pp, --cp, --zero 3, --impl native and --diloco_steps")
+    if optimizer == "muon" and dtype == "float16":
+        raise ValueError("--optimizer muon with --dtype float16: the gradient scaler does not know Muon; use bfloat16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -946,15 +1187,21 @@ class ZeRO(Replicated):
 
     shards_over_data = True
 
-    def __init__(self, model: nn.Module, group, stage: int, lr: float, betas: tuple, weight_decay: float):
+    def __init__(self, model: nn.Module, group, stage: int, lr: float, betas: tuple, weight_decay: float, muon: bool = False):
         self.module = self.forward_module = model
         # expert parallelism's experts differ between the data ranks: they stay whole, outside the shard
         expert = lambda p: getattr(p, "expert_parallel", False)
         self.experts = {n: p for n, p in model.named_parameters() if expert(p)}
         named = [(n, p) for n, p in model.named_parameters() if not expert(p)]
-        self.stage, self.unit = stage, FlatShard(named, group, weight_decay, keep_full=True)
+        # with Muon the hidden matrices stay whole and are dealt out by matrix (Muon's docstring);
+        # the flat shard and ShardedAdamW take the rest
+        self.muon = Muon([(n, p) for n, p in named if is_muon_matrix(n, p)], lr, weight_decay, group=group) if muon else None
+        flat = [(n, p) for n, p in named if not (muon and is_muon_matrix(n, p))]
+        self.stage, self.unit = stage, FlatShard(flat, group, weight_decay, keep_full=True)
         self.optimizer = ShardedAdamW([self.unit], lr, betas, whole=self.experts.values(), weight_decay=weight_decay)
         self.full_grad = None
+        if self.muon is not None:
+            self.optimizer = MuonAdamW(self.muon, self.optimizer)
 
     # EXERCISE: zero
     def finish_gradient_sync(self):
@@ -973,6 +1220,8 @@ class ZeRO(Replicated):
             shard_grad = torch.empty(unit.shard_numel, dtype=flat.dtype, device=flat.device)
             reduce_scatter(shard_grad, flat, unit.group, "grads")
             unit.shard.grad = shard_grad.div_(n)
+        if self.muon is not None:  # the same choice, made per matrix: all-reduce (1) or to its owner only (2)
+            self.muon.sync_grads(keep_all=self.stage == 1)
 
     # EXERCISE: zero
     def step(self):
@@ -982,7 +1231,8 @@ class ZeRO(Replicated):
 
     def local_grads(self) -> dict:
         grads = self.unit.shard_views(self.unit.shard.grad) if self.unit.shard.grad is not None else {}
-        return grads | {n: p.grad for n, p in self.experts.items() if p.grad is not None}
+        return grads | {n: p.grad for n, p in self.experts.items() if p.grad is not None} | (
+            self.muon.owned_grads() if self.muon is not None else {})
 
     def zero_grad(self):
         super().zero_grad()
@@ -994,28 +1244,34 @@ class ZeRO(Replicated):
         yield from (("optimizer", t) for state in self.optimizer.state.values() for t in state.values())
 
     def full_optimizer_state(self) -> dict:
-        state = self.optimizer.state.get(self.unit.shard)
-        experts = {n: {k: v.clone() for k, v in self.optimizer.state[p].items()} for n, p in self.experts.items()
-                   if self.optimizer.state.get(p)}
-        return (self.unit.named_moments(state) if state else {}) | experts
+        adamw = getattr(self.optimizer, "adamw", self.optimizer)
+        state = adamw.state.get(self.unit.shard)
+        experts = {n: {k: v.clone() for k, v in adamw.state[p].items()} for n, p in self.experts.items()
+                   if adamw.state.get(p)}
+        out = (self.unit.named_moments(state) if state else {}) | experts
+        return out | (self.muon.full_state() if self.muon is not None else {})
 
     def local_pieces(self) -> dict:
         """Every rank holds the whole weights (replicas: one copy is written), and its slice of the moments."""
         out = {f"model.{n}": (n, [((0,) * p.dim(), p.detach())]) for n, p in zip(self.unit.names, self.unit.params)}
-        return {**out, **self.unit.moment_pieces(self.optimizer.state[self.unit.shard])}
+        adamw = getattr(self.optimizer, "adamw", self.optimizer)
+        return {**out, **self.unit.moment_pieces(adamw.state[self.unit.shard])}
 
     @torch.no_grad()
     def load_state(self, model_state: dict, optimizer_state: dict | None, piece):
-        for name, p in zip(self.unit.names, self.unit.params):
+        for name, p in self.module.named_parameters():  # the flat shard's views and Muon's whole matrices
             p.copy_(piece(name, model_state[name], model_state[name]).view_as(p))
         for name, p in self.experts.items():
             p.copy_(piece(name, model_state[name], p))
         if optimizer_state:
-            self.optimizer.state[self.unit.shard] = self.unit.load_moments(optimizer_state, piece)
+            adamw = getattr(self.optimizer, "adamw", self.optimizer)
+            adamw.state[self.unit.shard] = self.unit.load_moments(optimizer_state, piece)
             for name, p in self.experts.items():
                 saved = optimizer_state[name]
-                self.optimizer.state[p] = {"step": saved["step"].clone().float(),
-                                           **{k: piece(name, saved[k], p).clone() for k in ("exp_avg", "exp_avg_sq")}}
+                adamw.state[p] = {"step": saved["step"].clone().float(),
+                                  **{k: piece(name, saved[k], p).clone() for k in ("exp_avg", "exp_avg_sq")}}
+            if self.muon is not None:
+                self.muon.load_state(optimizer_state)
 
 
 class GatherParams(torch.autograd.Function):
@@ -2182,7 +2438,8 @@ def apply_tensor_parallel_any(model: GPT, layout: Layout, scratch: bool, sequenc
 
 
 def make_data_parallel(model: GPT, layout: Layout, zero: int, impl: str, bucket_mb: float, diloco_steps: int,
-                       diloco_outer: tuple, make_optimizer, lr: float, betas: tuple, weight_decay: float) -> Replicated:
+                       diloco_outer: tuple, make_optimizer, lr: float, betas: tuple, weight_decay: float,
+                       muon: bool = False) -> Replicated:
     """The data-parallel flavour over the data group (dp x cp), as --zero, --impl and --diloco_steps choose."""
     group = layout.group("data")
     if diloco_steps:
@@ -2194,7 +2451,7 @@ def make_data_parallel(model: GPT, layout: Layout, zero: int, impl: str, bucket_
     if zero == 3:
         return ZeRO3(model, group, lr, betas, weight_decay)
     if zero:
-        return ZeRO(model, group, zero, lr, betas, weight_decay)
+        return ZeRO(model, group, zero, lr, betas, weight_decay, muon=muon)
     if layout.size("data") > 1:
         return BucketedDataParallel(model, make_optimizer, group, bucket_mb)
     return Replicated(model, make_optimizer)
@@ -2271,18 +2528,27 @@ class Parallelized:
                  pp_schedule: str = "1f1b", bucket_mb: float = 25.0, diloco_steps: int = 0, diloco_outer: tuple = (0.7, 0.9),
                  cp_load_balance: bool = False, sequence_parallel: bool = False, ep: int = 1,
                  lr: float = 1e-3, betas: tuple = (0.9, 0.95), weight_decay: float = 0.1, amp=None, scaler=None,
-                 compile: bool = False, fused_adamw: bool | None = None):
+                 compile: bool = False, fused_adamw: bool | None = None, optimizer: str = "adamw"):
         check_strategy(layout, zero, impl, pp_schedule, diloco_steps, sequence_parallel, ep)
+        check_optimizer(optimizer, layout.tp, layout.pp, layout.cp, zero, impl, diloco_steps)
         if compile and (layout.tp > 1 or layout.pp > 1 or layout.cp > 1 or zero):
             raise ValueError("--compile works with --dp alone here: drop --compile or the other strategies")
         self.layout, self.microbatches, self.cp_load_balance = layout, microbatches, cp_load_balance
         self.amp, self.scaler, self.scratch = amp or contextlib.nullcontext(), scaler, impl == "scratch"
         self.tied, self.state_keys = model.config.tie_embeddings, list(model.state_dict().keys())
         self.full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # the single-process shapes
-        self.adamw_order = adamw_order(model.named_parameters())  # the single-process optimizer's parameter order
-        self.n_decayed, self.lr, self.betas, self.weight_decay = sum(map(is_decayed, model.parameters())), lr, betas, weight_decay
+        # with Muon, the names of the matrices it updates; AdamW's checkpoint order then lists the rest
+        self.muon_names = [n for n, p in model.named_parameters() if optimizer == "muon" and is_muon_matrix(n, p)]
+        named_adamw = [(n, p) for n, p in model.named_parameters() if n not in self.muon_names]
+        self.adamw_order = adamw_order(named_adamw)  # the single-process optimizer's parameter order
+        self.n_decayed = sum(is_decayed(p) for _, p in named_adamw)
+        self.lr, self.betas, self.weight_decay = lr, betas, weight_decay
         fused = next(model.parameters()).device.type == "cuda" if fused_adamw is None else fused_adamw  # None: fused on CUDA
         make_optimizer = functools.partial(make_adamw, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+        if optimizer == "muon":
+            make_optimizer = functools.partial(make_muon, names={id(p): n for n, p in model.named_parameters()},
+                                               group=layout.group("data") if layout.size("data") > 1 else None,
+                                               lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
         # 1. reshape the model
         self.tp_specs, self.vocab_start, self.sequence_parallel_names = apply_tensor_parallel_any(
             model, layout, self.scratch, sequence_parallel)
@@ -2298,7 +2564,7 @@ class Parallelized:
         before = list(model.named_parameters())  # (kept alive, so that no new parameter reuses an id)
         names = {id(p): n for n, p in before}  # ZeRO-3 wraps the blocks: keep the GPT's names
         self.data_parallel = make_data_parallel(model, layout, zero, impl, bucket_mb, diloco_steps, diloco_outer,
-                                                make_optimizer, lr, betas, weight_decay)
+                                                make_optimizer, lr, betas, weight_decay, muon=optimizer == "muon")
         self.module, self.optimizer = model, self.data_parallel.optimizer
         self.forward_module = torch.compile(self.data_parallel.forward_module) if compile else self.data_parallel.forward_module
         self.counted = {names.get(id(p), n): self._counts_in_norm(names.get(id(p), n), p) for n, p in model.named_parameters()}
@@ -2434,19 +2700,27 @@ class Parallelized:
         global rank 0 (None elsewhere), so a run with any other layout can resume from it. Collective."""
         local = self.data_parallel.full_optimizer_state()
         for key in ("exp_avg", "exp_avg_sq"):
-            split = gather_tensor_parallel(self.gather_experts({name: s[key] for name, s in local.items()}), self.tp_specs,
-                                           self.layout, self.scratch)
-            for name in local:
+            split = gather_tensor_parallel(self.gather_experts({name: s[key] for name, s in local.items() if key in s}),
+                                           self.tp_specs, self.layout, self.scratch)
+            for name in split:  # Muon's momenta have no AdamW moments (and Muon runs without --tp)
                 local[name][key] = split[name]
         full = gather_stages(local, self.layout)
         if full is None or not self.layout.is_rank0:
             return None
-        return adamw_state_dict(full, self.adamw_order, self.n_decayed, self.lr, self.betas, self.weight_decay)
+        adamw = adamw_state_dict(full, self.adamw_order, self.n_decayed, self.lr, self.betas, self.weight_decay)
+        if not self.muon_names:
+            return adamw
+        # Muon: {"adamw": torch AdamW's state_dict over the other parameters, "muon": name -> momentum}
+        return {"adamw": adamw, "muon": {n: {"momentum_buffer": full[n]["momentum_buffer"].cpu()} for n in self.muon_names}}
 
     def load_full_state(self, model_state: dict, optimizer_state: dict | None = None):
         """Load a single-process checkpoint (as full_state_dict wrote it) into any layout: each rank
         keeps its part. Every rank reads the same full tensors."""
-        named = {self.adamw_order[i]: s for i, s in optimizer_state["state"].items()} if optimizer_state else None
+        named = None
+        if optimizer_state:
+            adamw = optimizer_state["adamw"] if self.muon_names else optimizer_state
+            named = {**{self.adamw_order[i]: s for i, s in adamw["state"].items()},
+                     **(optimizer_state["muon"] if self.muon_names else {})}
 
         def piece(name, full, like):
             if self.expert_parallel is not None:

@@ -185,16 +185,22 @@ def param_tensors(config: GPTConfig) -> list[tuple[str, int]]:
         out += [(f"{name}.experts.b_fc", E * fc), (f"{name}.experts.b_proj", E * C)] if config.bias else []
         return out + (mlp(f"{name}.shared", config.moe_shared * h) if config.moe_shared else [])
 
+    def block(p, sparse=False):  # one transformer block's tensors (sparse: its MLP is an MoE)
+        out = norm(f"{p}.ln_1") + linear(f"{p}.attn.c_attn", C, qkv_out) + linear(f"{p}.attn.c_proj", C, C)
+        if config.qk_norm:  # one RMSNorm gain of width hs each for queries and keys, shared by the heads
+            out += [(f"{p}.attn.q_norm.weight", hs), (f"{p}.attn.k_norm.weight", hs)]
+        return out + norm(f"{p}.ln_2") + (moe(f"{p}.mlp") if sparse else mlp(f"{p}.mlp", hidden))
+
     tensors = [("transformer.wte.weight", V * C)]
     if not config.rope:
         tensors.append(("transformer.wpe.weight", config.block_size * C))
     for i in range(config.n_layer):
-        p = f"transformer.h.{i}"
-        tensors += norm(f"{p}.ln_1") + linear(f"{p}.attn.c_attn", C, qkv_out) + linear(f"{p}.attn.c_proj", C, C)
-        tensors += norm(f"{p}.ln_2") + (moe(f"{p}.mlp") if config.is_moe_layer(i) else mlp(f"{p}.mlp", hidden))
+        tensors += block(f"transformer.h.{i}", config.is_moe_layer(i))
     tensors += norm("transformer.ln_f")
     if not config.tie_embeddings:  # tied: lm_head.weight *is* wte.weight, one tensor
         tensors.append(("lm_head.weight", V * C))
+    for k in range(config.mtp):  # multi-token prediction: a block per extra head (ln_f and lm_head are shared)
+        tensors += block(f"mtp_heads.{k}")
     return tensors
 
 
@@ -230,8 +236,9 @@ def flops_per_token_6n(config: GPTConfig, seq_len: int | None = None, attention:
     al. (2020, sec. 2.1).
     """
     T = seq_len or config.block_size
-    n = count_params(config)["active_matmul"]
-    return 6 * n + (12 * config.n_layer * config.n_embd * T if attention else 0)
+    # --mtp: each extra head's block is in N_matmul already; its use of the shared output layer is not
+    n = count_params(config)["active_matmul"] + config.mtp * config.vocab_size * config.n_embd
+    return 6 * n + (12 * (config.n_layer + config.mtp) * config.n_embd * T if attention else 0)
 
 
 def flops_per_token_exact(config: GPTConfig, seq_len: int | None = None, causal: bool = False,
@@ -248,13 +255,14 @@ def flops_per_token_exact(config: GPTConfig, seq_len: int | None = None, causal:
     if convention not in ("matmul", "chinchilla"):
         raise ValueError(f"unknown convention '{convention}': use matmul or chinchilla")
     T = seq_len or config.block_size
-    C, L, V, hs = config.n_embd, config.n_layer, config.vocab_size, config.head_size
+    # --mtp: each extra head is one more block and one more pass through the output layer
+    C, L, V, hs = config.n_embd, config.n_layer + config.mtp, config.vocab_size, config.head_size
     n_kv = config.n_kv_head or config.n_head
     keys = (T + 1) / 2 if causal else T  # keys per query, averaged over the sequence
     hidden = mlp_hidden(config)
     # GELU: C -> H -> C (2 matmuls); SwiGLU: gate and up C -> H, down H -> C (3 matmuls)
     mlp = lambda h: 2 * C * 2 * h + 2 * h * C if config.mlp == "swiglu" else 2 * 2 * C * h
-    n_moe = sum(map(config.is_moe_layer, range(L)))
+    n_moe = sum(map(config.is_moe_layer, range(config.n_layer)))
     h_e = expert_hidden(config) if n_moe else 0
     ops = {
         "embedding": 2 * V * C if convention == "chinchilla" else 0,
@@ -263,10 +271,11 @@ def flops_per_token_exact(config: GPTConfig, seq_len: int | None = None, causal:
         "attention_softmax": L * 3 * config.n_head * keys if convention == "chinchilla" else 0,
         "attention_values": L * 2 * keys * C,  # A V
         "attention_out": L * 2 * C * C,
-        # dense blocks' MLPs; an MoE layer's k routed experts of width H_e and its shared ones of width S H_e
+        # dense blocks' MLPs (the --mtp heads' blocks are dense); an MoE layer's k routed experts of width
+        # H_e and its shared ones of width S H_e
         "mlp": (L - n_moe) * mlp(hidden) + n_moe * (config.moe_topk * mlp(h_e) + mlp(config.moe_shared * h_e)),
         "moe_router": n_moe * 2 * C * config.moe_experts,  # (C) -> (E) logits
-        "logits": 2 * C * V,
+        "logits": (1 + config.mtp) * 2 * C * V,
     }
     forward = sum(ops.values())
     return {**ops, "forward": forward, "backward": 2 * forward, "train": 3 * forward}

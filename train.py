@@ -24,7 +24,10 @@ One optimizer step, as this file does it
    over the whole batch: then the clipping threshold means the same whatever the split.
 3. Clip the global gradient norm to grad_clip (Pascanu et al. 2013), then AdamW (Loshchilov &
    Hutter 2017, arXiv:1711.05101) with weight decay on matrices only: decaying biases and norm gains
-   only pulls them towards zero for no benefit (the GPT-2/nanoGPT recipe). A step whose loss or
+   only pulls them towards zero for no benefit (the GPT-2/nanoGPT recipe); or, with --optimizer muon,
+   Muon on the blocks' matrices (parallel.Muon: the momentum orthogonalised by Newton-Schulz, Jordan
+   et al. 2024, scaled as Kimi's Liu et al. 2025 so that the same learning rate and weight decay
+   serve it) and AdamW on the rest. A step whose loss or
    gradient norm is inf or NaN is not applied: the run stops, naming the step and the last
    checkpoint (and whether its weights are finite), or first skips up to --skip_nonfinite such steps.
 4. Log loss, learning rate, ms/step, tokens/s and (on a GPU) MFU, and append the same to
@@ -121,6 +124,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -180,6 +184,7 @@ class TrainConfig:
     max_iters: int = 1000  # optimizer steps in the whole run
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step (tokens/step = batch_size * grad_accum * block_size)
+    optimizer: str = "adamw"  # adamw, or muon: Newton-Schulz-orthogonalised momentum on the blocks' matrices, AdamW on the rest, sharing --learning_rate and --weight_decay (parallel.Muon)
     learning_rate: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak (Chinchilla decays to 10%)
     schedule: str = "cosine"  # cosine or wsd (warmup-stable-decay)
@@ -190,6 +195,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW second-moment decay (0.95 as GPT-3, steadier than 0.999 at large batch)
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
     skip_nonfinite: int = 0  # steps whose loss or gradient norm is inf/NaN to skip (no update, logged) before the run stops; 0: stop at the first
+    spike_sigma: float = 0.0  # skip the update of a step whose loss or gradient norm lies more than this many standard deviations above the mean of the last 128 steps (OLMo-core's skip-step; logged, counted, in the checkpoint); 0: off
     # --- parallelism (parallel.py; launch with torchrun, product of the degrees = number of processes)
     dp: int = 1  # data-parallel replicas; batch_size is per replica, so the global batch is dp x batch_size x grad_accum
     tp: int = 1  # tensor-parallel degree: attention heads, MLP columns and the vocabulary split across ranks (Megatron)
@@ -251,7 +257,8 @@ PRESETS = {
 
 # Model fields that appear as flags; None means "the preset's value".
 MODEL_FLAGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "n_kv_head", "rope", "rope_theta",
-               "norm", "mlp", "tie_embeddings", "attention", "fused_ce", "activation_checkpointing",
+               "norm", "mlp", "tie_embeddings", "attention", "fused_ce", "activation_checkpointing", "qk_norm",
+               "logit_softcap", "z_loss", "mtp", "mtp_weight", "doc_mask",
                "moe_experts", "moe_topk", "moe_every", "moe_shared", "moe_expert_frac", "moe_router", "moe_capacity",
                "moe_aux", "moe_zloss", "moe_bias_update")
 # Model fields that change how the model computes, not what: a run may resume with them changed
@@ -364,6 +371,7 @@ FLAG_RANGES = {
     "max_iters": "[1, inf)", "batch_size": "[1, inf)", "grad_accum": "[1, inf)", "learning_rate": "(0, inf)",
     "min_lr_ratio": "[0, 1]", "warmup_iters": "[0, inf)", "decay_frac": "[0, 1]", "weight_decay": "[0, inf)",
     "beta1": "[0, 1)", "beta2": "[0, 1)", "grad_clip": "[0, inf)", "skip_nonfinite": "[0, inf)",
+    "spike_sigma": "[0, inf)",
     # parallelism
     "dp": "[1, inf)", "tp": "[1, inf)", "pp": "[1, inf)", "cp": "[1, inf)", "zero": "[0, 3]", "microbatches": "[1, inf)",
     "diloco_steps": "[0, inf)", "diloco_outer_lr": "(0, inf)", "diloco_outer_momentum": "[0, 1)", "bucket_mb": "(0, inf)",
@@ -376,7 +384,8 @@ FLAG_RANGES = {
     "sample_tokens": "[0, inf)", "temperature": "[0, inf)", "top_k": "[0, inf)",
     # the model's flags (model.GPTConfig)
     "block_size": "[1, inf)", "n_layer": "[1, inf)", "n_head": "[1, inf)", "n_embd": "[1, inf)", "dropout": "[0, 1)",
-    "n_kv_head": "[0, inf)", "rope_theta": "(0, inf)",
+    "n_kv_head": "[0, inf)", "rope_theta": "(0, inf)", "logit_softcap": "[0, inf)", "z_loss": "[0, inf)",
+    "mtp": "[0, inf)", "mtp_weight": "[0, inf)",
     # mixture of experts (0 experts: dense; a capacity factor of 0: dropless; a coefficient or rate of 0: off)
     "moe_experts": "[0, inf)", "moe_topk": "[1, inf)", "moe_every": "[1, inf)", "moe_shared": "[0, inf)",
     "moe_expert_frac": "(0, inf)", "moe_capacity": "[0, inf)", "moe_aux": "[0, inf)", "moe_zloss": "[0, inf)",
@@ -425,6 +434,9 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
     if cfg.skip_nonfinite and cfg.diloco_steps:
         raise ValueError("--skip_nonfinite with --diloco_steps: DiLoCo workers see only their own loss, so they could not "
                          "agree to skip a step; drop one of the two")
+    if cfg.spike_sigma and cfg.diloco_steps:
+        raise ValueError("--spike_sigma with --diloco_steps: DiLoCo workers see only their own loss, so their guards "
+                         "would part ways; drop one of the two")
     if cfg.compare_seeds == 1:
         raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
     if cfg.checkpoint_format not in ("full", "sharded"):
@@ -439,6 +451,10 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
     if cfg.eval_tasks:  # a missing package or task is one line before any work, not after the first interval
         for name, variant in downstream.parse_tasks(cfg.eval_tasks):
             downstream.resolve_variant(name, variant, cfg.eval_tasks_dir or None)
+    parallel.check_optimizer(cfg.optimizer, cfg.tp, cfg.pp, cfg.cp, cfg.zero, cfg.impl, cfg.diloco_steps, cfg.dtype)
+    if cfg.optimizer == "muon" and cfg.checkpoint_format == "sharded":
+        raise ValueError("--checkpoint_format sharded does not describe Muon's momenta yet (they live whole on their owner "
+                         "ranks): use --checkpoint_format full")
     check_moe_flags(cfg, model_overrides or {})
 
 
@@ -457,6 +473,9 @@ def check_moe_flags(cfg: TrainConfig, model_overrides: dict):
                          "one rank of each group of ep data-parallel ranks")
     if experts and cfg.checkpoint_format == "sharded":
         raise ValueError("--checkpoint_format sharded does not describe an MoE's experts yet: use --checkpoint_format full")
+    if cfg.ep > 1 and cfg.optimizer == "muon":
+        raise ValueError("--optimizer muon with --ep: Muon deals whole matrices out to the data ranks, which hold different "
+                         "experts under expert parallelism; drop --ep or use --optimizer adamw")
     if cfg.ep > 1 and (cfg.diloco_steps or cfg.compile):
         raise ValueError("--ep works with data parallelism and ZeRO-1/2 here: drop --diloco_steps and --compile")
 
@@ -597,6 +616,17 @@ def check_speedups_fit(cfg: TrainConfig, model_config: GPTConfig, layout: parall
             raise ValueError(f"--fp8: {reason}; leave --fp8 off on this machine")
         if layout.tp > 1:
             raise ValueError("--fp8 with --tp: tensor parallelism replaces the Linear layers FP8 would swap; drop one")
+    recipe = [f for f, on in (("--qk_norm", model_config.qk_norm), ("--z_loss", model_config.z_loss),
+                              ("--logit_softcap", model_config.logit_softcap)) if on]
+    if recipe and layout.tp > 1:  # a query/key gain shared by heads split across ranks; a loss the vocabulary-parallel one lacks
+        raise ValueError(f"{recipe[0]} with --tp: tensor parallelism here does not split it; drop one of the two")
+    if model_config.mtp and (layout.tp > 1 or layout.pp > 1 or layout.cp > 1 or cfg.zero == 3 or cfg.diloco_steps):
+        raise ValueError("--mtp runs on one process, with --dp and with --zero 1 or 2: its heads sit beside the last "
+                         "layer, which tensor, pipeline and context parallelism and ZeRO-3 reshape (and DiLoCo's "
+                         "workers evaluate apart); drop one of the two")
+    if model_config.doc_mask and (layout.tp > 1 or layout.pp > 1 or layout.cp > 1 or cfg.zero == 3):
+        raise ValueError("--doc_mask runs on one process, with --dp and with --zero 1 or 2: tensor, pipeline and "
+                         "context parallelism and ZeRO-3 call the blocks without the document numbers; drop one of the two")
     if model_config.fused_ce and layout.tp > 1:
         raise ValueError("--fused_ce with --tp: the vocabulary-parallel loss computes its cross-entropy from the logits "
                          "slices itself; drop --fused_ce")
@@ -651,14 +681,14 @@ def make_parallelized(model: GPT, cfg: TrainConfig, layout: parallel.Layout, dty
                                 cp_load_balance=cfg.cp_load_balance, sequence_parallel=cfg.sequence_parallel,
                                 lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                 weight_decay=cfg.weight_decay, amp=amp, scaler=scaler if scaler.is_enabled() else None,
-                                compile=compile_model, fused_adamw=fused_adamw_wanted(cfg, device))
+                                compile=compile_model, fused_adamw=fused_adamw_wanted(cfg, device), optimizer=cfg.optimizer)
     if compile_model and cfg.compile_mode != "default":
         # Parallelized compiled with the default mode. torch.compile works at the first call, so
         # wrapping the original module again, with another mode, compiles nothing twice.
         # reduce-overhead records the step's kernels as CUDA graphs and replays each with one launch
         # (a few microseconds of CPU time saved per kernel: it matters when kernels are short)
         par.forward_module = torch.compile(par.forward_module._orig_mod, mode=cfg.compile_mode)
-    if cfg.fused_adamw != "auto" and not isinstance(par.optimizer, torch.optim.AdamW):
+    if cfg.fused_adamw != "auto" and not isinstance(getattr(par.optimizer, "adamw", par.optimizer), torch.optim.AdamW):
         raise ValueError(f"--fused_adamw {cfg.fused_adamw} chooses how torch's AdamW runs; --zero {cfg.zero} --impl "
                          f"{cfg.impl} uses a sharded optimizer instead: leave --fused_adamw auto")
     return par, scaler
@@ -679,8 +709,9 @@ def nonfinite_reason(loss: float, grad_norm: float | None, gradient_scaler: bool
     return ""
 
 
-def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int, gradient_scaler: bool = False) -> dict:
-    """Optimizer step `step` (0-based): {"loss", "grad_norm", "lr", "skipped"}.
+def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int, gradient_scaler: bool = False,
+               guard: "SpikeGuard | None" = None) -> dict:
+    """Optimizer step `step` (0-based): {"loss", "grad_norm", "lr", "skipped", "spike"}.
 
     1. lr from the schedule, set in every parameter group.
     2. grad_accum micro-batches; each loss divided by grad_accum, so the accumulated gradient is the
@@ -690,7 +721,8 @@ def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int,
     3. The global batch's mean loss and the global gradient norm, clipped, both read before the
        update so that a bad step never reaches the weights. Both are the same on every rank, except
        under DiLoCo, whose workers train apart: there any_rank makes one worker's bad step everyone's.
-    4. The update, unless the step is bad ("skipped" says why; the loop decides what follows).
+    4. The update, unless the step is bad ("skipped" says why; the loop decides what follows) or,
+       with a guard (--spike_sigma), a spike ("spike" says which number, and by how much).
     Reading the loss waits for the device, so a step's wall time is all of its work.
     """
     lr = learning_rate_at(step, cfg)
@@ -707,14 +739,16 @@ def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int,
     loss = par.reduce_loss(loss_sum / cfg.grad_accum)
     # EXERCISE END grad-accum
     grad_norm = par.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else None
-    bad = nonfinite_reason(loss, grad_norm, gradient_scaler)
+    bad, spike = nonfinite_reason(loss, grad_norm, gradient_scaler), ""
     if par.any_rank(bool(bad)):
         bad = bad or "another worker's loss or gradient norm is not finite"
+    elif guard is not None and (spike := guard.judge(loss, grad_norm)):
+        pass  # a spike: no update (the loss and norm are the same on every rank, so is the verdict)
     else:
         par.optimizer_step()
     par.zero_grad()  # a skipped step's gradients are dropped, and its batch with them
     balance = balance_experts(par, update=not bad)  # after the update, outside autograd (DeepSeek-V3's order)
-    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": bad, **balance}
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": bad, "spike": spike, **balance}
 
 
 def balance_experts(par: parallel.Parallelized, update: bool) -> dict:
@@ -742,6 +776,47 @@ def balance_experts(par: parallel.Parallelized, update: bool) -> dict:
     ratio = load.max(1).values / load.mean(1).clamp(min=1e-9)  # (L_moe,) 1 when balanced, E/k when the same k experts take every token
     return {"moe_load_max_over_mean": float(ratio.mean()), "moe_load_max_over_mean_worst": float(ratio.max()),
             "moe_aux_loss": float(stats[:, E + 1].sum() / (forwards * len(layers))), "moe_dropped": int(stats[:, E].sum())}
+
+
+class SpikeGuard:
+    """--spike_sigma S: a step whose loss, or gradient norm (before clipping), exceeds the mean of the
+    last WINDOW accepted steps' by more than S of their standard deviations is not applied (OLMo-core's
+    skip-step optimizer, window 128; Megatron-LM reruns such a step to tell a hardware fault from a bad
+    batch instead). A spike from one bad batch then leaves no trace in the weights or in Adam's moments,
+    where it could otherwise start a divergence (the loss spikes of PaLM, which were handled
+    by restarting 100 steps earlier and skipping 200-500 batches). A skipped step stays out of the
+    window, so it cannot lift the mean that judges the next one. Nothing is judged until MIN_STEPS are
+    in the window (our choice: fewer make a poor estimate of the spread). The windows and the count
+    live in the checkpoint (state_dict), so a resumed run judges exactly as the straight one."""
+
+    WINDOW = 128  # OLMo-core's rolling interval
+    MIN_STEPS = 20
+
+    def __init__(self, sigma: float):
+        self.sigma, self.skipped = sigma, 0
+        self.losses, self.grad_norms = deque(maxlen=self.WINDOW), deque(maxlen=self.WINDOW)
+
+    def judge(self, loss: float, grad_norm: float | None) -> str:
+        """"" to accept the step (its numbers join the windows), else why it is a spike (counted)."""
+        for name, value, window in (("loss", loss, self.losses), ("gradient norm", grad_norm, self.grad_norms)):
+            if value is None or len(window) < self.MIN_STEPS:
+                continue
+            mean, std = float(np.mean(window)), float(np.std(window))  # float64, over the window
+            if value > mean + self.sigma * std:
+                self.skipped += 1
+                return f"{name} {value:.4g} is {(value - mean) / max(std, 1e-12):.1f} standard deviations above the mean {mean:.4g} of the last {len(window)} steps"
+        self.losses.append(loss)
+        if grad_norm is not None:
+            self.grad_norms.append(grad_norm)
+        return ""
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict):
+        self.losses.extend(float(x) for x in state["losses"])
+        self.grad_norms.extend(float(x) for x in state["grad_norms"])
+        self.skipped = int(state["skipped"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1027,7 +1102,8 @@ def checkpoint_meta(run: "Run") -> dict:
             "data_dir": os.path.basename(run.manifest["dir"]), "parallel": run.par.extra_state(),
             # the corpus's tokens (a re-prepared corpus keeps its directory's name), and the
             # evaluations a resume still owes (see resume_evaluations)
-            "corpus_id": data.corpus_id(run.manifest), "redo_evals": sorted(s for s in run.redo_evals if s > run.step)}
+            "corpus_id": data.corpus_id(run.manifest), "redo_evals": sorted(s for s in run.redo_evals if s > run.step),
+            **({"spike_guard": run.guard.state_dict()} if run.guard is not None else {})}
 
 
 def save_checkpoint(run: "Run"):
@@ -1393,7 +1469,9 @@ def reshard_sampler_state(state: dict, world_size: int) -> dict:
 def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfig, manifest: dict | None = None):
     """Refuse a resume that would silently change the model, the data or the batch (pitfall: torchtitan #809, #811)."""
     saved = ckpt["model_config"]
-    diff = {k: (saved.get(k), v) for k, v in asdict(model_config).items() if k not in IMPLEMENTATION_FIELDS and saved.get(k) != v}
+    default = lambda k: getattr(GPTConfig, k, None)  # a field newer than the checkpoint: its default (off)
+    diff = {k: (saved.get(k, default(k)), v) for k, v in asdict(model_config).items()
+            if k not in IMPLEMENTATION_FIELDS and saved.get(k, default(k)) != v}
     if diff:
         shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
         raise ValueError(f"cannot resume: the checkpoint's model differs ({shown}); use the same model flags or another --out_dir")
@@ -1402,6 +1480,9 @@ def check_resume_compatible(ckpt: dict, model_config: GPTConfig, cfg: TrainConfi
     for k in keys + (("vocab_size",) if cfg.tokenizer == "bpe" else ()):  # bytes and gpt2 have fixed vocabularies
         if old.get(k) != getattr(cfg, k):
             raise ValueError(f"cannot resume: --{k} was {old.get(k)!r} in the checkpoint, now {getattr(cfg, k)!r}; keep it the same to continue exactly")
+    if old.get("optimizer", "adamw") != cfg.optimizer:  # the optimizer's state is another kind of state
+        raise ValueError(f"cannot resume: --optimizer was {old.get('optimizer', 'adamw')!r} in the checkpoint, now "
+                         f"{cfg.optimizer!r}; keep it the same to continue exactly")
     if manifest is not None and ckpt.get("corpus_id") not in (None, data.corpus_id(manifest)):
         raise ValueError(f"cannot resume: the corpus in {manifest['dir']} was prepared again since the checkpoint and "
                          "holds other tokens; resume with the corpus the run began with, or start a new run")
@@ -1596,6 +1677,30 @@ def evaluate_domains(par: parallel.Parallelized, manifest: dict, cfg: TrainConfi
             losses.append(par.reduce_loss(par.eval_loss(xy[:, :-1].to(device), xy[:, 1:].to(device))))
         result[name] = data.bits_per_byte(float(np.mean(losses)), end - start, domain["bytes"])
     return result
+
+
+def evaluate_mtp(par: parallel.Parallelized, manifest: dict, cfg: TrainConfig, block_size: int, device) -> list:
+    """With --mtp: each extra head's mean validation loss (head k against token t+1+k), on the same
+    batches as evaluate, reported apart from val_loss (which is the next-token head's alone). []
+    without --mtp. The trunk runs once per batch, the heads on its output (model.GPT.mtp_losses)."""
+    model = par.module
+    if not model.config.mtp:
+        return []
+    dp = par.layout.dp
+    sampler = data.make_sampler(manifest, "val", block_size, cfg.batch_size, seed=0, rank=par.layout.rank("dp"),
+                                world_size=dp)
+    totals = [0.0] * model.config.mtp
+    model.eval()
+    try:
+        for _ in range(cfg.eval_iters):
+            x, y = sampler.next_batch()
+            x, y = x.to(device), y.to(device)
+            with par.amp:
+                losses = model.mtp_losses(model.run_blocks(model.embed(x)), y)
+            totals = [t + par.reduce_loss(loss) for t, loss in zip(totals, losses)]
+    finally:
+        model.train()
+    return [t / cfg.eval_iters for t in totals]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1845,6 +1950,7 @@ class Run:
     writer: BackgroundWriter | None = None  # --async_checkpoint's thread
     checkpoint_group: object = None  # --async_checkpoint under torchrun: the process group of the background writes
     staging: dict = field(default_factory=dict)  # --async_checkpoint, sharded: host buffers reused by every checkpoint
+    guard: SpikeGuard | None = None  # --spike_sigma's windows and count (in the checkpoint)
 
 
 def train_on(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> dict:
@@ -1875,10 +1981,12 @@ def train_loop(run: Run) -> dict:
     run.stopping = stop_requested(layout)  # a signal during start-up: stop before the first step
     while run.step < stop and not run.stopping:
         t0 = time.perf_counter()
-        out = train_step(run.par, run.sampler, cfg, run.step, run.scaler.is_enabled())
+        out = train_step(run.par, run.sampler, cfg, run.step, run.scaler.is_enabled(), run.guard)
         run.step += 1
         adapt_mixture(run, out)
-        if out["skipped"]:
+        if out["spike"]:
+            log_spike(run, out)
+        elif out["skipped"]:
             skip_step(run, out)  # raises once --skip_nonfinite steps have been skipped
         else:
             log_step(run, out, time.perf_counter() - t0, progress, stop)
@@ -1988,6 +2096,10 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
         run.writer = BackgroundWriter()
         if layout.world_size > 1:  # every rank makes it (collective); gloo: the staged pieces are on the host
             run.checkpoint_group = torch.distributed.new_group(backend="gloo")
+    if cfg.spike_sigma:
+        run.guard = SpikeGuard(cfg.spike_sigma)
+        if ckpt is not None and isinstance(ckpt.get("spike_guard"), dict):  # a run without the guard left none
+            run.guard.load_state_dict(ckpt["spike_guard"])
     if ckpt is not None:
         run.redo_evals = resume_evaluations(ckpt, cfg, metrics, layout)
         if layout.is_rank0 and "model" in ckpt:  # a sharded checkpoint's weights are on every rank: not checked here
@@ -2001,15 +2113,17 @@ def run_model_config(cfg: TrainConfig, model_overrides: dict, manifest: dict) ->
     --pad_vocab and --tp, so tensor parallelism splits it evenly (a vocabulary that does not divide
     diverged in torchtitan #1136). With --init_from, the directory's vocabulary, which must hold the
     corpus's ids and split over --tp."""
+    # --doc_mask: the corpus's end-of-text id starts each document
+    eot = {"eot_id": manifest["eot_id"]} if model_overrides.get("doc_mask") else {}
     if not cfg.init_from:
         return GPTConfig(**{**model_overrides, "vocab_size": padded_vocab_size(manifest["vocab_size"],
-                                                                               math.lcm(cfg.pad_vocab, cfg.tp))})
+                                                                               math.lcm(cfg.pad_vocab, cfg.tp)), **eot})
     vocab = model_lib.config_from_pretrained_dir(cfg.init_from).vocab_size
     if vocab < manifest["vocab_size"] or vocab % cfg.tp:
         raise ValueError(f"--init_from {cfg.init_from} has {vocab} token ids, " + (
             f"fewer than the corpus's tokenizer ({manifest['vocab_size']}): prepare the corpus with the tokenizer the "
             "model was trained with" if vocab < manifest["vocab_size"] else f"which --tp {cfg.tp} does not divide"))
-    return GPTConfig(**{**model_overrides, "vocab_size": vocab})
+    return GPTConfig(**{**model_overrides, "vocab_size": vocab, **eot})
 
 
 def initial_model(cfg: TrainConfig, model_config: GPTConfig, enc, device, from_directory: bool = True) -> GPT:
@@ -2164,6 +2278,15 @@ def skip_step(run: Run, out: dict):
         run.metrics.log(step=run.step, skipped=out["skipped"], lr=out["lr"])
 
 
+def log_spike(run: Run, out: dict):
+    """A step the spike guard skipped: one line, one metrics.jsonl record, and the run goes on."""
+    print(f"step {run.step:5d}/{run.cfg.max_iters} | spike: {out['spike']}; skipped, no update "
+          f"({run.guard.skipped} so far)", flush=True)
+    if run.metrics is not None:
+        run.metrics.log(step=run.step, loss=out["loss"], grad_norm=out["grad_norm"], lr=out["lr"], spike=out["spike"],
+                        spikes_skipped=run.guard.skipped)
+
+
 def last_checkpoint(run: Run) -> str:
     """The last checkpoint, and whether it is good to resume from: an update can make weights inf or
     NaN while its own loss was finite, so "written before the bad step" is not enough (rank 0 checked
@@ -2183,10 +2306,13 @@ def evaluate_and_log(run: Run, result: dict):
     run.redo_evals.discard(run.step)
     val_bpb = data.bits_per_byte(val_loss, run.manifest["val_tokens"], run.manifest["val_bytes"])
     per_domain = evaluate_domains(run.par, run.manifest, run.cfg, run.model_config.block_size, run.layout.device)
+    mtp = evaluate_mtp(run.par, run.manifest, run.cfg, run.model_config.block_size, run.layout.device)
     if run.metrics is not None:
         run.metrics.log(step=run.step, val_loss=val_loss, val_bpb=val_bpb, gzip_bpb=run.gzip_bpb,
-                        **{f"val_bpb_{d}": v for d, v in per_domain.items()})
+                        **{f"val_bpb_{d}": v for d, v in per_domain.items()}, **({"val_mtp_loss": mtp} if mtp else {}))
     result.update(val_loss=val_loss, val_bpb=val_bpb)
+    if mtp:
+        print(f"step {run.step:5d} | val loss of the extra heads (tokens t+2, t+3, ...): {', '.join(f'{v:.4f}' for v in mtp)}")
     tokens_per_byte = run.manifest["val_tokens"] / run.manifest["val_bytes"]
     domains = " | " + " ".join(f"{d} {v:.3f}" for d, v in per_domain.items()) if per_domain else ""
     print(f"step {run.step:5d} | val loss {val_loss:.4f} | val {val_bpb:.3f} bits/byte (gzip -9: {run.gzip_bpb:.3f})"

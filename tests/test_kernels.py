@@ -233,6 +233,30 @@ def test_fused_linear_cross_entropy_and_gradients_match_float64_reference(N, C, 
     assert xs.grad.dtype == dtype and ws.grad.dtype == dtype
 
 
+@pytest.mark.parametrize("impl", ["fused", "chunked"])  # the Triton kernel (interpreter here) and the torch version
+def test_z_loss_inside_the_fused_loss_equals_the_plain_loss_plus_z_loss(impl):
+    # z-loss 0.05 (500x PaLM's): its share of the loss and of the gradients is then far above the
+    # tolerances, so a missing 2 z LSE softmax term in the gradient fails them
+    x, w, t = random_ce(21, 16, 70, F32)
+    t[3] = -1  # an ignored row: neither term counts it
+    x, w = x * 4, w * 4  # logits of a few units, so log Z is far from 0
+    coef, scale = 0.05, float(torch.rand(())) + 0.5
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    fn = kernels.fused_linear_cross_entropy if impl == "fused" else kernels.chunked_linear_cross_entropy
+    loss = fn(xs, ws, t, ignore_index=-1, chunk_size=8, z_loss=coef)
+    (loss * scale).backward()
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    logits = x64 @ w64.t()
+    keep = t != -1
+    log_z = logits.exp().sum(-1).log()  # written out, not logsumexp: the formula itself
+    ref = F.cross_entropy(logits, t, ignore_index=-1) + coef * (log_z[keep] ** 2).mean()
+    (ref * scale).backward()
+    z_share = (coef * (log_z[keep] ** 2).mean() / ref).item()
+    assert z_share > 0.05  # the z-loss is a real part of what is compared
+    assert rel_err(loss, ref.detach()) < 1e-5  # float32 sums, as the plain fused test
+    assert rel_err(xs.grad, x64.grad) < 1e-4 and rel_err(ws.grad, w64.grad) < 1e-4
+
+
 def test_fused_cross_entropy_only_ever_holds_chunk_rows_of_logits(monkeypatch):
     seen = []
     real = kernels._ce_rows_kernel

@@ -23,6 +23,9 @@ OPTIONS = {
     "mqa": {"n_kv_head": 1},
     "untied_nobias": {"tie_embeddings": False, "bias": False},
     "all_modern": {"rope": True, "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2, "bias": False},
+    # the modern recipe's model options (README, "Modern recipe")
+    "recipe": {"rope": True, "qk_norm": True, "mlp": "relu2", "logit_softcap": 10.0, "z_loss": 1e-4, "bias": False},
+    "doc_mask": {"doc_mask": True, "eot_id": 3},  # random tokens hold id 3 now and then: documents of random lengths
 }
 
 
@@ -222,6 +225,140 @@ def test_swiglu_mlp_matches_formula():
     gate_w, up_w = mlp.c_fc.weight.chunk(2, dim=0)
     ref = (F.silu(x @ gate_w.T) * (x @ up_w.T)) @ mlp.c_proj.weight.T
     torch.testing.assert_close(mlp(x), ref)
+
+
+def test_relu2_mlp_matches_formula():
+    cfg = small_config(mlp="relu2")
+    mlp = model.MLP(cfg).double()
+    x = torch.randn(2, 3, cfg.n_embd, dtype=torch.float64)
+    h = x @ mlp.c_fc.weight.T + mlp.c_fc.bias
+    ref = torch.where(h > 0, h * h, torch.zeros_like(h)) @ mlp.c_proj.weight.T + mlp.c_proj.bias  # max(0, h)^2
+    torch.testing.assert_close(mlp(x), ref, rtol=1e-12, atol=1e-12)
+    assert model.mlp_hidden(cfg) == 4 * cfg.n_embd  # GELU's shape: the same parameters, only the activation differs
+
+
+def test_qk_norm_attention_matches_float64_formula():
+    # the layer by hand: RMSNorm with its own gain on every head's q and k (before RoPE), then causal attention
+    cfg = small_config(qk_norm=True, rope=True, attention="naive", n_kv_head=2)
+    attn = model.CausalSelfAttention(cfg).double()
+    with torch.no_grad():
+        attn.q_norm.weight.normal_()  # not ones: each gain must be applied to its own channel
+        attn.k_norm.weight.normal_()
+    B, T, C, nh, nkv, hs = 2, 7, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_size
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    q, k, v = (x @ attn.c_attn.weight.T + attn.c_attn.bias).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+    q, k, v = (t.reshape(B, T, -1, hs).transpose(1, 2) for t in (q, k, v))
+    rms = lambda t, g: t / torch.sqrt((t * t).mean(-1, keepdim=True) + 1e-6) * g
+    q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
+    q, k = model.apply_rope(q, attn.rope_cos, attn.rope_sin), model.apply_rope(k, attn.rope_cos, attn.rope_sin)
+    k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(hs) + torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+    ref = y @ attn.c_proj.weight.T + attn.c_proj.bias
+    torch.testing.assert_close(attn(x), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_softcapped_logits_match_the_formula_and_stay_below_the_cap():
+    m = GPT(small_config(logit_softcap=2.0)).double()
+    with torch.no_grad():
+        m.transformer.wte.weight.mul_(50)  # logits far beyond the cap
+    idx = random_tokens(m.config)
+    logits, _ = m(idx)
+    raw = m.lm_head(m.transformer.ln_f(m.run_blocks(m.embed(idx))))
+    torch.testing.assert_close(logits, 2.0 * torch.tanh(raw / 2.0), rtol=1e-12, atol=1e-12)
+    assert raw.abs().max() > 10 and logits.abs().max() <= 2.0  # tanh rounds to exactly 1 in float64 far out
+
+
+def test_z_loss_adds_coef_times_mean_squared_log_normaliser_in_training_only():
+    m = GPT(small_config(z_loss=0.01)).double()
+    idx, targets = random_tokens(m.config), random_tokens(m.config)
+    targets[1, :4] = -1  # ignored rows count in neither term
+    logits, loss = m(idx, targets)
+    keep = targets != -1
+    log_z = logits.exp().sum(-1).log()[keep]  # (rows,) log sum_v exp(logit_v), written out
+    ce = (log_z - logits[keep].gather(-1, targets[keep][:, None])[:, 0]).mean()
+    assert loss.item() == pytest.approx((ce + 0.01 * (log_z ** 2).mean()).item(), rel=1e-12)
+    m.eval()  # validation reports the cross-entropy alone, comparable with runs without it
+    assert m(idx, targets)[1].item() == pytest.approx(ce.item(), rel=1e-12)
+
+
+def test_fused_loss_with_z_loss_gives_the_plain_loss_and_gradients():
+    a, b = twin(small_config(z_loss=0.01), fused_ce=True)
+    idx, targets = random_tokens(a.config), random_tokens(a.config)
+    (la, ga), (lb, gb) = loss_and_grads(a, idx, targets), loss_and_grads(b, idx, targets)
+    assert abs(la - lb) < 1e-5
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-6)
+
+
+def test_mtp_head_loss_is_cross_entropy_against_the_token_two_ahead():
+    m = GPT(small_config(mtp=1, mtp_weight=0.3)).double()
+    B, T, V = 2, m.config.block_size, m.config.vocab_size
+    seq = torch.randint(0, V, (B, T + 1))
+    x, y = seq[:, :T], seq[:, 1:].clone()  # the trainer's pair: y[t] = token t+1
+    y[0, 5] = -1  # an ignored target is ignored by the extra head too (it is token t+2 of position 4)
+    logits, loss = m(x, y)
+    h = m.run_blocks(m.embed(x))
+    extra = m.lm_head(m.transformer.ln_f(m.mtp_heads[0](h)))  # the extra head's logits (B, T, V)
+    # by hand: position t predicts seq[t + 2]; the last position has no such token
+    logp, target = torch.log_softmax(extra[:, :T - 1], -1), seq[:, 2:].clone()
+    target[0, 4] = -1
+    keep = target != -1
+    hand = -logp[keep].gather(-1, target[keep][:, None]).mean()
+    assert m.last_mtp_losses[0].item() == pytest.approx(hand.item(), rel=1e-12)
+    logp_main = torch.log_softmax(logits, -1)
+    main = -logp_main[y != -1].gather(-1, y[y != -1][:, None]).mean()
+    assert loss.item() == pytest.approx((main + 0.3 * hand).item(), rel=1e-12)  # the weighted sum trains
+    m.eval()
+    assert m(x, y)[1].item() == pytest.approx(main.item(), rel=1e-12)  # evaluation: the next-token head alone
+
+
+def test_mtp_heads_are_dropped_at_sampling_and_export(tmp_path):
+    with_heads = GPT(small_config(mtp=2))
+    plain = GPT(small_config())
+    plain.load_state_dict({k: v for k, v in with_heads.state_dict().items() if not k.startswith("mtp_heads.")})
+    idx = random_tokens(plain.config, B=1, T=4)
+    assert torch.equal(with_heads.generate(idx, 8, temperature=0), plain.generate(idx, 8, temperature=0))
+    model.export_hf(with_heads, tmp_path / "hf")
+    assert not [k for k in model.read_hf_weights(tmp_path / "hf") if "mtp" in k]
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("rope", [True, False])
+def test_doc_mask_gives_the_second_document_the_logits_it_has_alone(backend, rope):
+    m = GPT(small_config(doc_mask=True, eot_id=0, rope=rope, attention=backend)).double()
+    V = m.config.vocab_size
+    first = torch.cat([torch.tensor([0]), torch.randint(1, V, (9,))])  # each document starts with end-of-text
+    second = torch.cat([torch.tensor([0]), torch.randint(1, V, (13,))])
+    packed, _ = m(torch.cat([first, second])[None])
+    alone, _ = m(second[None])
+    torch.testing.assert_close(packed[0, 10:], alone[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(packed[0, :10], m(first[None])[0][0], rtol=1e-10, atol=1e-10)
+    plain = GPT(GPTConfig(**{**m.config.__dict__, "doc_mask": False})).double()
+    plain.load_state_dict(m.state_dict())
+    assert (plain(torch.cat([first, second])[None])[0][0, 10:] - alone[0]).abs().max() > 1e-3  # without the mask it differs
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+def test_doc_mask_keeps_the_causal_property(backend):
+    m = GPT(small_config(doc_mask=True, eot_id=0, rope=True, attention=backend)).double()
+    idx = torch.randint(1, m.config.vocab_size, (2, 32))
+    idx[:, [0, 7, 19]] = 0  # three documents per row
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] % (m.config.vocab_size - 1)) + 1  # a later token of the second document
+    a, b = m(idx)[0], m(changed)[0]
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=0)  # nothing before it moves
+    assert (a[:, 12:19] - b[:, 12:19]).abs().max() > 1e-6  # its own document after it does
+    torch.testing.assert_close(a[:, 19:], b[:, 19:], rtol=0, atol=0)  # the next document does not see it
+
+
+def test_document_positions_restart_at_each_end_of_text():
+    idx = torch.tensor([[5, 0, 4, 4, 0, 0, 9], [0, 1, 2, 3, 4, 5, 6]])
+    ids = model.document_ids(idx, eot_id=0)
+    assert ids.tolist() == [[0, 1, 1, 1, 2, 3, 3], [1, 1, 1, 1, 1, 1, 1]]
+    assert model.document_positions(ids).tolist() == [[0, 0, 1, 2, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6]]
+    with pytest.raises(ValueError, match="--doc_mask with --attention triton"):  # the kernel has no document mask yet
+        small_config(doc_mask=True, attention="triton")
 
 
 def test_gpt2_initialisation_scales_residual_projections():
@@ -651,6 +788,16 @@ def test_export_refuses_a_shape_no_hugging_face_class_has(tmp_path):
     assert run.returncode == 2
     assert run.stderr.startswith("error: no Hugging Face class has this shape") and run.stderr.count("\n") == 1
     assert not (tmp_path / "hf").exists() and list(tmp_path.iterdir()) == [ckpt]
+
+
+@pytest.mark.parametrize("change", [dict(qk_norm=True), dict(logit_softcap=30.0), dict(mlp="relu2")])
+def test_export_refuses_the_recipe_options_hugging_face_cannot_compute(change, tmp_path):
+    # a Llama-shaped model (which would export) with one recipe option on: refused in one line
+    config = small_config(**{"rope": True, "norm": "rmsnorm", "mlp": "swiglu", **change})
+    with pytest.raises(ValueError) as e:
+        model.export_hf(GPT(config), tmp_path / "hf")
+    assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
+    assert ("qk_norm" in str(e.value) or "logit_softcap" in str(e.value)) if "mlp" not in change else "mlp=relu2" in str(e.value)
 
 
 def test_export_does_not_replace_an_existing_directory_without_overwrite(tmp_path):

@@ -956,3 +956,170 @@ def test_expert_parallel_keeps_one_ep_th_of_the_expert_weights_per_rank(results)
 def test_expert_parallel_checkpoint_resumes_under_another_ep(results):
     rank0 = get(results, "ep_resume")[0]
     assert rank0["param_rel"] < REL_TOL and rank0["loss_rel"] < REL_TOL
+
+
+# Muon: Newton-Schulz against an SVD, one step against a float64 transcription, and the
+# distributed scheme against one process from the command line
+
+
+def random_spectrum(A: int, B: int, generator) -> torch.Tensor:
+    """U diag(s) V^T in float64 with random orthonormal U, V and s log-uniform in [1, 60]: then
+    s_min / ||s|| >= 1 / (60 sqrt(64)) = 2.1e-3 for min(A, B) <= 64, inside NS_MIN_RATIO's domain
+    (a plain Gaussian square matrix can have smaller singular values, outside the documented band)."""
+    k = min(A, B)
+    U, _ = torch.linalg.qr(torch.randn(A, k, dtype=torch.float64, generator=generator))
+    V, _ = torch.linalg.qr(torch.randn(B, k, dtype=torch.float64, generator=generator))
+    s = torch.exp(torch.rand(k, dtype=torch.float64, generator=generator) * math.log(60))
+    return U @ torch.diag(s) @ V.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96)])  # square, tall, wide
+def test_newton_schulz_puts_every_singular_value_in_its_band_around_the_polar_factor(shape, dtype):
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    G = random_spectrum(*shape, torch.Generator().manual_seed(seed))
+    assert torch.linalg.svdvals(G).min() / G.norm() >= parallel.NS_MIN_RATIO  # the band's precondition
+    O = parallel.newton_schulz(G.to(dtype)).double()
+    # slack: float32 rounding (the result is within 1.1e-6 of the exact p^5 below, measured); bfloat16
+    # keeps 8 bits, and 5 iterations of it moved O up to 0.029 (relative) from the exact p^5, measured
+    slack = 1e-4 if dtype == torch.float32 else 0.03
+    lo, hi = parallel.NS_BAND
+    sv = torch.linalg.svdvals(O)
+    assert lo - slack <= sv.min() and sv.max() <= hi + slack, (sv.min(), sv.max())
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    polar = U @ Vh  # the exact polar factor, from the SVD
+    assert torch.linalg.matrix_norm(O - polar, 2) <= max(1 - lo, hi - 1) + slack
+    if dtype == torch.float32:  # the singular vectors are G's: O = U p^5(S / ||G||) V^T, p the quintic
+        a, b, c = parallel.NS_COEFFICIENTS
+        x = S / G.norm()
+        for _ in range(parallel.NS_STEPS):
+            x = a * x + b * x**3 + c * x**5
+        expected = U @ torch.diag(x) @ Vh
+        assert ((O - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_the_band_is_where_five_quintic_steps_send_the_documented_domain():
+    # NS_BAND and NS_MIN_RATIO, recomputed: p^5 over a dense grid of [NS_MIN_RATIO, 1] in float64
+    a, b, c = parallel.NS_COEFFICIENTS
+    x = torch.logspace(math.log10(parallel.NS_MIN_RATIO), 0, 200_001, dtype=torch.float64)
+    for _ in range(parallel.NS_STEPS):
+        x = a * x + b * x**3 + c * x**5
+    lo, hi = parallel.NS_BAND
+    assert lo <= x.min() < lo + 0.005 and hi - 0.01 < x.max() <= hi  # the band is tight, not just true
+
+
+def muon_float64(W, grads, lr, wd, mu=0.95, steps=5):
+    """Muon as the docstring writes it, in float64, with its own Newton-Schulz loop."""
+    W, M = W.double().clone(), torch.zeros_like(W, dtype=torch.float64)
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for g in grads:
+        g = g.double()
+        M = mu * M + (1 - mu) * g
+        N = mu * M + (1 - mu) * g
+        X = N / (torch.linalg.norm(N) + 1e-7)
+        if X.shape[0] > X.shape[1]:
+            X = X.T
+        for _ in range(steps):
+            A = X @ X.T
+            X = a * X + b * A @ X + c * A @ A @ X
+        if X.shape != W.shape:
+            X = X.T
+        W = W * (1 - lr * wd) - lr * 0.2 * math.sqrt(max(W.shape)) * X
+    return W
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_muon_steps_equal_a_float64_transcription(shape):
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    W0 = torch.randn(*shape)
+    grads = [torch.randn(*shape) for _ in range(3)]
+    p = torch.nn.Parameter(W0.clone())
+    opt = parallel.Muon([("transformer.h.0.mlp.c_fc.weight", p)], lr=0.02, weight_decay=0.1)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    ref = muon_float64(W0, grads, lr=0.02, wd=0.1)
+    # float32 weights round to 6e-8 relative per step: 1.1e-7 measured at worst over 40 draws; a wrong step
+    # (no Nesterov, no scale, no decay) moves W by 1e-3 of its norm or more (three steps change it by 1e-2)
+    assert ((p.detach().double() - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT(tiny_config(tie_embeddings=False))
+    opt = parallel.make_muon(model.parameters(), {id(p): n for n, p in model.named_parameters()}, None, 1e-3, (0.9, 0.95),
+                             0.1, fused=False)
+    muon = {opt.muon.name[p] for p in opt.muon.param_groups[0]["params"]}
+    assert muon == {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in adamw} == set(names.values()) - muon  # embeddings, lm_head, norms, biases
+    assert {"transformer.wte.weight", "lm_head.weight"} <= {names[i] for i in adamw}
+    assert [g["lr"] for g in opt.param_groups] == [1e-3] * 3  # the schedule reaches both optimizers
+
+
+def test_muon_refuses_the_layouts_it_cannot_split_in_one_line():
+    for tp, pp, cp, zero, impl, diloco in [(2, 1, 1, 0, "scratch", 0), (1, 2, 1, 0, "scratch", 0), (1, 1, 2, 0, "scratch", 0),
+                                          (1, 1, 1, 3, "scratch", 0), (1, 1, 1, 1, "native", 0), (1, 1, 1, 0, "scratch", 4)]:
+        with pytest.raises(ValueError, match="--optimizer muon needs whole matrices on a rank"):
+            parallel.check_optimizer("muon", tp, pp, cp, zero, impl, diloco)
+    parallel.check_optimizer("muon", 1, 1, 1, 2, "scratch", 0)  # ZeRO-2: supported
+    out = subprocess.run([sys.executable, "train.py", "--preset", "tiny", "--optimizer", "muon", "--tp", "2"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: --optimizer muon")
+
+
+MUON_LAYOUTS = {
+    "dp": ["--dp", "2", "--batch_size", "4"],
+    "zero1": ["--zero", "1", "--dp", "2", "--batch_size", "4"],
+    "zero2": ["--zero", "2", "--dp", "2", "--batch_size", "4"],
+}
+
+
+@pytest.fixture(scope="module")
+def muon_one_process_run(tmp_path_factory):
+    """`python train.py --preset tiny --optimizer muon --batch_size 8`, the reference of MUON_LAYOUTS."""
+    tmp = tmp_path_factory.mktemp("muon")
+    one = subprocess.run([sys.executable, "train.py", *CLI_COMMON, "--optimizer", "muon", "--data_dir", str(tmp / "data"),
+                          "--out_dir", str(tmp / "one"), "--batch_size", "8"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    return tmp, read_metrics(tmp / "one")
+
+
+def torchrun_train(*args):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+                           *CLI_COMMON, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def largest_relative_difference(a: list, b: list) -> float:
+    assert [sorted(r) for r in a] == [sorted(r) for r in b] and len(a) == 5  # 4 steps and one evaluation
+    return max(abs(ra[key] - rb[key]) / abs(ra[key]) for ra, rb in zip(a, b) for key in ("loss", "val_loss") if key in ra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", MUON_LAYOUTS)
+def test_distributed_muon_logs_the_losses_of_one_process(muon_one_process_run, layout):
+    tmp, a = muon_one_process_run
+    two = torchrun_train("--optimizer", "muon", "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / layout),
+                         *MUON_LAYOUTS[layout])
+    assert two.returncode == 0, two.stderr[-3000:]
+    worst = largest_relative_difference(a, read_metrics(tmp / layout))
+    print(f"muon {layout}: largest relative difference {worst:.1e}")  # 7.7e-8 measured for each
+    assert worst <= REL_TOL
+
+
+@pytest.mark.slow
+def test_distributed_muon_checkpoint_resumes_in_one_process(muon_one_process_run):
+    # the momenta live on their owners; the checkpoint gathers them, and one process resumes from it
+    tmp, a = muon_one_process_run
+    out = str(tmp / "zero2_then_one")
+    first = torchrun_train("--optimizer", "muon", "--data_dir", str(tmp / "data"), "--out_dir", out, "--stop_at", "2",
+                           *MUON_LAYOUTS["zero2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([sys.executable, "train.py", *CLI_COMMON, "--optimizer", "muon", "--data_dir", str(tmp / "data"),
+                             "--out_dir", out, "--batch_size", "8", "--resume"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    b = [r for r in read_metrics(out) if not ("val_loss" in r and r["step"] == 2)]  # --stop_at 2 also evaluated there
+    assert largest_relative_difference(a, b) <= REL_TOL

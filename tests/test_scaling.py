@@ -48,7 +48,7 @@ def test_param_count_equals_model_for_random_configs_with_every_option():
     configs = [random_config(rng) for _ in range(24)]
     configs += [random_config(rng, **{k: v}) for k, v in [("rope", True), ("rope", False), ("norm", "rmsnorm"),
                 ("norm", "layernorm"), ("mlp", "swiglu"), ("mlp", "gelu"), ("bias", True), ("bias", False),
-                ("tie_embeddings", True), ("tie_embeddings", False)]]
+                ("tie_embeddings", True), ("tie_embeddings", False), ("mlp", "relu2"), ("qk_norm", True), ("mtp", 2)]]
     configs.append(random_config(rng, n_head=4, n_embd=64, n_kv_head=2))  # grouped-query attention
     configs.append(random_config(rng, n_embd=96, n_head=6, mlp="swiglu"))  # SwiGLU hidden 8*96/3 = 256, a multiple of 64
     configs.append(random_config(rng, n_embd=80, n_head=5, mlp="swiglu"))  # 8*80/3 = 213.3 rounds up to 256
@@ -89,6 +89,7 @@ def test_exact_flops_match_torch_flop_counter_on_the_real_model():
     rng, seed = fresh_rng()
     configs = [random_config(rng, block_size=32) for _ in range(3)]
     configs += [random_config(rng, block_size=32, mlp="swiglu", n_head=4, n_embd=64, n_kv_head=1, tie_embeddings=False)]
+    configs += [random_config(rng, block_size=32, mtp=2, qk_norm=True, mlp="relu2")]  # the recipe's extra heads and options
     for config in configs:
         T = rng.choice([8, 17, 32])
         measured = flop_counter_train_flops_per_token(config, T)

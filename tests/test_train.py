@@ -120,6 +120,94 @@ def test_resume_continues_bit_for_bit(data_dir, tmp_path):
     assert sa["sampler"] == sb["sampler"]
 
 
+def test_muon_resumes_bit_for_bit_with_its_momenta_in_the_checkpoint(data_dir, tmp_path):
+    # Muon's momenta and the AdamW moments of the other parameters both travel in the checkpoint
+    common = dict(max_iters=6, eval_interval=3, dtype="float32", optimizer="muon")
+    straight, mo = tiny(data_dir, tmp_path / "straight", **common)
+    train.train(straight, mo)
+    first, mo = tiny(data_dir, tmp_path / "resumed", stop_at=3, **common)
+    train.train(first, mo)
+    second, mo = tiny(data_dir, tmp_path / "resumed", resume=True, **common)
+    train.train(second, mo)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s", "mfu")} for r in rows]
+    assert strip(read_metrics(tmp_path / "straight")) == strip(read_metrics(tmp_path / "resumed"))
+    sa, sb = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    assert sa["optimizer"]["muon"].keys() == sb["optimizer"]["muon"].keys() and len(sa["optimizer"]["muon"]) == 8  # 4 per block
+    for k, v in sa["optimizer"]["muon"].items():
+        assert torch.equal(v["momentum_buffer"], sb["optimizer"]["muon"][k]["momentum_buffer"]), k
+    # and a resume cannot switch optimizers under the state
+    other, mo = tiny(data_dir, tmp_path / "resumed", resume=True, **{**common, "optimizer": "adamw", "max_iters": 8})
+    with pytest.raises(ValueError, match="--optimizer was 'muon' in the checkpoint"):
+        train.train(other, mo)
+
+
+def inject_spike(monkeypatch, at_call: int, factor: float = 50.0):
+    """Make the at_call-th micro-step (0-based) a spike: its batch replaced by random tokens, its loss
+    and hence its gradient scaled by factor, as a corrupt batch with a blown-up loss would be."""
+    real, calls = parallel.Parallelized.forward_backward, []
+
+    def forward_backward(self, x, y, divisor=1, sync=True):
+        calls.append(1)
+        if len(calls) - 1 != at_call:
+            return real(self, x, y, divisor, sync)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randint(0, 512, x.shape, generator=g), torch.randint(0, 512, y.shape, generator=g)
+        return real(self, x, y, divisor / factor, sync) * factor
+
+    monkeypatch.setattr(parallel.Parallelized, "forward_backward", forward_backward)
+
+
+def test_spike_guard_skips_an_injected_spike_and_nothing_else(data_dir, tmp_path, monkeypatch):
+    common = dict(max_iters=40, eval_interval=40, dtype="float32", spike_sigma=6.0)
+    clean, mo = tiny(data_dir, tmp_path / "clean", **common)
+    train.train(clean, mo)
+    assert not [r for r in read_metrics(tmp_path / "clean") if "spike" in r or "skipped" in r]  # a normal run: no skip
+    inject_spike(monkeypatch, at_call=29)
+    spiked, mo = tiny(data_dir, tmp_path / "spiked", **common)
+    train.train(spiked, mo)
+    rows = read_metrics(tmp_path / "spiked")
+    spikes = [r for r in rows if "spike" in r]
+    assert [r["step"] for r in spikes] == [30] and spikes[0]["spikes_skipped"] == 1  # that one step, logged and counted
+    assert spikes[0]["loss"] > 50 and "standard deviations above the mean" in spikes[0]["spike"]
+    # no update at step 30: every other step trains exactly as in the clean run, which took step 30's
+    # update; so the steps before it are equal and the ones after it differ only by that step
+    a, b = [r for r in read_metrics(tmp_path / "clean") if "loss" in r], [r for r in rows if "loss" in r]
+    assert [r["loss"] for r in a[:29]] == [r["loss"] for r in b[:29]]
+    assert final_state(tmp_path / "spiked")["spike_guard"]["skipped"] == 1
+
+
+def test_spike_guard_resumes_bit_for_bit(data_dir, tmp_path):
+    # the windows come back from the checkpoint: at step 24 they hold 20+ values that judge steps 25..
+    common = dict(max_iters=30, eval_interval=12, dtype="float32", spike_sigma=0.01)  # 0.01: skips often, on purpose
+    straight, mo = tiny(data_dir, tmp_path / "straight", **common)
+    train.train(straight, mo)
+    first, mo = tiny(data_dir, tmp_path / "resumed", stop_at=24, **common)
+    train.train(first, mo)
+    second, mo = tiny(data_dir, tmp_path / "resumed", resume=True, **common)
+    train.train(second, mo)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s", "mfu")} for r in rows]
+    a = strip(read_metrics(tmp_path / "straight"))
+    assert a == strip(read_metrics(tmp_path / "resumed"))  # 24 is an evaluation step of both: the same lines
+    sa, sb = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert sa["spike_guard"] == sb["spike_guard"] and len(sa["spike_guard"]["losses"]) >= 20
+    # skips after the resume, which an empty window (a guard not restored) would not have judged yet
+    assert [r["step"] for r in a if "spike" in r and r["step"] > 24]
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+def test_the_whole_recipe_trains_together_and_logs_the_extra_heads_apart(data_dir, tmp_path):
+    cfg, mo = tiny(data_dir, tmp_path, max_iters=4, eval_interval=4, dtype="float32", optimizer="muon", spike_sigma=6.0,
+                   qk_norm=True, z_loss=1e-4, mlp="relu2", logit_softcap=30.0, mtp=2, rope=True)
+    result = train.train(cfg, mo)
+    evals = [r for r in read_metrics(tmp_path) if "val_loss" in r]
+    assert len(evals) == 1 and len(evals[0]["val_mtp_loss"]) == 2  # tokens t+2 and t+3, reported apart
+    assert all(math.isfinite(v) for v in evals[0]["val_mtp_loss"]) and evals[0]["val_loss"] == result["val_loss"]
+    assert any(k.startswith("mtp_heads.1.") for k in final_state(tmp_path)["model"])  # kept in the checkpoint
+
+
 def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     # 8 sequences in one micro-batch, or 4 x 2 micro-batches: the same windows, the same mean gradient
     big, mo = tiny(data_dir, tmp_path / "big", max_iters=4, batch_size=8, grad_accum=1, dtype="float32")
@@ -1311,3 +1399,17 @@ def test_expert_parallel_run_logs_the_single_process_losses_and_resumes_in_one_p
     for key in ("loss", "val_loss"):
         assert losses(b, key) == pytest.approx(losses(a, key), rel=1e-5)  # float32, another summation order
     assert losses(b, "moe_load_max_over_mean") == pytest.approx(losses(a, "moe_load_max_over_mean"), rel=1e-6)
+
+
+@pytest.mark.parametrize("model_flags, layout, words", [
+    (dict(qk_norm=True), dict(tp=2), "--qk_norm with --tp"),
+    (dict(z_loss=1e-4), dict(tp=2), "--z_loss with --tp"),
+    (dict(logit_softcap=30.0), dict(tp=2), "--logit_softcap with --tp"),
+    (dict(mtp=1), dict(pp=2), "--mtp runs on one process"),
+    (dict(doc_mask=True), dict(cp=2), "--doc_mask runs on one process"),
+])
+def test_the_recipe_options_refuse_the_layouts_that_do_not_carry_them(model_flags, layout, words):
+    cfg = train.TrainConfig(**layout)
+    with pytest.raises(ValueError, match=words):
+        train.check_speedups_fit(cfg, GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, **model_flags),
+                                 parallel.Layout(**layout))
