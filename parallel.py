@@ -658,7 +658,7 @@ class Replicated:
     def local_pieces(self) -> dict:
         """Sharded checkpoints: key -> (parameter name, [(offsets, values)]) for what this rank holds,
         in its module's coordinates: each parameter (a DTensor's local shard at its offset) and its
-        AdamW moments and step. The optimizer state must exist (Parallelized.create_optimizer_state)."""
+        AdamW moments and step. The optimizer state must exist (create_optimizer_state)."""
         out, names = {}, {id(p): n for n, p in self.module.named_parameters()}
         for name, p in self.module.named_parameters():
             out[f"model.{name}"] = (name, [(dtensor_offsets(p), local_part(p).detach())])
@@ -2729,52 +2729,6 @@ class Parallelized:
 
         self.data_parallel.load_state(model_state, named, piece)
 
-    # --- sharded checkpoints: each rank's pieces of the single-process tensors (train.py writes them with DCP)
-    def check_sharded(self):
-        """Refuse, in one line, the two flavours whose state sharded checkpoints do not describe."""
-        if self.data_parallel.independent_workers:
-            raise ValueError("--checkpoint_format sharded with --diloco_steps: DiLoCo's workers hold different weights "
-                             "between outer steps, which pieces of one model cannot describe; use --checkpoint_format full")
-        if isinstance(self.data_parallel, TorchDDP) and self.data_parallel.zero1:
-            raise ValueError("--checkpoint_format sharded with --impl native --zero 1: torch's ZeroRedundancyOptimizer keeps "
-                             "its state its own way; use --impl scratch --zero 1, or --checkpoint_format full")
-
-    @torch.no_grad()
-    def create_optimizer_state(self):
-        """AdamW creates its moments at its first step; a sharded checkpoint loads into them in place,
-        so they must exist first: one step with zero gradients at learning rate 0 creates them
-        (the load then overwrites weights, moments and step counts alike)."""
-        lrs = [group["lr"] for group in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group["lr"] = 0.0
-            for p in group["params"]:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-        self.optimizer.step()
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self.data_parallel.zero_grad()
-
-    def sharded_pieces(self) -> tuple[dict, dict]:
-        """(key -> [(offsets, values)], key -> the single-process shape): everything this rank holds,
-        as pieces of the single-process model's tensors (model.<name>) and AdamW's state
-        (optim.<name>.exp_avg, .exp_avg_sq, .step). The data-parallel flavour gives them in its
-        module's coordinates (local_pieces); tensor-parallel slices are then placed by their index
-        lists (a scratch rank's own, or the native reordering DTensor shards). Views, not copies."""
-        self.check_sharded()
-        if not self.optimizer.state:
-            self.create_optimizer_state()
-        pieces, shapes = {}, {}
-        for key, (name, local) in self.data_parallel.local_pieces().items():
-            shapes[key] = () if key.endswith(".step") else self.full_shapes[name]
-            if name in self.tp_specs and not key.endswith(".step"):
-                dim, index = self.tp_specs[name]
-                positions = index[self.layout.rank("tp")] if self.scratch else torch.cat(index)
-                local = [q for offsets, values in local for q in split_by_positions(offsets, values, dim, positions)]
-            if kept := [(offsets, values) for offsets, values in local if values.numel() > 0]:
-                pieces[key] = kept
-        return pieces, shapes
-
     def gather_experts(self, tensors: dict) -> dict:
         """Expert parallelism's slices of the expert weights made whole (ExpertParallel.gather); others as they are."""
         return self.expert_parallel.gather(tensors) if self.expert_parallel is not None else tensors
@@ -2785,6 +2739,58 @@ class Parallelized:
 
     def load_extra_state(self, state: dict):
         self.data_parallel.load_extra_state(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded checkpoints: each rank's pieces of the single-process tensors (train.py writes them with DCP)
+
+
+def check_sharded(par: "Parallelized"):
+    """Refuse, in one line, the two flavours whose state sharded checkpoints do not describe."""
+    if par.data_parallel.independent_workers:
+        raise ValueError("--checkpoint_format sharded with --diloco_steps: DiLoCo's workers hold different weights "
+                         "between outer steps, which pieces of one model cannot describe; use --checkpoint_format full")
+    if isinstance(par.data_parallel, TorchDDP) and par.data_parallel.zero1:
+        raise ValueError("--checkpoint_format sharded with --impl native --zero 1: torch's ZeroRedundancyOptimizer keeps "
+                         "its state its own way; use --impl scratch --zero 1, or --checkpoint_format full")
+
+
+@torch.no_grad()
+def create_optimizer_state(par: "Parallelized"):
+    """AdamW creates its moments at its first step; a sharded checkpoint loads into them in place,
+    so they must exist first: one step with zero gradients at learning rate 0 creates them
+    (the load then overwrites weights, moments and step counts alike)."""
+    lrs = [group["lr"] for group in par.optimizer.param_groups]
+    for group in par.optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    par.optimizer.step()
+    for group, lr in zip(par.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    par.data_parallel.zero_grad()
+
+
+def sharded_pieces(par: "Parallelized") -> tuple[dict, dict]:
+    """(key -> [(offsets, values)], key -> the single-process shape): everything this rank holds,
+    as pieces of the single-process model's tensors (model.<name>) and AdamW's state
+    (optim.<name>.exp_avg, .exp_avg_sq, .step). The data-parallel flavour gives them in its
+    module's coordinates (local_pieces); tensor-parallel slices are then placed by their index
+    lists (a scratch rank's own, or the native reordering DTensor shards). Views, not copies."""
+    check_sharded(par)
+    if not par.optimizer.state:
+        create_optimizer_state(par)
+    pieces, shapes = {}, {}
+    for key, (name, local) in par.data_parallel.local_pieces().items():
+        shapes[key] = () if key.endswith(".step") else par.full_shapes[name]
+        if name in par.tp_specs and not key.endswith(".step"):
+            dim, index = par.tp_specs[name]
+            positions = index[par.layout.rank("tp")] if par.scratch else torch.cat(index)
+            local = [q for offsets, values in local for q in split_by_positions(offsets, values, dim, positions)]
+        if kept := [(offsets, values) for offsets, values in local if values.numel() > 0]:
+            pieces[key] = kept
+    return pieces, shapes
 
 
 # ----------------------------------------------------------------------------------------------

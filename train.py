@@ -1173,7 +1173,7 @@ def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, 
 # the state where it is. The state dict is still the single-process model's: its keys are
 # model.<name> (the GPT's parameter names), optim.<name>.exp_avg, .exp_avg_sq and .step, each with
 # the single-process shape. What differs is that every rank offers only its pieces of each tensor
-# (parallel.Parallelized.sharded_pieces): a rectangle of the whole, with its offsets, and as values a
+# (parallel.sharded_pieces): a rectangle of the whole, with its offsets, and as values a
 # view of the memory the rank trains with. ZeRO-3 and ZeRO-1/2's moments are slices of a flat vector,
 # so a rank's part of a matrix is up to three rectangles (a partial row, whole rows, a partial row);
 # a tensor-parallel slice is placed by its index list (a rank's heads of c_attn's [q | k | v] rows
@@ -1372,7 +1372,7 @@ def stage_sharded(run: "Run"):
     background write); returns the write of ckpt_step<N>.dcp, which then deletes the oldest beyond
     --keep_checkpoints. Collective."""
     final = step_checkpoint_path(run.cfg.out_dir, run.step, sharded=True)
-    pieces, shapes = run.par.sharded_pieces()
+    pieces, shapes = parallel.sharded_pieces(run.par)
     if run.writer is not None:
         pieces = host_copies(pieces, run.staging)
     meta, rank_state = checkpoint_meta(run), {"sampler": run.sampler.state_dict(), "rng": rng_states()}
@@ -1401,7 +1401,7 @@ def load_sharded_meta(path: str, resume: bool) -> dict:
 
 def load_sharded(path: str, par: parallel.Parallelized):
     """Read a sharded checkpoint into the pieces this rank holds now, whatever layout wrote it. Collective."""
-    pieces, shapes = par.sharded_pieces()  # creates the optimizer's state first, to load into
+    pieces, shapes = parallel.sharded_pieces(par)  # creates the optimizer's state first, to load into
     read_pieces(pieces, shapes, path)
 
 
@@ -1447,7 +1447,7 @@ def convert_checkpoint(src: str, dst: str):
             par.load_full_state(ckpt["model"], ckpt["optimizer"])
             meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
             os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-            write_sharded(*par.sharded_pieces(), par.layout, meta, {"sampler": ckpt["sampler"], "rng": ckpt["rng"]}, dst)
+            write_sharded(*parallel.sharded_pieces(par), par.layout, meta, {"sampler": ckpt["sampler"], "rng": ckpt["rng"]}, dst)
     except (KeyError, RuntimeError) as e:
         raise ValueError(f"cannot convert {src} ({type(e).__name__}: {one_line(e)[:160]}): it was edited or is damaged") from None
     print(f"converted {src} ({'sharded' if 'sharded' in ckpt else 'full'}, step {ckpt['step']}) to {dst}")
@@ -2082,7 +2082,7 @@ def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) 
     par, scaler = make_parallelized(model, cfg, layout, pick_dtype(cfg.dtype, layout.device))
     del model  # a pipeline stage or a sharded model keeps only its part; the full model is rebuilt for sampling
     if cfg.checkpoint_format == "sharded":
-        par.check_sharded()  # before the first step, not at the first checkpoint
+        parallel.check_sharded(par)  # before the first step, not at the first checkpoint
     # each data-parallel rank reads its own windows; tensor, pipeline and context ranks share theirs
     sampler = make_train_sampler(cfg, manifest, model_config.block_size, layout)
     step = restore_checkpoint(ckpt, par, scaler, sampler, layout.dp) if ckpt is not None else 0
@@ -2479,7 +2479,7 @@ def bench_checkpoint(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
     torch.manual_seed(cfg.seed)
     par = parallel.Parallelized(GPT(config).to(device), parallel.Layout(device=device), lr=cfg.learning_rate,
                                 betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    par.create_optimizer_state()
+    parallel.create_optimizer_state(par)
     sharded_planners()  # imports torch.distributed.checkpoint, once, before any clock starts
     root = os.path.join(cfg.out_dir, "bench_checkpoint")
     rows, staging = [], {}
@@ -2495,7 +2495,7 @@ def bench_checkpoint(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
             whole = {"model": par.full_state_dict(), "optimizer": par.full_optimizer_state_dict()}
             write = functools.partial(atomic_torch_save, whole, path)
         else:
-            pieces, shapes = par.sharded_pieces()
+            pieces, shapes = parallel.sharded_pieces(par)
             pieces = host_copies(pieces, staging) if asynchronous else pieces
             write = functools.partial(write_sharded, pieces, shapes, par.layout, {}, {}, path)
         writer = BackgroundWriter()

@@ -222,7 +222,7 @@ def check_sharded_resume(source: dict, target: dict, source_strategy: dict, targ
     where = [tempfile.mkdtemp() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(where, src=0)
     path = os.path.join(where[0], "ckpt_step00000002.dcp")
-    pieces, shapes = first["par"].sharded_pieces()
+    pieces, shapes = parallel.sharded_pieces(first["par"])
     train.write_pieces(pieces, shapes, path)
     torch.manual_seed(123)  # other weights than the checkpoint's: the load must overwrite them
     resumed = parallel.Parallelized(GPT(config), parallel.build_layout(device=torch.device("cpu"), **target), **OPTIM,

@@ -1152,7 +1152,7 @@ def shard_worker(rank, port, root, results):
         for x, y in batches[:2]:
             shard_step(par, x, y)
         path = os.path.join(root, name)
-        pieces, shapes = par.sharded_pieces()
+        pieces, shapes = parallel.sharded_pieces(par)
         train.write_pieces(pieces, shapes, path)
         # the largest tensor handed to DCP, in elements: a view of this rank's own memory, never a gathered whole
         largest = max(v.numel() for ps in pieces.values() for _, v in ps)
@@ -1338,7 +1338,7 @@ def test_sharded_checkpoint_mistakes_are_refused_with_the_reason(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint at"):
         train.convert_checkpoint(str(tmp_path / "nothing.pt"), str(tmp_path / "x"))
     with pytest.raises(ValueError, match="DiLoCo"):
-        parallel.Parallelized(GPT(shard_config()), parallel.Layout(), diloco_steps=2).check_sharded()
+        parallel.check_sharded(parallel.Parallelized(GPT(shard_config()), parallel.Layout(), diloco_steps=2))
 # ---------------------------------------------------------------------------------------------
 # Mixture of experts: balance in metrics.jsonl, the balancer's bias in checkpoints, expert parallelism
 
