@@ -783,7 +783,7 @@ def test_each_domain_has_its_own_val_range_and_bits_per_byte_matching_a_float64_
         assert got[name] == pytest.approx(expected, rel=1e-5)  # float32 against float64 over ~1e3 tokens: ~1e-6
 
 
-def test_evaluations_log_val_bpb_per_domain_in_metrics_and_the_log_line(trained_run, capsys):
+def test_evaluations_log_val_bpb_per_domain_in_metrics(trained_run):
     evals = [r for r in read_metrics(trained_run) if "val_loss" in r]
     assert evals and all({"val_bpb_code", "val_bpb_prose"} <= set(r) for r in evals)
     assert all(0 < r["val_bpb_code"] < 20 and 0 < r["val_bpb_prose"] < 20 for r in evals)
