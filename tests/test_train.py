@@ -813,7 +813,7 @@ def write_toy_task(folder, rng, n_docs=6):
     return folder
 
 
-def test_eval_tasks_log_one_row_per_task_at_their_interval_as_evaluate_py_scores_the_checkpoint(data_dir, tmp_path):
+def test_eval_tasks_log_one_row_per_task_at_their_interval_as_evaluate_py_scores_the_checkpoint(data_dir, tmp_path, capsys):
     import numpy as np
 
     import evaluate
@@ -830,6 +830,11 @@ def test_eval_tasks_log_one_row_per_task_at_their_interval_as_evaluate_py_scores
     expected = evaluate.evaluate_tasks(final, result["enc"], "toy", progress=False, folder=folder)["toy"]
     assert rows[-1]["acc"] == expected["acc"] and rows[-1]["acc_norm"] == expected["acc_norm"]
     assert rows[-1]["bpb"] == pytest.approx(expected["bpb"], rel=1e-6)  # the same weights and code, batched alike
+    # the log lines: the tasks' numbers, and the evaluation's bits per byte per domain
+    out = capsys.readouterr().out
+    assert f"step     4 | tasks | toy acc {expected['acc']:.3f} acc_norm {expected['acc_norm']:.3f}" in out
+    evaluation = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r][-1]
+    assert f"code {evaluation['val_bpb_code']:.3f} prose {evaluation['val_bpb_prose']:.3f}" in out
     # a task that is not there: one line before any work
     with pytest.raises(ValueError, match="no task 'nosuch'"):
         train.check_config(replace(cfg, eval_tasks="toy,nosuch"))
