@@ -712,7 +712,7 @@ def test_init_from_an_exported_directory_reproduces_our_logits_and_trains_from_t
     assert first["loss"] == pytest.approx(expected, rel=1e-6)  # float32 sums in another order: ~1e-7
 
 
-def test_init_from_refuses_what_it_cannot_map_in_one_line(data_dir, tmp_path):
+def test_init_from_refuses_what_it_cannot_map_in_one_line(data_dir, tmp_path, capsys):
     exported_model(data_dir, tmp_path, "modern")
     hf = tmp_path / "hf"
     # a flag that contradicts the directory's shape, before any work
@@ -728,7 +728,10 @@ def test_init_from_refuses_what_it_cannot_map_in_one_line(data_dir, tmp_path):
     # a config.json the model cannot express: the command's one line
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
-    assert_one_line_error(run_cli("--preset", "tiny", "--init_from", str(hf), "--out_dir", str(tmp_path / "r")), "hidden_act")
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--preset", "tiny", "--init_from", str(hf), "--out_dir", str(tmp_path / "r")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "hidden_act" in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
