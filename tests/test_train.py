@@ -832,7 +832,7 @@ def test_init_from_an_exported_directory_reproduces_our_logits_and_trains_from_t
     assert first["loss"] == pytest.approx(expected, rel=1e-6)  # float32 sums in another order: ~1e-7
 
 
-def test_init_from_refuses_what_it_cannot_map_in_one_line(data_dir, tmp_path):
+def test_init_from_refuses_what_it_cannot_map_in_one_line(data_dir, tmp_path, capsys):
     exported_model(data_dir, tmp_path, "modern")
     hf = tmp_path / "hf"
     # a flag that contradicts the directory's shape, before any work
@@ -848,7 +848,10 @@ def test_init_from_refuses_what_it_cannot_map_in_one_line(data_dir, tmp_path):
     # a config.json the model cannot express: the command's one line
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
-    assert_one_line_error(run_cli("--preset", "tiny", "--init_from", str(hf), "--out_dir", str(tmp_path / "r")), "hidden_act")
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--preset", "tiny", "--init_from", str(hf), "--out_dir", str(tmp_path / "r")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "hidden_act" in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -903,7 +906,7 @@ def test_each_domain_has_its_own_val_range_and_bits_per_byte_matching_a_float64_
         assert got[name] == pytest.approx(expected, rel=1e-5)  # float32 against float64 over ~1e3 tokens: ~1e-6
 
 
-def test_evaluations_log_val_bpb_per_domain_in_metrics_and_the_log_line(trained_run, capsys):
+def test_evaluations_log_val_bpb_per_domain_in_metrics(trained_run):
     evals = [r for r in read_metrics(trained_run) if "val_loss" in r]
     assert evals and all({"val_bpb_code", "val_bpb_prose"} <= set(r) for r in evals)
     assert all(0 < r["val_bpb_code"] < 20 and 0 < r["val_bpb_prose"] < 20 for r in evals)
@@ -933,7 +936,7 @@ def write_toy_task(folder, rng, n_docs=6):
     return folder
 
 
-def test_eval_tasks_log_one_row_per_task_at_their_interval_as_evaluate_py_scores_the_checkpoint(data_dir, tmp_path):
+def test_eval_tasks_log_one_row_per_task_at_their_interval_as_evaluate_py_scores_the_checkpoint(data_dir, tmp_path, capsys):
     import numpy as np
 
     import evaluate
@@ -950,6 +953,11 @@ def test_eval_tasks_log_one_row_per_task_at_their_interval_as_evaluate_py_scores
     expected = evaluate.evaluate_tasks(final, result["enc"], "toy", progress=False, folder=folder)["toy"]
     assert rows[-1]["acc"] == expected["acc"] and rows[-1]["acc_norm"] == expected["acc_norm"]
     assert rows[-1]["bpb"] == pytest.approx(expected["bpb"], rel=1e-6)  # the same weights and code, batched alike
+    # the log lines: the tasks' numbers, and the evaluation's bits per byte per domain
+    out = capsys.readouterr().out
+    assert f"step     4 | tasks | toy acc {expected['acc']:.3f} acc_norm {expected['acc_norm']:.3f}" in out
+    evaluation = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r][-1]
+    assert f"code {evaluation['val_bpb_code']:.3f} prose {evaluation['val_bpb_prose']:.3f}" in out
     # a task that is not there: one line before any work
     with pytest.raises(ValueError, match="no task 'nosuch'"):
         train.check_config(replace(cfg, eval_tasks="toy,nosuch"))
