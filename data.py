@@ -21,13 +21,23 @@ where y is x shifted left by one token and training minimises
 
 Collect. Sources are plain text files, directories and globs, JSON lines
 (one document per line, its text in a configurable field), gzip of either,
-an http(s) URL (downloaded once into a cache), and the corpus every Python
+Parquet (a column, read one row group at a time with pyarrow, optional),
+a Hugging Face dataset streamed with `datasets` (hf:NAME[:CONFIG][:SPLIT],
+optional), an http(s) URL (downloaded once into a cache), and the corpus every Python
 installation carries: the standard library's source (domain "code") and its
 docstrings plus the pydoc topic pages (domain "prose"). `name=source` gives a
 source's documents the domain label `name`. Documents flow as a generator, so
 a corpus larger than memory goes through: what the pipeline keeps per document
 is under a kilobyte (a 16-byte hash, a 512-byte MinHash signature, an offset
-into a spool file on disk), never its text.
+into a spool file on disk), never its text, and the signatures go to disk
+too when they exceed a budget (SignatureFile: LSH then reads one band at a
+time). One process reads and cuts the stream into chunks; a pool of worker
+processes does all the per-document work of the stages below (normalise,
+PII, the exact hash, the signature, the script and the quality rules) in one
+pass, and the chunks come back in order, so the result is that of one
+process. On a corpus of gigabytes the rules were the cost: the Gopher
+n-gram rules give each n-gram an exact integer id (one sort per n) instead
+of a string.
 
 Normalise. Unicode NFC (so "é" as one code point and as "e" + combining
 accent are the same text), control characters removed, line endings unified,
@@ -179,7 +189,7 @@ Map of the file, in reading order:
     EOT, PATTERN, constants          the end-of-text token and the pre-tokenizer
     sources: stdlib_corpus, iter_documents, read_documents, _download
     normalize                        NFC, controls, whitespace
-    exact_key, shingles, minhash_signatures, lsh_threshold, lsh_candidates,
+    exact_key, shingles, minhash_signatures, SignatureFile, lsh_threshold, lsh_candidates,
                                      near_duplicate_keep (union-find), dedup
     script_of, the quality rules, DOMAIN_RULES, quality_filter
     mask_pii                         e-mail, IP and phone placeholders
@@ -187,14 +197,14 @@ Map of the file, in reading order:
     quality_features, QualityClassifier, train_quality_classifier, fit_quality_classifier
     parse_mix, mix_epochs, _mixed_order
     train_bpe, save_tokenizer, load_tokenizer_file, get_tokenizer
-    _encode_chunk, _write_shards     tokenize in worker processes, fixed-size shards
+    _pool, _map_ordered, _encode_chunk, _write_shards   worker processes in order; fixed-size shards
     Spool                            the kept documents on disk, read back by offset
     PrepareConfig, prepare           the settings (and the cache key), then the five stages:
-        1 _collect (with _pii_step), 2 _near_dedup, 3 _filter, _decontaminate, _classify, _score,
+        1 _collect (_clean_chunk in the workers), 2 _near_dedup, 3 _filter, _decontaminate, _classify, _score,
         4 _make_tokenizer + _plan_mix, 5 _tokenize_all
     load_prepared, verify_shards, split_tokens, make_sampler, TokenSampler
     MixingSampler, make_mixing_sampler, doremi_weights
-    bits_per_byte, bench_dedup, bench_bpe, classify, main
+    bits_per_byte, synth_corpus (planted near copies), bench_dedup, bench_bpe, classify, main
 """
 
 import argparse
@@ -3108,7 +3118,10 @@ def _tokenize_all(*, tmp: Path, spool: Spool, splits: dict, groups: np.ndarray, 
         if pool is not None:
             pool.terminate()
     n_docs, n_bytes = sum(w["documents"] for w in written.values()), sum(w["bytes"] for w in written.values())
-    _stage(report, f"tokenize+shard x{workers}", n_docs, n_bytes, n_docs, n_bytes, time.time() - t0)
+    # Wall time (the pool's processes are not timed one by one): times workers, so that the row's
+    # seconds, divided by its process count, are the wall time again.
+    _stage(report, f"tokenize+shard x{workers}", n_docs, n_bytes, n_docs, n_bytes, (time.time() - t0) * workers,
+           workers)
     return written
 
 
