@@ -3890,8 +3890,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mix_by", default="domain", help="what --mix weighs: domain or script")
     p.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
     p.add_argument("--bpe_train_bytes", type=int, default=2_000_000, help="bytes of training text the BPE learns from")
-    p.add_argument("--workers", type=int, default=0, help="worker processes for every stage: read, normalise, "
-                   "filter, MinHash and tokenize (0: one per CPU)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes for the per-document stages (normalise, "
+                   "PII, exact hash, MinHash, script and rules) and tokenizing, while this process reads (0: one per CPU)")
     p.add_argument("--memory_gb", type=float, default=MEMORY_GB, help="memory budget in GB: MinHash signatures beyond "
                    "a quarter of it are spilled to disk and read back one LSH band at a time (same decisions)")
     p.add_argument("--max_download_mb", type=float, default=MAX_DOWNLOAD_MB,
