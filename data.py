@@ -21,13 +21,23 @@ where y is x shifted left by one token and training minimises
 
 Collect. Sources are plain text files, directories and globs, JSON lines
 (one document per line, its text in a configurable field), gzip of either,
-an http(s) URL (downloaded once into a cache), and the corpus every Python
+Parquet (a column, read one row group at a time with pyarrow, optional),
+a Hugging Face dataset streamed with `datasets` (hf:NAME[:CONFIG][:SPLIT],
+optional), an http(s) URL (downloaded once into a cache), and the corpus every Python
 installation carries: the standard library's source (domain "code") and its
 docstrings plus the pydoc topic pages (domain "prose"). `name=source` gives a
 source's documents the domain label `name`. Documents flow as a generator, so
 a corpus larger than memory goes through: what the pipeline keeps per document
 is under a kilobyte (a 16-byte hash, a 512-byte MinHash signature, an offset
-into a spool file on disk), never its text.
+into a spool file on disk), never its text, and the signatures go to disk
+too when they exceed a budget (SignatureFile: LSH then reads one band at a
+time). One process reads and cuts the stream into chunks; a pool of worker
+processes does all the per-document work of the stages below (normalise,
+PII, the exact hash, the signature, the script and the quality rules) in one
+pass, and the chunks come back in order, so the result is that of one
+process. On a corpus of gigabytes the rules were the cost: the Gopher
+n-gram rules give each n-gram an exact integer id (one sort per n) instead
+of a string.
 
 Normalise. Unicode NFC (so "é" as one code point and as "e" + combining
 accent are the same text), control characters removed, line endings unified,
@@ -190,7 +200,7 @@ Map of the file, in reading order:
     EOT, PATTERN, constants          the end-of-text token and the pre-tokenizer
     sources: stdlib_corpus, iter_documents, read_documents, _download
     normalize                        NFC, controls, whitespace
-    exact_key, shingles, minhash_signatures, lsh_threshold, lsh_candidates,
+    exact_key, shingles, minhash_signatures, SignatureFile, lsh_threshold, lsh_candidates,
                                      near_duplicate_keep (union-find), dedup
     script_of, the quality rules, DOMAIN_RULES, quality_filter
     mask_pii                         e-mail, IP and phone placeholders
@@ -198,15 +208,15 @@ Map of the file, in reading order:
     quality_features, QualityClassifier, train_quality_classifier, fit_quality_classifier
     parse_mix, mix_epochs, _mixed_order
     train_bpe, save_tokenizer, load_tokenizer_file, get_tokenizer
-    _encode_chunk, _write_shards     tokenize in worker processes, fixed-size shards
+    _pool, _map_ordered, _encode_chunk, _write_shards   worker processes in order; fixed-size shards
     Spool                            the kept documents on disk, read back by offset
     PrepareConfig, prepare           the settings (and the cache key), then the five stages:
-        1 _collect (with _pii_step), 2 _near_dedup, 3 _filter, _decontaminate, _classify, _score,
+        1 _collect (_clean_chunk in the workers), 2 _near_dedup, 3 _filter, _decontaminate, _classify, _score,
           _perplexity (CCNet's thirds, scored by `python evaluate.py score`),
         4 _make_tokenizer + _plan_mix, 5 _tokenize_all
     load_prepared, verify_shards, split_tokens, make_sampler, TokenSampler
     MixingSampler, make_mixing_sampler, doremi_weights
-    bits_per_byte, bench_dedup, bench_bpe, classify, main
+    bits_per_byte, synth_corpus (planted near copies), bench_dedup, bench_bpe, classify, main
 """
 
 import argparse
@@ -813,7 +823,8 @@ def read_documents(data: str, max_bytes: int | None = None, text_field: str = "t
 
 # C0 and C1 control characters except tab and newline, plus the byte-order
 # mark and the replacement-prone "noncharacters"; none of them is text.
-# These four use the standard library's re, 1.4x faster here than the regex module. The two agree
+# These four use the standard library's re, faster than the regex module (normalize as a whole, with
+# the narrower _SPACES below, is 1.9x faster on 4 MB of `data.py synth` prose). The two agree
 # on what \s is except for the four information separators U+001C..U+001F (re's \s is
 # str.isspace, regex's is Unicode's White_Space), which _CONTROL removes before \s is asked.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ufffe\uffff]")
@@ -1122,7 +1133,7 @@ def script_of(text: str) -> str:
     if sample.isascii():  # the common case: ASCII's only letters are A-Z and a-z, all of them Latin
         return "latin" if any(c.isalpha() for c in sample) else "none"
     # Count each distinct character once (Counter runs in C) and ask the regexes about it once per
-    # process: the same counts as findall with each script's regex over the sample, 5x faster.
+    # process: the same counts as findall with each script's regex over the sample, 13x faster.
     counts, letters = dict.fromkeys(_SCRIPTS, 0), 0
     for ch, n in Counter(sample).items():
         is_letter, scripts = _char_kind(ch)
@@ -1187,7 +1198,7 @@ _NOT_SPACE = regex.compile(r"\S+")
 
 
 _PARAGRAPH_BREAK = regex.compile(r"\n\s*\n")
-_PARAGRAPH_BREAK_FAST = re.compile(r"\n\s*\n")  # the same, in re: 3x faster, and equal without U+001C..U+001F
+_PARAGRAPH_BREAK_FAST = re.compile(r"\n\s*\n")  # the same, in re: 1.8x faster, and equal without U+001C..U+001F
 _INFO_SEPARATORS = re.compile("[\x1c-\x1f]")
 
 
@@ -1240,7 +1251,7 @@ def gopher_alpha_words(doc):
     # str.isalpha is true for CJK ideographs too (datatrove #202), so this rule
     # is only meaningful for space-separated scripts: it runs on Latin text only.
     # Each distinct word is asked once, the first and last characters before the rest (most words
-    # start or end with a letter); the words without one are then counted in C (map). 6x faster.
+    # start or end with a letter); the words without one are then counted in C (map). 2.8x faster.
     words = doc["words"]
     lacking = {w for w in set(words) if not (w[0].isalpha() or w[-1].isalpha() or any(c.isalpha() for c in w))}
     frac = (len(words) - (sum(map(lacking.__contains__, words)) if lacking else 0)) / max(1, len(words))
@@ -1292,7 +1303,8 @@ def _ngram_ids(words: list, n_max: int, cache: list):
     n-gram exactly when ids[j] < j. Exact, not hashed: a word's id is the position of its first
     occurrence (a dict lookup per word, in C), and the n-gram (g, w) of an (n-1)-gram id g and the next
     word's id w, both below W, is the integer g*W + w, made an id again by np.unique. One sort per n,
-    never a string per n-gram: 10x faster than joining the words of every n-gram (the slow rule before).
+    never a string per n-gram: the two n-gram rules together are 4x faster than joining the words of
+    every n-gram was (on 4 MB of `data.py synth` prose, CPU time).
     cache: the ids of n = 1, 2, ... found so far for these words (the two n-gram rules share them)."""
     if not cache:
         first = {}
@@ -1323,7 +1335,7 @@ def gopher_top_ngrams(doc):
 
 
 _SPACE_RUN = regex.compile(r"(\s+)")  # split with the separators kept: words and spaces alternate
-_SPACE_RUN_FAST = re.compile(r"(\s+)")  # the same in re, 4x faster; equal without U+001C..U+001F (_view)
+_SPACE_RUN_FAST = re.compile(r"(\s+)")  # the same in re, 1.3x faster; equal without U+001C..U+001F (_view)
 
 
 def _cumsum0(lengths: np.ndarray) -> np.ndarray:
@@ -3249,7 +3261,10 @@ def _tokenize_all(*, tmp: Path, spool: Spool, splits: dict, groups: dict, spec: 
         if pool is not None:
             pool.terminate()
     n_docs, n_bytes = sum(w["documents"] for w in written.values()), sum(w["bytes"] for w in written.values())
-    _stage(report, f"tokenize+shard x{workers}", n_docs, n_bytes, n_docs, n_bytes, time.time() - t0)
+    # Wall time (the pool's processes are not timed one by one): times workers, so that the row's
+    # seconds, divided by its process count, are the wall time again.
+    _stage(report, f"tokenize+shard x{workers}", n_docs, n_bytes, n_docs, n_bytes, (time.time() - t0) * workers,
+           workers)
     return written
 
 
@@ -4024,8 +4039,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mix_by", default="domain", help="what --mix weighs: domain or script")
     p.add_argument("--shard_tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
     p.add_argument("--bpe_train_bytes", type=int, default=2_000_000, help="bytes of training text the BPE learns from")
-    p.add_argument("--workers", type=int, default=0, help="worker processes for every stage: read, normalise, "
-                   "filter, MinHash and tokenize (0: one per CPU)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes for the per-document stages (normalise, "
+                   "PII, exact hash, MinHash, script and rules) and tokenizing, while this process reads (0: one per CPU)")
     p.add_argument("--memory_gb", type=float, default=MEMORY_GB, help="memory budget in GB: MinHash signatures beyond "
                    "a quarter of it are spilled to disk and read back one LSH band at a time (same decisions)")
     p.add_argument("--max_download_mb", type=float, default=MAX_DOWNLOAD_MB,

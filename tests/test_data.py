@@ -2240,7 +2240,7 @@ def test_hf_source_streams_a_dataset_with_datasets(tmp_path, rng):
 @pytest.mark.slow
 def test_synth_plants_copies_at_their_jaccard_and_near_dedup_removes_those_above_the_threshold(tmp_path, rng):
     """python data.py synth: every planted copy's recorded Jaccard is the exact one (sets of 5-word tuples,
-    computed here) and within 0.03 of its target; prepare's near dedup removes every copy at J >= 0.88
+    computed here), within 0.08 of its target and on average within 0.02; prepare's near dedup removes every copy at J >= 0.88
     (MinHash's estimate has sd 0.03 there: 2.7 sd above 0.8), keeps every copy at J <= 0.75 (1.7 sd
     below; P(removed) < 5% each, so at most 1 of the ~20) and removes no document that is not a copy."""
     out = data.synth_corpus(str(tmp_path), mb=1.0, seed=rng.randrange(1 << 30), near_share=0.25, parquet=False,
@@ -2250,7 +2250,9 @@ def test_synth_plants_copies_at_their_jaccard_and_near_dedup_removes_those_above
     grams = lambda t: {tuple(w) for w in zip(*(t.lower().split()[i:] for i in range(5)))}  # noqa: E731
     for p in planted:
         a, b = grams(lines[p["of"]]), grams(lines[p["copy"]])
-        assert p["jaccard"] == round(len(a & b) / len(a | b), 4) and abs(p["jaccard"] - p["target"]) < 0.03, p
+        assert p["jaccard"] == round(len(a & b) / len(a | b), 4) and abs(p["jaccard"] - p["target"]) < 0.08, p
+    for target in {p["target"] for p in planted}:  # one replacement moves a short document's J by ~0.04
+        assert abs(np.mean([p["jaccard"] for p in planted if p["target"] == target]) - target) < 0.02, target
     cfg = data.PrepareConfig(data=out["jsonl"], tokenizer="bytes", vocab_size=257, val_fraction=0.1, max_bytes=None,
                              seed=0, format=data.FORMAT_VERSION, text_field="text", dedup="minhash",
                              dedup_threshold=0.8, quality_filter=False, mix="", mix_by="domain",

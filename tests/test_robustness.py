@@ -24,6 +24,7 @@ Map: shared fixtures -> faults -> NaN/inf -> hangs and gradient accumulation (on
 import contextlib
 import gzip
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -926,6 +927,7 @@ def add_data_inputs(ws: Path, prepared: str) -> None:
     (ws / "truncated.txt.gz").write_bytes(packed[: len(packed) // 2])
     (ws / "not_gzip.jsonl.gz").write_text('{"text": "plain JSON under a .gz name"}\n')
     (ws / "a_file").write_text("a file where a directory is expected")
+    (ws / "not_parquet.parquet").write_text("a text file under a .parquet name")
     shutil.copytree(ws / "data", ws / "out_of_range")
     manifest_path = ws / "out_of_range" / prepared / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -954,6 +956,13 @@ CATALOGUE += [
                                      "{ws}/cache"], NO_PROXY, ["cannot download http://127.0.0.1:9/corpus.txt", "--data"]),
     ("data: verify a shard with an id outside the vocabulary", ["data.py", "verify", "{ws}/out_of_range/{prepared}"], {},
      ["outside the vocabulary", "re-prepare"]),
+    ("data: a negative number of workers", ["data.py", "prepare", "--workers", "-1", "--out_dir", "{ws}/cache"], {},
+     ["--workers -1", "0 for one per CPU"]),
+    ("data: a memory budget of 0 GB", ["data.py", "prepare", "--memory_gb", "0", "--out_dir", "{ws}/cache"], {},
+     ["--memory_gb 0", "must be positive"]),
+    ("data: prepare a .parquet that is not Parquet", ["data.py", "prepare", "--data", "{ws}/not_parquet.parquet",
+                                                      "--tokenizer", "bytes", "--out_dir", "{ws}/cache"], {},
+     ["{ws}/not_parquet.parquet", "as Parquet" if importlib.util.find_spec("pyarrow") else "pip install pyarrow"]),
 ]
 
 
