@@ -2904,13 +2904,7 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
                     reasons.append(reason_names.setdefault(reason, len(reason_names)))
                     fresh.append(r)
                 if sig is not None and fresh:
-                    sigs.append(sig[fresh])
-                    if isinstance(spilled, SignatureFile) or len(offsets) * NUM_PERM * 4 > memory_gb * 1e9 / 4:
-                        if not isinstance(spilled, SignatureFile):  # over budget: from now on, to disk
-                            spilled = SignatureFile(path.with_name("signatures.u32"),
-                                                    rows_per_read=max(1, int(memory_gb * 1e9 / 4 / (NUM_PERM * 4))))
-                        spilled.append(np.concatenate(sigs))
-                        sigs = []
+                    spilled = _keep_signatures(sigs, sig[fresh], spilled, len(offsets), path, memory_gb)
                 update(count["read_docs"], count["read_bytes"])
     finally:
         if pool is not None:
@@ -2922,6 +2916,21 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     report["workers"] = workers
     report["collect_seconds"] = round(time.perf_counter() - t_start, 3)  # the wall time of this one pass
     report["signatures"] = "disk" if spilled is not None else "memory"  # where --memory_gb put them
+    _report_collect(report, cfg, count, clock, pii_found, len(offsets), out_bytes, workers)
+    # np.array copies each to its exact size (an array.array keeps up to 1/8 spare room to grow).
+    return Spool(path=path, offsets=np.array(offsets, dtype=np.int64), nbytes=np.array(nbytes, dtype=np.int64),
+                 domain=np.array(domain, dtype=np.int64), domain_names=list(names),
+                 sig=spilled if spilled is not None else (np.concatenate(sigs) if sigs else
+                                 (np.zeros((0, NUM_PERM), np.uint32) if cfg.dedup == "minhash" else None)),
+                 minhash_seconds=clock["minhash"],
+                 script=np.array(scripts, dtype=np.int64), script_names=list(script_names),
+                 reason=np.array(reasons, dtype=np.int64), reason_names=list(reason_names),
+                 filter_seconds=clock["filter"])
+
+
+def _report_collect(report: dict, cfg: PrepareConfig, count: Counter, clock: Counter, pii_found: Counter, n_kept: int,
+                    out_bytes: int, workers: int):
+    """Stage 1's rows of the report: read, normalise, PII (when on) and exact dedup, each with its rate."""
     _stage(report, "read", count["read_docs"], count["read_bytes"], count["read_docs"], count["read_bytes"], clock["read"])
     _stage(report, "normalise", count["read_docs"], count["read_bytes"], count["norm_docs"], count["norm_bytes"],
            clock["normalise"], workers)
@@ -2933,17 +2942,22 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
         if cfg.pii == "drop":
             report["removed"]["pii"] = count["pii_dropped"]
         report["pii"] = {"mode": cfg.pii, "documents": count["pii_docs"], **{k: pii_found[k] for k in PII_PLACEHOLDERS}}
-    _stage(report, "exact dedup", after_pii, count["pii_bytes"], len(offsets), out_bytes, clock["exact"], workers)
-    report["removed"]["exact_duplicate"] = after_pii - len(offsets)
-    # np.array copies each to its exact size (an array.array keeps up to 1/8 spare room to grow).
-    return Spool(path=path, offsets=np.array(offsets, dtype=np.int64), nbytes=np.array(nbytes, dtype=np.int64),
-                 domain=np.array(domain, dtype=np.int64), domain_names=list(names),
-                 sig=spilled if spilled is not None else (np.concatenate(sigs) if sigs else
-                                 (np.zeros((0, NUM_PERM), np.uint32) if cfg.dedup == "minhash" else None)),
-                 minhash_seconds=clock["minhash"],
-                 script=np.array(scripts, dtype=np.int64), script_names=list(script_names),
-                 reason=np.array(reasons, dtype=np.int64), reason_names=list(reason_names),
-                 filter_seconds=clock["filter"])
+    _stage(report, "exact dedup", after_pii, count["pii_bytes"], n_kept, out_bytes, clock["exact"], workers)
+    report["removed"]["exact_duplicate"] = after_pii - n_kept
+
+
+def _keep_signatures(sigs: list, new: np.ndarray, spilled, n_docs: int, path: Path, memory_gb: float):
+    """Add a chunk's signatures (of its kept documents) to sigs; once the n_docs kept so far would
+    take more than a quarter of memory_gb, every signature goes to a SignatureFile beside the spool
+    from then on (sigs emptied into it). Returns that file, or spilled as it was (None: in memory)."""
+    sigs.append(new)
+    if isinstance(spilled, SignatureFile) or n_docs * NUM_PERM * 4 > memory_gb * 1e9 / 4:
+        if not isinstance(spilled, SignatureFile):  # over budget: from now on, to disk
+            spilled = SignatureFile(path.with_name("signatures.u32"),
+                                    rows_per_read=max(1, int(memory_gb * 1e9 / 4 / (NUM_PERM * 4))))
+        spilled.append(np.concatenate(sigs))
+        sigs.clear()
+    return spilled
 
 
 def _pii_step(text: str, mode: str, clock: Counter, count: Counter, found: Counter) -> str | None:
