@@ -1305,12 +1305,13 @@ class ZeRO3Block(nn.Module):
         super().__init__()
         self.block, self.flat_shard, self.unit = block, unit.shard, unit
 
-    def forward(self, x):
-        return torch.utils.checkpoint.checkpoint(self._gathered_forward, x, self.flat_shard, use_reentrant=False)
+    def forward(self, x, kv_cache=None, doc_ids=None, positions=None):  # model.Block's call (training: no cache)
+        return torch.utils.checkpoint.checkpoint(self._gathered_forward, x, self.flat_shard, doc_ids, positions,
+                                                 use_reentrant=False)
 
-    def _gathered_forward(self, x, shard):
+    def _gathered_forward(self, x, shard, doc_ids=None, positions=None):
         full = GatherParams.apply(shard, self.unit.group)  # (S) -> (n S): this block's weights, for now
-        return torch.func.functional_call(self.block, self.unit.views(full), (x,))
+        return torch.func.functional_call(self.block, self.unit.views(full), (x, None, doc_ids, positions))
 
 
 class ZeRO3Model(nn.Module):
@@ -2305,7 +2306,10 @@ def apply_tensor_parallel_native(model: GPT, layout: Layout, sequence_parallel: 
                 "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel(output_layouts=split_t)}
         if sequence_parallel:
             gather_t = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
-            plan.update({"ln_1": SequenceParallel(), "attn": gather_t, "ln_2": SequenceParallel(), "mlp": gather_t})
+            # attention is called with (x, kv_cache, doc_ids, positions): only x is gathered, the rest pass as they are
+            gather_x = PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                          desired_input_layouts=(Replicate(), None, None, None))
+            plan.update({"ln_1": SequenceParallel(), "attn": gather_x, "ln_2": SequenceParallel(), "mlp": gather_t})
         parallelize_module(block, mesh, plan)
         block.attn.n_head, block.attn.n_kv_head = block.attn.n_head // tp, block.attn.n_kv_head // tp
     # the output layer gathers the full logits (Replicate), so the model's own cross-entropy applies
