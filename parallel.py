@@ -805,7 +805,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         super().__init__([u.shard for u in units], dict(lr=lr, betas=betas, eps=eps))
         self.decay = {u.shard: u.weight_decay for u in units}
 
-    # EXERCISE: zero (tests/test_parallel.py -k 'sharded_adamw or (two_ranks and zero)')
+    # EXERCISE: adamw (tests/test_parallel.py -k 'sharded_adamw')
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
@@ -838,7 +838,7 @@ class ZeRO(Replicated):
         self.stage, self.unit = stage, FlatShard(list(model.named_parameters()), group, weight_decay, keep_full=True)
         self.optimizer, self.full_grad = ShardedAdamW([self.unit], lr, betas), None
 
-    # EXERCISE: zero
+    # EXERCISE: zero (tests/test_parallel.py -k 'two_ranks and (zero1 or zero2)')
     def finish_gradient_sync(self):
         """ZeRO 1: all-reduce the flat gradient, keep it all. ZeRO 2: reduce-scatter it, keep the shard."""
         unit, n = self.unit, group_size(self.unit.group)
@@ -1085,6 +1085,7 @@ class VocabParallelEmbedding(nn.Module):
         return ReduceFromTensorParallelRegion.apply(x, self.group)
 
 
+# EXERCISE: vocab-parallel-ce (tests/test_parallel.py -k 'vocab_parallel_cross_entropy or (two_ranks and tensor_parallel)')
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
     """Mean cross-entropy when rank r holds logits for vocabulary ids [vocab_start, vocab_start + V/t).
 
@@ -1467,6 +1468,7 @@ class Pipeline:
         for i in range(m):
             self.send_backward(self.backward_step(i, *saved[i], self.recv_backward(shape)))
 
+    # EXERCISE: pipeline-1f1b (tests/test_parallel.py -k 'two_ranks and pipeline_1f1b')
     def one_f_one_b(self, m, shape):
         """1F1B (Narayanan et al. 2019, 2021): warm-up forwards to fill the pipe, then alternate one
         forward and one backward, then cool down with the remaining backwards. Stage s holds at most
@@ -1579,6 +1581,7 @@ class RingAttention(torch.autograd.Function):
             if kpos_host.min() <= qpos_host.max():  # a block wholly in the future adds nothing: skip it
                 kpos = kpos_host.to(q.device)
                 s = _attend_block(q, kv[0], qpos, kpos, scale)
+                # EXERCISE BEGIN ring-merge (tests/test_parallel.py -k 'two_ranks and context_parallel')
                 m_new = torch.maximum(m, s.amax(dim=-1))
                 m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)  # rows with no key yet: avoid inf - inf
                 correction = torch.exp(m - m_safe)  # rescale what was summed under the old max
@@ -1586,6 +1589,7 @@ class RingAttention(torch.autograd.Function):
                 l = l * correction + p.sum(dim=-1)
                 o = o * correction.unsqueeze(-1) + p @ kv[1]  # (B, nh, T, Tk) x (B, nh, Tk, hs)
                 m = m_new
+                # EXERCISE END ring-merge
             for work in works:
                 work.wait()
             if nxt is not None:
@@ -2054,6 +2058,7 @@ class Parallelized:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         if self.layout.world_size == 1 and not self.data_parallel.shards_over_data:
             return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        # EXERCISE BEGIN grad-clip (tests/test_parallel.py -k 'clip_grad_norm or (two_ranks and zero1)')
         grads = self.data_parallel.local_grads()
         sum_sq = torch.zeros((), device=self.layout.device)
         for name, g in grads.items():
@@ -2066,6 +2071,7 @@ class Parallelized:
         for g in grads.values():  # every copy is scaled, counted or not, so replicas stay equal
             g.mul_(coef)
         return float(total)
+        # EXERCISE END grad-clip
 
     def optimizer_step(self):
         if self.scaler is not None:

@@ -750,6 +750,7 @@ def load_checkpoint(path: str, resume: bool = False) -> dict:
     return ckpt
 
 
+# EXERCISE: checkpoint (tests/test_train.py -k 'resume_continues_bit_for_bit or rng_states')
 def rng_states() -> dict:
     states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -757,6 +758,7 @@ def rng_states() -> dict:
     return states
 
 
+# EXERCISE: checkpoint
 def set_rng_states(states: dict):
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
@@ -783,6 +785,7 @@ def save_checkpoint(run: "Run"):
     run.saved_step, run.saved_state = run.step, state
 
 
+# EXERCISE: checkpoint
 def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, dp: int) -> int:
     """The inverse of save_checkpoint, into any layout: weights, optimizer and strategy state (each
     rank keeps its part), gradient scaler, data position (resharded to dp ranks) and RNG states.
