@@ -64,8 +64,8 @@ VARIANTS = [
                                                     "y = x / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-5) * self.weight\n        return y if self.bias is None else y + self.bias")),
     mutant("layernorm", "bias-forgotten", "model.py", ("return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)",
                                                        "return F.layer_norm(x, self.weight.shape, self.weight, None, 1e-5)")),
-    mutant("layernorm", "std-then-eps-outside-sqrt", "model.py", ("return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)",
-                                                                  "mu = x.mean(-1, keepdim=True)\n        y = (x - mu) / (x.var(-1, keepdim=True, unbiased=False).sqrt() + 1e-2) * self.weight\n        return y if self.bias is None else y + self.bias")),
+    mutant("layernorm", "statistics-over-the-batch", "model.py", ("return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)",
+                                                                  "mu = x.mean(0, keepdim=True)\n        y = (x - mu) / torch.sqrt(x.var(0, keepdim=True, unbiased=False) + 1e-5) * self.weight\n        return y if self.bias is None else y + self.bias")),
     alternative("layernorm", "written-out", "model.LayerNorm.forward", """
         mean = x.mean(dim=-1, keepdim=True)
         var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)  # the biased variance, as the paper's
@@ -633,5 +633,6 @@ VARIANTS = [
 # the fixed fast subset the test suite runs (the issue's named mistakes, and alternatives)
 FAST = {
     ("attention", "mask-off-by-one-sees-next"), ("attention", "no-1-over-sqrt-d"), ("rope", "interleaved-pairs"),
-    ("attention", "max-subtracted-softmax-by-hand"),
+    ("adamw", "no-bias-correction"), ("grad-accum", "accumulated-not-divided"),
+    ("attention", "max-subtracted-softmax-by-hand"), ("adamw", "bias-corrected-moments-written-out"),
 }
