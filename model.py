@@ -378,6 +378,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
+        """x (B, T, C) -> (B, T, C): GELU(x W_fc) W_proj (GPT-2), or SwiGLU (Shazeer 2020),
+        (silu(x W_gate) * (x W_up)) W_proj, with W_gate and W_up side by side in c_fc (gate first)."""
         h = self.c_fc(x)  # (B, T, C) -> (B, T, hidden) or (B, T, 2 hidden)
         if self.swiglu:
             # EXERCISE BEGIN swiglu (tests/test_model.py -k 'swiglu_mlp_matches')

@@ -497,7 +497,7 @@ def run_variant(variant, root: Path = ROOT) -> dict:
     return {"variant": variant, "run": run, "ok": ok}
 
 
-def load_variants(names=(), fast: bool = False) -> list:
+def load_variants(names=(), fast: bool = False, only=()) -> list:
     """The variants of tests/mutants.py (imported here only: a handout has no mutants file)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import mutants
@@ -505,6 +505,8 @@ def load_variants(names=(), fast: bool = False) -> list:
     chosen = [v for v in mutants.VARIANTS if (not names or v.exercise in names)]
     if fast:
         chosen = [v for v in chosen if (v.exercise, v.name) in mutants.FAST]
+    if only:
+        chosen = [v for v in chosen if v.name in only]
     return chosen
 
 
@@ -565,9 +567,9 @@ def docstrings(exercises_found: list) -> dict:
             for node, name in _functions(tree, r.path.stem):
                 if name == r.target:
                     out[name] = ast.get_docstring(node)
-            if not out.get(r.target) and r.target.count(".") == 2:  # a method without one: its class's
-                cls = r.target.split(".")[1]
-                node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
+            if not out.get(r.target) and r.target.count(".") == 2:  # none: the enclosing class's or function's
+                parent = r.target.split(".")[1]
+                node = next((n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == parent), None)
                 out[r.target] = ast.get_docstring(node) if node is not None else None
     return out
 
@@ -682,7 +684,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_mutants(args) -> int:
-    variants = load_variants(args.names, args.fast)
+    variants = load_variants(args.names, args.fast, args.variant or ())
     known = {e.name for e in find_exercises(args.root)}
     unknown = sorted(set(args.names) - known)
     if unknown:
@@ -742,6 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("names", nargs="*", help="exercises (default: all)")
     m.add_argument("--jobs", type=int, default=2, help="judges run at once (default 2)")
     m.add_argument("--fast", action="store_true", help="only the fixed fast subset the test suite runs (mutants.FAST)")
+    m.add_argument("--variant", action="append", help="only the variant of this name (repeatable)")
     h = sub.add_parser("handout", help="a stripped copy for one assignment set, with ASSIGNMENT.md and the grading command")
     h.add_argument("--out", required=True, help="a new directory")
     h.add_argument("--set", required=True, choices=list(SETS), help="the assignment set")

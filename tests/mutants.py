@@ -545,7 +545,7 @@ VARIANTS = [
     # ------------------------------------------------------------------ parallel.py
     mutant("data-parallel", "sum-not-mean", "parallel.py", ("            bucket.buffer /= n  # sum -> mean: the gradient of the mean loss over the global batch\n", "")),
     mutant("data-parallel", "sends-inside-no-sync", "parallel.py", ("        if not self.require_sync:\n            return\n        bucket, offset = self.slot[p]", "        bucket, offset = self.slot[p]")),
-    mutant("data-parallel", "not-waited-for", "parallel.py", ("            if bucket.work is not None:\n                bucket.work.wait()\n", "")),
+    mutant("data-parallel", "local-gradient-kept", "parallel.py", ("                else:\n                    p.grad.copy_(mean)\n", "")),
     mutant("data-parallel", "bucket-sent-one-gradient-early", "parallel.py", ("if bucket.ready == len(bucket.params):  # the bucket is full", "if bucket.ready == len(bucket.params) - 1:  # the bucket is full")),
     alternative("data-parallel", "scale-before-sending", edits=[
         ("        bucket.buffer[offset:offset + p.numel()].copy_(p.grad.reshape(-1))", "        bucket.buffer[offset:offset + p.numel()].copy_(p.grad.reshape(-1) / group_size(self.group))"),
@@ -598,7 +598,7 @@ VARIANTS = [
 
     mutant("pipeline-1f1b", "newest-micro-batch-backward-first", "parallel.py", ("            grad_in = self.backward_step(*in_flight.popleft(), grad_out)", "            grad_in = self.backward_step(*in_flight.pop(), grad_out)")),
     mutant("pipeline-1f1b", "forward-of-the-wrong-micro-batch", "parallel.py", ("            inp, out = self.forward_step(warmup + j, received)", "            inp, out = self.forward_step(j, received)")),
-    mutant("pipeline-1f1b", "sends-the-received-gradient-back", "parallel.py", ("                received = self.send_backward_recv_forward(grad_in, shape)", "                received = self.send_backward_recv_forward(grad_out if grad_out is not None else grad_in, shape)")),
+    mutant("pipeline-1f1b", "first-activation-reused", "parallel.py", ("                received = self.send_backward_recv_forward(grad_in, shape)", "                self.send_backward_recv_forward(grad_in, shape)")),
     alternative("pipeline-1f1b", "list-and-counter", "parallel.Pipeline.one_f_one_b", """
         warmup = min(self.n - self.rank - 1, m)
         saved, done = [], 0
