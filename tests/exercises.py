@@ -50,6 +50,20 @@ keeps the first, true original) and `restore` (or `git checkout FILE.py`) undoes
 edited file as FILE.py.mine. A teacher preparing a hand-out uses --out, which never touches the
 working tree. (`python tests/exercises.py ...` works as well as `python -m tests.exercises ...`.)
 
+Judging the judges: a judge that fails on `raise NotImplementedError` may still pass a wrong
+answer. tests/mutants.py lists, per exercise, plausible wrong answers (mutants, each one mistake,
+named for it) and correct answers written another way (alternatives); `mutants` applies each to a
+temporary copy and runs the judge, which must fail on every mutant (at least one test, -x stops
+there) and pass on every alternative (all tests). Its table's last line gives the totals.
+
+Hand-outs: the exercises fall into the assignment sets of SETS (the README lists them with
+SET_HOURS). `handout` copies the repository to a new directory, strips one set, leaves out
+tests/mutants.py (its alternatives are solutions), and writes ASSIGNMENT.md (each exercise's
+functions with their docstrings, which are the task, and its judge) and handout.json (the set).
+`grade` run inside it scores each exercise of the set as the tests of its judge that pass over
+those selected: 0 on a fresh hand-out (every judge fails stripped, as `check` proves), 1 when the
+originals are put back; `--json` gives an autograder one object.
+
 How: the markers are found with `tokenize` (a comment, never text inside a string), the function
 they belong to with `ast` (exact first and last lines, decorators and multi-line signatures
 included), and the result is parsed again before it is written, atomically.

@@ -1775,11 +1775,16 @@ def duplicate_ngram_fraction(text: str, n: int) -> float:
 
 
 def test_gopher_duplicate_ngrams_fires_exactly_above_the_covered_fraction(rng, monkeypatch):
-    """Random texts over 4 words with runs of spaces and line breaks: for each n, the rule with its
-    limit set just below the reference fraction fires, just above it does not."""
+    """Random texts over 4 words, with a short phrase repeated several times (so repeated n-grams
+    overlap, as in "a b c a b c a b c") and runs of spaces and line breaks: for each n, the rule
+    with its limit set just below the reference fraction fires, just above it does not."""
+    vocab = ["ab", "c", "dde", "f"]
     for _ in range(40):
-        text = "".join(rng.choice(["ab", "c", "dde", "f"]) + rng.choice([" ", " ", "  ", "\n", " \n "])
-                       for _ in range(rng.randint(8, 40)))
+        phrase = [rng.choice(vocab) for _ in range(rng.randint(2, 6))]
+        words = [rng.choice(vocab) for _ in range(rng.randint(0, 12))]
+        words[rng.randint(0, len(words)):0] = phrase * rng.randint(2, 6)
+        words += [rng.choice(vocab) for _ in range(rng.randint(0, 12))]
+        text = "".join(w + rng.choice([" ", " ", "  ", "\n", " \n "]) for w in words)
         for n in (5, 7):
             frac = duplicate_ngram_fraction(text, n)
             if frac > 0:
