@@ -296,18 +296,23 @@ def test_huber_is_half_the_square_inside_delta_and_linear_outside():
 
 def test_parametric_fit_shrugs_off_a_few_bad_runs():
     # Hoffmann et al. fit with Huber's loss so that a few runs far off the law (a diverged run, a
-    # bad evaluation) cannot drag the exponents: 3 of 40 losses 30% too high. A squared loss moves
-    # alpha and beta by several percent here; Huber's, whose pull is capped at delta per point, by
-    # well under 2% (noise-free otherwise: only the outliers and the optimiser's tolerance remain)
+    # bad evaluation) cannot drag the fit: 3 of 40 losses 30% too high. The fitted law must still
+    # predict the 37 good runs within 0.5%. Measured on seeds 1-6: Huber's fit within 0.13% (its
+    # pull per point is capped at delta), a squared loss 3.8% to 6.3% off. The exponents alone are
+    # not compared: with a sample's D range, beta and B can trade off against each other (seed 2:
+    # beta 16% off, the predictions within 0.13%)
     rng, seed = fresh_rng()
     law = {"E": rng.uniform(1.5, 2.0), "A": rng.uniform(200, 800), "B": rng.uniform(400, 2500),
            "alpha": rng.uniform(0.28, 0.4), "beta": rng.uniform(0.28, 0.4)}
     pts = synthetic_points(law, rng)
-    for p in rng.sample(pts, 3):
-        p["loss"] *= 1.3
+    bad = set(rng.sample(range(len(pts)), 3))
+    for i in bad:
+        pts[i]["loss"] *= 1.3
     fit = scaling.fit_parametric([p["N"] for p in pts], [p["D"] for p in pts], [p["loss"] for p in pts])
-    for k in ("alpha", "beta", "E"):
-        assert fit[k] == pytest.approx(law[k], rel=0.02), f"seed {seed}: {k} {fit[k]} vs {law[k]}"
+    for i, p in enumerate(pts):
+        if i not in bad:
+            predicted, true = scaling.parametric_loss(p["N"], p["D"], fit), scaling.parametric_loss(p["N"], p["D"], law)
+            assert predicted == pytest.approx(true, rel=0.005), f"seed {seed}: N {p['N']:.3g}, D {p['D']:.3g}"
 
 
 def test_isoflop_fit_leaves_out_budgets_without_a_bracketed_minimum():
