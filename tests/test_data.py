@@ -1795,9 +1795,9 @@ def test_gopher_duplicate_ngrams_fires_exactly_above_the_covered_fraction(rng, m
 
 
 def test_email_with_an_address_in_its_domain_is_masked_as_one_email():
-    # e-mail first: a domain that holds an IPv4 address or a phone number's digits is part of one
-    # e-mail address, masked once as an e-mail
-    for address in ("ops@192.168.10.20.example.org", "me@mail.555-234-5678.com"):
+    # e-mail first: a local part or a domain that holds an IPv4 address or a phone number's digits
+    # is part of one e-mail address, masked once as an e-mail
+    for address in ("ops@192.168.10.20.example.org", "me@mail.555-234-5678.com", "192.168.1.1@example.com"):
         assert data.mask_pii(f"write to {address} now") == (f"write to {data.PII_PLACEHOLDERS['email']} now",
                                                              Counter(email=1)), address
 
