@@ -1572,6 +1572,7 @@ class RingAttention(torch.autograd.Function):
         l = torch.zeros(B, nh, T, device=q.device)  # running sum of exp(score - m)
         o = torch.zeros_like(q)  # running sum of exp(score - m) v
         kv = torch.stack([k, v])  # (2, B, nh, T, hs): one message per hop
+        # EXERCISE BEGIN ring-merge (tests/test_parallel.py -k 'two_ranks and context_parallel')
         for step in range(n):
             src = (r - step) % n  # whose block this is
             nxt, works = (torch.empty_like(kv), None) if step < n - 1 else (None, [])
@@ -1581,7 +1582,6 @@ class RingAttention(torch.autograd.Function):
             if kpos_host.min() <= qpos_host.max():  # a block wholly in the future adds nothing: skip it
                 kpos = kpos_host.to(q.device)
                 s = _attend_block(q, kv[0], qpos, kpos, scale)
-                # EXERCISE BEGIN ring-merge (tests/test_parallel.py -k 'two_ranks and context_parallel')
                 m_new = torch.maximum(m, s.amax(dim=-1))
                 m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)  # rows with no key yet: avoid inf - inf
                 correction = torch.exp(m - m_safe)  # rescale what was summed under the old max
@@ -1589,11 +1589,11 @@ class RingAttention(torch.autograd.Function):
                 l = l * correction + p.sum(dim=-1)
                 o = o * correction.unsqueeze(-1) + p @ kv[1]  # (B, nh, T, Tk) x (B, nh, Tk, hs)
                 m = m_new
-                # EXERCISE END ring-merge
             for work in works:
                 work.wait()
             if nxt is not None:
                 kv = nxt
+        # EXERCISE END ring-merge
         out = o / l.unsqueeze(-1)
         lse = m + torch.log(l)  # log sum_j exp(s_ij): all the backward needs to rebuild P
         ctx.save_for_backward(q, k, v, out, lse)

@@ -477,30 +477,9 @@ VARIANTS = [
     mutant("fused-ce-chunk", "input-gradient-not-divided", "kernels.py", ("grad_x = (grad_x.float() / n_valid).to(x.dtype)", "grad_x = grad_x.float().to(x.dtype)")),
     mutant("fused-ce-chunk", "ragged-last-chunk-dropped", "kernels.py", ("    for start in range(0, N, chunk_size):\n        end = min(N, start + chunk_size)\n        x_chunk",
                                                                          "    for start in range(0, N - chunk_size + 1, chunk_size):\n        end = min(N, start + chunk_size)\n        x_chunk")),
-    alternative("fused-ce-chunk", "torch-softmax-per-chunk", "kernels._linear_ce_forward", """
-        N = x.size(0)
-        valid = targets != ignore_index
-        n_valid = valid.sum()
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if with_grads else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if with_grads else None
-        for start in range(0, N, chunk_size):
-            rows = slice(start, min(N, start + chunk_size))
-            logits = (x[rows] @ weight.t()).float()  # (n, V), this chunk only
-            t, ok = targets[rows].clamp(min=0), valid[rows]
-            logp = torch.log_softmax(logits, dim=-1)
-            total += -(logp.gather(1, t[:, None])[:, 0] * ok).sum()
-            if with_grads:
-                g = logp.exp()
-                g[torch.arange(len(t), device=x.device), t] -= 1.0
-                g = g * ok[:, None]
-                grad_x[rows] = (g @ weight.float()).to(x.dtype)
-                grad_w += g.t() @ x[rows].float()
-        loss = total / n_valid
-        if not with_grads:
-            return loss, None, None
-        return loss, (grad_x.float() / n_valid).to(x.dtype), (grad_w / n_valid).to(weight.dtype)
-    """),
+    alternative("fused-ce-chunk", "einsum-products", edits=[
+        ("grad_x[start:end] = grad_logits @ weight  # (n, V) x (V, C) -> (n, C)", "grad_x[start:end] = torch.einsum(\"nv,vc->nc\", grad_logits, weight)"),
+        ("grad_w += grad_logits.t() @ x_chunk  # (V, n) x (n, C) -> (V, C), added in float32 in place", "grad_w += torch.einsum(\"nv,nc->vc\", grad_logits, x_chunk)")], file="kernels.py"),
 
     # ------------------------------------------------------------------ scaling.py
     mutant("chinchilla", "n-exponent-alpha-not-beta", "scaling.py", ("n = G * (compute / 6) ** (beta / (alpha + beta))", "n = G * (compute / 6) ** (alpha / (alpha + beta))"),
@@ -532,8 +511,7 @@ VARIANTS = [
         ("return torch.where(r.abs() <= delta, 0.5 * r**2, delta * (r.abs() - 0.5 * delta))",
          "small = r.abs().clamp(max=delta)  # the quadratic part, capped at delta\n    return 0.5 * small**2 + delta * (r.abs() - small)")], file="scaling.py"),
 
-    mutant("isoflop-fit", "parabola-in-n-not-log-n", "scaling.py", ("        x = np.log([p[\"N\"] for p in pts])\n", "        x = np.array([p[\"N\"] for p in pts], dtype=float)\n"),
-           ("minima.append({\"C\": C, \"N_opt\": float(np.exp(x_opt)),", "minima.append({\"C\": C, \"N_opt\": float(x_opt),")),
+    mutant("isoflop-fit", "b-equal-to-a", "scaling.py", ("result.update(a=float(a), b=float(1 - a), k=float(np.exp(log_k)))", "result.update(a=float(a), b=float(a), k=float(np.exp(log_k)))")),
     mutant("isoflop-fit", "vertex-without-the-2", "scaling.py", ("x_opt = -c1 / (2 * c2)", "x_opt = -c1 / c2")),
     mutant("isoflop-fit", "edge-minima-kept", "scaling.py", ("        if best in (min(p[\"N\"] for p in pts), max(p[\"N\"] for p in pts)):", "        if False:")),
     mutant("isoflop-fit", "power-law-fit-in-linear-space", "scaling.py", ("a, log_k = np.polyfit(np.log([m[\"C\"] for m in good]), np.log([m[\"N_opt\"] for m in good]), 1)",
@@ -623,7 +601,7 @@ VARIANTS = [
 
     mutant("ring-merge", "sum-not-rescaled", "parallel.py", ("                l = l * correction + p.sum(dim=-1)", "                l = l + p.sum(dim=-1)")),
     mutant("ring-merge", "output-not-rescaled", "parallel.py", ("                o = o * correction.unsqueeze(-1) + p @ kv[1]", "                o = o + p @ kv[1]")),
-    mutant("ring-merge", "running-max-never-updated", "parallel.py", ("                m = m_new\n                # EXERCISE END ring-merge", "                # EXERCISE END ring-merge")),
+    mutant("ring-merge", "running-max-never-updated", "parallel.py", ("                m = m_new\n            for work in works:", "            for work in works:")),
     mutant("ring-merge", "block-exp-against-the-old-max", "parallel.py", ("                p = torch.exp(s - m_safe.unsqueeze(-1))", "                p = torch.exp(s - m.masked_fill(torch.isinf(m), 0.0).unsqueeze(-1))")),
     alternative("ring-merge", "einsum-and-where", edits=[
         ("                m_new = torch.maximum(m, s.amax(dim=-1))\n                m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)  # rows with no key yet: avoid inf - inf\n                correction = torch.exp(m - m_safe)  # rescale what was summed under the old max\n                p = torch.exp(s - m_safe.unsqueeze(-1))\n                l = l * correction + p.sum(dim=-1)\n                o = o * correction.unsqueeze(-1) + p @ kv[1]  # (B, nh, T, Tk) x (B, nh, Tk, hs)\n                m = m_new\n",
