@@ -250,6 +250,8 @@ import mutants  # noqa: E402
 def test_every_exercise_is_in_exactly_one_set():
     listed = [name for names in exercises.SETS.values() for name in names]
     assert sorted(listed) == sorted(NAMES) and len(listed) == len(set(listed))
+    for names in exercises.SETS.values():  # in the order of `list`, which is the order of a hand-out
+        assert list(names) == [n for n in NAMES if n in names]
     assert set(exercises.SET_HOURS) == set(exercises.SETS)
 
 
