@@ -255,6 +255,7 @@ def test_every_exercise_is_in_exactly_one_set():
     assert set(exercises.SET_HOURS) == set(exercises.SETS)
 
 
+@pytest.mark.slow  # 177 variants, each applied and parsed: ~25 s on two loaded cores
 def test_every_exercise_has_three_mutants_and_an_alternative_that_apply_to_its_lines(tmp_path):
     # no judge runs here: each variant's edits must still find their text, once, on the lines of
     # their exercise (the sources move on; a stale mutant is one error line, not a silent skip),
