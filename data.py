@@ -893,6 +893,7 @@ def shingles(text: str, ngram: int = NGRAM, mix=None) -> np.ndarray:
     return acc >> np.uint64(32)
 
 
+# EXERCISE: minhash (tests/test_data.py -k 'minhash')
 def minhash_signatures(texts, num_perm: int = NUM_PERM, ngram: int = NGRAM, seed: int = 0,
                        block: int = 1 << 13) -> np.ndarray:
     """(N, K) uint32 MinHash signatures: sig[d, k] = min over shingles x of d of h_k(x).
@@ -1001,6 +1002,7 @@ def lsh_threshold(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]
     return num_perm, 1
 
 
+# EXERCISE: lsh (tests/test_data.py -k 'lsh_candidate')
 def lsh_candidates(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """(P, 2) index pairs i < j whose signatures agree on all rows of at least one band.
 
@@ -1345,6 +1347,7 @@ def _cumsum0(lengths: np.ndarray) -> np.ndarray:
     return out
 
 
+# EXERCISE: gopher (tests/test_data.py -k 'gopher_duplicate_ngrams_fires')
 def gopher_duplicate_ngrams(doc):
     """Gopher: repeated 5- to 10-grams cover at most 15% down to 10% of characters.
 
@@ -1539,6 +1542,7 @@ def _phone(match) -> bool:
     return not (text.startswith("+") and not any(c in " -()" for c in text))
 
 
+# EXERCISE: pii (tests/test_data.py -k 'pii_masking or masked_as_one_email')
 def mask_pii(text: str) -> tuple[str, Counter]:
     """The text with e-mail addresses, IPv4/IPv6 addresses and phone numbers replaced by
     PII_PLACEHOLDERS, and how many of each kind were replaced. E-mail first: its domain may hold
@@ -1933,6 +1937,7 @@ def _word_counts(texts, max_train_bytes: int | None) -> Counter:
     return Counter({w.encode("utf-8"): c for w, c in counts.items()})
 
 
+# EXERCISE: bpe-merge (tests/test_data.py -k 'merge_word or bpe_encoding or incremental_bpe')
 def _merge_word(word: list[int], a: int, b: int, new: int) -> list[int]:
     """Replace each non-overlapping (a, b) in word, left to right, by new."""
     out, i = [], 0
@@ -3515,6 +3520,7 @@ class TokenSampler:
         self.epoch, self.position = 0, 0
         self._order_epoch, self._order, self._maps = None, None, {}
 
+    # EXERCISE: batch-sampler (tests/test_data.py -k 'sampler_order or one_epoch_covers or two_ranks_cover or windows_never_cross')
     def _epoch_order(self) -> np.ndarray:
         """This rank's window indices for the current epoch (cached per epoch)."""
         if self._order_epoch != self.epoch:
@@ -3523,6 +3529,7 @@ class TokenSampler:
             self._order_epoch = self.epoch
         return self._order
 
+    # EXERCISE: batch-sampler
     def _next_window(self) -> int:
         """The next window index; an exhausted epoch rolls into the next one."""
         window = int(self._epoch_order()[self.position])
@@ -3531,6 +3538,7 @@ class TokenSampler:
             self.epoch, self.position = self.epoch + 1, 0
         return window
 
+    # EXERCISE: batch-sampler
     def _window(self, window: int) -> np.ndarray:
         """The T+1 tokens of a global window index, from its shard's memmap."""
         shard = int(np.searchsorted(self.first_window, window, side="right")) - 1

@@ -348,6 +348,7 @@ def _attn_bwd_preprocess(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, H, T, D,
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
 
+# EXERCISE: flash-backward (tests/test_kernels.py -k 'flash_attention_and_its_gradients or grouped_query_attention_forward_and_backward')
 @_jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d, lo, hi, qk_scale, T, D,
                          MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
@@ -426,6 +427,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, s
              mask=kv_mask)
 
 
+# EXERCISE: flash-backward
 @_jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo, hi, qk_scale, T, D,
                        MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
@@ -640,6 +642,7 @@ def triton_attention_backend(q, k, v, dropout_p: float = 0.0, *, fallback):
 # Fused linear + cross-entropy. One program per row of a chunk of logits.
 
 
+# EXERCISE: cross-entropy (tests/test_kernels.py -k 'fused_linear_cross_entropy_and_gradients or every_target_ignored or logits_in_the_thousands')
 @_jit
 def _ce_rows_kernel(LOGITS, TARGETS, LOSS, stride_row, V, ignore_index, z_coef, BLOCK_V: tl.constexpr):
     """Per row: loss = LSE - logit[target] + z_coef LSE^2; logits overwritten by its gradient,
@@ -691,6 +694,7 @@ def default_chunk_size(N: int, C: int, V: int) -> int:
     return max(1, 1 << (rows - 1).bit_length()) if rows > 0 else 1
 
 
+# EXERCISE: fused-ce-chunk (tests/test_kernels.py -k 'fused_linear_cross_entropy_and_gradients or only_ever_holds or logits_in_the_thousands')
 def _linear_ce_forward(x, weight, targets, ignore_index: int, chunk_size: int, with_grads: bool = True, z_loss: float = 0.0):
     """(loss, grad_x, grad_w) chunk by chunk; without with_grads (evaluation) the two matmuls and the
     gradients' memory are skipped, and the gradients are None."""

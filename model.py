@@ -263,6 +263,7 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
+    # EXERCISE: layernorm (tests/test_model.py -k 'layernorm_matches')
     def forward(self, x):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)  # eps 1e-5: GPT-2's
 
@@ -275,6 +276,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(ndim))
 
+    # EXERCISE: rmsnorm (tests/test_model.py -k 'rmsnorm_matches')
     def forward(self, x):
         # compute the statistic in float32 at least, even under bf16 autocast: a mean of squares
         # loses precision quickly in 8 mantissa bits (float64 stays float64: it is the tests' reference)
@@ -321,6 +323,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # Attention backends: f(q (B, nh, T, hs), k, v (B, n_kv, T, hs), dropout_p) -> (B, nh, T, hs)
 
 
+# EXERCISE: repeat-kv (tests/test_model.py -k 'repeat_kv or grouped_query_attention_equals')
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, n_kv, T, hs) -> (B, n_kv * n_rep, T, hs): each key/value head serves n_rep query heads."""
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
@@ -499,10 +502,14 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
+        """x (B, T, C) -> (B, T, C): GELU(x W_fc) W_proj (GPT-2), or SwiGLU (Shazeer 2020),
+        (silu(x W_gate) * (x W_up)) W_proj, with W_gate and W_up side by side in c_fc (gate first)."""
         h = self.c_fc(x)  # (B, T, C) -> (B, T, hidden) or (B, T, 2 hidden)
         if self.swiglu:
+            # EXERCISE BEGIN swiglu (tests/test_model.py -k 'swiglu_mlp_matches')
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up  # the gate decides, per channel, how much of `up` passes
+            # EXERCISE END swiglu
         elif self.relu2:
             # ReLU squared (So et al. 2021, Primer, arXiv:2109.08668): found by their architecture search,
             # it beat GELU at equal compute; the modded-nanogpt speedrun uses it. Exactly zero for h < 0,
@@ -1230,6 +1237,7 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")
 
 
+# EXERCISE: sampling (tests/test_model.py -k 'top_p_filter or top_k_filter or top_p_sampling or top_k_sampling')
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """(B, V) logits with every token outside the top k, then outside the nucleus, set to -inf.
 

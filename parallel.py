@@ -1159,7 +1159,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         super().__init__([u.shard for u in units] + list(whole), dict(lr=lr, betas=betas, eps=eps))
         self.decay = {u.shard: u.weight_decay for u in units} | {p: weight_decay if is_decayed(p) else 0.0 for p in whole}
 
-    # EXERCISE: zero (tests/test_parallel.py -k 'sharded_adamw or (two_ranks and zero)')
+    # EXERCISE: adamw (tests/test_parallel.py -k 'sharded_adamw')
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
@@ -1203,7 +1203,7 @@ class ZeRO(Replicated):
         if self.muon is not None:
             self.optimizer = MuonAdamW(self.muon, self.optimizer)
 
-    # EXERCISE: zero
+    # EXERCISE: zero (tests/test_parallel.py -k 'two_ranks and (zero1 or zero2)')
     def finish_gradient_sync(self):
         """ZeRO 1: all-reduce the flat gradient, keep it all. ZeRO 2: reduce-scatter it, keep the shard."""
         unit, n = self.unit, group_size(self.unit.group)
@@ -1482,6 +1482,7 @@ class VocabParallelEmbedding(nn.Module):
         return ReduceFromTensorParallelRegion.apply(x, self.group)
 
 
+# EXERCISE: vocab-parallel-ce (tests/test_parallel.py -k 'vocab_parallel_cross_entropy or (two_ranks and tensor_parallel)')
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
     """Mean cross-entropy when rank r holds logits for vocabulary ids [vocab_start, vocab_start + V/t).
 
@@ -1865,6 +1866,7 @@ class Pipeline:
         for i in range(m):
             self.send_backward(self.backward_step(i, *saved[i], self.recv_backward(shape)))
 
+    # EXERCISE: pipeline-1f1b (tests/test_parallel.py -k 'two_ranks and pipeline_1f1b')
     def one_f_one_b(self, m, shape):
         """1F1B (Narayanan et al. 2019, 2021): warm-up forwards to fill the pipe, then alternate one
         forward and one backward, then cool down with the remaining backwards. Stage s holds at most
@@ -1969,6 +1971,7 @@ class RingAttention(torch.autograd.Function):
         l = torch.zeros(B, nh, T, device=q.device)  # running sum of exp(score - m)
         o = torch.zeros_like(q)  # running sum of exp(score - m) v
         kv = torch.stack([k, v])  # (2, B, nh, T, hs): one message per hop
+        # EXERCISE BEGIN ring-merge (tests/test_parallel.py -k 'two_ranks and context_parallel')
         for step in range(n):
             src = (r - step) % n  # whose block this is
             nxt, works = (torch.empty_like(kv), None) if step < n - 1 else (None, [])
@@ -1989,6 +1992,7 @@ class RingAttention(torch.autograd.Function):
                 work.wait()
             if nxt is not None:
                 kv = nxt
+        # EXERCISE END ring-merge
         out = o / l.unsqueeze(-1)
         lse = m + torch.log(l)  # log sum_j exp(s_ij): all the backward needs to rebuild P
         ctx.save_for_backward(q, k, v, out, lse)
@@ -2629,6 +2633,7 @@ class Parallelized:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         if self.layout.world_size == 1 and not self.data_parallel.shards_over_data:
             return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        # EXERCISE BEGIN grad-clip (tests/test_parallel.py -k 'clip_grad_norm or (two_ranks and zero1)')
         grads = self.data_parallel.local_grads()
         sum_sq = torch.zeros((), device=self.layout.device)
         for name, g in grads.items():
@@ -2641,6 +2646,7 @@ class Parallelized:
         for g in grads.values():  # every copy is scaled, counted or not, so replicas stay equal
             g.mul_(coef)
         return float(total)
+        # EXERCISE END grad-clip
 
     def optimizer_step(self):
         if self.scaler is not None:

@@ -835,6 +835,7 @@ def fit_isoflop(points: list[dict]) -> dict:
     return result
 
 
+# EXERCISE: chinchilla-fit (tests/test_scaling.py -k 'huber or parametric_fit')
 def huber(r: torch.Tensor, delta: float) -> torch.Tensor:
     """Quadratic for |r| <= delta, linear beyond: a few bad runs cannot drag the fit (Huber 1964)."""
     return torch.where(r.abs() <= delta, 0.5 * r**2, delta * (r.abs() - 0.5 * delta))
@@ -854,6 +855,7 @@ def fit_parametric(N, D, loss, delta: float = 1e-3, inits=None, max_iter: int = 
         inits = [(a, b, e, al, be) for a in (0.0, 5.0, 10.0) for b in (0.0, 5.0, 10.0) for e in (-1.0, 0.0, 1.0)
                  for al in (0.2, 0.5) for be in (0.2, 0.5)]
 
+    # EXERCISE: chinchilla-fit
     def huber_objective(theta):
         a, b, e, alpha, beta = theta
         # log L_hat = log(A/N^alpha + B/D^beta + E), computed stably as a log-sum-exp

@@ -1052,6 +1052,7 @@ def load_newest_checkpoint(out_dir: str) -> tuple[dict, str]:
     raise ValueError(f"no checkpoint at {main}: train first, or point --out_dir at a run's directory")
 
 
+# EXERCISE: checkpoint (tests/test_train.py -k 'resume_continues_bit_for_bit or rng_states')
 def rng_states() -> dict:
     states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -1059,6 +1060,7 @@ def rng_states() -> dict:
     return states
 
 
+# EXERCISE: checkpoint
 def set_rng_states(states: dict):
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
@@ -1143,6 +1145,7 @@ def stage_full(run: "Run"):
     return write
 
 
+# EXERCISE: checkpoint
 def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, dp: int) -> int:
     """The inverse of save_checkpoint, into any layout: weights, optimizer and strategy state (each
     rank keeps its part), gradient scaler, data position (resharded to dp ranks) and RNG states.

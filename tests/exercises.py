@@ -34,12 +34,35 @@ The commands
     python -m tests.exercises restore               put every FILE.py.orig back (FILE.py.mine keeps yours)
     python -m tests.exercises check [NAME...]       in a temporary copy: the judge passes on the
                                                     original and every judging test fails stripped
+    python -m tests.exercises mutants [NAME...]     each judge against plausible wrong answers (all must
+                                                    fail it) and correct alternatives (all must pass),
+                                                    from tests/mutants.py, each in a temporary copy
+    python -m tests.exercises handout --out DIR --set NAME
+                                                    a stripped copy for one assignment set, with
+                                                    ASSIGNMENT.md (the task of each exercise, from its
+                                                    docstring) and the command that grades it
+    python -m tests.exercises grade [--json]        each exercise's score: tests of its judge passed /
+                                                    tests selected (in a handout: its set only)
 
 In place is the default because a student working alone strips one exercise, writes it and runs
 its judge in the same tree; the .orig backup is written once (a second strip in the same file
 keeps the first, true original) and `restore` (or `git checkout FILE.py`) undoes it, keeping the
 edited file as FILE.py.mine. A teacher preparing a hand-out uses --out, which never touches the
 working tree. (`python tests/exercises.py ...` works as well as `python -m tests.exercises ...`.)
+
+Judging the judges: a judge that fails on `raise NotImplementedError` may still pass a wrong
+answer. tests/mutants.py lists, per exercise, plausible wrong answers (mutants, each one mistake,
+named for it) and correct answers written another way (alternatives); `mutants` applies each to a
+temporary copy and runs the judge, which must fail on every mutant (at least one test, -x stops
+there) and pass on every alternative (all tests). Its table's last line gives the totals.
+
+Hand-outs: the exercises fall into the assignment sets of SETS (the README lists them with
+SET_HOURS). `handout` copies the repository to a new directory, strips one set, leaves out
+tests/mutants.py (its alternatives are solutions), and writes ASSIGNMENT.md (each exercise's
+functions with their docstrings, which are the task, and its judge) and handout.json (the set).
+`grade` run inside it scores each exercise of the set as the tests of its judge that pass over
+those selected: 0 on a fresh hand-out (every judge fails stripped, as `check` proves), 1 when the
+originals are put back; `--json` gives an autograder one object.
 
 How: the markers are found with `tokenize` (a comment, never text inside a string), the function
 they belong to with `ast` (exact first and last lines, decorators and multi-line signatures
@@ -49,6 +72,7 @@ included), and the result is parsed again before it is written, atomically.
 import argparse
 import ast
 import io
+import json
 import os
 import re
 import shlex
@@ -56,6 +80,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import tokenize
 from concurrent.futures import ThreadPoolExecutor
@@ -64,9 +89,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTEST = ("python", "-m", "pytest", "-q")  # a judge is this plus the marker's arguments
+HANDOUT_FILE = "handout.json"  # written by `handout`: the set and its exercises, read by `grade`
 # the README's reading order ("The files, in reading order"), which is also the suggested order of
 # the exercises; other files follow alphabetically
 COURSE_ORDER = ("model.py", "data.py", "train.py", "kernels.py", "scaling.py", "parallel.py")
+
+# The assignment sets: each exercise in exactly one, in the order of `list` (a test checks both).
+# Hours: a rough estimate of a student's time for the whole set, for a reader who knows PyTorch.
+SETS = {
+    "model": ("layernorm", "rmsnorm", "rope", "repeat-kv", "attention", "self-attention", "swiglu", "moe-loop", "sampling"),
+    "data": ("minhash", "lsh", "gopher", "pii", "bpe-merge", "tokenizer"),
+    "training": ("batch-sampler", "lr-schedule", "grad-accum", "checkpoint", "adamw", "muon", "grad-clip"),
+    "systems": ("flash-attention", "flash-backward", "cross-entropy", "fused-ce-chunk", "data-parallel", "zero",
+                "zero3-gather", "tensor-parallel", "vocab-parallel-ce", "pipeline-1f1b", "ring-merge"),
+    "scaling": ("chinchilla", "isoflop-fit", "chinchilla-fit"),
+}
+SET_HOURS = {"model": 6, "data": 6, "training": 5, "systems": 14, "scaling": 3}
 
 FUNCTION_MARKER = re.compile(r"#\s*EXERCISE:\s*(?P<name>[\w-]+)\s*(?:\((?P<judge>.*)\))?\s*$")
 BEGIN_MARKER = re.compile(r"#\s*EXERCISE BEGIN\s+(?P<name>[\w-]+)\s*(?:\((?P<judge>.*)\))?\s*$")
@@ -415,6 +453,180 @@ def check_one(name: str, root: Path = ROOT, original: bool = True) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Mutants: plausible wrong answers every judge must reject, correct alternatives it must accept
+
+
+def apply_variant(variant, root: Path, exercises_found: list) -> None:
+    """Write one variant of tests/mutants.py into the copy at root: its text edits (each `old` must
+    occur exactly once in the file, on lines of the exercise's regions: a mutant is a mistake in the
+    exercise, not elsewhere) and its bodies (a target's whole region replaced). Parsed before written."""
+    exercise = next((e for e in exercises_found if e.name == variant.exercise), None)
+    if exercise is None:
+        raise ValueError(f"mutant {variant.name}: no exercise {variant.exercise!r}")
+    for file, old, new in variant.edits:  # checked against the original lines, before anything moves them
+        text = (root / file).read_text()
+        if text.count(old) != 1:
+            raise ValueError(f"mutant {variant.name}: {old!r} occurs {text.count(old)} times in {file}, not once")
+        line = text[:text.index(old)].count("\n") + 1
+        if not any(r.path.name == file and r.first <= line <= r.last for r in exercise.regions):
+            raise ValueError(f"mutant {variant.name}: {file}:{line} is outside exercise {exercise.name}")
+    by_file = {}
+    for target, code in variant.bodies:
+        region = next((r for r in exercise.regions if r.target == target), None)
+        if region is None:
+            raise ValueError(f"mutant {variant.name}: {target} is not a target of exercise {exercise.name}")
+        by_file.setdefault(region.path, []).append((region, code))
+    for path, items in by_file.items():
+        lines = path.read_text().splitlines(keepends=True)
+        for region, code in sorted(items, key=lambda item: -item[0].first):
+            body = [(region.indent + l if l.strip() else "\n") for l in textwrap.dedent(code).strip("\n").splitlines(True)]
+            body[-1] = body[-1].rstrip("\n") + "\n"
+            lines[region.first - 1:region.last] = region.keep + body
+        path.write_text("".join(lines))
+    for file, old, new in variant.edits:
+        path = root / file
+        text = path.read_text()
+        if text.count(old) != 1:  # an earlier edit of the same variant made it ambiguous
+            raise ValueError(f"mutant {variant.name}: {old!r} occurs {text.count(old)} times in {file} after the edits before it")
+        path.write_text(text.replace(old, new))
+    for path in {root / f for f, _, _ in variant.edits} | set(by_file):
+        try:
+            ast.parse(path.read_text(), str(path))
+        except SyntaxError as e:
+            raise ValueError(f"mutant {variant.name}: {path.name} does not parse (line {e.lineno}: {e.msg})") from None
+
+
+def run_variant(variant, root: Path = ROOT) -> dict:
+    """One variant in a temporary copy: a mutant is caught when a test of the judge fails (-x: the
+    first failure is enough); an alternative passes when every test of the judge passes."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{variant.exercise}-") as tmp:
+        copy = Path(tmp)
+        copy_sources(root, copy)
+        found = find_exercises(copy)
+        apply_variant(variant, copy, found)
+        exercise = next(e for e in found if e.name == variant.exercise)
+        extra = ("--tb=line",) if variant.correct else ("--tb=line", "-x")
+        run = run_judge(exercise, copy, extra=extra)
+    ok = judged_pass(run) if variant.correct else (run.counts.get("failed", 0) > 0 and not judged_pass(run))
+    return {"variant": variant, "run": run, "ok": ok}
+
+
+def load_variants(names=(), fast: bool = False, only=()) -> list:
+    """The variants of tests/mutants.py (imported here only: a handout has no mutants file)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import mutants
+
+    chosen = [v for v in mutants.VARIANTS if (not names or v.exercise in names)]
+    if fast:
+        chosen = [v for v in chosen if (v.exercise, v.name) in mutants.FAST]
+    if only:
+        chosen = [v for v in chosen if v.name in only]
+    return chosen
+
+
+WIDTHS = (18, 40)  # the table's exercise and variant columns
+
+
+def variant_header() -> str:
+    return f"{'exercise':{WIDTHS[0]}}  {'variant':{WIDTHS[1]}}  {'kind':11}  {'result':8}  judge"
+
+
+def variant_row(r: dict) -> str:
+    v = r["variant"]
+    kind = "alternative" if v.correct else "mutant"
+    result = ("passes" if r["ok"] else "FAILS") if v.correct else ("caught" if r["ok"] else "MISSED")
+    return f"{v.exercise:{WIDTHS[0]}}  {v.name:{WIDTHS[1]}}  {kind:11}  {result:8}  {r['run'].summary()}"
+
+
+def variant_totals(results: list) -> str:
+    mutants_ = [r for r in results if not r["variant"].correct]
+    alternatives = [r for r in results if r["variant"].correct]
+    return (f"mutants caught: {sum(r['ok'] for r in mutants_)}/{len(mutants_)}; alternatives passing: "
+            f"{sum(r['ok'] for r in alternatives)}/{len(alternatives)}; exercises: "
+            f"{len({r['variant'].exercise for r in results})}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-outs and grading
+
+
+def set_of(name: str) -> str | None:
+    return next((s for s, names in SETS.items() if name in names), None)
+
+
+def assignment_text(set_name: str, chosen: list, originals: dict) -> str:
+    """ASSIGNMENT.md: per exercise its functions (with their docstrings, the task) and its judge."""
+    out = [f"# Assignment set `{set_name}` (about {SET_HOURS[set_name]} hours)\n",
+           "Each exercise below is a function (or a few) whose body was replaced by `raise NotImplementedError`.",
+           "Write it so that its judge passes; the docstring above the raise is the specification, the",
+           "module's opening essay the background. Work in the order given: a few judges use an earlier exercise.\n",
+           "Grade everything: `python -m tests.exercises grade` (add `--json` for a machine-readable score).\n"]
+    for i, e in enumerate(chosen, 1):
+        out.append(f"## {i}. `{e.name}`\n")
+        for target in e.targets:
+            region = next(r for r in e.regions if r.target == target)
+            doc = originals.get(target) or "(no docstring: read the comments around it and the module's essay)"
+            out.append(f"- write `{target}` ({region.path.name}, line {region.marker})")
+            out.append("\n".join("  > " + l if l.strip() else "  >" for l in doc.splitlines()) + "\n")
+        out.append(f"Judge: `{e.command}`\n")
+    return "\n".join(out)
+
+
+def docstrings(exercises_found: list) -> dict:
+    """target -> its function's docstring, read from the files before stripping."""
+    out = {}
+    for e in exercises_found:
+        for r in e.regions:
+            tree = ast.parse(r.path.read_text())
+            for node, name in _functions(tree, r.path.stem):
+                if name == r.target:
+                    out[name] = ast.get_docstring(node)
+            if not out.get(r.target) and r.target.count(".") == 2:  # none: the enclosing class's or function's
+                parent = r.target.split(".")[1]
+                node = next((n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == parent), None)
+                out[r.target] = ast.get_docstring(node) if node is not None else None
+    return out
+
+
+def make_handout(root: Path, out: Path, set_name: str) -> list:
+    if set_name not in SETS:
+        raise ValueError(f"no set {set_name!r}: choose one of {', '.join(SETS)}")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} exists and is not empty: name a new directory")
+    copy_sources(root, out)
+    (out / "tests" / "mutants.py").unlink(missing_ok=True)  # its alternatives are solutions
+    found = find_exercises(out)
+    chosen = [e for e in found if e.name in SETS[set_name]]
+    originals = docstrings(chosen)
+    strip([(e, e.regions) for e in chosen], backup=False)
+    (out / "ASSIGNMENT.md").write_text(assignment_text(set_name, chosen, originals))
+    (out / HANDOUT_FILE).write_text(json.dumps({"set": set_name, "exercises": [e.name for e in chosen]}, indent=1) + "\n")
+    return chosen
+
+
+def score(run: JudgeRun) -> tuple:
+    """(tests passed, tests selected) of one judge run; a run that collected nothing scores 0/1."""
+    passed = run.counts.get("passed", 0)
+    total = passed + run.counts.get("failed", 0) + run.counts.get("error", 0)
+    return passed, max(total, 1)
+
+
+def grade(root: Path, jobs: int = 2) -> dict:
+    found = find_exercises(root)
+    handout = root / HANDOUT_FILE
+    names = json.loads(handout.read_text())["exercises"] if handout.exists() else [e.name for e in found]
+    chosen = [e for e in found if e.name in names]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        runs = list(pool.map(lambda e: run_judge(e, root, extra=("--tb=no",)), chosen))
+    scores = {}
+    for e, run in zip(chosen, runs):
+        passed, total = score(run)
+        scores[e.name] = {"passed": passed, "total": total, "score": passed / total, "judge": e.command}
+    mean = sum(s["score"] for s in scores.values()) / max(1, len(scores))
+    return {"set": json.loads(handout.read_text())["set"] if handout.exists() else None, "exercises": scores, "score": mean}
+
+
+# ----------------------------------------------------------------------------------------------
 # The command line
 
 
@@ -485,6 +697,49 @@ def cmd_check(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_mutants(args) -> int:
+    variants = load_variants(args.names, args.fast, args.variant or ())
+    known = {e.name for e in find_exercises(args.root)}
+    unknown = sorted(set(args.names) - known)
+    if unknown:
+        raise ValueError(f"no exercise called {', '.join(unknown)}: `list` shows them")
+    if not variants:
+        raise ValueError("no mutants for these exercises in tests/mutants.py")
+    results = []
+    print(variant_header(), flush=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for r in pool.map(lambda v: run_variant(v, args.root), variants):  # rows in order, as they finish
+            results.append(r)
+            print(variant_row(r), flush=True)
+    print(variant_totals(results))
+    bad = [r for r in results if not r["ok"]]
+    for r in bad:
+        v = r["variant"]
+        print(f"\n--- {v.exercise}: {v.name} ({'alternative' if v.correct else 'mutant'})")
+        print("\n".join(r["run"].output.strip().splitlines()[-8:]))
+    return 1 if bad else 0
+
+
+def cmd_handout(args) -> int:
+    out = Path(args.out).resolve()
+    chosen = make_handout(args.root, out, args.set)
+    print(f"set {args.set}: {len(chosen)} exercises stripped in {out}: {', '.join(e.name for e in chosen)}")
+    print(f"the tasks: {out / 'ASSIGNMENT.md'}; grade with: cd {shlex.quote(str(out))} && python -m tests.exercises grade")
+    return 0
+
+
+def cmd_grade(args) -> int:
+    result = grade(args.root, args.jobs)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    width = max([len(n) for n in result["exercises"]] + [8])
+    for name, s in result["exercises"].items():
+        print(f"{name:{width}}  {s['passed']:3d}/{s['total']:<3d}  {100 * s['score']:5.1f}%")
+    print(f"{'score':{width}}  {100 * result['score']:.1f}% (mean over {len(result['exercises'])} exercises)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tests.exercises", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -499,12 +754,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("names", nargs="*", help="exercises to check (default: all)")
     c.add_argument("--jobs", type=int, default=2, help="judges run at once (default 2)")
     c.add_argument("--stripped-only", action="store_true", help="skip the run on the original (the main suite covers it)")
+    m = sub.add_parser("mutants", help="each judge against the wrong answers and correct alternatives of tests/mutants.py")
+    m.add_argument("names", nargs="*", help="exercises (default: all)")
+    m.add_argument("--jobs", type=int, default=2, help="judges run at once (default 2)")
+    m.add_argument("--fast", action="store_true", help="only the fixed fast subset the test suite runs (mutants.FAST)")
+    m.add_argument("--variant", action="append", help="only the variant of this name (repeatable)")
+    h = sub.add_parser("handout", help="a stripped copy for one assignment set, with ASSIGNMENT.md and the grading command")
+    h.add_argument("--out", required=True, help="a new directory")
+    h.add_argument("--set", required=True, choices=list(SETS), help="the assignment set")
+    g = sub.add_parser("grade", help="score per exercise: its judge's tests passed / selected")
+    g.add_argument("--json", action="store_true", help="one JSON object, for an autograder")
+    g.add_argument("--jobs", type=int, default=2, help="judges run at once (default 2)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"list": cmd_list, "strip": cmd_strip, "restore": cmd_restore, "check": cmd_check}
+    commands = {"list": cmd_list, "strip": cmd_strip, "restore": cmd_restore, "check": cmd_check,
+                "mutants": cmd_mutants, "handout": cmd_handout, "grade": cmd_grade}
     try:
         return commands[args.command](args)
     except ValueError as e:

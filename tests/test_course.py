@@ -14,7 +14,9 @@ the README's course table says what the markers say.
 
 import ast
 import importlib.util
+import json
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -240,6 +242,78 @@ def test_strip_out_writes_a_stripped_copy_and_leaves_the_tree_alone(repo_copy, t
 
 
 # ---------------------------------------------------------------------------------------------
+# Sets, mutants, hand-outs
+
+import mutants  # noqa: E402
+
+
+def test_every_exercise_is_in_exactly_one_set():
+    listed = [name for names in exercises.SETS.values() for name in names]
+    assert sorted(listed) == sorted(NAMES) and len(listed) == len(set(listed))
+    for names in exercises.SETS.values():  # in the order of `list`, which is the order of a hand-out
+        assert list(names) == [n for n in NAMES if n in names]
+    assert set(exercises.SET_HOURS) == set(exercises.SETS)
+
+
+@pytest.mark.slow  # 177 variants, each applied and parsed: ~25 s on two loaded cores
+def test_every_exercise_has_three_mutants_and_an_alternative_that_apply_to_its_lines(tmp_path):
+    # no judge runs here: each variant's edits must still find their text, once, on the lines of
+    # their exercise (the sources move on; a stale mutant is one error line, not a silent skip),
+    # and the result must parse
+    counts = {name: [0, 0] for name in NAMES}
+    exercises.copy_sources(ROOT, tmp_path)
+    found = exercises.find_exercises(tmp_path)
+    originals = {p.name: p.read_text() for p in tmp_path.glob("*.py")}
+    for v in mutants.VARIANTS:
+        counts[v.exercise][v.correct] += 1
+        exercises.apply_variant(v, tmp_path, found)
+        for name in {f for f, _, _ in v.edits} | {t.split(".")[0] + ".py" for t, _ in v.bodies}:
+            (tmp_path / name).write_text(originals[name])  # back to the original for the next one
+    assert all(m >= 3 and a >= 1 for m, a in counts.values()), counts
+    assert len({(v.exercise, v.name) for v in mutants.VARIANTS}) == len(mutants.VARIANTS)  # names are unique
+
+
+FAST_VARIANTS = [v for v in mutants.VARIANTS if (v.exercise, v.name) in mutants.FAST]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", FAST_VARIANTS, ids=lambda v: f"{v.exercise}:{v.name}")
+def test_fast_subset_of_mutants_is_caught_and_alternatives_pass(variant):
+    # the whole table (`python -m tests.exercises mutants`, every exercise) takes far longer than
+    # the suite's budget on two cores; this fixed subset (mutants.FAST) keeps the named mistakes
+    # of the issue and a few alternatives in every CI run
+    result = exercises.run_variant(variant)
+    assert result["ok"], f"{variant.exercise}: {variant.name}: {result['run'].summary()}\n{result['run'].output[-2000:]}"
+
+
+@pytest.mark.slow
+def test_handout_grades_zero_stripped_and_full_marks_restored(tmp_path):
+    # the smallest set, in a directory outside the repository: the stripped hand-out scores 0 on
+    # every exercise, the same directory with the original sources put back scores 100%
+    out = tmp_path / "handout"
+    assert exercises.main(["handout", "--out", str(out), "--set", "scaling"]) == 0
+    assert not (out / "tests" / "mutants.py").exists()  # its alternatives are solutions
+    text = (out / "ASSIGNMENT.md").read_text()
+    for name in exercises.SETS["scaling"]:
+        assert f"`{name}`" in text
+    assert "argmin L(N, D) subject to 6 N D = C" in text  # the docstrings are the tasks
+
+    def graded():
+        proc = subprocess.run([sys.executable, "-m", "tests.exercises", "grade", "--json"], cwd=out,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    stripped = graded()
+    assert stripped["set"] == "scaling" and list(stripped["exercises"]) == list(exercises.SETS["scaling"])
+    assert all(e["passed"] == 0 and e["total"] > 0 for e in stripped["exercises"].values()) and stripped["score"] == 0
+    for name in ("scaling.py", "model.py"):
+        shutil.copy2(ROOT / name, out / name)
+    restored = graded()
+    assert all(e["passed"] == e["total"] for e in restored["exercises"].values()) and restored["score"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
 # The README says what the markers say
 
 
@@ -253,3 +327,14 @@ def test_readme_course_table_lists_each_exercise_target_and_judge():
         assert f"`{e.name}`" in cells[1], (row, e.name)
         assert all(f"`{t}`" in row for t in e.targets), (row, e.targets)
         assert f"`{e.command}`" in row, (row, e.command)
+
+
+def test_readme_lists_the_sets_with_their_exercises_and_hours():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Using nanopretrain in a course", 1)[1].split("\n## ", 1)[0]
+    rows = {c[0].strip("` "): c for c in ([x.strip() for x in r.strip("|").split("|")] for r in section.splitlines()
+                                          if r.startswith("| `") and "set" not in r[:8])}
+    for name, members in exercises.SETS.items():
+        assert name in rows, name
+        assert all(f"`{m}`" in rows[name][1] for m in members), name
+        assert rows[name][2] == str(exercises.SET_HOURS[name]), name

@@ -263,6 +263,41 @@ def test_minhash_agreement_estimates_jaccard_within_binomial_error(rng):
         assert abs(estimate - J) <= 4.5 * math.sqrt(J * (1 - J) / K) + 1 / K, (J, estimate)
 
 
+def test_minhash_signatures_equal_the_docstring_formula_in_python_integers(rng):
+    """sig[d, k] = min over shingles x of ((a_k x + b_k) mod 2^64) >> 32, written with Python's exact
+    integers, per document and per hash: no blocks, no reduceat. A block of 7 columns makes most
+    documents span several blocks; an empty document gets the all-ones signature."""
+    vocab = [f"w{i}" for i in range(30)]
+    texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 25))) for _ in range(12)] + [""]
+    seed = rng.randrange(1000)
+    sig = data.minhash_signatures(texts, num_perm=16, ngram=3, seed=seed, block=7)
+    mix, a, b = data._hash_params(16, 3, seed)
+    assert sig.shape == (13, 16) and sig.dtype == np.uint32
+    for d, text in enumerate(texts):
+        words = [zlib.crc32(w) for w in text.lower().encode("utf-8").split()]
+        n = min(3, len(words))
+        grams = [(sum(int(m) * w for m, w in zip(mix, words[j:j + n])) % 2**64) >> 32
+                 for j in range(len(words) - n + 1)] if words else []
+        for k in range(16):
+            expected = min((((int(a[k, 0]) * x + int(b[k, 0])) % 2**64) >> 32 for x in grams), default=2**32 - 1)
+            assert int(sig[d, k]) == expected, (d, k)
+
+
+def test_lsh_candidates_are_exactly_the_pairs_that_agree_on_a_whole_band(rng):
+    """Brute force over all pairs: (i, j), i < j, is a candidate iff some band's rows are all equal.
+    Values from {0, 1, 2} make partial agreements (one row of a band, not the other) common; two
+    documents without words (all-ones signatures) are never candidates."""
+    gen = np.random.default_rng(rng.randrange(2**32))
+    bands, rows, n = 3, 2, 30
+    sig = gen.integers(0, 3, size=(n, bands * rows), dtype=np.uint32)
+    sig[[4, 17]] = np.iinfo(np.uint32).max
+    expected = {(i, j) for i in range(n) for j in range(i + 1, n) if i not in (4, 17) and j not in (4, 17)
+                and any((sig[i, b * rows:(b + 1) * rows] == sig[j, b * rows:(b + 1) * rows]).all() for b in range(bands))}
+    got = data.lsh_candidates(sig, bands, rows)
+    assert got.shape[1] == 2 and all(i < j for i, j in got.tolist())
+    assert {tuple(p) for p in got.tolist()} == expected and len(got) == len(expected)
+
+
 def test_lsh_candidate_rate_follows_the_s_curve(rng):
     """Pairs of synthetic signatures agreeing on each hash with probability s become candidates
     at the rate 1 - (1 - s^r)^b (the formula, evaluated here independently of data.py)."""
@@ -891,6 +926,38 @@ def naive_bpe_ranks(texts, n_merges: int) -> dict:
     return ranks
 
 
+def test_merge_word_replaces_non_overlapping_pairs_left_to_right(rng):
+    """Reference: str.replace, which replaces non-overlapping occurrences left to right ("aaa" with
+    "aa" -> "Xa"), on words over a 3-letter alphabet where overlaps and repeats are common."""
+    letters = "abc"
+    for _ in range(300):
+        word = [rng.randrange(3) for _ in range(rng.randint(0, 12))]
+        a, b = rng.randrange(3), rng.randrange(3)
+        expected = "".join(letters[t] for t in word).replace(letters[a] + letters[b], "X")
+        got = data._merge_word(word, a, b, 7)
+        assert "".join("X" if t == 7 else letters[t] for t in got) == expected, (word, a, b)
+
+
+def test_bpe_encoding_by_merges_in_rank_order_gives_tiktokens_ids(rng):
+    """BPE encoding is the training's merges replayed: start from a word's bytes, merge the pair whose
+    merged token has the lowest rank, again and again (each step data._merge_word). That must give
+    tiktoken's ids for the trained ranks, on text the trainer never saw."""
+    texts = [random_unicode(rng, 1500) for _ in range(4)]
+    enc = data.train_bpe(texts, 400)
+    ranks = enc._mergeable_ranks
+    vocab = {i: t for t, i in ranks.items()}
+    for word in regex.findall(data.PATTERN, random_unicode(rng, 400) + " " + texts[0][:300]):
+        ids = list(word.encode("utf-8"))
+        ids = [ranks[bytes([c])] for c in ids]
+        while True:
+            pairs = [(ranks.get(vocab[x] + vocab[y], math.inf), x, y) for x, y in zip(ids, ids[1:])]
+            best = min(pairs, default=(math.inf, 0, 0))
+            if best[0] == math.inf:
+                break
+            ids = data._merge_word(ids, best[1], best[2], best[0])
+        assert ids == enc.encode_ordinary(word), word
+
+
 def test_incremental_bpe_matches_naive_reference(rng):
     """The fast trainer and the obviously correct slow one produce identical ranks."""
     # Few distinct letters make ties and repeated pairs ("aaaa") frequent.
@@ -1176,6 +1243,19 @@ def collect_windows(sampler, n_windows) -> list[int]:
         assert torch.equal(y, x + 1)  # targets are the inputs shifted by one token
         starts.extend(x[:, 0].tolist())
     return starts[:n_windows]
+
+
+def test_sampler_order_is_the_documented_permutation_for_each_epoch_and_rank(tmp_path, rng):
+    """The docstring's order, transcribed: epoch e visits default_rng((seed, e)).permutation(n), rank r
+    takes positions r, r+W, ... cut to n // W; window i starts at token i*T. Three epochs, two ranks."""
+    T, n_tokens, seed = rng.randint(3, 9), rng.randint(150, 400), rng.randrange(100)
+    path = write_arange(tmp_path, n_tokens)
+    n_windows = (n_tokens - 1) // T
+    per_rank = n_windows // 2
+    for r in range(2):
+        sampler = data.TokenSampler(path, "uint16", T, 3, seed=seed, rank=r, world_size=2)
+        expected = [int(i) * T for e in range(3) for i in np.random.default_rng((seed, e)).permutation(n_windows)[r::2][:per_rank]]
+        assert collect_windows(sampler, len(expected)) == expected, r
 
 
 def test_one_epoch_covers_every_window_exactly_once(tmp_path, rng):
@@ -1804,6 +1884,48 @@ def random_look_alike(rng) -> str:
 
 
 FILLER = "The report was filed on time and the team reviewed it with care before the meeting ended".split()
+
+
+def duplicate_ngram_fraction(text: str, n: int) -> float:
+    """Reference for gopher_duplicate_ngrams: a flag per character, set on every character from the
+    first word's first to the last word's last of each occurrence of an n-gram seen before."""
+    spans = [(m.start(), m.end()) for m in regex.finditer(r"\S+", text)]
+    words = [text[a:b] for a, b in spans]
+    covered, seen = np.zeros(len(text), dtype=bool), set()
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            covered[spans[i][0]:spans[i + n - 1][1]] = True
+        seen.add(gram)
+    return covered.sum() / max(1, len(text))
+
+
+def test_gopher_duplicate_ngrams_fires_exactly_above_the_covered_fraction(rng, monkeypatch):
+    """Random texts over 4 words, with a short phrase repeated several times (so repeated n-grams
+    overlap, as in "a b c a b c a b c") and runs of spaces and line breaks: for each n, the rule
+    with its limit set just below the reference fraction fires, just above it does not."""
+    vocab = ["ab", "c", "dde", "f"]
+    for _ in range(40):
+        phrase = [rng.choice(vocab) for _ in range(rng.randint(2, 6))]
+        words = [rng.choice(vocab) for _ in range(rng.randint(0, 12))]
+        words[rng.randint(0, len(words)):0] = phrase * rng.randint(2, 6)
+        words += [rng.choice(vocab) for _ in range(rng.randint(0, 12))]
+        text = "".join(w + rng.choice([" ", " ", "  ", "\n", " \n "]) for w in words)
+        for n in (5, 7):
+            frac = duplicate_ngram_fraction(text, n)
+            if frac > 0:
+                monkeypatch.setattr(data, "GOPHER_MAX_DUPLICATE_NGRAM_CHARS", {n: frac - 1e-9})
+                assert data.gopher_duplicate_ngrams(data._view(text)) is not None, (text, n, frac)
+            monkeypatch.setattr(data, "GOPHER_MAX_DUPLICATE_NGRAM_CHARS", {n: frac + 1e-9})
+            assert data.gopher_duplicate_ngrams(data._view(text)) is None, (text, n, frac)
+
+
+def test_email_with_an_address_in_its_domain_is_masked_as_one_email():
+    # e-mail first: a local part or a domain that holds an IPv4 address or a phone number's digits
+    # is part of one e-mail address, masked once as an e-mail
+    for address in ("ops@192.168.10.20.example.org", "me@mail.555-234-5678.com", "192.168.1.1@example.com"):
+        assert data.mask_pii(f"write to {address} now") == (f"write to {data.PII_PLACEHOLDERS['email']} now",
+                                                             Counter(email=1)), address
 
 
 def test_pii_masking_catches_planted_addresses_and_numbers_in_varied_formats(rng):

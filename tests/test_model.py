@@ -183,6 +183,24 @@ def test_layernorm_matches_torch_layernorm():
     torch.testing.assert_close(ln(x), ref(x))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm_matches_float64_formula_with_and_without_bias(bias):
+    # the formula of the class docstring in float64: (x - mean) / sqrt(biased var + 1e-5) * g + b;
+    # float32 against float64 over 24 channels: ~1e-6 relative
+    x = torch.randn(4, 3, 24) * 3 + 1.5  # a mean and a scale away from 0 and 1: centring and the variance both show
+    ln = model.LayerNorm(24, bias=bias)
+    with torch.no_grad():
+        ln.weight.normal_()
+        if bias:
+            ln.bias.normal_()
+    xd = x.double()
+    mean = xd.mean(-1, keepdim=True)
+    ref = (xd - mean) / torch.sqrt(((xd - mean) ** 2).mean(-1, keepdim=True) + 1e-5) * ln.weight.double()
+    if bias:
+        ref = ref + ln.bias.double()
+    torch.testing.assert_close(ln(x).double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_rmsnorm_matches_float64_formula():
     x = torch.randn(3, 5, 16)
     rn = model.RMSNorm(16)
@@ -191,6 +209,16 @@ def test_rmsnorm_matches_float64_formula():
     xd = x.double()
     ref = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * rn.weight.double()
     torch.testing.assert_close(rn(x).double(), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_rep", [1, 3])
+def test_repeat_kv_gives_query_head_h_the_key_head_h_div_n_rep(n_rep):
+    # grouped-query attention: query heads h = g n_rep .. g n_rep + n_rep - 1 share key/value head g
+    x = torch.randn(2, 4, 5, 6)
+    out = model.repeat_kv(x, n_rep)
+    assert out.shape == (2, 4 * n_rep, 5, 6)
+    for h in range(4 * n_rep):
+        assert torch.equal(out[:, h], x[:, h // n_rep]), h
 
 
 def test_rope_matches_complex_rotation():
@@ -415,6 +443,18 @@ def test_top_k_sampling_never_leaves_the_top_k():
     g = torch.Generator().manual_seed(0)
     draws = {m.generate(start, 1, temperature=5.0, top_k=3, generator=g)[0, -1].item() for _ in range(50)}
     assert draws <= top3
+
+
+def test_top_k_filter_keeps_exactly_the_k_largest_logits_unchanged():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    for k in (1, 4, 50, 60):  # 60 > V: everything is kept
+        logits = torch.randn(3, 50, generator=g) * 3  # continuous: no ties
+        filtered = model.filter_logits(logits, top_k=k)
+        for row in range(3):
+            kept = set(torch.nonzero(filtered[row].isfinite()).flatten().tolist())
+            assert kept == set(torch.argsort(logits[row], descending=True)[:k].tolist()), k
+            assert torch.equal(filtered[row][list(kept)], logits[row][list(kept)])
+            assert torch.all(filtered[row][[i for i in range(50) if i not in kept]] == float("-inf"))
 
 
 def test_generate_crops_context_to_block_size():

@@ -815,6 +815,40 @@ def test_tensor_parallel_refuses_a_vocabulary_it_cannot_split():
         parallel.check_tensor_parallel(tiny_config(), 3)
 
 
+@pytest.mark.parametrize("max_norm", [0.05, 100.0])
+def test_scratch_clip_grad_norm_equals_torch_clip_grad_norm(max_norm):
+    # parallel.py's own global norm (the path every sharded or multi-rank layout takes), here on
+    # ZeRO-1's flat gradient in one process, against torch.nn.utils.clip_grad_norm_ on the same
+    # model and batch: the returned norm (before clipping) and every clipped gradient element.
+    # 0.05 clips (the norm is ~1), 100 must leave the gradients alone. float32 sums in another
+    # order: ~1e-7 relative
+    seed = int(torch.randint(0, 2**31, ()))
+    config = GPTConfig(vocab_size=61, block_size=12, n_layer=2, n_head=2, n_embd=16, bias=True, dropout=0.0)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randint(0, 61, (4, 12), generator=g), torch.randint(0, 61, (4, 12), generator=g)
+    torch.manual_seed(seed)
+    par = parallel.Parallelized(GPT(config), parallel.init_distributed(1, 1, 1, 1, torch.device("cpu")), zero=1)
+    par.forward_backward(x, y)
+    par.finish_gradient_sync()
+    norm = par.clip_grad_norm_(max_norm)
+    torch.manual_seed(seed)
+    ref = GPT(config)
+    ref(x, y)[1].backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+    assert norm == pytest.approx(ref_norm.item(), rel=1e-5), f"seed {seed}"
+    grads = par.data_parallel.local_grads()
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name].reshape(p.shape), p.grad, rtol=1e-5, atol=1e-8, msg=f"{name} seed {seed}")
+
+
+def test_vocab_parallel_cross_entropy_is_exact_for_logits_in_the_thousands():
+    # exp(1000) overflows even float64: the log-sum-exp must subtract the maximum first
+    logits, targets = torch.randn(4, 6, 13, dtype=torch.float64) * 1000, torch.randint(0, 13, (4, 6))
+    ours = parallel.vocab_parallel_cross_entropy(logits, targets, 0, None)
+    assert torch.isfinite(ours)
+    torch.testing.assert_close(ours, torch.nn.functional.cross_entropy(logits.reshape(-1, 13), targets.reshape(-1)))
+
+
 def test_sharded_adamw_takes_torch_adamw_steps_on_a_flat_vector():
     # ZeRO's optimizer alone, in one process (the flat shard is then the whole vector), against
     # torch.optim.AdamW on the same parameters with the trainer's two groups: matrices decay,
@@ -857,6 +891,12 @@ TWO_RANK_CHECKS = {
     "zero2": lambda: compare_with_reference("z2_2", tiny_config(), dict(dp=2, tp=1, pp=1, cp=1), zero=2),
     "zero3": lambda: compare_with_reference("z3_2", tiny_config(), dict(dp=2, tp=1, pp=1, cp=1), zero=3),
     "tensor_parallel": lambda: compare_with_reference("tp2", tiny_config(), dict(dp=1, tp=2, pp=1, cp=1)),
+    # 4 micro-batches on 2 stages: rank 0 warms up with one forward, then alternates (1F1B)
+    "pipeline_1f1b": lambda: compare_with_reference("pp2", tiny_config(n_layer=4), dict(dp=1, tp=1, pp=2, cp=1),
+                                                    microbatches=4),
+    # the load-balanced split with RoPE and grouped-query heads: each rank holds an early and a late chunk
+    "context_parallel": lambda: compare_with_reference("cp2", tiny_config(rope=True, n_kv_head=2),
+                                                       dict(dp=1, tp=1, pp=1, cp=2), cp_load_balance=True),
 }
 
 
@@ -892,6 +932,9 @@ def two_rank_results(request):
 def test_one_strategy_on_two_ranks_matches_one_process(two_rank_results, name):
     per_rank = get(two_rank_results, name)
     assert per_rank[0]["loss_rel"] < REL_TOL and per_rank[0]["param_rel"] < REL_TOL
+    # the gradient norm before clipping too: AdamW's update divides a gradient's scale away, so a
+    # gradient summed over ranks instead of averaged barely moves the weights, but doubles the norm
+    assert per_rank[0]["norm_rel"] < REL_TOL
     if name == "data_parallel":  # the accumulation micro-step sent nothing
         assert all(m == {} for r in per_rank for m in r["first_micro"])
 

@@ -209,6 +209,21 @@ def test_the_whole_recipe_trains_together_and_logs_the_extra_heads_apart(data_di
     assert any(k.startswith("mtp_heads.1.") for k in final_state(tmp_path)["model"])  # kept in the checkpoint
 
 
+def test_rng_states_saved_then_set_replay_the_same_draws_and_dropout_masks():
+    # what a resume needs of the RNG: after set_rng_states(saved), every draw is the one that
+    # followed the save (a dropout mask included), however much was drawn in between
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    torch.rand(int(torch.randint(1, 100, ())))
+    saved = train.rng_states()
+    saved_copy = {k: v.clone() if torch.is_tensor(v) else v for k, v in saved.items()}
+    first = (torch.rand(5), torch.nn.functional.dropout(torch.ones(64), 0.5))
+    torch.rand(1000)
+    train.set_rng_states(saved)
+    again = (torch.rand(5), torch.nn.functional.dropout(torch.ones(64), 0.5))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert all(torch.equal(saved[k], saved_copy[k]) for k in saved if torch.is_tensor(saved[k]))  # a copy, not a view
+
+
 def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     # 8 sequences in one micro-batch, or 4 x 2 micro-batches: the same windows, the same mean gradient
     big, mo = tiny(data_dir, tmp_path / "big", max_iters=4, batch_size=8, grad_accum=1, dtype="float32")
