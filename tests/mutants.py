@@ -117,7 +117,8 @@ VARIANTS = [
     mutant("swiglu", "gate-and-up-swapped", "model.py", ("h = F.silu(gate) * up", "h = F.silu(up) * gate")),
     mutant("swiglu", "sigmoid-not-silu", "model.py", ("h = F.silu(gate) * up", "h = torch.sigmoid(gate) * up")),
     mutant("swiglu", "gelu-gate", "model.py", ("h = F.silu(gate) * up", "h = F.gelu(gate) * up")),
-    mutant("swiglu", "interleaved-split", "model.py", ("gate, up = h.chunk(2, dim=-1)", "gate, up = h[..., ::2], h[..., 1::2]")),
+    mutant("swiglu", "interleaved-split", "model.py", ("gate, up = h.chunk(2, dim=-1)\n            h = F.silu(gate) * up",
+                                                       "gate, up = h[..., ::2], h[..., 1::2]\n            h = F.silu(gate) * up")),
     alternative("swiglu", "sigmoid-written-out", edits=[("gate, up = h.chunk(2, dim=-1)\n            h = F.silu(gate) * up",
                                                          "hidden = h.size(-1) // 2\n            gate, up = h[..., :hidden], h[..., hidden:]\n            h = gate * torch.sigmoid(gate) * up")],
                 file="model.py"),
@@ -161,6 +162,8 @@ VARIANTS = [
         T, hs = q.size(-2), q.size(-1)
         scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(hs)
         allowed = torch.tril(torch.ones(T, T, dtype=torch.bool, device=q.device))
+        if doc_ids is not None:  # keys of the same document only: (B, 1, T, T)
+            allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
         scores = at_least_float32(scores).masked_fill(~allowed, -1e30)  # a large negative: exp underflows to 0 all the same
         weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
         weights = (weights / weights.sum(dim=-1, keepdim=True)).type_as(q)
