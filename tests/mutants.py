@@ -126,13 +126,14 @@ VARIANTS = [
     mutant("rope", "interleaved-pairs", "model.py", ("x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each",
                                                      "x1, x2 = x[..., ::2], x[..., 1::2]")),
     mutant("rope", "rotates-backwards", "model.py", ("[x1 * cos - x2 * sin, x1 * sin + x2 * cos]", "[x1 * cos + x2 * sin, -x1 * sin + x2 * cos]")),
-    mutant("rope", "positions-start-at-1", "model.py", ("cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)",
-                                                        "cos, sin = cos[1:T + 1].to(x.dtype), sin[1:T + 1].to(x.dtype)")),
+    mutant("rope", "positions-start-at-1", "model.py", ("cos, sin = cos[:T], sin[:T]", "cos, sin = cos[1:T + 1], sin[1:T + 1]")),
     mutant("rope", "sin-cos-swapped", "model.py", ("[x1 * cos - x2 * sin, x1 * sin + x2 * cos]", "[x1 * sin - x2 * cos, x1 * cos + x2 * sin]")),
     alternative("rope", "complex-multiplication", "model.apply_rope", """
         T, half = x.size(-2), x.size(-1) // 2
         z = torch.complex(x[..., :half].double(), x[..., half:].double())  # pair (x_i, x_{i+hs/2}) as x_i + i x_{i+hs/2}
-        z = z * torch.complex(cos[:T].double(), sin[:T].double())  # e^{i m theta_i}
+        if cos.dim() == 2:  # a table by position; else already one row of angles per sequence (document masking)
+            cos, sin = cos[:T], sin[:T]
+        z = z * torch.complex(cos.double(), sin.double())  # e^{i m theta_i}
         return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
     """),
 
@@ -289,7 +290,7 @@ VARIANTS = [
                                                  "sig = np.zeros((num_perm, len(per_doc)), dtype=np.uint64)"),
            ("sig[:, docs] = np.minimum(sig[:, docs], np.minimum.reduceat(hashed, starts, axis=1))",
             "sig[:, docs] = np.maximum(sig[:, docs], np.maximum.reduceat(hashed, starts, axis=1))")),
-    mutant("minhash", "no-offset-b", "data.py", ("hashed = a * x[None, :] + b", "hashed = a * x[None, :]")),
+    mutant("minhash", "no-offset-b", "data.py", ("        hashed += b  # + (K, 1), mod 2^64\n", "")),
     mutant("minhash", "forgets-earlier-blocks", "data.py", ("sig[:, docs] = np.minimum(sig[:, docs], np.minimum.reduceat(hashed, starts, axis=1))",
                                                             "sig[:, docs] = np.minimum.reduceat(hashed, starts, axis=1)")),
     mutant("minhash", "low-32-bits", "data.py", ("return (sig >> np.uint64(32)).T.astype(np.uint32)", "return sig.T.astype(np.uint32)")),
@@ -303,10 +304,9 @@ VARIANTS = [
         return out
     """),
 
-    mutant("lsh", "bands-overlap", "data.py", ("keys = (sig[:, band * rows:(band + 1) * rows].astype(np.uint64) * fold).sum(axis=1)",
-                                               "keys = (sig[:, band:band + rows].astype(np.uint64) * fold).sum(axis=1)")),
-    mutant("lsh", "first-row-of-the-band-only", "data.py", ("keys = (sig[:, band * rows:(band + 1) * rows].astype(np.uint64) * fold).sum(axis=1)",
-                                                            "keys = sig[:, band * rows].astype(np.uint64)")),
+    mutant("lsh", "bands-overlap", "data.py", ("sig[:, band * rows:(band + 1) * rows]  # (N, r)", "sig[:, band:band + rows]  # (N, r)")),
+    mutant("lsh", "first-row-of-the-band-only", "data.py", ("keys = (columns.astype(np.uint64) * fold).sum(axis=1)  # (N,)",
+                                                            "keys = columns[:, 0].astype(np.uint64)  # (N,)")),
     mutant("lsh", "buckets-of-two-ignored", "data.py", ("for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):",
                                                         "for start, size in zip(starts[sizes > 2], sizes[sizes > 2]):")),
     mutant("lsh", "empty-documents-share-a-bucket", "data.py", ("        keys[empty] = np.arange(n)[empty].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # own buckets\n", "")),
@@ -326,11 +326,11 @@ VARIANTS = [
         return np.array(sorted(found), dtype=np.int64).reshape(-1, 2)
     """),
 
-    mutant("gopher", "overlaps-counted-twice", "data.py", ("covered += end - max(start, reach)", "covered += end - start")),
-    mutant("gopher", "first-occurrence-counted", "data.py", ("            if gram not in seen:\n                seen.add(gram)\n                continue\n",
-                                                             "            if gram not in seen:\n                seen.add(gram)\n")),
-    mutant("gopher", "spaces-not-counted", "data.py", ("covered += end - max(start, reach)", "covered += sum(map(len, words[i:i + n])) if start >= reach else 0")),
-    mutant("gopher", "last-ngram-skipped", "data.py", ("for i in range(len(words) - n + 1):\n            gram", "for i in range(len(words) - n):\n            gram")),
+    mutant("gopher", "overlaps-counted-twice", "data.py", ("covered = int((last - np.maximum(first, reach)).sum())", "covered = int((last - first).sum())")),
+    mutant("gopher", "first-occurrence-counted", "data.py", ("repeat = np.flatnonzero(ids < np.arange(len(ids)))",
+                                                               "repeat = np.flatnonzero(np.bincount(ids, minlength=len(ids))[ids] > 1)")),
+    mutant("gopher", "covers-only-the-first-word", "data.py", ("first, last = start[repeat], end[repeat + n - 1]", "first, last = start[repeat], end[repeat]")),
+    mutant("gopher", "characters-not-a-fraction", "data.py", ("if covered / total > GOPHER_MAX_DUPLICATE_NGRAM_CHARS[n]:", "if covered > GOPHER_MAX_DUPLICATE_NGRAM_CHARS[n]:")),
     alternative("gopher", "a-flag-per-character", "data.gopher_duplicate_ngrams", """
         text = doc["text"]
         spans = [(m.start(), m.end()) for m in _NOT_SPACE.finditer(text)]
@@ -453,7 +453,8 @@ VARIANTS = [
 
     mutant("checkpoint", "rng-not-restored", "train.py", ("    torch.set_rng_state(states[\"torch\"])\n", "    pass\n")),
     mutant("checkpoint", "rng-saved-from-a-fresh-generator", "train.py", ("states = {\"torch\": torch.get_rng_state()}", "states = {\"torch\": torch.Generator().get_state()}")),
-    mutant("checkpoint", "optimizer-state-not-restored", "train.py", ("par.load_full_state(ckpt[\"model\"], ckpt[\"optimizer\"])", "par.load_full_state(ckpt[\"model\"], None)")),
+    mutant("checkpoint", "optimizer-state-not-restored", "train.py", ("        else:\n            par.load_full_state(ckpt[\"model\"], ckpt[\"optimizer\"])\n        par.load_extra_state",
+                                                                       "        else:\n            par.load_full_state(ckpt[\"model\"], None)\n        par.load_extra_state")),
     mutant("checkpoint", "data-position-not-restored", "train.py", ("        sampler.load_state_dict(reshard_sampler_state(ckpt[\"sampler\"], dp))\n", "")),
     mutant("checkpoint", "resumes-one-step-late", "train.py", ("    return ckpt[\"step\"]\n", "    return ckpt[\"step\"] + 1\n")),
     alternative("checkpoint", "cpu-rng-through-a-generator-copy", edits=[
@@ -485,9 +486,8 @@ VARIANTS = [
          "        p = tl.exp((s - lse[:, None]) * 0.6931471805599453)\n        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])\n        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)")], file="kernels.py"),
 
     mutant("cross-entropy", "no-max-subtracted", "kernels.py", ("        base = tl.where(m_new == float(\"-inf\"), 0.0, m_new)\n", "        base = tl.where(m_new == float(\"-inf\"), 0.0, 0.0)\n")),
-    mutant("cross-entropy", "loss-plus-the-target-logit", "kernels.py", ("tl.store(LOSS + row, tl.where(valid, lse - target_logit, 0.0))", "tl.store(LOSS + row, tl.where(valid, lse + target_logit, 0.0))")),
-    mutant("cross-entropy", "gradient-without-the-one-hot", "kernels.py", ("grad = tl.math.exp2((x - lse) * 1.4426950408889634) - tl.where(offs == target, 1.0, 0.0)",
-                                                                          "grad = tl.math.exp2((x - lse) * 1.4426950408889634)")),
+    mutant("cross-entropy", "loss-plus-the-target-logit", "kernels.py", ("lse - target_logit + z_coef", "lse + target_logit + z_coef")),
+    mutant("cross-entropy", "gradient-without-the-one-hot", "kernels.py", ("* softmax_factor - tl.where(offs == target, 1.0, 0.0)", "* softmax_factor")),
     mutant("cross-entropy", "ignored-rows-still-get-gradients", "kernels.py", ("        grad = tl.where(valid, grad, 0.0)\n", "")),
     mutant("cross-entropy", "lse-in-log2-units", "kernels.py", ("lse = m_row + tl.math.log2(tl.sum(s * tl.math.exp2((m - m_row) * 1.4426950408889634), 0)) / 1.4426950408889634",
                                                                 "lse = m_row + tl.math.log2(tl.sum(s * tl.math.exp2((m - m_row) * 1.4426950408889634), 0))")),
