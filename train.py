@@ -243,7 +243,7 @@ class TrainConfig:
 # Presets are plain overrides. "model" names a model size from model.MODEL_PRESETS.
 PRESETS = {
     # the default (TrainConfig's own defaults are this preset's): trains on a 2-core laptop CPU in
-    # under 5 minutes and beats gzip -9 on held-out standard-library text by 16% (README, reference run)
+    # 3 minutes and beats gzip -9 on held-out standard-library text by 13% (README, reference run)
     "laptop": dict(model="laptop"),
     # a quick smoke test: seconds, for checking that everything runs
     "tiny": dict(model="laptop", n_layer=2, n_embd=64, n_head=2, block_size=64, vocab_size=512, max_data_bytes=300_000,
