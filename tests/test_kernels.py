@@ -192,6 +192,7 @@ def train_losses(data_dir, out_dir, attention) -> list[float]:
     return [row["loss"] for row in rows if "loss" in row] + [row["val_loss"] for row in rows if "val_loss" in row]
 
 
+@pytest.mark.slow  # 11-13 s idle: out of the quick command's 3 minutes
 def test_training_with_triton_attention_matches_sdpa(tmp_path):
     # the whole chain: train.py's CLI -> model.attend -> kernels, forward and backward, 3 AdamW steps
     sdpa = train_losses(tmp_path / "data", tmp_path / "sdpa", "sdpa")

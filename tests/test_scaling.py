@@ -400,6 +400,7 @@ def test_every_subcommand_has_help_and_json(capsys):
     assert states["total"] == pytest.approx(16 * 7e9 / 64)  # (2 + 2 + 12) Psi / N_d
 
 
+@pytest.mark.slow  # 11-13 s idle: out of the quick command's 3 minutes
 def test_mini_sweep_trains_through_train_py_and_fits(tmp_path):
     r = run_cli("sweep", "--budgets", "2e8,6e8", "--sizes", "1x16,2x16", "--block_size", "32", "--batch_size", "4",
                 "--tokenizer", "bytes", "--max_data_bytes", "100000", "--eval_iters", "2", "--bootstrap", "5",
