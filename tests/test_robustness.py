@@ -962,7 +962,7 @@ CATALOGUE += [
      ["--memory_gb 0", "must be positive"]),
     ("data: prepare a .parquet that is not Parquet", ["data.py", "prepare", "--data", "{ws}/not_parquet.parquet",
                                                       "--tokenizer", "bytes", "--out_dir", "{ws}/cache"], {},
-     ["{ws}/not_parquet.parquet", "as Parquet" if importlib.util.find_spec("pyarrow") else "pip install pyarrow"]),
+     ["{ws}/not_parquet.parquet", "as Parquet"] if importlib.util.find_spec("pyarrow") else ["pip install pyarrow"]),
 ]
 
 
