@@ -872,7 +872,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.w_fc, mean=0.0, std=0.02)
             torch.nn.init.normal_(module.w_proj, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, doc_ids=None, positions=None):
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets are given.
 
         Targets equal to -1 are ignored (padding, or positions without a next token). With
@@ -880,14 +880,17 @@ class GPT(nn.Module):
         With a kv_cache (a KVCache), idx holds the tokens after the kv_cache.length already cached:
         they are placed at those positions, and their keys and values are added to the cache.
         The three steps are methods of their own so that parallel.py's pipeline stages run exactly
-        this code on their share of the layers.
+        this code on their share of the layers. With config.doc_mask, doc_ids and positions (B, T)
+        are computed from idx; a caller whose idx is cut out of a longer window (context
+        parallelism gives each rank some of its positions) passes the window's, cut alike.
         """
         start = kv_cache.length if kv_cache is not None else 0
         if self.config.doc_mask and kv_cache is None:  # (generation reads its context as one document)
-            doc_ids = document_ids(idx, self.config.eot_id)
-            positions = document_positions(doc_ids)
-            return self.head(self.run_blocks(self.embed(idx, positions=positions), doc_ids=doc_ids, positions=positions), targets)
-        x = self.run_blocks(self.embed(idx, start), kv_cache=kv_cache)
+            doc_ids = document_ids(idx, self.config.eot_id) if doc_ids is None else doc_ids
+            positions = document_positions(doc_ids) if positions is None else positions
+        else:
+            doc_ids = positions = None
+        x = self.run_blocks(self.embed(idx, start, positions), kv_cache=kv_cache, doc_ids=doc_ids, positions=positions)
         if kv_cache is not None:
             kv_cache.length += idx.size(1)  # every layer has stored these positions
         logits, loss = self.head(x, targets)
