@@ -171,7 +171,7 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before the scores (Dehghani et al. 2023; OLMo 2)
     logit_softcap: float = 0.0  # cap the output logits smoothly at +-C: C tanh(logits / C) (Gemma 2 uses 30); 0: off
     z_loss: float = 0.0  # add COEF * mean(log^2 Z) to the training loss, Z the softmax's normaliser (PaLM: 1e-4); 0: off
-    doc_mask: bool = False  # packed sequences attend only within their own document (an end-of-text token starts one), positions restarting at each (every attention backend)
+    doc_mask: bool = False  # packed sequences attend only within their own document (an end-of-text token starts one), positions restarting at each (every attention backend; also with --cp and --tp)
     eot_id: int = -1  # the end-of-text id that starts a document (train.py sets it from the corpus for --doc_mask)
     mtp: int = 0  # multi-token prediction: N extra heads predicting tokens t+2 .. t+N+1, a transformer block each, sharing ln_f and the output layer (Gloeckle et al. 2024); training only
     mtp_weight: float = 0.3  # --mtp: the training loss is the next-token loss plus this times the mean of the extra heads' losses (DeepSeek-V3's lambda: 0.3, later 0.1)

@@ -117,9 +117,11 @@ Causality per block: a block entirely in the future is skipped, the diagonal blo
 Load balancing (option) gives rank r the chunks r and 2c-1-r of 2c, so every rank has as much
 unmasked work. Sent per rank and layer, in blocks of B nh (T/c) hs x 4 bytes: forward 2 (c-1) (K, V),
 backward 4 (c-1) (K, V and their dK, dV) and 2 more (dK, dV home): (6c - 4) blocks; plus data
-parallel's gradient all-reduce over the dp x cp ranks. Memory: weights, gradients and Adam state as
-data parallel's (every cp rank holds the model); activations 1/c of one device's, and each score
-block is (T/c)^2 instead of T^2.
+parallel's gradient all-reduce over the dp x cp ranks. With --doc_mask each block's document numbers
+travel beside it, B (T/c) x 8 bytes (int64) per hop, 2 (c-1) hops forward and backward, and every
+block is masked by document too (the numbers come from the whole window, cut like the tokens).
+Memory: weights, gradients and Adam state as data parallel's (every cp rank holds the model);
+activations 1/c of one device's, and each score block is (T/c)^2 instead of T^2.
 
 Expert parallelism (GShard, Lepikhin et al. 2020, arXiv:2006.16668; Switch, Fedus et al. 2021),
 for a mixture-of-experts model (model.MoE), ep ranks per group inside the data group: rank i of a
