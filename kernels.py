@@ -71,6 +71,19 @@ kernel owns a tile of K/V and loops over query tiles to accumulate dK and dV (no
 second kernel owns a tile of Q and loops over key tiles to accumulate dQ. With grouped-query
 attention a K/V tile also loops over the query heads that share it, summing their contributions.
 
+Document masking: skip what another document's tile would add
+----------------------------------------------------------------
+A packed training window holds several documents (model.py, --doc_mask); query i may read key j
+only if j <= i and both lie in the same document. The kernels take the (B, T) document ids as
+each position's document span [start, end) (document_spans): the mask inside a tile compares
+starts, and since a document is a run of consecutive positions, whole tiles drop out. A query
+block [m0, m0 + BLOCK_M) reads keys from start[m0] on (forward, dQ), a key tile
+[n0, n0 + BLOCK_N) is read by queries before end[last key] only (dK, dV). Every score in a skipped
+tile would be -inf, so P = 0 there and it adds nothing to l, a, dQ, dK or dV: skipping is exact,
+not an approximation. With documents of length L much shorter than T the causal work falls from
+about T^2/2 scores per head to about T*L/2 (plus the tiles cut by a boundary), as with
+FlexAttention's block masks (Dong et al. 2024, arXiv:2412.05496).
+
 What the block sizes trade
 --------------------------
 A bigger BLOCK_M reuses every K/V tile loaded from memory against more query rows (arithmetic
@@ -255,9 +268,11 @@ def reference_attention(q, k, v, causal: bool = True, sm_scale: float | None = N
 # EXERCISE: flash-attention (tests/test_kernels.py -k 'flash_attention_and_its_gradients or log_sum_exp')
 @_jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, hi, qk_scale, T, D,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    """The online-softmax recurrence over key tiles [lo, hi). MASK applies the causal and T masks.
+                    DOCS, doc_q, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, DOC_MASK: tl.constexpr):
+    """The online-softmax recurrence over key tiles [lo, hi). MASK applies the causal and T masks;
+    DOC_MASK, on every tile, the document mask: key j counts for query i only if DOCS[j] == doc_q[i]
+    (DOCS points at this row's document starts, doc_q holds the query rows' own).
 
     Carried per query row, all float32: acc (BLOCK_M, BLOCK_D) the un-normalised output a, l_i the
     sum l and m_i the maximum m of the module docstring, in log2 units (qk_scale = sm_scale log2 e,
@@ -273,6 +288,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d
             k, v = k.to(tl.float32), v.to(tl.float32)
         # scores in log2 units: (BLOCK_M, BLOCK_D) x (BLOCK_D, BLOCK_N) -> (BLOCK_M, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if DOC_MASK:  # keys past T read -2, padding queries -1: no match
+            doc_k = tl.load(DOCS + offs_n, mask=offs_n < T, other=-2)
+            s = tl.where(doc_q[:, None] == doc_k[None, :], s, float("-inf"))
         if MASK:
             keep = offs_n[None, :] < T
             if CAUSAL:
@@ -294,11 +312,12 @@ FWD_CONFIGS = _config(
 )
 
 
-@_autotune(FWD_CONFIGS, key=["T", "D", "CAUSAL"])
+@_autotune(FWD_CONFIGS, key=["T", "D", "CAUSAL", "DOC_MASK"])
 @_jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+def _attn_fwd_kernel(Q, K, V, O, LSE, DOC_START, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                      qk_scale, H, T, D, GROUP, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, DOC_MASK: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)  # int64: offsets of big tensors pass 2^31
     kvh = h // GROUP  # grouped-query attention: GROUP query heads share one K/V head
@@ -312,6 +331,12 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, sv
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    if DOC_MASK:
+        # A row of a later document can meet a whole tile with no key of its own (every score
+        # -inf): from m = -inf, alpha = exp2(-inf + inf) would be NaN. Start m at a finite floor
+        # instead: such a tile gives alpha = exp2(0) = 1 on sums that are still 0 and p = 0, and the
+        # first real score (any score above -1e30) gives alpha = exp2(-1e30 - m) = 0. Same result.
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Two stages: key tiles in [0, mid) need no mask (all keys < T and, if causal, left of every row
@@ -320,11 +345,26 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, skt, svb, svh, sv
         mid, hi = start_m // BLOCK_N * BLOCK_N, tl.minimum(T, start_m + BLOCK_M)
     else:
         mid, hi = T // BLOCK_N * BLOCK_N, T
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, 0, mid, qk_scale, T, D,
-                                    False, CAUSAL, BLOCK_N, UPCAST, PRECISION)
+    lo = 0
+    DOCS = DOC_START + b * T  # this row's document starts, (B, T) int32 contiguous
+    doc_q = tl.zeros([BLOCK_M], tl.int32)
+    if DOC_MASK:
+        doc_q = tl.load(DOCS + offs_m, mask=offs_m < T, other=-1)  # each query's document (its first position)
+        # Skip the key tiles before the first query's document: documents are runs of positions, so
+        # every key j < DOCS[start_m] belongs to an earlier document than every query of this block
+        # (they sit at >= start_m, in that document or later ones). Each of their scores would be
+        # -inf, i.e. exp(-inf) = 0 added to l and to a and no change to m: leaving those tiles out
+        # gives the same l, a, m, bit for bit. From lo on, every tile holds a key of the first
+        # query's document or a later one up to the diagonal, so nothing else can be skipped whole.
+        lo = tl.load(DOCS + start_m) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, lo, mid, qk_scale, T, D,
+                                    DOCS, doc_q, False, CAUSAL, BLOCK_N, UPCAST, PRECISION, DOC_MASK)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, mid, hi, qk_scale, T, D,
-                                    True, CAUSAL, BLOCK_N, UPCAST, PRECISION)
-    # every row sees key 0, so l_i >= 1 and m_i is finite: no 0/0 even for padding rows
+                                    DOCS, doc_q, True, CAUSAL, BLOCK_N, UPCAST, PRECISION, DOC_MASK)
+    # every row sees key 0 (with documents: its own key, on the diagonal), so l_i >= 1 and m_i is
+    # finite: no 0/0, except for document-masked padding rows past T, which see nothing and store nothing
+    if DOC_MASK:
+        l_i = tl.where(l_i > 0, l_i, 1.0)
     tl.store(O + offs_m[:, None] * sot + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=q_mask)
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # back from log2 units: LSE = m + ln(l)
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
@@ -351,8 +391,8 @@ def _attn_bwd_preprocess(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, H, T, D,
 # EXERCISE: flash-backward (tests/test_kernels.py -k 'flash_attention_and_its_gradients or grouped_query_attention_forward_and_backward')
 @_jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d, lo, hi, qk_scale, T, D,
-                         MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         DOCS, doc_k, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, DOC_MASK: tl.constexpr):
     """Accumulate one query head's share of dK, dV for this K/V tile over query tiles [lo, hi).
 
     Works on transposed tiles (keys along rows) so dK and dV come out as (BLOCK_N, BLOCK_D).
@@ -371,6 +411,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, off
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M) = S^T
         if MASK and CAUSAL:
             s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
+        if DOC_MASK:  # P = 0 between documents, so dS = 0 there: nothing flows across a boundary
+            doc_q = tl.load(DOCS + offs_m, mask=offs_m < T, other=-1)
+            s_t = tl.where(doc_k[:, None] == doc_q[None, :], s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse[None, :])  # P^T recomputed from the saved LSE
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # dV += P^T dO
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # dP^T = V dO^T, (BLOCK_N, BLOCK_M)
@@ -386,12 +429,12 @@ DKDV_CONFIGS = _config(
 )
 
 
-@_autotune(DKDV_CONFIGS, key=["T", "D", "CAUSAL"])
+@_autotune(DKDV_CONFIGS, key=["T", "D", "CAUSAL", "DOC_MASK"])
 @_jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-                          sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sm_scale, qk_scale, H, T, D, GROUP,
-                          CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END, sqb, sqh, sqt, skb, skh, skt,
+                          svb, svh, svt, sdob, sdoh, sdot, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sm_scale, qk_scale,
+                          H, T, D, GROUP, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                          PRECISION: tl.constexpr, DOC_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, bkv = tl.program_id(0), tl.program_id(1)  # grid: (key tiles, B * H_kv)
     H_kv = H // GROUP
     b, kvh = (bkv // H_kv).to(tl.int64), (bkv % H_kv).to(tl.int64)
@@ -412,14 +455,25 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, s
         mid = tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M
     else:
         lo, mid = 0, 0
+    hi = T
+    DOCS = DOC_START + b * T
+    doc_k = tl.zeros([BLOCK_N], tl.int32)
+    if DOC_MASK:
+        doc_k = tl.load(DOCS + offs_n, mask=offs_n < T, other=-2)
+        # Skip the query tiles after the last key's document (the forward's skip seen from the keys):
+        # a query i >= DOC_END[last key] lies in a later document than every key of this tile, so
+        # its P_ij = 0 for all of them and it adds exactly zero to dK and dV.
+        hi = tl.load(DOC_END + b * T + tl.minimum(start_n + BLOCK_N, T) - 1)
     for g in range(GROUP):  # the query heads sharing this K/V head all add to its gradient
         h = kvh * GROUP + g
         Qh, DOh = Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh
         row0 = (b * H + h) * T  # LSE and DELTA are (B, H, T) contiguous
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, sqt, sdot, offs_n, offs_d,
-                                      lo, mid, qk_scale, T, D, True, CAUSAL, BLOCK_M, UPCAST, PRECISION)
+                                      lo, mid, qk_scale, T, D, DOCS, doc_k, True, CAUSAL, BLOCK_M, UPCAST, PRECISION,
+                                      DOC_MASK)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, sqt, sdot, offs_n, offs_d,
-                                      mid, T, qk_scale, T, D, False, CAUSAL, BLOCK_M, UPCAST, PRECISION)
+                                      mid, hi, qk_scale, T, D, DOCS, doc_k, False, CAUSAL, BLOCK_M, UPCAST, PRECISION,
+                                      DOC_MASK)
     dk = dk * sm_scale  # dK = scale * dS^T Q: the scale sits on S = scale * Q K^T
     tl.store(DK + b * sdkb + kvh * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=kv_mask)
@@ -430,8 +484,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, s
 # EXERCISE: flash-backward
 @_jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo, hi, qk_scale, T, D,
-                       MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       DOCS, doc_q, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                       UPCAST: tl.constexpr, PRECISION: tl.constexpr, DOC_MASK: tl.constexpr):
     """Accumulate dQ for this query tile over key tiles [lo, hi): dQ += dS K."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -441,6 +495,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if DOC_MASK:
+            doc_k = tl.load(DOCS + offs_n, mask=offs_n < T, other=-2)
+            s = tl.where(doc_q[:, None] == doc_k[None, :], s, float("-inf"))
         if MASK:
             keep = offs_n[None, :] < T
             if CAUSAL:
@@ -460,12 +517,12 @@ DQ_CONFIGS = _config(
 )
 
 
-@_autotune(DQ_CONFIGS, key=["T", "D", "CAUSAL"])
+@_autotune(DQ_CONFIGS, key=["T", "D", "CAUSAL", "DOC_MASK"])
 @_jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC_START, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                         sdob, sdoh, sdot, sdqb, sdqh, sdqt, sm_scale, qk_scale, H, T, D, GROUP,
                         CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        PRECISION: tl.constexpr, DOC_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)  # grid: (query tiles, B * H)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     kvh = h // GROUP
@@ -486,10 +543,16 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, sk
         mid, hi = start_m // BLOCK_N * BLOCK_N, tl.minimum(T, start_m + BLOCK_M)
     else:
         mid, hi = T // BLOCK_N * BLOCK_N, T
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, 0, mid, qk_scale, T, D,
-                            False, CAUSAL, BLOCK_N, UPCAST, PRECISION)
+    lo = 0
+    DOCS = DOC_START + b * T
+    doc_q = tl.zeros([BLOCK_M], tl.int32)
+    if DOC_MASK:  # the forward's skip: key tiles before the first query's document hold only P = 0
+        doc_q = tl.load(DOCS + offs_m, mask=offs_m < T, other=-1)
+        lo = tl.load(DOCS + start_m) // BLOCK_N * BLOCK_N
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo, mid, qk_scale, T, D,
+                            DOCS, doc_q, False, CAUSAL, BLOCK_N, UPCAST, PRECISION, DOC_MASK)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, mid, hi, qk_scale, T, D,
-                            True, CAUSAL, BLOCK_N, UPCAST, PRECISION)
+                            DOCS, doc_q, True, CAUSAL, BLOCK_N, UPCAST, PRECISION, DOC_MASK)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_mask)
 
@@ -518,17 +581,36 @@ def _kernel_flags(q):
     )
 
 
-def _flash_forward(q, k, v, causal: bool, sm_scale: float):
+def document_spans(doc_ids: torch.Tensor):
+    """(B, T) document ids -> (start, end), each (B, T) int32: position t's document is the
+    positions [start[t], end[t]) of its row. A document is a run of equal ids (model.document_ids
+    counts end-of-text tokens, so its ids only grow and each id is one run). The start is itself a
+    document id, one the kernels can also use as a bound: they compare starts to mask, and read
+    start (forward, dQ) and end (dK/dV) to skip tiles."""
+    B, T = doc_ids.shape
+    t = torch.arange(T, device=doc_ids.device).expand(B, T)
+    first = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # True where a document begins
+    last = torch.ones_like(first)
+    last[:, :-1] = first[:, 1:]  # True where a document ends
+    start = torch.where(first, t, 0).cummax(dim=1).values  # the latest beginning at or before t
+    end = torch.where(last, t + 1, T).flip(1).cummin(dim=1).values.flip(1)  # the earliest ending at or after t, + 1
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+def _flash_forward(q, k, v, causal: bool, sm_scale: float, doc_start=None):
     B, H, T, D = q.shape
     o = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)  # 4 bytes per row: all the backward keeps
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                           sm_scale * LOG2E, H, T, D, H // k.size(1), CAUSAL=causal, **_kernel_flags(q))
+    docs = doc_start if doc_start is not None else lse  # without documents: a placeholder, never read
+    _attn_fwd_kernel[grid](q, k, v, o, lse, docs, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                           sm_scale * LOG2E, H, T, D, H // k.size(1), CAUSAL=causal,
+                           DOC_MASK=doc_start is not None, **_kernel_flags(q))
     return o, lse
 
 
-def _flash_backward(q, k, v, o, lse, do, causal: bool, sm_scale: float):
+def _flash_backward(q, k, v, o, lse, do, causal: bool, sm_scale: float, doc_start=None, doc_end=None):
     B, H, T, D = q.shape
     H_kv, flags = k.size(1), _kernel_flags(q)
     delta = torch.empty_like(lse)  # (B, H, T) float32
@@ -536,11 +618,14 @@ def _flash_backward(q, k, v, o, lse, do, causal: bool, sm_scale: float):
                                                       BLOCK_M=32, BLOCK_D=flags["BLOCK_D"])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = (sm_scale, sm_scale * LOG2E, H, T, D, H // H_kv)
+    flags["DOC_MASK"] = doc_start is not None
+    start, end = (doc_start, doc_end) if doc_start is not None else (lse, lse)  # placeholders, never read
     grid_kv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)  # noqa: E731
-    _attn_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v),
-                                   *_strides(do), *_strides(dk), *_strides(dv), *common, CAUSAL=causal, **flags)
+    _attn_bwd_dkdv_kernel[grid_kv](q, k, v, do, lse, delta, dk, dv, start, end, *_strides(q), *_strides(k),
+                                   *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), *common,
+                                   CAUSAL=causal, **flags)
     grid_q = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v),
+    _attn_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, start, *_strides(q), *_strides(k), *_strides(v),
                                 *_strides(do), *_strides(dq), *common, CAUSAL=causal, **flags)
     return dq, dk, dv
 
@@ -549,18 +634,19 @@ class FlashAttention(torch.autograd.Function):
     """O = softmax(scale * Q K^T + M) V with a Triton forward and backward; saves only O and LSE."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale):
+    def forward(ctx, q, k, v, causal, sm_scale, doc_start=None, doc_end=None):
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-        o, lse = _flash_forward(q, k, v, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        o, lse = _flash_forward(q, k, v, causal, sm_scale, doc_start)
+        ctx.save_for_backward(q, k, v, o, lse, doc_start, doc_end)
         ctx.causal, ctx.sm_scale = causal, sm_scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_backward(q, k, v, o, lse, _last_dim_contiguous(do), ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
+        dq, dk, dv = _flash_backward(q, k, v, o, lse, _last_dim_contiguous(do), ctx.causal, ctx.sm_scale,
+                                     doc_start, doc_end)
+        return dq, dk, dv, None, None, None, None
 
 
 def triton_unusable_reason(t: torch.Tensor) -> str | None:
@@ -589,15 +675,22 @@ def check_attention_inputs(q, k, v):
         raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32; got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None):
+def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None, doc_ids=None):
     """FlashAttention-2 in Triton: q (B, H, T, D), k and v (B, H_kv, T, D) -> (B, H, T, D).
 
     H_kv may divide H (grouped-query attention, forward and backward); sm_scale defaults to
     1/sqrt(D). Any T, D in 1..128, float16/bfloat16/float32; the maths inside is float32.
+    doc_ids (B, T) integers, causal only: query i reads key j only inside its own document (a run of
+    equal ids, document_spans), the block-diagonal causal mask of model.document_mask.
     """
     check_attention_inputs(q, k, v)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.size(-1))
-    return FlashAttention.apply(q, k, v, causal, scale)
+    if doc_ids is None:
+        return FlashAttention.apply(q, k, v, causal, scale)
+    if not causal or doc_ids.shape != (q.size(0), q.size(2)):
+        raise ValueError(f"doc_ids must be (B, T) = {(q.size(0), q.size(2))} with causal=True; got "
+                         f"{tuple(doc_ids.shape)}, causal={causal}")
+    return FlashAttention.apply(q, k, v, causal, scale, *document_spans(doc_ids))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,8 +718,9 @@ def fallback_reason(q, dropout_p: float) -> str | None:
 
 
 @torch.compiler.disable  # torch.compile would trace into the launcher; run the kernels as they are
-def triton_attention_backend(q, k, v, dropout_p: float = 0.0, *, fallback):
-    """Causal attention for model.attend: q (B, nh, T, hs), k/v (B, n_kv, T, hs) -> (B, nh, T, hs).
+def triton_attention_backend(q, k, v, dropout_p: float = 0.0, *, fallback, doc_ids=None):
+    """Causal attention for model.attend: q (B, nh, T, hs), k/v (B, n_kv, T, hs) -> (B, nh, T, hs);
+    doc_ids (B, T): --doc_mask's document numbers (flash_attention's document mask).
 
     Uses flash_attention, or `fallback` (model.py passes its sdpa_attention) where the kernel cannot
     serve the call, saying why once per process.
@@ -634,8 +728,8 @@ def triton_attention_backend(q, k, v, dropout_p: float = 0.0, *, fallback):
     reason = fallback_reason(q, dropout_p)
     if reason is not None:
         _warn_once(reason)
-        return fallback(q, k, v, dropout_p)
-    return flash_attention(q, k, v, causal=True)
+        return fallback(q, k, v, dropout_p) if doc_ids is None else fallback(q, k, v, dropout_p, doc_ids=doc_ids)
+    return flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
 
 
 # ----------------------------------------------------------------------------------------------

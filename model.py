@@ -171,7 +171,7 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before the scores (Dehghani et al. 2023; OLMo 2)
     logit_softcap: float = 0.0  # cap the output logits smoothly at +-C: C tanh(logits / C) (Gemma 2 uses 30); 0: off
     z_loss: float = 0.0  # add COEF * mean(log^2 Z) to the training loss, Z the softmax's normaliser (PaLM: 1e-4); 0: off
-    doc_mask: bool = False  # packed sequences attend only within their own document (an end-of-text token starts one), positions restarting at each (naive and sdpa backends)
+    doc_mask: bool = False  # packed sequences attend only within their own document (an end-of-text token starts one), positions restarting at each (every attention backend; also with --cp and --tp)
     eot_id: int = -1  # the end-of-text id that starts a document (train.py sets it from the corpus for --doc_mask)
     mtp: int = 0  # multi-token prediction: N extra heads predicting tokens t+2 .. t+N+1, a transformer block each, sharing ln_f and the output layer (Gloeckle et al. 2024); training only
     mtp_weight: float = 0.3  # --mtp: the training loss is the next-token loss plus this times the mean of the extra heads' losses (DeepSeek-V3's lambda: 0.3, later 0.1)
@@ -203,9 +203,6 @@ class GPTConfig:
             raise ValueError(f"unknown norm '{self.norm}': use layernorm or rmsnorm")
         if self.mlp not in ("gelu", "swiglu", "relu2"):
             raise ValueError(f"unknown mlp '{self.mlp}': use gelu, swiglu or relu2")
-        if self.doc_mask and self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"--doc_mask with --attention {self.attention}: the document mask is written for the naive and "
-                             "sdpa backends; use one of them")
         if self.fused_ce and self.logit_softcap:
             raise ValueError("--logit_softcap with --fused_ce: the fused loss has no soft-capping; drop one of the two")
         if self.attention not in ATTENTION_BACKENDS and self.attention != "triton":
@@ -372,7 +369,10 @@ def causal(T: int, device) -> torch.Tensor:
 # documents (the Llama 3 report does this; modded-nanogpt's speedrun too, with
 # FlexAttention's block masks, which also skip the masked blocks' work). The end-of-text token
 # starts its document: sampling starts a document the same way (train.sample_text), and the
-# token after it is predicted from it alone.
+# token after it is predicted from it alone. The naive and SDPA backends apply the (T, T) mask
+# below; kernels.flash_attention (--attention triton) takes the (B, T) ids, masks inside each tile
+# and skips the tiles that lie wholly in other documents; parallel.py's ring attention (--cp) sends
+# each block's ids round the ring with its keys and values.
 
 
 def document_ids(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
@@ -409,7 +409,7 @@ def attend(backend: str, q, k, v, dropout_p: float = 0.0, doc_ids=None):
         return ATTENTION_BACKENDS[backend](q, k, v, dropout_p)
     import kernels  # lazily: the model must not need Triton unless this backend is chosen
 
-    return kernels.triton_attention_backend(q, k, v, dropout_p, fallback=sdpa_attention)
+    return kernels.triton_attention_backend(q, k, v, dropout_p, fallback=sdpa_attention, doc_ids=doc_ids)
 
 
 def cached_attention(q, k, v):
@@ -872,7 +872,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.w_fc, mean=0.0, std=0.02)
             torch.nn.init.normal_(module.w_proj, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, doc_ids=None, positions=None):
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets are given.
 
         Targets equal to -1 are ignored (padding, or positions without a next token). With
@@ -880,14 +880,17 @@ class GPT(nn.Module):
         With a kv_cache (a KVCache), idx holds the tokens after the kv_cache.length already cached:
         they are placed at those positions, and their keys and values are added to the cache.
         The three steps are methods of their own so that parallel.py's pipeline stages run exactly
-        this code on their share of the layers.
+        this code on their share of the layers. With config.doc_mask, doc_ids and positions (B, T)
+        are computed from idx; a caller whose idx is cut out of a longer window (context
+        parallelism gives each rank some of its positions) passes the window's, cut alike.
         """
         start = kv_cache.length if kv_cache is not None else 0
         if self.config.doc_mask and kv_cache is None:  # (generation reads its context as one document)
-            doc_ids = document_ids(idx, self.config.eot_id)
-            positions = document_positions(doc_ids)
-            return self.head(self.run_blocks(self.embed(idx, positions=positions), doc_ids=doc_ids, positions=positions), targets)
-        x = self.run_blocks(self.embed(idx, start), kv_cache=kv_cache)
+            doc_ids = document_ids(idx, self.config.eot_id) if doc_ids is None else doc_ids
+            positions = document_positions(doc_ids) if positions is None else positions
+        else:
+            doc_ids = positions = None
+        x = self.run_blocks(self.embed(idx, start, positions), kv_cache=kv_cache, doc_ids=doc_ids, positions=positions)
         if kv_cache is not None:
             kv_cache.length += idx.size(1)  # every layer has stored these positions
         logits, loss = self.head(x, targets)

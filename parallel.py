@@ -117,9 +117,11 @@ Causality per block: a block entirely in the future is skipped, the diagonal blo
 Load balancing (option) gives rank r the chunks r and 2c-1-r of 2c, so every rank has as much
 unmasked work. Sent per rank and layer, in blocks of B nh (T/c) hs x 4 bytes: forward 2 (c-1) (K, V),
 backward 4 (c-1) (K, V and their dK, dV) and 2 more (dK, dV home): (6c - 4) blocks; plus data
-parallel's gradient all-reduce over the dp x cp ranks. Memory: weights, gradients and Adam state as
-data parallel's (every cp rank holds the model); activations 1/c of one device's, and each score
-block is (T/c)^2 instead of T^2.
+parallel's gradient all-reduce over the dp x cp ranks. With --doc_mask each block's document numbers
+travel beside it, B (T/c) x 8 bytes (int64) per hop, 2 (c-1) hops forward and backward, and every
+block is masked by document too (the numbers come from the whole window, cut like the tokens).
+Memory: weights, gradients and Adam state as data parallel's (every cp rank holds the model);
+activations 1/c of one device's, and each score block is (T/c)^2 instead of T^2.
 
 Expert parallelism (GShard, Lepikhin et al. 2020, arXiv:2006.16668; Switch, Fedus et al. 2021),
 for a mixture-of-experts model (model.MoE), ep ranks per group inside the data group: rank i of a
@@ -183,7 +185,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import ATTENTION_BACKENDS, GPT, MoE, mlp_hidden, repeat_kv
+from model import ATTENTION_BACKENDS, GPT, MoE, document_ids, document_positions, mlp_hidden, repeat_kv
 
 MESH_DIMS = ("pp", "dp", "cp", "tp")  # outermost to innermost (see "The mesh")
 
@@ -1711,7 +1713,8 @@ def split_positions_and_dropout(model: GPT, group):
     learned positions looked up for this rank's chunk of T, and dropouts with a generator per rank."""
     tp, r = group_size(group), dist.get_rank(group)
     if model.transformer.wpe is not None:  # wpe(arange(T)) -> wpe(this rank's chunk of it)
-        model.transformer.wpe.register_forward_pre_hook(lambda module, args: (args[0].chunk(tp)[r],))
+        # (T,) arange, or --doc_mask's (B, T) positions inside documents: this rank's chunk of T
+        model.transformer.wpe.register_forward_pre_hook(lambda module, args: (args[0].chunk(tp, dim=-1)[r],))
     generator = torch.Generator(device=model.transformer.wte.weight.device)
     generator.manual_seed(torch.initial_seed() + 2718 + r)  # Megatron's offset (model_parallel_cuda_manual_seed)
     model.transformer.drop = SequenceParallelDropout(model.config.dropout, generator)
@@ -1943,10 +1946,14 @@ def context_positions(T_local: int, rank: int, n: int, load_balance: bool) -> to
     return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange((2 * n - 1 - rank) * c, (2 * n - rank) * c)])
 
 
-def _attend_block(q, k, qpos, kpos, scale):
-    """Scores of queries (positions qpos) against one key block (kpos), future keys masked: (B, nh, Tq, Tk)."""
+def _attend_block(q, k, qpos, kpos, scale, qdoc=None, kdoc=None):
+    """Scores of queries (positions qpos) against one key block (kpos), future keys masked: (B, nh, Tq, Tk).
+    qdoc (B, Tq), kdoc (B, Tk): --doc_mask's document numbers; keys of another document masked too."""
     s = (q @ k.transpose(-2, -1)) * scale  # (B, nh, Tq, hs) x (B, nh, hs, Tk) -> (B, nh, Tq, Tk)
-    return s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+    s = s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+    if qdoc is not None:
+        s = s.masked_fill((qdoc[:, :, None] != kdoc[:, None, :])[:, None], float("-inf"))  # (B, 1, Tq, Tk)
+    return s
 
 
 class RingAttention(torch.autograd.Function):
@@ -1957,10 +1964,15 @@ class RingAttention(torch.autograd.Function):
     backward: the same ring again, with each block's dK, dV accumulator travelling beside it and
     one more hop to bring it home; per block the FlashAttention backward, from the saved
     log-sum-exp: P = exp(S - lse), dV += P^T dO, dS = P (dO V^T - rowsum(dO o)), dQ += dS K, dK += dS^T Q.
+    doc_ids (B, T/c), --doc_mask: this rank's document numbers (of the whole window, so equal ids
+    mean one document across ranks). Each block's travel round the ring beside its K/V (B T/c
+    integers per hop, against the block's 2 B nh T/c hs floats), and every block is masked by
+    document as well as by position. A row that meets no key of its own document in a block gets
+    p = 0 there (the m_safe guard below); its own key, on the diagonal block, keeps l >= 1.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, group, positions):
+    def forward(ctx, q, k, v, group, positions, doc_ids=None):
         n, r = group_size(group), dist.get_rank(group)
         dtype, q, k, v = q.dtype, q.float(), k.float(), v.float()  # accumulate in float32
         B, nh, T, hs = q.shape
@@ -1971,16 +1983,21 @@ class RingAttention(torch.autograd.Function):
         l = torch.zeros(B, nh, T, device=q.device)  # running sum of exp(score - m)
         o = torch.zeros_like(q)  # running sum of exp(score - m) v
         kv = torch.stack([k, v])  # (2, B, nh, T, hs): one message per hop
+        kdoc = doc_ids  # the document numbers of the block held, travelling with it (None: no mask)
         # EXERCISE BEGIN ring-merge (tests/test_parallel.py -k 'two_ranks and context_parallel')
         for step in range(n):
             src = (r - step) % n  # whose block this is
             nxt, works = (torch.empty_like(kv), None) if step < n - 1 else (None, [])
             if nxt is not None:  # pass this block on while computing with it
-                works = exchange(group, "cp", [(kv, (r + 1) % n)], [(nxt, (r - 1) % n)], wait=False)
+                sends, recvs = [(kv, (r + 1) % n)], [(nxt, (r - 1) % n)]
+                if doc_ids is not None:
+                    nxt_doc = torch.empty_like(kdoc)
+                    sends, recvs = sends + [(kdoc, (r + 1) % n)], recvs + [(nxt_doc, (r - 1) % n)]
+                works = exchange(group, "cp", sends, recvs, wait=False)
             kpos_host = positions(src)
             if kpos_host.min() <= qpos_host.max():  # a block wholly in the future adds nothing: skip it
                 kpos = kpos_host.to(q.device)
-                s = _attend_block(q, kv[0], qpos, kpos, scale)
+                s = _attend_block(q, kv[0], qpos, kpos, scale, doc_ids, kdoc)
                 m_new = torch.maximum(m, s.amax(dim=-1))
                 m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)  # rows with no key yet: avoid inf - inf
                 correction = torch.exp(m - m_safe)  # rescale what was summed under the old max
@@ -1991,17 +2008,17 @@ class RingAttention(torch.autograd.Function):
             for work in works:
                 work.wait()
             if nxt is not None:
-                kv = nxt
+                kv, kdoc = nxt, (nxt_doc if doc_ids is not None else None)
         # EXERCISE END ring-merge
         out = o / l.unsqueeze(-1)
         lse = m + torch.log(l)  # log sum_j exp(s_ij): all the backward needs to rebuild P
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
         ctx.group, ctx.positions, ctx.dtype = group, positions, dtype
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, doc_ids = ctx.saved_tensors
         group, positions = ctx.group, ctx.positions
         n, r = group_size(group), dist.get_rank(group)
         scale = 1.0 / math.sqrt(q.size(-1))
@@ -2011,12 +2028,13 @@ class RingAttention(torch.autograd.Function):
         qpos = qpos_host.to(q.device)
         dq = torch.zeros_like(q)
         kv, dkv = torch.stack([k, v]), torch.zeros(2, *k.shape, device=k.device)
+        kdoc = doc_ids
         for step in range(n):
             src = (r - step) % n
             kpos_host = positions(src)
             if kpos_host.min() <= qpos_host.max():
                 kpos = kpos_host.to(q.device)
-                p = torch.exp(_attend_block(q, kv[0], qpos, kpos, scale) - lse.unsqueeze(-1))  # (B, nh, T, Tk)
+                p = torch.exp(_attend_block(q, kv[0], qpos, kpos, scale, doc_ids, kdoc) - lse.unsqueeze(-1))  # (B, nh, T, Tk)
                 dkv[1] += p.transpose(-2, -1) @ do  # dV
                 ds = p * (do @ kv[1].transpose(-2, -1) - D)
                 dq += ds @ kv[0] * scale
@@ -2027,41 +2045,64 @@ class RingAttention(torch.autograd.Function):
                 break
             bundle = torch.cat([kv, dkv]) if step < n - 1 else dkv  # (4 or 2, B, nh, T, hs)
             received = torch.empty_like(bundle)
-            exchange(group, "cp", [(bundle, (r + 1) % n)], [(received, (r - 1) % n)])
+            sends, recvs = [(bundle, (r + 1) % n)], [(received, (r - 1) % n)]
+            if doc_ids is not None and step < n - 1:  # the block's document numbers go with it
+                next_doc = torch.empty_like(kdoc)
+                sends, recvs = sends + [(kdoc, (r + 1) % n)], recvs + [(next_doc, (r - 1) % n)]
+            exchange(group, "cp", sends, recvs)
             kv, dkv = (received[:2], received[2:]) if step < n - 1 else (kv, received)
-        return dq.to(ctx.dtype), dkv[0].to(ctx.dtype), dkv[1].to(ctx.dtype), None, None
+            kdoc = next_doc if doc_ids is not None and step < n - 1 else kdoc
+        return dq.to(ctx.dtype), dkv[0].to(ctx.dtype), dkv[1].to(ctx.dtype), None, None, None
 
 
-def ring_attention(q, k, v, dropout_p: float = 0.0, *, group, load_balance: bool):
-    """The attention backend registered as "ring": q (B, nh, T/c, hs), k, v (B, n_kv, T/c, hs).
+def ring_attention(q, k, v, dropout_p: float = 0.0, *, group, load_balance: bool, doc_ids=None):
+    """The attention backend registered as "ring": q (B, nh, T/c, hs), k, v (B, n_kv, T/c, hs);
+    doc_ids (B, T/c): --doc_mask's document numbers of this rank's positions.
     dropout_p is always 0: apply_context_parallel refuses a model with dropout."""
     n_rep = q.size(1) // k.size(1)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # GQA: share key heads before the ring (autograd sums back)
     T_local, n = q.size(2), group_size(group)
-    return RingAttention.apply(q, k, v, group, lambda rank: context_positions(T_local, rank, n, load_balance))
+    doc_ids = doc_ids.contiguous() if doc_ids is not None else None  # sent as it is: one contiguous buffer
+    return RingAttention.apply(q, k, v, group, lambda rank: context_positions(T_local, rank, n, load_balance), doc_ids)
 
 
 def apply_context_parallel(model: GPT, group, load_balance: bool):
     """Make the GPT attend across the ranks of group, each holding T/c positions, without touching
     its code: attention goes to the ring backend, and position embeddings (learned or RoPE) read
-    the global positions of this rank's tokens instead of 0..T/c-1."""
+    the global positions of this rank's tokens instead of 0..T/c-1. With --doc_mask the caller
+    passes the model the window's document numbers and positions, cut like the tokens
+    (context_document_inputs): the hooks then leave those positions alone."""
     n, r = group_size(group), dist.get_rank(group)
     if model.config.dropout > 0:
         raise ValueError("context parallelism does not implement attention dropout: use --dropout 0")
     ATTENTION_BACKENDS["ring"] = functools.partial(ring_attention, group=group, load_balance=load_balance)
     if model.transformer.wpe is not None:  # wpe(arange(T/c)) -> wpe(this rank's positions)
-        model.transformer.wpe.register_forward_pre_hook(
-            lambda module, args: (context_positions(args[0].numel(), r, n, load_balance).to(args[0].device),))
+        model.transformer.wpe.register_forward_pre_hook(  # (B, T/c) positions inside documents: already global
+            lambda module, args: (context_positions(args[0].numel(), r, n, load_balance).to(args[0].device),)
+            if args[0].dim() == 1 else None)
     for block in model.transformer.h:
         block.attn.backend = "ring"
         if block.attn.rope:  # apply_rope reads cos[:T]: give it the rows of this rank's positions
             full = (block.attn.rope_cos.clone(), block.attn.rope_sin.clone())
 
             def select_positions(attn, args, full=full):
+                if len(args) > 3 and args[3] is not None:  # --doc_mask: the rows of its (B, T/c) positions, from the whole table
+                    attn.rope_cos, attn.rope_sin = full
+                    return
                 pos = context_positions(args[0].size(1), r, n, load_balance).to(args[0].device)
                 attn.rope_cos, attn.rope_sin = full[0][pos], full[1][pos]
 
             block.attn.register_forward_pre_hook(select_positions)
+
+
+def context_document_inputs(x: torch.Tensor, eot_id: int, layout: Layout, load_balance: bool) -> dict:
+    """--doc_mask under context parallelism: the document numbers and positions of the whole (B, T)
+    window x, cut like its tokens, as keyword arguments of GPT.forward. Computed from a rank's
+    T/c tokens alone they would be wrong: the count of end-of-text tokens and the distance to the
+    document's start both reach back into earlier ranks' positions."""
+    doc_ids = document_ids(x, eot_id)
+    positions = document_positions(doc_ids)
+    return {"doc_ids": context_slice(doc_ids, layout, load_balance), "positions": context_slice(positions, layout, load_balance)}
 
 
 def context_slice(t: torch.Tensor, layout: Layout, load_balance: bool) -> torch.Tensor:
@@ -2593,12 +2634,15 @@ class Parallelized:
     def _local_loss(self, x, y):
         if self.sequence_parallel_names is not None:
             check_sequence_parallel(x.size(1), self.layout.tp)
+        documents = {}
         if self.layout.cp > 1:  # this rank's positions of every sequence
+            if self.module.config.doc_mask:
+                documents = context_document_inputs(x, self.module.config.eot_id, self.layout, self.cp_load_balance)
             x, y = context_slice(x, self.layout, self.cp_load_balance), context_slice(y, self.layout, self.cp_load_balance)
         if self.vocab_start is not None:  # tensor parallel: logits are this rank's vocabulary slice
-            logits, _ = self.forward_module(x)
+            logits, _ = self.forward_module(x, **documents)
             return vocab_parallel_cross_entropy(logits, y, self.vocab_start, self.layout.group("tp"))
-        return self.forward_module(x, y)[1]
+        return self.forward_module(x, y, **documents)[1]
 
     def forward_backward(self, x, y, divisor: int = 1, sync: bool = True) -> torch.Tensor:
         """Loss of this rank's batch, and its gradient (of loss / divisor) accumulated into .grad."""

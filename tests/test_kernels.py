@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from model import sdpa_attention  # the fallback model.attend hands the Triton backend
+from model import naive_attention, sdpa_attention  # a reference, and the fallback model.attend hands the Triton backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the kernels compile for a GPU where there is one (kernels.py leaves the interpreter off): the
@@ -118,6 +118,83 @@ def test_causal_output_ignores_future_keys():
     a = kernels.flash_attention(q, k, v, causal=True)
     b = kernels.flash_attention(q, k2, v2, causal=True)
     assert torch.equal(a[:, :, :21], b[:, :, :21]) and not torch.equal(a[:, :, 21:], b[:, :, 21:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Document masking (--doc_mask): per-row document ids, tiles of other documents skipped
+
+
+def random_documents(B, T, p=0.08, seed=None):
+    """(B, T) non-decreasing document ids, as model.document_ids makes them: a new document starts
+    at each position with probability p (so rows hold documents of random, ragged lengths)."""
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ())))
+    return torch.cumsum(torch.rand(B, T, generator=g) < p, dim=1).to(DEVICE)
+
+
+@pytest.mark.parametrize("B,H,H_kv,T,D,dtype", [(2, 2, 1, 77, 16, F32), (1, 2, 2, 130, 16, F32), (1, 2, 2, 77, 32, BF16)])
+def test_flash_attention_with_documents_and_its_gradients_match_float64_reference(B, H, H_kv, T, D, dtype):
+    q, k, v, do = random_qkv(B, H, H_kv, T, D, dtype)
+    docs = random_documents(B, T)
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = kernels.flash_attention(*ours, causal=True, doc_ids=docs)
+    out.backward(do)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = naive_attention(*ref_in, doc_ids=docs)  # model.py's block-diagonal causal mask, written out
+    ref.backward(do.double())
+    for name, a, b in [("O", out, ref), ("dQ", ours[0].grad, ref_in[0].grad), ("dK", ours[1].grad, ref_in[1].grad),
+                       ("dV", ours[2].grad, ref_in[2].grad)]:
+        err = rel_err(a, b.detach())
+        assert err < TOL[dtype], f"{name}: relative error {err:.2e} for {dtype}, T={T}, documents {docs.tolist()}"
+
+
+@CPU_ONLY  # the tile sizes below are the interpreter's (32 x 16 forward and dQ, 16 x 32 dK/dV)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's warnings about the NaN rows, which are expected
+def test_document_mask_skips_the_tiles_of_other_documents():
+    # NaN in a tile that is visited, even where masked, spreads (0 * NaN = NaN in P V); a finite
+    # result proves the tile was never loaded. Documents [0, 48) and [48, 80).
+    T, boundary = 80, 48
+    q, k, v, do = random_qkv(1, 1, 1, T, 16, torch.float32)
+    docs = (torch.arange(T) >= boundary).long()[None].to(DEVICE)
+    clean = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = kernels.flash_attention(*clean, doc_ids=docs)
+    want.backward(do)
+    # forward and dQ: the query block [64, 96) starts in the second document, so key tiles
+    # [0, 48) are skipped: NaN keys and values there leave rows 64.. finite and unchanged
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, :boundary], v_nan[:, :, :boundary] = float("nan"), float("nan")
+    ours = [t.clone().requires_grad_() for t in (q, k_nan, v_nan)]
+    out = kernels.flash_attention(*ours, doc_ids=docs)
+    dq = torch.autograd.grad(out, ours[0], do)[0]
+    assert torch.equal(out[:, :, 64:], want[:, :, 64:])
+    assert torch.equal(dq[:, :, 64:], clean[0].grad[:, :, 64:])
+    # dK, dV: the key tile [0, 32) ends in the first document, so query tiles [48, 80) are
+    # skipped: NaN queries and output gradients there leave its dK, dV finite and unchanged
+    q_nan, do_nan = q.clone(), do.clone()
+    q_nan[:, :, boundary:], do_nan[:, :, boundary:] = float("nan"), float("nan")
+    ours = [t.clone().requires_grad_() for t in (q_nan, k, v)]
+    kernels.flash_attention(*ours, doc_ids=docs).backward(do_nan)
+    assert torch.equal(ours[1].grad[:, :, :32], clean[1].grad[:, :, :32])
+    assert torch.equal(ours[2].grad[:, :, :32], clean[2].grad[:, :, :32])
+
+
+def test_document_mask_keeps_outputs_causal_and_within_their_document():
+    # change keys and values at positions 21..25 (inside the second of three documents [0, 10),
+    # [10, 30), [30, 40)): only outputs 21..29 may move, and the others not by a single bit
+    q, k, v, _ = random_qkv(1, 2, 2, 40, 16, torch.float32)
+    docs = torch.tensor([[0] * 10 + [1] * 20 + [2] * 10], device=DEVICE)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 21:26] += 1.0
+    v2[:, :, 21:26] -= 1.0
+    a = kernels.flash_attention(q, k, v, doc_ids=docs)
+    b = kernels.flash_attention(q, k2, v2, doc_ids=docs)
+    assert torch.equal(a[:, :, :21], b[:, :, :21]) and torch.equal(a[:, :, 30:], b[:, :, 30:])
+    assert (a[:, :, 21:30] - b[:, :, 21:30]).abs().amin(dim=-1).gt(0).all()
+
+
+def test_document_spans_bound_each_run_of_equal_ids():
+    start, end = kernels.document_spans(torch.tensor([[0, 0, 1, 1, 1, 2], [5, 5, 5, 5, 5, 5], [0, 1, 2, 3, 4, 5]]))
+    assert start.tolist() == [[0, 0, 2, 2, 2, 5], [0] * 6, [0, 1, 2, 3, 4, 5]]
+    assert end.tolist() == [[2, 2, 5, 5, 5, 6], [6] * 6, [1, 2, 3, 4, 5, 6]]
 
 
 @pytest.mark.parametrize("shapes,words", [

@@ -897,6 +897,22 @@ TWO_RANK_CHECKS = {
     # the load-balanced split with RoPE and grouped-query heads: each rank holds an early and a late chunk
     "context_parallel": lambda: compare_with_reference("cp2", tiny_config(rope=True, n_kv_head=2),
                                                        dict(dp=1, tp=1, pp=1, cp=2), cp_load_balance=True),
+    # --doc_mask: a vocabulary of 8 with end-of-text id 0 gives about two boundaries per 16-token row,
+    # so documents cross the ranks' chunks; the one process computes the ids from whole rows
+    "context_parallel_doc_mask": lambda: compare_with_reference(
+        "cp2doc", tiny_config(vocab_size=8, rope=True, n_kv_head=2, doc_mask=True, eot_id=0),
+        dict(dp=1, tp=1, pp=1, cp=2), cp_load_balance=True),
+    "context_parallel_doc_mask_learned_positions": lambda: compare_with_reference(
+        "cp2docwpe", tiny_config(vocab_size=8, doc_mask=True, eot_id=0), dict(dp=1, tp=1, pp=1, cp=2)),
+    # tensor parallelism splits heads, and the document mask is per sequence: every rank uses all of it.
+    # A vocabulary of 16 here (one boundary per row on average): with 8, one MLP bias element's gradient
+    # cancels to 1.5e-7 (1e-4 of the median), where AdamW's g / (|g| + 1e-8) turns float32's
+    # summation-order differences into 3e-5 of that bias after three steps (loss still within 1.1e-7)
+    "tensor_parallel_doc_mask": lambda: compare_with_reference(
+        "tp2doc", tiny_config(vocab_size=16, rope=True, doc_mask=True, eot_id=0), dict(dp=1, tp=2, pp=1, cp=1)),
+    "tensor_parallel_doc_mask_sequence_parallel": lambda: compare_with_reference(
+        "tp2docsp", tiny_config(vocab_size=8, doc_mask=True, eot_id=0), dict(dp=1, tp=2, pp=1, cp=1),
+        sequence_parallel=True),
 }
 
 

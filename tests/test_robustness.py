@@ -891,8 +891,6 @@ CATALOGUE = [
     ("train: unknown optimizer", train_case("--optimizer", "sgd", "--out_dir", "{out}"), {}, ["unknown --optimizer 'sgd'", "adamw or muon"]),
     ("train: muon with tensor parallelism", train_case("--optimizer", "muon", "--tp", "2", "--out_dir", "{out}"), {},
      ["--optimizer muon needs whole matrices", "drop --tp"]),
-    ("train: document mask in the Triton kernel", train_case("--doc_mask", "--attention", "triton", "--out_dir", "{out}"), {},
-     ["--doc_mask with --attention triton", "naive and sdpa"]),
     ("train: soft-capping inside the fused loss", train_case("--logit_softcap", "30", "--fused_ce", "--out_dir", "{out}"), {},
      ["--logit_softcap with --fused_ce", "drop one"]),
     ("train: negative spike threshold", train_case("--spike_sigma", "-1", "--out_dir", "{out}"), {}, ["--spike_sigma must be 0 or more"]),

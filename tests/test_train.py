@@ -1430,7 +1430,7 @@ def test_expert_parallel_run_logs_the_single_process_losses_and_resumes_in_one_p
     (dict(z_loss=1e-4), dict(tp=2), "--z_loss with --tp"),
     (dict(logit_softcap=30.0), dict(tp=2), "--logit_softcap with --tp"),
     (dict(mtp=1), dict(pp=2), "--mtp runs on one process"),
-    (dict(doc_mask=True), dict(cp=2), "--doc_mask runs on one process"),
+    (dict(doc_mask=True), dict(pp=2), "--doc_mask runs on one process"),
 ])
 def test_the_recipe_options_refuse_the_layouts_that_do_not_carry_them(model_flags, layout, words):
     cfg = train.TrainConfig(**layout)
