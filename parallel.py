@@ -2288,7 +2288,7 @@ def apply_tensor_parallel_native(model: GPT, layout: Layout, sequence_parallel: 
 
     sequence_parallel (torchtitan's plan): the norms become SequenceParallel (inputs Shard(1), i.e.
     split along T; their weights Replicate DTensors, whose gradients come back Partial: see
-    replicate_partial_grads); PrepareModuleInput all-gathers T entering attention and the MLP; the
+    place_grads_like_params); PrepareModuleInput all-gathers T entering attention and the MLP; the
     row-parallel layers and the embedding reduce-scatter to Shard(1); the output layer gathers T
     first. The learned positions and the dropouts are handled as from scratch (split_positions_and_dropout)."""
     from torch.distributed.tensor import Replicate, Shard
@@ -2327,15 +2327,18 @@ def apply_tensor_parallel_native(model: GPT, layout: Layout, sequence_parallel: 
     return specs
 
 
-def replicate_partial_grads(module: nn.Module):
-    """Under SequenceParallel, DTensor leaves the norms' gradients Partial: a sum over the tp ranks
-    not yet taken (each rank saw T/t positions). The optimizer would take it lazily; the gradient
-    norm needs it now, so take it here (an all-reduce: the scratch path's sp_grads)."""
-    from torch.distributed.tensor import Replicate
-
+def place_grads_like_params(module: nn.Module):
+    """Give every DTensor gradient its parameter's placement. DTensor's backward does not promise it:
+    under SequenceParallel the norms' gradients come back Partial (a sum over the tp ranks not yet
+    taken: each rank saw T/t positions), and the vocabulary-split embedding's, untied, comes back
+    Replicate, the whole (V, C) gradient on every rank beside a Shard(0) weight (torch 2.11 and
+    2.13). The optimizer would redistribute either lazily; the gradient norm counts each rank's
+    local values now (_counts_in_norm reads the parameter's placement), so a Partial one would be
+    counted short and a Replicate one t times over. Partial -> Replicate is an all-reduce (the
+    scratch path's sp_grads); Replicate -> Shard only keeps this rank's rows, and frees the rest."""
     for p in module.parameters():
-        if p.grad is not None and is_dtensor(p.grad) and any(pl.is_partial() for pl in p.grad.placements):
-            p.grad = p.grad.redistribute(placements=[Replicate() if pl.is_partial() else pl for pl in p.grad.placements])
+        if p.grad is not None and is_dtensor(p.grad) and tuple(p.grad.placements) != tuple(p.placements):
+            p.grad = p.grad.redistribute(device_mesh=p.device_mesh, placements=p.placements)
 
 
 def dtensor_piece(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -2614,15 +2617,16 @@ class Parallelized:
 
     def finish_gradient_sync(self):
         """After the last micro-step: complete the gradient averaging, then the sums across stages
-        (tied embedding) and across tensor-parallel ranks (sequence parallelism's replicated weights)."""
+        (tied embedding) and across tensor-parallel ranks (sequence parallelism's replicated weights);
+        native gradients are put where their parameters are (place_grads_like_params)."""
         self.data_parallel.finish_gradient_sync()
         if self.expert_parallel is not None:
             self.expert_parallel.finish_gradient_sync()
         if self.pipeline is not None:
             self.pipeline.finish_gradient_sync()
+        if not self.scratch:
+            place_grads_like_params(self.module)
         if self.sequence_parallel_names is not None:
-            if not self.scratch:
-                replicate_partial_grads(self.module)
             reduce_sequence_parallel_grads(self.data_parallel.local_grads(), self.sequence_parallel_names, self.layout.group("tp"))
 
     def clip_grad_norm_(self, max_norm: float) -> float:
