@@ -452,9 +452,6 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
         for name, variant in downstream.parse_tasks(cfg.eval_tasks):
             downstream.resolve_variant(name, variant, cfg.eval_tasks_dir or None)
     parallel.check_optimizer(cfg.optimizer, cfg.tp, cfg.pp, cfg.cp, cfg.zero, cfg.impl, cfg.diloco_steps, cfg.dtype)
-    if cfg.optimizer == "muon" and cfg.checkpoint_format == "sharded":
-        raise ValueError("--checkpoint_format sharded does not describe Muon's momenta yet (they live whole on their owner "
-                         "ranks): use --checkpoint_format full")
     check_moe_flags(cfg, model_overrides or {})
 
 
@@ -471,8 +468,6 @@ def check_moe_flags(cfg: TrainConfig, model_overrides: dict):
     if cfg.ep > 1 and (experts % cfg.ep or cfg.dp % cfg.ep):
         raise ValueError(f"--ep {cfg.ep} must divide --moe_experts ({experts}) and --dp ({cfg.dp}): each expert lives on "
                          "one rank of each group of ep data-parallel ranks")
-    if experts and cfg.checkpoint_format == "sharded":
-        raise ValueError("--checkpoint_format sharded does not describe an MoE's experts yet: use --checkpoint_format full")
     if cfg.ep > 1 and cfg.optimizer == "muon":
         raise ValueError("--optimizer muon with --ep: Muon deals whole matrices out to the data ranks, which hold different "
                          "experts under expert parallelism; drop --ep or use --optimizer adamw")
