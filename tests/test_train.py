@@ -1395,6 +1395,21 @@ def test_torchrun_zero3_sharded_checkpoint_resumes_in_one_process_and_converts_t
     assert sorted(p.name for p in sharded.iterdir() if p.name.startswith("ckpt")) == ["ckpt_step00000004.dcp"]  # K = 1
 
 
+def test_sharded_checkpoint_keeps_the_moe_balancers_bias(tmp_path):
+    # a persistent buffer, not a parameter: the loss-free balancer's bias must travel with the weights
+    par = make_par({}, {}, seed=0, name="moe")
+    for m in par.module.moe_layers():
+        m.expert_bias.copy_(torch.randn(m.expert_bias.shape))  # as if the balancer had moved it
+    shard_step(par, *shard_batches()[0])
+    train.write_pieces(*parallel.sharded_pieces(par), str(tmp_path / "ckpt"))
+    resumed = make_par({}, {}, seed=123, name="moe")
+    train.load_sharded(str(tmp_path / "ckpt"), resumed)
+    assert len(resumed.module.moe_layers()) == 2
+    for a, b in zip(par.module.moe_layers(), resumed.module.moe_layers()):
+        assert b.expert_bias.abs().sum() > 0 and torch.equal(a.expert_bias, b.expert_bias)
+    assert all(torch.equal(v, resumed.full_state_dict()[k]) for k, v in par.full_state_dict().items())
+
+
 def test_sharded_checkpoint_mistakes_are_refused_with_the_reason(tmp_path):
     # (tests/test_robustness.py's catalogue runs the same refusals from the command line)
     with pytest.raises(ValueError, match="--checkpoint_format 'zip'"):
