@@ -1169,14 +1169,17 @@ def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, 
 # A full checkpoint gathers every tensor to rank 0: simple, and readable by anything, but a 7B model
 # with AdamW is 112 GB of float32 state that no one rank may hold. --checkpoint_format sharded keeps
 # the state where it is. The state dict is still the single-process model's: its keys are
-# model.<name> (the GPT's parameter names), optim.<name>.exp_avg, .exp_avg_sq and .step, each with
-# the single-process shape. What differs is that every rank offers only its pieces of each tensor
+# model.<name> (the GPT's parameter names, and its persistent buffers: an MoE's balancer bias),
+# optim.<name>.exp_avg, .exp_avg_sq and .step (AdamW), optim.<name>.momentum_buffer (Muon), each
+# with the single-process shape. What differs is that every rank offers only its pieces of each tensor
 # (parallel.sharded_pieces): a rectangle of the whole, with its offsets, and as values a
 # view of the memory the rank trains with. ZeRO-3 and ZeRO-1/2's moments are slices of a flat vector,
 # so a rank's part of a matrix is up to three rectangles (a partial row, whole rows, a partial row);
 # a tensor-parallel slice is placed by its index list (a rank's heads of c_attn's [q | k | v] rows
 # are three runs); a DTensor (torch's FSDP2 and tensor parallelism) gives its shard's offset; a
-# pipeline stage offers only its blocks.
+# pipeline stage offers only its blocks; an expert-parallel rank offers its E/ep experts of each
+# layer at row r E/ep of the (E, ...) stack; Muon's momentum of a matrix lives whole on the one
+# rank that owns it (parallel.Muon), which alone offers it.
 #
 # What each rank writes: DCP gathers every rank's list of pieces to rank 0, which removes the copies
 # that replicas offer alike (a data-parallel rank's weights, a tensor-parallel rank's norms: the same
