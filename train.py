@@ -1426,7 +1426,8 @@ def single_process(ckpt: dict) -> parallel.Parallelized:
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ValueError(f"the checkpoint has a model_config this model.py cannot build ({one_line(e)})") from None
     return parallel.Parallelized(model, parallel.Layout(), lr=old.get("learning_rate", 1e-3),
-                                 betas=(old.get("beta1", 0.9), old.get("beta2", 0.95)), weight_decay=old.get("weight_decay", 0.1))
+                                 betas=(old.get("beta1", 0.9), old.get("beta2", 0.95)), weight_decay=old.get("weight_decay", 0.1),
+                                 optimizer=old.get("optimizer", "adamw"))  # Muon's momenta have their own keys
 
 
 def convert_checkpoint(src: str, dst: str):

@@ -7,7 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -1276,6 +1276,15 @@ def sharded_results(tmp_path_factory):
         return root, dict(results)
 
 
+def tensors_equal(a, b) -> bool:
+    """Nested dicts and lists of tensors (state dicts, optimizer state dicts): the same keys, equal tensors."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(tensors_equal, a, b))
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
 def rel_norm_diff(a: dict, b: dict) -> float:
     """max over tensors of ||a - b|| / ||b|| (tests/test_parallel.py explains why a norm: summation
     order differs between layouts, and AdamW amplifies rounding on elements whose gradient cancels),
@@ -1303,6 +1312,11 @@ def test_sharded_checkpoint_resumes_under_another_layout_and_in_one_process(shar
     # and in this one process, no process group: the same checkpoint, every piece read into one model
     one = make_par({}, {}, seed=123, name=name)
     train.load_sharded(os.path.join(root, name), one)
+    # what --convert_checkpoint and --sample build from the checkpoint's configs reads the same tensors
+    converted = train.single_process({"model_config": asdict(shard_config(name)), "train_config": {"optimizer": shard_optimizer(name)}})
+    train.load_sharded(os.path.join(root, name), converted)
+    assert tensors_equal(converted.full_state_dict(), one.full_state_dict())
+    assert tensors_equal(converted.full_optimizer_state_dict(), one.full_optimizer_state_dict())
     loss = shard_step(one, *shard_batches()[2])
     assert abs(loss - ref_losses[2]) / ref_losses[2] < 1e-5
     assert rel_norm_diff(one.full_state_dict(), ref_state) < 1e-5
