@@ -2643,7 +2643,9 @@ def model_from_checkpoint(ckpt: dict, path: str, manifest: dict, device: torch.d
     model = GPT(config).to(device)
     try:
         if "sharded" in ckpt:  # every piece of the model's tensors, read into this one process
-            pieces = {f"model.{n}": [((0,) * p.dim(), p.detach())] for n, p in model.named_parameters()}
+            persistent = model.state_dict(keep_vars=True)  # buffers too: an MoE's balancer bias chooses the experts
+            tensors = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n in persistent}
+            pieces = {f"model.{n}": [((0,) * t.dim(), t.detach())] for n, t in tensors.items()}
             read_pieces(pieces, {k: tuple(v[0][1].shape) for k, v in pieces.items()}, ckpt["sharded"])
         else:
             model.load_state_dict(ckpt["model"])

@@ -1421,7 +1421,11 @@ def test_sharded_checkpoint_keeps_the_moe_balancers_bias(tmp_path):
     assert len(resumed.module.moe_layers()) == 2
     for a, b in zip(par.module.moe_layers(), resumed.module.moe_layers()):
         assert b.expert_bias.abs().sum() > 0 and torch.equal(a.expert_bias, b.expert_bias)
-    assert all(torch.equal(v, resumed.full_state_dict()[k]) for k, v in par.full_state_dict().items())
+    assert tensors_equal(resumed.full_state_dict(), par.full_state_dict())
+    # and --sample's reader, the model alone
+    model = train.model_from_checkpoint({"model_config": asdict(shard_config("moe")), "sharded": str(tmp_path / "ckpt")},
+                                        str(tmp_path / "ckpt"), {"vocab_size": 0, "dir": ""}, torch.device("cpu"))
+    assert tensors_equal(model.state_dict(), par.full_state_dict())
 
 
 def test_sharded_checkpoint_mistakes_are_refused_with_the_reason(tmp_path):
