@@ -528,20 +528,21 @@ def dtensor_offsets(t: torch.Tensor) -> tuple:
 def flat_range_pieces(shape, start: int, values: torch.Tensor) -> list:
     """values, the elements [start, start + n) of a tensor of `shape` flattened row-major (a ZeRO
     shard's part of one parameter), as rectangles of the tensor: for a matrix, at most a partial first
-    row, whole rows, a partial last row. Each is a view of values."""
+    row, whole rows, a partial last row; for more dims (an MoE's experts, (E, C, H)) the same along
+    dim 0, each partial row cut the same way one dim down. Each is a view of values."""
     n = values.numel()
     if len(shape) <= 1:
         return [((start,) * len(shape), values.view(-1) if shape else values.view(()))]
-    assert len(shape) == 2, "the GPT's parameters are vectors and matrices"
-    cols, pieces, done = shape[1], [], 0
+    inner, pieces, done = math.prod(shape[1:]), [], 0  # inner: the elements of one row along dim 0
     while done < n:
-        row, col = divmod(start + done, cols)
-        if col or n - done < cols:  # a partial row: up to its end, or up to the range's end
-            length = min(cols - col, n - done)
-            pieces.append(((row, col), values[done:done + length].view(1, length)))
+        row, col = divmod(start + done, inner)
+        if col or n - done < inner:  # a partial row: up to its end, or up to the range's end
+            length = min(inner - col, n - done)
+            pieces += [((row, *offsets), part.unsqueeze(0))
+                       for offsets, part in flat_range_pieces(shape[1:], col, values[done:done + length])]
         else:  # as many whole rows as the range holds
-            length = (n - done) // cols * cols
-            pieces.append(((row, 0), values[done:done + length].view(length // cols, cols)))
+            length = (n - done) // inner * inner
+            pieces.append(((row,) + (0,) * (len(shape) - 1), values[done:done + length].view(length // inner, *shape[1:])))
         done += length
     return pieces
 
@@ -659,17 +660,18 @@ class Replicated:
 
     def local_pieces(self) -> dict:
         """Sharded checkpoints: key -> (parameter name, [(offsets, values)]) for what this rank holds,
-        in its module's coordinates: each parameter (a DTensor's local shard at its offset) and its
-        AdamW moments and step. The optimizer state must exist (create_optimizer_state)."""
+        in its module's coordinates: each parameter (a DTensor's local shard at its offset), its
+        AdamW moments and step, and Muon's momenta of the matrices this rank owns. The optimizer
+        state must exist (create_optimizer_state)."""
         out, names = {}, {id(p): n for n, p in self.module.named_parameters()}
         for name, p in self.module.named_parameters():
             out[f"model.{name}"] = (name, [(dtensor_offsets(p), local_part(p).detach())])
-        for p, state in self.optimizer.state.items():
+        for p, state in getattr(self.optimizer, "adamw", self.optimizer).state.items():  # MuonAdamW: its AdamW part
             name = names[id(p)]
             for key in ("exp_avg", "exp_avg_sq"):
                 out[f"optim.{name}.{key}"] = (name, [(dtensor_offsets(state[key]), local_part(state[key]))])
             out[f"optim.{name}.step"] = (name, [((), state["step"])])
-        return out
+        return out | (self.optimizer.muon.pieces() if isinstance(self.optimizer, MuonAdamW) else {})
 
     def extra_state(self) -> dict:
         return {}
@@ -890,6 +892,12 @@ class Muon(torch.optim.Optimizer):
             self._gather(chunk, bufs, "checkpoint")
             out.update({self.name[p]: {"momentum_buffer": b} for p, b in zip(chunk, bufs)})
         return out
+
+    def pieces(self) -> dict:
+        """Sharded checkpoints: the momentum of each matrix this rank owns, whole (key -> (name,
+        [(offsets, values)])); every matrix has one owner, so each momentum is written once, by it."""
+        return {f"optim.{self.name[p]}.momentum_buffer": (self.name[p], [((0,) * p.dim(), self.state[p]["momentum_buffer"])])
+                for p in self.owned}
 
     def load_state(self, named: dict):
         """The inverse: each rank keeps the momentum of the matrices it owns."""
@@ -1254,10 +1262,16 @@ class ZeRO(Replicated):
         return out | (self.muon.full_state() if self.muon is not None else {})
 
     def local_pieces(self) -> dict:
-        """Every rank holds the whole weights (replicas: one copy is written), and its slice of the moments."""
-        out = {f"model.{n}": (n, [((0,) * p.dim(), p.detach())]) for n, p in zip(self.unit.names, self.unit.params)}
+        """Every rank holds the whole weights (replicas: one copy is written), its slice of the flat
+        moments, the whole moments of its experts (expert parallelism) and Muon's momenta of the matrices it owns."""
+        out = {f"model.{n}": (n, [((0,) * p.dim(), p.detach())]) for n, p in self.module.named_parameters()}
         adamw = getattr(self.optimizer, "adamw", self.optimizer)
-        return {**out, **self.unit.moment_pieces(adamw.state[self.unit.shard])}
+        out |= self.unit.moment_pieces(adamw.state[self.unit.shard])
+        for name, p in self.experts.items():
+            state = adamw.state[p]
+            out |= {f"optim.{name}.{key}": (name, [((0,) * p.dim(), state[key])]) for key in ("exp_avg", "exp_avg_sq")}
+            out[f"optim.{name}.step"] = (name, [((), state["step"])])
+        return out | (self.muon.pieces() if self.muon is not None else {})
 
     @torch.no_grad()
     def load_state(self, model_state: dict, optimizer_state: dict | None, piece):
@@ -2285,6 +2299,7 @@ class ExpertParallel:
                     self.names.add(f"{name}.experts.{w}")
             module.dispatch = ExpertDispatch(experts, module.n_experts, self.group)
         self.params = [p for n, p in model.named_parameters() if n in self.names]
+        self.local_rows = {n: p.size(0) for n, p in model.named_parameters() if n in self.names}  # E/ep of each
         for p in self.params:
             p.expert_parallel = True  # data parallelism leaves these out (BucketedDataParallel)
 
@@ -2303,6 +2318,13 @@ class ExpertParallel:
         local = full.size(0) // self.ep
         me = dist.get_rank(self.group)
         return full[me * local:(me + 1) * local]
+
+    def place(self, name: str, offsets: tuple) -> tuple:
+        """Sharded checkpoints: offsets in this rank's expert tensor -> in the single-process one
+        (its experts start at row me E/ep of dim 0); other tensors' as they are."""
+        if name not in self.names or not offsets:
+            return offsets
+        return (offsets[0] + dist.get_rank(self.group) * self.local_rows[name],) + tuple(offsets[1:])
 
     def gather(self, tensors: dict) -> dict:
         """The inverse: every expert tensor all-gathered along its expert dimension. Collective."""
@@ -2329,7 +2351,7 @@ def apply_tensor_parallel_native(model: GPT, layout: Layout, sequence_parallel: 
 
     sequence_parallel (torchtitan's plan): the norms become SequenceParallel (inputs Shard(1), i.e.
     split along T; their weights Replicate DTensors, whose gradients come back Partial: see
-    replicate_partial_grads); PrepareModuleInput all-gathers T entering attention and the MLP; the
+    place_grads_like_params); PrepareModuleInput all-gathers T entering attention and the MLP; the
     row-parallel layers and the embedding reduce-scatter to Shard(1); the output layer gathers T
     first. The learned positions and the dropouts are handled as from scratch (split_positions_and_dropout)."""
     from torch.distributed.tensor import Replicate, Shard
@@ -2368,15 +2390,18 @@ def apply_tensor_parallel_native(model: GPT, layout: Layout, sequence_parallel: 
     return specs
 
 
-def replicate_partial_grads(module: nn.Module):
-    """Under SequenceParallel, DTensor leaves the norms' gradients Partial: a sum over the tp ranks
-    not yet taken (each rank saw T/t positions). The optimizer would take it lazily; the gradient
-    norm needs it now, so take it here (an all-reduce: the scratch path's sp_grads)."""
-    from torch.distributed.tensor import Replicate
-
+def place_grads_like_params(module: nn.Module):
+    """Give every DTensor gradient its parameter's placement. DTensor's backward does not promise it:
+    under SequenceParallel the norms' gradients come back Partial (a sum over the tp ranks not yet
+    taken: each rank saw T/t positions), and the vocabulary-split embedding's, untied, comes back
+    Replicate, the whole (V, C) gradient on every rank beside a Shard(0) weight (torch 2.11 and
+    2.13). The optimizer would redistribute either lazily; the gradient norm counts each rank's
+    local values now (_counts_in_norm reads the parameter's placement), so a Partial one would be
+    counted short and a Replicate one t times over. Partial -> Replicate is an all-reduce (the
+    scratch path's sp_grads); Replicate -> Shard only keeps this rank's rows, and frees the rest."""
     for p in module.parameters():
-        if p.grad is not None and is_dtensor(p.grad) and any(pl.is_partial() for pl in p.grad.placements):
-            p.grad = p.grad.redistribute(placements=[Replicate() if pl.is_partial() else pl for pl in p.grad.placements])
+        if p.grad is not None and is_dtensor(p.grad) and tuple(p.grad.placements) != tuple(p.placements):
+            p.grad = p.grad.redistribute(device_mesh=p.device_mesh, placements=p.placements)
 
 
 def dtensor_piece(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -2658,15 +2683,16 @@ class Parallelized:
 
     def finish_gradient_sync(self):
         """After the last micro-step: complete the gradient averaging, then the sums across stages
-        (tied embedding) and across tensor-parallel ranks (sequence parallelism's replicated weights)."""
+        (tied embedding) and across tensor-parallel ranks (sequence parallelism's replicated weights);
+        native gradients are put where their parameters are (place_grads_like_params)."""
         self.data_parallel.finish_gradient_sync()
         if self.expert_parallel is not None:
             self.expert_parallel.finish_gradient_sync()
         if self.pipeline is not None:
             self.pipeline.finish_gradient_sync()
+        if not self.scratch:
+            place_grads_like_params(self.module)
         if self.sequence_parallel_names is not None:
-            if not self.scratch:
-                replicate_partial_grads(self.module)
             reduce_sequence_parallel_grads(self.data_parallel.local_grads(), self.sequence_parallel_names, self.layout.group("tp"))
 
     def clip_grad_norm_(self, max_norm: float) -> float:
@@ -2814,26 +2840,29 @@ def create_optimizer_state(par: "Parallelized"):
     """AdamW creates its moments at its first step; a sharded checkpoint loads into them in place,
     so they must exist first: one step with zero gradients at learning rate 0 creates them
     (the load then overwrites weights, moments and step counts alike)."""
-    lrs = [group["lr"] for group in par.optimizer.param_groups]
-    for group in par.optimizer.param_groups:
+    adamw = getattr(par.optimizer, "adamw", par.optimizer)  # Muon's momenta exist from its start
+    lrs = [group["lr"] for group in adamw.param_groups]
+    for group in adamw.param_groups:
         group["lr"] = 0.0
         for p in group["params"]:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-    par.optimizer.step()
-    for group, lr in zip(par.optimizer.param_groups, lrs):
+    adamw.step()
+    for group, lr in zip(adamw.param_groups, lrs):
         group["lr"] = lr
     par.data_parallel.zero_grad()
 
 
 def sharded_pieces(par: "Parallelized") -> tuple[dict, dict]:
     """(key -> [(offsets, values)], key -> the single-process shape): everything this rank holds,
-    as pieces of the single-process model's tensors (model.<name>) and AdamW's state
-    (optim.<name>.exp_avg, .exp_avg_sq, .step). The data-parallel flavour gives them in its
-    module's coordinates (local_pieces); tensor-parallel slices are then placed by their index
-    lists (a scratch rank's own, or the native reordering DTensor shards). Views, not copies."""
+    as pieces of the single-process model's tensors (model.<name>, and its persistent buffers: an
+    MoE's balancer bias), AdamW's state (optim.<name>.exp_avg, .exp_avg_sq, .step) and Muon's
+    (optim.<name>.momentum_buffer). The data-parallel flavour gives them in its module's
+    coordinates (local_pieces); tensor-parallel slices are then placed by their index lists (a
+    scratch rank's own, or the native reordering DTensor shards), expert-parallel ones by the
+    first expert the rank holds. Views, not copies."""
     check_sharded(par)
-    if not par.optimizer.state:
+    if not getattr(par.optimizer, "adamw", par.optimizer).state:
         create_optimizer_state(par)
     pieces, shapes = {}, {}
     for key, (name, local) in par.data_parallel.local_pieces().items():
@@ -2842,8 +2871,14 @@ def sharded_pieces(par: "Parallelized") -> tuple[dict, dict]:
             dim, index = par.tp_specs[name]
             positions = index[par.layout.rank("tp")] if par.scratch else torch.cat(index)
             local = [q for offsets, values in local for q in split_by_positions(offsets, values, dim, positions)]
+        if par.expert_parallel is not None:
+            local = [(par.expert_parallel.place(name, offsets), values) for offsets, values in local]
         if kept := [(offsets, values) for offsets, values in local if values.numel() > 0]:
             pieces[key] = kept
+    parameters = {n for n, _ in par.module.named_parameters()}
+    for name, b in par.module.named_buffers():  # persistent ones (in the state dict), replicated on every rank
+        if name in par.state_keys and name not in parameters:
+            pieces[f"model.{name}"], shapes[f"model.{name}"] = [((0,) * b.dim(), b)], tuple(b.shape)
     return pieces, shapes
 
 

@@ -452,9 +452,6 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
         for name, variant in downstream.parse_tasks(cfg.eval_tasks):
             downstream.resolve_variant(name, variant, cfg.eval_tasks_dir or None)
     parallel.check_optimizer(cfg.optimizer, cfg.tp, cfg.pp, cfg.cp, cfg.zero, cfg.impl, cfg.diloco_steps, cfg.dtype)
-    if cfg.optimizer == "muon" and cfg.checkpoint_format == "sharded":
-        raise ValueError("--checkpoint_format sharded does not describe Muon's momenta yet (they live whole on their owner "
-                         "ranks): use --checkpoint_format full")
     check_moe_flags(cfg, model_overrides or {})
 
 
@@ -471,8 +468,6 @@ def check_moe_flags(cfg: TrainConfig, model_overrides: dict):
     if cfg.ep > 1 and (experts % cfg.ep or cfg.dp % cfg.ep):
         raise ValueError(f"--ep {cfg.ep} must divide --moe_experts ({experts}) and --dp ({cfg.dp}): each expert lives on "
                          "one rank of each group of ep data-parallel ranks")
-    if experts and cfg.checkpoint_format == "sharded":
-        raise ValueError("--checkpoint_format sharded does not describe an MoE's experts yet: use --checkpoint_format full")
     if cfg.ep > 1 and cfg.optimizer == "muon":
         raise ValueError("--optimizer muon with --ep: Muon deals whole matrices out to the data ranks, which hold different "
                          "experts under expert parallelism; drop --ep or use --optimizer adamw")
@@ -1174,14 +1169,17 @@ def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, 
 # A full checkpoint gathers every tensor to rank 0: simple, and readable by anything, but a 7B model
 # with AdamW is 112 GB of float32 state that no one rank may hold. --checkpoint_format sharded keeps
 # the state where it is. The state dict is still the single-process model's: its keys are
-# model.<name> (the GPT's parameter names), optim.<name>.exp_avg, .exp_avg_sq and .step, each with
-# the single-process shape. What differs is that every rank offers only its pieces of each tensor
+# model.<name> (the GPT's parameter names, and its persistent buffers: an MoE's balancer bias),
+# optim.<name>.exp_avg, .exp_avg_sq and .step (AdamW), optim.<name>.momentum_buffer (Muon), each
+# with the single-process shape. What differs is that every rank offers only its pieces of each tensor
 # (parallel.sharded_pieces): a rectangle of the whole, with its offsets, and as values a
 # view of the memory the rank trains with. ZeRO-3 and ZeRO-1/2's moments are slices of a flat vector,
 # so a rank's part of a matrix is up to three rectangles (a partial row, whole rows, a partial row);
 # a tensor-parallel slice is placed by its index list (a rank's heads of c_attn's [q | k | v] rows
 # are three runs); a DTensor (torch's FSDP2 and tensor parallelism) gives its shard's offset; a
-# pipeline stage offers only its blocks.
+# pipeline stage offers only its blocks; an expert-parallel rank offers its E/ep experts of each
+# layer at row r E/ep of the (E, ...) stack; Muon's momentum of a matrix lives whole on the one
+# rank that owns it (parallel.Muon), which alone offers it.
 #
 # What each rank writes: DCP gathers every rank's list of pieces to rank 0, which removes the copies
 # that replicas offer alike (a data-parallel rank's weights, a tensor-parallel rank's norms: the same
@@ -1428,7 +1426,8 @@ def single_process(ckpt: dict) -> parallel.Parallelized:
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ValueError(f"the checkpoint has a model_config this model.py cannot build ({one_line(e)})") from None
     return parallel.Parallelized(model, parallel.Layout(), lr=old.get("learning_rate", 1e-3),
-                                 betas=(old.get("beta1", 0.9), old.get("beta2", 0.95)), weight_decay=old.get("weight_decay", 0.1))
+                                 betas=(old.get("beta1", 0.9), old.get("beta2", 0.95)), weight_decay=old.get("weight_decay", 0.1),
+                                 optimizer=old.get("optimizer", "adamw"))  # Muon's momenta have their own keys
 
 
 def convert_checkpoint(src: str, dst: str):
@@ -2644,7 +2643,9 @@ def model_from_checkpoint(ckpt: dict, path: str, manifest: dict, device: torch.d
     model = GPT(config).to(device)
     try:
         if "sharded" in ckpt:  # every piece of the model's tensors, read into this one process
-            pieces = {f"model.{n}": [((0,) * p.dim(), p.detach())] for n, p in model.named_parameters()}
+            persistent = model.state_dict(keep_vars=True)  # buffers too: an MoE's balancer bias chooses the experts
+            tensors = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n in persistent}
+            pieces = {f"model.{n}": [((0,) * t.dim(), t.detach())] for n, t in tensors.items()}
             read_pieces(pieces, {k: tuple(v[0][1].shape) for k, v in pieces.items()}, ckpt["sharded"])
         else:
             model.load_state_dict(ckpt["model"])

@@ -7,7 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -1130,14 +1130,24 @@ SHARD_CASES = {
     "pp2_to_zero3_dp2": ((dict(pp=2), dict(microbatches=2)), (dict(dp=2), dict(zero=3))),
     "zero1_dp2_to_cp2": ((dict(dp=2), dict(zero=1)), (dict(cp=2), {})),
     "fsdp2_dp2_to_zero2_dp2": ((dict(dp=2), dict(zero=3, impl="native")), (dict(dp=2), dict(zero=2))),
+    # an MoE under expert parallelism (each rank holds 2 of the 4 experts), resumed with the experts in ZeRO-2's
+    # flat shard (3-D pieces); Muon's momenta, on their owners under ZeRO-1, resumed by plain data parallelism
+    "moe_ep2_dp2_to_zero2_dp2": ((dict(dp=2), dict(ep=2)), (dict(dp=2), dict(zero=2))),
+    "muon_zero1_dp2_to_dp2": ((dict(dp=2), dict(zero=1, optimizer="muon")), (dict(dp=2), dict(optimizer="muon"))),
 }
+# no biases in the MoE, as tests/test_parallel.py's MOE (an expert's bias gradient cancels as the key bias's does)
+SHARD_MOE = dict(moe_experts=4, moe_topk=2, moe_bias_update=0.0, bias=False)
 
 
-def shard_config() -> GPTConfig:
+def shard_config(name: str = "") -> GPTConfig:
     # untied, so the output layer is a tensor of its own; grouped-query attention, so c_attn's
     # [q | k | v] rows split into runs of unequal length under tensor parallelism
-    return GPTConfig(vocab_size=64, block_size=SHARD_T, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, bias=True,
-                     attention="naive", tie_embeddings=False)
+    return GPTConfig(**{**dict(vocab_size=64, block_size=SHARD_T, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, bias=True,
+                               attention="naive", tie_embeddings=False), **(SHARD_MOE if name.startswith("moe") else {})})
+
+
+def shard_optimizer(name: str) -> str:
+    return "muon" if name.startswith("muon") else "adamw"
 
 
 def shard_batches():
@@ -1157,11 +1167,11 @@ def shard_step(par, x, y) -> float:
     return par.reduce_loss(loss)
 
 
-def make_par(dims: dict, strategy: dict, seed: int) -> parallel.Parallelized:
+def make_par(dims: dict, strategy: dict, seed: int, name: str = "") -> parallel.Parallelized:
     layout = parallel.build_layout(**{**dict(dp=1, tp=1, pp=1, cp=1), **dims}, device=torch.device("cpu")) \
         if torch.distributed.is_initialized() else parallel.Layout()
     torch.manual_seed(seed)  # the resumed side starts from other weights: the checkpoint must overwrite them
-    return parallel.Parallelized(GPT(shard_config()), layout, **SHARD_OPTIM, **strategy)
+    return parallel.Parallelized(GPT(shard_config(name)), layout, **SHARD_OPTIM, **{"optimizer": shard_optimizer(name), **strategy})
 
 
 def shard_worker(rank, port, root, results):
@@ -1172,7 +1182,7 @@ def shard_worker(rank, port, root, results):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
     batches, out = shard_batches(), {}
     for name, ((dims, strategy), (dims2, strategy2)) in SHARD_CASES.items():
-        par = make_par(dims, strategy, seed=0)
+        par = make_par(dims, strategy, seed=0, name=name)
         for x, y in batches[:2]:
             shard_step(par, x, y)
         path = os.path.join(root, name)
@@ -1180,7 +1190,7 @@ def shard_worker(rank, port, root, results):
         train.write_pieces(pieces, shapes, path)
         # the largest tensor handed to DCP, in elements: a view of this rank's own memory, never a gathered whole
         largest = max(v.numel() for ps in pieces.values() for _, v in ps)
-        par2 = make_par(dims2, strategy2, seed=123)
+        par2 = make_par(dims2, strategy2, seed=123, name=name)
         train.load_sharded(path, par2)
         loss = shard_step(par2, *batches[2])
         state = par2.full_state_dict()
@@ -1190,11 +1200,16 @@ def shard_worker(rank, port, root, results):
     torch.distributed.destroy_process_group()
 
 
-def reference_three_steps():
-    """Plain torch: GPT and AdamW (decayed matrices, undecayed vectors) on one process."""
+def reference_three_steps(name: str = ""):
+    """Plain torch: GPT and AdamW (decayed matrices, undecayed vectors) on one process; for the Muon
+    case the one-process optimizer train.py builds (Muon on the blocks' matrices, AdamW on the rest)."""
     torch.manual_seed(0)
-    model = GPT(shard_config())
-    opt = parallel.make_adamw(model.parameters(), fused=False, **SHARD_OPTIM)
+    model = GPT(shard_config(name))
+    if shard_optimizer(name) == "muon":
+        opt = parallel.make_muon(model.parameters(), {id(p): n for n, p in model.named_parameters()}, None, fused=False,
+                                 **SHARD_OPTIM)
+    else:
+        opt = parallel.make_adamw(model.parameters(), fused=False, **SHARD_OPTIM)
     losses = []
     for x, y in shard_batches():
         _, loss = model(x, y)
@@ -1261,6 +1276,15 @@ def sharded_results(tmp_path_factory):
         return root, dict(results)
 
 
+def tensors_equal(a, b) -> bool:
+    """Nested dicts and lists of tensors (state dicts, optimizer state dicts): the same keys, equal tensors."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(tensors_equal, a, b))
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
 def rel_norm_diff(a: dict, b: dict) -> float:
     """max over tensors of ||a - b|| / ||b|| (tests/test_parallel.py explains why a norm: summation
     order differs between layouts, and AdamW amplifies rounding on elements whose gradient cancels),
@@ -1280,14 +1304,19 @@ def rel_norm_diff(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("name", SHARD_CASES)
 def test_sharded_checkpoint_resumes_under_another_layout_and_in_one_process(sharded_results, name):
     root, results = sharded_results
-    ref_losses, ref_state = reference_three_steps()
+    ref_losses, ref_state = reference_three_steps(name)
     # 1e-5 relative: the project's bar for float32 (observed: ~1e-7, rounding between layouts)
     resumed = results[0][name]
     assert abs(resumed["loss"] - ref_losses[2]) / ref_losses[2] < 1e-5
     assert rel_norm_diff(resumed["state"], ref_state) < 1e-5
     # and in this one process, no process group: the same checkpoint, every piece read into one model
-    one = make_par({}, {}, seed=123)
+    one = make_par({}, {}, seed=123, name=name)
     train.load_sharded(os.path.join(root, name), one)
+    # what --convert_checkpoint and --sample build from the checkpoint's configs reads the same tensors
+    converted = train.single_process({"model_config": asdict(shard_config(name)), "train_config": {"optimizer": shard_optimizer(name)}})
+    train.load_sharded(os.path.join(root, name), converted)
+    assert tensors_equal(converted.full_state_dict(), one.full_state_dict())
+    assert tensors_equal(converted.full_optimizer_state_dict(), one.full_optimizer_state_dict())
     loss = shard_step(one, *shard_batches()[2])
     assert abs(loss - ref_losses[2]) / ref_losses[2] < 1e-5
     assert rel_norm_diff(one.full_state_dict(), ref_state) < 1e-5
@@ -1314,6 +1343,33 @@ def test_each_rank_writes_only_its_shard_and_never_holds_the_whole_state(sharded
         written = [per_file[f] for f in sorted(per_file)]
         expected = [4 * zero3_shard_elements(r) for r in (0, 1)]
         assert sum(written) == sum(expected) + steps and all(e <= w <= e + steps for w, e in zip(written, expected))
+    where = pieces_by_file(os.path.join(root, name))
+    if name.startswith("moe"):  # expert parallelism: rank r wrote rows [2 r, 2 r + 2) of every expert tensor, weights and moments
+        experts = {k: v for k, v in where.items() if ".experts." in k and not k.endswith(".step")}
+        assert len(experts) == 2 * 3 * 2  # 2 MoE layers x (weights, exp_avg, exp_avg_sq) x (w_fc, w_proj)
+        for pieces in experts.values():
+            assert sorted((o[0], size[0], file) for o, size, file in pieces) == [(0, 2, "__0_0.distcp"), (2, 2, "__1_0.distcp")]
+    if name.startswith("muon"):  # each momentum whole, once, by its owner: rank i % 2 of the i-th matrix of its shape
+        model, by_shape, owner = GPT(shard_config(name)), {}, {}
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and n.startswith("transformer.h."):
+                by_shape.setdefault(tuple(p.shape), []).append(n)
+        for same in by_shape.values():
+            owner |= {n: f"__{i % 2}_0.distcp" for i, n in enumerate(same)}
+        momenta = {k[len("optim."):-len(".momentum_buffer")]: v for k, v in where.items() if k.endswith(".momentum_buffer")}
+        assert set(momenta) == set(owner)
+        for n, pieces in momenta.items():
+            assert pieces == [((0, 0), tuple(model.get_parameter(n).shape), owner[n])]
+
+
+def pieces_by_file(path) -> dict:
+    """From DCP's .metadata: key -> [(offsets, sizes, the file that holds that piece)]."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    md = dcp.FileSystemReader(path).read_metadata()
+    return {key: [(tuple(c.offsets), tuple(c.sizes), md.storage_data[MetadataIndex(key, c.offsets)].relative_path)
+                  for c in tensor.chunks] for key, tensor in md.state_dict_metadata.items()}
 
 
 @pytest.mark.slow
@@ -1351,6 +1407,25 @@ def test_torchrun_zero3_sharded_checkpoint_resumes_in_one_process_and_converts_t
     assert set(a) <= set(b) and (4, "val_loss") in a
     assert max(abs(a[k] - b[k]) / abs(a[k]) for k in a) < 1e-5
     assert sorted(p.name for p in sharded.iterdir() if p.name.startswith("ckpt")) == ["ckpt_step00000004.dcp"]  # K = 1
+
+
+def test_sharded_checkpoint_keeps_the_moe_balancers_bias(tmp_path):
+    # a persistent buffer, not a parameter: the loss-free balancer's bias must travel with the weights
+    par = make_par({}, {}, seed=0, name="moe")
+    for m in par.module.moe_layers():
+        m.expert_bias.copy_(torch.randn(m.expert_bias.shape))  # as if the balancer had moved it
+    shard_step(par, *shard_batches()[0])
+    train.write_pieces(*parallel.sharded_pieces(par), str(tmp_path / "ckpt"))
+    resumed = make_par({}, {}, seed=123, name="moe")
+    train.load_sharded(str(tmp_path / "ckpt"), resumed)
+    assert len(resumed.module.moe_layers()) == 2
+    for a, b in zip(par.module.moe_layers(), resumed.module.moe_layers()):
+        assert b.expert_bias.abs().sum() > 0 and torch.equal(a.expert_bias, b.expert_bias)
+    assert tensors_equal(resumed.full_state_dict(), par.full_state_dict())
+    # and --sample's reader, the model alone
+    model = train.model_from_checkpoint({"model_config": asdict(shard_config("moe")), "sharded": str(tmp_path / "ckpt")},
+                                        str(tmp_path / "ckpt"), {"vocab_size": 0, "dir": ""}, torch.device("cpu"))
+    assert tensors_equal(model.state_dict(), par.full_state_dict())
 
 
 def test_sharded_checkpoint_mistakes_are_refused_with_the_reason(tmp_path):
