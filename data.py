@@ -497,18 +497,22 @@ def _hf_documents(source: str, text_field: str):
     if not name:
         raise ValueError(f"--data '{source}' names no dataset: use hf:NAME[:CONFIG][:SPLIT], "
                          "e.g. hf:HuggingFaceFW/fineweb-edu:sample-10BT:train")
+    missing = None  # (record number, its fields) of a record without the text field
     try:
         stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
         for number, record in enumerate(stream, 1):
             text = record.get(text_field)
             if not isinstance(text, str):
-                raise ValueError(f"record {number} of {source} has no string field '{text_field}': pass --text_field "
-                                 f"with one of {', '.join(record)}")
+                missing = number, list(record)
+                break
             yield text
-    except ValueError:
-        raise
-    except Exception as e:  # the hub is unreachable, the name or config is unknown, ...
+    # the hub is unreachable, the name, config or split is unknown (datasets raises ValueError for a bad
+    # split, so every exception of datasets is named here, with the source it came from)
+    except Exception as e:
         raise ValueError(f"cannot stream {source} ({_one_line(e)}): check the name, config and split, and the network") from None
+    if missing is not None:
+        raise ValueError(f"record {missing[0]} of {source} has no string field '{text_field}': pass --text_field "
+                         f"with one of {', '.join(missing[1])}")
 
 
 def _jsonl_documents(path: Path, text_field: str):

@@ -2349,14 +2349,16 @@ def test_optional_readers_missing_are_one_error_line(tmp_path, monkeypatch, caps
 
 def test_hf_source_streams_a_dataset_with_datasets(tmp_path, rng):
     """hf:NAME[:CONFIG][:SPLIT] through `datasets` streaming, here on a local folder of JSON-lines files
-    (no network): the same documents as the file itself, and a bad split is one error."""
+    (no network): the same documents as the file itself; a bad split and a missing field are one error each."""
     pytest.importorskip("datasets")  # optional: only this reader needs it
     (tmp_path / "ds").mkdir()
     texts = mixed_jsonl(tmp_path / "ds" / "train.jsonl", rng, n=30)
     got = [t for t, _, _ in data.iter_documents(f"hf:{tmp_path / 'ds'}")]
     assert got == texts
-    with pytest.raises(ValueError, match="cannot stream"):
+    with pytest.raises(ValueError, match="cannot stream"):  # datasets' own ValueError, named with the source
         list(data.iter_documents(f"hf:{tmp_path / 'ds'}::no_such_split"))
+    with pytest.raises(ValueError, match="record 1 of hf:.* has no string field 'body': pass --text_field with one of text"):
+        list(data.iter_documents(f"hf:{tmp_path / 'ds'}", text_field="body"))
 
 
 @pytest.mark.slow
