@@ -866,6 +866,50 @@ def exact_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
+class ExactKeys:
+    """The set of 16-byte exact keys seen so far, in 16 bytes per key instead of a Python set's ~100.
+
+    A set of bytes objects costs each key its object (49 bytes, 56 allocated) and a slot of a table
+    kept at most 3/5 full: about 100 bytes per document, most of what the collect pass keeps per
+    document, 1 GB at 10 million documents. Here the keys live in two sorted uint64 arrays (the first
+    and the last 8 bytes), and only the newest ones in a set of at most `recent` entries; when that
+    fills, its keys are sorted and inserted into the arrays (np.insert: a new array, and its index
+    temporaries, while it runs). tracemalloc, 400,000 random keys added (`python -c` on this 2-core
+    machine): 17.9 bytes per key held and 43.4 at the peak of a merge, where a set of bytes held
+    90.9 and peaked at 101.5. A lookup is the set, then a binary search of the first
+    halves and a comparison of the second at the positions it finds. Exact: the same answers as a set."""
+
+    def __init__(self, recent: int = 1 << 16):
+        self.first, self.second = np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+        self.newest, self.recent = set(), recent
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.newest)
+
+    def __contains__(self, key: bytes) -> bool:
+        if key in self.newest:
+            return True
+        first = np.uint64(int.from_bytes(key[:8], "little"))
+        lo = int(np.searchsorted(self.first, first, "left"))
+        hi = int(np.searchsorted(self.first, first, "right"))  # more than lo + 1 only when first halves collide
+        return bool((self.second[lo:hi] == np.uint64(int.from_bytes(key[8:16], "little"))).any())
+
+    def add(self, key: bytes) -> None:
+        """Remember key (not already in: the caller asked)."""
+        self.newest.add(key)
+        if len(self.newest) >= self.recent:
+            self._merge()
+
+    def _merge(self) -> None:
+        halves = np.frombuffer(b"".join(self.newest), dtype="<u8").reshape(-1, 2)  # (M, 2) first, second
+        self.newest = set()
+        order = np.lexsort((halves[:, 1], halves[:, 0]))  # by the first half, then the second
+        first, second = halves[order, 0], halves[order, 1]
+        at = np.searchsorted(self.first, first, "left")
+        self.first = np.insert(self.first, at, first)  # one array at a time: the old one goes before the next
+        self.second = np.insert(self.second, at, second)
+
+
 # MinHash parameters. K=128 hashes: the Jaccard estimate has standard
 # deviation sqrt(J(1-J)/K) <= 0.044 (datasketch's MinHash also defaults to num_perm=128).
 # 5-word shingles as in FineWeb (datatrove's MinhashConfig: n_grams=5).
@@ -2966,8 +3010,8 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     """
     clock, count, pii_found = Counter(), Counter(), Counter()
     # Per document, 8-byte integers in typed arrays (a list would hold a 28-byte int object per entry):
-    # its offset in the spool, its size, its domain, script and rule; and its exact key in `seen`.
-    seen, offsets, nbytes, domain, names, sigs = set(), array.array("q"), array.array("q"), array.array("q"), {}, []
+    # its offset in the spool, its size, its domain, script and rule; and its exact key in `seen` (ExactKeys: 16 bytes, not a set's ~100).
+    seen, offsets, nbytes, domain, names, sigs = ExactKeys(), array.array("q"), array.array("q"), array.array("q"), {}, []
     scripts, script_names, reasons, reason_names = array.array("q"), {}, array.array("q"), {None: 0}
     _READ.update(done=0, position=None)
     update = _progress("read, normalise, dedup, filter", verbose, None if cfg.max_bytes else total_bytes)

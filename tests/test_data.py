@@ -2415,6 +2415,23 @@ def test_signatures_spilled_to_disk_give_the_same_decisions_as_in_memory(tmp_pat
     assert np.array_equal(data.near_duplicate_keep(spilled, 0.8), keep) and (~keep).sum() >= 20
 
 
+def test_exact_keys_answer_as_a_python_set_across_merges(rng):
+    """ExactKeys (collect's exact-dedup memory) against a Python set: random 16-byte keys, a third of them
+    repeats, some sharing their first 8 bytes with another key (a collision of the binary search's
+    half), with a set of recent keys so small that they are merged into the sorted arrays many times."""
+    keys = [rng.randbytes(16) for _ in range(300)]
+    keys += [k[:8] + rng.randbytes(8) for k in keys[:40]]  # same first half, another key
+    stream = [rng.choice(keys) if rng.random() < 0.35 else rng.randbytes(16) for _ in range(3000)] + keys
+    seen, reference, answers = data.ExactKeys(recent=7), set(), []
+    for key in stream:
+        answers.append(key in seen)
+        assert answers[-1] == (key in reference)
+        if not answers[-1]:
+            seen.add(key)
+            reference.add(key)
+    assert len(seen) == len(reference) and sum(answers) > 1000 and len(seen.newest) < 7
+
+
 def test_lsh_on_disk_splits_a_band_into_partitions_beyond_the_budget_with_the_same_decisions(tmp_path, rng, monkeypatch):
     """LSH on a SignatureFile whose band keys do not fit the budget: they go to partition files by key
     (counted through _bucket_pairs' calls: one per band and partition, every document in one of them;
