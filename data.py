@@ -36,8 +36,9 @@ band, and when a band's bucket keys would not fit the budget they go to disk
 in partitions, every member of a bucket in the same one, each partition
 bucketed, its pairs verified and joined before the next is read; the one
 thing kept per document is the union-find's parent (8 bytes). What still
-grows with the corpus is the collect pass's index (offsets, sizes, labels)
-and the set of exact hashes, under 200 bytes a document. One process reads and cuts the stream into chunks; a pool of worker
+grows with the corpus is the collect pass's index (offsets, sizes, labels:
+40 bytes a document) and the exact hashes (ExactKeys: sorted arrays, 16
+bytes a document, not a Python set's ~100). One process reads and cuts the stream into chunks; a pool of worker
 processes does all the per-document work of the stages below (normalise,
 PII, the exact hash, the signature, the script and the quality rules) in one
 pass, and the chunks come back in order, so the result is that of one
