@@ -30,8 +30,15 @@ source's documents the domain label `name`. Documents flow as a generator, so
 a corpus larger than memory goes through: what the pipeline keeps per document
 is under a kilobyte (a 16-byte hash, a 512-byte MinHash signature, an offset
 into a spool file on disk), never its text, and the signatures go to disk
-too when they exceed a budget (SignatureFile: LSH then reads one band at a
-time). One process reads and cuts the stream into chunks; a pool of worker
+too when they exceed a budget (--memory_gb; SignatureFile). LSH on them is
+then sharded by band and, within a band, by key: it reads the file once per
+band, and when a band's bucket keys would not fit the budget they go to disk
+in partitions, every member of a bucket in the same one, each partition
+bucketed, its pairs verified and joined before the next is read; the one
+thing kept per document is the union-find's parent (8 bytes). What still
+grows with the corpus is the collect pass's index (offsets, sizes, labels:
+40 bytes a document) and the exact hashes (ExactKeys: sorted arrays, 16
+bytes a document, not a Python set's ~100). One process reads and cuts the stream into chunks; a pool of worker
 processes does all the per-document work of the stages below (normalise,
 PII, the exact hash, the signature, the script and the quality rules) in one
 pass, and the chunks come back in order, so the result is that of one
@@ -201,6 +208,7 @@ Map of the file, in reading order:
     sources: stdlib_corpus, iter_documents, read_documents, _download
     normalize                        NFC, controls, whitespace
     exact_key, shingles, minhash_signatures, SignatureFile, lsh_threshold, lsh_candidates,
+                                     _spilled_candidates (by band and key partition),
                                      near_duplicate_keep (union-find), dedup
     script_of, the quality rules, DOMAIN_RULES, quality_filter
     mask_pii                         e-mail, IP and phone placeholders
@@ -490,18 +498,22 @@ def _hf_documents(source: str, text_field: str):
     if not name:
         raise ValueError(f"--data '{source}' names no dataset: use hf:NAME[:CONFIG][:SPLIT], "
                          "e.g. hf:HuggingFaceFW/fineweb-edu:sample-10BT:train")
+    missing = None  # (record number, its fields) of a record without the text field
     try:
         stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
         for number, record in enumerate(stream, 1):
             text = record.get(text_field)
             if not isinstance(text, str):
-                raise ValueError(f"record {number} of {source} has no string field '{text_field}': pass --text_field "
-                                 f"with one of {', '.join(record)}")
+                missing = number, list(record)
+                break
             yield text
-    except ValueError:
-        raise
-    except Exception as e:  # the hub is unreachable, the name or config is unknown, ...
+    # the hub is unreachable, the name, config or split is unknown (datasets raises ValueError for a bad
+    # split, so every exception of datasets is named here, with the source it came from)
+    except Exception as e:
         raise ValueError(f"cannot stream {source} ({_one_line(e)}): check the name, config and split, and the network") from None
+    if missing is not None:
+        raise ValueError(f"record {missing[0]} of {source} has no string field '{text_field}': pass --text_field "
+                         f"with one of {', '.join(missing[1])}")
 
 
 def _jsonl_documents(path: Path, text_field: str):
@@ -855,6 +867,50 @@ def exact_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
+class ExactKeys:
+    """The set of 16-byte exact keys seen so far, in 16 bytes per key instead of a Python set's ~100.
+
+    A set of bytes objects costs each key its object (49 bytes, 56 allocated) and a slot of a table
+    kept at most 3/5 full: about 100 bytes per document, most of what the collect pass keeps per
+    document, 1 GB at 10 million documents. Here the keys live in two sorted uint64 arrays (the first
+    and the last 8 bytes), and only the newest ones in a set of at most `recent` entries; when that
+    fills, its keys are sorted and inserted into the arrays (np.insert: a new array, and its index
+    temporaries, while it runs). tracemalloc, 400,000 random keys added (`python -c` on this 2-core
+    machine): 17.9 bytes per key held and 43.4 at the peak of a merge, where a set of bytes held
+    90.9 and peaked at 101.5. A lookup is the set, then a binary search of the first
+    halves and a comparison of the second at the positions it finds. Exact: the same answers as a set."""
+
+    def __init__(self, recent: int = 1 << 16):
+        self.first, self.second = np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+        self.newest, self.recent = set(), recent
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.newest)
+
+    def __contains__(self, key: bytes) -> bool:
+        if key in self.newest:
+            return True
+        first = np.uint64(int.from_bytes(key[:8], "little"))
+        lo = int(np.searchsorted(self.first, first, "left"))
+        hi = int(np.searchsorted(self.first, first, "right"))  # more than lo + 1 only when first halves collide
+        return bool((self.second[lo:hi] == np.uint64(int.from_bytes(key[8:16], "little"))).any())
+
+    def add(self, key: bytes) -> None:
+        """Remember key (not already in: the caller asked)."""
+        self.newest.add(key)
+        if len(self.newest) >= self.recent:
+            self._merge()
+
+    def _merge(self) -> None:
+        halves = np.frombuffer(b"".join(self.newest), dtype="<u8").reshape(-1, 2)  # (M, 2) first, second
+        self.newest = set()
+        order = np.lexsort((halves[:, 1], halves[:, 0]))  # by the first half, then the second
+        first, second = halves[order, 0], halves[order, 1]
+        at = np.searchsorted(self.first, first, "left")
+        self.first = np.insert(self.first, at, first)  # one array at a time: the old one goes before the next
+        self.second = np.insert(self.second, at, second)
+
+
 # MinHash parameters. K=128 hashes: the Jaccard estimate has standard
 # deviation sqrt(J(1-J)/K) <= 0.044 (datasketch's MinHash also defaults to num_perm=128).
 # 5-word shingles as in FineWeb (datatrove's MinhashConfig: n_grams=5).
@@ -933,12 +989,14 @@ class SignatureFile:
     """(N, K) uint32 MinHash signatures kept on disk instead of in memory (prepare's --memory_gb).
 
     A signature is 4K = 512 bytes per document: 10 GB of 4 kB web pages, 2.5M documents, hold 1.3 GB
-    of them. When that is more than the budget, prepare appends them to this file as they are made,
-    and LSH reads them back a band at a time (sharded by band): the r columns of one band for all
-    documents, (N, r), read in pieces of rows_per_read rows, make the band's N bucket keys (8 bytes
-    per document) and the file is read once per band; verification gathers the rows of a budget's
-    worth of candidate pairs at a time. The decisions are those of the signatures in memory: the
-    same keys, the same pairs, the same agreement."""
+    of them. When that is more than a quarter of the budget, prepare appends them to this file as they
+    are made, and near_duplicate_keep works on it without ever holding one value per document beyond
+    the union-find's parent (_spilled_candidates): the file is read in pieces of rows_per_read rows
+    (a quarter of the budget), once per band (sharded by band); a band's bucket keys go to disk too,
+    split by key into partitions that each fit the budget, when the band's keys would not; and each
+    partition's candidate pairs are verified (their rows gathered from the file) and joined before
+    the next is read. The decisions are those of the signatures in memory: the same keys, the same
+    buckets, the same pairs, the same agreement (a test)."""
 
     def __init__(self, path, num_perm: int = NUM_PERM, rows_per_read: int = 1 << 16):
         self.path, self.k, self.n, self.rows_per_read = Path(path), num_perm, 0, max(1, rows_per_read)
@@ -950,6 +1008,11 @@ class SignatureFile:
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def budget_bytes(self) -> int:
+        """The memory one piece of the file takes: what LSH may hold at once per band."""
+        return self.rows_per_read * self.k * 4
 
     def append(self, sig: np.ndarray) -> None:
         with open(self.path, "ab") as f:
@@ -963,29 +1026,88 @@ class SignatureFile:
                 rows = min(self.rows_per_read, self.n - lo)
                 yield lo, np.fromfile(f, dtype=np.uint32, count=rows * self.k).reshape(rows, self.k)
 
-    def columns(self, lo: int, hi: int) -> np.ndarray:
-        """(N, hi - lo): columns lo..hi-1 of every signature (one band), read piece by piece."""
-        out = np.empty((self.n, hi - lo), dtype=np.uint32)
-        for first, piece in self._pieces():
-            out[first:first + len(piece)] = piece[:, lo:hi]
-        return out
-
-    def empty_rows(self) -> np.ndarray:
-        """(N,) bool: the signatures that are all ones (documents without words)."""
-        out = np.empty(self.n, dtype=bool)
-        for first, piece in self._pieces():
-            out[first:first + len(piece)] = (piece == np.iinfo(np.uint32).max).all(axis=1)
-        return out
-
     def take(self, ids: np.ndarray) -> np.ndarray:
-        """(len(ids), K): the signatures of documents ids, read through a map of the file that is
-        closed again at once (its pages leave this process's memory)."""
-        if len(ids) == 0:
-            return np.zeros((0, self.k), dtype=np.uint32)
-        mapped = np.memmap(self.path, dtype=np.uint32, mode="r", shape=(self.n, self.k))
-        rows = np.array(mapped[ids])
-        del mapped
+        """(len(ids), K): the signatures of documents ids, one read of 4K bytes each. Not a memory map:
+        the pages a map touches count in this process's resident memory until it is closed, and
+        the kernel maps up to 16 cached neighbours of each (fault-around), so scattered rows of a
+        large file would bring most of it in."""
+        rows, size = np.empty((len(ids), self.k), dtype=np.uint32), self.k * 4
+        with open(self.path, "rb") as f:
+            for r, i in enumerate(ids):
+                rows[r] = np.frombuffer(os.pread(f.fileno(), size, int(i) * size), dtype=np.uint32)
         return rows
+
+
+# LSH on a SignatureFile holds, per document of a band, its 8-byte key, an 8-byte id and the sort's
+# order and sorted copy: about 40 bytes; 48 leaves room. A band whose documents need more than the
+# budget goes to disk in partitions (at most _MAX_PARTITIONS files open at once: 128 keeps far
+# below the usual limit of 1,024 open files, and 128 partitions of a 1 GB budget's quarter cover
+# 128 * 250 MB / 48 B = 670M documents).
+_BUCKET_BYTES = 48
+_MAX_PARTITIONS = 128
+_RECORD = np.dtype([("key", "<u8"), ("id", "<i8")])  # a bucket key and its document, as spilled
+
+
+def _bucket_pairs(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(P, 2) pairs i < j of documents `ids` (increasing) whose `keys` are equal: lsh_candidates'
+    buckets for one band, or for one partition of a band's keys (a bucket never straddles two)."""
+    order = np.argsort(keys, kind="stable")  # stable: a bucket's members stay in document order
+    ordered = keys[order]
+    first = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    count = np.diff(np.r_[first, len(keys)])
+    found = []
+    for at, size in zip(first[count >= 2], count[count >= 2]):
+        members = ids[order[at:at + size]]
+        if size > _MAX_BUCKET_PAIRS:  # a huge bucket: each member paired with its first, as lsh_candidates does
+            found.append(np.stack([np.full(size - 1, members[0]), members[1:]], axis=1))
+        else:
+            a, b = np.triu_indices(size, k=1)
+            found.append(np.stack([members[a], members[b]], axis=1))
+    return np.unique(np.concatenate(found), axis=0) if found else np.zeros((0, 2), dtype=np.int64)
+
+
+def _spilled_candidates(sig: SignatureFile, bands: int, rows: int):
+    """lsh_candidates on a SignatureFile, with memory bounded by sig.budget_bytes whatever N is:
+    yields (P, 2) candidate pairs a band (or a partition of a band) at a time.
+
+    For each band the file is read piece by piece and each document's bucket key computed as
+    lsh_candidates does (the same multipliers, its own bucket when it has no words). While the band's
+    keys fit the budget they stay in memory; beyond it, each piece's (key, id) records are appended
+    to one of `parts` partition files chosen by key % parts, so the members of a bucket land in one
+    file, in document order, and each file is then read and bucketed alone. The union of what is
+    yielded is lsh_candidates' set of pairs (a pair may come from several bands)."""
+    n = sig.n
+    fold = np.random.default_rng(1).integers(1, 2**63, size=rows, dtype=np.uint64) | np.uint64(1)  # as lsh_candidates
+    parts = min(_MAX_PARTITIONS, max(1, -(-n * _BUCKET_BYTES // sig.budget_bytes)))
+    names = [Path(f"{sig.path}.part{p}") for p in range(parts)]
+    for band in range(bands):
+        keys, files = np.empty(n if parts == 1 else 0, dtype=np.uint64), []
+        try:
+            files = [open(name, "wb") for name in names] if parts > 1 else []
+            for first, piece in sig._pieces():
+                piece_keys = (piece[:, band * rows:(band + 1) * rows].astype(np.uint64) * fold).sum(axis=1)
+                ids = np.arange(first, first + len(piece), dtype=np.int64)
+                no_words = (piece == np.iinfo(np.uint32).max).all(axis=1)
+                piece_keys[no_words] = ids[no_words].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+                if parts == 1:
+                    keys[first:first + len(piece)] = piece_keys
+                    continue
+                part = piece_keys % np.uint64(parts)
+                for p in np.unique(part):
+                    chosen = part == p
+                    records = np.empty(int(chosen.sum()), dtype=_RECORD)
+                    records["key"], records["id"] = piece_keys[chosen], ids[chosen]
+                    files[p].write(records.tobytes())
+        finally:
+            for f in files:
+                f.close()
+        if parts == 1:
+            yield _bucket_pairs(keys, np.arange(n, dtype=np.int64))
+            continue
+        for name in names:
+            records = np.fromfile(name, dtype=_RECORD)
+            name.unlink()
+            yield _bucket_pairs(records["key"], records["id"])
 
 
 def lsh_candidate_probability(s: float, bands: int, rows: int) -> float:
@@ -1014,12 +1136,10 @@ def lsh_candidates(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     if bands * rows > k:
         raise ValueError(f"bands*rows = {bands * rows} exceeds the {k} hashes per signature: lower bands or rows")
     fold = np.random.default_rng(1).integers(1, 2**63, size=rows, dtype=np.uint64) | np.uint64(1)
-    # documents without words; a SignatureFile answers from disk, one band's columns at a time
-    empty = sig.empty_rows() if isinstance(sig, SignatureFile) else (sig == np.iinfo(np.uint32).max).all(axis=1)
+    empty = (sig == np.iinfo(np.uint32).max).all(axis=1)  # documents without words
     pairs = []
     for band in range(bands):
-        columns = sig.columns(band * rows, (band + 1) * rows) if isinstance(sig, SignatureFile) else \
-            sig[:, band * rows:(band + 1) * rows]  # (N, r)
+        columns = sig[:, band * rows:(band + 1) * rows]  # (N, r)
         keys = (columns.astype(np.uint64) * fold).sum(axis=1)  # (N,)
         keys[empty] = np.arange(n)[empty].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # own buckets
         order = np.argsort(keys, kind="stable")  # stable: members stay in document order
@@ -1059,18 +1179,35 @@ def near_duplicate_keep(sig: np.ndarray, threshold: float = 0.8, bands: int | No
     """(N,) bool: False for every document whose cluster (via verified LSH pairs) has an earlier member."""
     if bands is None or rows is None:
         bands, rows = lsh_threshold(threshold, sig.shape[1])
+    if isinstance(sig, SignatureFile):
+        return _spilled_keep(sig, threshold, bands, rows)
     pairs = lsh_candidates(sig, bands, rows)
     # Verification: the fraction of agreeing hashes is an unbiased estimate of Jaccard.
-    if isinstance(sig, SignatureFile):  # rows gathered from disk, a budget's worth of pairs at a time
-        step = max(1, sig.rows_per_read // 2)
-        agree = np.concatenate([np.zeros(0)] + [(sig.take(pairs[lo:lo + step, 0]) == sig.take(pairs[lo:lo + step, 1]))
-                                                .mean(axis=1) for lo in range(0, len(pairs), step)])
-    else:
-        agree = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1) if len(pairs) else np.zeros(0)
+    agree = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1) if len(pairs) else np.zeros(0)
     parent = list(range(len(sig)))  # union-find: each document starts as its own cluster
     for i, j in pairs[agree >= threshold]:
         _union(parent, int(i), int(j))
     return np.array([_find(parent, i) == i for i in range(len(sig))], dtype=bool)
+
+
+def _spilled_keep(sig: SignatureFile, threshold: float, bands: int, rows: int) -> np.ndarray:
+    """near_duplicate_keep on a SignatureFile: each batch of candidates from _spilled_candidates is
+    verified (the rows of a budget's worth of pairs gathered from the file at a time) and joined at
+    once, so no list of pairs outlives its partition. The clusters are the connected components of
+    the verified pairs, which do not depend on the order the pairs come in; a pair whose documents
+    are already in one cluster is not verified again (joining it would change nothing). The one
+    value per document held throughout is the parent (8 bytes), a numpy array, not a list of ints."""
+    parent = np.arange(sig.n, dtype=np.int64)
+    step = max(1, sig.rows_per_read // 2)  # two rows per pair: a piece's worth of signatures
+    for pairs in _spilled_candidates(sig, bands, rows):
+        apart = np.array([_find(parent, int(i)) != _find(parent, int(j)) for i, j in pairs], dtype=bool)
+        pairs = pairs[apart] if len(pairs) else pairs
+        for lo in range(0, len(pairs), step):
+            batch = pairs[lo:lo + step]
+            agree = (sig.take(batch[:, 0]) == sig.take(batch[:, 1])).mean(axis=1)
+            for i, j in batch[agree >= threshold]:
+                _union(parent, int(i), int(j))
+    return parent == np.arange(sig.n)  # a root is its cluster's earliest document
 
 
 def dedup(docs: list[str], method: str = "minhash", threshold: float = 0.8, **params) -> list[bool]:
@@ -2870,13 +3007,13 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     Memory per kept document: its offset, size, labels, script and rule, a 16-byte exact key and
     (for minhash) a K * 4-byte signature; the text itself goes to disk. total_bytes: the size of
     the input files, for the ETA (None: unknown). memory_gb: once the signatures would take more
-    than a quarter of it, they go to a SignatureFile beside the spool (the rest of the budget is for
-    LSH's per-band keys and pairs, and the spool's index).
+    than a quarter of it, they go to a SignatureFile beside the spool (LSH on it then holds a
+    quarter of the budget at a time: a piece of the file, or a band's keys or a partition of them).
     """
     clock, count, pii_found = Counter(), Counter(), Counter()
     # Per document, 8-byte integers in typed arrays (a list would hold a 28-byte int object per entry):
-    # its offset in the spool, its size, its domain, script and rule; and its exact key in `seen`.
-    seen, offsets, nbytes, domain, names, sigs = set(), array.array("q"), array.array("q"), array.array("q"), {}, []
+    # its offset in the spool, its size, its domain, script and rule; and its exact key in `seen` (ExactKeys: 16 bytes, not a set's ~100).
+    seen, offsets, nbytes, domain, names, sigs = ExactKeys(), array.array("q"), array.array("q"), array.array("q"), {}, []
     scripts, script_names, reasons, reason_names = array.array("q"), {}, array.array("q"), {None: 0}
     _READ.update(done=0, position=None)
     update = _progress("read, normalise, dedup, filter", verbose, None if cfg.max_bytes else total_bytes)

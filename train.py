@@ -144,8 +144,8 @@ class TrainConfig:
 
     preset: str = "laptop"  # named set of defaults (see PRESETS); any flag overrides it
     # --- data
-    data: str = "stdlib"  # comma-separated sources, each optionally domain=source: stdlib, stdlib:code, stdlib:prose, a .txt/.jsonl(.gz) file, a directory, a glob or an http(s) URL
-    text_field: str = "text"  # the field of a .jsonl record that holds the document's text
+    data: str = "stdlib"  # comma-separated sources, each optionally domain=source: stdlib, stdlib:code, stdlib:prose, a .txt/.jsonl(.gz) file, a .parquet file (its text column read one row group at a time; pip install pyarrow), a directory, a glob, an http(s) URL, or hf:NAME[:CONFIG][:SPLIT] (a Hugging Face dataset streamed to this machine; pip install datasets)
+    text_field: str = "text"  # the field of a .jsonl record (or the column of a .parquet file or hf: dataset) that holds the document's text
     dedup: str = "minhash"  # none, exact (identical text), or minhash (exact, then near duplicates at Jaccard >= 0.8)
     quality_filter: bool = True  # drop documents that fail their domain's quality rules (Gopher, C4; code: The Stack)
     mix: str = ""  # target share per domain, e.g. code=0.3,prose=0.7, or alpha=0.3 (p ~ n^alpha); empty: natural proportions

@@ -2349,14 +2349,16 @@ def test_optional_readers_missing_are_one_error_line(tmp_path, monkeypatch, caps
 
 def test_hf_source_streams_a_dataset_with_datasets(tmp_path, rng):
     """hf:NAME[:CONFIG][:SPLIT] through `datasets` streaming, here on a local folder of JSON-lines files
-    (no network): the same documents as the file itself, and a bad split is one error."""
+    (no network): the same documents as the file itself; a bad split and a missing field are one error each."""
     pytest.importorskip("datasets")  # optional: only this reader needs it
     (tmp_path / "ds").mkdir()
     texts = mixed_jsonl(tmp_path / "ds" / "train.jsonl", rng, n=30)
     got = [t for t, _, _ in data.iter_documents(f"hf:{tmp_path / 'ds'}")]
     assert got == texts
-    with pytest.raises(ValueError, match="cannot stream"):
+    with pytest.raises(ValueError, match="cannot stream"):  # datasets' own ValueError, named with the source
         list(data.iter_documents(f"hf:{tmp_path / 'ds'}::no_such_split"))
+    with pytest.raises(ValueError, match="record 1 of hf:.* has no string field 'body': pass --text_field with one of text"):
+        list(data.iter_documents(f"hf:{tmp_path / 'ds'}", text_field="body"))
 
 
 @pytest.mark.slow
@@ -2411,3 +2413,52 @@ def test_signatures_spilled_to_disk_give_the_same_decisions_as_in_memory(tmp_pat
         spilled.append(sig[lo:lo + 13])
     keep = data.near_duplicate_keep(sig, 0.8)
     assert np.array_equal(data.near_duplicate_keep(spilled, 0.8), keep) and (~keep).sum() >= 20
+
+
+def test_exact_keys_answer_as_a_python_set_across_merges(rng):
+    """ExactKeys (collect's exact-dedup memory) against a Python set: random 16-byte keys, a third of them
+    repeats, some sharing their first 8 bytes with another key (a collision of the binary search's
+    half), with a set of recent keys so small that they are merged into the sorted arrays many times."""
+    keys = [rng.randbytes(16) for _ in range(300)]
+    keys += [k[:8] + rng.randbytes(8) for k in keys[:40]]  # same first half, another key
+    stream = [rng.choice(keys) if rng.random() < 0.35 else rng.randbytes(16) for _ in range(3000)] + keys
+    seen, reference, answers = data.ExactKeys(recent=7), set(), []
+    for key in stream:
+        answers.append(key in seen)
+        assert answers[-1] == (key in reference)
+        if not answers[-1]:
+            seen.add(key)
+            reference.add(key)
+    assert len(seen) == len(reference) and sum(answers) > 1000 and len(seen.newest) < 7
+
+
+def test_lsh_on_disk_splits_a_band_into_partitions_beyond_the_budget_with_the_same_decisions(tmp_path, rng, monkeypatch):
+    """LSH on a SignatureFile whose band keys do not fit the budget: they go to partition files by key
+    (counted through _bucket_pairs' calls: one per band and partition, every document in one of them;
+    the files removed afterwards), and the candidate pairs and the keep mask equal lsh_candidates' and
+    the in-memory union-find's, with near copies, copies of copies, a bucket larger than
+    _MAX_BUCKET_PAIRS (its members paired with the first) and documents without words."""
+    base = [" ".join(f"w{rng.randrange(10**6)}" for _ in range(rng.randint(30, 80))) for _ in range(60)]
+    docs = base + [" ".join(d.split()[:-2]) for d in base[:15]]  # near copies (J >= 0.85)
+    docs += [" ".join(d.split()[1:-3]) for d in base[:5]]  # near copies of the originals and of their copies
+    docs += [base[20]] * (data._MAX_BUCKET_PAIRS + 6) + ["", "  "] * 3
+    docs = rng.sample(docs, len(docs))
+    sig = data.minhash_signatures(docs)
+    bands, rows = data.lsh_threshold(0.8)
+    keep, pairs = data.near_duplicate_keep(sig, 0.8), data.lsh_candidates(sig, bands, rows)
+    assert (~keep).sum() >= data._MAX_BUCKET_PAIRS + 20
+    real, sizes = data._bucket_pairs, []
+    monkeypatch.setattr(data, "_bucket_pairs", lambda keys, ids: sizes.append(len(keys)) or real(keys, ids))
+    n = len(docs)
+    for rows_per_read in (1000, 7, 1):  # budgets of 512 kB (one partition), 3.5 kB and 512 bytes
+        spilled = data.SignatureFile(tmp_path / f"sig{rows_per_read}.u32", rows_per_read=rows_per_read)
+        for lo in range(0, n, 11):
+            spilled.append(sig[lo:lo + 11])
+        parts = min(data._MAX_PARTITIONS, -(-n * data._BUCKET_BYTES // (rows_per_read * 128 * 4)))
+        sizes.clear()
+        found = np.concatenate(list(data._spilled_candidates(spilled, bands, rows)))
+        assert len(sizes) == bands * parts and sum(sizes) == bands * n, (rows_per_read, parts, len(sizes))
+        assert np.array_equal(np.unique(found, axis=0), pairs)
+        assert np.array_equal(data.near_duplicate_keep(spilled, 0.8), keep)
+    assert (1, 3, 15) == tuple(min(data._MAX_PARTITIONS, -(-n * 48 // (r * 512))) for r in (1000, 7, 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sig1.u32", "sig1000.u32", "sig7.u32"]  # partitions removed

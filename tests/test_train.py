@@ -1512,3 +1512,22 @@ def test_the_recipe_options_refuse_the_layouts_that_do_not_carry_them(model_flag
     with pytest.raises(ValueError, match=words):
         train.check_speedups_fit(cfg, GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, **model_flags),
                                  parallel.Layout(**layout))
+
+
+def test_train_reuses_what_data_py_prepared_with_the_same_data_tokenizer_and_vocab_size(tmp_path):
+    """The README's FineWeb-Edu recipe prepares with `python data.py prepare` (its --vocab_size default,
+    4096) and then trains with `--vocab_size 4096`: train.py must find that directory instead of preparing
+    again (the vocabulary size keys the cache even for tokenizers with their own), and with train.py's
+    default (2048) it names another directory, as the recipe warns."""
+    corpus = tmp_path / "c.jsonl"
+    sentence = "Document {} says that the river and the hill are where the old town of {} stood. "
+    corpus.write_text("".join(json.dumps({"text": "".join(sentence.format(i, i * 7 + j) for j in range(12))}) + "\n"
+                              for i in range(40)))  # no two documents alike
+    prepared = data.prepare(str(corpus), "bytes", out_dir=str(tmp_path / "dc"), verbose=False, workers=1,
+                            quality_filter=False)
+    for flags, same in ((["--vocab_size", "4096"], True), ([], False)):
+        args = train.build_parser().parse_args(["--data", str(corpus), "--tokenizer", "bytes", "--data_dir",
+                                                str(tmp_path / "dc"), "--quality_filter", "false", *flags])
+        cfg, _ = train.resolve_configs(args)
+        manifest, _ = train.prepare_data(cfg, verbose=False)
+        assert (manifest["dir"] == prepared["dir"]) == same, (flags, manifest["dir"], prepared["dir"])
