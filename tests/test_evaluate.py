@@ -181,6 +181,23 @@ def test_batched_window_scores_equal_each_window_scored_alone_in_float64(options
         assert greedy == ref_greedy
 
 
+
+@pytest.mark.parametrize("options", [{}, {"rope": True, "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2}])
+def test_document_bits_per_byte_in_packed_rows_equal_the_window_by_window_scores(options):
+    # the perplexity filter's fast path (numpy rows, length-sorted batches mixing full rows with each
+    # document's short last row, cross-entropy without the argmax) against the tasks' scorer on
+    # document_windows; float64, so only summation order differs (~1e-12)
+    seed = int(torch.randint(0, 2**31, ()))
+    g = torch.Generator().manual_seed(seed)
+    m = GPT(GPTConfig(vocab_size=257, block_size=16, n_layer=2, n_head=4, n_embd=32, **options)).double().train()
+    letters = "ab cde\n.é"
+    texts = ["".join(letters[i] for i in torch.randint(0, len(letters), (int(n),), generator=g))
+             for n in torch.randint(0, 70, (9,), generator=g)] + [""]
+    got = evaluate.bits_per_byte_of_texts(m, byte_encoding(), texts, batch_tokens=48)  # 3 rows a batch
+    want = evaluate.bits_per_byte_by_windows(m, byte_encoding(), texts, batch_size=5)
+    assert got == pytest.approx(want, rel=1e-10), f"seed {seed}"
+    assert m.training  # the mode it came in with
+
 def test_evaluate_tasks_returns_the_four_keys_and_restores_training_mode(tmp_path):
     folder = write_task(tmp_path, "toy", "rc_5shot", HAND_MADE)
     m = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=16)).train()
@@ -360,7 +377,7 @@ def test_document_bits_per_byte_is_every_token_and_the_end_of_text_under_a_known
     document's tokens and its end-of-text, however many windows of the block it takes."""
     eot = math.log((1 / 8) / 254)  # the end-of-text token's share of the last eighth
     texts = ["ab a" * n for n in (1, 7, 40)] + [""]  # 4 to 160 bytes: one to three windows of 64
-    got = evaluate.bits_per_byte_of_texts(unigram(), byte_encoding(), texts, batch_size=2)
+    got = evaluate.bits_per_byte_of_texts(unigram(), byte_encoding(), texts, batch_tokens=128)
     for text, bpb in zip(texts, got):
         nats = -(known_ll(text) + eot)
         assert bpb == pytest.approx(nats / math.log(2) / max(len(text.encode()), 1), rel=1e-12)
