@@ -90,6 +90,16 @@ activation checkpointing), and each comment says the bytes or launches it saves.
 training steps on random tokens through the same make_parallelized, so it measures what a run
 trains; --bench_ablation turns each speed-up off in turn. Tests check that each keeps the loss.
 
+The recipe, ablated
+-------------------
+A change to the recipe is only worth its complexity if it buys something on the same budget, and
+one run cannot say so: the seed alone moves a short run's final loss by a few thousandths of a bit
+per byte. --ablate_recipe therefore trains GPT-2's recipe and each modern option (Muon, QK-norm,
+z-loss, ReLU^2, soft-capping, document masking, multi-token prediction, the spike guard) alone and
+all together, every row with the same steps, batch and block (the same tokens), every row over the
+same seeds through compare_seeds, and reports each row's difference from the baseline beside the
+noise of that difference. The table it prints is the README's.
+
 Map of this file
 ----------------
 TrainConfig, PRESETS -> flags from dataclass fields -> starting from a Hugging Face directory (--init_from) ->
@@ -97,7 +107,7 @@ device and dtype -> learning-rate schedule ->
 optimizer -> speed-ups (vocabulary padding, checks, make_parallelized) -> checkpoint save/load (the
 files an out_dir keeps, full and asynchronous writes, sharded checkpoints on DCP, conversion) ->
 evaluation -> one run per directory (OutDirLock) -> preemption (signals) -> the training loop ->
-benchmark -> sampling -> comparing seeds -> pictures (--plot) -> main().
+benchmark -> sampling -> comparing seeds -> the recipe ablation (--ablate_recipe) -> pictures (--plot) -> main().
 """
 
 from __future__ import annotations
