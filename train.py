@@ -2751,14 +2751,11 @@ def ablation_plan(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
     unknown = [n for n in wanted if n not in dict(RECIPE_ROWS)]
     if unknown:
         raise ValueError(f"unknown --ablate_rows {', '.join(unknown)}: choose from {', '.join(n for n, _ in RECIPE_ROWS)}")
-    seeds = cfg.compare_seeds or 3
     plan = []
     for name, flags in RECIPE_ROWS:
         if wanted and name not in wanted:
             continue
-        row_cfg, row_overrides = with_flags(cfg, model_overrides, flags)
-        row_cfg = replace(row_cfg, ablate_recipe=False, ablate_rows="", compare_seeds=seeds,
-                          out_dir=os.path.join(cfg.out_dir, name))
+        row_cfg, row_overrides = ablation_row_config(cfg, model_overrides, name, flags)
         try:  # what training would refuse at the row's start, refused now, before the first row trains
             check_config(row_cfg, row_overrides)
             check_speedups_fit(row_cfg, GPTConfig(**{k: v for k, v in row_overrides.items() if k != "eot_id"}),
@@ -2767,6 +2764,22 @@ def ablation_plan(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
             raise ValueError(f"--ablate_recipe row {name} ({flags_text(flags)}): {e}") from None
         plan.append({"name": name, "flags": flags, "cfg": row_cfg, "model_overrides": row_overrides})
     return plan
+
+
+def ablation_row_config(cfg: TrainConfig, model_overrides: dict, name: str, flags: dict) -> tuple[TrainConfig, dict]:
+    """One row's configuration: the flags as given, the row's own flags, --compare_seeds (3 when
+    not given) and out_dir/<name>."""
+    row_cfg, row_overrides = with_flags(cfg, model_overrides, flags)
+    return replace(row_cfg, ablate_recipe=False, ablate_rows="", compare_seeds=cfg.compare_seeds or 3,
+                   out_dir=os.path.join(cfg.out_dir, name)), row_overrides
+
+
+def ablation_row_key(row_cfg: TrainConfig, row_overrides: dict) -> dict:
+    """What makes a row's numbers (not how they are logged, nor --overwrite), as JSON reads it back:
+    a row of an earlier ablation.json with an equal key is the row this run would train."""
+    unrelated = ("overwrite", "log_interval", "log_to", "dist_timeout")
+    return json.loads(json.dumps({"train": {k: v for k, v in asdict(row_cfg).items() if k not in unrelated},
+                                  "model": row_overrides}))
 
 
 @dataclass
@@ -2786,7 +2799,8 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     standard error sqrt(s_row^2 / n + s_base^2 / n) (the noise of a difference of two means: a
     difference under about twice it is not an effect yet). out_dir/ablation.json is rewritten after
     every row, so a run cut short keeps its rows, and a row already in it with the same
-    configuration is reused, not trained again; each row is also one record of out_dir/metrics.jsonl.
+    configuration is reused, not trained again (rows left out by --ablate_rows stay in it and in the
+    table: several runs can fill one table); each row is also one record of out_dir/metrics.jsonl.
     Rank 0 prints and writes; returns the summary (or the stop of a run a signal stopped)."""
     plan = ablation_plan(cfg, model_overrides)
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -2797,10 +2811,11 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     summary = {"preset": cfg.preset, "max_iters": cfg.max_iters, "seeds": plan[0]["cfg"].compare_seeds if plan else 0,
                "tokens_per_row_run": cfg.max_iters * cfg.batch_size * cfg.grad_accum * cfg.dp * block_size_of(cfg, model_overrides),
                "device": device_name(pick_device(cfg.device)), "git_revision": git_revision(), "argv": sys.argv, "rows": []}
-    # what makes a row's numbers (not how they are logged, nor --overwrite): equal means reusable
-    unrelated = ("overwrite", "log_interval", "log_to", "dist_timeout")
-    config_of = {p["name"]: json.loads(json.dumps({"train": {k: v for k, v in asdict(p["cfg"]).items() if k not in unrelated},
-                                                   "model": p["model_overrides"]})) for p in plan}
+    # every row's key, those not asked for by --ablate_rows too: their rows of an earlier run, made
+    # with the same flags, stay in ablation.json and the table (rows may be trained in several runs)
+    config_of = {name: ablation_row_key(*ablation_row_config(cfg, model_overrides, name, flags)) for name, flags in RECIPE_ROWS}
+    planned = {p["name"] for p in plan}
+    kept = {name: r for name, r in earlier.items() if name not in planned and r.get("config") == config_of.get(name)}
     to_train = [p for p in plan if earlier.get(p["name"], {}).get("config") != config_of[p["name"]]]
     runs_total = sum(p["cfg"].compare_seeds for p in to_train)
     progress, runs_done = Progress(0, runs_total), 0
@@ -2823,7 +2838,8 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
                 continue
             row = {"name": p["name"], "flags": p["flags"], "command_flags": flags_text(p["flags"]),
                    "config": config_of[p["name"]], **{k: result[k] for k in ("seeds", "runs", "val_loss", "val_bpb")}}
-        summary["rows"].append(row)
+        done = {r["name"]: r for r in summary["rows"]} | {row["name"]: row} | kept
+        summary["rows"] = [done[name] for name, _ in RECIPE_ROWS if name in done]  # the table's order
         add_differences(summary["rows"])
         if rank0:
             os.makedirs(cfg.out_dir, exist_ok=True)

@@ -274,6 +274,11 @@ def test_ablate_recipe_table_holds_the_compare_seeds_runs_numbers(data_dir, tmp_
     before = ckpt.stat().st_mtime_ns
     train.main([*common, "--ablate_recipe", "--ablate_rows", "baseline,z_loss", "--out_dir", str(tmp_path / "abl")])
     assert capsys.readouterr().out.count(": reused from") == 2 and ckpt.stat().st_mtime_ns == before
+    # a run of some rows keeps the others of the same flags, in ablation.json and in the table
+    train.main([*common, "--ablate_recipe", "--ablate_rows", "z_loss", "--out_dir", str(tmp_path / "abl")])
+    printed = capsys.readouterr().out
+    assert printed.count(": reused from") == 1 and "| baseline |" in printed and "| z_loss |" in printed
+    assert json.loads((tmp_path / "abl" / "ablation.json").read_text())["rows"] == summary["rows"]
 
 
 def test_rng_states_saved_then_set_replay_the_same_draws_and_dropout_masks():
