@@ -2739,9 +2739,7 @@ def ablation_plan(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
     check_speedups_fit would refuse (an option that the chosen layout cannot run)."""
     if cfg.compare_seeds == 1:
         raise ValueError("--ablate_recipe --compare_seeds 1: a spread needs 2 or more seeds (0: the default, 3)")
-    if cfg.resume or cfg.stop_at or cfg.init_from or cfg.bench or cfg.bench_ablation or cfg.sample:
-        raise ValueError("--ablate_recipe trains every row from scratch to --max_iters: drop --resume, --stop_at, "
-                         "--init_from, --bench, --bench_ablation and --sample")
+    check_ablate_alone(cfg)
     baseline = {**asdict(cfg), **model_overrides}
     changed = [k for k, off in RECIPE_OFF.items() if baseline.get(k, off) != off]
     if changed:
@@ -2764,6 +2762,16 @@ def ablation_plan(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
             raise ValueError(f"--ablate_recipe row {name} ({flags_text(flags)}): {e}") from None
         plan.append({"name": name, "flags": flags, "cfg": row_cfg, "model_overrides": row_overrides})
     return plan
+
+
+def check_ablate_alone(cfg: TrainConfig):
+    """--ablate_recipe trains every row from scratch to --max_iters: the flags that do something else
+    instead (or continue, or stop early) are refused in one line."""
+    other = [f"--{k}" for k in ("resume", "stop_at", "init_from", "bench", "bench_ablation", "bench_checkpoint", "sample",
+                                "plot", "convert_checkpoint") if getattr(cfg, k)]
+    if other:
+        raise ValueError(f"--ablate_recipe with {other[0]}: the ablation trains every row from scratch to --max_iters; "
+                         "drop one of the two")
 
 
 def ablation_row_config(cfg: TrainConfig, model_overrides: dict, name: str, flags: dict) -> tuple[TrainConfig, dict]:
@@ -2983,6 +2991,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         cfg, model_overrides = resolve_configs(args)
+        if cfg.ablate_recipe:
+            check_ablate_alone(cfg)
         if cfg.plot:
             print(f"plot: {plot_runs(cfg.plot.split(os.pathsep), cfg.plot_file)}")
             return

@@ -240,7 +240,8 @@ def test_ablate_recipe_rows_are_the_baseline_each_option_alone_and_all_together(
                          (["--qk_norm"], "--qk_norm True is one of the options"),
                          (["--ablate_rows", "baseline,nope"], "unknown --ablate_rows nope"),
                          (["--compare_seeds", "1"], "2 or more seeds"),
-                         (["--stop_at", "2"], "drop --resume, --stop_at"),
+                         (["--stop_at", "2"], "--ablate_recipe with --stop_at"),
+                         (["--plot", str(tmp_path)], "--ablate_recipe with --plot"),
                          (["--tp", "2"], "row muon (--optimizer muon): ")):  # a row the layout cannot run
         with pytest.raises(SystemExit) as exit_info:
             train.main(["--preset", "tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path / "bad"), "--ablate_recipe", *flags])
