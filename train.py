@@ -2727,7 +2727,7 @@ RECIPE_OFF = {"optimizer": "adamw", "qk_norm": False, "z_loss": 0.0, "mlp": "gel
 def flags_text(flags: dict) -> str:
     """{"optimizer": "muon", "qk_norm": True} -> "--optimizer muon --qk_norm": the command line of a row."""
     return " ".join(f"--{k}" if v is True else f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}"
-                    for k, v in flags.items()) or "(GPT-2's recipe)"
+                    for k, v in flags.items()) or "none: GPT-2's recipe"
 
 
 def ablation_plan(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
@@ -2887,7 +2887,8 @@ def format_ablation_table(rows: list[dict]) -> str:
         bpb, loss = r["val_bpb"], r["val_loss"]
         delta = "" if r["delta_bpb"] is None or r["name"] == "baseline" else f"{r['delta_bpb']:+.3f} +- {r['delta_bpb_se']:.3f}"
         per_seed = ", ".join(f"{x['val_bpb']:.4f}" for x in r["runs"])
-        lines.append(f"| {r['name']} | `{r['command_flags']}` | {bpb['mean']:.3f} +- {bpb['std']:.3f} | {delta} | "
+        flags = f"`{r['command_flags']}`" if r["flags"] else r["command_flags"]
+        lines.append(f"| {r['name']} | {flags} | {bpb['mean']:.3f} +- {bpb['std']:.3f} | {delta} | "
                      f"{loss['mean']:.4f} +- {loss['std']:.4f} | {per_seed} |")
     return "\n".join(lines)
 
