@@ -2813,9 +2813,7 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     plan = ablation_plan(cfg, model_overrides)
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     path = os.path.join(cfg.out_dir, "ablation.json")
-    earlier = {}
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        earlier = {r["name"]: r for r in json.load(open(path))["rows"]}
+    earlier = read_ablation_rows(path)
     summary = {"preset": cfg.preset, "max_iters": cfg.max_iters, "seeds": plan[0]["cfg"].compare_seeds if plan else 0,
                "tokens_per_row_run": cfg.max_iters * cfg.batch_size * cfg.grad_accum * cfg.dp * block_size_of(cfg, model_overrides),
                "device": device_name(pick_device(cfg.device)), "git_revision": git_revision(), "argv": sys.argv, "rows": []}
@@ -2823,10 +2821,9 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     # with the same flags, stay in ablation.json and the table (rows may be trained in several runs)
     config_of = {name: ablation_row_key(*ablation_row_config(cfg, model_overrides, name, flags)) for name, flags in RECIPE_ROWS}
     planned = {p["name"] for p in plan}
-    kept = {name: r for name, r in earlier.items() if name not in planned and r.get("config") == config_of.get(name)}
     to_train = [p for p in plan if earlier.get(p["name"], {}).get("config") != config_of[p["name"]]]
     runs_total = sum(p["cfg"].compare_seeds for p in to_train)
-    progress, runs_done = Progress(0, runs_total), 0
+    progress, runs_done, mine = Progress(0, runs_total), 0, {}
     say = print if rank0 else (lambda *a, **k: None)
     say(f"ablate: {len(plan)} rows x {summary['seeds']} seeds of preset {cfg.preset}, {cfg.max_iters} steps each "
         f"({summary['tokens_per_row_run']:,} tokens per run); {len(plan) - len(to_train)} reused from {path}", flush=True)
@@ -2846,7 +2843,10 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
                 continue
             row = {"name": p["name"], "flags": p["flags"], "command_flags": flags_text(p["flags"]),
                    "config": config_of[p["name"]], **{k: result[k] for k in ("seeds", "runs", "val_loss", "val_bpb")}}
-        done = {r["name"]: r for r in summary["rows"]} | {row["name"]: row} | kept
+        mine[row["name"]] = row
+        # read again before each write: another run with other --ablate_rows may have added rows since
+        kept = {name: r for name, r in read_ablation_rows(path).items() if name not in planned and r.get("config") == config_of[name]}
+        done = mine | kept
         summary["rows"] = [done[name] for name, _ in RECIPE_ROWS if name in done]  # the table's order
         add_differences(summary["rows"])
         if rank0:
@@ -2861,6 +2861,14 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     print(format_ablation_table(summary["rows"]))
     print(f"wrote {path}")
     return summary
+
+
+def read_ablation_rows(path: str) -> dict:
+    """name -> row of an ablation.json (empty when there is none, or it cannot be read)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(path) as f:
+            return {r["name"]: r for r in json.load(f)["rows"]}
+    return {}
 
 
 def block_size_of(cfg: TrainConfig, model_overrides: dict) -> int:
