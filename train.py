@@ -2745,14 +2745,13 @@ def ablation_plan(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
     if changed:
         raise ValueError(f"--ablate_recipe compares GPT-2's recipe with each option; --{changed[0]} {baseline[changed[0]]} "
                          "is one of the options its rows turn on: drop it (--ablate_rows picks rows)")
-    wanted = [n for n in cfg.ablate_rows.split(",") if n]
+    wanted = list(dict.fromkeys(n for n in cfg.ablate_rows.split(",") if n))  # each once, in the order given
     unknown = [n for n in wanted if n not in dict(RECIPE_ROWS)]
     if unknown:
         raise ValueError(f"unknown --ablate_rows {', '.join(unknown)}: choose from {', '.join(n for n, _ in RECIPE_ROWS)}")
     plan = []
-    for name, flags in RECIPE_ROWS:
-        if wanted and name not in wanted:
-            continue
+    for name in wanted or [n for n, _ in RECIPE_ROWS]:  # trained in the order asked for (the table keeps RECIPE_ROWS's)
+        flags = dict(RECIPE_ROWS)[name]
         row_cfg, row_overrides = ablation_row_config(cfg, model_overrides, name, flags)
         try:  # what training would refuse at the row's start, refused now, before the first row trains
             check_config(row_cfg, row_overrides)
