@@ -90,6 +90,16 @@ activation checkpointing), and each comment says the bytes or launches it saves.
 training steps on random tokens through the same make_parallelized, so it measures what a run
 trains; --bench_ablation turns each speed-up off in turn. Tests check that each keeps the loss.
 
+The recipe, ablated
+-------------------
+A change to the recipe is only worth its complexity if it buys something on the same budget, and
+one run cannot say so: the seed alone moves a short run's final loss by a few thousandths of a bit
+per byte. --ablate_recipe therefore trains GPT-2's recipe and each modern option (Muon, QK-norm,
+z-loss, ReLU^2, soft-capping, document masking, multi-token prediction, the spike guard) alone and
+all together, every row with the same steps, batch and block (the same tokens), every row over the
+same seeds through compare_seeds, and reports each row's difference from the baseline beside the
+noise of that difference. The table it prints is the README's.
+
 Map of this file
 ----------------
 TrainConfig, PRESETS -> flags from dataclass fields -> starting from a Hugging Face directory (--init_from) ->
@@ -97,7 +107,7 @@ device and dtype -> learning-rate schedule ->
 optimizer -> speed-ups (vocabulary padding, checks, make_parallelized) -> checkpoint save/load (the
 files an out_dir keeps, full and asynchronous writes, sharded checkpoints on DCP, conversion) ->
 evaluation -> one run per directory (OutDirLock) -> preemption (signals) -> the training loop ->
-benchmark -> sampling -> comparing seeds -> pictures (--plot) -> main().
+benchmark -> sampling -> comparing seeds -> the recipe ablation (--ablate_recipe) -> pictures (--plot) -> main().
 """
 
 from __future__ import annotations
@@ -166,6 +176,8 @@ class TrainConfig:
     seed: int = 1337  # seeds initialisation, data order and sampling
     init_from: str = ""  # start from the weights of a Hugging Face model directory (python model.py export's, or a GPT-2/Llama one the model can express; nanoGPT's init_from): its config.json sets the model's shape and its tokenizer must be the corpus's; empty: random initialisation
     compare_seeds: int = 0  # train this configuration with N seeds (seed, seed+1, ...), each in out_dir/seed<s>, and report the mean and standard deviation of the final validation loss and bits per byte (out_dir/compare.json); 0: one run
+    ablate_recipe: bool = False  # train the preset once per row of RECIPE_ROWS (GPT-2's recipe, each modern option alone, all together), each with --compare_seeds seeds (3 if not given) at the same tokens, in out_dir/<row>; print mean +- std of validation bits per byte and the difference from the baseline (out_dir/ablation.json); finished rows of an earlier run with the same flags are reused
+    ablate_rows: str = ""  # --ablate_recipe: comma-separated row names to train (empty: all; names as printed in the table)
     device: str = "auto"  # auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # float32, bfloat16, float16 (CUDA, with a gradient scaler); auto: bfloat16 where supported, else float32
     compile: bool = False  # torch.compile the model (faster on GPUs; slow to start)
@@ -2690,6 +2702,206 @@ def compare_seeds(cfg: TrainConfig, model_overrides: dict) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The modern recipe, ablated: each option against GPT-2's recipe, over seeds, at equal tokens
+
+# (row name, flags). The baseline is the preset as given (GPT-2's recipe: AdamW, GELU, no norm on
+# queries and keys, no extra loss terms); each option is turned on alone, then all at once. The
+# values are the ones the papers use: PaLM's z-loss coefficient 1e-4, Gemma 2's soft-cap of 30,
+# one extra MTP head (DeepSeek-V3 predicts one more token); the spike guard's 6 standard deviations
+# is our choice (no paper fixes it): a threshold a healthy run's step-to-step noise never reaches.
+RECIPE_OPTIONS = (
+    ("muon", {"optimizer": "muon"}),
+    ("qk_norm", {"qk_norm": True}),
+    ("z_loss", {"z_loss": 1e-4}),
+    ("relu2", {"mlp": "relu2"}),
+    ("softcap", {"logit_softcap": 30.0}),
+    ("doc_mask", {"doc_mask": True}),
+    ("mtp", {"mtp": 1}),
+    ("spike_guard", {"spike_sigma": 6.0}),
+)
+RECIPE_ROWS = (("baseline", {}),) + RECIPE_OPTIONS + (("all", {k: v for _, f in RECIPE_OPTIONS for k, v in f.items()}),)
+# the value each option's flag has in GPT-2's recipe (the baseline must have these)
+RECIPE_OFF = {"optimizer": "adamw", "qk_norm": False, "z_loss": 0.0, "mlp": "gelu", "logit_softcap": 0.0,
+              "doc_mask": False, "mtp": 0, "spike_sigma": 0.0}
+
+
+def flags_text(flags: dict) -> str:
+    """{"optimizer": "muon", "qk_norm": True} -> "--optimizer muon --qk_norm": the command line of a row."""
+    return " ".join(f"--{k}" if v is True else f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}"
+                    for k, v in flags.items()) or "none: GPT-2's recipe"
+
+
+def ablation_plan(cfg: TrainConfig, model_overrides: dict) -> list[dict]:
+    """The rows --ablate_recipe trains: {"name", "flags", "cfg", "model_overrides"}, each row's
+    configuration the one `--compare_seeds N --out_dir out_dir/<name>` plus the row's flags would
+    have. Everything else (steps, batch, block, learning rate, seeds) is the same in every row, so
+    every row sees the same tokens. Refuses, in one line and before any training, a baseline that
+    is not GPT-2's recipe, an unknown --ablate_rows name, and a row that check_config, GPTConfig or
+    check_speedups_fit would refuse (an option that the chosen layout cannot run)."""
+    if cfg.compare_seeds == 1:
+        raise ValueError("--ablate_recipe --compare_seeds 1: a spread needs 2 or more seeds (0: the default, 3)")
+    check_ablate_alone(cfg)
+    baseline = {**asdict(cfg), **model_overrides}
+    changed = [k for k, off in RECIPE_OFF.items() if baseline.get(k, off) != off]
+    if changed:
+        raise ValueError(f"--ablate_recipe compares GPT-2's recipe with each option; --{changed[0]} {baseline[changed[0]]} "
+                         "is one of the options its rows turn on: drop it (--ablate_rows picks rows)")
+    wanted = list(dict.fromkeys(n for n in cfg.ablate_rows.split(",") if n))  # each once, in the order given
+    unknown = [n for n in wanted if n not in dict(RECIPE_ROWS)]
+    if unknown:
+        raise ValueError(f"unknown --ablate_rows {', '.join(unknown)}: choose from {', '.join(n for n, _ in RECIPE_ROWS)}")
+    plan = []
+    for name in wanted or [n for n, _ in RECIPE_ROWS]:  # trained in the order asked for (the table keeps RECIPE_ROWS's)
+        flags = dict(RECIPE_ROWS)[name]
+        row_cfg, row_overrides = ablation_row_config(cfg, model_overrides, name, flags)
+        try:  # what training would refuse at the row's start, refused now, before the first row trains
+            check_config(row_cfg, row_overrides)
+            check_speedups_fit(row_cfg, GPTConfig(**{k: v for k, v in row_overrides.items() if k != "eot_id"}),
+                               PlannedLayout(row_cfg.tp, row_cfg.pp, row_cfg.cp, pick_device(row_cfg.device)))
+        except ValueError as e:
+            raise ValueError(f"--ablate_recipe row {name} ({flags_text(flags)}): {e}") from None
+        plan.append({"name": name, "flags": flags, "cfg": row_cfg, "model_overrides": row_overrides})
+    return plan
+
+
+def check_ablate_alone(cfg: TrainConfig):
+    """--ablate_recipe trains every row from scratch to --max_iters: the flags that do something else
+    instead (or continue, or stop early) are refused in one line."""
+    other = [f"--{k}" for k in ("resume", "stop_at", "init_from", "bench", "bench_ablation", "bench_checkpoint", "sample",
+                                "plot", "convert_checkpoint") if getattr(cfg, k)]
+    if other:
+        raise ValueError(f"--ablate_recipe with {other[0]}: the ablation trains every row from scratch to --max_iters; "
+                         "drop one of the two")
+
+
+def ablation_row_config(cfg: TrainConfig, model_overrides: dict, name: str, flags: dict) -> tuple[TrainConfig, dict]:
+    """One row's configuration: the flags as given, the row's own flags, --compare_seeds (3 when
+    not given) and out_dir/<name>."""
+    row_cfg, row_overrides = with_flags(cfg, model_overrides, flags)
+    return replace(row_cfg, ablate_recipe=False, ablate_rows="", compare_seeds=cfg.compare_seeds or 3,
+                   out_dir=os.path.join(cfg.out_dir, name)), row_overrides
+
+
+def ablation_row_key(row_cfg: TrainConfig, row_overrides: dict) -> dict:
+    """What makes a row's numbers (not how they are logged, nor --overwrite), as JSON reads it back:
+    a row of an earlier ablation.json with an equal key is the row this run would train."""
+    unrelated = ("overwrite", "log_interval", "log_to", "dist_timeout")
+    return json.loads(json.dumps({"train": {k: v for k, v in asdict(row_cfg).items() if k not in unrelated},
+                                  "model": row_overrides}))
+
+
+@dataclass
+class PlannedLayout:
+    """The degrees and device check_speedups_fit reads, before train() makes the real parallel.Layout."""
+
+    tp: int
+    pp: int
+    cp: int
+    device: torch.device
+
+
+def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
+    """--ablate_recipe: each row of ablation_plan trained by compare_seeds (N seeds, one after
+    another, in out_dir/<row>/seed<s>), then one table of validation bits per byte, mean +- sample
+    standard deviation over the seeds, and each row's difference from the baseline's mean with its
+    standard error sqrt(s_row^2 / n + s_base^2 / n) (the noise of a difference of two means: a
+    difference under about twice it is not an effect yet). out_dir/ablation.json is rewritten after
+    every row, so a run cut short keeps its rows, and a row already in it with the same
+    configuration is reused, not trained again (rows left out by --ablate_rows stay in it and in the
+    table: several runs can fill one table); each row is also one record of out_dir/metrics.jsonl.
+    Rank 0 prints and writes; returns the summary (or the stop of a run a signal stopped)."""
+    plan = ablation_plan(cfg, model_overrides)
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    path = os.path.join(cfg.out_dir, "ablation.json")
+    earlier = read_ablation_rows(path)
+    summary = {"preset": cfg.preset, "max_iters": cfg.max_iters, "seeds": plan[0]["cfg"].compare_seeds if plan else 0,
+               "tokens_per_row_run": cfg.max_iters * cfg.batch_size * cfg.grad_accum * cfg.dp * block_size_of(cfg, model_overrides),
+               "device": device_name(pick_device(cfg.device)), "git_revision": git_revision(), "argv": sys.argv, "rows": []}
+    # every row's key, those not asked for by --ablate_rows too: their rows of an earlier run, made
+    # with the same flags, stay in ablation.json and the table (rows may be trained in several runs)
+    config_of = {name: ablation_row_key(*ablation_row_config(cfg, model_overrides, name, flags)) for name, flags in RECIPE_ROWS}
+    planned = {p["name"] for p in plan}
+    to_train = [p for p in plan if earlier.get(p["name"], {}).get("config") != config_of[p["name"]]]
+    runs_total = sum(p["cfg"].compare_seeds for p in to_train)
+    progress, runs_done, mine = Progress(0, runs_total), 0, {}
+    say = print if rank0 else (lambda *a, **k: None)
+    say(f"ablate: {len(plan)} rows x {summary['seeds']} seeds of preset {cfg.preset}, {cfg.max_iters} steps each "
+        f"({summary['tokens_per_row_run']:,} tokens per run); {len(plan) - len(to_train)} reused from {path}", flush=True)
+    for i, p in enumerate(plan):
+        if p not in to_train:
+            row = earlier[p["name"]]
+            say(f"ablate: row {i + 1}/{len(plan)} {p['name']}: reused from {path}", flush=True)
+        else:
+            left = f" | {progress.eta(runs_done)} left" if runs_done else ""
+            say(f"ablate: row {i + 1}/{len(plan)} {p['name']} ({flags_text(p['flags'])}) | run {runs_done + 1}/{runs_total}{left}",
+                flush=True)
+            result = compare_seeds(p["cfg"], p["model_overrides"])
+            if result is not None and result.get("stopped"):
+                return result
+            runs_done += p["cfg"].compare_seeds
+            if result is None:  # rank > 0: rank 0 keeps the table
+                continue
+            row = {"name": p["name"], "flags": p["flags"], "command_flags": flags_text(p["flags"]),
+                   "config": config_of[p["name"]], **{k: result[k] for k in ("seeds", "runs", "val_loss", "val_bpb")}}
+        mine[row["name"]] = row
+        # read again before each write: another run with other --ablate_rows may have added rows since
+        kept = {name: r for name, r in read_ablation_rows(path).items() if name not in planned and r.get("config") == config_of[name]}
+        done = mine | kept
+        summary["rows"] = [done[name] for name, _ in RECIPE_ROWS if name in done]  # the table's order
+        add_differences(summary["rows"])
+        if rank0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            write_json_atomic(summary, path)
+    if not rank0:
+        return None
+    records = [{"step": cfg.max_iters, "row": row["name"], "val_bpb": row["val_bpb"]["mean"], "val_bpb_std": row["val_bpb"]["std"],
+                "val_loss": row["val_loss"]["mean"], "val_loss_std": row["val_loss"]["std"], "delta_bpb": row["delta_bpb"],
+                "delta_bpb_se": row["delta_bpb_se"]} for row in summary["rows"]]  # one record per row, at the rows' last step
+    write_text_atomic("".join(json.dumps(r) + "\n" for r in records), os.path.join(cfg.out_dir, "metrics.jsonl"))
+    print(format_ablation_table(summary["rows"]))
+    print(f"wrote {path}")
+    return summary
+
+
+def read_ablation_rows(path: str) -> dict:
+    """name -> row of an ablation.json (empty when there is none, or it cannot be read)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(path) as f:
+            return {r["name"]: r for r in json.load(f)["rows"]}
+    return {}
+
+
+def block_size_of(cfg: TrainConfig, model_overrides: dict) -> int:
+    return int(model_overrides.get("block_size", GPTConfig.block_size))
+
+
+def add_differences(rows: list[dict]):
+    """Each row's delta_bpb (its mean minus the baseline's) and delta_bpb_se, in place, when the
+    baseline row is among them: the standard error of a difference of two independent means."""
+    base = next((r for r in rows if r["name"] == "baseline"), None)
+    for r in rows:
+        if base is None:
+            r["delta_bpb"] = r["delta_bpb_se"] = None
+            continue
+        r["delta_bpb"] = r["val_bpb"]["mean"] - base["val_bpb"]["mean"]
+        r["delta_bpb_se"] = math.sqrt(r["val_bpb"]["std"] ** 2 / len(r["runs"]) + base["val_bpb"]["std"] ** 2 / len(base["runs"]))
+
+
+def format_ablation_table(rows: list[dict]) -> str:
+    """The Markdown table of ablation.json's rows, ready for the README."""
+    lines = ["| row | flags | val bits/byte (mean +- std) | vs baseline (+- s.e.) | val loss (nats/token) | bits/byte per seed |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        bpb, loss = r["val_bpb"], r["val_loss"]
+        delta = "" if r["delta_bpb"] is None or r["name"] == "baseline" else f"{r['delta_bpb']:+.3f} +- {r['delta_bpb_se']:.3f}"
+        per_seed = ", ".join(f"{x['val_bpb']:.4f}" for x in r["runs"])
+        flags = f"`{r['command_flags']}`" if r["flags"] else r["command_flags"]
+        lines.append(f"| {r['name']} | {flags} | {bpb['mean']:.3f} +- {bpb['std']:.3f} | {delta} | "
+                     f"{loss['mean']:.4f} +- {loss['std']:.4f} | {per_seed} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # Pictures: --plot draws metrics.jsonl (matplotlib, optional, imported only here)
 
 
@@ -2788,6 +3000,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         cfg, model_overrides = resolve_configs(args)
+        if cfg.ablate_recipe:
+            check_ablate_alone(cfg)
         if cfg.plot:
             print(f"plot: {plot_runs(cfg.plot.split(os.pathsep), cfg.plot_file)}")
             return
@@ -2804,11 +3018,14 @@ def main(argv=None):
         if cfg.bench_checkpoint:
             bench_checkpoint(cfg, model_overrides)
             return
-        result = compare_seeds(cfg, model_overrides) if cfg.compare_seeds else train(cfg, model_overrides)
+        if cfg.ablate_recipe:
+            result = ablate_recipe(cfg, model_overrides)
+        else:
+            result = compare_seeds(cfg, model_overrides) if cfg.compare_seeds else train(cfg, model_overrides)
         if result is not None and result.get("stopped"):
             report_stop(result)
             return
-        if cfg.compare_seeds or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        if cfg.ablate_recipe or cfg.compare_seeds or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
             return  # compare_seeds has reported; on rank > 0, rank 0 reports
         if result["val_bpb"] is not None:
             print(f"final: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte vs gzip -9 {result['gzip_bpb']:.3f}")

@@ -209,6 +209,80 @@ def test_the_whole_recipe_trains_together_and_logs_the_extra_heads_apart(data_di
     assert any(k.startswith("mtp_heads.1.") for k in final_state(tmp_path)["model"])  # kept in the checkpoint
 
 
+# the flags each --ablate_recipe row turns on, written out from the issue (PaLM's z-loss 1e-4,
+# Gemma 2's cap 30, one MTP head, the spike guard at 6 standard deviations), not read from train.py
+ABLATION_OPTIONS = {"muon": {"optimizer": "muon"}, "qk_norm": {"qk_norm": True}, "z_loss": {"z_loss": 1e-4},
+                    "relu2": {"mlp": "relu2"}, "softcap": {"logit_softcap": 30.0}, "doc_mask": {"doc_mask": True},
+                    "mtp": {"mtp": 1}, "spike_guard": {"spike_sigma": 6.0}}
+
+
+def test_ablate_recipe_rows_are_the_baseline_each_option_alone_and_all_together(data_dir, tmp_path, capsys):
+    cfg, mo = tiny(data_dir, tmp_path, ablate_recipe=True, max_iters=7, batch_size=3)
+    plan = train.ablation_plan(cfg, mo)
+    assert [p["name"] for p in plan] == ["baseline", *ABLATION_OPTIONS, "all"]
+
+    def flat(p):  # everything a row trains with, the model's resolved fields included; out_dir apart
+        return {**{k: v for k, v in train.asdict(p["cfg"]).items() if k != "out_dir"},
+                **train.asdict(GPTConfig(**p["model_overrides"]))}
+
+    base = flat(plan[0])
+    assert base == flat({"cfg": replace(cfg, compare_seeds=3), "model_overrides": mo}) | {"ablate_recipe": False}
+    union = {k: v for flags in ABLATION_OPTIONS.values() for k, v in flags.items()}
+    for p in plan:
+        row = flat(p)
+        assert {k: v for k, v in row.items() if base[k] != v} == ABLATION_OPTIONS.get(p["name"], union if p["name"] == "all" else {})
+        # equal tokens and three seeds per row (compare_seeds's default here), each row in its own directory
+        assert (row["max_iters"], row["batch_size"], row["block_size"], row["compare_seeds"]) == (7, 3, 64, 3)
+        assert p["cfg"].out_dir == str(tmp_path / p["name"])
+    some = train.ablation_plan(replace(cfg, ablate_rows="all,baseline,all", compare_seeds=2), mo)
+    assert [(p["name"], p["cfg"].compare_seeds) for p in some] == [("all", 2), ("baseline", 2)]  # in the order asked, once
+    # bad combinations: one line each, before anything is trained or written
+    for flags, words in ((["--optimizer", "muon"], "--optimizer muon is one of the options"),
+                         (["--qk_norm"], "--qk_norm True is one of the options"),
+                         (["--ablate_rows", "baseline,nope"], "unknown --ablate_rows nope"),
+                         (["--compare_seeds", "1"], "2 or more seeds"),
+                         (["--stop_at", "2"], "--ablate_recipe with --stop_at"),
+                         (["--plot", str(tmp_path)], "--ablate_recipe with --plot"),
+                         (["--tp", "2"], "row muon (--optimizer muon): ")):  # a row the layout cannot run
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--preset", "tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path / "bad"), "--ablate_recipe", *flags])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_ablate_recipe_table_holds_the_compare_seeds_runs_numbers(data_dir, tmp_path, capsys):
+    common = ["--preset", "tiny", "--data_dir", data_dir, "--max_iters", "2", "--eval_iters", "1", "--log_interval", "100",
+              "--compare_seeds", "2"]
+    train.main([*common, "--ablate_recipe", "--ablate_rows", "baseline,z_loss", "--out_dir", str(tmp_path / "abl")])
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    base, z = summary["rows"]
+    assert (base["name"], z["name"], summary["seeds"], summary["max_iters"]) == ("baseline", "z_loss", 2, 2)
+    # each row is `--compare_seeds 2` with its flags (the test above holds the configurations to it): its compare.json
+    assert {k: z[k] for k in ("seeds", "runs", "val_loss", "val_bpb")} == json.loads((tmp_path / "abl" / "z_loss" / "compare.json").read_text())
+    for row in (base, z):  # mean and sample std of the seeds' own final evaluations (their metrics.jsonl)
+        finals = [read_metrics(tmp_path / "abl" / row["name"] / f"seed{s}")[-1]["val_bpb"] for s in (1337, 1338)]
+        assert row["val_bpb"]["mean"] == pytest.approx(sum(finals) / 2, rel=1e-12)
+        assert row["val_bpb"]["std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5, rel=1e-9)
+    delta = z["val_bpb"]["mean"] - base["val_bpb"]["mean"]
+    se = math.sqrt((z["val_bpb"]["std"] ** 2 + base["val_bpb"]["std"] ** 2) / 2)  # two means of two seeds each
+    assert z["delta_bpb"] == pytest.approx(delta, rel=1e-12) and z["delta_bpb_se"] == pytest.approx(se, rel=1e-12)
+    assert f"| z_loss | `--z_loss 0.0001` | {z['val_bpb']['mean']:.3f} +- {z['val_bpb']['std']:.3f} | {delta:+.3f} +- {se:.3f} |" in printed
+    assert [(r["row"], r["val_bpb"]) for r in read_metrics(tmp_path / "abl")] == [("baseline", base["val_bpb"]["mean"]),
+                                                                                    ("z_loss", z["val_bpb"]["mean"])]
+    # run again: the finished rows are reused, nothing is trained
+    ckpt = tmp_path / "abl" / "z_loss" / "seed1338" / "ckpt.pt"
+    before = ckpt.stat().st_mtime_ns
+    train.main([*common, "--ablate_recipe", "--ablate_rows", "baseline,z_loss", "--out_dir", str(tmp_path / "abl")])
+    assert capsys.readouterr().out.count(": reused from") == 2 and ckpt.stat().st_mtime_ns == before
+    # a run of some rows keeps the others of the same flags, in ablation.json and in the table
+    train.main([*common, "--ablate_recipe", "--ablate_rows", "z_loss", "--out_dir", str(tmp_path / "abl")])
+    printed = capsys.readouterr().out
+    assert printed.count(": reused from") == 1 and "| baseline |" in printed and "| z_loss |" in printed
+    assert json.loads((tmp_path / "abl" / "ablation.json").read_text())["rows"] == summary["rows"]
+
+
 def test_rng_states_saved_then_set_replay_the_same_draws_and_dropout_masks():
     # what a resume needs of the RNG: after set_rng_states(saved), every draw is the one that
     # followed the save (a dropout mask included), however much was drawn in between
