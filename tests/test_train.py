@@ -1131,8 +1131,10 @@ SHARD_CASES = {
     "zero1_dp2_to_cp2": ((dict(dp=2), dict(zero=1)), (dict(cp=2), {})),
     "fsdp2_dp2_to_zero2_dp2": ((dict(dp=2), dict(zero=3, impl="native")), (dict(dp=2), dict(zero=2))),
     # an MoE under expert parallelism (each rank holds 2 of the 4 experts), resumed with the experts in ZeRO-2's
-    # flat shard (3-D pieces); Muon's momenta, on their owners under ZeRO-1, resumed by plain data parallelism
+    # flat shard (3-D pieces); with ZeRO-1 for the rest, resumed without it; Muon's momenta, on their owners
+    # under ZeRO-1, resumed by plain data parallelism
     "moe_ep2_dp2_to_zero2_dp2": ((dict(dp=2), dict(ep=2)), (dict(dp=2), dict(zero=2))),
+    "moe_ep2_zero1_dp2_to_ep2_dp2": ((dict(dp=2), dict(ep=2, zero=1)), (dict(dp=2), dict(ep=2))),
     "muon_zero1_dp2_to_dp2": ((dict(dp=2), dict(zero=1, optimizer="muon")), (dict(dp=2), dict(optimizer="muon"))),
 }
 # no biases in the MoE, as tests/test_parallel.py's MOE (an expert's bias gradient cancels as the key bias's does)
