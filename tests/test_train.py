@@ -1173,7 +1173,8 @@ def make_par(dims: dict, strategy: dict, seed: int, name: str = "") -> parallel.
     layout = parallel.build_layout(**{**dict(dp=1, tp=1, pp=1, cp=1), **dims}, device=torch.device("cpu")) \
         if torch.distributed.is_initialized() else parallel.Layout()
     torch.manual_seed(seed)  # the resumed side starts from other weights: the checkpoint must overwrite them
-    return parallel.Parallelized(GPT(shard_config(name)), layout, **SHARD_OPTIM, **{"optimizer": shard_optimizer(name), **strategy})
+    return parallel.Parallelized(GPT(shard_config(name)), layout, **SHARD_OPTIM,
+                                 **{"optimizer": shard_optimizer(name), **strategy})
 
 
 def shard_worker(rank, port, root, results):
@@ -1315,7 +1316,8 @@ def test_sharded_checkpoint_resumes_under_another_layout_and_in_one_process(shar
     one = make_par({}, {}, seed=123, name=name)
     train.load_sharded(os.path.join(root, name), one)
     # what --convert_checkpoint and --sample build from the checkpoint's configs reads the same tensors
-    converted = train.single_process({"model_config": asdict(shard_config(name)), "train_config": {"optimizer": shard_optimizer(name)}})
+    converted = train.single_process({"model_config": asdict(shard_config(name)),
+                                      "train_config": {"optimizer": shard_optimizer(name)}})
     train.load_sharded(os.path.join(root, name), converted)
     assert tensors_equal(converted.full_state_dict(), one.full_state_dict())
     assert tensors_equal(converted.full_optimizer_state_dict(), one.full_optimizer_state_dict())
