@@ -2394,7 +2394,7 @@ def place_grads_like_params(module: nn.Module):
     """Give every DTensor gradient its parameter's placement. DTensor's backward does not promise it:
     under SequenceParallel the norms' gradients come back Partial (a sum over the tp ranks not yet
     taken: each rank saw T/t positions), and the vocabulary-split embedding's, untied, comes back
-    Replicate, the whole (V, C) gradient on every rank beside a Shard(0) weight (torch 2.11 and
+    Replicate, the whole (V, C) gradient on every rank beside a Shard(0) weight (seen with torch
     2.13). The optimizer would redistribute either lazily; the gradient norm counts each rank's
     local values now (_counts_in_norm reads the parameter's placement), so a Partial one would be
     counted short and a Replicate one t times over. Partial -> Replicate is an all-reduce (the

@@ -1205,8 +1205,10 @@ SHARD_CASES = {
     "zero1_dp2_to_cp2": ((dict(dp=2), dict(zero=1)), (dict(cp=2), {})),
     "fsdp2_dp2_to_zero2_dp2": ((dict(dp=2), dict(zero=3, impl="native")), (dict(dp=2), dict(zero=2))),
     # an MoE under expert parallelism (each rank holds 2 of the 4 experts), resumed with the experts in ZeRO-2's
-    # flat shard (3-D pieces); Muon's momenta, on their owners under ZeRO-1, resumed by plain data parallelism
+    # flat shard (3-D pieces); with ZeRO-1 for the rest, resumed without it; Muon's momenta, on their owners
+    # under ZeRO-1, resumed by plain data parallelism
     "moe_ep2_dp2_to_zero2_dp2": ((dict(dp=2), dict(ep=2)), (dict(dp=2), dict(zero=2))),
+    "moe_ep2_zero1_dp2_to_ep2_dp2": ((dict(dp=2), dict(ep=2, zero=1)), (dict(dp=2), dict(ep=2))),
     "muon_zero1_dp2_to_dp2": ((dict(dp=2), dict(zero=1, optimizer="muon")), (dict(dp=2), dict(optimizer="muon"))),
 }
 # no biases in the MoE, as tests/test_parallel.py's MOE (an expert's bias gradient cancels as the key bias's does)
@@ -1245,7 +1247,8 @@ def make_par(dims: dict, strategy: dict, seed: int, name: str = "") -> parallel.
     layout = parallel.build_layout(**{**dict(dp=1, tp=1, pp=1, cp=1), **dims}, device=torch.device("cpu")) \
         if torch.distributed.is_initialized() else parallel.Layout()
     torch.manual_seed(seed)  # the resumed side starts from other weights: the checkpoint must overwrite them
-    return parallel.Parallelized(GPT(shard_config(name)), layout, **SHARD_OPTIM, **{"optimizer": shard_optimizer(name), **strategy})
+    return parallel.Parallelized(GPT(shard_config(name)), layout, **SHARD_OPTIM,
+                                 **{"optimizer": shard_optimizer(name), **strategy})
 
 
 def shard_worker(rank, port, root, results):
@@ -1387,7 +1390,8 @@ def test_sharded_checkpoint_resumes_under_another_layout_and_in_one_process(shar
     one = make_par({}, {}, seed=123, name=name)
     train.load_sharded(os.path.join(root, name), one)
     # what --convert_checkpoint and --sample build from the checkpoint's configs reads the same tensors
-    converted = train.single_process({"model_config": asdict(shard_config(name)), "train_config": {"optimizer": shard_optimizer(name)}})
+    converted = train.single_process({"model_config": asdict(shard_config(name)),
+                                      "train_config": {"optimizer": shard_optimizer(name)}})
     train.load_sharded(os.path.join(root, name), converted)
     assert tensors_equal(converted.full_state_dict(), one.full_state_dict())
     assert tensors_equal(converted.full_optimizer_state_dict(), one.full_optimizer_state_dict())
