@@ -179,7 +179,7 @@ Map of this file, in reading order
 ----------------------------------
 interpreter switch and availability -> reference attention (the one to read) -> forward kernel
 (_attn_fwd_inner, _attn_fwd_kernel) -> backward kernels (_attn_bwd_preprocess, _attn_bwd_dkdv_*,
-_attn_bwd_dq_*) -> autotuning configs -> flash_attention (the autograd function) ->
+_attn_bwd_dq_*) -> autotuning configs -> document_spans -> flash_attention (the autograd function) ->
 triton_attention_backend (model.py's seam, with its fallback) -> fused linear + cross-entropy
 (kernel, autograd function, reference, the chunked torch version, model.py's entry point) -> FP8
 (quantize, the scaled matmul, Float8Linear, convert_to_float8) -> benchmarks -> command line.
