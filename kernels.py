@@ -179,7 +179,7 @@ Map of this file, in reading order
 ----------------------------------
 interpreter switch and availability -> reference attention (the one to read) -> forward kernel
 (_attn_fwd_inner, _attn_fwd_kernel) -> backward kernels (_attn_bwd_preprocess, _attn_bwd_dkdv_*,
-_attn_bwd_dq_*) -> autotuning configs -> flash_attention (the autograd function) ->
+_attn_bwd_dq_*) -> autotuning configs -> document_spans -> flash_attention (the autograd function) ->
 triton_attention_backend (model.py's seam, with its fallback) -> fused linear + cross-entropy
 (kernel, autograd function, reference, the chunked torch version, model.py's entry point) -> FP8
 (quantize, the scaled matmul, Float8Linear, convert_to_float8) -> benchmarks -> command line.
@@ -265,7 +265,7 @@ def reference_attention(q, k, v, causal: bool = True, sm_scale: float | None = N
 # Forward kernel. Grid: (query tiles, B * H). Each program computes BLOCK_M rows of O and LSE.
 
 
-# EXERCISE: flash-attention (tests/test_kernels.py -k 'flash_attention_and_its_gradients or log_sum_exp')
+# EXERCISE: flash-attention (tests/test_kernels.py -k 'flash_attention_and_its_gradients or log_sum_exp or flash_attention_with_documents')
 @_jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, hi, qk_scale, T, D,
                     DOCS, doc_q, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -388,7 +388,7 @@ def _attn_bwd_preprocess(O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, H, T, D,
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
 
-# EXERCISE: flash-backward (tests/test_kernels.py -k 'flash_attention_and_its_gradients or grouped_query_attention_forward_and_backward')
+# EXERCISE: flash-backward (tests/test_kernels.py -k 'flash_attention_and_its_gradients or grouped_query_attention_forward_and_backward or flash_attention_with_documents')
 @_jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d, lo, hi, qk_scale, T, D,
                          DOCS, doc_k, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,

@@ -1979,7 +1979,7 @@ class RingAttention(torch.autograd.Function):
     one more hop to bring it home; per block the FlashAttention backward, from the saved
     log-sum-exp: P = exp(S - lse), dV += P^T dO, dS = P (dO V^T - rowsum(dO o)), dQ += dS K, dK += dS^T Q.
     doc_ids (B, T/c), --doc_mask: this rank's document numbers (of the whole window, so equal ids
-    mean one document across ranks). Each block's travel round the ring beside its K/V (B T/c
+    mean one document across ranks). A block's numbers travel round the ring beside its K/V (B T/c
     integers per hop, against the block's 2 B nh T/c hs floats), and every block is masked by
     document as well as by position. A row that meets no key of its own document in a block gets
     p = 0 there (the m_safe guard below); its own key, on the diagonal block, keeps l >= 1.

@@ -960,6 +960,11 @@ def test_one_strategy_on_two_ranks_matches_one_process(two_rank_results, name):
     assert per_rank[0]["norm_rel"] < REL_TOL
     if name == "data_parallel":  # the accumulation micro-step sent nothing
         assert all(m == {} for r in per_rank for m in r["first_micro"])
+    if name.startswith("context_parallel_doc_mask"):  # parallel.py's essay: the (B, T/c) int64 numbers go with each block
+        c, n, B = tiny_config(), 2, GLOBAL_BATCH
+        block = B * c.n_head * (T // n) * c.head_size * 4  # one (B, nh, T/c, hs) float32 tensor
+        per_layer = (6 * n - 4) * block + 2 * (n - 1) * B * (T // n) * 8  # K, V, dK, dV; the numbers, forward and backward
+        assert all(s["cp"] == c.n_layer * per_layer for r in per_rank for s in r["sent"])
 
 
 if __name__ == "__main__":  # python tests/test_parallel.py [check ...]: run checks by hand and print them
