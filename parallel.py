@@ -1840,6 +1840,10 @@ class Pipeline:
 
     # --- one micro-batch through this stage
     def forward_step(self, i, received):
+        # activations held from a micro-batch's forward to its backward: counted here, outside the
+        # schedules, so a test reads the schedule's peak memory whatever bookkeeping a schedule keeps
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         inp = self.xs[i] if self.is_first else received
         with self.amp:
             out = self.stage_forward(inp, self.ys[i] if self.is_last else None)
@@ -1850,6 +1854,7 @@ class Pipeline:
     def backward_step(self, i, inp, out, grad_out):
         # data parallelism may start its all-reduce only in the last micro-batch's backward of the
         # last accumulation micro-step (sync): the accumulated gradients are final after it
+        self.in_flight -= 1
         with self.no_sync() if i < len(self.xs) - 1 or not self.sync else contextlib.nullcontext():
             if self.is_last:
                 (out / self.divisor).backward()
@@ -1868,6 +1873,7 @@ class Pipeline:
         self.divisor, self.sync, self.no_sync = divisor * microbatches, sync, no_sync
         self.device = x.device
         self.loss_sum = torch.zeros((), device=x.device)
+        self.in_flight = self.peak_in_flight = 0  # micro-batches whose activations are held (forward_step)
         shape = (x.size(0) // microbatches, x.size(1), self.model.config.n_embd)  # (B/m, T, C) float32
         (self.gpipe if self.schedule == "gpipe" else self.one_f_one_b)(microbatches, shape)
         return self.loss_sum / microbatches
@@ -1879,7 +1885,6 @@ class Pipeline:
             inp, out = self.forward_step(i, self.recv_forward(shape))
             self.send_forward(out)
             saved.append((inp, out))
-        self.peak_in_flight = m  # micro-batches whose activations were held at once (a test reads it)
         for i in range(m):
             self.send_backward(self.backward_step(i, *saved[i], self.recv_backward(shape)))
 
@@ -1890,7 +1895,7 @@ class Pipeline:
         p - s micro-batches' activations."""
         warmup = min(self.n - self.rank - 1, m)
         steady = m - warmup
-        in_flight, self.peak_in_flight = deque(), warmup
+        in_flight = deque()
         for i in range(warmup):  # warm-up
             inp, out = self.forward_step(i, self.recv_forward(shape))
             self.send_forward(out)
@@ -1899,7 +1904,6 @@ class Pipeline:
         for j in range(steady):  # steady state: F(warmup + j), then B(j)
             inp, out = self.forward_step(warmup + j, received)
             in_flight.append((warmup + j, inp, out))
-            self.peak_in_flight = max(len(in_flight), getattr(self, "peak_in_flight", 0))
             grad_out = self.send_forward_recv_backward(out, shape)
             grad_in = self.backward_step(*in_flight.popleft(), grad_out)
             if j == steady - 1:
