@@ -3218,17 +3218,35 @@ def stop_scorers(scorers: list) -> None:
         p.communicate()
 
 
-def score_in_parallel(scorers: list, texts: list, sizes: np.ndarray, command: str, flag: str) -> np.ndarray:
-    """Each text's score, the texts cut into len(scorers) consecutive shares of about equal bytes, one
-    per scorer process, fed at once (a thread each writes its share and reads the answer), the
-    answers joined in order: a document's score does not depend on the others it is sent with."""
+def score_in_parallel(scorers: list, texts, sizes: np.ndarray, command: str, flag: str) -> np.ndarray:
+    """Each text's score, the texts cut into len(scorers) consecutive shares of about equal bytes
+    (sizes), one per scorer process, the answers joined in order: a document's score does not depend
+    on the others it is sent with. The shares go through temporary files, written one after another
+    from the texts (an iterable, read once: the corpus is never all in memory), then a thread per
+    scorer feeds its file and reads the answer, all at once."""
     n = len(scorers)
     ends = np.searchsorted(np.cumsum(sizes), np.arange(1, n) * sizes.sum() / n, side="right")
-    bounds = [0, *(int(e) for e in ends), len(texts)]
-    shares = [b"".join(json.dumps({"text": t}, ensure_ascii=False).encode("utf-8") + b"\n" for t in texts[lo:hi])
-              for lo, hi in zip(bounds, bounds[1:])]
-    with concurrent.futures.ThreadPoolExecutor(n) as pool:
-        answers = list(pool.map(lambda p, share: p.communicate(share), scorers, shares))
+    bounds = [0, *(int(e) for e in ends), len(sizes)]
+    texts, shares = iter(texts), []
+    try:
+        for lo, hi in zip(bounds, bounds[1:]):
+            shares.append(tempfile.TemporaryFile("w+b"))
+            for text in itertools.islice(texts, hi - lo):
+                shares[-1].write(json.dumps({"text": text}, ensure_ascii=False).encode("utf-8") + b"\n")
+            shares[-1].seek(0)
+
+        def feed(p, share):
+            try:
+                shutil.copyfileobj(share, p.stdin)
+            except BrokenPipeError:  # it ended early: its return code and stderr say why
+                pass
+            return p.communicate()  # closes its stdin, reads its answer
+
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            answers = list(pool.map(feed, scorers, shares))
+    finally:
+        for share in shares:
+            share.close()
     return np.concatenate([_parse_scores(command, flag, hi - lo, p.returncode, out, err)
                            for p, (out, err), lo, hi in zip(scorers, answers, bounds, bounds[1:])])
 
@@ -3245,7 +3263,7 @@ def _perplexity(tmp: Path, spool: Spool, keep: np.ndarray, cfg: PrepareConfig, r
     ids = np.flatnonzero(keep)
     command = perplexity_command(cfg.perplexity_model)
     scorers = scorers or start_perplexity_scorers(cfg.perplexity_model, 1)
-    scores = score_in_parallel(scorers, list(spool.texts(ids)), spool.nbytes[ids], command, "--perplexity_model")
+    scores = score_in_parallel(scorers, spool.texts(ids), spool.nbytes[ids], command, "--perplexity_model")
     with open(tmp / "scores_perplexity.jsonl", "w") as f:
         for (_, domain, source), score in zip(spool.rows(ids), scores):
             f.write(json.dumps({"source": source, "domain": domain, "bits_per_byte": float(score)}) + "\n")
