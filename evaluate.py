@@ -84,12 +84,20 @@ Speed
 All windows of a task are sorted by length and scored in padded batches (padding on the right is
 invisible to a causal model), and only the positions that predict a continuation token go through
 the output layer: with a 50k vocabulary the logits of every position would be most of the memory.
+Whole documents (the perplexity filter's scores) are almost all full windows, so they take a
+cheaper road: every document's windows are cut as numpy rows at once, full rows go to the model in
+batches of about 4096 tokens with no padding and no gather, and each position's loss is one fused
+cross-entropy, without the argmax that only the tasks' accuracy needs. Nothing is recomputed: the
+arithmetic per token is the forward pass and nothing else, so its cost is the model's FLOPs, about
+2N per token (N the weights every token passes through, the output layer included; Kaplan et al.
+2020, sec. 2.1) plus attention's.
 
 Map of this file
 ----------------
 tasks_dir, task_variants, load_task -> encode_pair, fit_document -> score_windows -> document
 metrics, core_score -> evaluate_task, evaluate_tasks (what the trainer calls) -> bits per byte of whole
-documents (data.py's perplexity filter runs `python evaluate.py score`) -> the command line (and its
+documents, window by window (the reference) and in rows (what data.py's perplexity filter runs,
+`python evaluate.py score`) -> the command line (and its
 `texts` command, the evaluation texts data.py's decontamination reads).
 """
 

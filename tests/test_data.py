@@ -2248,6 +2248,28 @@ def test_a_scorer_command_scores_every_document_and_keeps_a_quantile_range(tmp_p
         data.prepare(str(folder), "bytes", out_dir=str(tmp_path / "out2"), verbose=False, score_command="echo 1")
 
 
+
+def test_scorers_in_parallel_answer_each_document_in_order_and_a_failure_is_one_line(tmp_path, rng):
+    """The perplexity filter's split: consecutive shares of about equal bytes, one per process, the
+    answers joined in order; here each process answers a document's word count x 10^7 + its own pid,
+    so a score out of place or a share sent to two processes would show."""
+    script = tmp_path / "count.py"
+    script.write_text("import json, os, sys\nfor line in sys.stdin:\n"
+                      "    print(len(json.loads(line)['text'].split()) * 10**7 + os.getpid())\n")
+    texts = [" ".join(["word"] * rng.randint(50, 300)) for _ in range(rng.randint(10, 40))]
+    sizes = np.array([len(t.encode()) for t in texts])
+    start = lambda command, n: [subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE) for _ in range(n)]
+    command = f"{sys.executable} {script}"
+    got = data.score_in_parallel(start(command, 3), texts, sizes, command, "--perplexity_model").astype(np.int64)
+    assert (got // 10**7).tolist() == [len(t.split()) for t in texts]
+    pids = (got % 10**7).tolist()
+    assert sum(a != b for a, b in zip(pids, pids[1:])) == len(set(pids)) - 1  # each process one block of documents
+    assert len(set(pids)) >= 2  # no document holds two thirds of the bytes: the work is shared
+    with pytest.raises(ValueError, match="--perplexity_model 'exit 3' failed"):
+        data.score_in_parallel(start("exit 3", 2), texts, sizes, "exit 3", "--perplexity_model")
+
+
 def test_classify_saves_a_classifier_that_prepare_uses_and_records_per_document(tmp_path, rng):
     """python data.py classify on small sources, then prepare --quality_model with a threshold: every non-code
     document of the corpus gets a line in scores.jsonl, and the kept ones are those scoring above it."""
