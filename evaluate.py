@@ -504,12 +504,16 @@ def score_main(argv) -> None:
     parser.add_argument("--data_dir", default=None, help="where the run prepared its corpus, for the tokenizer "
                         "(default: the run's own --data_dir, as stored in the checkpoint)")
     parser.add_argument("--batch_tokens", type=int, default=4096, help="tokens per forward pass, in whole rows of the block (4096: the least CPU time on the 2-core test machine under the tiny checkpoint; 16384 took 1.5x, in page faults)")
+    parser.add_argument("--batch_size", type=int, default=None, help="windows (rows of the block) per forward pass "
+                        "instead: --batch_tokens becomes this x the block size (the name this command had first)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
     args = parser.parse_args(argv)
     try:
-        if args.batch_tokens < 1:
-            raise ValueError("--batch_tokens must be at least 1")
+        if args.batch_tokens < 1 or args.batch_size is not None and args.batch_size < 1:
+            raise ValueError("--batch_tokens and --batch_size must be at least 1")
         gpt, ckpt = load_model_checkpoint(args.ckpt)
+        if args.batch_size is not None:
+            args.batch_tokens = args.batch_size * gpt.config.block_size
         enc = load_tokenizer(ckpt, args.data_dir)
         texts = []
         for n, line in enumerate(sys.stdin, 1):
