@@ -464,9 +464,11 @@ def _pyarrow_parquet():
 def _parquet_documents(path: Path, text_field: str, batch_rows: int = 1024):
     """One document per row of a Parquet file: the string in its text_field column.
 
-    Streamed: pyarrow reads one row group at a time and hands it over in batches of batch_rows
-    rows, reading only the text column, so memory holds one row group's texts (FineWeb's files
-    hold ~1,000 rows per group), never the file."""
+    Streamed: one row group at a time (read_row_group, only the text column), handed over in
+    slices of batch_rows rows, so memory holds one row group's texts, never the file. Not
+    ParquetFile.iter_batches: measured on the 1 GB synth.parquet (17 row groups), the memory it
+    allocates grew with every row group read (551 MB in pyarrow's pool at the end, 694 MB resident)
+    where read_row_group's stayed at one group's (90 MB)."""
     pq = _pyarrow_parquet()
     try:
         parquet = pq.ParquetFile(path)
@@ -477,13 +479,17 @@ def _parquet_documents(path: Path, text_field: str, batch_rows: int = 1024):
                          "pass --text_field with the name of the column that holds the text")
     rows, done, size = max(1, parquet.metadata.num_rows), 0, os.stat(path).st_size
     _READ["position"] = lambda: size * done // rows  # rows read, as a share of the file's bytes
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            if not isinstance(text, str):
-                raise ValueError(f"row {done + 1} of {path} has no string in column '{text_field}' (it holds "
-                                 f"{type(text).__name__}): pass --text_field with the column that holds the text")
-            done += 1
-            yield text
+    for group in range(parquet.num_row_groups):
+        column = parquet.read_row_group(group, columns=[text_field]).column(0)  # this group's texts, decoded
+        for chunk in column.chunks:
+            for lo in range(0, len(chunk), batch_rows):
+                for text in chunk.slice(lo, batch_rows).to_pylist():  # Python strings for batch_rows rows at a time
+                    if not isinstance(text, str):
+                        raise ValueError(f"row {done + 1} of {path} has no string in column '{text_field}' (it holds "
+                                         f"{type(text).__name__}): pass --text_field with the column that holds the text")
+                    done += 1
+                    yield text
+        del column  # before the next group is read
 
 
 def _hf_documents(source: str, text_field: str):
