@@ -38,13 +38,13 @@ bucketed, its pairs verified and joined before the next is read; the one
 thing kept per document is the union-find's parent (8 bytes). What still
 grows with the corpus is the collect pass's index (offsets, sizes, labels:
 40 bytes a document) and the exact hashes (ExactKeys: sorted arrays, 16
-bytes a document, not a Python set's ~100). One process reads and cuts the stream into chunks; a pool of worker
-processes does all the per-document work of the stages below (normalise,
-PII, the exact hash, the signature, the script and the quality rules) in one
-pass, and the chunks come back in order, so the result is that of one
-process. On a corpus of gigabytes the rules were the cost: the Gopher
-n-gram rules give each n-gram an exact integer id (one sort per n) instead
-of a string.
+bytes a document, not a Python set's ~100). One process reads and cuts the
+stream into chunks; a pool of worker processes does all the per-document
+work of the stages below (normalise, PII, the exact hash, the signature, the
+script and the quality rules) in one pass, and the chunks come back in order,
+so the result is that of one process. On a corpus of gigabytes the rules
+were the cost: the Gopher n-gram rules give each n-gram an exact integer id
+(one sort per n) instead of a string.
 
 Normalise. Unicode NFC (so "é" as one code point and as "e" + combining
 accent are the same text), control characters removed, line endings unified,
@@ -881,10 +881,10 @@ class ExactKeys:
     document, 1 GB at 10 million documents. Here the keys live in two sorted uint64 arrays (the first
     and the last 8 bytes), and only the newest ones in a set of at most `recent` entries; when that
     fills, its keys are sorted and inserted into the arrays (np.insert: a new array, and its index
-    temporaries, while it runs). tracemalloc, 400,000 random keys added (`python -c` on this 2-core
-    machine): 17.9 bytes per key held and 43.4 at the peak of a merge, where a set of bytes held
-    90.9 and peaked at 101.5. A lookup is the set, then a binary search of the first
-    halves and a comparison of the second at the positions it finds. Exact: the same answers as a set."""
+    temporaries, while it runs). Under tracemalloc, 400,000 random keys added one by one: 17.9 bytes
+    per key held and 43.4 at the peak of a merge, where a set of bytes held 90.9 and peaked at
+    101.5. A lookup is the set, then a binary search of the first halves and a comparison of the
+    second at the positions it finds. Exact: the same answers as a set (a test)."""
 
     def __init__(self, recent: int = 1 << 16):
         self.first, self.second = np.zeros(0, np.uint64), np.zeros(0, np.uint64)
