@@ -2437,6 +2437,25 @@ def test_signatures_spilled_to_disk_give_the_same_decisions_as_in_memory(tmp_pat
     assert np.array_equal(data.near_duplicate_keep(spilled, 0.8), keep) and (~keep).sum() >= 20
 
 
+def test_parquet_reading_holds_one_row_group_not_the_file(tmp_path, rng):
+    """A Parquet file of 48 row groups read through _parquet_documents: the rows in order, and pyarrow's
+    allocations at most a few groups' worth (decoding buffers come with a group: 4 to 6 times its text
+    here), where ParquetFile.iter_batches kept every group it had read (21 times at 24 groups)."""
+    pa = pytest.importorskip("pyarrow")  # optional: only the Parquet reader needs it
+    import pyarrow.parquet as pq
+    texts = [" ".join(f"w{rng.randrange(10**6)}" for _ in range(300)) for _ in range(48 * 50)]
+    with pq.ParquetWriter(tmp_path / "c.parquet", pa.schema([("text", pa.string())])) as writer:
+        for lo in range(0, len(texts), 50):
+            writer.write_table(pa.table({"text": texts[lo:lo + 50]}))
+    group_bytes = sum(len(t) for t in texts[:50])  # ~110 kB of text per group
+    got, most = [], 0
+    for text in data._parquet_documents(tmp_path / "c.parquet", "text", batch_rows=16):
+        got.append(text)
+        most = max(most, pa.total_allocated_bytes())
+    assert got == texts and pq.ParquetFile(tmp_path / "c.parquet").num_row_groups == 48
+    assert most < 12 * group_bytes, (most, group_bytes)
+
+
 def test_exact_keys_answer_as_a_python_set_across_merges(rng):
     """ExactKeys (collect's exact-dedup memory) against a Python set: random 16-byte keys, a third of them
     repeats, some sharing their first 8 bytes with another key (a collision of the binary search's
