@@ -679,6 +679,11 @@ class Replicated:
         same one: the loss and the norm were reduced over all of them."""
         return flag
 
+    def mean_over_data(self, t: torch.Tensor, group):
+        """A per-rank number (the loss, for the log) averaged over the data ranks (group), in place."""
+        all_reduce(t, group, "loss")
+        t /= group_size(group)
+
     def extra_state(self) -> dict:
         return {}
 
@@ -2187,6 +2192,9 @@ class DiLoCo(Replicated):
         all_reduce(t, self.group, "loss", op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def mean_over_data(self, t: torch.Tensor, group):
+        pass  # workers do not talk between outer steps: each reports its own loss
+
     def held_tensors(self):
         yield from super().held_tensors()
         yield from (("diloco", g) for g in self.global_params)  # theta_global, 4N
@@ -2527,7 +2535,8 @@ class TensorParallel:
     tp 1: nothing is split, and every call passes through."""
 
     def __init__(self, model: GPT, layout: Layout, scratch: bool, sequence_parallel: bool):
-        self.layout, self.scratch, self.specs, self.vocab_start, self.sequence_parallel_names = layout, scratch, {}, None, None
+        self.layout, self.scratch = layout, scratch
+        self.specs, self.vocab_start, self.sequence_parallel_names = {}, None, None
         if layout.tp == 1:
             return
         if scratch:
@@ -2677,17 +2686,20 @@ class Parallelized:
     call below hands the work to the strategies that own it, each in its own section:
 
         call                   data-parallel flavour                    Pipeline          TensorParallel, ExpertParallel
-        forward_backward       no_sync() on accumulation micro-steps    1F1B or GPipe     loss(): vocab-parallel; cp slice
+        forward_backward       no_sync() on accumulation micro-steps    1F1B or GPipe     loss(): vocab-parallel (cp: the
+                                                                                            batch cut by context_slice first)
         finish_gradient_sync   DDP: wait buckets; ZeRO-1/2: all-reduce  tied embedding    sp: sum the replicated weights'
                                / reduce-scatter; ZeRO-3, FSDP2: done in   all-reduce        partial grads; ep: expert grads
-                               backward; DiLoCo: nothing                                    summed over the same experts
+                               backward (torch's: DTensor grads placed                      summed over the same experts
+                               like their parameters); DiLoCo: nothing
         clip_grad_norm_        local_grads() (DiLoCo: a local norm)     -                 -
         optimizer_step         step(): ZeRO-1/2 all-gather the shards;  -                 -
                                DiLoCo: the outer step every H
-        any_rank               DiLoCo: one all-reduce (others: as is)   -                 -
+        any_rank, reduce_loss  as is / the mean over the data ranks;    the last stage's  -
+                               DiLoCo: one all-reduce / its own loss      loss, summed
         full_state_dict etc.   full_state(), full_optimizer_state(),    gather_stages     gather(), piece()
-                               load_state()
-    What a full checkpoint holds is FullCheckpointFormat's; extra_state (DiLoCo's) is the flavour's.
+                               load_state(), extra_state()
+    What a full checkpoint holds (the single-process run's) is FullCheckpointFormat's.
     """
 
     def __init__(self, model: GPT, layout: Layout, *, zero: int = 0, impl: str = "scratch", microbatches: int = 1,
@@ -2810,9 +2822,7 @@ class Parallelized:
         t = loss.detach().float().reshape(()).clone()
         if self.layout.pp > 1:
             all_reduce(t, self.layout.group("pp"), "loss")  # only the last stage's is non-zero
-        if not self.data_parallel.independent_workers and self.layout.size("data") > 1:
-            all_reduce(t, self.layout.group("data"), "loss")
-            t /= self.layout.size("data")
+        self.data_parallel.mean_over_data(t, self.layout.group("data"))
         return t.item()
 
     @torch.no_grad()
