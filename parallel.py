@@ -162,8 +162,9 @@ ZeRO3) -> tensor parallel (f, g, column/row layers, vocabulary-parallel embeddin
 cross-entropy, its checkpoint pieces) -> sequence parallel (all-gather / reduce-scatter along T,
 per-rank dropout) -> pipeline (cut_to_stage, GPipe, 1F1B, the tied embedding's sum) -> context
 parallel (ring attention) -> DiLoCo -> expert parallelism (all-to-all dispatch and combine) -> torch's native versions (DTensor tensor parallelism, DDP
-and ZeroRedundancyOptimizer, FSDP2) and make_data_parallel -> Parallelized (the composition, with
-a table of which strategy does what in each call) -> the command line (`preflight`: every
+and ZeroRedundancyOptimizer, FSDP2), TensorParallel (either one's part of each call) and
+make_data_parallel -> FullCheckpointFormat (what a full checkpoint holds) -> Parallelized (the
+composition, with a table of which strategy does what in each call) -> the command line (`preflight`: every
 collective once, with the usual fixes when one fails; `plan`: scaling.py's formulas for a model
 preset, fed the counts this file stores).
 """
@@ -672,6 +673,16 @@ class Replicated:
                 out[f"optim.{name}.{key}"] = (name, [(dtensor_offsets(state[key]), local_part(state[key]))])
             out[f"optim.{name}.step"] = (name, [((), state["step"])])
         return out | (self.optimizer.muon.pieces() if isinstance(self.optimizer, MuonAdamW) else {})
+
+    def any_rank(self, flag: bool) -> bool:
+        """Is flag (a non-finite loss or norm) True on any rank? Here every rank already holds the
+        same one: the loss and the norm were reduced over all of them."""
+        return flag
+
+    def mean_over_data(self, t: torch.Tensor, group):
+        """A per-rank number (the loss, for the log) averaged over the data ranks (group), in place."""
+        all_reduce(t, group, "loss")
+        t /= group_size(group)
 
     def extra_state(self) -> dict:
         return {}
@@ -2178,6 +2189,16 @@ class DiLoCo(Replicated):
             p.copy_(g)
             g.grad = None  # the averaged change is not kept between outer steps (the memory count: 24N)
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every worker if flag is True on any: workers train apart, so a NaN on one must
+        stop all of them, not leave the others waiting at the next outer step's all-reduce."""
+        t = torch.tensor(float(flag), device=self.params[0].device)
+        all_reduce(t, self.group, "loss", op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def mean_over_data(self, t: torch.Tensor, group):
+        pass  # workers do not talk between outer steps: each reports its own loss
+
     def held_tensors(self):
         yield from super().held_tensors()
         yield from (("diloco", g) for g in self.global_params)  # theta_global, 4N
@@ -2286,10 +2307,15 @@ class ExpertParallel:
     """
 
     def __init__(self, model: GPT, layout: Layout, ep: int):
-        self.layout, self.ep = layout, ep
+        if ep > 1 and not model.moe_layers():
+            raise ValueError(f"--ep {ep} splits the experts of an MoE model: add --moe_experts")
+        if any(m.n_experts % ep for m in model.moe_layers()):
+            raise ValueError(f"--ep {ep} must divide --moe_experts ({model.moe_layers()[0].n_experts})")
+        self.layout, self.ep, self.names, self.params = layout, ep, set(), []
+        if ep == 1:  # every rank holds every expert: no expert is split, and every call below passes through
+            return
         self.group, self.same_experts = expert_parallel_groups(layout, ep)
         me = dist.get_rank(self.group)
-        self.names = set()
         for name, module in model.named_modules():
             if not isinstance(module, MoE):
                 continue
@@ -2448,6 +2474,9 @@ class TorchDDP(Replicated):
     def no_sync(self):
         return self.forward_module.no_sync() if self.forward_module is not self.module else contextlib.nullcontext()
 
+    def finish_gradient_sync(self):
+        place_grads_like_params(self.module)  # DDP averaged in backward; DTensor gradients go where their parameters are
+
     def full_optimizer_state(self) -> dict:
         if not self.zero1:
             return super().full_optimizer_state()
@@ -2496,23 +2525,56 @@ class TorchFSDP(Replicated):
         finally:
             self.module.set_requires_gradient_sync(True)
 
+    def finish_gradient_sync(self):
+        place_grads_like_params(self.module)  # reduce-scattered in backward; DTensor gradients go where their parameters are
 
-def apply_tensor_parallel_any(model: GPT, layout: Layout, scratch: bool, sequence_parallel: bool) -> tuple:
-    """Tensor (and sequence) parallelism from scratch or native, as Parallelized applies it. Returns
-    (specs for full checkpoints, the vocabulary slice's first id where the loss is computed
-    vocabulary-parallel, the names of the weights whose gradients sequence parallelism leaves partial)."""
-    if layout.tp == 1:
-        return {}, None, None
-    if scratch:
-        specs = apply_tensor_parallel(model, layout.group("tp"))
-        names = apply_sequence_parallel(model, layout.group("tp"), specs) if sequence_parallel else None
-        return specs, model.transformer.wte.lo, names
-    specs, names = apply_tensor_parallel_native(model, layout, sequence_parallel), None
-    if sequence_parallel:  # DTensor sums the norms' gradients; the position table is a plain tensor
-        check_sequence_parallel(model.config.block_size, layout.tp)
-        split_positions_and_dropout(model, layout.group("tp"))
-        names = ["transformer.wpe.weight"] if model.transformer.wpe is not None else []
-    return specs, None, names
+
+class TensorParallel:
+    """Tensor (and sequence) parallelism, from scratch or native, as Parallelized applies it, and its
+    part of each call. It keeps:
+        specs          name -> (dim, indices per rank) of every split weight: full checkpoints
+                       gather (gather_tensor_parallel) and cut (tensor_parallel_piece) by them
+        vocab_start    the vocabulary slice's first id where the loss is vocabulary-parallel (scratch)
+        sequence_parallel_names   the weights whose gradients sequence parallelism leaves partial
+    tp 1: nothing is split, and every call passes through."""
+
+    def __init__(self, model: GPT, layout: Layout, scratch: bool, sequence_parallel: bool):
+        self.layout, self.scratch = layout, scratch
+        self.specs, self.vocab_start, self.sequence_parallel_names = {}, None, None
+        if layout.tp == 1:
+            return
+        if scratch:
+            self.specs = apply_tensor_parallel(model, layout.group("tp"))
+            self.vocab_start = model.transformer.wte.lo
+            if sequence_parallel:
+                self.sequence_parallel_names = apply_sequence_parallel(model, layout.group("tp"), self.specs)
+            return
+        self.specs = apply_tensor_parallel_native(model, layout, sequence_parallel)
+        if sequence_parallel:  # DTensor sums the norms' gradients; the position table is a plain tensor
+            check_sequence_parallel(model.config.block_size, layout.tp)
+            split_positions_and_dropout(model, layout.group("tp"))
+            self.sequence_parallel_names = ["transformer.wpe.weight"] if model.transformer.wpe is not None else []
+
+    def loss(self, forward_module, x, y, documents: dict) -> torch.Tensor:
+        """The mean loss of a (B, T) batch; vocabulary-parallel, the logits are this rank's (B, T, V/t) slice."""
+        if self.sequence_parallel_names is not None:
+            check_sequence_parallel(x.size(1), self.layout.tp)
+        if self.vocab_start is None:
+            return forward_module(x, y, **documents)[1]
+        logits, _ = forward_module(x, **documents)
+        return vocab_parallel_cross_entropy(logits, y, self.vocab_start, self.layout.group("tp"))
+
+    def finish_gradient_sync(self, local_grads):
+        """Sequence parallelism: sum the replicated weights' partial gradients (local_grads(): the
+        data-parallel flavour's name -> this rank's part) over the tp ranks."""
+        if self.sequence_parallel_names is not None:
+            reduce_sequence_parallel_grads(local_grads(), self.sequence_parallel_names, self.layout.group("tp"))
+
+    def gather(self, tensors: dict) -> dict:
+        return gather_tensor_parallel(tensors, self.specs, self.layout, self.scratch)
+
+    def piece(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        return tensor_parallel_piece(name, full, self.specs, self.layout, self.scratch)
 
 
 def make_data_parallel(model: GPT, layout: Layout, zero: int, impl: str, bucket_mb: float, diloco_steps: int,
@@ -2575,6 +2637,44 @@ def check_strategy(layout: Layout, zero: int, impl: str, pp_schedule: str, diloc
                          "or --impl native")
 
 
+class FullCheckpointFormat:
+    """A full checkpoint (--checkpoint_format full) is the single-process run's, whatever layout
+    wrote it, so that a run with any other layout can resume from it. This is its one home:
+        model      the GPT's state_dict, its keys in order (tied: the output layer is the embedding)
+        optimizer  torch.optim.AdamW's state_dict over adamw_groups (adamw_order's indices, the first
+                   n_decayed of them decayed); with Muon {"adamw": that over the other parameters,
+                   "muon": name -> {"momentum_buffer"}}
+    Read from the whole model, before any strategy reshapes it."""
+
+    def __init__(self, model: GPT, optimizer: str, lr: float, betas: tuple, weight_decay: float):
+        self.tied, self.state_keys = model.config.tie_embeddings, list(model.state_dict().keys())
+        self.full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # the single-process shapes
+        # with Muon, the names of the matrices it updates; AdamW's checkpoint order then lists the rest
+        self.muon_names = [n for n, p in model.named_parameters() if optimizer == "muon" and is_muon_matrix(n, p)]
+        named_adamw = [(n, p) for n, p in model.named_parameters() if n not in self.muon_names]
+        self.adamw_order = adamw_order(named_adamw)  # the single-process optimizer's parameter order
+        self.n_decayed = sum(is_decayed(p) for _, p in named_adamw)
+        self.lr, self.betas, self.weight_decay = lr, betas, weight_decay
+
+    def model_state(self, full: dict) -> dict:
+        """name -> whole tensor (gathered) -> the GPT's state_dict, on the CPU."""
+        if self.tied and "lm_head.weight" in self.state_keys:
+            full["lm_head.weight"] = full["transformer.wte.weight"]
+        return {k: full[k].cpu() for k in self.state_keys}
+
+    def optimizer_state(self, full: dict) -> dict:
+        """name -> {"step", "exp_avg", "exp_avg_sq"} or {"momentum_buffer"} (gathered) -> the optimizer's state_dict."""
+        adamw = adamw_state_dict(full, self.adamw_order, self.n_decayed, self.lr, self.betas, self.weight_decay)
+        if not self.muon_names:
+            return adamw
+        return {"adamw": adamw, "muon": {n: {"momentum_buffer": full[n]["momentum_buffer"].cpu()} for n in self.muon_names}}
+
+    def named_optimizer_state(self, saved: dict) -> dict:
+        """The inverse: a saved optimizer state_dict -> name -> that parameter's state."""
+        adamw = saved["adamw"] if self.muon_names else saved
+        return {**{self.adamw_order[i]: s for i, s in adamw["state"].items()}, **(saved["muon"] if self.muon_names else {})}
+
+
 class Parallelized:
     """A GPT with a Layout's strategies applied, and the calls a training loop makes:
 
@@ -2585,21 +2685,25 @@ class Parallelized:
 
     x, y are this data-parallel rank's (B, T) batch. First the model is reshaped: tensor parallel
     (layers swapped; sequence parallel: hooks at the regions' edges), context parallel (attention
-    swapped), pipeline (cut to this rank's stage). Then one data-parallel flavour (make_data_parallel)
-    takes the parameters this rank holds. Each call below hands the work to the strategy that owns it:
+    swapped), pipeline (cut to this rank's stage), expert parallel (each rank keeps E/ep experts).
+    Then one data-parallel flavour (make_data_parallel) takes the parameters this rank holds. Each
+    call below hands the work to the strategies that own it, each in its own section:
 
-        call                   data-parallel flavour (its section)      pipeline          tensor / sequence / context
-        forward_backward       no_sync() on accumulation micro-steps    1F1B or GPipe     vocab-parallel loss; cp slice
-        finish_gradient_sync   DDP: wait buckets; ZeRO-1/2: all-reduce  tied embedding    sp: sum the replicated
-                               / reduce-scatter; ZeRO-3, FSDP2: done in   all-reduce        weights' partial grads
-                               backward; DiLoCo: nothing
-                               ep: expert grads summed over the ranks
-                               holding the same experts (ExpertParallel)
+        call                   data-parallel flavour                    Pipeline          TensorParallel, ExpertParallel
+        forward_backward       no_sync() on accumulation micro-steps    1F1B or GPipe     loss(): vocab-parallel (cp: the
+                                                                                            batch cut by context_slice first)
+        finish_gradient_sync   DDP: wait buckets; ZeRO-1/2: all-reduce  tied embedding    sp: sum the replicated weights'
+                               / reduce-scatter; ZeRO-3, FSDP2: done in   all-reduce        partial grads; ep: expert grads
+                               backward (torch's: DTensor grads placed                      summed over the same experts
+                               like their parameters); DiLoCo: nothing
         clip_grad_norm_        local_grads() (DiLoCo: a local norm)     -                 -
         optimizer_step         step(): ZeRO-1/2 all-gather the shards;  -                 -
                                DiLoCo: the outer step every H
-        full_state_dict etc.   full_state(), full_optimizer_state(),    gather_stages     gather_tensor_parallel,
-                               load_state()                                               tensor_parallel_piece
+        any_rank, reduce_loss  as is / the mean over the data ranks;    the last stage's  -
+                               DiLoCo: one all-reduce / its own loss      loss, summed
+        full_state_dict etc.   full_state(), full_optimizer_state(),    gather_stages     gather(), piece()
+                               load_state(), extra_state()
+    What a full checkpoint holds (the single-process run's) is FullCheckpointFormat's.
     """
 
     def __init__(self, model: GPT, layout: Layout, *, zero: int = 0, impl: str = "scratch", microbatches: int = 1,
@@ -2612,15 +2716,8 @@ class Parallelized:
         if compile and (layout.tp > 1 or layout.pp > 1 or layout.cp > 1 or zero):
             raise ValueError("--compile works with --dp alone here: drop --compile or the other strategies")
         self.layout, self.microbatches, self.cp_load_balance = layout, microbatches, cp_load_balance
-        self.amp, self.scaler, self.scratch = amp or contextlib.nullcontext(), scaler, impl == "scratch"
-        self.tied, self.state_keys = model.config.tie_embeddings, list(model.state_dict().keys())
-        self.full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # the single-process shapes
-        # with Muon, the names of the matrices it updates; AdamW's checkpoint order then lists the rest
-        self.muon_names = [n for n, p in model.named_parameters() if optimizer == "muon" and is_muon_matrix(n, p)]
-        named_adamw = [(n, p) for n, p in model.named_parameters() if n not in self.muon_names]
-        self.adamw_order = adamw_order(named_adamw)  # the single-process optimizer's parameter order
-        self.n_decayed = sum(is_decayed(p) for _, p in named_adamw)
-        self.lr, self.betas, self.weight_decay = lr, betas, weight_decay
+        self.amp, self.scaler = amp or contextlib.nullcontext(), scaler
+        self.format = FullCheckpointFormat(model, optimizer, lr, betas, weight_decay)
         fused = next(model.parameters()).device.type == "cuda" if fused_adamw is None else fused_adamw  # None: fused on CUDA
         make_optimizer = functools.partial(make_adamw, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
         if optimizer == "muon":
@@ -2628,16 +2725,11 @@ class Parallelized:
                                                group=layout.group("data") if layout.size("data") > 1 else None,
                                                lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
         # 1. reshape the model
-        self.tp_specs, self.vocab_start, self.sequence_parallel_names = apply_tensor_parallel_any(
-            model, layout, self.scratch, sequence_parallel)
+        self.tensor_parallel = TensorParallel(model, layout, impl == "scratch", sequence_parallel)
         if layout.cp > 1:
             apply_context_parallel(model, layout.group("cp"), cp_load_balance)
         self.pipeline = Pipeline(model, layout, pp_schedule, self.amp) if layout.pp > 1 else None
-        if ep > 1 and not model.moe_layers():
-            raise ValueError(f"--ep {ep} splits the experts of an MoE model: add --moe_experts")
-        if any(m.n_experts % ep for m in model.moe_layers()):
-            raise ValueError(f"--ep {ep} must divide --moe_experts ({model.moe_layers()[0].n_experts})")
-        self.expert_parallel = ExpertParallel(model, layout, ep) if ep > 1 else None
+        self.expert_parallel = ExpertParallel(model, layout, ep)
         # 2. the data-parallel flavour, over the parameters this rank now holds
         before = list(model.named_parameters())  # (kept alive, so that no new parameter reuses an id)
         names = {id(p): n for n, p in before}  # ZeRO-3 wraps the blocks: keep the GPT's names
@@ -2650,28 +2742,23 @@ class Parallelized:
     def _counts_in_norm(self, name: str, p) -> bool:
         """Does this rank's part of p's gradient count in the global norm? Each element counts once:
         on the rank with coordinate 0 along every mesh dim over which that part is replicated."""
-        if self.expert_parallel is not None and name in self.expert_parallel.names:
+        if name in self.expert_parallel.names:
             return self.layout.rank("data") < self.expert_parallel.ep  # the first group of ep ranks holds each expert once
         split = {p.device_mesh.mesh_dim_names[i] for i, pl in enumerate(p.placements) if not pl.is_replicate()} \
             if is_dtensor(p) else set()  # not is_shard(): FSDP2 over tensor parallelism places _StridedShard
-        split |= {"tp"} if name in self.tp_specs else set()
-        split |= {"pp"} if self.pipeline is not None and not (self.tied and name == "transformer.wte.weight") else set()
+        split |= {"tp"} if name in self.tensor_parallel.specs else set()
+        split |= {"pp"} if self.pipeline is not None and not (self.format.tied and name == "transformer.wte.weight") else set()
         split |= {"dp", "cp"} if self.data_parallel.shards_over_data or self.data_parallel.independent_workers else set()
         return all(self.layout.rank(d) == 0 for d in MESH_DIMS if self.layout.size(d) > 1 and d not in split)
 
     # --- one step
     def _local_loss(self, x, y):
-        if self.sequence_parallel_names is not None:
-            check_sequence_parallel(x.size(1), self.layout.tp)
         documents = {}
         if self.layout.cp > 1:  # this rank's positions of every sequence
             if self.module.config.doc_mask:
                 documents = context_document_inputs(x, self.module.config.eot_id, self.layout, self.cp_load_balance)
             x, y = context_slice(x, self.layout, self.cp_load_balance), context_slice(y, self.layout, self.cp_load_balance)
-        if self.vocab_start is not None:  # tensor parallel: logits are this rank's vocabulary slice
-            logits, _ = self.forward_module(x, **documents)
-            return vocab_parallel_cross_entropy(logits, y, self.vocab_start, self.layout.group("tp"))
-        return self.forward_module(x, y, **documents)[1]
+        return self.tensor_parallel.loss(self.forward_module, x, y, documents)
 
     def forward_backward(self, x, y, divisor: int = 1, sync: bool = True) -> torch.Tensor:
         """Loss of this rank's batch, and its gradient (of loss / divisor) accumulated into .grad."""
@@ -2686,18 +2773,15 @@ class Parallelized:
         return loss.detach()
 
     def finish_gradient_sync(self):
-        """After the last micro-step: complete the gradient averaging, then the sums across stages
-        (tied embedding) and across tensor-parallel ranks (sequence parallelism's replicated weights);
-        native gradients are put where their parameters are (place_grads_like_params)."""
+        """After the last micro-step: complete the gradient averaging (native: then put each gradient
+        where its parameter is, place_grads_like_params), then the sums across the ranks holding the
+        same experts, across stages (tied embedding) and across tensor-parallel ranks (sequence
+        parallelism's replicated weights)."""
         self.data_parallel.finish_gradient_sync()
-        if self.expert_parallel is not None:
-            self.expert_parallel.finish_gradient_sync()
+        self.expert_parallel.finish_gradient_sync()
         if self.pipeline is not None:
             self.pipeline.finish_gradient_sync()
-        if not self.scratch:
-            place_grads_like_params(self.module)
-        if self.sequence_parallel_names is not None:
-            reduce_sequence_parallel_grads(self.data_parallel.local_grads(), self.sequence_parallel_names, self.layout.group("tp"))
+        self.tensor_parallel.finish_gradient_sync(self.data_parallel.local_grads)
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip the global gradient norm, sqrt(sum over all distinct gradient elements of g^2), as
@@ -2733,13 +2817,8 @@ class Parallelized:
         self.data_parallel.zero_grad()
 
     def any_rank(self, flag: bool) -> bool:
-        """True on every rank if flag is True on any: where workers train apart (DiLoCo) a NaN on one
-        must stop all of them, not leave the others waiting at the next collective."""
-        if not self.data_parallel.independent_workers or not dist.is_initialized():
-            return flag
-        t = torch.tensor(float(flag), device=self.layout.device)
-        all_reduce(t, dist.group.WORLD, "loss", op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        """True on every rank if flag (a non-finite loss or norm) is True on any (DiLoCo.any_rank)."""
+        return self.data_parallel.any_rank(flag)
 
     def reduce_loss(self, loss: torch.Tensor) -> float:
         """The global batch's mean loss: from the last pipeline stage, averaged over the data group.
@@ -2747,9 +2826,7 @@ class Parallelized:
         t = loss.detach().float().reshape(()).clone()
         if self.layout.pp > 1:
             all_reduce(t, self.layout.group("pp"), "loss")  # only the last stage's is non-zero
-        if not self.data_parallel.independent_workers and self.layout.size("data") > 1:
-            all_reduce(t, self.layout.group("data"), "loss")
-            t /= self.layout.size("data")
+        self.data_parallel.mean_over_data(t, self.layout.group("data"))
         return t.item()
 
     @torch.no_grad()
@@ -2769,60 +2846,36 @@ class Parallelized:
         return storage_bytes(self.data_parallel.held_tensors())
 
     # --- full, unsharded checkpoints: the single-process model's tensors, gathered to global rank 0
+    def _gather(self, tensors: dict) -> dict:
+        """name -> this rank's tensor (whole over the data ranks) -> whole over the expert and tensor
+        parallel ranks too. Collective; the pipeline's stages are gathered after (gather_stages)."""
+        return self.tensor_parallel.gather(self.expert_parallel.gather(tensors))
+
+    def _piece(self, name: str, full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The inverse, when loading: this rank's part of a full tensor, laid out as `like` (a DTensor shard where it is one)."""
+        return dtensor_piece(self.tensor_parallel.piece(name, self.expert_parallel.piece(name, full)), like)
+
     def full_state_dict(self) -> dict | None:
         """The single-process GPT's state_dict, on global rank 0 (None on the others). Collective."""
-        full = gather_stages(gather_tensor_parallel(self.gather_experts(self.data_parallel.full_state()), self.tp_specs,
-                                                    self.layout, self.scratch), self.layout)
-        if full is None or not self.layout.is_rank0:
-            return None
-        if self.tied and "lm_head.weight" in self.state_keys:
-            full["lm_head.weight"] = full["transformer.wte.weight"]
-        return {k: full[k].cpu() for k in self.state_keys}
+        full = gather_stages(self._gather(self.data_parallel.full_state()), self.layout)
+        return self.format.model_state(full) if full is not None and self.layout.is_rank0 else None
 
     def full_optimizer_state_dict(self) -> dict | None:
-        """torch.optim.AdamW's state_dict for the single-process GPT (adamw_groups' two groups), on
-        global rank 0 (None elsewhere), so a run with any other layout can resume from it. Collective."""
+        """The single-process optimizer's state_dict (FullCheckpointFormat), on global rank 0 (None
+        elsewhere), so a run with any other layout can resume from it. Collective."""
         local = self.data_parallel.full_optimizer_state()
         for key in ("exp_avg", "exp_avg_sq"):
-            split = gather_tensor_parallel(self.gather_experts({name: s[key] for name, s in local.items() if key in s}),
-                                           self.tp_specs, self.layout, self.scratch)
+            split = self._gather({name: s[key] for name, s in local.items() if key in s})
             for name in split:  # Muon's momenta have no AdamW moments (and Muon runs without --tp)
                 local[name][key] = split[name]
         full = gather_stages(local, self.layout)
-        if full is None or not self.layout.is_rank0:
-            return None
-        adamw = adamw_state_dict(full, self.adamw_order, self.n_decayed, self.lr, self.betas, self.weight_decay)
-        if not self.muon_names:
-            return adamw
-        # Muon: {"adamw": torch AdamW's state_dict over the other parameters, "muon": name -> momentum}
-        return {"adamw": adamw, "muon": {n: {"momentum_buffer": full[n]["momentum_buffer"].cpu()} for n in self.muon_names}}
+        return self.format.optimizer_state(full) if full is not None and self.layout.is_rank0 else None
 
     def load_full_state(self, model_state: dict, optimizer_state: dict | None = None):
         """Load a single-process checkpoint (as full_state_dict wrote it) into any layout: each rank
-        keeps its part. Every rank reads the same full tensors."""
-        named = None
-        if optimizer_state:
-            adamw = optimizer_state["adamw"] if self.muon_names else optimizer_state
-            named = {**{self.adamw_order[i]: s for i, s in adamw["state"].items()},
-                     **(optimizer_state["muon"] if self.muon_names else {})}
-
-        def piece(name, full, like):
-            if self.expert_parallel is not None:
-                full = self.expert_parallel.piece(name, full)
-            return dtensor_piece(tensor_parallel_piece(name, full, self.tp_specs, self.layout, self.scratch), like)
-
-        self.data_parallel.load_state(model_state, named, piece)
-
-    def gather_experts(self, tensors: dict) -> dict:
-        """Expert parallelism's slices of the expert weights made whole (ExpertParallel.gather); others as they are."""
-        return self.expert_parallel.gather(tensors) if self.expert_parallel is not None else tensors
-
-    def extra_state(self) -> dict:
-        """What else a resume needs (DiLoCo's global weights and outer momentum)."""
-        return self.data_parallel.extra_state()
-
-    def load_extra_state(self, state: dict):
-        self.data_parallel.load_extra_state(state)
+        keeps its part (_piece). Every rank reads the same full tensors."""
+        named = self.format.named_optimizer_state(optimizer_state) if optimizer_state else None
+        self.data_parallel.load_state(model_state, named, self._piece)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2870,18 +2923,17 @@ def sharded_pieces(par: "Parallelized") -> tuple[dict, dict]:
         create_optimizer_state(par)
     pieces, shapes = {}, {}
     for key, (name, local) in par.data_parallel.local_pieces().items():
-        shapes[key] = () if key.endswith(".step") else par.full_shapes[name]
-        if name in par.tp_specs and not key.endswith(".step"):
-            dim, index = par.tp_specs[name]
-            positions = index[par.layout.rank("tp")] if par.scratch else torch.cat(index)
+        shapes[key] = () if key.endswith(".step") else par.format.full_shapes[name]
+        if name in par.tensor_parallel.specs and not key.endswith(".step"):
+            dim, index = par.tensor_parallel.specs[name]
+            positions = index[par.layout.rank("tp")] if par.tensor_parallel.scratch else torch.cat(index)
             local = [q for offsets, values in local for q in split_by_positions(offsets, values, dim, positions)]
-        if par.expert_parallel is not None:
-            local = [(par.expert_parallel.place(name, offsets), values) for offsets, values in local]
+        local = [(par.expert_parallel.place(name, offsets), values) for offsets, values in local]
         if kept := [(offsets, values) for offsets, values in local if values.numel() > 0]:
             pieces[key] = kept
     parameters = {n for n, _ in par.module.named_parameters()}
     for name, b in par.module.named_buffers():  # persistent ones (in the state dict), replicated on every rank
-        if name in par.state_keys and name not in parameters:
+        if name in par.format.state_keys and name not in parameters:
             pieces[f"model.{name}"], shapes[f"model.{name}"] = [((0,) * b.dim(), b)], tuple(b.shape)
     return pieces, shapes
 

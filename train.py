@@ -1108,7 +1108,7 @@ def checkpoint_meta(run: "Run") -> dict:
     """Everything but the tensors, as of this step boundary (plain values and fresh copies)."""
     return {"scaler": run.scaler.state_dict(), "sampler": run.sampler.state_dict(), "rng": rng_states(), "step": run.step,
             "model_config": asdict(run.model_config), "train_config": asdict(run.cfg),
-            "data_dir": os.path.basename(run.manifest["dir"]), "parallel": run.par.extra_state(),
+            "data_dir": os.path.basename(run.manifest["dir"]), "parallel": run.par.data_parallel.extra_state(),
             # the corpus's tokens (a re-prepared corpus keeps its directory's name), and the
             # evaluations a resume still owes (see resume_evaluations)
             "corpus_id": data.corpus_id(run.manifest), "redo_evals": sorted(s for s in run.redo_evals if s > run.step),
@@ -1163,7 +1163,7 @@ def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, 
             ckpt = {**ckpt, **sharded_rank_state(ckpt, par.layout)}
         else:
             par.load_full_state(ckpt["model"], ckpt["optimizer"])
-        par.load_extra_state(ckpt.get("parallel", {}))
+        par.data_parallel.load_extra_state(ckpt.get("parallel", {}))
         scaler.load_state_dict(ckpt["scaler"])
         sampler.load_state_dict(reshard_sampler_state(ckpt["sampler"], dp))
         set_rng_states(ckpt["rng"])

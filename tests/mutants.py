@@ -453,8 +453,8 @@ VARIANTS = [
 
     mutant("checkpoint", "rng-not-restored", "train.py", ("    torch.set_rng_state(states[\"torch\"])\n", "    pass\n")),
     mutant("checkpoint", "rng-saved-from-a-fresh-generator", "train.py", ("states = {\"torch\": torch.get_rng_state()}", "states = {\"torch\": torch.Generator().get_state()}")),
-    mutant("checkpoint", "optimizer-state-not-restored", "train.py", ("        else:\n            par.load_full_state(ckpt[\"model\"], ckpt[\"optimizer\"])\n        par.load_extra_state",
-                                                                       "        else:\n            par.load_full_state(ckpt[\"model\"], None)\n        par.load_extra_state")),
+    mutant("checkpoint", "optimizer-state-not-restored", "train.py", ("        else:\n            par.load_full_state(ckpt[\"model\"], ckpt[\"optimizer\"])\n        par.data_parallel.load_extra_state",
+                                                                       "        else:\n            par.load_full_state(ckpt[\"model\"], None)\n        par.data_parallel.load_extra_state")),
     mutant("checkpoint", "data-position-not-restored", "train.py", ("        sampler.load_state_dict(reshard_sampler_state(ckpt[\"sampler\"], dp))\n", "")),
     mutant("checkpoint", "resumes-one-step-late", "train.py", ("    return ckpt[\"step\"]\n", "    return ckpt[\"step\"] + 1\n")),
     alternative("checkpoint", "cpu-rng-through-a-generator-copy", edits=[
