@@ -2470,7 +2470,8 @@ def test_exact_keys_answer_as_a_python_set_across_merges(rng):
         if not answers[-1]:
             seen.add(key)
             reference.add(key)
-    assert len(seen) == len(reference) and sum(answers) > 1000 and len(seen.newest) < 7
+    # repeats: 1049 +- 27 over 2,000 seeds (min 964), so 800 only asks that they were exercised
+    assert len(seen) == len(reference) and sum(answers) > 800 and len(seen.newest) < 7
 
 
 def test_lsh_on_disk_splits_a_band_into_partitions_beyond_the_budget_with_the_same_decisions(tmp_path, rng, monkeypatch):
