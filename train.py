@@ -2835,8 +2835,9 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
             say(f"ablate: row {i + 1}/{len(plan)} {p['name']} ({flags_text(p['flags'])}) | run {runs_done + 1}/{runs_total}{left}",
                 flush=True)
             result = compare_seeds(p["cfg"], p["model_overrides"])
-            if result is not None and result.get("stopped"):
-                return result
+            if result is not None and result.get("stopped"):  # the row's seeds are not all there: it trains again
+                return {**result, "continue_with": f"the same --ablate_recipe command with --overwrite (the rows in {path} "
+                                                   "are reused; this one trains again)"}
             runs_done += p["cfg"].compare_seeds
             if result is None:  # rank > 0: rank 0 keeps the table
                 continue
@@ -3067,7 +3068,8 @@ def report_stop(result: dict):
     (a preempted job is not a failed one: Slurm, Kubernetes and torchrun see success), 130 for Ctrl-C."""
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         if result["step"] > result["first_step"]:
-            line = f"after step {result['step']}: {result['ckpt_path']} holds step {result['step']}; continue with --resume"
+            line = (f"after step {result['step']}: {result['ckpt_path']} holds step {result['step']}; continue with "
+                    f"{result.get('continue_with', '--resume')}")
         else:
             line = "before this invocation's first step: nothing new to save"
         print(f"stopped by {result['stopped']} {line}", file=sys.stderr)
