@@ -2819,7 +2819,6 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     # every row's key, those not asked for by --ablate_rows too: their rows of an earlier run, made
     # with the same flags, stay in ablation.json and the table (rows may be trained in several runs)
     config_of = {name: ablation_row_key(*ablation_row_config(cfg, model_overrides, name, flags)) for name, flags in RECIPE_ROWS}
-    planned = {p["name"] for p in plan}
     to_train = [p for p in plan if earlier.get(p["name"], {}).get("config") != config_of[p["name"]]]
     runs_total = sum(p["cfg"].compare_seeds for p in to_train)
     progress, runs_done, mine = Progress(0, runs_total), 0, {}
@@ -2827,8 +2826,11 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     say(f"ablate: {len(plan)} rows x {summary['seeds']} seeds of preset {cfg.preset}, {cfg.max_iters} steps each "
         f"({summary['tokens_per_row_run']:,} tokens per run); {len(plan) - len(to_train)} reused from {path}", flush=True)
     for i, p in enumerate(plan):
-        if p not in to_train:
-            row = earlier[p["name"]]
+        finished = read_ablation_rows(path).get(p["name"], {})  # read again: another run may have finished it since
+        if finished.get("config") == config_of[p["name"]]:
+            row = finished
+            runs_total -= p["cfg"].compare_seeds if p in to_train else 0
+            progress.stop = runs_total
             say(f"ablate: row {i + 1}/{len(plan)} {p['name']}: reused from {path}", flush=True)
         else:
             left = f" | {progress.eta(runs_done)} left" if runs_done else ""
@@ -2845,7 +2847,7 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
                    "config": config_of[p["name"]], **{k: result[k] for k in ("seeds", "runs", "val_loss", "val_bpb")}}
         mine[row["name"]] = row
         # read again before each write: another run with other --ablate_rows may have added rows since
-        kept = {name: r for name, r in read_ablation_rows(path).items() if name not in planned and r.get("config") == config_of[name]}
+        kept = {name: r for name, r in read_ablation_rows(path).items() if name not in mine and r.get("config") == config_of.get(name)}
         done = mine | kept
         summary["rows"] = [done[name] for name, _ in RECIPE_ROWS if name in done]  # the table's order
         add_differences(summary["rows"])
