@@ -2820,7 +2820,6 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     # every row's key, those not asked for by --ablate_rows too: their rows of an earlier run, made
     # with the same flags, stay in ablation.json and the table (rows may be trained in several runs)
     config_of = {name: ablation_row_key(*ablation_row_config(cfg, model_overrides, name, flags)) for name, flags in RECIPE_ROWS}
-    planned = {p["name"] for p in plan}
     to_train = [p for p in plan if earlier.get(p["name"], {}).get("config") != config_of[p["name"]]]
     runs_total = sum(p["cfg"].compare_seeds for p in to_train)
     progress, runs_done, mine = Progress(0, runs_total), 0, {}
@@ -2828,16 +2827,20 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     say(f"ablate: {len(plan)} rows x {summary['seeds']} seeds of preset {cfg.preset}, {cfg.max_iters} steps each "
         f"({summary['tokens_per_row_run']:,} tokens per run); {len(plan) - len(to_train)} reused from {path}", flush=True)
     for i, p in enumerate(plan):
-        if p not in to_train:
-            row = earlier[p["name"]]
+        finished = read_ablation_rows(path).get(p["name"], {})  # read again: another run may have finished it since
+        if finished.get("config") == config_of[p["name"]]:
+            row = finished
+            runs_total -= p["cfg"].compare_seeds if p in to_train else 0
+            progress.stop = runs_total
             say(f"ablate: row {i + 1}/{len(plan)} {p['name']}: reused from {path}", flush=True)
         else:
             left = f" | {progress.eta(runs_done)} left" if runs_done else ""
             say(f"ablate: row {i + 1}/{len(plan)} {p['name']} ({flags_text(p['flags'])}) | run {runs_done + 1}/{runs_total}{left}",
                 flush=True)
             result = compare_seeds(p["cfg"], p["model_overrides"])
-            if result is not None and result.get("stopped"):
-                return result
+            if result is not None and result.get("stopped"):  # the row's seeds are not all there: it trains again
+                return {**result, "continue_with": f"the same --ablate_recipe command with --overwrite (the rows in {path} "
+                                                   "are reused; this one trains again)"}
             runs_done += p["cfg"].compare_seeds
             if result is None:  # rank > 0: rank 0 keeps the table
                 continue
@@ -2845,7 +2848,7 @@ def ablate_recipe(cfg: TrainConfig, model_overrides: dict) -> dict | None:
                    "config": config_of[p["name"]], **{k: result[k] for k in ("seeds", "runs", "val_loss", "val_bpb")}}
         mine[row["name"]] = row
         # read again before each write: another run with other --ablate_rows may have added rows since
-        kept = {name: r for name, r in read_ablation_rows(path).items() if name not in planned and r.get("config") == config_of[name]}
+        kept = {name: r for name, r in read_ablation_rows(path).items() if name not in mine and r.get("config") == config_of.get(name)}
         done = mine | kept
         summary["rows"] = [done[name] for name, _ in RECIPE_ROWS if name in done]  # the table's order
         add_differences(summary["rows"])
@@ -3068,7 +3071,8 @@ def report_stop(result: dict):
     (a preempted job is not a failed one: Slurm, Kubernetes and torchrun see success), 130 for Ctrl-C."""
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         if result["step"] > result["first_step"]:
-            line = f"after step {result['step']}: {result['ckpt_path']} holds step {result['step']}; continue with --resume"
+            line = (f"after step {result['step']}: {result['ckpt_path']} holds step {result['step']}; continue with "
+                    f"{result.get('continue_with', '--resume')}")
         else:
             line = "before this invocation's first step: nothing new to save"
         print(f"stopped by {result['stopped']} {line}", file=sys.stderr)

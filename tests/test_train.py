@@ -283,6 +283,30 @@ def test_ablate_recipe_table_holds_the_compare_seeds_runs_numbers(data_dir, tmp_
     assert json.loads((tmp_path / "abl" / "ablation.json").read_text())["rows"] == summary["rows"]
 
 
+def test_ablate_recipe_runs_sharing_an_out_dir_keep_and_reuse_each_others_rows(tmp_path, monkeypatch, capsys):
+    # no training: compare_seeds answers made-up numbers; while this run trains its baseline, another
+    # run (--ablate_rows z_loss, into the same out_dir) finishes the z_loss row this run planned too
+    cfg, mo = tiny(str(tmp_path / "no_corpus"), tmp_path, ablate_recipe=True, max_iters=2, compare_seeds=2)
+    calls = []
+
+    def made_up(row_cfg, row_overrides):
+        name = os.path.basename(row_cfg.out_dir)
+        calls.append(name)
+        if name == "baseline":
+            train.ablate_recipe(replace(cfg, ablate_rows="z_loss"), mo)
+        bpb = {"baseline": [2.0, 2.2], "z_loss": [1.9, 2.0]}[name]
+        return {"seeds": [1337, 1338], "runs": [{"seed": s, "val_bpb": b, "val_loss": 2 * b} for s, b in zip((1337, 1338), bpb)],
+                "val_bpb": {"mean": sum(bpb) / 2, "std": abs(bpb[0] - bpb[1]) / 2 ** 0.5},
+                "val_loss": {"mean": sum(bpb), "std": abs(bpb[0] - bpb[1]) * 2 ** 0.5}}
+
+    monkeypatch.setattr(train, "compare_seeds", made_up)
+    train.ablate_recipe(replace(cfg, ablate_rows="baseline,z_loss"), mo)
+    assert calls == ["baseline", "z_loss"]  # z_loss trained once, by the other run, and reused here
+    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
+    assert [(r["name"], r["val_bpb"]["mean"]) for r in rows] == [("baseline", 2.1), ("z_loss", 1.95)]
+    assert rows[1]["delta_bpb"] == pytest.approx(-0.15, abs=1e-12) and "| z_loss |" in capsys.readouterr().out
+
+
 def test_rng_states_saved_then_set_replay_the_same_draws_and_dropout_masks():
     # what a resume needs of the RNG: after set_rng_states(saved), every draw is the one that
     # followed the save (a dropout mask included), however much was drawn in between
