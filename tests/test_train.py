@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import asdict, replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,23 +179,42 @@ def test_spike_guard_skips_an_injected_spike_and_nothing_else(data_dir, tmp_path
     assert final_state(tmp_path / "spiked")["spike_guard"]["skipped"] == 1
 
 
-def test_spike_guard_resumes_bit_for_bit(data_dir, tmp_path):
-    # the windows come back from the checkpoint: at step 24 they hold 20+ values that judge steps 25..
-    common = dict(max_iters=30, eval_interval=12, dtype="float32", spike_sigma=0.01)  # 0.01: skips often, on purpose
+def test_spike_guard_skips_a_lone_spike_but_follows_a_lasting_rise():
+    """SpikeGuard alone, on fresh noise: a lone spike is skipped; a level that rises and stays (warm-up's
+    gradient norms) is skipped at first and then followed, since skipped values join the window too (a
+    window of accepted values only would skip all 40 steps of the new level)."""
+    g = np.random.default_rng()
+    guard = train.SpikeGuard(6.0)
+    verdicts = [guard.judge(float(x), None) for x in 1 + 0.01 * g.standard_normal(30)]
+    assert not any(verdicts) and guard.judge(50.0, None) and guard.skipped == 1
+    guard = train.SpikeGuard(6.0)
+    for x in 1 + 0.01 * g.standard_normal(30):
+        guard.judge(float(x), None)
+    shifted = [bool(guard.judge(float(x), None)) for x in 5 + 0.01 * g.standard_normal(40)]
+    assert shifted[0] and not any(shifted[10:]) and guard.skipped < 10
+
+
+def test_spike_guard_resumes_bit_for_bit(data_dir, tmp_path, monkeypatch):
+    # the windows come back from the checkpoint: at step 24 they hold 20+ values that judge steps 25..,
+    # among them step 27, a spike in both runs (the 27th micro-step straight, the 3rd after the resume)
+    common = dict(max_iters=30, eval_interval=12, dtype="float32", spike_sigma=6.0)
+    inject_spike(monkeypatch, at_call=26)
     straight, mo = tiny(data_dir, tmp_path / "straight", **common)
     train.train(straight, mo)
+    monkeypatch.undo()
     first, mo = tiny(data_dir, tmp_path / "resumed", stop_at=24, **common)
     train.train(first, mo)
+    inject_spike(monkeypatch, at_call=2)
     second, mo = tiny(data_dir, tmp_path / "resumed", resume=True, **common)
     train.train(second, mo)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s", "mfu")} for r in rows]
     a = strip(read_metrics(tmp_path / "straight"))
     assert a == strip(read_metrics(tmp_path / "resumed"))  # 24 is an evaluation step of both: the same lines
     sa, sb = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
-    # the windows hold every accepted step since the start (128 > 30): a guard not restored at step 24
-    # would end with only the steps after it, so equal windows prove it came back whole
-    assert sa["spike_guard"] == sb["spike_guard"] and len(sa["spike_guard"]["losses"]) >= 20
-    assert len(sb["spike_guard"]["losses"]) > 30 - 24 + sb["spike_guard"]["skipped"]
+    # the windows hold every step since the start, skipped or not (128 > 30): a guard not restored at
+    # step 24 would end with only the 6 steps after it, so equal windows of 30 prove it came back whole
+    assert sa["spike_guard"] == sb["spike_guard"] and sa["spike_guard"]["skipped"] == 1
+    assert len(sb["spike_guard"]["losses"]) == 30
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
