@@ -1180,9 +1180,14 @@ def test_perplexity_scores_equal_the_validation_bits_per_byte_of_train_py_on_the
     others = [" ".join(rng.choice(words, size=int(rng.integers(20, 120)))) + "." for _ in range(8)]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in [text, *others]))
+    # one document is an evaluation text: the scorers get it (they start before decontamination), but
+    # its score must not count: the file and the thirds hold the eight documents decontamination keeps
+    (tmp_path / "eval.txt").write_text(others[3])
     m = data.prepare(data=str(corpus), tokenizer="bytes", out_dir=str(tmp_path / "cache"), verbose=False, dedup="none",
-                     quality_filter=False, perplexity_model=str(ckpt_path), perplexity_keep="head,middle")
+                     quality_filter=False, perplexity_model=str(ckpt_path), perplexity_keep="head,middle",
+                     decontaminate=str(tmp_path / "eval.txt"))
     scores = [json.loads(line)["bits_per_byte"] for line in open(os.path.join(m["dir"], "scores_perplexity.jsonl"))]
+    assert len(scores) == 8 and json.load(open(os.path.join(m["dir"], "report.json")))["perplexity"]["sent"] == 9
     # train.py's evaluation of a validation split that holds this one document, after an end-of-text
     tokens = [enc.eot_token] + enc.encode_ordinary(text) + [enc.eot_token]
     np.array(tokens, dtype=np.uint16).tofile(tmp_path / "val.bin")
