@@ -171,7 +171,7 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before the scores (Dehghani et al. 2023; OLMo 2)
     logit_softcap: float = 0.0  # cap the output logits smoothly at +-C: C tanh(logits / C) (Gemma 2 uses 30); 0: off
     z_loss: float = 0.0  # add COEF * mean(log^2 Z) to the training loss, Z the softmax's normaliser (PaLM: 1e-4); 0: off
-    doc_mask: bool = False  # packed sequences attend only within their own document (an end-of-text token starts one), positions restarting at each (every attention backend; also with --cp and --tp)
+    doc_mask: bool = False  # packed sequences attend only within their own document (an end-of-text token starts one), positions restarting at each (every attention backend; also with --cp, --tp, --pp and --zero 3)
     eot_id: int = -1  # the end-of-text id that starts a document (train.py sets it from the corpus for --doc_mask)
     mtp: int = 0  # multi-token prediction: N extra heads predicting tokens t+2 .. t+N+1, a transformer block each, sharing ln_f and the output layer (Gloeckle et al. 2024); training only
     mtp_weight: float = 0.3  # --mtp: the training loss is the next-token loss plus this times the mean of the extra heads' losses (DeepSeek-V3's lambda: 0.3, later 0.1)
@@ -885,11 +885,8 @@ class GPT(nn.Module):
         parallelism gives each rank some of its positions) passes the window's, cut alike.
         """
         start = kv_cache.length if kv_cache is not None else 0
-        if self.config.doc_mask and kv_cache is None:  # (generation reads its context as one document)
-            doc_ids = document_ids(idx, self.config.eot_id) if doc_ids is None else doc_ids
-            positions = document_positions(doc_ids) if positions is None else positions
-        else:
-            doc_ids = positions = None
+        # (generation reads its context as one document)
+        doc_ids, positions = self.document_inputs(idx, doc_ids, positions) if kv_cache is None else (None, None)
         x = self.run_blocks(self.embed(idx, start, positions), kv_cache=kv_cache, doc_ids=doc_ids, positions=positions)
         if kv_cache is not None:
             kv_cache.length += idx.size(1)  # every layer has stored these positions
@@ -898,6 +895,16 @@ class GPT(nn.Module):
             for moe in self.moe_layers():
                 loss = loss if moe.loss is None else loss + moe.loss
         return logits, loss
+
+    def document_inputs(self, idx, doc_ids=None, positions=None) -> tuple:
+        """--doc_mask's (B, T) document numbers and positions inside documents of the tokens idx, or
+        (None, None) without it. Those given are kept (context parallelism passes the whole window's,
+        cut like its tokens). parallel.py's pipeline stages call it too: every stage holds the
+        micro-batch's tokens, so each computes the numbers itself and only activations travel."""
+        if not self.config.doc_mask:
+            return None, None
+        doc_ids = document_ids(idx, self.config.eot_id) if doc_ids is None else doc_ids
+        return doc_ids, document_positions(doc_ids) if positions is None else positions
 
     def moe_layers(self) -> list:
         """The MoE layers, in block order (empty for a dense model)."""
