@@ -1635,6 +1635,13 @@ def test_the_recipe_options_refuse_the_layouts_that_do_not_carry_them(model_flag
                                  parallel.Layout(**layout))
 
 
+def test_flex_attention_refuses_to_train_on_the_cpu_in_one_line():
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, attention="flex")
+    with pytest.raises(ValueError, match="^--attention flex trains on a CUDA GPU: torch's FlexAttention has no backward "
+                                         "on the cpu; use --attention sdpa here$"):
+        train.check_speedups_fit(train.TrainConfig(), config, parallel.Layout(device=torch.device("cpu")))
+
+
 @pytest.mark.parametrize("layout, zero", [(dict(pp=2), 0), (dict(dp=2), 3)])
 def test_doc_mask_is_accepted_with_the_pipeline_and_zero3(layout, zero):
     """Both pass the document numbers to the blocks now (tests/test_parallel.py -k 'two_ranks and doc_mask'
