@@ -437,6 +437,22 @@ def test_flex_block_mask_skips_the_tiles_wholly_in_the_future_or_in_another_docu
     assert any_visible[0].sum() == 6 and (causal_only.kv_num_blocks + causal_only.full_kv_num_blocks).sum() == 10
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no CPU backward: train.py refuses it there "
+                    "(tests/test_train.py -k flex_attention_refuses); this checks the compiled GPU kernel")
+def test_flex_loss_and_gradients_on_a_gpu_match_sdpa_with_documents():
+    flex, sdpa = (m.cuda() for m in twin(small_config(doc_mask=True, eot_id=0, rope=True, n_kv_head=2, attention="flex"),
+                                          attention="sdpa"))
+    idx = torch.randint(1, flex.config.vocab_size, (2, 32), device="cuda")
+    idx[0, [0, 5, 21]], idx[1, [0, 30]] = 0, 0
+    targets = torch.randint(0, flex.config.vocab_size, (2, 32), device="cuda")
+    loss_flex, loss_sdpa = flex(idx, targets)[1], sdpa(idx, targets)[1]
+    (loss_flex + loss_sdpa).backward()  # one backward: each model's gradients are its own loss's
+    # float32 in two orders, and the kernel's dots perhaps in TF32 (10-bit mantissa: 2^-11 = 4.9e-4 per product)
+    assert abs(loss_flex.item() - loss_sdpa.item()) <= 2e-3 * loss_sdpa.item()
+    for (name, p), q in zip(flex.named_parameters(), sdpa.parameters()):
+        assert (p.grad - q.grad).norm() <= 2e-3 * q.grad.norm(), name
+
+
 def test_flex_attention_refuses_dropout_and_a_torch_without_it_in_one_line(monkeypatch):
     with pytest.raises(ValueError, match="^--attention flex has no attention dropout: set --dropout 0"):
         small_config(attention="flex", dropout=0.1)
