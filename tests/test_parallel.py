@@ -931,8 +931,8 @@ TWO_RANK_CHECKS = {
     # ZeRO-3's blocks take the numbers through torch.utils.checkpoint's recomputation too
     "zero3_doc_mask": lambda: compare_with_reference(
         "z3doc", tiny_config(vocab_size=8, rope=True, doc_mask=True, eot_id=0), dict(dp=2, tp=1, pp=1, cp=1), zero=3),
-    "zero3_native_doc_mask": lambda: compare_with_reference(
-        "z3ndoc", tiny_config(vocab_size=8, doc_mask=True, eot_id=0), dict(dp=2, tp=1, pp=1, cp=1), zero=3,
+    "fsdp2_doc_mask": lambda: compare_with_reference(
+        "fsdpdoc", tiny_config(vocab_size=8, doc_mask=True, eot_id=0), dict(dp=2, tp=1, pp=1, cp=1), zero=3,
         impl="native"),
 }
 
