@@ -128,8 +128,8 @@ express. Tests check logits against transformers to 1e-4 in float32 and token id
 Map of this file, in reading order
 ----------------------------------
 GPTConfig, MODEL_PRESETS -> LayerNorm, RMSNorm -> rope_cache, apply_rope -> naive_attention,
-sdpa_attention, document masking, flex_attention (flex_block_mask), attend, cached_attention -> CausalSelfAttention -> MLP -> mixture of experts
-(grouped_matmul, Experts, MoE) -> Block -> GPT (init,
+sdpa_attention, document masking, flex_attention (flex_block_mask), attend, cached_attention ->
+CausalSelfAttention -> MLP -> mixture of experts (grouped_matmul, Experts, MoE) -> Block -> GPT (init,
 forward, parameter count, generate, GPT-2 and Llama state dicts, from_pretrained_dir) -> KVCache,
 filter_logits -> the Hugging Face directory (config.json, weights, tokenizer.json, export_hf) ->
 a small command line (describe a preset, --bench_generate, export).

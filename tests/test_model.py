@@ -416,7 +416,8 @@ def test_flex_block_mask_gives_the_sdpa_logits_with_and_without_documents(rope):
         flex, sdpa = (m.double() for m in twin(small_config(doc_mask=doc_mask, eot_id=0, rope=rope, n_kv_head=2,
                                                             attention="flex"), attention="sdpa"))
         idx = torch.randint(1, flex.config.vocab_size, (3, 32))
-        idx[0, [0, 9, 20]], idx[1, [5]], idx[2, [0, 1, 2, 31]] = 0, 0, 0  # documents of 1 to 27 tokens; row 1 opens mid-document
+        # documents of 1 to 27 tokens; row 1 opens mid-document
+        idx[0, [0, 9, 20]], idx[1, [5]], idx[2, [0, 1, 2, 31]] = 0, 0, 0
         torch.testing.assert_close(flex(idx)[0], sdpa(idx)[0], rtol=1e-10, atol=1e-10)
 
 
@@ -440,8 +441,8 @@ def test_flex_block_mask_skips_the_tiles_wholly_in_the_future_or_in_another_docu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no CPU backward: train.py refuses it there "
                     "(tests/test_train.py -k flex_attention_refuses); this checks the compiled GPU kernel")
 def test_flex_loss_and_gradients_on_a_gpu_match_sdpa_with_documents():
-    flex, sdpa = (m.cuda() for m in twin(small_config(doc_mask=True, eot_id=0, rope=True, n_kv_head=2, attention="flex"),
-                                          attention="sdpa"))
+    config = small_config(n_embd=64, doc_mask=True, eot_id=0, rope=True, n_kv_head=2, attention="flex")  # hs 16: Triton's tl.dot wants >= 16
+    flex, sdpa = (m.cuda() for m in twin(config, attention="sdpa"))
     idx = torch.randint(1, flex.config.vocab_size, (2, 32), device="cuda")
     idx[0, [0, 5, 21]], idx[1, [0, 30]] = 0, 0
     targets = torch.randint(0, flex.config.vocab_size, (2, 32), device="cuda")
@@ -457,7 +458,8 @@ def test_flex_attention_refuses_dropout_and_a_torch_without_it_in_one_line(monke
     with pytest.raises(ValueError, match="^--attention flex has no attention dropout: set --dropout 0"):
         small_config(attention="flex", dropout=0.1)
     monkeypatch.setattr(model, "flex_available", lambda: False)  # as in torch < 2.5
-    with pytest.raises(ValueError, match=r"^--attention flex needs FlexAttention \(torch >= 2.5\), not in torch .*: use --attention sdpa$"):
+    with pytest.raises(ValueError, match=r"^--attention flex needs FlexAttention \(torch >= 2.5\), not in torch .*: "
+                                         r"use --attention sdpa$"):
         small_config(attention="flex")
 
 

@@ -981,7 +981,8 @@ def test_one_strategy_on_two_ranks_matches_one_process(two_rank_results, name):
         assert all(s["cp"] == c.n_layer * per_layer for r in per_rank for s in r["sent"])
     if name.startswith("pipeline_doc_mask"):  # only activations travel: each stage computes the numbers from the tokens
         c = tiny_config(vocab_size=8)
-        act, tied = GLOBAL_BATCH * T * c.n_embd * 4, 4 * c.vocab_size * c.n_embd  # (B, T, C) float32; the tied embedding's sum
+        act = GLOBAL_BATCH * T * c.n_embd * 4  # (B, T, C) float32: forward from stage 0, backward from stage 1
+        tied = 4 * c.vocab_size * c.n_embd  # the tied embedding's gradient, summed between the two stages
         assert all(s == {"pp": act + tied} for r in per_rank for s in r["sent"])
 
 
