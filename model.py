@@ -87,7 +87,9 @@ Attention backends
 ------------------
 `naive` writes the masked softmax out (the one to read), `sdpa` calls torch's
 scaled_dot_product_attention (fused kernels: FlashAttention or memory-efficient attention where
-the hardware allows). Both take q (B, nh, T, hs) and k, v (B, n_kv, T, hs) and return (B, nh, T, hs):
+the hardware allows), `flex` calls torch's FlexAttention with a BlockMask (Dong et al. 2024,
+arXiv:2412.05496), which on a GPU skips the tiles of the score matrix that the causal and document
+masks hide wholly. All take q (B, nh, T, hs) and k, v (B, n_kv, T, hs) and return (B, nh, T, hs):
 that function signature is the seam where kernels.py adds a Triton backend.
 
 Two options that change how, not what
@@ -126,8 +128,8 @@ express. Tests check logits against transformers to 1e-4 in float32 and token id
 Map of this file, in reading order
 ----------------------------------
 GPTConfig, MODEL_PRESETS -> LayerNorm, RMSNorm -> rope_cache, apply_rope -> naive_attention,
-sdpa_attention, attend, cached_attention -> CausalSelfAttention -> MLP -> mixture of experts
-(grouped_matmul, Experts, MoE) -> Block -> GPT (init,
+sdpa_attention, document masking, flex_attention (flex_block_mask), attend, cached_attention ->
+CausalSelfAttention -> MLP -> mixture of experts (grouped_matmul, Experts, MoE) -> Block -> GPT (init,
 forward, parameter count, generate, GPT-2 and Llama state dicts, from_pretrained_dir) -> KVCache,
 filter_logits -> the Hugging Face directory (config.json, weights, tokenizer.json, export_hf) ->
 a small command line (describe a preset, --bench_generate, export).
@@ -136,6 +138,7 @@ a small command line (describe a preset, --bench_generate, export).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -171,12 +174,12 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before the scores (Dehghani et al. 2023; OLMo 2)
     logit_softcap: float = 0.0  # cap the output logits smoothly at +-C: C tanh(logits / C) (Gemma 2 uses 30); 0: off
     z_loss: float = 0.0  # add COEF * mean(log^2 Z) to the training loss, Z the softmax's normaliser (PaLM: 1e-4); 0: off
-    doc_mask: bool = False  # packed sequences attend only within their own document (an end-of-text token starts one), positions restarting at each (every attention backend; also with --cp and --tp)
+    doc_mask: bool = False  # packed sequences attend only within their own document (an end-of-text token starts one), positions restarting at each (every attention backend; also with --cp, --tp, --pp and --zero 3)
     eot_id: int = -1  # the end-of-text id that starts a document (train.py sets it from the corpus for --doc_mask)
     mtp: int = 0  # multi-token prediction: N extra heads predicting tokens t+2 .. t+N+1, a transformer block each, sharing ln_f and the output layer (Gloeckle et al. 2024); training only
     mtp_weight: float = 0.3  # --mtp: the training loss is the next-token loss plus this times the mean of the extra heads' losses (DeepSeek-V3's lambda: 0.3, later 0.1)
     tie_embeddings: bool = True  # share the token embedding with the output layer (GPT-2 does)
-    attention: str = "sdpa"  # attention backend: naive (explicit softmax), sdpa (torch fused); kernels.py adds triton
+    attention: str = "sdpa"  # attention backend: naive (explicit softmax), sdpa (torch fused), flex (FlexAttention's block mask: masked tiles skipped; trains on CUDA); kernels.py adds triton
     fused_ce: bool = False  # loss from the final hidden states in chunks (kernels.linear_cross_entropy): the (B, T, V) logits are never stored
     activation_checkpointing: bool = False  # keep only each block's input and recompute its inside in the backward (less memory, one more forward)
     moe_experts: int = 0  # E: routed experts per MoE layer (0: a dense MLP in every block)
@@ -207,6 +210,11 @@ class GPTConfig:
             raise ValueError("--logit_softcap with --fused_ce: the fused loss has no soft-capping; drop one of the two")
         if self.attention not in ATTENTION_BACKENDS and self.attention != "triton":
             raise ValueError(f"unknown attention backend '{self.attention}': use one of {sorted(ATTENTION_BACKENDS) + ['triton']}")
+        if self.attention == "flex" and not flex_available():
+            raise ValueError(f"--attention flex needs FlexAttention (torch >= 2.5), not in torch {torch.__version__}: "
+                             "use --attention sdpa")
+        if self.attention == "flex" and self.dropout:
+            raise ValueError("--attention flex has no attention dropout: set --dropout 0 or use --attention sdpa")
         if self.moe_experts and not 1 <= self.moe_topk <= self.moe_experts:
             raise ValueError(f"--moe_topk {self.moe_topk} must be between 1 and --moe_experts {self.moe_experts}")
         if self.moe_experts and self.activation_checkpointing:
@@ -370,9 +378,10 @@ def causal(T: int, device) -> torch.Tensor:
 # FlexAttention's block masks, which also skip the masked blocks' work). The end-of-text token
 # starts its document: sampling starts a document the same way (train.sample_text), and the
 # token after it is predicted from it alone. The naive and SDPA backends apply the (T, T) mask
-# below; kernels.flash_attention (--attention triton) takes the (B, T) ids, masks inside each tile
-# and skips the tiles that lie wholly in other documents; parallel.py's ring attention (--cp) sends
-# each block's ids round the ring with its keys and values.
+# below; FlexAttention (--attention flex) writes it as a function and builds a BlockMask from it
+# (flex_block_mask, after these); kernels.flash_attention (--attention triton) takes the (B, T) ids,
+# masks inside each tile and skips the tiles that lie wholly in other documents; parallel.py's ring
+# attention (--cp) sends each block's ids round the ring with its keys and values.
 
 
 def document_ids(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
@@ -396,7 +405,71 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
 
 
-ATTENTION_BACKENDS = {"naive": naive_attention, "sdpa": sdpa_attention}
+# FlexAttention (--attention flex; Dong et al. 2024, arXiv:2412.05496; torch >= 2.5). The mask is a
+# function, mask_mod(b, h, q_idx, kv_idx) -> True where query q_idx of row b may read key kv_idx, here
+# "not in the future, and in the same document". create_block_mask cuts the (T, T) grid into tiles of
+# 128 x 128 positions and records, per query tile, which key tiles are full (every score visible),
+# which are partial (some visible) and, by leaving them out, which are empty: that record is a
+# BlockMask. The fused kernel torch.compile writes for flex_attention loops over the full and
+# partial tiles only, calling mask_mod element by element in the partial ones (the diagonal, a
+# document's edges); an empty tile, wholly in the future or in another document, costs no load and no
+# matmul. SDPA with a boolean (T, T) mask computes every tile, and leaves FlashAttention out. On the
+# CPU this file calls flex_attention eagerly, unfused (the whole score matrix, the same numbers):
+# torch has no CPU backward for it, compiled or not, so it evaluates and samples there, and train.py
+# refuses to train with it.
+
+
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (torch.nn.attention.flex_attention, torch >= 2.5)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flex_block_mask(doc_ids, T: int, device):
+    """The BlockMask of the causal mask over T positions, block-diagonal by document too when doc_ids
+    (B, T) is given (document_mask's, written as a function). Built anew in every layer's call: one
+    evaluation of mask_mod per (row, query, key), cheap beside attention's nh hs multiply-adds per score."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if doc_ids is None:
+        return create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T, device=device)
+
+    def causal_same_document(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+    return create_block_mask(causal_same_document, doc_ids.size(0), None, T, T, device=device)  # None: every head alike
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention through torch.compile, once per process: on a GPU that is what writes the fused
+    Triton kernel (called eagerly, torch computes the whole score matrix instead)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention(q, k, v, dropout_p: float = 0.0, doc_ids=None):
+    """FlexAttention with a BlockMask: causal, and by document with doc_ids (B, T). Grouped-query heads
+    are read in place (enable_gqa), not repeated. No attention dropout (GPTConfig refuses it)."""
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex_attention
+
+    if dropout_p > 0:
+        raise ValueError("--attention flex has no attention dropout: set --dropout 0 or use --attention sdpa")
+    block_mask, gqa = flex_block_mask(doc_ids, q.size(-2), q.device), q.size(1) != k.size(1)
+    if torch.compiler.is_compiling():  # inside a compiled model (--compile): compiled with the rest of it
+        return eager_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    if q.device.type == "cuda":
+        return compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    with warnings.catch_warnings():  # torch's note that this path is unfused: chosen, on the CPU
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return eager_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+ATTENTION_BACKENDS = {"naive": naive_attention, "sdpa": sdpa_attention, "flex": flex_attention}
 
 
 def attend(backend: str, q, k, v, dropout_p: float = 0.0, doc_ids=None):
@@ -885,11 +958,8 @@ class GPT(nn.Module):
         parallelism gives each rank some of its positions) passes the window's, cut alike.
         """
         start = kv_cache.length if kv_cache is not None else 0
-        if self.config.doc_mask and kv_cache is None:  # (generation reads its context as one document)
-            doc_ids = document_ids(idx, self.config.eot_id) if doc_ids is None else doc_ids
-            positions = document_positions(doc_ids) if positions is None else positions
-        else:
-            doc_ids = positions = None
+        # (generation reads its context as one document)
+        doc_ids, positions = self.document_inputs(idx, doc_ids, positions) if kv_cache is None else (None, None)
         x = self.run_blocks(self.embed(idx, start, positions), kv_cache=kv_cache, doc_ids=doc_ids, positions=positions)
         if kv_cache is not None:
             kv_cache.length += idx.size(1)  # every layer has stored these positions
@@ -898,6 +968,16 @@ class GPT(nn.Module):
             for moe in self.moe_layers():
                 loss = loss if moe.loss is None else loss + moe.loss
         return logits, loss
+
+    def document_inputs(self, idx, doc_ids=None, positions=None) -> tuple:
+        """--doc_mask's (B, T) document numbers and positions inside documents of the tokens idx, or
+        (None, None) without it. Those given are kept (context parallelism passes the whole window's,
+        cut like its tokens). parallel.py's pipeline stages call it too: every stage holds the
+        micro-batch's tokens, so each computes the numbers itself and only activations travel."""
+        if not self.config.doc_mask:
+            return None, None
+        doc_ids = document_ids(idx, self.config.eot_id) if doc_ids is None else doc_ids
+        return doc_ids, document_positions(doc_ids) if positions is None else positions
 
     def moe_layers(self) -> list:
         """The MoE layers, in block order (empty for a dense model)."""

@@ -103,6 +103,8 @@ Communication per stage boundary: m activations forward and m gradients backward
 A tied embedding lives on the first stage (lookup) and the last (output layer); its two gradients
 are summed by an all-reduce between those two stages, as Megatron does: V C x 4 more bytes sent by each
 (a two-rank all-reduce sends 2 (n-1)/n = 1 times the tensor).
+With --doc_mask each stage computes the document numbers and positions from the micro-batch's tokens,
+which every stage holds (the batch is split by data rank only): nothing but activations is sent.
 Memory per stage: 16 bytes (weights, gradient, Adam) per parameter it holds, L/p blocks' worth,
 plus the embeddings on the first stage and ln_f and the output layer (with tied embeddings, a copy
 of V C) on the last: about 16 N/p.
@@ -1805,11 +1807,15 @@ class Pipeline:
         self.is_first, self.is_last = self.rank == 0, self.rank == self.n - 1
         self.embedding_group = layout.group("embedding")
 
-    def stage_forward(self, x, targets=None):
-        """The GPT's forward, cut at this stage's boundaries: token ids or (B, T, C) in, (B, T, C) or the loss out."""
+    def stage_forward(self, x, tokens, targets=None):
+        """The GPT's forward, cut at this stage's boundaries: token ids or (B, T, C) in, (B, T, C) or the
+        loss out. tokens: the micro-batch's (B, T) ids, which every stage holds (the data is split by
+        dp rank only): --doc_mask's document numbers and positions are computed from them on each
+        stage (GPT.document_inputs), so nothing but the activations is sent."""
+        doc_ids, positions = self.model.document_inputs(tokens)
         if self.is_first:
-            x = self.model.embed(x)
-        x = self.model.run_blocks(x, self.lo, self.hi)
+            x = self.model.embed(x, positions=positions)
+        x = self.model.run_blocks(x, self.lo, self.hi, doc_ids=doc_ids, positions=positions)
         return self.model.head(x, targets)[1] if self.is_last else x
 
     # --- point to point with the neighbours (activations forward, their gradients backward)
@@ -1857,7 +1863,7 @@ class Pipeline:
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         inp = self.xs[i] if self.is_first else received
         with self.amp:
-            out = self.stage_forward(inp, self.ys[i] if self.is_last else None)
+            out = self.stage_forward(inp, self.xs[i], self.ys[i] if self.is_last else None)
         if self.is_last:
             self.loss_sum += out.detach()
         return inp, out
@@ -1938,7 +1944,7 @@ class Pipeline:
         self.device = x.device
         received = self.recv_forward(shape)
         with self.amp:
-            out = self.stage_forward(x if self.is_first else received, y if self.is_last else None)
+            out = self.stage_forward(x if self.is_first else received, x, y if self.is_last else None)
         self.send_forward(out)
         return out if self.is_last else torch.zeros((), device=x.device)
 

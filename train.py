@@ -631,9 +631,9 @@ def check_speedups_fit(cfg: TrainConfig, model_config: GPTConfig, layout: parall
         raise ValueError("--mtp runs on one process, with --dp and with --zero 1 or 2: its heads sit beside the last "
                          "layer, which tensor, pipeline and context parallelism and ZeRO-3 reshape (and DiLoCo's "
                          "workers evaluate apart); drop one of the two")
-    if model_config.doc_mask and (layout.pp > 1 or cfg.zero == 3):
-        raise ValueError("--doc_mask runs on one process, with --dp, --cp and with --zero 1 or 2: pipeline "
-                         "parallelism and ZeRO-3 call the blocks without the document numbers; drop one of the two")
+    if model_config.attention == "flex" and layout.device.type != "cuda":  # (it evaluates and samples there: model.py)
+        raise ValueError(f"--attention flex trains on a CUDA GPU: torch's FlexAttention has no backward on the "
+                         f"{layout.device.type}; use --attention sdpa here")
     if model_config.fused_ce and layout.tp > 1:
         raise ValueError("--fused_ce with --tp: the vocabulary-parallel loss computes its cross-entropy from the logits "
                          "slices itself; drop --fused_ce")

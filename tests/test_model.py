@@ -84,7 +84,7 @@ def reference_attention(q, k, v):
     return out
 
 
-@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "flex"])
 @pytest.mark.parametrize("n_kv", [4, 2, 1])
 def test_attention_backend_matches_float64_reference(backend, n_kv):
     q = torch.randn(2, 4, 13, 8)
@@ -353,7 +353,7 @@ def test_mtp_heads_are_dropped_at_sampling_and_export(tmp_path):
 
 # The Triton kernel (in the interpreter without a GPU) computes in float32 at most: its runs are
 # compared at float32's tolerance, ATOL32, the others in float64 at 1e-10.
-DOC_BACKENDS = ["naive", "sdpa", "triton"]
+DOC_BACKENDS = ["naive", "sdpa", "triton", "flex"]  # flex: FlexAttention eagerly, forward only on the CPU
 
 
 def doc_mask_model(backend, rope):
@@ -363,6 +363,7 @@ def doc_mask_model(backend, rope):
 
 @pytest.mark.parametrize("backend", DOC_BACKENDS)
 @pytest.mark.parametrize("rope", [True, False])
+@torch.no_grad()  # forward only: flex has no backward on the CPU
 def test_doc_mask_gives_the_second_document_the_logits_it_has_alone(backend, rope):
     m, tol = doc_mask_model(backend, rope)
     V = m.config.vocab_size
@@ -378,6 +379,7 @@ def test_doc_mask_gives_the_second_document_the_logits_it_has_alone(backend, rop
 
 
 @pytest.mark.parametrize("backend", DOC_BACKENDS)
+@torch.no_grad()  # forward only: flex has no backward on the CPU
 def test_doc_mask_keeps_the_causal_property(backend):
     m, _ = doc_mask_model(backend, rope=True)
     idx = torch.randint(1, m.config.vocab_size, (2, 32))
@@ -402,6 +404,63 @@ def test_doc_mask_gradients_of_the_triton_kernel_match_sdpa():
     for (name, p), q in zip(m.named_parameters(), ref.parameters()):
         # float32 against float64 through 2 layers: ~1e-6 relative; 1e-4 leaves room
         assert (p.grad.double() - q.grad).norm() <= 1e-4 * q.grad.norm(), name
+
+
+@pytest.mark.parametrize("rope", [True, False])
+@torch.no_grad()  # FlexAttention has no backward on the CPU (model.py's note)
+def test_flex_block_mask_gives_the_sdpa_logits_with_and_without_documents(rope):
+    """--attention flex against --attention sdpa, both float64, on packed rows of several documents,
+    with grouped-query heads (enable_gqa reads them in place); then the plain causal mask alike.
+    Float64 rounding: ~1e-15 on these logits."""
+    for doc_mask in (True, False):
+        flex, sdpa = (m.double() for m in twin(small_config(doc_mask=doc_mask, eot_id=0, rope=rope, n_kv_head=2,
+                                                            attention="flex"), attention="sdpa"))
+        idx = torch.randint(1, flex.config.vocab_size, (3, 32))
+        # documents of 1 to 27 tokens; row 1 opens mid-document
+        idx[0, [0, 9, 20]], idx[1, [5]], idx[2, [0, 1, 2, 31]] = 0, 0, 0
+        torch.testing.assert_close(flex(idx)[0], sdpa(idx)[0], rtol=1e-10, atol=1e-10)
+
+
+def test_flex_block_mask_skips_the_tiles_wholly_in_the_future_or_in_another_document():
+    """model.py's note on the BlockMask: a key tile is visited (full or partial) exactly where one of its
+    128 x 128 scores is visible, and full exactly where all are: counted here from document_mask & causal."""
+    T, tile = 512, 128
+    doc_ids = torch.zeros(2, T, dtype=torch.long)
+    doc_ids[0, 256:] = 1  # two documents of 256
+    doc_ids[1] = torch.cumsum(torch.rand(T) < 0.02, 0)  # about ten of random lengths
+    block_mask = model.flex_block_mask(doc_ids, T, "cpu")
+    visible = (model.document_mask(doc_ids)[:, 0] & model.causal(T, "cpu")).view(2, T // tile, tile, T // tile, tile)
+    any_visible, all_visible = visible.any(4).any(2), visible.all(4).all(2)  # (B, query tile, key tile)
+    assert torch.equal(block_mask.full_kv_num_blocks[:, 0], all_visible.sum(-1).int())
+    assert torch.equal(block_mask.kv_num_blocks[:, 0] + block_mask.full_kv_num_blocks[:, 0], any_visible.sum(-1).int())
+    # two documents of two tiles each: 1 + 2 + 1 + 2 of the 16 tiles, where the causal mask alone visits 1 + 2 + 3 + 4
+    causal_only = model.flex_block_mask(None, T, "cpu")
+    assert any_visible[0].sum() == 6 and (causal_only.kv_num_blocks + causal_only.full_kv_num_blocks).sum() == 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no CPU backward: train.py refuses it there "
+                    "(tests/test_train.py -k flex_attention_refuses); this checks the compiled GPU kernel")
+def test_flex_loss_and_gradients_on_a_gpu_match_sdpa_with_documents():
+    config = small_config(n_embd=64, doc_mask=True, eot_id=0, rope=True, n_kv_head=2, attention="flex")  # hs 16: Triton's tl.dot wants >= 16
+    flex, sdpa = (m.cuda() for m in twin(config, attention="sdpa"))
+    idx = torch.randint(1, flex.config.vocab_size, (2, 32), device="cuda")
+    idx[0, [0, 5, 21]], idx[1, [0, 30]] = 0, 0
+    targets = torch.randint(0, flex.config.vocab_size, (2, 32), device="cuda")
+    loss_flex, loss_sdpa = flex(idx, targets)[1], sdpa(idx, targets)[1]
+    (loss_flex + loss_sdpa).backward()  # one backward: each model's gradients are its own loss's
+    # float32 in two orders, and the kernel's dots perhaps in TF32 (10-bit mantissa: 2^-11 = 4.9e-4 per product)
+    assert abs(loss_flex.item() - loss_sdpa.item()) <= 2e-3 * loss_sdpa.item()
+    for (name, p), q in zip(flex.named_parameters(), sdpa.parameters()):
+        assert (p.grad - q.grad).norm() <= 2e-3 * q.grad.norm(), name
+
+
+def test_flex_attention_refuses_dropout_and_a_torch_without_it_in_one_line(monkeypatch):
+    with pytest.raises(ValueError, match="^--attention flex has no attention dropout: set --dropout 0"):
+        small_config(attention="flex", dropout=0.1)
+    monkeypatch.setattr(model, "flex_available", lambda: False)  # as in torch < 2.5
+    with pytest.raises(ValueError, match=r"^--attention flex needs FlexAttention \(torch >= 2.5\), not in torch .*: "
+                                         r"use --attention sdpa$"):
+        small_config(attention="flex")
 
 
 def test_document_positions_restart_at_each_end_of_text():

@@ -920,6 +920,20 @@ TWO_RANK_CHECKS = {
     "tensor_parallel_doc_mask_sequence_parallel": lambda: compare_with_reference(
         "tp2docsp", tiny_config(vocab_size=8, doc_mask=True, eot_id=0), dict(dp=1, tp=2, pp=1, cp=1),
         sequence_parallel=True),
+    # pipeline stages compute the numbers from the micro-batch's tokens, which every stage holds: 4 layers
+    # on 2 stages, 4 micro-batches (1F1B), RoPE on the second stage too; and learned positions (first stage)
+    "pipeline_doc_mask": lambda: compare_with_reference(
+        "pp2doc", tiny_config(n_layer=4, vocab_size=8, rope=True, doc_mask=True, eot_id=0), dict(dp=1, tp=1, pp=2, cp=1),
+        microbatches=4),
+    "pipeline_doc_mask_learned_positions": lambda: compare_with_reference(
+        "pp2docwpe", tiny_config(n_layer=4, vocab_size=8, doc_mask=True, eot_id=0), dict(dp=1, tp=1, pp=2, cp=1),
+        microbatches=2, pp_schedule="gpipe"),
+    # ZeRO-3's blocks take the numbers through torch.utils.checkpoint's recomputation too
+    "zero3_doc_mask": lambda: compare_with_reference(
+        "z3doc", tiny_config(vocab_size=8, rope=True, doc_mask=True, eot_id=0), dict(dp=2, tp=1, pp=1, cp=1), zero=3),
+    "fsdp2_doc_mask": lambda: compare_with_reference(
+        "fsdpdoc", tiny_config(vocab_size=8, doc_mask=True, eot_id=0), dict(dp=2, tp=1, pp=1, cp=1), zero=3,
+        impl="native"),
 }
 
 
@@ -965,6 +979,11 @@ def test_one_strategy_on_two_ranks_matches_one_process(two_rank_results, name):
         block = B * c.n_head * (T // n) * c.head_size * 4  # one (B, nh, T/c, hs) float32 tensor
         per_layer = (6 * n - 4) * block + 2 * (n - 1) * B * (T // n) * 8  # K, V, dK, dV; the numbers, forward and backward
         assert all(s["cp"] == c.n_layer * per_layer for r in per_rank for s in r["sent"])
+    if name.startswith("pipeline_doc_mask"):  # only activations travel: each stage computes the numbers from the tokens
+        c = tiny_config(vocab_size=8)
+        act = GLOBAL_BATCH * T * c.n_embd * 4  # (B, T, C) float32: forward from stage 0, backward from stage 1
+        tied = 4 * c.vocab_size * c.n_embd  # the tied embedding's gradient, summed between the two stages
+        assert all(s == {"pp": act + tied} for r in per_rank for s in r["sent"])
 
 
 if __name__ == "__main__":  # python tests/test_parallel.py [check ...]: run checks by hand and print them

@@ -1632,13 +1632,28 @@ def test_expert_parallel_run_logs_the_single_process_losses_and_resumes_in_one_p
     (dict(z_loss=1e-4), dict(tp=2), "--z_loss with --tp"),
     (dict(logit_softcap=30.0), dict(tp=2), "--logit_softcap with --tp"),
     (dict(mtp=1), dict(pp=2), "--mtp runs on one process"),
-    (dict(doc_mask=True), dict(pp=2), "--doc_mask runs on one process"),
 ])
 def test_the_recipe_options_refuse_the_layouts_that_do_not_carry_them(model_flags, layout, words):
     cfg = train.TrainConfig(**layout)
     with pytest.raises(ValueError, match=words):
         train.check_speedups_fit(cfg, GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, **model_flags),
                                  parallel.Layout(**layout))
+
+
+def test_flex_attention_refuses_to_train_on_the_cpu_in_one_line():
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, attention="flex")
+    with pytest.raises(ValueError, match="^--attention flex trains on a CUDA GPU: torch's FlexAttention has no backward "
+                                         "on the cpu; use --attention sdpa here$"):
+        train.check_speedups_fit(train.TrainConfig(), config, parallel.Layout(device=torch.device("cpu")))
+
+
+@pytest.mark.parametrize("layout, zero", [(dict(pp=2), 0), (dict(dp=2), 3)])
+def test_doc_mask_is_accepted_with_the_pipeline_and_zero3(layout, zero):
+    """Both pass the document numbers to the blocks now (tests/test_parallel.py -k 'two_ranks and doc_mask'
+    holds them to one process)."""
+    train.check_speedups_fit(train.TrainConfig(**layout, zero=zero),
+                             GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, doc_mask=True),
+                             parallel.Layout(**layout))
 
 
 def test_train_reuses_what_data_py_prepared_with_the_same_data_tokenizer_and_vocab_size(tmp_path):
