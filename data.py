@@ -128,7 +128,7 @@ document's bits per byte under the checkpoint (its tokens and end-of-text, as
 train.py's validation counts them), the report splits the documents into
 CCNet's head, middle and tail thirds, and --perplexity_keep keeps some of them.
 It is the one stage whose cost is a model's: a forward pass over every token,
-2N FLOPs per token for N weights (153 KFLOP per byte under the tiny preset's
+2N FLOPs per token for N weights, plus attention's (153 KFLOP per byte under the tiny preset's
 checkpoint, when the whole rest of prepare spends about 0.9 us of CPU per byte).
 So prepare runs one scorer per worker, each on one thread and a share of equal
 bytes, and hides what it can of their time behind the stages that leave a
@@ -2818,7 +2818,8 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
     in a temporary sibling and renamed into place: it appears complete or
     not at all, and a bad input leaves nothing behind; the temporaries of
     killed runs are removed first. workers: processes for every stage (0: one
-    per CPU); it does not change the output. max_download_mb caps
+    per CPU); it does not change the output (but for the perplexity scores' float32
+    rounding: it is also the number of scorers, which batch differently). max_download_mb caps
     each URL source's download (MB of 10^6 bytes). pii, decontaminate and
     quality_* turn on the stages beyond rules (PrepareConfig says what each does).
     memory_gb bounds the MinHash signatures held in memory (beyond a quarter of it they go to disk);
@@ -2911,7 +2912,7 @@ def _pipeline_stages(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_down
     # 1. Collect: read -> normalise -> exact dedup, onto a spool file on disk (and MinHash signatures).
     #    The perplexity filter's scorers start as soon as stage 1's workers exist (before them, a forked
     #    worker would hold the scorers' stdin open and they would wait for ever): their start-up, about
-    #    1.3 s of CPU each, then runs while this process reads, when the workers leave a core idle.
+    #    1.1 s of CPU each, then runs while this process reads, when the workers leave a core idle.
     def start_scorers():
         scorers.extend(start_perplexity_scorers(cfg.perplexity_model, workers))
 
@@ -3359,12 +3360,12 @@ def perplexity_command(checkpoint: str) -> str:
 
 def start_perplexity_scorers(checkpoint: str, processes: int) -> list:
     """`processes` copies of evaluate.py's scorer, started now, before the documents to score are known:
-    each spends its start-up (importing torch, loading the checkpoint and its tokenizer: about 1.3 s of
+    each spends its start-up (importing torch, loading the checkpoint and its tokenizer: about 1.1 s of
     CPU) while the earlier stages run, then waits for its share of the documents on stdin. One
     intra-op thread each (OMP_NUM_THREADS=1 unless it is set): processes split the cores without
     meeting, where threads meet at a barrier after every matmul, and on a shared machine a descheduled
     thread keeps the others spinning (the scorer with 2 threads used 6x the CPU time of 1 on the
-    2-core machine at a load average of 12: 50 s against 8 s for 200 documents)."""
+    2-core machine at a load average of 12 to 14: 85.2 s against 10.0 s for 200 documents, README)."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     command = perplexity_command(checkpoint)
     return [subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -3413,7 +3414,12 @@ def receive_scores(scorers: list, bounds: list, command: str, flag: str) -> np.n
     code checked, the answers joined."""
     streams = [f for p in scorers for f in (p.stdout, p.stderr)]
     with concurrent.futures.ThreadPoolExecutor(len(streams)) as pool:
-        read = list(pool.map(lambda f: f.read(), streams))
+        try:
+            read = list(pool.map(lambda f: f.read(), streams))
+        except BaseException:  # Ctrl-C or SIGTERM while waiting: end the scorers, so their streams end
+            for p in scorers:  # now and the readers with them (leaving `with` waits for the readers)
+                p.kill()
+            raise
     return np.concatenate([_parse_scores(command, flag, hi - lo, p.wait(), out, err)
                            for p, out, err, lo, hi in zip(scorers, read[0::2], read[1::2], bounds, bounds[1:])])
 
@@ -4392,7 +4398,8 @@ def _add_stage_flags(p) -> None:
     p.add_argument("--score_keep", default="", help="LO:HI: keep the documents whose --score_command score lies in "
                    "this quantile range (0:0.33 is CCNet's head); empty: keep all")
     p.add_argument("--perplexity_model", default="", help="a checkpoint of this project's (out/ckpt.pt): score each "
-                   "document's bits per byte under it with python evaluate.py score, report CCNet's head/middle/tail thirds")
+                   "document's bits per byte under it with python evaluate.py score, report CCNet's head/middle/tail thirds "
+                   "(its cost is the model's forward pass: the README's out_scorer, one block of width 32, ranks documents like larger ones)")
     p.add_argument("--perplexity_keep", default="", help="head, middle, tail, adjacent ones (head,middle), or LO:HI "
                    "quantiles of --perplexity_model's bits per byte to keep; empty: keep all")
 

@@ -787,7 +787,7 @@ def balance_experts(par: parallel.Parallelized, update: bool) -> dict:
 
 class SpikeGuard:
     """--spike_sigma S: a step whose loss, or gradient norm (before clipping), exceeds the mean of the
-    last WINDOW accepted steps' by more than S of their standard deviations is not applied (OLMo-core's
+    last WINDOW steps' by more than S of their standard deviations is not applied (OLMo-core's
     skip-step optimizer, window 128; Megatron-LM reruns such a step to tell a hardware fault from a bad
     batch instead). A spike from one bad batch then leaves no trace in the weights or in Adam's moments,
     where it could otherwise start a divergence (the loss spikes of PaLM, which were handled
