@@ -914,12 +914,13 @@ class MTPModule(nn.Module):
 
     Why. Every position now trains on N + 1 targets instead of one, a denser signal from the same
     tokens, which (the paper argues) may also let the trunk pre-plan its hidden states for the
-    tokens after the next. Unlike
-    Gloeckle et al.'s parallel heads (GPT.mtp_heads in the default style: N blocks that each read
-    the trunk's h^0 alone), depth k is given the token t_{i+k} that depth k-1 was asked to predict,
-    and depth k-1's hidden state: the causal chain of predictions is kept at every depth, as the
-    main model keeps it for the next token. The price is the chain itself: the depths run one after
-    another, and each has a C x 2C projection and two norms more than a parallel head.
+    tokens after the next. Unlike Gloeckle et al.'s parallel heads (GPT.mtp_heads in the default
+    style: N blocks that each read the trunk's h^0 alone), depth k is given the token t_{i+k} that
+    depth k-1 was asked to predict, and depth k-1's hidden state: the causal chain of predictions is
+    kept at every depth, as the main model keeps it for the next token. So depth 1 predicting token
+    i+2 knows token i+1, an easier task than a parallel head's, which must guess through it. The
+    price is the chain itself: the depths run one after another, and each has a C x 2C projection
+    and two norms more than a parallel head.
 
     Choices here. The paper normalises with RMSNorm, as its whole model does; we use the model's own
     norm (make_norm: RMSNorm with --norm rmsnorm, LayerNorm in GPT-2's recipe), so that the module's
