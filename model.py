@@ -225,6 +225,9 @@ class GPTConfig:
                              "expert's load twice; drop one of the two")
         if self.mtp_style not in ("parallel", "sequential"):
             raise ValueError(f"unknown mtp_style '{self.mtp_style}': use parallel or sequential")
+        if self.mtp >= self.block_size:  # head k has a target at the first T - k positions only
+            raise ValueError(f"--mtp {self.mtp} with --block_size {self.block_size}: the last head would have no position "
+                             "with a target; use --mtp below --block_size")
         if self.moe_router not in ("softmax", "sigmoid"):
             raise ValueError(f"unknown moe_router '{self.moe_router}': use softmax or sigmoid")
 
@@ -1146,9 +1149,10 @@ class GPT(nn.Module):
         positions with that token run: the window shrinks by one position per depth. Dropping the
         last position of h^{k-1} changes none of the others, since every block is causal, so the
         kept positions are exactly those a full-length run would compute."""
-        if idx is None:
-            raise ValueError("--mtp_style sequential reads the input tokens: pass idx to head/mtp_losses")
         T = x.size(1)
+        if idx is None or T <= len(self.mtp_heads):
+            raise ValueError(f"--mtp_style sequential needs the input tokens idx (given: {idx is not None}) and a window "
+                             f"longer than --mtp {len(self.mtp_heads)} (T = {T})")
         h, losses = x, []
         for k, module in enumerate(self.mtp_heads, start=1):
             h = module(h[:, :T - k], self.transformer.wte(idx[:, k:]))  # (B, T-k, C): depth k's h^k

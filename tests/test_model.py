@@ -420,6 +420,15 @@ def test_sequential_mtp_depth_two_reads_depth_ones_hidden_state():
     assert torch.autograd.grad(first, m.mtp_heads[1].proj.weight, allow_unused=True)[0] is None
 
 
+def test_mtp_refuses_heads_without_a_target_in_the_window():
+    for style in ("parallel", "sequential"):
+        with pytest.raises(ValueError, match="--mtp 32 with --block_size 32"):  # head 32 of a 32-token window
+            small_config(mtp=32, mtp_style=style)
+    m, x = GPT(small_config(mtp=3, mtp_style="sequential")), torch.randint(0, 97, (1, 3))
+    with pytest.raises(ValueError, match="longer than --mtp 3"):  # depth 3 of a 3-token window: no position
+        m(x, x)
+
+
 @pytest.mark.parametrize("style", ["parallel", "sequential"])
 def test_mtp_heads_are_dropped_at_sampling_and_export(tmp_path, style):
     with_heads = GPT(small_config(mtp=2, mtp_style=style))
