@@ -81,7 +81,9 @@ The modern recipe (README, "Modern recipe"; each also off by default)
 - Document masking: a packed window attends only within each document (end-of-text starts one),
   positions restarting per document.
 - Multi-token prediction (Gloeckle et al. 2024, arXiv:2404.19737): extra heads, a block each,
-  predicting tokens t+2, t+3, ...; used in training only.
+  predicting tokens t+2, t+3, ...; used in training only. --mtp_style sequential chains them as
+  DeepSeek-V3 does (arXiv:2412.19437): depth k reads depth k-1's hidden state and the embedding of
+  token t+k (MTPModule).
 
 Attention backends
 ------------------
@@ -129,10 +131,10 @@ Map of this file, in reading order
 ----------------------------------
 GPTConfig, MODEL_PRESETS -> LayerNorm, RMSNorm -> rope_cache, apply_rope -> naive_attention,
 sdpa_attention, document masking, flex_attention (flex_block_mask), attend, cached_attention ->
-CausalSelfAttention -> MLP -> mixture of experts (grouped_matmul, Experts, MoE) -> Block -> GPT (init,
-forward, parameter count, generate, GPT-2 and Llama state dicts, from_pretrained_dir) -> KVCache,
-filter_logits -> the Hugging Face directory (config.json, weights, tokenizer.json, export_hf) ->
-a small command line (describe a preset, --bench_generate, export).
+CausalSelfAttention -> MLP -> mixture of experts (grouped_matmul, Experts, MoE) -> Block -> MTPModule ->
+GPT (init, forward, the MTP losses, parameter count, generate, GPT-2 and Llama state dicts,
+from_pretrained_dir) -> KVCache, filter_logits -> the Hugging Face directory (config.json, weights,
+tokenizer.json, export_hf) -> a small command line (describe a preset, --bench_generate, export).
 """
 
 from __future__ import annotations
@@ -177,6 +179,7 @@ class GPTConfig:
     doc_mask: bool = False  # packed sequences attend only within their own document (an end-of-text token starts one), positions restarting at each (every attention backend; also with --cp, --tp, --pp and --zero 3)
     eot_id: int = -1  # the end-of-text id that starts a document (train.py sets it from the corpus for --doc_mask)
     mtp: int = 0  # multi-token prediction: N extra heads predicting tokens t+2 .. t+N+1, a transformer block each, sharing ln_f and the output layer (Gloeckle et al. 2024); training only
+    mtp_style: str = "parallel"  # --mtp: parallel (Gloeckle et al. 2024: every head reads the trunk's last hidden state) or sequential (DeepSeek-V3: module k reads module k-1's hidden state and the embedding of token t+k, a causal chain)
     mtp_weight: float = 0.3  # --mtp: the training loss is the next-token loss plus this times the mean of the extra heads' losses (DeepSeek-V3's lambda: 0.3, later 0.1)
     tie_embeddings: bool = True  # share the token embedding with the output layer (GPT-2 does)
     attention: str = "sdpa"  # attention backend: naive (explicit softmax), sdpa (torch fused), flex (FlexAttention's block mask: masked tiles skipped; trains on CUDA); kernels.py adds triton
@@ -220,6 +223,11 @@ class GPTConfig:
         if self.moe_experts and self.activation_checkpointing:
             raise ValueError("--activation_checkpointing with --moe_experts: the recomputed forward would count each "
                              "expert's load twice; drop one of the two")
+        if self.mtp_style not in ("parallel", "sequential"):
+            raise ValueError(f"unknown mtp_style '{self.mtp_style}': use parallel or sequential")
+        if self.mtp >= self.block_size:  # head k has a target at the first T - k positions only
+            raise ValueError(f"--mtp {self.mtp} with --block_size {self.block_size}: the last head would have no position "
+                             "with a target; use --mtp below --block_size")
         if self.moe_router not in ("softmax", "sigmoid"):
             raise ValueError(f"unknown moe_router '{self.moe_router}': use softmax or sigmoid")
 
@@ -885,6 +893,62 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Multi-token prediction, DeepSeek-V3's way: a chain of modules
+
+
+class MTPModule(nn.Module):
+    """One depth of DeepSeek-V3's sequential multi-token prediction (DeepSeek-AI 2024,
+    arXiv:2412.19437, sec. 2.2), used with --mtp N --mtp_style sequential.
+
+    What. Module k (k = 1..N) predicts token i+k+1 at position i. It reads two things there: the
+    hidden state h^{k-1}_i of the depth before it (h^0: the trunk's last hidden state, before ln_f)
+    and the embedding of token i+k (the shared input embedding wte), normalises each, concatenates
+    them and projects 2C -> C with its own matrix M_k, then runs one transformer block of its own:
+
+        h'^k_i = M_k [Norm(h^{k-1}_i); Norm(Emb(t_{i+k}))]      (M_k: C x 2C, no bias: a matrix)
+        h^k_{1:T-k} = Block_k(h'^k_{1:T-k})                       (causal, like the trunk's blocks)
+        p^k_{i+k+1} = softmax(lm_head(ln_f(h^k_i)))               (the shared output head)
+        L_MTP = mtp_weight x (1/N) sum_k CE(p^k, t_{k+2..T+1})    (DeepSeek-V3's lambda / D)
+
+    with positions 1..T of the window and its targets up to t_{T+1}: depth k runs only on the T - k
+    positions whose token i+k and target i+k+1 exist, one fewer than the depth before it. Its
+    cross-entropy is the mean over those T - k positions, as the parallel heads' is (the paper
+    divides the sum by T instead, a constant factor).
+
+    Why. Every position now trains on N + 1 targets instead of one, a denser signal from the same
+    tokens, which (the paper argues) may also let the trunk pre-plan its hidden states for the
+    tokens after the next. Unlike Gloeckle et al.'s parallel heads (GPT.mtp_heads in the default
+    style: N blocks that each read the trunk's h^0 alone), depth k is given the token t_{i+k} that
+    depth k-1 was asked to predict, and depth k-1's hidden state: the causal chain of predictions is
+    kept at every depth, as the main model keeps it for the next token. So depth 1 predicting token
+    i+2 knows token i+1, an easier task than a parallel head's, which must guess through it. The
+    price is the chain itself: the depths run one after another, and each has a C x 2C projection
+    and two norms more than a parallel head.
+
+    Choices here. The paper normalises with RMSNorm, as its whole model does; we use the model's own
+    norm (make_norm: RMSNorm with --norm rmsnorm, LayerNorm in GPT-2's recipe), so that the module's
+    inputs are normalised as every other sub-layer's are, and --norm rmsnorm gives the paper's
+    module exactly. The embedding is the token's alone (wte, no learned position): the position is
+    in h^{k-1}, and in RoPE's rotation inside the block. DeepSeek-V3's released weights call the
+    three new tensors hnorm, enorm and eh_proj (its README_WEIGHTS.md); the order of the
+    concatenation here is the paper's formula, hidden state first.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.norm_h = make_norm(config)  # on the previous depth's hidden state h^{k-1}
+        self.norm_e = make_norm(config)  # on the embedding of token i+k
+        self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)  # M_k: (2C) -> (C)
+        self.block = Block(config)  # dense, as the parallel heads' blocks are
+
+    def forward(self, h, emb):
+        """h (B, T', C) the previous depth's hidden states, emb (B, T', C) the embeddings of the
+        tokens k further on -> (B, T', C), this depth's hidden states h^k."""
+        x = torch.cat([self.norm_h(h), self.norm_e(emb)], dim=-1)  # (B, T', 2C)
+        return self.block(self.proj(x))  # (B, T', 2C) -> (B, T', C) -> one block
+
+
+# ----------------------------------------------------------------------------------------------
 # Two changes at the output: soft-capped logits and the z-loss
 
 
@@ -907,6 +971,12 @@ def z_loss(logits: torch.Tensor, targets: torch.Tensor, coef: float, ignore_inde
     return coef * (lse.square() * keep).sum() / keep.sum()
 
 
+def mtp_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of an MTP head's logits (B, T', V) against its targets (B, T'), in float32
+    at least (as the next-token loss), targets of -1 ignored."""
+    return F.cross_entropy(at_least_float32(logits).reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 
@@ -927,8 +997,10 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # (C) -> (V) logits
         # multi-token prediction: head k (1-based) reads the trunk's last hidden state at position t
-        # through one block of its own and predicts token t+1+k with the shared ln_f and lm_head
-        self.mtp_heads = nn.ModuleList([Block(config) for _ in range(config.mtp)]) if config.mtp else None
+        # through one block of its own and predicts token t+1+k with the shared ln_f and lm_head;
+        # --mtp_style sequential: DeepSeek-V3's chain of modules instead (MTPModule)
+        mtp_head = MTPModule if config.mtp_style == "sequential" else Block
+        self.mtp_heads = nn.ModuleList([mtp_head(config) for _ in range(config.mtp)]) if config.mtp else None
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one matrix, two roles (Press & Wolf 2017)
         self.apply(self._init_weights)
@@ -963,7 +1035,7 @@ class GPT(nn.Module):
         x = self.run_blocks(self.embed(idx, start, positions), kv_cache=kv_cache, doc_ids=doc_ids, positions=positions)
         if kv_cache is not None:
             kv_cache.length += idx.size(1)  # every layer has stored these positions
-        logits, loss = self.head(x, targets)
+        logits, loss = self.head(x, targets, idx)
         if loss is not None and self.training:  # the MoE layers' balancing losses (--moe_aux, --moe_zloss) join the objective
             for moe in self.moe_layers():
                 loss = loss if moe.loss is None else loss + moe.loss
@@ -1012,13 +1084,14 @@ class GPT(nn.Module):
                 x = block(x, None, doc_ids, positions)
         return x
 
-    def head(self, x, targets=None):
+    def head(self, x, targets=None, idx=None):
         """(B, T, C) trunk output -> final norm -> logits (B, T, V), and the loss against targets if
         given. With mtp heads, in training, the loss adds mtp_weight x the mean of their losses
-        (mtp_losses); evaluation and sampling use the next-token head alone."""
+        (mtp_losses; the sequential modules also read the input tokens idx (B, T)); evaluation and
+        sampling use the next-token head alone."""
         logits, loss = self.next_token_head(x, targets)
         if targets is not None and self.mtp_heads is not None and self.training:
-            extra = torch.stack(self.mtp_losses(x, targets))  # (N,)
+            extra = torch.stack(self.mtp_losses(x, targets, idx))  # (N,)
             self.last_mtp_losses = extra.detach()  # each head's loss, for the log (train.py reads it)
             loss = loss + self.config.mtp_weight * extra.mean()
         return logits, loss
@@ -1051,24 +1124,45 @@ class GPT(nn.Module):
                 loss = loss + z_loss(flat, flat_targets, z_coef)
         return logits, loss
 
-    def mtp_losses(self, x, targets) -> list:
+    def mtp_losses(self, x, targets, idx=None) -> list:
         """Multi-token prediction (Gloeckle et al. 2024, arXiv:2404.19737): from the trunk's hidden
         states x (B, T, C), head k's (k = 1..N) cross-entropy against the token k further on than the
         next. targets (B, T) hold token t+1 at position t, so head k's target at t is targets[:, t + k],
         token t+1+k; its last k positions have none. Each head computes all T positions (its block is
         causal like the trunk's, so scaling.py counts it as one more layer) and its loss keeps the
         first T - k. Gloeckle et al. found the gain grows with model size (small models can even
-        lose), so the ablation at the laptop size says little about large ones; DeepSeek-V3
-        (arXiv:2412.19437) chains such modules sequentially instead."""
+        lose), so the ablation at the laptop size says little about large ones. With --mtp_style
+        sequential, DeepSeek-V3's chain instead (sequential_mtp_losses; it needs the tokens idx)."""
+        if self.config.mtp_style == "sequential":
+            return self.sequential_mtp_losses(x, targets, idx)
         T = x.size(1)
         losses = []
         for k, block in enumerate(self.mtp_heads, start=1):
-            logits = self.lm_head(self.transformer.ln_f(block(x)))  # (B, T, C) -> (B, T, V), the shared output layer
-            if self.config.logit_softcap:
-                logits = softcap(logits, self.config.logit_softcap)
-            shifted = at_least_float32(logits[:, :T - k]).reshape(-1, logits.size(-1))  # the positions with a target
-            losses.append(F.cross_entropy(shifted, targets[:, k:].reshape(-1), ignore_index=-1))
+            logits = self.mtp_logits(block(x))  # (B, T, C) -> (B, T, V), the shared output layer
+            losses.append(mtp_cross_entropy(logits[:, :T - k], targets[:, k:]))  # the positions with a target
         return losses
+
+    def sequential_mtp_losses(self, x, targets, idx) -> list:
+        """DeepSeek-V3's sequential MTP (arXiv:2412.19437, sec. 2.2; MTPModule has the formula): depth
+        k's cross-entropy, k = 1..N. At position i it reads h^{k-1}_i (h^0 = x, the trunk's output)
+        and token i+k (idx[:, i + k]) and predicts token i+k+1 (targets[:, i + k]). Only the T - k
+        positions with that token run: the window shrinks by one position per depth. Dropping the
+        last position of h^{k-1} changes none of the others, since every block is causal, so the
+        kept positions are exactly those a full-length run would compute."""
+        T = x.size(1)
+        if idx is None or T <= len(self.mtp_heads):
+            raise ValueError(f"--mtp_style sequential needs the input tokens idx (given: {idx is not None}) and a window "
+                             f"longer than --mtp {len(self.mtp_heads)} (T = {T})")
+        h, losses = x, []
+        for k, module in enumerate(self.mtp_heads, start=1):
+            h = module(h[:, :T - k], self.transformer.wte(idx[:, k:]))  # (B, T-k, C): depth k's h^k
+            losses.append(mtp_cross_entropy(self.mtp_logits(h), targets[:, k:]))  # token i+k+1 at position i
+        return losses
+
+    def mtp_logits(self, h):
+        """The shared output head of the MTP heads: ln_f, lm_head, soft-cap if configured (no z-loss)."""
+        logits = self.lm_head(self.transformer.ln_f(h))  # (B, T', C) -> (B, T', V)
+        return softcap(logits, self.config.logit_softcap) if self.config.logit_softcap else logits
 
     # --- counting ---------------------------------------------------------------------------
 

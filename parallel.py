@@ -796,8 +796,8 @@ def muon_scale(shape) -> float:
 
 def is_muon_matrix(name: str, p: torch.Tensor) -> bool:
     """The rule of what Muon updates: the 2-D weights inside the transformer blocks (attention's
-    and the MLP's linear layers), and inside --mtp's extra heads' blocks. Embeddings, the output
-    layer, norms and biases stay on AdamW."""
+    and the MLP's linear layers), and inside --mtp's extra heads (their blocks, and the sequential
+    modules' projections M_k). Embeddings, the output layer, norms and biases stay on AdamW."""
     return p.dim() == 2 and name.startswith(("transformer.h.", "mtp_heads."))
 
 

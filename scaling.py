@@ -200,7 +200,11 @@ def param_tensors(config: GPTConfig) -> list[tuple[str, int]]:
     if not config.tie_embeddings:  # tied: lm_head.weight *is* wte.weight, one tensor
         tensors.append(("lm_head.weight", V * C))
     for k in range(config.mtp):  # multi-token prediction: a block per extra head (ln_f and lm_head are shared)
-        tensors += block(f"mtp_heads.{k}")
+        if config.mtp_style == "sequential":  # model.MTPModule: two norms and M_k (2C -> C, no bias) before the block
+            p = f"mtp_heads.{k}"
+            tensors += norm(f"{p}.norm_h") + norm(f"{p}.norm_e") + [(f"{p}.proj.weight", 2 * C * C)] + block(f"{p}.block")
+        else:
+            tensors += block(f"mtp_heads.{k}")
     return tensors
 
 
@@ -236,7 +240,9 @@ def flops_per_token_6n(config: GPTConfig, seq_len: int | None = None, attention:
     al. (2020, sec. 2.1).
     """
     T = seq_len or config.block_size
-    # --mtp: each extra head's block is in N_matmul already; its use of the shared output layer is not
+    # --mtp: each extra head's block (and a sequential module's projection) is in N_matmul already;
+    # its use of the shared output layer is not. (That sequential depth k runs T - k positions of
+    # the T is left to the exact count.)
     n = count_params(config)["active_matmul"] + config.mtp * config.vocab_size * config.n_embd
     return 6 * n + (12 * (config.n_layer + config.mtp) * config.n_embd * T if attention else 0)
 
@@ -255,10 +261,15 @@ def flops_per_token_exact(config: GPTConfig, seq_len: int | None = None, causal:
     if convention not in ("matmul", "chinchilla"):
         raise ValueError(f"unknown convention '{convention}': use matmul or chinchilla")
     T = seq_len or config.block_size
-    # --mtp: each extra head is one more block and one more pass through the output layer
-    C, L, V, hs = config.n_embd, config.n_layer + config.mtp, config.vocab_size, config.head_size
+    C, V, hs = config.n_embd, config.vocab_size, config.head_size
     n_kv = config.n_kv_head or config.n_head
-    keys = (T + 1) / 2 if causal else T  # keys per query, averaged over the sequence
+    keys = lambda t: (t + 1) / 2 if causal else t  # keys per query over t positions, averaged over them
+    # --mtp: each extra head is one more block and one more pass through the output layer, on the
+    # share of the T positions it runs on (mtp_positions)
+    positions = mtp_positions(config, T)
+    shares = [1 if t == T else t / T for t in positions]  # 1 (an int, so the counts stay integers) or (T - k) / T
+    L = config.n_layer + sum(shares)  # blocks, an MTP block counted by its share of the positions
+    attended = config.n_layer * keys(T) + sum(s * keys(t) for s, t in zip(shares, positions))  # keys per token, all blocks
     hidden = mlp_hidden(config)
     # GELU: C -> H -> C (2 matmuls); SwiGLU: gate and up C -> H, down H -> C (3 matmuls)
     mlp = lambda h: 2 * C * 2 * h + 2 * h * C if config.mlp == "swiglu" else 2 * 2 * C * h
@@ -267,18 +278,28 @@ def flops_per_token_exact(config: GPTConfig, seq_len: int | None = None, causal:
     ops = {
         "embedding": 2 * V * C if convention == "chinchilla" else 0,
         "qkv": L * 2 * C * (config.n_head + 2 * n_kv) * hs,  # GQA shrinks K and V's share
-        "attention_logits": L * 2 * keys * C,  # Q K^T: nh heads x hs x keys, (nh hs = C)
-        "attention_softmax": L * 3 * config.n_head * keys if convention == "chinchilla" else 0,
-        "attention_values": L * 2 * keys * C,  # A V
+        "attention_logits": 2 * attended * C,  # Q K^T: nh heads x hs x keys, (nh hs = C), summed over blocks
+        "attention_softmax": 3 * config.n_head * attended if convention == "chinchilla" else 0,
+        "attention_values": 2 * attended * C,  # A V
         "attention_out": L * 2 * C * C,
         # dense blocks' MLPs (the --mtp heads' blocks are dense); an MoE layer's k routed experts of width
         # H_e and its shared ones of width S H_e
         "mlp": (L - n_moe) * mlp(hidden) + n_moe * (config.moe_topk * mlp(h_e) + mlp(config.moe_shared * h_e)),
         "moe_router": n_moe * 2 * C * config.moe_experts,  # (C) -> (E) logits
-        "logits": (1 + config.mtp) * 2 * C * V,
+        "mtp_projection": (sum(shares) if config.mtp_style == "sequential" else 0) * 2 * 2 * C * C,  # M_k: (2C) -> (C)
+        "logits": (1 + sum(shares)) * 2 * C * V,
     }
     forward = sum(ops.values())
     return {**ops, "forward": forward, "backward": 2 * forward, "train": 3 * forward}
+
+
+def mtp_positions(config: GPTConfig, T: int) -> list[int]:
+    """The positions each --mtp extra block runs on, of a window of T: all T for a parallel head
+    (its loss keeps the first T - k), T - k for DeepSeek-V3's sequential module k, which runs only
+    where token i+k exists (model.GPT.sequential_mtp_losses)."""
+    if config.mtp_style == "sequential":
+        return [T - k for k in range(1, config.mtp + 1)]
+    return [T] * config.mtp
 
 
 def measure_flops_per_token(config: GPTConfig, seq_len: int | None = None, batch: int = 1, device: str = "meta") -> float:

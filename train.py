@@ -270,7 +270,7 @@ PRESETS = {
 # Model fields that appear as flags; None means "the preset's value".
 MODEL_FLAGS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "n_kv_head", "rope", "rope_theta",
                "norm", "mlp", "tie_embeddings", "attention", "fused_ce", "activation_checkpointing", "qk_norm",
-               "logit_softcap", "z_loss", "mtp", "mtp_weight", "doc_mask",
+               "logit_softcap", "z_loss", "mtp", "mtp_style", "mtp_weight", "doc_mask",
                "moe_experts", "moe_topk", "moe_every", "moe_shared", "moe_expert_frac", "moe_router", "moe_capacity",
                "moe_aux", "moe_zloss", "moe_bias_update")
 # Model fields that change how the model computes, not what: a run may resume with them changed
@@ -1717,7 +1717,7 @@ def evaluate_mtp(par: parallel.Parallelized, manifest: dict, cfg: TrainConfig, b
             x, y = sampler.next_batch()
             x, y = x.to(device), y.to(device)
             with par.amp:
-                losses = model.mtp_losses(model.run_blocks(model.embed(x)), y)
+                losses = model.mtp_losses(model.run_blocks(model.embed(x)), y, x)  # x: the sequential modules read the tokens
             totals = [t + par.reduce_loss(loss) for t, loss in zip(totals, losses)]
     finally:
         model.train()

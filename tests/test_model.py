@@ -341,8 +341,97 @@ def test_mtp_head_loss_is_cross_entropy_against_the_token_two_ahead():
     assert m(x, y)[1].item() == pytest.approx(main.item(), rel=1e-12)  # evaluation: the next-token head alone
 
 
-def test_mtp_heads_are_dropped_at_sampling_and_export(tmp_path):
-    with_heads = GPT(small_config(mtp=2))
+def hand_norm(x, norm):
+    """The model's norm written out: RMSNorm x / sqrt(mean(x^2) + 1e-6) g, or LayerNorm (x - mean) /
+    sqrt(var + 1e-5) g + b (their eps: LLaMA's and GPT-2's)."""
+    if isinstance(norm, model.RMSNorm):
+        return x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * norm.weight
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / (centred.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm.weight + norm.bias
+
+
+def hand_cross_entropy(logits, target):
+    """-mean log softmax(logits)[target] over the rows whose target is not -1."""
+    logp, keep = torch.log_softmax(logits, -1), target != -1
+    return -logp[keep].gather(-1, target[keep][:, None]).mean()
+
+
+def sequential_mtp_model(**overrides) -> GPT:
+    """A float64 model with sequential MTP modules whose norms have random gains and biases, so that
+    swapping the two norms, or the halves of the concatenation, changes the numbers."""
+    m = GPT(small_config(mtp_style="sequential", **overrides)).double()
+    with torch.no_grad():
+        for name, p in m.mtp_heads.named_parameters():
+            if ".norm_" in name:
+                p.copy_(torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_sequential_mtp_loss_is_deepseek_v3s_module_written_out(norm):
+    m = sequential_mtp_model(mtp=1, mtp_weight=0.3, norm=norm)
+    module, (B, T, V, C) = m.mtp_heads[0], (2, m.config.block_size, m.config.vocab_size, m.config.n_embd)
+    seq = torch.randint(0, V, (B, T + 1))
+    x, y = seq[:, :T], seq[:, 1:].clone()
+    y[0, 5] = -1  # an ignored target: the module still reads token 6 from x, and ignores its own target at 4
+    logits, loss = m(x, y)
+    # by hand, DeepSeek-V3 sec. 2.2 with k = 1: position i (i < T - 1) reads the trunk's h_i and the
+    # embedding of token i+1, and predicts token i+2
+    h = m.run_blocks(m.embed(x))[:, :T - 1]  # (B, T-1, C): h^0, before ln_f
+    emb = m.transformer.wte.weight[seq[:, 1:T]]  # (B, T-1, C): tokens 1..T-1
+    joined = torch.cat([hand_norm(h, module.norm_h), hand_norm(emb, module.norm_e)], -1)  # (B, T-1, 2C)
+    h1 = module.block(joined @ module.proj.weight.T)  # M_1 (C, 2C), then the model's own Block
+    target = seq[:, 2:].clone()
+    target[0, 4] = -1
+    hand = hand_cross_entropy(m.lm_head(hand_norm(h1, m.transformer.ln_f)), target)
+    # float64 throughout, the same operations in another order: agreement to 1e-12 relative (4e-16
+    # measured over 40 draws)
+    assert m.last_mtp_losses[0].item() == pytest.approx(hand.item(), rel=1e-12)
+    main = hand_cross_entropy(logits, y)
+    assert loss.item() == pytest.approx((main + 0.3 * hand).item(), rel=1e-12)
+    m.eval()
+    assert m(x, y)[1].item() == pytest.approx(main.item(), rel=1e-12)  # evaluation: the next-token head alone
+    # the last position, which has no token i+1, is left out; as the block is causal, the kept
+    # positions equal those of a run over all T positions (any token standing in at the end)
+    padded = torch.cat([x[:, 1:], x[:, :1]], 1)
+    full = module(m.run_blocks(m.embed(x)), m.transformer.wte(padded))[:, :T - 1]
+    torch.testing.assert_close(full, h1, rtol=0, atol=1e-12)
+
+
+def test_sequential_mtp_depth_two_reads_depth_ones_hidden_state():
+    m = sequential_mtp_model(mtp=2, mtp_weight=0.5)
+    T, V = m.config.block_size, m.config.vocab_size
+    seq = torch.randint(0, V, (2, T + 1))
+    x, y = seq[:, :T], seq[:, 1:]
+    m(x, y)
+    h0, wte = m.run_blocks(m.embed(x)), m.transformer.wte
+    h1 = m.mtp_heads[0](h0[:, :T - 1], wte(x[:, 1:]))  # depth 1: positions 0..T-2
+    h2 = m.mtp_heads[1](h1[:, :T - 2], wte(x[:, 2:]))  # depth 2 reads h^1 and token i+2: positions 0..T-3
+    depth2 = hand_cross_entropy(m.lm_head(m.transformer.ln_f(h2)), seq[:, 3:])  # token i+3
+    assert m.last_mtp_losses[1].item() == pytest.approx(depth2.item(), rel=1e-12)
+    # a second depth reading the trunk's h^0 instead (parallel heads fed with tokens) gives another
+    # loss (at least 1e-4 away over 20 draws, so 1e-6 is far above float64's rounding and below the gap)
+    from_h0 = m.mtp_heads[1](h0[:, :T - 2], wte(x[:, 2:]))
+    assert abs(hand_cross_entropy(m.lm_head(m.transformer.ln_f(from_h0)), seq[:, 3:]).item() - depth2.item()) > 1e-6
+    # the chain in the gradients: depth 2's loss reaches module 1, depth 1's loss never reaches module 2
+    first, second = m.mtp_losses(h0, y, x)
+    g1 = torch.autograd.grad(second, m.mtp_heads[0].proj.weight, retain_graph=True)[0]
+    assert g1.abs().max() > 0
+    assert torch.autograd.grad(first, m.mtp_heads[1].proj.weight, allow_unused=True)[0] is None
+
+
+def test_mtp_refuses_heads_without_a_target_in_the_window():
+    for style in ("parallel", "sequential"):
+        with pytest.raises(ValueError, match="--mtp 32 with --block_size 32"):  # head 32 of a 32-token window
+            small_config(mtp=32, mtp_style=style)
+    m, x = GPT(small_config(mtp=3, mtp_style="sequential")), torch.randint(0, 97, (1, 3))
+    with pytest.raises(ValueError, match="longer than --mtp 3"):  # depth 3 of a 3-token window: no position
+        m(x, x)
+
+
+@pytest.mark.parametrize("style", ["parallel", "sequential"])
+def test_mtp_heads_are_dropped_at_sampling_and_export(tmp_path, style):
+    with_heads = GPT(small_config(mtp=2, mtp_style=style))
     plain = GPT(small_config())
     plain.load_state_dict({k: v for k, v in with_heads.state_dict().items() if not k.startswith("mtp_heads.")})
     idx = random_tokens(plain.config, B=1, T=4)

@@ -2,6 +2,7 @@
 bytes torch really holds, laws against the papers' published numbers, fits against known laws,
 and the sweep end to end through train.py."""
 
+import dataclasses
 import glob
 import json
 import math
@@ -61,6 +62,23 @@ def test_param_count_equals_model_for_random_configs_with_every_option():
         assert counts["non_embedding"] == model.num_params(exclude_embeddings=True), msg
         assert counts["tensors"] == len(list(model.parameters())), msg
         assert dict(scaling.param_tensors(config)) == {n: p.numel() for n, p in model.named_parameters()}, msg
+
+
+def test_sequential_mtp_counts_equal_the_models_parameters_and_flop_counter():
+    rng, seed = fresh_rng()
+    for norm in ("rmsnorm", "layernorm"):
+        config = random_config(rng, block_size=32, mtp=rng.choice([1, 2, 3]), mtp_style="sequential", norm=norm)
+        model, msg = GPT(config), f"seed {seed}: {config}"
+        assert dict(scaling.param_tensors(config)) == {n: p.numel() for n, p in model.named_parameters()}, msg
+        assert scaling.count_params(config)["total"] == model.num_params(), msg
+        # against the parallel heads: each module adds M_k (2C x C) and two norms (C, or 2C with a bias)
+        C, norm_size = config.n_embd, config.n_embd * (2 if norm == "layernorm" and config.bias else 1)
+        parallel = scaling.count_params(dataclasses.replace(config, mtp_style="parallel"))["total"]
+        assert model.num_params() - parallel == config.mtp * (2 * C * C + 2 * norm_size), msg
+        # depth k runs on T - k positions: the matmul count is exact (see the test below), so rel 1e-12
+        T = rng.choice([8, 17, 32])
+        measured = flop_counter_train_flops_per_token(config, T)
+        assert scaling.flops_per_token_exact(config, T)["train"] == pytest.approx(measured, rel=1e-12), msg
 
 
 def test_gpt2_small_has_its_published_parameter_count():

@@ -219,9 +219,10 @@ def test_spike_guard_resumes_bit_for_bit(data_dir, tmp_path, monkeypatch):
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
 
-def test_the_whole_recipe_trains_together_and_logs_the_extra_heads_apart(data_dir, tmp_path):
+@pytest.mark.parametrize("mtp_style", ["parallel", "sequential"], ids=["mtp_parallel", "mtp_sequential"])
+def test_the_whole_recipe_trains_together_and_logs_the_extra_heads_apart(data_dir, tmp_path, mtp_style):
     cfg, mo = tiny(data_dir, tmp_path, max_iters=4, eval_interval=4, dtype="float32", optimizer="muon", spike_sigma=6.0,
-                   qk_norm=True, z_loss=1e-4, mlp="relu2", logit_softcap=30.0, mtp=2, rope=True)
+                   qk_norm=True, z_loss=1e-4, mlp="relu2", logit_softcap=30.0, mtp=2, mtp_style=mtp_style, rope=True)
     result = train.train(cfg, mo)
     evals = [r for r in read_metrics(tmp_path) if "val_loss" in r]
     assert len(evals) == 1 and len(evals[0]["val_mtp_loss"]) == 2  # tokens t+2 and t+3, reported apart
@@ -1632,6 +1633,7 @@ def test_expert_parallel_run_logs_the_single_process_losses_and_resumes_in_one_p
     (dict(z_loss=1e-4), dict(tp=2), "--z_loss with --tp"),
     (dict(logit_softcap=30.0), dict(tp=2), "--logit_softcap with --tp"),
     (dict(mtp=1), dict(pp=2), "--mtp runs on one process"),
+    (dict(mtp=1, mtp_style="sequential"), dict(tp=2), "--mtp runs on one process"),  # both styles
 ])
 def test_the_recipe_options_refuse_the_layouts_that_do_not_carry_them(model_flags, layout, words):
     cfg = train.TrainConfig(**layout)
