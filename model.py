@@ -941,11 +941,12 @@ class MTPModule(nn.Module):
         self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)  # M_k: (2C) -> (C)
         self.block = Block(config)  # dense, as the parallel heads' blocks are
 
-    def forward(self, h, emb):
+    def forward(self, h, emb, doc_ids=None, positions=None):
         """h (B, T', C) the previous depth's hidden states, emb (B, T', C) the embeddings of the
-        tokens k further on -> (B, T', C), this depth's hidden states h^k."""
+        tokens k further on -> (B, T', C), this depth's hidden states h^k. doc_ids, positions (B, T'):
+        --doc_mask's, for the block's attention (None without it)."""
         x = torch.cat([self.norm_h(h), self.norm_e(emb)], dim=-1)  # (B, T', 2C)
-        return self.block(self.proj(x))  # (B, T', 2C) -> (B, T', C) -> one block
+        return self.block(self.proj(x), None, doc_ids, positions)  # (B, T', 2C) -> (B, T', C) -> one block
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1035,7 +1036,7 @@ class GPT(nn.Module):
         x = self.run_blocks(self.embed(idx, start, positions), kv_cache=kv_cache, doc_ids=doc_ids, positions=positions)
         if kv_cache is not None:
             kv_cache.length += idx.size(1)  # every layer has stored these positions
-        logits, loss = self.head(x, targets, idx)
+        logits, loss = self.head(x, targets, idx, doc_ids, positions)
         if loss is not None and self.training:  # the MoE layers' balancing losses (--moe_aux, --moe_zloss) join the objective
             for moe in self.moe_layers():
                 loss = loss if moe.loss is None else loss + moe.loss
@@ -1084,14 +1085,15 @@ class GPT(nn.Module):
                 x = block(x, None, doc_ids, positions)
         return x
 
-    def head(self, x, targets=None, idx=None):
+    def head(self, x, targets=None, idx=None, doc_ids=None, positions=None):
         """(B, T, C) trunk output -> final norm -> logits (B, T, V), and the loss against targets if
         given. With mtp heads, in training, the loss adds mtp_weight x the mean of their losses
-        (mtp_losses; the sequential modules also read the input tokens idx (B, T)); evaluation and
-        sampling use the next-token head alone."""
+        (mtp_losses; the sequential modules also read the input tokens idx (B, T); under --doc_mask
+        their blocks attend by document as the trunk's do, doc_ids and positions (B, T)); evaluation
+        and sampling use the next-token head alone."""
         logits, loss = self.next_token_head(x, targets)
         if targets is not None and self.mtp_heads is not None and self.training:
-            extra = torch.stack(self.mtp_losses(x, targets, idx))  # (N,)
+            extra = torch.stack(self.mtp_losses(x, targets, idx, doc_ids, positions))  # (N,)
             self.last_mtp_losses = extra.detach()  # each head's loss, for the log (train.py reads it)
             loss = loss + self.config.mtp_weight * extra.mean()
         return logits, loss
@@ -1124,7 +1126,7 @@ class GPT(nn.Module):
                 loss = loss + z_loss(flat, flat_targets, z_coef)
         return logits, loss
 
-    def mtp_losses(self, x, targets, idx=None) -> list:
+    def mtp_losses(self, x, targets, idx=None, doc_ids=None, positions=None) -> list:
         """Multi-token prediction (Gloeckle et al. 2024, arXiv:2404.19737): from the trunk's hidden
         states x (B, T, C), head k's (k = 1..N) cross-entropy against the token k further on than the
         next. targets (B, T) hold token t+1 at position t, so head k's target at t is targets[:, t + k],
@@ -1132,30 +1134,34 @@ class GPT(nn.Module):
         causal like the trunk's, so scaling.py counts it as one more layer) and its loss keeps the
         first T - k. Gloeckle et al. found the gain grows with model size (small models can even
         lose), so the ablation at the laptop size says little about large ones. With --mtp_style
-        sequential, DeepSeek-V3's chain instead (sequential_mtp_losses; it needs the tokens idx)."""
+        sequential, DeepSeek-V3's chain instead (sequential_mtp_losses; it needs the tokens idx).
+        doc_ids, positions (B, T): --doc_mask's document numbers and positions, which the heads'
+        blocks use as the trunk's do (GPT.document_inputs; None without it)."""
         if self.config.mtp_style == "sequential":
-            return self.sequential_mtp_losses(x, targets, idx)
+            return self.sequential_mtp_losses(x, targets, idx, doc_ids, positions)
         T = x.size(1)
         losses = []
         for k, block in enumerate(self.mtp_heads, start=1):
-            logits = self.mtp_logits(block(x))  # (B, T, C) -> (B, T, V), the shared output layer
+            logits = self.mtp_logits(block(x, None, doc_ids, positions))  # (B, T, C) -> (B, T, V), the shared output layer
             losses.append(mtp_cross_entropy(logits[:, :T - k], targets[:, k:]))  # the positions with a target
         return losses
 
-    def sequential_mtp_losses(self, x, targets, idx) -> list:
+    def sequential_mtp_losses(self, x, targets, idx, doc_ids=None, positions=None) -> list:
         """DeepSeek-V3's sequential MTP (arXiv:2412.19437, sec. 2.2; MTPModule has the formula): depth
         k's cross-entropy, k = 1..N. At position i it reads h^{k-1}_i (h^0 = x, the trunk's output)
         and token i+k (idx[:, i + k]) and predicts token i+k+1 (targets[:, i + k]). Only the T - k
         positions with that token run: the window shrinks by one position per depth. Dropping the
         last position of h^{k-1} changes none of the others, since every block is causal, so the
-        kept positions are exactly those a full-length run would compute."""
+        kept positions are exactly those a full-length run would compute. Under --doc_mask depth k's
+        block attends by the documents of its positions i (doc_ids and positions cut alike)."""
         T = x.size(1)
         if idx is None or T <= len(self.mtp_heads):
             raise ValueError(f"--mtp_style sequential needs the input tokens idx (given: {idx is not None}) and a window "
                              f"longer than --mtp {len(self.mtp_heads)} (T = {T})")
         h, losses = x, []
         for k, module in enumerate(self.mtp_heads, start=1):
-            h = module(h[:, :T - k], self.transformer.wte(idx[:, k:]))  # (B, T-k, C): depth k's h^k
+            cut = lambda t: None if t is None else t[:, :T - k]  # --doc_mask's numbers of positions 1..T-k
+            h = module(h[:, :T - k], self.transformer.wte(idx[:, k:]), cut(doc_ids), cut(positions))  # (B, T-k, C): h^k
             losses.append(mtp_cross_entropy(self.mtp_logits(h), targets[:, k:]))  # token i+k+1 at position i
         return losses
 

@@ -1716,8 +1716,10 @@ def evaluate_mtp(par: parallel.Parallelized, manifest: dict, cfg: TrainConfig, b
         for _ in range(cfg.eval_iters):
             x, y = sampler.next_batch()
             x, y = x.to(device), y.to(device)
+            doc_ids, positions = model.document_inputs(x)  # --doc_mask's (None, None without it), as in training
             with par.amp:
-                losses = model.mtp_losses(model.run_blocks(model.embed(x)), y, x)  # x: the sequential modules read the tokens
+                trunk = model.run_blocks(model.embed(x, 0, positions), doc_ids=doc_ids, positions=positions)
+                losses = model.mtp_losses(trunk, y, x, doc_ids, positions)  # x: the sequential modules read the tokens
             totals = [t + par.reduce_loss(loss) for t, loss in zip(totals, losses)]
     finally:
         model.train()

@@ -467,6 +467,32 @@ def test_doc_mask_gives_the_second_document_the_logits_it_has_alone(backend, rop
     assert (plain(torch.cat([first, second])[None])[0][0, 10:] - alone[0]).abs().max() > 1e-3  # without the mask it differs
 
 
+@pytest.mark.parametrize("style", ["parallel", "sequential"])
+@pytest.mark.parametrize("rope", [True, False])
+def test_doc_mask_gives_the_mtp_heads_the_second_documents_logits_alone(style, rope):
+    """Under --doc_mask the MTP heads' blocks attend by document as the trunk's do: in training, the
+    second document's MTP logits in a packed window equal those it has alone (each depth of the
+    sequential chain runs on T - k positions, the second document's last ones)."""
+    m = GPT(small_config(doc_mask=True, eot_id=0, rope=rope, mtp=2, mtp_style=style)).double().train()
+    V = m.config.vocab_size
+    first = torch.cat([torch.tensor([0]), torch.randint(1, V, (9,))])
+    second = torch.cat([torch.tensor([0]), torch.randint(1, V, (13,))])
+
+    def mtp_logits(idx):  # every head's logits, caught on their way to the losses
+        seen, real = [], m.mtp_logits
+        m.mtp_logits = lambda h: seen.append(real(h)) or seen[-1]
+        try:
+            m(idx[None], torch.randint(1, V, idx.shape)[None])  # any targets: the logits are compared
+        finally:
+            del m.mtp_logits
+        return seen
+
+    packed, alone = mtp_logits(torch.cat([first, second])), mtp_logits(second)
+    assert len(packed) == len(alone) == 2
+    for p, a in zip(packed, alone):
+        torch.testing.assert_close(p[0, 10:], a[0], rtol=1e-10, atol=1e-10)  # float64: rounding only
+
+
 @pytest.mark.parametrize("backend", DOC_BACKENDS)
 @torch.no_grad()  # forward only: flex has no backward on the CPU
 def test_doc_mask_keeps_the_causal_property(backend):
