@@ -3442,12 +3442,10 @@ class PendingScores:
 
 
 def _perplexity_send(spool: Spool, keep: np.ndarray, cfg: PrepareConfig, scorers: list) -> PendingScores | None:
-    """Send the kept documents to the perplexity filter's scorers (started now if not yet) and return
+    """Send the kept documents to the perplexity filter's scorers (started during stage 1) and return
     once they have them; they score while this process goes on (_perplexity collects the scores)."""
     if not cfg.perplexity_model:
         return None
-    if not scorers:
-        scorers.extend(start_perplexity_scorers(cfg.perplexity_model, 1))
     ids, t0 = np.flatnonzero(keep), time.perf_counter()
     return PendingScores(ids, t0, list(scorers), send_shares(scorers, spool.texts(ids), spool.nbytes[ids]))
 

@@ -1158,10 +1158,10 @@ class GPT(nn.Module):
         if idx is None or T <= len(self.mtp_heads):
             raise ValueError(f"--mtp_style sequential needs the input tokens idx (given: {idx is not None}) and a window "
                              f"longer than --mtp {len(self.mtp_heads)} (T = {T})")
+        cut = lambda t, k: None if t is None else t[:, :T - k]  # --doc_mask's numbers of positions 1..T-k
         h, losses = x, []
         for k, module in enumerate(self.mtp_heads, start=1):
-            cut = lambda t: None if t is None else t[:, :T - k]  # --doc_mask's numbers of positions 1..T-k
-            h = module(h[:, :T - k], self.transformer.wte(idx[:, k:]), cut(doc_ids), cut(positions))  # (B, T-k, C): h^k
+            h = module(h[:, :T - k], self.transformer.wte(idx[:, k:]), cut(doc_ids, k), cut(positions, k))  # (B, T-k, C): h^k
             losses.append(mtp_cross_entropy(self.mtp_logits(h), targets[:, k:]))  # token i+k+1 at position i
         return losses
 
