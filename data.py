@@ -2764,6 +2764,9 @@ def _add_file_keys(cfg: PrepareConfig, decontaminate: str, quality_model: str, p
     cfg.quality_model = os.path.abspath(quality_model) if quality_model else ""
     cfg.quality_model_sha256 = _sha256_file(cfg.quality_model) if quality_model else ""
     if perplexity_model:
+        if os.path.isdir(perplexity_model):  # --checkpoint_format sharded writes folders
+            raise ValueError(f"--perplexity_model '{perplexity_model}' is a folder (a sharded checkpoint?): convert it to "
+                             f"one file with python train.py --convert_checkpoint {perplexity_model} --convert_to ckpt.pt")
         if not os.path.isfile(perplexity_model):
             raise ValueError(f"--perplexity_model '{perplexity_model}' does not exist: give a checkpoint train.py wrote (out/ckpt.pt)")
         cfg.perplexity_model = os.path.abspath(perplexity_model)
@@ -2913,8 +2916,9 @@ def _pipeline_stages(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_down
     #    The perplexity filter's scorers start as soon as stage 1's workers exist (before them, a forked
     #    worker would hold the scorers' stdin open and they would wait for ever): their start-up, about
     #    1.1 s of CPU each, then runs while this process reads, when the workers leave a core idle.
-    def start_scorers():
-        scorers.extend(start_perplexity_scorers(cfg.perplexity_model, workers))
+    def start_scorers():  # returns the check _collect makes after each chunk: a scorer that failed to start
+        scorers.extend(start_perplexity_scorers(cfg.perplexity_model, workers))  # (a missing tokenizer, a
+        return lambda: check_scorers(scorers, perplexity_command(cfg.perplexity_model), "--perplexity_model")  # bad file) stops prepare then
 
     spool = _collect(tmp / "spool.jsonl", cfg, downloads=downloads, max_download_mb=max_download_mb, report=report,
                      verbose=verbose, workers=workers, total_bytes=_input_bytes(cfg.data, downloads),
@@ -3052,7 +3056,8 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     the input files, for the ETA (None: unknown). memory_gb: once the signatures would take more
     than a quarter of it, they go to a SignatureFile beside the spool (LSH on it then holds a
     quarter of the budget at a time: a piece of the file, or a band's keys or a partition of them).
-    after_fork: called once the pool's workers exist (the perplexity filter starts its scorers then).
+    after_fork: called once the pool's workers exist (the perplexity filter starts its scorers then);
+    what it returns, if not None, is called after each chunk (it raises if a scorer has failed).
     """
     clock, count, pii_found = Counter(), Counter(), Counter()
     # Per document, 8-byte integers in typed arrays (a list would hold a 28-byte int object per entry):
@@ -3068,8 +3073,7 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     try:
         with _signals_held():
             pool = _pool(workers)
-        if after_fork is not None:
-            after_fork()
+        check = after_fork() if after_fork is not None else None
         with open(path, "wb") as f:
             for n_docs, (rows, sig, chunk_count, chunk_clock, found) in _map_ordered(
                     pool, jobs, 2 * workers, _clean_chunk):
@@ -3094,6 +3098,8 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
                 if sig is not None and fresh:
                     spilled = _keep_signatures(sigs, sig[fresh], spilled, len(offsets), path, memory_gb)
                 update(count["read_docs"], count["read_bytes"])
+                if check is not None:
+                    check()
     finally:
         if pool is not None:
             pool.terminate()
@@ -3300,6 +3306,8 @@ def _parse_scores(command: str, flag: str, n: int, returncode: int, stdout: byte
     lines = stdout.decode("utf-8", "replace").split()
     if returncode != 0 or len(lines) != n:
         why = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"{len(lines)} scores for {n} documents"]
+        if returncode != 0 and why[0].startswith("error: "):  # the scorer said what is wrong (evaluate.py's one line)
+            raise ValueError(f"{flag} '{command}' failed: {why[0][len('error: '):][:300]}")
         raise ValueError(f"{flag} '{command}' failed ({why[0][:200]}): it must print one number per input line")
     try:
         return np.array([float(x) for x in lines])
@@ -3370,6 +3378,15 @@ def start_perplexity_scorers(checkpoint: str, processes: int) -> list:
     command = perplexity_command(checkpoint)
     return [subprocess.Popen(command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env=env) for _ in range(processes)]
+
+
+def check_scorers(scorers: list, command: str, flag: str) -> None:
+    """Raise the one-line error of a scorer that has already ended (before it was sent anything, it
+    can only have failed: evaluate.py's score reads all of its input first), so that a checkpoint whose
+    tokenizer cannot be found stops prepare during stage 1, not after it."""
+    for p in scorers:
+        if p.poll() is not None:
+            _parse_scores(command, flag, 0, p.returncode or 1, b"", p.stderr.read())
 
 
 def stop_scorers(scorers: list) -> None:

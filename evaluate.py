@@ -514,7 +514,7 @@ def score_main(argv) -> None:
         gpt, ckpt = load_model_checkpoint(args.ckpt)
         if args.batch_size is not None:
             args.batch_tokens = args.batch_size * gpt.config.block_size
-        enc = load_tokenizer(ckpt, args.data_dir)
+        enc = load_tokenizer(ckpt, args.data_dir, args.ckpt)
         texts = []
         for n, line in enumerate(sys.stdin, 1):
             if line.strip():
@@ -565,18 +565,30 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def load_tokenizer(ckpt: dict, data_dir: str | None):
-    """The run's tiktoken Encoding: data.load_prepared on <data_dir>/<the corpus the checkpoint names>."""
+def load_tokenizer(ckpt: dict, data_dir: str | None, ckpt_path=None):
+    """The run's tiktoken Encoding: data.load_prepared on <data_dir>/<the corpus the checkpoint names>.
+
+    Without data_dir, the run's own --data_dir as stored; when that is relative (data_cache, the
+    default), it was relative to the folder the run was started in, which need not be this one: it is
+    looked for here, then in that folder, found from ckpt_path and the run's --out_dir (a run started
+    in /home/me with --out_dir runs/a wrote /home/me/runs/a/ckpt.pt: the folder is /home/me)."""
     import data  # the prepared corpus' reader; model.py cannot know about it, evaluate.py may
 
     if "data_dir" not in ckpt:
         raise ValueError("this checkpoint does not name its prepared corpus, so its tokenizer cannot be found")
-    data_dir = data_dir or ckpt.get("train_config", {}).get("data_dir", "data_cache")
-    prepared = Path(data_dir) / ckpt["data_dir"]
-    if not prepared.is_dir():
-        raise ValueError(f"the checkpoint's tokenizer is in {prepared}, which does not exist: pass --data_dir, the "
-                         "--data_dir the run was trained with")
-    return data.load_prepared(prepared)[1]
+    stored = Path(ckpt.get("train_config", {}).get("data_dir", "data_cache"))
+    candidates = [Path(data_dir)] if data_dir else [stored]
+    if not data_dir and not stored.is_absolute() and ckpt_path is not None:
+        run_dir, out_dir = Path(ckpt_path).resolve().parent, Path(ckpt.get("train_config", {}).get("out_dir", "."))
+        if not out_dir.is_absolute() and run_dir.parts[len(run_dir.parts) - len(out_dir.parts):] == out_dir.parts:
+            candidates.append(Path(*run_dir.parts[:len(run_dir.parts) - len(out_dir.parts)]) / stored)
+        candidates.append(run_dir.parent / stored)  # out_dir moved: the folder beside it
+    for folder in candidates:
+        if (folder / ckpt["data_dir"]).is_dir():
+            return data.load_prepared(folder / ckpt["data_dir"])[1]
+    raise ValueError(f"the checkpoint's tokenizer is in {candidates[0] / ckpt['data_dir']}, which does not exist"
+                     f"{' (nor beside the run)' if len(candidates) > 1 else ''}: pass --data_dir, the --data_dir the run "
+                     "was trained with")
 
 
 def pick_device(name: str) -> str:
@@ -624,7 +636,7 @@ def main(argv=None):
         for name, v in parse_tasks(args.tasks):  # fail on a missing package or task before loading any model
             resolve_variant(name, v or args.variant, args.tasks_dir)
         gpt, ckpt = load_model_checkpoint(args.ckpt)
-        enc = load_tokenizer(ckpt, args.data_dir)
+        enc = load_tokenizer(ckpt, args.data_dir, args.ckpt)
         device = pick_device(args.device)
         t0 = time.time()
         results = evaluate_tasks(gpt.to(device), enc, args.tasks, args.variant, args.limit, args.batch_size, device,

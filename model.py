@@ -1726,6 +1726,9 @@ def load_model_checkpoint(path) -> tuple[GPT, dict]:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"no checkpoint at {path}: train first (python train.py), or give the path of a run's ckpt.pt")
+    if path.is_dir():  # a sharded checkpoint (--checkpoint_format sharded) is a folder of per-rank files
+        raise ValueError(f"{path} is a folder (a sharded checkpoint?): convert it to one file with python train.py "
+                         f"--convert_checkpoint {path} --convert_to ckpt.pt, and give that file")
     try:  # weights_only=True: only tensors and plain containers unpickle, so a checkpoint cannot run code
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1882,7 +1882,10 @@ def on_stop_signal(signum, frame):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """While training, the stop signals call on_stop_signal; the previous handlers come back after."""
+    """While training, the stop signals call on_stop_signal; the previous handlers come back after,
+    unless a stop signal came: then the process is on its way out (the stop line, leaving the process
+    group, the interpreter's exit), and a second SIGTERM there must not kill it with the default
+    action's exit code 143 (torchrun and Slurm repeat theirs), so on_stop_signal stays."""
     _stop["signum"] = 0
     names = [n for n in STOP_SIGNALS if hasattr(signal, n)]  # Windows has no SIGUSR1
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
@@ -1891,7 +1894,8 @@ def stop_on_signals():
         yield
     finally:
         for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
+            if not _stop["signum"]:
+                signal.signal(getattr(signal, name), handler)
 
 
 def stop_requested(layout: parallel.Layout) -> str | None:

@@ -2268,6 +2268,14 @@ def test_scorers_in_parallel_answer_each_document_in_order_and_a_failure_is_one_
     assert len(set(pids)) >= 2  # no document holds two thirds of the bytes: the work is shared
     with pytest.raises(ValueError, match="--perplexity_model 'exit 3' failed"):
         data.score_in_parallel(start("exit 3", 2), texts, sizes, "exit 3", "--perplexity_model")
+    # a scorer that ends before it is sent anything has failed to start: check_scorers (called after each
+    # chunk of stage 1) raises its own error line, without the protocol's advice; one still waiting passes
+    waiting, failing = start(command, 1), start("echo 'error: no tokenizer here' >&2; exit 2", 1)
+    failing[0].wait()
+    data.check_scorers(waiting, command, "--perplexity_model")
+    with pytest.raises(ValueError, match=r"failed: no tokenizer here$"):
+        data.check_scorers(waiting + failing, "cmd", "--perplexity_model")
+    data.stop_scorers(waiting + failing)
 
 
 def test_classify_saves_a_classifier_that_prepare_uses_and_records_per_document(tmp_path, rng):

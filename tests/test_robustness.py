@@ -114,6 +114,14 @@ if marker:
         real_replace(src, dst)
     os.replace = slow_replace
 import train
+slow_stop = os.environ.get("SLOW_STOP_LINE")
+if slow_stop:  # the stop line waits: the process is between training and its exit
+    real_report_stop = train.report_stop
+    def slow_report_stop(result):
+        open(slow_stop, "w").close()
+        time.sleep(3)
+        real_report_stop(result)
+    train.report_stop = slow_report_stop
 train.main(sys.argv[1:])
 """
 
@@ -345,6 +353,19 @@ def test_signals_stop_after_the_step_with_its_checkpoint_and_a_second_one_corrup
     wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= stopped + 2, run, "two more steps")
     run.send_signal(signal.SIGTERM)
     wait_until(marker.exists, run, "the checkpoint's rename")
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 0
+    stopped = last_logged_step(out / "metrics.jsonl")
+    assert one_line(err).startswith(f"stopped by SIGTERM after step {stopped}: ")
+    assert checkpoint_step() == stopped
+    marker.unlink()
+
+    # a second SIGTERM after training has ended, on the way out (torchrun and Slurm repeat theirs):
+    # still exit 0, not the default action's 143
+    run = start_child([*flags, "--resume"], {"SLOW_STOP_LINE": str(marker)}, err)
+    wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= stopped + 1, run, "one more step")
+    run.send_signal(signal.SIGTERM)
+    wait_until(marker.exists, run, "the stop line")
     run.send_signal(signal.SIGTERM)
     assert run.wait(timeout=60) == 0
     stopped = last_logged_step(out / "metrics.jsonl")

@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1212,6 +1213,38 @@ def test_perplexity_flags_are_checked_in_one_line(tmp_path):
         data.prepare(data="stdlib", out_dir=str(tmp_path), perplexity_model="x.pt", perplexity_keep="head,tail")
     with pytest.raises(ValueError, match="--perplexity_model 'nope.pt' does not exist"):
         data.prepare(data="stdlib", out_dir=str(tmp_path), perplexity_model="nope.pt")
+    (tmp_path / "ckpt_step00000010.dcp").mkdir()  # a sharded checkpoint is a folder: convert it first
+    with pytest.raises(ValueError, match="is a folder .* --convert_checkpoint"):
+        data.prepare(data="stdlib", out_dir=str(tmp_path), perplexity_model=str(tmp_path / "ckpt_step00000010.dcp"))
+    import model as model_lib
+    with pytest.raises(ValueError, match="is a folder .* --convert_checkpoint"):
+        model_lib.load_model_checkpoint(tmp_path / "ckpt_step00000010.dcp")
+
+
+def test_the_tokenizer_of_a_checkpoint_is_found_from_another_folder(trained_run, data_dir, tmp_path, monkeypatch):
+    """A run started in home/ with --out_dir runs/a and the default --data_dir data_cache (relative) stores
+    those paths as given; evaluate.py score (data.py's --perplexity_model) run from elsewhere finds the
+    corpus beside the run: from the --out_dir's place, or beside the out_dir when it was moved."""
+    import evaluate
+    import model as model_lib
+
+    _, ckpt = model_lib.load_model_checkpoint(trained_run / "ckpt.pt")
+    home = tmp_path / "home"
+    (home / "runs" / "a").mkdir(parents=True)
+    (home / "data_cache").mkdir()
+    (home / "data_cache" / ckpt["data_dir"]).symlink_to(Path(data_dir) / ckpt["data_dir"])
+    ckpt["train_config"] = {**ckpt["train_config"], "data_dir": "data_cache", "out_dir": "runs/a"}
+    torch.save(ckpt, home / "runs" / "a" / "ckpt.pt")
+    monkeypatch.chdir(tmp_path)  # not home: data_cache/ is not here
+    text = "def f(x):\n    return x + 1\n"
+    expected = evaluate.load_tokenizer(ckpt, data_dir).encode_ordinary(text)
+    assert evaluate.load_tokenizer(ckpt, None, home / "runs" / "a" / "ckpt.pt").encode_ordinary(text) == expected
+    (home / "moved").mkdir()  # the out_dir moved: found in the folder beside it
+    torch.save(ckpt, home / "moved" / "ckpt.pt")
+    assert evaluate.load_tokenizer(ckpt, None, home / "moved" / "ckpt.pt").encode_ordinary(text) == expected
+    torch.save(ckpt, tmp_path / "ckpt.pt")  # nowhere near: one line naming --data_dir
+    with pytest.raises(ValueError, match="nor beside the run.*pass --data_dir"):
+        evaluate.load_tokenizer(ckpt, None, tmp_path / "ckpt.pt")
     assert data.parse_perplexity_keep("middle") == (1 / 3, 2 / 3) and data.parse_perplexity_keep("0.1:0.5") == (0.1, 0.5)
 
 
