@@ -1672,12 +1672,16 @@ _IPV4 = regex.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?!\.?\w)")
 # A run of hex groups and colons, checked by the standard library's parser (ipaddress) and kept
 # only with at least 3 groups: "12:30:45" does not parse, and "1::2" (a Python slice) has two.
 _IPV6_CANDIDATE = regex.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
-# North American numbers, (NXX) NXX-XXXX with N in 2-9 (the numbering plan), and international
-# ones, +CC then 2 to 5 groups parted by spaces, dashes or brackets; 8 to 15 digits in all
-# (E.164's maximum is 15). A bare run of digits is not taken: as often a timestamp or an id as a
-# number to call.
-_PHONE = regex.compile(r"(?<![\w+])(?=[+(2-9])(?:(?:\+1[ .-]?)?(?:\([2-9]\d\d\)|[2-9]\d\d)[ .-]?[2-9]\d\d[ .-]?\d{4}"
+# North American numbers, (NXX) NXX-XXXX with N in 2-9 (the numbering plan), with the country code
+# that may come first ("+1 ", "+1", or the trunk prefix "1-", "1 ", "1.", "1(") taken with them, so
+# no "1-" is left in front of the placeholder; and international ones, +CC then 2 to 5 groups parted
+# by spaces, dashes, dots or brackets, or none (E.164's compact "+14155550132"); 8 to 15 digits in
+# all (E.164's maximum is 15). A bare run of digits is not taken ("18005550199" included): as often
+# a timestamp, an order number or an id as a number to call.
+_PHONE = regex.compile(r"(?<![\w+])(?=[+(1-9])(?:(?:\+1[ .-]?|1[ .-]|1(?=\())?(?:\([2-9]\d\d\)|[2-9]\d\d)[ .-]?[2-9]\d\d[ .-]?\d{4}"
                        r"|\+[1-9]\d{0,2}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,4})){2,5})(?![\w])")
+# The one "+" number written with dots alone that _phone takes: North American, +1.NXX.NXX.XXXX.
+_DOTTED_NANP = regex.compile(r"\+1\.?[2-9]\d\d\.[2-9]\d\d\.\d{4}")
 
 
 def _ipv6(match) -> bool:
@@ -1695,8 +1699,11 @@ def _phone(match) -> bool:
     digits = sum(c.isdigit() for c in text)
     if not 8 <= digits <= 15 or text.isdigit():  # a bare run of digits: an id or a timestamp
         return False
-    # "+" then digits and dots only is a signed decimal (Decimal('+35236450.6')), not a number to call
-    return not (text.startswith("+") and not any(c in " -()" for c in text))
+    if text.startswith("+") and "." in text and not any(c in " -()" for c in text):
+        # "+", digits and dots: a signed decimal (Decimal('+35236450.6')) or thousands in groups
+        # (+1.234.567.890), unless North American (+1.415.555.0132); "+" and digits alone is E.164's compact form
+        return _DOTTED_NANP.fullmatch(text) is not None
+    return True
 
 
 # EXERCISE: pii (tests/test_data.py -k 'pii_masking or masked_as_one_email')

@@ -1862,6 +1862,8 @@ def random_pii(rng) -> tuple[str, str]:
     area, exchange, line = digits(3, "23456789"), digits(3, "23456789"), digits(4)
     return "phone", rng.choice([f"({area}) {exchange}-{line}", f"{area}-{exchange}-{line}", f"{area}.{exchange}.{line}",
                                 f"+1 {area} {exchange} {line}", f"+1-{area}-{exchange}-{line}",
+                                f"1-{area}-{exchange}-{line}", f"1 ({area}) {exchange}-{line}", f"1.{area}.{exchange}.{line}",
+                                f"+1{area}{exchange}{line}", f"+1.{area}.{exchange}.{line}", f"+44{digits(10)}",
                                 f"+44 20 {digits(4)} {digits(4)}", f"+33 {rng.randint(1, 9)} {digits(2)} {digits(2)} "
                                 f"{digits(2)} {digits(2)}", f"+49 {digits(2)} {digits(7)}"])
 
@@ -1880,7 +1882,11 @@ def random_look_alike(rng) -> str:
         f"ISBN 978-{rng.randint(0, 9)}-{rng.randint(10, 99)}-{rng.randint(100000, 999999)}-{rng.randint(0, 9)}",
         ":".join(f"{rng.getrandbits(8):02x}" for _ in range(6)), f"{rng.randint(1, 99)}:{rng.randint(10, 59)}",
         f"range({n()}, {n()} * {n()})", f"{rng.randint(100, 999)} {rng.randint(100, 999)}",
-        f"Decimal('+{rng.randint(10**7, 10**9)}.{rng.randint(0, 9)}')", f"+{rng.randint(10**7, 10**12)}"])
+        f"Decimal('+{rng.randint(10**7, 10**9)}.{rng.randint(0, 9)}')", f"+{rng.randint(10**7, 10**9)}.{rng.randint(0, 99)}",
+        f"+{rng.randint(1, 10**7 - 1)}", f"+{rng.randint(10**15, 10**19)}",  # signed integers shorter or longer than E.164's 8 to 15 digits
+        f"+{rng.randint(1, 9)}.{rng.randint(256, 999)}.{rng.randint(100, 999)}.{rng.randint(100, 999)}",  # thousands (not an IPv4: 256+)
+        str(rng.randint(10**10, 10**11 - 1)), f"1{rng.randint(200, 999)}{rng.randint(200, 999)}{rng.randint(0, 9999):04d}",  # order numbers
+        f"1-{rng.randint(2, 99)}-{rng.randint(100, 999)}-{rng.randint(10**4, 10**5 - 1)}"])  # "1-" before no North American number
 
 
 FILLER = "The report was filed on time and the team reviewed it with care before the meeting ended".split()
@@ -1942,6 +1948,16 @@ def test_pii_masking_catches_planted_addresses_and_numbers_in_varied_formats(rng
     masked, counts = data.mask_pii(" ".join(words))
     assert counts == planted
     assert masked == " ".join(expected)
+
+
+def test_a_phone_number_is_masked_with_its_country_code_or_trunk_prefix():
+    """The audit's cases: "1-800-555-0199" became "1-|||PHONE_NUMBER|||" (the trunk prefix left in front) and
+    the compact E.164 "+14155550132" was not masked at all; each is now one placeholder with nothing left."""
+    for number in ("1-800-555-0199", "1 (800) 555-0199", "1.800.555.0199", "1 800 555 0199", "1(800)555-0199",
+                   "+14155550132", "+1.415.555.0132", "+442079460958"):
+        assert data.mask_pii(f"call {number} now") == (f"call {data.PII_PLACEHOLDERS['phone']} now", Counter(phone=1)), number
+    for look_alike in ("order 14155550132", "+35236450.6", "+1234567", "+1.234.567.890", "1e+12345678"):
+        assert data.mask_pii(look_alike) == (look_alike, Counter()), look_alike
 
 
 def test_pii_masking_leaves_look_alikes_untouched(rng):
