@@ -1974,12 +1974,21 @@ def quality_training_set(positive_docs: list[str], corpus_docs: list[str], seed:
     and the positive pieces with their words shuffled (the unigrams of good text without its word
     order: what the bigrams must tell apart). A corpus document equal to a positive one is no
     negative. Both lists hold normalised texts (normalize).
+
+    A side with one document (a curated file) has no document to hold out: it is split by its pieces
+    instead ("held_out_by" says so; pieces of one document resemble each other more than documents
+    do, so that held-out accuracy is the kinder one). A positive document of one piece leaves the
+    held-out set empty.
     """
     rng = random.Random(seed)
     positive_keys = {exact_key(t) for t in positive_docs}
-    split = {}
+    split, held_out_by = {}, {}
     for name, docs in (("positive", list(positive_docs)), ("corpus", list(corpus_docs))):
         rng.shuffle(docs)
+        held_out_by[name] = "document"
+        if len(docs) == 1 and (name == "positive" or exact_key(docs[0]) not in positive_keys):
+            docs, held_out_by[name] = _chunks_of(docs[0], rng), "piece"  # each piece is its own "document"
+            rng.shuffle(docs)
         n_held = max(1, round(held_out * len(docs))) if len(docs) > 1 else 0
         split[name] = (docs[n_held:], docs[:n_held])  # (train, held-out) documents
     out = {}
@@ -1997,23 +2006,45 @@ def quality_training_set(positive_docs: list[str], corpus_docs: list[str], seed:
         half = len(pos) // 2  # as many negatives as positives, half of each kind
         out[part] = {"positive": pos, "negative": corpus[:half] + shuffled[:len(pos) - half],
                      "positive_docs": split["positive"][index], "corpus_docs": used}
+    out["held_out_by"] = held_out_by
     return out
 
 
-def accuracy(clf: QualityClassifier, positives: list[str], negatives: list[str], threshold: float = 0.5) -> float:
-    """The fraction of texts on the right side of the threshold (positives above, negatives at or below)."""
+def accuracy(clf: QualityClassifier, positives: list[str], negatives: list[str],
+             threshold: float = 0.5) -> float | None:
+    """The fraction of texts on the right side of the threshold (positives above, negatives at or
+    below); None for no texts at all (an accuracy of nothing is no 0)."""
+    if not positives and not negatives:
+        return None
     right = sum(clf.score(t) > threshold for t in positives) + sum(clf.score(t) <= threshold for t in negatives)
-    return right / max(1, len(positives) + len(negatives))
+    return right / (len(positives) + len(negatives))
 
 
 def fit_quality_classifier(positive_docs: list[str], corpus_docs: list[str], seed: int = 0) -> QualityClassifier:
-    """quality_training_set, then train_quality_classifier, with train and held-out accuracy in .info."""
+    """quality_training_set, then train_quality_classifier, with train and held-out accuracy in .info
+    (held-out None when nothing could be held out) and how the held-out part was split."""
     sets = quality_training_set(positive_docs, corpus_docs, seed)
     clf = train_quality_classifier(sets["train"]["positive"], sets["train"]["negative"], seed=seed)
     for part in ("train", "held_out"):
-        clf.info[f"{part}_accuracy"] = round(accuracy(clf, sets[part]["positive"], sets[part]["negative"]), 4)
+        score = accuracy(clf, sets[part]["positive"], sets[part]["negative"])
+        clf.info[f"{part}_accuracy"] = None if score is None else round(score, 4)
+    clf.info["held_out_by"] = sets["held_out_by"]
     clf.info["positive_documents"], clf.info["corpus_documents"] = len(positive_docs), len(corpus_docs)
     return clf
+
+
+def held_out_warning(info: dict) -> str | None:
+    """A one-line warning when the classifier's held-out accuracy is missing or measured on pieces of
+    one document, else None."""
+    if info.get("held_out_accuracy", 0) is None:
+        return (f"warning: nothing was held out to measure the classifier on (held_out_accuracy: null): the positives are "
+                f"one document of at most {QUALITY_CHUNK_TOKENS} words; give more or longer ones")
+    by = info.get("held_out_by", {})
+    pieces = [name for name in ("positive", "corpus") if by.get(name) == "piece"]
+    if pieces:
+        return (f"warning: the {' and '.join(pieces)} side is one document, so its held-out part is pieces of it, "
+                "which resemble its training pieces: held_out_accuracy is likely optimistic")
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -2551,7 +2582,8 @@ def _stage_lines(report: dict) -> list:
                      f"kept {p['keep'] or 'all'}")
     if "quality_classifier" in report:
         q = report["quality_classifier"]
-        lines.append(f"quality classifier: train accuracy {q['train_accuracy']:.3f}, held-out {q['held_out_accuracy']:.3f}; "
+        held = "none (nothing held out)" if q["held_out_accuracy"] is None else f"{q['held_out_accuracy']:.3f}"
+        lines.append(f"quality classifier: train accuracy {q['train_accuracy']:.3f}, held-out {held}; "
                      f"{q['scored']:,} scored, quartiles {q['score_quartiles']}, kept top {q['keep']:g}"
                      + (f" and above {q['threshold']:g}" if q["threshold"] else ""))
     return lines
@@ -3260,6 +3292,9 @@ def _classify(tmp: Path, spool: Spool, keep: np.ndarray, cfg: PrepareConfig, rep
     t0 = time.perf_counter()
     clf = _quality_model(spool, keep, cfg, downloads)
     t_train = time.perf_counter() - t0
+    warning = held_out_warning(clf.info)
+    if warning and verbose:
+        print(warning, file=sys.stderr)
     ids = np.array([i for i in np.flatnonzero(keep) if spool.domain_names[spool.domain[i]] != "code"], dtype=np.int64)
     scores = np.zeros(len(ids))
     with open(tmp / "scores.jsonl", "w") as f:  # one line per scored document: where it came from, its score
@@ -4439,6 +4474,9 @@ def classify(data: str = "stdlib", quality_positive: str = "stdlib:topics", out:
     clf.info["seconds"] = round(time.perf_counter() - t0, 2)
     clf.save(out)
     log(json.dumps(clf.info, indent=1))
+    warning = held_out_warning(clf.info)
+    if warning and verbose:
+        print(warning, file=sys.stderr)
     log(f"wrote {out}")
     return clf
 

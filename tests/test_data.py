@@ -2317,6 +2317,36 @@ def test_classify_saves_a_classifier_that_prepare_uses_and_records_per_document(
     assert kept == {t for t, s in scores.items() if s > 0.5}
 
 
+def test_classify_on_one_positive_document_holds_out_its_pieces_or_reports_null(tmp_path, rng, capsys):
+    """The audit's case, --quality_positive a folder of ONE file: held_out_accuracy was 0.0, measured on nothing.
+    Now a single document is split by its 128-word pieces (held-out and training pieces are disjoint and
+    together the document's), and the accuracy is that of the held-out pieces against their negatives,
+    counted here by hand; a document of one piece leaves nothing to hold out: null. Either way, one
+    warning line."""
+    words = CLEAN_PROSE.split()
+    corpus = write_prose_dir(tmp_path / "corpus", prose_variants(rng, 12))
+    read = lambda source: [t for t in (data.normalize(d[0]) for d in data.iter_documents(source)) if t.strip()]  # noqa: E731
+    for n_words, held in ((rng.randint(300, 600), True), (rng.randint(20, 128), False)):
+        doc = " ".join(rng.choice(words) for _ in range(n_words))
+        good = write_prose_dir(tmp_path / f"good{n_words}", [doc])
+        seed = rng.randrange(1000)
+        clf = data.classify(str(corpus), str(good), str(tmp_path / f"q{n_words}.npz"), seed=seed)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("warning: "), err
+        saved = data.QualityClassifier.load(tmp_path / f"q{n_words}.npz").info
+        assert saved["held_out_by"] == {"positive": "piece", "corpus": "document"}
+        sets = data.quality_training_set(read(str(good)), read(str(corpus)), seed=seed)  # classify's sets
+        pieces = sets["train"]["positive_docs"] + sets["held_out"]["positive_docs"]
+        assert sorted(pieces) == sorted(" ".join(piece) for piece in (doc.split()[i:i + 128] for i in range(0, n_words, 128)))
+        assert bool(sets["held_out"]["positive_docs"]) == held
+        if not held:
+            assert saved["held_out_accuracy"] is None and "null" in err[0]
+            continue
+        positives, negatives = sets["held_out"]["positive"], sets["held_out"]["negative"]
+        right = sum(clf.score(t) > 0.5 for t in positives) + sum(clf.score(t) <= 0.5 for t in negatives)
+        assert saved["held_out_accuracy"] == round(right / (len(positives) + len(negatives)), 4)
+
+
 # --- corpora of many gigabytes: worker processes, Parquet, hf:, planted near copies ------------
 
 def mixed_jsonl(path: Path, rng, n: int = 120) -> list[str]:
