@@ -2753,9 +2753,15 @@ class PrepareConfig:
             raise ValueError(f"unknown --mix_by '{self.mix_by}': use domain or script")
         parse_mix(self.mix)  # syntax, signs and sum; the names are checked once the groups are known
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction {self.val_fraction} must be between 0 and 1")
+            raise ValueError(f"--val_fraction {self.val_fraction} must be between 0 and 1")
         if self.shard_tokens < 1:
-            raise ValueError(f"shard_tokens {self.shard_tokens} must be at least 1")
+            raise ValueError(f"--shard_tokens {self.shard_tokens} must be at least 1")
+        if self.seed < 0:
+            raise ValueError(f"--seed {self.seed} is negative: use 0 or more")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ValueError(f"--max_bytes {self.max_bytes} must be a positive number of bytes (leave it out to read everything)")
+        if self.bpe_train_bytes is not None and self.bpe_train_bytes < 1:
+            raise ValueError(f"--bpe_train_bytes {self.bpe_train_bytes} must be a positive number of bytes: the BPE learns nothing from none")
         if self.tokenizer not in ("bytes", "bpe", "gpt2"):
             raise ValueError(f"unknown tokenizer '{self.tokenizer}': use bytes, bpe or gpt2")
         if self.tokenizer == "bpe" and self.vocab_size < 257:
@@ -2766,6 +2772,12 @@ class PrepareConfig:
             raise ValueError(f"--quality_keep {self.quality_keep} is not a fraction: use (0, 1] (1: keep all)")
         if not 0 <= self.quality_threshold < 1:
             raise ValueError(f"--quality_threshold {self.quality_threshold} is not a probability: use [0, 1) (0: off)")
+        if not self.classifier_on and (self.quality_model or self.quality_positive != "stdlib:topics"):
+            flag = "--quality_model" if self.quality_model else "--quality_positive"
+            raise ValueError(f"{flag} is used only by the learned classifier, which is off: add --quality_keep below 1 "
+                             "or --quality_threshold above 0")
+        if self.quality_model and self.quality_positive != "stdlib:topics":
+            raise ValueError("--quality_positive trains a classifier here, --quality_model loads a trained one: give one of them")
         if self.score_keep:
             parse_quantile_range(self.score_keep)
             if not self.score_command:
@@ -2874,7 +2886,7 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
                         quality_filter=quality_filter, mix=mix, mix_by=mix_by, shard_tokens=shard_tokens,
                         bpe_train_bytes=bpe_train_bytes, pii=pii, quality_keep=quality_keep,
                         quality_threshold=quality_threshold, quality_positive=quality_positive,
-                        score_command=score_command, score_keep=score_keep, perplexity_keep=perplexity_keep,
+                        quality_model=quality_model, score_command=score_command, score_keep=score_keep, perplexity_keep=perplexity_keep,
                         perplexity_model=perplexity_model)
     cfg.check()
     _add_file_keys(cfg, decontaminate, quality_model, perplexity_model)
@@ -4449,7 +4461,8 @@ def _add_stage_flags(p) -> None:
                    "scoring above this probability (0: off)")
     p.add_argument("--quality_positive", default="stdlib:topics", help="the classifier's positive documents, any "
                    "--data source (default: the Python documentation's topic pages)")
-    p.add_argument("--quality_model", default="", help="a classifier saved by python data.py classify (empty: train one)")
+    p.add_argument("--quality_model", default="", help="a classifier saved by python data.py classify, used with "
+                   "--quality_keep or --quality_threshold (empty: train one on --quality_positive)")
     p.add_argument("--score_command", default="", help="a shell command that scores documents (JSON lines {\"text\": ...} "
                    "on stdin, one number per line on stdout), e.g. a model's bits per byte; saved per document")
     p.add_argument("--score_keep", default="", help="LO:HI: keep the documents whose --score_command score lies in "
@@ -4465,6 +4478,8 @@ def classify(data: str = "stdlib", quality_positive: str = "stdlib:topics", out:
              seed: int = 0, verbose: bool = True) -> QualityClassifier:
     """`python data.py classify`: train the classifier on its own and save it (with its accuracies in .info)."""
     log = print if verbose else (lambda *a, **k: None)
+    if seed < 0:
+        raise ValueError(f"--seed {seed} is negative: use 0 or more")
     positives = [t for t in (normalize(d[0]) for d in iter_documents(quality_positive)) if t.strip()]
     corpus = [t for t in (normalize(d[0]) for d in iter_documents(data)) if t.strip()]
     if not positives or not corpus:

@@ -1196,7 +1196,14 @@ def test_prepare_realises_the_mix_and_reports_epochs(tmp_path, rng):
     (dict(data="{folder}", mix="text=-1,b=2", quality_filter=False), "negative"),
     (dict(data="{folder}", pii="hide"), "unknown --pii"),
     (dict(data="{folder}", decontaminate="{missing}"), "does not exist"),
-    (dict(data="{folder}", quality_model="{missing}"), "does not exist"),
+    (dict(data="{folder}", quality_model="{missing}", quality_threshold=0.5), "does not exist"),
+    (dict(data="{folder}", quality_model="{file}"), "--quality_model is used only by the learned classifier, which is off"),
+    (dict(data="{folder}", quality_positive="{folder}"), "--quality_positive is used only by the learned classifier"),
+    (dict(data="{folder}", quality_model="{file}", quality_positive="{folder}", quality_keep=0.5), "give one of them"),
+    (dict(data="{folder}", seed=-1), "--seed -1 is negative"),
+    (dict(data="{folder}", max_bytes=-1), "--max_bytes -1 must be a positive"),
+    (dict(data="{folder}", max_bytes=0), "--max_bytes 0 must be a positive"),
+    (dict(data="{folder}", bpe_train_bytes=0), "--bpe_train_bytes 0 must be a positive"),
     (dict(data="{folder}", quality_keep=0.0), "not a fraction"),
     (dict(data="{folder}", quality_threshold=1.5), "not a probability"),
     (dict(data="{folder}", score_command="cat", score_keep="0.9:0.1"), "no quantile range"),
@@ -1205,7 +1212,7 @@ def test_prepare_realises_the_mix_and_reports_epochs(tmp_path, rng):
 ])
 def test_bad_input_is_one_line_and_leaves_no_output(tmp_path, kwargs, message):
     folder = write_prose_dir(tmp_path / "d", ["Too short.", "Also short."])
-    kwargs = {k: v.format(missing=tmp_path / "nope.txt", folder=folder) if isinstance(v, str) else v
+    kwargs = {k: v.format(missing=tmp_path / "nope.txt", folder=folder, file=folder / "000.txt") if isinstance(v, str) else v
               for k, v in kwargs.items()}
     out = tmp_path / "cache"
     with pytest.raises(ValueError, match=message) as e:
@@ -1220,6 +1227,26 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: data path") and "Traceback" not in r.stderr
     assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["prepare", "--seed", "-1"], "--seed -1"), (["prepare", "--max_bytes", "-1"], "--max_bytes -1"),
+    (["prepare", "--bpe_train_bytes", "-5"], "--bpe_train_bytes -5"),
+    (["prepare", "--quality_model", "{file}"], "--quality_model"), (["classify", "--seed", "-1"], "--seed -1"),
+])
+def test_a_bad_number_or_an_unused_classifier_flag_is_refused_before_the_corpus_is_read(tmp_path, capsys, argv, flag):
+    """The audit's cases: --seed -1 read the corpus, then said "expected non-negative integer" (numpy's words,
+    no flag); --max_bytes -1 said "no text found"; --quality_model without --quality_keep or --quality_threshold
+    was ignored, even a file that is no classifier. Each is one line naming its flag, before any reading:
+    the corpus named here does not exist, so a check made after reading would say so instead."""
+    (tmp_path / "not_a_classifier.txt").write_text("just text\n")
+    argv = [a.format(file=tmp_path / "not_a_classifier.txt") for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        data.main(argv + ["--data", str(tmp_path / "nope"), "--out" if argv[0] == "classify" else "--out_dir",
+                          str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag}"), err
+    assert not (tmp_path / "out").exists()
 
 
 # --- sampler ------------------------------------------------------------------
