@@ -2483,24 +2483,28 @@ def _read_fraction(total_bytes: int | None) -> float | None:
     return min(1.0, (_READ["done"] + position) / total_bytes)
 
 
+# Seconds between two progress lines: on a terminal (the line is redrawn in place), and in a log.
+PROGRESS_SECONDS = {"tty": 0.2, "log": 10.0}
+
+
 def _progress(label: str, verbose: bool, total_bytes: int | None = None):
-    """update(docs, nbytes, done=False): a status line on stdout, redrawn in place on a terminal, with
-    the MB/s so far and, when the input's size on disk is known (total_bytes), the ETA.
+    """update(docs, nbytes, done=False, fraction=None): a status line on stdout, redrawn in place on a
+    terminal, with the MB/s so far and, when the share of the input's size on disk (total_bytes) that
+    the counted documents came from is given (fraction), that share and the ETA.
 
     stdout, not stderr: stderr stays free for the one-line error of a bad input.
     """
     t0, tty = time.time(), sys.stdout.isatty()
     last = [t0]  # the time of the last line drawn
 
-    def update(docs: int, nbytes: int, done: bool = False) -> None:
+    def update(docs: int, nbytes: int, done: bool = False, fraction: float | None = None) -> None:
         now = time.time()
-        if not verbose or (not done and now - last[0] < (0.2 if tty else 10.0)):
+        if not verbose or (not done and now - last[0] < PROGRESS_SECONDS["tty" if tty else "log"]):
             return
         last[0] = now
         line = (f"{label}: {docs:,} documents, {nbytes / 1e6:,.1f} MB, "
                 f"{nbytes / 1e6 / max(now - t0, 1e-9):,.1f} MB/s")
-        fraction = _read_fraction(total_bytes)
-        if fraction and not done:  # the time so far, scaled by what is left
+        if fraction and total_bytes and not done:  # the time so far, scaled by what is left
             eta = (now - t0) * (1 - fraction) / fraction
             line += f", {fraction:.0%} of {total_bytes / 1e6:,.0f} MB, ETA {eta / 60:,.1f} min"
         print(("\r" if tty else "") + line.ljust(72), end="\n" if done or not tty else "", flush=True)
@@ -3116,17 +3120,21 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     seen, offsets, nbytes, domain, names, sigs = ExactKeys(), array.array("q"), array.array("q"), array.array("q"), {}, []
     scripts, script_names, reasons, reason_names = array.array("q"), {}, array.array("q"), {None: 0}
     _READ.update(done=0, position=None)
-    update = _progress("read, normalise, dedup, filter", verbose, None if cfg.max_bytes else total_bytes)
+    total_bytes = None if cfg.max_bytes else total_bytes  # a cap stops before the end: no share to give
+    update = _progress("read, normalise, dedup, filter", verbose, total_bytes)
     documents = iter_documents(cfg.data, cfg.max_bytes, cfg.text_field, str(downloads), max_download_mb)
-    jobs = ((len(c), ([d[0] for d in c], [(d[1], d[2]) for d in c], cfg.pii, cfg.dedup,
-                                           cfg.quality_filter)) for c in _document_chunks(documents, clock))
+    # Each chunk carries the share of the input read when it was cut: the progress line gives the share
+    # of the chunks the workers have returned, not the reader's, which runs up to 2 * workers chunks ahead.
+    jobs = (((len(c), _read_fraction(total_bytes)), ([d[0] for d in c], [(d[1], d[2]) for d in c], cfg.pii,
+                                                      cfg.dedup, cfg.quality_filter))
+            for c in _document_chunks(documents, clock))
     pool, t_start, spilled = None, time.perf_counter(), None
     try:
         with _signals_held():
             pool = _pool(workers)
         check = after_fork() if after_fork is not None else None
         with open(path, "wb") as f:
-            for n_docs, (rows, sig, chunk_count, chunk_clock, found) in _map_ordered(
+            for (n_docs, read_share), (rows, sig, chunk_count, chunk_clock, found) in _map_ordered(
                     pool, jobs, 2 * workers, _clean_chunk):
                 count.update(chunk_count)
                 clock.update(chunk_clock)
@@ -3148,7 +3156,7 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
                     fresh.append(r)
                 if sig is not None and fresh:
                     spilled = _keep_signatures(sigs, sig[fresh], spilled, len(offsets), path, memory_gb)
-                update(count["read_docs"], count["read_bytes"])
+                update(count["read_docs"], count["read_bytes"], fraction=read_share)
                 if check is not None:
                     check()
     finally:

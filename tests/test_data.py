@@ -1837,6 +1837,27 @@ def test_two_mb_of_the_stdlib_hold_about_20k_unique_pre_tokens():
     assert 15_000 <= n <= 25_000, n
 
 
+def test_progress_share_is_that_of_the_documents_the_workers_returned(tmp_path, monkeypatch, capsys, rng):
+    """The audit's case: the collect line's share of the input (and so its ETA) came from the reader's
+    file position, up to 2 * workers chunks of 256 documents ahead of what the workers had returned (a 4 MB
+    file printed 91% after 0.9 MB). Here every chunk prints a line; each line's share must be that of the
+    bytes on disk of the documents it counts, to within the text layer's 8 KiB read-ahead and the rounding
+    to a whole percent."""
+    lines = [json.dumps({"text": " ".join(f"w{rng.randrange(10**6)}" for _ in range(rng.randint(40, 80)))}) + "\n"
+             for _ in range(1500)]  # ~6 chunks of 256 documents, ~0.6 MB
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(lines))
+    ends = np.cumsum([len(line.encode()) for line in lines])  # the file's bytes up to each document's end
+    monkeypatch.setattr(data, "PROGRESS_SECONDS", {"tty": 0.0, "log": 0.0})
+    data.prepare(str(path), "bytes", out_dir=str(tmp_path / "out"), workers=2, dedup="none", quality_filter=False)
+    shown = [(int(m[1].replace(",", "")), int(m[2])) for m in
+             regex.finditer(r"read, normalise, dedup, filter: ([\d,]+) documents, .*?, (\d+)% of", capsys.readouterr().out)]
+    assert len(shown) >= 4, shown  # a line per chunk but the last (done: no share)
+    for docs, percent in shown:
+        share = 100 * ends[docs - 1] / ends[-1]
+        assert share - 0.5 <= percent <= share + 0.5 + 100 * 8192 / ends[-1], (docs, percent, share)
+
+
 def test_collect_keeps_under_a_kilobyte_per_document_and_never_its_text(tmp_path):
     """The essay: per document, a 16-byte hash, a 512-byte signature and an offset, never the text.
     Reference: tracemalloc's slope between 2,000 and 4,000 documents of ~400 bytes each (the fixed
