@@ -2037,8 +2037,8 @@ def held_out_warning(info: dict) -> str | None:
     """A one-line warning when the classifier's held-out accuracy is missing or measured on pieces of
     one document, else None."""
     if info.get("held_out_accuracy", 0) is None:
-        return (f"warning: nothing was held out to measure the classifier on (held_out_accuracy: null): the positives are "
-                f"one document of at most {QUALITY_CHUNK_TOKENS} words; give more or longer ones")
+        return (f"warning: nothing was held out to measure the classifier on (held_out_accuracy: null): the "
+                f"positives are one document of at most {QUALITY_CHUNK_TOKENS} words; give more or longer ones")
     by = info.get("held_out_by", {})
     pieces = [name for name in ("positive", "corpus") if by.get(name) == "piece"]
     if pieces:
@@ -2763,9 +2763,11 @@ class PrepareConfig:
         if self.seed < 0:
             raise ValueError(f"--seed {self.seed} is negative: use 0 or more")
         if self.max_bytes is not None and self.max_bytes < 1:
-            raise ValueError(f"--max_bytes {self.max_bytes} must be a positive number of bytes (leave it out to read everything)")
+            raise ValueError(f"--max_bytes {self.max_bytes} must be a positive number of bytes "
+                             "(leave it out to read everything)")
         if self.bpe_train_bytes is not None and self.bpe_train_bytes < 1:
-            raise ValueError(f"--bpe_train_bytes {self.bpe_train_bytes} must be a positive number of bytes: the BPE learns nothing from none")
+            raise ValueError(f"--bpe_train_bytes {self.bpe_train_bytes} must be a positive number of bytes: "
+                             "the BPE learns nothing from none")
         if self.tokenizer not in ("bytes", "bpe", "gpt2"):
             raise ValueError(f"unknown tokenizer '{self.tokenizer}': use bytes, bpe or gpt2")
         if self.tokenizer == "bpe" and self.vocab_size < 257:
@@ -2781,7 +2783,8 @@ class PrepareConfig:
             raise ValueError(f"{flag} is used only by the learned classifier, which is off: add --quality_keep below 1 "
                              "or --quality_threshold above 0")
         if self.quality_model and self.quality_positive != "stdlib:topics":
-            raise ValueError("--quality_positive trains a classifier here, --quality_model loads a trained one: give one of them")
+            raise ValueError("--quality_positive trains a classifier here, --quality_model loads a trained one: "
+                             "give one of them")
         if self.score_keep:
             parse_quantile_range(self.score_keep)
             if not self.score_command:
@@ -2890,8 +2893,8 @@ def prepare(data: str = "stdlib", tokenizer: str = "bpe", vocab_size: int = 4096
                         quality_filter=quality_filter, mix=mix, mix_by=mix_by, shard_tokens=shard_tokens,
                         bpe_train_bytes=bpe_train_bytes, pii=pii, quality_keep=quality_keep,
                         quality_threshold=quality_threshold, quality_positive=quality_positive,
-                        quality_model=quality_model, score_command=score_command, score_keep=score_keep, perplexity_keep=perplexity_keep,
-                        perplexity_model=perplexity_model)
+                        quality_model=quality_model, score_command=score_command, score_keep=score_keep,
+                        perplexity_keep=perplexity_keep, perplexity_model=perplexity_model)
     cfg.check()
     _add_file_keys(cfg, decontaminate, quality_model, perplexity_model)
     if not max_download_mb > 0:

@@ -1998,7 +1998,7 @@ def test_pii_masking_catches_planted_addresses_and_numbers_in_varied_formats(rng
     assert masked == " ".join(expected)
 
 
-def test_a_phone_number_is_masked_with_its_country_code_or_trunk_prefix():
+def test_pii_masking_takes_a_phone_numbers_country_code_or_trunk_prefix_along():
     """The audit's cases: "1-800-555-0199" became "1-|||PHONE_NUMBER|||" (the trunk prefix left in front) and
     the compact E.164 "+14155550132" was not masked at all; each is now one placeholder with nothing left."""
     for number in ("1-800-555-0199", "1 (800) 555-0199", "1.800.555.0199", "1 800 555 0199", "1(800)555-0199",
