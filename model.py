@@ -126,15 +126,18 @@ number of key/value heads, tied or not) as LlamaForCausalLM, and the tokenizer a
 that splits and merges exactly as tiktoken does. `GPT.from_pretrained_dir(DIR)` reads such a
 directory back (also one that transformers saved), refusing in one line a shape GPTConfig cannot
 express. Tests check logits against transformers to 1e-4 in float32 and token ids on random text.
+An MoE, QK-norm, soft-capped logits and a --doc_mask model (attention by document, positions
+restarting at each end-of-text) have no such class: export refuses them in one line.
 
 Map of this file, in reading order
 ----------------------------------
 GPTConfig, MODEL_PRESETS -> LayerNorm, RMSNorm -> rope_cache, apply_rope -> naive_attention,
 sdpa_attention, document masking, flex_attention (flex_block_mask), attend, cached_attention ->
-CausalSelfAttention -> MLP -> mixture of experts (grouped_matmul, Experts, MoE) -> Block -> MTPModule ->
+CausalSelfAttention -> MLP -> mixture of experts (grouped_matmul, Experts, init_experts, MoE) -> Block -> MTPModule ->
 GPT (init, forward, the MTP losses, parameter count, generate, GPT-2 and Llama state dicts,
 from_pretrained_dir) -> KVCache, filter_logits -> the Hugging Face directory (config.json, weights,
-tokenizer.json, export_hf) -> a small command line (describe a preset, --bench_generate, export).
+tokenizer.json, export_hf) -> a small command line (--device's check, which train.py and evaluate.py
+use too; describe a preset, --bench_generate, export).
 """
 
 from __future__ import annotations
