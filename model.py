@@ -126,15 +126,18 @@ number of key/value heads, tied or not) as LlamaForCausalLM, and the tokenizer a
 that splits and merges exactly as tiktoken does. `GPT.from_pretrained_dir(DIR)` reads such a
 directory back (also one that transformers saved), refusing in one line a shape GPTConfig cannot
 express. Tests check logits against transformers to 1e-4 in float32 and token ids on random text.
+An MoE, QK-norm, soft-capped logits and a --doc_mask model (attention by document, positions
+restarting at each end-of-text) have no such class: export refuses them in one line.
 
 Map of this file, in reading order
 ----------------------------------
 GPTConfig, MODEL_PRESETS -> LayerNorm, RMSNorm -> rope_cache, apply_rope -> naive_attention,
 sdpa_attention, document masking, flex_attention (flex_block_mask), attend, cached_attention ->
-CausalSelfAttention -> MLP -> mixture of experts (grouped_matmul, Experts, MoE) -> Block -> MTPModule ->
+CausalSelfAttention -> MLP -> mixture of experts (grouped_matmul, Experts, init_experts, MoE) -> Block -> MTPModule ->
 GPT (init, forward, the MTP losses, parameter count, generate, GPT-2 and Llama state dicts,
 from_pretrained_dir) -> KVCache, filter_logits -> the Hugging Face directory (config.json, weights,
-tokenizer.json, export_hf) -> a small command line (describe a preset, --bench_generate, export).
+tokenizer.json, export_hf) -> a small command line (--device's check, which train.py and evaluate.py
+use too; describe a preset, --bench_generate, export).
 """
 
 from __future__ import annotations
@@ -191,7 +194,7 @@ class GPTConfig:
     moe_shared: int = 0  # S: shared experts every token passes through, beside the k routed ones (DeepSeekMoE)
     moe_expert_frac: float = 1.0  # each expert's hidden width as a fraction of the dense MLP's (below 1: fine-grained experts, DeepSeekMoE)
     moe_router: str = "softmax"  # softmax (Switch, OLMoE: the top-k softmax probabilities) or sigmoid (DeepSeek-V3: top-k sigmoid scores, normalised)
-    moe_capacity: float = 0.0  # capacity factor: each expert takes at most ceil(factor k N / E) of the N tokens, the rest dropped (0: dropless)
+    moe_capacity: float = 0.0  # capacity factor: in training each expert takes at most ceil(factor k N / E) of the N tokens, the rest dropped (0: dropless; evaluation and sampling are always dropless)
     moe_aux: float = 0.0  # coefficient of the Switch/GShard load-balancing loss E sum_i f_i P_i (Switch: 0.01; 0: off)
     moe_zloss: float = 0.0  # coefficient of the router z-loss mean(logsumexp(logits)^2) (ST-MoE: 0.001; 0: off)
     moe_bias_update: float = 0.001  # loss-free balancing: after each step b_i += rate sign(mean load - load_i) (DeepSeek-V3: 0.001; 0: off)
@@ -720,6 +723,13 @@ class Experts(nn.Module):
         return y
 
 
+def init_experts(experts: Experts, n_layer: int) -> None:
+    """Each expert as GPT initialises the dense MLP: N(0, 0.02), and w_proj, which writes into the
+    residual stream, N(0, 0.02 / sqrt(2 L)) (GPT-2, sec. 2.3). Biases stay zero."""
+    torch.nn.init.normal_(experts.w_fc, mean=0.0, std=0.02)
+    torch.nn.init.normal_(experts.w_proj, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+
 class MoE(nn.Module):
     """A mixture-of-experts layer in place of the MLP: (B, T, C) -> (B, T, C).
 
@@ -747,6 +757,11 @@ class MoE(nn.Module):
     Dropless by default: every token reaches its k experts. With a capacity factor c, expert i takes
     at most ceil(c k N / E) of its tokens, first choices first then second choices, each in token
     order (GShard's priority); the rest are dropped (the residual stream carries the token on) and counted.
+    The capacity binds in training only: in eval mode the layer is dropless (others give evaluation a
+    capacity factor of its own, DeepSpeed's and TF Model Garden's eval_capacity_factor; none is the
+    limit of a large one). A capacity counted over the N tokens of a batch would make one sequence's
+    output depend on what it is batched with, on padding, and on whether the KV cache feeds one token
+    at a time: tests check that none of them changes an eval-mode output.
 
     Two ways to run the experts, equal up to rounding (a test): forward_loop, the one to read (for
     each expert, find its tokens, run it, add the weighted result back), and the fast one: the N k
@@ -773,6 +788,11 @@ class MoE(nn.Module):
         self.loss = None  # the last training forward's weighted balancing losses, which GPT.forward adds
         self.impl = "fast"  # fast, or loop (forward_loop); tests switch it
         self.dispatch = None  # expert parallelism: f(sorted tokens, counts per expert) -> expert outputs
+        # the experts drawn as GPT draws them, so that an MoE built on its own has finite weights; from a
+        # fork of the RNG, because a GPT draws every weight again in _init_weights and a seed must keep
+        # giving it the weights it always did (drawing here would shift the stream those draws read)
+        with torch.random.fork_rng(devices=[]):
+            init_experts(self.experts, config.n_layer)
 
     def route(self, x: torch.Tensor):
         """x (N, C) -> logits (N, E), router probabilities (N, E), chosen experts (N, k), their weights (N, k)."""
@@ -794,7 +814,7 @@ class MoE(nn.Module):
         B, T, C = x.size()
         x = x.reshape(B * T, C)
         logits, probs, chosen, weights = self.route(x)
-        capacity = self.capacity(B * T)
+        capacity = self.capacity(B * T) if self.training else None  # dropless at inference (docstring)
         y = self.forward_loop(x, chosen, weights, capacity) if self.impl == "loop" else \
             self.forward_sorted(x, chosen, weights, capacity)
         if self.shared is not None:
@@ -1014,9 +1034,8 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 torch.nn.init.zeros_(module.bias)
-        if isinstance(module, Experts):  # each expert as the dense MLP is initialised; w_proj writes into the residual
-            torch.nn.init.normal_(module.w_fc, mean=0.0, std=0.02)
-            torch.nn.init.normal_(module.w_proj, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        if isinstance(module, Experts):
+            init_experts(module, self.config.n_layer)
 
     def forward(self, idx, targets=None, kv_cache=None, doc_ids=None, positions=None):
         """idx (B, T) token ids -> logits (B, T, V), and the mean cross-entropy if targets are given.
@@ -1694,6 +1713,10 @@ def export_hf(model: GPT, out_dir, enc=None, overwrite: bool = False) -> list[st
     moved in at the end, so an interrupted export leaves no half-written file."""
     out_dir = Path(out_dir)
     arch = hf_architecture(model.config)  # refuse before writing anything
+    if model.config.doc_mask:  # (here, not in hf_architecture: --init_from a GPT-2 with --doc_mask is fine)
+        raise ValueError("a --doc_mask model has no Hugging Face class here: it attends only within each document and "
+                         "restarts positions after every end-of-text token, which GPT-2 and Llama do not (their logits "
+                         "differ once one is in the input); export a model trained without --doc_mask")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ValueError(f"{out_dir} exists and is not empty: pass --overwrite, or another --out")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -1744,6 +1767,35 @@ def load_model_checkpoint(path) -> tuple[GPT, dict]:
 
 # ----------------------------------------------------------------------------------------------
 # Command line: describe a preset, time generation, export a checkpoint
+
+
+def check_device_name(name: str):
+    """--device's spelling (whether this machine has that device is pick_device's question). Here
+    because every command with a --device (model.py's, train.py's, evaluate.py's) asks it alike."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise ValueError(f"unknown --device '{name}': use auto, cpu, cuda, cuda:N or mps")
+
+
+def mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def pick_device(name: str) -> torch.device:
+    """--device NAME -> a torch.device this machine has, or a ValueError saying what to pass instead."""
+    check_device_name(name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but torch sees no CUDA GPU: use --device cpu (or auto)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if name == "mps" and not mps_available():
+        raise ValueError("--device mps asked for, but this torch has no MPS backend (Apple GPUs under macOS): use --device cpu (or auto)")
+    return torch.device(name)
 
 
 def bench_generate(config: GPTConfig, prompt_tokens: int, new_tokens: int, repeats: int, device: str = "cpu") -> dict:
@@ -1810,7 +1862,7 @@ def main(argv=None):
     parser.add_argument("--prompt_tokens", type=int, default=16, help="--bench_generate: prompt length")
     parser.add_argument("--new_tokens", type=int, default=240, help="--bench_generate: tokens generated (capped so prompt + new fits the block)")
     parser.add_argument("--bench_repeats", type=int, default=3, help="--bench_generate: runs of each, the median is reported")
-    parser.add_argument("--device", default="cpu", help="--bench_generate: cpu, cuda, ...")
+    parser.add_argument("--device", default="cpu", help="--bench_generate: cpu, cuda, cuda:N, mps or auto (cuda, then mps, then cpu)")
     parser.add_argument("--threads", type=int, default=0, help="--bench_generate: CPU threads for torch (0: torch's default, one per core)")
     args = parser.parse_args(argv)
     skip = {"preset", "bench_generate", "prompt_tokens", "new_tokens", "bench_repeats", "device", "threads"}
@@ -1825,6 +1877,8 @@ def main(argv=None):
         if args.bench_generate and any(args.prompt_tokens >= c.block_size for c in configs.values()):
             raise ValueError(f"--prompt_tokens {args.prompt_tokens} leaves no room to generate in a block of "
                              f"{min(c.block_size for c in configs.values())}: use fewer")
+        check_device_name(args.device)
+        device = str(pick_device(args.device)) if args.bench_generate else args.device  # only the benchmark uses it
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     if not args.bench_generate:
@@ -1836,11 +1890,11 @@ def main(argv=None):
         return
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print(f"greedy generation, batch 1, float32, {args.device}, {torch.get_num_threads()} threads, median of {args.bench_repeats}")
+    print(f"greedy generation, batch 1, float32, {device}, {torch.get_num_threads()} threads, median of {args.bench_repeats}")
     print(f"{'preset':<12}{'params':>12}{'prompt':>8}{'new':>6}{'uncached tok/s':>16}{'cached tok/s':>14}{'speed-up':>10}{'same tokens':>13}")
     for p, config in configs.items():
         new = min(args.new_tokens, config.block_size - args.prompt_tokens)  # within the window: the cache is used throughout
-        r = bench_generate(config, args.prompt_tokens, new, args.bench_repeats, args.device)
+        r = bench_generate(config, args.prompt_tokens, new, args.bench_repeats, device)
         print(f"{p:<12}{r['params']:>12,}{args.prompt_tokens:>8}{new:>6}{r['uncached_tok_s']:>16.1f}{r['cached_tok_s']:>14.1f}"
               f"{r['cached_tok_s'] / r['uncached_tok_s']:>9.1f}x{'yes' if r['same_tokens'] else 'NO':>13}", flush=True)
 

@@ -96,7 +96,9 @@ sets FLOPs per token, with k:
     flops/token ~= 6 N_active(matmul) + 12 L C T         (the router's 2 C E per token included)
 
 Memory follows N_total (every expert's weights, gradients and Adam state live somewhere): expert
-parallelism over ep ranks divides the expert part by ep, `memory --ep`. Scaling-law note: at a fixed
+parallelism over ep ranks divides the expert part by ep, `memory --ep` (each rank's experts whole,
+outside any ZeRO shard), and `plan` gives an MoE the layouts train.py runs it with: data and expert
+parallelism, ZeRO 0-2 (plan_layouts), the all-to-alls counted (expert_parallel_bytes). Scaling-law note: at a fixed
 compute budget, loss depends on both counts, not on one N. Clark et al. 2022 ("Unified Scaling
 Laws for Routed Language Models", arXiv:2202.01169) fit loss as a function of the dense-equivalent
 size and the number of experts, and find the gain from more experts shrinking as the dense size
@@ -583,19 +585,27 @@ def memory_estimate(config: GPTConfig, n_params: float | None = None, precision:
                     sp: bool = False, recompute: str = "none", gpu: str | None = None, ep: int = 1) -> dict:
     """Model states + activations per GPU, and whether they fit in `gpu`'s memory. ep: expert
     parallelism keeps 1/ep of an MoE's routed experts per GPU (parallel.ExpertParallel), so the
-    states are those of N - N_experts (1 - 1/ep) parameters. Activations are the dense formula's
-    (an MoE's expert activations follow its k N routed slots; not modelled here)."""
+    states are those of N - N_experts (1 - 1/ep) parameters ("params", per GPU), the N_experts / ep
+    of its own experts kept whole outside any ZeRO shard (ZeRO shards the rest, as parallel.py
+    does). Activations are the dense formula's (an MoE's expert activations follow its k N routed
+    slots; not modelled here)."""
     n = n_params or count_params(config)["total"]
+    n_total, own_experts = n, 0.0
     if ep > 1:
-        if not config.moe_experts or config.moe_experts % ep:
-            raise ValueError(f"--ep {ep} splits the experts of an MoE: give --moe_experts, a multiple of {ep}")
-        n -= count_params(config)["experts"] * (1 - 1 / ep)
+        if not config.moe_experts or config.moe_experts % ep or dp % ep:
+            raise ValueError(f"--ep {ep} splits the experts of an MoE over data-parallel ranks: give --moe_experts "
+                             f"and --dp, multiples of {ep}")
+        own_experts = count_params(config)["experts"] / ep
+        n -= count_params(config)["experts"] - own_experts
     T = seq_len or config.block_size
-    states = model_state_bytes(n, precision, zero, dp, tp, pp)
+    states = model_state_bytes(n - own_experts, precision, zero, dp, tp, pp)
+    if own_experts:  # whole on each rank: no ZeRO stage shards them
+        whole = model_state_bytes(own_experts, precision, 0, 1, tp, pp)
+        states = {k: states[k] + whole[k] for k in states}
     act_bytes = 2 if precision == "mixed" else 4
     acts = activation_bytes(config, T, micro_batch, tp, sp, recompute, act_bytes)
     total = states["total"] + acts["total"]
-    out = {"params": n, "states": states, "activations": acts, "total": total}
+    out = {"params": n, "params_total": n_total, "ep": ep, "states": states, "activations": acts, "total": total}
     if gpu:
         row = resolve_gpu(gpu)
         capacity = PEAK_FLOPS[row]["memory_gb"] * 1e9
@@ -741,29 +751,50 @@ def tensor_parallel_bytes(config: GPTConfig, tokens: int, tp: int, bytes_per_val
 
 
 def comm_bytes_per_step(n_params: float, config: GPTConfig, seq_len: int, sequences_per_rank: int, zero: int,
-                        dp: int, tp: int, pp: int, grad_bytes: int = 2) -> dict:
+                        dp: int, tp: int, pp: int, grad_bytes: int = 2, ep: int = 1) -> dict:
     """Bytes each GPU sends per optimizer step (ring collectives; what it receives is the same):
     data_parallel_bytes for the gradient sync over Psi = n_params / (tp pp) values,
     tensor_parallel_bytes for its stage's layers in bf16, and pipeline parallelism's s b h
-    activations forward and their gradients backward per micro-batch and stage boundary."""
-    psi = n_params / (tp * pp)
+    activations forward and their gradients backward per micro-batch and stage boundary. With ep
+    (an MoE): the dense part syncs over the dp ranks under its ZeRO stage, each rank's N_experts / ep
+    are all-reduced over the dp/ep ranks that hold the same experts, and expert_parallel_bytes."""
+    own_experts = count_params(config)["experts"] / ep if ep > 1 else 0.0
+    psi = (n_params - own_experts * ep) / (tp * pp)
     data_parallel = data_parallel_bytes(psi, zero, dp, grad_bytes)
+    if ep > 1:
+        data_parallel += data_parallel_bytes(own_experts, 0, dp // ep, grad_bytes)
     sbh = seq_len * config.n_embd * 2  # one sequence's activations in bf16
     tensor_parallel = tensor_parallel_bytes(config, sequences_per_rank * seq_len, tp, 2, config.n_layer / pp, ends=pp == 1)
     pipeline = sequences_per_rank * 2 * sbh if pp > 1 else 0
+    experts = expert_parallel_bytes(config, sequences_per_rank * seq_len, ep) if ep > 1 else 0
     return {"data_parallel": data_parallel, "tensor_parallel": tensor_parallel, "pipeline": pipeline,
-            "total": data_parallel + tensor_parallel + pipeline}
+            "expert_parallel": experts, "total": data_parallel + tensor_parallel + pipeline + experts}
 
 
-def plan_layouts(gpus: int) -> list[dict]:
-    """The layouts the plan compares; the tensor-parallel ones use ZeRO-1 over the rest (common practice)."""
-    layouts = [dict(name="dp", zero=0, dp=gpus, tp=1, pp=1)]
-    layouts += [dict(name=f"zero{z}", zero=z, dp=gpus, tp=1, pp=1) for z in (1, 2, 3)]
+def plan_layouts(gpus: int, moe_experts: int = 0) -> list[dict]:
+    """The layouts the plan compares; the tensor-parallel ones use ZeRO-1 over the rest (common practice).
+    An MoE trains here with data and expert parallelism and ZeRO 0-2 only (train.py's check_moe_flags):
+    its rows are dp, zero1, zero2, and epN+zero1 for each N > 1 that divides both the experts and the GPUs."""
+    if moe_experts:
+        layouts = [dict(name="dp", zero=0, dp=gpus, tp=1, pp=1, ep=1)]
+        layouts += [dict(name=f"zero{z}", zero=z, dp=gpus, tp=1, pp=1, ep=1) for z in (1, 2)]
+        return layouts + [dict(name=f"ep{e}+zero1", zero=1, dp=gpus, tp=1, pp=1, ep=e)
+                          for e in range(2, min(moe_experts, gpus) + 1) if moe_experts % e == 0 and gpus % e == 0]
+    layouts = [dict(name="dp", zero=0, dp=gpus, tp=1, pp=1, ep=1)]
+    layouts += [dict(name=f"zero{z}", zero=z, dp=gpus, tp=1, pp=1, ep=1) for z in (1, 2, 3)]
     if gpus % 8 == 0:
-        layouts.append(dict(name="tp8+zero1", zero=1, dp=gpus // 8, tp=8, pp=1))
+        layouts.append(dict(name="tp8+zero1", zero=1, dp=gpus // 8, tp=8, pp=1, ep=1))
     if gpus % 32 == 0:
-        layouts.append(dict(name="tp8+pp4+zero1", zero=1, dp=gpus // 32, tp=8, pp=4))
+        layouts.append(dict(name="tp8+pp4+zero1", zero=1, dp=gpus // 32, tp=8, pp=4, ep=1))
     return layouts
+
+
+def expert_parallel_bytes(config: GPTConfig, tokens: int, ep: int, bytes_per_value: float = 2) -> float:
+    """Bytes one rank sends per micro-batch of `tokens` positions in the all-to-alls of expert
+    parallelism when the load is even (parallel.py's docstring): per MoE layer 4 (ep-1)/ep tokens k C
+    values, dispatch and combine forward and both again backward."""
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.n_layer))
+    return moe_layers * 4 * (ep - 1) / ep * tokens * config.moe_topk * config.n_embd * bytes_per_value
 
 
 def plan(n_params: float | None, tokens: float, gpus: int, gpu: str | None, mfu_fraction: float, seq_len: int = 2048,
@@ -795,12 +826,13 @@ def plan(n_params: float | None, tokens: float, gpus: int, gpu: str | None, mfu_
     seconds = flops / (gpus * peak * mfu_fraction)
     sequences_per_step = batch_tokens / seq_len
     rows = []
-    for lay in plan_layouts(gpus):
+    for lay in plan_layouts(gpus, config.moe_experts):
         sp = lay["tp"] > 1
-        mem = memory_estimate(config, n_params, "mixed", lay["zero"], lay["dp"], lay["tp"], lay["pp"], seq_len, 1, sp, "none")
-        full = memory_estimate(config, n_params, "mixed", lay["zero"], lay["dp"], lay["tp"], lay["pp"], seq_len, 1, sp, "full")
+        shape = (lay["zero"], lay["dp"], lay["tp"], lay["pp"], seq_len, 1, sp)
+        mem = memory_estimate(config, n_params, "mixed", *shape, "none", ep=lay["ep"])
+        full = memory_estimate(config, n_params, "mixed", *shape, "full", ep=lay["ep"])
         comm = comm_bytes_per_step(n_params, config, seq_len, math.ceil(sequences_per_step / lay["dp"]), lay["zero"],
-                                   lay["dp"], lay["tp"], lay["pp"])
+                                   lay["dp"], lay["tp"], lay["pp"], ep=lay["ep"])
         capacity = PEAK_FLOPS[row]["memory_gb"] * 1e9 * USABLE_FRACTION if row else None
         fits = None if capacity is None else ("yes" if mem["total"] <= capacity else
                                               "with recompute" if full["total"] <= capacity else "no")
@@ -971,8 +1003,9 @@ SWEEP_SIZES = ("1x16", "1x32", "2x32", "2x48")
 def parse_size(text: str) -> dict:
     """'3x80' -> 3 layers of width 80 with heads of size 16."""
     m = re.fullmatch(r"(\d+)x(\d+)", text.strip())
-    if not m or int(m.group(2)) % 16:
-        raise ValueError(f"size '{text}' should be LAYERSxWIDTH with WIDTH a multiple of 16, e.g. 2x64")
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 16 or int(m.group(2)) % 16:
+        raise ValueError(f"size '{text}' should be LAYERSxWIDTH with LAYERS at least 1 and WIDTH a positive multiple "
+                         "of 16, e.g. 2x64")
     L, C = int(m.group(1)), int(m.group(2))
     return {"n_layer": L, "n_embd": C, "n_head": C // 16}
 
@@ -1259,8 +1292,9 @@ def cmd_memory(args) -> dict:
     if args.json:
         return est
     s = est["states"]
-    print(f"{fmt(n)} parameters, {config.n_layer} layers x width {config.n_embd}, {args.precision} precision, "
-          f"ZeRO-{args.zero}, dp={args.dp} tp={args.tp} pp={args.pp}")
+    per_gpu = f" ({fmt(est['params'])} per GPU: 1/{args.ep} of the experts)" if args.ep > 1 else ""
+    print(f"{fmt(n)} parameters{per_gpu}, {config.n_layer} layers x width {config.n_embd}, {args.precision} precision, "
+          f"ZeRO-{args.zero}, dp={args.dp}{f' ep={args.ep}' if args.ep > 1 else ''} tp={args.tp} pp={args.pp}")
     print(f"  weights {gb(s['weights'])} + gradients {gb(s['grads'])} + optimizer {gb(s['optimizer'])} = {gb(s['total'])}")
     a = est["activations"]
     print(f"  activations ({args.micro_batch} x {args.seq_len or config.block_size} tokens, recompute {args.recompute}, "
@@ -1330,11 +1364,14 @@ def cmd_plan(args) -> dict:
           f"{out['gpu'] or 'GPU'} ({out['peak'] / 1e12:.0f} TFLOP/s bf16 dense) at {100 * out['mfu']:.0f}% MFU")
     print(f"  {out['days']:.2f} days, {out['gpu_hours']:,.0f} GPU-hours, {out['steps']:,.0f} steps of {fmt(out['batch_tokens'])} tokens")
     print(f"  shape: {out['shape']['n_layer']} layers x width {out['shape']['n_embd']}, seq {out['seq_len']}, one sequence per micro-batch")
-    print(f"  {'layout':<15} {'dp':>4} {'tp':>3} {'pp':>3} {'states':>9} {'activ.':>9} {'total':>9} {'w/ recomp.':>10} "
-          f"{'fits':>15} {'comm/step/GPU':>14}")
+    print(f"  {'layout':<15} {'dp':>4} {'tp' if active is None else 'ep':>3} {'pp' if active is None else '':>3} {'states':>9} "
+          f"{'activ.':>9} {'total':>9} {'w/ recomp.':>10} {'fits':>15} {'comm/step/GPU':>14}")
     for r in out["layouts"]:
-        print(f"  {r['name']:<15} {r['dp']:>4} {r['tp']:>3} {r['pp']:>3} {gb(r['states']):>9} {gb(r['activations']):>9} "
+        middle = f"{r['tp']:>3} {r['pp']:>3}" if active is None else f"{r['ep']:>3} {'':>3}"
+        print(f"  {r['name']:<15} {r['dp']:>4} {middle} {gb(r['states']):>9} {gb(r['activations']):>9} "
               f"{gb(r['total']):>9} {gb(r['total_recompute']):>10} {r['fits'] or '?':>15} {gb(r['comm']['total']):>14}")
+    if active is not None:
+        print("  (an MoE trains with --dp and --ep and --zero 0, 1 or 2 only here; epN: each GPU keeps 1/N of the experts)")
     return out
 
 

@@ -145,7 +145,7 @@ import evaluate as downstream  # evaluate.py (this file's own evaluate() is the 
 import parallel
 import scaling
 import model as model_lib
-from model import GPT, MODEL_PRESETS, GPTConfig
+from model import GPT, MODEL_PRESETS, GPTConfig, check_device_name, pick_device
 
 
 @dataclass
@@ -491,31 +491,7 @@ def check_moe_flags(cfg: TrainConfig, model_overrides: dict):
 # Device and precision, decided in one place
 
 
-def check_device_name(name: str):
-    """--device's spelling (whether this machine has that device is pick_device's question)."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
-        raise ValueError(f"unknown --device '{name}': use auto, cpu, cuda, cuda:N or mps")
-
-
-def mps_available() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
-def pick_device(name: str) -> torch.device:
-    check_device_name(name)
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but torch sees no CUDA GPU: use --device cpu (or auto)")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
-    if name == "mps" and not mps_available():
-        raise ValueError("--device mps asked for, but this torch has no MPS backend (Apple GPUs under macOS): use --device cpu (or auto)")
-    return torch.device(name)
+# check_device_name and pick_device live in model.py (evaluate.py's --device asks them too)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

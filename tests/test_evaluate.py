@@ -162,10 +162,12 @@ def reference_ll(m, tokens, n):
     return picked.sum().item(), greedy
 
 
-@pytest.mark.parametrize("options", [{}, {"rope": True, "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2}])
+@pytest.mark.parametrize("options", [{}, {"rope": True, "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2},
+                                     {"moe_experts": 4, "moe_topk": 1, "moe_capacity": 0.5}])
 def test_batched_window_scores_equal_each_window_scored_alone_in_float64(options):
     # windows of mixed lengths in batches of 3: sorting, right padding and picking only the
-    # continuation positions must not change any window's score (float64: exact to ~1e-12)
+    # continuation positions must not change any window's score (float64: exact to ~1e-12); an MoE's
+    # capacity, which would count the batch's (and the padding's) tokens, binds in training only
     seed = int(torch.randint(0, 2**31, ()))
     g = torch.Generator().manual_seed(seed)
     m = GPT(GPTConfig(vocab_size=61, block_size=24, n_layer=2, n_head=4, n_embd=32, **options)).double().eval()
@@ -223,6 +225,41 @@ def test_variant_defaults_to_rc_5shot_else_the_only_one_and_errors_name_the_choi
         evaluate.load_task("other", folder=tmp_path)
     with pytest.raises(ValueError, match="no task 'hellaswg'.*one, other, two"):
         evaluate.load_task("hellaswg", folder=tmp_path)
+
+
+def test_variant_applies_to_the_tasks_that_have_it_and_errs_only_when_none_has(tmp_path, capsys):
+    # the eight default tasks with --variant rc_5shot, their own default given explicitly, once
+    # failed on LAMBADA (bpb_0shot only): --variant now moves the tasks that have it, the rest keep theirs
+    write_task(tmp_path, "two", "mc_5shot", HAND_MADE)
+    write_task(tmp_path, "two", "rc_5shot", HAND_MADE)
+    write_task(tmp_path, "one", "bpb_0shot", HAND_MADE)
+    assert evaluate.apply_variant("two,one", "mc_5shot", tmp_path) == [("two", "mc_5shot"), ("one", None)]
+    assert evaluate.apply_variant("two,one:bpb_0shot", "bpb_0shot", tmp_path) == [("two", None), ("one", "bpb_0shot")]
+    m = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    got = evaluate.evaluate_tasks(m, byte_encoding(), "two,one", "mc_5shot", limit=2, folder=tmp_path, progress=False, details=True)
+    assert {name: r["variant"] for name, r in got.items()} == {"two": "mc_5shot", "one": "bpb_0shot"}
+    with pytest.raises(ValueError, match="no task here has variant 'rc_0shot' \\(two, one\\)"):
+        evaluate.apply_variant("two,one", "rc_0shot", tmp_path)
+    # the command: past the tasks, to the (missing) checkpoint; and the one line when no task has it
+    for variant, needle in (("rc_5shot", "error: no checkpoint at"), ("rc_0shot", "error: no task here has variant 'rc_0shot'")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--tasks", "two,one", "--variant", variant, "--tasks_dir", str(tmp_path), "--device", "cpu",
+                           "--ckpt", str(tmp_path / "none.pt")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(needle) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("device, needle", [("foo", "unknown --device 'foo': use auto, cpu, cuda, cuda:N or mps"),
+                                            ("cuda", "--device cuda asked for, but torch sees no CUDA GPU")])
+def test_a_bad_device_is_one_line_before_any_loading(device, needle, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    write_task(tmp_path, "toy", "rc_5shot", HAND_MADE)
+    for argv in (["--tasks", "toy", "--tasks_dir", str(tmp_path), "--device", device, "--ckpt", str(tmp_path / "none.pt")],
+                 ["score", "--device", device, "--ckpt", str(tmp_path / "none.pt")]):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {needle}") and err.count("\n") == 1, (argv, err)
 
 
 def test_winogrande_style_documents_keep_one_context_per_choice(tmp_path):

@@ -1387,3 +1387,91 @@ def test_export_refuses_an_moe_model_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="MoE model has no Hugging Face class") as e:
         model.export_hf(GPT(small_config(moe_experts=2)), tmp_path / "hf")
     assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
+
+
+def test_export_refuses_a_doc_mask_model_in_one_line_and_writes_nothing(tmp_path):
+    # GPT-2 and Llama attend across end-of-text tokens and count positions from the window's start;
+    # a --doc_mask model does neither, so the same weights give other logits once an EOT is in the input
+    cfg = small_config(**OPTIONS["doc_mask"])
+    m = GPT(cfg).eval()
+    idx = random_tokens(cfg, B=1)
+    idx[0, cfg.block_size // 2] = cfg.eot_id
+    plain = GPT(small_config(**{**OPTIONS["doc_mask"], "doc_mask": False})).eval()
+    plain.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert (m(idx)[0] - plain(idx)[0]).abs().max() > 1e-3  # what an export would silently change
+    with pytest.raises(ValueError, match="--doc_mask model has no Hugging Face class") as e:
+        model.export_hf(m, tmp_path / "hf")
+    assert "\n" not in str(e.value) and not (tmp_path / "hf").exists()
+    assert model.hf_architecture(cfg) == "gpt2"  # --init_from a GPT-2 directory with --doc_mask stays possible
+
+
+def moe_with_capacity(**overrides) -> GPT:
+    """A float64 MoE GPT whose capacity factor would drop slots, with confident, uneven routing and
+    experts strong enough (weights x 10) that a dropped slot moves the argmax of the logits."""
+    cfg = small_config(moe_experts=4, moe_topk=1, moe_capacity=0.5, **overrides)
+    m = GPT(cfg).double().eval()
+    with torch.no_grad():
+        for layer in m.moe_layers():
+            layer.router.weight.mul_(20)
+            layer.experts.w_fc.mul_(10)
+            layer.experts.w_proj.mul_(10)
+    return m
+
+
+def test_moe_capacity_is_training_only_so_eval_rows_equal_each_row_alone():
+    # ceil(0.5 x 1 x N / 4) slots per expert: 8 for a 2 x 32 batch, 4 for one row. If the capacity
+    # bound in eval mode, a row's logits would depend on its batch-mate; dropless, they cannot
+    m = moe_with_capacity()
+    idx = random_tokens(m.config, B=3)
+    with torch.no_grad():
+        batch = m(idx)[0]
+        alone = torch.cat([m(idx[b:b + 1])[0] for b in range(3)])
+    torch.testing.assert_close(batch, alone, rtol=0, atol=1e-12)  # float64, the same sums: rounding only
+    m.train()  # in training it still drops slots (counted), as the hand count above checks in detail
+    for layer in m.moe_layers():
+        layer.reset_stats()
+    m(idx)
+    assert sum(layer.dropped.item() for layer in m.moe_layers()) > 0
+
+
+def test_moe_capacity_leaves_greedy_generation_the_same_with_and_without_the_kv_cache():
+    # the cache feeds one token at a time (capacity ceil(0.5 x 2 / 4) = 1 per expert for two rows),
+    # the uncached path the whole window: equal only because eval mode is dropless (float64, as above)
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    m = moe_with_capacity(block_size=48)
+    start = random_tokens(m.config, B=2, T=4)
+    assert torch.equal(m.generate(start, 40, temperature=0, use_cache=True), m.generate(start, 40, temperature=0, use_cache=False))
+
+
+def test_a_directly_built_moe_has_its_experts_drawn_as_gpt_draws_them():
+    cfg = small_config(n_embd=64, moe_experts=8, moe_topk=2)
+    layer = model.MoE(cfg)
+    # 8 x 64 x 256 and 8 x 256 x 64 draws: the sample std is within 1% of sigma (relative error
+    # ~1/sqrt(2n) = 0.3%); torch.empty's memory would be zeros or garbage
+    assert layer.experts.w_fc.std().item() == pytest.approx(0.02, rel=0.01)
+    assert layer.experts.w_proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * cfg.n_layer), rel=0.01)
+    assert torch.isfinite(layer(torch.randn(2, 8, cfg.n_embd))).all()
+
+
+def test_the_moe_constructors_draw_leaves_the_seeds_stream_as_it_was(monkeypatch):
+    # a GPT draws every weight again in _init_weights, from the stream left after building its
+    # modules; the MoE's own draw must not move that stream, or a seed would give other weights
+    cfg = small_config(moe_experts=4, moe_topk=2, moe_shared=1)
+    torch.manual_seed(0)
+    model.MoE(cfg)
+    after = torch.get_rng_state()
+    monkeypatch.setattr(model, "init_experts", lambda experts, n_layer: None)
+    torch.manual_seed(0)
+    model.MoE(cfg)
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+@pytest.mark.parametrize("device, needle", [("foo", "unknown --device 'foo': use auto, cpu, cuda, cuda:N or mps"),
+                                            ("cuda", "--device cuda asked for, but torch sees no CUDA GPU")])
+def test_bench_generate_with_a_bad_device_is_one_line(device, needle, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    with pytest.raises(SystemExit) as e:
+        model.main(["--bench_generate", "--preset", "laptop", "--device", device])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {needle}") and err.count("\n") == 1, err

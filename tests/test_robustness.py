@@ -1080,6 +1080,12 @@ CATALOGUE += [
      ["--jobs must be in [1, inf), got 0"]),
     ("scaling (14): sweep --threads 0", ["scaling.py", "sweep", "--threads", "0", "--out_dir", "{out}"], {},
      ["--threads must be in [1, inf), got 0"]),
+    ("scaling (14): sweep --sizes 0x16", ["scaling.py", "sweep", "--sizes", "0x16", "--budgets", "1e9", "--out_dir", "{out}"], {},
+     ["size '0x16'", "LAYERS at least 1"]),
+    ("scaling (14): sweep --sizes 2x0", ["scaling.py", "sweep", "--sizes", "2x0", "--budgets", "1e9", "--out_dir", "{out}"], {},
+     ["size '2x0'", "WIDTH a positive multiple of 16"]),
+    ("scaling (17): memory --ep that does not divide --dp", ["scaling.py", "memory", "--preset", "laptop", "--moe_experts", "8",
+                                                            "--ep", "4", "--dp", "2"], {}, ["--ep 4", "--dp, multiples of 4"]),
     # (16) a context longer than the validation split fails before training
     ("train (16): --block_size longer than the splits", train_case("--block_size", "100000", "--out_dir", "{out}"), {},
      ["too short for --block_size 100000", "smaller --block_size"]),

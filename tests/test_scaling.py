@@ -526,5 +526,49 @@ def test_memory_under_expert_parallelism_keeps_one_ep_th_of_the_experts():
     config = scaling.make_config("laptop", vocab_size=4096, moe_experts=8, moe_topk=2)
     counts = scaling.count_params(config)
     one = scaling.memory_estimate(config, precision="fp32")["states"]["total"]
-    four = scaling.memory_estimate(config, precision="fp32", ep=4)["states"]["total"]
-    assert one - four == pytest.approx(16 * counts["experts"] * 3 / 4)  # fp32 + AdamW: 16 bytes per parameter
+    four = scaling.memory_estimate(config, precision="fp32", dp=4, ep=4)  # --dp a multiple of --ep, as train.py asks
+    assert one - four["states"]["total"] == pytest.approx(16 * counts["experts"] * 3 / 4)  # fp32 + AdamW: 16 bytes per parameter
+    assert four["params"] == counts["total"] - counts["experts"] * 3 / 4 and four["params_total"] == counts["total"]
+    # ZeRO-1 shards the dense part's AdamW state over the 4 data ranks; each rank's 2 experts stay whole
+    # (parallel.py's ShardedAdamW keeps expert-parallel experts outside the shard)
+    dense, own = counts["total"] - counts["experts"], counts["experts"] / 4
+    zero1 = scaling.memory_estimate(config, precision="fp32", zero=1, dp=4, ep=4)["states"]["total"]
+    assert zero1 == pytest.approx(4 * dense + 4 * dense + 8 * dense / 4 + 16 * own)
+
+
+def test_memory_header_names_ep_and_the_parameters_per_gpu(capsys):
+    scaling.main(["memory", "--preset", "gpt2-124m", "--moe_experts", "8", "--dp", "8", "--ep", "4"])
+    header = capsys.readouterr().out.splitlines()[0]
+    counts = scaling.count_params(scaling.make_config("gpt2-124m", moe_experts=8))
+    per_gpu = counts["total"] - counts["experts"] * 3 / 4
+    assert f"({scaling.fmt(per_gpu)} per GPU: 1/4 of the experts)" in header and "dp=8 ep=4 tp=1 pp=1" in header, header
+
+
+def test_plan_for_an_moe_offers_only_layouts_train_py_accepts():
+    # train.py's own check is the reference: every row the plan prints for an MoE must pass it
+    import train
+
+    config = scaling.make_config("gpt2-124m", moe_experts=8, moe_topk=2)
+    counts = scaling.count_params(config)
+    out = scaling.plan(counts["total"], 1e9, 8, "H100", 0.4, config.block_size, config=config, active_params=counts["active"])
+    rows = {r["name"]: r for r in out["layouts"]}
+    assert set(rows) == {"dp", "zero1", "zero2", "ep2+zero1", "ep4+zero1", "ep8+zero1"}
+    for r in rows.values():
+        cfg = train.TrainConfig(dp=r["dp"], tp=r["tp"], pp=r["pp"], ep=r["ep"], zero=r["zero"])
+        train.check_moe_flags(cfg, {"moe_experts": 8})  # raises ValueError on a layout train.py refuses
+    ep4 = rows["ep4+zero1"]
+    mem = scaling.memory_estimate(config, counts["total"], "mixed", 1, 8, 1, 1, config.block_size, 1, False, "none", ep=4)
+    assert ep4["total"] == mem["total"] < rows["zero1"]["total"]
+    # the all-to-alls of parallel.py's docstring: 4 (ep-1)/ep tokens k C values per MoE layer, bf16;
+    # 4M tokens per step over 8 ranks, 12 MoE layers
+    tokens = math.ceil(4 * 2**20 / config.block_size / 8) * config.block_size
+    assert ep4["comm"]["expert_parallel"] == pytest.approx(12 * 4 * 3 / 4 * tokens * 2 * 768 * 2)
+    assert rows["dp"]["comm"]["expert_parallel"] == 0
+
+
+@pytest.mark.parametrize("size", ["0x0", "2x0", "0x16", "1x8", "1x-16"])
+def test_sweep_sizes_need_a_layer_and_a_width_of_16s_in_one_line(size, capsys):
+    with pytest.raises(SystemExit) as e:
+        scaling.main(["sweep", f"--sizes={size}", "--budgets", "1e9", "--out_dir", "/nonexistent/never-written"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: size '{size}'") and err.count("\n") == 1, err
