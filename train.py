@@ -51,9 +51,10 @@ them mid-write, and resumed each time (tests/test_robustness.py): the evaluation
 checkpoint is redone on resume, in case the kill came between the two, and so is every evaluation
 metrics.jsonl held for the steps after it, which are trained again: a resume loses no recorded line.
 --keep_checkpoints K keeps the last K by step (ckpt_step<N>.pt beside ckpt.pt, the newest), and a
-resume takes the newest that loads whole (a sharded checkpoint damaged inside stops it instead). --checkpoint_format sharded writes with
-torch.distributed.checkpoint instead, each rank only what it holds, as pieces of the single-process
-tensors, so that any layout, or one process, reads it back (the section "Sharded checkpoints" below).
+resume takes the newest that loads whole (a sharded checkpoint damaged inside stops it instead).
+--checkpoint_format sharded writes with torch.distributed.checkpoint instead, each rank only what it
+holds, as pieces of the single-process tensors, so that any layout, or one process, reads it back
+(the section "Sharded checkpoints" below).
 --async_checkpoint stops the step loop only while the state is copied, and writes it in a thread
 (BackgroundWriter); the previous checkpoint stays whole until the new one is renamed into place.
 
@@ -1397,7 +1398,7 @@ def host_copies(pieces: dict, buffers: dict) -> dict:
 def stage_sharded(run: "Run"):
     """--checkpoint_format sharded: this rank's pieces (views of its memory; copies to the host for a
     background write); returns the write of ckpt_step<N>.dcp, which then deletes the oldest beyond
-    --keep_checkpoints. Collective."""
+    --keep_checkpoints, and an older full ckpt.pt (remove_stale_full_checkpoint). Collective."""
     final = step_checkpoint_path(run.cfg.out_dir, run.step, sharded=True)
     pieces, shapes = parallel.sharded_pieces(run.par)
     if run.writer is not None:
