@@ -171,7 +171,7 @@ class TrainConfig:
     max_download_mb: float = 4000.0  # largest download of a URL source in --data, in MB (10^6 bytes); a larger one stops with one line instead of filling the disk
     # --- run
     out_dir: str = "out"  # checkpoint, metrics.jsonl, run.json and samples go here
-    overwrite: bool = False  # allow a fresh run to replace a checkpoint already in out_dir
+    overwrite: bool = False  # allow a fresh run to replace a checkpoint already in out_dir (the old run's checkpoints are deleted as the new run starts, when its metrics.jsonl and run.json replace the old ones)
     resume: bool = False  # continue the run whose checkpoint is in out_dir
     stop_at: int = 0  # stop this invocation after this step (0: at max_iters); the schedule still spans max_iters
     seed: int = 1337  # seeds initialisation, data order and sampling
