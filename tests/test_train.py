@@ -558,7 +558,7 @@ def test_top_p_reaches_generate_in_the_closing_sample_and_in_sample_mode(data_di
         with pytest.raises(SystemExit) as refused:
             train.main([*flags, "--sample", "--top_p", bad])
         assert refused.value.code == 2
-        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: --top_p must be in (0, 1], got ")
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --top_p must be in (0, 1], got ")
     assert len(seen) == 3
 
 
