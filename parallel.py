@@ -2611,6 +2611,15 @@ STRATEGY_HELP = ("--impl scratch supports every strategy; native covers --dp, --
                  "(with --zero 2/3 for dp x tp)")
 
 
+def native_zero_alone(zero: int) -> str:
+    """Why --impl native --zero N needs torchrun: torch's sharded optimizer and FSDP2 shard over a process
+    group (a device mesh), which one process started without torchrun does not have."""
+    what = "ZeroRedundancyOptimizer" if zero == 1 else "FSDP2 (fully_shard)"
+    return (f"--impl native --zero {zero} shards with torch's {what} over the data-parallel ranks' process group, "
+            "which one process does not have: launch N processes with torchrun --nproc_per_node N train.py ... --dp N, "
+            f"or use --impl scratch, whose --zero {zero} also runs in one process")
+
+
 def check_strategy(layout: Layout, zero: int, impl: str, pp_schedule: str, diloco_steps: int, sequence_parallel: bool = False,
                    ep: int = 1):
     """Refuse, in one line each, the combinations this file does not implement."""
@@ -2631,6 +2640,8 @@ def check_strategy(layout: Layout, zero: int, impl: str, pp_schedule: str, diloc
         raise ValueError("--pp combines with --dp only here: drop --tp, --cp and --zero")
     if layout.cp > 1 and (layout.tp > 1 or zero):
         raise ValueError("--cp combines with --dp only here: drop --tp and --zero")
+    if impl == "native" and zero and layout.mesh is None:  # (train.check_config says it before any work)
+        raise ValueError(native_zero_alone(zero))
     if impl == "native" and (layout.pp > 1 or layout.cp > 1 or diloco_steps):
         raise ValueError(f"pipeline, context parallelism and DiLoCo exist only from scratch: use --impl scratch ({STRATEGY_HELP})")
     if impl == "native" and layout.tp > 1 and layout.dp > 1 and zero in (0, 1):

@@ -51,9 +51,10 @@ them mid-write, and resumed each time (tests/test_robustness.py): the evaluation
 checkpoint is redone on resume, in case the kill came between the two, and so is every evaluation
 metrics.jsonl held for the steps after it, which are trained again: a resume loses no recorded line.
 --keep_checkpoints K keeps the last K by step (ckpt_step<N>.pt beside ckpt.pt, the newest), and a
-resume takes the newest that loads whole. --checkpoint_format sharded writes with
-torch.distributed.checkpoint instead, each rank only what it holds, as pieces of the single-process
-tensors, so that any layout, or one process, reads it back (the section "Sharded checkpoints" below).
+resume takes the newest that loads whole (a sharded checkpoint damaged inside stops it instead).
+--checkpoint_format sharded writes with torch.distributed.checkpoint instead, each rank only what it
+holds, as pieces of the single-process tensors, so that any layout, or one process, reads it back
+(the section "Sharded checkpoints" below).
 --async_checkpoint stops the step loop only while the state is copied, and writes it in a thread
 (BackgroundWriter); the previous checkpoint stays whole until the new one is renamed into place.
 
@@ -161,7 +162,7 @@ class TrainConfig:
     mix: str = ""  # target share per domain, e.g. code=0.3,prose=0.7, or alpha=0.3 (p ~ n^alpha); empty: natural proportions
     mix_by: str = "domain"  # what --mix weighs: domain (code, prose, ...) or script (latin, cyrillic, han, ...)
     tokenizer: str = "bpe"  # bytes (256 symbols), bpe (trained on the corpus, offline), gpt2 (tiktoken, needs its cached files)
-    vocab_size: int = 2048  # size of the BPE vocabulary to train (--tokenizer bpe; bytes and gpt2 have their own: 257 and 50257, which --pad_vocab rounds up)
+    vocab_size: int = 2048  # size of the BPE vocabulary to train (--tokenizer bpe; bytes and gpt2 have their own: 257 and 50257, which --pad_vocab rounds up, and with them it only names the prepared corpus's directory in --data_dir, as data.py prepare's does, so another value prepares the same corpus again)
     data_dir: str = "data_cache"  # where tokenized corpora are kept and reused between runs
     max_data_bytes: int = 0  # cap on the corpus bytes read per domain (0: no cap)
     mix_online: str = ""  # draw each step's batch from one domain, chosen per step: static (the prepared shares), odm (an EXP3 bandit rewarded by the domain's loss, Albalak et al. 2023) or doremi (weights from the excess loss over --mix_reference, Xie et al. 2023); empty: plain random windows
@@ -170,7 +171,7 @@ class TrainConfig:
     max_download_mb: float = 4000.0  # largest download of a URL source in --data, in MB (10^6 bytes); a larger one stops with one line instead of filling the disk
     # --- run
     out_dir: str = "out"  # checkpoint, metrics.jsonl, run.json and samples go here
-    overwrite: bool = False  # allow a fresh run to replace a checkpoint already in out_dir
+    overwrite: bool = False  # allow a fresh run to replace a checkpoint already in out_dir (the old run's checkpoints are deleted as the new run starts, when its metrics.jsonl and run.json replace the old ones)
     resume: bool = False  # continue the run whose checkpoint is in out_dir
     stop_at: int = 0  # stop this invocation after this step (0: at max_iters); the schedule still spans max_iters
     seed: int = 1337  # seeds initialisation, data order and sampling
@@ -240,12 +241,13 @@ class TrainConfig:
     convert_to: str = ""  # where --convert_checkpoint writes (a new file or directory; name a sharded one ckpt_step<N>.dcp inside an out_dir for --resume to find it)
     async_checkpoint: bool = False  # write checkpoints in a background thread: the step loop waits only while the state is copied (to pinned host memory on a GPU); the previous checkpoint stays until the new one is whole; that wait goes to metrics.jsonl as checkpoint_blocked_ms
     bench_checkpoint: bool = False  # do not train: time one checkpoint of the preset's model and AdamW state in this process, full and sharded, written synchronously and with --async_checkpoint, and print how long the step loop is blocked (no corpus needed)
-    keep_checkpoints: int = 1  # checkpoints kept in out_dir, the newest by step: ckpt.pt is always the newest; above 1 each is also kept as ckpt_step<N>.pt (a hard link: no extra space) and the oldest beyond this many are deleted; --resume takes the newest that loads
+    keep_checkpoints: int = 1  # checkpoints kept in out_dir, the newest by step, the oldest beyond this many deleted: full, ckpt.pt is the newest and above 1 each is also kept as ckpt_step<N>.pt (a hard link: no extra space), and --resume takes the newest that loads whole; sharded, each is a ckpt_step<N>.dcp directory (and ckpt.pt, if a full run left one, is deleted), and a file damaged inside the newest stops --resume with one line (delete that directory to resume from the one before)
     # --- sampling
     sample: bool = False  # do not train: load the checkpoint in out_dir and print generated text (its tokenizer is read from the run's corpus in --data_dir; nothing is prepared or downloaded)
     sample_tokens: int = 300  # tokens to generate for the sample
     temperature: float = 0.8  # sampling temperature (0: greedy)
     top_k: int = 50  # sample only among the k most likely tokens (0: all)
+    top_p: float = 1.0  # then only among the fewest most likely tokens whose probabilities sum to at least p (nucleus sampling, Holtzman et al. 2020); 1: all
     prompt: str = ""  # text the sample continues (empty: start of a document)
     # --- pictures
     plot: str = ""  # do not train: draw the metrics.jsonl of --plot RUN_DIR [RUN_DIR ...] (a --compare_seeds directory: its seeds and their mean) into one PNG: losses, bits per byte against gzip's, learning rate, tokens/s
@@ -373,7 +375,7 @@ def init_from_overrides(path: str, model_overrides: dict, explicit: dict | None 
 # with a message that names its flag. A test holds every int and float field of TrainConfig and
 # every numeric model flag to having a row here.
 FLAG_RANGES = {
-    # data (bpe needs the 256 bytes and the end-of-text token; bytes and gpt2 ignore --vocab_size)
+    # data (bpe needs the 256 bytes and the end-of-text token; bytes and gpt2 use --vocab_size only in the cache's name)
     "vocab_size": "[257, inf)", "max_data_bytes": "[0, inf)", "max_download_mb": "(0, inf)",
     # run
     "stop_at": "[0, inf)", "seed": "[0, inf)", "compare_seeds": "[0, inf)",
@@ -393,7 +395,7 @@ FLAG_RANGES = {
     "eval_tasks_every": "[0, inf)", "eval_tasks_limit": "[0, inf)",
     "keep_checkpoints": "[1, inf)",
     # sampling
-    "sample_tokens": "[0, inf)", "temperature": "[0, inf)", "top_k": "[0, inf)",
+    "sample_tokens": "[0, inf)", "temperature": "[0, inf)", "top_k": "[0, inf)", "top_p": "(0, 1]",
     # the model's flags (model.GPTConfig)
     "block_size": "[1, inf)", "n_layer": "[1, inf)", "n_head": "[1, inf)", "n_embd": "[1, inf)", "dropout": "[0, 1)",
     "n_kv_head": "[0, inf)", "rope_theta": "(0, inf)", "logit_softcap": "[0, inf)", "z_loss": "[0, inf)",
@@ -456,6 +458,8 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
     if cfg.checkpoint_format == "sharded" and cfg.diloco_steps:
         raise ValueError("--checkpoint_format sharded with --diloco_steps: DiLoCo's workers hold different weights "
                          "between outer steps, which pieces of one model cannot describe; use --checkpoint_format full")
+    if cfg.impl == "native" and cfg.zero and cfg.dp * cfg.tp * cfg.pp * cfg.cp == 1:  # one process: no process group
+        raise ValueError(parallel.native_zero_alone(cfg.zero))
     check_speed_flags(cfg)
     check_mix_flags(cfg)
     for name in log_to_names(cfg.log_to):  # a missing package is one line before any work
@@ -819,6 +823,10 @@ def check_mix_flags(cfg: TrainConfig):
     if (cfg.mix_online or cfg.mix_anneal) and cfg.diloco_steps:
         raise ValueError("--mix_online/--mix_anneal with --diloco_steps: DiLoCo workers see only their own loss, so their "
                          "domain draws would part ways; drop one of the two")
+    if cfg.mix_anneal and anneal_start_step(cfg) >= cfg.max_iters:  # the switch would come after the last step
+        raise ValueError(f"--mix_anneal switches the mixture for the decay phase, the last --decay_frac of the steps: "
+                         f"--decay_frac {cfg.decay_frac:g} of --max_iters {cfg.max_iters} is no step; raise --decay_frac "
+                         "(0.2: the last 20%) or drop --mix_anneal")
     if cfg.mix_online == "doremi" and not cfg.mix_reference:
         raise ValueError("--mix_online doremi needs --mix_reference: the metrics.jsonl of a --mix_online static run")
 
@@ -1185,7 +1193,7 @@ def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, 
 # What the metadata records: rank 0 writes .metadata, for every key its whole shape and dtype and
 # the list of its pieces (offsets and sizes), each with the file, byte offset and length where it
 # lies. Beside them train.py writes meta.pt (rank 0: the step, configs, scaler and the layout) and
-# rank<r>.pt (every rank: its data loader position and RNG states).
+# rank00000.pt, rank00001.pt, ... (every rank: its data loader position and RNG states).
 #
 # How resharding reads it: a rank of any other layout lists the pieces it holds now, in the same
 # single-process coordinates; for each, DCP intersects it with the saved pieces of its key, reads
@@ -1314,8 +1322,8 @@ def write_sharded(pieces: dict, shapes: dict, layout: parallel.Layout, meta: dic
                   group=None):
     """The sharded checkpoint at final (a directory), atomically: every rank writes its pieces into
     final.tmp, then rank 0 renames it, once all have finished. meta: rank 0's meta.pt; rank_state: this
-    rank's rank<r>.pt. Collective over group (None: every rank; a background write has a group of its
-    own, so that its messages never meet the training step's)."""
+    rank's rank<r>.pt, the rank in five digits (rank00000.pt). Collective over group (None: every rank;
+    a background write has a group of its own, so that its messages never meet the training step's)."""
     tmp, rank = f"{final}.tmp", torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if layout.is_rank0:
         remove_checkpoint(tmp)
@@ -1366,7 +1374,7 @@ def host_copies(pieces: dict, buffers: dict) -> dict:
 def stage_sharded(run: "Run"):
     """--checkpoint_format sharded: this rank's pieces (views of its memory; copies to the host for a
     background write); returns the write of ckpt_step<N>.dcp, which then deletes the oldest beyond
-    --keep_checkpoints. Collective."""
+    --keep_checkpoints, and an older full ckpt.pt (remove_stale_full_checkpoint). Collective."""
     final = step_checkpoint_path(run.cfg.out_dir, run.step, sharded=True)
     pieces, shapes = parallel.sharded_pieces(run.par)
     if run.writer is not None:
@@ -1379,8 +1387,19 @@ def stage_sharded(run: "Run"):
         write_sharded(pieces, shapes, layout, meta, rank_state, final, group)
         if layout.is_rank0:
             keep_last_checkpoints(out_dir, keep, sharded=True)
+            remove_stale_full_checkpoint(out_dir)
         sync_ranks(group)
     return write
+
+
+def remove_stale_full_checkpoint(out_dir: str):
+    """After a sharded checkpoint is written: a ckpt.pt beside it is older (a run switched from --checkpoint_format
+    full to sharded on --resume), and evaluate.py, `model.py export` and --sample, which read ckpt.pt, would read
+    the old weights. It is older because this run holds the directory (OutDirLock), a fresh run deleted it
+    (start_out_dir), and a resume started from the newest checkpoint that loads, before the step just written;
+    one that does not load is no checkpoint to keep. Its step-named twins (ckpt_step<N>.pt, --keep_checkpoints)
+    stay: named by their step, they are older checkpoints to go back to, never taken for the newest."""
+    remove_checkpoint(os.path.join(out_dir, CKPT_FILE))
 
 
 def load_sharded_meta(path: str, resume: bool) -> dict:
@@ -1413,13 +1432,36 @@ def sharded_rank_state(meta: dict, layout: parallel.Layout) -> dict:
     return {"sampler": meta["sampler"], "rng": meta["rng"]}
 
 
-def single_process(ckpt: dict) -> parallel.Parallelized:
+# The largest sizes a checkpoint's model_config may name, checked before its model is built: each at
+# least 40 times the largest preset's (gpt2-1558m: block_size 1024, n_embd 1600, n_layer 48, a
+# vocabulary of 50,304), so only an edited or foreign checkpoint reaches them, and it is refused in one
+# line instead of failing inside an allocation (RoPE's tables and the sampler's KV cache grow with
+# block_size even where no weight does)
+CHECKPOINT_SIZE_LIMITS = {"block_size": 2**20, "n_embd": 2**16, "n_layer": 2**12, "vocab_size": 2**24}
+
+
+def build_checkpoint_model(config: dict, path: str) -> GPT:
+    """GPT(GPTConfig(**config)) for a checkpoint's model_config, on the CPU; one line (ValueError) for
+    sizes outside CHECKPOINT_SIZE_LIMITS, a config this model.py cannot build, or a model too large
+    for this machine's memory."""
+    for name, limit in CHECKPOINT_SIZE_LIMITS.items():
+        value = config.get(name, 1)  # a missing field is GPTConfig's to report
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise ValueError(f"checkpoint {path} has a model_config with {name}={value!r}, outside [1, {limit:,}]: it "
+                             "was edited or is not one train.py wrote; use another checkpoint")
+    try:
+        return GPT(GPTConfig(**config))
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # an unknown or missing key, an impossible shape
+        raise ValueError(f"checkpoint {path} has a model_config this model.py cannot build ({one_line(e)}): "
+                         "use a checkpoint of this version of nanopretrain") from None
+    except (RuntimeError, MemoryError) as e:  # inside the limits, but more than this machine holds
+        raise ValueError(f"checkpoint {path}: its model does not fit in this machine's memory ({one_line(e)[:120]})") from None
+
+
+def single_process(ckpt: dict, path: str = "the checkpoint") -> parallel.Parallelized:
     """The checkpoint's model and AdamW in this one process (for conversion and sampling)."""
     old = ckpt["train_config"]
-    try:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-    except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise ValueError(f"the checkpoint has a model_config this model.py cannot build ({one_line(e)})") from None
+    model = build_checkpoint_model(ckpt["model_config"], path)
     return parallel.Parallelized(model, parallel.Layout(), lr=old.get("learning_rate", 1e-3),
                                  betas=(old.get("beta1", 0.9), old.get("beta2", 0.95)), weight_decay=old.get("weight_decay", 0.1),
                                  optimizer=old.get("optimizer", "adamw"))  # Muon's momenta have their own keys
@@ -1433,7 +1475,7 @@ def convert_checkpoint(src: str, dst: str):
     if os.path.exists(dst):
         raise ValueError(f"--convert_to {dst} already exists: pass a new path")
     ckpt = load_checkpoint(src, resume=True)
-    par = single_process(ckpt)
+    par = single_process(ckpt, src)
     try:
         if "sharded" in ckpt:
             load_sharded(src, par)
@@ -2204,6 +2246,15 @@ def start_out_dir(cfg: TrainConfig, model_config: GPTConfig, manifest: dict, ckp
     for step, path in step_checkpoints(cfg.out_dir):
         if resume_step is None or step > resume_step:
             remove_checkpoint(path)
+    # A fresh run (--overwrite) deletes the old run's ckpt.pt too, here, before metrics.jsonl and
+    # run.json are replaced: otherwise a run stopped before its first checkpoint (a signal, a NaN)
+    # would leave the old checkpoint under the new run's files, and --resume would continue the old
+    # run with the new one's metrics. Deleting it now, rather than keeping the old run whole until
+    # the new run's first checkpoint, is the simpler of the two: nothing has to be written aside and
+    # put back, and a kill at any moment leaves the old run whole, or a directory with no checkpoint
+    # (which --resume refuses and a fresh run takes over), never the two runs mixed
+    if resume_step is None:
+        remove_checkpoint(ckpt_path)
     info, path = run_info(cfg, model_config, manifest), os.path.join(cfg.out_dir, "run.json")
     if resume_step is not None:
         with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):  # no run.json, or not ours
@@ -2272,9 +2323,11 @@ def skip_step(run: Run, out: dict):
     cfg = run.cfg
     if run.skipped > cfg.skip_nonfinite:
         after = f" after {cfg.skip_nonfinite} skipped step(s)" if cfg.skip_nonfinite else ""
+        # --resume only where this run wrote or resumed a checkpoint: one it did not is not there
+        then = "then --resume" if run.saved_step is not None else "then start the run again"
         raise FloatingPointError(f"{out['skipped']} at step {run.step}{after}; {last_checkpoint(run)}: lower "
                                  "--learning_rate, use --dtype bfloat16 instead of float16, or --skip_nonfinite N to "
-                                 "step over rare bad batches, then --resume")
+                                 f"step over rare bad batches, {then}")
     print(f"step {run.step:5d}/{cfg.max_iters} | {out['skipped']}: skipped, no update ({run.skipped} of --skip_nonfinite "
           f"{cfg.skip_nonfinite})", flush=True)
     if run.metrics is not None:
@@ -2601,7 +2654,8 @@ def sample_text(model: GPT, enc, manifest: dict, cfg: TrainConfig, device) -> st
     idx = torch.tensor([start], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model.eval()
-    out = model.generate(idx, cfg.sample_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None, generator=gen)
+    out = model.generate(idx, cfg.sample_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                         top_p=cfg.top_p if cfg.top_p < 1 else None, generator=gen)
     ids = [t for t in out[0].tolist() if t < manifest["vocab_size"]]
     return enc.decode(ids).replace(data.EOT, "\n")
 
@@ -2633,15 +2687,11 @@ def sample_from_checkpoint(cfg: TrainConfig, model_overrides: dict | None = None
 
 def model_from_checkpoint(ckpt: dict, path: str, manifest: dict, device: torch.device) -> GPT:
     """The checkpoint's model, or one line saying why its config or tensors do not make one."""
-    try:
-        config = GPTConfig(**ckpt["model_config"])
-    except (TypeError, ValueError, ZeroDivisionError) as e:  # an unknown or missing key, an impossible shape
-        raise ValueError(f"checkpoint {path} has a model_config this model.py cannot build ({one_line(e)}): "
-                         "use a checkpoint of this version of nanopretrain") from None
-    if config.vocab_size < manifest["vocab_size"]:
+    model = build_checkpoint_model(ckpt["model_config"], path)
+    if model.config.vocab_size < manifest["vocab_size"]:
         raise ValueError(f"the tokenizer in {manifest['dir']} has {manifest['vocab_size']} ids, more than the model's "
-                         f"{config.vocab_size}: it is not the tokenizer this model was trained with")
-    model = GPT(config).to(device)
+                         f"{model.config.vocab_size}: it is not the tokenizer this model was trained with")
+    model = model.to(device)
     try:
         if "sharded" in ckpt:  # every piece of the model's tensors, read into this one process
             persistent = model.state_dict(keep_vars=True)  # buffers too: an MoE's balancer bias chooses the experts

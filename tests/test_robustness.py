@@ -411,7 +411,16 @@ def test_readme_slurm_script_passes_sigterm_on_waits_for_the_checkpoint_then_req
     log = tmp_path / "slurm.log"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_LOG": str(log), "SLURM_JOB_ID": "42",
            "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1"}
-    for first in (True, False):  # the first job, then the requeued one (a checkpoint is there by then)
+    out = tmp_path / "out" / "gpt2-124m"
+    # what the out_dir holds when each job starts, and whether the job resumes: the first job, a sharded
+    # write that was cut off (no checkpoint yet), then requeued jobs after a full and after a sharded
+    # checkpoint (a sharded run writes no ckpt.pt, and a fresh start into its directory would refuse)
+    for files, resumes in (((), False), (("ckpt_step00000040.dcp.tmp/.metadata",), False),
+                           (("ckpt.pt",), True), (("ckpt_step00000040.dcp/.metadata",), True)):
+        shutil.rmtree(out, ignore_errors=True)
+        for name in files:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(b"a checkpoint")
         log.write_text("")
         job = subprocess.Popen(["bash", "train.sbatch"], cwd=tmp_path, env=env)
         wait_until(lambda: "srun " in log.read_text(), job, "srun")
@@ -420,9 +429,7 @@ def test_readme_slurm_script_passes_sigterm_on_waits_for_the_checkpoint_then_req
         lines = log.read_text().splitlines()
         assert lines[1:] == ["srun got TERM", "srun done", "scontrol requeue 42"], lines
         assert lines[0].startswith("srun torchrun ") and "--out_dir out/gpt2-124m" in lines[0]
-        assert lines[0].endswith("--out_dir out/gpt2-124m" if first else "--out_dir out/gpt2-124m --resume"), lines[0]
-        (tmp_path / "out" / "gpt2-124m").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "out" / "gpt2-124m" / "ckpt.pt").write_bytes(b"a checkpoint")
+        assert lines[0].endswith("--out_dir out/gpt2-124m --resume" if resumes else "--out_dir out/gpt2-124m"), (files, lines[0])
 
 
 def test_a_resume_redoes_the_evaluations_it_cuts_instead_of_deleting_them(data_dir, tmp_path):
@@ -1019,6 +1026,7 @@ def add_train_inputs(ws: Path) -> None:
                                                                          data_dir="/tmp/evil"),
                                                c.update(data_dir="evil-bpe512-0000000000")))
     edited_checkpoint(ws, "ck_not_tensors", lambda c: c["model"].update({"transformer.wte.weight": [1.0, 2.0]}))
+    edited_checkpoint(ws, "ck_huge_block", lambda c: c["model_config"].update(block_size=10**9))
 
 
 def sample_case(out, *args):
@@ -1117,6 +1125,17 @@ CATALOGUE += [
      ["--top_k must be 0 or more, got -5"]),
     ("train (20): --sample --top_k -5 fails before loading", sample_case("{ws}/run", "--top_k", "-5"), {},
      ["--top_k must be 0 or more"]),
+    ("train (20): --top_p 1.5 fails before the run", train_case("--top_p", "1.5", "--out_dir", "{out}"), {},
+     ["--top_p must be in (0, 1], got 1.5"]),
+    ("train (20): --sample --top_p 0 fails before loading", sample_case("{ws}/run", "--top_p", "0"), {},
+     ["--top_p must be in (0, 1], got 0.0"]),
+    ("train (20): --impl native --zero 1 in one process", train_case("--impl", "native", "--zero", "1", "--out_dir", "{out}"),
+     {}, ["--impl native --zero 1", "ZeroRedundancyOptimizer", "torchrun --nproc_per_node N", "--impl scratch"]),
+    ("train (20): --impl native --zero 3 in one process", train_case("--impl", "native", "--zero", "3", "--out_dir", "{out}"),
+     {}, ["--impl native --zero 3", "FSDP2", "torchrun --nproc_per_node N", "--impl scratch"]),
+    ("train (20): --mix_anneal with --decay_frac 0", train_case("--mix_anneal", "code=0.3,prose=0.7", "--decay_frac", "0",
+                                                                 "--out_dir", "{out}"), {},
+     ["--mix_anneal switches the mixture for the decay phase", "--decay_frac 0 of --max_iters 20 is no step"]),
     # (21) edited or foreign checkpoints
     ("train (21): a checkpoint without its optimizer state", train_case("--resume", "--out_dir", "{ws}/ck_no_optimizer"),
      {}, ["'optimizer' should be of type dict, found nothing", "another --out_dir"]),
@@ -1128,6 +1147,8 @@ CATALOGUE += [
      ["some of its weights are not tensors"]),
     ("train (21): an unknown model_config key in --sample", sample_case("{ws}/ck_unknown_key"), {},
      ["model_config this model.py cannot build", "not_a_field"]),
+    ("train (21): a model_config with a block_size of 10^9 in --sample", sample_case("{ws}/ck_huge_block"), {},
+     ["model_config with block_size=1000000000, outside [1, 1,048,576]", "not one train.py wrote"]),
     ("train (21): a tokenizer with more ids than the model", sample_case("{ws}/ck_small_vocab"), {},
      ["has 512 ids, more than the model's 300", "not the tokenizer"]),
     ("train (21): --sample after the corpus was prepared again", sample_case("{ws}/ck_other_corpus"), {},

@@ -498,6 +498,90 @@ def test_nan_loss_stops_the_run_naming_step_and_checkpoint(data_dir, tmp_path, m
     assert os.path.exists(tmp_path / "ckpt.pt")  # the last good checkpoint is still there
 
 
+def test_overwrite_deletes_the_old_runs_checkpoints_so_a_new_run_stopped_early_leaves_nothing_to_resume(
+        data_dir, tmp_path, monkeypatch):
+    old, mo = tiny(data_dir, tmp_path, max_iters=4, eval_interval=2, keep_checkpoints=2)
+    train.train(old, mo)
+    assert {"ckpt.pt", "ckpt_step00000002.pt", "ckpt_step00000004.pt"} <= set(os.listdir(tmp_path))
+    # the new run's loss turns NaN at its second step, long before its first checkpoint (step 10)
+    forward, calls = GPT.forward, {"n": 0}
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if self.training and loss is not None:
+            calls["n"] += 1
+            loss = loss * float("nan") if calls["n"] > 1 else loss
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    new, mo = tiny(data_dir, tmp_path, max_iters=300, overwrite=True)
+    with pytest.raises(FloatingPointError) as stopped:
+        train.train(new, mo)
+    # no checkpoint of either run is left beside the new run's files, and nothing advises --resume
+    assert "no checkpoint was written before it" in str(stopped.value) and "--resume" not in str(stopped.value)
+    assert not train.any_checkpoint(str(tmp_path)), os.listdir(tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]  # the new run's one good step, nothing of the old run
+    assert json.loads((tmp_path / "run.json").read_text())["train_config"]["max_iters"] == 300
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train.check_out_dir(replace(new, overwrite=False, resume=True))
+
+
+def test_switching_a_run_to_sharded_checkpoints_deletes_its_older_full_ckpt_pt(data_dir, tmp_path, monkeypatch):
+    cfg, mo = tiny(data_dir, tmp_path, max_iters=4, stop_at=2, eval_interval=2, keep_checkpoints=2)
+    train.train(cfg, mo)
+    train.train(replace(cfg, stop_at=0, resume=True, checkpoint_format="sharded"), mo)
+    # ckpt.pt held step 2: left there, evaluate.py and --sample would read it as the run's newest
+    assert not (tmp_path / "ckpt.pt").exists()
+    assert [(step, os.path.basename(p)) for step, p in train.step_checkpoints(str(tmp_path))] == [
+        (4, "ckpt_step00000004.dcp"), (2, "ckpt_step00000002.pt")]  # its step-named twin stays, as an older one
+    read = []
+    monkeypatch.setattr(train, "model_from_checkpoint", lambda ckpt, path, *a: read.append((ckpt["step"], path)) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train.sample_from_checkpoint(replace(cfg, sample=True))
+    assert read == [(4, str(tmp_path / "ckpt_step00000004.dcp"))]
+
+
+def test_top_p_reaches_generate_in_the_closing_sample_and_in_sample_mode(data_dir, tmp_path, monkeypatch, capsys):
+    generate, seen = GPT.generate, []
+
+    def recording(self, idx, max_new_tokens, **kw):
+        seen.append((kw["top_k"], kw["top_p"]))
+        return generate(self, idx, max_new_tokens, **kw)
+
+    monkeypatch.setattr(GPT, "generate", recording)
+    flags = ["--preset", "tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path), "--sample_tokens", "5"]
+    train.main([*flags, "--max_iters", "1", "--eval_interval", "1", "--top_p", "0.5", "--top_k", "7"])
+    train.main([*flags, "--sample", "--top_p", "0.9"])
+    train.main([*flags, "--sample"])  # 1, the default: no nucleus
+    assert seen == [(7, 0.5), (50, 0.9), (50, None)]
+    for bad in ("0", "1.5", "nan"):
+        with pytest.raises(SystemExit) as refused:
+            train.main([*flags, "--sample", "--top_p", bad])
+        assert refused.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --top_p must be in (0, 1], got ")
+    assert len(seen) == 3
+
+
+def test_native_zero_in_one_process_is_refused_naming_torchrun():
+    # train.py's check, before any work (tests/test_robustness.py's catalogue runs it from the command line)
+    for zero in (1, 2, 3):
+        with pytest.raises(ValueError, match=f"--impl native --zero {zero} .* torchrun --nproc_per_node N"):
+            train.check_config(train.TrainConfig(impl="native", zero=zero))
+        # and parallel.py's own, for a caller that builds the strategies itself
+        with pytest.raises(ValueError, match=f"--impl native --zero {zero} .* --impl scratch"):
+            parallel.Parallelized(GPT(shard_config()), parallel.Layout(), zero=zero, impl="native")
+    train.check_config(train.TrainConfig(impl="native"))  # --zero 0: torch's AdamW alone, no group needed
+    train.check_config(train.TrainConfig(impl="native", zero=1, dp=2))  # under torchrun
+
+
+def test_checkpoint_size_limits_lie_at_least_40_times_above_the_largest_preset():
+    configs = [GPTConfig(**p) for p in train.MODEL_PRESETS.values()]  # the default vocabulary, 50304, is GPT-2's padded
+    for name, limit in train.CHECKPOINT_SIZE_LIMITS.items():
+        largest = max(getattr(c, name) for c in configs)
+        assert largest == getattr(GPTConfig(**train.MODEL_PRESETS["gpt2-1558m"]), name) and limit >= 40 * largest, name
+    # (tests/test_robustness.py's catalogue runs --sample on a checkpoint whose block_size is 10^9: one line)
+
+
 def test_sample_mode_generates_text_from_a_checkpoint(data_dir, tmp_path):
     cfg, mo = tiny(data_dir, tmp_path, max_iters=2, eval_interval=2)
     train.train(cfg, mo)
@@ -774,6 +858,11 @@ def test_mix_flags_are_checked_before_any_work():
     cfg = train.TrainConfig(mix_online="bandit")
     with pytest.raises(ValueError, match="unknown --mix_online"):
         train.check_config(cfg)
+    # --mix_anneal switches in the decay phase: a --decay_frac that leaves no step there would never switch
+    for decay_frac, max_iters in ((0.0, 1000), (0.004, 200)):  # 0.004 x 200 = 0.8: int() of it is no step
+        with pytest.raises(ValueError, match=f"--decay_frac {decay_frac:g} of --max_iters {max_iters} is no step"):
+            train.check_config(train.TrainConfig(mix_anneal="code=0.3,prose=0.7", decay_frac=decay_frac, max_iters=max_iters))
+    train.check_config(train.TrainConfig(mix_anneal="code=0.3,prose=0.7", decay_frac=0.005, max_iters=200))  # one step
     with pytest.raises(ValueError, match="--mix_reference"):
         train.check_config(train.TrainConfig(mix_online="doremi"))
     with pytest.raises(ValueError, match="DiLoCo"):
