@@ -2123,7 +2123,10 @@ def load_corpus(cfg: TrainConfig, layout: parallel.Layout, block_size: int) -> t
     the training before it."""
     if layout.world_size > 1 and not layout.is_rank0:
         wait_for_rank0_corpus()
-    with preparing_corpus():  # a stop signal stops it at once (on_stop_signal)
+    # on rank 0 a stop signal stops the preparation at once (on_stop_signal); the other ranks only
+    # check what it prepared while it goes on to its first collectives, so they note the signal and
+    # stop with it before the first step
+    with preparing_corpus() if layout.is_rank0 else contextlib.nullcontext():
         manifest, enc = prepare_data(cfg)
     if layout.world_size > 1 and layout.is_rank0:
         torch.distributed.barrier()
