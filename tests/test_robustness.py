@@ -461,7 +461,7 @@ def test_ctrl_c_while_train_downloads_its_corpus_stops_at_once_leaving_no_tempor
 def test_a_second_ctrl_c_before_any_checkpoint_does_not_claim_one_was_abandoned(data_dir, tmp_path, monkeypatch, capsys):
     """Two Ctrl-C during start-up, after the corpus (in the banner): the message said a checkpoint
     being written was abandoned, where none existed."""
-    def two_ctrl_c(*args):
+    def two_ctrl_c(*args):  # (os.kill to its own process runs the handler before it returns)
         os.kill(os.getpid(), signal.SIGINT)  # noted: the run would stop before its first step
         os.kill(os.getpid(), signal.SIGINT)  # the second stops at once
     monkeypatch.setattr(train, "print_banner", two_ctrl_c)
