@@ -63,14 +63,14 @@ A cluster takes its machines back with a signal, then a kill: SIGTERM from Slurm
 Kubernetes or a spot reclaim (torchrun passes its own on to every worker, and kills them 30 s later),
 SIGUSR1 by convention, SIGINT from Ctrl-C. None of them interrupts the step in progress: each rank
 notes it, all ranks agree after the step (an all-reduce of one number), write that step's checkpoint
-and exit 0. Before the first step, while the corpus is prepared or downloaded (hours, for a large
-one), the signal stops that at once instead: nothing is shared between ranks yet, and data.py's
-`finally` blocks remove its temporary files. When a worker is killed outright (kill -9, the OOM
-killer), torchrun's SIGTERM reaches the others while they say which rank to check: it ends their
-wait for their peers' notes, not the process. Rank 0 holds <out_dir>/train.lock while it trains (an operating-system lock, released
-when its process dies however it dies), so a second run into the same directory refuses instead of
-deleting the first one's temporary checkpoint. Every flag's range is one table, FLAG_RANGES,
-checked before any work.
+and exit 0. Before the first step, while rank 0 prepares or downloads the corpus (hours, for a large
+one), the signal stops that at once instead (data.py's `finally` blocks remove its temporary files),
+and the other ranks, waiting for it, leave quietly. When a worker is killed outright (kill -9, the
+OOM killer), torchrun's SIGTERM reaches the others while they say which rank to check: it ends their
+wait for their peers' notes, not the process. Rank 0 holds <out_dir>/train.lock while it trains (an
+operating-system lock, released when its process dies however it dies), so a second run into the
+same directory refuses instead of deleting the first one's temporary checkpoint. Every flag's range
+is one table, FLAG_RANGES, checked before any work.
 
 Mixed precision
 ---------------
