@@ -316,8 +316,9 @@ def shutdown():
 # A rank that stops with an error leaves its message in the job's key-value store (torchrun's
 # rendezvous store, which outlives the workers) before it exits. Its peers' next collective then
 # fails ("Connection closed by peer"), or times out after --dist_timeout if a rank hangs; each of
-# them adds its own note and gives the others a few seconds to do the same. Whoever left nothing
-# is the rank to check: hung, killed or crashed. (Under NCCL a timed-out collective is caught by
+# them adds its own note and gives the others a few seconds to do the same (fewer if the caller's
+# stop() says so: train.py's, when torchrun's SIGTERM comes, which follows a worker's death). Whoever
+# left nothing is the rank to check: hung, killed or crashed. (Under NCCL a timed-out collective is caught by
 # torch's watchdog, which ends the process itself; this covers gloo and the errors every rank sees.)
 
 FAILURE_KEY = "nanopretrain/failed/{rank}"
@@ -348,9 +349,9 @@ def is_communication_failure(e: BaseException) -> bool:
                                                 "Timed out waiting", "NCCL", "c10d"))
 
 
-def _peer_notes(note: str, grace_s: float) -> dict | None:
-    """Leave this rank's note, then wait up to grace_s for every peer's: {rank: note}, or None
-    when the store cannot be reached."""
+def _peer_notes(note: str, grace_s: float, stop=None) -> dict | None:
+    """Leave this rank's note, then wait up to grace_s for every peer's, or until stop() is true:
+    {rank: note}, or None when the store cannot be reached."""
     store, rank, world = _store(), dist.get_rank(), dist.get_world_size()
     if store is None:
         return None
@@ -364,16 +365,18 @@ def _peer_notes(note: str, grace_s: float) -> dict | None:
                 key = FAILURE_KEY.format(rank=q)
                 if q != rank and q not in notes and store.check([key]):
                     notes[q] = store.get(key).decode(errors="replace")
-            if len(notes) == world - 1 or time.monotonic() > deadline:
+            if len(notes) == world - 1 or time.monotonic() > deadline or (stop is not None and stop()):
                 return notes
             time.sleep(0.1)
     except Exception:  # noqa: BLE001 -- the store's host went away (it was a rank's own process)
         return None
 
 
-def describe_failure(e: BaseException, timeout_s: float) -> str:
+def describe_failure(e: BaseException, timeout_s: float, stop=None) -> str:
     """One line for a failed collective: the peer's own error if one stopped with an error, else
-    which rank did not answer, and what to change."""
+    which rank did not answer, and what to change. stop: a function that, once true, ends the wait
+    for the peers' notes with those that came (train.py's: a stop signal came, as torchrun sends
+    to the workers left when one dies; the peers that fail with this one leave theirs as they fail)."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     first = first.split("] ", 1)[-1] if first.startswith("[") else first  # gloo starts with [its/source.cc:123]
     first = first.split(". This is typically")[0][:200]
@@ -383,7 +386,7 @@ def describe_failure(e: BaseException, timeout_s: float) -> str:
     rank = dist.get_rank()
     timed_out = "timed out" in first.lower() or "timeout" in first.lower()
     own = "timed out" if timed_out else "lost a peer"
-    notes = _peer_notes(own, min(FAILURE_GRACE_S, timeout_s))
+    notes = _peer_notes(own, min(FAILURE_GRACE_S, timeout_s), stop)
     if notes is None:
         return f"rank {rank}: a collective failed ({first}): one of the other ranks stopped; see its log for why"
     errors = {q: m for q, m in notes.items() if m not in ("timed out", "lost a peer")}

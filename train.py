@@ -64,10 +64,14 @@ A cluster takes its machines back with a signal, then a kill: SIGTERM from Slurm
 Kubernetes or a spot reclaim (torchrun passes its own on to every worker, and kills them 30 s later),
 SIGUSR1 by convention, SIGINT from Ctrl-C. None of them interrupts the step in progress: each rank
 notes it, all ranks agree after the step (an all-reduce of one number), write that step's checkpoint
-and exit 0. Rank 0 holds <out_dir>/train.lock while it trains (an operating-system lock, released
-when its process dies however it dies), so a second run into the same directory refuses instead of
-deleting the first one's temporary checkpoint. Every flag's range is one table, FLAG_RANGES,
-checked before any work.
+and exit 0. Before the first step, while rank 0 prepares or downloads the corpus (hours, for a large
+one), the signal stops that at once instead (data.py's `finally` blocks remove its temporary files),
+and the other ranks, waiting for it, leave quietly. When a worker is killed outright (kill -9, the
+OOM killer), torchrun's SIGTERM reaches the others while they say which rank to check: it ends their
+wait for their peers' notes, not the process. Rank 0 holds <out_dir>/train.lock while it trains (an
+operating-system lock, released when its process dies however it dies), so a second run into the
+same directory refuses instead of deleting the first one's temporary checkpoint. Every flag's range
+is one table, FLAG_RANGES, checked before any work.
 
 Mixed precision
 ---------------
@@ -1113,6 +1117,7 @@ def save_checkpoint(run: "Run"):
     single-process tensors to rank 0 (every rank takes part; gathering makes the copy), so any
     layout or world size can resume from them; the sharded one copies each rank's pieces (stage_sharded)."""
     t0 = time.perf_counter()
+    _stop["writing"] = True  # what a second Ctrl-C would abandon (main's message; left set if one does)
     if run.writer is not None:
         run.writer.wait()  # the previous write is whole (and its copy of the state free) before the next begins
     write = stage_sharded(run) if run.cfg.checkpoint_format == "sharded" else stage_full(run)
@@ -1124,6 +1129,7 @@ def save_checkpoint(run: "Run"):
             run.metrics.log(step=run.step, checkpoint_blocked_ms=1000 * (time.perf_counter() - t0))
     else:
         write()
+    _stop["writing"] = False
 
 
 def stage_full(run: "Run"):
@@ -1883,19 +1889,41 @@ def check_stop(step: int, cfg: TrainConfig):
 
 # ----------------------------------------------------------------------------------------------
 # Preemption: a signal stops the run after the step in progress, with a checkpoint of that step
+# (or, while the corpus is prepared, at once)
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # Slurm's --signal, Kubernetes, spot reclaims, Ctrl-C
-_stop = {"signum": 0}  # the first stop signal received (0: none), set by on_stop_signal
+# the first stop signal received (0: none), set by on_stop_signal; "preparing": the corpus is being prepared
+# (preparing_corpus), so a stop signal raises StoppedWhilePreparing; "writing": a checkpoint is being
+# written (save_checkpoint), which a second Ctrl-C abandons (main's line says so only then)
+_stop = {"signum": 0, "preparing": False, "writing": False}
+
+
+class StoppedWhilePreparing(KeyboardInterrupt):
+    """A stop signal while the corpus was being prepared or downloaded: raised by on_stop_signal, so
+    that data.py's `finally` blocks remove their temporary files (a KeyboardInterrupt, so that no
+    `except Exception` on the way swallows it). quiet: a rank > 0 whose wait for rank 0's corpus
+    failed because rank 0 stopped (rank 0 says it)."""
+
+    def __init__(self, signame: str, quiet: bool = False):
+        super().__init__(signame)
+        self.signame, self.quiet = signame, quiet
 
 
 def on_stop_signal(signum, frame):
     """Only note the request: the step in progress finishes on every rank (a handler that raised
     could leave one rank in the middle of a collective). A second Ctrl-C stops at once (the
     checkpoint being written, if any, is abandoned and its temporary file removed; the previous one
-    stays whole); a second SIGTERM or SIGUSR1 changes nothing (torchrun passes on the one it got)."""
-    if _stop["signum"] and signum == signal.SIGINT:
+    stays whole); a second SIGTERM or SIGUSR1 changes nothing (torchrun passes on the one it got).
+    Before the training loop, while the corpus is prepared (preparing_corpus), nothing is shared
+    between ranks yet and a large corpus or a slow download can take hours: the first signal stops
+    it at once, and any that follows is only noted, so that data.py's clean-up runs to its end
+    (torchrun passes on the Ctrl-C its workers got from the terminal too: they get two)."""
+    if _stop["signum"] and signum == signal.SIGINT and not _stop["preparing"]:
         raise KeyboardInterrupt
+    first = not _stop["signum"]
     _stop["signum"] = _stop["signum"] or signum
+    if first and _stop["preparing"]:
+        raise StoppedWhilePreparing(signal.Signals(signum).name)
 
 
 @contextlib.contextmanager
@@ -1903,17 +1931,36 @@ def stop_on_signals():
     """While training, the stop signals call on_stop_signal; the previous handlers come back after,
     unless a stop signal came: then the process is on its way out (the stop line, leaving the process
     group, the interpreter's exit), and a second SIGTERM there must not kill it with the default
-    action's exit code 143 (torchrun and Slurm repeat theirs), so on_stop_signal stays."""
-    _stop["signum"] = 0
+    action's exit code 143 (torchrun and Slurm repeat theirs), so on_stop_signal stays. It stays too
+    when a collective failed: torchrun's SIGTERM follows a worker's death, and must find the process
+    alive until it has said which rank to check (main's describe_failure_until_signal)."""
+    _stop.update(signum=0, preparing=False, writing=False)
     names = [n for n in STOP_SIGNALS if hasattr(signal, n)]  # Windows has no SIGUSR1
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = {n: signal.signal(getattr(signal, n), on_stop_signal) for n in names} if main_thread else {}
     try:
         yield
+    except RuntimeError as e:
+        if parallel.is_communication_failure(e):
+            previous = {}
+        raise
     finally:
         for name, handler in previous.items():
             if not _stop["signum"]:
                 signal.signal(getattr(signal, name), handler)
+
+
+@contextlib.contextmanager
+def preparing_corpus():
+    """While the block runs, a stop signal raises StoppedWhilePreparing (on_stop_signal) instead of
+    waiting for the first step; one that came before it (during start-up) raises at its start. The
+    flag stays set if the block raises: the process is on its way out, and a second Ctrl-C must not
+    cut data.py's clean-up short (on_stop_signal)."""
+    _stop["preparing"] = True
+    if _stop["signum"]:
+        raise StoppedWhilePreparing(signal.Signals(_stop["signum"]).name)
+    yield
+    _stop["preparing"] = False
 
 
 def stop_requested(layout: parallel.Layout) -> str | None:
@@ -2093,8 +2140,12 @@ def load_corpus(cfg: TrainConfig, layout: parallel.Layout, block_size: int) -> t
     validation split too short for the model would otherwise fail at the first evaluation, after
     the training before it."""
     if layout.world_size > 1 and not layout.is_rank0:
-        torch.distributed.barrier()
-    manifest, enc = prepare_data(cfg)
+        wait_for_rank0_corpus()
+    # on rank 0 a stop signal stops the preparation at once (on_stop_signal); the other ranks only
+    # check what it prepared while it goes on to its first collectives, so they note the signal and
+    # stop with it before the first step
+    with preparing_corpus() if layout.is_rank0 else contextlib.nullcontext():
+        manifest, enc = prepare_data(cfg)
     if layout.world_size > 1 and layout.is_rank0:
         torch.distributed.barrier()
     for split, name in (("train", "training"), ("val", "validation")):
@@ -2104,6 +2155,19 @@ def load_corpus(cfg: TrainConfig, layout: parallel.Layout, block_size: int) -> t
             raise ValueError(f"the {name} split of {manifest['dir']} is too short for --block_size {block_size}: "
                              f"{e}") from None
     return manifest, enc
+
+
+def wait_for_rank0_corpus():
+    """A rank > 0 waits in a barrier while rank 0 prepares the corpus. A stop signal reaches every
+    worker (torchrun passes its own on to each): rank 0 stops preparing and leaves, so this barrier
+    fails; that rank says so, this one leaves quietly with the same exit code (main)."""
+    try:
+        torch.distributed.barrier()
+    except Exception as e:
+        # the call comes first: the signal's Python handler runs at a call, and may not have yet
+        if parallel.is_communication_failure(e) and _stop["signum"]:
+            raise StoppedWhilePreparing(signal.Signals(_stop["signum"]).name, quiet=True) from None
+        raise
 
 
 def start_run(cfg: TrainConfig, model_overrides: dict, layout: parallel.Layout) -> Run:
@@ -3080,11 +3144,11 @@ def main(argv=None):
     except RuntimeError as e:  # a collective that failed: which rank to look at, instead of gloo's traceback
         if not parallel.is_communication_failure(e):
             raise
-        fail(parallel.describe_failure(e, args.dist_timeout or TrainConfig.dist_timeout))
-    except KeyboardInterrupt:  # a second Ctrl-C while training (on_stop_signal), or one outside it
-        second = ("a second Ctrl-C: a checkpoint being written was abandoned, and the last whole one stays in --out_dir "
-                  "(continue with --resume)") if _stop["signum"] else "Ctrl-C"
-        print(f"error: stopped by {second}", file=sys.stderr)
+        fail(describe_failure_until_signal(e, args.dist_timeout or TrainConfig.dist_timeout))
+    except StoppedWhilePreparing as e:  # a stop signal while the corpus was prepared (on_stop_signal)
+        report_stop_while_preparing(e)
+    except KeyboardInterrupt:  # a second Ctrl-C (on_stop_signal), or one outside train()
+        print(f"error: stopped by {second_ctrl_c() if _stop['signum'] else 'Ctrl-C'}", file=sys.stderr)
         sys.exit(130)
     finally:
         parallel.shutdown()  # leave the process group cleanly (a no-op on one process)
@@ -3103,6 +3167,45 @@ def os_error_line(e: OSError) -> str:
     if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         return f"the disk is full ({one_line(e)}): free space on it, or pass an --out_dir (or --data_dir) on another disk"
     return f"{one_line(e)}: check the path, its permissions and the free space on its disk"
+
+
+def second_ctrl_c() -> str:
+    """What a second Ctrl-C (on_stop_signal's KeyboardInterrupt) left behind, by what it interrupted."""
+    if _stop["writing"]:
+        return ("a second Ctrl-C: a checkpoint being written was abandoned, and the last whole one stays in --out_dir "
+                "(continue with --resume)")
+    return ("a second Ctrl-C: no checkpoint was being written, so none was abandoned; --out_dir holds what it held "
+            "before (continue with --resume if it holds a checkpoint)")
+
+
+def report_stop_while_preparing(e: StoppedWhilePreparing):
+    """The one line of a run a signal stopped while it prepared the corpus (rank 0; a rank > 0 that
+    waited for it exits quietly), and the exit code report_stop gives: 0, or 130 for Ctrl-C. Under
+    torchrun the line is also left where a rank that got no signal looks (parallel.describe_failure)."""
+    if not e.quiet:
+        line = (f"stopped by {e.signame} while preparing the corpus: its temporary files were removed, nothing was "
+                "saved; run the same command again")
+        print(line, file=sys.stderr)
+        parallel.report_failure(line)
+    if e.signame == "SIGINT":
+        sys.exit(130)
+
+
+def describe_failure_until_signal(e: BaseException, timeout_s: float) -> str:
+    """parallel.describe_failure, whose wait for the peers' notes (up to parallel.FAILURE_GRACE_S) a
+    stop signal ends with the best line known so far. When a worker is killed (kill -9, the OOM
+    killer), torchrun sends SIGTERM to the others a moment later: its default action would end this
+    process before it says which rank to check."""
+    ended = []
+    names = [n for n in STOP_SIGNALS if hasattr(signal, n)]
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = ({n: signal.signal(getattr(signal, n), lambda signum, frame: ended.append(signum)) for n in names}
+                if main_thread else {})
+    try:  # a signal noted before (the collective's failure left training with it) ends the wait too
+        return parallel.describe_failure(e, timeout_s, stop=lambda: bool(ended or _stop["signum"]))
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def report_stop(result: dict):

@@ -24,6 +24,7 @@ Map: shared fixtures -> faults -> NaN/inf -> hangs and gradient accumulation (on
 import contextlib
 import gzip
 import hashlib
+import http.server
 import importlib.util
 import json
 import math
@@ -35,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -384,6 +386,98 @@ def test_signals_stop_after_the_step_with_its_checkpoint_and_a_second_one_corrup
     assert one_line(err).startswith("error: stopped by a second Ctrl-C: a checkpoint being written was abandoned")
     assert checkpoint_step() == stopped
     assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl", "run.json"]
+
+
+def preparing_flags(data, data_dir, out_dir):
+    """The tiny preset on a corpus train.py prepares itself (bytes: no tokenizer to train)."""
+    return ["--preset", "tiny", "--device", "cpu", "--data", data, "--tokenizer", "bytes", "--quality_filter", "false",
+            "--dedup", "none", "--max_data_bytes", 0, "--data_dir", data_dir, "--out_dir", out_dir]
+
+
+def hidden_entries(folder: Path) -> list:
+    """data.py's temporary files and directories (".<name>.<pid>@<host>.tmp"), anywhere under folder."""
+    return [p.name for p in folder.rglob(".*")] if folder.exists() else []
+
+
+PREPARING_LINE = ("stopped by {} while preparing the corpus: its temporary files were removed, nothing was saved; "
+                  "run the same command again")
+
+
+def test_sigterm_while_train_prepares_a_large_corpus_stops_it_at_once_leaving_no_temporary_files(tmp_path):
+    """A stop signal during train.py's data preparation waited for the whole corpus (the handler only
+    noted it for the first step). 40 MB of text: 16 s of `data.py prepare` on two busy cores (load 9),
+    against the 0.01 s wait_until polls at between the temporary directory's appearance and the signal."""
+    corpus = tmp_path / "big.txt"
+    with open(corpus, "w") as f:
+        for i in range(40_000):  # 40 MB, 1 kB a document
+            f.write(f"Document {i}. " + "Some words of plain text, again and again. " * 23 + "\n\n")
+    data_dir, out, err = tmp_path / "data", tmp_path / "out", tmp_path / "stderr.txt"
+    run = start_child(preparing_flags(corpus, data_dir, out), stderr_path=err)
+    wait_until(lambda: hidden_entries(data_dir), run, "preparation's temporary directory")
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 0  # a preempted job is not a failed one (report_stop)
+    assert one_line(err) == PREPARING_LINE.format("SIGTERM")
+    assert hidden_entries(data_dir) == [] and not (out / "ckpt.pt").exists()
+
+
+class TrickleServer(http.server.BaseHTTPRequestHandler):
+    """A server that sends 2 bytes every 0.05 s of a body it says is 1 MB: a download of 7 hours."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(10**6))
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the client hung up
+            while True:
+                self.wfile.write(b"zz")
+                self.wfile.flush()
+                time.sleep(0.05)
+
+
+def test_ctrl_c_while_train_downloads_its_corpus_stops_at_once_leaving_no_temporary_files(tmp_path):
+    """Ctrl-C during the download waited for its deadline (an hour: data.DOWNLOAD_DEADLINE)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TrickleServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    data_dir, out, err = tmp_path / "data", tmp_path / "out", tmp_path / "stderr.txt"
+    url, run = f"http://127.0.0.1:{server.server_address[1]}/corpus.txt", None
+    try:
+        no_proxy = {"http_proxy": "", "HTTP_PROXY": "", "all_proxy": "", "ALL_PROXY": ""}  # (empty: unset for urllib)
+        run = start_child(preparing_flags(url, data_dir, out), no_proxy, err)
+        wait_until(lambda: hidden_entries(data_dir / "downloads"), run, "the download's temporary file")
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=60) == 130
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()
+        server.shutdown()
+        server.server_close()
+    assert one_line(err) == PREPARING_LINE.format("SIGINT")
+    assert hidden_entries(data_dir) == [] and not (out / "ckpt.pt").exists()
+
+
+def test_a_second_ctrl_c_before_any_checkpoint_does_not_claim_one_was_abandoned(data_dir, tmp_path, monkeypatch, capsys):
+    """Two Ctrl-C during start-up, after the corpus (in the banner): the message said a checkpoint
+    being written was abandoned, where none existed."""
+    def two_ctrl_c(*args):  # (os.kill to its own process runs the handler before it returns)
+        os.kill(os.getpid(), signal.SIGINT)  # noted: the run would stop before its first step
+        os.kill(os.getpid(), signal.SIGINT)  # the second stops at once
+    monkeypatch.setattr(train, "print_banner", two_ctrl_c)
+    handlers = {n: signal.getsignal(getattr(signal, n)) for n in train.STOP_SIGNALS}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train.main(tiny_flags(data_dir, tmp_path / "out"))
+    finally:
+        for name, handler in handlers.items():  # train leaves its handler after a stop (its process exits)
+            signal.signal(getattr(signal, name), handler)
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: stopped by a second Ctrl-C: no checkpoint was being written, so none was abandoned; --out_dir holds "
+        "what it held before (continue with --resume if it holds a checkpoint)"]
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
 # Stand-ins for Slurm's commands, for running the README's batch script on a machine without Slurm:
@@ -797,6 +891,29 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_with_its_checkpoint
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+@pytest.mark.slow
+def test_sigterm_under_torchrun_while_rank_0_prepares_the_corpus_stops_every_rank_at_once_with_one_line(tmp_path):
+    """Rank 0 prepares (here: waits on a named pipe, a corpus that never ends) while rank 1 waits in a
+    barrier; torchrun passes a SIGTERM on to both. Rank 0 stops preparing, says so and exits 0; rank
+    1's barrier fails as rank 0 leaves, and it exits 0 without a communication-failure line."""
+    corpus, data_dir, out, logs = tmp_path / "corpus.txt", tmp_path / "data", tmp_path / "out", tmp_path / "logs"
+    os.mkfifo(corpus)
+    run = torchrun([*preparing_flags(corpus, data_dir, out), "--dp", 2, "--batch_size", 4], logs)
+    try:
+        wait_until(lambda: hidden_entries(data_dir), run, "rank 0's temporary directory")
+        for pid in worker_pids(run):  # what torchrun does with the SIGTERM it gets
+            os.kill(pid, signal.SIGTERM)
+        assert run.wait(timeout=60) == 0, run.communicate()[1][-3000:]  # torchrun: 0 when every worker exits 0
+    finally:  # a rank still reading the pipe would wait for ever
+        if run.poll() is None:
+            for pid in worker_pids(run):
+                os.kill(pid, signal.SIGKILL)
+            run.kill()
+    assert rank_stderr(logs, 0) == [PREPARING_LINE.format("SIGTERM")]
+    assert rank_stderr(logs, 1) == []
+    assert hidden_entries(data_dir) == [] and not (out / "ckpt.pt").exists()
+
+
 # Rank 1 stops answering in its third training step (until a signal comes: torchrun sends SIGTERM
 # to the workers left when one fails), so rank 0's next collective times out.
 HANG_ON_RANK_1 = r"""
@@ -831,6 +948,19 @@ def test_distributed_failures_are_one_line_naming_the_rank_to_check(data_dir, tm
     (line0,), (line1,) = rank_stderr(tmp_path / "logs_busy", 0), rank_stderr(tmp_path / "logs_busy", 1)
     assert line0.startswith("error: another run (PID"), line0
     assert line1 == f"error: rank 1: stopped because rank 0 stopped with an error: {line0[len('error: '):]}", line1
+    # a worker killed with SIGKILL (as the OOM killer does): the other one names it, although torchrun's
+    # SIGTERM comes while it waits for its peers' notes (parallel.FAILURE_GRACE_S)
+    out, logs = tmp_path / "killed", tmp_path / "logs_killed"
+    killed = torchrun(tiny_flags(data_dir, out, "--dp", 2, "--batch_size", 4, "--max_iters", 3000, "--dist_timeout", 20),
+                      logs)
+    wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= 2, killed, "step 2")
+    os.kill(sorted(worker_pids(killed))[1], signal.SIGKILL)
+    assert killed.wait(timeout=120) != 0
+    lines = {rank: rank_stderr(logs, rank) for rank in (0, 1)}
+    (survivor,) = [rank for rank in lines if lines[rank]]  # the killed one wrote nothing
+    (line,) = lines[survivor]
+    assert line.startswith(f"error: rank {survivor}: lost the connection to another rank") and line.endswith(
+        f"check rank {1 - survivor} (it did not answer: killed or crashed)"), line
 
 
 # ---------------------------------------------------------------------------------------------
