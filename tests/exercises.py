@@ -640,7 +640,11 @@ def graded_exercises(root: Path, tests: Path | None = None) -> tuple:
             if set_name is not None and set_name not in SETS:
                 raise ValueError(f"the submission's {HANDOUT_FILE} names no known set ({set_name!r})")
             names = SETS[set_name] if set_name else None
-            return set_name, [(e.name, e.judge) for e in find_exercises(teacher) if names is None or e.name in names]
+            judged = [(e.name, e.judge) for e in find_exercises(teacher) if names is None or e.name in names]
+            if not judged:
+                raise ValueError(f"--tests {tests}: no {HANDOUT_FILE} beside it and no exercise marked in {teacher}: "
+                                 "name the tests folder of the repository or of a pristine hand-out")
+            return set_name, judged
     if handout and "judges" in handout:  # every exercise of the set: one gone from the file scores 0 (judge None)
         names = list(dict.fromkeys([*SETS.get(set_name, ()), *handout["exercises"]]))
         return set_name, [(name, handout["judges"].get(name)) for name in names]

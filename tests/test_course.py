@@ -318,8 +318,8 @@ def test_handout_grades_zero_stripped_and_full_marks_restored(tmp_path):
     assert edited.count("# EXERCISE:") == scaling.count("# EXERCISE:") - 1 and "-k count)" in edited
     (out / "scaling.py").write_text(edited)
 
-    def graded(*args, cwd=out):
-        proc = subprocess.run([sys.executable, "-m", "tests.exercises", *args, "grade", "--json"], cwd=cwd,
+    def graded(*before, after=(), cwd=out):
+        proc = subprocess.run([sys.executable, "-m", "tests.exercises", *before, "grade", "--json", *after], cwd=cwd,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
@@ -331,7 +331,7 @@ def test_handout_grades_zero_stripped_and_full_marks_restored(tmp_path):
     for name in ("scaling.py", "model.py"):
         shutil.copy2(ROOT / name, out / name)
     (out / "tests" / "test_scaling.py").write_text("def test_nothing():\n    pass\n")  # a student's tests
-    restored = graded("--root", str(out), "--tests", str(ROOT / "tests"), cwd=ROOT)
+    restored = graded("--root", str(out), after=("--tests", str(ROOT / "tests")), cwd=ROOT)
     assert all(e["passed"] == e["total"] > 1 for e in restored["exercises"].values()) and restored["score"] == 1, restored
 
 
