@@ -42,7 +42,11 @@ The commands
                                                     ASSIGNMENT.md (the task of each exercise, from its
                                                     docstring) and the command that grades it
     python -m tests.exercises grade [--json]        each exercise's score: tests of its judge passed /
-                                                    tests selected (in a handout: its set only)
+                                                    tests selected (in a handout: its set only, with the
+                                                    judges handout.json kept at hand-out time)
+    python -m tests.exercises --root SUBMISSION grade --tests DIR
+                                                    a teacher's grade: DIR (their own, untouched tests)
+                                                    against the submission's sources
 
 In place is the default because a student working alone strips one exercise, writes it and runs
 its judge in the same tree; the .orig backup is written once (a second strip in the same file
@@ -58,11 +62,17 @@ there) and pass on every alternative (all tests). Its table's last line gives th
 
 Hand-outs: the exercises fall into the assignment sets of SETS (the README lists them with
 SET_HOURS). `handout` copies the repository to a new directory, strips one set, leaves out
-tests/mutants.py (its alternatives are solutions), and writes ASSIGNMENT.md (each exercise's
-functions with their docstrings, which are the task, and its judge) and handout.json (the set).
-`grade` run inside it scores each exercise of the set as the tests of its judge that pass over
-those selected: 0 on a fresh hand-out (every judge fails stripped, as `check` proves), 1 when the
-originals are put back; `--json` gives an autograder one object.
+tests/mutants.py (its alternatives are solutions) and tests/test_course.py (which tests this tool
+on the repository, with them), and writes ASSIGNMENT.md (each exercise's functions with their
+docstrings, which are the task, and its judge) and handout.json (the set, its exercises and their
+judges). `grade` run inside it scores each exercise of the set as the tests of its judge that pass
+over those selected: 0 on a fresh hand-out (every judge fails stripped, as `check` proves), 1 when
+the originals are put back; `--json` gives an autograder one object. The exercises and judges come
+from handout.json, not from the markers, so a student who edits a marker's judge or deletes a
+marker gains nothing; and since a student can edit tests/ too, a teacher grades with their own
+copy: from the repository, `python -m tests.exercises --root SUBMISSION grade --tests tests` runs
+the repository's tests (and its judges, for the set the submission's handout.json names) against
+the submission's sources.
 
 How: the markers are found with `tokenize` (a comment, never text inside a string), the function
 they belong to with `ast` (exact first and last lines, decorators and multi-line signatures
@@ -595,12 +605,15 @@ def make_handout(root: Path, out: Path, set_name: str) -> list:
         raise ValueError(f"--out {out} exists and is not empty: name a new directory")
     copy_sources(root, out)
     (out / "tests" / "mutants.py").unlink(missing_ok=True)  # its alternatives are solutions
+    (out / "tests" / "test_course.py").unlink(missing_ok=True)  # tests the course tool on the repository; imports mutants
     found = find_exercises(out)
     chosen = [e for e in found if e.name in SETS[set_name]]
     originals = docstrings(chosen)
     strip([(e, e.regions) for e in chosen], backup=False)
     (out / "ASSIGNMENT.md").write_text(assignment_text(set_name, chosen, originals))
-    (out / HANDOUT_FILE).write_text(json.dumps({"set": set_name, "exercises": [e.name for e in chosen]}, indent=1) + "\n")
+    # the judges are written down now: `grade` runs these, not whatever the markers say by then
+    handout = {"set": set_name, "exercises": [e.name for e in chosen], "judges": {e.name: e.judge for e in chosen}}
+    (out / HANDOUT_FILE).write_text(json.dumps(handout, indent=1) + "\n")
     return chosen
 
 
@@ -611,19 +624,62 @@ def score(run: JudgeRun) -> tuple:
     return passed, max(total, 1)
 
 
-def grade(root: Path, jobs: int = 2) -> dict:
-    found = find_exercises(root)
-    handout = root / HANDOUT_FILE
-    names = json.loads(handout.read_text())["exercises"] if handout.exists() else [e.name for e in found]
-    chosen = [e for e in found if e.name in names]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        runs = list(pool.map(lambda e: run_judge(e, root, extra=("--tb=no",)), chosen))
+def graded_exercises(root: Path, tests: Path | None = None) -> tuple:
+    """(set name or None, [(name, judge or None)]) that `grade` scores. A hand-out's handout.json fixes them at
+    hand-out time, so an edited or deleted marker changes nothing; with --tests DIR (a teacher's own
+    tests), the judges come from DIR's side: the handout.json beside DIR, else the markers of the
+    repository DIR belongs to, for the set the submission's handout.json names."""
+    handout = json.loads((root / HANDOUT_FILE).read_text()) if (root / HANDOUT_FILE).exists() else None
+    set_name = handout["set"] if handout else None
+    if tests is not None:
+        teacher = tests.resolve().parent
+        if (teacher / HANDOUT_FILE).exists():
+            handout = json.loads((teacher / HANDOUT_FILE).read_text())
+            set_name = handout["set"]
+        else:
+            if set_name is not None and set_name not in SETS:
+                raise ValueError(f"the submission's {HANDOUT_FILE} names no known set ({set_name!r})")
+            names = SETS[set_name] if set_name else None
+            judged = [(e.name, e.judge) for e in find_exercises(teacher) if names is None or e.name in names]
+            if not judged:
+                raise ValueError(f"--tests {tests}: no {HANDOUT_FILE} beside it and no exercise marked in {teacher}: "
+                                 "name the tests folder of the repository or of a pristine hand-out")
+            return set_name, judged
+    if handout and "judges" in handout:  # every exercise of the set: one gone from the file scores 0 (judge None)
+        names = list(dict.fromkeys([*SETS.get(set_name, ()), *handout["exercises"]]))
+        return set_name, [(name, handout["judges"].get(name)) for name in names]
+    found = find_exercises(root)  # no hand-out (or one written before the judges were kept): the markers
+    names = handout["exercises"] if handout else [e.name for e in found]
+    return set_name, [(e.name, e.judge) for e in found if e.name in names]
+
+
+def grade(root: Path, jobs: int = 2, tests: Path | None = None) -> dict:
+    """Each exercise's judge run in root (with --tests: in a copy of root's sources with DIR as
+    tests/): its tests passed over those selected. An exercise whose markers are gone from the
+    submission is still judged (its code is what the judge tests); `marked` says it is gone."""
+    if tests is not None and not tests.is_dir():
+        raise ValueError(f"--tests {tests} is not a directory")
+    set_name, judged = graded_exercises(root, tests)
+    try:
+        marked = {e.name for e in find_exercises(root)}
+    except ValueError:  # markers the tool cannot read: the judges still run
+        marked = set()
+    with tempfile.TemporaryDirectory(prefix="grade-") as tmp:
+        where = root
+        if tests is not None:
+            where = Path(tmp)
+            copy_sources(root, where)
+            shutil.rmtree(where / "tests")
+            shutil.copytree(tests, where / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            runs = list(pool.map(lambda nj: nj[1] and run_judge(Exercise(nj[0], nj[1], []), where, extra=("--tb=no",)), judged))
     scores = {}
-    for e, run in zip(chosen, runs):
-        passed, total = score(run)
-        scores[e.name] = {"passed": passed, "total": total, "score": passed / total, "judge": e.command}
+    for (name, judge), run in zip(judged, runs):
+        passed, total = score(run) if run else (0, 1)  # no judge kept for it: 0
+        scores[name] = {"passed": passed, "total": total, "score": passed / total,
+                        "judge": shlex.join([*PYTEST, *judge]) if judge else None, "marked": name in marked}
     mean = sum(s["score"] for s in scores.values()) / max(1, len(scores))
-    return {"set": json.loads(handout.read_text())["set"] if handout.exists() else None, "exercises": scores, "score": mean}
+    return {"set": set_name, "exercises": scores, "score": mean, "tests": str(tests) if tests else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -729,13 +785,14 @@ def cmd_handout(args) -> int:
 
 
 def cmd_grade(args) -> int:
-    result = grade(args.root, args.jobs)
+    result = grade(args.root, args.jobs, Path(args.tests) if args.tests else None)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
     width = max([len(n) for n in result["exercises"]] + [8])
     for name, s in result["exercises"].items():
-        print(f"{name:{width}}  {s['passed']:3d}/{s['total']:<3d}  {100 * s['score']:5.1f}%")
+        gone = "" if s["marked"] else "  (its marker is gone from the sources; judged all the same)"
+        print(f"{name:{width}}  {s['passed']:3d}/{s['total']:<3d}  {100 * s['score']:5.1f}%{gone}")
     print(f"{'score':{width}}  {100 * result['score']:.1f}% (mean over {len(result['exercises'])} exercises)")
     return 0
 
@@ -765,6 +822,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("grade", help="score per exercise: its judge's tests passed / selected")
     g.add_argument("--json", action="store_true", help="one JSON object, for an autograder")
     g.add_argument("--jobs", type=int, default=2, help="judges run at once (default 2)")
+    g.add_argument("--tests", help="a teacher's own tests directory, run against the submission's sources "
+                   "(judges from the handout.json beside it, else from its repository's markers)")
     return p
 
 

@@ -92,6 +92,8 @@ VARIANTS = [
     mutant("rmsnorm", "no-gain", "model.py", (".type_as(x) * self.weight", ".type_as(x)")),
     mutant("rmsnorm", "centres-like-layernorm", "model.py", ("xf = at_least_float32(x)\n",
                                                              "xf = at_least_float32(x)\n        xf = xf - xf.mean(-1, keepdim=True)\n")),
+    mutant("rmsnorm", "eps-outside-the-root", "model.py", ("xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)",
+                                                           "xf / (xf.pow(2).mean(-1, keepdim=True).sqrt() + self.eps)")),
     mutant("rmsnorm", "over-the-wrong-dim", "model.py", ("xf.pow(2).mean(-1, keepdim=True)", "xf.pow(2).mean(0, keepdim=True)")),
     alternative("rmsnorm", "written-with-sqrt-and-division", "model.RMSNorm.forward", """
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -127,6 +129,7 @@ VARIANTS = [
                                                      "x1, x2 = x[..., ::2], x[..., 1::2]")),
     mutant("rope", "rotates-backwards", "model.py", ("[x1 * cos - x2 * sin, x1 * sin + x2 * cos]", "[x1 * cos + x2 * sin, -x1 * sin + x2 * cos]")),
     mutant("rope", "positions-start-at-1", "model.py", ("cos, sin = cos[:T], sin[:T]", "cos, sin = cos[1:T + 1], sin[1:T + 1]")),
+    mutant("rope", "table-not-cut-to-T", "model.py", ("cos, sin = cos[:T], sin[:T]", "pass")),
     mutant("rope", "sin-cos-swapped", "model.py", ("[x1 * cos - x2 * sin, x1 * sin + x2 * cos]", "[x1 * sin - x2 * cos, x1 * cos + x2 * sin]")),
     alternative("rope", "complex-multiplication", "model.apply_rope", """
         T, half = x.size(-2), x.size(-1) // 2
@@ -373,6 +376,8 @@ VARIANTS = [
     mutant("lr-schedule", "cosine-over-all-steps", "train.py", ("progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)",
                                                                 "progress = step / max(1, cfg.max_iters)")),
     mutant("lr-schedule", "wsd-decays-from-the-start", "train.py", ("    if step < decay_start:\n        return peak\n", "")),
+    mutant("lr-schedule", "cosine-climbs-back-after-max-iters", "train.py", ("(1 + math.cos(math.pi * min(1.0, progress)))",
+                                                                            "(1 + math.cos(math.pi * progress))")),
     mutant("lr-schedule", "half-cosine-period", "train.py", ("(1 + math.cos(math.pi * min(1.0, progress)))", "(1 + math.cos(2 * math.pi * min(1.0, progress)))")),
     alternative("lr-schedule", "phases-as-fractions", "train.learning_rate_at", """
         peak = cfg.learning_rate
@@ -407,6 +412,8 @@ VARIANTS = [
     mutant("adamw", "l2-in-the-gradient-not-decoupled", "parallel.py", ("                p.mul_(1 - lr * self.decay[p])\n", "                p.grad.add_(p, alpha=self.decay[p])\n")),
     mutant("adamw", "decay-after-the-update", "parallel.py", ("                p.mul_(1 - lr * self.decay[p])\n", ""),
            ("p.addcdiv_(state[\"exp_avg\"], denom, value=-lr / (1 - beta1**t))", "p.addcdiv_(state[\"exp_avg\"], denom, value=-lr / (1 - beta1**t))\n                p.mul_(1 - lr * self.decay[p])")),
+    mutant("adamw", "eps-inside-the-root", "parallel.py", ("denom = (state[\"exp_avg_sq\"].sqrt() / math.sqrt(1 - beta2**t)).add_(eps)",
+                                                        "denom = (state[\"exp_avg_sq\"] / (1 - beta2**t)).add_(eps).sqrt()")),
     mutant("adamw", "betas-swapped", "parallel.py", ("lr, (beta1, beta2), eps = group[\"lr\"], group[\"betas\"], group[\"eps\"]", "lr, (beta2, beta1), eps = group[\"lr\"], group[\"betas\"], group[\"eps\"]")),
     alternative("adamw", "bias-corrected-moments-written-out", "parallel.ShardedAdamW.step", """
         for group in self.param_groups:

@@ -262,7 +262,7 @@ def test_every_exercise_is_in_exactly_one_set():
     assert set(exercises.SET_HOURS) == set(exercises.SETS)
 
 
-@pytest.mark.slow  # 177 variants, each applied and parsed: ~25 s on two loaded cores
+@pytest.mark.slow  # every variant of mutants.VARIANTS, each applied and parsed: ~25 s on two loaded cores
 def test_every_exercise_has_three_mutants_and_an_alternative_that_apply_to_its_lines(tmp_path):
     # no judge runs here: each variant's edits must still find their text, once, on the lines of
     # their exercise (the sources move on; a stale mutant is one error line, not a silent skip),
@@ -296,28 +296,91 @@ def test_fast_subset_of_mutants_is_caught_and_alternatives_pass(variant):
 @pytest.mark.slow
 def test_handout_grades_zero_stripped_and_full_marks_restored(tmp_path):
     # the smallest set, in a directory outside the repository: the stripped hand-out scores 0 on
-    # every exercise, the same directory with the original sources put back scores 100%
+    # every exercise, even with a marker's judge edited to select passing tests and another marker
+    # deleted (grade runs the judges handout.json kept); the same directory with the original sources
+    # put back, graded by the repository's own tests (--tests) while the hand-out's are gutted, 100%
     out = tmp_path / "handout"
     assert exercises.main(["handout", "--out", str(out), "--set", "scaling"]) == 0
     assert not (out / "tests" / "mutants.py").exists()  # its alternatives are solutions
+    assert not (out / "tests" / "test_course.py").exists()  # it imports mutants
     text = (out / "ASSIGNMENT.md").read_text()
     for name in exercises.SETS["scaling"]:
         assert f"`{name}`" in text
     assert "argmin L(N, D) subject to 6 N D = C" in text  # the docstrings are the tasks
+    collected = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "tests/test_scaling.py"],
+                               cwd=out, capture_output=True, text=True, timeout=300)
+    assert collected.returncode == 0, collected.stdout[-2000:]  # the hand-out's tests still collect
 
-    def graded():
-        proc = subprocess.run([sys.executable, "-m", "tests.exercises", "grade", "--json"], cwd=out,
+    scaling = (out / "scaling.py").read_text()
+    judge = {e.name: e for e in EXERCISES}["chinchilla"].judge
+    edited = scaling.replace(f"# EXERCISE: chinchilla ({' '.join(judge)})", "# EXERCISE: chinchilla (tests/test_scaling.py -k count)")
+    edited = re.sub(r"\n# EXERCISE: isoflop-fit \(.*\)\n", "\n", edited)
+    assert edited.count("# EXERCISE:") == scaling.count("# EXERCISE:") - 1 and "-k count)" in edited
+    (out / "scaling.py").write_text(edited)
+
+    def graded(*before, after=(), cwd=out):
+        proc = subprocess.run([sys.executable, "-m", "tests.exercises", *before, "grade", "--json", *after], cwd=cwd,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
     stripped = graded()
     assert stripped["set"] == "scaling" and list(stripped["exercises"]) == list(exercises.SETS["scaling"])
-    assert all(e["passed"] == 0 and e["total"] > 0 for e in stripped["exercises"].values()) and stripped["score"] == 0
+    assert all(e["passed"] == 0 and e["total"] > 0 for e in stripped["exercises"].values()) and stripped["score"] == 0, stripped
+    assert not stripped["exercises"]["isoflop-fit"]["marked"]
     for name in ("scaling.py", "model.py"):
         shutil.copy2(ROOT / name, out / name)
-    restored = graded()
-    assert all(e["passed"] == e["total"] for e in restored["exercises"].values()) and restored["score"] == 1
+    (out / "tests" / "test_scaling.py").write_text("def test_nothing():\n    pass\n")  # a student's tests
+    restored = graded("--root", str(out), after=("--tests", str(ROOT / "tests")), cwd=ROOT)
+    assert all(e["passed"] == e["total"] > 1 for e in restored["exercises"].values()) and restored["score"] == 1, restored
+
+
+def test_grade_takes_the_judges_handout_json_kept_not_the_markers(toy):
+    (toy / "handout.json").write_text(json.dumps({"set": "toy", "exercises": ["double", "gone"], "judges": {
+        "double": ["tests/test_toy.py", "-k", "double"], "gone": ["tests/test_toy.py", "-k", "gone"]}}))
+    (toy / "toy.py").write_text(TOY.replace("(tests/test_toy.py -k double)", "(tests/test_toy.py -k other)"))
+    assert exercises.graded_exercises(toy) == ("toy", [("double", ["tests/test_toy.py", "-k", "double"]),
+                                                       ("gone", ["tests/test_toy.py", "-k", "gone"])])
+    # an exercise of the set taken out of handout.json is still graded, with no judge: 0
+    scaling = exercises.SETS["scaling"]
+    (toy / "handout.json").write_text(json.dumps({"set": "scaling", "exercises": list(scaling[1:]),
+                                                  "judges": {n: ["tests/test_scaling.py", "-k", n] for n in scaling[1:]}}))
+    assert exercises.graded_exercises(toy)[1][0] == (scaling[0], None)
+
+
+@pytest.mark.parametrize("markexpr, kept", [("", 1), ("not slow", 1), ("slow", 1), ("course", 2), ("course or slow", 2)])
+def test_course_marked_tests_run_only_when_the_m_expression_names_them(request, markexpr, kept):
+    # the whole mutant table is opt-in: tests/conftest.py's hook deselects `course` tests unless -m
+    # names the marker (-m itself then filters as usual); here on this test and the table's first
+    table = [i for i in request.session.items if getattr(i, "originalname", None) == "test_every_mutant_is_caught_and_every_alternative_passes"]
+    if not table:  # deselected in this run, as it should be: make the item again, the way collection does
+        table = [pytest.Function.from_parent(request.node.parent, name="test_every_mutant_is_caught_and_every_alternative_passes[x]",
+                                             callobj=test_every_mutant_is_caught_and_every_alternative_passes,
+                                             originalname="test_every_mutant_is_caught_and_every_alternative_passes")]
+    items, deselected = [request.node, table[0]], []
+    config = type("Config", (), {"option": type("Option", (), {"markexpr": markexpr})(), "rootpath": ROOT,
+                                 "hook": type("Hook", (), {"pytest_deselected": staticmethod(lambda items: deselected.extend(items))})()})()
+    conftest = next(p for p in request.config.pluginmanager.get_plugins() if getattr(p, "__file__", None) == str(ROOT / "tests" / "conftest.py"))
+    conftest.pytest_collection_modifyitems(config, items)
+    assert len(items) == kept and (kept == 2 or deselected == [table[0]])
+
+
+@pytest.fixture(scope="module")
+def variant_runs(request):
+    """Every selected variant's judge run, two at a time (two cores)."""
+    selected = [item.callspec.params["variant"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_every_mutant_is_caught_and_every_alternative_passes"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(selected, pool.map(exercises.run_variant, selected)))
+
+
+@pytest.mark.course
+@pytest.mark.parametrize("variant", mutants.VARIANTS, ids=lambda v: f"{v.exercise}:{v.name}")
+def test_every_mutant_is_caught_and_every_alternative_passes(variant_runs, variant):
+    # the whole table of tests/mutants.py, one judge run per variant: tens of minutes on two cores,
+    # far past CI's 10 minutes, so opt-in (`-m course`, README); FAST above keeps a subset in every run
+    result = variant_runs[variant]
+    assert result["ok"], f"{variant.exercise}: {variant.name}: {result['run'].summary()}\n{result['run'].output[-2000:]}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -201,8 +201,10 @@ def test_layernorm_matches_float64_formula_with_and_without_bias(bias):
     torch.testing.assert_close(ln(x).double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_rmsnorm_matches_float64_formula():
-    x = torch.randn(3, 5, 16)
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_rmsnorm_matches_float64_formula(scale):
+    # scale 1e-3: the mean square (~1e-6) is as large as eps, so where eps goes (inside the root) shows
+    x = torch.randn(3, 5, 16) * scale
     rn = model.RMSNorm(16)
     with torch.no_grad():
         rn.weight.normal_()
@@ -225,7 +227,7 @@ def test_rope_matches_complex_rotation():
     # reference: pair (x_i, x_{i+D/2}) as the complex number x_i + i x_{i+D/2}, times e^{i m theta_i}
     T, D, theta = 11, 8, 10000.0
     x = torch.randn(2, 3, T, D, dtype=torch.float64)
-    cos, sin = model.rope_cache(T, D, theta)
+    cos, sin = model.rope_cache(T + 5, D, theta)  # a table longer than T, like the model's (block_size rows): rows 0..T-1 apply
     got = model.apply_rope(x, cos.double(), sin.double())
     freqs = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
     z = torch.complex(x[..., : D // 2], x[..., D // 2 :]) * torch.polar(torch.ones(T, D // 2, dtype=torch.float64),

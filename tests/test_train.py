@@ -88,6 +88,8 @@ def test_cosine_schedule_matches_its_formula():
         expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         assert train.learning_rate_at(step, cfg) == pytest.approx(expected)
     assert train.learning_rate_at(60, cfg) == pytest.approx(0.55)  # half-way: mean of peak and floor
+    for step in (111, 160, 310):  # past max_iters: the floor, as the docstring says (the cosine must not climb back)
+        assert train.learning_rate_at(step, cfg) == pytest.approx(0.1), step
 
 
 def test_wsd_schedule_holds_then_decays_linearly():
@@ -95,6 +97,7 @@ def test_wsd_schedule_holds_then_decays_linearly():
     assert train.learning_rate_at(50, cfg) == 1.0 and train.learning_rate_at(87, cfg) == 1.0
     assert train.learning_rate_at(99, cfg) == pytest.approx(1.0 - 0.9 * 11 / 22)
     assert train.learning_rate_at(110, cfg) == pytest.approx(0.1)
+    assert train.learning_rate_at(160, cfg) == pytest.approx(0.1)  # past max_iters: the floor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +335,7 @@ def test_ablate_recipe_runs_sharing_an_out_dir_keep_and_reuse_each_others_rows(t
 def test_rng_states_saved_then_set_replay_the_same_draws_and_dropout_masks():
     # what a resume needs of the RNG: after set_rng_states(saved), every draw is the one that
     # followed the save (a dropout mask included), however much was drawn in between
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))  # fresh, except as a judge (tests/conftest.py seeds those)
     torch.rand(int(torch.randint(1, 100, ())))
     saved = train.rng_states()
     saved_copy = {k: v.clone() if torch.is_tensor(v) else v for k, v in saved.items()}
