@@ -1002,7 +1002,9 @@ class GPT(nn.Module):
         # --mtp_style sequential: DeepSeek-V3's chain of modules instead (MTPModule)
         mtp_head = MTPModule if config.mtp_style == "sequential" else Block
         self.mtp_heads = nn.ModuleList([mtp_head(config) for _ in range(config.mtp)]) if config.mtp else None
-        self.mtp_loss_sum = None  # (N,) each head's loss summed over the training forwards since pop_mtp_loss_sum
+        # (N,) each head's loss summed over the training forwards since pop_mtp_loss_sum (torch.compile makes
+        # two graphs of the forward when several run between pops: the first one's, where it is None, and the rest's)
+        self.mtp_loss_sum = None
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one matrix, two roles (Press & Wolf 2017)
         self.apply(self._init_weights)
