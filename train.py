@@ -813,9 +813,12 @@ class SpikeGuard:
     here: with skipped steps kept out, one seed of the recipe ablation skipped steps 35 to 178 in a
     row, its gradient norm rising in warm-up, and ended 0.63 bits per byte behind). The price: a
     spike lifts the mean and the spread that judge the next WINDOW steps. Nothing is judged until
-    MIN_STEPS, half the window, are in it (OLMo-core's rule): fewer make a poor estimate of the
+    MIN_STEPS, half the window, are in it (OLMo-core's rule, whose count also holds the step being
+    judged, so it starts one step sooner): fewer make a poor estimate of the
     spread, and they fall in warm-up, whose rising gradient norm is no spike (with 20, the recipe
     ablation's healthy runs skipped a step at 35 and at 42, one of them 36 standard deviations out).
+    Later steps of a healthy run can still cross S = 6 on the gradient norm, whose tail is long at
+    small batches: 2 of the laptop preset's 1000 steps, 5 of the tiny preset's (README, the ablation).
     The windows and the count live in the checkpoint (state_dict), so a resumed run judges exactly
     as the straight one."""
 
