@@ -1022,6 +1022,9 @@ class GPT(nn.Module):
         # --mtp_style sequential: DeepSeek-V3's chain of modules instead (MTPModule)
         mtp_head = MTPModule if config.mtp_style == "sequential" else Block
         self.mtp_heads = nn.ModuleList([mtp_head(config) for _ in range(config.mtp)]) if config.mtp else None
+        # (N,) each head's loss summed over the training forwards since pop_mtp_loss_sum (torch.compile makes
+        # two graphs of the forward when several run between pops: the first one's, where it is None, and the rest's)
+        self.mtp_loss_sum = None
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # one matrix, two roles (Press & Wolf 2017)
         self.apply(self._init_weights)
@@ -1113,9 +1116,17 @@ class GPT(nn.Module):
         logits, loss = self.next_token_head(x, targets)
         if targets is not None and self.mtp_heads is not None and self.training:
             extra = torch.stack(self.mtp_losses(x, targets, idx, doc_ids, positions))  # (N,)
-            self.last_mtp_losses = extra.detach()  # each head's loss, for the log (train.py reads it)
+            self.last_mtp_losses = extra.detach()  # each head's loss in this forward
+            self.mtp_loss_sum = self.last_mtp_losses + (0 if self.mtp_loss_sum is None else self.mtp_loss_sum)
             loss = loss + self.config.mtp_weight * extra.mean()
         return logits, loss
+
+    def pop_mtp_loss_sum(self):
+        """Each extra head's loss (N,), unweighted, summed over the training forwards since the last
+        call (None if there were none), and the sum starts again: a caller that runs several forwards
+        (micro-batches) reads their total once, as the MoE layers' reset_stats lets it read their load."""
+        total, self.mtp_loss_sum = self.mtp_loss_sum, None
+        return total
 
     def next_token_head(self, x, targets=None):
         """Final norm, logits (B, T, V) (soft-capped if configured), and the mean cross-entropy

@@ -455,6 +455,9 @@ def check_config(cfg: TrainConfig, model_overrides: dict | None = None):
     if cfg.spike_sigma and cfg.diloco_steps:
         raise ValueError("--spike_sigma with --diloco_steps: DiLoCo workers see only their own loss, so their guards "
                          "would part ways; drop one of the two")
+    if cfg.ablate_rows and not cfg.ablate_recipe:
+        raise ValueError(f"--ablate_rows {cfg.ablate_rows} without --ablate_recipe: it picks rows of the recipe ablation; "
+                         "add --ablate_recipe, or drop --ablate_rows")
     if cfg.compare_seeds == 1:
         raise ValueError(f"--compare_seeds needs 2 or more seeds to measure a spread (0: one run), got {cfg.compare_seeds}")
     if cfg.checkpoint_format not in ("full", "sharded"):
@@ -702,7 +705,8 @@ def nonfinite_reason(loss: float, grad_norm: float | None, gradient_scaler: bool
 
 def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int, gradient_scaler: bool = False,
                guard: "SpikeGuard | None" = None) -> dict:
-    """Optimizer step `step` (0-based): {"loss", "grad_norm", "lr", "skipped", "spike"}.
+    """Optimizer step `step` (0-based): {"loss", "grad_norm", "lr", "skipped", "spike"}, and with --mtp
+    "mtp_loss" (mean_mtp_losses).
 
     1. lr from the schedule, set in every parameter group.
     2. grad_accum micro-batches; each loss divided by grad_accum, so the accumulated gradient is the
@@ -721,6 +725,8 @@ def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int,
         group["lr"] = lr
     device = par.layout.device
     loss_sum = 0.0
+    if par.module.config.mtp:
+        par.module.pop_mtp_loss_sum()  # --mtp: the heads' losses are summed from this step's first forward
     # EXERCISE BEGIN grad-accum (tests/test_train.py -k train_step)
     for micro in range(cfg.grad_accum):
         x, y = sampler.next_batch()
@@ -729,6 +735,7 @@ def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int,
     par.finish_gradient_sync()
     loss = par.reduce_loss(loss_sum / cfg.grad_accum)
     # EXERCISE END grad-accum
+    mtp = {"mtp_loss": mean_mtp_losses(par, cfg.grad_accum)} if par.module.config.mtp else {}
     grad_norm = par.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else None
     bad, spike = nonfinite_reason(loss, grad_norm, gradient_scaler), ""
     if par.any_rank(bool(bad)):
@@ -739,7 +746,16 @@ def train_step(par: parallel.Parallelized, sampler, cfg: TrainConfig, step: int,
         par.optimizer_step()
     par.zero_grad()  # a skipped step's gradients are dropped, and its batch with them
     balance = balance_experts(par, update=not bad)  # after the update, outside autograd (DeepSeek-V3's order)
-    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": bad, "spike": spike, **balance}
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": bad, "spike": spike, **mtp, **balance}
+
+
+def mean_mtp_losses(par: parallel.Parallelized, micro_batches: int) -> list[float]:
+    """--mtp: each extra head's loss over the step's global batch, unweighted (head k against token
+    t+1+k), taken as the step's loss is: the mean over the micro-batches, then over the data-parallel
+    ranks. The step's loss is the next-token loss plus mtp_weight x the mean of these (model.GPT.head)."""
+    t = par.module.pop_mtp_loss_sum().float() / micro_batches  # (N,)
+    par.data_parallel.mean_over_data(t, par.layout.group("data"))
+    return t.tolist()
 
 
 def balance_experts(par: parallel.Parallelized, update: bool) -> dict:
@@ -781,12 +797,17 @@ class SpikeGuard:
     here: with skipped steps kept out, one seed of the recipe ablation skipped steps 35 to 178 in a
     row, its gradient norm rising in warm-up, and ended 0.63 bits per byte behind). The price: a
     spike lifts the mean and the spread that judge the next WINDOW steps. Nothing is judged until
-    MIN_STEPS are in the window (our choice, OLMo-core's floor: fewer make a poor estimate of the
-    spread; OLMo-core also waits for half its window). The windows and the count live in the
-    checkpoint (state_dict), so a resumed run judges exactly as the straight one."""
+    MIN_STEPS, half the window, are in it (OLMo-core's rule, whose count also holds the step being
+    judged, so it starts one step sooner): fewer make a poor estimate of the
+    spread, and they fall in warm-up, whose rising gradient norm is no spike (with 20, the recipe
+    ablation's healthy runs skipped a step at 35 and at 42, one of them 36 standard deviations out).
+    Later steps of a healthy run can still cross S = 6 on the gradient norm, whose tail is long at
+    small batches: 2 of the laptop preset's 1000 steps, 5 of the tiny preset's (README, the ablation).
+    The windows and the count live in the checkpoint (state_dict), so a resumed run judges exactly
+    as the straight one."""
 
     WINDOW = 128  # OLMo-core's rolling interval
-    MIN_STEPS = 20
+    MIN_STEPS = WINDOW // 2  # OLMo-core judges once half its window is filled
 
     def __init__(self, sigma: float):
         self.sigma, self.skipped = sigma, 0
@@ -2371,7 +2392,7 @@ def log_step(run: Run, out: dict, seconds: float, progress: Progress, stop: int)
     mfu = scaling.mfu(tokens_per_s / run.layout.world_size, flops_per_token, peak)
     if run.metrics is not None:
         run.metrics.log(step=run.step, loss=out["loss"], lr=out["lr"], ms_per_step=1000 * seconds,
-                        tokens_per_s=tokens_per_s, mfu=mfu, **{k: v for k, v in out.items() if k.startswith("moe_")})
+                        tokens_per_s=tokens_per_s, mfu=mfu, **{k: v for k, v in out.items() if k.startswith(("moe_", "mtp_"))})
     if run.step % run.cfg.log_interval == 0 or run.step == stop:
         mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
         moe_text = f" | load max/mean {out['moe_load_max_over_mean']:.2f}" if "moe_load_max_over_mean" in out else ""
@@ -2404,7 +2425,7 @@ def log_spike(run: Run, out: dict):
           f"({run.guard.skipped} so far)", flush=True)
     if run.metrics is not None:
         run.metrics.log(step=run.step, loss=out["loss"], grad_norm=out["grad_norm"], lr=out["lr"], spike=out["spike"],
-                        spikes_skipped=run.guard.skipped)
+                        spikes_skipped=run.guard.skipped, **({"mtp_loss": out["mtp_loss"]} if "mtp_loss" in out else {}))
 
 
 def last_checkpoint(run: Run) -> str:

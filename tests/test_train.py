@@ -165,21 +165,25 @@ def inject_spike(monkeypatch, at_call: int, factor: float = 50.0):
 
 
 def test_spike_guard_skips_an_injected_spike_and_nothing_else(data_dir, tmp_path, monkeypatch):
-    common = dict(max_iters=40, eval_interval=40, dtype="float32", spike_sigma=6.0)
-    clean, mo = tiny(data_dir, tmp_path / "clean", **common)
+    # the guard judges from step 65 (MIN_STEPS = 64 in the window): the clean run has 36 judged steps,
+    # the spiked one (the same schedule, stopped at 72) its spike at step 70, judged by a window of 69
+    assert train.SpikeGuard.MIN_STEPS == 64
+    clean, mo = tiny(data_dir, tmp_path / "clean", max_iters=100, eval_interval=100, dtype="float32", spike_sigma=6.0)
     train.train(clean, mo)
     assert not [r for r in read_metrics(tmp_path / "clean") if "spike" in r or "skipped" in r]  # a normal run: no skip
-    inject_spike(monkeypatch, at_call=29)
-    spiked, mo = tiny(data_dir, tmp_path / "spiked", **common)
+    inject_spike(monkeypatch, at_call=69)
+    spiked, mo = tiny(data_dir, tmp_path / "spiked", max_iters=100, stop_at=72, eval_interval=100, dtype="float32",
+                      spike_sigma=6.0)
     train.train(spiked, mo)
     rows = read_metrics(tmp_path / "spiked")
     spikes = [r for r in rows if "spike" in r]
-    assert [r["step"] for r in spikes] == [30] and spikes[0]["spikes_skipped"] == 1  # that one step, logged and counted
+    assert [r["step"] for r in spikes] == [70] and spikes[0]["spikes_skipped"] == 1  # that one step, logged and counted
     assert spikes[0]["loss"] > 50 and "standard deviations above the mean" in spikes[0]["spike"]
-    # no update at step 30: every other step trains exactly as in the clean run, which took step 30's
+    assert spikes[0]["spike"].endswith("of the last 69 steps")
+    # no update at step 70: every other step trains exactly as in the clean run, which took step 70's
     # update; so the steps before it are equal and the ones after it differ only by that step
     a, b = [r for r in read_metrics(tmp_path / "clean") if "loss" in r], [r for r in rows if "loss" in r]
-    assert [r["loss"] for r in a[:29]] == [r["loss"] for r in b[:29]]
+    assert [r["loss"] for r in a[:69]] == [r["loss"] for r in b[:69]] and a[70]["loss"] != b[70]["loss"]
     assert final_state(tmp_path / "spiked")["spike_guard"]["skipped"] == 1
 
 
@@ -189,36 +193,42 @@ def test_spike_guard_skips_a_lone_spike_but_follows_a_lasting_rise():
     window of accepted values only would skip all 40 steps of the new level)."""
     g = np.random.default_rng()
     guard = train.SpikeGuard(6.0)
-    verdicts = [guard.judge(float(x), None) for x in 1 + 0.01 * g.standard_normal(30)]
+    # the 64th value is not judged yet, its window holding 63; the 65th is (MIN_STEPS = 64, OLMo-core's rule)
+    assert not any(guard.judge(float(x), None) for x in [*(1 + 0.01 * g.standard_normal(63)), 50.0])
+    assert guard.judge(50.0, None) and guard.skipped == 1
+    guard = train.SpikeGuard(6.0)
+    verdicts = [guard.judge(float(x), None) for x in 1 + 0.01 * g.standard_normal(70)]
     assert not any(verdicts) and guard.judge(50.0, None) and guard.skipped == 1
     guard = train.SpikeGuard(6.0)
-    for x in 1 + 0.01 * g.standard_normal(30):
+    for x in 1 + 0.01 * g.standard_normal(70):
         guard.judge(float(x), None)
     shifted = [bool(guard.judge(float(x), None)) for x in 5 + 0.01 * g.standard_normal(40)]
     assert shifted[0] and not any(shifted[10:]) and guard.skipped < 10
 
 
 def test_spike_guard_resumes_bit_for_bit(data_dir, tmp_path, monkeypatch):
-    # the windows come back from the checkpoint: at step 24 they hold 20+ values that judge steps 25..,
-    # among them step 27, a spike in both runs (the 27th micro-step straight, the 3rd after the resume)
-    common = dict(max_iters=30, eval_interval=12, dtype="float32", spike_sigma=6.0)
-    inject_spike(monkeypatch, at_call=26)
+    # the windows come back from the checkpoint: at step 66 they hold 66 values (64+) that judge steps
+    # 67.., among them step 69, a spike in both runs (the 69th micro-step straight, the 3rd after the
+    # resume); a guard that came back empty would judge nothing before step 131 and let it through
+    common = dict(max_iters=72, eval_interval=33, dtype="float32", spike_sigma=6.0)
+    inject_spike(monkeypatch, at_call=68)
     straight, mo = tiny(data_dir, tmp_path / "straight", **common)
     train.train(straight, mo)
     monkeypatch.undo()
-    first, mo = tiny(data_dir, tmp_path / "resumed", stop_at=24, **common)
+    first, mo = tiny(data_dir, tmp_path / "resumed", stop_at=66, **common)
     train.train(first, mo)
     inject_spike(monkeypatch, at_call=2)
     second, mo = tiny(data_dir, tmp_path / "resumed", resume=True, **common)
     train.train(second, mo)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s", "mfu")} for r in rows]
     a = strip(read_metrics(tmp_path / "straight"))
-    assert a == strip(read_metrics(tmp_path / "resumed"))  # 24 is an evaluation step of both: the same lines
+    assert a == strip(read_metrics(tmp_path / "resumed"))  # 66 is an evaluation step of both: the same lines
+    assert [r["step"] for r in a if "spike" in r] == [69]
     sa, sb = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
-    # the windows hold every step since the start, skipped or not (128 > 30): a guard not restored at
-    # step 24 would end with only the 6 steps after it, so equal windows of 30 prove it came back whole
+    # the windows hold every step since the start, skipped or not (128 > 72): a guard not restored at
+    # step 66 would end with only the 6 steps after it, so equal windows of 72 prove it came back whole
     assert sa["spike_guard"] == sb["spike_guard"] and sa["spike_guard"]["skipped"] == 1
-    assert len(sb["spike_guard"]["losses"]) == 30
+    assert len(sb["spike_guard"]["losses"]) == 72
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
@@ -232,6 +242,41 @@ def test_the_whole_recipe_trains_together_and_logs_the_extra_heads_apart(data_di
     assert len(evals) == 1 and len(evals[0]["val_mtp_loss"]) == 2  # tokens t+2 and t+3, reported apart
     assert all(math.isfinite(v) for v in evals[0]["val_mtp_loss"]) and evals[0]["val_loss"] == result["val_loss"]
     assert any(k.startswith("mtp_heads.1.") for k in final_state(tmp_path)["model"])  # kept in the checkpoint
+
+
+def test_each_training_step_logs_the_extra_heads_losses_apart(data_dir, tmp_path, monkeypatch):
+    """--mtp 2 --grad_accum 2: every step's row has mtp_loss, each head's unweighted loss averaged over
+    the step's micro-batches, and its loss is the next-token loss plus mtp_weight x their mean. The
+    reference is what the model computed, recorded at its two methods: each training forward's
+    next-token loss (next_token_head) and heads' losses (mtp_losses)."""
+    next_token, heads = [], []
+    real_head, real_mtp = GPT.next_token_head, GPT.mtp_losses
+
+    def next_token_head(self, x, targets=None):
+        logits, loss = real_head(self, x, targets)
+        if self.training and targets is not None:
+            next_token.append(loss.item())
+        return logits, loss
+
+    def mtp_losses(self, *args, **kwargs):
+        losses = real_mtp(self, *args, **kwargs)
+        if self.training:  # (validation's val_mtp_loss calls it in eval mode)
+            heads.append([v.item() for v in losses])
+        return losses
+
+    monkeypatch.setattr(GPT, "next_token_head", next_token_head)
+    monkeypatch.setattr(GPT, "mtp_losses", mtp_losses)
+    cfg, mo = tiny(data_dir, tmp_path, max_iters=3, eval_interval=3, dtype="float32", mtp=2, mtp_weight=0.5,
+                   grad_accum=2, z_loss=1e-4)
+    train.train(cfg, mo)
+    rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and len(next_token) == len(heads) == 6  # 3 steps x 2 micro-batches
+    for i, row in enumerate(rows):
+        step_heads = np.mean(heads[2 * i:2 * i + 2], axis=0)  # (2,) the mean over the step's two micro-batches
+        # float32: the losses are float32 scalars of about 6, summed in another order (~1e-6 relative)
+        assert row["mtp_loss"] == pytest.approx(step_heads.tolist(), rel=1e-5)
+        assert row["loss"] == pytest.approx(np.mean(next_token[2 * i:2 * i + 2]) + 0.5 * np.mean(row["mtp_loss"]), rel=1e-5)
+        assert row["mtp_loss"][0] != row["mtp_loss"][1]  # two heads, two numbers
 
 
 # the flags each --ablate_recipe row turns on, written out from the issue (PaLM's z-loss 1e-4,
@@ -274,6 +319,12 @@ def test_ablate_recipe_rows_are_the_baseline_each_option_alone_and_all_together(
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1, err
         assert not (tmp_path / "bad").exists()
+    # --ablate_rows alone would train one plain run, its rows ignored: refused too
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--preset", "tiny", "--data_dir", data_dir, "--out_dir", str(tmp_path / "bad"), "--ablate_rows", "mtp"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: --ablate_rows mtp without --ablate_recipe") and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_ablate_recipe_table_holds_the_compare_seeds_runs_numbers(data_dir, tmp_path, capsys):
