@@ -1870,6 +1870,22 @@ class OutDirLock:
             time.sleep(0.01)
         return "PID unknown"
 
+    def held_by(self) -> str:
+        """The holder's line if another process holds the lock now, else "" (nothing taken: checked
+        before this process locks anything, as check_out_dir does)."""
+        try:
+            import fcntl
+            fd = os.open(self.path, os.O_RDWR)
+        except (ImportError, OSError):
+            return ""
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return ""  # nobody holds it (closing the file below lets it go again)
+        except OSError as e:
+            return self.holder() if e.errno in (errno.EACCES, errno.EAGAIN) else ""
+        finally:
+            os.close(fd)
+
     def release(self):
         if self.fd is not None:
             with contextlib.suppress(OSError):
@@ -1886,6 +1902,9 @@ def check_out_dir(cfg: TrainConfig):
         if os.path.exists(getattr(cfg, flag)) and not os.path.isdir(getattr(cfg, flag)):
             raise ValueError(f"--{flag} {getattr(cfg, flag)} is a file, not a directory: pass a directory")
     if cfg.resume and not any_checkpoint(cfg.out_dir):
+        if holder := OutDirLock(cfg.out_dir).held_by():  # a run still before its first checkpoint
+            raise ValueError(f"no checkpoint at {ckpt_path} yet: another run ({holder}) is training in --out_dir "
+                             f"{cfg.out_dir} and has not written one; wait for it to finish, stop it, or pass another --out_dir")
         raise ValueError(f"no checkpoint at {ckpt_path}: train first, or point --out_dir at a run's directory")
     if not cfg.resume and any_checkpoint(cfg.out_dir) and not cfg.overwrite:
         there = ckpt_path if os.path.exists(ckpt_path) else step_checkpoints(cfg.out_dir)[0][1]

@@ -332,6 +332,26 @@ def test_two_runs_at_once_in_one_out_dir_one_refuses_naming_the_other_whose_file
     assert not (out / "train.lock").exists()
 
 
+def test_a_resume_while_a_run_trains_before_its_first_checkpoint_names_that_run(tmp_path):
+    """--resume where a run holds the lock but has no checkpoint yet: the refusal names the run, not
+    "train first". The holder here is a small process that locks train.lock as OutDirLock does."""
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(out / 'train.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.lockf(fd, fcntl.LOCK_EX)\nos.write(fd, b'PID 4242 on the-other-host\\n')\n"
+                               "print('locked', flush=True)\ntime.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert_one_line_error(run_train("--preset", "tiny", "--resume", "--out_dir", out),
+                              "no checkpoint at", "yet: another run (PID 4242 on the-other-host) is training")
+    finally:
+        holder.kill()
+        holder.wait()
+    # once it is gone, the usual line
+    assert_one_line_error(run_train("--preset", "tiny", "--resume", "--out_dir", out), "train first")
+
+
 def test_signals_stop_after_the_step_with_its_checkpoint_and_a_second_one_corrupts_nothing(data_dir, tmp_path):
     out = tmp_path / "out"
     flags = tiny_flags(data_dir, out, "--max_iters", 1000, "--eval_interval", 1000, "--dropout", 0.1)
