@@ -283,13 +283,22 @@ def test_every_exercise_has_three_mutants_and_an_alternative_that_apply_to_its_l
 FAST_VARIANTS = [v for v in mutants.VARIANTS if (v.exercise, v.name) in mutants.FAST]
 
 
+@pytest.fixture(scope="module")
+def fast_runs(request):
+    """The judge run of each selected variant of mutants.FAST, two at a time (two cores)."""
+    selected = [item.callspec.params["variant"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_fast_subset_of_mutants_is_caught_and_alternatives_pass"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(selected, pool.map(exercises.run_variant, selected)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", FAST_VARIANTS, ids=lambda v: f"{v.exercise}:{v.name}")
-def test_fast_subset_of_mutants_is_caught_and_alternatives_pass(variant):
+def test_fast_subset_of_mutants_is_caught_and_alternatives_pass(fast_runs, variant):
     # the whole table (`python -m tests.exercises mutants`, every exercise) takes far longer than
     # the suite's budget on two cores; this fixed subset (mutants.FAST) keeps the named mistakes
     # of the issue and a few alternatives in every CI run
-    result = exercises.run_variant(variant)
+    result = fast_runs[variant]
     assert result["ok"], f"{variant.exercise}: {variant.name}: {result['run'].summary()}\n{result['run'].output[-2000:]}"
 
 
