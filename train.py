@@ -1975,9 +1975,7 @@ def stop_on_signals():
     when a collective failed: torchrun's SIGTERM follows a worker's death, and must find the process
     alive until it has said which rank to check (main's describe_failure_until_signal)."""
     _stop.update(signum=0, preparing=False, writing=False)
-    names = [n for n in STOP_SIGNALS if hasattr(signal, n)]  # Windows has no SIGUSR1
-    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = {n: signal.signal(getattr(signal, n), on_stop_signal) for n in names} if main_thread else {}
+    previous = set_stop_handlers(on_stop_signal)
     try:
         yield
     except RuntimeError as e:
@@ -1985,9 +1983,21 @@ def stop_on_signals():
             previous = {}
         raise
     finally:
-        for name, handler in previous.items():
-            if not _stop["signum"]:
-                signal.signal(getattr(signal, name), handler)
+        if not _stop["signum"]:
+            restore_handlers(previous)
+
+
+def set_stop_handlers(handler) -> dict:
+    """handler for every stop signal this platform has (Windows has no SIGUSR1); only the main
+    thread may set handlers, elsewhere nothing changes. Returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {n: signal.signal(getattr(signal, n), handler) for n in STOP_SIGNALS if hasattr(signal, n)}
+
+
+def restore_handlers(previous: dict):
+    for name, handler in previous.items():
+        signal.signal(getattr(signal, name), handler)
 
 
 @contextlib.contextmanager
@@ -3237,15 +3247,11 @@ def describe_failure_until_signal(e: BaseException, timeout_s: float) -> str:
     killer), torchrun sends SIGTERM to the others a moment later: its default action would end this
     process before it says which rank to check."""
     ended = []
-    names = [n for n in STOP_SIGNALS if hasattr(signal, n)]
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = ({n: signal.signal(getattr(signal, n), lambda signum, frame: ended.append(signum)) for n in names}
-                if main_thread else {})
+    previous = set_stop_handlers(lambda signum, frame: ended.append(signum))
     try:  # a signal noted before (the collective's failure left training with it) ends the wait too
         return parallel.describe_failure(e, timeout_s, stop=lambda: bool(ended or _stop["signum"]))
     finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
+        restore_handlers(previous)
 
 
 def report_stop(result: dict):

@@ -35,13 +35,20 @@ NAMES = [e.name for e in EXERCISES]
 # Every judge fails when its exercise is stripped
 
 
+def runs_of_selected(request, test_name: str, param: str, run) -> dict:
+    """run(value) for the `param` of each item of test_name this session selected, two at a time
+    (two cores; each run works in a copy of its own), as {value: result}."""
+    selected = [item.callspec.params[param] for item in request.session.items
+                if getattr(item, "originalname", None) == test_name]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(selected, pool.map(run, selected)))
+
+
 @pytest.fixture(scope="module")
 def stripped_runs(request):
-    """The stripped-copy judge run of each selected exercise, two at a time (two cores)."""
-    selected = [item.callspec.params["name"] for item in request.session.items
-                if getattr(item, "originalname", None) == "test_judge_fails_when_its_exercise_is_stripped"]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(selected, pool.map(lambda n: exercises.check_one(n, ROOT, original=False), selected)))
+    """The stripped-copy judge run of each selected exercise."""
+    return runs_of_selected(request, "test_judge_fails_when_its_exercise_is_stripped", "name",
+                            lambda n: exercises.check_one(n, ROOT, original=False))
 
 
 def test_the_course_covers_the_core_sequence():
@@ -285,11 +292,9 @@ FAST_VARIANTS = [v for v in mutants.VARIANTS if (v.exercise, v.name) in mutants.
 
 @pytest.fixture(scope="module")
 def fast_runs(request):
-    """The judge run of each selected variant of mutants.FAST, two at a time (two cores)."""
-    selected = [item.callspec.params["variant"] for item in request.session.items
-                if getattr(item, "originalname", None) == "test_fast_subset_of_mutants_is_caught_and_alternatives_pass"]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(selected, pool.map(exercises.run_variant, selected)))
+    """The judge run of each selected variant of mutants.FAST."""
+    return runs_of_selected(request, "test_fast_subset_of_mutants_is_caught_and_alternatives_pass", "variant",
+                            exercises.run_variant)
 
 
 @pytest.mark.slow
@@ -376,11 +381,9 @@ def test_course_marked_tests_run_only_when_the_m_expression_names_them(request, 
 
 @pytest.fixture(scope="module")
 def variant_runs(request):
-    """Every selected variant's judge run, two at a time (two cores)."""
-    selected = [item.callspec.params["variant"] for item in request.session.items
-                if getattr(item, "originalname", None) == "test_every_mutant_is_caught_and_every_alternative_passes"]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(selected, pool.map(exercises.run_variant, selected)))
+    """Every selected variant's judge run."""
+    return runs_of_selected(request, "test_every_mutant_is_caught_and_every_alternative_passes", "variant",
+                            exercises.run_variant)
 
 
 @pytest.mark.course

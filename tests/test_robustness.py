@@ -369,31 +369,28 @@ def test_signals_stop_after_the_step_with_its_checkpoint_and_a_second_one_corrup
     assert one_line(err) == f"stopped by SIGINT after step {stopped}: {out / 'ckpt.pt'} holds step {stopped}; continue with --resume"
     assert checkpoint_step() == stopped
 
+    def second_sigterm(env: dict, more_steps: int, where: str) -> int:
+        """A resume stopped by SIGTERM after more_steps, a second SIGTERM once the marker says the run
+        is at `where`: the checkpoint of the stopping step written whole, one line, exit 0."""
+        run = start_child([*flags, "--resume"], env, err)
+        wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= stopped + more_steps, run, f"{more_steps} more steps")
+        run.send_signal(signal.SIGTERM)
+        wait_until(marker.exists, run, where)
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 0
+        step = last_logged_step(out / "metrics.jsonl")
+        assert one_line(err).startswith(f"stopped by SIGTERM after step {step}: ")
+        assert checkpoint_step() == step
+        marker.unlink()
+        return step
+
     # SIGTERM, and a second SIGTERM while the checkpoint is being written: it is written whole, exit 0
     marker = tmp_path / "renaming"
-    run = start_child([*flags, "--resume"], {"SLOW_CHECKPOINT_RENAME": str(marker), "SLOW_CHECKPOINT_SECONDS": "2"}, err)
-    wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= stopped + 2, run, "two more steps")
-    run.send_signal(signal.SIGTERM)
-    wait_until(marker.exists, run, "the checkpoint's rename")
-    run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=60) == 0
-    stopped = last_logged_step(out / "metrics.jsonl")
-    assert one_line(err).startswith(f"stopped by SIGTERM after step {stopped}: ")
-    assert checkpoint_step() == stopped
-    marker.unlink()
-
+    stopped = second_sigterm({"SLOW_CHECKPOINT_RENAME": str(marker), "SLOW_CHECKPOINT_SECONDS": "2"}, 2,
+                             "the checkpoint's rename")
     # a second SIGTERM after training has ended, on the way out (torchrun and Slurm repeat theirs):
     # still exit 0, not the default action's 143
-    run = start_child([*flags, "--resume"], {"SLOW_STOP_LINE": str(marker)}, err)
-    wait_until(lambda: last_logged_step(out / "metrics.jsonl") >= stopped + 1, run, "one more step")
-    run.send_signal(signal.SIGTERM)
-    wait_until(marker.exists, run, "the stop line")
-    run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=60) == 0
-    stopped = last_logged_step(out / "metrics.jsonl")
-    assert one_line(err).startswith(f"stopped by SIGTERM after step {stopped}: ")
-    assert checkpoint_step() == stopped
-    marker.unlink()
+    stopped = second_sigterm({"SLOW_STOP_LINE": str(marker)}, 1, "the stop line")
 
     # a second Ctrl-C while the checkpoint is being written: abandoned, its temporary file removed,
     # the previous checkpoint whole; one line, exit 130
