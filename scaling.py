@@ -1237,6 +1237,9 @@ def cmd_count(args) -> dict:
             print(f"  {config.moe_topk} of {config.moe_experts} experts per token: {out['active'] / out['total']:.0%} of the "
                   "parameters active (scaling-law note: this file's docstring, Clark et al. 2022, Abnar et al. 2025)")
         print(f"  output layer {'tied to' if config.tie_embeddings else 'separate from'} the token embedding ({out['lm_head']:,})")
+        if args.vocab_size is None:  # the presets give a shape, not a vocabulary: train.py's comes from its tokenizer
+            print(f"  vocab {config.vocab_size:,} is GPTConfig's default (GPT-2's 50,257 padded to a multiple of 64); "
+                  f"train.py's comes from --tokenizer (a BPE of 2048 by default): add --vocab_size 2048 to count that model")
     return out
 
 

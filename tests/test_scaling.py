@@ -503,6 +503,22 @@ def test_moe_count_json_reports_the_models_total_and_active(capsys):
     assert out["active"] < out["total"]
 
 
+def test_count_of_a_preset_names_the_vocabulary_train_py_would_use(capsys):
+    # a preset is a shape; train.py's vocabulary comes from its tokenizer, so the count says how to get its model
+    import train  # the default is train.py's, read here (scaling.py itself never imports train.py)
+
+    default = train.TrainConfig().vocab_size
+    scaling.main(["count", "--preset", "laptop"])
+    out = capsys.readouterr().out
+    assert f"a BPE of {default} by default): add --vocab_size {default}" in out and "vocab 50,304 is" in out
+    assert GPTConfig().vocab_size == 50304 and 64 * math.ceil(50257 / 64) == 50304
+    scaling.main(["count", "--preset", "laptop", "--vocab_size", str(default)])
+    out = capsys.readouterr().out
+    assert "add --vocab_size" not in out
+    model = GPT(scaling.make_config("laptop", vocab_size=default))
+    assert out.splitlines()[1].split() == ["total", f"{model.num_params():,}"]  # 885,632: the README's first run
+
+
 def test_moe_exact_flops_match_torch_flop_counter_through_the_loop_over_experts():
     # the loop runs each expert as plain matmuls on exactly its tokens, so FlopCounterMode sees the
     # router, k experts' MLPs per token (dropless) and the shared experts: our count must be exact
