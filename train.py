@@ -175,7 +175,7 @@ class TrainConfig:
     max_download_mb: float = 4000.0  # largest download of a URL source in --data, in MB (10^6 bytes); a larger one stops with one line instead of filling the disk
     # --- run
     out_dir: str = "out"  # checkpoint, metrics.jsonl, run.json and samples go here
-    overwrite: bool = False  # allow a fresh run to replace a checkpoint already in out_dir (the old run's checkpoints are deleted as the new run starts, when its metrics.jsonl and run.json replace the old ones)
+    overwrite: bool = False  # allow a fresh run to replace a checkpoint already in out_dir (the old run's checkpoints are deleted as the new run starts, when its metrics.jsonl, run.json and tensorboard events replace the old ones)
     resume: bool = False  # continue the run whose checkpoint is in out_dir
     stop_at: int = 0  # stop this invocation after this step (0: at max_iters); the schedule still spans max_iters
     seed: int = 1337  # seeds initialisation, data order and sampling
@@ -1649,8 +1649,14 @@ def scalars(record: dict) -> dict:
 
 
 class TensorBoardSink:
-    def __init__(self, out_dir: str, config: dict):
-        self.writer = import_logger("tensorboard")(os.path.join(out_dir, "tensorboard"))
+    def __init__(self, out_dir: str, config: dict, resume_step: int | None):
+        folder = os.path.join(out_dir, "tensorboard")
+        if resume_step is None:  # a fresh run (--overwrite) replaces the old run's events as it does its metrics.jsonl
+            for old in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+                os.remove(old)
+        # on a resume, the events a stopped run logged past its checkpoint are logged again: purge_step
+        # marks them so TensorBoard's reader drops the old ones (metrics.jsonl is cut back the same way)
+        self.writer = import_logger("tensorboard")(folder, purge_step=None if resume_step is None else resume_step + 1)
         self.writer.add_text("config", json.dumps(config, indent=1))
 
     def log(self, record: dict):
@@ -1664,7 +1670,7 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    def __init__(self, out_dir: str, config: dict):
+    def __init__(self, out_dir: str, config: dict, resume_step: int | None):
         self.wandb = import_logger("wandb")
         self.run = self.wandb.init(project="nanopretrain", name=os.path.basename(os.path.normpath(out_dir)), dir=out_dir,
                                    config=config)
@@ -1676,8 +1682,8 @@ class WandbSink:
         self.run.finish()
 
 
-def open_sinks(cfg: TrainConfig, config: dict) -> tuple:
-    return tuple({"tensorboard": TensorBoardSink, "wandb": WandbSink}[name](cfg.out_dir, config)
+def open_sinks(cfg: TrainConfig, config: dict, resume_step: int | None) -> tuple:
+    return tuple({"tensorboard": TensorBoardSink, "wandb": WandbSink}[name](cfg.out_dir, config, resume_step)
                  for name in log_to_names(cfg.log_to))
 
 
@@ -2377,7 +2383,7 @@ def start_out_dir(cfg: TrainConfig, model_config: GPTConfig, manifest: dict, ckp
             info["history"] = before.pop("history", []) + [before]
     write_json_atomic(info, path)
     metrics = Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step)
-    metrics.sinks = open_sinks(cfg, info)
+    metrics.sinks = open_sinks(cfg, info, resume_step)
     return metrics
 
 

@@ -1292,15 +1292,30 @@ def test_log_to_tensorboard_writes_the_metrics_as_events(data_dir, tmp_path):
     pytest.importorskip("tensorboard", reason="optional: pip install tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from torch.utils.tensorboard import SummaryWriter
+
+    def events_equal_metrics(keys):
+        events = EventAccumulator(str(tmp_path / "tensorboard"))  # TensorBoard's own reader
+        events.Reload()
+        rows = read_metrics(tmp_path)
+        for key in keys:
+            logged = [(r["step"], r[key]) for r in rows if key in r]
+            assert [e.step for e in events.Scalars(key)] == [step for step, _ in logged], key
+            assert [e.value for e in events.Scalars(key)] == pytest.approx([v for _, v in logged], rel=1e-6)  # stored as float32
+
+    # an older run in the folder (--overwrite replaces it): its events must not show beside the new run's
+    old = SummaryWriter(str(tmp_path / "tensorboard"))
+    old.add_scalar("loss", 99.0, 2)
+    old.close()
     cfg, mo = tiny(data_dir, tmp_path, max_iters=3, eval_interval=3, log_to="tensorboard")
     train.train(cfg, mo)
-    events = EventAccumulator(str(tmp_path / "tensorboard"))  # TensorBoard's own reader
-    events.Reload()
-    rows = read_metrics(tmp_path)
-    for key in ("loss", "lr", "val_bpb", "val_bpb_code"):
-        logged = [(r["step"], r[key]) for r in rows if key in r]
-        assert [e.step for e in events.Scalars(key)] == [step for step, _ in logged]
-        assert [e.value for e in events.Scalars(key)] == pytest.approx([v for _, v in logged], rel=1e-6)  # stored as float32
+    events_equal_metrics(("loss", "lr", "val_bpb", "val_bpb_code"))
+    # a run that logged step 4 and stopped before its checkpoint: the resume logs step 4 again, once
+    crashed = SummaryWriter(str(tmp_path / "tensorboard"))
+    crashed.add_scalar("loss", 99.0, 4)
+    crashed.close()
+    train.train(replace(cfg, max_iters=5, resume=True, overwrite=False), mo)
+    events_equal_metrics(("loss", "lr"))
 
 
 # ---------------------------------------------------------------------------------------------
