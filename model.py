@@ -1755,6 +1755,40 @@ def export_hf(model: GPT, out_dir, enc=None, overwrite: bool = False) -> list[st
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# The largest sizes a checkpoint's model_config may name, checked before its model is built: each at
+# least 40 times the largest preset's (gpt2-1558m: block_size 1024, n_embd 1600, n_layer 48, a
+# vocabulary of 50,304), so only an edited or foreign checkpoint reaches them, and it is refused in one
+# line instead of failing inside an allocation (RoPE's tables and the sampler's KV cache grow with
+# block_size even where no weight does)
+CHECKPOINT_SIZE_LIMITS = {"block_size": 2**20, "n_embd": 2**16, "n_layer": 2**12, "vocab_size": 2**24}
+
+
+def build_checkpoint_model(config: dict, path: str) -> GPT:
+    """GPT(GPTConfig(**config)) for a checkpoint's model_config, on the CPU; one line (ValueError) for
+    sizes outside CHECKPOINT_SIZE_LIMITS, a config this model.py cannot build, or a model too large
+    for this machine's memory."""
+    if not isinstance(config, dict):
+        raise ValueError(f"checkpoint {path} has no model_config dict: it is not one train.py wrote; use another checkpoint")
+    for name, limit in CHECKPOINT_SIZE_LIMITS.items():
+        value = config.get(name, 1)  # a missing field is GPTConfig's to report
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise ValueError(f"checkpoint {path} has a model_config with {name}={value!r}, outside [1, {limit:,}]: it "
+                             "was edited or is not one train.py wrote; use another checkpoint")
+    try:
+        return GPT(GPTConfig(**config))
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # an unknown or missing key, an impossible shape
+        raise ValueError(f"checkpoint {path} has a model_config this model.py cannot build ({first_line(e)}): "
+                         "use a checkpoint of this version of nanopretrain") from None
+    except (RuntimeError, MemoryError) as e:  # inside the limits, but more than this machine holds
+        raise ValueError(f"checkpoint {path}: its model does not fit in this machine's memory ({first_line(e)[:120]})") from None
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line (for the one-line errors above)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_model_checkpoint(path) -> tuple[GPT, dict]:
     """The GPT in a nanopretrain checkpoint (train.py's ckpt.pt), and the checkpoint dict."""
     path = Path(path)
@@ -1771,8 +1805,11 @@ def load_model_checkpoint(path) -> tuple[GPT, dict]:
         raise ValueError(f"checkpoint {path} is corrupt or unsafe ({str(e).strip()[:120] or type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a nanopretrain checkpoint")
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    model = build_checkpoint_model(ckpt["model_config"], path)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:  # missing or unexpected keys, a tensor of another shape
+        raise ValueError(f"checkpoint {path}: its weights do not fit its model_config ({first_line(e)[:200]})") from None
     return model, ckpt
 
 

@@ -150,7 +150,7 @@ import evaluate as downstream  # evaluate.py (this file's own evaluate() is the 
 import parallel
 import scaling
 import model as model_lib
-from model import GPT, MODEL_PRESETS, GPTConfig, check_device_name, pick_device
+from model import GPT, MODEL_PRESETS, GPTConfig, build_checkpoint_model, check_device_name, pick_device
 
 
 @dataclass
@@ -1457,32 +1457,6 @@ def sharded_rank_state(meta: dict, layout: parallel.Layout) -> dict:
         state = safe_load(own)
         return {"sampler": state["sampler"], "rng": state["rng"]}
     return {"sampler": meta["sampler"], "rng": meta["rng"]}
-
-
-# The largest sizes a checkpoint's model_config may name, checked before its model is built: each at
-# least 40 times the largest preset's (gpt2-1558m: block_size 1024, n_embd 1600, n_layer 48, a
-# vocabulary of 50,304), so only an edited or foreign checkpoint reaches them, and it is refused in one
-# line instead of failing inside an allocation (RoPE's tables and the sampler's KV cache grow with
-# block_size even where no weight does)
-CHECKPOINT_SIZE_LIMITS = {"block_size": 2**20, "n_embd": 2**16, "n_layer": 2**12, "vocab_size": 2**24}
-
-
-def build_checkpoint_model(config: dict, path: str) -> GPT:
-    """GPT(GPTConfig(**config)) for a checkpoint's model_config, on the CPU; one line (ValueError) for
-    sizes outside CHECKPOINT_SIZE_LIMITS, a config this model.py cannot build, or a model too large
-    for this machine's memory."""
-    for name, limit in CHECKPOINT_SIZE_LIMITS.items():
-        value = config.get(name, 1)  # a missing field is GPTConfig's to report
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
-            raise ValueError(f"checkpoint {path} has a model_config with {name}={value!r}, outside [1, {limit:,}]: it "
-                             "was edited or is not one train.py wrote; use another checkpoint")
-    try:
-        return GPT(GPTConfig(**config))
-    except (TypeError, ValueError, ZeroDivisionError) as e:  # an unknown or missing key, an impossible shape
-        raise ValueError(f"checkpoint {path} has a model_config this model.py cannot build ({one_line(e)}): "
-                         "use a checkpoint of this version of nanopretrain") from None
-    except (RuntimeError, MemoryError) as e:  # inside the limits, but more than this machine holds
-        raise ValueError(f"checkpoint {path}: its model does not fit in this machine's memory ({one_line(e)[:120]})") from None
 
 
 def single_process(ckpt: dict, path: str = "the checkpoint") -> parallel.Parallelized:

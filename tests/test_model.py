@@ -1,6 +1,8 @@
 """Tests for model.py: every piece of the GPT against an independent reference or a property."""
 
+import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -1477,3 +1479,23 @@ def test_bench_generate_with_a_bad_device_is_one_line(device, needle, monkeypatc
         model.main(["--bench_generate", "--preset", "laptop", "--device", device])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {needle}") and err.count("\n") == 1, err
+
+
+def test_load_model_checkpoint_refuses_an_edited_checkpoint_in_one_line(tmp_path):
+    # evaluate.py, export and data.py's scorers load through it: a model_config edited to a huge size
+    # is refused before any allocation, as train.py --sample refuses it; wrong weights are one line too
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64)
+    good = {"model": GPT(config).state_dict(), "model_config": dataclasses.asdict(config)}
+    path = tmp_path / "ckpt.pt"
+    torch.save(good, path)
+    assert model.load_model_checkpoint(path)[0].config == config
+    for edit, words in (({"block_size": 10**9}, "block_size=1000000000, outside [1, 1,048,576]"),
+                        ({"n_embd": 24}, "its weights do not fit its model_config"),
+                        ({"n_head": 5}, "cannot build")):
+        torch.save({**good, "model_config": {**good["model_config"], **edit}}, path)
+        with pytest.raises(ValueError, match=re.escape(words)) as e:
+            model.load_model_checkpoint(path)
+        assert "\n" not in str(e.value)
+    torch.save({**good, "model_config": [1, 2]}, path)
+    with pytest.raises(ValueError, match="no model_config dict"):
+        model.load_model_checkpoint(path)

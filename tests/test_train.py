@@ -629,8 +629,10 @@ def test_native_zero_in_one_process_is_refused_naming_torchrun():
 
 
 def test_checkpoint_size_limits_lie_at_least_40_times_above_the_largest_preset():
+    import model as model_lib
+
     configs = [GPTConfig(**p) for p in train.MODEL_PRESETS.values()]  # the default vocabulary, 50304, is GPT-2's padded
-    for name, limit in train.CHECKPOINT_SIZE_LIMITS.items():
+    for name, limit in model_lib.CHECKPOINT_SIZE_LIMITS.items():
         largest = max(getattr(c, name) for c in configs)
         assert largest == getattr(GPTConfig(**train.MODEL_PRESETS["gpt2-1558m"]), name) and limit >= 40 * largest, name
     # (tests/test_robustness.py's catalogue runs --sample on a checkpoint whose block_size is 10^9: one line)
