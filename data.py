@@ -466,12 +466,12 @@ def _kind(path: Path) -> str:
     return "jsonl" if name.endswith((".jsonl", ".json")) else "text"
 
 
-def _pyarrow_parquet():
-    """pyarrow.parquet, imported only when a Parquet file is read (pyarrow is optional)."""
+def _pyarrow_parquet(why: str = "reading Parquet needs pyarrow"):
+    """pyarrow.parquet, imported only when a Parquet file is read or written (pyarrow is optional)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError("reading Parquet needs pyarrow: pip install pyarrow") from None
+        raise ValueError(f"{why}: pip install pyarrow") from None
     return pq
 
 
@@ -4258,8 +4258,11 @@ def synth_corpus(out: str, mb: float, seed: int = 0, near_share: float = 0.05,
     of them share almost no 5-gram. A share near_share of them is followed, 1 to 50 documents later,
     by a planted near copy whose exact Jaccard to its original is near one of `jaccards` (cycled).
     Writes out/synth.jsonl ({"text", "id"} per line), out/synth.parquet (the same rows, row groups of
-    ~64 MB, when pyarrow is installed) and out/planted.json ([{"copy", "of", "jaccard"}], line numbers
-    from 0). Nothing is downloaded; the same seed gives the same files."""
+    16,384 rows; unless parquet=False) and out/planted.json ([{"copy", "of", "jaccard"}], line numbers
+    from 0). Nothing is downloaded; the same seed gives the same files. Without pyarrow, parquet=True
+    is refused before anything is written."""
+    if parquet:  # before the JSON lines, which take minutes at a gigabyte
+        _pyarrow_parquet("writing synth.parquet needs pyarrow (or --parquet false for JSON lines alone)")
     rng = random.Random(seed)
     prose = "\n".join(t for t, _, _ in stdlib_corpus(("prose",)))
     sentences = [x for x in (" ".join(p.split()) for p in re.split(r"(?<=[.!?])\s+", prose))
@@ -4450,7 +4453,8 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--out", required=True, help="the folder for synth.jsonl, synth.parquet and planted.json")
     y.add_argument("--seed", type=int, default=0, help="seed of the documents and the planted copies")
     y.add_argument("--near_share", type=float, default=0.05, help="fraction of documents followed by a near copy")
-    y.add_argument("--parquet", type=_bool, default=True, help="also write synth.parquet (needs pyarrow)")
+    y.add_argument("--parquet", type=_bool, default=True, help="also write synth.parquet (needs pyarrow; default true, "
+                                                                 "false: JSON lines alone)")
     b = commands.add_parser("bench-dedup", help="documents/s of dedup() vs datasketch (pip install datasketch)")
     b.add_argument("--docs", type=int, default=1000, help="documents, half of them planted near duplicates")
     t = commands.add_parser("bench-bpe", help="seconds to train a BPE on the stdlib; held-out bytes/token")

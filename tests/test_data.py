@@ -2516,6 +2516,14 @@ def test_synth_plants_copies_at_their_jaccard_and_near_dedup_removes_those_above
     assert removed <= set(copies)
 
 
+def test_synth_without_pyarrow_refuses_parquet_before_writing_anything(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # the import fails, as without pyarrow
+    with pytest.raises(ValueError, match=r"^writing synth.parquet needs pyarrow .*--parquet false.*: pip install pyarrow$"):
+        data.synth_corpus(str(tmp_path / "s"), mb=0.01, verbose=False)
+    assert not (tmp_path / "s").exists()  # not a gigabyte of JSON lines first
+    assert data.synth_corpus(str(tmp_path / "s"), mb=0.01, parquet=False, verbose=False)["documents"] > 0
+
+
 def test_signatures_spilled_to_disk_give_the_same_decisions_as_in_memory(tmp_path, rng):
     """--memory_gb so small that every chunk's signatures go to disk (and LSH reads them back one band,
     a few rows, at a time): the near-duplicate decisions, the report's counts and the shards equal the
