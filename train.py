@@ -301,6 +301,25 @@ def parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
 
 
+def preset_value(preset: str, name: str):
+    """A field's value under a preset, before any flag: the preset's override, else its model
+    preset's shape (model fields), else the dataclass's default."""
+    overrides = dict(PRESETS[preset])
+    model = {**MODEL_PRESETS[overrides.pop("model")], **{k: v for k, v in overrides.items() if k in MODEL_FLAGS}}
+    if name in MODEL_FLAGS:
+        return getattr(GPTConfig(**model), name)
+    return overrides.get(name, getattr(TrainConfig, name))
+
+
+def preset_defaults_shown(name: str) -> str:
+    """--help's default of a flag whose value the preset gives: the default preset's value, and the
+    other presets' where they differ (`1337`, or `3 (tiny: 2; gpt2-124m: 12)`)."""
+    default = TrainConfig.preset
+    value = preset_value(default, name)
+    others = [f"{p}: {preset_value(p, name)!r}" for p in PRESETS if p != default and preset_value(p, name) != value]
+    return repr(value) + (f" ({'; '.join(others)})" if others else "")
+
+
 def add_field_flags(parser, cls, names=None, default_none=False):
     comments = field_comments(cls)
     for f in fields(cls):
@@ -311,8 +330,11 @@ def add_field_flags(parser, cls, names=None, default_none=False):
         if f.name == "plot":  # several run directories; resolve_configs joins them with os.pathsep
             extra = dict(nargs="+", metavar="RUN_DIR")
         default = None if default_none else f.default
-        shown = "preset's" if default_none else repr(f.default)
-        help_text = f"{comments.get(f.name, '')} (default: {shown})".replace("%", "%%")  # argparse formats help with %
+        shown = preset_defaults_shown(f.name) if default_none else repr(f.default)
+        if f.name == "plot_file":  # its comment says its default
+            shown = None
+        help_text = comments.get(f.name, "") + (f" (default: {shown})" if shown else "")
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         parser.add_argument(f"--{f.name}", type=kind, default=default, help=help_text, **extra)
 
 

@@ -63,6 +63,22 @@ def test_every_config_field_is_a_flag_with_its_comment():
         assert f"--{name}" in help_text, name
         first_words = " ".join(comments[name].split()[:3])
         assert first_words in " ".join(help_text.split()), f"--{name} help lacks its field comment"
+    flat = " ".join(help_text.split())
+    assert "(default: 1337)" in flat and "(default: 3 (tiny: 2; gpt2-124m: 12))" in flat  # --seed, --n_layer
+    assert "preset's)" not in flat
+
+
+def test_help_defaults_are_what_each_preset_resolves_to():
+    # --help's "(default: ...)" comes from train.preset_value; the run gets its values from resolve_configs
+    for preset in train.PRESETS:
+        cfg, model_overrides = train.resolve_configs(train.build_parser().parse_args(["--preset", preset]))
+        model = GPTConfig(**model_overrides)
+        for f in train.fields(train.TrainConfig):
+            if f.name == "preset":  # the chooser itself: its default is the default preset
+                continue
+            assert train.preset_value(preset, f.name) == getattr(cfg, f.name), (preset, f.name)
+        for name in train.MODEL_FLAGS:
+            assert train.preset_value(preset, name) == getattr(model, name), (preset, name)
 
 
 def test_flags_override_preset_and_model_fields():
