@@ -245,6 +245,7 @@ import array
 import ast
 import base64
 import concurrent.futures
+import contextlib
 import errno
 import fnmatch
 import gzip
@@ -514,6 +515,12 @@ def _hf_documents(source: str, text_field: str):
         import datasets
     except ImportError:
         raise ValueError("--data hf:... needs the datasets library: pip install datasets") from None
+    # the hub's client logs every retry of an unreachable host (five, over ~25 s): the failure is
+    # said once, below, in one line
+    with contextlib.suppress(ImportError, AttributeError):
+        datasets.utils.logging.set_verbosity_error()
+        import huggingface_hub
+        huggingface_hub.utils.logging.set_verbosity_error()
     name, config, split = (source[len("hf:"):].split(":") + [None, None])[:3]
     if not name:
         raise ValueError(f"--data '{source}' names no dataset: use hf:NAME[:CONFIG][:SPLIT], "
@@ -779,7 +786,7 @@ def _source_files(source: str):
     path = Path(source)
     if not path.exists():
         raise ValueError(f"data path '{source}' does not exist: pass --data stdlib or a path "
-                         "to a .txt/.jsonl(.gz) file, a directory of them, a glob or a URL")
+                         "to a .txt/.jsonl(.gz) or .parquet file, a directory of them, a glob, a URL or hf:NAME")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(_SUFFIXES)
                        and not p.name.startswith("."))
