@@ -184,7 +184,8 @@ the total loss by the raw UTF-8 bytes gives a tokenizer-independent number:
     bpb = (loss_nats_per_token * n_tokens) / (n_bytes * ln 2)
 
 The loader. Shards are memory-mapped (the OS pages in only what a batch
-touches). Each shard is cut into non-overlapping windows of T+1 tokens; each
+touches). Each shard is cut into windows of T+1 tokens at stride T (the inputs do not
+overlap; a window's last token, a target, is the next one's first); each
 epoch visits all windows in a fresh seeded permutation (nanoGPT samples with
 replacement, repeating some data and skipping other data, nanoGPT #294);
 rank r of W takes every W-th window, so ranks read different data; and the
@@ -999,7 +1000,7 @@ def minhash_signatures(texts, num_perm: int = NUM_PERM, ngram: int = NGRAM, seed
     lengths = np.array([len(s) for s in per_doc])
     doc_of = np.repeat(np.arange(len(per_doc)), lengths)  # (S_total,) owner of each shingle
     flat = np.concatenate(per_doc) if lengths.sum() else np.zeros(0, dtype=np.uint64)
-    buffer = np.empty((num_perm, block), dtype=np.uint64)  # reused: no (K, block) temporaries per block (2x faster)
+    buffer = np.empty((num_perm, block), dtype=np.uint64)  # reused: no (K, block) temporaries per block
     for lo in range(0, len(flat), block):
         x = flat[lo:lo + block]
         hashed = buffer[:, :len(x)]
@@ -1056,7 +1057,7 @@ class SignatureFile:
     def take(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids), K): the signatures of documents ids, one read of 4K bytes each. Not a memory map:
         the pages a map touches count in this process's resident memory until it is closed, and
-        the kernel maps up to 16 cached neighbours of each (fault-around), so scattered rows of a
+        the kernel maps up to 15 cached neighbours of each (fault-around: 64 KiB, 16 pages with its own), so scattered rows of a
         large file would bring most of it in."""
         rows, size = np.empty((len(ids), self.k), dtype=np.uint32), self.k * 4
         with open(self.path, "rb") as f:
@@ -1299,7 +1300,7 @@ def script_of(text: str) -> str:
     if sample.isascii():  # the common case: ASCII's only letters are A-Z and a-z, all of them Latin
         return "latin" if any(c.isalpha() for c in sample) else "none"
     # Count each distinct character once (Counter runs in C) and ask the regexes about it once per
-    # process: the same counts as findall with each script's regex over the sample, 13x faster.
+    # process: the same counts as findall with each script's regex over the sample, in one pass.
     counts, letters = dict.fromkeys(_SCRIPTS, 0), 0
     for ch, n in Counter(sample).items():
         is_letter, scripts = _char_kind(ch)
@@ -1343,6 +1344,11 @@ C4_MIN_SENTENCES = 3
 # punctuation (C4's per-line rule, made per-document); when more than 67% of its lines are
 # at most 30 characters long (menus, lists, tables); when more than 10% of its characters
 # are in lines that repeat an earlier line (the paper's 0.1; datatrove's default is 0.01).
+# Two details differ from datatrove's filter. Its punctuation and short-line ratios count every
+# line of text.split("\n"), blank ones too, so a page whose paragraphs are separated by blank lines
+# has about half its lines short and unpunctuated there, and its ratios depend on its layout: here
+# the rules count non-empty lines, as the Gopher and C4 rules here do. And it drops a document
+# at a threshold (>= 0.67, >= the duplicate share) where these drop only beyond it (> 0.67, > 0.10).
 FINEWEB_MIN_PUNCTUATED_LINES = 0.12
 FINEWEB_SHORT_LINE_CHARS, FINEWEB_MAX_SHORT_LINES = 30, 0.67
 FINEWEB_MAX_DUPLICATE_LINE_CHARS = 0.10
@@ -1364,7 +1370,7 @@ _NOT_SPACE = regex.compile(r"\S+")
 
 
 _PARAGRAPH_BREAK = regex.compile(r"\n\s*\n")
-_PARAGRAPH_BREAK_FAST = re.compile(r"\n\s*\n")  # the same, in re: 1.8x faster, and equal without U+001C..U+001F
+_PARAGRAPH_BREAK_FAST = re.compile(r"\n\s*\n")  # the same, in re (faster than regex), and equal without U+001C..U+001F
 _INFO_SEPARATORS = re.compile("[\x1c-\x1f]")
 
 
@@ -1417,7 +1423,7 @@ def gopher_alpha_words(doc):
     # str.isalpha is true for CJK ideographs too (datatrove #202), so this rule
     # is only meaningful for space-separated scripts: it runs on Latin text only.
     # Each distinct word is asked once, the first and last characters before the rest (most words
-    # start or end with a letter); the words without one are then counted in C (map). 2.8x faster.
+    # start or end with a letter); the words without one are then counted in C (map).
     words = doc["words"]
     lacking = {w for w in set(words) if not (w[0].isalpha() or w[-1].isalpha() or any(c.isalpha() for c in w))}
     frac = (len(words) - (sum(map(lacking.__contains__, words)) if lacking else 0)) / max(1, len(words))
@@ -1501,7 +1507,7 @@ def gopher_top_ngrams(doc):
 
 
 _SPACE_RUN = regex.compile(r"(\s+)")  # split with the separators kept: words and spaces alternate
-_SPACE_RUN_FAST = re.compile(r"(\s+)")  # the same in re, 1.3x faster; equal without U+001C..U+001F (_view)
+_SPACE_RUN_FAST = re.compile(r"(\s+)")  # the same in re (faster than regex); equal without U+001C..U+001F (_view)
 
 
 def _cumsum0(lengths: np.ndarray) -> np.ndarray:
@@ -1571,14 +1577,16 @@ def c4_min_sentences(doc):
 
 
 def fineweb_punctuated_lines(doc):
-    """FineWeb: more than 12% of lines end in terminal punctuation (else lists, menus, tables)."""
+    """FineWeb: more than 12% of lines end in terminal punctuation (else lists, menus, tables).
+    Non-empty lines only (datatrove counts blank lines too: see FINEWEB_MIN_PUNCTUATED_LINES)."""
     frac = sum(ln.rstrip().endswith(_TERMINAL) for ln in doc["lines"]) / max(1, len(doc["lines"]))
     if frac <= FINEWEB_MIN_PUNCTUATED_LINES:
         return f"only {frac:.0%} of lines end in terminal punctuation"
 
 
 def fineweb_short_lines(doc):
-    """FineWeb: at most 67% of lines are at most 30 characters long (else a menu, a list, a table)."""
+    """FineWeb: at most 67% of lines are at most 30 characters long (else a menu, a list, a table).
+    Non-empty lines, and 67% itself kept (datatrove: blank lines counted, 67% dropped; see the constants)."""
     frac = sum(len(ln) <= FINEWEB_SHORT_LINE_CHARS for ln in doc["lines"]) / max(1, len(doc["lines"]))
     if frac > FINEWEB_MAX_SHORT_LINES:
         return f"{frac:.0%} of lines have at most {FINEWEB_SHORT_LINE_CHARS} characters"
@@ -1586,7 +1594,8 @@ def fineweb_short_lines(doc):
 
 def fineweb_duplicate_line_chars(doc):
     """FineWeb: at most 10% of the characters (newlines not counted) are in lines that repeat an
-    earlier line (Gopher's line rule allows 20%; FineWeb tightened it for boilerplate)."""
+    earlier line (Gopher's line rule allows 20%; FineWeb tightened it for boilerplate). 10% itself
+    is kept (datatrove drops it)."""
     _, chars = _duplicates(doc["lines"])
     frac = chars / max(1, len(doc["text"]) - doc["text"].count("\n"))
     if frac > FINEWEB_MAX_DUPLICATE_LINE_CHARS:
@@ -1938,7 +1947,7 @@ def train_quality_classifier(positives: list[str], negatives: list[str], *, dim:
     """Fit the classifier with fastText's own procedure: stochastic gradient steps on one example
     at a time, in a seeded order, with a learning rate decaying linearly from lr to 0.
 
-    E starts uniform in +-1/d, w and b at zero (fastText's initialisation). For an example with
+    E starts uniform in +-1/d and w at zero (fastText's initialisation; fastText has no bias, b starts at zero). For an example with
     features x_1..x_F and label y in {0, 1}: h = mean_f E[x_f], p = sigmoid(w.h + b), and with
     g = lr (y - p) (the logistic loss's negative gradient in the logit, times the rate):
         w += g h,   b += g,   E[x_f] += g w / F for each feature f (w before its update).
@@ -2996,7 +3005,7 @@ def _pipeline_stages(tmp: Path, cfg: PrepareConfig, *, downloads: Path, max_down
     # The scorers get the documents the rules keep now, and score them while this process runs
     # decontamination and the classifier: a document's score does not depend on the others, so the
     # scores of the documents those stages remove are dropped afterwards, and the result is the same
-    # as scoring last (about 1% more bytes scored on the embedded corpus, in time a core was idle).
+    # as scoring last (on the embedded corpus, 848 documents scored for the 817 kept: README, in time a core was idle).
     pending = _perplexity_send(spool, keep, cfg, scorers)
     keep = _decontaminate(spool, keep, cfg, report, verbose)
     keep = _classify(tmp, spool, keep, cfg, report, downloads, verbose)
@@ -3180,7 +3189,7 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     report["collect_seconds"] = round(time.perf_counter() - t_start, 3)  # the wall time of this one pass
     report["signatures"] = "disk" if spilled is not None else "memory"  # where --memory_gb put them
     _report_collect(report, cfg, count, clock, pii_found, len(offsets), out_bytes, workers)
-    # np.array copies each to its exact size (an array.array keeps up to 1/8 spare room to grow).
+    # np.array copies each to its exact size (an array.array keeps up to about 1/16 spare room to grow).
     return Spool(path=path, offsets=np.array(offsets, dtype=np.int64), nbytes=np.array(nbytes, dtype=np.int64),
                  domain=np.array(domain, dtype=np.int64), domain_names=list(names),
                  sig=spilled if spilled is not None else (np.concatenate(sigs) if sigs else
@@ -4020,7 +4029,9 @@ class MixingSampler:
               logs each step's loss per domain; this proxy run reads them (--mix_reference) and
               after a step on domain i with loss L sets
                   lambda_i = max(L - L_ref(i, t), 0),  alpha_i <- alpha_i exp(eta lambda_i),
-                  pi = (1 - c) alpha / sum alpha + c / K   (eta = 1, c = 1e-3),
+                  alpha <- (1 - c) alpha / sum alpha + c / K,  pi = alpha   (eta = 1, c = 1e-3),
+              the smoothed weights kept for the next step, as the paper's Algorithm 1 and its
+              authors' code keep them (a domain not drawn has lambda_i = 0, as in the paper),
               with L_ref(i, t) the reference's latest loss on domain i at or before step t (the
               paper evaluates the reference model on the same batch; a logged loss is what a
               recipe without two models in memory can use). The average of pi over the run is the
@@ -4091,8 +4102,7 @@ class MixingSampler:
         if self.method == "static":
             return self.prior
         if self.method == "doremi":
-            a = np.array(self.alpha)
-            return (1 - DOREMI_SMOOTHING) * a / a.sum() + DOREMI_SMOOTHING / K
+            return np.array(self.alpha)  # already smoothed (update)
         eps, eps_prev = self._eps(self.step + 1), self._eps(max(1, self.step))
         logits = np.log(np.maximum(self.prior, 1e-300)) + eps_prev * np.array(self.rewards)
         soft = np.exp(logits - logits.max())
@@ -4143,7 +4153,7 @@ class MixingSampler:
                 excess = max(loss - self._reference_loss(self.names[d]), 0.0)
                 alpha = np.array(self.alpha)
                 alpha[d] *= math.exp(DOREMI_STEP * excess)
-                self.alpha = (alpha / alpha.sum()).tolist()
+                self.alpha = ((1 - DOREMI_SMOOTHING) * alpha / alpha.sum() + DOREMI_SMOOTHING / len(alpha)).tolist()
         self.alpha_sum = [a + float(p) for a, p in zip(self.alpha_sum, pi)]
         record = {"mix_domain": self.names[d], "mix_loss": loss,
                   "mix_weights": {n: round(float(p), 6) for n, p in zip(self.names, pi)}}

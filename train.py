@@ -205,7 +205,7 @@ class TrainConfig:
     learning_rate: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak (Chinchilla decays to 10%)
     schedule: str = "cosine"  # cosine or wsd (warmup-stable-decay)
-    warmup_iters: int = 50  # steps of linear warm-up from 0
+    warmup_iters: int = 50  # steps of linear warm-up to the peak (peak/warmup_iters at the first step)
     decay_frac: float = 0.2  # wsd: fraction of max_iters spent decaying at the end
     weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices (GPT-3's 0.1)
     beta1: float = 0.9  # AdamW first-moment decay
@@ -266,7 +266,8 @@ PRESETS = {
     # a quick smoke test: seconds, for checking that everything runs
     "tiny": dict(model="laptop", n_layer=2, n_embd=64, n_head=2, block_size=64, vocab_size=512, max_data_bytes=300_000,
                  batch_size=8, max_iters=20, eval_interval=10, eval_iters=4, warmup_iters=5, sample_tokens=50),
-    # GPT-2 small on one GPU, nanoGPT's recipe: 0.5M tokens/step (16 x 1024 x 32), 6e-4 peak,
+    # GPT-2 small on one GPU, nanoGPT's recipe: 0.5M tokens/step (here 16 x 1024 x 32 = 524,288;
+    # nanoGPT's config/train_gpt2.py: 12 x 1024 x 5 x 8 GPUs = 491,520), 6e-4 peak,
     # 2000 warm-up steps; needs a real corpus and --tokenizer gpt2
     "gpt2-124m": dict(model="gpt2-124m", tokenizer="gpt2", batch_size=16, grad_accum=32, learning_rate=6e-4,
                       max_iters=600_000, warmup_iters=2000, eval_interval=1000, eval_iters=200, weight_decay=0.1,
@@ -824,7 +825,10 @@ class SpikeGuard:
     spread, and they fall in warm-up, whose rising gradient norm is no spike (with 20, the recipe
     ablation's healthy runs skipped a step at 35 and at 42, one of them 36 standard deviations out).
     Later steps of a healthy run can still cross S = 6 on the gradient norm, whose tail is long at
-    small batches: 2 of the laptop preset's 1000 steps, 5 of the tiny preset's (README, the ablation).
+    small batches: 2 of the laptop preset's 1000 steps, 5 of 1000 steps of `--preset tiny --max_iters
+    1000` (README, the ablation). Two details differ from OLMo-core: the test is one-sided (a loss
+    or norm far below the mean is no spike) and the spread is the population standard deviation
+    (np.std; OLMo-core's torch.std_mean divides by n - 1: 0.4% apart at 128 steps).
     The windows and the count live in the checkpoint (state_dict), so a resumed run judges exactly
     as the straight one."""
 
@@ -1219,7 +1223,8 @@ def restore_checkpoint(ckpt: dict, par: parallel.Parallelized, scaler, sampler, 
 # Sharded checkpoints on torch.distributed.checkpoint (DCP): each rank writes only what it holds
 #
 # A full checkpoint gathers every tensor to rank 0: simple, and readable by anything, but a 7B model
-# with AdamW is 112 GB of float32 state that no one rank may hold. --checkpoint_format sharded keeps
+# with AdamW is 84 GB of float32 state (weights and Adam's two moments, 12 bytes a parameter) that no
+# one rank may hold. --checkpoint_format sharded keeps
 # the state where it is. The state dict is still the single-process model's: its keys are
 # model.<name> (the GPT's parameter names, and its persistent buffers: an MoE's balancer bias),
 # optim.<name>.exp_avg, .exp_avg_sq and .step (AdamW), optim.<name>.momentum_buffer (Muon), each
@@ -2833,8 +2838,8 @@ def compare_seeds(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     out_dir/seed<s> exactly as `--seed s --out_dir out_dir/seed<s>` would, and report the final
     validation loss and bits per byte as mean and sample standard deviation over the seeds (n - 1 in
     the denominator). The seed moves initialisation, data order and dropout, so the spread is the
-    noise a single run carries: a change whose mean moves by less than about 2 std / sqrt(N) has not
-    shown an effect yet. Rank 0 prints the summary, writes it to out_dir/compare.json and returns it."""
+    noise a single run carries: a change whose mean moves by less than about 2.8 std / sqrt(N) (twice
+    the standard error sqrt(2/N) std of a difference of two N-seed means) has not shown an effect yet. Rank 0 prints the summary, writes it to out_dir/compare.json and returns it."""
     check_config(cfg, model_overrides)
     runs = []
     for seed in range(cfg.seed, cfg.seed + cfg.compare_seeds):
@@ -2863,7 +2868,8 @@ def compare_seeds(cfg: TrainConfig, model_overrides: dict) -> dict | None:
 # queries and keys, no extra loss terms); each option is turned on alone, then all at once. The
 # values are the ones the papers use: PaLM's z-loss coefficient 1e-4, Gemma 2's soft-cap of 30,
 # one extra MTP head (DeepSeek-V3 predicts one more token); the spike guard's 6 standard deviations
-# is our choice (no paper fixes it): a threshold a healthy run's step-to-step noise never reaches.
+# are OLMo-core's default (sigma_factor=6), though at these small batches a healthy run's gradient
+# norm still crosses it now and then (SpikeGuard's docstring: 2 of the laptop preset's 1000 steps).
 RECIPE_OPTIONS = (
     ("muon", {"optimizer": "muon"}),
     ("qk_norm", {"qk_norm": True}),

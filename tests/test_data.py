@@ -2282,6 +2282,28 @@ def test_doremi_recipe_upweights_the_domain_with_excess_loss_over_the_reference(
     assert weights["a"] > weights["b"] and sum(weights.values()) == pytest.approx(1, abs=1e-3)
 
 
+def test_doremi_weights_follow_a_transcription_of_the_papers_update(two_domain_dir, tmp_path, rng):
+    """Xie et al. 2023, Algorithm 1, in float64 loops: alpha'_i = alpha_i exp(eta lambda_i) for the step's
+    domain (lambda = 0 for the others), then alpha = (1 - c) alpha' / sum alpha' + c / K, which is kept
+    (smoothed) for the next step and is the step's mixture."""
+    ref = {"a": 3.0, "b": 2.5}
+    reference = tmp_path / "metrics.jsonl"
+    reference.write_text("".join(json.dumps({"step": step, "mix_domain": d, "mix_loss": ref[d], "mix_weights": {}}) + "\n"
+                                 for step in (1, 2) for d in "ab"))
+    s = data.make_mixing_sampler(two_domain_dir, 16, 2, seed=rng.randrange(1000), method="doremi", reference=str(reference))
+    alpha, eta, c = [0.5, 0.5], 1.0, 1e-3
+    for _ in range(40):
+        s.next_batch()
+        d = s.current
+        assert list(s.weights()) == pytest.approx(alpha, rel=1e-12)
+        loss = rng.uniform(2.0, 4.0)
+        s.update(loss)
+        lam = [max(loss - ref[s.names[i]], 0.0) if i == d else 0.0 for i in range(2)]
+        new = [alpha[i] * math.exp(eta * lam[i]) for i in range(2)]
+        alpha = [(1 - c) * new[i] / sum(new) + c / 2 for i in range(2)]
+    assert min(alpha) >= c / 2  # the smoothing's floor: no domain is ever dropped
+
+
 def test_a_plain_checkpoint_and_a_mixing_one_do_not_load_into_each_other(two_domain_dir):
     mixing = data.make_mixing_sampler(two_domain_dir, 16, 2, method="odm")
     plain = data.make_sampler(two_domain_dir, "train", 16, 2)

@@ -81,6 +81,14 @@ def test_help_defaults_are_what_each_preset_resolves_to():
             assert train.preset_value(preset, name) == getattr(model, name), (preset, name)
 
 
+def test_make_optimizers_comment_counts_hold():
+    # train.make_optimizer's comment: 148 tensors in GPT-2 small, 8 launches each unfused (~1200)
+    with torch.device("meta"):
+        gpt2 = GPT(GPTConfig(**train.MODEL_PRESETS["gpt2-124m"]))
+    n = len(list(gpt2.parameters()))
+    assert n == 148 and round(8 * n, -2) == 1200
+
+
 def test_flags_override_preset_and_model_fields():
     args = train.build_parser().parse_args(["--preset", "tiny", "--n_layer", "3", "--compile", "--batch_size", "5"])
     cfg, model_overrides = train.resolve_configs(args)
