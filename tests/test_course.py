@@ -184,6 +184,54 @@ def test_one_target_of_a_shared_exercise_can_be_stripped_alone(toy):
         toy_module.second((1, 2))
 
 
+def test_finding_again_gives_fresh_exercises_for_each_copy(toy, tmp_path_factory):
+    # what a file marks is found once per name and text (exercises._exercises_in): each call must
+    # still get exercises of its own, with its own paths, that no earlier caller's edits reach
+    first = {e.name: e for e in exercises.find_exercises(toy)}
+    first["pair"].judge.append("-x")
+    first["bump"].regions[0].keep.append("    # a caller's edit\n")
+    other = tmp_path_factory.mktemp("other")
+    (other / "toy.py").write_text(TOY)
+    again = {e.name: e for e in exercises.find_exercises(other)}
+    assert again["pair"].judge == ["tests/test_toy.py", "-k", "pair"]
+    assert again["bump"].regions[0].keep == []  # its marker sits above the docstring: nothing to re-emit
+    assert all(r.path == other / "toy.py" for e in again.values() for r in e.regions)
+    assert first["double"].regions[0].path == toy / "toy.py"
+
+
+def test_parse_changed_refuses_what_the_whole_file_would_refuse():
+    # exercises.parse_changed parses only the top-level statements a change touches; the reference is
+    # ast.parse of the whole changed file. Every one-line deletion and every stray bracket, colon,
+    # quote or backslash on every line of the toy: whenever the whole file does not parse, neither does
+    # the change, and the error names a line of the changed statement, no later than the whole file's
+    # (which may be later: a string left open runs on to the next docstring's quotes there)
+    lines = TOY.splitlines(keepends=True)
+    changes = [(i, lines[:i] + lines[i + 1:]) for i in range(len(lines))]
+    changes += [(i, lines[:i] + [lines[i].rstrip("\n") + junk + "\n"] + lines[i + 1:]) for i in range(len(lines))
+                for junk in ("(", ":", '"""', " \\")]
+    refused = 0
+    for i, changed in changes:
+        after = "".join(changed)
+        statement = max([1, *(s for s in exercises._statement_starts(TOY) if s <= i + 1)])  # holds line i + 1
+        try:
+            ast.parse(after)
+        except SyntaxError as whole:
+            with pytest.raises(SyntaxError) as part:
+                exercises.parse_changed(Path("toy.py"), TOY, after)
+            assert statement <= part.value.lineno <= whole.lineno, (after, part.value, whole)
+            refused += 1
+        else:
+            try:
+                exercises.parse_changed(Path("toy.py"), TOY, after)
+            except SyntaxError:  # stricter than the whole file: only for a change that joins the next statement
+                assert any(l.startswith("@") or l.rstrip("\n").endswith("\\") for l in changed), after
+    assert refused > len(changes) // 2  # the junk does break most lines
+    # a decorator left above a class parses with it, not alone: refused (its docstring says so)
+    with pytest.raises(SyntaxError):
+        exercises.parse_changed(Path("toy.py"), TOY, TOY.replace("\n\nclass Counter:", "\n@functools.cache\nclass Counter:"))
+    exercises.parse_changed(Path("toy.py"), TOY, TOY.replace("h = h * h", "h = h ** 2"))  # and a good change passes
+
+
 @pytest.mark.parametrize("source, message", [
     ("# EXERCISE attention\ndef f():\n    return 1\n", "cannot read the marker"),
     ("def f():\n    x = 1\n    # EXERCISE END a\n    return x\n", "without a BEGIN"),
@@ -269,11 +317,11 @@ def test_every_exercise_is_in_exactly_one_set():
     assert set(exercises.SET_HOURS) == set(exercises.SETS)
 
 
-@pytest.mark.slow  # every variant of mutants.VARIANTS, each applied and parsed: ~25 s on two loaded cores
+@pytest.mark.slow
 def test_every_exercise_has_three_mutants_and_an_alternative_that_apply_to_its_lines(tmp_path):
     # no judge runs here: each variant's edits must still find their text, once, on the lines of
     # their exercise (the sources move on; a stale mutant is one error line, not a silent skip),
-    # and the result must parse
+    # and the result must parse (the statements it changes: exercises.parse_changed)
     counts = {name: [0, 0] for name in NAMES}
     exercises.copy_sources(ROOT, tmp_path)
     found = exercises.find_exercises(tmp_path)
