@@ -359,8 +359,8 @@ def test_fast_subset_of_mutants_is_caught_and_alternatives_pass(fast_runs, varia
 def test_handout_grades_zero_stripped_and_full_marks_restored(tmp_path):
     # the smallest set, in a directory outside the repository: the stripped hand-out scores 0 on
     # every exercise, even with a marker's judge edited to select passing tests and another marker
-    # deleted (grade runs the judges handout.json kept); the same directory with the original sources
-    # put back, graded by the repository's own tests (--tests) while the hand-out's are gutted, 100%
+    # deleted (grade runs the judges handout.json kept); a copy of it with the original sources put
+    # back, graded by the repository's own tests (--tests) while the hand-out's are gutted, 100%
     out = tmp_path / "handout"
     assert exercises.main(["handout", "--out", str(out), "--set", "scaling"]) == 0
     assert not (out / "tests" / "mutants.py").exists()  # its alternatives are solutions
@@ -369,31 +369,46 @@ def test_handout_grades_zero_stripped_and_full_marks_restored(tmp_path):
     for name in exercises.SETS["scaling"]:
         assert f"`{name}`" in text
     assert "argmin L(N, D) subject to 6 N D = C" in text  # the docstrings are the tasks
-    collected = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "tests/test_scaling.py"],
-                               cwd=out, capture_output=True, text=True, timeout=300)
-    assert collected.returncode == 0, collected.stdout[-2000:]  # the hand-out's tests still collect
-
-    scaling = (out / "scaling.py").read_text()
-    judge = {e.name: e for e in EXERCISES}["chinchilla"].judge
-    edited = scaling.replace(f"# EXERCISE: chinchilla ({' '.join(judge)})", "# EXERCISE: chinchilla (tests/test_scaling.py -k count)")
-    edited = re.sub(r"\n# EXERCISE: isoflop-fit \(.*\)\n", "\n", edited)
-    assert edited.count("# EXERCISE:") == scaling.count("# EXERCISE:") - 1 and "-k count)" in edited
-    (out / "scaling.py").write_text(edited)
-
-    def graded(*before, after=(), cwd=out):
-        proc = subprocess.run([sys.executable, "-m", "tests.exercises", *before, "grade", "--json", *after], cwd=cwd,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
-
-    stripped = graded()
-    assert stripped["set"] == "scaling" and list(stripped["exercises"]) == list(exercises.SETS["scaling"])
-    assert all(e["passed"] == 0 and e["total"] > 0 for e in stripped["exercises"].values()) and stripped["score"] == 0, stripped
-    assert not stripped["exercises"]["isoflop-fit"]["marked"]
+    put_back = tmp_path / "put-back"
+    shutil.copytree(out, put_back)
     for name in ("scaling.py", "model.py"):
-        shutil.copy2(ROOT / name, out / name)
-    (out / "tests" / "test_scaling.py").write_text("def test_nothing():\n    pass\n")  # a student's tests
-    restored = graded("--root", str(out), after=("--tests", str(ROOT / "tests")), cwd=ROOT)
+        shutil.copy2(ROOT / name, put_back / name)
+    (put_back / "tests" / "test_scaling.py").write_text("def test_nothing():\n    pass\n")  # a student's tests
+
+    # The three runs below are independent, so they overlap: a grade runs its judges two at a time and
+    # the last one alone, which would leave one of two cores idle. Each works in a directory of its own.
+    def start(*args, cwd):
+        return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(proc):
+        try:
+            stdout, stderr = proc.communicate(timeout=600)
+        finally:
+            proc.kill()  # nothing once it has exited; after a timeout, it does not outlive the test
+        return proc.returncode, stdout, stderr
+
+    # (leaving the with block, even by a failed assertion, waits for the restored copy's grade)
+    with start("tests.exercises", "--root", str(put_back), "grade", "--json", "--tests", str(ROOT / "tests"),
+               cwd=ROOT) as grading_restored:
+        code, stdout, _ = finish(start("pytest", "-q", "--collect-only", "tests/test_scaling.py", cwd=out))
+        assert code == 0, stdout[-2000:]  # the hand-out's tests still collect
+
+        scaling = (out / "scaling.py").read_text()
+        judge = {e.name: e for e in EXERCISES}["chinchilla"].judge
+        edited = scaling.replace(f"# EXERCISE: chinchilla ({' '.join(judge)})", "# EXERCISE: chinchilla (tests/test_scaling.py -k count)")
+        edited = re.sub(r"\n# EXERCISE: isoflop-fit \(.*\)\n", "\n", edited)
+        assert edited.count("# EXERCISE:") == scaling.count("# EXERCISE:") - 1 and "-k count)" in edited
+        (out / "scaling.py").write_text(edited)
+
+        code, stdout, stderr = finish(start("tests.exercises", "grade", "--json", cwd=out))
+        assert code == 0, stderr
+        stripped = json.loads(stdout)
+        assert stripped["set"] == "scaling" and list(stripped["exercises"]) == list(exercises.SETS["scaling"])
+        assert all(e["passed"] == 0 and e["total"] > 0 for e in stripped["exercises"].values()) and stripped["score"] == 0, stripped
+        assert not stripped["exercises"]["isoflop-fit"]["marked"]
+        code, stdout, stderr = finish(grading_restored)
+    assert code == 0, stderr
+    restored = json.loads(stdout)
     assert all(e["passed"] == e["total"] > 1 for e in restored["exercises"].values()) and restored["score"] == 1, restored
 
 
