@@ -76,11 +76,14 @@ the submission's sources.
 
 How: the markers are found with `tokenize` (a comment, never text inside a string), the function
 they belong to with `ast` (exact first and last lines, decorators and multi-line signatures
-included), and the result is parsed again before it is written, atomically.
+included), and the result is parsed again before it is written, atomically (the top-level statements
+that changed: `parse_changed`). What a file marks is found once per name and text and kept, since
+`check`, `mutants` and the tests find it again in copy after identical copy.
 """
 
 import argparse
 import ast
+import functools
 import io
 import json
 import os
@@ -94,7 +97,7 @@ import textwrap
 import time
 import tokenize
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -268,10 +271,22 @@ def _block_region(path, lines, functions, begin, end, name) -> Region:
 
 def file_exercises(path: Path) -> list:
     """(name, judge or None, Region) for every marker in one file, in line order."""
-    source = path.read_text()
+    return [(name, list(judge) if judge else judge, replace(region, path=path, keep=list(region.keep)))
+            for name, judge, region in _exercises_in(path.name, path.read_text())]
+
+
+# What a file's markers mark depends only on its name and its text, and finding it means tokenizing
+# and parsing the whole file, the slowest thing this tool does outside the judges. `check`, `mutants`
+# and the suite find the exercises of identical copies of the same files over and over (each judge
+# in a copy of its own, each restore test in another), so it is found once per name and text;
+# file_exercises hands out fresh copies (the copy's path, lists of their own), so no caller sees
+# another's edits. A file whose markers are wrong raises each time: exceptions are not cached.
+@functools.lru_cache(maxsize=64)
+def _exercises_in(filename: str, source: str) -> tuple:
+    path = Path(filename)  # messages name the file; the caller puts in the real path
     found = _markers(path, source)
     if not found:
-        return []
+        return ()
     lines = source.splitlines(keepends=True)
     functions = _functions(ast.parse(source, str(path)), path.stem)
     out, open_blocks = [], {}
@@ -290,7 +305,7 @@ def file_exercises(path: Path) -> list:
     if open_blocks:
         name, (line, _) = next(iter(open_blocks.items()))
         raise ValueError(f"{path.name}:{line}: EXERCISE BEGIN {name} has no EXERCISE END")
-    return out
+    return tuple(out)
 
 
 def source_files(root: Path) -> list:
@@ -343,6 +358,41 @@ def raise_line(exercise: Exercise, region: Region) -> str:
     return f"{region.indent}raise NotImplementedError({message!r})\n"
 
 
+@functools.lru_cache(maxsize=64)
+def _statement_starts(source: str) -> tuple:
+    """The first line of each top-level statement of source (a def's or class's first decorator's)."""
+    return tuple(min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
+                 for node in ast.parse(source).body)
+
+
+def parse_changed(path: Path, before: str, after: str) -> None:
+    """Raise SyntaxError (at after's line) unless after parses, where after is before (a file that
+    parses) with some lines changed: a stripped exercise, a mutant.
+
+    Only the top-level statements that hold changed lines are parsed, not the whole file again (a
+    strip or a mutant changes a few lines of a file of thousands, and the suite applies hundreds of
+    them). That is enough: the lines above and below them are unchanged top-level statements, and a
+    top-level statement starts at column 0 with nothing open (no bracket, no string, no indented
+    block), so whatever parses there alone parses between them. It is, if anything, stricter than
+    parsing the whole file: a change that parses only together with the statement after it (a stray
+    decorator or backslash, a string left open until the next docstring) is refused."""
+    old, new = before.splitlines(keepends=True), after.splitlines(keepends=True)
+    if len(old) != before.count("\n") + (not before.endswith("\n")):  # a form feed or a lone \r: splitlines' lines
+        ast.parse(after, str(path))  # are not the parser's, so the statements' lines cannot be trusted here
+        return
+    same = min(len(old), len(new))
+    head = next((i for i in range(same) if old[i] != new[i]), same)  # lines unchanged at the top
+    tail = next((i for i in range(same - head) if old[-1 - i] != new[-1 - i]), same - head)  # and at the bottom
+    starts = _statement_starts(before)
+    first = max([1, *(s for s in starts if s <= head + 1)])  # the statement the first changed line is in
+    end = min([len(old) + 1, *(s for s in starts if s > len(old) - tail)])  # the statement after the last one
+    try:
+        ast.parse("".join(new[first - 1:end - 1 + len(new) - len(old)]), str(path))
+    except SyntaxError as e:
+        e.lineno = e.lineno + first - 1 if e.lineno else e.lineno
+        raise
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write next to the file and rename over it: a reader sees the old file or the new, never half."""
     tmp = path.with_name(path.name + ".tmp")
@@ -361,12 +411,13 @@ def strip(chosen: list, backup: bool = True) -> list:
             elif all(region is not r for _, r in by_file.get(region.path, [])):
                 by_file.setdefault(region.path, []).append((exercise, region))
     for path, items in by_file.items():
-        lines = path.read_text().splitlines(keepends=True)
+        before = path.read_text()
+        lines = before.splitlines(keepends=True)
         for exercise, region in sorted(items, key=lambda item: -item[1].first):  # bottom up: earlier lines stay put
             lines[region.first - 1:region.last] = region.keep + [raise_line(exercise, region)]
         text = "".join(lines)
         try:
-            ast.parse(text, str(path))
+            parse_changed(path, before, text)
         except SyntaxError as e:  # a marker in an odd place; the file on disk is untouched
             raise ValueError(f"{path.name}: stripping would not parse (line {e.lineno}: {e.msg}); move the marker") from None
         orig = path.with_name(path.name + ".orig")
@@ -469,12 +520,14 @@ def check_one(name: str, root: Path = ROOT, original: bool = True) -> dict:
 def apply_variant(variant, root: Path, exercises_found: list) -> None:
     """Write one variant of tests/mutants.py into the copy at root: its text edits (each `old` must
     occur exactly once in the file, on lines of the exercise's regions: a mutant is a mistake in the
-    exercise, not elsewhere) and its bodies (a target's whole region replaced). Parsed before written."""
+    exercise, not elsewhere) and its bodies (a target's whole region replaced). Parsed before written:
+    a variant that does not parse leaves the files as they were."""
     exercise = next((e for e in exercises_found if e.name == variant.exercise), None)
     if exercise is None:
         raise ValueError(f"mutant {variant.name}: no exercise {variant.exercise!r}")
+    originals = {}  # path -> its text before the variant
     for file, old, new in variant.edits:  # checked against the original lines, before anything moves them
-        text = (root / file).read_text()
+        text = originals.setdefault(root / file, (root / file).read_text())
         if text.count(old) != 1:
             raise ValueError(f"mutant {variant.name}: {old!r} occurs {text.count(old)} times in {file}, not once")
         line = text[:text.index(old)].count("\n") + 1
@@ -486,24 +539,26 @@ def apply_variant(variant, root: Path, exercises_found: list) -> None:
         if region is None:
             raise ValueError(f"mutant {variant.name}: {target} is not a target of exercise {exercise.name}")
         by_file.setdefault(region.path, []).append((region, code))
+    texts = {}  # path -> its text with the variant
     for path, items in by_file.items():
-        lines = path.read_text().splitlines(keepends=True)
+        lines = originals.setdefault(path, path.read_text()).splitlines(keepends=True)
         for region, code in sorted(items, key=lambda item: -item[0].first):
             body = [(region.indent + l if l.strip() else "\n") for l in textwrap.dedent(code).strip("\n").splitlines(True)]
             body[-1] = body[-1].rstrip("\n") + "\n"
             lines[region.first - 1:region.last] = region.keep + body
-        path.write_text("".join(lines))
+        texts[path] = "".join(lines)
     for file, old, new in variant.edits:
-        path = root / file
-        text = path.read_text()
+        text = texts.get(root / file, originals[root / file])
         if text.count(old) != 1:  # an earlier edit of the same variant made it ambiguous
             raise ValueError(f"mutant {variant.name}: {old!r} occurs {text.count(old)} times in {file} after the edits before it")
-        path.write_text(text.replace(old, new))
-    for path in {root / f for f, _, _ in variant.edits} | set(by_file):
+        texts[root / file] = text.replace(old, new)
+    for path, text in texts.items():
         try:
-            ast.parse(path.read_text(), str(path))
+            parse_changed(path, originals[path], text)
         except SyntaxError as e:
             raise ValueError(f"mutant {variant.name}: {path.name} does not parse (line {e.lineno}: {e.msg})") from None
+    for path, text in texts.items():
+        path.write_text(text)
 
 
 def run_variant(variant, root: Path = ROOT) -> dict:

@@ -184,6 +184,54 @@ def test_one_target_of_a_shared_exercise_can_be_stripped_alone(toy):
         toy_module.second((1, 2))
 
 
+def test_finding_again_gives_fresh_exercises_for_each_copy(toy, tmp_path_factory):
+    # what a file marks is found once per name and text (exercises._exercises_in): each call must
+    # still get exercises of its own, with its own paths, that no earlier caller's edits reach
+    first = {e.name: e for e in exercises.find_exercises(toy)}
+    first["pair"].judge.append("-x")
+    first["bump"].regions[0].keep.append("    # a caller's edit\n")
+    other = tmp_path_factory.mktemp("other")
+    (other / "toy.py").write_text(TOY)
+    again = {e.name: e for e in exercises.find_exercises(other)}
+    assert again["pair"].judge == ["tests/test_toy.py", "-k", "pair"]
+    assert again["bump"].regions[0].keep == []  # its marker sits above the docstring: nothing to re-emit
+    assert all(r.path == other / "toy.py" for e in again.values() for r in e.regions)
+    assert first["double"].regions[0].path == toy / "toy.py"
+
+
+def test_parse_changed_refuses_what_the_whole_file_would_refuse():
+    # exercises.parse_changed parses only the top-level statements a change touches; the reference is
+    # ast.parse of the whole changed file. Every one-line deletion and every stray bracket, colon,
+    # quote or backslash on every line of the toy: whenever the whole file does not parse, neither does
+    # the change, and the error names a line of the changed statement, no later than the whole file's
+    # (which may be later: a string left open runs on to the next docstring's quotes there)
+    lines = TOY.splitlines(keepends=True)
+    changes = [(i, lines[:i] + lines[i + 1:]) for i in range(len(lines))]
+    changes += [(i, lines[:i] + [lines[i].rstrip("\n") + junk + "\n"] + lines[i + 1:]) for i in range(len(lines))
+                for junk in ("(", ":", '"""', " \\")]
+    refused = 0
+    for i, changed in changes:
+        after = "".join(changed)
+        statement = max([1, *(s for s in exercises._statement_starts(TOY) if s <= i + 1)])  # holds line i + 1
+        try:
+            ast.parse(after)
+        except SyntaxError as whole:
+            with pytest.raises(SyntaxError) as part:
+                exercises.parse_changed(Path("toy.py"), TOY, after)
+            assert statement <= part.value.lineno <= whole.lineno, (after, part.value, whole)
+            refused += 1
+        else:
+            try:
+                exercises.parse_changed(Path("toy.py"), TOY, after)
+            except SyntaxError:  # stricter than the whole file: only for a change that joins the next statement
+                assert any(l.startswith("@") or l.rstrip("\n").endswith("\\") for l in changed), after
+    assert refused > len(changes) // 2  # the junk does break most lines
+    # a decorator left above a class parses with it, not alone: refused (its docstring says so)
+    with pytest.raises(SyntaxError):
+        exercises.parse_changed(Path("toy.py"), TOY, TOY.replace("\n\nclass Counter:", "\n@functools.cache\nclass Counter:"))
+    exercises.parse_changed(Path("toy.py"), TOY, TOY.replace("h = h * h", "h = h ** 2"))  # and a good change passes
+
+
 @pytest.mark.parametrize("source, message", [
     ("# EXERCISE attention\ndef f():\n    return 1\n", "cannot read the marker"),
     ("def f():\n    x = 1\n    # EXERCISE END a\n    return x\n", "without a BEGIN"),
@@ -269,11 +317,11 @@ def test_every_exercise_is_in_exactly_one_set():
     assert set(exercises.SET_HOURS) == set(exercises.SETS)
 
 
-@pytest.mark.slow  # every variant of mutants.VARIANTS, each applied and parsed: ~25 s on two loaded cores
+@pytest.mark.slow
 def test_every_exercise_has_three_mutants_and_an_alternative_that_apply_to_its_lines(tmp_path):
     # no judge runs here: each variant's edits must still find their text, once, on the lines of
     # their exercise (the sources move on; a stale mutant is one error line, not a silent skip),
-    # and the result must parse
+    # and the result must parse (the statements it changes: exercises.parse_changed)
     counts = {name: [0, 0] for name in NAMES}
     exercises.copy_sources(ROOT, tmp_path)
     found = exercises.find_exercises(tmp_path)
@@ -311,8 +359,8 @@ def test_fast_subset_of_mutants_is_caught_and_alternatives_pass(fast_runs, varia
 def test_handout_grades_zero_stripped_and_full_marks_restored(tmp_path):
     # the smallest set, in a directory outside the repository: the stripped hand-out scores 0 on
     # every exercise, even with a marker's judge edited to select passing tests and another marker
-    # deleted (grade runs the judges handout.json kept); the same directory with the original sources
-    # put back, graded by the repository's own tests (--tests) while the hand-out's are gutted, 100%
+    # deleted (grade runs the judges handout.json kept); a copy of it with the original sources put
+    # back, graded by the repository's own tests (--tests) while the hand-out's are gutted, 100%
     out = tmp_path / "handout"
     assert exercises.main(["handout", "--out", str(out), "--set", "scaling"]) == 0
     assert not (out / "tests" / "mutants.py").exists()  # its alternatives are solutions
@@ -321,31 +369,46 @@ def test_handout_grades_zero_stripped_and_full_marks_restored(tmp_path):
     for name in exercises.SETS["scaling"]:
         assert f"`{name}`" in text
     assert "argmin L(N, D) subject to 6 N D = C" in text  # the docstrings are the tasks
-    collected = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "tests/test_scaling.py"],
-                               cwd=out, capture_output=True, text=True, timeout=300)
-    assert collected.returncode == 0, collected.stdout[-2000:]  # the hand-out's tests still collect
-
-    scaling = (out / "scaling.py").read_text()
-    judge = {e.name: e for e in EXERCISES}["chinchilla"].judge
-    edited = scaling.replace(f"# EXERCISE: chinchilla ({' '.join(judge)})", "# EXERCISE: chinchilla (tests/test_scaling.py -k count)")
-    edited = re.sub(r"\n# EXERCISE: isoflop-fit \(.*\)\n", "\n", edited)
-    assert edited.count("# EXERCISE:") == scaling.count("# EXERCISE:") - 1 and "-k count)" in edited
-    (out / "scaling.py").write_text(edited)
-
-    def graded(*before, after=(), cwd=out):
-        proc = subprocess.run([sys.executable, "-m", "tests.exercises", *before, "grade", "--json", *after], cwd=cwd,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)
-
-    stripped = graded()
-    assert stripped["set"] == "scaling" and list(stripped["exercises"]) == list(exercises.SETS["scaling"])
-    assert all(e["passed"] == 0 and e["total"] > 0 for e in stripped["exercises"].values()) and stripped["score"] == 0, stripped
-    assert not stripped["exercises"]["isoflop-fit"]["marked"]
+    put_back = tmp_path / "put-back"
+    shutil.copytree(out, put_back)
     for name in ("scaling.py", "model.py"):
-        shutil.copy2(ROOT / name, out / name)
-    (out / "tests" / "test_scaling.py").write_text("def test_nothing():\n    pass\n")  # a student's tests
-    restored = graded("--root", str(out), after=("--tests", str(ROOT / "tests")), cwd=ROOT)
+        shutil.copy2(ROOT / name, put_back / name)
+    (put_back / "tests" / "test_scaling.py").write_text("def test_nothing():\n    pass\n")  # a student's tests
+
+    # The three runs below are independent, so they overlap: a grade runs its judges two at a time and
+    # the last one alone, which would leave one of two cores idle. Each works in a directory of its own.
+    def start(*args, cwd):
+        return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(proc):
+        try:
+            stdout, stderr = proc.communicate(timeout=600)
+        finally:
+            proc.kill()  # nothing once it has exited; after a timeout, it does not outlive the test
+        return proc.returncode, stdout, stderr
+
+    # (leaving the with block, even by a failed assertion, waits for the restored copy's grade)
+    with start("tests.exercises", "--root", str(put_back), "grade", "--json", "--tests", str(ROOT / "tests"),
+               cwd=ROOT) as grading_restored:
+        code, stdout, _ = finish(start("pytest", "-q", "--collect-only", "tests/test_scaling.py", cwd=out))
+        assert code == 0, stdout[-2000:]  # the hand-out's tests still collect
+
+        scaling = (out / "scaling.py").read_text()
+        judge = {e.name: e for e in EXERCISES}["chinchilla"].judge
+        edited = scaling.replace(f"# EXERCISE: chinchilla ({' '.join(judge)})", "# EXERCISE: chinchilla (tests/test_scaling.py -k count)")
+        edited = re.sub(r"\n# EXERCISE: isoflop-fit \(.*\)\n", "\n", edited)
+        assert edited.count("# EXERCISE:") == scaling.count("# EXERCISE:") - 1 and "-k count)" in edited
+        (out / "scaling.py").write_text(edited)
+
+        code, stdout, stderr = finish(start("tests.exercises", "grade", "--json", cwd=out))
+        assert code == 0, stderr
+        stripped = json.loads(stdout)
+        assert stripped["set"] == "scaling" and list(stripped["exercises"]) == list(exercises.SETS["scaling"])
+        assert all(e["passed"] == 0 and e["total"] > 0 for e in stripped["exercises"].values()) and stripped["score"] == 0, stripped
+        assert not stripped["exercises"]["isoflop-fit"]["marked"]
+        code, stdout, stderr = finish(grading_restored)
+    assert code == 0, stderr
+    restored = json.loads(stdout)
     assert all(e["passed"] == e["total"] > 1 for e in restored["exercises"].values()) and restored["score"] == 1, restored
 
 
