@@ -518,7 +518,7 @@ def score_main(argv) -> None:
     parser.add_argument("--ckpt", default="out/ckpt.pt", help="a nanopretrain checkpoint (default: out/ckpt.pt)")
     parser.add_argument("--data_dir", default=None, help="where the run prepared its corpus, for the tokenizer "
                         "(default: the run's own --data_dir, as stored in the checkpoint)")
-    parser.add_argument("--batch_tokens", type=int, default=4096, help="tokens per forward pass, in whole rows of the block (4096: the least CPU time on the 2-core test machine under the tiny checkpoint; 16384 took 1.5x, in page faults)")
+    parser.add_argument("--batch_tokens", type=int, default=4096, help="tokens per forward pass, in whole rows of the block (4096: small enough that a CPU's activations stay small; a GPU may want more)")
     parser.add_argument("--batch_size", type=int, default=None, help="windows (rows of the block) per forward pass "
                         "instead: --batch_tokens becomes this x the block size (the name this command had first)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")

@@ -9,8 +9,8 @@ Causal attention for one head, with scale = 1/sqrt(D), is
     P = softmax(S)             (T, T) row-wise probabilities
     O = P V                    (T, D)
 
-Written out (model.naive_attention), every one of S and P is a (B, H, T, T) tensor in GPU memory
-(HBM). With e bytes per element, the forward alone writes S, reads it, writes P and reads it back:
+Written out, every one of S and P is a (B, H, T, T) tensor in GPU memory (HBM). With e bytes per
+element, the forward alone writes S, reads it, writes P and reads it back:
 
     naive forward traffic   ~ e * B*H * (4*T*D + 4*T^2)   bytes
     naive extra memory      ~ e * B*H * T^2               bytes (P is kept for the backward)
@@ -18,6 +18,9 @@ Written out (model.naive_attention), every one of S and P is a (B, H, T, T) tens
 and the softmax in the middle does a handful of FLOPs per byte, far below what a GPU needs to be
 busy (an H100 does ~300 bf16 FLOPs in the time it moves one byte). For (B, H, T, D) = (4, 32,
 4096, 64) in bf16 that is ~17 GB moved and 4.3 GB held per layer, for a result O of only 67 MB.
+model.naive_attention holds more: its softmax runs in float32, so autograd keeps that float32
+output and its e-byte copy P (and a T x T boolean mask), (4 + e) * B*H*T^2 bytes: 12.9 GB here
+(tests/test_model.py counts the bytes saved per score).
 
 The idea: tiles and an online softmax (FlashAttention)
 ------------------------------------------------------
@@ -64,11 +67,15 @@ With dO the gradient of O, and delta_i = sum_j P_ij dP_ij:
 
 delta needs no T x T matrix: sum_j P_ij (dO_i . v_j) = dO_i . (sum_j P_ij v_j) = dO_i . O_i, so
 delta = rowsum(dO * O), a small "preprocess" kernel. P itself is *recomputed* tile by tile from Q,
-K and the saved LSE, P_ij = exp(scale * q_i . k_j - LSE_i): one extra Q K^T matmul (2*T^2*D FLOPs
-per head, cheap on tensor cores) instead of storing and re-reading e*T^2 bytes per head (memory
-that would cap the sequence length). Following FlashAttention-2 (Dao 2023, arXiv:2307.08691), one
-kernel owns a tile of K/V and loops over query tiles to accumulate dK and dV (no atomics), and a
-second kernel owns a tile of Q and loops over key tiles to accumulate dQ. With grouped-query
+K and the saved LSE, P_ij = exp(scale * q_i . k_j - LSE_i), instead of storing and re-reading
+e*T^2 bytes per head (memory that would cap the sequence length). As in FlashAttention-2 (Dao
+2023, arXiv:2307.08691), one kernel owns a tile of K/V and loops over query tiles to accumulate dK
+and dV. FlashAttention-2 adds each tile's share of dQ into HBM with atomic adds in that same pass;
+here, our choice, a second kernel owns a tile of Q and loops over key tiles to accumulate dQ, so no
+program writes another's rows (no atomics: deterministic, and no float32 dQ buffer). The price:
+both kernels recompute the scores Q K^T and dP = dO V^T, so the backward runs seven T x T x D
+matmuls (dK/dV kernel: S^T, dV, dP^T, dK; dQ kernel: S, dP, dQ), three more than one that stored
+P, each 2*T^2*D FLOPs per head (cheap on tensor cores next to the memory saved). With grouped-query
 attention a K/V tile also loops over the query heads that share it, summing their contributions.
 
 Document masking: skip what another document's tile would add
@@ -92,7 +99,7 @@ matmul larger. But a tile needs (BLOCK_M + 2*BLOCK_N) * D inputs and a BLOCK_M x
 accumulator on chip: past the register file and shared memory the compiler spills, or fewer
 programs fit on a streaming multiprocessor to hide latency (num_stages multiplies the shared
 memory used to prefetch the next tiles). Short sequences have few tiles: B*H*T/BLOCK_M programs
-must still fill all 132 SMs of an H100. On the causal diagonal up to half a tile is masked work.
+must still fill all 132 SMs of an H100 SXM. On the causal diagonal up to half a tile is masked work.
 There is no single best choice across (T, D) and GPU, so on CUDA `triton.autotune` times a small
 set of configurations the first time it sees a shape; the interpreter uses one small config.
 
@@ -101,7 +108,10 @@ The FLOP count used for TFLOP/s
 Forward: two matmuls, S = Q K^T and O = P V, each 2*T*T*D FLOPs per head: 4*B*H*T^2*D, halved
 for causal (only the lower triangle is real work): 4*B*H*T^2*D / 2. Backward: five matmuls (the
 recomputed Q K^T, dV, dP, dQ, dK) = 2.5x the forward. Forward + backward = 3.5x the forward.
-Softmax exponentials are not counted (the convention of the FlashAttention papers).
+These are the useful FLOPs as the FlashAttention papers count them (softmax exponentials not
+counted either), so that TFLOP/s compare across implementations. Our backward executes seven
+matmuls (see above), forward + backward 4.5x the forward, so the TFLOP/s reported are 3.5/4.5 of
+the rate the tensor cores actually ran at.
 
 A second fused kernel: linear + cross-entropy in chunks
 -------------------------------------------------------
@@ -116,9 +126,11 @@ of `chunk_size`: logits of one chunk by a matmul, then one Triton kernel compute
 log-sum-exp (the same online recurrence as above, over vocabulary tiles), its loss, and overwrites
 the logits in place with their gradient softmax - onehot(target); two matmuls turn that into the
 chunk's dX and its share of dW. All gradients are ready at the end of the forward, so the backward
-only scales them by the incoming gradient. Peak extra memory is chunk*V*e bytes (one chunk, reused
-for its own gradient) instead of N*V*(e + 4 + 4): with the default chunk the logits take about as
-much memory as X itself. Passes over the logits: plain = write (matmul), read + write (float
+only scales them by the incoming gradient. The logits take chunk*V*e bytes at a time (one chunk,
+reused for its own gradient) instead of N*V*(e + 4 + 4): with the default chunk about as much
+memory as X itself. Beside them live the gradients themselves, which the forward computes and
+keeps for the backward: dX (N x C) and dW (V x C, accumulated in float32 over the chunks), both
+kept in X's dtype. Passes over the logits: plain = write (matmul), read + write (float
 cast), read + write (log-softmax), read (gather); backward read + write twice more. Fused = write
 (matmul), read twice (max/sum pass, gradient pass) + write once (gradient in place), read twice
 (the dX and dW matmuls), each chunk-sized, so it stays in L2 for small chunks.
@@ -679,7 +691,7 @@ def flash_attention(q, k, v, causal: bool = True, sm_scale: float | None = None,
     """FlashAttention-2 in Triton: q (B, H, T, D), k and v (B, H_kv, T, D) -> (B, H, T, D).
 
     H_kv may divide H (grouped-query attention, forward and backward); sm_scale defaults to
-    1/sqrt(D). Any T, D in 1..128, float16/bfloat16/float32; the maths inside is float32.
+    1/sqrt(D). Any T >= 1; D in 1..128; float16/bfloat16/float32; the maths inside is float32.
     doc_ids (B, T) integers, causal only: query i reads key j only inside its own document (a run of
     equal ids, document_spans), the block-diagonal causal mask of model.document_mask.
     """
@@ -1025,7 +1037,9 @@ SMOKE_SHAPES = [(1, 2, 40, 16)]  # the interpreter runs one program at a time: k
 
 
 def attention_flops(B: int, H: int, T: int, D: int, backward: bool) -> float:
-    """Causal: 4*B*H*T^2*D/2 forward; the backward is 2.5x that (five matmuls to the forward's two)."""
+    """Causal: 4*B*H*T^2*D/2 forward; the backward is 2.5x that (five matmuls to the forward's two):
+    the useful FLOPs as FlashAttention counts them. Our kernels execute seven in the backward (both
+    recompute S and dP): with backward=True the tensor cores ran at 4.5/3.5 of the TFLOP/s this gives."""
     forward = 4 * B * H * T * T * D / 2
     return forward * (3.5 if backward else 1.0)
 

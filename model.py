@@ -48,7 +48,8 @@ Modern options (each off by default, each a GPTConfig field)
 - RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467): LayerNorm without the mean subtraction and
   bias, x / sqrt(mean(x^2) + eps) * g. Cheaper, and as good in practice (LLaMA uses it).
 - SwiGLU MLP (Shazeer 2020, arXiv:2002.05202): (SiLU(x W_gate) * (x W_up)) W_down. A gated MLP;
-  its hidden width is 2/3 of 4C so it has the same parameter count as the GELU MLP.
+  its hidden width is 2/3 of 4C, rounded up to a multiple of 64, so it has about the GELU MLP's
+  parameter count (exactly when 8C/3 is a multiple of 64, as at C = 768; 12.5% more at C = 128).
 - Grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245): n_kv_head < n_head key/value
   heads, each shared by n_head/n_kv_head query heads. It shrinks the KV cache at inference by the
   same factor; n_kv_head = 1 is multi-query attention (Shazeer 2019).
@@ -175,7 +176,7 @@ class GPTConfig:
     rope: bool = False  # rotary position embeddings instead of learned absolute positions
     rope_theta: float = 10000.0  # RoPE base frequency (Su et al. 2021)
     norm: str = "layernorm"  # layernorm (GPT-2) or rmsnorm (LLaMA)
-    mlp: str = "gelu"  # gelu (GPT-2: C -> 4C -> C), swiglu (gated, hidden 2/3 * 4C) or relu2 (ReLU(x)^2, C -> 4C -> C; So et al. 2021, Primer)
+    mlp: str = "gelu"  # gelu (GPT-2: C -> 4C -> C), swiglu (gated, hidden 2/3 * 4C rounded up to a multiple of 64) or relu2 (ReLU(x)^2, C -> 4C -> C; So et al. 2021, Primer)
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before the scores (Dehghani et al. 2023; OLMo 2)
     logit_softcap: float = 0.0  # cap the output logits smoothly at +-C: C tanh(logits / C) (Gemma 2 uses 30); 0: off
     z_loss: float = 0.0  # add COEF * mean(log^2 Z) to the training loss, Z the softmax's normaliser (PaLM: 1e-4); 0: off
@@ -246,9 +247,10 @@ class GPTConfig:
 # Model sizes as plain overrides of GPTConfig. The GPT-2 family is from Radford et al. (2019),
 # Table 2 (with the corrected counts from nanoGPT's README); "laptop" is ours.
 MODEL_PRESETS = {
-    # trains on a 2-core CPU in minutes: 0.59M parameters in the blocks plus a 2048 x 128 embedding
-    # (with train.py's BPE of 2048). Three layers and that vocabulary, not four and 4096: at this
-    # budget (1000 steps) the smaller model is better per second (README, "Reference run")
+    # trains on a 2-core CPU in minutes: 0.59M parameters in the blocks, plus a 2048 x 128 token
+    # embedding (train.py's BPE of 2048) and a 256 x 128 position embedding: 0.886M in all (a test).
+    # Three layers and that vocabulary, not four and 4096: at this budget (1000 steps) the smaller
+    # model is better per second (README, "Reference run")
     "laptop": dict(n_layer=3, n_head=4, n_embd=128, block_size=256, bias=False),
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
     "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
@@ -531,9 +533,10 @@ class CausalSelfAttention(nn.Module):
             import kernels  # noqa: F401
         self.rope = config.rope
         # QK-norm: one RMSNorm of width hs shared by the heads, for queries and one for keys. It bounds
-        # each score by max|g_q| max|g_k| sqrt(hs), so no logit of the softmax can grow without limit (the
-        # attention-entropy collapse behind loss spikes: Dehghani et al. 2023, arXiv:2302.05442; Wortsman
-        # et al. 2023, arXiv:2309.14322); OLMo 2 (arXiv:2501.00656) trains with it
+        # each score q.k / sqrt(hs) by max|g_q| max|g_k| sqrt(hs) (|q|, |k| <= max|g| sqrt(hs); a test),
+        # so no logit of the softmax can grow without limit (the attention-entropy collapse behind loss
+        # spikes: Dehghani et al. 2023, arXiv:2302.05442; Wortsman et al. 2023, arXiv:2309.14322);
+        # OLMo 2 (arXiv:2501.00656) trains with it
         self.q_norm = RMSNorm(self.hs) if config.qk_norm else None
         self.k_norm = RMSNorm(self.hs) if config.qk_norm else None
         if config.rope:
@@ -761,7 +764,7 @@ class MoE(nn.Module):
     capacity factor of its own, DeepSpeed's and TF Model Garden's eval_capacity_factor; none is the
     limit of a large one). A capacity counted over the N tokens of a batch would make one sequence's
     output depend on what it is batched with, on padding, and on whether the KV cache feeds one token
-    at a time: tests check that none of them changes an eval-mode output.
+    at a time: tests check that none of the three changes an eval-mode output.
 
     Two ways to run the experts, equal up to rounding (a test): forward_loop, the one to read (for
     each expert, find its tokens, run it, add the weighted result back), and the fast one: the N k

@@ -1499,3 +1499,89 @@ def test_load_model_checkpoint_refuses_an_edited_checkpoint_in_one_line(tmp_path
     torch.save({**good, "model_config": [1, 2]}, path)
     with pytest.raises(ValueError, match="no model_config dict"):
         model.load_model_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims of the essays and comments, checked (claims audit)
+
+
+def test_swiglu_parameter_count_is_exact_at_768_and_an_eighth_more_at_128():
+    # hidden = 64 * ceil(8C/3 / 64): 2048 at C = 768 (8C/3 exactly), 384 at C = 128 (8C/3 = 341.3)
+    def mlp_weights(C, mlp):
+        return sum(p.numel() for p in model.MLP(small_config(n_embd=C, n_head=4, mlp=mlp, bias=False)).parameters())
+    assert mlp_weights(768, "swiglu") == mlp_weights(768, "gelu") == 8 * 768 * 768
+    assert mlp_weights(128, "swiglu") == 3 * 128 * 384
+    assert mlp_weights(128, "swiglu") / mlp_weights(128, "gelu") == 1.125
+
+
+def test_laptop_preset_has_the_parameter_count_its_comment_gives():
+    with torch.device("meta"):  # shapes only: no memory, no initialisation time
+        m = GPT(GPTConfig(**model.MODEL_PRESETS["laptop"], vocab_size=2048))
+    blocks = sum(p.numel() for p in m.transformer.h.parameters())
+    assert round(blocks / 1e6, 2) == 0.59
+    assert m.num_params() == blocks + 2048 * 128 + 256 * 128 + 128 == 885_632  # + ln_f's gain
+
+
+def test_naive_attention_keeps_4_plus_e_bytes_per_score_for_the_backward():
+    # kernels.py's essay: the float32 softmax output (4 bytes) and its bf16 copy P (e = 2), plus a T x T mask
+    B, H, T, D = 1, 2, 64, 16
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    saved = {}
+
+    def pack(t):
+        saved[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.naive_attention(q, k, v)
+    per_score = sum(n for (_, _, shape), n in saved.items() if shape[-2:] == (T, T) and len(shape) > 2) / (B * H * T * T)
+    assert per_score == 4 + 2
+    assert sum(n for (_, dtype, shape), n in saved.items() if shape == (T, T)) == T * T  # the bool mask
+
+
+def test_qk_norm_bounds_every_score_even_for_huge_inputs(monkeypatch):
+    cfg = small_config(qk_norm=True, rope=True, attention="naive", n_kv_head=2)
+    attn = model.CausalSelfAttention(cfg).double()
+    with torch.no_grad():
+        attn.q_norm.weight.normal_()
+        attn.k_norm.weight.normal_()
+    seen = []
+    monkeypatch.setattr(model, "attend", lambda backend, q, k, v, *a: seen.append((q, k)) or model.naive_attention(q, k, v))
+    attn(100 * torch.randn(2, 16, cfg.n_embd, dtype=torch.float64))  # inputs 100x their usual scale
+    q, k = seen[0]
+    k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(cfg.head_size)
+    bound = attn.q_norm.weight.abs().max() * attn.k_norm.weight.abs().max() * math.sqrt(cfg.head_size)
+    assert scores.abs().max() <= bound
+    attn.q_norm = attn.k_norm = None  # without QK-norm the same inputs break the bound many times over
+    seen.clear()
+    attn(100 * torch.randn(2, 16, cfg.n_embd, dtype=torch.float64))
+    q, k = seen[0]
+    assert (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) / math.sqrt(cfg.head_size)).abs().max() > 10 * bound
+
+
+def test_moe_aux_loss_is_one_when_balanced_and_e_when_one_expert_takes_all():
+    E = 4
+    layer = model.MoE(small_config(moe_experts=E, moe_topk=1)).train()
+    N = 2 * E
+    logits = torch.zeros(N, E)
+    balanced = torch.arange(N).remainder(E).unsqueeze(1)  # (N, 1): each expert gets N/E tokens
+    layer.record(logits, torch.softmax(logits, -1), balanced, None)  # uniform probabilities
+    assert layer.aux_sum.item() == pytest.approx(1.0, rel=1e-6)
+    layer.reset_stats()
+    one_hot = F.one_hot(torch.zeros(N, dtype=torch.long), E).float()  # every token sure of expert 0
+    layer.record(logits, one_hot, torch.zeros(N, 1, dtype=torch.long), None)
+    assert layer.aux_sum.item() == pytest.approx(E, rel=1e-6)
+
+
+def test_moe_capacity_leaves_a_rows_eval_logits_the_same_when_padding_follows_it():
+    # 20 tokens alone: ceil(0.5 x 20 / 4) = 3 slots per expert; padded to 32: 4. If the capacity
+    # bound in eval mode the padding would let more of the row's tokens through (float64, as above)
+    m = moe_with_capacity()
+    idx = random_tokens(m.config, B=1)
+    padded = idx.clone()
+    padded[:, 20:] = 0  # pad tokens after the row
+    with torch.no_grad():
+        alone = m(idx[:, :20])[0]
+        with_padding = m(padded)[0][:, :20]
+    torch.testing.assert_close(with_padding, alone, rtol=0, atol=1e-12)
