@@ -30,24 +30,26 @@ accumulation micro-steps communicate nothing (no_sync).
 
 ZeRO (Rajbhandari et al. 2020, arXiv:1910.02054), parameters flattened into one vector of N' = N
 rounded up to a multiple of d, rank r owning slice r:
-    stage 1  optimizer state sharded:  4N + 4N + 8N'/d;  all-reduce grads, update own slice,
+    stage 1  optimizer state sharded:  4N' + 4N' + 8N'/d;  all-reduce grads, update own slice,
              all-gather params: 3 (d-1)/d 4N' sent (DeepSpeed reduce-scatters here too, 2 (d-1)/d 4N';
              we all-reduce so that each stage adds exactly one idea)
-    stage 2  + gradients reduce-scattered: 4N + 4N'/d + 8N'/d;  2 (d-1)/d 4N' sent, as DDP
+    stage 2  + gradients reduce-scattered: 4N' + 4N'/d + 8N'/d;  2 (d-1)/d 4N' sent, as DDP
     stage 3  + parameters sharded: 4N'/d + 4N'/d + 8N'/d, plus one block (and the root: embeddings,
              final norm) gathered at a time; each block's flat shard is all-gathered before its
              forward, freed after, all-gathered again in backward (the block is recomputed, as
              activation checkpointing does) and its gradient reduce-scattered:
-             (d-1)/d 4 (3 N_blocks + 2 N_root) sent per micro-step, the paper's 3x.
+             (d-1)/d 4 (3 N_blocks + 2 N_root) sent per micro-step: the paper's 3 Psi, 1.5x DDP's
+             2 Psi (Psi = N numbers; Rajbhandari et al., sec. 7).
     Real FSDP keeps the block's activations instead of recomputing, and frees parameter storage
     by resizing it; we recompute because it makes "gather, use, free" three visible lines.
 
 Muon (Jordan et al. 2024; Kimi's Distributed Muon, Liu et al. 2025, arXiv:2502.16982) needs whole
 matrices: its Newton-Schulz iteration multiplies a matrix by itself. Under data parallelism and
 ZeRO-1/2 the hidden matrices are dealt out in chunks of d same-shaped ones, each rank
-orthogonalises the ones it owns (1/d of the work and of the momentum memory) and one all-gather per
-chunk returns every updated matrix; ZeRO-2 reduce-scatters each chunk's gradients to the owners.
-The rest (embeddings, output layer, norms, biases) stays on AdamW, sharded as above.
+orthogonalises the ones it owns (about 1/d of the work and of the momentum memory: of the k matrices
+of a shape the busiest rank owns ceil(k/d)) and one all-gather per chunk returns every updated
+matrix; ZeRO-2 reduce-scatters each chunk's gradients to the owners. The rest (embeddings, output
+layer, norms, biases) stays on AdamW, sharded as above.
 
 Tensor parallel (Megatron-LM; Shoeybi et al. 2019, arXiv:1909.08053), t ranks. The MLP's first
 matrix is split by columns (each rank computes C -> 4C/t), the second by rows (4C/t -> C, partial
@@ -86,19 +88,23 @@ Here autograd keeps each column-parallel layer's gathered input for its weight g
 4 s b h stay whole: s b h (4 + 30/t + 5 a s / (h t)). Megatron keeps only the T/t shard and
 gathers it again in backward (one more all-gather, overlapped with the gradient matmul).
 
-Pipeline parallel (GPipe, Huang et al. 2018, arXiv:1811.06965; 1F1B, Narayanan et al. 2019,
-PipeDream, arXiv:1806.03377 and 2021, arXiv:2104.04473), p stages of L/p blocks; the batch is cut
-into m micro-batches that flow through the stages with point-to-point sends. Time runs left to
-right; F3 is micro-batch 3's forward, B3 its backward; p = 4, m = 4:
+Pipeline parallel (GPipe, Huang et al. 2018, arXiv:1811.06965; 1F1B from PipeDream, Harlap, Narayanan
+et al. 2018, arXiv:1806.03377, with the flush of PipeDream-Flush, Narayanan et al. 2021, arXiv:2006.09503,
+as Megatron-LM schedules it, Narayanan et al. 2021, arXiv:2104.04473, sec. 2.2.1), p stages of L/p
+blocks; the batch is cut into m micro-batches that flow through the stages with point-to-point sends.
+Time runs left to right in slots of one forward or one backward (taken as equally long); F3 is
+micro-batch 3's forward, B3 its backward; p = 4, m = 4; each stage runs its work in the order
+gpipe / one_f_one_b issue it, as soon as its input has arrived:
 
     GPipe (all forwards, then all backwards)          1F1B (one forward, one backward, in steady state)
-    s0: F0 F1 F2 F3 .  .  .  .  .  .  B0 B1 B2 B3      s0: F0 F1 F2 F3 .  .  B0 .  B1 .  B2 .  B3
-    s1: .  F0 F1 F2 F3 .  .  .  .  B0 B1 B2 B3 .       s1: .  F0 F1 F2 .  B0 F3 B1 .  B2 .  B3
-    s2: .  .  F0 F1 F2 F3 .  .  B0 B1 B2 B3 .  .       s2: .  .  F0 F1 B0 F2 B1 F3 B2 .  B3
-    s3: .  .  .  F0 F1 F2 F3 B0 B1 B2 B3 .  .  .       s3: .  .  .  F0 B0 F1 B1 F2 B2 F3 B3
+    s0: F0 F1 F2 F3 .  .  .  .  .  .  B0 B1 B2 B3      s0: F0 F1 F2 F3 .  .  .  B0 .  B1 .  B2 .  B3
+    s1: .  F0 F1 F2 F3 .  .  .  .  B0 B1 B2 B3 .       s1: .  F0 F1 F2 .  .  B0 F3 B1 .  B2 .  B3 .
+    s2: .  .  F0 F1 F2 F3 .  .  B0 B1 B2 B3 .  .       s2: .  .  F0 F1 .  B0 F2 B1 F3 B2 .  B3 .  .
+    s3: .  .  .  F0 F1 F2 F3 B0 B1 B2 B3 .  .  .       s3: .  .  .  F0 B0 F1 B1 F2 B2 F3 B3 .  .  .
 
-Both idle for the same (p-1) slots at each end: bubble = (p-1)/(m+p-1) of the step. 1F1B's gain is
-memory: a stage holds the activations of at most p - s micro-batches in flight, not all m.
+Both take 2 (m+p-1) slots, and each stage is busy in 2m of them: bubble = (p-1)/(m+p-1) of the step
+(a test rebuilds both diagrams from the schedules' code). 1F1B's gain is memory: a stage holds
+the activations of at most p - s micro-batches in flight, not all m.
 Communication per stage boundary: m activations forward and m gradients backward, each B/m T C x 4.
 A tied embedding lives on the first stage (lookup) and the last (output layer); its two gradients
 are summed by an all-reduce between those two stages, as Megatron does: V C x 4 more bytes sent by each
@@ -447,7 +453,8 @@ def all_gather(output, input, group, tag: str, async_op: bool = False):
 
 
 def broadcast(tensor, group, tag: str):
-    """Everyone gets group rank 0's tensor. The root sends it once (a pipelined tree)."""
+    """Everyone gets group rank 0's tensor. BYTES_SENT counts the root's bytes only, the tensor
+    once; in NCCL's ring or chain every rank but the last forwards it too, S bytes each."""
     if group_size(group) == 1:
         return
     if dist.get_rank(group) == 0:
@@ -754,7 +761,7 @@ def load_adamw_state(optimizer, module: nn.Module, named: dict, piece):
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of Jordan et al. 2024 (modded-nanogpt), also Kimi's
 NS_STEPS = 5  # their number of iterations
 NS_BAND = (0.68, 1.21)  # where 5 steps put every singular value s of G with s >= NS_MIN_RATIO ||G||_F (a test holds it)
-NS_MIN_RATIO = 2e-3  # smaller ones are not yet grown into the band after 5 steps (they are multiplied by ~a^5 = 487)
+NS_MIN_RATIO = 2e-3  # smaller ones are not yet grown into the band after 5 steps (they are multiplied by ~a^5 = 485)
 MUON_MOMENTUM = 0.95  # Jordan et al. and Kimi
 
 
@@ -770,12 +777,14 @@ def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     singular vectors never change. Iterating p drives every s > 0 towards a fixed point near 1,
     which is U V^T. The classic cubic (a, b, c) = (3/2, -1/2, 0) converges to exactly 1 but grows
     a small s only by 3/2 per step; these coefficients trade exactness for speed: the slope at 0
-    is a = 3.4445, so a small s grows 487-fold in 5 steps, and p then oscillates in a band instead
+    is a = 3.4445, so a small s grows 485-fold in 5 steps, and p then oscillates in a band instead
     of settling at 1: after 5 steps every s >= 2e-3 ||G||_F lands in [0.68, 1.21] (NS_BAND,
     measured by iterating p in float64 and held by a test against an SVD). Jordan et al. report
-    that a band this wide costs nothing measurable in training, while a cubic would need ~3x the
-    products. Each step costs three matmuls with the min(A, B) x min(A, B) Gram matrix, so a tall
-    G is transposed first (p acts on singular values, so the result is the same).
+    that a band this wide costs nothing measurable in training. The cubic, from the same 2e-3 until
+    every s >= 0.68, needs 15 steps instead of 5 (float64, the band's grid; a test counts them):
+    3x the iterations, but 2x the matrix products (30 against 15: a cubic step takes 2, a quintic
+    one 3). Each quintic step's three matmuls go through the min(A, B) x min(A, B) Gram matrix, so
+    a tall G is transposed first (p acts on singular values, so the result is the same).
     """
     a, b, c = NS_COEFFICIENTS
     X = G / (G.norm() + 1e-7)  # 1e-7: Jordan et al.'s guard for an all-zero update
@@ -817,12 +826,13 @@ class Muon(torch.optim.Optimizer):
     Distributed (the scheme of Kimi's Distributed Muon and nanochat's DistMuon): with a group of n
     data-parallel ranks the matrices are dealt out by shape, in chunks of n same-shaped matrices
     whose k-th belongs to rank k (a chunk may be short: its missing slots are zeros on the wire).
-    Each rank keeps momentum for, and orthogonalises, only the matrices it owns (1/n of the
-    Newton-Schulz work and of the momentum memory); then one all-gather per chunk hands every rank
-    every updated matrix. The owner needs the whole averaged gradient of its matrices: under DDP
-    and ZeRO-1 every rank has all of them (an all-reduce); under ZeRO-2 sync_grads reduce-scatters
-    each chunk, so each rank receives only its own matrix's sum ((n-1)/n of the chunk sent, as ZeRO's
-    flat reduce-scatter). Every rank therefore computes exactly what one process would.
+    Each rank keeps momentum for, and orthogonalises, only the matrices it owns (about 1/n of the
+    Newton-Schulz work and of the momentum memory; exactly 1/n when each shape's count of matrices
+    is a multiple of n, else the busiest rank owns ceil(k/n) of k); then one all-gather per chunk
+    hands every rank every updated matrix. The owner needs the whole averaged gradient of its
+    matrices: under DDP and ZeRO-1 every rank has all of them (an all-reduce); under ZeRO-2
+    sync_grads reduce-scatters each chunk, so each rank receives only its own matrix's sum ((n-1)/n
+    of the chunk sent, as ZeRO's flat reduce-scatter). Every rank therefore computes exactly what one process would.
     """
 
     def __init__(self, named_params: list, lr: float, weight_decay: float, momentum: float = MUON_MOMENTUM,
@@ -1421,7 +1431,7 @@ class ZeRO3(Replicated):
 
 
 class CopyToTensorParallelRegion(torch.autograd.Function):
-    """Megatron's f (Shoeybi et al. 2019, arXiv:1909.08053, sec. 3, fig. 3a): identity forward,
+    """Megatron's f (Shoeybi et al. 2019, arXiv:1909.08053, sec. 3, fig. 3): identity forward,
     all-reduce backward. Placed before a column-parallel layer: every rank uses the same input, so
     the input's gradient is the sum of the ranks' partial gradients."""
 
@@ -1440,8 +1450,8 @@ class CopyToTensorParallelRegion(torch.autograd.Function):
 
 
 class ReduceFromTensorParallelRegion(torch.autograd.Function):
-    """Megatron's g (same paper, fig. 3b): all-reduce forward, identity backward. Placed after a
-    row-parallel layer, whose ranks each hold a partial sum of the output."""
+    """Megatron's g (same paper, sec. 3, fig. 3): all-reduce forward, identity backward. Placed
+    after a row-parallel layer, whose ranks each hold a partial sum of the output."""
 
     # EXERCISE: tensor-parallel
     @staticmethod
@@ -1910,9 +1920,9 @@ class Pipeline:
 
     # EXERCISE: pipeline-1f1b (tests/test_parallel.py -k 'two_ranks and pipeline_1f1b')
     def one_f_one_b(self, m, shape):
-        """1F1B (Narayanan et al. 2019, 2021): warm-up forwards to fill the pipe, then alternate one
-        forward and one backward, then cool down with the remaining backwards. Stage s holds at most
-        p - s micro-batches' activations."""
+        """1F1B as PipeDream-Flush (Narayanan et al. 2021): warm-up forwards to fill the pipe, then
+        alternate one forward and one backward, then cool down with the remaining backwards. Stage s
+        holds at most p - s micro-batches' activations."""
         warmup = min(self.n - self.rank - 1, m)
         steady = m - warmup
         in_flight = deque()
@@ -3011,7 +3021,8 @@ def plan(config, dp: int, tp: int, zero: int, batch_tokens: int) -> dict:
     """The docstring's per-rank formulas for a model, float32: memory held and bytes sent per step.
     The formulas live in scaling.py (model_state_bytes, data_parallel_bytes, tensor_parallel_bytes);
     this feeds them the counts parallel.py really stores: N rounded up to a multiple of dp (ZeRO's
-    flat vector), or, for stage 3, each flat unit (root, then every block) rounded up."""
+    flat vector), or, for stage 3, each flat unit (root, then every block) rounded up. buffers:
+    plain data parallelism's gradient buckets, 4N (the docstring's 20N); ZeRO has none."""
     import scaling
 
     model = GPT(config)
@@ -3022,7 +3033,9 @@ def plan(config, dp: int, tp: int, zero: int, batch_tokens: int) -> dict:
     stored = padded(root) + config.n_layer * padded(block) if zero == 3 else padded(N)
     states = scaling.model_state_bytes(stored, "fp32", zero, dp, tp)
     sent = scaling.data_parallel_bytes(stored, zero, dp, 4, n_root=padded(root) if zero == 3 else 0)
-    return dict(params=states["weights"], grads=states["grads"], optimizer=states["optimizer"], data_parallel_bytes=sent / tp,
+    buffers = 4 * stored / tp if zero == 0 else 0.0  # DDP's buckets: a float32 copy of every gradient
+    return dict(params=states["weights"], grads=states["grads"], buffers=buffers, optimizer=states["optimizer"],
+                data_parallel_bytes=sent / tp,
                 tensor_parallel_bytes=scaling.tensor_parallel_bytes(config, batch_tokens, tp, 4) if tp > 1 else 0.0)
 
 

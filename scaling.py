@@ -54,7 +54,7 @@ The peak is the vendor's dense (no sparsity) tensor-core figure for the dtype th
 
 Memory per GPU
 --------------
-Model states, with Psi parameters, mixed-precision Adam (Rajbhandari et al. 2019, ZeRO,
+Model states, with Psi parameters, mixed-precision Adam (Rajbhandari et al. 2020, ZeRO,
 arXiv:1910.02054, sec. 3.1): 2 Psi (bf16 weights) + 2 Psi (bf16 gradients) + K Psi with K = 12
 (fp32 master weights, Adam's m and v). ZeRO shards across the dp data-parallel ranks:
 
@@ -485,7 +485,7 @@ def model_state_bytes(n_params: float, precision: str = "mixed", zero: int = 0, 
 
     Psi = n_params / (tp pp): tensor and pipeline parallelism split the weights first; ZeRO stage
     1 shards the optimizer state over dp ranks, stage 2 also the gradients, stage 3 also the
-    weights (Rajbhandari et al. 2019, Figure 1). n_tensors adds torch.optim.AdamW's per-tensor
+    weights (Rajbhandari et al. 2020, Figure 1). n_tensors adds torch.optim.AdamW's per-tensor
     `step` counter (a float32 scalar each), which makes the fp32 count exact to the byte.
     """
     if precision not in STATE_BYTES:
@@ -545,13 +545,16 @@ def activation_bytes(config: GPTConfig, seq_len: int, batch: int, tp: int = 1, s
     of L/pp layers in flight, L layers' worth again (Korthikanti et al. 2022, sec. 4.2.3), so pp
     does not divide this. Outside the layers (sec. 4.3): the embedding's dropout mask, the final
     norm's and the output layer's inputs, and the float32 logits the cross-entropy keeps (4 s b V).
+    With sp the mask and the two inputs are split by t: parallel.py applies the embedding's dropout
+    after the reduce-scatter, to this rank's T/t positions (split_positions_and_dropout).
     """
     drop = config.dropout > 0 if dropout is None else dropout
     kv_ratio = (config.n_kv_head or config.n_head) / config.n_head
     per_layer = activation_bytes_per_layer(seq_len, batch, config.n_embd, config.n_head, tp, sp, recompute,
                                            bytes_per_value, drop, kv_ratio, mlp_values_for(config), mask_bytes)
     s_b_h = seq_len * batch * config.n_embd
-    outside = s_b_h * mask_bytes * int(drop) + 2 * s_b_h * bytes_per_value / (tp if sp else 1) + 4 * seq_len * batch * config.vocab_size / tp
+    outside = (s_b_h * mask_bytes * int(drop) + 2 * s_b_h * bytes_per_value) / (tp if sp else 1) \
+        + 4 * seq_len * batch * config.vocab_size / tp
     if recompute == "full":  # the layer being recomputed holds its full activations once
         outside += activation_bytes_per_layer(seq_len, batch, config.n_embd, config.n_head, tp, sp, "none",
                                               bytes_per_value, drop, kv_ratio, mlp_values_for(config), mask_bytes)
@@ -728,7 +731,7 @@ def data_parallel_bytes(n_params: float, zero: int, dp: int, bytes_per_value: fl
 
     Stage 1 all-reduces in parallel.py, so that each stage adds one idea to the one before;
     DeepSpeed's stage 1 reduce-scatters like stage 2 and sends 2 (d-1)/d Psi. Rajbhandari et al.
-    (2019, sec. 7) give 3 (d-1)/d Psi for stage 3; parallel.py gathers its root (embeddings, final
+    (2020, sec. 7) give 3 (d-1)/d Psi for stage 3; parallel.py gathers its root (embeddings, final
     norm: n_root of the n_params) once per step and keeps it until backward: 3 Psi - n_root.
     """
     if zero not in (0, 1, 2, 3):
@@ -994,8 +997,9 @@ def fit_sweep(points: list[dict], n_bootstrap: int = 100, seed: int = 0) -> dict
 # Default grid, sized for a shared 2-core CPU in under 15 minutes: three budgets, each trained at
 # four sizes (layers x width, head size 16), 8 x 64 tokens per step. Chinchilla's ~20 tokens per
 # parameter would put the optimum at 16K-50K non-embedding parameters, but runs this short are
-# limited by the number of optimizer steps: measured here, the optimum sits at 3K-12K (many more
-# tokens per parameter), so the sizes run from 3K to 55K. Most of the time goes to the smallest model.
+# limited by the number of optimizer steps: measured here (README), the IsoFLOP optimum runs from
+# below 3K to ~17K (~170 tokens per parameter), so the sizes run from 3K to 55K. Most of the time
+# goes to the smallest model.
 SWEEP_BUDGETS = (3e10, 1e11, 3e11)
 SWEEP_SIZES = ("1x16", "1x32", "2x32", "2x48")
 

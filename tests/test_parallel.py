@@ -1228,3 +1228,116 @@ def test_distributed_muon_checkpoint_resumes_in_one_process(muon_one_process_run
     assert second.returncode == 0, second.stderr[-3000:]
     b = [r for r in read_metrics(out) if not ("val_loss" in r and r["step"] == 2)]  # --stop_at 2 also evaluated there
     assert largest_relative_difference(a, b) <= REL_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# The module docstring's pipeline diagrams and bubble, and parallel.plan (no processes started)
+
+
+def schedule_order(schedule, p, stage, m):
+    """The order in which stage `stage` of p runs the forwards and backwards of m micro-batches,
+    read off the schedule's own code (Pipeline.gpipe or .one_f_one_b) run on a stand-in whose
+    sends and receives do nothing."""
+    from types import SimpleNamespace
+
+    ops = []
+    stub = SimpleNamespace(n=p, rank=stage)
+    stub.forward_step = lambda i, received: (ops.append(f"F{i}"), (None, None))[1]
+    stub.backward_step = lambda i, inp, out, grad_out: ops.append(f"B{i}")
+    for name in ("recv_forward", "recv_backward", "send_forward", "send_backward"):
+        setattr(stub, name, lambda *args: None)
+    stub.send_forward_recv_backward = stub.send_backward_recv_forward = lambda *args: None
+    getattr(parallel.Pipeline, schedule)(stub, m, None)
+    return ops
+
+
+def simulate_pipeline(schedule, p, m):
+    """Unit-time forwards and backwards: each stage runs its ops in the schedule's order, each as
+    soon as the stage is free and its input is there (F(s, i) needs F(s-1, i); B(s, i) needs
+    B(s+1, i)). Returns one row per stage: the op in each time slot, '.' where the stage is idle."""
+    orders = [schedule_order(schedule, p, s, m) for s in range(p)]
+    done, free, nxt = {}, [0] * p, [0] * p
+    while any(nxt[s] < len(orders[s]) for s in range(p)):
+        progressed = False
+        for s in range(p):
+            if nxt[s] == len(orders[s]):
+                continue
+            op = orders[s][nxt[s]]
+            dep = (s - 1, op) if op[0] == "F" else (s + 1, op)
+            if (op[0] == "F" and s == 0) or (op[0] == "B" and s == p - 1):
+                dep = None  # the first stage's forwards read the data; the last's backwards its own loss
+            if dep is None or dep in done:
+                done[(s, op)] = start = max(free[s], done[dep] + 1 if dep else 0)  # done: the start slot
+                free[s], nxt[s], progressed = start + 1, nxt[s] + 1, True
+        assert progressed, "the schedule deadlocks"
+    slots = max(free)
+    rows = [["."] * slots for _ in range(p)]
+    for (s, op), start in done.items():
+        rows[s][start] = op
+    return rows
+
+
+def test_pipeline_diagrams_are_what_the_schedules_code_runs():
+    # the module docstring's GPipe and 1F1B diagrams (p = m = 4), rebuilt from the schedules
+    lines = [line.split() for line in parallel.__doc__.splitlines() if line.strip().startswith("s0:")
+             or line.strip()[:3] in ("s1:", "s2:", "s3:")]
+    assert len(lines) == 4
+    gpipe, one_f_one_b = [r[1:15] for r in lines], [r[16:] for r in lines]
+    assert simulate_pipeline("gpipe", 4, 4) == gpipe
+    assert simulate_pipeline("one_f_one_b", 4, 4) == one_f_one_b
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "one_f_one_b"])
+def test_pipeline_bubble_is_p_minus_1_over_m_plus_p_minus_1(schedule):
+    # the docstring's bubble, exact: every stage idle (p-1)/(m+p-1) of the step, for any p and m
+    from fractions import Fraction
+
+    for p in range(1, 6):
+        for m in range(1, 9):
+            rows = simulate_pipeline(schedule, p, m)
+            assert len(rows[0]) == 2 * (m + p - 1)
+            assert all(Fraction(row.count("."), len(row)) == Fraction(p - 1, m + p - 1) for row in rows), (p, m)
+
+
+def test_newton_schulz_growth_and_the_cubic_s_cost():
+    # newton_schulz's docstring: a small s grows a^5 = 485-fold in 5 steps; the cubic (3/2, -1/2, 0)
+    # needs 15 steps to bring [NS_MIN_RATIO, 1] to >= NS_BAND[0] in float64, the quintic 5; a quintic
+    # step makes 3 matrix products (counted on the real function), a cubic 2. A grid 10x coarser
+    # than the band test's: the cubic is increasing on [0, 1], so the smallest s decides its count,
+    # and the quintic's smallest s is still below NS_BAND[0] after 4 steps (0.28)
+    a = parallel.NS_COEFFICIENTS[0]
+    assert round(a ** parallel.NS_STEPS) == 485
+    x = torch.logspace(math.log10(parallel.NS_MIN_RATIO), 0, 20_001, dtype=torch.float64)
+    steps = {}
+    for name, (ca, cb, cc) in {"quintic": parallel.NS_COEFFICIENTS, "cubic": (1.5, -0.5, 0.0)}.items():
+        s, k = x.clone(), 0
+        while s.min() < parallel.NS_BAND[0]:
+            s2 = s * s
+            s, k = s * (ca + s2 * (cb + cc * s2)), k + 1  # a s + b s^3 + c s^5
+        steps[name] = k
+    assert steps == {"quintic": 5, "cubic": 15}
+
+    from torch.overrides import TorchFunctionMode
+
+    class CountMatmuls(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.__matmul__, torch.matmul, torch.mm, torch.Tensor.matmul):
+                CountMatmuls.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountMatmuls():
+        parallel.newton_schulz(torch.randn(8, 16))
+    assert CountMatmuls.count == 3 * parallel.NS_STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_plan_prints_the_memory_each_rank_holds(results, stage):
+    # `python parallel.py plan`'s memory rows, for tiny_config on WORLD ranks, against the bytes the
+    # ranks of the `results` run really held, tensor by tensor (DDP's buckets in the buffers row)
+    planned = parallel.plan(tiny_config(), WORLD, 1, stage, GLOBAL_BATCH * T)
+    for r in get(results, "ddp_scratch" if stage == 0 else f"zero{stage}_scratch"):
+        held = {"buffers": 0, **r["memory"]}
+        assert {key: planned[key] for key in held} == held
