@@ -213,7 +213,7 @@ def test_model_state_estimate_equals_bytes_held_by_adamw_after_one_step():
 
 
 def test_zero_stages_reproduce_the_papers_figure_1():
-    # Rajbhandari et al. 2019, Figure 1: Psi = 7.5B, N_d = 64, K = 12 -> 120, 31.4, 16.6, 1.9 GB
+    # Rajbhandari et al. 2020, Figure 1: Psi = 7.5B, N_d = 64, K = 12 -> 120, 31.4, 16.6, 1.9 GB
     got = [scaling.model_state_bytes(7.5e9, "mixed", zero=z, dp=64)["total"] / 1e9 for z in (0, 1, 2, 3)]
     assert got == pytest.approx([120, 31.4, 16.6, 1.9], abs=0.06)  # the figure rounds to 0.1 GB
 
@@ -381,7 +381,7 @@ def test_plan_reproduces_llama_65b_wall_clock():
     assert out["days"] == pytest.approx(21, rel=0.05)
     layouts = {r["name"]: r for r in out["layouts"]}
     assert layouts["dp"]["fits"] == "no" and layouts["tp8+pp4+zero1"]["fits"] in ("yes", "with recompute")
-    # ZeRO-3 moves 1.5x the bytes of plain data parallelism (Rajbhandari et al. 2019, sec. 7)
+    # ZeRO-3 moves 1.5x the bytes of plain data parallelism (Rajbhandari et al. 2020, sec. 7)
     assert layouts["zero3"]["comm"]["data_parallel"] == pytest.approx(1.5 * layouts["dp"]["comm"]["data_parallel"])
 
 
