@@ -793,7 +793,8 @@ def test_vocab_parallel_cross_entropy_equals_f_cross_entropy_in_one_process():
     logits, targets = torch.randn(3, 5, 11, dtype=torch.float64), torch.randint(0, 11, (3, 5))
     targets[0, 0] = -1  # ignored position
     ours = parallel.vocab_parallel_cross_entropy(logits, targets, 0, None)
-    assert torch.allclose(ours, torch.nn.functional.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), ignore_index=-1))
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), ignore_index=-1)
+    torch.testing.assert_close(ours, ref, rtol=1e-13, atol=0)  # float64, a dozen roundings apart: a float32 step fails
 
 
 def test_degrees_must_multiply_to_the_world_size():
