@@ -792,9 +792,14 @@ def numpy_gpt2_forward(sd, idx, n_head):
 
 def test_to_hf_state_dict_matches_independent_numpy_gpt2():
     m = GPT(small_config(attention="naive"))
+    with torch.no_grad():  # pre-activations of order 1, where GELU's tanh form and its erf form differ by ~1e-4
+        for block in m.transformer.h:  # (at the init's 0.02 they are ~0.1 and differ by ~1e-6 only)
+            block.mlp.c_fc.weight.mul_(20)
     idx = random_tokens(m.config)
     ref = numpy_gpt2_forward(m.to_hf_state_dict(), idx.numpy(), n_head=4)
-    torch.testing.assert_close(m(idx)[0].double(), torch.from_numpy(ref), atol=1e-4, rtol=1e-4)
+    # float32 rounding through two layers: measured worst 2.3e-7 on logits up to ~0.5 over eight fresh
+    # runs, so 1e-6 + 1e-6|ref| has a 4x margin; the erf GELU in place of the tanh one is off by ~1e-4
+    torch.testing.assert_close(m(idx)[0].double(), torch.from_numpy(ref), atol=1e-6, rtol=1e-6)
 
 
 def test_hf_state_dict_round_trips():
