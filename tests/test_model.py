@@ -1392,6 +1392,55 @@ def test_moe_balancing_losses_and_the_bias_update_follow_their_formulas():
     assert "expert_bias" in layer.state_dict() and "load" not in layer.state_dict()
 
 
+def moe_by_hand(layer: model.MoE, x: torch.Tensor):
+    """The routed MoE of model.MoE's docstring, token by token in float64: scores s = sigmoid(z) or
+    p = softmax(z) of z = W_r x; the k largest s_i + b_i choose (the bias b only chooses); the weights
+    are s_i / sum of the k chosen s_j (sigmoid, DeepSeek-V3 sec. 2.1.2) or p_i as they are (softmax);
+    y = sum over the chosen of w_i Expert_i(x), Expert_i(x) = GELU_tanh(x W_fc,i + b_fc,i) W_proj,i + b_proj,i.
+    Also L_aux = E sum_i f_i P_i, f_i = slots sent to i / (k N), P_i = mean over tokens of p_i, or of
+    s_i / sum over all E of s_j for the sigmoid router. x (N, C) -> (y (N, C), L_aux)."""
+    E, k, ex = layer.n_experts, layer.topk, layer.experts
+    gelu = lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+    ys, counts, P = [], [0] * E, torch.zeros(E, dtype=torch.float64)
+    for xt in x.double():
+        z = layer.router.weight.double() @ xt
+        s = torch.sigmoid(z) if layer.router_kind == "sigmoid" else torch.exp(z) / torch.exp(z).sum()
+        picked = sorted(range(E), key=lambda i: -(s[i] + layer.expert_bias[i]).item())[:k]
+        total = sum(s[j] for j in picked)
+        y = 0
+        for i in picked:
+            w = s[i] / total if layer.router_kind == "sigmoid" else s[i]
+            y = y + w * (gelu(xt @ ex.w_fc[i] + ex.b_fc[i]) @ ex.w_proj[i] + ex.b_proj[i])
+            counts[i] += 1
+        ys.append(y)
+        P += s / s.sum() if layer.router_kind == "sigmoid" else s
+    f = torch.tensor(counts, dtype=torch.float64) / (k * len(x))
+    return torch.stack(ys), E * (f * P / len(x)).sum()
+
+
+@pytest.mark.parametrize("router", ["sigmoid", "softmax"])
+def test_moe_routes_weighs_and_balances_as_the_hand_written_float64_reference(router):
+    E, k = 4, 2
+    cfg = small_config(n_embd=8, n_head=1, moe_experts=E, moe_topk=k, moe_router=router, moe_aux=1.0)
+    layer = model.MoE(cfg).double().train()
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))  # experts far apart: a wrong weight shows
+        layer.expert_bias.normal_(0, 0.05, generator=g)
+        layer.expert_bias[int(torch.randint(E, (), generator=g))] += 1.0  # always chosen, whatever its score
+    x = torch.randn(32, cfg.n_embd, generator=g, dtype=torch.float64)
+    want, aux = moe_by_hand(layer, x)
+    probs = layer.route(x)[1]
+    assert not torch.equal(layer.route(x)[2].sort(-1).values, probs.topk(k, -1).indices.sort(-1).values)  # the bias chose
+    for impl in ("loop", "fast"):
+        layer.impl = impl
+        y = layer(x[None])[0]
+        # float64 on both sides, the same terms summed in another order: ~1e-16 relative; 1e-12 is margin
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.loss, aux, rtol=1e-12, atol=1e-12)
+
+
 def test_export_refuses_an_moe_model_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="MoE model has no Hugging Face class") as e:
         model.export_hf(GPT(small_config(moe_experts=2)), tmp_path / "hf")
