@@ -332,8 +332,10 @@ def test_z_loss_inside_the_fused_loss_equals_the_plain_loss_plus_z_loss(impl):
     (ref * scale).backward()
     z_share = (coef * (log_z[keep] ** 2).mean() / ref).item()
     assert z_share > 0.05  # the z-loss is a real part of what is compared
-    assert rel_err(loss, ref.detach()) < 1e-5  # float32 sums, as the plain fused test
-    assert rel_err(xs.grad, x64.grad) < 1e-4 and rel_err(ws.grad, w64.grad) < 1e-4
+    # float32 sums: measured worst 6e-8 on the loss and 1.9e-6 on the gradients (logits 16x the plain
+    # test's, so larger) over three fresh runs of each impl; the bounds leave a margin of ~10 or more
+    assert rel_err(loss, ref.detach()) < 1e-6
+    assert rel_err(xs.grad, x64.grad) < 2e-5 and rel_err(ws.grad, w64.grad) < 2e-5
 
 
 def test_fused_cross_entropy_only_ever_holds_chunk_rows_of_logits(monkeypatch):

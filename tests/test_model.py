@@ -147,8 +147,10 @@ def test_naive_and_sdpa_models_agree(name):
     torch.testing.assert_close(la, lb, atol=ATOL32, rtol=1e-5)
     loss_a.backward()
     loss_b.backward()
+    # float32, the same attention summed in another order: measured worst 9e-8 absolute on gradients over
+    # three fresh runs of every option, 1/20 of this bound (the earlier 1e-5 + 1e-4|g| was 100x looser)
     for (n, pa), pb in zip(naive.named_parameters(), sdpa.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=n)
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=n)
 
 
 def test_grouped_query_attention_equals_multihead_with_repeated_kv_heads():
@@ -318,9 +320,11 @@ def test_fused_loss_with_z_loss_gives_the_plain_loss_and_gradients():
     a, b = twin(small_config(z_loss=0.01), fused_ce=True)
     idx, targets = random_tokens(a.config), random_tokens(a.config)
     (la, ga), (lb, gb) = loss_and_grads(a, idx, targets), loss_and_grads(b, idx, targets)
+    # float32 sums in another order: measured worst 4.8e-7 on a loss of ~4.6 (float32's epsilon) and
+    # 2.2e-8 absolute on gradients over six fresh runs; the bounds leave margins of 20 and 14
     assert abs(la - lb) < 1e-5
     for k in ga:
-        torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-5, atol=1e-7)
 
 
 def test_mtp_head_loss_is_cross_entropy_against_the_token_two_ahead():
@@ -1245,7 +1249,7 @@ def test_fp8_emulated_training_tracks_the_plain_loss():
     fp8 = GPT(small_config())
     fp8.load_state_dict(plain.state_dict())
     kernels.convert_to_float8(fp8.transformer.h, emulate=True)
-    idx = random_tokens(plain.config, B=4, T=33, seed=1)
+    idx = random_tokens(plain.config, B=4, T=33)
     x, y = idx[:, :-1], idx[:, 1:]
     optimizers = [torch.optim.AdamW(m.parameters(), lr=3e-3) for m in (plain, fp8)]
     losses = {0: [], 1: []}
@@ -1257,7 +1261,7 @@ def test_fp8_emulated_training_tracks_the_plain_loss():
             opt.step()
             losses[i].append(loss.item())
     assert losses[0][-1] < 0.9 * losses[0][0]
-    # measured: at most 0.03% apart over these steps; 1% leaves room for other seeds and BLAS libraries
+    # measured: at most 0.036% apart over these steps, six fresh batches; 1% leaves room for BLAS libraries
     assert losses[1] == pytest.approx(losses[0], rel=1e-2)
 
 
@@ -1283,7 +1287,6 @@ def as_expert_0(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
 def test_moe_with_one_expert_equals_the_dense_mlp_in_logits_and_gradients(shape, router):
     # float64 on both sides: the same multiply-adds in the same order, so agreement to 1e-12
     dense = small_config(**shape)
-    torch.manual_seed(0)
     a, b = GPT(dense).double(), GPT(small_config(**shape, moe_experts=1, moe_topk=1, moe_router=router)).double()
     b.load_state_dict({**b.state_dict(), **dict(as_expert_0(k, v) for k, v in a.state_dict().items())})
     idx = random_tokens(dense)
