@@ -399,8 +399,21 @@ def test_bench_without_gpu_is_one_line_and_exit_2(capsys):
 
 
 def test_flops_follow_the_documented_formula():
-    assert kernels.attention_flops(16, 12, 1024, 64, backward=False) == 4 * 16 * 12 * 1024**2 * 64 / 2
-    assert kernels.attention_flops(1, 1, 8, 16, backward=True) == 3.5 * 4 * 64 * 16 / 2
+    # counted, not restated: torch's FLOP counter on the reference's matmuls. Non-causal, the
+    # reference computes every score; causal halves that (the docstring), and FlashAttention's
+    # backward is the reference's four matmuls plus S recomputed (one of the forward's two)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, H, T, D = (int(n) for n in torch.randint(1, 9, (4,)))
+    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as counted_forward:
+        out = kernels.reference_attention(q, k, v, causal=False)
+    with FlopCounterMode(display=False) as counted_backward:
+        out.backward(torch.randn_like(out))
+    forward, backward = counted_forward.get_total_flops(), counted_backward.get_total_flops()
+    assert forward == 4 * B * H * T * T * D and backward == 2 * forward  # QK^T and PV; dQ, dK, dP, dV
+    assert kernels.attention_flops(B, H, T, D, backward=False) == forward / 2
+    assert kernels.attention_flops(B, H, T, D, backward=True) == (forward + backward + forward / 2) / 2
 
 
 def test_help_runs():
