@@ -270,7 +270,9 @@ def reference_attention(q, k, v, causal: bool = True, sm_scale: float | None = N
     if causal:
         T = q.size(-2)
         s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v  # (B, H, T, T) x (B, H, T, D) -> (B, H, T, D)
+    # the softmax in float32 at least (bf16 exponentials are coarse), in float64 for a float64 reference
+    p = torch.softmax(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1).to(q.dtype)
+    return p @ v  # (B, H, T, T) x (B, H, T, D) -> (B, H, T, D)
 
 
 # ----------------------------------------------------------------------------------------------

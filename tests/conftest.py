@@ -11,6 +11,7 @@
    every run. Every other test keeps the suite's fresh random inputs.
 """
 
+import contextlib
 import random
 import shlex
 import zlib
@@ -60,12 +61,27 @@ def _judged(config, items) -> list:
 
 @pytest.fixture(autouse=True)
 def _judges_are_seeded(request):
-    if getattr(request.node, "judged", False):
-        import numpy
-        import torch
+    if not getattr(request.node, "judged", False):
+        yield
+        return
+    with seeded(zlib.crc32(request.node.nodeid.encode())):
+        yield
 
-        seed = zlib.crc32(request.node.nodeid.encode())
-        torch.manual_seed(seed)
-        numpy.random.seed(seed)
-        random.seed(seed)
-    yield
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed torch, numpy and random for the body, then put back the states they had before, so the
+    tests after a judged one keep drawing from the run's own fresh stream (not one fixed by the seed)."""
+    import numpy
+    import torch
+
+    saved = torch.get_rng_state(), numpy.random.get_state(), random.getstate()
+    torch.manual_seed(seed)
+    numpy.random.seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        numpy.random.set_state(saved[1])
+        random.setstate(saved[2])

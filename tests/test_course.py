@@ -441,6 +441,26 @@ def test_course_marked_tests_run_only_when_the_m_expression_names_them(request, 
     assert len(items) == kept and (kept == 2 or deselected == [table[0]])
 
 
+def test_a_judged_tests_seed_does_not_fix_the_stream_of_the_tests_after_it(request):
+    # tests/conftest.py seeds a judged test (a grade must be reproducible) inside `seeded`, which puts
+    # the states back after it: the draws after it continue the run's own stream, as if no judge had run
+    import random
+
+    import numpy
+    import torch
+
+    conftest = next(p for p in request.config.pluginmanager.get_plugins() if getattr(p, "__file__", None) == str(ROOT / "tests" / "conftest.py"))
+    draw = lambda: (torch.rand(4).tolist(), numpy.random.rand(4).tolist(), [random.random() for _ in range(4)])
+    before = torch.get_rng_state(), numpy.random.get_state(), random.getstate()
+    undisturbed = draw()
+    torch.set_rng_state(before[0]), numpy.random.set_state(before[1]), random.setstate(before[2])
+    with conftest.seeded(1234):
+        judged = draw()
+    with conftest.seeded(1234):
+        assert draw() == judged  # inside: the fixed seed, the same verdict on every run
+    assert draw() == undisturbed  # after: the stream the test would have drawn without the judge
+
+
 @pytest.fixture(scope="module")
 def variant_runs(request):
     """Every selected variant's judge run."""

@@ -107,6 +107,23 @@ def test_acc_and_acc_norm_on_a_hand_made_task_with_known_log_likelihoods(tmp_pat
     assert got["primary"] == "acc_norm"
 
 
+def test_acc_norm_divides_by_characters_not_bytes_and_ties_go_to_the_first_choice(tmp_path):
+    # "é" is one character and two UTF-8 bytes, each of probability (1/8)/254 (ln = -7.62):
+    # " é" (ll -16.62) is -8.31 per character and -5.54 per byte; " cccc" (ll -31.85) is -6.37 per
+    # either. Per character (OLMES's acc_per_char, lm-eval's acc_norm) " cccc" wins; per byte " é" would.
+    # Identical continuations tie in ll and per character: the first of them counts, as numpy's argmax.
+    docs = [("Q: five", [" é", " cccc"], 1),  # acc wrong, acc_norm right (wrong by bytes)
+            ("Q: six", [" b", " b"], 0),  # a tie, gold first: both right (both wrong if the last tie won)
+            ("Q: seven", [" a", " b", " a"], 0)]  # the same, with another choice between the tied two
+    folder = write_task(tmp_path, "toy", "rc_5shot", docs)
+    got = evaluate.evaluate_tasks(unigram(), byte_encoding(), "toy", folder=folder, progress=False, details=True)["toy"]
+    ll = lambda text: sum(math.log(PROBS.get(b, (1 / 8) / 254)) for b in text.encode())
+    assert ll(" é") / 2 < ll(" cccc") / 5 < ll(" é") / 3  # per character and per byte disagree
+    assert got["n"] == 3
+    assert got["acc"] == pytest.approx(2 / 3, abs=1e-15)  # "six" and "seven" (a mean of 0s and 1s: exact to rounding)
+    assert got["acc_norm"] == pytest.approx(1, abs=1e-15)  # all three
+
+
 def test_single_continuation_accuracy_is_the_greedy_match(tmp_path):
     # LAMBADA-style: "aa" is what greedy decoding writes (a is the argmax); " aa" is not (" " is not)
     folder = write_task(tmp_path, "cloze", "bpb_0shot", [("x", ["aa"], ["aa"]), ("x", [" aa"], ["aa"])], primary="logits_per_byte")
