@@ -288,9 +288,14 @@ IMPLEMENTATION_FIELDS = ("attention", "fused_ce", "activation_checkpointing")
 # Flags generated from the dataclasses, so a flag and its field never disagree
 
 
+@functools.cache
 def field_comments(cls) -> dict[str, str]:
-    """The trailing comment of each `name: type = default  # comment` line in a dataclass's source."""
-    src = inspect.getsource(cls)
+    """The trailing comment of each `name: type = default  # comment` line in a dataclass's source:
+    the lines from its `class` line to the next line that is not indented. (inspect.getsource(cls)
+    finds a class by parsing its whole module into a syntax tree, before Python 3.13: 0.05-0.12 s of CPU
+    for the two config classes, measured, at every start of train.py and in every build_parser call.)"""
+    with open(inspect.getsourcefile(cls)) as f:
+        src = re.search(rf"^class {cls.__name__}\b.*?(?=^\S)", f.read(), flags=re.M | re.S).group(0)
     return dict(re.findall(r"^\s+(\w+): [^=]+= [^#\n]*#\s*(.*)$", src, flags=re.M))
 
 

@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -739,13 +740,28 @@ CLI_LAYOUTS = {
 }
 
 
+def two_at_a_time(run, names) -> dict:
+    """{name: run(name)}, two runs at a time: a torchrun run leaves a core idle while its launcher
+    imports torch (a second or so) and its workers start, which the other run's work fills."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(names, pool.map(run, names)))
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(one_process_run):
+    """Every layout of CLI_LAYOUTS, trained by train.py under torchrun (2 processes)."""
+    tmp, _ = one_process_run
+    return two_at_a_time(lambda layout: subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *CLI_COMMON,
+         "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / layout), *CLI_LAYOUTS[layout]],
+        cwd=ROOT, capture_output=True, text=True, timeout=300), list(CLI_LAYOUTS))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", CLI_LAYOUTS)
-def test_torchrun_logs_the_same_losses_as_one_process(one_process_run, layout):
+def test_torchrun_logs_the_same_losses_as_one_process(one_process_run, torchrun_runs, layout):
     tmp, a = one_process_run
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-                          *CLI_COMMON, "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / layout), *CLI_LAYOUTS[layout]],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    two = torchrun_runs[layout]
     assert two.returncode == 0, two.stderr[-3000:]
     b = read_metrics(tmp / layout)
     assert [sorted(r) for r in a] == [sorted(r) for r in b] and len(a) == 5  # 4 steps and one evaluation
@@ -775,10 +791,11 @@ def test_check_runs_every_collective_on_every_rank_under_torchrun():
 
 def test_check_names_the_usual_fixes_when_a_rank_never_comes():
     # one process of a world of two: the rendezvous can never complete, so the timeout must turn
-    # the wait into an error that names the fixes (not a hang, not a traceback)
+    # the wait into an error that names the fixes (not a hang, not a traceback); a second of it is
+    # waited out whole, so it is short
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "RANK": "0",
            "LOCAL_RANK": "0"}
-    out = subprocess.run([sys.executable, "parallel.py", "--check", "--timeout", "2"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "parallel.py", "--check", "--timeout", "1"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, env=env)
     assert out.returncode == 1
     assert out.stderr.startswith("error: preflight failed on this rank:") and "Traceback" not in out.stderr
@@ -1203,12 +1220,19 @@ def largest_relative_difference(a: list, b: list) -> float:
     return max(abs(ra[key] - rb[key]) / abs(ra[key]) for ra, rb in zip(a, b) for key in ("loss", "val_loss") if key in ra)
 
 
+@pytest.fixture(scope="module")
+def muon_torchrun_runs(muon_one_process_run):
+    """Every layout of MUON_LAYOUTS under torchrun (2 processes)."""
+    tmp, _ = muon_one_process_run
+    return two_at_a_time(lambda layout: torchrun_train("--optimizer", "muon", "--data_dir", str(tmp / "data"), "--out_dir",
+                                                       str(tmp / layout), *MUON_LAYOUTS[layout]), list(MUON_LAYOUTS))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", MUON_LAYOUTS)
-def test_distributed_muon_logs_the_losses_of_one_process(muon_one_process_run, layout):
+def test_distributed_muon_logs_the_losses_of_one_process(muon_one_process_run, muon_torchrun_runs, layout):
     tmp, a = muon_one_process_run
-    two = torchrun_train("--optimizer", "muon", "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / layout),
-                         *MUON_LAYOUTS[layout])
+    two = muon_torchrun_runs[layout]
     assert two.returncode == 0, two.stderr[-3000:]
     worst = largest_relative_difference(a, read_metrics(tmp / layout))
     print(f"muon {layout}: largest relative difference {worst:.1e}")  # 7.7e-8 measured for each

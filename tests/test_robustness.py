@@ -80,6 +80,18 @@ def run_train(*args, timeout=300, env=None, cwd=ROOT):
                           cwd=cwd, timeout=timeout, env=env or CHILD_ENV)
 
 
+def start_train(*args, stderr_path) -> subprocess.Popen:
+    """run_train, in the background: an independent run (an uninterrupted reference) trains on the
+    machine's other core while the test drives its own processes; its stderr goes to a file (nobody
+    reads a pipe while it runs). finish_train waits for it."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=ROOT, env=CHILD_ENV,
+                            stdout=subprocess.DEVNULL, stderr=open(stderr_path, "w"))
+
+
+def finish_train(proc: subprocess.Popen, stderr_path):
+    assert proc.wait(timeout=300) == 0, Path(stderr_path).read_text()[-3000:]
+
+
 def read_metrics(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -103,25 +115,39 @@ def assert_one_line_error(result, *words):
 
 # The child is train.py itself, started through `python -c` so that one kill point can be placed
 # inside atomic_torch_save: with SLOW_CHECKPOINT_RENAME set, the child writes that marker file and
-# sleeps just before renaming a finished temporary checkpoint over ckpt.pt. train.py has no test hook.
+# waits just before renaming a finished temporary checkpoint over ckpt.pt. train.py has no test hook.
+# The wait lasts until the process has received a second stop signal (the one a test sends once it
+# sees the marker: train's handler runs, counted, and the rename or the stop line goes on at once),
+# or 120 s; a SIGKILL, which no handler sees, ends it. (SLOW_STOP_LINE waits the same way in the
+# stop line, after training.)
 CHILD = r"""
 import os, sys, time
+signals = []  # the stop signals received, in order
+def wait_for_a_second_signal(seconds):
+    deadline = time.time() + seconds
+    while len(signals) < 2 and time.time() < deadline:
+        time.sleep(0.01)
 marker = os.environ.get("SLOW_CHECKPOINT_RENAME")
 if marker:
     real_replace = os.replace
     def slow_replace(src, dst):
         if str(dst).endswith("ckpt.pt"):
             open(marker, "w").close()
-            time.sleep(float(os.environ.get("SLOW_CHECKPOINT_SECONDS", "120")))
+            wait_for_a_second_signal(120)
         real_replace(src, dst)
     os.replace = slow_replace
 import train
+real_on_stop_signal = train.on_stop_signal  # installed by name when training starts: counted from here on
+def counted_on_stop_signal(signum, frame):
+    signals.append(signum)
+    real_on_stop_signal(signum, frame)
+train.on_stop_signal = counted_on_stop_signal
 slow_stop = os.environ.get("SLOW_STOP_LINE")
 if slow_stop:  # the stop line waits: the process is between training and its exit
     real_report_stop = train.report_stop
     def slow_report_stop(result):
         open(slow_stop, "w").close()
-        time.sleep(3)
+        wait_for_a_second_signal(120)
         real_report_stop(result)
     train.report_stop = slow_report_stop
 train.main(sys.argv[1:])
@@ -198,8 +224,7 @@ def kill_once(data_dir, out, kind, rng, planned_step, extra=()):
 
 @pytest.mark.slow
 def test_sigkill_at_eleven_points_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
-    straight = run_train(*fault_flags(data_dir, tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight = start_train(*fault_flags(data_dir, tmp_path / "straight"), stderr_path=tmp_path / "straight.txt")
 
     out = tmp_path / "faulted"
     out.mkdir()
@@ -220,6 +245,7 @@ def test_sigkill_at_eleven_points_then_resume_equals_an_uninterrupted_run(data_d
 
     final = run_train(*fault_flags(data_dir, out, "--resume"))
     assert final.returncode == 0, final.stderr[-3000:]
+    finish_train(straight, tmp_path / "straight.txt")
     assert without_timings(read_metrics(out)) == without_timings(read_metrics(tmp_path / "straight"))
     a, b = train.load_checkpoint(str(out / "ckpt.pt")), train.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
     assert a["step"] == b["step"] == FAULT_STEPS
@@ -231,11 +257,11 @@ def test_sigkill_at_eleven_points_then_resume_equals_an_uninterrupted_run(data_d
 @pytest.mark.slow
 def test_keep_checkpoints_keeps_the_last_k_and_resume_takes_the_newest_whole_one(data_dir, tmp_path):
     flags = ("--max_iters", 6, "--checkpoint_interval", 1, "--eval_interval", 5, "--dropout", 0.1, "--sample_tokens", 1)
-    straight = run_train(*tiny_flags(data_dir, tmp_path / "straight", *flags))
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight = start_train(*tiny_flags(data_dir, tmp_path / "straight", *flags), stderr_path=tmp_path / "straight.txt")
     out = tmp_path / "kept"
     first = run_train(*tiny_flags(data_dir, out, *flags, "--stop_at", 5, "--keep_checkpoints", 3))
     assert first.returncode == 0, first.stderr[-3000:]
+    finish_train(straight, tmp_path / "straight.txt")
     kept = sorted(p.name for p in out.glob("ckpt*"))
     assert kept == ["ckpt.pt", "ckpt_step00000003.pt", "ckpt_step00000004.pt", "ckpt_step00000005.pt"], kept
     assert os.path.samefile(out / "ckpt.pt", out / "ckpt_step00000005.pt")  # the newest, as a hard link
@@ -261,8 +287,7 @@ def test_sigkill_during_background_checkpoint_writes_then_resume_equals_an_unint
     # loop, meanwhile, waits at the next checkpoint for it): the newest whole checkpoint, step N-1's,
     # must be the one resumed, and the run must end as an uninterrupted --async_checkpoint run.
     extra = ("--async_checkpoint", "--keep_checkpoints", 2)
-    straight = run_train(*fault_flags(data_dir, tmp_path / "straight", *extra))
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight = start_train(*fault_flags(data_dir, tmp_path / "straight", *extra), stderr_path=tmp_path / "straight.txt")
     out = tmp_path / "faulted"
     out.mkdir()
     rng = random.Random(20261202)
@@ -277,6 +302,7 @@ def test_sigkill_during_background_checkpoint_writes_then_resume_equals_an_unint
     assert sum("renaming" in k for k in kills) == 2, kills
     final = run_train(*fault_flags(data_dir, out, *extra, "--resume"))
     assert final.returncode == 0, final.stderr[-3000:]
+    finish_train(straight, tmp_path / "straight.txt")
     rows = read_metrics(out)
     assert without_timings(rows) == without_timings(read_metrics(tmp_path / "straight"))
     assert all(r["checkpoint_blocked_ms"] >= 0 for r in rows if "checkpoint_blocked_ms" in r)
@@ -386,8 +412,7 @@ def test_signals_stop_after_the_step_with_its_checkpoint_and_a_second_one_corrup
 
     # SIGTERM, and a second SIGTERM while the checkpoint is being written: it is written whole, exit 0
     marker = tmp_path / "renaming"
-    stopped = second_sigterm({"SLOW_CHECKPOINT_RENAME": str(marker), "SLOW_CHECKPOINT_SECONDS": "2"}, 2,
-                             "the checkpoint's rename")
+    stopped = second_sigterm({"SLOW_CHECKPOINT_RENAME": str(marker)}, 2, "the checkpoint's rename")
     # a second SIGTERM after training has ended, on the way out (torchrun and Slurm repeat theirs):
     # still exit 0, not the default action's 143
     stopped = second_sigterm({"SLOW_STOP_LINE": str(marker)}, 1, "the stop line")
@@ -513,29 +538,35 @@ if [ "$1" = show ]; then echo node1; else echo "scontrol $*" >> "$SLURM_LOG"; fi
 def test_readme_slurm_script_passes_sigterm_on_waits_for_the_checkpoint_then_requeues_with_resume(tmp_path):
     readme = open(os.path.join(ROOT, "README.md")).read()
     script = next(block for block in readme.split("```bash\n")[1:] if "#SBATCH --signal" in block).split("```")[0]
-    (tmp_path / "train.sbatch").write_text(script)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    log = tmp_path / "slurm.log"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_LOG": str(log), "SLURM_JOB_ID": "42",
-           "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1"}
-    out = tmp_path / "out" / "gpt2-124m"
     # what the out_dir holds when each job starts, and whether the job resumes: the first job, a sharded
     # write that was cut off (no checkpoint yet), then requeued jobs after a full and after a sharded
-    # checkpoint (a sharded run writes no ckpt.pt, and a fresh start into its directory would refuse)
-    for files, resumes in (((), False), (("ckpt_step00000040.dcp.tmp/.metadata",), False),
-                           (("ckpt.pt",), True), (("ckpt_step00000040.dcp/.metadata",), True)):
-        shutil.rmtree(out, ignore_errors=True)
+    # checkpoint (a sharded run writes no ckpt.pt, and a fresh start into its directory would refuse).
+    # The four jobs run at once, each in a directory of its own: most of each is srun's second of waiting.
+    cases = (((), False), (("ckpt_step00000040.dcp.tmp/.metadata",), False), (("ckpt.pt",), True),
+             (("ckpt_step00000040.dcp/.metadata",), True))
+    jobs = []
+    for i, (files, resumes) in enumerate(cases):
+        job_dir = tmp_path / f"job{i}"
+        out = job_dir / "out" / "gpt2-124m"  # (made only where it holds files, as a first job finds it)
+        job_dir.mkdir()
+        (job_dir / "train.sbatch").write_text(script)
         for name in files:
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_bytes(b"a checkpoint")
+        log = job_dir / "slurm.log"
         log.write_text("")
-        job = subprocess.Popen(["bash", "train.sbatch"], cwd=tmp_path, env=env)
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_LOG": str(log), "SLURM_JOB_ID": "42",
+               "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1"}
+        jobs.append((subprocess.Popen(["bash", "train.sbatch"], cwd=job_dir, env=env), log))
+    for job, log in jobs:
         wait_until(lambda: "srun " in log.read_text(), job, "srun")
         job.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 sends
+    for (job, log), (files, resumes) in zip(jobs, cases):
         assert job.wait(timeout=30) is not None
         lines = log.read_text().splitlines()
         assert lines[1:] == ["srun got TERM", "srun done", "scontrol requeue 42"], lines
@@ -954,10 +985,10 @@ def test_distributed_failures_are_one_line_naming_the_rank_to_check(data_dir, tm
     script.write_text(HANG_ON_RANK_1)
     flags = tiny_flags(data_dir, tmp_path / "out", "--dp", 2, "--batch_size", 4, "--max_iters", 8, "--dist_timeout", 3)
     hang = torchrun(flags, tmp_path / "logs_hang", script)
-    assert hang.wait(timeout=180) != 0
-    (line,) = rank_stderr(tmp_path / "logs_hang", 0)
-    assert line.startswith("error: rank 0: a collective waited --dist_timeout 3 s") and "check rank 1" in line, line
-    assert "Traceback" not in "\n".join(rank_stderr(tmp_path / "logs_hang", 1))
+    # once step 2 is logged, rank 1 is stuck in step 3 and what is left of this run is waiting: rank 0's
+    # collective for --dist_timeout, then for rank 1's note (parallel.FAILURE_GRACE_S, here 3 s). The
+    # next two cases run meanwhile, and this one is judged after them.
+    wait_until(lambda: last_logged_step(tmp_path / "out" / "metrics.jsonl") >= 2, hang, "step 2")
     # a refusal on rank 0 alone (another process holds the directory) reaches rank 1 as rank 0's own words
     with hold_lock(tmp_path / "busy"):
         busy = torchrun(tiny_flags(data_dir, tmp_path / "busy", "--dp", 2, "--batch_size", 4), tmp_path / "logs_busy")
@@ -978,6 +1009,11 @@ def test_distributed_failures_are_one_line_naming_the_rank_to_check(data_dir, tm
     (line,) = lines[survivor]
     assert line.startswith(f"error: rank {survivor}: lost the connection to another rank") and line.endswith(
         f"check rank {1 - survivor} (it did not answer: killed or crashed)"), line
+    # the hang of the first case: rank 0 names rank 1, which left no note, and rank 1 stops without a traceback
+    assert hang.wait(timeout=180) != 0
+    (line,) = rank_stderr(tmp_path / "logs_hang", 0)
+    assert line.startswith("error: rank 0: a collective waited --dist_timeout 3 s") and "check rank 1" in line, line
+    assert "Traceback" not in "\n".join(rank_stderr(tmp_path / "logs_hang", 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1427,12 +1463,14 @@ def catalogue(workspace, tmp_path_factory):
     together = [c for c in CATALOGUE if batchable(c)]
     batches = [together[i::BATCHES] for i in range(BATCHES)]
     before = file_hashes(ws)
+    alone = [c for c in CATALOGUE if not batchable(c)]
     with hold_lock(ws / "busy"), ThreadPoolExecutor(max_workers=BATCHES) as pool:
+        # both maps are queued before either is read: a process of its own starts as soon as a batch ends
+        batch_results, alone_results = pool.map(run_batch, range(BATCHES), batches), pool.map(run_alone, alone)
         results = {}
-        for batch in pool.map(run_batch, range(BATCHES), batches):
+        for batch in batch_results:
             results.update(batch)
-        alone = [c for c in CATALOGUE if not batchable(c)]
-        results.update(zip([c[0] for c in alone], pool.map(run_alone, alone)))
+        results.update(zip([c[0] for c in alone], alone_results))
     return results, before, file_hashes(ws), fill
 
 
@@ -1469,6 +1507,9 @@ def test_bad_input_leaves_every_existing_file_untouched(catalogue, workspace):
 
 def test_compare_seeds_reports_mean_and_spread_of_the_seeds_own_runs(data_dir, tmp_path):
     flags = tiny_flags(data_dir, tmp_path, "--max_iters", 4, "--eval_interval", 4, "--eval_iters", 2, "--seed", 7)
+    # the run `--seed 8` makes on its own (compared with the second seed's below), beside the comparison
+    alone = start_train(*tiny_flags(data_dir, tmp_path / "alone", "--max_iters", 4, "--eval_interval", 4, "--eval_iters", 2,
+                                    "--seed", 8), stderr_path=tmp_path / "alone.txt")
     result = run_train(*flags, "--compare_seeds", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "compare.json").read_text())
@@ -1481,7 +1522,5 @@ def test_compare_seeds_reports_mean_and_spread_of_the_seeds_own_runs(data_dir, t
         assert a != b  # the seeds differ, so does the loss
     assert f"val loss {summary['val_loss']['mean']:.4f} +- {summary['val_loss']['std']:.4f}" in result.stdout
     # each seed's run is the run `--seed s` makes on its own
-    alone = run_train(*tiny_flags(data_dir, tmp_path / "alone", "--max_iters", 4, "--eval_interval", 4, "--eval_iters", 2,
-                                  "--seed", 8))
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    finish_train(alone, tmp_path / "alone.txt")
     assert without_timings(read_metrics(tmp_path / "alone")) == without_timings(read_metrics(tmp_path / "seed8"))

@@ -5,10 +5,13 @@ import json
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -25,8 +28,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """One small prepared corpus shared by the tests of this file (prepared on first use)."""
-    return str(tmp_path_factory.mktemp("data"))
+    """One small prepared corpus shared by the tests of this file, prepared here: some tests start two
+    runs at once on it, which must find it ready rather than both prepare it."""
+    path = str(tmp_path_factory.mktemp("data"))
+    cfg, _ = train.resolve_configs(train.build_parser().parse_args(["--preset", "tiny", "--data_dir", path]))
+    train.prepare_data(cfg, verbose=False)
+    return path
 
 
 def tiny(data_dir, out_dir, **overrides) -> tuple[train.TrainConfig, dict]:
@@ -49,6 +56,18 @@ def read_metrics(out_dir):
 def run_cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
+
+
+def start_cli(*args, stderr_path) -> subprocess.Popen:
+    """run_cli in the background with one CPU thread: a one-process reference run that trains beside
+    a torchrun run (two workers of one thread each), on the machine's second core while torchrun
+    starts. Its stderr goes to a file (nobody reads a pipe while it runs); finish_cli waits for it."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=open(stderr_path, "w"), env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finish_cli(proc: subprocess.Popen, stderr_path):
+    assert proc.wait(timeout=300) == 0, Path(stderr_path).read_text()[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,65 +733,92 @@ def trained_run(data_dir, tmp_path_factory):
     return out
 
 
-def test_unknown_preset_is_one_line():
-    assert_one_line_error(run_cli("--preset", "gpt5"), "unknown preset", "laptop")
-
-
-def test_missing_data_path_is_one_line(tmp_path):
-    assert_one_line_error(run_cli("--preset", "tiny", "--data", str(tmp_path / "nope.txt"), "--out_dir", str(tmp_path / "o")),
-                          "does not exist")
-
-
-def test_empty_corpus_is_one_line(tmp_path):
-    (tmp_path / "empty").mkdir()
-    assert_one_line_error(run_cli("--preset", "tiny", "--data", str(tmp_path / "empty"), "--out_dir", str(tmp_path / "o")))
-
-
-def test_resume_without_checkpoint_is_one_line(tmp_path):
-    assert_one_line_error(run_cli("--preset", "tiny", "--resume", "--out_dir", str(tmp_path)), "no checkpoint")
-
-
-def test_fresh_run_refuses_to_overwrite_a_checkpoint(data_dir, trained_run):
-    before = (trained_run / "ckpt.pt").read_bytes()
-    result = run_cli("--preset", "tiny", "--data_dir", data_dir, "--out_dir", str(trained_run))
-    assert_one_line_error(result, "--resume", "--overwrite")
-    assert (trained_run / "ckpt.pt").read_bytes() == before
-
-
-def test_resume_with_another_model_shape_is_refused(data_dir, trained_run):
-    before = (trained_run / "ckpt.pt").read_bytes()
-    result = run_cli("--preset", "tiny", "--data_dir", data_dir, "--out_dir", str(trained_run), "--resume", "--n_embd", "96")
-    assert_one_line_error(result, "n_embd 64 -> 96")
-    assert (trained_run / "ckpt.pt").read_bytes() == before
-
-
-def test_corrupt_checkpoint_is_one_line_and_left_alone(data_dir, trained_run, tmp_path):
-    out = tmp_path / "corrupt"
-    out.mkdir()
-    (out / "ckpt.pt").write_bytes((trained_run / "ckpt.pt").read_bytes()[:5000])  # a truncated write
-    result = run_cli("--preset", "tiny", "--data_dir", data_dir, "--out_dir", str(out), "--resume")
-    assert_one_line_error(result, "corrupt")
-    assert len((out / "ckpt.pt").read_bytes()) == 5000
-
-
 class RunsCode:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))
 
 
-def test_checkpoint_with_code_in_it_is_refused_and_not_run(data_dir, tmp_path):
-    out = tmp_path / "evil"
-    out.mkdir()
-    with open(out / "ckpt.pt", "wb") as f:
+# Each refusal below is `python train.py` stopping before any work, so starting Python and torch is
+# nearly all of it (about 1.3 s on two cores). The fixture starts them all, two at a time, each a
+# process of its own (the exit code and the stderr a user would see), and each test judges its own.
+class Refusals(NamedTuple):
+    inputs: Path  # the folder of the cases' inputs and output directories
+    results: dict  # case -> its subprocess.CompletedProcess
+    ckpt_before: bytes  # the trained run's checkpoint, before the cases ran on copies of it
+
+
+@pytest.fixture(scope="module")
+def refusals(data_dir, trained_run, tmp_path_factory) -> Refusals:
+    tmp = tmp_path_factory.mktemp("refusals")
+    before = (trained_run / "ckpt.pt").read_bytes()
+    for name in ("empty", "o3", "o4", "o5", "o6"):  # an empty corpus; output directories that exist, empty
+        (tmp / name).mkdir()
+    for name in ("fresh", "other_shape"):  # the trained run, a copy for each: a run holds its out_dir's lock
+        shutil.copytree(trained_run, tmp / name)
+    (tmp / "corrupt").mkdir()
+    (tmp / "corrupt" / "ckpt.pt").write_bytes(before[:5000])  # a truncated write
+    (tmp / "evil").mkdir()
+    with open(tmp / "evil" / "ckpt.pt", "wb") as f:
         pickle.dump({"model": RunsCode()}, f)
-    result = run_cli("--preset", "tiny", "--data_dir", data_dir, "--out_dir", str(out), "--resume", cwd=str(tmp_path))
-    assert_one_line_error(result, "unsafe")
-    assert not (tmp_path / "PWNED").exists()
+    tiny_cli = ["--preset", "tiny", "--data_dir", data_dir]
+    cases = {  # case: (argv, working directory)
+        "unknown preset": (["--preset", "gpt5"], ROOT),
+        "missing data": (["--preset", "tiny", "--data", str(tmp / "nope.txt"), "--out_dir", str(tmp / "o1")], ROOT),
+        "empty corpus": (["--preset", "tiny", "--data", str(tmp / "empty"), "--out_dir", str(tmp / "o2")], ROOT),
+        "resume without a checkpoint": (["--preset", "tiny", "--resume", "--out_dir", str(tmp / "o3")], ROOT),
+        "fresh run over a checkpoint": ([*tiny_cli, "--out_dir", str(tmp / "fresh")], ROOT),
+        "another model shape": ([*tiny_cli, "--out_dir", str(tmp / "other_shape"), "--resume", "--n_embd", "96"], ROOT),
+        "corrupt checkpoint": ([*tiny_cli, "--out_dir", str(tmp / "corrupt"), "--resume"], ROOT),
+        "checkpoint with code": ([*tiny_cli, "--out_dir", str(tmp / "evil"), "--resume"], str(tmp / "evil")),
+        "float16 on the cpu": (["--preset", "tiny", "--device", "cpu", "--dtype", "float16", "--out_dir", str(tmp / "o4")],
+                               ROOT),
+        "fp8 on the cpu": (["--preset", "tiny", "--device", "cpu", "--bench", "--fp8", "--out_dir", str(tmp / "o5")], ROOT),
+        "moe_topk above moe_experts": (["--preset", "tiny", "--moe_experts", "4", "--moe_topk", "5", "--out_dir",
+                                        str(tmp / "o6")], ROOT),
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = pool.map(lambda case: run_cli(*case[0], cwd=case[1]), cases.values())
+        return Refusals(tmp, dict(zip(cases, done)), before)
 
 
-def test_float16_on_cpu_is_one_line(tmp_path):
-    assert_one_line_error(run_cli("--preset", "tiny", "--device", "cpu", "--dtype", "float16", "--out_dir", str(tmp_path)),
-                          "float16")
+def test_unknown_preset_is_one_line(refusals):
+    assert_one_line_error(refusals.results["unknown preset"], "unknown preset", "laptop")
+
+
+def test_missing_data_path_is_one_line(refusals):
+    assert_one_line_error(refusals.results["missing data"], "does not exist")
+
+
+def test_empty_corpus_is_one_line(refusals):
+    assert_one_line_error(refusals.results["empty corpus"])
+
+
+def test_resume_without_checkpoint_is_one_line(refusals):
+    assert_one_line_error(refusals.results["resume without a checkpoint"], "no checkpoint")
+
+
+def test_fresh_run_refuses_to_overwrite_a_checkpoint(refusals):
+    assert_one_line_error(refusals.results["fresh run over a checkpoint"], "--resume", "--overwrite")
+    assert (refusals.inputs / "fresh" / "ckpt.pt").read_bytes() == refusals.ckpt_before
+
+
+def test_resume_with_another_model_shape_is_refused(refusals):
+    assert_one_line_error(refusals.results["another model shape"], "n_embd 64 -> 96")
+    assert (refusals.inputs / "other_shape" / "ckpt.pt").read_bytes() == refusals.ckpt_before
+
+
+def test_corrupt_checkpoint_is_one_line_and_left_alone(refusals):
+    assert_one_line_error(refusals.results["corrupt checkpoint"], "corrupt")
+    assert len((refusals.inputs / "corrupt" / "ckpt.pt").read_bytes()) == 5000
+
+
+def test_checkpoint_with_code_in_it_is_refused_and_not_run(refusals):
+    assert_one_line_error(refusals.results["checkpoint with code"], "unsafe")
+    assert not (refusals.inputs / "evil" / "PWNED").exists()  # (the run's working directory)
+
+
+def test_float16_on_cpu_is_one_line(refusals):
+    assert_one_line_error(refusals.results["float16 on the cpu"], "float16")
 
 
 def test_readme_documents_every_flag_and_preset():
@@ -933,9 +979,8 @@ def test_speed_flag_mistakes_are_refused_with_the_reason(flags, words):
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
-def test_fp8_on_a_cpu_is_one_line(tmp_path):
-    assert_one_line_error(run_cli("--preset", "tiny", "--device", "cpu", "--bench", "--fp8", "--out_dir", str(tmp_path)),
-                          "--fp8", "compute capability")
+def test_fp8_on_a_cpu_is_one_line(refusals):
+    assert_one_line_error(refusals.results["fp8 on the cpu"], "--fp8", "compute capability")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1756,8 +1801,8 @@ def test_torchrun_zero3_sharded_checkpoint_resumes_in_one_process_and_converts_t
     common = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--data_dir", data_dir, "--max_iters", "4",
               "--checkpoint_interval", "2", "--eval_interval", "4", "--eval_iters", "2", "--sample_tokens", "1"]
     # no dropout: its masks are drawn per rank, so 2 ranks and 1 process draw different ones
-    straight = run_cli(*common, "--out_dir", str(tmp_path / "straight"), "--batch_size", "8")
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight = start_cli(*common, "--out_dir", str(tmp_path / "straight"), "--batch_size", "8",
+                         stderr_path=tmp_path / "straight.txt")
     sharded = tmp_path / "sharded"
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
                           *common, "--out_dir", str(sharded), "--zero", "3", "--dp", "2", "--batch_size", "4",
@@ -1781,6 +1826,7 @@ def test_torchrun_zero3_sharded_checkpoint_resumes_in_one_process_and_converts_t
     one = run_cli(*common, "--out_dir", str(sharded), "--batch_size", "8", "--checkpoint_format", "sharded", "--resume")
     assert one.returncode == 0, one.stderr[-3000:]
     assert "resumed from" in one.stdout and "ckpt_step00000002.dcp at step 2" in one.stdout
+    finish_cli(straight, tmp_path / "straight.txt")
     a = {(r["step"], k): r[k] for r in read_metrics(tmp_path / "straight") for k in ("loss", "val_loss") if k in r}
     b = {(r["step"], k): r[k] for r in read_metrics(sharded) for k in ("loss", "val_loss") if k in r}
     assert set(a) <= set(b) and (4, "val_loss") in a
@@ -1843,9 +1889,8 @@ def test_moe_resume_continues_bit_for_bit_with_the_balancers_bias(data_dir, tmp_
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
 
-def test_moe_flags_that_cannot_work_are_one_line(data_dir, tmp_path):
-    assert_one_line_error(run_cli("--preset", "tiny", "--moe_experts", "4", "--moe_topk", "5", "--out_dir", str(tmp_path)),
-                          "--moe_topk")
+def test_moe_flags_that_cannot_work_are_one_line(data_dir, tmp_path, refusals):
+    assert_one_line_error(refusals.results["moe_topk above moe_experts"], "--moe_topk")
     for overrides, words in ((dict(ep=2, dp=2), "--moe_experts"), (dict(ep=2, dp=2, moe_experts=3), "divide"),
                              (dict(tp=2, moe_experts=4), "--tp"), (dict(moe_aux=-1.0, moe_experts=4), "--moe_aux"),
                              (dict(zero=3, dp=2, moe_experts=4), "--zero 3")):
@@ -1862,8 +1907,7 @@ def test_expert_parallel_run_logs_the_single_process_losses_and_resumes_in_one_p
     balancer sees the global load)."""
     moe = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--data_dir", data_dir, "--moe_experts", "4", "--moe_topk", "2",
            "--max_iters", "12", "--eval_interval", "6"]
-    single = run_cli(*moe, "--batch_size", "8", "--out_dir", str(tmp_path / "single"))
-    assert single.returncode == 0, single.stderr[-2000:]
+    single = start_cli(*moe, "--batch_size", "8", "--out_dir", str(tmp_path / "single"), stderr_path=tmp_path / "single.txt")
     ep = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                          os.path.join(ROOT, "train.py"), *moe, "--ep", "2", "--dp", "2", "--batch_size", "4", "--stop_at", "6",
                          "--out_dir", str(tmp_path / "ep")], cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -1871,6 +1915,7 @@ def test_expert_parallel_run_logs_the_single_process_losses_and_resumes_in_one_p
     assert ep.returncode == 0, ep.stderr[-2000:]
     resumed = run_cli(*moe, "--batch_size", "8", "--resume", "--out_dir", str(tmp_path / "ep"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    finish_cli(single, tmp_path / "single.txt")
     a, b = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ep")
     losses = lambda rows, key: [r[key] for r in rows if key in r]
     assert len(losses(b, "loss")) == 12
