@@ -1066,7 +1066,8 @@ def test_two_data_parallel_ranks_draw_the_same_domain_sequence(data_dir, tmp_pat
 def test_the_doremi_recipe_runs_from_a_reference_run_to_a_mixture_for_the_main_run(data_dir, tmp_path):
     """Reference (--mix_online static) -> proxy (--mix_online doremi --mix_reference its metrics.jsonl) ->
     the proxy's average weights as a --mix value; each proxy step's weights follow DoReMi's update from the
-    logged losses: alpha_i *= exp(max(L - L_ref(i), 0)) for the step's domain, pi = 0.999 alpha / sum + 0.0005."""
+    logged losses: alpha_i *= exp(max(L - L_ref(i), 0)) for the step's domain, then alpha = 0.999 alpha / sum + 0.0005,
+    kept smoothed for the next step (Algorithm 1), and pi = alpha."""
     ref, mo = tiny(data_dir, tmp_path / "ref", max_iters=10, eval_interval=10, dtype="float32", mix_online="static")
     train.train(ref, mo)
     proxy, mo = tiny(data_dir, tmp_path / "proxy", max_iters=6, eval_interval=6, dtype="float32", mix_online="doremi",
@@ -1077,13 +1078,12 @@ def test_the_doremi_recipe_runs_from_a_reference_run_to_a_mixture_for_the_main_r
     names = list(rows[0]["mix_weights"])
     alpha = {n: 1 / len(names) for n in names}
     for r in rows:  # the weights each step was drawn with, recomputed from the losses logged before it
-        total = sum(alpha.values())
-        assert r["mix_weights"] == pytest.approx({n: 0.999 * a / total + 0.001 / len(names) for n, a in alpha.items()},
-                                                 abs=2e-6)
+        assert r["mix_weights"] == pytest.approx(alpha, abs=2e-6)  # metrics.jsonl rounds them to 6 decimals
         seen = [x["mix_loss"] for x in ref_rows if x["mix_domain"] == r["mix_domain"] and x["step"] <= r["step"]]
         reference = seen[-1] if seen else next(x["mix_loss"] for x in ref_rows if x["mix_domain"] == r["mix_domain"])
         alpha[r["mix_domain"]] *= math.exp(max(r["mix_loss"] - reference, 0.0))
-        alpha = {n: a / sum(alpha.values()) for n, a in alpha.items()}
+        total = sum(alpha.values())
+        alpha = {n: 0.999 * a / total + 0.001 / len(names) for n, a in alpha.items()}
     mixture = data.parse_mix(data.doremi_weights(str(tmp_path / "proxy" / "metrics.jsonl")))
     assert set(mixture) == set(names) and sum(mixture.values()) == pytest.approx(1, abs=1e-3)
 
