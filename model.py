@@ -1780,16 +1780,20 @@ def build_checkpoint_model(config: dict, path: str) -> GPT:
     try:
         return GPT(GPTConfig(**config))
     except (TypeError, ValueError, ZeroDivisionError) as e:  # an unknown or missing key, an impossible shape
-        raise ValueError(f"checkpoint {path} has a model_config this model.py cannot build ({first_line(e)}): "
+        raise ValueError(f"checkpoint {path} has a model_config this model.py cannot build ({one_line(e)}): "
                          "use a checkpoint of this version of nanopretrain") from None
     except (RuntimeError, MemoryError) as e:  # inside the limits, but more than this machine holds
-        raise ValueError(f"checkpoint {path}: its model does not fit in this machine's memory ({first_line(e)[:120]})") from None
+        raise ValueError(f"checkpoint {path}: its model does not fit in this machine's memory ({one_line(e)[:120]})") from None
 
 
-def first_line(e: BaseException) -> str:
-    """An exception's message as one line (for the one-line errors above)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def one_line(e: BaseException) -> str:
+    """An exception's message as one line: its first line, with the file name an OSError carries (the
+    one-line errors here and train.py's)."""
+    text = (getattr(e, "strerror", None) or str(e)).strip()
+    text = text.splitlines()[0] if text else type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text += f": {e.filename}"
+    return text[:300]
 
 
 def load_model_checkpoint(path) -> tuple[GPT, dict]:
@@ -1812,7 +1816,7 @@ def load_model_checkpoint(path) -> tuple[GPT, dict]:
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as e:  # missing or unexpected keys, a tensor of another shape
-        raise ValueError(f"checkpoint {path}: its weights do not fit its model_config ({first_line(e)[:200]})") from None
+        raise ValueError(f"checkpoint {path}: its weights do not fit its model_config ({one_line(e)[:200]})") from None
     return model, ckpt
 
 

@@ -778,13 +778,11 @@ def plan_layouts(gpus: int, moe_experts: int = 0) -> list[dict]:
     """The layouts the plan compares; the tensor-parallel ones use ZeRO-1 over the rest (common practice).
     An MoE trains here with data and expert parallelism and ZeRO 0-2 only (train.py's check_moe_flags):
     its rows are dp, zero1, zero2, and epN+zero1 for each N > 1 that divides both the experts and the GPUs."""
+    layouts = [dict(name="dp", zero=0, dp=gpus, tp=1, pp=1, ep=1)]
+    layouts += [dict(name=f"zero{z}", zero=z, dp=gpus, tp=1, pp=1, ep=1) for z in ((1, 2) if moe_experts else (1, 2, 3))]
     if moe_experts:
-        layouts = [dict(name="dp", zero=0, dp=gpus, tp=1, pp=1, ep=1)]
-        layouts += [dict(name=f"zero{z}", zero=z, dp=gpus, tp=1, pp=1, ep=1) for z in (1, 2)]
         return layouts + [dict(name=f"ep{e}+zero1", zero=1, dp=gpus, tp=1, pp=1, ep=e)
                           for e in range(2, min(moe_experts, gpus) + 1) if moe_experts % e == 0 and gpus % e == 0]
-    layouts = [dict(name="dp", zero=0, dp=gpus, tp=1, pp=1, ep=1)]
-    layouts += [dict(name=f"zero{z}", zero=z, dp=gpus, tp=1, pp=1, ep=1) for z in (1, 2, 3)]
     if gpus % 8 == 0:
         layouts.append(dict(name="tp8+zero1", zero=1, dp=gpus // 8, tp=8, pp=1, ep=1))
     if gpus % 32 == 0:

@@ -150,7 +150,7 @@ import evaluate as downstream  # evaluate.py (this file's own evaluate() is the 
 import parallel
 import scaling
 import model as model_lib
-from model import GPT, MODEL_PRESETS, GPTConfig, build_checkpoint_model, check_device_name, pick_device
+from model import GPT, MODEL_PRESETS, GPTConfig, build_checkpoint_model, check_device_name, one_line, pick_device
 
 
 @dataclass
@@ -951,15 +951,6 @@ def free_bytes(path: str) -> int | None:
         return None
 
 
-def one_line(e: BaseException) -> str:
-    """An exception's message as one line: its first line, with the file name an OSError carries."""
-    text = (getattr(e, "strerror", None) or str(e)).strip()
-    text = text.splitlines()[0] if text else type(e).__name__
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        text += f": {e.filename}"
-    return text[:300]
-
-
 def write_failure(path: str, e: BaseException, free: int | None = None) -> str:
     """What a failed write tells the user: a full disk by name (ENOSPC, a quota, or torch's writer
     failing with no space left), else the operating system's reason, with the fix."""
@@ -986,8 +977,7 @@ def safe_load(path: str):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a zip, a pickle with code in it, ...
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {path} is corrupt or unsafe ({first_line[:120]}): delete it or use another --out_dir") from None
+        raise ValueError(f"checkpoint {path} is corrupt or unsafe ({one_line(e)[:120]}): delete it or use another --out_dir") from None
 
 
 def load_checkpoint(path: str, resume: bool = False) -> dict:
@@ -2844,7 +2834,8 @@ def compare_seeds(cfg: TrainConfig, model_overrides: dict) -> dict | None:
     validation loss and bits per byte as mean and sample standard deviation over the seeds (n - 1 in
     the denominator). The seed moves initialisation, data order and dropout, so the spread is the
     noise a single run carries: a change whose mean moves by less than about 2.8 std / sqrt(N) (twice
-    the standard error sqrt(2/N) std of a difference of two N-seed means) has not shown an effect yet. Rank 0 prints the summary, writes it to out_dir/compare.json and returns it."""
+    the standard error sqrt(2/N) std of a difference of two N-seed means) has not shown an effect yet.
+    Rank 0 prints the summary, writes it to out_dir/compare.json and returns it."""
     check_config(cfg, model_overrides)
     runs = []
     for seed in range(cfg.seed, cfg.seed + cfg.compare_seeds):
