@@ -510,7 +510,11 @@ def random_rule_document(rng) -> str:
         lines.append(line)
         if rng.random() < p["blank"] * 0.5:
             lines.append("")
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    if rng.random() < p["dup_line"] * 0.3:  # whole paragraphs again (else Gopher's paragraph rule rejects ~1%)
+        paragraphs = text.split("\n\n")
+        text = "\n\n".join(paragraphs + rng.choices(paragraphs, k=rng.randint(1, 3)))
+    return text
 
 
 def paper_keeps(rule: str, text: str) -> bool:
