@@ -1666,10 +1666,26 @@ class TensorBoardSink:
 
 
 class WandbSink:
+    ID_FILE = "wandb_run_id"  # in out_dir: the W&B run a --resume continues
+
     def __init__(self, out_dir: str, config: dict, resume_step: int | None):
         self.wandb = import_logger("wandb")
+        # a resume continues the same W&B run (one curve, as TensorBoard's purge_step gives one);
+        # a fresh run (--overwrite) starts a new one. The steps a stopped run logged past its
+        # checkpoint come again, with the same values (the resume is exact).
+        id_path = os.path.join(out_dir, self.ID_FILE)
+        run_id = None
+        if resume_step is not None and os.path.exists(id_path):
+            with open(id_path) as f:
+                run_id = f.read().strip() or None
+        if run_id is None:
+            run_id = os.urandom(4).hex()  # W&B's ids: letters, digits, - and _
+            tmp = f"{id_path}.tmp.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(run_id + "\n")
+            os.replace(tmp, id_path)
         self.run = self.wandb.init(project="nanopretrain", name=os.path.basename(os.path.normpath(out_dir)), dir=out_dir,
-                                   config=config)
+                                   config=config, id=run_id, resume="allow")
 
     def log(self, record: dict):
         self.run.log(scalars(record), step=record["step"])

@@ -1535,6 +1535,15 @@ def test_log_to_wandb_writes_an_offline_run(data_dir, tmp_path, monkeypatch):
     train.train(cfg, mo)
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+    run_id = (tmp_path / train.WandbSink.ID_FILE).read_text().strip()
+    assert runs[0].name == f"run-{run_id}.wandb"
+    # a resume continues the same W&B run (same id); a fresh run (--overwrite) starts another
+    train.train(replace(cfg, max_iters=4, eval_interval=4, resume=True, overwrite=False), mo)
+    ids = {p.name for p in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")}
+    assert ids == {f"run-{run_id}.wandb"}
+    train.train(replace(cfg, overwrite=True), mo)
+    fresh = (tmp_path / train.WandbSink.ID_FILE).read_text().strip()
+    assert fresh != run_id and f"run-{fresh}.wandb" in {p.name for p in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")}
 
 
 # ---------------------------------------------------------------------------------------------
