@@ -3125,11 +3125,11 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     This process reads the documents and cuts them into chunks; a pool of worker processes does
     the per-document work on the chunks, at most 2 per worker in flight (memory stays flat); the
     results come back in order, and the first copy of each exact key is written to the spool.
-    Memory per kept document: its offset, size, labels, script and rule, a 16-byte exact key and
-    (for minhash) a K * 4-byte signature; the text itself goes to disk. total_bytes: the size of
-    the input files, for the ETA (None: unknown). memory_gb: once the signatures would take more
-    than a quarter of it, they go to a SignatureFile beside the spool (LSH on it then holds a
-    quarter of the budget at a time: a piece of the file, or a band's keys or a partition of them).
+    Memory per kept document: its offset, size, labels, script and rule, a 16-byte exact key and (for minhash)
+    a K * 4-byte signature; the text itself goes to disk. total_bytes: the size of the input files, for the
+    ETA (None: unknown). memory_gb: once the signatures would take more than a quarter of it, they go to a
+    SignatureFile beside the spool (LSH on it then holds a quarter of the budget at a time: a piece of the
+    file, or a band's keys or a partition of them).
     after_fork: called once the pool's workers exist (the perplexity filter starts its scorers then);
     what it returns, if not None, is called after each chunk (it raises if a scorer has failed).
     """
@@ -3142,8 +3142,7 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
     total_bytes = None if cfg.max_bytes else total_bytes  # a cap stops before the end: no share to give
     update = _progress("read, normalise, dedup, filter", verbose, total_bytes)
     documents = iter_documents(cfg.data, cfg.max_bytes, cfg.text_field, str(downloads), max_download_mb)
-    # Each chunk carries the share of the input read when it was cut: the progress line gives the share
-    # of the chunks the workers have returned, not the reader's, which runs up to 2 * workers chunks ahead.
+    # Each chunk carries the input's share read when it was cut: progress counts returned chunks, not read ones
     jobs = (((len(c), _read_fraction(total_bytes)), ([d[0] for d in c], [(d[1], d[2]) for d in c], cfg.pii,
                                                       cfg.dedup, cfg.quality_filter))
             for c in _document_chunks(documents, clock))
@@ -3185,9 +3184,8 @@ def _collect(path: Path, cfg: PrepareConfig, *, downloads: Path, max_download_mb
         raise ValueError(f"no text found in '{cfg.data}': it needs non-empty .txt or .jsonl content")
     update(count["read_docs"], count["read_bytes"], done=True)
     out_bytes = int(np.sum(nbytes))
-    report["workers"] = workers
-    report["collect_seconds"] = round(time.perf_counter() - t_start, 3)  # the wall time of this one pass
-    report["signatures"] = "disk" if spilled is not None else "memory"  # where --memory_gb put them
+    report.update(workers=workers, collect_seconds=round(time.perf_counter() - t_start, 3),  # this one pass's wall time
+                  signatures="disk" if spilled is not None else "memory")  # where --memory_gb put them
     _report_collect(report, cfg, count, clock, pii_found, len(offsets), out_bytes, workers)
     # np.array copies each to its exact size (an array.array keeps up to about 1/16 spare room to grow).
     return Spool(path=path, offsets=np.array(offsets, dtype=np.int64), nbytes=np.array(nbytes, dtype=np.int64),
