@@ -797,6 +797,7 @@ class MoE(nn.Module):
         with torch.random.fork_rng(devices=[]):
             init_experts(self.experts, config.n_layer)
 
+    # EXERCISE: moe-router (tests/test_model.py -k 'routes_weighs_and_balances or one_expert_equals_the_dense')
     def route(self, x: torch.Tensor):
         """x (N, C) -> logits (N, E), router probabilities (N, E), chosen experts (N, k), their weights (N, k)."""
         logits = at_least_float32(self.router(x))  # float32 at least: a softmax over E in bf16 is coarse

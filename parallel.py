@@ -765,6 +765,7 @@ NS_MIN_RATIO = 2e-3  # smaller ones are not yet grown into the band after 5 step
 MUON_MOMENTUM = 0.95  # Jordan et al. and Kimi
 
 
+# EXERCISE: newton-schulz (tests/test_parallel.py -k 'newton_schulz_puts or muon_steps_equal')
 def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     """An approximation of the polar factor U V^T of G = U S V^T (A x B), by the quintic
     Newton-Schulz iteration of Jordan et al. 2024, in G's dtype:

@@ -110,9 +110,11 @@ COURSE_ORDER = ("model.py", "data.py", "train.py", "kernels.py", "scaling.py", "
 # The assignment sets: each exercise in exactly one, in the order of `list` (a test checks both).
 # Hours: a rough estimate of a student's time for the whole set, for a reader who knows PyTorch.
 SETS = {
-    "model": ("layernorm", "rmsnorm", "rope", "repeat-kv", "attention", "self-attention", "swiglu", "moe-loop", "sampling"),
+    "model": ("layernorm", "rmsnorm", "rope", "repeat-kv", "attention", "self-attention", "swiglu", "moe-router", "moe-loop",
+              "sampling"),
     "data": ("minhash", "lsh", "gopher", "pii", "bpe-merge", "tokenizer"),
-    "training": ("batch-sampler", "lr-schedule", "grad-accum", "checkpoint", "muon", "adamw", "grad-clip"),
+    "training": ("batch-sampler", "lr-schedule", "grad-accum", "checkpoint", "newton-schulz", "muon", "adamw",
+                 "grad-clip"),
     "systems": ("flash-attention", "flash-backward", "cross-entropy", "fused-ce-chunk", "data-parallel", "zero",
                 "zero3-gather", "tensor-parallel", "vocab-parallel-ce", "pipeline-1f1b", "ring-merge"),
     "scaling": ("chinchilla", "isoflop-fit", "chinchilla-fit"),

@@ -67,6 +67,49 @@ VARIANTS = [
             y = y.index_add(0, token, self.experts.expert(e, x[token]) * weights[token, choice].unsqueeze(-1))
         return y
     """),
+    mutant("moe-router", "bias-enters-the-weights", "model.py",
+           ("weights = probs.gather(-1, chosen)  # (N, k)", "weights = (probs + self.expert_bias).gather(-1, chosen)  # (N, k)")),
+    mutant("moe-router", "bias-ignored-in-the-choice", "model.py",
+           ("torch.topk(probs.detach() + self.expert_bias, self.topk", "torch.topk(probs.detach(), self.topk")),
+    mutant("moe-router", "sigmoid-weights-not-normalised", "model.py",
+           ("weights = weights / weights.sum(-1, keepdim=True)  # DeepSeek-V3", "weights = weights  # DeepSeek-V3")),
+    mutant("moe-router", "softmax-over-tokens-not-experts", "model.py",
+           ("F.softmax(logits, dim=-1) if self.router_kind", "F.softmax(logits, dim=0) if self.router_kind")),
+    alternative("moe-router", "argsort-and-explicit-formulas", "model.MoE.route", """
+        logits = self.router(x)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        if self.router_kind == "softmax":
+            probs = torch.exp(logits - logits.amax(-1, keepdim=True))
+            probs = probs / probs.sum(-1, keepdim=True)
+        else:
+            probs = 1 / (1 + torch.exp(-logits))
+        chosen = torch.argsort(probs.detach() + self.expert_bias, dim=-1, descending=True)[:, :self.topk]
+        weights = torch.gather(probs, 1, chosen)
+        if self.router_kind == "sigmoid":
+            weights = weights / weights.sum(dim=1, keepdim=True)
+        return logits, probs, chosen, weights
+    """),
+    mutant("newton-schulz", "not-normalised-first", "parallel.py",
+           ("X = G / (G.norm() + 1e-7)  # 1e-7", "X = G.clone()  # 1e-7")),
+    mutant("newton-schulz", "gram-on-the-wrong-side", "parallel.py",
+           ("gram = X @ X.mT  # (m, n) x (n, m)", "gram = X.mT @ X  # (m, n) x (n, m)")),
+    mutant("newton-schulz", "cubic-and-quintic-coefficients-swapped", "parallel.py",
+           ("X = a * X + (b * gram + c * gram @ gram) @ X", "X = a * X + (c * gram + b * gram @ gram) @ X")),
+    mutant("newton-schulz", "tall-result-not-transposed-back", "parallel.py",
+           ("    return X.mT if tall else X\n", "    return X\n")),
+    alternative("newton-schulz", "tall-multiplied-on-the-right", "parallel.newton_schulz", """
+        a, b, c = NS_COEFFICIENTS
+        X = G / (torch.linalg.matrix_norm(G) + 1e-7)
+        for _ in range(steps):
+            if X.size(0) > X.size(1):
+                A = X.mT @ X  # (B, B) = V S^2 V^T, so X A = U S^3 V^T
+                X = a * X + X @ (b * A + c * A @ A)
+            else:
+                A = X @ X.mT  # (A, A) = U S^2 U^T
+                X = a * X + (b * A + c * A @ A) @ X
+        return X
+    """),
     mutant("muon", "orthogonalises-the-momentum-not-the-nesterov-step", "parallel.py",
            ("ortho = newton_schulz(nesterov, group[\"ns_steps\"])", "ortho = newton_schulz(buf, group[\"ns_steps\"])")),
     mutant("muon", "without-kimis-rms-scale", "parallel.py",
