@@ -1344,11 +1344,10 @@ C4_MIN_SENTENCES = 3
 # punctuation (C4's per-line rule, made per-document); when more than 67% of its lines are
 # at most 30 characters long (menus, lists, tables); when more than 10% of its characters
 # are in lines that repeat an earlier line (the paper's 0.1; datatrove's default is 0.01).
-# Two details differ from datatrove's filter. Its punctuation and short-line ratios count every
-# line of text.split("\n"), blank ones too, so a page whose paragraphs are separated by blank lines
-# has about half its lines short and unpunctuated there, and its ratios depend on its layout: here
-# the rules count non-empty lines, as the Gopher and C4 rules here do. And it drops a document
-# at a threshold (>= 0.67, >= the duplicate share) where these drop only beyond it (> 0.67, > 0.10).
+# Like datatrove 0.10's FineWebQualityFilter, the rules count non-empty lines (blank lines would make
+# a page's ratios depend on its layout) and drop only beyond a threshold (> 0.67, > 0.10); where they
+# differ from it (terminal characters, datatrove's default of 0.01 and its fourth, newline-to-word rule)
+# is the README's table "Quality rules and datatrove".
 FINEWEB_MIN_PUNCTUATED_LINES = 0.12
 FINEWEB_SHORT_LINE_CHARS, FINEWEB_MAX_SHORT_LINES = 30, 0.67
 FINEWEB_MAX_DUPLICATE_LINE_CHARS = 0.10
@@ -1578,7 +1577,7 @@ def c4_min_sentences(doc):
 
 def fineweb_punctuated_lines(doc):
     """FineWeb: more than 12% of lines end in terminal punctuation (else lists, menus, tables).
-    Non-empty lines only (datatrove counts blank lines too: see FINEWEB_MIN_PUNCTUATED_LINES)."""
+    Non-empty lines only, as datatrove 0.10 counts them (its terminal characters differ: the README)."""
     frac = sum(ln.rstrip().endswith(_TERMINAL) for ln in doc["lines"]) / max(1, len(doc["lines"]))
     if frac <= FINEWEB_MIN_PUNCTUATED_LINES:
         return f"only {frac:.0%} of lines end in terminal punctuation"
@@ -1586,7 +1585,7 @@ def fineweb_punctuated_lines(doc):
 
 def fineweb_short_lines(doc):
     """FineWeb: at most 67% of lines are at most 30 characters long (else a menu, a list, a table).
-    Non-empty lines, and 67% itself kept (datatrove: blank lines counted, 67% dropped; see the constants)."""
+    Non-empty lines, and 67% itself kept (as datatrove 0.10's filter does)."""
     frac = sum(len(ln) <= FINEWEB_SHORT_LINE_CHARS for ln in doc["lines"]) / max(1, len(doc["lines"]))
     if frac > FINEWEB_MAX_SHORT_LINES:
         return f"{frac:.0%} of lines have at most {FINEWEB_SHORT_LINE_CHARS} characters"
@@ -1595,7 +1594,7 @@ def fineweb_short_lines(doc):
 def fineweb_duplicate_line_chars(doc):
     """FineWeb: at most 10% of the characters (newlines not counted) are in lines that repeat an
     earlier line (Gopher's line rule allows 20%; FineWeb tightened it for boilerplate). 10% itself
-    is kept (datatrove drops it)."""
+    is kept, as datatrove 0.10 keeps it (its default threshold is 1%, the paper's 10%)."""
     _, chars = _duplicates(doc["lines"])
     frac = chars / max(1, len(doc["text"]) - doc["text"].count("\n"))
     if frac > FINEWEB_MAX_DUPLICATE_LINE_CHARS:

@@ -756,7 +756,8 @@ def plain_word_document(rng) -> str:
             lines.append(" ".join(rng.choice(vocab) for _ in range(rng.choice([1, 3, 5, 8, 14]))))
         if rng.random() < 0.2:
             lines.append("")
-    return "\n".join(lines)
+    # no trailing newline: datatrove's line rules would count an empty last line (a listed difference)
+    return "\n".join(lines).rstrip("\n")
 
 
 def test_rules_decide_as_datatrove_where_both_define_the_same_thing(rng):
@@ -804,18 +805,23 @@ def test_the_deliberate_differences_from_datatrove_are_what_the_readme_says():
     repeated = "\n".join(["the long river runs through the town and the valley below"] * 2 +
                          [f"line {i} of the town with a long river and a bridge" for i in range(15)])
     assert data.fineweb_duplicate_line_chars(view(repeated)) is None  # about 6%: kept at 10%, dropped at datatrove's 1%
+    trailing = "of\n\nof\n\nwith boats museum\n"  # 1 of 3 lines repeats: above 30%; datatrove counts 1 of 4
+    assert data.gopher_duplicate_lines(view(trailing)) is not None
     phrase = " ".join(["one two three four five six seven"] * 30)
     frac = lambda n: int(data.gopher_duplicate_ngrams(view(phrase)).split()[3].rstrip("%")) / 100  # noqa: E731
     assert frac(5) >= 0.9  # all but the first occurrence, spaces included
     # datatrove's verdicts on the same documents: a skip of its own where it is not installed (CI)
     pytest.importorskip("datatrove", reason="optional: datatrove's side of the differences (pip install datatrove)")
     from datatrove.data import Document
-    from datatrove.pipeline.filters import FineWebQualityFilter
+    from datatrove.pipeline.filters import FineWebQualityFilter, GopherRepetitionFilter
     from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate
 
     assert find_all_duplicate(phrase.split(), 5) / len(phrase) < 0.85  # datatrove: no spaces in the count
     assert FineWebQualityFilter().filter(Document(text=repeated, id="0")) is not True
     assert FineWebQualityFilter().filter(Document(text=quoted, id="1")) is not True  # no quote in its stop characters
+    lines_only = dict(dup_para_frac=None, dup_para_char_frac=None, dup_line_char_frac=None, top_n_grams=(), dup_n_grams=())
+    assert GopherRepetitionFilter(dup_line_frac=0.3, **lines_only).filter(Document(text=trailing, id="2")) is True
+    assert GopherRepetitionFilter(dup_line_frac=0.3, **lines_only).filter(Document(text=trailing.rstrip(), id="3")) is not True
 
 
 # --- mixing -------------------------------------------------------------------
