@@ -121,8 +121,9 @@ and to the nucleus, the fewest most likely tokens holding probability >= p (top-
 The model in the Hugging Face format
 ------------------------------------
 `python model.py export --ckpt out/ckpt.pt --out DIR` writes a directory that transformers'
-from_pretrained, lm-eval-harness and vLLM read: GPT-2-shaped models as GPT2LMHeadModel (a model
-without biases gets zero biases, the same function), RoPE + RMSNorm + SwiGLU models (with any
+from_pretrained and lm-eval-harness read (tested; vLLM takes the same directories, not run here):
+GPT-2-shaped models as GPT2LMHeadModel (a model without biases gets zero biases, the same
+function), RoPE + RMSNorm + SwiGLU models (with any
 number of key/value heads, tied or not) as LlamaForCausalLM, and the tokenizer as a tokenizer.json
 that splits and merges exactly as tiktoken does. `GPT.from_pretrained_dir(DIR)` reads such a
 directory back (also one that transformers saved), refusing in one line a shape GPTConfig cannot
@@ -1488,7 +1489,7 @@ def config_from_hf_shapes(sd: dict) -> GPTConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Hugging Face format: a directory that transformers, lm-eval-harness and vLLM read
+# Hugging Face format: a directory that transformers and lm-eval-harness read (vLLM too, untested here)
 #
 #   config.json             the architecture and its shape, in transformers' field names
 #   model.safetensors       the tensors in HF's names (pytorch_model.bin without the optional
@@ -1878,8 +1879,8 @@ def bench_generate(config: GPTConfig, prompt_tokens: int, new_tokens: int, repea
 def export_main(argv) -> None:
     parser = argparse.ArgumentParser(prog="python model.py export", description=(
         "Write a checkpoint in Hugging Face format (config.json, model.safetensors or pytorch_model.bin, "
-        "tokenizer.json), so that transformers' AutoModelForCausalLM/AutoTokenizer.from_pretrained(OUT), "
-        "lm-eval-harness and vLLM can read it. GPT-2-shaped models become GPT2LMHeadModel, RoPE+RMSNorm+SwiGLU "
+        "tokenizer.json), so that transformers' AutoModelForCausalLM/AutoTokenizer.from_pretrained(OUT) "
+        "and lm-eval-harness can read it (vLLM too; not tested here). GPT-2-shaped models become GPT2LMHeadModel, RoPE+RMSNorm+SwiGLU "
         "models LlamaForCausalLM; other shapes are refused."))
     parser.add_argument("--ckpt", required=True, help="a nanopretrain checkpoint (a run's out_dir/ckpt.pt)")
     parser.add_argument("--out", required=True, help="the directory to write")
