@@ -290,15 +290,21 @@ def test_sigkill_during_background_checkpoint_writes_then_resume_equals_an_unint
     straight = start_train(*fault_flags(data_dir, tmp_path / "straight", *extra), stderr_path=tmp_path / "straight.txt")
     out = tmp_path / "faulted"
     out.mkdir()
-    rng = random.Random(20261202)
+    rng = random.Random(20261202)  # a fixed plan; where in a step (or its background write) a kill lands varies
+    at = sorted(rng.sample(range(7, 30), 3))
+    plan = (("step", 5), ("rename", 0), ("step", at[0]), ("time", 0), ("step", at[1]), ("rename", 0), ("step", at[2]))
     kills = []
-    for kind, step in (("step", 5), ("rename", 0), ("step", 15), ("rename", 0)):
+    for kind, step in plan:
+        before = set(out.glob("ckpt.pt.tmp.*"))  # an earlier kill's, which the next resume removes
         what = kill_once(data_dir, out, kind, rng, step, extra)
         if what is None:
             break
+        # a temporary file of its own left behind: the kill came while a checkpoint was being written
+        mid_write = " (a write in flight)" if set(out.glob("ckpt.pt.tmp.*")) - before else ""
         ckpt = train.load_checkpoint(str(out / "ckpt.pt"))  # whole: the kill never reaches a renamed file
-        kills.append(f"{what}: checkpoint at step {ckpt['step']}")
+        kills.append(f"{what}{mid_write}: checkpoint at step {ckpt['step']}")
     print("\n".join(kills))
+    assert len(kills) == len(plan), kills
     assert sum("renaming" in k for k in kills) == 2, kills
     final = run_train(*fault_flags(data_dir, out, *extra, "--resume"))
     assert final.returncode == 0, final.stderr[-3000:]
