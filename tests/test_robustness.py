@@ -1261,16 +1261,16 @@ CATALOGUE += [
      ["names no prepared corpus", "'..'"]),
     ("train (10): --sample with another --data_dir", sample_case("{ws}/run", "--data_dir", "{ws}/empty_corpus"), {},
      ["is not in --data_dir {ws}/empty_corpus", "the --data_dir the run trained with"]),
-    # (17) mixture of experts and expert parallelism
-    ("train (17): --moe_topk above --moe_experts", train_case("--moe_experts", "4", "--moe_topk", "5", "--out_dir", "{out}"), {},
+    # (issue 17) mixture of experts and expert parallelism
+    ("train (issue 17): --moe_topk above --moe_experts", train_case("--moe_experts", "4", "--moe_topk", "5", "--out_dir", "{out}"), {},
      ["--moe_topk 5 must be between 1 and --moe_experts 4"]),
-    ("train (17): --ep without experts", train_case("--ep", "2", "--dp", "2", "--out_dir", "{out}"), {},
+    ("train (issue 17): --ep without experts", train_case("--ep", "2", "--dp", "2", "--out_dir", "{out}"), {},
      ["--ep 2 splits the experts", "add --moe_experts"]),
-    ("train (17): --moe_router unknown", train_case("--moe_experts", "4", "--moe_router", "cosine", "--out_dir", "{out}"), {},
+    ("train (issue 17): --moe_router unknown", train_case("--moe_experts", "4", "--moe_router", "cosine", "--out_dir", "{out}"), {},
      ["unknown moe_router 'cosine'", "softmax or sigmoid"]),
-    ("train (17): --moe_capacity -1", train_case("--moe_experts", "4", "--moe_capacity", "-1", "--out_dir", "{out}"), {},
+    ("train (issue 17): --moe_capacity -1", train_case("--moe_experts", "4", "--moe_capacity", "-1", "--out_dir", "{out}"), {},
      ["--moe_capacity must be 0 or more"]),
-    ("scaling (17): memory --ep for a dense model", ["scaling.py", "memory", "--preset", "laptop", "--ep", "2"], {},
+    ("scaling (issue 17): memory --ep for a dense model", ["scaling.py", "memory", "--preset", "laptop", "--ep", "2"], {},
      ["--ep 2 splits the experts of an MoE", "--moe_experts"]),
     # (14) scaling.py sweep
     ("scaling (14): sweep --jobs 0", ["scaling.py", "sweep", "--jobs", "0", "--out_dir", "{out}"], {},
@@ -1281,7 +1281,7 @@ CATALOGUE += [
      ["size '0x16'", "LAYERS at least 1"]),
     ("scaling (14): sweep --sizes 2x0", ["scaling.py", "sweep", "--sizes", "2x0", "--budgets", "1e9", "--out_dir", "{out}"], {},
      ["size '2x0'", "WIDTH a positive multiple of 16"]),
-    ("scaling (17): memory --ep that does not divide --dp", ["scaling.py", "memory", "--preset", "laptop", "--moe_experts", "8",
+    ("scaling (issue 17): memory --ep that does not divide --dp", ["scaling.py", "memory", "--preset", "laptop", "--moe_experts", "8",
                                                             "--ep", "4", "--dp", "2"], {}, ["--ep 4", "--dp, multiples of 4"]),
     # (16) a context longer than the validation split fails before training
     ("train (16): --block_size longer than the splits", train_case("--block_size", "100000", "--out_dir", "{out}"), {},
