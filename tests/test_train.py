@@ -463,9 +463,15 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
     assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)  # float32: only the summation order differs
     sa, sb = final_state(tmp_path / "big"), final_state(tmp_path / "acc")
     for k in sa["model"]:
-        # measured: at most 1.2e-7 apart (an ulp of a weight near 1); Adam's normalised steps carry
-        # summation-order noise to the weights, so 8 ulps of room, not the losses' 1e-5 relative alone
-        torch.testing.assert_close(sa["model"][k], sb["model"][k], rtol=1e-6, atol=1e-6)
+        # Adam divides each gradient element by its own RMS, so where an element's gradient is near zero the
+        # summation-order noise of float32 changes its step by up to about the learning rate. Measured: at
+        # most 1.2e-7 apart on an Intel Xeon (AVX-512); on an AMD EPYC (AVX2), one element of 16,384 was
+        # 1.8e-6 apart. So all but 1 in 1,000 elements within 1e-6 (8 ulps of a weight near 1), every one
+        # within one step of the learning rate (the gradients themselves: tests/test_robustness.py, 1e-6).
+        a, b = sa["model"][k], sb["model"][k]
+        close = torch.isclose(a, b, rtol=1e-6, atol=1e-6).double().mean().item()
+        assert close >= 0.999, (k, close)
+        torch.testing.assert_close(a, b, rtol=0, atol=big.learning_rate)
 
 
 class ListSampler:
