@@ -123,9 +123,8 @@ The model in the Hugging Face format
 `python model.py export --ckpt out/ckpt.pt --out DIR` writes a directory that transformers'
 from_pretrained and lm-eval-harness read (tested; vLLM takes the same directories, not run here):
 GPT-2-shaped models as GPT2LMHeadModel (a model without biases gets zero biases, the same
-function), RoPE + RMSNorm + SwiGLU models (with any
-number of key/value heads, tied or not) as LlamaForCausalLM, and the tokenizer as a tokenizer.json
-that splits and merges exactly as tiktoken does. `GPT.from_pretrained_dir(DIR)` reads such a
+function), RoPE + RMSNorm + SwiGLU models (with any number of key/value heads, tied or not) as
+LlamaForCausalLM, and the tokenizer as a tokenizer.json that splits and merges exactly as tiktoken does. `GPT.from_pretrained_dir(DIR)` reads such a
 directory back (also one that transformers saved), refusing in one line a shape GPTConfig cannot
 express. Tests check logits against transformers to 1e-4 in float32 and token ids on random text.
 An MoE, QK-norm, soft-capped logits and a --doc_mask model (attention by document, positions

@@ -1680,10 +1680,7 @@ class WandbSink:
                 run_id = f.read().strip() or None
         if run_id is None:
             run_id = os.urandom(4).hex()  # W&B's ids: letters, digits, - and _
-            tmp = f"{id_path}.tmp.{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write(run_id + "\n")
-            os.replace(tmp, id_path)
+            write_text_atomic(run_id + "\n", id_path)
         self.run = self.wandb.init(project="nanopretrain", name=os.path.basename(os.path.normpath(out_dir)), dir=out_dir,
                                    config=config, id=run_id, resume="allow")
 
