@@ -748,14 +748,17 @@ def plain_word_document(rng) -> str:
     """Lines of lowercase words and single spaces only, so any word tokenizer (datatrove's spaCy)
     finds exactly text.split(); lines and paragraphs repeat at random rates."""
     vocab = ["the", "of", "and", "with", "river", "town", "bridge", "a", "extraordinarily", "museum", "boats", "x"]
-    lines = []
+    lines, paragraph_start = [], 0
     for _ in range(rng.choice([2, 5, 12, 30])):
         if lines and rng.random() < 0.3:
             lines.append(rng.choice(lines))
         else:
             lines.append(" ".join(rng.choice(vocab) for _ in range(rng.choice([1, 3, 5, 8, 14]))))
         if rng.random() < 0.2:
+            if rng.random() < 0.4:  # the paragraph just ended, once more (else paragraph rules rarely fire)
+                lines += [""] + lines[paragraph_start:]
             lines.append("")
+            paragraph_start = len(lines)
     # no trailing newline: datatrove's line rules would count an empty last line (a listed difference)
     return "\n".join(lines).rstrip("\n")
 
