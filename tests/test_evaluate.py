@@ -389,7 +389,9 @@ def lm_eval_comparison(export_dir: Path, enc, ours: GPT, tasks: dict, work: Path
                 "test_split: test", "output_type: multiple_choice", 'doc_to_text: "{{context}}"', 'doc_to_choice: "{{choices}}"',
                 'doc_to_target: "{{gold}}"', 'target_delimiter: ""',  # OLMES's continuations carry their leading space
                 "metric_list:", "  - metric: acc", "  - metric: acc_norm", ""]))
-            out = simple_evaluate(model=lm, tasks=[f"nanopretrain_{name}"], task_manager=TaskManager(include_path=str(work)),
+            # only the task written here: indexing lm-eval's own thousands of task files took ~10 s a call
+            manager = TaskManager(include_path=str(work), include_defaults=False)
+            out = simple_evaluate(model=lm, tasks=[f"nanopretrain_{name}"], task_manager=manager,
                                   verbosity="ERROR")["results"][f"nanopretrain_{name}"]
             row["lm_eval"] = (out["acc,none"], out["acc_norm,none"])
         report["tasks"][name] = row
