@@ -9,12 +9,26 @@
    judge selects (its file and -k expression, read from the markers) starts from a fixed seed of its
    own (crc32 of its node id) for torch, numpy and random: the same answer gets the same verdict on
    every run. Every other test keeps the suite's fresh random inputs.
+
+3. Work that only waits on other processes starts early. Most tests run in this process and keep one
+   core busy; the multi-process runs of tests/test_parallel.py (torchrun, mp.spawn) need nothing of
+   this process but a directory. A function registered with @prefetch(a fixture or test) starts, in
+   one background thread, as soon as the first test runs, if a selected test is or uses the one it
+   names; that one calls prefetched(name) for its result and waits for it there (or runs it then, if
+   it was not started). On two cores this fills the core the in-process tests leave idle.
+
+4. Commands that stop before any work run many to a process: run_in_one_process (below).
 """
 
 import contextlib
+import json
+import os
 import random
 import shlex
+import subprocess
+import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -85,3 +99,72 @@ def seeded(seed: int):
         torch.set_rng_state(saved[0])
         numpy.random.set_state(saved[1])
         random.setstate(saved[2])
+
+
+PREFETCH = {}  # name -> (the fixture or test that needs its result, f(session, tmp_path_factory))
+
+
+def prefetch(user: str):
+    """Register f(session, tmp_path_factory) -> result, which the fixture or test function named `user`
+    asks for with prefetched(f's name), to start early when a selected test is or uses `user` (3.
+    above). A test module imports this as `from conftest import prefetch`."""
+    def register(f):
+        PREFETCH[f.__name__] = (user, f)
+        return f
+    return register
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefetched(request, tmp_path_factory):
+    """prefetched(name): the result of the registered function `name` (an exception it raised is raised
+    here), started early in one background thread, one job at a time, in the order registered."""
+    used = {name for item in request.session.items
+            for name in (getattr(item, "originalname", item.name), *getattr(item, "fixturenames", ()))}
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+    futures = {name: pool.submit(f, request.session, tmp_path_factory)
+               for name, (user, f) in PREFETCH.items() if user in used}
+
+    def result(name):
+        if name not in futures:  # not started early: run it now
+            futures[name] = pool.submit(PREFETCH[name][1], request.session, tmp_path_factory)
+        return futures[name].result()
+
+    yield result
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+# Most refusals (a command that stops with one error line) only need the command's main() on a fresh
+# argv, so they run in batches: one process per batch imports the modules once (torch alone takes
+# about 2 s) and calls main(argv) for each case, with stdout and stderr captured and SystemExit's
+# code as the exit status. A case with an environment of its own (read at import, like
+# CUDA_VISIBLE_DEVICES or TRITON_INTERPRET) needs a process of its own.
+ONE_PROCESS_DRIVER = r"""
+import contextlib, io, json, sys, traceback
+cases, results = json.load(open(sys.argv[1])), []
+for argv in cases:
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            __import__(argv[0][:-3]).main(argv[1:])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+def run_in_one_process(argvs: list, work: Path, cwd, env: dict) -> list:
+    """Each argv ([script.py, arg, ...], a script of the repository root) run as script.main(args),
+    one after another in one Python process in cwd: a subprocess.CompletedProcess each. work: a
+    folder for the cases' and results' files (its name must be new)."""
+    root = str(Path(__file__).resolve().parents[1])
+    work.mkdir(parents=True)
+    cases_file, results_file = work / "cases.json", work / "results.json"
+    cases_file.write_text(json.dumps(argvs))
+    done = subprocess.run([sys.executable, "-c", ONE_PROCESS_DRIVER, str(cases_file), str(results_file)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600, env={**env, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [subprocess.CompletedProcess(argv, **r) for argv, r in zip(argvs, json.loads(results_file.read_text()))]

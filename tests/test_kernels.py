@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from conftest import prefetch
 from model import naive_attention, sdpa_attention  # a reference, and the fallback model.attend hands the Triton backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -270,11 +271,17 @@ def train_losses(data_dir, out_dir, attention) -> list[float]:
     return [row["loss"] for row in rows if "loss" in row] + [row["val_loss"] for row in rows if "val_loss" in row]
 
 
+@prefetch("test_training_with_triton_attention_matches_sdpa")
+def sdpa_and_triton_losses(session, tmp_path_factory):
+    """The two runs of the test below, started early (tests/conftest.py, 3)."""
+    tmp = tmp_path_factory.mktemp("triton_training")
+    return train_losses(tmp / "data", tmp / "sdpa", "sdpa"), train_losses(tmp / "data", tmp / "triton", "triton")
+
+
 @pytest.mark.slow  # 11-13 s idle: out of the quick command's 3 minutes
-def test_training_with_triton_attention_matches_sdpa(tmp_path):
+def test_training_with_triton_attention_matches_sdpa(prefetched):
     # the whole chain: train.py's CLI -> model.attend -> kernels, forward and backward, 3 AdamW steps
-    sdpa = train_losses(tmp_path / "data", tmp_path / "sdpa", "sdpa")
-    triton = train_losses(tmp_path / "data", tmp_path / "triton", "triton")
+    sdpa, triton = prefetched("sdpa_and_triton_losses")
     assert len(sdpa) == len(triton) == 4  # 3 training losses and the final validation loss
     assert max(abs(a - b) for a, b in zip(sdpa, triton)) < 1e-4  # float32 reorderings give ~1e-6; 1e-4 leaves a margin of 100
 

@@ -28,12 +28,12 @@ import socket
 import subprocess
 import sys
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import prefetch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -464,9 +464,14 @@ def run_checks(names):
         return dict(results)
 
 
-@pytest.fixture(scope="module")
-def results():
+@prefetch("results")
+def strategy_results(session, tmp_path_factory):
     return run_checks(CHECKS)
+
+
+@pytest.fixture(scope="module")
+def results(prefetched):
+    return prefetched("strategy_results")
 
 
 def get(results, name):
@@ -715,24 +720,36 @@ CLI_COMMON = ["--preset", "tiny", "--max_iters", "4", "--eval_interval", "4", "-
               "--dtype", "float32", "--sample_tokens", "1"]  # the closing sample is not what is compared: keep it short
 
 
-@pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory):
-    """`python train.py --preset tiny --batch_size 8`: the reference every layout below is held to."""
+@prefetch("one_process_run")
+def cli_runs(session, tmp_path_factory):
+    """`python train.py --preset tiny --batch_size 8`, the reference every layout below is held to,
+    then every layout of CLI_LAYOUTS trained by train.py under torchrun (2 processes), one at a time
+    (this runs beside the in-process tests: conftest.py, 3)."""
     tmp = tmp_path_factory.mktemp("cli")
     one = subprocess.run([sys.executable, "train.py", *CLI_COMMON, "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / "one"),
                           "--batch_size", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    runs = {layout: subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *CLI_COMMON,
+         "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / layout), *CLI_LAYOUTS[layout]],
+        cwd=ROOT, capture_output=True, text=True, timeout=300) for layout in (CLI_LAYOUTS if one.returncode == 0 else ())}
+    return tmp, one, runs
+
+
+@pytest.fixture(scope="module")
+def one_process_run(prefetched):
+    tmp, one, _ = prefetched("cli_runs")
     assert one.returncode == 0, one.stderr[-3000:]
     return tmp, read_metrics(tmp / "one")
 
 
 # the same global batch of 8 sequences: --batch_size is per data-parallel replica, so 4 each under
 # --dp 2; tensor, pipeline and context ranks share their replica's batch, so 8
+# (plain --tp 2 and --pp 2 are the two layouts with their options below, and each equals one process
+# in-process above: tp_scratch, pp_1f1b)
 CLI_LAYOUTS = {
     "dp": ["--dp", "2", "--batch_size", "4"],
     "zero3": ["--zero", "3", "--dp", "2", "--batch_size", "4"],
-    "tp": ["--tp", "2", "--batch_size", "8"],
     "tp_sequence_parallel": ["--tp", "2", "--sequence_parallel", "--batch_size", "8"],
-    "pp": ["--pp", "2", "--microbatches", "4", "--batch_size", "8"],
     # the stages run the model's own code: its activation checkpointing and fused loss hold there too
     "pp_checkpointing_fused_ce": ["--pp", "2", "--microbatches", "4", "--batch_size", "8", "--activation_checkpointing",
                                   "--fused_ce"],
@@ -740,21 +757,9 @@ CLI_LAYOUTS = {
 }
 
 
-def two_at_a_time(run, names) -> dict:
-    """{name: run(name)}, two runs at a time: a torchrun run leaves a core idle while its launcher
-    imports torch (a second or so) and its workers start, which the other run's work fills."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(names, pool.map(run, names)))
-
-
 @pytest.fixture(scope="module")
-def torchrun_runs(one_process_run):
-    """Every layout of CLI_LAYOUTS, trained by train.py under torchrun (2 processes)."""
-    tmp, _ = one_process_run
-    return two_at_a_time(lambda layout: subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *CLI_COMMON,
-         "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / layout), *CLI_LAYOUTS[layout]],
-        cwd=ROOT, capture_output=True, text=True, timeout=300), list(CLI_LAYOUTS))
+def torchrun_runs(one_process_run, prefetched):
+    return prefetched("cli_runs")[2]
 
 
 @pytest.mark.slow
@@ -976,14 +981,19 @@ def two_rank_worker(rank, port, names, results):
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def two_rank_results(request):
-    selected = [item.callspec.params["name"] for item in request.session.items
+@prefetch("two_rank_results")
+def two_rank_checks(session, tmp_path_factory):
+    selected = [item.callspec.params["name"] for item in session.items
                 if getattr(item, "originalname", None) == "test_one_strategy_on_two_ranks_matches_one_process"]
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(two_rank_worker, args=(free_port(), selected, results), nprocs=2, join=True)
         return dict(results)
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(prefetched):
+    return prefetched("two_rank_checks")
 
 
 @pytest.mark.parametrize("name", TWO_RANK_CHECKS)
@@ -1199,20 +1209,37 @@ MUON_LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def muon_one_process_run(tmp_path_factory):
-    """`python train.py --preset tiny --optimizer muon --batch_size 8`, the reference of MUON_LAYOUTS."""
-    tmp = tmp_path_factory.mktemp("muon")
-    one = subprocess.run([sys.executable, "train.py", *CLI_COMMON, "--optimizer", "muon", "--data_dir", str(tmp / "data"),
-                          "--out_dir", str(tmp / "one"), "--batch_size", "8"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    return tmp, read_metrics(tmp / "one")
-
-
 def torchrun_train(*args):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
                            *CLI_COMMON, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@prefetch("muon_one_process_run")
+def muon_runs(session, tmp_path_factory):
+    """`python train.py --preset tiny --optimizer muon --batch_size 8`, the reference of MUON_LAYOUTS;
+    every layout of MUON_LAYOUTS under torchrun (2 processes), one at a time; and a --zero 2 run
+    stopped at step 2 and resumed by one process."""
+    tmp = tmp_path_factory.mktemp("muon")
+    single = [sys.executable, "train.py", *CLI_COMMON, "--optimizer", "muon", "--data_dir", str(tmp / "data"), "--batch_size", "8"]
+    one = subprocess.run([*single, "--out_dir", str(tmp / "one")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if one.returncode != 0:
+        return tmp, one, {}
+    runs = {layout: torchrun_train("--optimizer", "muon", "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / layout),
+                                   *MUON_LAYOUTS[layout]) for layout in MUON_LAYOUTS}
+    out = str(tmp / "zero2_then_one")
+    runs["zero2_then_one"] = first = torchrun_train("--optimizer", "muon", "--data_dir", str(tmp / "data"), "--out_dir", out,
+                                                    "--stop_at", "2", *MUON_LAYOUTS["zero2"])
+    if first.returncode == 0:
+        runs["zero2_then_one", "resumed"] = subprocess.run([*single, "--out_dir", out, "--resume"], cwd=ROOT, capture_output=True,
+                                                           text=True, timeout=300)
+    return tmp, one, runs
+
+
+@pytest.fixture(scope="module")
+def muon_one_process_run(prefetched):
+    tmp, one, _ = prefetched("muon_runs")
+    assert one.returncode == 0, one.stderr[-3000:]
+    return tmp, read_metrics(tmp / "one")
 
 
 def largest_relative_difference(a: list, b: list) -> float:
@@ -1221,11 +1248,8 @@ def largest_relative_difference(a: list, b: list) -> float:
 
 
 @pytest.fixture(scope="module")
-def muon_torchrun_runs(muon_one_process_run):
-    """Every layout of MUON_LAYOUTS under torchrun (2 processes)."""
-    tmp, _ = muon_one_process_run
-    return two_at_a_time(lambda layout: torchrun_train("--optimizer", "muon", "--data_dir", str(tmp / "data"), "--out_dir",
-                                                       str(tmp / layout), *MUON_LAYOUTS[layout]), list(MUON_LAYOUTS))
+def muon_torchrun_runs(muon_one_process_run, prefetched):
+    return prefetched("muon_runs")[2]
 
 
 @pytest.mark.slow
@@ -1240,18 +1264,15 @@ def test_distributed_muon_logs_the_losses_of_one_process(muon_one_process_run, m
 
 
 @pytest.mark.slow
-def test_distributed_muon_checkpoint_resumes_in_one_process(muon_one_process_run):
+def test_distributed_muon_checkpoint_resumes_in_one_process(muon_one_process_run, muon_torchrun_runs):
     # the momenta live on their owners; the checkpoint gathers them, and one process resumes from it
+    # (the runs: muon_runs, --zero 2 --stop_at 2 under torchrun, then --resume in one process)
     tmp, a = muon_one_process_run
-    out = str(tmp / "zero2_then_one")
-    first = torchrun_train("--optimizer", "muon", "--data_dir", str(tmp / "data"), "--out_dir", out, "--stop_at", "2",
-                           *MUON_LAYOUTS["zero2"])
+    first = muon_torchrun_runs["zero2_then_one"]
     assert first.returncode == 0, first.stderr[-3000:]
-    second = subprocess.run([sys.executable, "train.py", *CLI_COMMON, "--optimizer", "muon", "--data_dir", str(tmp / "data"),
-                             "--out_dir", out, "--batch_size", "8", "--resume"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    second = muon_torchrun_runs["zero2_then_one", "resumed"]
     assert second.returncode == 0, second.stderr[-3000:]
-    b = [r for r in read_metrics(out) if not ("val_loss" in r and r["step"] == 2)]  # --stop_at 2 also evaluated there
+    b = [r for r in read_metrics(tmp / "zero2_then_one") if not ("val_loss" in r and r["step"] == 2)]  # --stop_at 2 also evaluated there
     assert largest_relative_difference(a, b) <= REL_TOL
 
 

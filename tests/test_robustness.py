@@ -46,6 +46,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import prefetch, run_in_one_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -61,13 +62,33 @@ CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TIMING_KEYS = ("ms_per_step", "tokens_per_s", "mfu", "checkpoint_blocked_ms")
 
 
+PREPARE = """import sys, train
+cfg, _ = train.resolve_configs(train.build_parser().parse_args(["--preset", "tiny", "--data_dir", sys.argv[1]]))
+train.prepare_data(cfg, verbose=False)"""
+
+
+_TINY_CORPUS = []  # its path, once prepared (every prefetched job runs in the one background thread)
+
+
+def tiny_corpus_of(session, tmp_path_factory) -> str:
+    """The tiny preset's corpus, prepared once for every run in this file, by a process of its own."""
+    if not _TINY_CORPUS:
+        path = str(tmp_path_factory.mktemp("data"))
+        done = subprocess.run([sys.executable, "-c", PREPARE, path], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        _TINY_CORPUS.append(path)
+    return _TINY_CORPUS[0]
+
+
+@prefetch("data_dir")
+def tiny_corpus(session, tmp_path_factory):
+    """tiny_corpus_of, started early with this file's other jobs (tests/conftest.py, 3)."""
+    return tiny_corpus_of(session, tmp_path_factory)
+
+
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The tiny preset's corpus, prepared once for every run in this file."""
-    path = str(tmp_path_factory.mktemp("data"))
-    cfg, _ = train.resolve_configs(train.build_parser().parse_args(["--preset", "tiny", "--data_dir", path]))
-    train.prepare_data(cfg, verbose=False)
-    return path
+def data_dir(prefetched):
+    return prefetched("tiny_corpus")
 
 
 def tiny_flags(data_dir, out_dir, *extra):
@@ -222,8 +243,10 @@ def kill_once(data_dir, out, kind, rng, planned_step, extra=()):
     return what
 
 
-@pytest.mark.slow
-def test_sigkill_at_eleven_points_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
+@prefetch("test_sigkill_at_eleven_points_then_resume_equals_an_uninterrupted_run")
+def sigkill_at_eleven_points(session, tmp_path_factory):
+    """The test below, started early (tests/conftest.py, 3): it only waits on its processes."""
+    data_dir, tmp_path = tiny_corpus_of(session, tmp_path_factory), tmp_path_factory.mktemp("sigkill")
     straight = start_train(*fault_flags(data_dir, tmp_path / "straight"), stderr_path=tmp_path / "straight.txt")
 
     out = tmp_path / "faulted"
@@ -255,6 +278,11 @@ def test_sigkill_at_eleven_points_then_resume_equals_an_uninterrupted_run(data_d
 
 
 @pytest.mark.slow
+def test_sigkill_at_eleven_points_then_resume_equals_an_uninterrupted_run(prefetched):
+    prefetched("sigkill_at_eleven_points")  # its assertions: one failed raises here
+
+
+@pytest.mark.slow
 def test_keep_checkpoints_keeps_the_last_k_and_resume_takes_the_newest_whole_one(data_dir, tmp_path):
     flags = ("--max_iters", 6, "--checkpoint_interval", 1, "--eval_interval", 5, "--dropout", 0.1, "--sample_tokens", 1)
     straight = start_train(*tiny_flags(data_dir, tmp_path / "straight", *flags), stderr_path=tmp_path / "straight.txt")
@@ -280,8 +308,10 @@ def test_keep_checkpoints_keeps_the_last_k_and_resume_takes_the_newest_whole_one
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
 
 
-@pytest.mark.slow
-def test_sigkill_during_background_checkpoint_writes_then_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
+@prefetch("test_sigkill_during_background_checkpoint_writes_then_resume_equals_an_uninterrupted_run")
+def sigkill_during_background_writes(session, tmp_path_factory):
+    """The test below, started early (tests/conftest.py, 3): it only waits on its processes."""
+    data_dir, tmp_path = tiny_corpus_of(session, tmp_path_factory), tmp_path_factory.mktemp("sigkill_async")
     # --async_checkpoint: the write of step N's checkpoint runs in a thread while steps N+1... train.
     # "rename" kills (twice) while that thread holds a whole temporary file it has not yet renamed (the step
     # loop, meanwhile, waits at the next checkpoint for it): the newest whole checkpoint, step N-1's,
@@ -291,8 +321,8 @@ def test_sigkill_during_background_checkpoint_writes_then_resume_equals_an_unint
     out = tmp_path / "faulted"
     out.mkdir()
     rng = random.Random(20261202)  # a fixed plan; where in a step (or its background write) a kill lands varies
-    at = sorted(rng.sample(range(7, 30), 3))
-    plan = (("step", 5), ("rename", 0), ("step", at[0]), ("time", 0), ("step", at[1]), ("rename", 0), ("step", at[2]))
+    at = rng.randrange(12, 30)
+    plan = (("step", 5), ("rename", 0), ("time", 0), ("step", at), ("rename", 0))
     kills = []
     for kind, step in plan:
         before = set(out.glob("ckpt.pt.tmp.*"))  # an earlier kill's, which the next resume removes
@@ -315,6 +345,11 @@ def test_sigkill_during_background_checkpoint_writes_then_resume_equals_an_unint
     a, b = train.load_checkpoint(str(out / "ckpt.pt")), train.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
     assert a["step"] == b["step"] == FAULT_STEPS and all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
     assert not list(out.glob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_sigkill_during_background_checkpoint_writes_then_resume_equals_an_uninterrupted_run(prefetched):
+    prefetched("sigkill_during_background_writes")  # its assertions: one failed raises here
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1410,27 +1445,9 @@ def file_hashes(root: Path) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-# Most cases only need the command's main() on a fresh argv, so they run in batches: one process per
-# batch imports the modules once (torch alone takes about 2 s) and calls main(argv) for each case,
-# with stdout and stderr captured and SystemExit's code as the exit status. A case with an
-# environment of its own (read at import, like CUDA_VISIBLE_DEVICES or TRITON_INTERPRET) and
-# kernels.py's run as processes of their own.
-BATCH_DRIVER = r"""
-import contextlib, io, json, sys, traceback
-cases, results = json.load(open(sys.argv[1])), []
-for argv in cases:
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            __import__(argv[0][:-3]).main(argv[1:])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    results.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
-json.dump(results, open(sys.argv[2], "w"))
-"""
+# Most cases only need the command's main() on a fresh argv, so they run in batches of one process
+# each (conftest.run_in_one_process); a case with an environment of its own and kernels.py's run as
+# processes of their own.
 BATCHES = 3  # processes at a time: each mostly computes, on a machine of two cores
 
 
@@ -1459,12 +1476,7 @@ def catalogue(workspace, tmp_path_factory):
                               cwd=ws, timeout=300, env={**CHILD_ENV, **case[2]})
 
     def run_batch(i, cases):
-        cases_file, results_file = work / f"cases{i}.json", work / f"results{i}.json"
-        cases_file.write_text(json.dumps([argv_of(c) for c in cases]))
-        done = subprocess.run([sys.executable, "-c", BATCH_DRIVER, str(cases_file), str(results_file)], capture_output=True,
-                              text=True, cwd=ws, timeout=600, env={**CHILD_ENV, "PYTHONPATH": ROOT})
-        assert done.returncode == 0, done.stderr[-3000:]
-        return {c[0]: subprocess.CompletedProcess(argv_of(c), **r) for c, r in zip(cases, json.loads(results_file.read_text()))}
+        return {c[0]: r for c, r in zip(cases, run_in_one_process([argv_of(c) for c in cases], work / f"batch{i}", ws, CHILD_ENV))}
 
     together = [c for c in CATALOGUE if batchable(c)]
     batches = [together[i::BATCHES] for i in range(BATCHES)]

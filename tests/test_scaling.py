@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import scaling
+from conftest import prefetch
 from model import GPT, GPTConfig, swiglu_hidden
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -419,10 +420,17 @@ def test_every_subcommand_has_help_and_json(capsys):
 
 
 @pytest.mark.slow  # 11-13 s idle: out of the quick command's 3 minutes
-def test_mini_sweep_trains_through_train_py_and_fits(tmp_path):
-    r = run_cli("sweep", "--budgets", "2e8,6e8", "--sizes", "1x16,2x16", "--block_size", "32", "--batch_size", "4",
-                "--tokenizer", "bytes", "--max_data_bytes", "100000", "--eval_iters", "2", "--bootstrap", "5",
-                "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "sweep"), "--json", timeout=300)
+@prefetch("test_mini_sweep_trains_through_train_py_and_fits")
+def mini_sweep(session, tmp_path_factory):
+    """The sweep of the test below, started early (tests/conftest.py, 3)."""
+    tmp = tmp_path_factory.mktemp("mini_sweep")
+    return tmp, run_cli("sweep", "--budgets", "2e8,6e8", "--sizes", "1x16,2x16", "--block_size", "32", "--batch_size", "4",
+                        "--tokenizer", "bytes", "--max_data_bytes", "100000", "--eval_iters", "2", "--bootstrap", "5",
+                        "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / "sweep"), "--json", timeout=300)
+
+
+def test_mini_sweep_trains_through_train_py_and_fits(prefetched):
+    tmp_path, r = prefetched("mini_sweep")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert len(out["points"]) == 4 and len(r.stderr.strip().splitlines()) >= 4  # a progress line per point

@@ -21,6 +21,7 @@ import data
 import parallel
 import scaling
 import train
+from conftest import run_in_one_process
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -745,8 +746,10 @@ class RunsCode:
 
 
 # Each refusal below is `python train.py` stopping before any work, so starting Python and torch is
-# nearly all of it (about 1.3 s on two cores). The fixture starts them all, two at a time, each a
-# process of its own (the exit code and the stderr a user would see), and each test judges its own.
+# nearly all of it (2 to 5 s on two cores). The fixture runs them in two processes at once, each
+# calling train.main for its half of the cases (conftest.run_in_one_process: the exit code, stdout
+# and stderr a user would see), the one that needs its own working directory in a third; each test
+# judges its own.
 class Refusals(NamedTuple):
     inputs: Path  # the folder of the cases' inputs and output directories
     results: dict  # case -> its subprocess.CompletedProcess
@@ -782,9 +785,20 @@ def refusals(data_dir, trained_run, tmp_path_factory) -> Refusals:
         "moe_topk above moe_experts": (["--preset", "tiny", "--moe_experts", "4", "--moe_topk", "5", "--out_dir",
                                         str(tmp / "o6")], ROOT),
     }
+    here = [name for name, (_, cwd) in cases.items() if cwd == ROOT]
+    halves = [here[0::2], here[1::2]]
+    elsewhere = [name for name in cases if name not in here]
+
+    def run_half(i):
+        return zip(halves[i], run_in_one_process([["train.py", *cases[n][0]] for n in halves[i]], tmp / f"batch{i}", ROOT,
+                                                 dict(os.environ)))
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        done = pool.map(lambda case: run_cli(*case[0], cwd=case[1]), cases.values())
-        return Refusals(tmp, dict(zip(cases, done)), before)
+        done = [pool.submit(run_half, i) for i in range(2)]
+        results = {name: run_cli(*cases[name][0], cwd=cases[name][1]) for name in elsewhere}
+        for half in done:
+            results.update(half.result())
+    return Refusals(tmp, results, before)
 
 
 def test_unknown_preset_is_one_line(refusals):
