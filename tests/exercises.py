@@ -483,8 +483,11 @@ def run_judge(exercise: Exercise, cwd: Path, timeout: float = 600, extra=("--tb=
     (the NotImplementedError and its message) halves the time of a judge whose tests all fail."""
     cmd = [sys.executable, *PYTEST[1:], *exercise.judge, *extra]
     start = time.perf_counter()
+    # no bytecode written (a variant edited within the second, at the same size, would load the old one's),
+    # and no third-party pytest plugins (hypothesis and others, when installed, cost ~2 s a start)
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "NANOPRETRAIN_JUDGE": "1",
+                               "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     return JudgeRun(proc.returncode, summary_counts(proc.stdout), time.perf_counter() - start, proc.stdout + proc.stderr)
 
 
