@@ -17,7 +17,8 @@
    names; that one calls prefetched(name) for its result and waits for it there (or runs it then, if
    it was not started). On two cores this fills the core the in-process tests leave idle.
 
-4. Commands that stop before any work run many to a process: run_in_one_process (below).
+4. Commands that stop before any work run many to a process: run_in_one_process (below). Jobs of
+   3. that train share one prepared corpus of the tiny preset: prepared_tiny_corpus (below).
 
 5. The suite's own processes keep their bytecode. With PYTHONDONTWRITEBYTECODE set (as on this
    project's CI machines) a fresh clone never writes __pycache__, so each of the suite's few hundred
@@ -177,3 +178,21 @@ def run_in_one_process(argvs: list, work: Path, cwd, env: dict) -> list:
                           text=True, cwd=cwd, timeout=600, env={**env, "PYTHONPATH": root})
     assert done.returncode == 0, done.stderr[-3000:]
     return [subprocess.CompletedProcess(argv, **r) for argv, r in zip(argvs, json.loads(results_file.read_text()))]
+
+
+_TINY_CORPUS = []  # its path, once prepared (prefetched jobs run one at a time, in one thread)
+PREPARE_TINY = """import sys, train
+cfg, _ = train.resolve_configs(train.build_parser().parse_args(["--preset", "tiny", "--data_dir", sys.argv[1]]))
+train.prepare_data(cfg, verbose=False)"""
+
+
+def prepared_tiny_corpus(tmp_path_factory) -> str:
+    """The --data_dir of `train.py --preset tiny`, prepared once per session by a process of its own.
+    For prefetched jobs (3.), which run one at a time, so one of them prepares it and the rest find it."""
+    if not _TINY_CORPUS:
+        path = str(tmp_path_factory.mktemp("tiny_corpus"))
+        done = subprocess.run([sys.executable, "-c", PREPARE_TINY, path], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        _TINY_CORPUS.append(path)
+    return _TINY_CORPUS[0]

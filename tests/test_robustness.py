@@ -46,7 +46,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import prefetch, run_in_one_process
+from conftest import prefetch, prepared_tiny_corpus, run_in_one_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -62,28 +62,11 @@ CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TIMING_KEYS = ("ms_per_step", "tokens_per_s", "mfu", "checkpoint_blocked_ms")
 
 
-PREPARE = """import sys, train
-cfg, _ = train.resolve_configs(train.build_parser().parse_args(["--preset", "tiny", "--data_dir", sys.argv[1]]))
-train.prepare_data(cfg, verbose=False)"""
-
-
-_TINY_CORPUS = []  # its path, once prepared (every prefetched job runs in the one background thread)
-
-
-def tiny_corpus_of(session, tmp_path_factory) -> str:
-    """The tiny preset's corpus, prepared once for every run in this file, by a process of its own."""
-    if not _TINY_CORPUS:
-        path = str(tmp_path_factory.mktemp("data"))
-        done = subprocess.run([sys.executable, "-c", PREPARE, path], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        _TINY_CORPUS.append(path)
-    return _TINY_CORPUS[0]
-
-
 @prefetch("data_dir")
 def tiny_corpus(session, tmp_path_factory):
-    """tiny_corpus_of, started early with this file's other jobs (tests/conftest.py, 3)."""
-    return tiny_corpus_of(session, tmp_path_factory)
+    """The tiny preset's corpus, prepared once for every run in this file by a process of its own,
+    started early with this file's other jobs (tests/conftest.py, 3 and 4)."""
+    return prepared_tiny_corpus(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +229,7 @@ def kill_once(data_dir, out, kind, rng, planned_step, extra=()):
 @prefetch("test_sigkill_at_eleven_points_then_resume_equals_an_uninterrupted_run")
 def sigkill_at_eleven_points(session, tmp_path_factory):
     """The test below, started early (tests/conftest.py, 3): it only waits on its processes."""
-    data_dir, tmp_path = tiny_corpus_of(session, tmp_path_factory), tmp_path_factory.mktemp("sigkill")
+    data_dir, tmp_path = prepared_tiny_corpus(tmp_path_factory), tmp_path_factory.mktemp("sigkill")
     straight = start_train(*fault_flags(data_dir, tmp_path / "straight"), stderr_path=tmp_path / "straight.txt")
 
     out = tmp_path / "faulted"
@@ -311,7 +294,7 @@ def test_keep_checkpoints_keeps_the_last_k_and_resume_takes_the_newest_whole_one
 @prefetch("test_sigkill_during_background_checkpoint_writes_then_resume_equals_an_uninterrupted_run")
 def sigkill_during_background_writes(session, tmp_path_factory):
     """The test below, started early (tests/conftest.py, 3): it only waits on its processes."""
-    data_dir, tmp_path = tiny_corpus_of(session, tmp_path_factory), tmp_path_factory.mktemp("sigkill_async")
+    data_dir, tmp_path = prepared_tiny_corpus(tmp_path_factory), tmp_path_factory.mktemp("sigkill_async")
     # --async_checkpoint: the write of step N's checkpoint runs in a thread while steps N+1... train.
     # "rename" kills (twice) while that thread holds a whole temporary file it has not yet renamed (the step
     # loop, meanwhile, waits at the next checkpoint for it): the newest whole checkpoint, step N-1's,

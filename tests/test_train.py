@@ -21,7 +21,7 @@ import data
 import parallel
 import scaling
 import train
-from conftest import run_in_one_process
+from conftest import prefetch, prepared_tiny_corpus, run_in_one_process
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1712,8 +1712,9 @@ def zero3_shard_elements(rank: int, d: int = 2) -> int:
     return 3 * held  # weights, exp_avg, exp_avg_sq
 
 
-@pytest.fixture(scope="module")
-def sharded_results(tmp_path_factory):
+@prefetch("sharded_results")
+def sharded_checks(session, tmp_path_factory):
+    """shard_worker on two processes, started early (tests/conftest.py, 3)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -1726,6 +1727,11 @@ def sharded_results(tmp_path_factory):
         results = manager.dict()
         mp.spawn(shard_worker, args=(port, root, results), nprocs=2, join=True)
         return root, dict(results)
+
+
+@pytest.fixture(scope="module")
+def sharded_results(prefetched):
+    return prefetched("sharded_checks")
 
 
 def tensors_equal(a, b) -> bool:
@@ -1928,12 +1934,10 @@ def test_moe_flags_that_cannot_work_are_one_line(data_dir, tmp_path, refusals):
             train.check_config(cfg, mo)
 
 
-@pytest.mark.slow
-def test_expert_parallel_run_logs_the_single_process_losses_and_resumes_in_one_process(data_dir, tmp_path):
-    """torchrun, 2 processes: --ep 2 --dp 2 --batch_size 4 (the README's command, 12 steps instead of 20 to
-    save time) for 6 steps, then resumed in one process with --batch_size 8 (the same global batch): every
-    logged loss within 1e-5 of one process's straight run, and the load balance the same (the loss-free
-    balancer sees the global load)."""
+@prefetch("test_expert_parallel_run_logs_the_single_process_losses_and_resumes_in_one_process")
+def expert_parallel_runs(session, tmp_path_factory):
+    """The runs of the test below, started early (tests/conftest.py, 3 and 4)."""
+    data_dir, tmp_path = prepared_tiny_corpus(tmp_path_factory), tmp_path_factory.mktemp("expert_parallel")
     moe = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--data_dir", data_dir, "--moe_experts", "4", "--moe_topk", "2",
            "--max_iters", "12", "--eval_interval", "6"]
     single = start_cli(*moe, "--batch_size", "8", "--out_dir", str(tmp_path / "single"), stderr_path=tmp_path / "single.txt")
@@ -1945,6 +1949,16 @@ def test_expert_parallel_run_logs_the_single_process_losses_and_resumes_in_one_p
     resumed = run_cli(*moe, "--batch_size", "8", "--resume", "--out_dir", str(tmp_path / "ep"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     finish_cli(single, tmp_path / "single.txt")
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_expert_parallel_run_logs_the_single_process_losses_and_resumes_in_one_process(prefetched):
+    """torchrun, 2 processes: --ep 2 --dp 2 --batch_size 4 (the README's command, 12 steps instead of 20 to
+    save time) for 6 steps, then resumed in one process with --batch_size 8 (the same global batch): every
+    logged loss within 1e-5 of one process's straight run, and the load balance the same (the loss-free
+    balancer sees the global load). The runs: expert_parallel_runs."""
+    tmp_path = prefetched("expert_parallel_runs")
     a, b = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ep")
     losses = lambda rows, key: [r[key] for r in rows if key in r]
     assert len(losses(b, "loss")) == 12
