@@ -728,18 +728,21 @@ def cli_runs(session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     one = subprocess.run([sys.executable, "train.py", *CLI_COMMON, "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / "one"),
                           "--batch_size", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    runs = {layout: subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", *CLI_COMMON,
-         "--data_dir", str(tmp / "data"), "--out_dir", str(tmp / layout), *CLI_LAYOUTS[layout]],
-        cwd=ROOT, capture_output=True, text=True, timeout=300) for layout in (CLI_LAYOUTS if one.returncode == 0 else ())}
+    runs = {layout: torchrun_train("--data_dir", str(tmp / "data"), "--out_dir", str(tmp / layout), *CLI_LAYOUTS[layout])
+            for layout in (CLI_LAYOUTS if one.returncode == 0 else ())}
     return tmp, one, runs
+
+
+def reference_run(prefetched, job: str):
+    """(folder, metrics) of the one-process reference run of a job that returns (folder, that run, others)."""
+    tmp, one, _ = prefetched(job)
+    assert one.returncode == 0, one.stderr[-3000:]
+    return tmp, read_metrics(tmp / "one")
 
 
 @pytest.fixture(scope="module")
 def one_process_run(prefetched):
-    tmp, one, _ = prefetched("cli_runs")
-    assert one.returncode == 0, one.stderr[-3000:]
-    return tmp, read_metrics(tmp / "one")
+    return reference_run(prefetched, "cli_runs")
 
 
 # the same global batch of 8 sequences: --batch_size is per data-parallel replica, so 4 each under
@@ -1237,9 +1240,7 @@ def muon_runs(session, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def muon_one_process_run(prefetched):
-    tmp, one, _ = prefetched("muon_runs")
-    assert one.returncode == 0, one.stderr[-3000:]
-    return tmp, read_metrics(tmp / "one")
+    return reference_run(prefetched, "muon_runs")
 
 
 def largest_relative_difference(a: list, b: list) -> float:
