@@ -733,7 +733,7 @@ def cli_runs(session, tmp_path_factory):
     return tmp, one, runs
 
 
-def reference_run(prefetched, job: str):
+def cli_reference(prefetched, job: str):
     """(folder, metrics) of the one-process reference run of a job that returns (folder, that run, others)."""
     tmp, one, _ = prefetched(job)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -742,7 +742,7 @@ def reference_run(prefetched, job: str):
 
 @pytest.fixture(scope="module")
 def one_process_run(prefetched):
-    return reference_run(prefetched, "cli_runs")
+    return cli_reference(prefetched, "cli_runs")
 
 
 # the same global batch of 8 sequences: --batch_size is per data-parallel replica, so 4 each under
@@ -1240,7 +1240,7 @@ def muon_runs(session, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def muon_one_process_run(prefetched):
-    return reference_run(prefetched, "muon_runs")
+    return cli_reference(prefetched, "muon_runs")
 
 
 def largest_relative_difference(a: list, b: list) -> float:
