@@ -19,7 +19,7 @@ import torch
 
 import scaling
 from conftest import prefetch
-from model import GPT, GPTConfig, swiglu_hidden
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
